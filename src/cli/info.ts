@@ -1,0 +1,41 @@
+import { Command } from 'commander';
+import { generationFileName } from '../repo/generation.js';
+import { bytes, duration, rate } from '../util/format.js';
+import { action, printJson, wantsJson, withRepo } from './common.js';
+
+export function register(program: Command): void {
+  program
+    .command('info')
+    .description('show one generation: NAME@REV (REV: latest, N with 0 the newest, id or prefix, ISO date/time)')
+    .argument('<target>', 'NAME@REV')
+    .option('--json', 'print JSON')
+    .action(
+      action(async (target: string, _o: unknown, cmd: Command) => {
+        await withRepo(cmd, async (repo) => {
+          const g = await repo.resolve(target);
+          if (wantsJson(cmd)) {
+            printJson({ ...g, file: generationFileName(g) });
+            return;
+          }
+          const s = g.stats;
+          const dedup = s.bytesRead - s.zeroBytes > 0 ? 1 - s.newBytes / (s.bytesRead - s.zeroBytes) : 1;
+          const lines = [
+            ['image', g.name],
+            ['id', g.id],
+            ['created', g.created],
+            ['size', `${bytes(g.size)} (${g.size} bytes)`],
+            ['source', g.source],
+            ['tags', g.tags.join(', ') || '-'],
+            ['parent', g.parent ?? '-'],
+            ['chunks', `${s.chunks} (${g.leaves} map leaves)`],
+            ['zero', bytes(s.zeroBytes)],
+            ['new data', `${bytes(s.newBytes)} in ${s.newChunks} chunks, ${bytes(s.newStored)} stored`],
+            ['deduplicated', `${(dedup * 100).toFixed(1)}% of non-zero data already in the repository`],
+            ['backup took', `${duration(s.durationMs)} (${rate(s.bytesRead, s.durationMs)})`],
+            ['mount file', `${g.name}/${generationFileName(g)}`],
+          ];
+          process.stdout.write(lines.map(([k, v]) => `${k!.padEnd(13)} ${v}`).join('\n') + '\n');
+        });
+      }),
+    );
+}

@@ -1,0 +1,2 @@
+import { Command } from 'commander';
+export function register(_program: Command): void {}

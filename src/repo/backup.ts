@@ -1,0 +1,344 @@
+/**
+ * The backup pipeline:
+ *
+ *   read segment -> [worker] chunk + SHA-256 -> dedup lookup -> [worker] zstd -> pack append
+ *
+ * Segments are read ahead into a fixed set of shared buffers (bounded memory) while the
+ * workers chunk and hash earlier ones. Dedup asks, in order: the previous generation of
+ * the image at the same offset (a next-day backup resolves nearly every chunk there
+ * without touching the index), the chunks this run already wrote, then the index.
+ *
+ * Durability: index entries for new chunks are committed only after their pack data
+ * is fsynced, in batches (bounding memory), and the generation itself in one final
+ * atomic batch after everything it references is durable. A run that dies leaves no
+ * visible generation; its uncommitted pack tails are removed by the next writer.
+ */
+import { randomBytes } from 'node:crypto';
+import { GenvaultError, describeFsError } from '../util/errors.js';
+import { chunkKey, leafKey, packKey } from './db.js';
+import { ChunkMap, LeafBuilder, LeafRef, encodeTop } from './chunkmap.js';
+import { checkImageName } from './format.js';
+import { Generation, GenerationStats } from './generation.js';
+import { ImageLock, WriterRegistration, cleanupDeadWriters } from './locks.js';
+import { ChunkLocation, PackWriter, RECORD_HEADER_SIZE, encodeLocation } from './pack.js';
+import { Repository } from './repository.js';
+import type { Source } from '../source/types.js';
+
+export interface BackupOptions {
+  name: string;
+  tags?: string[];
+  /** Wait for another backup of the same image instead of failing. */
+  wait?: boolean;
+  onProgress?: (bytesRead: number, total: number | null) => void;
+  /** Testing hook: called after each segment is read. */
+  onSegment?: (index: number) => void;
+}
+
+/** Walks the parent generation's chunks in offset order, for positional dedup. */
+class ParentCursor {
+  private li = 0;
+  private ci = 0;
+  private leaf: Awaited<ReturnType<ChunkMap['leaf']>> | null = null;
+  private base = 0;
+  constructor(private map: ChunkMap | null) {}
+
+  /** True when the parent has a chunk at exactly `offset` with this length and digest. */
+  async has(offset: number, length: number, digest: Uint8Array): Promise<boolean> {
+    const m = this.map;
+    if (!m || offset >= m.size) return false;
+    for (;;) {
+      if (!this.leaf) {
+        if (this.li >= m.refs.length) return false;
+        this.leaf = await m.leaf(this.li);
+        this.base = m.leafStarts[this.li]!;
+        this.ci = 0;
+      }
+      const l = this.leaf;
+      while (this.ci < l.lengths.length && this.base + l.starts[this.ci]! + l.lengths[this.ci]! <= offset) this.ci++;
+      if (this.ci < l.lengths.length) break;
+      this.leaf = null;
+      this.li++;
+    }
+    const l = this.leaf!;
+    if (this.base + l.starts[this.ci]! !== offset || l.lengths[this.ci] !== length || l.zero[this.ci]) return false;
+    const d = l.digests;
+    const at = this.ci * 32;
+    for (let i = 0; i < 32; i++) if (d[at + i] !== digest[i]) return false;
+    return true;
+  }
+}
+
+interface ChunkResult {
+  table: Int32Array;
+  digests: Uint8Array;
+}
+
+interface CompressResult {
+  out: Uint8Array;
+  table: Int32Array;
+}
+
+/** Flush chunk index entries once this many are pending (bounds memory on huge first backups). */
+const FLUSH_ENTRIES = 65536;
+
+export async function backup(repo: Repository, source: Source, opts: BackupOptions): Promise<Generation> {
+  const name = checkImageName(opts.name);
+  const started = Date.now();
+  const cfg = repo.config;
+  const segSize = cfg.chunking.segment;
+  const lock = await ImageLock.acquire(repo.dir, name, opts.wait ?? false);
+  let writer: WriterRegistration | null = null;
+  const packs: PackWriter[] = [];
+  let pack: PackWriter | null = null;
+  try {
+    await cleanupDeadWriters(repo.dir, repo.db);
+    writer = await WriterRegistration.register(repo.dir, `backup ${name}`);
+
+    const prev = (await repo.generations(name)).at(-1) ?? null;
+    const parent = new ParentCursor(prev ? await repo.chunkMap(prev) : null);
+    const pool = repo.pool;
+    const depth = pool.size * 2 + 2;
+    const free: SharedArrayBuffer[] = Array.from({ length: depth }, () => new SharedArrayBuffer(segSize));
+    const freeWaiters: Array<() => void> = [];
+    const release = (b: SharedArrayBuffer) => {
+      free.push(b);
+      freeWaiters.shift()?.();
+    };
+    const acquire = async (): Promise<SharedArrayBuffer> => {
+      while (!free.length) await new Promise<void>((r) => freeWaiters.push(r));
+      return free.pop()!;
+    };
+
+    const stats: GenerationStats = {
+      bytesRead: 0, zeroBytes: 0, chunks: 0, newChunks: 0, newBytes: 0, newStored: 0, durationMs: 0,
+    };
+    // digest (binary string) -> location, for chunks written by this run and not yet in the index
+    let uncommitted = new Map<string, ChunkLocation>();
+    // digests being compressed right now: a repeat of one is not new
+    const inflight = new Set<string>();
+    let pendingLeaves: Array<{ key: Buffer; value: Buffer }> = [];
+    const leafRefs: LeafRef[] = [];
+    const leaves = new LeafBuilder(cfg.leaf.minChunks, cfg.leaf.maxChunks);
+    let appendChain: Promise<void> = Promise.resolve();
+    let failure: unknown = null;
+
+    /** Make everything appended so far durable and commit its index entries. */
+    const flush = async () => {
+      if (!pack) return;
+      await pack.sync();
+      const ops: Array<{ type: 'put'; key: Buffer; value: Buffer }> = [];
+      for (const [d, loc] of uncommitted) ops.push({ type: 'put', key: chunkKey(Buffer.from(d, 'binary')), value: encodeLocation(loc) });
+      for (const l of pendingLeaves) ops.push({ type: 'put', ...l });
+      ops.push({ type: 'put', key: packKey(pack.packId), value: Buffer.from(JSON.stringify({ size: pack.size })) });
+      await repo.db.batch(ops);
+      uncommitted = new Map();
+      pendingLeaves = [];
+    };
+
+    const appendRecords = (res: CompressResult, digests: string[], rawLengths: number[]) => {
+      appendChain = appendChain.then(async () => {
+        if (failure) return;
+        if (!pack || pack.size > cfg.packTargetSize) {
+          if (pack) {
+            await flush();
+            await pack.close();
+          }
+          pack = await PackWriter.create(repo.dir).catch((e) => { throw describeFsError(e, `creating a pack file in ${repo.dir}`); });
+          packs.push(pack);
+          await writer!.addPack(pack.packId);
+        }
+        const p = pack;
+        const base = await p.append(Buffer.from(res.out.buffer, res.out.byteOffset, res.out.byteLength)).catch((e) => {
+          throw describeFsError(e, `writing ${p.file}`);
+        });
+        for (let i = 0; i < digests.length; i++) {
+          const stored = res.table[i * 3 + 1]!;
+          uncommitted.set(digests[i]!, {
+            packId: p.packId,
+            offset: base + res.table[i * 3]!,
+            storedLength: stored,
+            rawLength: rawLengths[i]!,
+            compression: res.table[i * 3 + 2]!,
+          });
+          inflight.delete(digests[i]!);
+          stats.newStored += stored + RECORD_HEADER_SIZE;
+        }
+        if (uncommitted.size >= FLUSH_ENTRIES) await flush();
+      }).catch((e) => {
+        failure ??= e;
+      });
+    };
+
+    // Reader: segments in order, each handed to a worker as soon as it is read.
+    const segments: Array<Promise<{ buf: SharedArrayBuffer; len: number; res: ChunkResult } | null>> = [];
+    let eof = false;
+    let readIndex = 0;
+    const readNext = async (): Promise<{ buf: SharedArrayBuffer; len: number; res: ChunkResult } | null> => {
+      const buf = await acquire();
+      if (eof || failure) {
+        release(buf);
+        return null;
+      }
+      const view = Buffer.from(buf);
+      const len = await source.read(view, segSize);
+      const idx = readIndex++;
+      if (len < segSize) eof = true;
+      if (len === 0) {
+        release(buf);
+        return null;
+      }
+      stats.bytesRead += len;
+      opts.onProgress?.(stats.bytesRead, source.size);
+      opts.onSegment?.(idx);
+      const res = await pool.run<ChunkResult>({ op: 'chunk', seg: buf, len, params: cfg.chunking });
+      return { buf, len, res };
+    };
+    // Keep `depth - 1` segments read ahead; one buffer is always left for compression to finish.
+    let readChain: Promise<unknown> = Promise.resolve();
+    const schedule = () => {
+      const p = readChain.then(() => readNext());
+      readChain = p.then((s) => s && null, () => null);
+      segments.push(p);
+    };
+    for (let i = 0; i < depth - 1; i++) schedule();
+
+    let segOffset = 0;
+    const compressTasks: Promise<void>[] = [];
+    for (let si = 0; ; si++) {
+      const seg = await segments[si]!;
+      if (!seg) break;
+      if (failure) throw failure;
+      schedule();
+      const { table, digests } = seg.res;
+      const n = table.length / 3;
+      const unknown: number[] = [];
+      const entryDigest: Array<Buffer | null> = new Array(n);
+      for (let i = 0; i < n; i++) {
+        const start = table[i * 3]!;
+        const length = table[i * 3 + 1]!;
+        stats.chunks++;
+        if (table[i * 3 + 2]) {
+          stats.zeroBytes += length;
+          entryDigest[i] = null;
+          continue;
+        }
+        const d = Buffer.from(digests.buffer, digests.byteOffset + i * 32, 32);
+        entryDigest[i] = d;
+        if (await parent.has(segOffset + start, length, d)) continue;
+        const ds = d.toString('binary');
+        if (uncommitted.has(ds) || inflight.has(ds)) continue;
+        unknown.push(i);
+      }
+      // Ask the index about the rest in one round trip.
+      const newIdx: number[] = [];
+      if (unknown.length) {
+        const found = await repo.db.getMany(unknown.map((i) => chunkKey(entryDigest[i]!)));
+        const seen = new Set<string>();
+        unknown.forEach((i, k) => {
+          if (found[k] !== undefined && found[k] !== null) return;
+          const ds = entryDigest[i]!.toString('binary');
+          if (seen.has(ds) || inflight.has(ds) || uncommitted.has(ds)) return;
+          seen.add(ds);
+          newIdx.push(i);
+        });
+      }
+      for (let i = 0; i < n; i++) {
+        const length = table[i * 3 + 1]!;
+        const done = leaves.add({ length, zero: entryDigest[i] === null, digest: entryDigest[i] ?? null });
+        if (done) {
+          leafRefs.push(done.ref);
+          pendingLeaves.push({ key: leafKey(done.ref.digest), value: done.encoded });
+        }
+      }
+      if (newIdx.length) {
+        const spans = new Int32Array(newIdx.length * 2);
+        const ds = new Uint8Array(newIdx.length * 32);
+        const names: string[] = [];
+        newIdx.forEach((i, k) => {
+          spans[k * 2] = table[i * 3]!;
+          spans[k * 2 + 1] = table[i * 3 + 1]!;
+          ds.set(entryDigest[i]!, k * 32);
+          const s = entryDigest[i]!.toString('binary');
+          names.push(s);
+          inflight.add(s);
+          stats.newChunks++;
+          stats.newBytes += table[i * 3 + 1]!;
+        });
+        const buf = seg.buf;
+        const rawLengths = newIdx.map((i) => table[i * 3 + 1]!);
+        compressTasks.push(
+          pool
+            .run<CompressResult>({ op: 'compress', seg: buf, spans, digests: ds, level: cfg.compression.level })
+            .then((res) => {
+              release(buf);
+              appendRecords(res, names, rawLengths);
+            })
+            .catch((e) => {
+              release(buf);
+              failure ??= e;
+            }),
+        );
+      } else {
+        release(seg.buf);
+      }
+      segOffset += seg.len;
+      if (compressTasks.length > 256) await Promise.all(compressTasks.splice(0, 128));
+    }
+    await Promise.all(compressTasks);
+    await appendChain;
+    await readChain.catch(() => undefined);
+    if (failure) throw failure;
+    if (source.size !== null && stats.bytesRead !== source.size) {
+      throw new GenvaultError(`source ended after ${stats.bytesRead} of ${source.size} bytes`, 'SHORT_READ');
+    }
+    const last = leaves.finish();
+    if (last) {
+      leafRefs.push(last.ref);
+      pendingLeaves.push({ key: leafKey(last.ref.digest), value: last.encoded });
+    }
+    if (pack) await flush();
+    else if (pendingLeaves.length) {
+      await repo.db.batch(pendingLeaves.map((l) => ({ type: 'put' as const, ...l })));
+      pendingLeaves = [];
+    }
+
+    stats.durationMs = Date.now() - started;
+    const gen: Generation = {
+      id: randomBytes(8).toString('hex'),
+      name,
+      created: new Date().toISOString(),
+      size: stats.bytesRead,
+      chunking: { block: cfg.chunking.block, min: cfg.chunking.min, max: cfg.chunking.max, maskBits: cfg.chunking.maskBits },
+      leaves: leafRefs.length,
+      tags: opts.tags ?? [],
+      source: source.description,
+      parent: prev?.id ?? null,
+      stats,
+    };
+    if (prev && Date.parse(gen.created) <= Date.parse(prev.created)) {
+      // Keep creation times strictly increasing per image (clock steps, fast runs).
+      gen.created = new Date(Date.parse(prev.created) + 1).toISOString();
+    }
+    // The one atomic commit that makes the generation visible.
+    await repo.db.batch([
+      { type: 'put', key: Repository.mapKey(gen.id), value: encodeTop(leafRefs) },
+      { type: 'put', key: Repository.generationKey(gen), value: Buffer.from(JSON.stringify(gen)) },
+    ]);
+    for (const p of packs) await p.close().catch(() => undefined);
+    await writer.release();
+    writer = null;
+    return gen;
+  } catch (e) {
+    for (const p of packs) await p.close().catch(() => undefined);
+    if (writer) {
+      // Remove what this run wrote but never committed; committed chunks stay for reuse.
+      const { trimPacks } = await import('./locks.js');
+      await trimPacks(repo.dir, repo.db, writer.record.packs).catch(() => undefined);
+      await writer.release().catch(() => undefined);
+    }
+    if (e instanceof GenvaultError) throw new GenvaultError(`backup of ${name} failed: ${e.message}`, e.code, e.exitCode);
+    throw describeFsError(e, `backup of ${name} failed`);
+  } finally {
+    await lock.release().catch(() => undefined);
+  }
+}

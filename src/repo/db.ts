@@ -1,0 +1,76 @@
+/**
+ * The repository's LevelDB (index/ under the repository): chunk index and all metadata.
+ *
+ * LevelDB allows one process per database. rave-level makes the first process that
+ * opens it the leader (it holds the LevelDB lock and serves the others over the unix
+ * socket index/rave-level.sock); later processes become followers, and one of them takes
+ * over when the leader exits or dies. Only index and metadata cross the socket: chunk
+ * payloads are read and written by each process directly in pack files.
+ *
+ * Keys are binary, one prefix byte each (see FORMAT.md):
+ *   'c' digest(32)                      -> chunk location (33 bytes, pack.ts)
+ *   'l' digest(32)                      -> map leaf (chunkmap.ts)
+ *   'g' name 0x00 created(u64 BE ms) id -> generation record (JSON)
+ *   'm' id                              -> generation top-level map (chunkmap.ts)
+ *   'p' packId(16)                      -> pack record (JSON: committed size)
+ */
+import { RaveLevel } from 'rave-level';
+
+export type Db = RaveLevel<Buffer, Buffer>;
+
+export async function openDb(dir: string): Promise<Db> {
+  const db = new RaveLevel<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+  await db.open();
+  // rave-level reports a lost leader it cannot replace as an 'error' event; without a
+  // listener that would crash the process with a stack trace.
+  db.on('error', (err: Error) => {
+    process.stderr.write(`genvault: index database: ${err.message}\n`);
+  });
+  return db;
+}
+
+export const K_CHUNK = 0x63; // 'c'
+export const K_LEAF = 0x6c; // 'l'
+export const K_GEN = 0x67; // 'g'
+export const K_GENMAP = 0x6d; // 'm'
+export const K_PACK = 0x70; // 'p'
+
+export function key(prefix: number, ...parts: Array<Uint8Array | string>): Buffer {
+  const bufs = parts.map((p) => (typeof p === 'string' ? Buffer.from(p, 'utf8') : p));
+  return Buffer.concat([Buffer.of(prefix), ...bufs]);
+}
+
+export function chunkKey(digest: Uint8Array): Buffer {
+  return key(K_CHUNK, digest);
+}
+
+export function leafKey(digest: Uint8Array): Buffer {
+  return key(K_LEAF, digest);
+}
+
+export function packKey(packId: string): Buffer {
+  return key(K_PACK, Buffer.from(packId, 'hex'));
+}
+
+/** Smallest key greater than every key starting with `prefix`. */
+export function prefixEnd(prefix: Buffer): Buffer {
+  const end = Buffer.from(prefix);
+  for (let i = end.length - 1; i >= 0; i--) {
+    if (end[i]! < 0xff) {
+      end[i]!++;
+      return end.subarray(0, i + 1);
+    }
+  }
+  return Buffer.concat([prefix, Buffer.of(0xff)]);
+}
+
+/** Convert abstract-level's "not found" to null across versions. */
+export async function getOrNull(db: Db, k: Buffer): Promise<Buffer | null> {
+  try {
+    const v = await db.get(k);
+    return v === undefined ? null : v;
+  } catch (e) {
+    if ((e as { code?: string }).code === 'LEVEL_NOT_FOUND') return null;
+    throw e;
+  }
+}

@@ -1,0 +1,104 @@
+/**
+ * Repository configuration (config.json) and on-disk constants.
+ * The byte layout of everything named here is described in src/repo/FORMAT.md;
+ * change both together and bump FORMAT_VERSION when old readers would misread.
+ */
+import { randomBytes } from 'node:crypto';
+import { GenvaultError } from '../util/errors.js';
+
+export const FORMAT_NAME = 'genvault-repository';
+export const FORMAT_VERSION = 1;
+
+export interface ChunkingParams {
+  /** Boundaries are only ever placed at multiples of this (filesystem block size). */
+  block: number;
+  /** Smallest data chunk, except at forced cuts (segment ends, zero/data transitions after min). */
+  min: number;
+  /** A block ends a chunk when (blockHash & mask) === 0; mask = 2^bits - 1. */
+  maskBits: number;
+  /** Largest chunk; also the size of all-zero chunks. */
+  max: number;
+  /** Sources are cut into independent segments of this size (forced boundaries). */
+  segment: number;
+}
+
+export interface RepoConfig {
+  format: typeof FORMAT_NAME;
+  version: number;
+  id: string;
+  created: string;
+  digest: 'sha256';
+  chunking: ChunkingParams & { algorithm: 'block-cdc' };
+  compression: { algorithm: 'zstd'; level: number };
+  /** A writer starts a new pack file once its current one exceeds this many bytes. */
+  packTargetSize: number;
+  /** Map leaves are cut after a data chunk whose digest's first byte is 0 (about 1 in 256). */
+  leaf: { minChunks: number; maxChunks: number };
+}
+
+export function defaultConfig(): RepoConfig {
+  return {
+    format: FORMAT_NAME,
+    version: FORMAT_VERSION,
+    id: randomBytes(16).toString('hex'),
+    created: new Date().toISOString(),
+    digest: 'sha256',
+    chunking: {
+      algorithm: 'block-cdc',
+      block: 4096,
+      min: 16 * 1024,
+      maskBits: 4,
+      max: 256 * 1024,
+      segment: 8 * 1024 * 1024,
+    },
+    compression: { algorithm: 'zstd', level: 3 },
+    packTargetSize: 256 * 1024 * 1024,
+    leaf: { minChunks: 32, maxChunks: 1024 },
+  };
+}
+
+/** Validate a parsed config.json; throws one clear line on anything off. */
+export function checkConfig(raw: unknown, file: string): RepoConfig {
+  const bad = (why: string) =>
+    new GenvaultError(`${file}: corrupt repository config: ${why}`, 'BAD_CONFIG');
+  if (typeof raw !== 'object' || raw === null) throw bad('not a JSON object');
+  const c = raw as Partial<RepoConfig>;
+  if (c.format !== FORMAT_NAME) throw bad(`"format" is not "${FORMAT_NAME}"`);
+  if (typeof c.version !== 'number' || !Number.isInteger(c.version)) throw bad('"version" missing');
+  if (c.version > FORMAT_VERSION) {
+    throw new GenvaultError(
+      `${file}: repository format version ${c.version} is newer than this genvault supports (${FORMAT_VERSION}); upgrade genvault`,
+      'NEWER_FORMAT',
+    );
+  }
+  if (c.version < 1) throw bad(`unknown format version ${c.version}`);
+  if (typeof c.id !== 'string' || !/^[0-9a-f]{32}$/.test(c.id)) throw bad('"id" missing or malformed');
+  if (c.digest !== 'sha256') throw bad(`unsupported digest ${JSON.stringify(c.digest)}`);
+  const ch = c.chunking;
+  if (!ch || ch.algorithm !== 'block-cdc') throw bad('"chunking.algorithm" must be "block-cdc"');
+  for (const k of ['block', 'min', 'maskBits', 'max', 'segment'] as const) {
+    if (typeof ch[k] !== 'number' || !Number.isInteger(ch[k]) || ch[k] <= 0) throw bad(`"chunking.${k}" invalid`);
+  }
+  if (ch.min % ch.block || ch.max % ch.block || ch.segment % ch.max || ch.min > ch.max) {
+    throw bad('chunk sizes must be multiples of the block size, segment a multiple of max');
+  }
+  if (!c.compression || c.compression.algorithm !== 'zstd') throw bad('"compression.algorithm" must be "zstd"');
+  if (typeof c.compression.level !== 'number') throw bad('"compression.level" invalid');
+  if (typeof c.packTargetSize !== 'number' || c.packTargetSize < 1 << 20) throw bad('"packTargetSize" invalid');
+  if (!c.leaf || !(c.leaf.minChunks > 0) || !(c.leaf.maxChunks >= c.leaf.minChunks)) throw bad('"leaf" invalid');
+  return c as RepoConfig;
+}
+
+/** Image names become directory names in the mount and lock file names. */
+export const IMAGE_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+
+export function checkImageName(name: string): string {
+  if (!IMAGE_NAME_RE.test(name) || name === 'latest') {
+    throw new GenvaultError(
+      `invalid image name ${JSON.stringify(name)}: use letters, digits, '.', '_' and '-' (not starting with '.' or '-')`,
+      'USAGE',
+      2,
+    );
+  }
+  return name;
+}

@@ -1,0 +1,89 @@
+/** Generation records and revision specs (NAME@REV). */
+import { GenvaultError, UsageError } from '../util/errors.js';
+import { checkImageName } from './format.js';
+
+export interface GenerationStats {
+  bytesRead: number;
+  zeroBytes: number;
+  chunks: number;
+  newChunks: number;
+  /** Raw bytes of chunks this generation added to the repository. */
+  newBytes: number;
+  /** What those chunks take in pack files (compressed, with record headers). */
+  newStored: number;
+  durationMs: number;
+}
+
+export interface Generation {
+  id: string;
+  name: string;
+  created: string;
+  size: number;
+  chunking: { block: number; min: number; max: number; maskBits: number };
+  leaves: number;
+  tags: string[];
+  source: string;
+  parent: string | null;
+  stats: GenerationStats;
+  protected?: boolean;
+}
+
+export function parseTarget(spec: string): { name: string; rev: string } {
+  const at = spec.lastIndexOf('@');
+  const name = at < 0 ? spec : spec.slice(0, at);
+  const rev = at < 0 ? 'latest' : spec.slice(at + 1);
+  if (!name) throw new UsageError(`missing image name in ${JSON.stringify(spec)} (expected NAME@REV)`);
+  checkImageName(name);
+  if (!rev) throw new UsageError(`missing revision after '@' in ${JSON.stringify(spec)}`);
+  return { name, rev };
+}
+
+const ISO_RE = /^\d{4}-\d{2}-\d{2}([T ]\d{2}(:\d{2}(:\d{2}(\.\d+)?)?)?)?(Z|[+-]\d{2}:?\d{2})?$/;
+
+/**
+ * Resolve a revision among one image's generations (sorted oldest first):
+ * `latest`; N (0 = newest); an ISO date or time (newest at or before it; a bare date
+ * means the end of that day, UTC unless a zone is given); a full id or unique prefix.
+ */
+export function resolveRevision(gens: Generation[], name: string, rev: string): Generation {
+  if (!gens.length) throw new GenvaultError(`image ${name} has no generations`, 'NOT_FOUND');
+  const newestFirst = [...gens].reverse();
+  if (rev === 'latest') return newestFirst[0]!;
+  if (/^\d{1,6}$/.test(rev)) {
+    const n = Number(rev);
+    const g = newestFirst[n];
+    if (!g) throw new GenvaultError(`${name}@${rev}: only ${gens.length} generation(s) (0 is the newest)`, 'NOT_FOUND');
+    return g;
+  }
+  if (ISO_RE.test(rev)) {
+    let s = rev.replace(' ', 'T');
+    const hasZone = /(Z|[+-]\d{2}:?\d{2})$/.test(s);
+    let t: number;
+    if (/^\d{4}-\d{2}-\d{2}$/.test(s)) t = Date.parse(`${s}T23:59:59.999Z`);
+    else {
+      if (!hasZone) s += 'Z';
+      t = Date.parse(s);
+    }
+    if (Number.isNaN(t)) throw new UsageError(`${name}@${rev}: not a valid date or time`);
+    const g = newestFirst.find((x) => Date.parse(x.created) <= t);
+    if (!g) throw new GenvaultError(`${name}@${rev}: no generation at or before ${new Date(t).toISOString()}`, 'NOT_FOUND');
+    return g;
+  }
+  const id = rev.startsWith('id:') ? rev.slice(3) : rev;
+  if (!/^[0-9a-f]+$/i.test(id)) throw new GenvaultError(`${name}@${rev}: unknown revision`, 'NOT_FOUND');
+  const matches = gens.filter((g) => g.id.startsWith(id.toLowerCase()));
+  if (matches.length === 1) return matches[0]!;
+  if (matches.length > 1) {
+    throw new GenvaultError(
+      `${name}@${rev}: ambiguous revision, matches ${matches.map((m) => m.id).join(', ')}`,
+      'AMBIGUOUS',
+    );
+  }
+  throw new GenvaultError(`${name}@${rev}: unknown revision`, 'NOT_FOUND');
+}
+
+/** Name of a generation's file in the mount: sorts by time in `ls`. */
+export function generationFileName(g: Generation): string {
+  const t = g.created.replace(/\.\d+Z$/, 'Z').replace(/:/g, '');
+  return `${t}-${g.id.slice(0, 8)}.img`;
+}

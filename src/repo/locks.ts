@@ -1,0 +1,145 @@
+/**
+ * Lock files under locks/ (plain files, so they work across processes without the DB):
+ *
+ * - writer-<id>.json: one per running backup (or gc), listing the pack files it created.
+ *   A writer that died leaves its file behind; the next writer removes what it left:
+ *   packs never committed are deleted, committed ones truncated to their committed size.
+ * - image-<name>.lock: held by the one backup of that image that may run at a time.
+ */
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { GenvaultError } from '../util/errors.js';
+import { Owner, currentOwner, ownerAlive } from '../util/proc.js';
+import { packKey, getOrNull, type Db } from './db.js';
+import { packPath } from './pack.js';
+
+export interface WriterRecord {
+  id: string;
+  owner: Owner;
+  started: string;
+  what: string;
+  packs: string[];
+}
+
+async function writeAtomic(file: string, data: string): Promise<void> {
+  const tmp = `${file}.tmp-${process.pid}`;
+  await fs.writeFile(tmp, data, { mode: 0o600 });
+  await fs.rename(tmp, file);
+}
+
+export class WriterRegistration {
+  private constructor(
+    readonly file: string,
+    readonly record: WriterRecord,
+  ) {}
+
+  static async register(repoDir: string, what: string): Promise<WriterRegistration> {
+    const id = randomBytes(8).toString('hex');
+    const record: WriterRecord = { id, owner: await currentOwner(), started: new Date().toISOString(), what, packs: [] };
+    const file = path.join(repoDir, 'locks', `writer-${id}.json`);
+    await writeAtomic(file, JSON.stringify(record));
+    return new WriterRegistration(file, record);
+  }
+
+  /** Record a pack before the first byte is written to it, so a crash cannot orphan it unseen. */
+  async addPack(packId: string): Promise<void> {
+    this.record.packs.push(packId);
+    await writeAtomic(this.file, JSON.stringify(this.record));
+  }
+
+  async release(): Promise<void> {
+    await fs.rm(this.file, { force: true });
+  }
+}
+
+export async function listWriters(repoDir: string): Promise<WriterRecord[]> {
+  const dir = path.join(repoDir, 'locks');
+  const out: WriterRecord[] = [];
+  for (const f of await fs.readdir(dir)) {
+    if (!/^writer-[0-9a-f]+\.json$/.test(f)) continue;
+    try {
+      out.push(JSON.parse(await fs.readFile(path.join(dir, f), 'utf8')) as WriterRecord);
+    } catch {
+      /* being written or removed right now */
+    }
+  }
+  return out;
+}
+
+/** Bring the packs of a writer back to what the index committed. */
+export async function trimPacks(repoDir: string, db: Db, packs: string[]): Promise<void> {
+  for (const packId of packs) {
+    const rec = await getOrNull(db, packKey(packId));
+    const file = packPath(repoDir, packId);
+    if (!rec) {
+      await fs.rm(file, { force: true });
+    } else {
+      const { size } = JSON.parse(rec.toString('utf8')) as { size: number };
+      try {
+        const st = await fs.stat(file);
+        if (st.size > size) await fs.truncate(file, size);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+      }
+    }
+  }
+}
+
+/** Clean up after writers whose process is gone. Returns how many were cleaned. */
+export async function cleanupDeadWriters(repoDir: string, db: Db): Promise<number> {
+  let n = 0;
+  for (const w of await listWriters(repoDir)) {
+    if (await ownerAlive(w.owner)) continue;
+    await trimPacks(repoDir, db, w.packs);
+    await fs.rm(path.join(repoDir, 'locks', `writer-${w.id}.json`), { force: true });
+    n++;
+  }
+  // Temporary files of atomic writes by dead processes.
+  for (const f of await fs.readdir(path.join(repoDir, 'locks'))) {
+    const m = /\.tmp-(\d+)$/.exec(f);
+    if (m && !(await ownerAlive({ pid: Number(m[1]), start: '', host: (await currentOwner()).host }))) {
+      await fs.rm(path.join(repoDir, 'locks', f), { force: true });
+    }
+  }
+  return n;
+}
+
+export class ImageLock {
+  private constructor(readonly file: string) {}
+
+  /** Take the per-image backup lock; with `wait`, poll until the holder finishes. */
+  static async acquire(repoDir: string, name: string, wait: boolean): Promise<ImageLock> {
+    const file = path.join(repoDir, 'locks', `image-${name}.lock`);
+    const me = await currentOwner();
+    for (;;) {
+      try {
+        await fs.writeFile(file, JSON.stringify(me), { flag: 'wx', mode: 0o600 });
+        return new ImageLock(file);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      }
+      let holder: Owner | null = null;
+      try {
+        holder = JSON.parse(await fs.readFile(file, 'utf8')) as Owner;
+      } catch {
+        holder = null; // half-written by a writer that died between create and write
+      }
+      if (!holder || !(await ownerAlive(holder))) {
+        await fs.rm(file, { force: true });
+        continue;
+      }
+      if (!wait) {
+        throw new GenvaultError(
+          `another backup of image ${name} is running (pid ${holder.pid}); use --wait to queue behind it`,
+          'LOCKED',
+        );
+      }
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
+
+  async release(): Promise<void> {
+    await fs.rm(this.file, { force: true });
+  }
+}

@@ -1,0 +1,73 @@
+/** A small pool of worker threads (one per core) running src/repo/worker.ts. */
+import { Worker } from 'node:worker_threads';
+import os from 'node:os';
+import type { WorkerRequest } from './worker.js';
+
+interface Task {
+  req: WorkerRequest;
+  transfer: ArrayBuffer[];
+  resolve: (v: any) => void;
+  reject: (e: Error) => void;
+}
+
+export class WorkerPool {
+  private workers: Worker[] = [];
+  private idle: Worker[] = [];
+  private queue: Task[] = [];
+  private pending = new Map<number, Task>();
+  private busy = new Map<Worker, number>();
+  private nextId = 1;
+  private closed = false;
+
+  constructor(size = Math.max(1, Math.min(os.availableParallelism(), 8))) {
+    for (let i = 0; i < size; i++) {
+      const w = new Worker(new URL('./worker.js', import.meta.url));
+      w.unref();
+      w.on('message', (msg: { id: number; result?: unknown; error?: { message: string; code?: string } }) => {
+        const t = this.pending.get(msg.id);
+        this.pending.delete(msg.id);
+        this.busy.delete(w);
+        this.idle.push(w);
+        if (t) {
+          if (msg.error) t.reject(Object.assign(new Error(msg.error.message), { code: msg.error.code }));
+          else t.resolve(msg.result);
+        }
+        this.dispatch();
+      });
+      w.on('error', (err) => {
+        const id = this.busy.get(w);
+        if (id !== undefined) this.pending.get(id)?.reject(err);
+      });
+      this.workers.push(w);
+      this.idle.push(w);
+    }
+  }
+
+  get size(): number {
+    return this.workers.length;
+  }
+
+  run<T>(req: WorkerRequest, transfer: ArrayBuffer[] = []): Promise<T> {
+    if (this.closed) return Promise.reject(new Error('worker pool closed'));
+    return new Promise<T>((resolve, reject) => {
+      this.queue.push({ req, transfer, resolve, reject });
+      this.dispatch();
+    });
+  }
+
+  private dispatch(): void {
+    while (this.idle.length && this.queue.length) {
+      const w = this.idle.pop()!;
+      const t = this.queue.shift()!;
+      const id = this.nextId++;
+      this.pending.set(id, t);
+      this.busy.set(w, id);
+      w.postMessage({ id, req: t.req }, t.transfer);
+    }
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await Promise.all(this.workers.map((w) => w.terminate()));
+  }
+}

@@ -1,0 +1,181 @@
+/**
+ * A repository: a directory holding config.json, index/ (LevelDB), packs/ and locks/.
+ * Opening it checks the config and opens the index; everything else is on demand.
+ */
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { GenvaultError, describeFsError } from '../util/errors.js';
+import { RepoConfig, checkConfig, defaultConfig } from './format.js';
+import { Db, K_GEN, K_GENMAP, chunkKey, getOrNull, key, leafKey, openDb, prefixEnd } from './db.js';
+import { ChunkMap, Leaf, decodeLeaf, decodeTop } from './chunkmap.js';
+import { Generation, parseTarget, resolveRevision } from './generation.js';
+import { ChunkLocation, decodeLocation } from './pack.js';
+import { WorkerPool } from './pool.js';
+
+export const CONFIG_FILE = 'config.json';
+
+/** Small LRU on Map's insertion order. */
+export class Lru<K, V> {
+  private m = new Map<K, V>();
+  constructor(private max: number) {}
+  get(k: K): V | undefined {
+    const v = this.m.get(k);
+    if (v !== undefined) {
+      this.m.delete(k);
+      this.m.set(k, v);
+    }
+    return v;
+  }
+  set(k: K, v: V): void {
+    this.m.delete(k);
+    this.m.set(k, v);
+    if (this.m.size > this.max) this.m.delete(this.m.keys().next().value as K);
+  }
+}
+
+export class Repository {
+  private poolInstance: WorkerPool | null = null;
+  private leafCache = new Lru<string, Promise<Leaf>>(4096);
+
+  private constructor(
+    readonly dir: string,
+    readonly config: RepoConfig,
+    readonly db: Db,
+  ) {}
+
+  static async init(dir: string, overrides: Partial<RepoConfig> = {}): Promise<RepoConfig> {
+    const abs = path.resolve(dir);
+    try {
+      const entries = await fs.readdir(abs);
+      if (entries.includes(CONFIG_FILE)) throw new GenvaultError(`${abs}: a repository already exists here`, 'EXISTS');
+      if (entries.length) throw new GenvaultError(`${abs}: directory is not empty`, 'EXISTS');
+    } catch (e) {
+      if (e instanceof GenvaultError) throw e;
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw describeFsError(e, abs);
+    }
+    const config = { ...defaultConfig(), ...overrides };
+    try {
+      await fs.mkdir(abs, { recursive: true, mode: 0o700 });
+      for (const d of ['packs', 'locks', 'tmp']) await fs.mkdir(path.join(abs, d), { mode: 0o700 });
+      const db = await openDb(path.join(abs, 'index'));
+      await db.close();
+      // config.json last and atomically: a directory without it is not a repository.
+      const tmp = path.join(abs, `${CONFIG_FILE}.tmp`);
+      await fs.writeFile(tmp, JSON.stringify(config, null, 2) + '\n', { mode: 0o600 });
+      const fh = await fs.open(tmp, 'r');
+      await fh.sync();
+      await fh.close();
+      await fs.rename(tmp, path.join(abs, CONFIG_FILE));
+    } catch (e) {
+      throw describeFsError(e, abs);
+    }
+    return config;
+  }
+
+  static async readConfig(dir: string): Promise<RepoConfig> {
+    const abs = path.resolve(dir);
+    const file = path.join(abs, CONFIG_FILE);
+    let text: string;
+    try {
+      text = await fs.readFile(file, 'utf8');
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR') {
+        throw new GenvaultError(`${abs}: not a genvault repository (no ${CONFIG_FILE}; create one with 'genvault init')`, 'NO_REPO');
+      }
+      throw describeFsError(e, file);
+    }
+    let raw: unknown;
+    try {
+      raw = JSON.parse(text);
+    } catch {
+      throw new GenvaultError(`${file}: corrupt repository config: not valid JSON`, 'BAD_CONFIG');
+    }
+    return checkConfig(raw, file);
+  }
+
+  static async open(dir: string): Promise<Repository> {
+    const abs = path.resolve(dir);
+    const config = await Repository.readConfig(abs);
+    let db: Db;
+    try {
+      db = await openDb(path.join(abs, 'index'));
+    } catch (e) {
+      const err = e as Error & { cause?: Error };
+      throw new GenvaultError(`${abs}: cannot open the index: ${err.cause?.message ?? err.message}`, 'DB');
+    }
+    return new Repository(abs, config, db);
+  }
+
+  get pool(): WorkerPool {
+    if (!this.poolInstance) this.poolInstance = new WorkerPool();
+    return this.poolInstance;
+  }
+
+  async close(): Promise<void> {
+    await this.poolInstance?.close();
+    this.poolInstance = null;
+    await this.db.close();
+  }
+
+  /** All generations (of one image, or all), oldest first within each image. */
+  async generations(name?: string): Promise<Generation[]> {
+    const prefix = name === undefined ? Buffer.of(K_GEN) : key(K_GEN, name, Buffer.of(0));
+    const out: Generation[] = [];
+    for await (const v of this.db.values({ gte: prefix, lt: prefixEnd(prefix) })) {
+      out.push(JSON.parse(v.toString('utf8')) as Generation);
+    }
+    return out;
+  }
+
+  async images(): Promise<string[]> {
+    const names = new Set<string>();
+    for (const g of await this.generations()) names.add(g.name);
+    return [...names].sort();
+  }
+
+  async resolve(spec: string): Promise<Generation> {
+    const { name, rev } = parseTarget(spec);
+    const gens = await this.generations(name);
+    if (!gens.length) throw new GenvaultError(`no image named ${name} in ${this.dir}`, 'NOT_FOUND');
+    return resolveRevision(gens, name, rev);
+  }
+
+  static generationKey(g: Pick<Generation, 'name' | 'created' | 'id'>): Buffer {
+    const t = Buffer.alloc(8);
+    t.writeBigUInt64BE(BigInt(Date.parse(g.created)));
+    return key(K_GEN, g.name, Buffer.of(0), t, Buffer.from(g.id, 'hex'));
+  }
+
+  static mapKey(id: string): Buffer {
+    return key(K_GENMAP, Buffer.from(id, 'hex'));
+  }
+
+  async loadLeaf(digest: Buffer): Promise<Leaf> {
+    const k = digest.toString('hex');
+    let p = this.leafCache.get(k);
+    if (!p) {
+      p = (async () => {
+        const v = await getOrNull(this.db, leafKey(digest));
+        if (!v) throw new GenvaultError(`index damaged: map leaf ${k} is missing`, 'DAMAGED');
+        return decodeLeaf(v);
+      })();
+      p.catch(() => this.leafCache.set(k, undefined as never));
+      this.leafCache.set(k, p);
+    }
+    return p;
+  }
+
+  async chunkMap(g: Generation): Promise<ChunkMap> {
+    const v = await getOrNull(this.db, Repository.mapKey(g.id));
+    if (!v) throw new GenvaultError(`index damaged: map of generation ${g.name}@${g.id} is missing`, 'DAMAGED');
+    const map = new ChunkMap(decodeTop(v), (d) => this.loadLeaf(d));
+    if (map.size !== g.size) throw new GenvaultError(`index damaged: map of ${g.name}@${g.id} covers ${map.size} bytes, image has ${g.size}`, 'DAMAGED');
+    return map;
+  }
+
+  async location(digest: Uint8Array): Promise<ChunkLocation | null> {
+    const v = await getOrNull(this.db, chunkKey(digest));
+    return v ? decodeLocation(v) : null;
+  }
+}

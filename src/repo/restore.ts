@@ -1,0 +1,199 @@
+/**
+ * Restore a generation to a file (sparse: zero chunks are holes), a block device, or a
+ * stream (cat). Chunks are loaded many at a time by the worker pool, ahead of the writer.
+ * A file target is written under a temporary name and renamed only when complete, so a
+ * failed restore leaves nothing that looks like a good image.
+ */
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import type { Writable } from 'node:stream';
+import { DamageError, GenvaultError, describeFsError } from '../util/errors.js';
+import { walkChunks } from './chunkmap.js';
+import { Generation } from './generation.js';
+import { ChunkLoader } from './reader.js';
+import { Repository } from './repository.js';
+
+export interface RestoreOptions {
+  force?: boolean;
+  /** Write zeros where chunks are damaged and report the ranges instead of failing. */
+  ignoreDamage?: boolean;
+  onProgress?: (done: number, total: number) => void;
+}
+
+export interface RestoreResult {
+  bytes: number;
+  target: string;
+  damaged: Array<{ offset: number; length: number }>;
+  sparse: boolean;
+}
+
+type Sink = {
+  /** Write data at offset (data may be null for a zero chunk). */
+  write(offset: number, length: number, data: Buffer | null): Promise<void>;
+};
+
+const ZERO = Buffer.alloc(1 << 20);
+
+/** Run `fn` over every chunk in order, loading up to `window` bytes ahead. */
+async function streamChunks(
+  repo: Repository,
+  gen: Generation,
+  sink: Sink,
+  opts: RestoreOptions,
+): Promise<Array<{ offset: number; length: number }>> {
+  const map = await repo.chunkMap(gen);
+  const loader = new ChunkLoader(repo, 0);
+  const damaged: Array<{ offset: number; length: number }> = [];
+  const window = 64 << 20;
+  const queue: Array<{ offset: number; length: number; data: Promise<Buffer | null> }> = [];
+  let queued = 0;
+  let done = 0;
+  const drainOne = async () => {
+    const q = queue.shift()!;
+    queued -= q.length;
+    let data: Buffer | null;
+    try {
+      data = await q.data;
+    } catch (e) {
+      if (!(e instanceof DamageError)) throw e;
+      const range = { offset: q.offset, length: q.length };
+      if (!opts.ignoreDamage) {
+        // Collect every damaged range so the message names them all.
+        damaged.push(range);
+        for (const r of queue) r.data.catch(() => undefined);
+        for await (const c of walkChunks(map)) {
+          if (c.offset <= q.offset || c.zero) continue;
+          await loader.load(Buffer.from(c.digest)).catch((err) => {
+            if (err instanceof DamageError) damaged.push({ offset: c.offset, length: c.length });
+          });
+        }
+        throw new GenvaultError(
+          `${gen.name}@${gen.id}: ${damaged.length} damaged chunk(s) at image bytes ${damaged
+            .slice(0, 5)
+            .map((r) => `${r.offset}-${r.offset + r.length - 1}`)
+            .join(', ')}${damaged.length > 5 ? ', ...' : ''}; use --ignore-damage to restore the rest with zeros there`,
+          'DAMAGED',
+        );
+      }
+      damaged.push(range);
+      data = null;
+    }
+    await sink.write(q.offset, q.length, data);
+    done += q.length;
+    opts.onProgress?.(done, gen.size);
+  };
+  for await (const c of walkChunks(map)) {
+    const data = c.zero ? Promise.resolve(null) : loader.load(Buffer.from(c.digest));
+    data.catch(() => undefined); // handled when drained
+    queue.push({ offset: c.offset, length: c.length, data });
+    queued += c.length;
+    while (queued > window) await drainOne();
+  }
+  while (queue.length) await drainOne();
+  return damaged;
+}
+
+export async function restoreToPath(
+  repo: Repository,
+  gen: Generation,
+  target: string,
+  opts: RestoreOptions = {},
+): Promise<RestoreResult> {
+  const abs = path.resolve(target);
+  let st: import('node:fs').Stats | null = null;
+  try {
+    st = await fs.stat(abs);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw describeFsError(e, abs);
+  }
+  if (st?.isBlockDevice()) return restoreToDevice(repo, gen, abs, opts);
+  if (st?.isDirectory()) throw new GenvaultError(`${abs}: is a directory`, 'EISDIR');
+  if (st && st.size > 0 && !opts.force) {
+    throw new GenvaultError(`${abs} exists and is not empty; use --force to overwrite it`, 'EXISTS');
+  }
+  const tmp = path.join(path.dirname(abs), `.${path.basename(abs)}.genvault-partial-${randomBytes(4).toString('hex')}`);
+  let fh: fs.FileHandle;
+  try {
+    fh = await fs.open(tmp, 'wx', 0o600);
+  } catch (e) {
+    throw describeFsError(e, `cannot create ${abs}`);
+  }
+  try {
+    await fh.truncate(gen.size);
+    const damaged = await streamChunks(repo, gen, {
+      async write(offset, length, data) {
+        if (!data) return; // hole
+        let w = 0;
+        while (w < length) w += (await fh.write(data, w, length - w, offset + w)).bytesWritten;
+      },
+    }, opts);
+    await fh.datasync();
+    await fh.close();
+    await fs.rename(tmp, abs);
+    return { bytes: gen.size, target: abs, damaged, sparse: true };
+  } catch (e) {
+    await fh.close().catch(() => undefined);
+    await fs.rm(tmp, { force: true });
+    if (e instanceof GenvaultError) throw e;
+    throw describeFsError(e, `writing ${abs}`);
+  }
+}
+
+async function restoreToDevice(repo: Repository, gen: Generation, dev: string, opts: RestoreOptions): Promise<RestoreResult> {
+  const fh = await fs.open(dev, 'r+').catch((e) => {
+    throw describeFsError(e, `cannot open ${dev}`);
+  });
+  try {
+    const { blockDeviceSizeOf } = await import('../source/local.js');
+    const size = await blockDeviceSizeOf(dev);
+    if (size !== null && size < gen.size) {
+      throw new GenvaultError(`${dev} holds ${size} bytes, the image needs ${gen.size}`, 'TOO_SMALL');
+    }
+    // Devices may hold old data: zero chunks must be written as zeros.
+    const damaged = await streamChunks(repo, gen, {
+      async write(offset, length, data) {
+        let w = 0;
+        while (w < length) {
+          const src = data ?? ZERO;
+          const n = Math.min(length - w, src === ZERO ? ZERO.length : length - w);
+          w += (await fh.write(src, data ? w : 0, n, offset + w)).bytesWritten;
+        }
+      },
+    }, opts);
+    await fh.sync();
+    return { bytes: gen.size, target: dev, damaged, sparse: false };
+  } finally {
+    await fh.close().catch(() => undefined);
+  }
+}
+
+/** Stream the raw image (zeros included) to a writable, honouring backpressure. */
+export async function restoreToStream(repo: Repository, gen: Generation, out: Writable, opts: RestoreOptions = {}): Promise<RestoreResult> {
+  const write = (b: Buffer) =>
+    new Promise<void>((resolve, reject) => {
+      const onErr = (e: Error) => reject(e);
+      out.once('error', onErr);
+      const ok = out.write(b, (err) => {
+        if (err) reject(err);
+      });
+      const done = () => {
+        out.off('error', onErr);
+        resolve();
+      };
+      if (ok) done();
+      else out.once('drain', done);
+    });
+  const damaged = await streamChunks(repo, gen, {
+    async write(_offset, length, data) {
+      if (data) return write(data);
+      let left = length;
+      while (left > 0) {
+        const n = Math.min(left, ZERO.length);
+        await write(ZERO.subarray(0, n));
+        left -= n;
+      }
+    },
+  }, opts);
+  return { bytes: gen.size, target: 'stdout', damaged, sparse: false };
+}

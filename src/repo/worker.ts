@@ -1,0 +1,139 @@
+/**
+ * Worker thread for the CPU-heavy work: chunking + SHA-256 of source segments,
+ * zstd compression of new chunks, and reading + decompressing + verifying chunks for
+ * restore and the FUSE mount. Running these here keeps the main event loop (which
+ * serves FUSE requests and LevelDB) free, and uses both cores.
+ * Sync fs calls are fine here: this thread never serves the mount.
+ */
+import { parentPort } from 'node:worker_threads';
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import zstd from 'zstd-napi';
+import { chunkSegment } from './chunker.js';
+import type { ChunkingParams } from './format.js';
+import { COMP_RAW, COMP_ZSTD, RECORD_HEADER_SIZE, decodeRecordHeader, encodeRecordHeader } from './pack.js';
+
+export type WorkerRequest =
+  | { op: 'chunk'; seg: SharedArrayBuffer; len: number; params: ChunkingParams }
+  | { op: 'compress'; seg: SharedArrayBuffer; spans: Int32Array; digests: Uint8Array; level: number }
+  | {
+      op: 'load';
+      file: string;
+      offset: number;
+      storedLength: number;
+      rawLength: number;
+      compression: number;
+      digest: Uint8Array;
+    };
+
+let compressor: zstd.Compressor | null = null;
+let compressorLevel = NaN;
+const decompressor = new zstd.Decompressor();
+const fds = new Map<string, number>();
+
+function fdFor(file: string): number {
+  let fd = fds.get(file);
+  if (fd === undefined) {
+    if (fds.size > 64) {
+      for (const v of fds.values()) fs.closeSync(v);
+      fds.clear();
+    }
+    fd = fs.openSync(file, 'r');
+    fds.set(file, fd);
+  }
+  return fd;
+}
+
+function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] } {
+  switch (req.op) {
+    case 'chunk': {
+      const buf = Buffer.from(req.seg, 0, req.len);
+      const spans = chunkSegment(buf, req.len, req.params);
+      const table = new Int32Array(spans.length * 3);
+      const digests = new Uint8Array(spans.length * 32);
+      spans.forEach((s, i) => {
+        table[i * 3] = s.start;
+        table[i * 3 + 1] = s.length;
+        table[i * 3 + 2] = s.zero ? 1 : 0;
+        if (!s.zero) {
+          digests.set(createHash('sha256').update(buf.subarray(s.start, s.start + s.length)).digest(), i * 32);
+        }
+      });
+      return { result: { table, digests }, transfer: [table.buffer as ArrayBuffer, digests.buffer as ArrayBuffer] };
+    }
+    case 'compress': {
+      if (!compressor || compressorLevel !== req.level) {
+        compressor = new zstd.Compressor();
+        compressor.setParameters({ compressionLevel: req.level });
+        compressorLevel = req.level;
+      }
+      const seg = Buffer.from(req.seg);
+      const n = req.spans.length / 2;
+      const parts: Buffer[] = [];
+      const table = new Int32Array(n * 3); // record offset in out, stored length, compression
+      let size = 0;
+      for (let i = 0; i < n; i++) {
+        const raw = seg.subarray(req.spans[i * 2]!, req.spans[i * 2]! + req.spans[i * 2 + 1]!);
+        const z = compressor.compress(raw);
+        // Keep raw when zstd saves under 3%: decoding raw chunks is free.
+        const useZ = z.length < raw.length - (raw.length >>> 5);
+        const payload = useZ ? z : raw;
+        const header = Buffer.allocUnsafe(RECORD_HEADER_SIZE);
+        encodeRecordHeader(header, 0, useZ ? COMP_ZSTD : COMP_RAW, raw.length, payload.length, req.digests.subarray(i * 32, i * 32 + 32));
+        table[i * 3] = size;
+        table[i * 3 + 1] = payload.length;
+        table[i * 3 + 2] = useZ ? COMP_ZSTD : COMP_RAW;
+        parts.push(header, payload);
+        size += RECORD_HEADER_SIZE + payload.length;
+      }
+      const out = new Uint8Array(size);
+      let at = 0;
+      for (const p of parts) {
+        out.set(p, at);
+        at += p.length;
+      }
+      return { result: { out, table }, transfer: [out.buffer as ArrayBuffer, table.buffer as ArrayBuffer] };
+    }
+    case 'load': {
+      const total = RECORD_HEADER_SIZE + req.storedLength;
+      const buf = Buffer.allocUnsafe(total);
+      let got = 0;
+      const fd = fdFor(req.file);
+      while (got < total) {
+        const n = fs.readSync(fd, buf, got, total - got, req.offset + got);
+        if (n === 0) break;
+        got += n;
+      }
+      if (got < total) return { result: { damaged: `pack record truncated (${got} of ${total} bytes)` }, transfer: [] };
+      const h = decodeRecordHeader(buf, 0);
+      if (!h) return { result: { damaged: 'record header checksum mismatch' }, transfer: [] };
+      if (h.storedLength !== req.storedLength || h.rawLength !== req.rawLength || !h.digest.equals(req.digest)) {
+        return { result: { damaged: 'record header does not match the index' }, transfer: [] };
+      }
+      const payload = buf.subarray(RECORD_HEADER_SIZE);
+      let raw: Buffer;
+      try {
+        raw = h.compression === COMP_ZSTD ? decompressor.decompress(payload) : payload;
+      } catch (e) {
+        return { result: { damaged: `zstd: ${(e as Error).message}` }, transfer: [] };
+      }
+      if (raw.length !== req.rawLength || !createHash('sha256').update(raw).digest().equals(req.digest)) {
+        return { result: { damaged: 'content does not match its SHA-256 digest' }, transfer: [] };
+      }
+      // Hand back a standalone ArrayBuffer so it can be transferred without a copy.
+      const data = new Uint8Array(raw.length);
+      data.set(raw);
+      return { result: { data }, transfer: [data.buffer as ArrayBuffer] };
+    }
+  }
+}
+
+parentPort!.on('message', (msg: { id: number; req: WorkerRequest }) => {
+  try {
+    const { result, transfer } = handle(msg.req);
+    parentPort!.postMessage({ id: msg.id, result }, transfer);
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    parentPort!.postMessage({ id: msg.id, error: { message: err.message, code: err.code } });
+  }
+});

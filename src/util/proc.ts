@@ -1,0 +1,33 @@
+/** Process liveness for lock files: a pid plus its start time, so a reused pid is not mistaken for the owner. */
+import fs from 'node:fs/promises';
+import os from 'node:os';
+
+export interface Owner {
+  pid: number;
+  /** Field 22 of /proc/PID/stat (clock ticks since boot); '' where /proc is missing. */
+  start: string;
+  host: string;
+}
+
+export async function processStart(pid: number): Promise<string | null> {
+  try {
+    const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
+    // comm (field 2) may contain spaces and parentheses: split after the last ')'.
+    const rest = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return rest[19] ?? '';
+  } catch {
+    return null;
+  }
+}
+
+export async function currentOwner(): Promise<Owner> {
+  return { pid: process.pid, start: (await processStart(process.pid)) ?? '', host: os.hostname() };
+}
+
+/** True unless we can tell the owner is gone (same host, and pid dead or reused). */
+export async function ownerAlive(o: Owner): Promise<boolean> {
+  if (o.host !== os.hostname()) return true;
+  const start = await processStart(o.pid);
+  if (start === null) return false;
+  return o.start === '' || start === o.start;
+}
