@@ -1,2 +1,158 @@
 import { Command } from 'commander';
-export function register(_program: Command): void {}
+import { spawn } from 'node:child_process';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { GenvaultError, UsageError } from '../util/errors.js';
+import { Repository } from '../repo/repository.js';
+import { fusermountUnmount, isMounted, isStaleMount, mountRepository } from '../fuse/mount.js';
+import { action, repoPath } from './common.js';
+
+function parseSize(s: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?$/i.exec(s.trim());
+  if (!m) throw new UsageError(`invalid size ${JSON.stringify(s)} (e.g. 256M, 1G)`);
+  const mul = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
+  return Math.round(Number(m[1]) * mul);
+}
+
+function pidFile(mnt: string): string {
+  return path.join(os.tmpdir(), `genvault-mount-${Buffer.from(mnt).toString('base64url')}.pid`);
+}
+
+interface MountCliOpts {
+  foreground?: boolean;
+  allowOther?: boolean;
+  cacheSize: string;
+  log?: string;
+}
+
+async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (msg: object) => void): Promise<void> {
+  const repo = await Repository.open(repoDir);
+  const handle = await mountRepository(repo, mnt, {
+    allowOther: opts.allowOther,
+    cacheBytes: parseSize(opts.cacheSize),
+  });
+  await fs.writeFile(pidFile(mnt), String(process.pid));
+  notify({ ready: true, pid: process.pid });
+  let stopping = false;
+  const stop = async () => {
+    if (stopping) return;
+    stopping = true;
+    await handle.unmount().catch(() => undefined);
+  };
+  process.on('SIGINT', () => void stop());
+  process.on('SIGTERM', () => void stop());
+  process.on('SIGHUP', () => void stop());
+  await handle.closed;
+  await fs.rm(pidFile(mnt), { force: true });
+  await repo.close().catch(() => undefined);
+  process.exit(0);
+}
+
+export function register(program: Command): void {
+  program
+    .command('mount')
+    .description('mount every generation as a read-only file: MOUNTPOINT/NAME/<time>-<id>.img, and NAME/latest')
+    .argument('<mountpoint>', 'empty directory to mount on')
+    .option('--foreground', 'stay attached and serve until unmounted or signalled (for systemd)')
+    .option('--allow-other', 'let users other than the one mounting read the files (needs user_allow_other in /etc/fuse.conf for non-root)')
+    .option('--cache-size <size>', 'memory for decoded chunks shared by all open files', '256M')
+    .option('--log <file>', 'where the background server logs read errors (default: a file in the temp dir)')
+    .addHelpText(
+      'after',
+      '\nRestore recipes:\n' +
+        '  full disk:   dd if=MNT/vm1/latest of=/dev/vg0/vm1 bs=4M\n' +
+        '  a file:      losetup -r -P -f --show MNT/vm1/latest   # -> /dev/loopN\n' +
+        '               mount -o ro /dev/loopNp1 /mnt/restore; cp /mnt/restore/etc/fstab /tmp/\n' +
+        '               umount /mnt/restore; losetup -d /dev/loopN\n' +
+        'Unmount with: genvault umount MNT',
+    )
+    .action(
+      action(async (mountpoint: string, opts: MountCliOpts, cmd: Command) => {
+        const repoDir = path.resolve(repoPath(cmd));
+        const mnt = path.resolve(mountpoint);
+        parseSize(opts.cacheSize);
+        if (await isStaleMount(mnt)) {
+          process.stderr.write(`genvault: ${mnt} is a stale mount left by a dead process; clearing it\n`);
+          await fusermountUnmount(mnt, true).catch(() => undefined);
+        } else if (await isMounted(mnt)) {
+          throw new GenvaultError(`${mnt} is already a mount point`, 'BUSY');
+        }
+        const st = await fs.stat(mnt).catch(() => null);
+        if (!st?.isDirectory()) throw new GenvaultError(`${mnt}: not a directory`, 'ENOTDIR');
+        await Repository.readConfig(repoDir); // fail here, in the foreground, on a bad repository
+
+        if (opts.foreground || process.env.GENVAULT_MOUNT_CHILD) {
+          const notify = (m: object) => process.send?.(m);
+          try {
+            await serve(repoDir, mnt, opts, notify);
+          } catch (e) {
+            if (process.send) {
+              notify({ error: (e as Error).message });
+              process.exit(1);
+            }
+            throw e;
+          }
+          return;
+        }
+        // Background: re-run ourselves detached, wait for "ready" over IPC, then return.
+        const logFile = opts.log ?? path.join(os.tmpdir(), `genvault-mount-${process.getuid?.() ?? 0}.log`);
+        const log = await fs.open(logFile, 'a');
+        const args = [...process.execArgv, process.argv[1]!, '-r', repoDir, 'mount', mnt, '--cache-size', opts.cacheSize];
+        if (opts.allowOther) args.push('--allow-other');
+        const child = spawn(process.execPath, args, {
+          detached: true,
+          stdio: ['ignore', log.fd, log.fd, 'ipc'],
+          env: { ...process.env, GENVAULT_MOUNT_CHILD: '1' },
+        });
+        const msg = await new Promise<{ ready?: boolean; error?: string; pid?: number }>((resolve) => {
+          child.once('message', (m) => resolve(m as { ready?: boolean; error?: string }));
+          child.once('exit', (code) => resolve({ error: `mount process exited with code ${code} (see ${logFile})` }));
+        });
+        await log.close();
+        if (msg.error) throw new GenvaultError(`cannot mount ${mnt}: ${msg.error}`, 'MOUNT');
+        child.disconnect();
+        child.unref();
+        process.stdout.write(`mounted ${repoDir} on ${mnt} (pid ${msg.pid}); unmount with: genvault umount ${mnt}\n`);
+      }),
+    );
+
+  program
+    .command('umount')
+    .alias('unmount')
+    .description('unmount a genvault mount and stop its server process')
+    .argument('<mountpoint>')
+    .option('--lazy', 'detach now even if files are open (fusermount -uz)')
+    .action(
+      action(async (mountpoint: string, opts: { lazy?: boolean }) => {
+        const mnt = path.resolve(mountpoint);
+        if (!(await isMounted(mnt))) {
+          if (await isStaleMount(mnt)) {
+            await fusermountUnmount(mnt, true);
+            process.stdout.write(`cleared stale mount ${mnt}\n`);
+            return;
+          }
+          throw new GenvaultError(`${mnt} is not mounted`, 'NOT_MOUNTED');
+        }
+        try {
+          await fusermountUnmount(mnt, opts.lazy === true);
+        } catch (e) {
+          const err = (e as { stderr?: string }).stderr ?? (e as Error).message;
+          if (/busy/i.test(err)) throw new GenvaultError(`${mnt} is busy (files or loop devices still open); close them or use --lazy`, 'BUSY');
+          throw new GenvaultError(`cannot unmount ${mnt}: ${err.trim()}`, 'UMOUNT');
+        }
+        // The server notices within a second and exits; wait so scripts can rely on it.
+        const pidText = await fs.readFile(pidFile(mnt), 'utf8').catch(() => null);
+        const pid = pidText ? Number(pidText) : 0;
+        for (let i = 0; pid && i < 100; i++) {
+          try {
+            process.kill(pid, 0);
+          } catch {
+            break;
+          }
+          await new Promise((r) => setTimeout(r, 100));
+        }
+        process.stdout.write(`unmounted ${mnt}\n`);
+      }),
+    );
+}

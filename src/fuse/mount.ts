@@ -1,0 +1,204 @@
+/**
+ * Serve a repository as a read-only FUSE filesystem (fuse-native, libfuse 2).
+ *
+ * Every handler runs on the event loop and uses only async work: LevelDB through
+ * rave-level, chunk loading in worker threads. A sync call here would deadlock as soon
+ * as it touched the mount. fuse-native's per-operation timeout is disabled so a slow
+ * read (cold disk, busy machine) is never turned into EIO mid-`dd`.
+ */
+import Fuse from 'fuse-native';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import fs from 'node:fs/promises';
+import { DamageError } from '../util/errors.js';
+import { Generation } from '../repo/generation.js';
+import { ChunkLoader, ImageReader } from '../repo/reader.js';
+import { Repository } from '../repo/repository.js';
+import { Tree } from './tree.js';
+
+const run = promisify(execFile);
+
+export interface MountOptions {
+  allowOther?: boolean;
+  /** Bytes of decoded chunks kept in memory across all open files. */
+  cacheBytes?: number;
+  /** How far ahead sequential readers are prefetched. */
+  readahead?: number;
+  /** How often the generation list is re-read from the index (ms). */
+  refreshMs?: number;
+  log?: (line: string) => void;
+}
+
+export interface MountHandle {
+  readonly mountpoint: string;
+  unmount(): Promise<void>;
+  /** Resolves when the mount went away (unmounted by us or by fusermount). */
+  readonly closed: Promise<void>;
+}
+
+/** Is the path a FUSE mount left behind by a dead process (ENOTCONN)? */
+export async function isStaleMount(mnt: string): Promise<boolean> {
+  try {
+    await fs.stat(mnt);
+    return false;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'ENOTCONN';
+  }
+}
+
+export async function isMounted(mnt: string): Promise<boolean> {
+  const info = await fs.readFile('/proc/self/mountinfo', 'utf8');
+  return info.split('\n').some((l) => l.split(' ')[4] === mnt);
+}
+
+export async function fusermountUnmount(mnt: string, lazy: boolean): Promise<void> {
+  await run('fusermount', [lazy ? '-uz' : '-u', mnt]);
+}
+
+const S_IFDIR = 0o040000;
+const S_IFREG = 0o100000;
+const S_IFLNK = 0o120000;
+
+export async function mountRepository(repo: Repository, mountpoint: string, opts: MountOptions = {}): Promise<MountHandle> {
+  const log = opts.log ?? ((l: string) => process.stderr.write(l + '\n'));
+  const loader = new ChunkLoader(repo, opts.cacheBytes ?? 256 << 20);
+  let tree = new Tree(await repo.generations());
+  const readers = new Map<string, Promise<ImageReader>>();
+  const handles = new Map<number, { gen: Generation; reader: Promise<ImageReader> }>();
+  let nextFd = 10;
+
+  const refresh = async () => {
+    try {
+      tree = new Tree(await repo.generations());
+    } catch (e) {
+      log(`genvault mount: refreshing the generation list failed: ${(e as Error).message}`);
+    }
+  };
+  const timer = setInterval(() => void refresh(), opts.refreshMs ?? 1000);
+  timer.unref();
+
+  const uid = process.getuid?.() ?? 0;
+  const gid = process.getgid?.() ?? 0;
+  const stat = (mode: number, size: number, mtime: Date, nlink = 1) => ({
+    mtime, atime: mtime, ctime: mtime, size, mode, uid, gid, nlink, blocks: Math.ceil(size / 512), blksize: 4096,
+  });
+
+  const ops = {
+    readdir(p: string, cb: (err: number, names?: string[]) => void) {
+      const n = tree.lookup(p);
+      if (!n) return cb(Fuse.ENOENT);
+      if (n.kind === 'root') return cb(0, n.names);
+      if (n.kind === 'image') return cb(0, n.files);
+      return cb(Fuse.ENOTDIR);
+    },
+    getattr(p: string, cb: (err: number, st?: unknown) => void) {
+      const n = tree.lookup(p);
+      if (!n) return cb(Fuse.ENOENT);
+      switch (n.kind) {
+        case 'root':
+          return cb(0, stat(S_IFDIR | 0o555, 4096, tree.created, 2 + n.names.length));
+        case 'image':
+          return cb(0, stat(S_IFDIR | 0o555, 4096, n.mtime, 2));
+        case 'link':
+          return cb(0, stat(S_IFLNK | 0o777, n.target.length, n.mtime));
+        case 'file':
+          return cb(0, stat(S_IFREG | 0o444, n.gen.size, new Date(n.gen.created)));
+      }
+    },
+    readlink(p: string, cb: (err: number, target?: string) => void) {
+      const n = tree.lookup(p);
+      if (!n) return cb(Fuse.ENOENT);
+      if (n.kind !== 'link') return cb(Fuse.EINVAL);
+      return cb(0, n.target);
+    },
+    open(p: string, flags: number, cb: (err: number, fd?: number) => void) {
+      const n = tree.lookup(p);
+      if (!n) return cb(Fuse.ENOENT);
+      if (n.kind !== 'file') return cb(Fuse.EISDIR);
+      if ((flags & 3) !== 0) return cb(Fuse.EROFS);
+      const gen = n.gen;
+      let reader = readers.get(gen.id);
+      if (!reader) {
+        reader = ImageReader.open(repo, gen, loader, opts.readahead ?? 32 << 20);
+        readers.set(gen.id, reader);
+        reader.catch(() => readers.delete(gen.id));
+      }
+      const fd = nextFd++;
+      handles.set(fd, { gen, reader });
+      // Each open gets its own reader state for read-ahead; the decoded-chunk cache is shared.
+      reader.then(
+        () => cb(0, fd),
+        (e: Error) => {
+          handles.delete(fd);
+          log(`genvault mount: cannot open ${gen.name}@${gen.id}: ${e.message}`);
+          cb(Fuse.EIO);
+        },
+      );
+    },
+    release(_p: string, fd: number, cb: (err: number) => void) {
+      handles.delete(fd);
+      cb(0);
+    },
+    read(_p: string, fd: number, buf: Buffer, len: number, pos: number, cb: (n: number) => void) {
+      const h = handles.get(fd);
+      if (!h) return cb(Fuse.EBADF);
+      h.reader
+        .then((r) => r.read(buf, pos, len))
+        .then(
+          (n) => cb(n),
+          (e: Error) => {
+            if (e instanceof DamageError) log(`genvault mount: EIO reading ${h.gen.name}@${h.gen.id} at offset ${pos}: ${e.message}`);
+            else log(`genvault mount: EIO reading ${h.gen.name}@${h.gen.id} at offset ${pos}: ${e.message}`);
+            cb(Fuse.EIO);
+          },
+        );
+    },
+    statfs(_p: string, cb: (err: number, st?: unknown) => void) {
+      cb(0, { bsize: 4096, frsize: 4096, blocks: 0, bfree: 0, bavail: 0, files: 0, ffree: 0, favail: 0, fsid: 0, flag: 1, namemax: 255 });
+    },
+  };
+
+  const fuse = new Fuse(mountpoint, ops, {
+    force: true,
+    mkdir: false,
+    timeout: false,
+    kernelCache: true, // generations are immutable: let the page cache keep what was read
+    allowOther: opts.allowOther === true,
+    defaultPermissions: true,
+    fsname: `genvault:${repo.dir}`,
+    subtype: 'genvault',
+    attrTimeout: 1,
+    entryTimeout: 1,
+  });
+  await new Promise<void>((resolve, reject) => fuse.mount((err: Error | null) => (err ? reject(err) : resolve())));
+
+  let closedResolve!: () => void;
+  const closed = new Promise<void>((r) => (closedResolve = r));
+  let unmounting = false;
+  // Notice an unmount done from outside (fusermount -u): the FUSE loop ends but Node would not.
+  const watch = setInterval(() => {
+    isMounted(mountpoint).then(
+      (m) => {
+        if (!m && !unmounting) {
+          clearInterval(watch);
+          clearInterval(timer);
+          closedResolve();
+        }
+      },
+      () => undefined,
+    );
+  }, 1000);
+  watch.unref();
+
+  return {
+    mountpoint,
+    closed,
+    async unmount() {
+      unmounting = true;
+      clearInterval(timer);
+      clearInterval(watch);
+      await new Promise<void>((resolve) => fuse.unmount(() => resolve()));
+      closedResolve();
+    },
+  };
+}
