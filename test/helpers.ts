@@ -1,0 +1,201 @@
+/**
+ * Test helpers: run the built CLI as a real process, build real GPT disk images with an
+ * ext4 partition holding real files, and clean up loop devices and mounts even when a
+ * test fails.
+ */
+import { execFile, spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+
+const execFileP = promisify(execFile);
+
+export const ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
+export const CLI = path.join(ROOT, 'dist', 'cli', 'main.js');
+
+export interface Run {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Run a command; never throws on a non-zero exit. */
+export async function sh(cmd: string, args: string[], opts: { input?: Buffer | string; env?: NodeJS.ProcessEnv; cwd?: string } = {}): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { env: { ...process.env, ...opts.env }, cwd: opts.cwd, stdio: ['pipe', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout.on('data', (d) => out.push(d));
+    child.stderr.on('data', (d) => err.push(d));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code: code ?? -1, stdout: Buffer.concat(out).toString(), stderr: Buffer.concat(err).toString() }));
+    child.stdin.on('error', () => undefined);
+    if (opts.input !== undefined) child.stdin.end(opts.input);
+    else child.stdin.end();
+  });
+}
+
+/** Run a command and throw with its stderr if it fails. */
+export async function must(cmd: string, args: string[]): Promise<string> {
+  const r = await sh(cmd, args);
+  if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')} failed (${r.code}): ${r.stderr.trim()}`);
+  return r.stdout;
+}
+
+/** genvault CLI against a repository. */
+export function gv(repo: string | null, args: string[], opts: { input?: Buffer | string; env?: NodeJS.ProcessEnv } = {}): Promise<Run> {
+  const full = repo ? ['-r', repo, ...args] : args;
+  return sh(process.execPath, [CLI, ...full], { ...opts, env: { GENVAULT_NO_PROGRESS: '1', ...opts.env } });
+}
+
+export async function gvOk(repo: string, args: string[]): Promise<string> {
+  const r = await gv(repo, args);
+  if (r.code !== 0) throw new Error(`genvault ${args.join(' ')} failed (${r.code}): ${r.stderr.trim()}`);
+  return r.stdout;
+}
+
+export async function sha256File(file: string): Promise<string> {
+  const h = createHash('sha256');
+  for await (const d of createReadStream(file)) h.update(d as Buffer);
+  return h.digest('hex');
+}
+
+/** Deterministic pseudo-random bytes (xorshift32), fast enough for tens of MiB. */
+export function prng(seed: number, n: number): Buffer {
+  const out = Buffer.allocUnsafe(n + 4);
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i < n; i += 4) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    out.writeUInt32LE(x >>> 0, i);
+  }
+  return out.subarray(0, n);
+}
+
+const WORDS = 'alpha beta gamma delta kernel disk block inode extent journal backup restore mount image chunk generation'.split(' ');
+
+/** Compressible text, deterministic per seed. */
+export function text(seed: number, n: number): Buffer {
+  const r = prng(seed, Math.ceil(n / 4) + 8);
+  const parts: string[] = [];
+  let len = 0;
+  for (let i = 0; len < n; i++) {
+    const w = WORDS[r[i % r.length]! % WORDS.length]!;
+    parts.push(w);
+    len += w.length + 1;
+  }
+  return Buffer.from(parts.join(' ')).subarray(0, n);
+}
+
+/** Scratch space that undoes mounts and loop devices on cleanup, in reverse order. */
+export class Scratch {
+  private undo: Array<() => Promise<unknown>> = [];
+  private constructor(readonly dir: string) {}
+
+  static async create(prefix = 'genvault-test-'): Promise<Scratch> {
+    // /var/tmp: on disk, not tmpfs (sparse files, sizes).
+    return new Scratch(await fs.mkdtemp(path.join('/var/tmp', prefix)));
+  }
+
+  path(...p: string[]): string {
+    return path.join(this.dir, ...p);
+  }
+
+  onCleanup(fn: () => Promise<unknown>): void {
+    this.undo.push(fn);
+  }
+
+  async loopAttach(file: string, readOnly = false): Promise<string> {
+    const args = ['-P', '--show', '-f', file];
+    if (readOnly) args.unshift('-r');
+    const dev = (await must('losetup', args)).trim();
+    this.onCleanup(() => sh('losetup', ['-d', dev]));
+    return dev;
+  }
+
+  /** Partition device of a loop device, waiting for udev-less systems with partx. */
+  async partition(dev: string, n = 1): Promise<string> {
+    const part = `${dev}p${n}`;
+    for (let i = 0; i < 50; i++) {
+      try {
+        await fs.stat(part);
+        return part;
+      } catch {
+        if (i === 5) await sh('partx', ['-a', dev]);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+    throw new Error(`${part} did not appear`);
+  }
+
+  async mount(dev: string, dir: string, options = ''): Promise<void> {
+    await fs.mkdir(dir, { recursive: true });
+    await must('mount', options ? ['-o', options, dev, dir] : [dev, dir]);
+    this.onCleanup(() => sh('umount', ['-l', dir]));
+  }
+
+  async cleanup(): Promise<void> {
+    while (this.undo.length) {
+      await this.undo.pop()!().catch(() => undefined);
+    }
+    await fs.rm(this.dir, { recursive: true, force: true }).catch(() => undefined);
+  }
+}
+
+/**
+ * Make a GPT disk image with one ext4 partition (from 1 MiB to the end) and let
+ * `populate` write files into the mounted filesystem.
+ */
+export async function makeDisk(s: Scratch, file: string, sizeMiB: number, populate: (dir: string) => Promise<void>): Promise<void> {
+  await must('truncate', ['-s', `${sizeMiB}M`, file]);
+  await sh('sfdisk', ['-q', file], { input: 'label: gpt\nstart=2048, type=L\n' }).then((r) => {
+    if (r.code) throw new Error(`sfdisk: ${r.stderr}`);
+  });
+  await withMountedDisk(s, file, async (dir) => populate(dir), true);
+}
+
+/** Loop-attach a disk image, mount its first partition read-write, run fn, unmount, detach. */
+export async function withMountedDisk(s: Scratch, file: string, fn: (dir: string) => Promise<void>, mkfs = false): Promise<void> {
+  const dev = (await must('losetup', ['-P', '--show', '-f', file])).trim();
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'gv-mnt-'));
+  let mounted = false;
+  try {
+    const part = await s.partition(dev);
+    if (mkfs) await must('mkfs.ext4', ['-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', part]);
+    await must('mount', [part, dir]);
+    mounted = true;
+    await fn(dir);
+    await must('sync', []);
+  } finally {
+    if (mounted) await sh('umount', [dir]);
+    await sh('losetup', ['-d', dev]);
+    await fs.rm(dir, { recursive: true, force: true });
+  }
+}
+
+/** Write a tree of files: text and random binaries, deterministic per seed. */
+export async function writeFiles(dir: string, seed: number, count: number, avgBytes: number): Promise<string[]> {
+  const names: string[] = [];
+  const r = prng(seed, count * 8);
+  for (let i = 0; i < count; i++) {
+    const sub = path.join(dir, `d${i % 7}`);
+    await fs.mkdir(sub, { recursive: true });
+    const size = Math.max(1, Math.floor(((r.readUInt32LE(i * 8) % 1000) / 500) * avgBytes));
+    const data = i % 3 === 0 ? prng(seed * 7919 + i, size) : text(seed * 104729 + i, size);
+    const name = path.join(sub, `f${seed}-${i}.${i % 3 === 0 ? 'bin' : 'txt'}`);
+    await fs.writeFile(name, data);
+    names.push(name);
+  }
+  return names;
+}
+
+export async function isMounted(dir: string): Promise<boolean> {
+  const info = await fs.readFile('/proc/self/mountinfo', 'utf8');
+  return info.split('\n').some((l) => l.split(' ')[4] === dir);
+}
+
+export { execFileP };
