@@ -95,6 +95,16 @@ export async function cleanupDeadWriters(repoDir: string, db: Db): Promise<numbe
     await fs.rm(path.join(repoDir, 'locks', `writer-${w.id}.json`), { force: true });
     n++;
   }
+  // Image locks of dead backups (acquire() would also clear them, but only for that image).
+  for (const f of await fs.readdir(path.join(repoDir, 'locks'))) {
+    if (!/^image-.*\.lock$/.test(f)) continue;
+    try {
+      const o = JSON.parse(await fs.readFile(path.join(repoDir, 'locks', f), 'utf8')) as Owner;
+      if (!(await ownerAlive(o))) await fs.rm(path.join(repoDir, 'locks', f), { force: true });
+    } catch {
+      /* unreadable: being written, or gone */
+    }
+  }
   // Temporary files of atomic writes by dead processes.
   for (const f of await fs.readdir(path.join(repoDir, 'locks'))) {
     const m = /\.tmp-(\d+)$/.exec(f);
