@@ -1,0 +1,234 @@
+/**
+ * The FUSE mount, driven from this process while a separate genvault process serves it:
+ * dd, loop devices with a read-only ext4 mount, cmp between generations, concurrent
+ * readers, EIO on damage, stale mounts.
+ */
+import { execFile } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Scratch, gv, gvOk, isMounted, makeDisk, must, prng, sh, sha256File, withMountedDisk, writeFiles } from './helpers.js';
+
+const exec = promisify(execFile);
+let s: Scratch;
+let repo: string;
+let mnt: string;
+const disks: Record<string, string> = {};
+let secret: Buffer;
+
+async function unmountQuietly(dir: string) {
+  await gv(null, ['umount', dir]);
+  if (await isMounted(dir)) await sh('fusermount', ['-uz', dir]);
+}
+
+beforeAll(async () => {
+  s = await Scratch.create();
+  repo = s.path('repo');
+  mnt = s.path('mnt');
+  await fs.mkdir(mnt);
+  s.onCleanup(() => unmountQuietly(mnt));
+  secret = Buffer.from(`the file an admin lost ${Date.now()}\n`);
+  disks.gen0 = s.path('vm1-0.img');
+  disks.gen1 = s.path('vm1-1.img');
+  disks.other = s.path('vm2.img');
+  await makeDisk(s, disks.gen0, 64, async (dir) => {
+    await fs.mkdir(path.join(dir, 'etc'));
+    await fs.writeFile(path.join(dir, 'etc', 'important.conf'), secret);
+    await writeFiles(dir, 5, 60, 300_000);
+  });
+  await must('cp', ['--sparse=always', disks.gen0, disks.gen1]);
+  await withMountedDisk(s, disks.gen1, async (dir) => {
+    await fs.writeFile(path.join(dir, 'etc', 'important.conf'), 'changed the next day\n');
+    await writeFiles(path.join(dir, 'new'), 6, 5, 100_000);
+  });
+  await makeDisk(s, disks.other, 40, async (dir) => {
+    await writeFiles(dir, 7, 30, 200_000);
+  });
+  await gvOk(repo, ['init']);
+  await gvOk(repo, ['backup', disks.gen0, '--name', 'vm1']);
+  await gvOk(repo, ['backup', disks.gen1, '--name', 'vm1']);
+  await gvOk(repo, ['backup', disks.other, '--name', 'vm2']);
+  const r = await gv(repo, ['mount', mnt]);
+  expect(r.code, r.stderr).toBe(0);
+});
+
+afterAll(async () => {
+  await s?.cleanup();
+});
+
+async function genFiles(name: string): Promise<string[]> {
+  return (await fs.readdir(path.join(mnt, name))).filter((f) => f.endsWith('.img')).sort();
+}
+
+describe('mounted repository', () => {
+  it('shows one directory per image, files sorted by time, and latest', async () => {
+    expect((await fs.readdir(mnt)).sort()).toEqual(['vm1', 'vm2']);
+    const list = JSON.parse(await gvOk(repo, ['list', 'vm1', '--json']));
+    const files = await genFiles('vm1');
+    expect(files).toEqual(list.map((g: { file: string }) => g.file));
+    expect(await fs.readlink(path.join(mnt, 'vm1', 'latest'))).toBe(files[1]);
+    const st = await fs.stat(path.join(mnt, 'vm1', files[0]!));
+    expect(st.size).toBe(64 << 20);
+    expect(st.mtime.toISOString()).toBe(list[0].created);
+    expect(st.mode & 0o222).toBe(0);
+    await expect(fs.open(path.join(mnt, 'vm1', files[0]!), 'r+')).rejects.toThrow(/EROFS|EACCES|EPERM/);
+  });
+
+  it('dd of each generation is byte-identical to its source', async () => {
+    const files = await genFiles('vm1');
+    for (const [f, src] of [[files[0]!, disks.gen0], [files[1]!, disks.gen1]] as const) {
+      const out = s.path('dd.out');
+      await exec('dd', [`if=${path.join(mnt, 'vm1', f)}`, `of=${out}`, 'bs=4M', 'status=none']);
+      expect(await sha256File(out)).toBe(await sha256File(src));
+      await fs.rm(out);
+    }
+  });
+
+  it('restores a single file through a read-only loop device and ext4 mount', async () => {
+    const files = await genFiles('vm1');
+    const dev = await s.loopAttach(path.join(mnt, 'vm1', files[0]!), true);
+    const part = await s.partition(dev);
+    const fsdir = s.path('restore-fs');
+    await s.mount(part, fsdir, 'ro');
+    expect(await fs.readFile(path.join(fsdir, 'etc', 'important.conf'))).toEqual(secret);
+    await must('umount', [fsdir]);
+    await must('losetup', ['-d', dev]);
+  });
+
+  it('cmp of two generations shows exactly the changed bytes', async () => {
+    const files = await genFiles('vm1');
+    const count = async (a: string, b: string) => {
+      const r = await sh('sh', ['-c', `cmp -l "${a}" "${b}" | wc -l`]);
+      return Number(r.stdout.trim());
+    };
+    const viaMount = await count(path.join(mnt, 'vm1', files[0]!), path.join(mnt, 'vm1', files[1]!));
+    const direct = await count(disks.gen0, disks.gen1);
+    expect(direct).toBeGreaterThan(0);
+    expect(viaMount).toBe(direct);
+  });
+
+  it('serves several generations of several images at once', async () => {
+    const v1 = await genFiles('vm1');
+    const v2 = await genFiles('vm2');
+    const sums = await Promise.all([
+      sha256File(path.join(mnt, 'vm1', v1[0]!)),
+      sha256File(path.join(mnt, 'vm1', v1[1]!)),
+      sha256File(path.join(mnt, 'vm2', v2[0]!)),
+      sha256File(path.join(mnt, 'vm1', 'latest')),
+    ]);
+    expect(sums).toEqual([
+      await sha256File(disks.gen0),
+      await sha256File(disks.gen1),
+      await sha256File(disks.other),
+      await sha256File(disks.gen1),
+    ]);
+  });
+
+  it('reads any offset and length, including the end and past it', async () => {
+    const file = path.join(mnt, 'vm2', 'latest');
+    const src = await fs.readFile(disks.other);
+    const fh = await fs.open(file, 'r');
+    try {
+      for (const [off, len] of [[0, 1], [4095, 2], [1_000_003, 300_000], [src.length - 100, 4096], [src.length, 10], [src.length + 5000, 10]] as const) {
+        const b = Buffer.alloc(len);
+        const { bytesRead } = await fh.read(b, 0, len, off);
+        const want = src.subarray(off, off + len);
+        expect(bytesRead).toBe(want.length);
+        expect(b.subarray(0, bytesRead).equals(want)).toBe(true);
+      }
+    } finally {
+      await fh.close();
+    }
+  });
+
+  it('shows a generation committed by another process within 2 seconds, and latest follows', async () => {
+    await gvOk(repo, ['backup', disks.gen0, '--name', 'vm1']);
+    const list = JSON.parse(await gvOk(repo, ['list', 'vm1', '--json']));
+    const newest = list.at(-1).file;
+    const t0 = Date.now();
+    let seen = false;
+    while (Date.now() - t0 < 2000 && !seen) {
+      seen = (await fs.readlink(path.join(mnt, 'vm1', 'latest')).catch(() => '')) === newest;
+      if (!seen) await new Promise((r) => setTimeout(r, 100));
+    }
+    expect(seen).toBe(true);
+    expect(await sha256File(path.join(mnt, 'vm1', newest))).toBe(await sha256File(disks.gen0));
+  });
+
+  it.skipIf(!require_mapper())('kpartx -av maps the partitions of a mounted generation', async () => {
+    const r = await must('kpartx', ['-av', path.join(mnt, 'vm1', 'latest')]);
+    expect(r).toMatch(/add map/);
+    await sh('kpartx', ['-d', path.join(mnt, 'vm1', 'latest')]);
+  });
+});
+
+function require_mapper(): boolean {
+  // Sync fs in the test process is fine: the mount is served by another process.
+  const ok = existsSync('/dev/mapper/control');
+  if (!ok) console.log('kpartx test skipped: /dev/mapper/control is absent (no device-mapper in this kernel); losetup -r -P is tested instead');
+  return ok;
+}
+
+describe('damage and stale mounts', () => {
+  it('returns EIO for a damaged range only, and logs it', async () => {
+    const drepo = s.path('drepo');
+    const dmnt = s.path('dmnt');
+    await fs.mkdir(dmnt);
+    const img = s.path('d.img');
+    const data = Buffer.concat([prng(21, 4 << 20), prng(22, 4 << 20)]);
+    await fs.writeFile(img, data);
+    await gvOk(drepo, ['init']);
+    await gvOk(drepo, ['backup', img, '--name', 'd']);
+    const packs = path.join(drepo, 'packs');
+    const sub = (await fs.readdir(packs))[0]!;
+    const pack = path.join(packs, sub, (await fs.readdir(path.join(packs, sub)))[0]!);
+    const fh = await fs.open(pack, 'r+');
+    await fh.write(Buffer.from([0x5a, 0xa5]), 0, 2, 200_000);
+    await fh.close();
+    const log = s.path('mount.log');
+    await gvOk(drepo, ['mount', dmnt, '--log', log]);
+    s.onCleanup(() => unmountQuietly(dmnt));
+    const f = await fs.open(path.join(dmnt, 'd', 'latest'), 'r');
+    let eio = 0;
+    let good = 0;
+    for (let off = 0; off < data.length; off += 65536) {
+      const b = Buffer.alloc(65536);
+      try {
+        const { bytesRead } = await f.read(b, 0, 65536, off);
+        expect(b.subarray(0, bytesRead).equals(data.subarray(off, off + bytesRead))).toBe(true);
+        good++;
+      } catch (e) {
+        expect((e as NodeJS.ErrnoException).code).toBe('EIO');
+        eio++;
+      }
+    }
+    await f.close();
+    expect(eio).toBeGreaterThan(0);
+    expect(eio).toBeLessThan(8); // one chunk (< 256 KiB)
+    expect(good).toBeGreaterThan(100);
+    expect(await fs.readFile(log, 'utf8')).toMatch(/EIO reading d@[0-9a-f]+ at offset \d+: .*damaged/);
+    await unmountQuietly(dmnt);
+  });
+
+  it('clears a stale mount left by a killed server, and umount stops the server', async () => {
+    const pids = (await sh('pgrep', ['-f', `mount ${mnt}`])).stdout.trim().split('\n').filter(Boolean).map(Number);
+    expect(pids.length).toBeGreaterThan(0);
+    for (const p of pids) process.kill(p, 'SIGKILL');
+    await new Promise((r) => setTimeout(r, 300));
+    await expect(fs.stat(path.join(mnt, 'vm1'))).rejects.toThrow(/ENOTCONN/);
+    const r = await gv(repo, ['mount', mnt]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr).toMatch(/stale mount/);
+    expect((await fs.readdir(mnt)).sort()).toEqual(['vm1', 'vm2']);
+    const u = await gv(null, ['umount', mnt]);
+    expect(u.code, u.stderr).toBe(0);
+    expect(await isMounted(mnt)).toBe(false);
+    const left = (await sh('pgrep', ['-f', `mount ${mnt}`])).stdout.trim();
+    expect(left).toBe('');
+    const again = await gv(null, ['umount', mnt]);
+    expect(again.code).toBe(1);
+    expect(again.stderr).toMatch(/is not mounted/);
+  });
+});
