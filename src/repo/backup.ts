@@ -130,7 +130,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       for (const [d, loc] of uncommitted) ops.push({ type: 'put', key: chunkKey(Buffer.from(d, 'binary')), value: encodeLocation(loc) });
       for (const l of pendingLeaves) ops.push({ type: 'put', ...l });
       ops.push({ type: 'put', key: packKey(pack.packId), value: Buffer.from(JSON.stringify({ size: pack.size })) });
-      await repo.db.batch(ops);
+      await repo.db.batch(ops, { sync: true } as object);
       uncommitted = new Map();
       pendingLeaves = [];
     };
@@ -323,7 +323,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     await repo.db.batch([
       { type: 'put', key: Repository.mapKey(gen.id), value: encodeTop(leafRefs) },
       { type: 'put', key: Repository.generationKey(gen), value: Buffer.from(JSON.stringify(gen)) },
-    ]);
+    ], { sync: true } as object);
     for (const p of packs) await p.close().catch(() => undefined);
     await writer.release();
     writer = null;
