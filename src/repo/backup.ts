@@ -30,8 +30,6 @@ export interface BackupOptions {
   /** Wait for another backup of the same image instead of failing. */
   wait?: boolean;
   onProgress?: (bytesRead: number, total: number | null) => void;
-  /** Testing hook: called after each segment is read. */
-  onSegment?: (index: number) => void;
 }
 
 /** Walks the parent generation's chunks in offset order, for positional dedup. */
@@ -169,11 +167,12 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       });
     };
 
-    // Reader: segments in order, each handed to a worker as soon as it is read.
-    const segments: Array<Promise<{ buf: SharedArrayBuffer; len: number; res: ChunkResult } | null>> = [];
+    // Reader: segments in order, each handed to a worker as soon as it is read. Reads are
+    // chained (the source is sequential); chunking runs in parallel on the workers.
+    type Segment = { buf: SharedArrayBuffer; len: number; res: Promise<ChunkResult> };
+    const segments: Array<Promise<Segment | null>> = [];
     let eof = false;
-    let readIndex = 0;
-    const readNext = async (): Promise<{ buf: SharedArrayBuffer; len: number; res: ChunkResult } | null> => {
+    const readNext = async (): Promise<Segment | null> => {
       const buf = await acquire();
       if (eof || failure) {
         release(buf);
@@ -181,7 +180,6 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       }
       const view = Buffer.from(buf);
       const len = await source.read(view, segSize);
-      const idx = readIndex++;
       if (len < segSize) eof = true;
       if (len === 0) {
         release(buf);
@@ -189,15 +187,15 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       }
       stats.bytesRead += len;
       opts.onProgress?.(stats.bytesRead, source.size);
-      opts.onSegment?.(idx);
-      const res = await pool.run<ChunkResult>({ op: 'chunk', seg: buf, len, params: cfg.chunking });
+      const res = pool.run<ChunkResult>({ op: 'chunk', seg: buf, len, params: cfg.chunking });
+      res.catch(() => undefined); // awaited in order below
       return { buf, len, res };
     };
     // Keep `depth - 1` segments read ahead; one buffer is always left for compression to finish.
     let readChain: Promise<unknown> = Promise.resolve();
     const schedule = () => {
       const p = readChain.then(() => readNext());
-      readChain = p.then((s) => s && null, () => null);
+      readChain = p.catch(() => null);
       segments.push(p);
     };
     for (let i = 0; i < depth - 1; i++) schedule();
@@ -209,7 +207,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       if (!seg) break;
       if (failure) throw failure;
       schedule();
-      const { table, digests } = seg.res;
+      const { table, digests } = await seg.res;
       const n = table.length / 3;
       const unknown: number[] = [];
       const entryDigest: Array<Buffer | null> = new Array(n);

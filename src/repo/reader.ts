@@ -5,9 +5,11 @@
  */
 import { DamageError, GenvaultError } from '../util/errors.js';
 import { ChunkMap, chunkIndexAt, Leaf } from './chunkmap.js';
+import { chunkKey } from './db.js';
 import { Generation } from './generation.js';
-import { packPath } from './pack.js';
-import { Repository } from './repository.js';
+import { ChunkLocation, decodeLocation, packPath } from './pack.js';
+import { Lru, Repository } from './repository.js';
+import type { LoadResult } from './worker.js';
 
 /** Decoded chunks by digest, bounded in bytes. */
 export class ChunkCache {
@@ -42,6 +44,9 @@ export class ChunkCache {
 export class ChunkLoader {
   private inflight = new Map<string, Promise<Buffer>>();
   readonly cache: ChunkCache;
+  /** Chunk locations, fetched a whole leaf at a time (one index round trip per ~256 chunks). */
+  private locations = new Lru<string, ChunkLocation>(1 << 17);
+  private warmed = new WeakSet<Leaf>();
 
   constructor(
     readonly repo: Repository,
@@ -72,25 +77,109 @@ export class ChunkLoader {
     return p;
   }
 
-  private async fetch(digest: Buffer): Promise<Buffer> {
-    const hex = digest.toString('hex');
-    const loc = await this.repo.location(digest);
-    if (!loc) throw new DamageError(`chunk ${hex} is missing from the index`, hex);
-    const res: { data?: Uint8Array; damaged?: string } = await this.repo.pool.run<{ data?: Uint8Array; damaged?: string }>({
-      op: 'load',
+  /** Look up the locations of all data chunks of a leaf in one getMany. */
+  async warm(leaf: Leaf): Promise<void> {
+    if (this.warmed.has(leaf)) return;
+    this.warmed.add(leaf);
+    const keys: Buffer[] = [];
+    const names: string[] = [];
+    for (let i = 0; i < leaf.lengths.length; i++) {
+      if (leaf.zero[i]) continue;
+      const d = leaf.digests.subarray(i * 32, i * 32 + 32);
+      const k = d.toString('binary');
+      if (this.locations.get(k)) continue;
+      keys.push(chunkKey(d));
+      names.push(k);
+    }
+    if (!keys.length) return;
+    const vals = await this.repo.db.getMany(keys);
+    vals.forEach((v, i) => {
+      if (v) this.locations.set(names[i]!, decodeLocation(v));
+    });
+  }
+
+  /** Where a chunk is (after warm(), without a round trip); null if the index lacks it. */
+  async locationOf(digest: Buffer): Promise<ChunkLocation | null> {
+    return this.locations.get(digest.toString('binary')) ?? (await this.repo.location(digest));
+  }
+
+  item(loc: ChunkLocation, digest: Buffer) {
+    return {
       file: packPath(this.repo.dir, loc.packId),
       offset: loc.offset,
       storedLength: loc.storedLength,
       rawLength: loc.rawLength,
       compression: loc.compression,
-      digest,
-    }).catch((e: NodeJS.ErrnoException) => {
-      if (e.code === 'ENOENT') return { damaged: `pack ${loc.packId} is missing` };
-      throw e;
-    });
-    if (res.damaged) throw new DamageError(`chunk ${hex} is damaged: ${res.damaged}`, hex);
+      // A copy with its own 32-byte buffer: posting a view would clone its whole backing store.
+      digest: Uint8Array.from(digest),
+    };
+  }
+
+  private result(digest: Buffer, res: LoadResult): Buffer {
+    if (res.damaged) throw new DamageError(`chunk ${digest.toString('hex')} is damaged: ${res.damaged}`, digest.toString('hex'));
     const d = res.data!;
     return Buffer.from(d.buffer, d.byteOffset, d.byteLength);
+  }
+
+  private async fetch(digest: Buffer): Promise<Buffer> {
+    const loc = this.locations.get(digest.toString('binary')) ?? (await this.repo.location(digest));
+    if (!loc) throw new DamageError(`chunk ${digest.toString('hex')} is missing from the index`, digest.toString('hex'));
+    const res = await this.repo.pool.run<LoadResult>({ op: 'load', ...this.item(loc, digest) });
+    return this.result(digest, res);
+  }
+
+  /**
+   * Start loading many chunks, a batch of them per worker message (a message costs tens of
+   * microseconds each way, a chunk about a hundred). Results land in the cache.
+   */
+  prefetch(digests: Buffer[], batchBytes = 1 << 20): void {
+    let batch: Array<{ digest: Buffer; loc: ChunkLocation; key: string }> = [];
+    let bytes = 0;
+    const flushBatch = () => {
+      if (!batch.length) return;
+      const b = batch;
+      batch = [];
+      bytes = 0;
+      const settle: Array<{ resolve: (v: Buffer) => void; reject: (e: unknown) => void }> = [];
+      for (const it of b) {
+        const p = new Promise<Buffer>((resolve, reject) => settle.push({ resolve, reject }));
+        const tracked = p.then(
+          (v) => {
+            this.inflight.delete(it.key);
+            this.cache.set(it.key, v);
+            return v;
+          },
+          (e) => {
+            this.inflight.delete(it.key);
+            throw e;
+          },
+        );
+        tracked.catch(() => undefined);
+        this.inflight.set(it.key, tracked);
+      }
+      this.repo.pool.run<LoadResult[]>({ op: 'loadMany', items: b.map((it) => this.item(it.loc, it.digest)) }).then(
+        (results) => {
+          results.forEach((r, i) => {
+            try {
+              settle[i]!.resolve(this.result(b[i]!.digest, r));
+            } catch (e) {
+              settle[i]!.reject(e);
+            }
+          });
+        },
+        (e) => settle.forEach((x) => x.reject(e)),
+      );
+    };
+    for (const digest of digests) {
+      const key = digest.toString('binary');
+      if (this.inflight.has(key) || this.cache.get(key)) continue;
+      const loc = this.locations.get(key);
+      if (!loc) continue; // not warmed: load() will fetch it on demand
+      batch.push({ digest: Buffer.from(digest), loc, key });
+      bytes += loc.rawLength;
+      if (bytes >= batchBytes) flushBatch();
+    }
+    flushBatch();
   }
 }
 
@@ -118,7 +207,9 @@ export class ImageReader {
 
   private async leafAt(li: number): Promise<Leaf> {
     if (li !== this.lastLeaf) {
-      this.lastLeafData = await this.map.leaf(li);
+      const leaf = await this.map.leaf(li);
+      await this.loader.warm(leaf);
+      this.lastLeafData = leaf;
       this.lastLeaf = li;
     }
     return this.lastLeafData!;
@@ -170,8 +261,9 @@ export class ImageReader {
         pos += n;
       }
     }
-    // Read ahead only for sequential access; random 4 KiB reads would waste it.
-    if (offset === this.lastEnd || offset === 0) this.prefetch(end);
+    // Read ahead only for (nearly) sequential access; random 4 KiB reads would waste it.
+    // The kernel's own read-ahead can deliver requests slightly out of order.
+    if (offset === 0 || Math.abs(offset - this.lastEnd) <= 4 << 20) this.prefetch(end);
     this.lastEnd = end;
     await Promise.all(waits);
     return end - offset;
@@ -189,11 +281,14 @@ export class ImageReader {
       while (pos < until) {
         const li = this.map.leafIndexAt(pos);
         const leaf = await this.map.leaf(li);
+        await this.loader.warm(leaf);
         const base = this.map.leafStarts[li]!;
+        const want: Buffer[] = [];
         for (let ci = chunkIndexAt(leaf, pos - base); ci < leaf.lengths.length && pos < until; ci++) {
-          if (!leaf.zero[ci]) this.loader.load(leaf.digests.subarray(ci * 32, ci * 32 + 32)).catch(() => undefined);
+          if (!leaf.zero[ci]) want.push(leaf.digests.subarray(ci * 32, ci * 32 + 32));
           pos = base + leaf.starts[ci]! + leaf.lengths[ci]!;
         }
+        this.loader.prefetch(want);
       }
     })().catch(() => undefined);
   }

@@ -12,6 +12,7 @@ import { DamageError, GenvaultError, describeFsError } from '../util/errors.js';
 import { walkChunks } from './chunkmap.js';
 import { Generation } from './generation.js';
 import { ChunkLoader } from './reader.js';
+import type { RestoreItem } from './worker.js';
 import { Repository } from './repository.js';
 
 export interface RestoreOptions {
@@ -45,7 +46,7 @@ async function streamChunks(
   const map = await repo.chunkMap(gen);
   const loader = new ChunkLoader(repo, 0);
   const damaged: Array<{ offset: number; length: number }> = [];
-  const window = 64 << 20;
+  const window = 32 << 20;
   const queue: Array<{ offset: number; length: number; data: Promise<Buffer | null> }> = [];
   let queued = 0;
   let done = 0;
@@ -68,13 +69,7 @@ async function streamChunks(
             if (err instanceof DamageError) damaged.push({ offset: c.offset, length: c.length });
           });
         }
-        throw new GenvaultError(
-          `${gen.name}@${gen.id}: ${damaged.length} damaged chunk(s) at image bytes ${damaged
-            .slice(0, 5)
-            .map((r) => `${r.offset}-${r.offset + r.length - 1}`)
-            .join(', ')}${damaged.length > 5 ? ', ...' : ''}; use --ignore-damage to restore the rest with zeros there`,
-          'DAMAGED',
-        );
+        throw damageError(gen, damaged);
       }
       damaged.push(range);
       data = null;
@@ -83,15 +78,128 @@ async function streamChunks(
     done += q.length;
     opts.onProgress?.(done, gen.size);
   };
-  for await (const c of walkChunks(map)) {
-    const data = c.zero ? Promise.resolve(null) : loader.load(Buffer.from(c.digest));
-    data.catch(() => undefined); // handled when drained
-    queue.push({ offset: c.offset, length: c.length, data });
-    queued += c.length;
+  let warmedLeaf = -1;
+  // Chunks are handed to the workers a batch (~1 MiB) at a time, then queued in order.
+  let pending: Array<{ offset: number; length: number; zero: boolean; digest: Buffer }> = [];
+  let pendingBytes = 0;
+  const submit = async () => {
+    loader.prefetch(pending.filter((c) => !c.zero).map((c) => c.digest));
+    for (const c of pending) {
+      const data = c.zero ? Promise.resolve(null) : loader.load(c.digest);
+      data.catch(() => undefined); // handled when drained
+      queue.push({ offset: c.offset, length: c.length, data });
+      queued += c.length;
+    }
+    pending = [];
+    pendingBytes = 0;
     while (queued > window) await drainOne();
+  };
+  for await (const c of walkChunks(map)) {
+    const li = map.leafIndexAt(c.offset);
+    if (li !== warmedLeaf) {
+      warmedLeaf = li;
+      await loader.warm(await map.leaf(li));
+    }
+    pending.push({ offset: c.offset, length: c.length, zero: c.zero, digest: Buffer.from(c.digest) });
+    if (!c.zero) pendingBytes += c.length;
+    if (pendingBytes >= 1 << 20 || pending.length >= 64) await submit();
   }
+  await submit();
   while (queue.length) await drainOne();
   return damaged;
+}
+
+/**
+ * Write a generation into an open file descriptor. Workers decode and write the chunks
+ * themselves (pwrite at the chunk's offset), so no chunk data passes through the main
+ * thread: it only plans batches. With `writeZeros` (block devices) zero chunks are written
+ * too; otherwise they stay holes. Damaged chunks are collected; without ignoreDamage the
+ * restore fails at the end naming every damaged range.
+ */
+async function restoreToFd(
+  repo: Repository,
+  gen: Generation,
+  fd: number,
+  writeZeros: boolean,
+  opts: RestoreOptions,
+): Promise<Array<{ offset: number; length: number }>> {
+  const map = await repo.chunkMap(gen);
+  const loader = new ChunkLoader(repo, 0);
+  const pool = repo.pool;
+  const damaged: Array<{ offset: number; length: number }> = [];
+  const running = new Set<Promise<void>>();
+  let done = 0;
+  let failure: unknown = null;
+  let batch: RestoreItem[] = [];
+  let batchBytes = 0;
+  const submit = async () => {
+    if (!batch.length) return;
+    const items = batch;
+    const bytes = batchBytes;
+    batch = [];
+    batchBytes = 0;
+    const p = pool.run<{ damaged: number[] }>({ op: 'restoreMany', fd, items }).then(
+      (r) => {
+        for (const i of r.damaged) damaged.push({ offset: items[i]!.at, length: items[i]!.rawLength });
+        done += bytes;
+        opts.onProgress?.(done, gen.size);
+      },
+      (e) => {
+        failure ??= e;
+      },
+    );
+    const tracked = p.finally(() => running.delete(tracked));
+    running.add(tracked);
+    while (running.size >= pool.size * 3) await Promise.race(running);
+  };
+  let warmedLeaf = -1;
+  const noLoc = { file: '', offset: 0, storedLength: 0, compression: 0, digest: new Uint8Array(32) };
+  for await (const c of walkChunks(map)) {
+    if (failure) break;
+    const li = map.leafIndexAt(c.offset);
+    if (li !== warmedLeaf) {
+      warmedLeaf = li;
+      await loader.warm(await map.leaf(li));
+    }
+    if (c.zero) {
+      if (writeZeros) batch.push({ ...noLoc, rawLength: c.length, at: c.offset, zero: true });
+      else done += c.length;
+    } else {
+      const digest = Buffer.from(c.digest);
+      const loc = await loader.locationOf(digest);
+      if (!loc) {
+        damaged.push({ offset: c.offset, length: c.length });
+        if (writeZeros) batch.push({ ...noLoc, rawLength: c.length, at: c.offset, zero: true });
+      } else {
+        batch.push({ ...loader.item(loc, digest), at: c.offset, zero: false });
+      }
+    }
+    batchBytes += c.length;
+    if (batchBytes >= 2 << 20 || batch.length >= 64) await submit();
+  }
+  await submit();
+  await Promise.all(running);
+  if (failure) throw failure;
+  damaged.sort((a, b) => a.offset - b.offset);
+  if (damaged.length && writeZeros && opts.ignoreDamage) {
+    // Devices may hold old data where a damaged chunk was skipped: zero those ranges.
+    batch = damaged.map((d) => ({ ...noLoc, rawLength: d.length, at: d.offset, zero: true }));
+    await submit();
+    await Promise.all(running);
+    if (failure) throw failure;
+  }
+  if (damaged.length && !opts.ignoreDamage) throw damageError(gen, damaged);
+  return damaged;
+}
+
+function damageError(gen: Generation, damaged: Array<{ offset: number; length: number }>): GenvaultError {
+  return new GenvaultError(
+    `${gen.name}@${gen.id}: ${damaged.length} damaged chunk(s) at image bytes ${damaged
+      .slice(0, 5)
+      .map((r) => `${r.offset}-${r.offset + r.length - 1}`)
+      .join(', ')}${damaged.length > 5 ? ', ...' : ''}; use --ignore-damage to restore the rest with zeros there`,
+    'DAMAGED',
+  );
 }
 
 export async function restoreToPath(
@@ -121,13 +229,7 @@ export async function restoreToPath(
   }
   try {
     await fh.truncate(gen.size);
-    const damaged = await streamChunks(repo, gen, {
-      async write(offset, length, data) {
-        if (!data) return; // hole
-        let w = 0;
-        while (w < length) w += (await fh.write(data, w, length - w, offset + w)).bytesWritten;
-      },
-    }, opts);
+    const damaged = await restoreToFd(repo, gen, fh.fd, false, opts);
     await fh.datasync();
     await fh.close();
     await fs.rename(tmp, abs);
@@ -151,16 +253,7 @@ async function restoreToDevice(repo: Repository, gen: Generation, dev: string, o
       throw new GenvaultError(`${dev} holds ${size} bytes, the image needs ${gen.size}`, 'TOO_SMALL');
     }
     // Devices may hold old data: zero chunks must be written as zeros.
-    const damaged = await streamChunks(repo, gen, {
-      async write(offset, length, data) {
-        let w = 0;
-        while (w < length) {
-          const src = data ?? ZERO;
-          const n = Math.min(length - w, src === ZERO ? ZERO.length : length - w);
-          w += (await fh.write(src, data ? w : 0, n, offset + w)).bytesWritten;
-        }
-      },
-    }, opts);
+    const damaged = await restoreToFd(repo, gen, fh.fd, true, opts);
     await fh.sync();
     return { bytes: gen.size, target: dev, damaged, sparse: false };
   } finally {

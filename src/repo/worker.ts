@@ -16,15 +16,26 @@ import { COMP_RAW, COMP_ZSTD, RECORD_HEADER_SIZE, decodeRecordHeader, encodeReco
 export type WorkerRequest =
   | { op: 'chunk'; seg: SharedArrayBuffer; len: number; params: ChunkingParams }
   | { op: 'compress'; seg: SharedArrayBuffer; spans: Int32Array; digests: Uint8Array; level: number }
-  | {
-      op: 'load';
-      file: string;
-      offset: number;
-      storedLength: number;
-      rawLength: number;
-      compression: number;
-      digest: Uint8Array;
-    };
+  | ({ op: 'load' } & LoadItem)
+  | { op: 'loadMany'; items: LoadItem[] }
+  | { op: 'restoreMany'; fd: number; items: RestoreItem[] };
+
+/** A chunk to decode and write at `at` in the file descriptor (zero: write zeros, or skip if `hole`). */
+export interface RestoreItem extends LoadItem {
+  at: number;
+  zero: boolean;
+}
+
+export interface LoadItem {
+  file: string;
+  offset: number;
+  storedLength: number;
+  rawLength: number;
+  compression: number;
+  digest: Uint8Array;
+}
+
+export type LoadResult = { data?: Uint8Array; damaged?: string };
 
 let compressor: zstd.Compressor | null = null;
 let compressorLevel = NaN;
@@ -95,37 +106,82 @@ function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] 
       return { result: { out, table }, transfer: [out.buffer as ArrayBuffer, table.buffer as ArrayBuffer] };
     }
     case 'load': {
-      const total = RECORD_HEADER_SIZE + req.storedLength;
-      const buf = Buffer.allocUnsafe(total);
-      let got = 0;
-      const fd = fdFor(req.file);
-      while (got < total) {
-        const n = fs.readSync(fd, buf, got, total - got, req.offset + got);
-        if (n === 0) break;
-        got += n;
-      }
-      if (got < total) return { result: { damaged: `pack record truncated (${got} of ${total} bytes)` }, transfer: [] };
-      const h = decodeRecordHeader(buf, 0);
-      if (!h) return { result: { damaged: 'record header checksum mismatch' }, transfer: [] };
-      if (h.storedLength !== req.storedLength || h.rawLength !== req.rawLength || !h.digest.equals(req.digest)) {
-        return { result: { damaged: 'record header does not match the index' }, transfer: [] };
-      }
-      const payload = buf.subarray(RECORD_HEADER_SIZE);
-      let raw: Buffer;
-      try {
-        raw = h.compression === COMP_ZSTD ? decompressor.decompress(payload) : payload;
-      } catch (e) {
-        return { result: { damaged: `zstd: ${(e as Error).message}` }, transfer: [] };
-      }
-      if (raw.length !== req.rawLength || !createHash('sha256').update(raw).digest().equals(req.digest)) {
-        return { result: { damaged: 'content does not match its SHA-256 digest' }, transfer: [] };
-      }
-      // Hand back a standalone ArrayBuffer so it can be transferred without a copy.
-      const data = new Uint8Array(raw.length);
-      data.set(raw);
-      return { result: { data }, transfer: [data.buffer as ArrayBuffer] };
+      const r = loadChunk(req);
+      return { result: r, transfer: r.data ? [r.data.buffer as ArrayBuffer] : [] };
+    }
+    case 'restoreMany': {
+      // Decode and write here: no chunk data crosses threads, the main thread only plans.
+      // The fd belongs to the process, so the main thread's descriptor works here.
+      const damaged: number[] = [];
+      req.items.forEach((it, i) => {
+        if (it.zero) {
+          writeAll(req.fd, ZEROS, it.rawLength, it.at);
+          return;
+        }
+        const r = loadChunk(it);
+        if (r.damaged) {
+          damaged.push(i);
+          return;
+        }
+        writeAll(req.fd, r.data!, r.data!.length, it.at);
+      });
+      return { result: { damaged }, transfer: [] };
+    }
+    case 'loadMany': {
+      // Many chunks per message: a message costs tens of microseconds each way.
+      const results = req.items.map(loadChunk);
+      const transfer = results.flatMap((r) => (r.data ? [r.data.buffer as ArrayBuffer] : []));
+      return { result: results, transfer };
     }
   }
+}
+
+const ZEROS = new Uint8Array(1 << 20);
+
+function writeAll(fd: number, data: Uint8Array, length: number, at: number): void {
+  let done = 0;
+  while (done < length) {
+    const src = data === ZEROS ? ZEROS.subarray(0, Math.min(ZEROS.length, length - done)) : data.subarray(done, length);
+    done += fs.writeSync(fd, src, 0, src.length, at + done);
+  }
+}
+
+function loadChunk(req: LoadItem): LoadResult {
+  const total = RECORD_HEADER_SIZE + req.storedLength;
+  const buf = Buffer.allocUnsafe(total);
+  let got = 0;
+  let fd: number;
+  try {
+    fd = fdFor(req.file);
+  } catch (e) {
+    return { damaged: `cannot open pack: ${(e as Error).message}` };
+  }
+  while (got < total) {
+    const n = fs.readSync(fd, buf, got, total - got, req.offset + got);
+    if (n === 0) break;
+    got += n;
+  }
+  if (got < total) return { damaged: `pack record truncated (${got} of ${total} bytes)` };
+  const h = decodeRecordHeader(buf, 0);
+  if (!h) return { damaged: 'record header checksum mismatch' };
+  if (h.storedLength !== req.storedLength || h.rawLength !== req.rawLength || !h.digest.equals(req.digest)) {
+    return { damaged: 'record header does not match the index' };
+  }
+  const payload = buf.subarray(RECORD_HEADER_SIZE);
+  let raw: Buffer;
+  try {
+    raw = h.compression === COMP_ZSTD ? decompressor.decompress(payload) : payload;
+  } catch (e) {
+    return { damaged: `zstd: ${(e as Error).message}` };
+  }
+  if (raw.length !== req.rawLength || !createHash('sha256').update(raw).digest().equals(req.digest)) {
+    return { damaged: 'content does not match its SHA-256 digest' };
+  }
+  // Hand back a standalone ArrayBuffer so it can be transferred without copying it again.
+  if (raw.byteOffset === 0 && raw.buffer.byteLength === raw.length) return { data: raw };
+  const data = new Uint8Array(raw.length);
+  data.set(raw);
+  return { data };
 }
 
 parentPort!.on('message', (msg: { id: number; req: WorkerRequest }) => {
