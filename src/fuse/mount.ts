@@ -64,7 +64,7 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
   const loader = new ChunkLoader(repo, opts.cacheBytes ?? 256 << 20);
   let tree = new Tree(await repo.generations());
   const readers = new Map<string, Promise<ImageReader>>();
-  const handles = new Map<number, { gen: Generation; reader: Promise<ImageReader> }>();
+  const handles = new Map<number, { gen: Generation; reader: Promise<ImageReader>; ready?: ImageReader }>();
   let nextFd = 10;
 
   const refresh = async () => {
@@ -124,7 +124,9 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
         reader.catch(() => readers.delete(gen.id));
       }
       const fd = nextFd++;
-      handles.set(fd, { gen, reader });
+      const h: { gen: Generation; reader: Promise<ImageReader>; ready?: ImageReader } = { gen, reader };
+      handles.set(fd, h);
+      reader.then((r) => (h.ready = r), () => undefined);
       // Each open gets its own reader state for read-ahead; the decoded-chunk cache is shared.
       reader.then(
         () => cb(0, fd),
@@ -142,6 +144,10 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
     read(_p: string, fd: number, buf: Buffer, len: number, pos: number, cb: (n: number) => void) {
       const h = handles.get(fd);
       if (!h) return cb(Fuse.EBADF);
+      if (h.ready) {
+        const n = h.ready.tryRead(buf, pos, len);
+        if (n !== null) return cb(n);
+      }
       h.reader
         .then((r) => r.read(buf, pos, len))
         .then(

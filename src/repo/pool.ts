@@ -19,7 +19,9 @@ export class WorkerPool {
   private nextId = 1;
   private closed = false;
 
-  constructor(size = Math.max(1, Math.min(os.availableParallelism(), 8))) {
+  // Two more threads than cores: reads of cold pack data block a worker in the kernel,
+  // and the spare threads keep the cores busy meanwhile.
+  constructor(size = Math.min(os.availableParallelism(), 8) + 2) {
     for (let i = 0; i < size; i++) {
       const w = new Worker(new URL('./worker.js', import.meta.url));
       w.unref();

@@ -55,6 +55,11 @@ export class ChunkLoader {
     this.cache = new ChunkCache(cacheBytes);
   }
 
+  /** A decoded chunk if it is in the cache right now. */
+  cached(digest: Buffer): Buffer | undefined {
+    return this.cache.get(digest.toString('binary'));
+  }
+
   /** The raw bytes of a chunk, verified against its digest. Throws DamageError if it is bad. */
   load(digest: Buffer): Promise<Buffer> {
     const k = digest.toString('binary');
@@ -157,14 +162,12 @@ export class ChunkLoader {
         tracked.catch(() => undefined);
         this.inflight.set(it.key, tracked);
       }
-      this.repo.pool.run<LoadResult[]>({ op: 'loadMany', items: b.map((it) => this.item(it.loc, it.digest)) }).then(
-        (results) => {
+      this.repo.pool.run<{ all: Uint8Array; results: LoadResult[] }>({ op: 'loadMany', items: b.map((it) => this.item(it.loc, it.digest)) }).then(
+        ({ all, results }) => {
+          const whole = Buffer.from(all.buffer, all.byteOffset, all.byteLength);
           results.forEach((r, i) => {
-            try {
-              settle[i]!.resolve(this.result(b[i]!.digest, r));
-            } catch (e) {
-              settle[i]!.reject(e);
-            }
+            if (r.damaged) settle[i]!.reject(new DamageError(`chunk ${b[i]!.digest.toString('hex')} is damaged: ${r.damaged}`, b[i]!.digest.toString('hex')));
+            else settle[i]!.resolve(whole.subarray(r.offset!, r.offset! + r.length!));
           });
         },
         (e) => settle.forEach((x) => x.reject(e)),
@@ -188,6 +191,8 @@ export class ImageReader {
   private lastLeaf = -1;
   private lastLeafData: Leaf | null = null;
   private prefetchedTo = 0;
+  private target = 0;
+  private pumping = false;
   private lastEnd = -1;
 
   private constructor(
@@ -213,6 +218,54 @@ export class ImageReader {
       this.lastLeaf = li;
     }
     return this.lastLeafData!;
+  }
+
+  /**
+   * The fast path for the mount: if every chunk the read needs is already decoded (the
+   * read-ahead's job) and in the current leaf, copy synchronously and return the byte
+   * count; otherwise return null and let the caller use read(). No promises, no awaits:
+   * the FUSE loop answers one request at a time, so this path's latency is the mount's speed.
+   */
+  tryRead(out: Buffer, offset: number, length: number): number | null {
+    const size = this.map.size;
+    if (offset >= size || length <= 0) return 0;
+    const leaf = this.lastLeafData;
+    if (!leaf) return null;
+    const base = this.map.leafStarts[this.lastLeaf]!;
+    const end = Math.min(size, offset + length);
+    if (offset < base || end > base + leaf.bytes) return null;
+    let ci = chunkIndexAt(leaf, offset - base);
+    // First pass: everything present?
+    const parts: Array<Buffer | null> = [];
+    for (let c = ci, pos = offset; pos < end; c++) {
+      if (leaf.zero[c]) parts.push(null);
+      else {
+        const data = this.loader.cached(leaf.digests.subarray(c * 32, c * 32 + 32));
+        if (!data) return null;
+        parts.push(data);
+      }
+      pos = base + leaf.starts[c]! + leaf.lengths[c]!;
+    }
+    let pos = offset;
+    for (const data of parts) {
+      const cStart = base + leaf.starts[ci]!;
+      const cEnd = cStart + leaf.lengths[ci]!;
+      const n = Math.min(cEnd, end) - pos;
+      const dst = pos - offset;
+      if (data) data.copy(out, dst, pos - cStart, pos - cStart + n);
+      else out.fill(0, dst, dst + n);
+      pos += n;
+      ci++;
+    }
+    this.noteRead(offset, end);
+    return end - offset;
+  }
+
+  private noteRead(offset: number, end: number): void {
+    // Read ahead only for (nearly) sequential access; random 4 KiB reads would waste it.
+    // The kernel's own read-ahead can deliver requests slightly out of order.
+    if (offset === 0 || Math.abs(offset - this.lastEnd) <= 4 << 20) this.prefetch(end);
+    this.lastEnd = end;
   }
 
   /**
@@ -261,36 +314,49 @@ export class ImageReader {
         pos += n;
       }
     }
-    // Read ahead only for (nearly) sequential access; random 4 KiB reads would waste it.
-    // The kernel's own read-ahead can deliver requests slightly out of order.
-    if (offset === 0 || Math.abs(offset - this.lastEnd) <= 4 << 20) this.prefetch(end);
-    this.lastEnd = end;
+    this.noteRead(offset, end);
     await Promise.all(waits);
     return end - offset;
   }
 
-  /** Start loading the chunks after `from` so sequential readers find them decoded. */
+  /**
+   * Sequential read-ahead: one pump per reader walks the map from where it stopped to
+   * `from + readahead`, handing chunks to the workers in batches. A single cursor leaves
+   * no gaps, so a sequential reader finds every chunk decoded or on its way.
+   */
   private prefetch(from: number): void {
     if (this.readahead <= 0) return;
     const until = Math.min(this.map.size, from + this.readahead);
-    if (this.prefetchedTo >= until && this.prefetchedTo - from <= this.readahead) return;
-    const start = Math.max(from, this.prefetchedTo > from ? this.prefetchedTo : from);
-    this.prefetchedTo = until;
+    if (from > this.prefetchedTo || from + 2 * this.readahead < this.prefetchedTo) {
+      // the reader jumped: start over from here
+      this.prefetchedTo = from;
+      this.target = until;
+    } else if (until > this.target) this.target = until;
+    if (this.pumping) return;
+    this.pumping = true;
     void (async () => {
-      let pos = start;
-      while (pos < until) {
-        const li = this.map.leafIndexAt(pos);
-        const leaf = await this.map.leaf(li);
-        await this.loader.warm(leaf);
-        const base = this.map.leafStarts[li]!;
-        const want: Buffer[] = [];
-        for (let ci = chunkIndexAt(leaf, pos - base); ci < leaf.lengths.length && pos < until; ci++) {
-          if (!leaf.zero[ci]) want.push(leaf.digests.subarray(ci * 32, ci * 32 + 32));
-          pos = base + leaf.starts[ci]! + leaf.lengths[ci]!;
+      try {
+        while (this.prefetchedTo < this.target) {
+          const pos = this.prefetchedTo;
+          const li = this.map.leafIndexAt(pos);
+          const leaf = await this.map.leaf(li);
+          await this.loader.warm(leaf);
+          const base = this.map.leafStarts[li]!;
+          const want: Buffer[] = [];
+          let end = pos;
+          for (let ci = chunkIndexAt(leaf, pos - base); ci < leaf.lengths.length && end < this.target; ci++) {
+            if (!leaf.zero[ci]) want.push(leaf.digests.subarray(ci * 32, ci * 32 + 32));
+            end = base + leaf.starts[ci]! + leaf.lengths[ci]!;
+          }
+          this.loader.prefetch(want);
+          this.prefetchedTo = Math.max(end, this.prefetchedTo);
         }
-        this.loader.prefetch(want);
+      } catch {
+        /* a failing read reports it; read-ahead just stops */
+      } finally {
+        this.pumping = false;
       }
-    })().catch(() => undefined);
+    })();
   }
 }
 

@@ -8,6 +8,7 @@
 import { parentPort } from 'node:worker_threads';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import zstd from 'zstd-napi';
 import { chunkSegment } from './chunker.js';
 import type { ChunkingParams } from './format.js';
@@ -35,7 +36,17 @@ export interface LoadItem {
   digest: Uint8Array;
 }
 
-export type LoadResult = { data?: Uint8Array; damaged?: string };
+export type LoadResult = { data?: Uint8Array; damaged?: string; offset?: number; length?: number };
+
+// Run below the main thread: in a mount the main thread answers FUSE requests one at a
+// time, and its latency, not the workers' throughput, bounds `dd` through the mount.
+// Linux applies setpriority() to a single thread when given its thread id.
+try {
+  const tid = Number(fs.readlinkSync('/proc/thread-self').split('/').pop());
+  if (tid > 0) os.setPriority(tid, Math.min(19, os.getPriority(tid) + 5));
+} catch {
+  /* not Linux, or not permitted: run at normal priority */
+}
 
 let compressor: zstd.Compressor | null = null;
 let compressorLevel = NaN;
@@ -113,12 +124,15 @@ function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] 
       // Decode and write here: no chunk data crosses threads, the main thread only plans.
       // The fd belongs to the process, so the main thread's descriptor works here.
       const damaged: number[] = [];
+      const data = req.items.filter((it) => !it.zero);
+      const loaded = loadRun(data);
+      let k = 0;
       req.items.forEach((it, i) => {
         if (it.zero) {
           writeAll(req.fd, ZEROS, it.rawLength, it.at);
           return;
         }
-        const r = loadChunk(it);
+        const r = loaded[k++]!;
         if (r.damaged) {
           damaged.push(i);
           return;
@@ -129,9 +143,22 @@ function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] 
     }
     case 'loadMany': {
       // Many chunks per message: a message costs tens of microseconds each way.
-      const results = req.items.map(loadChunk);
-      const transfer = results.flatMap((r) => (r.data ? [r.data.buffer as ArrayBuffer] : []));
-      return { result: results, transfer };
+      // All chunks go back in one buffer: one transfer and one object for the GC per batch.
+      const results = loadRun(req.items);
+      const total = results.reduce((a, r) => a + (r.data?.length ?? 0), 0);
+      const all = new Uint8Array(total);
+      const out: LoadResult[] = [];
+      let at = 0;
+      for (const r of results) {
+        if (!r.data) {
+          out.push({ damaged: r.damaged });
+          continue;
+        }
+        all.set(r.data, at);
+        out.push({ offset: at, length: r.data.length });
+        at += r.data.length;
+      }
+      return { result: { all, results: out }, transfer: [all.buffer as ArrayBuffer] };
     }
   }
 }
@@ -144,6 +171,54 @@ function writeAll(fd: number, data: Uint8Array, length: number, at: number): voi
     const src = data === ZEROS ? ZEROS.subarray(0, Math.min(ZEROS.length, length - done)) : data.subarray(done, length);
     done += fs.writeSync(fd, src, 0, src.length, at + done);
   }
+}
+
+/**
+ * Load chunks, reading records that lie next to each other in one pack with one read:
+ * a cold sequential restore then reads packs in large pieces instead of ~30 KiB each.
+ */
+function loadRun(items: LoadItem[]): LoadResult[] {
+  const results: LoadResult[] = new Array(items.length);
+  let i = 0;
+  while (i < items.length) {
+    let j = i + 1;
+    let end = items[i]!.offset + RECORD_HEADER_SIZE + items[i]!.storedLength;
+    while (
+      j < items.length &&
+      items[j]!.file === items[i]!.file &&
+      items[j]!.offset >= end &&
+      items[j]!.offset - end <= 65536 &&
+      items[j]!.offset + RECORD_HEADER_SIZE + items[j]!.storedLength - items[i]!.offset <= 8 << 20
+    ) {
+      end = items[j]!.offset + RECORD_HEADER_SIZE + items[j]!.storedLength;
+      j++;
+    }
+    if (j - i === 1) {
+      results[i] = loadChunk(items[i]!);
+    } else {
+      const start = items[i]!.offset;
+      const span = Buffer.allocUnsafe(end - start);
+      let got = 0;
+      try {
+        const fd = fdFor(items[i]!.file);
+        while (got < span.length) {
+          const n = fs.readSync(fd, span, got, span.length - got, start + got);
+          if (n === 0) break;
+          got += n;
+        }
+      } catch {
+        got = -1;
+      }
+      for (let k = i; k < j; k++) {
+        const it = items[k]!;
+        const from = it.offset - start;
+        const to = from + RECORD_HEADER_SIZE + it.storedLength;
+        results[k] = got >= to ? decodeRecord(it, span.subarray(from, to)) : loadChunk(it);
+      }
+    }
+    i = j;
+  }
+  return results;
 }
 
 function loadChunk(req: LoadItem): LoadResult {
@@ -162,6 +237,11 @@ function loadChunk(req: LoadItem): LoadResult {
     got += n;
   }
   if (got < total) return { damaged: `pack record truncated (${got} of ${total} bytes)` };
+  return decodeRecord(req, buf);
+}
+
+/** Check a record (header + payload) against the index entry, decompress, verify SHA-256. */
+function decodeRecord(req: LoadItem, buf: Buffer): LoadResult {
   const h = decodeRecordHeader(buf, 0);
   if (!h) return { damaged: 'record header checksum mismatch' };
   if (h.storedLength !== req.storedLength || h.rawLength !== req.rawLength || !h.digest.equals(req.digest)) {
