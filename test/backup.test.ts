@@ -115,6 +115,36 @@ describe('backup and restore of a disk image', () => {
   });
 });
 
+describe('many small packs', () => {
+  it('commits every map leaf and chunk when packs roll over during the backup', async () => {
+    // 1 MiB packs: index batches are written while the backup goes on adding leaves.
+    const prepo = s.path('small-packs');
+    await gvOk(prepo, ['init']);
+    const cfgFile = path.join(prepo, 'config.json');
+    const cfg = JSON.parse(await fs.readFile(cfgFile, 'utf8'));
+    await fs.writeFile(cfgFile, JSON.stringify({ ...cfg, packTargetSize: 1 << 20, leaf: { minChunks: 1, maxChunks: 4 } }));
+    // First a base image, then one that alternates known and new 8 MiB segments: the
+    // known ones let the backup run ahead while new ones roll packs over.
+    const base = s.path('packs-base.img');
+    const known = prng(41, 48 << 20);
+    await fs.writeFile(base, known);
+    await gvOk(prepo, ['backup', base, '--name', 'base']);
+    const parts: Buffer[] = [];
+    for (let i = 0; i < 6; i++) parts.push(known.subarray(i * (8 << 20), (i + 1) * (8 << 20)), prng(50 + i, 8 << 20));
+    const img = s.path('packs.img');
+    await fs.writeFile(img, Buffer.concat(parts));
+    const g = JSON.parse(await gvOk(prepo, ['backup', img, '--name', 'p', '--json']));
+    expect(g.leaves).toBeGreaterThan(2);
+    const packs = (await fs.readdir(path.join(prepo, 'packs'), { recursive: true })).filter((f) => String(f).endsWith('.pack'));
+    expect(packs.length).toBeGreaterThan(5);
+    const out = s.path('packs.out');
+    await gvOk(prepo, ['restore', 'p@latest', out]);
+    expect(await sha256File(out)).toBe(await sha256File(img));
+    const again = JSON.parse(await gvOk(prepo, ['backup', img, '--name', 'p', '--json']));
+    expect(again.stats.newBytes).toBe(0);
+  });
+});
+
 describe('sparse images', () => {
   it('stores a 16 GiB image holding ~100 MiB of data in under 150 MiB and restores it sparse', async () => {
     const big = s.path('sparse.img');

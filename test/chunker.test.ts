@@ -24,8 +24,8 @@ describe('block-aligned content-defined chunking', () => {
     const inner = chunks.slice(0, -1);
     expect(inner.every((c) => c.length >= P.min)).toBe(true);
     const avg = buf.length / chunks.length;
-    expect(avg).toBeGreaterThan(32 << 10);
-    expect(avg).toBeLessThan(160 << 10);
+    expect(avg).toBeGreaterThan(96 << 10);
+    expect(avg).toBeLessThan(256 << 10);
   });
 
   it('turns zero runs into zero chunks of at most max bytes, and handles a partial last block', () => {

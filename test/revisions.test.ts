@@ -40,7 +40,7 @@ describe('revision specs', () => {
     expect(parseTarget('vm1@3')).toEqual({ name: 'vm1', rev: '3' });
     expect(() => parseTarget('../etc@1')).toThrow(/invalid image name/);
     const names = gens.map(generationFileName);
-    expect(names[0]).toBe('2026-11-20T010000Z-aa110000.img');
+    expect(names[0]).toBe('2026-11-20T010000.000Z-aa110000.img');
     expect([...names].sort()).toEqual(names);
   });
 });

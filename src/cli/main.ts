@@ -9,6 +9,10 @@ import { register as list } from './list.js';
 import { register as info } from './info.js';
 import { register as restore } from './restore.js';
 import { register as mount } from './mount.js';
+import { register as verify } from './verify.js';
+import { register as protect } from './protect.js';
+import { register as forget } from './forget.js';
+import { register as prune } from './prune.js';
 
 const pkg = createRequire(import.meta.url)('../../package.json') as { version: string };
 
@@ -27,7 +31,7 @@ program
   )
   .exitOverride();
 
-for (const reg of [init, backup, list, info, restore, mount]) reg(program);
+for (const reg of [init, backup, list, info, restore, mount, verify, protect, forget, prune]) reg(program);
 
 process.stdout.on('error', (e: NodeJS.ErrnoException) => {
   if (e.code === 'EPIPE') process.exit(0);

@@ -3,7 +3,7 @@
  *
  *   /                         one directory per image
  *   /NAME/                    one file per generation, plus `latest`
- *   /NAME/2026-11-23T154155Z-835737da.img   (UTC creation time + short id: ls sorts by time)
+ *   /NAME/2026-11-23T154155.532Z-835737da.img  (UTC creation time in ms + short id: ls sorts by time)
  *   /NAME/latest -> newest generation's file
  */
 import { Generation, generationFileName } from '../repo/generation.js';

@@ -30,6 +30,8 @@ export interface BackupOptions {
   /** Wait for another backup of the same image instead of failing. */
   wait?: boolean;
   onProgress?: (bytesRead: number, total: number | null) => void;
+  /** Commit chunk index entries once this many are pending (tests use small values). */
+  flushEntries?: number;
 }
 
 /** Walks the parent generation's chunks in offset order, for positional dedup. */
@@ -95,7 +97,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     const prev = (await repo.generations(name)).at(-1) ?? null;
     const parent = new ParentCursor(prev ? await repo.chunkMap(prev) : null);
     const pool = repo.pool;
-    const depth = pool.size * 2 + 2;
+    const depth = 6; // segments in flight: bounds memory (6 x 8 MiB) while keeping the workers fed
     const free: SharedArrayBuffer[] = Array.from({ length: depth }, () => new SharedArrayBuffer(segSize));
     const freeWaiters: Array<() => void> = [];
     const release = (b: SharedArrayBuffer) => {
@@ -105,6 +107,20 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     const acquire = async (): Promise<SharedArrayBuffer> => {
       while (!free.length) await new Promise<void>((r) => freeWaiters.push(r));
       return free.pop()!;
+    };
+    // Output buffers for compressed records, reused like the segments: a worker writes a
+    // segment's records into one, the pack append reads from it, then it is free again.
+    // Fixed memory and no garbage, whatever the image size.
+    const outSize = segSize + (segSize >>> 6) + (segSize / cfg.chunking.min) * (RECORD_HEADER_SIZE + 64) + (1 << 16);
+    const outFree: SharedArrayBuffer[] = Array.from({ length: depth }, () => new SharedArrayBuffer(outSize));
+    const outWaiters: Array<() => void> = [];
+    const releaseOut = (b: SharedArrayBuffer) => {
+      outFree.push(b);
+      outWaiters.shift()?.();
+    };
+    const acquireOut = async (): Promise<SharedArrayBuffer> => {
+      while (!outFree.length) await new Promise<void>((r) => outWaiters.push(r));
+      return outFree.pop()!;
     };
 
     const stats: GenerationStats = {
@@ -120,20 +136,29 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     let appendChain: Promise<void> = Promise.resolve();
     let failure: unknown = null;
 
+    // digest -> location of chunks whose index batch is being written right now
+    let committing = new Map<string, ChunkLocation>();
     /** Make everything appended so far durable and commit its index entries. */
     const flush = async () => {
-      if (!pack) return;
-      await pack.sync();
-      const ops: Array<{ type: 'put'; key: Buffer; value: Buffer }> = [];
-      for (const [d, loc] of uncommitted) ops.push({ type: 'put', key: chunkKey(Buffer.from(d, 'binary')), value: encodeLocation(loc) });
-      for (const l of pendingLeaves) ops.push({ type: 'put', ...l });
-      ops.push({ type: 'put', key: packKey(pack.packId), value: Buffer.from(JSON.stringify({ size: pack.size })) });
-      await repo.db.batch(ops, { sync: true } as object);
+      // Take what is pending before the first await: the main loop keeps adding leaves
+      // (and lookups must keep seeing chunks in flight) while this batch is written.
+      const entries = uncommitted;
+      const leavesNow = pendingLeaves;
       uncommitted = new Map();
       pendingLeaves = [];
+      committing = entries;
+      const ops: Array<{ type: 'put'; key: Buffer; value: Buffer }> = [];
+      if (pack) {
+        await pack.sync();
+        ops.push({ type: 'put', key: packKey(pack.packId), value: Buffer.from(JSON.stringify({ size: pack.size })) });
+      }
+      for (const [d, loc] of entries) ops.push({ type: 'put', key: chunkKey(Buffer.from(d, 'binary')), value: encodeLocation(loc) });
+      for (const l of leavesNow) ops.push({ type: 'put', ...l });
+      if (ops.length) await repo.db.batch(ops, { sync: true } as object);
+      committing = new Map();
     };
 
-    const appendRecords = (res: CompressResult, digests: string[], rawLengths: number[]) => {
+    const appendRecords = (res: CompressResult, digests: string[], rawLengths: number[], done: () => void) => {
       appendChain = appendChain.then(async () => {
         if (failure) return;
         if (!pack || pack.size > cfg.packTargetSize) {
@@ -161,10 +186,10 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
           inflight.delete(digests[i]!);
           stats.newStored += stored + RECORD_HEADER_SIZE;
         }
-        if (uncommitted.size >= FLUSH_ENTRIES) await flush();
+        if (uncommitted.size >= (opts.flushEntries ?? FLUSH_ENTRIES)) await flush();
       }).catch((e) => {
         failure ??= e;
-      });
+      }).finally(done);
     };
 
     // Reader: segments in order, each handed to a worker as soon as it is read. Reads are
@@ -224,7 +249,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
         entryDigest[i] = d;
         if (await parent.has(segOffset + start, length, d)) continue;
         const ds = d.toString('binary');
-        if (uncommitted.has(ds) || inflight.has(ds)) continue;
+        if (uncommitted.has(ds) || inflight.has(ds) || committing.has(ds)) continue;
         unknown.push(i);
       }
       // Ask the index about the rest in one round trip.
@@ -235,7 +260,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
         unknown.forEach((i, k) => {
           if (found[k] !== undefined && found[k] !== null) return;
           const ds = entryDigest[i]!.toString('binary');
-          if (seen.has(ds) || inflight.has(ds) || uncommitted.has(ds)) return;
+          if (seen.has(ds) || inflight.has(ds) || uncommitted.has(ds) || committing.has(ds)) return;
           seen.add(ds);
           newIdx.push(i);
         });
@@ -264,15 +289,17 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
         });
         const buf = seg.buf;
         const rawLengths = newIdx.map((i) => table[i * 3 + 1]!);
+        const out = await acquireOut();
         compressTasks.push(
           pool
-            .run<CompressResult>({ op: 'compress', seg: buf, spans, digests: ds, level: cfg.compression.level })
+            .run<CompressResult>({ op: 'compress', seg: buf, spans, digests: ds, level: cfg.compression.level, out })
             .then((res) => {
               release(buf);
-              appendRecords(res, names, rawLengths);
+              appendRecords(res, names, rawLengths, () => releaseOut(out));
             })
             .catch((e) => {
               release(buf);
+              releaseOut(out);
               failure ??= e;
             }),
         );
@@ -294,11 +321,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       leafRefs.push(last.ref);
       pendingLeaves.push({ key: leafKey(last.ref.digest), value: last.encoded });
     }
-    if (pack) await flush();
-    else if (pendingLeaves.length) {
-      await repo.db.batch(pendingLeaves.map((l) => ({ type: 'put' as const, ...l })));
-      pendingLeaves = [];
-    }
+    await flush();
 
     stats.durationMs = Date.now() - started;
     const gen: Generation = {

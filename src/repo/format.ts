@@ -5,6 +5,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { GenvaultError } from '../util/errors.js';
+import { tryParseDuration } from '../util/duration.js';
 
 export const FORMAT_NAME = 'genvault-repository';
 export const FORMAT_VERSION = 1;
@@ -34,6 +35,21 @@ export interface RepoConfig {
   packTargetSize: number;
   /** Map leaves are cut after a data chunk whose digest's first byte is 0 (about 1 in 256). */
   leaf: { minChunks: number; maxChunks: number };
+  /**
+   * Optional (absent in repositories made before it existed): guards on deletion.
+   * `minAge`: generations younger than this are never pruned or forgotten (unless
+   * forced); a duration such as "1d", "36h", "0". Default DEFAULT_MIN_AGE.
+   */
+  guards?: { minAge?: string };
+}
+
+/** Minimum age of a generation before prune/forget may remove it, when config.json does not say. */
+export const DEFAULT_MIN_AGE = '1d';
+
+/** The repository's minimum-age guard in milliseconds (config `guards.minAge`, default 1 day). */
+export function configMinAge(c: RepoConfig): { ms: number; text: string } {
+  const text = c.guards?.minAge ?? DEFAULT_MIN_AGE;
+  return { ms: tryParseDuration(text) ?? tryParseDuration(DEFAULT_MIN_AGE)!, text };
 }
 
 export function defaultConfig(): RepoConfig {
@@ -47,13 +63,14 @@ export function defaultConfig(): RepoConfig {
       algorithm: 'block-cdc',
       block: 4096,
       min: 16 * 1024,
-      maskBits: 4,
-      max: 256 * 1024,
+      maskBits: 5,
+      max: 512 * 1024,
       segment: 8 * 1024 * 1024,
     },
     compression: { algorithm: 'zstd', level: 3 },
     packTargetSize: 256 * 1024 * 1024,
     leaf: { minChunks: 32, maxChunks: 1024 },
+    guards: { minAge: DEFAULT_MIN_AGE },
   };
 }
 
@@ -86,6 +103,13 @@ export function checkConfig(raw: unknown, file: string): RepoConfig {
   if (typeof c.compression.level !== 'number') throw bad('"compression.level" invalid');
   if (typeof c.packTargetSize !== 'number' || c.packTargetSize < 1 << 20) throw bad('"packTargetSize" invalid');
   if (!c.leaf || !(c.leaf.minChunks > 0) || !(c.leaf.maxChunks >= c.leaf.minChunks)) throw bad('"leaf" invalid');
+  if (c.guards !== undefined) {
+    if (typeof c.guards !== 'object' || c.guards === null) throw bad('"guards" invalid');
+    const m = c.guards.minAge;
+    if (m !== undefined && (typeof m !== 'string' || tryParseDuration(m) === null)) {
+      throw bad('"guards.minAge" must be a duration such as "1d", "36h" or "0"');
+    }
+  }
   return c as RepoConfig;
 }
 

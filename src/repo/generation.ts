@@ -82,8 +82,11 @@ export function resolveRevision(gens: Generation[], name: string, rev: string): 
   throw new GenvaultError(`${name}@${rev}: unknown revision`, 'NOT_FOUND');
 }
 
-/** Name of a generation's file in the mount: sorts by time in `ls`. */
+/**
+ * Name of a generation's file in the mount: UTC creation time to the millisecond (creation
+ * times are strictly increasing per image), so `ls` sorts the files by time.
+ */
 export function generationFileName(g: Generation): string {
-  const t = g.created.replace(/\.\d+Z$/, 'Z').replace(/:/g, '');
+  const t = g.created.replace(/:/g, '');
   return `${t}-${g.id.slice(0, 8)}.img`;
 }

@@ -21,7 +21,7 @@ export class WorkerPool {
 
   // Two more threads than cores: reads of cold pack data block a worker in the kernel,
   // and the spare threads keep the cores busy meanwhile.
-  constructor(size = Math.min(os.availableParallelism(), 8) + 2) {
+  constructor(size = Number(process.env.GENVAULT_WORKERS) || Math.min(os.availableParallelism(), 8) + 2) {
     for (let i = 0; i < size; i++) {
       const w = new Worker(new URL('./worker.js', import.meta.url));
       w.unref();

@@ -9,14 +9,14 @@ import { parentPort } from 'node:worker_threads';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
-import zstd from 'zstd-napi';
+import { createRequire } from 'node:module';
 import { chunkSegment } from './chunker.js';
 import type { ChunkingParams } from './format.js';
 import { COMP_RAW, COMP_ZSTD, RECORD_HEADER_SIZE, decodeRecordHeader, encodeRecordHeader } from './pack.js';
 
 export type WorkerRequest =
   | { op: 'chunk'; seg: SharedArrayBuffer; len: number; params: ChunkingParams }
-  | { op: 'compress'; seg: SharedArrayBuffer; spans: Int32Array; digests: Uint8Array; level: number }
+  | { op: 'compress'; seg: SharedArrayBuffer; spans: Int32Array; digests: Uint8Array; level: number; out?: SharedArrayBuffer }
   | ({ op: 'load' } & LoadItem)
   | { op: 'loadMany'; items: LoadItem[] }
   | { op: 'restoreMany'; fd: number; items: RestoreItem[] };
@@ -48,9 +48,16 @@ try {
   /* not Linux, or not permitted: run at normal priority */
 }
 
-let compressor: zstd.Compressor | null = null;
-let compressorLevel = NaN;
-const decompressor = new zstd.Decompressor();
+// zstd-napi's low-level binding compresses into and decompresses out of buffers we
+// provide: no intermediate Buffer per chunk, so workers make little garbage.
+interface ZstdBinding {
+  CCtx: new () => { compress(dst: Uint8Array, src: Uint8Array, level: number): number };
+  DCtx: new () => { decompress(dst: Uint8Array, src: Uint8Array): number };
+  compressBound(n: number): number;
+}
+const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as ZstdBinding;
+const cctx = new zstd.CCtx();
+const dctx = new zstd.DCtx();
 const fds = new Map<string, number>();
 
 function fdFor(file: string): number {
@@ -84,37 +91,33 @@ function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] 
       return { result: { table, digests }, transfer: [table.buffer as ArrayBuffer, digests.buffer as ArrayBuffer] };
     }
     case 'compress': {
-      if (!compressor || compressorLevel !== req.level) {
-        compressor = new zstd.Compressor();
-        compressor.setParameters({ compressionLevel: req.level });
-        compressorLevel = req.level;
-      }
       const seg = Buffer.from(req.seg);
       const n = req.spans.length / 2;
-      const parts: Buffer[] = [];
+      let bound = 0;
+      for (let i = 0; i < n; i++) bound += RECORD_HEADER_SIZE + zstd.compressBound(req.spans[i * 2 + 1]!);
+      // One output buffer for the whole request (the caller's shared one when it is big
+      // enough), records written straight into it.
+      const shared = req.out !== undefined && req.out.byteLength >= bound;
+      const out = shared ? Buffer.from(req.out!) : Buffer.from(new ArrayBuffer(bound));
       const table = new Int32Array(n * 3); // record offset in out, stored length, compression
-      let size = 0;
+      let at = 0;
       for (let i = 0; i < n; i++) {
         const raw = seg.subarray(req.spans[i * 2]!, req.spans[i * 2]! + req.spans[i * 2 + 1]!);
-        const z = compressor.compress(raw);
+        const payloadAt = at + RECORD_HEADER_SIZE;
+        const zlen = cctx.compress(out.subarray(payloadAt), raw, req.level);
         // Keep raw when zstd saves under 3%: decoding raw chunks is free.
-        const useZ = z.length < raw.length - (raw.length >>> 5);
-        const payload = useZ ? z : raw;
-        const header = Buffer.allocUnsafe(RECORD_HEADER_SIZE);
-        encodeRecordHeader(header, 0, useZ ? COMP_ZSTD : COMP_RAW, raw.length, payload.length, req.digests.subarray(i * 32, i * 32 + 32));
-        table[i * 3] = size;
-        table[i * 3 + 1] = payload.length;
+        const useZ = zlen < raw.length - (raw.length >>> 5);
+        if (!useZ) raw.copy(out, payloadAt);
+        const stored = useZ ? zlen : raw.length;
+        encodeRecordHeader(out, at, useZ ? COMP_ZSTD : COMP_RAW, raw.length, stored, req.digests.subarray(i * 32, i * 32 + 32));
+        table[i * 3] = at;
+        table[i * 3 + 1] = stored;
         table[i * 3 + 2] = useZ ? COMP_ZSTD : COMP_RAW;
-        parts.push(header, payload);
-        size += RECORD_HEADER_SIZE + payload.length;
+        at += RECORD_HEADER_SIZE + stored;
       }
-      const out = new Uint8Array(size);
-      let at = 0;
-      for (const p of parts) {
-        out.set(p, at);
-        at += p.length;
-      }
-      return { result: { out, table }, transfer: [out.buffer as ArrayBuffer, table.buffer as ArrayBuffer] };
+      const result = new Uint8Array(out.buffer, 0, at);
+      const transfer = shared ? [table.buffer as ArrayBuffer] : [out.buffer as ArrayBuffer, table.buffer as ArrayBuffer];
+      return { result: { out: result, table }, transfer };
     }
     case 'load': {
       const r = loadChunk(req);
@@ -125,7 +128,15 @@ function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] 
       // The fd belongs to the process, so the main thread's descriptor works here.
       const damaged: number[] = [];
       const data = req.items.filter((it) => !it.zero);
-      const loaded = loadRun(data);
+      const need = data.reduce((a, it) => a + it.rawLength, 0);
+      if (scratch.length < need) scratch = new Uint8Array(need);
+      const offs: number[] = [];
+      let total = 0;
+      for (const it of data) {
+        offs.push(total);
+        total += it.rawLength;
+      }
+      const loaded = loadRun(data, (i) => scratch.subarray(offs[i]!, offs[i]! + data[i]!.rawLength));
       let k = 0;
       req.items.forEach((it, i) => {
         if (it.zero) {
@@ -144,26 +155,26 @@ function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] 
     case 'loadMany': {
       // Many chunks per message: a message costs tens of microseconds each way.
       // All chunks go back in one buffer: one transfer and one object for the GC per batch.
-      const results = loadRun(req.items);
-      const total = results.reduce((a, r) => a + (r.data?.length ?? 0), 0);
-      const all = new Uint8Array(total);
-      const out: LoadResult[] = [];
-      let at = 0;
-      for (const r of results) {
-        if (!r.data) {
-          out.push({ damaged: r.damaged });
-          continue;
-        }
-        all.set(r.data, at);
-        out.push({ offset: at, length: r.data.length });
-        at += r.data.length;
+      // Decode each chunk straight into its place in the one buffer sent back.
+      const offsets: number[] = [];
+      let total = 0;
+      for (const it of req.items) {
+        offsets.push(total);
+        total += it.rawLength;
       }
+      const all = new Uint8Array(total);
+      const results = loadRun(req.items, (i) => all.subarray(offsets[i]!, offsets[i]! + req.items[i]!.rawLength));
+      const out: LoadResult[] = results.map((r, i) =>
+        r.data ? { offset: offsets[i]!, length: r.data.length } : { damaged: r.damaged },
+      );
       return { result: { all, results: out }, transfer: [all.buffer as ArrayBuffer] };
     }
   }
 }
 
 const ZEROS = new Uint8Array(1 << 20);
+/** Reused decode buffer for restores (grows to the largest batch). */
+let scratch = new Uint8Array(4 << 20);
 
 function writeAll(fd: number, data: Uint8Array, length: number, at: number): void {
   let done = 0;
@@ -177,7 +188,9 @@ function writeAll(fd: number, data: Uint8Array, length: number, at: number): voi
  * Load chunks, reading records that lie next to each other in one pack with one read:
  * a cold sequential restore then reads packs in large pieces instead of ~30 KiB each.
  */
-function loadRun(items: LoadItem[]): LoadResult[] {
+let spanBuf = Buffer.allocUnsafe(1 << 20);
+
+function loadRun(items: LoadItem[], dest?: (i: number) => Uint8Array): LoadResult[] {
   const results: LoadResult[] = new Array(items.length);
   let i = 0;
   while (i < items.length) {
@@ -194,10 +207,11 @@ function loadRun(items: LoadItem[]): LoadResult[] {
       j++;
     }
     if (j - i === 1) {
-      results[i] = loadChunk(items[i]!);
+      results[i] = loadChunk(items[i]!, dest?.(i));
     } else {
       const start = items[i]!.offset;
-      const span = Buffer.allocUnsafe(end - start);
+      if (spanBuf.length < end - start) spanBuf = Buffer.allocUnsafe(end - start);
+      const span = spanBuf.subarray(0, end - start); // reused: decoding copies out of it
       let got = 0;
       try {
         const fd = fdFor(items[i]!.file);
@@ -213,7 +227,7 @@ function loadRun(items: LoadItem[]): LoadResult[] {
         const it = items[k]!;
         const from = it.offset - start;
         const to = from + RECORD_HEADER_SIZE + it.storedLength;
-        results[k] = got >= to ? decodeRecord(it, span.subarray(from, to)) : loadChunk(it);
+        results[k] = got >= to ? decodeRecord(it, span.subarray(from, to), dest?.(k)) : loadChunk(it, dest?.(k));
       }
     }
     i = j;
@@ -221,7 +235,7 @@ function loadRun(items: LoadItem[]): LoadResult[] {
   return results;
 }
 
-function loadChunk(req: LoadItem): LoadResult {
+function loadChunk(req: LoadItem, into?: Uint8Array): LoadResult {
   const total = RECORD_HEADER_SIZE + req.storedLength;
   const buf = Buffer.allocUnsafe(total);
   let got = 0;
@@ -237,31 +251,36 @@ function loadChunk(req: LoadItem): LoadResult {
     got += n;
   }
   if (got < total) return { damaged: `pack record truncated (${got} of ${total} bytes)` };
-  return decodeRecord(req, buf);
+  return decodeRecord(req, buf, into);
 }
 
-/** Check a record (header + payload) against the index entry, decompress, verify SHA-256. */
-function decodeRecord(req: LoadItem, buf: Buffer): LoadResult {
+/**
+ * Check a record (header + payload) against the index entry, decompress, verify SHA-256.
+ * With `into`, the raw bytes are written there (it must hold rawLength bytes).
+ */
+function decodeRecord(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadResult {
   const h = decodeRecordHeader(buf, 0);
   if (!h) return { damaged: 'record header checksum mismatch' };
   if (h.storedLength !== req.storedLength || h.rawLength !== req.rawLength || !h.digest.equals(req.digest)) {
     return { damaged: 'record header does not match the index' };
   }
   const payload = buf.subarray(RECORD_HEADER_SIZE);
-  let raw: Buffer;
-  try {
-    raw = h.compression === COMP_ZSTD ? decompressor.decompress(payload) : payload;
-  } catch (e) {
-    return { damaged: `zstd: ${(e as Error).message}` };
+  const raw = into ? into.subarray(0, req.rawLength) : new Uint8Array(req.rawLength);
+  let n: number;
+  if (h.compression === COMP_ZSTD) {
+    try {
+      n = dctx.decompress(raw, payload);
+    } catch (e) {
+      return { damaged: `zstd: ${(e as Error).message}` };
+    }
+  } else {
+    n = payload.length;
+    if (n === raw.length) raw.set(payload);
   }
-  if (raw.length !== req.rawLength || !createHash('sha256').update(raw).digest().equals(req.digest)) {
+  if (n !== req.rawLength || !createHash('sha256').update(raw).digest().equals(req.digest)) {
     return { damaged: 'content does not match its SHA-256 digest' };
   }
-  // Hand back a standalone ArrayBuffer so it can be transferred without copying it again.
-  if (raw.byteOffset === 0 && raw.buffer.byteLength === raw.length) return { data: raw };
-  const data = new Uint8Array(raw.length);
-  data.set(raw);
-  return { data };
+  return { data: raw };
 }
 
 parentPort!.on('message', (msg: { id: number; req: WorkerRequest }) => {

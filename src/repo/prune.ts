@@ -1,0 +1,144 @@
+/**
+ * Removing generations and guarding them: protect/unprotect, forget (one generation),
+ * prune (a retention policy over images).
+ *
+ * Removing a generation deletes its `g` record and `m` map in one batch; its map
+ * leaves, chunks and pack space stay until `gc` reclaims what nothing references.
+ * Guards: a protected generation is never removed; one younger than the minimum age
+ * (config `guards.minAge`, default 1 day) only by forget with `forceYoung`.
+ *
+ * protect, unprotect, forget and prune take one lock between them, so a generation
+ * protected while a prune is deciding is not removed by that prune.
+ */
+import { GenvaultError } from '../util/errors.js';
+import { roughAge } from '../util/duration.js';
+import { configMinAge } from './format.js';
+import { getOrNull } from './db.js';
+import { Generation } from './generation.js';
+import { ImageLock } from './locks.js';
+import { Repository } from './repository.js';
+import { RetentionDecision, RetentionRules, applyRetention, checkRules } from './retention.js';
+
+/**
+ * The lock is an image lock under a name no image can have (image names cannot start
+ * with '.'): locks/image-.retention.lock, cleared like any lock of a dead process.
+ */
+const RETENTION_LOCK = '.retention';
+
+async function withRetentionLock<T>(repo: Repository, fn: () => Promise<T>): Promise<T> {
+  const lock = await ImageLock.acquire(repo.dir, RETENTION_LOCK, true);
+  try {
+    return await fn();
+  } finally {
+    await lock.release().catch(() => undefined);
+  }
+}
+
+/** The stored record of a generation, read again under the lock (null if it is gone). */
+async function reread(repo: Repository, g: Generation): Promise<Generation | null> {
+  const v = await getOrNull(repo.db, Repository.generationKey(g));
+  return v ? (JSON.parse(v.toString('utf8')) as Generation) : null;
+}
+
+const label = (g: Pick<Generation, 'name' | 'id'>) => `${g.name}@${g.id}`;
+
+/** Set or clear the protected flag. Returns the updated record and whether it changed. */
+export async function setProtected(repo: Repository, spec: string, on: boolean): Promise<{ gen: Generation; changed: boolean }> {
+  return withRetentionLock(repo, async () => {
+    const found = await repo.resolve(spec);
+    const cur = await reread(repo, found);
+    if (!cur) throw new GenvaultError(`${label(found)} was removed meanwhile`, 'NOT_FOUND');
+    if (Boolean(cur.protected) === on) return { gen: cur, changed: false };
+    const next: Generation = { ...cur };
+    if (on) next.protected = true;
+    else delete next.protected;
+    await repo.db.put(Repository.generationKey(next), Buffer.from(JSON.stringify(next)), { sync: true } as object);
+    return { gen: next, changed: true };
+  });
+}
+
+export interface ForgetOptions {
+  /** Remove it even if it is younger than the minimum age. */
+  forceYoung?: boolean;
+  now?: number;
+}
+
+/** Remove one generation (its `g` record and `m` map, in one batch). */
+export async function forgetGeneration(repo: Repository, spec: string, opts: ForgetOptions = {}): Promise<Generation> {
+  return withRetentionLock(repo, async () => {
+    const found = await repo.resolve(spec);
+    const g = await reread(repo, found);
+    if (!g) throw new GenvaultError(`${label(found)} was removed meanwhile`, 'NOT_FOUND');
+    if (g.protected) {
+      throw new GenvaultError(`${label(g)} is protected; run 'genvault unprotect ${label(g)}' first`, 'PROTECTED');
+    }
+    const minAge = configMinAge(repo.config);
+    const age = (opts.now ?? Date.now()) - Date.parse(g.created);
+    if (age < minAge.ms && !opts.forceYoung) {
+      throw new GenvaultError(
+        `${label(g)} is ${roughAge(age)} old, younger than the minimum age ${minAge.text}; use --force-young to forget it anyway`,
+        'TOO_YOUNG',
+      );
+    }
+    await removeGenerations(repo, [g]);
+    return g;
+  });
+}
+
+async function removeGenerations(repo: Repository, gens: Generation[]): Promise<void> {
+  if (!gens.length) return;
+  const ops = gens.flatMap((g) => [
+    { type: 'del' as const, key: Repository.generationKey(g) },
+    { type: 'del' as const, key: Repository.mapKey(g.id) },
+  ]);
+  await repo.db.batch(ops, { sync: true } as object);
+}
+
+export interface PruneOptions {
+  /** Images to prune (default: all). */
+  names?: string[];
+  rules: RetentionRules;
+  /** Minimum age in ms (default: the repository's guards.minAge). */
+  minAgeMs?: number;
+  dryRun?: boolean;
+  allowEmpty?: boolean;
+  now?: number;
+}
+
+export interface PruneResult {
+  dryRun: boolean;
+  minAgeMs: number;
+  decisions: RetentionDecision<Generation>[];
+  removed: Generation[];
+  kept: Generation[];
+}
+
+/** Apply a retention policy to images; with dryRun only decide. */
+export async function prune(repo: Repository, opts: PruneOptions): Promise<PruneResult> {
+  checkRules(opts.rules);
+  const minAgeMs = opts.minAgeMs ?? configMinAge(repo.config).ms;
+  const run = async (): Promise<PruneResult> => {
+    let gens: Generation[];
+    if (opts.names?.length) {
+      gens = [];
+      for (const name of [...new Set(opts.names)]) {
+        const list = await repo.generations(name);
+        if (!list.length) throw new GenvaultError(`no image named ${name} in ${repo.dir}`, 'NOT_FOUND');
+        gens.push(...list);
+      }
+    } else {
+      gens = await repo.generations();
+    }
+    const decisions = applyRetention(gens, opts.rules, {
+      now: opts.now ?? Date.now(),
+      minAgeMs,
+      allowEmpty: opts.allowEmpty,
+    });
+    const removed = decisions.filter((d) => !d.keep).map((d) => d.gen);
+    const kept = decisions.filter((d) => d.keep).map((d) => d.gen);
+    if (!opts.dryRun) await removeGenerations(repo, removed);
+    return { dryRun: opts.dryRun === true, minAgeMs, decisions, removed, kept };
+  };
+  // A dry run changes nothing and needs no lock.
+  return opts.dryRun ? run() : withRetentionLock(repo, run);
+}

@@ -1,0 +1,519 @@
+/**
+ * Verify a repository, and name the generations and image byte ranges any damage affects.
+ *
+ * Always (the index check):
+ * - every generation record decodes and sits under its own key; its map exists, decodes
+ *   and covers the image size;
+ * - every map leaf exists, hashes to its digest, decodes and agrees with the map;
+ * - every data chunk referenced is in the chunk index; its pack file exists, has its
+ *   committed-size record, and is long enough; the 52-byte record header at the chunk's
+ *   offset has a good CRC and matches the index entry (lengths, compression, digest).
+ * With `full` (or `samplePercent`, for a random share of the chunks per run): the chunk's
+ *   record is read, decompressed and re-hashed in the worker pool (batches of ~1 MiB),
+ *   exactly as restore and the mount read it. A chunk checked that way needs no separate
+ *   header read: the worker checks the header too.
+ *
+ * Only when damage is found is every map walked a second time, to turn damaged chunks and
+ * leaves into (generation, image byte range) pairs.
+ */
+import { createHash } from 'node:crypto';
+import fs from 'node:fs/promises';
+import { GenvaultError } from '../util/errors.js';
+import { decodeLeaf, decodeTop, LeafRef } from './chunkmap.js';
+import { K_GEN, chunkKey, getOrNull, leafKey, packKey, prefixEnd } from './db.js';
+import { Generation } from './generation.js';
+import { PACK_HEADER_SIZE, PACK_MAGIC, RECORD_HEADER_SIZE, decodeLocation, decodeRecordHeader, packPath } from './pack.js';
+import { Repository } from './repository.js';
+import type { LoadItem, LoadResult } from './worker.js';
+
+export interface VerifyOptions {
+  /** Read, decompress and re-hash every referenced chunk. */
+  full?: boolean;
+  /** Read, decompress and re-hash this percentage (0 < p <= 100) of the chunks, chosen at random. */
+  samplePercent?: number;
+  /** Progress in bytes: stored bytes whose headers were checked, then raw bytes re-hashed. */
+  onProgress?: (phase: 'headers' | 'data', done: number, total: number) => void;
+  /** Random source for sampling (tests). */
+  random?: () => number;
+}
+
+export interface Range {
+  offset: number;
+  length: number;
+}
+
+export interface DamagedChunk {
+  digest: string;
+  problem: string;
+  pack: string | null;
+  /** Offset of the record in the pack. */
+  packOffset: number | null;
+  /** Where the chunk is used: per generation, the image byte ranges. */
+  affects: Array<{ name: string; id: string; ranges: Range[]; moreRanges?: number }>;
+}
+
+export interface DamagedLeaf {
+  digest: string;
+  problem: string;
+}
+
+export interface DamagedPack {
+  pack: string;
+  problem: string;
+}
+
+export interface AffectedGeneration {
+  name: string;
+  id: string;
+  created: string | null;
+  problems: string[];
+  /** Damaged image byte ranges, merged and sorted; empty when the whole map is unusable. */
+  ranges: Range[];
+  /** The whole generation is unusable (its record or map is damaged). */
+  whole: boolean;
+}
+
+export interface VerifyReport {
+  ok: boolean;
+  mode: 'index' | 'full' | 'sample';
+  samplePercent: number | null;
+  images: number;
+  generations: number;
+  leaves: number;
+  chunks: number;
+  packs: number;
+  headersChecked: number;
+  chunksRead: number;
+  bytesRead: number;
+  durationMs: number;
+  damagedChunks: DamagedChunk[];
+  damagedLeaves: DamagedLeaf[];
+  damagedPacks: DamagedPack[];
+  damagedGenerations: AffectedGeneration[];
+}
+
+/** Per (damaged chunk, generation): ranges listed before the rest are only counted. */
+const MAX_RANGES_PER_CHUNK = 64;
+const LEAF_BATCH = 256;
+const INDEX_BATCH = 4096;
+const HEADER_READS = 16;
+
+const hex = (bin: string) => Buffer.from(bin, 'binary').toString('hex');
+
+export async function verify(repo: Repository, opts: VerifyOptions = {}): Promise<VerifyReport> {
+  const started = Date.now();
+  const sample = opts.full ? 100 : opts.samplePercent ?? 0;
+  if (!(sample >= 0 && sample <= 100)) throw new GenvaultError(`sample percentage must be between 0 and 100, not ${sample}`, 'USAGE', 2);
+  const mode: VerifyReport['mode'] = opts.full ? 'full' : sample > 0 ? 'sample' : 'index';
+
+  const genProblems = new Map<string, AffectedGeneration>(); // key: hex of the g key
+  const noteGen = (key: string, base: Omit<AffectedGeneration, 'problems' | 'ranges' | 'whole'>, problem: string, whole: boolean) => {
+    let a = genProblems.get(key);
+    if (!a) {
+      a = { ...base, problems: [], ranges: [], whole: false };
+      genProblems.set(key, a);
+    }
+    if (problem && !a.problems.includes(problem)) a.problems.push(problem);
+    if (whole) a.whole = true;
+  };
+
+  // --- 1. Generation records and their top-level maps.
+  const gens: Generation[] = [];
+  const leafInfo = new Map<string, { bytes: number; chunks: number }>(); // leaf digest (binary) -> what maps say
+  const genPrefix = Buffer.of(K_GEN);
+  for await (const [k, v] of repo.db.iterator({ gte: genPrefix, lt: prefixEnd(genPrefix) })) {
+    const keyHex = k.toString('hex');
+    const fromKey = {
+      name: k.length > 17 && k[k.length - 17] === 0 ? k.subarray(1, k.length - 17).toString('utf8') : '?',
+      id: k.length > 17 ? k.subarray(k.length - 8).toString('hex') : '?',
+      created: null,
+    };
+    let g: Generation;
+    try {
+      g = JSON.parse(v.toString('utf8')) as Generation;
+      if (typeof g !== 'object' || g === null) throw new Error('not an object');
+      if (typeof g.id !== 'string' || !/^[0-9a-f]{16}$/.test(g.id)) throw new Error('bad id');
+      if (typeof g.name !== 'string' || typeof g.created !== 'string' || Number.isNaN(Date.parse(g.created))) throw new Error('bad name or created');
+      if (!Number.isSafeInteger(g.size) || g.size < 0) throw new Error('bad size');
+      if (!Repository.generationKey(g).equals(k)) throw new Error('stored under another key');
+    } catch (e) {
+      noteGen(keyHex, fromKey, `generation record is corrupt (${(e as Error).message})`, true);
+      continue;
+    }
+    gens.push(g);
+    const base = { name: g.name, id: g.id, created: g.created };
+    const top = await getOrNull(repo.db, Repository.mapKey(g.id));
+    if (!top) {
+      noteGen(keyHex, base, 'generation map is missing', true);
+      continue;
+    }
+    let refs: LeafRef[];
+    try {
+      refs = decodeTop(top);
+    } catch {
+      noteGen(keyHex, base, 'generation map is corrupt', true);
+      continue;
+    }
+    const covered = refs.reduce((a, r) => a + r.bytes, 0);
+    if (covered !== g.size) {
+      noteGen(keyHex, base, `generation map covers ${covered} bytes, the image has ${g.size}`, true);
+      continue;
+    }
+    for (const r of refs) {
+      const d = r.digest.toString('binary');
+      if (!leafInfo.has(d)) leafInfo.set(d, { bytes: r.bytes, chunks: r.chunks });
+    }
+  }
+
+  // --- 2. Leaves, and the set of data chunks they reference with their index entries.
+  const damagedLeaves = new Map<string, string>(); // leaf digest (binary) -> problem
+  const chunkIdx = new Map<string, number>(); // chunk digest (binary) -> index into the arrays below
+  const digests: string[] = [];
+  const packOf: number[] = []; // index into packIds, -1 when not in the index
+  const offsets: number[] = [];
+  const storedLen: number[] = [];
+  const rawLen: number[] = [];
+  const comps: number[] = [];
+  const damaged = new Map<number, string>(); // chunk index -> problem
+  const packIds: string[] = [];
+  const packIdx = new Map<string, number>();
+
+  let pendingChunks: string[] = [];
+  const resolveChunks = async () => {
+    const list = pendingChunks;
+    pendingChunks = [];
+    if (!list.length) return;
+    const vals = await repo.db.getMany(list.map((d) => chunkKey(Buffer.from(d, 'binary'))));
+    list.forEach((d, j) => {
+      const i = digests.length;
+      chunkIdx.set(d, i);
+      digests.push(d);
+      const v = vals[j];
+      if (!v || v.length !== 33) {
+        packOf.push(-1);
+        offsets.push(0);
+        storedLen.push(0);
+        rawLen.push(0);
+        comps.push(0);
+        damaged.set(i, v ? 'its chunk index entry is corrupt' : 'missing from the chunk index');
+        return;
+      }
+      const loc = decodeLocation(v);
+      let p = packIdx.get(loc.packId);
+      if (p === undefined) {
+        p = packIds.length;
+        packIds.push(loc.packId);
+        packIdx.set(loc.packId, p);
+      }
+      packOf.push(p);
+      offsets.push(loc.offset);
+      storedLen.push(loc.storedLength);
+      rawLen.push(loc.rawLength);
+      comps.push(loc.compression);
+    });
+  };
+  const queued = new Set<string>();
+
+  const leafList = [...leafInfo.keys()];
+  for (let at = 0; at < leafList.length; at += LEAF_BATCH) {
+    const batch = leafList.slice(at, at + LEAF_BATCH);
+    const vals = await repo.db.getMany(batch.map((d) => leafKey(Buffer.from(d, 'binary'))));
+    for (let j = 0; j < batch.length; j++) {
+      const d = batch[j]!;
+      const raw = vals[j];
+      if (!raw) {
+        damagedLeaves.set(d, 'map leaf is missing');
+        continue;
+      }
+      if (!createHash('sha256').update(raw).digest().equals(Buffer.from(d, 'binary'))) {
+        damagedLeaves.set(d, 'map leaf does not match its digest');
+        continue;
+      }
+      let leaf;
+      try {
+        leaf = decodeLeaf(raw);
+      } catch (e) {
+        damagedLeaves.set(d, (e as Error).message);
+        continue;
+      }
+      const want = leafInfo.get(d)!;
+      if (leaf.bytes !== want.bytes || leaf.lengths.length !== want.chunks) {
+        damagedLeaves.set(d, `map leaf holds ${leaf.lengths.length} chunks / ${leaf.bytes} bytes, the map says ${want.chunks} / ${want.bytes}`);
+        continue;
+      }
+      for (let ci = 0; ci < leaf.lengths.length; ci++) {
+        if (leaf.zero[ci]) continue;
+        const cd = leaf.digests.toString('binary', ci * 32, ci * 32 + 32);
+        if (chunkIdx.has(cd) || queued.has(cd)) continue;
+        queued.add(cd);
+        pendingChunks.push(cd);
+      }
+    }
+    if (pendingChunks.length >= INDEX_BATCH) {
+      await resolveChunks();
+      queued.clear();
+    }
+  }
+  await resolveChunks();
+  queued.clear();
+  const nChunks = digests.length;
+
+  // --- 3. Packs: present, committed size recorded, long enough for every record.
+  const damagedPacks: DamagedPack[] = [];
+  const packSize: number[] = new Array(packIds.length).fill(-1); // -1: unreadable
+  const packCommitted: number[] = new Array(packIds.length).fill(-1); // -1: unknown
+  for (let p = 0; p < packIds.length; p++) {
+    const id = packIds[p]!;
+    const file = packPath(repo.dir, id);
+    let fh: fs.FileHandle | null = null;
+    try {
+      fh = await fs.open(file, 'r');
+      packSize[p] = (await fh.stat()).size;
+      const head = Buffer.alloc(PACK_HEADER_SIZE);
+      const { bytesRead } = await fh.read(head, 0, PACK_HEADER_SIZE, 0);
+      if (bytesRead < PACK_HEADER_SIZE || !head.subarray(0, 8).equals(PACK_MAGIC) || head.toString('hex', 8, 24) !== id) {
+        damagedPacks.push({ pack: id, problem: 'pack header is damaged' });
+      }
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      damagedPacks.push({ pack: id, problem: code === 'ENOENT' ? 'pack file is missing' : `pack file unreadable (${code ?? (e as Error).message})` });
+    } finally {
+      await fh?.close().catch(() => undefined);
+    }
+    const rec = await getOrNull(repo.db, packKey(id));
+    let committed = -1;
+    if (!rec) damagedPacks.push({ pack: id, problem: 'no committed-size record in the index' });
+    else {
+      try {
+        committed = (JSON.parse(rec.toString('utf8')) as { size: number }).size;
+      } catch {
+        damagedPacks.push({ pack: id, problem: 'committed-size record is corrupt' });
+      }
+    }
+    packCommitted[p] = committed;
+    if (packSize[p]! >= 0 && committed > packSize[p]!) {
+      damagedPacks.push({ pack: id, problem: `pack file has ${packSize[p]} bytes, less than its committed size ${committed}` });
+    }
+  }
+  for (let i = 0; i < nChunks; i++) {
+    if (damaged.has(i)) continue;
+    const p = packOf[i]!;
+    const end = offsets[i]! + RECORD_HEADER_SIZE + storedLen[i]!;
+    if (packSize[p] === -1) damaged.set(i, `pack ${packIds[p]} is missing or unreadable`);
+    else if (offsets[i]! < PACK_HEADER_SIZE) damaged.set(i, `chunk index entry points into the pack header`);
+    else if (end > packSize[p]!) damaged.set(i, `pack file too short (record ends at ${end}, the file has ${packSize[p]} bytes)`);
+    else if (packCommitted[p]! >= 0 && end > packCommitted[p]!) damaged.set(i, `record lies past the pack's committed size ${packCommitted[p]}`);
+  }
+
+  // Which chunks get the full read: all, a random sample, or none.
+  const fullSet = new Uint8Array(nChunks);
+  if (sample >= 100) fullSet.fill(1);
+  else if (sample > 0 && nChunks) {
+    const want = Math.min(nChunks, Math.ceil((nChunks * sample) / 100));
+    const order = Array.from({ length: nChunks }, (_, i) => i);
+    const rnd = opts.random ?? Math.random;
+    for (let k = 0; k < want; k++) {
+      const j = k + Math.floor(rnd() * (nChunks - k));
+      [order[k], order[j]] = [order[j]!, order[k]!];
+      fullSet[order[k]!] = 1;
+    }
+  }
+  const byPackOffset = (a: number, b: number) => packOf[a]! - packOf[b]! || offsets[a]! - offsets[b]!;
+
+  // --- 4. Record headers of chunks that do not get the full read.
+  const headerList: number[] = [];
+  for (let i = 0; i < nChunks; i++) if (!fullSet[i] && !damaged.has(i)) headerList.push(i);
+  headerList.sort(byPackOffset);
+  const headerTotal = headerList.reduce((a, i) => a + RECORD_HEADER_SIZE + storedLen[i]!, 0);
+  let headerDone = 0;
+  let headersChecked = 0;
+  for (let s = 0; s < headerList.length; ) {
+    const p = packOf[headerList[s]!]!;
+    let e = s;
+    while (e < headerList.length && packOf[headerList[e]!] === p) e++;
+    const group = headerList.slice(s, e);
+    s = e;
+    let fh: fs.FileHandle;
+    try {
+      fh = await fs.open(packPath(repo.dir, packIds[p]!), 'r');
+    } catch (err) {
+      for (const i of group) damaged.set(i, `cannot open pack ${packIds[p]}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+      continue;
+    }
+    try {
+      let next = 0;
+      const workerFn = async () => {
+        const buf = Buffer.alloc(RECORD_HEADER_SIZE);
+        while (next < group.length) {
+          const i = group[next++]!;
+          const { bytesRead } = await fh.read(buf, 0, RECORD_HEADER_SIZE, offsets[i]!);
+          const h = bytesRead === RECORD_HEADER_SIZE ? decodeRecordHeader(buf, 0) : null;
+          if (!h) damaged.set(i, 'record header checksum mismatch');
+          else if (h.storedLength !== storedLen[i] || h.rawLength !== rawLen[i] || h.compression !== comps[i] || h.digest.toString('binary') !== digests[i]) {
+            damaged.set(i, 'record header does not match the index');
+          }
+          headersChecked++;
+          headerDone += RECORD_HEADER_SIZE + storedLen[i]!;
+          opts.onProgress?.('headers', headerDone, headerTotal);
+        }
+      };
+      await Promise.all(Array.from({ length: HEADER_READS }, workerFn));
+    } finally {
+      await fh.close().catch(() => undefined);
+    }
+  }
+
+  // --- 5. Full reads: decompress and re-hash in the worker pool, ~1 MiB per message.
+  const fullList: number[] = [];
+  for (let i = 0; i < nChunks; i++) if (fullSet[i] && !damaged.has(i)) fullList.push(i);
+  fullList.sort(byPackOffset);
+  const dataTotal = fullList.reduce((a, i) => a + rawLen[i]!, 0);
+  let dataDone = 0;
+  let chunksRead = 0;
+  if (fullList.length) {
+    const pool = repo.pool;
+    const running = new Set<Promise<void>>();
+    let failure: unknown = null;
+    const send = (batch: number[]) => {
+      const items: LoadItem[] = batch.map((i) => ({
+        file: packPath(repo.dir, packIds[packOf[i]!]!),
+        offset: offsets[i]!,
+        storedLength: storedLen[i]!,
+        rawLength: rawLen[i]!,
+        compression: comps[i]!,
+        digest: Uint8Array.from(Buffer.from(digests[i]!, 'binary')),
+      }));
+      const task = pool
+        .run<{ all: Uint8Array; results: LoadResult[] }>({ op: 'loadMany', items })
+        .then(
+          ({ results }) => {
+            results.forEach((r, k) => {
+              if (r.damaged) damaged.set(batch[k]!, r.damaged);
+            });
+            chunksRead += batch.length;
+            dataDone += batch.reduce((a, i) => a + rawLen[i]!, 0);
+            opts.onProgress?.('data', dataDone, dataTotal);
+          },
+          (e) => {
+            failure ??= e;
+          },
+        )
+        .finally(() => running.delete(task));
+      running.add(task);
+    };
+    let batch: number[] = [];
+    let bytes = 0;
+    for (const i of fullList) {
+      batch.push(i);
+      bytes += rawLen[i]!;
+      if (bytes >= 1 << 20) {
+        send(batch);
+        batch = [];
+        bytes = 0;
+        while (running.size >= pool.size * 2) await Promise.race(running);
+        if (failure) break;
+      }
+    }
+    if (batch.length && !failure) send(batch);
+    await Promise.all(running);
+    if (failure) throw new GenvaultError(`verify could not read chunks: ${(failure as Error).message}`, 'VERIFY', 2);
+  }
+
+  // --- 6. Name the generations and image ranges the damage affects.
+  const damagedChunks = new Map<string, DamagedChunk>();
+  for (const [i, problem] of damaged) {
+    const p = packOf[i]!;
+    damagedChunks.set(digests[i]!, {
+      digest: hex(digests[i]!),
+      problem,
+      pack: p >= 0 ? packIds[p]! : null,
+      packOffset: p >= 0 ? offsets[i]! : null,
+      affects: [],
+    });
+  }
+  if (damagedChunks.size || damagedLeaves.size) {
+    for (const g of gens) {
+      const keyHex = Repository.generationKey(g).toString('hex');
+      if (genProblems.get(keyHex)?.whole) continue;
+      const top = await getOrNull(repo.db, Repository.mapKey(g.id));
+      if (!top) continue;
+      const refs = decodeTop(top);
+      const base = { name: g.name, id: g.id, created: g.created };
+      const perChunk = new Map<string, { ranges: Range[]; more: number }>();
+      const chunkProblems = new Map<string, number>(); // problem -> distinct damaged chunks
+      let leafStart = 0;
+      for (const r of refs) {
+        const start = leafStart;
+        leafStart += r.bytes;
+        const ld = r.digest.toString('binary');
+        const leafProblem = damagedLeaves.get(ld);
+        if (leafProblem) {
+          noteGen(keyHex, base, `${leafProblem} (leaf ${r.digest.toString('hex')})`, false);
+          genProblems.get(keyHex)!.ranges.push({ offset: start, length: r.bytes });
+        } else if (damagedChunks.size) {
+          // (cached: leaves are shared between generations)
+          const leaf = await repo.loadLeaf(r.digest).catch(() => null);
+          if (!leaf) continue; // removed since the first pass (gc): nothing to name here
+          for (let ci = 0; ci < leaf.lengths.length; ci++) {
+            if (leaf.zero[ci]) continue;
+            const cd = leaf.digests.toString('binary', ci * 32, ci * 32 + 32);
+            const dc = damagedChunks.get(cd);
+            if (!dc) continue;
+            const range = { offset: start + leaf.starts[ci]!, length: leaf.lengths[ci]! };
+            noteGen(keyHex, base, '', false);
+            genProblems.get(keyHex)!.ranges.push(range);
+            if (!perChunk.has(cd)) chunkProblems.set(dc.problem, (chunkProblems.get(dc.problem) ?? 0) + 1);
+            let pc = perChunk.get(cd);
+            if (!pc) perChunk.set(cd, (pc = { ranges: [], more: 0 }));
+            if (pc.ranges.length < MAX_RANGES_PER_CHUNK) pc.ranges.push(range);
+            else pc.more++;
+          }
+        }
+      }
+      const a = genProblems.get(keyHex);
+      if (a) {
+        for (const [problem, n] of chunkProblems) a.problems.push(`${n} damaged chunk(s): ${problem}`);
+      }
+      for (const [cd, pc] of perChunk) {
+        const entry: DamagedChunk['affects'][number] = { name: g.name, id: g.id, ranges: pc.ranges };
+        if (pc.more) entry.moreRanges = pc.more;
+        damagedChunks.get(cd)!.affects.push(entry);
+      }
+    }
+  }
+  const damagedGenerations = [...genProblems.values()]
+    .map((a) => ({ ...a, ranges: mergeRanges(a.ranges) }))
+    .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : (a.created ?? '').localeCompare(b.created ?? '')));
+
+  return {
+    ok: !damagedChunks.size && !damagedLeaves.size && !damagedPacks.length && !damagedGenerations.length,
+    mode,
+    samplePercent: mode === 'sample' ? sample : null,
+    images: new Set(gens.map((g) => g.name)).size,
+    generations: gens.length + [...genProblems.values()].filter((a) => a.created === null).length,
+    leaves: leafInfo.size,
+    chunks: nChunks,
+    packs: packIds.length,
+    headersChecked,
+    chunksRead,
+    bytesRead: dataDone,
+    durationMs: Date.now() - started,
+    damagedChunks: [...damagedChunks.values()].sort((a, b) => a.digest.localeCompare(b.digest)),
+    damagedLeaves: [...damagedLeaves].map(([d, problem]) => ({ digest: hex(d), problem })),
+    damagedPacks,
+    damagedGenerations,
+  };
+}
+
+/** Sort and merge overlapping or touching ranges. */
+export function mergeRanges(ranges: Range[]): Range[] {
+  const sorted = [...ranges].sort((a, b) => a.offset - b.offset);
+  const out: Range[] = [];
+  for (const r of sorted) {
+    const last = out.at(-1);
+    if (last && r.offset <= last.offset + last.length) {
+      last.length = Math.max(last.length, r.offset + r.length - last.offset);
+    } else out.push({ ...r });
+  }
+  return out;
+}

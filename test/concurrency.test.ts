@@ -1,0 +1,128 @@
+/**
+ * One repository, many processes: backups, listings and restores while a mount serves
+ * reads; the process holding the LevelDB lock killed mid-operation; two backups of one image.
+ */
+import { spawn } from 'node:child_process';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { CLI, Scratch, gv, gvOk, isMounted, prng, sh, sha256File } from './helpers.js';
+
+let s: Scratch;
+let repo: string;
+let mnt: string;
+let imgA: string;
+let imgB: string;
+
+function startBackupFromPipe(name: string, extra: string[] = []) {
+  const child = spawn(process.execPath, [CLI, '-r', repo, 'backup', '-', '--name', name, '--json', ...extra], {
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
+  let out = '';
+  let err = '';
+  child.stdout.on('data', (d) => (out += d));
+  child.stderr.on('data', (d) => (err += d));
+  child.stdin.on('error', () => undefined);
+  const done = new Promise<{ code: number; out: string; err: string }>((resolve) =>
+    child.on('close', (code) => resolve({ code: code ?? -1, out, err })),
+  );
+  return { child, done };
+}
+
+beforeAll(async () => {
+  s = await Scratch.create();
+  repo = s.path('repo');
+  mnt = s.path('mnt');
+  await fs.mkdir(mnt);
+  s.onCleanup(async () => {
+    await gv(null, ['umount', mnt]);
+    if (await isMounted(mnt)) await sh('fusermount', ['-uz', mnt]);
+  });
+  imgA = s.path('a.img');
+  imgB = s.path('b.img');
+  await fs.writeFile(imgA, Buffer.concat([prng(1, 48 << 20), Buffer.alloc(16 << 20), Buffer.alloc(32 << 20, 'abc')]));
+  await fs.writeFile(imgB, prng(2, 40 << 20));
+  await gvOk(repo, ['init']);
+  await gvOk(repo, ['backup', imgA, '--name', 'a']);
+  // The mount starts first, so it holds the LevelDB lock and serves the others.
+  const r = await gv(repo, ['mount', mnt]);
+  expect(r.code, r.stderr).toBe(0);
+});
+
+afterAll(async () => {
+  await s?.cleanup();
+});
+
+describe('while mounted', () => {
+  it('dd through the mount, a backup of another image, list and restore all run at once', async () => {
+    const ddOut = s.path('dd.out');
+    const restoreOut = s.path('restore.out');
+    const [dd, backup, list, restore] = await Promise.all([
+      sh('dd', [`if=${path.join(mnt, 'a', 'latest')}`, `of=${ddOut}`, 'bs=4M', 'status=none']),
+      gv(repo, ['backup', imgB, '--name', 'b', '--json']),
+      gv(repo, ['list', '--json']),
+      gv(repo, ['restore', 'a@latest', restoreOut]),
+    ]);
+    expect(dd.code, dd.stderr).toBe(0);
+    expect(backup.code, backup.stderr).toBe(0);
+    expect(list.code, list.stderr).toBe(0);
+    expect(restore.code, restore.stderr).toBe(0);
+    const sumA = await sha256File(imgA);
+    expect(await sha256File(ddOut)).toBe(sumA);
+    expect(await sha256File(restoreOut)).toBe(sumA);
+    // b appears in the mount within 2 s and reads back identical
+    const t0 = Date.now();
+    while (Date.now() - t0 < 2000 && !(await fs.readdir(mnt)).includes('b')) await new Promise((r) => setTimeout(r, 100));
+    expect(await fs.readdir(mnt)).toContain('b');
+    expect(await sha256File(path.join(mnt, 'b', 'latest'))).toBe(await sha256File(imgB));
+  });
+
+  it('a second backup of the same image fails clearly, or waits with --wait', async () => {
+    const first = startBackupFromPipe('c');
+    first.child.stdin.write(prng(3, 8 << 20));
+    // wait until the first holds the image lock
+    const lock = path.join(repo, 'locks', 'image-c.lock');
+    for (let i = 0; i < 100 && !(await fs.stat(lock).catch(() => null)); i++) await new Promise((r) => setTimeout(r, 50));
+    const second = await gv(repo, ['backup', imgB, '--name', 'c']);
+    expect(second.code).toBe(1);
+    expect(second.stderr.trim()).toMatch(/another backup of image c is running \(pid \d+\); use --wait/);
+    const waiting = gv(repo, ['backup', imgB, '--name', 'c', '--wait', '--json']);
+    await new Promise((r) => setTimeout(r, 500));
+    first.child.stdin.end(prng(4, 8 << 20));
+    const [a, b] = await Promise.all([first.done, waiting]);
+    expect(a.code, a.err).toBe(0);
+    expect(b.code, b.stderr).toBe(0);
+    const gens = JSON.parse(await gvOk(repo, ['list', 'c', '--json']));
+    expect(gens).toHaveLength(2);
+  });
+});
+
+describe('the process holding the index dies', () => {
+  it('kill -9 of the mount (the leader) mid-backup: the backup finishes, later commands work', async () => {
+    const pids = (await sh('pgrep', ['-f', `mount ${mnt}`])).stdout.trim().split('\n').filter(Boolean).map(Number);
+    expect(pids.length).toBeGreaterThan(0);
+    const b = startBackupFromPipe('d');
+    b.child.stdin.write(prng(5, 16 << 20));
+    await new Promise((r) => setTimeout(r, 300));
+    for (const p of pids) process.kill(p, 'SIGKILL');
+    await new Promise((r) => setTimeout(r, 200));
+    b.child.stdin.end(prng(6, 16 << 20));
+    const res = await Promise.race([
+      b.done,
+      new Promise<{ code: number; out: string; err: string }>((r) => setTimeout(() => r({ code: -2, out: '', err: 'timeout' }), 60_000)),
+    ]);
+    expect(res.code, res.err).toBe(0);
+    const gen = JSON.parse(res.out);
+    expect(gen.size).toBe(32 << 20);
+    const list = JSON.parse(await gvOk(repo, ['list', '--json']));
+    expect(list.map((g: { name: string }) => g.name).sort()).toEqual(['a', 'b', 'c', 'c', 'd']);
+    const out = s.path('d.out');
+    await gvOk(repo, ['restore', 'd@latest', out]);
+    expect((await fs.readFile(out)).equals(Buffer.concat([prng(5, 16 << 20), prng(6, 16 << 20)]))).toBe(true);
+    // the killed mount left a stale mountpoint; mounting again clears it
+    const again = await gv(repo, ['mount', mnt]);
+    expect(again.code, again.stderr).toBe(0);
+    expect(again.stderr).toMatch(/stale mount/);
+    expect((await fs.readdir(mnt)).sort()).toEqual(['a', 'b', 'c', 'd']);
+  });
+});
