@@ -15,11 +15,11 @@
  */
 import { randomBytes } from 'node:crypto';
 import { GenvaultError, describeFsError } from '../util/errors.js';
-import { chunkKey, leafKey, packKey } from './db.js';
+import { chunkKey, condemnedKey, leafKey, packKey } from './db.js';
 import { ChunkMap, LeafBuilder, LeafRef, encodeTop } from './chunkmap.js';
 import { checkImageName } from './format.js';
 import { Generation, GenerationStats } from './generation.js';
-import { ImageLock, WriterRegistration, cleanupDeadWriters } from './locks.js';
+import { ImageLock, WriterRegistration, cleanupDeadWriters, gcRunning } from './locks.js';
 import { ChunkLocation, PackWriter, RECORD_HEADER_SIZE, encodeLocation } from './pack.js';
 import { Repository } from './repository.js';
 import type { Source } from '../source/types.js';
@@ -94,8 +94,10 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     await cleanupDeadWriters(repo.dir, repo.db);
     writer = await WriterRegistration.register(repo.dir, `backup ${name}`);
 
+    // Registered first, then checked: a gc that starts after this check waits for us.
+    const underGc = await gcRunning(repo.dir);
     const prev = (await repo.generations(name)).at(-1) ?? null;
-    const parent = new ParentCursor(prev ? await repo.chunkMap(prev) : null);
+    const parent = new ParentCursor(prev && !underGc ? await repo.chunkMap(prev) : null);
     const pool = repo.pool;
     const depth = 6; // segments in flight: bounds memory (6 x 8 MiB) while keeping the workers fed
     const free: SharedArrayBuffer[] = Array.from({ length: depth }, () => new SharedArrayBuffer(segSize));
@@ -256,9 +258,12 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       const newIdx: number[] = [];
       if (unknown.length) {
         const found = await repo.db.getMany(unknown.map((i) => chunkKey(entryDigest[i]!)));
+        // While a gc runs, a chunk it condemned counts as absent: storing a fresh copy
+        // (which replaces its index entry) is what keeps this generation whole.
+        const condemned = underGc ? await repo.db.getMany(unknown.map((i) => condemnedKey(entryDigest[i]!))) : [];
         const seen = new Set<string>();
         unknown.forEach((i, k) => {
-          if (found[k] !== undefined && found[k] !== null) return;
+          if (found[k] !== undefined && found[k] !== null && !condemned[k]) return;
           const ds = entryDigest[i]!.toString('binary');
           if (seen.has(ds) || inflight.has(ds) || uncommitted.has(ds) || committing.has(ds)) return;
           seen.add(ds);

@@ -13,6 +13,7 @@
  *   'g' name 0x00 created(u64 BE ms) id -> generation record (JSON)
  *   'm' id                              -> generation top-level map (chunkmap.ts)
  *   'p' packId(16)                      -> pack record (JSON: committed size)
+ *   'x' digest(32)                      -> condemned by a running gc (old location, 33 bytes)
  */
 import { RaveLevel } from 'rave-level';
 
@@ -34,6 +35,7 @@ export const K_LEAF = 0x6c; // 'l'
 export const K_GEN = 0x67; // 'g'
 export const K_GENMAP = 0x6d; // 'm'
 export const K_PACK = 0x70; // 'p'
+export const K_CONDEMNED = 0x78; // 'x'
 
 export function key(prefix: number, ...parts: Array<Uint8Array | string>): Buffer {
   const bufs = parts.map((p) => (typeof p === 'string' ? Buffer.from(p, 'utf8') : p));
@@ -46,6 +48,10 @@ export function chunkKey(digest: Uint8Array): Buffer {
 
 export function leafKey(digest: Uint8Array): Buffer {
   return key(K_LEAF, digest);
+}
+
+export function condemnedKey(digest: Uint8Array): Buffer {
+  return key(K_CONDEMNED, digest);
 }
 
 export function packKey(packId: string): Buffer {

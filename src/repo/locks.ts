@@ -115,6 +115,24 @@ export async function cleanupDeadWriters(repoDir: string, db: Db): Promise<numbe
   return n;
 }
 
+/** The file a running gc holds (locks/gc.json, an Owner); see gcRunning(). */
+export function gcLockPath(repoDir: string): string {
+  return path.join(repoDir, 'locks', 'gc.json');
+}
+
+/**
+ * Is a gc running? Backups that start while one runs must not reuse chunks it condemned
+ * (index entries under 'x'), and skip the parent-position shortcut that bypasses the index.
+ */
+export async function gcRunning(repoDir: string): Promise<boolean> {
+  try {
+    const o = JSON.parse(await fs.readFile(gcLockPath(repoDir), 'utf8')) as Owner;
+    return await ownerAlive(o);
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code !== 'ENOENT'; // unreadable: assume it runs
+  }
+}
+
 export class ImageLock {
   private constructor(readonly file: string) {}
 

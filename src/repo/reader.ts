@@ -65,9 +65,9 @@ export class ChunkLoader {
     const k = digest.toString('binary');
     const hit = this.cache.get(k);
     if (hit) return Promise.resolve(hit);
-    let p = this.inflight.get(k);
-    if (p) return p;
-    p = this.fetch(digest).then(
+    const pending = this.inflight.get(k);
+    if (pending) return pending.catch((e) => this.retryMoved(digest, e));
+    const p = this.fetch(digest).then(
       (b) => {
         this.inflight.delete(k);
         this.cache.set(k, b);
@@ -79,7 +79,25 @@ export class ChunkLoader {
       },
     );
     this.inflight.set(k, p);
-    return p;
+    return p.catch((e) => this.retryMoved(digest, e));
+  }
+
+  /**
+   * A chunk that failed to load from a remembered location may have been moved by gc
+   * (repacked into a new pack): look it up again and, if the index now says elsewhere,
+   * load it from there. Only when the index still names the failing place is it damage.
+   */
+  private async retryMoved(digest: Buffer, err: unknown): Promise<Buffer> {
+    if (!(err instanceof DamageError)) throw err;
+    const k = digest.toString('binary');
+    const old = this.locations.get(k);
+    const fresh = await this.repo.location(digest);
+    if (!fresh || (old && old.packId === fresh.packId && old.offset === fresh.offset)) throw err;
+    if (!old) throw err;
+    this.locations.set(k, fresh);
+    const b = await this.fetch(digest);
+    this.cache.set(k, b);
+    return b;
   }
 
   /** Look up the locations of all data chunks of a leaf in one getMany. */

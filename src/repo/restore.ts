@@ -139,8 +139,21 @@ async function restoreToFd(
     batch = [];
     batchBytes = 0;
     const p = pool.run<{ damaged: number[] }>({ op: 'restoreMany', fd, items }).then(
-      (r) => {
-        for (const i of r.damaged) damaged.push({ offset: items[i]!.at, length: items[i]!.rawLength });
+      async (r) => {
+        for (const i of r.damaged) {
+          // gc may have moved the chunk to another pack since we looked it up: retry there.
+          const it = items[i]!;
+          const fresh = await repo.location(Buffer.from(it.digest));
+          if (fresh && (fresh.packId !== it.file.slice(-37, -5) || fresh.offset !== it.offset)) {
+            const again = await pool.run<{ damaged: number[] }>({
+              op: 'restoreMany',
+              fd,
+              items: [{ ...loader.item(fresh, Buffer.from(it.digest)), at: it.at, zero: false }],
+            });
+            if (!again.damaged.length) continue;
+          }
+          damaged.push({ offset: it.at, length: it.rawLength });
+        }
         done += bytes;
         opts.onProgress?.(done, gen.size);
       },
