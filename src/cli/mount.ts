@@ -28,6 +28,9 @@ interface MountCliOpts {
 
 async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (msg: object) => void): Promise<void> {
   const repo = await Repository.open(repoDir);
+  // Reading a mount must not starve backups of the same repository: its decode workers
+  // run at a lower priority than a backup's (the FUSE thread itself stays at normal).
+  repo.workerNice = 10;
   const handle = await mountRepository(repo, mnt, {
     allowOther: opts.allowOther,
     cacheBytes: parseSize(opts.cacheSize),
@@ -56,7 +59,7 @@ export function register(program: Command): void {
     .argument('<mountpoint>', 'empty directory to mount on')
     .option('--foreground', 'stay attached and serve until unmounted or signalled (for systemd)')
     .option('--allow-other', 'let users other than the one mounting read the files (needs user_allow_other in /etc/fuse.conf for non-root)')
-    .option('--cache-size <size>', 'memory for decoded chunks shared by all open files', '256M')
+    .option('--cache-size <size>', 'memory for decoded chunks shared by all open files', '128M')
     .option('--log <file>', 'where the background server logs read errors (default: a file in the temp dir)')
     .addHelpText(
       'after',
@@ -103,7 +106,9 @@ export function register(program: Command): void {
         const child = spawn(process.execPath, args, {
           detached: true,
           stdio: ['ignore', log.fd, log.fd, 'ipc'],
-          env: { ...process.env, GENVAULT_MOUNT_CHILD: '1' },
+          // Chunk buffers are allocated by worker threads and freed by the main thread; with
+          // glibc's per-thread arenas that fragments and the server's RSS keeps growing.
+          env: { MALLOC_ARENA_MAX: '2', ...process.env, GENVAULT_MOUNT_CHILD: '1' },
         });
         const msg = await new Promise<{ ready?: boolean; error?: string; pid?: number }>((resolve) => {
           child.once('message', (m) => resolve(m as { ready?: boolean; error?: string }));

@@ -10,6 +10,8 @@ import Fuse from 'fuse-native';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import fs from 'node:fs/promises';
+import v8 from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { DamageError } from '../util/errors.js';
 import { Generation } from '../repo/generation.js';
 import { ChunkLoader, ImageReader } from '../repo/reader.js';
@@ -55,6 +57,16 @@ export async function fusermountUnmount(mnt: string, lazy: boolean): Promise<voi
   await run('fusermount', [lazy ? '-uz' : '-u', mnt]);
 }
 
+/** The V8 garbage collector as a function, without --expose-gc on the command line. */
+function exposeGc(): (() => void) | null {
+  try {
+    v8.setFlagsFromString('--expose-gc');
+    return runInNewContext('gc') as () => void;
+  } catch {
+    return null;
+  }
+}
+
 const S_IFDIR = 0o040000;
 const S_IFREG = 0o100000;
 const S_IFLNK = 0o120000;
@@ -76,6 +88,16 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
   };
   const timer = setInterval(() => void refresh(), opts.refreshMs ?? 1000);
   timer.unref();
+
+  // Decoded chunks arrive as buffers from the workers; V8 frees the dropped ones only when
+  // it collects, and with a tiny JS heap it rarely does. Collect when buffer memory runs
+  // past the cache budget: the heap is small, so a collection takes milliseconds.
+  const collect = exposeGc();
+  const budget = (opts.cacheBytes ?? 256 << 20) + (64 << 20);
+  const gcTimer = setInterval(() => {
+    if (collect && process.memoryUsage().arrayBuffers > budget) collect();
+  }, 250);
+  gcTimer.unref();
 
   const uid = process.getuid?.() ?? 0;
   const gid = process.getgid?.() ?? 0;
@@ -202,6 +224,7 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
     async unmount() {
       unmounting = true;
       clearInterval(timer);
+      clearInterval(gcTimer);
       clearInterval(watch);
       await new Promise<void>((resolve) => fuse.unmount(() => resolve()));
       closedResolve();

@@ -21,9 +21,16 @@ export class WorkerPool {
 
   // Two more threads than cores: reads of cold pack data block a worker in the kernel,
   // and the spare threads keep the cores busy meanwhile.
-  constructor(size = Number(process.env.GENVAULT_WORKERS) || Math.min(os.availableParallelism(), 8) + 2) {
+  /**
+   * @param nice how much below the calling thread the workers run (Linux). A mount passes
+   *   more than a backup, so that on a busy machine backups keep most of the CPU.
+   */
+  constructor(
+    size = Number(process.env.GENVAULT_WORKERS) || Math.min(os.availableParallelism(), 8) + 2,
+    nice = 5,
+  ) {
     for (let i = 0; i < size; i++) {
-      const w = new Worker(new URL('./worker.js', import.meta.url));
+      const w = new Worker(new URL('./worker.js', import.meta.url), { workerData: { nice } });
       w.unref();
       w.on('message', (msg: { id: number; result?: unknown; error?: { message: string; code?: string } }) => {
         const t = this.pending.get(msg.id);

@@ -108,9 +108,12 @@ export class Repository {
   }
 
   get pool(): WorkerPool {
-    if (!this.poolInstance) this.poolInstance = new WorkerPool();
+    if (!this.poolInstance) this.poolInstance = new WorkerPool(undefined, this.workerNice);
     return this.poolInstance;
   }
+
+  /** Niceness of this process's workers relative to it (set before first use of pool). */
+  workerNice = 5;
 
   async close(): Promise<void> {
     await this.poolInstance?.close();

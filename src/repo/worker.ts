@@ -5,7 +5,7 @@
  * serves FUSE requests and LevelDB) free, and uses both cores.
  * Sync fs calls are fine here: this thread never serves the mount.
  */
-import { parentPort } from 'node:worker_threads';
+import { parentPort, workerData } from 'node:worker_threads';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -43,7 +43,8 @@ export type LoadResult = { data?: Uint8Array; damaged?: string; offset?: number;
 // Linux applies setpriority() to a single thread when given its thread id.
 try {
   const tid = Number(fs.readlinkSync('/proc/thread-self').split('/').pop());
-  if (tid > 0) os.setPriority(tid, Math.min(19, os.getPriority(tid) + 5));
+  const nice = Number((workerData as { nice?: number } | null)?.nice ?? 5);
+  if (tid > 0 && nice > 0) os.setPriority(tid, Math.min(19, os.getPriority(tid) + nice));
 } catch {
   /* not Linux, or not permitted: run at normal priority */
 }
@@ -237,7 +238,8 @@ function loadRun(items: LoadItem[], dest?: (i: number) => Uint8Array): LoadResul
 
 function loadChunk(req: LoadItem, into?: Uint8Array): LoadResult {
   const total = RECORD_HEADER_SIZE + req.storedLength;
-  const buf = Buffer.allocUnsafe(total);
+  if (spanBuf.length < total) spanBuf = Buffer.allocUnsafe(total);
+  const buf = spanBuf.subarray(0, total); // reused: decoding copies out of it
   let got = 0;
   let fd: number;
   try {
