@@ -171,6 +171,25 @@ function require_mapper(): boolean {
   return ok;
 }
 
+describe('access for other users', () => {
+  it('only the mounting user can read by default; --allow-other opens it to others', async () => {
+    const asNobody = (file: string) => sh('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', 'head', '-c', '16', file]);
+    await fs.chmod(s.dir, 0o755); // so only the mount itself can refuse
+    const denied = await asNobody(path.join(mnt, 'vm2', 'latest'));
+    expect(denied.code).not.toBe(0);
+    expect(denied.stderr).toMatch(/Permission denied/);
+    const omnt = s.path('mnt-other');
+    await fs.mkdir(omnt);
+    const r = await gv(repo, ['mount', omnt, '--allow-other']);
+    expect(r.code, r.stderr).toBe(0);
+    s.onCleanup(() => unmountQuietly(omnt));
+    const ok = await asNobody(path.join(omnt, 'vm2', 'latest'));
+    expect(ok.code, ok.stderr).toBe(0);
+    expect(Buffer.from(ok.stdout, 'latin1').length).toBeGreaterThan(0);
+    await unmountQuietly(omnt);
+  });
+});
+
 describe('damage and stale mounts', () => {
   it('returns EIO for a damaged range only, and logs it', async () => {
     const drepo = s.path('drepo');
