@@ -16,7 +16,7 @@ const NOW = Date.parse('2026-11-23T16:00:00Z');
 
 let seq = 0;
 function g(created: string | number, extra: Partial<RetentionInput> = {}): RetentionInput {
-  const iso = typeof created === 'number' ? new Date(created).toISOString() : created;
+  const iso = new Date(created).toISOString();
   return { id: (++seq).toString(16).padStart(16, '0'), name: 'vm1', created: iso, tags: [], ...extra };
 }
 

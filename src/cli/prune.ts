@@ -13,7 +13,7 @@ interface PruneFlags {
   keepWeekly?: string;
   keepMonthly?: string;
   keepYearly?: string;
-  keepTag: string[];
+  keepTag?: string[];
   minAge?: string;
   dryRun?: boolean;
   allowEmpty?: boolean;
@@ -36,7 +36,7 @@ export function register(program: Command): void {
     .option('--keep-weekly <n>', 'keep the newest generation of each of the n most recent ISO weeks that have one')
     .option('--keep-monthly <n>', 'keep the newest generation of each of the n most recent months that have one')
     .option('--keep-yearly <n>', 'keep the newest generation of each of the n most recent years that have one')
-    .option('--keep-tag <tag>', 'keep every generation with this tag (repeatable)', collect, [])
+    .option('--keep-tag <tag>', 'keep every generation with this tag (repeatable)', collect)
     .option('--min-age <duration>', "keep generations younger than this (e.g. 0, 90m, 36h, 7d; default: the repository's guards.minAge, 1d)")
     .option('-n, --dry-run', 'only show what would be kept and removed, and why')
     .option('--allow-empty', 'allow removing every generation of an image')
@@ -60,7 +60,7 @@ export function register(program: Command): void {
           keepWeekly: count(o.keepWeekly, '--keep-weekly'),
           keepMonthly: count(o.keepMonthly, '--keep-monthly'),
           keepYearly: count(o.keepYearly, '--keep-yearly'),
-          keepTags: o.keepTag,
+          keepTags: o.keepTag ?? [],
         };
         const minAgeMs = o.minAge === undefined ? undefined : parseDuration(o.minAge, '--min-age');
         await withRepo(cmd, async (repo) => {

@@ -15,6 +15,10 @@
  *
  * Only when damage is found is every map walked a second time, to turn damaged chunks and
  * leaves into (generation, image byte range) pairs.
+ *
+ * verify takes no lock and runs alongside backups, forget/prune and gc: a chunk that gc
+ * moved meanwhile is checked again where the index now says it is, and damage that no
+ * generation uses any more (its generation was removed meanwhile) is not reported.
  */
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
@@ -257,6 +261,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
   await resolveChunks();
   queued.clear();
   const nChunks = digests.length;
+  const nPacks = packIds.length;
 
   // --- 3. Packs: present, committed size recorded, long enough for every record.
   const damagedPacks: DamagedPack[] = [];
@@ -366,11 +371,13 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
   // --- 5. Full reads: decompress and re-hash in the worker pool, ~1 MiB per message.
   const fullList: number[] = [];
   for (let i = 0; i < nChunks; i++) if (fullSet[i] && !damaged.has(i)) fullList.push(i);
-  fullList.sort(byPackOffset);
   const dataTotal = fullList.reduce((a, i) => a + rawLen[i]!, 0);
   let dataDone = 0;
   let chunksRead = 0;
-  if (fullList.length) {
+  /** Read, decompress and re-hash these chunks; sets or clears their entry in `damaged`. */
+  const readChunks = async (list: number[], progress: boolean) => {
+    if (!list.length) return;
+    list.sort(byPackOffset);
     const pool = repo.pool;
     const running = new Set<Promise<void>>();
     let failure: unknown = null;
@@ -389,7 +396,9 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
           ({ results }) => {
             results.forEach((r, k) => {
               if (r.damaged) damaged.set(batch[k]!, r.damaged);
+              else damaged.delete(batch[k]!);
             });
+            if (!progress) return;
             chunksRead += batch.length;
             dataDone += batch.reduce((a, i) => a + rawLen[i]!, 0);
             opts.onProgress?.('data', dataDone, dataTotal);
@@ -403,7 +412,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
     };
     let batch: number[] = [];
     let bytes = 0;
-    for (const i of fullList) {
+    for (const i of list) {
       batch.push(i);
       bytes += rawLen[i]!;
       if (bytes >= 1 << 20) {
@@ -417,6 +426,44 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
     if (batch.length && !failure) send(batch);
     await Promise.all(running);
     if (failure) throw new GenvaultError(`verify could not read chunks: ${(failure as Error).message}`, 'VERIFY', 2);
+  };
+  await readChunks(fullList, true);
+
+  // --- 5b. A running gc may have moved chunks (repacked them) after we read their index
+  // entries, and deleted the old pack: as the readers do, look a damaged chunk up again and,
+  // if the index now names another place, check it there. Only a chunk whose current index
+  // entry points at bad data is damage.
+  if (damaged.size) {
+    const suspects = [...damaged.keys()].filter((i) => packOf[i]! >= 0);
+    const moved: number[] = [];
+    for (let at = 0; at < suspects.length; at += INDEX_BATCH) {
+      const part = suspects.slice(at, at + INDEX_BATCH);
+      const vals = await repo.db.getMany(part.map((i) => chunkKey(Buffer.from(digests[i]!, 'binary'))));
+      part.forEach((i, k) => {
+        const v = vals[k];
+        if (!v || v.length !== 33) return;
+        const loc = decodeLocation(v);
+        if (loc.packId === packIds[packOf[i]!] && loc.offset === offsets[i]) return;
+        let p = packIdx.get(loc.packId);
+        if (p === undefined) {
+          p = packIds.length;
+          packIds.push(loc.packId);
+          packIdx.set(loc.packId, p);
+        }
+        packOf[i] = p;
+        offsets[i] = loc.offset;
+        storedLen[i] = loc.storedLength;
+        rawLen[i] = loc.rawLength;
+        comps[i] = loc.compression;
+        moved.push(i);
+      });
+    }
+    await readChunks(moved, false);
+    // Pack problems of packs nothing points into any more (gc emptied and removed them).
+    const used = new Set(packOf);
+    for (let k = damagedPacks.length - 1; k >= 0; k--) {
+      if (!used.has(packIdx.get(damagedPacks[k]!.pack)!)) damagedPacks.splice(k, 1);
+    }
   }
 
   // --- 6. Name the generations and image ranges the damage affects.
@@ -431,6 +478,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
       affects: [],
     });
   }
+  const referencedLeaves = new Set<string>();
   if (damagedChunks.size || damagedLeaves.size) {
     for (const g of gens) {
       const keyHex = Repository.generationKey(g).toString('hex');
@@ -447,6 +495,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
         leafStart += r.bytes;
         const ld = r.digest.toString('binary');
         const leafProblem = damagedLeaves.get(ld);
+        if (leafProblem) referencedLeaves.add(ld);
         if (leafProblem) {
           noteGen(keyHex, base, `${leafProblem} (leaf ${r.digest.toString('hex')})`, false);
           genProblems.get(keyHex)!.ranges.push({ offset: start, length: r.bytes });
@@ -481,6 +530,10 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
       }
     }
   }
+  // Damage that no current generation uses belonged to a generation removed meanwhile
+  // (forget/prune running alongside); gc will remove it, it is not worth an alarm.
+  for (const [d, c] of damagedChunks) if (!c.affects.length) damagedChunks.delete(d);
+  for (const d of damagedLeaves.keys()) if (!referencedLeaves.has(d)) damagedLeaves.delete(d);
   const damagedGenerations = [...genProblems.values()]
     .map((a) => ({ ...a, ranges: mergeRanges(a.ranges) }))
     .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : (a.created ?? '').localeCompare(b.created ?? '')));
@@ -493,7 +546,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
     generations: gens.length + [...genProblems.values()].filter((a) => a.created === null).length,
     leaves: leafInfo.size,
     chunks: nChunks,
-    packs: packIds.length,
+    packs: nPacks,
     headersChecked,
     chunksRead,
     bytesRead: dataDone,
