@@ -15,7 +15,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { GenvaultError, describeFsError } from '../util/errors.js';
-import { chunkKey, condemnedKey, leafKey, packKey } from './db.js';
+import { chunkKey, condemnedKey, damagedKey, damagedSet, leafKey, packKey } from './db.js';
 import { ChunkMap, LeafBuilder, LeafRef, encodeTop } from './chunkmap.js';
 import { checkImageName } from './format.js';
 import { Generation, GenerationStats } from './generation.js';
@@ -96,6 +96,10 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
 
     // Registered first, then checked: a gc that starts after this check waits for us.
     const underGc = await gcRunning(repo.dir);
+    // Chunks found damaged (by verify, restore or the mount): never reuse them; storing the
+    // bytes we read now replaces their index entry and heals every generation using them.
+    const damaged = await damagedSet(repo.db);
+    const healed: string[] = [];
     const prev = (await repo.generations(name)).at(-1) ?? null;
     const parent = new ParentCursor(prev && !underGc ? await repo.chunkMap(prev) : null);
     const pool = repo.pool;
@@ -249,8 +253,12 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
         }
         const d = Buffer.from(digests.buffer, digests.byteOffset + i * 32, 32);
         entryDigest[i] = d;
-        if (await parent.has(segOffset + start, length, d)) continue;
         const ds = d.toString('binary');
+        if (damaged.size && damaged.has(ds)) {
+          if (!uncommitted.has(ds) && !inflight.has(ds) && !committing.has(ds)) unknown.push(i);
+          continue;
+        }
+        if (await parent.has(segOffset + start, length, d)) continue;
         if (uncommitted.has(ds) || inflight.has(ds) || committing.has(ds)) continue;
         unknown.push(i);
       }
@@ -263,8 +271,13 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
         const condemned = underGc ? await repo.db.getMany(unknown.map((i) => condemnedKey(entryDigest[i]!))) : [];
         const seen = new Set<string>();
         unknown.forEach((i, k) => {
-          if (found[k] !== undefined && found[k] !== null && !condemned[k]) return;
           const ds = entryDigest[i]!.toString('binary');
+          const isDamaged = damaged.size > 0 && damaged.has(ds);
+          if (found[k] !== undefined && found[k] !== null && !condemned[k] && !isDamaged) return;
+          if (isDamaged) {
+            damaged.delete(ds); // one fresh copy is enough
+            healed.push(ds);
+          }
           if (seen.has(ds) || inflight.has(ds) || uncommitted.has(ds) || committing.has(ds)) return;
           seen.add(ds);
           newIdx.push(i);
@@ -345,8 +358,10 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       // Keep creation times strictly increasing per image (clock steps, fast runs).
       gen.created = new Date(Date.parse(prev.created) + 1).toISOString();
     }
-    // The one atomic commit that makes the generation visible.
+    // The one atomic commit that makes the generation visible (and clears the damage marks of
+    // chunks it stored again: their index entries now point to the fresh copies).
     await repo.db.batch([
+      ...healed.map((d) => ({ type: 'del' as const, key: damagedKey(Buffer.from(d, 'binary')) })),
       { type: 'put', key: Repository.mapKey(gen.id), value: encodeTop(leafRefs) },
       { type: 'put', key: Repository.generationKey(gen), value: Buffer.from(JSON.stringify(gen)) },
     ], { sync: true } as object);

@@ -13,7 +13,10 @@
  *   'g' name 0x00 created(u64 BE ms) id -> generation record (JSON)
  *   'm' id                              -> generation top-level map (chunkmap.ts)
  *   'p' packId(16)                      -> pack record (JSON: committed size)
+ *   'd' digest(32)                      -> found damaged (JSON: when, by what); the next backup that
+ *                                          reads these bytes stores a good copy and removes this
  *   'x' digest(32)                      -> condemned by a running gc (old location, 33 bytes)
+ *   'y' digest(32)                      -> map leaf being removed by a running gc (the leaf's bytes)
  */
 import { RaveLevel } from 'rave-level';
 
@@ -36,6 +39,8 @@ export const K_GEN = 0x67; // 'g'
 export const K_GENMAP = 0x6d; // 'm'
 export const K_PACK = 0x70; // 'p'
 export const K_CONDEMNED = 0x78; // 'x'
+export const K_DAMAGED = 0x64; // 'd'
+export const K_MOVED_LEAF = 0x79; // 'y'
 
 export function key(prefix: number, ...parts: Array<Uint8Array | string>): Buffer {
   const bufs = parts.map((p) => (typeof p === 'string' ? Buffer.from(p, 'utf8') : p));
@@ -50,8 +55,34 @@ export function leafKey(digest: Uint8Array): Buffer {
   return key(K_LEAF, digest);
 }
 
+export function damagedKey(digest: Uint8Array): Buffer {
+  return key(K_DAMAGED, digest);
+}
+
+/** Remember that a chunk is damaged, so the next backup holding its bytes heals it. Best effort. */
+export async function markDamaged(db: Db, digest: Uint8Array, by: string): Promise<void> {
+  try {
+    await db.put(damagedKey(digest), Buffer.from(JSON.stringify({ found: new Date().toISOString(), by })));
+  } catch {
+    /* reporting the damage matters more than remembering it */
+  }
+}
+
+/** All chunks currently marked damaged (binary digest strings). Normally none. */
+export async function damagedSet(db: Db): Promise<Set<string>> {
+  const out = new Set<string>();
+  const start = Buffer.of(K_DAMAGED);
+  for await (const k of db.keys({ gte: start, lt: Buffer.of(K_DAMAGED + 1) })) out.add(k.subarray(1).toString('binary'));
+  return out;
+}
+
 export function condemnedKey(digest: Uint8Array): Buffer {
   return key(K_CONDEMNED, digest);
+}
+
+/** A map leaf a running gc is removing, kept here until it knows no backup raced with it (gc.ts). */
+export function movedLeafKey(digest: Uint8Array): Buffer {
+  return key(K_MOVED_LEAF, digest);
 }
 
 export function packKey(packId: string): Buffer {

@@ -5,7 +5,7 @@
  */
 import { DamageError, GenvaultError } from '../util/errors.js';
 import { ChunkMap, chunkIndexAt, Leaf } from './chunkmap.js';
-import { chunkKey } from './db.js';
+import { chunkKey, markDamaged } from './db.js';
 import { Generation } from './generation.js';
 import { ChunkLocation, decodeLocation, packPath } from './pack.js';
 import { Lru, Repository } from './repository.js';
@@ -92,8 +92,10 @@ export class ChunkLoader {
     const k = digest.toString('binary');
     const old = this.locations.get(k);
     const fresh = await this.repo.location(digest);
-    if (!fresh || (old && old.packId === fresh.packId && old.offset === fresh.offset)) throw err;
-    if (!old) throw err;
+    if (!fresh || !old || (old.packId === fresh.packId && old.offset === fresh.offset)) {
+      await markDamaged(this.repo.db, digest, 'read');
+      throw err;
+    }
     this.locations.set(k, fresh);
     const b = await this.fetch(digest);
     this.cache.set(k, b);

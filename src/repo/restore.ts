@@ -10,6 +10,7 @@ import { randomBytes } from 'node:crypto';
 import type { Writable } from 'node:stream';
 import { DamageError, GenvaultError, describeFsError } from '../util/errors.js';
 import { walkChunks } from './chunkmap.js';
+import { markDamaged } from './db.js';
 import { Generation } from './generation.js';
 import { ChunkLoader } from './reader.js';
 import type { RestoreItem } from './worker.js';
@@ -153,6 +154,7 @@ async function restoreToFd(
             if (!again.damaged.length) continue;
           }
           damaged.push({ offset: it.at, length: it.rawLength });
+          await markDamaged(repo.db, it.digest, 'restore');
         }
         done += bytes;
         opts.onProgress?.(done, gen.size);
@@ -182,6 +184,7 @@ async function restoreToFd(
       const loc = await loader.locationOf(digest);
       if (!loc) {
         damaged.push({ offset: c.offset, length: c.length });
+        await markDamaged(repo.db, digest, 'restore');
         if (writeZeros) batch.push({ ...noLoc, rawLength: c.length, at: c.offset, zero: true });
       } else {
         batch.push({ ...loader.item(loc, digest), at: c.offset, zero: false });

@@ -24,7 +24,7 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import { GenvaultError } from '../util/errors.js';
 import { decodeLeaf, decodeTop, LeafRef } from './chunkmap.js';
-import { K_GEN, chunkKey, getOrNull, leafKey, packKey, prefixEnd } from './db.js';
+import { K_GEN, chunkKey, getOrNull, leafKey, packKey, prefixEnd, markDamaged } from './db.js';
 import { Generation } from './generation.js';
 import { PACK_HEADER_SIZE, PACK_MAGIC, RECORD_HEADER_SIZE, decodeLocation, decodeRecordHeader, packPath } from './pack.js';
 import { Repository } from './repository.js';
@@ -533,6 +533,8 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
   // Damage that no current generation uses belonged to a generation removed meanwhile
   // (forget/prune running alongside); gc will remove it, it is not worth an alarm.
   for (const [d, c] of damagedChunks) if (!c.affects.length) damagedChunks.delete(d);
+  // Remember the damage: the next backup whose source still holds these bytes heals them.
+  for (const c of damagedChunks.values()) await markDamaged(repo.db, Buffer.from(c.digest, 'hex'), 'verify');
   for (const d of damagedLeaves.keys()) if (!referencedLeaves.has(d)) damagedLeaves.delete(d);
   const damagedGenerations = [...genProblems.values()]
     .map((a) => ({ ...a, ranges: mergeRanges(a.ranges) }))
