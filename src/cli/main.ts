@@ -13,6 +13,7 @@ import { register as verify } from './verify.js';
 import { register as protect } from './protect.js';
 import { register as forget } from './forget.js';
 import { register as prune } from './prune.js';
+import { register as gc } from './gc.js';
 
 const pkg = createRequire(import.meta.url)('../../package.json') as { version: string };
 
@@ -31,7 +32,7 @@ program
   )
   .exitOverride();
 
-for (const reg of [init, backup, list, info, restore, mount, verify, protect, forget, prune]) reg(program);
+for (const reg of [init, backup, list, info, restore, mount, verify, protect, forget, prune, gc]) reg(program);
 
 process.stdout.on('error', (e: NodeJS.ErrnoException) => {
   if (e.code === 'EPIPE') process.exit(0);

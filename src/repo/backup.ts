@@ -265,10 +265,11 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       // Ask the index about the rest in one round trip.
       const newIdx: number[] = [];
       if (unknown.length) {
-        const found = await repo.db.getMany(unknown.map((i) => chunkKey(entryDigest[i]!)));
         // While a gc runs, a chunk it condemned counts as absent: storing a fresh copy
-        // (which replaces its index entry) is what keeps this generation whole.
+        // (which replaces its index entry) is what keeps this generation whole. The 'x'
+        // marks are read before the entries: gc removes an entry only after marking it.
         const condemned = underGc ? await repo.db.getMany(unknown.map((i) => condemnedKey(entryDigest[i]!))) : [];
+        const found = await repo.db.getMany(unknown.map((i) => chunkKey(entryDigest[i]!)));
         const seen = new Set<string>();
         unknown.forEach((i, k) => {
           const ds = entryDigest[i]!.toString('binary');

@@ -5,6 +5,7 @@
  *   A writer that died leaves its file behind; the next writer removes what it left:
  *   packs never committed are deleted, committed ones truncated to their committed size.
  * - image-<name>.lock: held by the one backup of that image that may run at a time.
+ * - gc.json: held by the one gc that may run at a time (GcLock; backups check gcRunning()).
  */
 import fs from 'node:fs/promises';
 import path from 'node:path';
@@ -168,6 +169,79 @@ export class ImageLock {
   }
 
   async release(): Promise<void> {
+    await fs.rm(this.file, { force: true });
+  }
+}
+
+/**
+ * The gc lock, locks/gc.json (an Owner). Created with link(2) from a complete temporary
+ * file, so a reader (gcRunning) never sees it half-written. A lock whose owner is dead is
+ * moved aside before it is removed, and given back if what was moved turns out to be a
+ * live gc's (two gcs replacing the same stale lock at once).
+ */
+export class GcLock {
+  private constructor(
+    readonly file: string,
+    private owner: Owner,
+  ) {}
+
+  static async acquire(repoDir: string): Promise<GcLock> {
+    const file = gcLockPath(repoDir);
+    const me = await currentOwner();
+    const tmp = `${file}.tmp-${process.pid}`;
+    await fs.writeFile(tmp, JSON.stringify(me), { mode: 0o600 });
+    const busy = (o: Owner) =>
+      new GenvaultError(
+        `another gc is running (pid ${o.pid}${o.host !== me.host ? ` on ${o.host}` : ''}); wait for it to finish`,
+        'LOCKED',
+      );
+    const readOwner = async (f: string): Promise<Owner | null> => {
+      try {
+        return JSON.parse(await fs.readFile(f, 'utf8')) as Owner;
+      } catch {
+        return null;
+      }
+    };
+    try {
+      for (let attempt = 0; attempt < 10; attempt++) {
+        try {
+          await fs.link(tmp, file);
+          return new GcLock(file, me);
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+        }
+        const holder = await readOwner(file);
+        if (holder && (await ownerAlive(holder))) throw busy(holder);
+        const aside = `${file}.stale-${process.pid}`;
+        try {
+          await fs.rename(file, aside);
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue;
+          throw e;
+        }
+        const moved = await readOwner(aside);
+        if (moved && (await ownerAlive(moved))) {
+          // Another gc took the lock between our check and the rename: give it back.
+          await fs.link(aside, file).catch(() => undefined);
+          await fs.rm(aside, { force: true });
+          throw busy(moved);
+        }
+        await fs.rm(aside, { force: true });
+      }
+      throw new GenvaultError('could not take the gc lock (locks/gc.json keeps changing)', 'LOCKED');
+    } finally {
+      await fs.rm(tmp, { force: true });
+    }
+  }
+
+  /** Remove the lock if it is still ours. */
+  async release(): Promise<void> {
+    try {
+      const o = JSON.parse(await fs.readFile(this.file, 'utf8')) as Owner;
+      if (o.pid !== this.owner.pid || o.start !== this.owner.start || o.host !== this.owner.host) return;
+    } catch {
+      return;
+    }
     await fs.rm(this.file, { force: true });
   }
 }

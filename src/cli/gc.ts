@@ -1,0 +1,106 @@
+import { Command } from 'commander';
+import { GcResult, gc } from '../repo/gc.js';
+import { UsageError } from '../util/errors.js';
+import { bytes, duration } from '../util/format.js';
+import { action, printJson, wantsJson, withRepo } from './common.js';
+
+function percent(v: string): number {
+  if (!/^\d+(\.\d+)?$/.test(v) || Number(v) > 100) {
+    throw new UsageError(`--repack-threshold: expected a percentage from 0 to 100, not ${JSON.stringify(v)}`);
+  }
+  return Number(v);
+}
+
+/** One status line on stderr, on a terminal only, redrawn at most 5 times a second. */
+class StatusLine {
+  private last = 0;
+  private drawn = false;
+  private lastPhase = '';
+  readonly enabled = process.stderr.isTTY === true && !process.env.GENVAULT_NO_PROGRESS;
+
+  show(line: string): void {
+    if (!this.enabled) return;
+    const now = Date.now();
+    const phase = line.split(':').slice(0, 2).join(':');
+    if (phase === this.lastPhase && now - this.last < 200) return;
+    this.lastPhase = phase;
+    this.last = now;
+    const width = process.stderr.columns || 100;
+    process.stderr.write(`\r\x1b[K${line.slice(0, width - 1)}`);
+    this.drawn = true;
+  }
+
+  done(): void {
+    if (this.drawn) process.stderr.write('\r\x1b[K');
+    this.drawn = false;
+  }
+}
+
+function plural(n: number, one: string, many = `${one}s`): string {
+  return `${n} ${n === 1 ? one : many}`;
+}
+
+function human(r: GcResult): string {
+  const out: string[] = [];
+  out.push(
+    `${r.generations} generation(s) use ${plural(r.referencedChunks, 'chunk')} and ${plural(r.referencedLeaves, 'map leaf', 'map leaves')}`,
+  );
+  if (r.recovered.condemned || r.recovered.leaves) {
+    out.push(
+      `finished an interrupted gc: ${plural(r.recovered.condemned, 'condemned chunk')} resolved, ` +
+        `${plural(r.recovered.chunks, 'index entry', 'index entries')} and ${plural(r.recovered.leaves, 'map leaf', 'map leaves')} put back`,
+    );
+  }
+  if (r.waitedFor) out.push(`waited for ${plural(r.waitedFor, 'running backup')}`);
+  out.push(
+    `${r.dryRun ? 'would remove' : 'removed'} ${plural(r.chunksRemoved, 'unreferenced chunk')} (${bytes(r.chunkBytesRemoved)} stored) ` +
+      `and ${plural(r.leavesRemoved, 'map leaf', 'map leaves')}`,
+  );
+  if (r.chunksSpared) out.push(`kept ${plural(r.chunksSpared, 'chunk')} that backups committed meanwhile use again`);
+  if (r.chunksDeferred) out.push(`kept ${plural(r.chunksDeferred, 'unreferenced chunk')} a concurrent backup commit made unsafe to remove now; the next gc removes them`);
+  if (r.leavesDeferred) out.push(`kept ${plural(r.leavesDeferred, 'unreferenced map leaf', 'unreferenced map leaves')} while backups were running; the next gc removes them`);
+  const packs = [
+    `${r.packsDeleted} ${r.dryRun ? 'to delete' : 'deleted'}`,
+    `${r.packsRepacked} ${r.dryRun ? 'to rewrite' : 'rewritten'}` + (r.packsRepacked ? ` (${bytes(r.bytesCopied)} of live data copied into ${plural(r.packsWritten, 'new pack')})` : ''),
+  ];
+  out.push(`packs: ${packs.join(', ')}`);
+  for (const w of r.warnings) out.push(`warning: ${w}`);
+  if (r.dryRun) out.push(`would free about ${bytes(r.bytesFreed)}; nothing changed (dry run)`);
+  else out.push(`freed ${bytes(r.bytesFreed)} in ${duration(r.durationMs)}`);
+  return out.join('\n') + '\n';
+}
+
+export function register(program: Command): void {
+  program
+    .command('gc')
+    .description('reclaim the space of chunks and map leaves no generation uses; rewrite packs that are mostly unused')
+    .option('-n, --dry-run', 'only report what would be removed and how much space that frees')
+    .option('--repack-threshold <percent>', 'rewrite packs whose live data is under this percentage (0 never rewrites; 100 rewrites any pack with unused data)', '50')
+    .option('--json', 'print the result as JSON')
+    .addHelpText(
+      'after',
+      '\nRuns while backups and mounts run: chunks gc is about to remove are not reused by\n' +
+        'backups that start meanwhile (they store fresh copies), and gc waits for backups\n' +
+        'that were already running before it removes anything. One gc at a time.\n\n' +
+        'Examples:\n' +
+        '  genvault prune --keep-daily 7 && genvault gc\n' +
+        '  genvault gc --dry-run\n' +
+        '  genvault gc --repack-threshold 80 --json',
+    )
+    .action(
+      action(async (o: { dryRun?: boolean; repackThreshold: string }, cmd: Command) => {
+        const repackThreshold = percent(o.repackThreshold);
+        const status = new StatusLine();
+        await withRepo(cmd, async (repo) => {
+          let r: GcResult;
+          try {
+            r = await gc(repo, { dryRun: o.dryRun === true, repackThreshold, onProgress: (l) => status.show(l) });
+          } finally {
+            status.done();
+          }
+          if (wantsJson(cmd)) printJson(r);
+          else process.stdout.write(human(r));
+        });
+      }),
+    );
+}

@@ -1,0 +1,765 @@
+/**
+ * Garbage collection: remove the chunks and map leaves no generation references and give
+ * their pack space back, while backups keep running (the protocol is in FORMAT.md,
+ * "Garbage collection"). In short:
+ *
+ *   lock      locks/gc.json (GcLock), a writer registration of our own
+ *   recover   leftovers of a gc that died: 'y' leaves put back, 'x' keys resolved
+ *   mark      every chunk and leaf the generations reference
+ *   condemn   'x' + digest = current location, for every unreferenced 'c' entry; backups
+ *             that start from now on store fresh copies of those chunks
+ *   wait      for the writers that were running when condemning ended (they may have
+ *             reused a condemned chunk before its 'x' key existed)
+ *   re-mark   condemned chunks referenced now (generations committed meanwhile) are spared
+ *   sweep     'c' entries still at their condemned location are deleted; a backup commit
+ *             landing in the middle of a batch undoes that batch (see sweepChunks)
+ *   leaves    unreferenced leaves are removed, only while no backup runs (see sweepLeaves)
+ *   repack    packs with no live record are deleted; packs mostly dead are rewritten
+ *   finish    the 'x' keys of swept chunks are deleted, locks released
+ *
+ * Crash safety: a pack is unlinked only after no 'c' entry points into it; everything else
+ * a dead gc leaves behind is finished or undone by the next one (recoverLeftovers) or by
+ * cleanupDeadWriters (uncommitted repack output, packs whose 'p' entry was deleted).
+ */
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { GenvaultError, describeFsError } from '../util/errors.js';
+import { bytes } from '../util/format.js';
+import { ownerAlive } from '../util/proc.js';
+import { decodeLeaf, decodeTop } from './chunkmap.js';
+import {
+  K_CHUNK,
+  K_CONDEMNED,
+  K_GEN,
+  K_GENMAP,
+  K_LEAF,
+  K_MOVED_LEAF,
+  K_PACK,
+  chunkKey,
+  condemnedKey,
+  damagedKey,
+  getOrNull,
+  key,
+  leafKey,
+  movedLeafKey,
+  packKey,
+} from './db.js';
+import { GcLock, WriterRegistration, cleanupDeadWriters, listWriters, trimPacks } from './locks.js';
+import {
+  PACK_HEADER_SIZE,
+  PackWriter,
+  RECORD_HEADER_SIZE,
+  decodeLocation,
+  decodeRecordHeader,
+  encodeLocation,
+  packPath,
+} from './pack.js';
+import { Repository } from './repository.js';
+
+export interface GcOptions {
+  dryRun?: boolean;
+  /**
+   * Rewrite packs whose live records are under this percentage of their committed data
+   * (default 50; 0 never rewrites, 100 rewrites every pack holding any dead record).
+   */
+  repackThreshold?: number;
+  /** One line describing what gc is doing now (phase changes and periodic updates). */
+  onProgress?: (line: string) => void;
+  /** Poll interval while waiting for running backups (ms). */
+  pollMs?: number;
+}
+
+export interface GcResult {
+  dryRun: boolean;
+  generations: number;
+  /** Distinct data chunks and map leaves the generations reference. */
+  referencedChunks: number;
+  referencedLeaves: number;
+  /** Index entries removed (dry run: that would be), and their stored bytes (records with headers). */
+  chunksRemoved: number;
+  chunkBytesRemoved: number;
+  /** Condemned, then referenced by a generation committed while gc ran: kept. */
+  chunksSpared: number;
+  /** Condemned and unreferenced, but a backup committed during their batch: kept for the next gc. */
+  chunksDeferred: number;
+  leavesRemoved: number;
+  /** Unreferenced leaves kept because backups were running (removed by a later gc). */
+  leavesDeferred: number;
+  packsDeleted: number;
+  packsRepacked: number;
+  packsWritten: number;
+  /** Live record bytes copied into new packs. */
+  bytesCopied: number;
+  /** Pack file bytes given back (dry run: an estimate). */
+  bytesFreed: number;
+  /** Running backups gc waited for before sweeping. */
+  waitedFor: number;
+  /** Leftovers of an earlier gc that died: 'c' entries and leaves put back. */
+  recovered: { chunks: number; leaves: number; condemned: number };
+  warnings: string[];
+  durationMs: number;
+}
+
+const BATCH = 2048;
+const LEAF_BATCH = 256;
+const SYNC = { sync: true } as object;
+const WINDOW = 8 << 20;
+const MAX_GAP = 256 << 10;
+
+type Op = { type: 'put'; key: Buffer; value: Buffer } | { type: 'del'; key: Buffer };
+
+const bin = (b: Uint8Array): string => Buffer.from(b.buffer, b.byteOffset, b.byteLength).toString('latin1');
+const prefixRange = (prefix: number) => ({ gte: Buffer.of(prefix), lt: Buffer.of(prefix + 1) });
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+function emptyResult(dryRun: boolean): GcResult {
+  return {
+    dryRun,
+    generations: 0,
+    referencedChunks: 0,
+    referencedLeaves: 0,
+    chunksRemoved: 0,
+    chunkBytesRemoved: 0,
+    chunksSpared: 0,
+    chunksDeferred: 0,
+    leavesRemoved: 0,
+    leavesDeferred: 0,
+    packsDeleted: 0,
+    packsRepacked: 0,
+    packsWritten: 0,
+    bytesCopied: 0,
+    bytesFreed: 0,
+    waitedFor: 0,
+    recovered: { chunks: 0, leaves: 0, condemned: 0 },
+    warnings: [],
+    durationMs: 0,
+  };
+}
+
+/** Test hook: GENVAULT_GC_TRACE=1 prints each phase on stderr. */
+function trace(phase: string): void {
+  if (process.env.GENVAULT_GC_TRACE) process.stderr.write(`gc-trace: ${phase}\n`);
+}
+
+function damaged(what: string): GenvaultError {
+  return new GenvaultError(`index damaged: ${what}; gc removes nothing until 'genvault verify' finds no damage`, 'DAMAGED');
+}
+
+interface Marks {
+  chunks: Set<string>;
+  leaves: Set<string>;
+  generations: number;
+}
+
+/** Every data chunk and map leaf referenced by the generations that exist now. */
+async function mark(repo: Repository, report: (line: string) => void, label: string): Promise<Marks> {
+  const chunks = new Set<string>();
+  const leaves = new Set<string>();
+  const gens = await repo.generations();
+  let n = 0;
+  for (const g of gens) {
+    n++;
+    const top = await getOrNull(repo.db, Repository.mapKey(g.id));
+    if (!top) {
+      if (await getOrNull(repo.db, Repository.generationKey(g))) throw damaged(`the map of ${g.name}@${g.id} is missing`);
+      continue; // removed meanwhile by forget or prune
+    }
+    let refs;
+    try {
+      refs = decodeTop(top);
+    } catch {
+      throw damaged(`the map of ${g.name}@${g.id} is corrupt`);
+    }
+    // Leaves are content-addressed: a leaf already marked contributes the same chunks again.
+    const todo: Buffer[] = [];
+    for (const r of refs) {
+      const s = bin(r.digest);
+      if (leaves.has(s)) continue;
+      leaves.add(s);
+      todo.push(r.digest);
+    }
+    for (let at = 0; at < todo.length; at += 256) {
+      const part = todo.slice(at, at + 256);
+      const vals = await repo.db.getMany(part.map((d) => leafKey(d)));
+      part.forEach((d, k) => {
+        const v = vals[k];
+        if (!v) throw damaged(`map leaf ${d.toString('hex')} of ${g.name}@${g.id} is missing`);
+        let leaf;
+        try {
+          leaf = decodeLeaf(v);
+        } catch {
+          throw damaged(`map leaf ${d.toString('hex')} of ${g.name}@${g.id} is corrupt`);
+        }
+        for (let c = 0; c < leaf.lengths.length; c++) {
+          if (!leaf.zero[c]) chunks.add(leaf.digests.toString('latin1', c * 32, c * 32 + 32));
+        }
+      });
+    }
+    report(`gc: ${label}: generation ${n}/${gens.length}, ${chunks.size} chunks in use`);
+  }
+  return { chunks, leaves, generations: gens.length };
+}
+
+/** Committed size of every pack with a 'p' entry. */
+async function packSizes(repo: Repository): Promise<Map<string, number>> {
+  const out = new Map<string, number>();
+  for await (const [k, v] of repo.db.iterator(prefixRange(K_PACK))) {
+    try {
+      out.set(k.toString('hex', 1), (JSON.parse(v.toString('utf8')) as { size: number }).size);
+    } catch {
+      /* a corrupt pack record: verify reports it; gc leaves that pack alone */
+    }
+  }
+  return out;
+}
+
+/** All 'p' entries as one string: it changes whenever a writer commits chunk entries. */
+async function packFingerprint(repo: Repository): Promise<string> {
+  const parts: string[] = [];
+  for await (const [k, v] of repo.db.iterator(prefixRange(K_PACK))) parts.push(`${k.toString('hex')}=${v.toString('latin1')}`);
+  return parts.join('\n');
+}
+
+async function generationKeys(repo: Repository): Promise<Set<string>> {
+  const out = new Set<string>();
+  for await (const k of repo.db.keys(prefixRange(K_GEN))) out.add(bin(k));
+  return out;
+}
+
+/** Writers (backups) running now, other than `selfId`. */
+async function otherLiveWriters(repoDir: string, selfId: string | null) {
+  const out = [];
+  for (const w of await listWriters(repoDir)) {
+    if (w.id === selfId) continue;
+    if (await ownerAlive(w.owner)) out.push(w);
+  }
+  return out;
+}
+
+async function fileSize(file: string): Promise<number | null> {
+  try {
+    return (await fs.stat(file)).size;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Finish or undo what a gc that died left in the index:
+ * - 'y' (leaves being removed): put back under 'l' (identical bytes; an unreferenced leaf
+ *   is removed again by this run).
+ * - 'x' (condemned): if the 'c' entry is gone, the dead gc deleted it in a sweep batch it
+ *   may not have checked; put it back when its pack still holds the record (a pack is
+ *   deleted only after its records are unreferenced, so otherwise nothing can need it).
+ */
+async function recoverLeftovers(repo: Repository, res: GcResult): Promise<void> {
+  let ops: Op[] = [];
+  for await (const [k, v] of repo.db.iterator(prefixRange(K_MOVED_LEAF))) {
+    ops.push({ type: 'put', key: leafKey(k.subarray(1)), value: Buffer.from(v) }, { type: 'del', key: Buffer.from(k) });
+    res.recovered.leaves++;
+    if (ops.length >= BATCH) {
+      await repo.db.batch(ops, SYNC);
+      ops = [];
+    }
+  }
+  if (ops.length) await repo.db.batch(ops, SYNC);
+  const sizes = await packSizes(repo);
+  let pending: Array<[Buffer, Buffer]> = [];
+  const flush = async () => {
+    const cur = await repo.db.getMany(pending.map(([d]) => chunkKey(d)));
+    const batch: Op[] = [];
+    pending.forEach(([d, loc], i) => {
+      if (!cur[i] && loc.length === 33) {
+        const l = decodeLocation(loc);
+        const size = sizes.get(l.packId);
+        if (size !== undefined && l.offset + RECORD_HEADER_SIZE + l.storedLength <= size) {
+          batch.push({ type: 'put', key: chunkKey(d), value: loc });
+          res.recovered.chunks++;
+        }
+      }
+      batch.push({ type: 'del', key: condemnedKey(d) });
+      res.recovered.condemned++;
+    });
+    await repo.db.batch(batch, SYNC);
+    pending = [];
+  };
+  for await (const [k, v] of repo.db.iterator(prefixRange(K_CONDEMNED))) {
+    pending.push([Buffer.from(k.subarray(1)), Buffer.from(v)]);
+    if (pending.length >= BATCH) await flush();
+  }
+  if (pending.length) await flush();
+}
+
+export async function gc(repo: Repository, opts: GcOptions = {}): Promise<GcResult> {
+  const threshold = opts.repackThreshold ?? 50;
+  if (!(threshold >= 0 && threshold <= 100)) throw new GenvaultError(`repack threshold must be 0-100, not ${threshold}`, 'USAGE', 2);
+  const report = opts.onProgress ?? (() => undefined);
+  return opts.dryRun ? dryRun(repo, threshold, report) : run(repo, threshold, report, opts.pollMs ?? 500);
+}
+
+async function run(repo: Repository, threshold: number, report: (line: string) => void, pollMs: number): Promise<GcResult> {
+  const started = Date.now();
+  const res = emptyResult(false);
+  const db = repo.db;
+  const lock = await GcLock.acquire(repo.dir);
+  let writer: WriterRegistration | null = null;
+  let ok = false;
+  try {
+    trace('locked');
+    await cleanupDeadWriters(repo.dir, db);
+    writer = await WriterRegistration.register(repo.dir, 'gc');
+    const self = writer.record.id;
+
+    report('gc: checking for leftovers of an interrupted gc');
+    await recoverLeftovers(repo, res);
+
+    // Mark.
+    trace('mark');
+    let first: Marks | null = await mark(repo, report, 'marking');
+
+    // Condemn every unreferenced chunk entry.
+    trace('condemn');
+    const condemned = new Map<string, Buffer>();
+    let ops: Op[] = [];
+    for await (const [k, v] of db.iterator(prefixRange(K_CHUNK))) {
+      const d = k.subarray(1);
+      const s = bin(d);
+      if (first.chunks.has(s)) continue;
+      const loc = Buffer.from(v);
+      condemned.set(s, loc);
+      ops.push({ type: 'put', key: condemnedKey(d), value: loc });
+      if (ops.length >= BATCH) {
+        await db.batch(ops, SYNC);
+        ops = [];
+        report(`gc: condemning unreferenced chunks: ${condemned.size}`);
+      }
+    }
+    if (ops.length) await db.batch(ops, SYNC);
+    ops = [];
+    first = null; // the second marking replaces it
+
+    // Wait for every writer that may have looked a condemned chunk up before its 'x' key
+    // existed: those running now. Writers registering from now on see gc.json and the 'x'
+    // keys, and store fresh copies instead of reusing a condemned chunk.
+    const noted = await otherLiveWriters(repo.dir, self);
+    trace('wait');
+    res.waitedFor = noted.length;
+    for (;;) {
+      let running = 0;
+      for (const w of noted) {
+        if ((await fileSize(path.join(repo.dir, 'locks', `writer-${w.id}.json`))) !== null && (await ownerAlive(w.owner))) running++;
+      }
+      if (!running) break;
+      report(`gc: waiting for ${running} running backup(s)`);
+      await sleep(pollMs);
+    }
+    await cleanupDeadWriters(repo.dir, db); // writers that died meanwhile
+
+    // Re-mark: generations committed meanwhile may use condemned chunks (forget and prune
+    // may also have removed some generations: that only makes more garbage, left for later).
+    trace('remark');
+    const second = await mark(repo, report, 'marking again');
+    res.generations = second.generations;
+    res.referencedChunks = second.chunks.size;
+    res.referencedLeaves = second.leaves.size;
+    for (const s of condemned.keys()) {
+      if (!second.chunks.has(s)) continue;
+      condemned.delete(s);
+      ops.push({ type: 'del', key: condemnedKey(Buffer.from(s, 'latin1')) });
+      res.chunksSpared++;
+      if (ops.length >= BATCH) {
+        await db.batch(ops, SYNC);
+        ops = [];
+      }
+    }
+    if (ops.length) await db.batch(ops, SYNC);
+    ops = [];
+
+    await testPause('before-sweep');
+
+    trace('sweep');
+    const swept = await sweepChunks(repo, condemned, res, report);
+
+    trace('leaves');
+    await sweepLeaves(repo, self, res, report);
+
+    trace('repack');
+    await cleanupDeadWriters(repo.dir, db);
+    await repack(repo, writer, threshold, res, report);
+
+    // The 'x' keys of swept chunks last until here, so that a backup which found a 'c'
+    // entry just before the sweep deleted it still finds the 'x' key when it looks next.
+    // Damage marks of swept chunks go too: nothing uses them any more.
+    trace('finish');
+    for (let at = 0; at < swept.length; at += BATCH) {
+      const part = swept.slice(at, at + BATCH);
+      await db.batch(part.flatMap((d) => [{ type: 'del' as const, key: condemnedKey(d) }, { type: 'del' as const, key: damagedKey(d) }]), SYNC);
+    }
+    ok = true;
+    trace('done');
+  } catch (e) {
+    if (e instanceof GenvaultError) throw e;
+    throw describeFsError(e, 'gc failed');
+  } finally {
+    if (!ok) {
+      // Leave nothing a backup or the next gc has to guess about.
+      await recoverLeftovers(repo, emptyResult(false)).catch(() => undefined);
+      if (writer) await trimPacks(repo.dir, db, writer.record.packs).catch(() => undefined);
+    }
+    await writer?.release().catch(() => undefined);
+    await lock.release().catch(() => undefined);
+  }
+  res.durationMs = Date.now() - started;
+  return res;
+}
+
+/**
+ * Test hook: with GENVAULT_GC_PAUSE_FILE set, gc waits while that file exists when it
+ * reaches the point named by GENVAULT_GC_PAUSE_AT: 'before-sweep' (the default: after the
+ * last marking), 'sweep-read' (in the first sweep batch, between reading the entries and
+ * deleting them) or 'leaves-move' (before moving the first batch of leaves).
+ */
+async function testPause(point: string): Promise<void> {
+  const f = process.env.GENVAULT_GC_PAUSE_FILE;
+  if (!f || (process.env.GENVAULT_GC_PAUSE_AT ?? 'before-sweep') !== point || (await fileSize(f)) === null) return;
+  process.stderr.write(`gc: paused at ${point} while ${f} exists\n`);
+  while ((await fileSize(f)) !== null) await sleep(50);
+}
+
+/**
+ * Delete the 'c' entries of condemned chunks that still point where they did when
+ * condemned. LevelDB has no compare-and-delete: a backup may store a fresh copy of such
+ * a chunk (a new 'c' entry, committed in one batch with its pack's 'p' entry) between our
+ * read and our delete. So each batch reads all 'p' entries before and after; if any
+ * changed, the batch's entries are put back as they were (their records are still in
+ * place: packs are touched only later) and left for the next gc. The 'x' keys of the
+ * deleted entries are returned: they stay until the end of the run.
+ */
+async function sweepChunks(repo: Repository, condemned: Map<string, Buffer>, res: GcResult, report: (line: string) => void): Promise<Buffer[]> {
+  const db = repo.db;
+  const all = [...condemned.entries()];
+  const swept: Buffer[] = [];
+  for (let at = 0; at < all.length; at += BATCH) {
+    const part = all.slice(at, at + BATCH).map(([s, loc]) => ({ d: Buffer.from(s, 'latin1'), loc }));
+    const before = await packFingerprint(repo);
+    const cur = await db.getMany(part.map((p) => chunkKey(p.d)));
+    await testPause('sweep-read');
+    const gone: typeof part = [];
+    const moved: typeof part = [];
+    part.forEach((p, i) => (cur[i] && Buffer.from(cur[i]!).equals(p.loc) ? gone : moved).push(p));
+    if (gone.length) await db.batch(gone.map((p) => ({ type: 'del' as const, key: chunkKey(p.d) })), SYNC);
+    const after = await packFingerprint(repo);
+    const undo: Op[] = [];
+    if (gone.length && after !== before) {
+      for (const p of gone) undo.push({ type: 'put', key: chunkKey(p.d), value: p.loc }, { type: 'del', key: condemnedKey(p.d) });
+      res.chunksDeferred += gone.length;
+    } else {
+      for (const p of gone) {
+        swept.push(p.d);
+        res.chunksRemoved++;
+        res.chunkBytesRemoved += RECORD_HEADER_SIZE + p.loc.readUInt32LE(24);
+      }
+    }
+    // A different entry (a fresh copy some backup stored) or none: the chunk is not ours to remove.
+    for (const p of moved) undo.push({ type: 'del', key: condemnedKey(p.d) });
+    if (undo.length) await db.batch(undo, SYNC);
+    report(`gc: removing unreferenced chunks: ${Math.min(at + BATCH, all.length)}/${all.length}`);
+  }
+  return swept;
+}
+
+/**
+ * Remove map leaves no generation references. Backups write their leaves blindly (put,
+ * not "put if absent") before committing the generation that uses them, and a leaf is
+ * identical wherever the same stretch of disk recurs, so a running backup may be about to
+ * reference any unreferenced leaf. Leaves are therefore removed only while no backup
+ * runs: each batch is moved from 'l' to 'y', then if a backup is running or a generation
+ * appeared, the batch is moved back and the rest waits for the next gc; otherwise the
+ * 'y' keys are deleted. A gc that dies between the two steps leaves 'y' keys, which the
+ * next gc puts back first.
+ */
+async function sweepLeaves(repo: Repository, self: string, res: GcResult, report: (line: string) => void): Promise<void> {
+  const db = repo.db;
+  const countUnreferenced = async (ref: Set<string>) => {
+    let n = 0;
+    for await (const k of db.keys(prefixRange(K_LEAF))) if (!ref.has(bin(k.subarray(1)))) n++;
+    return n;
+  };
+  const busy = async (g0: Set<string>) => {
+    if ((await otherLiveWriters(repo.dir, self)).length) return true;
+    for (const k of await generationKeys(repo)) if (!g0.has(k)) return true;
+    return false;
+  };
+  const g0 = await generationKeys(repo);
+  const ref = new Set<string>();
+  for (const k of g0) {
+    const id = Buffer.from(k, 'latin1').subarray(-8);
+    const top = await getOrNull(db, key(K_GENMAP, id));
+    if (!top) {
+      if (await getOrNull(db, Buffer.from(k, 'latin1'))) throw damaged(`the map of generation ${id.toString('hex')} is missing`);
+      continue;
+    }
+    for (const r of decodeTop(top)) ref.add(bin(r.digest));
+  }
+  if (await busy(g0)) {
+    res.leavesDeferred = await countUnreferenced(ref);
+    return;
+  }
+  let batch: Array<[Buffer, Buffer]> = [];
+  let stopped = false;
+  const flush = async () => {
+    await testPause('leaves-move');
+    const move: Op[] = [];
+    for (const [d, v] of batch) move.push({ type: 'del', key: leafKey(d) }, { type: 'put', key: movedLeafKey(d), value: v });
+    await db.batch(move, SYNC);
+    const back: Op[] = [];
+    if (await busy(g0)) {
+      for (const [d, v] of batch) back.push({ type: 'put', key: leafKey(d), value: v }, { type: 'del', key: movedLeafKey(d) });
+      res.leavesDeferred += batch.length;
+      stopped = true;
+    } else {
+      for (const [d] of batch) back.push({ type: 'del', key: movedLeafKey(d) });
+      res.leavesRemoved += batch.length;
+    }
+    await db.batch(back, SYNC);
+    batch = [];
+    report(`gc: removing unreferenced map leaves: ${res.leavesRemoved}`);
+  };
+  for await (const [k, v] of db.iterator(prefixRange(K_LEAF))) {
+    const d = k.subarray(1);
+    if (ref.has(bin(d))) continue;
+    if (stopped) {
+      res.leavesDeferred++;
+      continue;
+    }
+    batch.push([Buffer.from(d), Buffer.from(v)]);
+    if (batch.length >= LEAF_BATCH) await flush();
+  }
+  if (batch.length && !stopped) await flush();
+}
+
+interface PackPlan {
+  sizes: Map<string, number>;
+  live: Map<string, number>;
+  remove: string[];
+  rewrite: string[];
+}
+
+/**
+ * Which packs to delete (no live record) and which to rewrite (live fraction under the
+ * threshold). Only packs with a 'p' entry that no running writer lists: nobody appends to
+ * them or commits entries into them any more, so their live set can only shrink.
+ * With `referenced` (dry run), entries not in it count as already removed.
+ */
+async function planPacks(repo: Repository, self: string | null, threshold: number, referenced?: Set<string>): Promise<PackPlan & { deadBytes: number; deadChunks: number }> {
+  const sizes = await packSizes(repo);
+  for (const w of await otherLiveWriters(repo.dir, self)) for (const p of w.packs) sizes.delete(p);
+  const live = new Map<string, number>();
+  let deadBytes = 0;
+  let deadChunks = 0;
+  for await (const [k, v] of repo.db.iterator(prefixRange(K_CHUNK))) {
+    if (v.length !== 33) continue;
+    const rec = RECORD_HEADER_SIZE + v.readUInt32LE(24);
+    if (referenced && !referenced.has(bin(k.subarray(1)))) {
+      deadBytes += rec;
+      deadChunks++;
+      continue;
+    }
+    const id = v.toString('hex', 0, 16);
+    if (sizes.has(id)) live.set(id, (live.get(id) ?? 0) + rec);
+  }
+  const remove: string[] = [];
+  const rewrite: string[] = [];
+  for (const [id, size] of [...sizes].sort((a, b) => (a[0] < b[0] ? -1 : 1))) {
+    const l = live.get(id) ?? 0;
+    const data = Math.max(0, size - PACK_HEADER_SIZE);
+    if (l === 0) remove.push(id);
+    else if (threshold > 0 && l < data && l * 100 < threshold * data) rewrite.push(id);
+  }
+  return { sizes, live, remove, rewrite, deadBytes, deadChunks };
+}
+
+interface LiveRecord {
+  d: Buffer;
+  loc: Buffer;
+  offset: number;
+  length: number; // header + stored
+}
+
+async function repack(repo: Repository, writer: WriterRegistration, threshold: number, res: GcResult, report: (line: string) => void): Promise<void> {
+  const db = repo.db;
+  const plan = await planPacks(repo, writer.record.id, threshold);
+
+  for (const id of plan.remove) {
+    const file = packPath(repo.dir, id);
+    const size = await fileSize(file);
+    // Listed first: if we die after deleting the 'p' entry, cleanupDeadWriters removes the file.
+    await writer.addPack(id);
+    await db.del(packKey(id), SYNC);
+    await fs.rm(file, { force: true });
+    res.packsDeleted++;
+    res.bytesFreed += size ?? 0;
+    report(`gc: deleted ${res.packsDeleted}/${plan.remove.length} empty pack(s)`);
+  }
+  if (!plan.rewrite.length) return;
+
+  // Live records of the packs to rewrite (a second pass: memory only for those packs).
+  const wanted = new Set(plan.rewrite);
+  const records = new Map<string, LiveRecord[]>();
+  for await (const [k, v] of db.iterator(prefixRange(K_CHUNK))) {
+    if (v.length !== 33) continue;
+    const id = v.toString('hex', 0, 16);
+    if (!wanted.has(id)) continue;
+    const loc = Buffer.from(v);
+    let list = records.get(id);
+    if (!list) records.set(id, (list = []));
+    list.push({ d: Buffer.from(k.subarray(1)), loc, offset: Number(loc.readBigUInt64LE(16)), length: RECORD_HEADER_SIZE + loc.readUInt32LE(24) });
+  }
+
+  let out: PackWriter | null = null;
+  let n = 0;
+  try {
+    for (const id of plan.rewrite) {
+      n++;
+      const recs = (records.get(id) ?? []).sort((a, b) => a.offset - b.offset);
+      const file = packPath(repo.dir, id);
+      const oldSize = await fileSize(file);
+      if (oldSize === null) {
+        res.warnings.push(`pack ${id} is missing (run 'genvault verify'); left alone`);
+        continue;
+      }
+      if (!out || out.size >= repo.config.packTargetSize) {
+        if (out) await out.close();
+        out = await PackWriter.create(repo.dir).catch((e) => {
+          throw describeFsError(e, `creating a pack file in ${repo.dir}`);
+        });
+        await writer.addPack(out.packId);
+        res.packsWritten++;
+        res.bytesFreed -= PACK_HEADER_SIZE;
+      }
+      const w: PackWriter = out;
+      const startSize = w.size;
+      const moves: Array<{ key: Buffer; old: Buffer; neu: Buffer }> = [];
+      const problem = await copyRecords(file, recs, w, moves);
+      if (problem) {
+        await fs.truncate(w.file, startSize);
+        w.size = startSize;
+        res.warnings.push(`pack ${id}: ${problem}; pack left in place (run 'genvault verify')`);
+        continue;
+      }
+      await w.sync();
+      const cur = await db.getMany(moves.map((m) => m.key));
+      const batch: Op[] = [{ type: 'put', key: packKey(w.packId), value: Buffer.from(JSON.stringify({ size: w.size })) }];
+      // Only entries still pointing at the old record move; one replaced meanwhile by a
+      // backup's fresh copy points into that backup's pack and stays.
+      moves.forEach((m, i) => {
+        if (cur[i] && Buffer.from(cur[i]!).equals(m.old)) batch.push({ type: 'put', key: m.key, value: m.neu });
+      });
+      await db.batch(batch, SYNC);
+      // No entry points into the old pack any more: remove it.
+      await writer.addPack(id);
+      await db.del(packKey(id), SYNC);
+      await fs.rm(file, { force: true });
+      const copied = w.size - startSize;
+      res.packsRepacked++;
+      res.bytesCopied += copied;
+      res.bytesFreed += oldSize - copied;
+      report(`gc: rewriting packs: ${n}/${plan.rewrite.length}, ${bytes(res.bytesCopied)} of live data copied`);
+    }
+  } finally {
+    await out?.close().catch(() => undefined);
+  }
+}
+
+/**
+ * Append the live records of one pack to `w`, as they are (header and payload), after
+ * checking each record header against its index entry. Returns a problem, or null.
+ */
+async function copyRecords(file: string, recs: LiveRecord[], w: PackWriter, moves: Array<{ key: Buffer; old: Buffer; neu: Buffer }>): Promise<string | null> {
+  const fh = await fs.open(file, 'r');
+  try {
+    let i = 0;
+    while (i < recs.length) {
+      // A window of records close to each other, read at once.
+      let j = i + 1;
+      const start = recs[i]!.offset;
+      let end = start + recs[i]!.length;
+      while (j < recs.length) {
+        const r = recs[j]!;
+        if (r.offset < end || r.offset - end > MAX_GAP || r.offset + r.length - start > WINDOW) break;
+        end = r.offset + r.length;
+        j++;
+      }
+      const buf = Buffer.alloc(end - start);
+      let got = 0;
+      while (got < buf.length) {
+        const { bytesRead } = await fh.read(buf, got, buf.length - got, start + got);
+        if (!bytesRead) break;
+        got += bytesRead;
+      }
+      const parts: Buffer[] = [];
+      let pos = 0;
+      const pending: Array<{ r: LiveRecord; at: number }> = [];
+      for (let k = i; k < j; k++) {
+        const r = recs[k]!;
+        const at = r.offset - start;
+        if (at + r.length > got) return `the record of chunk ${r.d.toString('hex')} at offset ${r.offset} is cut off`;
+        const h = decodeRecordHeader(buf, at);
+        const l = decodeLocation(r.loc);
+        if (!h || !h.digest.equals(r.d) || h.storedLength !== l.storedLength || h.rawLength !== l.rawLength || h.compression !== l.compression) {
+          return `the record of chunk ${r.d.toString('hex')} at offset ${r.offset} is damaged`;
+        }
+        parts.push(buf.subarray(at, at + r.length));
+        pending.push({ r, at: pos });
+        pos += r.length;
+      }
+      const base = await w.append(parts.length === 1 ? parts[0]! : Buffer.concat(parts));
+      for (const { r, at } of pending) {
+        const l = decodeLocation(r.loc);
+        moves.push({ key: chunkKey(r.d), old: r.loc, neu: encodeLocation({ ...l, packId: w.packId, offset: base + at }) });
+      }
+      i = j;
+    }
+    return null;
+  } finally {
+    await fh.close();
+  }
+}
+
+/** What gc would do, changing nothing (no lock, no registration, no cleanup of dead writers). */
+async function dryRun(repo: Repository, threshold: number, report: (line: string) => void): Promise<GcResult> {
+  const started = Date.now();
+  const res = emptyResult(true);
+  const m = await mark(repo, report, 'marking');
+  res.generations = m.generations;
+  res.referencedChunks = m.chunks.size;
+  res.referencedLeaves = m.leaves.size;
+  report('gc: counting unreferenced chunks and pack space');
+  const plan = await planPacks(repo, null, threshold, m.chunks);
+  res.chunksRemoved = plan.deadChunks;
+  res.chunkBytesRemoved = plan.deadBytes;
+  for await (const k of repo.db.keys(prefixRange(K_LEAF))) if (!m.leaves.has(bin(k.subarray(1)))) res.leavesRemoved++;
+  for (const id of plan.remove) {
+    res.packsDeleted++;
+    res.bytesFreed += (await fileSize(packPath(repo.dir, id))) ?? 0;
+  }
+  let copied = 0;
+  for (const id of plan.rewrite) {
+    const size = await fileSize(packPath(repo.dir, id));
+    if (size === null) continue;
+    const l = plan.live.get(id) ?? 0;
+    res.packsRepacked++;
+    copied += l;
+    res.bytesFreed += size - l;
+  }
+  res.bytesCopied = copied;
+  if (copied) {
+    res.packsWritten = Math.ceil(copied / repo.config.packTargetSize);
+    res.bytesFreed -= res.packsWritten * PACK_HEADER_SIZE;
+  }
+  let leftovers = false;
+  for await (const _ of repo.db.keys({ ...prefixRange(K_CONDEMNED), limit: 1 })) leftovers = true;
+  if (leftovers) res.warnings.push('an interrupted gc left condemned-chunk keys; the next gc resolves them first');
+  res.durationMs = Date.now() - started;
+  return res;
+}
