@@ -160,14 +160,7 @@ export class ChunkMap {
 
   /** Index of the leaf holding image offset `off` (off < size). */
   leafIndexAt(off: number): number {
-    let lo = 0;
-    let hi = this.refs.length - 1;
-    while (lo < hi) {
-      const mid = (lo + hi + 1) >>> 1;
-      if (this.leafStarts[mid]! <= off) lo = mid;
-      else hi = mid - 1;
-    }
-    return lo;
+    return lastAtOrBefore(this.leafStarts, this.refs.length, off);
   }
 
   leaf(i: number): Promise<Leaf> {
@@ -177,11 +170,16 @@ export class ChunkMap {
 
 /** Index of the chunk holding relative offset `off` inside a leaf. */
 export function chunkIndexAt(leaf: Leaf, off: number): number {
+  return lastAtOrBefore(leaf.starts, leaf.starts.length, off);
+}
+
+/** Largest i < n with starts[i] <= x (binary search over ascending start offsets). */
+function lastAtOrBefore(starts: Float64Array, n: number, x: number): number {
   let lo = 0;
-  let hi = leaf.starts.length - 1;
+  let hi = n - 1;
   while (lo < hi) {
     const mid = (lo + hi + 1) >>> 1;
-    if (leaf.starts[mid]! <= off) lo = mid;
+    if (starts[mid]! <= x) lo = mid;
     else hi = mid - 1;
   }
   return lo;
