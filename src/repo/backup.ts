@@ -23,6 +23,10 @@ import { ImageLock, WriterRegistration, cleanupDeadWriters, gcRunning } from './
 import { ChunkLocation, PackWriter, RECORD_HEADER_SIZE, encodeLocation } from './pack.js';
 import { Repository } from './repository.js';
 import type { Source } from '../source/types.js';
+import { isChunkedSource, sameChunking } from '../source/chunked.js';
+
+/** backup() consumes ChunkedSource.readSegment: only chunks the repository lacks are transferred. */
+export const SUPPORTS_CHUNKED_SOURCES = true;
 
 export interface BackupOptions {
   name: string;
@@ -101,7 +105,18 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     const damaged = await damagedSet(repo.db);
     const healed: string[] = [];
     const prev = (await repo.generations(name)).at(-1) ?? null;
-    const parent = new ParentCursor(prev && !underGc ? await repo.chunkMap(prev) : null);
+    const parentMap = prev && !underGc ? await repo.chunkMap(prev) : null;
+    const parent = new ParentCursor(parentMap);
+    // A source that chunks at the far end (SSH agent) asks which chunks to send. The
+    // reader decides that with its own cursor on the parent map (cursors only move
+    // forward, and the reader runs ahead of the main loop).
+    const chunked = isChunkedSource(source) ? source : null;
+    if (chunked && !sameChunking(chunked.chunking, cfg.chunking)) {
+      throw new GenvaultError('the source chunks differently from the repository', 'CHUNKING');
+    }
+    const readerParent = new ParentCursor(parentMap);
+    // Digests the reader asked the far end for, whose segment the main loop has not reached.
+    const requested = new Set<string>();
     const pool = repo.pool;
     const depth = 6; // segments in flight: bounds memory (6 x 8 MiB) while keeping the workers fed
     const free: SharedArrayBuffer[] = Array.from({ length: depth }, () => new SharedArrayBuffer(segSize));
@@ -200,7 +215,8 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
 
     // Reader: segments in order, each handed to a worker as soon as it is read. Reads are
     // chained (the source is sequential); chunking runs in parallel on the workers.
-    type Segment = { buf: SharedArrayBuffer; len: number; res: Promise<ChunkResult> };
+    // `sent`: for chunked sources, 1 for each chunk whose bytes were requested (the new ones).
+    type Segment = { buf: SharedArrayBuffer; len: number; res: Promise<ChunkResult>; sent?: Uint8Array };
     const segments: Array<Promise<Segment | null>> = [];
     let eof = false;
     const readNext = async (): Promise<Segment | null> => {
@@ -210,6 +226,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
         return null;
       }
       const view = Buffer.from(buf);
+      if (chunked) return readChunked(buf, view);
       const len = await source.read(view, segSize);
       if (len < segSize) eof = true;
       if (len === 0) {
@@ -221,6 +238,65 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       const res = pool.run<ChunkResult>({ op: 'chunk', seg: buf, len, params: cfg.chunking });
       res.catch(() => undefined); // awaited in order below
       return { buf, len, res };
+    };
+    /**
+     * One segment from a chunked source. Only chunks that are new to the repository are
+     * requested: not at the same offset in the parent, not requested earlier in this run
+     * (still ahead of the main loop, or already inflight/uncommitted/committing behind
+     * it), and absent from the index (or condemned by a running gc, or damaged). The main
+     * loop then treats exactly the requested chunks as new.
+     */
+    const readChunked = async (buf: SharedArrayBuffer, view: Buffer): Promise<Segment | null> => {
+      const seg = await chunked!.readSegment(async (offset, offered) => {
+        const need = new Array<boolean>(offered.length).fill(false);
+        const ask: number[] = [];
+        const askedHere = new Set<string>();
+        for (let k = 0; k < offered.length; k++) {
+          const c = offered[k]!;
+          const ds = c.digest.toString('binary');
+          const isDamaged = damaged.size > 0 && damaged.has(ds);
+          if (!isDamaged && (await readerParent.has(offset + c.start, c.length, c.digest))) continue;
+          if (requested.has(ds) || askedHere.has(ds) || inflight.has(ds) || uncommitted.has(ds) || committing.has(ds)) continue;
+          askedHere.add(ds);
+          ask.push(k);
+        }
+        if (ask.length) {
+          // As in the main loop: gc's 'x' marks are read before the entries.
+          const condemned = underGc ? await repo.db.getMany(ask.map((k) => condemnedKey(offered[k]!.digest))) : [];
+          const found = await repo.db.getMany(ask.map((k) => chunkKey(offered[k]!.digest)));
+          ask.forEach((k, j) => {
+            const ds = offered[k]!.digest.toString('binary');
+            const isDamaged = damaged.size > 0 && damaged.has(ds);
+            if (found[j] !== undefined && found[j] !== null && !condemned[j] && !isDamaged) return;
+            need[k] = true;
+            requested.add(ds);
+          });
+        }
+        return need;
+      });
+      if (!seg || seg.length === 0) {
+        eof = true;
+        release(buf);
+        return null;
+      }
+      if (seg.length < segSize) eof = true;
+      const n = seg.chunks.length;
+      const table = new Int32Array(n * 3);
+      const digests = new Uint8Array(n * 32);
+      const sent = new Uint8Array(n);
+      seg.chunks.forEach((c, i) => {
+        table[i * 3] = c.start;
+        table[i * 3 + 1] = c.length;
+        table[i * 3 + 2] = c.zero ? 1 : 0;
+        if (c.digest) digests.set(c.digest, i * 32);
+        if (c.data) {
+          c.data.copy(view, c.start);
+          sent[i] = 1;
+        }
+      });
+      stats.bytesRead += seg.length;
+      opts.onProgress?.(stats.bytesRead, source.size);
+      return { buf, len: seg.length, res: Promise.resolve({ table, digests }), sent };
     };
     // Keep `depth - 1` segments read ahead; one buffer is always left for compression to finish.
     let readChain: Promise<unknown> = Promise.resolve();
@@ -242,7 +318,29 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       const n = table.length / 3;
       const unknown: number[] = [];
       const entryDigest: Array<Buffer | null> = new Array(n);
-      for (let i = 0; i < n; i++) {
+      const newIdx: number[] = [];
+      if (seg.sent) {
+        // Chunked source: the reader already decided; the requested chunks are the new ones.
+        for (let i = 0; i < n; i++) {
+          stats.chunks++;
+          if (table[i * 3 + 2]) {
+            stats.zeroBytes += table[i * 3 + 1]!;
+            entryDigest[i] = null;
+            continue;
+          }
+          const d = Buffer.from(digests.buffer, digests.byteOffset + i * 32, 32);
+          entryDigest[i] = d;
+          if (!seg.sent[i]) continue;
+          const ds = d.toString('binary');
+          requested.delete(ds);
+          if (damaged.size && damaged.has(ds)) {
+            damaged.delete(ds);
+            healed.push(ds);
+          }
+          newIdx.push(i);
+        }
+      }
+      for (let i = 0; i < n && !seg.sent; i++) {
         const start = table[i * 3]!;
         const length = table[i * 3 + 1]!;
         stats.chunks++;
@@ -263,7 +361,6 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
         unknown.push(i);
       }
       // Ask the index about the rest in one round trip.
-      const newIdx: number[] = [];
       if (unknown.length) {
         // While a gc runs, a chunk it condemned counts as absent: storing a fresh copy
         // (which replaces its index entry) is what keeps this generation whole. The 'x'

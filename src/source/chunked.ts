@@ -1,0 +1,62 @@
+/**
+ * Sources that chunk at the far end (the SSH agent, src/source/ssh-agent.ts): they
+ * deliver each segment as a list of chunks with digests, and bytes only for the chunks
+ * the repository lacks. A ChunkedSource is also a plain Source (read() asks for every
+ * data chunk and reassembles the bytes), so consumers that know nothing of it still work.
+ */
+import type { ChunkingParams } from '../repo/format.js';
+import type { Source } from './types.js';
+
+/** A data chunk offered by the far end, before its bytes are asked for. */
+export interface OfferedChunk {
+  /** Offset inside the segment. */
+  start: number;
+  length: number;
+  /** SHA-256 of the chunk's bytes, computed remotely. */
+  digest: Buffer;
+}
+
+/** One chunk of a delivered segment. */
+export interface RemoteChunk {
+  /** Offset inside the segment. */
+  start: number;
+  length: number;
+  zero: boolean;
+  /** SHA-256 (computed remotely; checked locally for chunks that were sent); null for zero chunks. */
+  digest: Buffer | null;
+  /** The chunk's bytes when they were asked for, else null (always null for zero chunks). */
+  data: Buffer | null;
+}
+
+export interface ChunkedSegment {
+  /** Offset of the segment in the image. */
+  offset: number;
+  length: number;
+  chunks: RemoteChunk[];
+}
+
+/**
+ * Decides which data chunks of a segment to fetch: gets the segment's offset in the
+ * image and its data chunks in order (a digest may repeat), answers one boolean per
+ * chunk (true = send its bytes). Called once per segment, in image order, never
+ * concurrently.
+ */
+export type NeedFn = (segmentOffset: number, chunks: OfferedChunk[]) => Promise<boolean[]>;
+
+export interface ChunkedSource extends Source {
+  /** Chunking the far end uses; must equal the repository's (chunk boundaries decide dedup). */
+  readonly chunking: ChunkingParams;
+  /** The next segment (segments are `chunking.segment` bytes, the last may be shorter); null at the end. */
+  readSegment(need: NeedFn): Promise<ChunkedSegment | null>;
+  /** Chunk bytes received so far: raw (after inflating) and on the wire. */
+  readonly transferred: { raw: number; wire: number };
+}
+
+export function isChunkedSource(s: Source): s is ChunkedSource {
+  return typeof (s as Partial<ChunkedSource>).readSegment === 'function';
+}
+
+/** Whether a source's chunking produces the same boundaries as the repository's. */
+export function sameChunking(a: ChunkingParams, b: ChunkingParams): boolean {
+  return a.block === b.block && a.min === b.min && a.max === b.max && a.maskBits === b.maskBits && a.segment === b.segment;
+}

@@ -1,0 +1,633 @@
+/**
+ * Remote sources over SSH: `ssh://[user@]host[:port]/path/to/device-or-image`.
+ *
+ * Authentication and host key checking follow OpenSSH: an identity file given with
+ * `-i`, else the agent at SSH_AUTH_SOCK, else ~/.ssh/id_ed25519, id_ecdsa, id_rsa (those
+ * that exist). Host keys are checked against ~/.ssh/known_hosts (plain, wildcard,
+ * `[host]:port` and hashed `|1|salt|hash` entries); an unknown host is refused unless
+ * `acceptNewHostKey` (trust on first use, appended to the file), a changed key always.
+ *
+ * Plain mode streams the image with `cat` over an exec channel. Incremental mode
+ * (src/source/ssh-agent.ts) runs a small Python agent remotely that chunks and hashes
+ * there and sends only the chunks the repository lacks.
+ */
+import { createHmac } from 'node:crypto';
+import fs from 'node:fs/promises';
+import { createRequire } from 'node:module';
+import os from 'node:os';
+import path from 'node:path';
+import ssh2 from 'ssh2';
+import type { ClientChannel, ConnectConfig, AnyAuthMethod } from 'ssh2';
+import { GenvaultError, UsageError } from '../util/errors.js';
+import type { Source } from './types.js';
+
+const { Client, utils } = ssh2;
+
+export interface SshSpec {
+  user: string;
+  host: string;
+  port: number;
+  path: string;
+}
+
+export interface SshOptions {
+  /** Identity (private key) file; when given, the only key tried. */
+  identity?: string;
+  /** known_hosts file (default ~/.ssh/known_hosts). */
+  knownHosts?: string;
+  /** Trust and record the key of a host not in known_hosts (never a changed one). */
+  acceptNewHostKey?: boolean;
+  /** Connection timeout in ms (default 20 s). */
+  timeoutMs?: number;
+}
+
+/** True for sources the CLI should open with openSshSource. */
+export function isSshSpec(spec: string): boolean {
+  return spec.startsWith('ssh://');
+}
+
+export function parseSshSpec(spec: string): SshSpec {
+  const m = /^ssh:\/\/(?:([^@/]+)@)?(\[[^\]/]+\]|[^:/@[\]]+)(?::(\d*))?(\/.*)?$/.exec(spec);
+  if (!m || !m[4] || m[4] === '/') {
+    throw new UsageError(`bad SSH source "${spec}": expected ssh://[user@]host[:port]/path/to/device-or-image`);
+  }
+  const port = m[3] ? Number(m[3]) : 22;
+  if (!Number.isInteger(port) || port < 1 || port > 65535) throw new UsageError(`bad port in SSH source "${spec}"`);
+  let p: string;
+  try {
+    p = decodeURIComponent(m[4]);
+  } catch {
+    p = m[4];
+  }
+  const host = m[2]!.startsWith('[') ? m[2]!.slice(1, -1) : m[2]!;
+  return { user: m[1] ? decodeURIComponent(m[1]) : defaultUser(), host, port, path: p };
+}
+
+function defaultUser(): string {
+  try {
+    return os.userInfo().username;
+  } catch {
+    return process.env.USER ?? 'root';
+  }
+}
+
+/** user@host[:port] as shown in messages about the connection. */
+export function describeLogin(s: SshSpec): string {
+  const h = s.host.includes(':') ? `[${s.host}]` : s.host;
+  return `${s.user}@${h}${s.port === 22 ? '' : `:${s.port}`}`;
+}
+
+export function describeSpec(s: SshSpec): string {
+  const h = s.host.includes(':') ? `[${s.host}]` : s.host;
+  return `ssh://${s.user}@${h}${s.port === 22 ? '' : `:${s.port}`}${s.path}`;
+}
+
+/** Print one line when ssh2's native crypto binding is missing (5-6x slower transfers). */
+export function warnIfNoNativeCrypto(write: (line: string) => void = (l) => process.stderr.write(l)): boolean {
+  let available = false;
+  try {
+    const req = createRequire(import.meta.url);
+    available = !!(req('ssh2/lib/protocol/crypto.js') as { bindingAvailable?: boolean }).bindingAvailable;
+  } catch {
+    available = false;
+  }
+  if (!available) write('ssh2 native crypto binding not available: SSH transfers will be about 5x slower\n');
+  return available;
+}
+
+// ---------------------------------------------------------------------------------
+// known_hosts
+
+export interface KnownHostEntry {
+  /** Host patterns (comma list) or a hashed `|1|salt|hash` entry. */
+  hosts: string;
+  type: string;
+  key: Buffer;
+  marker: string | null;
+}
+
+/** The name OpenSSH looks up for host:port. */
+export function knownHostsName(host: string, port: number): string {
+  return port === 22 ? host : `[${host}]:${port}`;
+}
+
+export function parseKnownHosts(text: string): KnownHostEntry[] {
+  const out: KnownHostEntry[] = [];
+  for (const raw of text.split('\n')) {
+    const line = raw.trim();
+    if (!line || line.startsWith('#')) continue;
+    const f = line.split(/\s+/);
+    let marker: string | null = null;
+    if (f[0]!.startsWith('@')) marker = f.shift()!;
+    if (f.length < 3) continue;
+    out.push({ hosts: f[0]!, type: f[1]!, key: Buffer.from(f[2]!, 'base64'), marker });
+  }
+  return out;
+}
+
+function globMatch(pattern: string, name: string): boolean {
+  const re = new RegExp(
+    '^' + pattern.replace(/[.+^${}()|\\]/g, '\\$&').replace(/\*/g, '.*').replace(/\?/g, '.').replace(/\[/g, '\\[').replace(/\]/g, '\\]') + '$',
+    'i',
+  );
+  return re.test(name);
+}
+
+/** Whether a known_hosts host field matches `name` (as from knownHostsName). */
+export function hostFieldMatches(field: string, name: string): boolean {
+  if (field.startsWith('|1|')) {
+    const [, , salt, hash] = field.split('|');
+    if (!salt || !hash) return false;
+    const h = createHmac('sha1', Buffer.from(salt, 'base64')).update(name).digest('base64');
+    return h === hash;
+  }
+  let matched = false;
+  for (const pat of field.split(',')) {
+    if (pat.startsWith('!')) {
+      if (globMatch(pat.slice(1), name)) return false;
+    } else if (globMatch(pat, name)) matched = true;
+  }
+  return matched;
+}
+
+/** Key type name inside an SSH public key blob ("ssh-ed25519", "ssh-rsa", ...). */
+export function keyBlobType(blob: Buffer): string {
+  if (blob.length < 4) return '';
+  const n = blob.readUInt32BE(0);
+  return blob.subarray(4, 4 + n).toString('latin1');
+}
+
+export type HostKeyVerdict = { status: 'ok' } | { status: 'unknown' } | { status: 'changed'; type: string } | { status: 'revoked' };
+
+export function checkHostKey(entries: KnownHostEntry[], host: string, port: number, blob: Buffer): HostKeyVerdict {
+  const name = knownHostsName(host, port);
+  const type = keyBlobType(blob);
+  let ok = false;
+  let changed = false;
+  for (const e of entries) {
+    if (!hostFieldMatches(e.hosts, name)) continue;
+    if (e.marker === '@revoked') {
+      if (e.key.equals(blob)) return { status: 'revoked' };
+      continue;
+    }
+    if (e.marker) continue; // @cert-authority: certificates are not supported
+    if (e.key.equals(blob)) ok = true;
+    else if (keyBlobType(e.key) === type) changed = true;
+  }
+  if (ok) return { status: 'ok' };
+  if (changed) return { status: 'changed', type };
+  return { status: 'unknown' };
+}
+
+/** Key types (as in known_hosts) recorded for host:port, to prefer those host key algorithms. */
+function knownTypes(entries: KnownHostEntry[], host: string, port: number): string[] {
+  const name = knownHostsName(host, port);
+  const t = new Set<string>();
+  for (const e of entries) if (!e.marker && hostFieldMatches(e.hosts, name)) t.add(keyBlobType(e.key));
+  return [...t];
+}
+
+const HOST_KEY_ALGOS: Record<string, string[]> = {
+  'ssh-ed25519': ['ssh-ed25519'],
+  'ecdsa-sha2-nistp256': ['ecdsa-sha2-nistp256'],
+  'ecdsa-sha2-nistp384': ['ecdsa-sha2-nistp384'],
+  'ecdsa-sha2-nistp521': ['ecdsa-sha2-nistp521'],
+  'ssh-rsa': ['rsa-sha2-512', 'rsa-sha2-256', 'ssh-rsa'],
+};
+const ALL_HOST_KEY_ALGOS = [
+  'ssh-ed25519', 'ecdsa-sha2-nistp256', 'ecdsa-sha2-nistp384', 'ecdsa-sha2-nistp521', 'rsa-sha2-512', 'rsa-sha2-256', 'ssh-rsa',
+];
+
+// ---------------------------------------------------------------------------------
+// identities
+
+async function readIdentity(file: string, explicit: boolean): Promise<{ key: Buffer; file: string } | null> {
+  let data: Buffer;
+  try {
+    data = await fs.readFile(file);
+  } catch (e) {
+    if (!explicit && (e as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    const code = (e as NodeJS.ErrnoException).code;
+    const why = code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : (e as Error).message;
+    throw new GenvaultError(`cannot read identity file ${file}: ${why}`, 'SSH_IDENTITY');
+  }
+  const parsed = utils.parseKey(data);
+  if (parsed instanceof Error) {
+    const enc = /encrypted|passphrase/i.test(parsed.message);
+    const msg = enc
+      ? `identity file ${file} is protected by a passphrase: load it into ssh-agent (ssh-add ${file}) instead`
+      : `identity file ${file} is not a usable private key (${parsed.message})`;
+    if (!explicit && !enc) return null;
+    throw new GenvaultError(msg, 'SSH_IDENTITY');
+  }
+  return { key: data, file };
+}
+
+// ---------------------------------------------------------------------------------
+// connection
+
+export interface SshConnection {
+  spec: SshSpec;
+  client: InstanceType<typeof Client>;
+  /** Run a command; resolves with the channel once it is open. */
+  exec(cmd: string): Promise<ClientChannel>;
+  /** Run a command to completion: stdout, stderr, exit code (null when killed). */
+  run(cmd: string, input?: Buffer | string): Promise<{ stdout: Buffer; stderr: string; code: number | null }>;
+  /** Set once the connection is gone (error or close), with a one-line reason. */
+  readonly lost: GenvaultError | null;
+  onLost(fn: (e: GenvaultError) => void): void;
+  close(): void;
+}
+
+/** POSIX shell single-quoting. */
+export function shq(s: string): string {
+  return `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
+export async function connectSsh(spec: SshSpec, opts: SshOptions = {}): Promise<SshConnection> {
+  const where = describeLogin(spec);
+  const khFile = opts.knownHosts ?? path.join(os.homedir(), '.ssh', 'known_hosts');
+  let khText = '';
+  try {
+    khText = await fs.readFile(khFile, 'utf8');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') {
+      throw new GenvaultError(`cannot read known hosts file ${khFile}: ${(e as Error).message}`, 'SSH_KNOWN_HOSTS');
+    }
+  }
+  const entries = parseKnownHosts(khText);
+
+  // Authentication methods, in OpenSSH's order.
+  const methods: AnyAuthMethod[] = [];
+  const tried: string[] = [];
+  if (opts.identity) {
+    const id = (await readIdentity(path.resolve(opts.identity), true))!;
+    methods.push({ type: 'publickey', username: spec.user, key: id.key });
+    tried.push(`identity ${id.file}`);
+  } else {
+    if (process.env.SSH_AUTH_SOCK) {
+      methods.push({ type: 'agent', username: spec.user, agent: process.env.SSH_AUTH_SOCK });
+      tried.push('ssh-agent');
+    }
+    for (const n of ['id_ed25519', 'id_ecdsa', 'id_rsa']) {
+      const id = await readIdentity(path.join(os.homedir(), '.ssh', n), false);
+      if (id) {
+        methods.push({ type: 'publickey', username: spec.user, key: id.key });
+        tried.push(id.file);
+      }
+    }
+  }
+  if (!methods.length) {
+    throw new GenvaultError(
+      `no SSH key to log in to ${where}: give -i/--identity FILE, start ssh-agent, or create ~/.ssh/id_ed25519`,
+      'SSH_AUTH',
+    );
+  }
+
+  // Prefer host key algorithms we already know a key for, as OpenSSH does.
+  const kt = knownTypes(entries, spec.host, spec.port);
+  const preferred = kt.flatMap((t) => HOST_KEY_ALGOS[t] ?? []);
+  const hostKeyAlgos = [...preferred, ...ALL_HOST_KEY_ALGOS.filter((a) => !preferred.includes(a))];
+
+  let hostKeyError: GenvaultError | null = null;
+  let newKeyLine: string | null = null;
+  const hostVerifier = (blob: Buffer): boolean => {
+    const v = checkHostKey(entries, spec.host, spec.port, blob);
+    const name = knownHostsName(spec.host, spec.port);
+    if (v.status === 'ok') return true;
+    if (v.status === 'changed') {
+      hostKeyError = new GenvaultError(
+        `host key for ${name} has CHANGED (${v.type} key differs from the one in ${khFile}): possible man-in-the-middle attack; ` +
+          `if the host was reinstalled, remove the old key with: ssh-keygen -R '${name}' -f ${khFile}`,
+        'SSH_HOSTKEY_CHANGED',
+      );
+      return false;
+    }
+    if (v.status === 'revoked') {
+      hostKeyError = new GenvaultError(`host key for ${name} is marked @revoked in ${khFile}`, 'SSH_HOSTKEY_REVOKED');
+      return false;
+    }
+    if (opts.acceptNewHostKey) {
+      newKeyLine = `${name} ${keyBlobType(blob)} ${blob.toString('base64')}\n`;
+      return true;
+    }
+    hostKeyError = new GenvaultError(
+      `host ${name} is not in ${khFile} (${keyBlobType(blob)} key offered): check its fingerprint and add it ` +
+        `(ssh-keyscan -p ${spec.port} ${spec.host} >> ${khFile}), or pass --accept-new-host-key to trust it on first use`,
+      'SSH_HOSTKEY_UNKNOWN',
+    );
+    return false;
+  };
+
+  const client = new Client();
+  let lost: GenvaultError | null = null;
+  const lostHandlers: Array<(e: GenvaultError) => void> = [];
+  let ready = false;
+  let closing = false;
+  const setLost = (e: GenvaultError) => {
+    if (lost) return;
+    lost = e;
+    for (const h of lostHandlers) h(e);
+  };
+
+  const cfg: ConnectConfig = {
+    host: spec.host,
+    port: spec.port,
+    username: spec.user,
+    readyTimeout: opts.timeoutMs ?? 20_000,
+    keepaliveInterval: 15_000,
+    keepaliveCountMax: 4,
+    hostVerifier,
+    authHandler: methods,
+    algorithms: {
+      serverHostKey: hostKeyAlgos as never,
+      cipher: ['aes128-gcm@openssh.com', 'aes256-gcm@openssh.com', 'chacha20-poly1305@openssh.com', 'aes128-ctr', 'aes256-ctr'] as never,
+    },
+  };
+
+  await new Promise<void>((resolve, reject) => {
+    client.once('ready', () => {
+      ready = true;
+      resolve();
+    });
+    client.on('error', (err: Error & { level?: string; code?: string }) => {
+      let e: GenvaultError;
+      if (hostKeyError) e = hostKeyError;
+      else if (err.level === 'client-authentication') {
+        e = new GenvaultError(`authentication refused by ${where} (tried ${tried.join(', ')})`, 'SSH_AUTH');
+      } else if (err.level === 'client-timeout') {
+        e = new GenvaultError(`cannot connect to ${where}: timed out`, 'SSH_CONNECT');
+      } else if (err.code === 'ECONNREFUSED') {
+        e = new GenvaultError(`cannot connect to ${where}: connection refused`, 'SSH_CONNECT');
+      } else if (err.code === 'ENOTFOUND' || err.code === 'EAI_AGAIN') {
+        e = new GenvaultError(`cannot connect to ${where}: unknown host ${spec.host}`, 'SSH_CONNECT');
+      } else if (err.code === 'EHOSTUNREACH' || err.code === 'ENETUNREACH') {
+        e = new GenvaultError(`cannot connect to ${where}: host unreachable`, 'SSH_CONNECT');
+      } else if (ready) {
+        e = new GenvaultError(`connection to ${where} lost: ${err.message}`, 'SSH_DISCONNECTED');
+      } else {
+        e = new GenvaultError(`SSH connection to ${where} failed: ${err.message}`, 'SSH_CONNECT');
+      }
+      if (!ready) reject(e);
+      else setLost(e);
+    });
+    client.on('close', () => {
+      const e = hostKeyError ?? new GenvaultError(`connection to ${where} closed`, 'SSH_DISCONNECTED');
+      if (!ready) reject(e);
+      else if (!closing) setLost(new GenvaultError(`connection to ${where} lost`, 'SSH_DISCONNECTED'));
+    });
+    try {
+      client.connect(cfg);
+    } catch (err) {
+      reject(new GenvaultError(`SSH connection to ${where} failed: ${(err as Error).message}`, 'SSH_CONNECT'));
+    }
+  });
+
+  if (newKeyLine) {
+    try {
+      await fs.mkdir(path.dirname(khFile), { recursive: true, mode: 0o700 });
+      const prefix = khText && !khText.endsWith('\n') ? '\n' : '';
+      await fs.appendFile(khFile, prefix + newKeyLine, { mode: 0o600 });
+      process.stderr.write(`genvault: added host key of ${knownHostsName(spec.host, spec.port)} to ${khFile}\n`);
+    } catch (e) {
+      client.end();
+      throw new GenvaultError(`cannot record the host key in ${khFile}: ${(e as Error).message}`, 'SSH_KNOWN_HOSTS');
+    }
+  }
+
+  const exec = (cmd: string) =>
+    new Promise<ClientChannel>((resolve, reject) => {
+      if (lost) return reject(lost);
+      client.exec(cmd, (err, ch) => {
+        if (err) reject(lost ?? new GenvaultError(`cannot run a command on ${where}: ${err.message}`, 'SSH_EXEC'));
+        else resolve(ch);
+      });
+    });
+
+  const conn: SshConnection = {
+    spec,
+    client,
+    exec,
+    get lost() {
+      return lost;
+    },
+    onLost(fn) {
+      lostHandlers.push(fn);
+    },
+    async run(cmd, input) {
+      const ch = await exec(cmd);
+      return new Promise((resolve, reject) => {
+        const out: Buffer[] = [];
+        const err: Buffer[] = [];
+        let code: number | null = null;
+        ch.on('data', (d: Buffer) => out.push(d));
+        ch.stderr.on('data', (d: Buffer) => err.push(d));
+        ch.on('exit', (c: number | null) => (code = c));
+        ch.on('close', () => {
+          if (lost) reject(lost);
+          else resolve({ stdout: Buffer.concat(out), stderr: Buffer.concat(err).toString(), code });
+        });
+        ch.end(input);
+      });
+    },
+    close() {
+      closing = true;
+      client.end();
+    },
+  };
+  return conn;
+}
+
+// ---------------------------------------------------------------------------------
+// remote path
+
+export interface RemoteInfo {
+  kind: 'device' | 'file' | 'other';
+  size: number | null;
+  python: boolean;
+}
+
+/** What the remote path is, its size (best effort), and whether python3 is there. */
+export async function probeRemote(conn: SshConnection): Promise<RemoteInfo> {
+  const p = shq(conn.spec.path);
+  const where = describeSpec(conn.spec);
+  const script =
+    `p=${p}; ` +
+    `if [ -d "$p" ]; then echo dir; elif [ -b "$p" ]; then echo device; blockdev --getsize64 "$p" 2>/dev/null || echo; ` +
+    `elif [ -f "$p" ]; then echo file; stat -L -c %s "$p" 2>/dev/null || echo; elif [ -e "$p" ]; then echo other; echo; ` +
+    `else echo missing; (exec 3< "$p") 2>&1 | tail -n 1; fi; ` +
+    `if [ -r "$p" ]; then echo readable; else echo unreadable; fi; ` +
+    `if command -v python3 >/dev/null 2>&1; then echo python3; else echo nopython; fi`;
+  const r = await conn.run(`sh -c ${shq(script)}`);
+  const lines = r.stdout.toString().split('\n').map((l) => l.trim());
+  if (r.code !== 0 || lines.length < 4) {
+    const last = r.stderr.trim().split('\n').filter(Boolean).at(-1);
+    throw new GenvaultError(`cannot inspect ${where}: ${last || `remote shell exited with ${r.code ?? 'a signal'}`}`, 'SSH_REMOTE');
+  }
+  const [kind, size, readable, py] = lines;
+  if (kind === 'missing') {
+    // Not visible: either absent or behind a directory we may not search.
+    if (/permission denied/i.test(size ?? '')) throw new GenvaultError(`cannot read source ${where}: permission denied`, 'EACCES');
+    throw new GenvaultError(`cannot read source ${where}: no such file or directory`, 'ENOENT');
+  }
+  if (kind === 'dir') throw new GenvaultError(`cannot read source ${where}: is a directory`, 'EISDIR');
+  if (readable !== 'readable') throw new GenvaultError(`cannot read source ${where}: permission denied`, 'EACCES');
+  const n = size && /^\d+$/.test(size) ? Number(size) : null;
+  return { kind: kind as RemoteInfo['kind'], size: kind === 'other' ? null : n, python: py === 'python3' };
+}
+
+/** One line from a remote command's stderr, mapped like local errors. */
+export function remoteError(where: string, stderr: string, code: number | null): GenvaultError {
+  const line = stderr.trim().split('\n').filter(Boolean).at(-1) ?? '';
+  if (/permission denied/i.test(line)) return new GenvaultError(`cannot read source ${where}: permission denied`, 'EACCES');
+  if (/no such file/i.test(line)) return new GenvaultError(`cannot read source ${where}: no such file or directory`, 'ENOENT');
+  if (/input\/output error/i.test(line)) return new GenvaultError(`reading ${where}: input/output error`, 'EIO');
+  return new GenvaultError(`reading ${where} failed: ${line || `remote command exited with ${code ?? 'a signal'}`}`, 'SSH_REMOTE');
+}
+
+// ---------------------------------------------------------------------------------
+// plain mode
+
+/**
+ * Bytes from a channel, as a pull-based reader with bounded buffering: the channel is
+ * paused above `highWater` bytes (SSH window flow control stops the remote side).
+ */
+export class ChannelReader {
+  private pending: Buffer[] = [];
+  private pendingBytes = 0;
+  private ended = false;
+  private error: GenvaultError | null = null;
+  private waiter: (() => void) | null = null;
+  exitCode: number | null = null;
+  exitSignal: string | null = null;
+  stderr = '';
+
+  constructor(
+    private ch: ClientChannel,
+    conn: SshConnection,
+    private where: string,
+    private highWater = 32 << 20,
+  ) {
+    ch.on('data', (d: Buffer) => {
+      this.pending.push(d);
+      this.pendingBytes += d.length;
+      if (this.pendingBytes > this.highWater) ch.pause();
+      this.wake();
+    });
+    ch.stderr.on('data', (d: Buffer) => {
+      if (this.stderr.length < 65536) this.stderr += d.toString();
+    });
+    ch.on('exit', (code: number | null, signal?: string) => {
+      this.exitCode = code;
+      this.exitSignal = signal ?? null;
+    });
+    ch.on('close', () => {
+      this.ended = true;
+      this.wake();
+    });
+    conn.onLost((e) => {
+      this.error ??= e;
+      this.wake();
+    });
+  }
+
+  private wake() {
+    const w = this.waiter;
+    this.waiter = null;
+    w?.();
+  }
+
+  /** Fill buf[off, off+length); returns bytes read (short only at the end of the stream). */
+  async read(buf: Buffer, off: number, length: number): Promise<number> {
+    let got = 0;
+    while (got < length) {
+      if (this.error) throw this.error;
+      if (this.pending.length) {
+        const d = this.pending[0]!;
+        const n = Math.min(d.length, length - got);
+        d.copy(buf, off + got, 0, n);
+        got += n;
+        this.pendingBytes -= n;
+        if (n === d.length) this.pending.shift();
+        else this.pending[0] = d.subarray(n);
+        continue;
+      }
+      if (this.ended) break;
+      if (this.pendingBytes <= this.highWater) this.ch.resume();
+      await new Promise<void>((r) => (this.waiter = r));
+    }
+    return got;
+  }
+
+  /** Exactly n bytes or an error naming what was cut short. */
+  async readExact(n: number): Promise<Buffer> {
+    const b = Buffer.allocUnsafe(n);
+    const got = await this.read(b, 0, n);
+    if (got < n) throw this.endError();
+    return b;
+  }
+
+  /** The error for a stream that ended early: remote failure, signal, or lost connection. */
+  endError(): GenvaultError {
+    if (this.error) return this.error;
+    if (this.exitCode !== null && this.exitCode !== 0) return remoteError(this.where, this.stderr, this.exitCode);
+    if (this.exitSignal) return new GenvaultError(`reading ${this.where}: remote command killed by SIG${this.exitSignal}`, 'SSH_REMOTE');
+    if (this.exitCode === null) return new GenvaultError(`connection lost while reading ${this.where}`, 'SSH_DISCONNECTED');
+    return new GenvaultError(`reading ${this.where}: stream ended early`, 'SSH_REMOTE');
+  }
+
+  get done(): boolean {
+    return this.ended && !this.pending.length;
+  }
+
+  destroy() {
+    this.ch.destroy();
+  }
+}
+
+class SshPlainSource implements Source {
+  private pos = 0;
+  constructor(
+    readonly description: string,
+    readonly size: number | null,
+    private conn: SshConnection,
+    private reader: ChannelReader,
+  ) {}
+
+  async read(buf: Buffer, length: number): Promise<number> {
+    const n = await this.reader.read(buf, 0, length);
+    this.pos += n;
+    if (n < length) {
+      // End of stream: only a clean exit (status 0) of the remote command is the end of the image.
+      if (this.reader.exitCode !== 0) throw this.reader.endError();
+      if (this.conn.lost) throw this.conn.lost;
+    }
+    return n;
+  }
+
+  async close(): Promise<void> {
+    this.reader.destroy();
+    this.conn.close();
+  }
+}
+
+/** Stream the remote path with `cat` over an exec channel, as a plain Source. */
+export async function startPlainSource(conn: SshConnection, info: RemoteInfo): Promise<Source> {
+  const where = describeSpec(conn.spec);
+  const ch = await conn.exec(`exec cat -- ${shq(conn.spec.path)}`);
+  ch.end();
+  const reader = new ChannelReader(ch, conn, where);
+  return new SshPlainSource(where, info.size, conn, reader);
+}
+
+/** Connect, check the remote path, and stream it with `cat` (plain mode). */
+export async function openSshSource(specText: string, opts: SshOptions = {}): Promise<Source> {
+  const spec = parseSshSpec(specText);
+  const conn = await connectSsh(spec, opts);
+  try {
+    return await startPlainSource(conn, await probeRemote(conn));
+  } catch (e) {
+    conn.close();
+    throw e;
+  }
+}
