@@ -15,6 +15,7 @@ import { runInNewContext } from 'node:vm';
 import { DamageError } from '../util/errors.js';
 import { Generation } from '../repo/generation.js';
 import { ChunkLoader, ImageReader } from '../repo/reader.js';
+import { Pin } from '../repo/locks.js';
 import { Repository } from '../repo/repository.js';
 import { Tree } from './tree.js';
 
@@ -77,6 +78,19 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
   let tree = new Tree(await repo.generations());
   const readers = new Map<string, Promise<ImageReader>>();
   const handles = new Map<number, { gen: Generation; reader: Promise<ImageReader>; ready?: ImageReader }>();
+  // One pin per generation with open files: forget/prune/gc keep its data until closed.
+  const pins = new Map<string, { count: number; pin: Promise<Pin | null> }>();
+  const pinOpen = (id: string) => {
+    const p = pins.get(id);
+    if (p) p.count++;
+    else pins.set(id, { count: 1, pin: Pin.take(repo.dir, id).catch(() => null) });
+  };
+  const pinClose = (id: string) => {
+    const p = pins.get(id);
+    if (!p || --p.count > 0) return;
+    pins.delete(id);
+    void p.pin.then((x) => x?.release());
+  };
   let nextFd = 10;
 
   const refresh = async () => {
@@ -148,19 +162,23 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
       const fd = nextFd++;
       const h: { gen: Generation; reader: Promise<ImageReader>; ready?: ImageReader } = { gen, reader };
       handles.set(fd, h);
+      pinOpen(gen.id);
       reader.then((r) => (h.ready = r), () => undefined);
       // Each open gets its own reader state for read-ahead; the decoded-chunk cache is shared.
       reader.then(
         () => cb(0, fd),
         (e: Error) => {
           handles.delete(fd);
+          pinClose(gen.id);
           log(`genvault mount: cannot open ${gen.name}@${gen.id}: ${e.message}`);
           cb(Fuse.EIO);
         },
       );
     },
     release(_p: string, fd: number, cb: (err: number) => void) {
+      const h = handles.get(fd);
       handles.delete(fd);
+      if (h) pinClose(h.gen.id);
       cb(0);
     },
     read(_p: string, fd: number, buf: Buffer, len: number, pos: number, cb: (n: number) => void) {
@@ -227,6 +245,8 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
       clearInterval(gcTimer);
       clearInterval(watch);
       await new Promise<void>((resolve) => fuse.unmount(() => resolve()));
+      for (const p of pins.values()) await p.pin.then((x) => x?.release());
+      pins.clear();
       closedResolve();
     },
   };

@@ -44,7 +44,7 @@ import {
   movedLeafKey,
   packKey,
 } from './db.js';
-import { GcLock, WriterRegistration, cleanupDeadWriters, listWriters, trimPacks } from './locks.js';
+import { GcLock, WriterRegistration, cleanupDeadWriters, listWriters, pinnedGenerations, trimPacks } from './locks.js';
 import {
   PACK_HEADER_SIZE,
   PackWriter,
@@ -155,7 +155,7 @@ interface Marks {
 async function mark(repo: Repository, report: (line: string) => void, label: string): Promise<Marks> {
   const chunks = new Set<string>();
   const leaves = new Set<string>();
-  const gens = await repo.generations();
+  const gens = await repo.generations(undefined, true); // pinned removed ones too
   let n = 0;
   for (const g of gens) {
     n++;
@@ -312,6 +312,16 @@ async function run(repo: Repository, threshold: number, report: (line: string) =
 
     report('gc: checking for leftovers of an interrupted gc');
     await recoverLeftovers(repo, res);
+
+    // Generations hidden by forget/prune while a reader had them open: drop those whose
+    // readers are gone; the pinned ones stay marked below.
+    const pinned = await pinnedGenerations(repo.dir);
+    const dropOps: Op[] = [];
+    for (const g of await repo.generations(undefined, true)) {
+      if (!g.removed || pinned.has(g.id)) continue;
+      dropOps.push({ type: 'del', key: Repository.generationKey(g) }, { type: 'del', key: Repository.mapKey(g.id) });
+    }
+    if (dropOps.length) await db.batch(dropOps, { sync: true } as object);
 
     // Mark.
     trace('mark');

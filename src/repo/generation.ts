@@ -26,6 +26,8 @@ export interface Generation {
   parent: string | null;
   stats: GenerationStats;
   protected?: boolean;
+  /** Removed by forget/prune while a reader had it open (pinned): hidden, kept until gc. */
+  removed?: boolean;
 }
 
 export function parseTarget(spec: string): { name: string; rev: string } {

@@ -116,6 +116,43 @@ export async function cleanupDeadWriters(repoDir: string, db: Db): Promise<numbe
   return n;
 }
 
+/**
+ * Pins: a process reading a generation (a file open in the mount) holds
+ * locks/pin-ID-PID.json. forget/prune then only hide the generation (`removed: true`), and
+ * gc keeps its data until no live pin is left, so an open file keeps reading correct bytes.
+ */
+export class Pin {
+  private constructor(readonly file: string) {}
+
+  static async take(repoDir: string, genId: string): Promise<Pin> {
+    const file = path.join(repoDir, 'locks', `pin-${genId}-${process.pid}.json`);
+    await writeAtomic(file, JSON.stringify(await currentOwner()));
+    return new Pin(file);
+  }
+
+  async release(): Promise<void> {
+    await fs.rm(this.file, { force: true });
+  }
+}
+
+/** Ids of generations pinned by live processes. */
+export async function pinnedGenerations(repoDir: string): Promise<Set<string>> {
+  const out = new Set<string>();
+  const dir = path.join(repoDir, 'locks');
+  for (const f of await fs.readdir(dir)) {
+    const m = /^pin-([0-9a-f]+)-\d+\.json$/.exec(f);
+    if (!m) continue;
+    try {
+      const o = JSON.parse(await fs.readFile(path.join(dir, f), 'utf8')) as Owner;
+      if (await ownerAlive(o)) out.add(m[1]!);
+      else await fs.rm(path.join(dir, f), { force: true });
+    } catch {
+      out.add(m[1]!); // being written: count it
+    }
+  }
+  return out;
+}
+
 /** The file a running gc holds (locks/gc.json, an Owner); see gcRunning(). */
 export function gcLockPath(repoDir: string): string {
   return path.join(repoDir, 'locks', 'gc.json');

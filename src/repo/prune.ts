@@ -10,6 +10,7 @@
  * protect, unprotect, forget and prune take one lock between them, so a generation
  * protected while a prune is deciding is not removed by that prune.
  */
+import { pinnedGenerations } from './locks.js';
 import { GenvaultError } from '../util/errors.js';
 import { roughAge } from '../util/duration.js';
 import { configMinAge } from './format.js';
@@ -87,10 +88,18 @@ export async function forgetGeneration(repo: Repository, spec: string, opts: For
 
 async function removeGenerations(repo: Repository, gens: Generation[]): Promise<void> {
   if (!gens.length) return;
-  const ops = gens.flatMap((g) => [
-    { type: 'del' as const, key: Repository.generationKey(g) },
-    { type: 'del' as const, key: Repository.mapKey(g.id) },
-  ]);
+  // A generation open in a mount (pinned) is only hidden: its data stays until the file
+  // is closed, and a later gc drops the record and reclaims the space.
+  const pinned = await pinnedGenerations(repo.dir);
+  type Op = { type: 'put'; key: Buffer; value: Buffer } | { type: 'del'; key: Buffer };
+  const ops = gens.flatMap((g): Op[] =>
+    pinned.has(g.id)
+      ? [{ type: 'put' as const, key: Repository.generationKey(g), value: Buffer.from(JSON.stringify({ ...g, removed: true })) }]
+      : [
+          { type: 'del' as const, key: Repository.generationKey(g) },
+          { type: 'del' as const, key: Repository.mapKey(g.id) },
+        ],
+  );
   await repo.db.batch(ops, { sync: true } as object);
 }
 

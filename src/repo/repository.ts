@@ -122,11 +122,16 @@ export class Repository {
   }
 
   /** All generations (of one image, or all), oldest first within each image. */
-  async generations(name?: string): Promise<Generation[]> {
+  /**
+   * Generations (of one image, or all), oldest first within each image. Generations
+   * removed while pinned by a reader are left out unless `includeRemoved` (gc needs them).
+   */
+  async generations(name?: string, includeRemoved = false): Promise<Generation[]> {
     const prefix = name === undefined ? Buffer.of(K_GEN) : key(K_GEN, name, Buffer.of(0));
     const out: Generation[] = [];
     for await (const v of this.db.values({ gte: prefix, lt: prefixEnd(prefix) })) {
-      out.push(JSON.parse(v.toString('utf8')) as Generation);
+      const g = JSON.parse(v.toString('utf8')) as Generation;
+      if (!g.removed || includeRemoved) out.push(g);
     }
     return out;
   }
