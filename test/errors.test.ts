@@ -168,6 +168,8 @@ describe('disk full during backup', () => {
     const list = JSON.parse(await gvOk(frepo, ['list', '--json']));
     expect(list.map((g: { name: string }) => g.name)).toEqual(['first']);
     expect((await fs.readdir(path.join(frepo, 'locks'))).filter((f) => f.startsWith('writer-'))).toEqual([]);
+    const v = await gv(frepo, ['verify', '--full']);
+    expect(v.code, v.stdout + v.stderr).toBe(0);
     await fs.rm(path.join(mnt, 'filler'));
     await gvOk(frepo, ['backup', big, '--name', 'vm2']);
     const out = s.path('vm2.out');
