@@ -12,7 +12,6 @@ import { promisify } from 'node:util';
 import fs from 'node:fs/promises';
 import v8 from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import { DamageError } from '../util/errors.js';
 import { Generation } from '../repo/generation.js';
 import { ChunkLoader, ImageReader } from '../repo/reader.js';
 import { Pin } from '../repo/locks.js';
@@ -193,8 +192,7 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
         .then(
           (n) => cb(n),
           (e: Error) => {
-            if (e instanceof DamageError) log(`genvault mount: EIO reading ${h.gen.name}@${h.gen.id} at offset ${pos}: ${e.message}`);
-            else log(`genvault mount: EIO reading ${h.gen.name}@${h.gen.id} at offset ${pos}: ${e.message}`);
+            log(`genvault mount: EIO reading ${h.gen.name}@${h.gen.id} at offset ${pos}: ${e.message}`);
             cb(Fuse.EIO);
           },
         );

@@ -72,6 +72,23 @@ class ParentCursor {
   }
 }
 
+/** A fixed set of shared buffers; acquire() waits while all are in use. */
+class BufferPool {
+  private free: SharedArrayBuffer[];
+  private waiters: Array<() => void> = [];
+  constructor(count: number, size: number) {
+    this.free = Array.from({ length: count }, () => new SharedArrayBuffer(size));
+  }
+  async acquire(): Promise<SharedArrayBuffer> {
+    while (!this.free.length) await new Promise<void>((r) => this.waiters.push(r));
+    return this.free.pop()!;
+  }
+  release(b: SharedArrayBuffer): void {
+    this.free.push(b);
+    this.waiters.shift()?.();
+  }
+}
+
 interface ChunkResult {
   table: Int32Array;
   digests: Uint8Array;
@@ -119,30 +136,13 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     const requested = new Set<string>();
     const pool = repo.pool;
     const depth = 6; // segments in flight: bounds memory (6 x 8 MiB) while keeping the workers fed
-    const free: SharedArrayBuffer[] = Array.from({ length: depth }, () => new SharedArrayBuffer(segSize));
-    const freeWaiters: Array<() => void> = [];
-    const release = (b: SharedArrayBuffer) => {
-      free.push(b);
-      freeWaiters.shift()?.();
-    };
-    const acquire = async (): Promise<SharedArrayBuffer> => {
-      while (!free.length) await new Promise<void>((r) => freeWaiters.push(r));
-      return free.pop()!;
-    };
+    const segBufs = new BufferPool(depth, segSize);
     // Output buffers for compressed records, reused like the segments: a worker writes a
     // segment's records into one, the pack append reads from it, then it is free again.
     // Fixed memory and no garbage, whatever the image size.
     const outSize = segSize + (segSize >>> 6) + (segSize / cfg.chunking.min) * (RECORD_HEADER_SIZE + 64) + (1 << 16);
-    const outFree: SharedArrayBuffer[] = Array.from({ length: depth }, () => new SharedArrayBuffer(outSize));
-    const outWaiters: Array<() => void> = [];
-    const releaseOut = (b: SharedArrayBuffer) => {
-      outFree.push(b);
-      outWaiters.shift()?.();
-    };
-    const acquireOut = async (): Promise<SharedArrayBuffer> => {
-      while (!outFree.length) await new Promise<void>((r) => outWaiters.push(r));
-      return outFree.pop()!;
-    };
+    const outBufs = new BufferPool(depth, outSize);
+    const release = (b: SharedArrayBuffer) => segBufs.release(b);
 
     const stats: GenerationStats = {
       bytesRead: 0, zeroBytes: 0, chunks: 0, newChunks: 0, newBytes: 0, newStored: 0, durationMs: 0,
@@ -159,6 +159,21 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
 
     // digest -> location of chunks whose index batch is being written right now
     let committing = new Map<string, ChunkLocation>();
+    /** Written by this run: appended, being compressed, or being committed right now. */
+    const ours = (ds: string) => uncommitted.has(ds) || inflight.has(ds) || committing.has(ds);
+    const isDamaged = (ds: string) => damaged.size > 0 && damaged.has(ds);
+    /**
+     * For each digest, whether the repository lacks a copy this generation may use: no
+     * index entry, condemned by a running gc, or marked damaged. gc's 'x' marks are read
+     * before the entries: gc removes an entry only after marking it, so a chunk read as
+     * present here cannot vanish before this generation commits.
+     */
+    const lacking = async (digests: Buffer[]): Promise<boolean[]> => {
+      const condemned = underGc ? await repo.db.getMany(digests.map((d) => condemnedKey(d))) : [];
+      const found = await repo.db.getMany(digests.map((d) => chunkKey(d)));
+      return digests.map((d, k) => found[k] === undefined || found[k] === null || !!condemned[k] || isDamaged(d.toString('binary')));
+    };
+
     /** Make everything appended so far durable and commit its index entries. */
     const flush = async () => {
       // Take what is pending before the first await: the main loop keeps adding leaves
@@ -220,7 +235,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     const segments: Array<Promise<Segment | null>> = [];
     let eof = false;
     const readNext = async (): Promise<Segment | null> => {
-      const buf = await acquire();
+      const buf = await segBufs.acquire();
       if (eof || failure) {
         release(buf);
         return null;
@@ -254,22 +269,17 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
         for (let k = 0; k < offered.length; k++) {
           const c = offered[k]!;
           const ds = c.digest.toString('binary');
-          const isDamaged = damaged.size > 0 && damaged.has(ds);
-          if (!isDamaged && (await readerParent.has(offset + c.start, c.length, c.digest))) continue;
-          if (requested.has(ds) || askedHere.has(ds) || inflight.has(ds) || uncommitted.has(ds) || committing.has(ds)) continue;
+          if (!isDamaged(ds) && (await readerParent.has(offset + c.start, c.length, c.digest))) continue;
+          if (requested.has(ds) || askedHere.has(ds) || ours(ds)) continue;
           askedHere.add(ds);
           ask.push(k);
         }
         if (ask.length) {
-          // As in the main loop: gc's 'x' marks are read before the entries.
-          const condemned = underGc ? await repo.db.getMany(ask.map((k) => condemnedKey(offered[k]!.digest))) : [];
-          const found = await repo.db.getMany(ask.map((k) => chunkKey(offered[k]!.digest)));
+          const missing = await lacking(ask.map((k) => offered[k]!.digest));
           ask.forEach((k, j) => {
-            const ds = offered[k]!.digest.toString('binary');
-            const isDamaged = damaged.size > 0 && damaged.has(ds);
-            if (found[j] !== undefined && found[j] !== null && !condemned[j] && !isDamaged) return;
+            if (!missing[j]) return;
             need[k] = true;
-            requested.add(ds);
+            requested.add(offered[k]!.digest.toString('binary'));
           });
         }
         return need;
@@ -333,7 +343,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
           if (!seg.sent[i]) continue;
           const ds = d.toString('binary');
           requested.delete(ds);
-          if (damaged.size && damaged.has(ds)) {
+          if (isDamaged(ds)) {
             damaged.delete(ds);
             healed.push(ds);
           }
@@ -352,31 +362,24 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
         const d = Buffer.from(digests.buffer, digests.byteOffset + i * 32, 32);
         entryDigest[i] = d;
         const ds = d.toString('binary');
-        if (damaged.size && damaged.has(ds)) {
-          if (!uncommitted.has(ds) && !inflight.has(ds) && !committing.has(ds)) unknown.push(i);
-          continue;
-        }
-        if (await parent.has(segOffset + start, length, d)) continue;
-        if (uncommitted.has(ds) || inflight.has(ds) || committing.has(ds)) continue;
+        if (ours(ds)) continue;
+        if (!isDamaged(ds) && (await parent.has(segOffset + start, length, d))) continue;
         unknown.push(i);
       }
       // Ask the index about the rest in one round trip.
       if (unknown.length) {
-        // While a gc runs, a chunk it condemned counts as absent: storing a fresh copy
-        // (which replaces its index entry) is what keeps this generation whole. The 'x'
-        // marks are read before the entries: gc removes an entry only after marking it.
-        const condemned = underGc ? await repo.db.getMany(unknown.map((i) => condemnedKey(entryDigest[i]!))) : [];
-        const found = await repo.db.getMany(unknown.map((i) => chunkKey(entryDigest[i]!)));
+        // A chunk condemned by a running gc or marked damaged counts as absent: storing a
+        // fresh copy (which replaces its index entry) is what keeps this generation whole.
+        const missing = await lacking(unknown.map((i) => entryDigest[i]!));
         const seen = new Set<string>();
         unknown.forEach((i, k) => {
+          if (!missing[k]) return;
           const ds = entryDigest[i]!.toString('binary');
-          const isDamaged = damaged.size > 0 && damaged.has(ds);
-          if (found[k] !== undefined && found[k] !== null && !condemned[k] && !isDamaged) return;
-          if (isDamaged) {
+          if (isDamaged(ds)) {
             damaged.delete(ds); // one fresh copy is enough
             healed.push(ds);
           }
-          if (seen.has(ds) || inflight.has(ds) || uncommitted.has(ds) || committing.has(ds)) return;
+          if (seen.has(ds) || ours(ds)) return;
           seen.add(ds);
           newIdx.push(i);
         });
@@ -405,17 +408,17 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
         });
         const buf = seg.buf;
         const rawLengths = newIdx.map((i) => table[i * 3 + 1]!);
-        const out = await acquireOut();
+        const out = await outBufs.acquire();
         compressTasks.push(
           pool
             .run<CompressResult>({ op: 'compress', seg: buf, spans, digests: ds, level: cfg.compression.level, out })
             .then((res) => {
               release(buf);
-              appendRecords(res, names, rawLengths, () => releaseOut(out));
+              appendRecords(res, names, rawLengths, () => outBufs.release(out));
             })
             .catch((e) => {
               release(buf);
-              releaseOut(out);
+              outBufs.release(out);
               failure ??= e;
             }),
         );

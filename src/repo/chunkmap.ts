@@ -193,10 +193,11 @@ export interface ChunkRef {
   digest: Buffer;
 }
 
-/** Walk every chunk of a map in order. */
-export async function* walkChunks(map: ChunkMap): AsyncGenerator<ChunkRef> {
+/** Walk every chunk of a map in order; `onLeaf` runs before each leaf's chunks are yielded. */
+export async function* walkChunks(map: ChunkMap, onLeaf?: (leaf: Leaf) => Promise<void>): AsyncGenerator<ChunkRef> {
   for (let li = 0; li < map.refs.length; li++) {
     const leaf = await map.leaf(li);
+    await onLeaf?.(leaf);
     const base = map.leafStarts[li]!;
     for (let ci = 0; ci < leaf.lengths.length; ci++) {
       yield {

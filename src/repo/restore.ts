@@ -11,6 +11,7 @@ import type { Writable } from 'node:stream';
 import { DamageError, GenvaultError, describeFsError } from '../util/errors.js';
 import { walkChunks } from './chunkmap.js';
 import { markDamaged } from './db.js';
+import { packPath } from './pack.js';
 import { Generation } from './generation.js';
 import { ChunkLoader } from './reader.js';
 import type { RestoreItem } from './worker.js';
@@ -37,7 +38,7 @@ type Sink = {
 
 const ZERO = Buffer.alloc(1 << 20);
 
-/** Run `fn` over every chunk in order, loading up to `window` bytes ahead. */
+/** Hand every chunk to `sink` in order, loading up to `window` bytes ahead. */
 async function streamChunks(
   repo: Repository,
   gen: Generation,
@@ -79,7 +80,6 @@ async function streamChunks(
     done += q.length;
     opts.onProgress?.(done, gen.size);
   };
-  let warmedLeaf = -1;
   // Chunks are handed to the workers a batch (~1 MiB) at a time, then queued in order.
   let pending: Array<{ offset: number; length: number; zero: boolean; digest: Buffer }> = [];
   let pendingBytes = 0;
@@ -95,12 +95,8 @@ async function streamChunks(
     pendingBytes = 0;
     while (queued > window) await drainOne();
   };
-  for await (const c of walkChunks(map)) {
-    const li = map.leafIndexAt(c.offset);
-    if (li !== warmedLeaf) {
-      warmedLeaf = li;
-      await loader.warm(await map.leaf(li));
-    }
+  // Each leaf's chunk locations are looked up in one round trip before its chunks.
+  for await (const c of walkChunks(map, (leaf) => loader.warm(leaf))) {
     pending.push({ offset: c.offset, length: c.length, zero: c.zero, digest: Buffer.from(c.digest) });
     if (!c.zero) pendingBytes += c.length;
     if (pendingBytes >= 1 << 20 || pending.length >= 64) await submit();
@@ -145,7 +141,7 @@ async function restoreToFd(
           // gc may have moved the chunk to another pack since we looked it up: retry there.
           const it = items[i]!;
           const fresh = await repo.location(Buffer.from(it.digest));
-          if (fresh && (fresh.packId !== it.file.slice(-37, -5) || fresh.offset !== it.offset)) {
+          if (fresh && (packPath(repo.dir, fresh.packId) !== it.file || fresh.offset !== it.offset)) {
             const again = await pool.run<{ damaged: number[] }>({
               op: 'restoreMany',
               fd,
@@ -167,15 +163,9 @@ async function restoreToFd(
     running.add(tracked);
     while (running.size >= pool.size * 3) await Promise.race(running);
   };
-  let warmedLeaf = -1;
   const noLoc = { file: '', offset: 0, storedLength: 0, compression: 0, digest: new Uint8Array(32) };
-  for await (const c of walkChunks(map)) {
+  for await (const c of walkChunks(map, (leaf) => loader.warm(leaf))) {
     if (failure) break;
-    const li = map.leafIndexAt(c.offset);
-    if (li !== warmedLeaf) {
-      warmedLeaf = li;
-      await loader.warm(await map.leaf(li));
-    }
     if (c.zero) {
       if (writeZeros) batch.push({ ...noLoc, rawLength: c.length, at: c.offset, zero: true });
       else done += c.length;
