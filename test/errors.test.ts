@@ -5,18 +5,12 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Scratch, gv, gvOk, must, prng, sha256File, sh } from './helpers.js';
+import { Scratch, flipByte, gv, gvOk, must, oneLine, packFiles, prng, sha256File, sh } from './helpers.js';
 
 let s: Scratch;
 let repo: string;
 let img: string;
 
-function oneLine(stderr: string): string {
-  const lines = stderr.trim().split('\n');
-  expect(lines, stderr).toHaveLength(1);
-  expect(stderr).not.toMatch(/\s+at .*\(.*:\d+:\d+\)/); // no stack trace
-  return lines[0]!;
-}
 
 beforeAll(async () => {
   s = await Scratch.create();
@@ -115,15 +109,7 @@ describe('damaged chunk during restore', () => {
     const drepo = s.path('damaged');
     await gvOk(drepo, ['init']);
     await gvOk(drepo, ['backup', img, '--name', 'vm1']);
-    const packsDir = path.join(drepo, 'packs');
-    const sub = (await fs.readdir(packsDir))[0]!;
-    const pack = path.join(packsDir, sub, (await fs.readdir(path.join(packsDir, sub)))[0]!);
-    const fh = await fs.open(pack, 'r+');
-    const b = Buffer.alloc(1);
-    await fh.read(b, 0, 1, 100_000);
-    b[0] ^= 0xff;
-    await fh.write(b, 0, 1, 100_000);
-    await fh.close();
+    await flipByte((await packFiles(drepo))[0]!, 100_000);
 
     const target = s.path('out-damaged.img');
     const r = await gv(drepo, ['restore', 'vm1@latest', target]);

@@ -4,9 +4,8 @@
  * generation that shares the chunk.
  */
 import fs from 'node:fs/promises';
-import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Scratch, gv, gvOk, prng, sha256File } from './helpers.js';
+import { Scratch, flipByte, gv, gvOk, packFiles, prng, sha256File } from './helpers.js';
 
 let s: Scratch;
 let repo: string;
@@ -21,17 +20,6 @@ afterAll(async () => {
   await s?.cleanup();
 });
 
-async function flipByteInOnlyPack(at: number) {
-  const packs = path.join(repo, 'packs');
-  const sub = (await fs.readdir(packs))[0]!;
-  const pack = path.join(packs, sub, (await fs.readdir(path.join(packs, sub)))[0]!);
-  const fh = await fs.open(pack, 'r+');
-  const b = Buffer.alloc(1);
-  await fh.read(b, 0, 1, at);
-  b[0] ^= 0x01;
-  await fh.write(b, 0, 1, at);
-  await fh.close();
-}
 
 describe('damage and healing', () => {
   it('verify names the affected generations; a new backup heals all of them', async () => {
@@ -41,7 +29,7 @@ describe('damage and healing', () => {
     await fs.writeFile(a, shared);
     await fs.writeFile(b, Buffer.concat([shared, prng(8, 2 << 20)]));
     await gvOk(repo, ['backup', a, '--name', 'a']);
-    await flipByteInOnlyPack(300_000); // bit rot inside the data of `shared`
+    await flipByte((await packFiles(repo))[0]!, 300_000, 0x01); // bit rot inside the data of `shared`
     await gvOk(repo, ['backup', b, '--name', 'b']); // dedups against the rotten chunk, unaware
 
     const v = await gv(repo, ['verify', '--full', '--json']);

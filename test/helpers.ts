@@ -10,6 +10,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
+import { expect } from 'vitest';
 
 const execFileP = promisify(execFile);
 
@@ -196,6 +197,34 @@ export async function writeFiles(dir: string, seed: number, count: number, avgBy
 export async function isMounted(dir: string): Promise<boolean> {
   const info = await fs.readFile('/proc/self/mountinfo', 'utf8');
   return info.split('\n').some((l) => l.split(' ')[4] === dir);
+}
+
+/** An error output that is exactly one line and no stack trace; returns that line. */
+export function oneLine(stderr: string): string {
+  const lines = stderr.trim().split('\n');
+  expect(lines, stderr).toHaveLength(1);
+  expect(stderr).not.toMatch(/\s+at .*\(.*:\d+:\d+\)/);
+  return lines[0]!;
+}
+
+/** The pack files of a repository, sorted by path. */
+export async function packFiles(repo: string): Promise<string[]> {
+  const out: string[] = [];
+  const dir = path.join(repo, 'packs');
+  for (const sub of await fs.readdir(dir)) {
+    for (const f of await fs.readdir(path.join(dir, sub))) out.push(path.join(dir, sub, f));
+  }
+  return out.sort();
+}
+
+/** Simulate bit rot: XOR one byte of a file with `mask`. */
+export async function flipByte(file: string, at: number, mask = 0xff): Promise<void> {
+  const fh = await fs.open(file, 'r+');
+  const b = Buffer.alloc(1);
+  await fh.read(b, 0, 1, at);
+  b[0] ^= mask;
+  await fh.write(b, 0, 1, at);
+  await fh.close();
 }
 
 export { execFileP };

@@ -9,7 +9,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Scratch, gv, gvOk, isMounted, makeDisk, must, prng, sh, sha256File, withMountedDisk, writeFiles } from './helpers.js';
+import { Scratch, flipByte, gv, gvOk, isMounted, makeDisk, must, packFiles, prng, sh, sha256File, withMountedDisk, writeFiles } from './helpers.js';
 
 const exec = promisify(execFile);
 let s: Scratch;
@@ -200,12 +200,7 @@ describe('damage and stale mounts', () => {
     await fs.writeFile(img, data);
     await gvOk(drepo, ['init']);
     await gvOk(drepo, ['backup', img, '--name', 'd']);
-    const packs = path.join(drepo, 'packs');
-    const sub = (await fs.readdir(packs))[0]!;
-    const pack = path.join(packs, sub, (await fs.readdir(path.join(packs, sub)))[0]!);
-    const fh = await fs.open(pack, 'r+');
-    await fh.write(Buffer.from([0x5a, 0xa5]), 0, 2, 200_000);
-    await fh.close();
+    await flipByte((await packFiles(drepo))[0]!, 200_000);
     const log = s.path('mount.log');
     await gvOk(drepo, ['mount', dmnt, '--log', log]);
     s.onCleanup(() => unmountQuietly(dmnt));

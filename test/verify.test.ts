@@ -7,34 +7,12 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Scratch, gv, gvOk, prng } from './helpers.js';
+import { Scratch, flipByte, gv, gvOk, oneLine, packFiles, prng } from './helpers.js';
 
 let s: Scratch;
 
-function oneLine(stderr: string): string {
-  const lines = stderr.trim().split('\n');
-  expect(lines, stderr).toHaveLength(1);
-  expect(stderr).not.toMatch(/\s+at .*\(.*:\d+:\d+\)/);
-  return lines[0]!;
-}
 
-async function packFiles(repo: string): Promise<string[]> {
-  const out: string[] = [];
-  const dir = path.join(repo, 'packs');
-  for (const sub of await fs.readdir(dir)) {
-    for (const f of await fs.readdir(path.join(dir, sub))) out.push(path.join(dir, sub, f));
-  }
-  return out.sort();
-}
 
-async function flipByte(file: string, at: number): Promise<void> {
-  const fh = await fs.open(file, 'r+');
-  const b = Buffer.alloc(1);
-  await fh.read(b, 0, 1, at);
-  b[0] ^= 0xff;
-  await fh.write(b, 0, 1, at);
-  await fh.close();
-}
 
 interface Gen {
   id: string;
