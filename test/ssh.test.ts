@@ -5,10 +5,9 @@
  * mid-backup leaving no generation, and the remote Python agent's chunker matching
  * src/repo/chunker.ts bit for bit.
  */
-import { spawn, ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
-import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as backupModule from '../src/repo/backup.js';
@@ -17,10 +16,10 @@ import { defaultConfig } from '../src/repo/format.js';
 import { AGENT_PY, openSshAgentSource } from '../src/source/ssh-agent.js';
 import { checkHostKey, hostFieldMatches, parseKnownHosts, parseSshSpec } from '../src/source/ssh.js';
 import { Scratch, gv, gvOk, makeDisk, must, prng, sh, sha256File, text, writeFiles } from './helpers.js';
+import { Sshd, freePort, startSshd } from './sshd.js';
 
 let s: Scratch;
-let sshd: ChildProcess | null = null;
-let sshdLog = '';
+let sshd: Sshd | null = null;
 let port = 0;
 let repo: string;
 let disk: string;
@@ -40,86 +39,15 @@ function parseSize(t: string): number {
   return Number(m[1]) * 1024 ** ['B', 'KiB', 'MiB', 'GiB'].indexOf(m[2]!);
 }
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const p = (srv.address() as net.AddressInfo).port;
-      srv.close(() => resolve(p));
-    });
-  });
-}
-
-async function waitForPort(p: number): Promise<void> {
-  for (let i = 0; i < 100; i++) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const c = net.connect(p, '127.0.0.1');
-      c.once('connect', () => {
-        c.destroy();
-        resolve(true);
-      });
-      c.once('error', () => resolve(false));
-    });
-    if (ok) return;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`sshd did not listen on ${p}: ${sshdLog}`);
-}
-
-async function keygen(file: string): Promise<void> {
-  await must('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'genvault-test', '-f', file]);
-}
-
-/** The pids of sshd's per-connection children (the sessions to kill). */
-async function sessionPids(): Promise<number[]> {
-  const r = await sh('ps', ['-o', 'pid=', '--ppid', String(sshd!.pid)]);
-  return r.stdout.split('\n').map((l) => Number(l.trim())).filter((n) => n > 0);
-}
-
 const src = (p: string, user = 'root') => `ssh://${user}@127.0.0.1:${port}${p}`;
 const sshArgs = () => ['-i', userKey, '--known-hosts', knownHosts];
 
 beforeAll(async () => {
   s = await Scratch.create('genvault-ssh-');
-  await fs.mkdir('/run/sshd', { recursive: true });
-  const d = s.path('sshd');
-  await fs.mkdir(d);
   home = s.path('home');
   await fs.mkdir(path.join(home, '.ssh'), { recursive: true, mode: 0o700 });
-  await keygen(path.join(d, 'host_key'));
-  userKey = s.path('user_key');
-  otherKey = s.path('other_key');
-  await keygen(userKey);
-  await keygen(otherKey);
-  await fs.copyFile(`${userKey}.pub`, path.join(d, 'authorized_keys'));
-  port = await freePort();
-  const cfg = path.join(d, 'sshd_config');
-  await fs.writeFile(
-    cfg,
-    [
-      `Port ${port}`,
-      'ListenAddress 127.0.0.1',
-      `HostKey ${path.join(d, 'host_key')}`,
-      `AuthorizedKeysFile ${path.join(d, 'authorized_keys')}`,
-      `PidFile ${path.join(d, 'sshd.pid')}`,
-      'PermitRootLogin yes',
-      'StrictModes no',
-      'UsePAM no',
-      'PasswordAuthentication no',
-      'KbdInteractiveAuthentication no',
-      'LogLevel VERBOSE',
-      '',
-    ].join('\n'),
-  );
-  sshd = spawn('/usr/sbin/sshd', ['-D', '-e', '-f', cfg], { stdio: ['ignore', 'ignore', 'pipe'] });
-  sshd.stderr!.on('data', (b: Buffer) => {
-    if (sshdLog.length < 200_000) sshdLog += b.toString();
-  });
-  await waitForPort(port);
-  hostPub = (await fs.readFile(path.join(d, 'host_key.pub'), 'utf8')).split(' ').slice(0, 2).join(' ');
-  knownHosts = s.path('known_hosts');
-  await fs.writeFile(knownHosts, `[127.0.0.1]:${port} ${hostPub}\n`);
+  sshd = await startSshd(s);
+  ({ port, userKey, otherKey, knownHosts, hostPub } = sshd);
 
   repo = s.path('repo');
   disk = s.path('vm.img');
@@ -130,16 +58,7 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
-  if (sshd?.pid) {
-    for (const pid of await sessionPids().catch(() => [])) {
-      try {
-        process.kill(pid, 'SIGKILL');
-      } catch {
-        /* gone */
-      }
-    }
-    sshd.kill('SIGTERM');
-  }
+  await sshd?.stop();
   await s?.cleanup();
 });
 
@@ -252,7 +171,7 @@ describe('ssh:// sources', () => {
     const w = await fs.open(fifo, 'w'); // returns once the remote cat opened it
     await w.write(prng(7, 24 << 20));
     await new Promise((r) => setTimeout(r, 500));
-    const pids = await sessionPids();
+    const pids = await sshd!.sessionPids();
     expect(pids.length).toBeGreaterThan(0);
     for (const pid of pids) process.kill(pid, 'SIGKILL');
     const code = await exited;
@@ -401,7 +320,7 @@ describe('remote agent (incremental mode)', () => {
     const w = await fs.open(fifo, 'w');
     await w.write(prng(8, 24 << 20));
     await new Promise((r) => setTimeout(r, 500));
-    for (const pid of await sessionPids()) process.kill(pid, 'SIGKILL');
+    for (const pid of await sshd!.sessionPids()) process.kill(pid, 'SIGKILL');
     const code = await exited;
     await w.close().catch(() => undefined);
     expectOneLine({ code, stderr }, /backup of killed2 failed: connection (lost|to .* lost)/);

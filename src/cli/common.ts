@@ -59,3 +59,14 @@ export function action<A extends unknown[]>(fn: (...args: A) => Promise<void>): 
 export function collect(v: string, prev: string[] = []): string[] {
   return [...prev, v];
 }
+
+/**
+ * The repository for job commands: -r/--repo, else the job file's `repository:`, else
+ * GENVAULT_REPO.
+ */
+export function jobsRepoPath(cmd: Command, fromFile: string | null): string {
+  const o = cmd.optsWithGlobals() as GlobalOpts;
+  const dir = o.repo ?? fromFile ?? process.env.GENVAULT_REPO;
+  if (!dir) throw new UsageError('no repository given: set "repository:" in the job file, use -r/--repo DIR, or set GENVAULT_REPO');
+  return dir;
+}

@@ -14,6 +14,9 @@ import { register as protect } from './protect.js';
 import { register as forget } from './forget.js';
 import { register as prune } from './prune.js';
 import { register as gc } from './gc.js';
+import { register as run } from './run.js';
+import { register as daemon } from './daemon.js';
+import { register as status } from './status.js';
 
 const pkg = createRequire(import.meta.url)('../../package.json') as { version: string };
 
@@ -32,7 +35,7 @@ program
   )
   .exitOverride();
 
-for (const reg of [init, backup, list, info, restore, mount, verify, protect, forget, prune, gc]) reg(program);
+for (const reg of [init, backup, list, info, restore, mount, verify, protect, forget, prune, gc, run, daemon, status]) reg(program);
 
 process.stdout.on('error', (e: NodeJS.ErrnoException) => {
   if (e.code === 'EPIPE') process.exit(0);

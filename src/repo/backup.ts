@@ -33,6 +33,8 @@ export interface BackupOptions {
   tags?: string[];
   /** Wait for another backup of the same image instead of failing. */
   wait?: boolean;
+  /** The image lock, already taken by the caller (a job holds it across its hooks); left held. */
+  lock?: ImageLock;
   onProgress?: (bytesRead: number, total: number | null) => void;
   /** Commit chunk index entries once this many are pending (tests use small values). */
   flushEntries?: number;
@@ -107,7 +109,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
   const started = Date.now();
   const cfg = repo.config;
   const segSize = cfg.chunking.segment;
-  const lock = await ImageLock.acquire(repo.dir, name, opts.wait ?? false);
+  const lock = opts.lock ?? (await ImageLock.acquire(repo.dir, name, opts.wait ?? false));
   let writer: WriterRegistration | null = null;
   const packs: PackWriter[] = [];
   let pack: PackWriter | null = null;
@@ -481,6 +483,6 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     if (e instanceof GenvaultError) throw new GenvaultError(`backup of ${name} failed: ${e.message}`, e.code, e.exitCode);
     throw describeFsError(e, `backup of ${name} failed`);
   } finally {
-    await lock.release().catch(() => undefined);
+    if (!opts.lock) await lock.release().catch(() => undefined);
   }
 }

@@ -1,0 +1,101 @@
+import { Command } from 'commander';
+import { DEFAULT_JOBS_FILE, ConfigError, formatProblem, loadJobsFile, selectJobs } from '../jobs/config.js';
+import { JobOutcome, describeRun, isDue, lastStarted, runJob } from '../jobs/runner.js';
+import { Repository } from '../repo/repository.js';
+import { warnIfNoNativeCrypto } from '../source/ssh.js';
+import { UsageError } from '../util/errors.js';
+import { Progress } from '../util/progress.js';
+import { action, jobsRepoPath, printJson, wantsJson } from './common.js';
+
+interface RunFlags {
+  config: string;
+  all?: boolean;
+  now?: boolean;
+  check?: boolean;
+  verbose?: boolean;
+}
+
+export function register(program: Command): void {
+  program
+    .command('run')
+    .description('run the backup jobs that are due (for cron and systemd timers): hooks, backup, retention')
+    .argument('[jobs...]', 'only these jobs (default: every job in the file)')
+    .option('-c, --config <file>', 'job file', DEFAULT_JOBS_FILE)
+    .option('--all', 'run every job now, due or not')
+    .option('--now', 'run the named jobs now, due or not')
+    .option('--check', 'only check the job file and list every problem in it')
+    .option('-v, --verbose', 'also say which jobs are not due, and when they are next')
+    .option('--json', 'print the run records as JSON')
+    .addHelpText(
+      'after',
+      '\nA job is due when a scheduled time has passed since it last started; a job that never ran\n' +
+        'is due at once. Jobs run one after another. Each prints one line; failures go to stderr\n' +
+        'and make the exit status 1. A job whose image is being backed up by another process is\n' +
+        'skipped (not counted as a failure). Every run is recorded for `genvault status`.\n\n' +
+        'Each run: pre-hooks in order (a failing one skips the read), the backup, every post-hook\n' +
+        '(always, even after a failure), then the retention. Hooks get GENVAULT_JOB, GENVAULT_IMAGE,\n' +
+        'GENVAULT_SOURCE, GENVAULT_SOURCE_PATH, GENVAULT_PHASE and, after the read, GENVAULT_RESULT\n' +
+        '(ok|failed) and GENVAULT_GENERATION.\n\n' +
+        'Examples:\n' +
+        '  */10 * * * *  root  genvault run          # /etc/cron.d/genvault\n' +
+        '  genvault run --check --config ./jobs.yaml\n' +
+        '  genvault run vm1 --now',
+    )
+    .action(
+      action(async (names: string[], o: RunFlags, cmd: Command) => {
+        if (o.all && names.length) throw new UsageError('--all runs every job; name jobs or give --all, not both');
+        if (o.now && !names.length) throw new UsageError('--now needs job names (or use --all)');
+        if (o.check) {
+          try {
+            const f = await loadJobsFile(o.config);
+            process.stdout.write(`${o.config}: ok, ${f.jobs.length} job${f.jobs.length === 1 ? '' : 's'}: ${f.jobs.map((j) => j.name).join(', ')}\n`);
+          } catch (e) {
+            if (!(e instanceof ConfigError)) throw e;
+            for (const p of e.problems) process.stderr.write(`${formatProblem(e.file, p)}\n`);
+            process.exit(1);
+          }
+          return;
+        }
+        const file = await loadJobsFile(o.config);
+        const jobs = selectJobs(file, names);
+        const repo = await Repository.open(jobsRepoPath(cmd, file.repository));
+        const outcomes: JobOutcome[] = [];
+        let warned = false;
+        try {
+          for (const job of jobs) {
+            const now = Date.now();
+            if (!o.all && !o.now) {
+              const last = await lastStarted(repo, job.name);
+              if (!isDue(job, last, now)) {
+                if (o.verbose) {
+                  const next = job.schedule ? `next at ${job.schedule.next(now).toISOString()}` : 'no schedule (run it with --now)';
+                  process.stdout.write(`${job.name}: not due, ${next}\n`);
+                }
+                continue;
+              }
+            }
+            if (!warned && job.source.startsWith('ssh://')) {
+              warnIfNoNativeCrypto();
+              warned = true;
+            }
+            const progress = new Progress(`${job.name}`);
+            let outcome: JobOutcome;
+            try {
+              outcome = await runJob(repo, job, { by: 'run', onProgress: (d, t) => progress.update(d, t) });
+            } finally {
+              progress.done();
+            }
+            outcomes.push(outcome);
+            if (!wantsJson(cmd)) {
+              const failed = !outcome.skipped && outcome.record.status === 'failed';
+              (failed ? process.stderr : process.stdout).write(`${describeRun(outcome)}\n`);
+            }
+          }
+        } finally {
+          await repo.close().catch(() => undefined);
+        }
+        if (wantsJson(cmd)) printJson(outcomes.map((x) => (x.skipped ? { job: x.job, skipped: x.reason } : x.record)));
+        if (outcomes.some((x) => !x.skipped && x.record.status === 'failed')) process.exitCode = 1;
+      }),
+    );
+}

@@ -1,0 +1,156 @@
+import fs from 'node:fs/promises';
+import { Command } from 'commander';
+import { DEFAULT_JOBS_FILE, JobsFile, loadJobsFile } from '../jobs/config.js';
+import { recentRuns } from '../jobs/history.js';
+import { ImageSummary, JobHealth, STATE_EXIT, State, judgeJob, summarizeImage, worst } from '../jobs/status.js';
+import { Repository } from '../repo/repository.js';
+import { roughAge } from '../util/duration.js';
+import { bytes, table } from '../util/format.js';
+import { UsageError } from '../util/errors.js';
+import { jobsRepoPath, printJson, repoPath, wantsJson } from './common.js';
+
+interface StatusFlags {
+  config?: string;
+  now?: string;
+}
+
+interface JobRow extends JobHealth {
+  job: string;
+  image: string;
+  schedule: string | null;
+  lastRun: string | null;
+  lastSuccess: string | null;
+  lastError: string | null;
+  nextRun: string | null;
+  generations: number;
+  storedBytes: number;
+}
+
+const iso = (ms: number | undefined | null) => (ms ? new Date(ms).toISOString() : null);
+const short = (s: string | null) => (s ? s.replace('T', ' ').replace(/\.\d+Z$/, '') : '-');
+
+/** Status must always answer with a state: errors are CRIT on one line, exit 2. */
+function crit(message: string, json: boolean): never {
+  if (json) printJson({ state: 'CRIT', exit: 2, error: message, jobs: [], images: [] });
+  else process.stdout.write(`CRIT: ${message}\n`);
+  process.exit(2);
+}
+
+export function register(program: Command): void {
+  program
+    .command('status')
+    .description('health of every job and image, for people and monitoring: exit 0 OK, 1 WARN, 2 CRIT')
+    .option('-c, --config <file>', `job file (default ${DEFAULT_JOBS_FILE}; without one, only images are shown)`)
+    .option('--now <time>', 'judge as if it were this ISO time (to check a schedule ahead)')
+    .option('--json', 'print JSON')
+    .addHelpText(
+      'after',
+      '\nOK: the last run succeeded and no scheduled run was missed. WARN: one scheduled run was\n' +
+        'missed, or the job never ran. CRIT: two or more were missed, the last run failed, or the\n' +
+        'repository or job file cannot be read. A scheduled time counts as missed once its grace\n' +
+        'period (job file `grace`, default 1h) has passed without a successful run.\n' +
+        'The first line of output is the summary (as monitoring plugins expect).\n\n' +
+        'Example (Nagios/Icinga):  command_line  /usr/local/bin/genvault status --config /etc/genvault/jobs.yaml',
+    )
+    .action(async (o: StatusFlags, cmd: Command) => {
+      const json = wantsJson(cmd);
+      let now = Date.now();
+      if (o.now !== undefined) {
+        now = Date.parse(o.now);
+        if (Number.isNaN(now)) {
+          process.stderr.write(`genvault: --now: ${JSON.stringify(o.now)} is not an ISO date or time\n`);
+          process.exit(2);
+        }
+      }
+      let file: JobsFile | null = null;
+      let dir: string;
+      try {
+        const cfgPath = o.config ?? DEFAULT_JOBS_FILE;
+        const exists = await fs.access(cfgPath).then(
+          () => true,
+          () => false,
+        );
+        if (o.config !== undefined || exists) file = await loadJobsFile(cfgPath);
+        dir = file ? jobsRepoPath(cmd, file.repository) : repoPath(cmd);
+      } catch (e) {
+        if (e instanceof UsageError) {
+          process.stderr.write(`genvault: ${e.message}\n`);
+          process.exit(2);
+        }
+        crit((e as Error).message, json);
+      }
+      let repo: Repository;
+      try {
+        repo = await Repository.open(dir);
+      } catch (e) {
+        crit((e as Error).message, json);
+      }
+      const jobs: JobRow[] = [];
+      const images: ImageSummary[] = [];
+      try {
+        const gens = await repo.generations();
+        const byImage = new Map<string, typeof gens>();
+        for (const g of gens) byImage.set(g.name, [...(byImage.get(g.name) ?? []), g]);
+        for (const job of file?.jobs ?? []) {
+          const runs = await recentRuns(repo.db, job.name, 200);
+          const health = judgeJob(job, runs, now);
+          const img = summarizeImage(job.image, byImage.get(job.image) ?? []);
+          const lastFailed = runs.find((r) => r.status === 'failed');
+          jobs.push({
+            job: job.name,
+            image: job.image,
+            schedule: job.schedule?.expression ?? null,
+            ...health,
+            lastRun: iso(runs[0]?.started),
+            lastSuccess: iso(runs.find((r) => r.status === 'ok')?.started),
+            lastError: runs[0]?.status === 'failed' ? (lastFailed?.error ?? null) : null,
+            nextRun: job.schedule ? job.schedule.next(now).toISOString() : null,
+            generations: img.generations,
+            storedBytes: img.storedBytes,
+          });
+        }
+        const jobImages = new Set((file?.jobs ?? []).map((j) => j.image));
+        for (const [name, list] of byImage) if (!jobImages.has(name)) images.push(summarizeImage(name, list));
+      } catch (e) {
+        await repo.close().catch(() => undefined);
+        crit((e as Error).message, json);
+      }
+      await repo.close().catch(() => undefined);
+
+      const state: State = worst(jobs.map((j) => j.state));
+      const bad = jobs.filter((j) => j.state !== 'OK');
+      const summary = bad.length
+        ? `${state}: ${bad.map((j) => `${j.job} ${j.reason}`).join('; ')}`
+        : `OK: ${jobs.length} job${jobs.length === 1 ? '' : 's'} ok, ${images.length + jobs.length} image${images.length + jobs.length === 1 ? '' : 's'}`;
+      if (json) {
+        printJson({ state, exit: STATE_EXIT[state], summary, now: new Date(now).toISOString(), jobs, images });
+      } else {
+        let out = `${summary}\n`;
+        if (jobs.length) {
+          const rows = [['JOB', 'STATE', 'SCHEDULE', 'LAST SUCCESS (UTC)', 'AGE', 'MISSED', 'GENS', 'STORED', 'LAST ERROR']];
+          for (const j of jobs) {
+            rows.push([
+              j.job,
+              j.state,
+              j.schedule ?? '-',
+              short(j.lastSuccess),
+              j.lastSuccess ? roughAge(now - Date.parse(j.lastSuccess)) : '-',
+              String(j.missed),
+              String(j.generations),
+              bytes(j.storedBytes),
+              j.lastError ?? '-',
+            ]);
+          }
+          out += '\n' + table(rows, [5, 6, 7]) + '\n';
+        }
+        if (images.length) {
+          const rows = [['IMAGE (no job)', 'GENS', 'STORED', 'NEWEST (UTC)', 'AGE']];
+          for (const i of images) rows.push([i.name, String(i.generations), bytes(i.storedBytes), short(i.newest), i.newest ? roughAge(now - Date.parse(i.newest)) : '-']);
+          out += '\n' + table(rows, [1, 2]) + '\n';
+        }
+        if (!file) out += `\n(no job file at ${DEFAULT_JOBS_FILE}: give --config FILE to judge jobs against their schedules)\n`;
+        process.stdout.write(out);
+      }
+      process.exit(STATE_EXIT[state]);
+    });
+}

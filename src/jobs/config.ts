@@ -1,0 +1,461 @@
+/**
+ * The job file (YAML, default /etc/genvault/jobs.yaml): which repository, and per job the
+ * source, schedule, retention, tags, SSH options and hooks. Every problem is reported as
+ * `FILE:LINE: FIELD: what is wrong`, so an admin can go straight to it.
+ *
+ *   repository: /srv/genvault
+ *   timezone: UTC                      # schedules in this zone (default: the host's)
+ *   defaults:                          # merged into every job (a job's own fields win)
+ *     schedule: "0 2 * * *"
+ *     retention: { keep-daily: 7, keep-weekly: 4 }
+ *   jobs:
+ *     vm1:
+ *       source: ssh://root@kvm1/dev/vg0/vm1-snap
+ *       hooks:
+ *         pre:  ["lvcreate -s -L 2G -n vm1-snap vg0/vm1"]
+ *         post: ["lvremove -f vg0/vm1-snap"]
+ */
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import YAML, { isMap, isScalar, isSeq, LineCounter, Node as YamlNode, Pair, YAMLMap } from 'yaml';
+import { GenvaultError } from '../util/errors.js';
+import { tryParseDuration } from '../util/duration.js';
+import { IMAGE_NAME_RE } from '../repo/format.js';
+import type { RetentionRules } from '../repo/retention.js';
+import { isSshSpec, parseSshSpec } from '../source/ssh.js';
+import type { SshMode } from '../source/ssh-agent.js';
+import { Schedule } from './schedule.js';
+
+export const DEFAULT_JOBS_FILE = '/etc/genvault/jobs.yaml';
+/** A hook that runs longer than this is killed and counts as failed. */
+export const DEFAULT_HOOK_TIMEOUT_MS = 30 * 60_000;
+/** How long after a scheduled time a run may take before status counts it as missed. */
+export const DEFAULT_GRACE_MS = 60 * 60_000;
+
+export interface HookSpec {
+  run: string;
+  /** Where it runs: `source` is the source's host (over the job's SSH connection), or here for local sources. */
+  on: 'source' | 'local';
+  timeoutMs: number;
+  line: number;
+}
+
+export interface JobSsh {
+  identity?: string;
+  knownHosts?: string;
+  acceptNewHostKey?: boolean;
+  mode: SshMode;
+}
+
+export interface JobConfig {
+  name: string;
+  /** Image name in the repository (default: the job name). */
+  image: string;
+  source: string;
+  schedule: Schedule | null;
+  tags: string[];
+  /** Retention rules applied to the image after each successful backup; null: keep all. */
+  retention: RetentionRules | null;
+  /** Minimum age guard for the retention (default: the repository's). */
+  minAgeMs?: number;
+  graceMs: number;
+  hooks: { pre: HookSpec[]; post: HookSpec[] };
+  ssh: JobSsh;
+  /** Line of the job's name in the file. */
+  line: number;
+}
+
+export interface JobsFile {
+  file: string;
+  repository: string | null;
+  timezone: string | null;
+  jobs: JobConfig[];
+}
+
+export interface ConfigProblem {
+  line: number;
+  field: string;
+  message: string;
+}
+
+export class ConfigError extends GenvaultError {
+  constructor(
+    readonly file: string,
+    readonly problems: ConfigProblem[],
+  ) {
+    const first = problems[0]!;
+    const more = problems.length > 1 ? ` (and ${problems.length - 1} more; list them all with: genvault run --check --config ${file})` : '';
+    super(`${formatProblem(file, first)}${more}`, 'CONFIG', 1);
+  }
+}
+
+export function formatProblem(file: string, p: ConfigProblem): string {
+  return `${file}:${p.line}: ${p.field ? `${p.field}: ` : ''}${p.message}`;
+}
+
+const TOP_KEYS = ['repository', 'timezone', 'defaults', 'jobs'];
+const JOB_KEYS = ['source', 'image', 'schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace'];
+const DEFAULT_KEYS = ['schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace'];
+const RETENTION_KEYS: Record<string, keyof RetentionRules | 'min-age'> = {
+  'keep-last': 'keepLast',
+  'keep-hourly': 'keepHourly',
+  'keep-daily': 'keepDaily',
+  'keep-weekly': 'keepWeekly',
+  'keep-monthly': 'keepMonthly',
+  'keep-yearly': 'keepYearly',
+  'keep-tags': 'keepTags',
+  'min-age': 'min-age',
+};
+const SSH_KEYS = ['identity', 'known-hosts', 'accept-new-host-key', 'mode'];
+const HOOK_KEYS = ['run', 'on', 'timeout'];
+
+/** Levenshtein distance, for "did you mean" on misspelt fields. */
+function distance(a: string, b: string): number {
+  const d = Array.from({ length: a.length + 1 }, (_, i) => [i, ...Array<number>(b.length).fill(0)]);
+  for (let j = 1; j <= b.length; j++) d[0]![j] = j;
+  for (let i = 1; i <= a.length; i++) {
+    for (let j = 1; j <= b.length; j++) {
+      d[i]![j] = Math.min(d[i - 1]![j]! + 1, d[i]![j - 1]! + 1, d[i - 1]![j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
+    }
+  }
+  return d[a.length]![b.length]!;
+}
+
+class Checker {
+  problems: ConfigProblem[] = [];
+  constructor(private lc: LineCounter) {}
+
+  line(node: unknown): number {
+    const r = (node as YamlNode | undefined)?.range;
+    return r ? this.lc.linePos(r[0]).line : 1;
+  }
+
+  add(node: unknown, field: string, message: string): void {
+    this.problems.push({ line: this.line(node), field, message });
+  }
+
+  /** The pairs of a mapping, checking keys against `allowed`. */
+  pairs(node: unknown, field: string, allowed: string[] | null): Array<{ key: string; value: unknown; pair: Pair; keyNode: unknown }> {
+    if (!isMap(node)) {
+      this.add(node, field, 'expected a mapping (key: value lines)');
+      return [];
+    }
+    const out = [];
+    const seen = new Map<string, number>();
+    for (const pair of (node as YAMLMap).items) {
+      const keyNode = pair.key;
+      const key = isScalar(keyNode) ? String(keyNode.value) : null;
+      if (key === null) {
+        this.add(keyNode ?? node, field, 'keys must be plain names');
+        continue;
+      }
+      const f = field ? `${field}.${key}` : key;
+      if (seen.has(key)) {
+        this.add(keyNode, f, `given twice (first on line ${seen.get(key)})`);
+        continue;
+      }
+      seen.set(key, this.line(keyNode));
+      if (allowed && !allowed.includes(key)) {
+        const near = allowed.filter((a) => distance(a, key) <= 2);
+        this.add(keyNode, f, `unknown field${near.length ? ` (did you mean ${near.join(' or ')}?)` : ` (expected one of: ${allowed.join(', ')})`}`);
+        continue;
+      }
+      out.push({ key, value: pair.value, pair, keyNode });
+    }
+    return out;
+  }
+
+  string(node: unknown, field: string): string | null {
+    if (isScalar(node) && typeof node.value === 'string' && node.value.trim() !== '') return node.value;
+    if (isScalar(node) && (typeof node.value === 'number' || typeof node.value === 'boolean')) return String(node.value);
+    this.add(node, field, 'expected a non-empty string');
+    return null;
+  }
+
+  count(node: unknown, field: string): number | null {
+    if (isScalar(node) && typeof node.value === 'number' && Number.isInteger(node.value) && node.value >= 0) return node.value;
+    this.add(node, field, 'expected a whole number >= 0');
+    return null;
+  }
+
+  bool(node: unknown, field: string): boolean | null {
+    if (isScalar(node) && typeof node.value === 'boolean') return node.value;
+    this.add(node, field, 'expected true or false');
+    return null;
+  }
+
+  duration(node: unknown, field: string): number | null {
+    const s = isScalar(node) && (typeof node.value === 'string' || node.value === 0) ? String(node.value) : null;
+    const ms = s === null ? null : tryParseDuration(s);
+    if (ms === null) this.add(node, field, 'expected a duration such as 90s, 30m, 36h, 7d, 2w or 0');
+    return ms;
+  }
+
+  stringList(node: unknown, field: string): string[] {
+    if (isScalar(node) && typeof node.value === 'string') return [node.value];
+    if (!isSeq(node)) {
+      this.add(node, field, 'expected a list of strings');
+      return [];
+    }
+    const out: string[] = [];
+    node.items.forEach((item, i) => {
+      const v = this.string(item, `${field}[${i}]`);
+      if (v !== null) out.push(v);
+    });
+    return out;
+  }
+}
+
+interface PartialJob {
+  schedule?: { value: Schedule | null; node: unknown };
+  tags?: string[];
+  retention?: { rules: RetentionRules; minAgeMs?: number } | null;
+  hooks?: { pre: HookSpec[]; post: HookSpec[] };
+  ssh?: Partial<JobSsh>;
+  graceMs?: number;
+}
+
+function parseSchedule(c: Checker, node: unknown, field: string, tz: string | null): Schedule | null {
+  if (isScalar(node) && node.value === null) return null;
+  const s = c.string(node, field);
+  if (s === null) return null;
+  try {
+    return new Schedule(s, tz);
+  } catch (e) {
+    c.add(node, field, (e as Error).message);
+    return null;
+  }
+}
+
+function parseRetention(c: Checker, node: unknown, field: string): { rules: RetentionRules; minAgeMs?: number } | null {
+  if (isScalar(node) && (node.value === null || node.value === false)) return null;
+  const rules: RetentionRules = {};
+  let minAgeMs: number | undefined;
+  const before = c.problems.length;
+  for (const { key, value } of c.pairs(node, field, Object.keys(RETENTION_KEYS))) {
+    const k = RETENTION_KEYS[key]!;
+    const f = `${field}.${key}`;
+    if (k === 'min-age') minAgeMs = c.duration(value, f) ?? undefined;
+    else if (k === 'keepTags') rules.keepTags = c.stringList(value, f);
+    else {
+      const n = c.count(value, f);
+      if (n !== null) rules[k] = n;
+    }
+  }
+  const any = Object.entries(rules).some(([k, v]) => (k === 'keepTags' ? (v as string[]).length > 0 : (v as number) > 0));
+  if (!any && isMap(node) && c.problems.length === before) c.add(node, field, 'keeps nothing: give at least one keep-* rule above 0 (or leave retention out to keep every generation)');
+  return { rules, minAgeMs };
+}
+
+function parseHookList(c: Checker, node: unknown, field: string): HookSpec[] {
+  if (isScalar(node) && node.value === null) return [];
+  const items = isSeq(node) ? node.items : [node];
+  const out: HookSpec[] = [];
+  items.forEach((item, i) => {
+    const f = isSeq(node) ? `${field}[${i}]` : field;
+    if (isScalar(item)) {
+      const run = c.string(item, f);
+      if (run !== null) out.push({ run, on: 'source', timeoutMs: DEFAULT_HOOK_TIMEOUT_MS, line: c.line(item) });
+      return;
+    }
+    let run: string | null = null;
+    let on: HookSpec['on'] = 'source';
+    let timeoutMs = DEFAULT_HOOK_TIMEOUT_MS;
+    for (const { key, value } of c.pairs(item, f, HOOK_KEYS)) {
+      if (key === 'run') run = c.string(value, `${f}.run`);
+      else if (key === 'on') {
+        const v = c.string(value, `${f}.on`);
+        if (v === 'source' || v === 'local') on = v;
+        else if (v !== null) c.add(value, `${f}.on`, 'expected "source" (the host the source is read from) or "local" (this host)');
+      } else if (key === 'timeout') timeoutMs = c.duration(value, `${f}.timeout`) ?? timeoutMs;
+    }
+    if (run === null && isMap(item)) c.add(item, `${f}.run`, 'missing: the command to run');
+    if (run !== null) out.push({ run, on, timeoutMs, line: c.line(item) });
+  });
+  return out;
+}
+
+function parseSsh(c: Checker, node: unknown, field: string, base: string): Partial<JobSsh> {
+  const out: Partial<JobSsh> = {};
+  for (const { key, value } of c.pairs(node, field, SSH_KEYS)) {
+    const f = `${field}.${key}`;
+    if (key === 'identity' || key === 'known-hosts') {
+      const v = c.string(value, f);
+      if (v !== null) out[key === 'identity' ? 'identity' : 'knownHosts'] = path.resolve(base, v);
+    } else if (key === 'accept-new-host-key') out.acceptNewHostKey = c.bool(value, f) ?? undefined;
+    else if (key === 'mode') {
+      const v = c.string(value, f);
+      if (v === 'auto' || v === 'agent' || v === 'plain') out.mode = v;
+      else if (v !== null) c.add(value, f, 'expected auto, agent or plain');
+    }
+  }
+  return out;
+}
+
+function parsePartial(c: Checker, node: unknown, field: string, allowed: string[], tz: string | null, base: string): PartialJob & { rest: Map<string, unknown> } {
+  const out: PartialJob & { rest: Map<string, unknown> } = { rest: new Map() };
+  for (const { key, value } of c.pairs(node, field, allowed)) {
+    const f = `${field}.${key}`;
+    switch (key) {
+      case 'schedule':
+        out.schedule = { value: parseSchedule(c, value, f, tz), node: value };
+        break;
+      case 'tags':
+        out.tags = c.stringList(value, f);
+        break;
+      case 'retention':
+        out.retention = parseRetention(c, value, f);
+        break;
+      case 'hooks': {
+        const h = { pre: [] as HookSpec[], post: [] as HookSpec[] };
+        for (const p of c.pairs(value, f, ['pre', 'post'])) h[p.key as 'pre' | 'post'] = parseHookList(c, p.value, `${f}.${p.key}`);
+        out.hooks = h;
+        break;
+      }
+      case 'ssh':
+        out.ssh = parseSsh(c, value, f, base);
+        break;
+      case 'grace':
+        out.graceMs = c.duration(value, f) ?? undefined;
+        break;
+      default:
+        out.rest.set(key, value);
+    }
+  }
+  return out;
+}
+
+/** Parse and check a job file's text; throws ConfigError listing every problem. */
+export function parseJobsText(text: string, file: string): JobsFile {
+  const lc = new LineCounter();
+  const doc = YAML.parseDocument(text, { lineCounter: lc, uniqueKeys: false, prettyErrors: false });
+  const c = new Checker(lc);
+  if (doc.errors.length) {
+    for (const e of doc.errors) {
+      const line = e.linePos?.[0]?.line ?? 1;
+      c.problems.push({ line, field: '', message: `YAML syntax: ${e.message.split('\n')[0]!.replace(/ at line \d+, column \d+:?$/, '')}` });
+    }
+    throw new ConfigError(file, c.problems);
+  }
+  const base = path.dirname(path.resolve(file));
+  const root = doc.contents;
+  if (!isMap(root)) {
+    c.add(root ?? undefined, '', 'expected a mapping with "jobs:" (and usually "repository:")');
+    throw new ConfigError(file, c.problems);
+  }
+  const top = new Map(c.pairs(root, '', TOP_KEYS).map((p) => [p.key, p]));
+  let repository: string | null = null;
+  if (top.has('repository')) {
+    const v = c.string(top.get('repository')!.value, 'repository');
+    if (v !== null) repository = path.resolve(base, v);
+  }
+  let timezone: string | null = null;
+  if (top.has('timezone')) {
+    const tzNode = top.get('timezone')!.value;
+    timezone = c.string(tzNode, 'timezone');
+    if (timezone !== null) {
+      try {
+        new Intl.DateTimeFormat('en', { timeZone: timezone });
+      } catch {
+        c.add(tzNode, 'timezone', `unknown time zone ${JSON.stringify(timezone)} (use e.g. UTC or Europe/Berlin)`);
+        timezone = null;
+      }
+    }
+  }
+  const defaults: PartialJob = top.has('defaults') ? parsePartial(c, top.get('defaults')!.value, 'defaults', DEFAULT_KEYS, timezone, base) : {};
+
+  const jobs: JobConfig[] = [];
+  const jobsPair = top.get('jobs');
+  if (!jobsPair) c.add(root, 'jobs', 'missing: a mapping of job names to jobs');
+  else {
+    const images = new Map<string, string>();
+    for (const { key: name, value, keyNode } of c.pairs(jobsPair.value, 'jobs', null)) {
+      const f = `jobs.${name}`;
+      if (!IMAGE_NAME_RE.test(name) || name === 'latest') {
+        c.add(keyNode, f, "invalid job name: use letters, digits, '.', '_' and '-' (not starting with '.' or '-')");
+        continue;
+      }
+      const p = parsePartial(c, value, f, JOB_KEYS, timezone, base);
+      let source: string | null = null;
+      const srcNode = p.rest.get('source');
+      if (srcNode === undefined) {
+        if (isMap(value)) c.add(keyNode, `${f}.source`, 'missing: an image file, a block device, or ssh://[user@]host[:port]/path');
+      } else {
+        source = c.string(srcNode, `${f}.source`);
+        if (source !== null) {
+          if (isSshSpec(source)) {
+            try {
+              parseSshSpec(source);
+            } catch (e) {
+              c.add(srcNode, `${f}.source`, (e as Error).message);
+            }
+          } else if (source === '-') {
+            c.add(srcNode, `${f}.source`, 'standard input cannot be a job source');
+          } else if (!path.isAbsolute(source)) {
+            c.add(srcNode, `${f}.source`, 'expected an absolute path or an ssh:// URL');
+          }
+        }
+      }
+      let image = name;
+      if (p.rest.has('image')) {
+        const v = c.string(p.rest.get('image'), `${f}.image`);
+        if (v !== null && (!IMAGE_NAME_RE.test(v) || v === 'latest')) c.add(p.rest.get('image'), `${f}.image`, 'invalid image name');
+        else if (v !== null) image = v;
+      }
+      const other = images.get(image);
+      if (other) c.add(keyNode, f, `image ${image} is already backed up by job ${other}: two jobs writing one image would fight over it`);
+      images.set(image, name);
+      const ssh: JobSsh = { mode: 'auto', ...defaults.ssh, ...p.ssh };
+      const h0 = p.hooks ?? defaults.hooks ?? { pre: [], post: [] };
+      const hooks = { pre: h0.pre.map((h) => ({ ...h })), post: h0.post.map((h) => ({ ...h })) };
+      if (source !== null && !isSshSpec(source)) {
+        // A local source's "source host" is this host.
+        for (const h of [...hooks.pre, ...hooks.post]) h.on = h.on === 'source' ? 'local' : h.on;
+      }
+      const schedule = p.schedule ?? defaults.schedule;
+      const retention = p.retention !== undefined ? p.retention : defaults.retention;
+      if (source !== null) {
+        jobs.push({
+          name,
+          image,
+          source,
+          schedule: schedule?.value ?? null,
+          tags: p.tags ?? defaults.tags ?? [],
+          retention: retention?.rules ?? null,
+          minAgeMs: retention?.minAgeMs,
+          graceMs: p.graceMs ?? defaults.graceMs ?? DEFAULT_GRACE_MS,
+          hooks,
+          ssh,
+          line: c.line(keyNode),
+        });
+      }
+    }
+    if (isMap(jobsPair.value) && !jobsPair.value.items.length) c.add(jobsPair.value, 'jobs', 'no jobs defined');
+  }
+  if (c.problems.length) throw new ConfigError(file, c.problems.sort((a, b) => a.line - b.line));
+  return { file, repository, timezone, jobs };
+}
+
+/** Read and check a job file. */
+export async function loadJobsFile(file: string): Promise<JobsFile> {
+  let text: string;
+  try {
+    text = await fs.readFile(file, 'utf8');
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    const why = code === 'ENOENT' ? 'no such file (give --config FILE)' : code === 'EACCES' ? 'permission denied' : (e as Error).message;
+    throw new GenvaultError(`cannot read job file ${file}: ${why}`, code === 'ENOENT' ? 'ENOENT' : 'CONFIG');
+  }
+  return parseJobsText(text, file);
+}
+
+/** The jobs named on the command line, in the file's order; unknown names are an error. */
+export function selectJobs(f: JobsFile, names: string[]): JobConfig[] {
+  if (!names.length) return f.jobs;
+  for (const n of names) {
+    if (!f.jobs.some((j) => j.name === n)) {
+      throw new GenvaultError(`no job named ${n} in ${f.file} (jobs: ${f.jobs.map((j) => j.name).join(', ')})`, 'NOT_FOUND');
+    }
+  }
+  return f.jobs.filter((j) => names.includes(j.name));
+}

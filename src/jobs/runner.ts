@@ -1,0 +1,173 @@
+/**
+ * Running a job: take the image's backup lock, connect (ssh:// sources), run the
+ * pre-hooks in order, read the source into a new generation, run every post-hook, apply
+ * the retention, and record the run in the repository's history.
+ *
+ * Rules an admin relies on:
+ * - a failing pre-hook skips the read (no half-frozen or missing snapshot is backed up);
+ * - post-hooks always run, whatever happened before (they thaw and remove snapshots);
+ *   if the SSH connection dropped, they run over a new one;
+ * - the image lock is taken before any hook, so two runs of one job never interleave
+ *   their hooks: the second is skipped and says why.
+ */
+import { backup } from '../repo/backup.js';
+import { ImageLock } from '../repo/locks.js';
+import { prune } from '../repo/prune.js';
+import type { Repository } from '../repo/repository.js';
+import { openLocalSource } from '../source/local.js';
+import { connectSsh, parseSshSpec, probeRemote, startPlainSource, type SshConnection } from '../source/ssh.js';
+import { startAgentSource } from '../source/ssh-agent.js';
+import { isChunkedSource } from '../source/chunked.js';
+import type { Source } from '../source/types.js';
+import { GenvaultError } from '../util/errors.js';
+import { bytes, duration } from '../util/format.js';
+import type { JobConfig } from './config.js';
+import { HookRecord, RunRecord, recentRuns, recordRun } from './history.js';
+import { runHook } from './hooks.js';
+
+export interface RunJobOptions {
+  /** Who runs it, recorded with the run: "run" or "daemon". */
+  by: string;
+  onProgress?: (done: number, total: number | null) => void;
+}
+
+export type JobOutcome = { skipped: false; record: RunRecord } | { skipped: true; job: string; reason: string };
+
+/** A connection the source may "close" without closing it: the post-hooks still need it. */
+function borrowed(conn: SshConnection): SshConnection {
+  return Object.create(conn, { close: { value: () => undefined } }) as SshConnection;
+}
+
+async function openSource(job: JobConfig, repo: Repository, conn: SshConnection | null): Promise<Source> {
+  if (!conn) return openLocalSource(job.source);
+  const c = borrowed(conn);
+  const info = await probeRemote(c);
+  const mode = job.ssh.mode;
+  if (mode === 'plain' || (mode === 'auto' && !info.python)) return startPlainSource(c, info);
+  return startAgentSource(c, info, repo.config.chunking);
+}
+
+export async function runJob(repo: Repository, job: JobConfig, opts: RunJobOptions): Promise<JobOutcome> {
+  let lock: ImageLock;
+  try {
+    lock = await ImageLock.acquire(repo.dir, job.image, false);
+  } catch (e) {
+    if (e instanceof GenvaultError && e.code === 'LOCKED') return { skipped: true, job: job.name, reason: e.message };
+    throw e;
+  }
+  const started = Date.now();
+  const hooks: HookRecord[] = [];
+  const rec: RunRecord = { job: job.name, image: job.image, started, finished: started, status: 'ok', hooks, by: opts.by };
+  const fail = (stage: NonNullable<RunRecord['stage']>, message: string) => {
+    if (rec.status === 'ok') {
+      rec.status = 'failed';
+      rec.stage = stage;
+      rec.error = message;
+    }
+  };
+  const ssh = job.source.startsWith('ssh://');
+  const spec = ssh ? parseSshSpec(job.source) : null;
+  const env: Record<string, string> = {
+    GENVAULT_JOB: job.name,
+    GENVAULT_IMAGE: job.image,
+    GENVAULT_SOURCE: job.source,
+    GENVAULT_SOURCE_PATH: spec ? spec.path : job.source,
+    GENVAULT_REPOSITORY: repo.dir,
+  };
+  let conn: SshConnection | null = null;
+  const connect = () =>
+    connectSsh(spec!, { identity: job.ssh.identity, knownHosts: job.ssh.knownHosts, acceptNewHostKey: job.ssh.acceptNewHostKey });
+  try {
+    let readOk = false;
+    try {
+      if (spec) conn = await connect();
+      for (const h of job.hooks.pre) {
+        const r = await runHook(h, 'pre', { ...env, GENVAULT_PHASE: 'pre' }, conn);
+        hooks.push(r);
+        if (!r.ok) {
+          fail('pre-hook', `${r.error}; source not read`);
+          break;
+        }
+      }
+      if (rec.status === 'ok') {
+        let source: Source | null = null;
+        try {
+          source = await openSource(job, repo, conn);
+          const gen = await backup(repo, source, { name: job.image, tags: job.tags, lock, onProgress: opts.onProgress });
+          rec.generation = { id: gen.id, size: gen.size, bytesRead: gen.stats.bytesRead, newBytes: gen.stats.newBytes, newStored: gen.stats.newStored };
+          if (source && isChunkedSource(source)) env.GENVAULT_WIRE_BYTES = String(source.transferred.wire);
+          readOk = true;
+        } catch (e) {
+          fail('backup', (e as Error).message);
+        } finally {
+          await source?.close().catch(() => undefined);
+        }
+      }
+    } catch (e) {
+      fail('connect', (e as Error).message);
+    }
+
+    // Post-hooks: always, each one, in order.
+    const postEnv = { ...env, GENVAULT_PHASE: 'post', GENVAULT_RESULT: readOk ? 'ok' : 'failed', GENVAULT_GENERATION: rec.generation?.id ?? '' };
+    for (const h of job.hooks.post) {
+      if (h.on === 'source' && spec && (!conn || conn.lost)) {
+        conn?.close();
+        conn = null;
+        try {
+          conn = await connect();
+        } catch (e) {
+          const r: HookRecord = { phase: 'post', run: h.run, on: 'source', ok: false, code: null, durationMs: 0, output: '', error: `post-hook "${h.run}" on ${spec.host} not run: ${(e as Error).message}` };
+          hooks.push(r);
+          fail('post-hook', r.error!);
+          continue;
+        }
+      }
+      const r = await runHook(h, 'post', postEnv, conn);
+      hooks.push(r);
+      if (!r.ok) fail('post-hook', r.error!);
+    }
+
+    if (readOk && job.retention) {
+      try {
+        const res = await prune(repo, { names: [job.image], rules: job.retention, minAgeMs: job.minAgeMs });
+        rec.pruned = res.removed.map((g) => g.id);
+      } catch (e) {
+        fail('retention', `retention: ${(e as Error).message}`);
+      }
+    }
+  } finally {
+    conn?.close();
+    await lock.release().catch(() => undefined);
+  }
+  rec.finished = Date.now();
+  await recordRun(repo.db, rec);
+  return { skipped: false, record: rec };
+}
+
+/** The one log line a run leaves (stdout of `run` and the daemon). */
+export function describeRun(o: JobOutcome): string {
+  if (o.skipped) return `${o.job}: skipped: ${o.reason}`;
+  const r = o.record;
+  const took = duration(r.finished - r.started);
+  const g = r.generation;
+  const gen = g ? `generation ${g.id.slice(0, 8)}, ${bytes(g.bytesRead)} read, ${bytes(g.newBytes)} new (${bytes(g.newStored)} stored)` : '';
+  const pruned = r.pruned?.length ? `, pruned ${r.pruned.length}` : '';
+  if (r.status === 'ok') return `${r.job}: ok: ${gen}${pruned}, ${took}`;
+  return `${r.job}: FAILED (${r.stage}): ${r.error}${g ? ` [${gen}]` : ''}`;
+}
+
+/** When the job last started, from its history (null: never). */
+export async function lastStarted(repo: Repository, job: string): Promise<number | null> {
+  return (await recentRuns(repo.db, job, 1))[0]?.started ?? null;
+}
+
+/**
+ * Whether a job is due at `now`: it has a schedule, and no run started at or after the
+ * latest scheduled time. A job that never ran is due at once (as anacron would).
+ */
+export function isDue(job: JobConfig, lastStart: number | null, now: number): boolean {
+  if (!job.schedule) return false;
+  const prev = job.schedule.prev(now);
+  if (lastStart === null) return true;
+  return prev !== null && lastStart < +prev;
+}

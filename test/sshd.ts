@@ -1,0 +1,123 @@
+/**
+ * A real OpenSSH sshd on 127.0.0.1 for tests: host and user keys made in a scratch
+ * directory, a known_hosts file for it, and a way to kill its sessions (to drop
+ * connections mid-transfer).
+ */
+import { spawn, ChildProcess } from 'node:child_process';
+import fs from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import { Scratch, must, sh } from './helpers.js';
+
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const p = (srv.address() as net.AddressInfo).port;
+      srv.close(() => resolve(p));
+    });
+  });
+}
+
+async function waitForPort(p: number, log: () => string): Promise<void> {
+  for (let i = 0; i < 100; i++) {
+    const ok = await new Promise<boolean>((resolve) => {
+      const c = net.connect(p, '127.0.0.1');
+      c.once('connect', () => {
+        c.destroy();
+        resolve(true);
+      });
+      c.once('error', () => resolve(false));
+    });
+    if (ok) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`sshd did not listen on ${p}: ${log()}`);
+}
+
+export async function keygen(file: string): Promise<void> {
+  await must('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'genvault-test', '-f', file]);
+}
+
+export interface Sshd {
+  port: number;
+  /** A key the server accepts, and one it does not. */
+  userKey: string;
+  otherKey: string;
+  /** known_hosts holding the server's key. */
+  knownHosts: string;
+  /** "ssh-ed25519 AAAA..." of the server. */
+  hostPub: string;
+  /** ssh://root@127.0.0.1:PORT + path */
+  url(p: string, user?: string): string;
+  /** pids of sshd's per-connection children (kill them to drop connections). */
+  sessionPids(): Promise<number[]>;
+  log(): string;
+  stop(): Promise<void>;
+}
+
+export async function startSshd(s: Scratch, sub = 'sshd'): Promise<Sshd> {
+  await fs.mkdir('/run/sshd', { recursive: true });
+  const d = s.path(sub);
+  await fs.mkdir(d, { recursive: true });
+  await keygen(path.join(d, 'host_key'));
+  const userKey = path.join(d, 'user_key');
+  const otherKey = path.join(d, 'other_key');
+  await keygen(userKey);
+  await keygen(otherKey);
+  await fs.copyFile(`${userKey}.pub`, path.join(d, 'authorized_keys'));
+  const port = await freePort();
+  const cfg = path.join(d, 'sshd_config');
+  await fs.writeFile(
+    cfg,
+    [
+      `Port ${port}`,
+      'ListenAddress 127.0.0.1',
+      `HostKey ${path.join(d, 'host_key')}`,
+      `AuthorizedKeysFile ${path.join(d, 'authorized_keys')}`,
+      `PidFile ${path.join(d, 'sshd.pid')}`,
+      'PermitRootLogin yes',
+      'StrictModes no',
+      'UsePAM no',
+      'PasswordAuthentication no',
+      'KbdInteractiveAuthentication no',
+      'LogLevel VERBOSE',
+      '',
+    ].join('\n'),
+  );
+  let sshdLog = '';
+  const sshd: ChildProcess = spawn('/usr/sbin/sshd', ['-D', '-e', '-f', cfg], { stdio: ['ignore', 'ignore', 'pipe'] });
+  sshd.stderr!.on('data', (b: Buffer) => {
+    if (sshdLog.length < 200_000) sshdLog += b.toString();
+  });
+  await waitForPort(port, () => sshdLog);
+  const hostPub = (await fs.readFile(path.join(d, 'host_key.pub'), 'utf8')).split(' ').slice(0, 2).join(' ');
+  const knownHosts = path.join(d, 'known_hosts');
+  await fs.writeFile(knownHosts, `[127.0.0.1]:${port} ${hostPub}\n`);
+  const sessionPids = async () => {
+    const r = await sh('ps', ['-o', 'pid=', '--ppid', String(sshd.pid)]);
+    return r.stdout.split('\n').map((l) => Number(l.trim())).filter((n) => n > 0);
+  };
+  return {
+    port,
+    userKey,
+    otherKey,
+    knownHosts,
+    hostPub,
+    url: (p, user = 'root') => `ssh://${user}@127.0.0.1:${port}${p}`,
+    sessionPids,
+    log: () => sshdLog,
+    async stop() {
+      if (!sshd.pid) return;
+      for (const pid of await sessionPids().catch(() => [])) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          /* gone */
+        }
+      }
+      sshd.kill('SIGTERM');
+    },
+  };
+}
