@@ -329,3 +329,69 @@ describe('remote agent (incremental mode)', () => {
   });
 });
 
+
+describe('restore to ssh://', () => {
+  it('writes a file sparse through the writer, zero ranges not sent, and byte-identical through cat', async () => {
+    const out = s.path('remote-restore.img');
+    const r = await gv(repo, ['restore', 'remote@latest', src(out), ...sshArgs(), '--json'], { env: noAgent });
+    expect(r.code, r.stderr).toBe(0);
+    const res = JSON.parse(r.stdout);
+    expect(res.mode).toBe('agent');
+    expect(await sha256File(out)).toBe(await sha256File(disk));
+    const st = await fs.stat(out);
+    expect(st.size).toBe(64 << 20);
+    expect(res.wireBytes).toBeLessThan(st.size / 2);
+    expect(st.blocks * 512).toBeLessThan(st.size / 2);
+    // An existing file is refused without --force, with one line, and left alone.
+    const before = await sha256File(out);
+    const refused = await gv(repo, ['restore', 'remote@0', src(out), ...sshArgs()], { env: noAgent });
+    expectOneLine(refused, new RegExp(`ssh://root@127\\.0\\.0\\.1:${port}${out}: exists and is not empty; use --force to overwrite it`));
+    expect(await sha256File(out)).toBe(before);
+    const plain = await gv(repo, ['restore', 'remote@0', src(out), '--force', '--ssh-mode', 'plain', ...sshArgs(), '--json'], { env: noAgent });
+    expect(plain.code, plain.stderr).toBe(0);
+    expect(JSON.parse(plain.stdout)).toMatchObject({ mode: 'plain', wireBytes: 64 << 20 });
+    expect(await sha256File(out)).toBe(before);
+    const dirs = await fs.readdir(s.dir);
+    expect(dirs.filter((n) => n.includes('genvault-partial'))).toEqual([]);
+    await fs.rm(out);
+  });
+
+  it('fails with one line for a missing remote directory', async () => {
+    for (const mode of ['agent', 'plain']) {
+      const r = await gv(repo, ['restore', 'remote@latest', src('/nonexistent/dir/x.img'), '--ssh-mode', mode, ...sshArgs()], { env: noAgent });
+      expectOneLine(r, /\/nonexistent\/dir\/x\.img: cannot create it: (no such file or directory|permission denied)/);
+    }
+  });
+
+  it('a connection killed mid-restore leaves no file behind', async () => {
+    const big = s.path('big.img');
+    await fs.writeFile(big, prng(21, 160 << 20));
+    await gvOk(repo, ['backup', big, '--name', 'big']);
+    const dir = s.path('rdir');
+    await fs.mkdir(dir);
+    const out = path.join(dir, 'big.out');
+    const child = spawn(process.execPath, [path.resolve('dist/cli/main.js'), '-r', repo, 'restore', 'big@latest', src(out), ...sshArgs()], {
+      env: { ...process.env, ...noAgent, GENVAULT_NO_PROGRESS: '1' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stderr = '';
+    child.stderr!.on('data', (b: Buffer) => (stderr += b.toString()));
+    const exited = new Promise<number>((r) => child.on('exit', (c) => r(c ?? -1)));
+    // Kill the session once the partial file has some bytes in it.
+    for (let i = 0; i < 2000; i++) {
+      const names = await fs.readdir(dir);
+      const partial = names.find((n) => n.includes('genvault-partial'));
+      if (partial && (await fs.stat(path.join(dir, partial)).catch(() => ({ size: 0 }))).size > 0) break;
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    for (const pid of await sshd!.sessionPids()) process.kill(pid, 'SIGKILL');
+    const code = await exited;
+    expect(code, stderr).toBe(1);
+    expect(stderr.trim().split('\n').filter((l) => !/native crypto/.test(l))).toHaveLength(1);
+    expect(stderr).toMatch(/connection|closed|lost/);
+    // The remote writer removes its partial file once it sees the end of its input.
+    for (let i = 0; i < 50 && (await fs.readdir(dir)).length; i++) await new Promise((r) => setTimeout(r, 100));
+    expect(await fs.readdir(dir)).toEqual([]);
+    await fs.rm(big);
+  });
+});

@@ -2,7 +2,19 @@ import { Command } from 'commander';
 import { restoreToPath, restoreToStream } from '../repo/restore.js';
 import { bytes, duration, rate } from '../util/format.js';
 import { Progress } from '../util/progress.js';
+import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
+import { restoreToSsh } from '../source/ssh-target.js';
+import { UsageError } from '../util/errors.js';
 import { action, printJson, wantsJson, withRepo } from './common.js';
+
+interface RestoreFlags {
+  force?: boolean;
+  ignoreDamage?: boolean;
+  identity?: string;
+  knownHosts?: string;
+  acceptNewHostKey?: boolean;
+  sshMode: string;
+}
 
 function reportDamage(damaged: Array<{ offset: number; length: number }>): void {
   for (const r of damaged) {
@@ -15,21 +27,41 @@ export function register(program: Command): void {
     .command('restore')
     .description('write a generation to a file (sparse) or a block device, checking every chunk')
     .argument('<target>', 'NAME@REV (REV: latest, N, id or prefix, ISO date/time)')
-    .argument('<dest>', 'file or block device to write')
+    .argument('<dest>', 'file or block device to write, here or ssh://[user@]host[:port]/path')
     .option('-f, --force', 'overwrite an existing non-empty file')
     .option('--ignore-damage', 'write zeros where chunks are damaged and list those ranges, instead of failing')
+    .option('-i, --identity <file>', 'ssh:// targets: private key file (default: ssh-agent, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa)')
+    .option('--known-hosts <file>', 'ssh:// targets: known hosts file (default ~/.ssh/known_hosts)')
+    .option('--accept-new-host-key', 'ssh:// targets: trust and record the key of a host not yet known')
+    .option('--ssh-mode <mode>', 'ssh:// targets: agent (python3 writer, zero ranges not sent), plain (cat), or auto', 'auto')
     .option('--json', 'print a JSON summary')
+    .addHelpText(
+      'after',
+      '\nA file is written sparse under a temporary name and renamed only when complete and synced;\n' +
+        'a block device gets every byte (zeros included). Every chunk is checked against its digest.\n\n' +
+        'Examples:\n  genvault restore vm1@latest /var/lib/libvirt/images/vm1.img\n' +
+        '  genvault restore vm1@2026-11-20 /dev/vg0/vm1 --force\n  genvault restore vm1@1 ssh://root@kvm2/dev/vg0/vm1',
+    )
     .action(
-      action(async (target: string, dest: string, opts: { force?: boolean; ignoreDamage?: boolean }, cmd: Command) => {
+      action(async (target: string, dest: string, opts: RestoreFlags, cmd: Command) => {
+        if (!['auto', 'agent', 'plain'].includes(opts.sshMode)) throw new UsageError(`--ssh-mode must be auto, agent or plain, not "${opts.sshMode}"`);
+        const ssh = isSshSpec(dest);
+        if (ssh) warnIfNoNativeCrypto();
         await withRepo(cmd, async (repo) => {
           const g = await repo.resolve(target);
           const progress = new Progress(`restore ${g.name}`);
           const t0 = Date.now();
-          const res = await restoreToPath(repo, g, dest, {
-            force: opts.force,
-            ignoreDamage: opts.ignoreDamage,
-            onProgress: (d, t) => progress.update(d, t),
-          }).finally(() => progress.done());
+          const common = { force: opts.force, ignoreDamage: opts.ignoreDamage, onProgress: (d: number, t: number) => progress.update(d, t) };
+          const res = await (ssh
+            ? restoreToSsh(repo, g, dest, {
+                ...common,
+                identity: opts.identity,
+                knownHosts: opts.knownHosts,
+                acceptNewHostKey: opts.acceptNewHostKey,
+                mode: opts.sshMode as 'auto' | 'agent' | 'plain',
+              })
+            : restoreToPath(repo, g, dest, common)
+          ).finally(() => progress.done());
           const ms = Date.now() - t0;
           reportDamage(res.damaged);
           if (wantsJson(cmd)) printJson({ generation: g.id, name: g.name, ...res, durationMs: ms });

@@ -31,15 +31,15 @@ export interface RestoreResult {
   sparse: boolean;
 }
 
-type Sink = {
-  /** Write data at offset (data may be null for a zero chunk). */
+export type Sink = {
+  /** Write data at offset (data may be null for a zero chunk). Called in offset order. */
   write(offset: number, length: number, data: Buffer | null): Promise<void>;
 };
 
 const ZERO = Buffer.alloc(1 << 20);
 
 /** Hand every chunk to `sink` in order, loading up to `window` bytes ahead. */
-async function streamChunks(
+export async function streamChunks(
   repo: Repository,
   gen: Generation,
   sink: Sink,
