@@ -27,8 +27,18 @@ import type { ChunkedSegment, ChunkedSource, NeedFn, OfferedChunk, RemoteChunk }
 
 /** The remote agent. Python 3.5+, standard library only. Keep the chunker in step with chunker.ts. */
 export const AGENT_PY = String.raw`
-import sys, os, struct, hashlib, zlib, json, stat
+import sys, os, struct, hashlib, zlib, json, stat, threading, queue, time
 from collections import deque
+
+class Rate:
+    # Bytes per second, smoothed over recent samples.
+    def __init__(self):
+        self.n = 0
+        self.value = 0.0
+    def add(self, nbytes, secs):
+        r = nbytes / max(secs, 1e-6)
+        self.value = r if self.n == 0 else 0.7 * self.value + 0.3 * r
+        self.n += 1
 
 def chunk_segment(mv, n, B, MIN, MASKBITS, MAX):
     # Port of chunkSegment in src/repo/chunker.ts: same boundaries, bit for bit.
@@ -133,55 +143,102 @@ def main():
     except OSError as e:
         fail('%s: %s' % (path, e.strerror or e))
     send(b'H', json.dumps({'v': 1, 'size': size}).encode())
+    # A reader thread reads, chunks and hashes segments ahead (hashlib releases the GIL),
+    # while this thread answers need lists, compresses and sends.
+    q = queue.Queue(maxsize=2)
+    def reader():
+        total = 0
+        try:
+            while True:
+                buf = bytearray(SEG)
+                try:
+                    n = read_full(f, buf)
+                except OSError as e:
+                    q.put(('X', 'reading %s at offset %d: %s' % (path, total, e.strerror or e)))
+                    return
+                if n == 0:
+                    break
+                mv = memoryview(buf)[:n]
+                spans = chunk_segment(mv, n, B, MIN, MASKBITS, MAX)
+                desc = [struct.pack('>I', len(spans))]
+                for (s, l, z) in spans:
+                    if z:
+                        desc.append(struct.pack('>IB', l, 1))
+                    else:
+                        desc.append(struct.pack('>IB', l, 0) + hashlib.sha256(mv[s:s + l]).digest())
+                q.put(('S', (mv, spans, b''.join(desc))))
+                total += n
+                if n < SEG:
+                    break
+        except BaseException as e:
+            q.put(('X', 'agent reader: %s' % e))
+            return
+        q.put(('E', total))
+    threading.Thread(target=reader, daemon=True).start()
+    # Compress only when it pays: when the connection (or the receiver) is slower than
+    # zlib would make up for. Rates are measured as we go: link = bytes / seconds spent
+    # blocked in writes, zlib = input bytes / seconds compressing.
+    link = Rate()
+    zrate = Rate()
+    ratio = 0.5
     pending = deque()
     eof = False
     total = 0
     while True:
         while not eof and len(pending) < WIN:
-            buf = bytearray(SEG)
-            try:
-                n = read_full(f, buf)
-            except OSError as e:
-                fail('reading %s at offset %d: %s' % (path, total, e.strerror or e))
-            if n < SEG:
+            kind, item = q.get()
+            if kind == 'X':
+                fail(item)
+            if kind == 'E':
                 eof = True
-            if n == 0:
+                total = item
                 break
-            mv = memoryview(buf)[:n]
-            spans = chunk_segment(mv, n, B, MIN, MASKBITS, MAX)
-            desc = [struct.pack('>I', len(spans))]
-            for (s, l, z) in spans:
-                if z:
-                    desc.append(struct.pack('>IB', l, 1))
-                else:
-                    desc.append(struct.pack('>IB', l, 0) + hashlib.sha256(mv[s:s + l]).digest())
-            send(b'S', b''.join(desc))
-            total += n
+            mv, spans, desc = item
+            send(b'S', desc)
             pending.append((mv, spans))
+        t0 = time.monotonic()
         out.flush()
         if not pending:
             break
         hdr = inp.read(5)
         if len(hdr) < 5:
-            sys.exit(0)  # the local side went away
+            os._exit(0)  # the local side went away
         t, ln = hdr[:1], struct.unpack('>I', hdr[1:])[0]
         want = inp.read(ln)
         mv, spans = pending.popleft()
         if t != b'N' or len(want) != len(spans):
             fail('protocol error: expected a need list of %d entries' % len(spans))
+        # Compress if sending raw takes longer than compressing and sending the result.
+        comp = COMP and (link.n < 2 or zrate.n < 1 or 1.0 / link.value > 1.0 / zrate.value + ratio / link.value)
+        sent = 0
+        tw = 0.0
         for i, (s, l, z) in enumerate(spans):
             if want[i]:
                 c = mv[s:s + l]
-                if COMP:
+                if comp:
                     # Try a 16 KiB sample first: incompressible data (media, encrypted,
                     # already compressed) would cost zlib time for nothing.
                     k = 16384 if l > 16384 else l
+                    tz = time.monotonic()
                     if len(zlib.compress(c[:k], 1)) < k - (k >> 3):
                         zc = zlib.compress(c, 1)
+                        zrate.add(l, time.monotonic() - tz)
+                        ratio = 0.8 * ratio + 0.2 * (len(zc) / l)
                         if len(zc) < l - (l >> 5):
+                            tw0 = time.monotonic()
                             send(b'D', b'\x01', zc)
+                            tw += time.monotonic() - tw0
+                            sent += len(zc)
                             continue
+                tw0 = time.monotonic()
                 send(b'D', b'\x00', c)
+                tw += time.monotonic() - tw0
+                sent += l
+        if sent >= (1 << 20):
+            tw0 = time.monotonic()
+            out.flush()
+            tw += time.monotonic() - tw0
+            link.add(sent, max(tw, 1e-6))
     send(b'E', json.dumps({'bytes': total}).encode())
     out.flush()
 
