@@ -97,6 +97,36 @@ describe('while mounted', () => {
   });
 });
 
+describe('CPU priority', () => {
+  it('the mount server drops to the lowest CPU priority while a backup runs, and comes back after', async () => {
+    const pid = Number((await sh('pgrep', ['-f', `mount ${mnt}`])).stdout.trim().split('\n')[0]);
+    expect(pid).toBeGreaterThan(0);
+    const autogroup = async () => (await fs.readFile(`/proc/${pid}/autogroup`, 'utf8').catch(() => '')).trim();
+    const niceOf = async () => Number((await fs.readFile(`/proc/${pid}/stat`, 'utf8')).split(') ')[1]!.split(' ')[16]);
+    const hasAutogroup = (await autogroup()) !== '';
+    const waitFor = async (want: number) => {
+      for (let i = 0; i < 60; i++) {
+        const ag = await autogroup();
+        if ((hasAutogroup ? Number(/nice (-?\d+)/.exec(ag)?.[1]) : await niceOf()) === want) return true;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      return false;
+    };
+    expect(await waitFor(0)).toBe(true);
+    const b = startBackupFromPipe('prio');
+    b.child.stdin.write(prng(5, 4 << 20));
+    expect(await waitFor(19)).toBe(true);
+    expect(await niceOf()).toBe(19); // the FUSE thread itself
+    // Reads keep working meanwhile.
+    const r = await sh('dd', [`if=${mnt}/a/latest`, 'of=/dev/null', 'bs=1M', 'count=8', 'status=none']);
+    expect(r.code, r.stderr).toBe(0);
+    b.child.stdin.end();
+    expect((await b.done).code).toBe(0);
+    expect(await waitFor(0)).toBe(true);
+    expect(await niceOf()).toBe(0);
+  });
+});
+
 describe('removing a generation that is open in the mount', () => {
   it('disappears from the tree, keeps reading correct bytes until closed, then gc reclaims it', async () => {
     const img = s.path('e.img');
@@ -157,7 +187,7 @@ describe('the process holding the index dies', () => {
     const gen = JSON.parse(res.out);
     expect(gen.size).toBe(32 << 20);
     const list = JSON.parse(await gvOk(repo, ['list', '--json']));
-    expect(list.map((g: { name: string }) => g.name).sort()).toEqual(['a', 'b', 'c', 'c', 'd']);
+    expect(list.map((g: { name: string }) => g.name).sort()).toEqual(['a', 'b', 'c', 'c', 'd', 'prio']);
     const out = s.path('d.out');
     await gvOk(repo, ['restore', 'd@latest', out]);
     expect((await fs.readFile(out)).equals(Buffer.concat([prng(5, 16 << 20), prng(6, 16 << 20)]))).toBe(true);
@@ -165,6 +195,6 @@ describe('the process holding the index dies', () => {
     const again = await gv(repo, ['mount', mnt]);
     expect(again.code, again.stderr).toBe(0);
     expect(again.stderr).toMatch(/stale mount/);
-    expect((await fs.readdir(mnt)).sort()).toEqual(['a', 'b', 'c', 'd']);
+    expect((await fs.readdir(mnt)).sort()).toEqual(['a', 'b', 'c', 'd', 'prio']);
   });
 });

@@ -14,9 +14,10 @@ import v8 from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { Generation } from '../repo/generation.js';
 import { ChunkLoader, ImageReader } from '../repo/reader.js';
-import { Pin } from '../repo/locks.js';
+import { liveWriterCount, Pin } from '../repo/locks.js';
 import { Repository } from '../repo/repository.js';
 import { Tree } from './tree.js';
+import { setProcessNice } from '../util/sched.js';
 
 const run = promisify(execFile);
 
@@ -29,7 +30,12 @@ export interface MountOptions {
   /** How often the generation list is re-read from the index (ms). */
   refreshMs?: number;
   log?: (line: string) => void;
+  /** Drop to the lowest CPU priority while backups or gc run (default true). */
+  yieldToWriters?: boolean;
 }
+
+/** Nice value of the mount server while writers run (autogroup weight 15 against 1024). */
+const YIELD_NICE = 19;
 
 export interface MountHandle {
   readonly mountpoint: string;
@@ -92,11 +98,18 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
   };
   let nextFd = 10;
 
+  // While backups or gc run, serve reads at the lowest CPU priority: they keep working,
+  // but a backup keeps most of its speed (issue: mounted repositories must not slow them).
+  let yielding = false;
   const refresh = async () => {
     try {
       tree = new Tree(await repo.generations());
     } catch (e) {
       log(`genvault mount: refreshing the generation list failed: ${(e as Error).message}`);
+    }
+    if (opts.yieldToWriters !== false) {
+      const busy = (await liveWriterCount(repo.dir)) > 0;
+      if (busy !== yielding && (await setProcessNice(busy ? YIELD_NICE : 0))) yielding = busy;
     }
   };
   const timer = setInterval(() => void refresh(), opts.refreshMs ?? 1000);

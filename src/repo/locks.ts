@@ -68,6 +68,13 @@ export async function listWriters(repoDir: string): Promise<WriterRecord[]> {
   return out;
 }
 
+/** How many writers (backups, gc) are running now; leftovers of dead ones do not count. */
+export async function liveWriterCount(repoDir: string): Promise<number> {
+  let n = 0;
+  for (const w of await listWriters(repoDir).catch(() => [])) if (await ownerAlive(w.owner)) n++;
+  return n;
+}
+
 /** Bring the packs of a writer back to what the index committed. */
 export async function trimPacks(repoDir: string, db: Db, packs: string[]): Promise<void> {
   for (const packId of packs) {
