@@ -10,6 +10,8 @@ import Fuse from 'fuse-native';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import fs from 'node:fs/promises';
+import { watch as fsWatch, type FSWatcher } from 'node:fs';
+import path from 'node:path';
 import v8 from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { Generation } from '../repo/generation.js';
@@ -107,13 +109,25 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
     } catch (e) {
       log(`genvault mount: refreshing the generation list failed: ${(e as Error).message}`);
     }
-    if (opts.yieldToWriters !== false) {
-      const busy = (await liveWriterCount(repo.dir)) > 0;
-      if (busy !== yielding && (await setProcessNice(busy ? YIELD_NICE : 0))) yielding = busy;
-    }
+    await checkWriters();
+  };
+  const checkWriters = async () => {
+    if (opts.yieldToWriters === false) return;
+    const busy = (await liveWriterCount(repo.dir)) > 0;
+    if (busy !== yielding && (await setProcessNice(busy ? YIELD_NICE : 0))) yielding = busy;
   };
   const timer = setInterval(() => void refresh(), opts.refreshMs ?? 1000);
   timer.unref();
+  // A backup registers in locks/: react at once rather than at the next refresh.
+  let lockWatch: FSWatcher | null = null;
+  try {
+    lockWatch = fsWatch(path.join(repo.dir, 'locks'), { persistent: false }, (_ev, f) => {
+      if (f && String(f).startsWith('writer-')) void checkWriters();
+    });
+    lockWatch.on('error', () => lockWatch?.close());
+  } catch {
+    /* no inotify: the refresh timer notices writers within a second */
+  }
 
   // Decoded chunks arrive as buffers from the workers; V8 frees the dropped ones only when
   // it collects, and with a tiny JS heap it rarely does. Collect when buffer memory runs
@@ -252,6 +266,7 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
     closed,
     async unmount() {
       unmounting = true;
+      lockWatch?.close();
       clearInterval(timer);
       clearInterval(gcTimer);
       clearInterval(watch);
