@@ -170,9 +170,13 @@ describe('removing a generation that is open in the mount', () => {
 });
 
 describe('the process holding the index dies', () => {
-  it('kill -9 of the mount (the leader) mid-backup: the backup finishes, later commands work', async () => {
-    const pids = (await sh('pgrep', ['-f', `mount ${mnt}`])).stdout.trim().split('\n').filter(Boolean).map(Number);
-    expect(pids.length).toBeGreaterThan(0);
+  it('kill -9 of the mount and of its index holder (the leader) mid-backup: the backup finishes, later commands work', async () => {
+    const pgrep = async (pat: string) => (await sh('pgrep', ['-f', pat])).stdout.trim().split('\n').filter(Boolean).map(Number);
+    const mountPids = await pgrep(`mount ${mnt}`);
+    const holderPids = await pgrep(`index-holder.js ${path.join(repo, 'index')}`);
+    expect(mountPids.length).toBeGreaterThan(0);
+    expect(holderPids).toHaveLength(1);
+    const pids = [...holderPids, ...mountPids];
     const b = startBackupFromPipe('d');
     b.child.stdin.write(prng(5, 16 << 20));
     await new Promise((r) => setTimeout(r, 300));

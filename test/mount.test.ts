@@ -241,6 +241,14 @@ describe('damage and stale mounts', () => {
     expect(await isMounted(mnt)).toBe(false);
     const left = (await sh('pgrep', ['-f', `mount ${mnt}`])).stdout.trim();
     expect(left).toBe('');
+    // The index holder goes with its mount, both after kill -9 of the mount and after umount.
+    let holders = '';
+    for (let i = 0; i < 50; i++) {
+      holders = (await sh('pgrep', ['-f', `index-holder.js ${path.join(repo, 'index')}`])).stdout.trim();
+      if (!holders) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    expect(holders).toBe('');
     const again = await gv(null, ['umount', mnt]);
     expect(again.code).toBe(1);
     expect(again.stderr).toMatch(/is not mounted/);

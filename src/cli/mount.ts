@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { GenvaultError, UsageError } from '../util/errors.js';
 import { Repository } from '../repo/repository.js';
-import { startIndexThread } from '../repo/index-thread.js';
+import { startIndexHolder } from '../repo/index-holder.js';
 import { fusermountUnmount, isMounted, isStaleMount, mountRepository } from '../fuse/mount.js';
 import { action, repoPath } from './common.js';
 
@@ -28,9 +28,12 @@ interface MountCliOpts {
 }
 
 async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (msg: object) => void): Promise<void> {
-  // The index leader (if this process leads) answers other processes from its own thread,
-  // not from the FUSE thread: backups keep their speed while the mount is read.
-  const indexThread = await startIndexThread(repoDir);
+  // The index leader (if none leads yet) is a small process of its own, not this one:
+  // backups keep their speed while the mount is read (src/repo/index-holder.ts).
+  const indexHolder = await startIndexHolder(repoDir).catch((e: Error) => {
+    process.stderr.write(`genvault mount: index holder not started (${e.message}); this process may lead the index\n`);
+    return null;
+  });
   const repo = await Repository.open(repoDir);
   // Reading a mount must not starve backups of the same repository: its decode workers
   // run at a lower priority than a backup's (the FUSE thread itself stays at normal).
@@ -53,7 +56,7 @@ async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (
   await handle.closed;
   await fs.rm(pidFile(mnt), { force: true });
   await repo.close().catch(() => undefined);
-  await indexThread.stop().catch(() => undefined);
+  await indexHolder?.stop().catch(() => undefined);
   process.exit(0);
 }
 
