@@ -1,9 +1,8 @@
 import { Command } from 'commander';
 import * as backupModule from '../repo/backup.js';
-import { UsageError } from '../util/errors.js';
 import { openLocalSource } from '../source/local.js';
 import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
-import { SshMode, openRemoteSource } from '../source/ssh-agent.js';
+import { openRemoteSource, parseSshMode } from '../source/ssh-agent.js';
 import { isChunkedSource } from '../source/chunked.js';
 
 const { backup } = backupModule;
@@ -53,10 +52,10 @@ export function register(program: Command): void {
     .action(
       action(async (src: string, opts: BackupCliOptions, cmd: Command) => {
         const ssh = isSshSpec(src);
-        if (!['auto', 'agent', 'plain'].includes(opts.sshMode)) throw new UsageError(`--ssh-mode must be auto, agent or plain, not "${opts.sshMode}"`);
+        const sshMode = parseSshMode(opts.sshMode);
         if (ssh) warnIfNoNativeCrypto();
         await withRepo(cmd, async (repo) => {
-          const mode = opts.sshMode === 'auto' && !chunkedBackup ? 'plain' : (opts.sshMode as SshMode);
+          const mode = sshMode === 'auto' && !chunkedBackup ? 'plain' : sshMode;
           const source = ssh
             ? await openRemoteSource(src, {
                 identity: opts.identity,

@@ -1,7 +1,7 @@
 import { Command } from 'commander';
 import { DEFAULT_JOBS_FILE } from '../jobs/config.js';
 import { Daemon } from '../jobs/daemon.js';
-import { warnIfNoNativeCrypto } from '../source/ssh.js';
+import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
 import { action, jobsRepoPath } from './common.js';
 
 export function register(program: Command): void {
@@ -24,7 +24,7 @@ export function register(program: Command): void {
         await d.load();
         // Resolve the repository now, so a missing one is a start-up error, not a log line per tick.
         jobsRepoPath(cmd, d.jobs!.repository);
-        if (d.jobs!.jobs.some((j) => j.source.startsWith('ssh://'))) warnIfNoNativeCrypto((l) => log(l.trimEnd()));
+        if (d.jobs!.jobs.some((j) => isSshSpec(j.source))) warnIfNoNativeCrypto((l) => log(l.trimEnd()));
         const onStop = (sig: string) => {
           if (d.isStopping) {
             log(`${sig} again: stopping now${d.running ? ` (job ${d.running} interrupted; its post-hooks did not run)` : ''}`);

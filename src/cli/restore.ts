@@ -4,7 +4,7 @@ import { bytes, duration, rate } from '../util/format.js';
 import { Progress } from '../util/progress.js';
 import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
 import { restoreToSsh } from '../source/ssh-target.js';
-import { UsageError } from '../util/errors.js';
+import { parseSshMode } from '../source/ssh-agent.js';
 import { action, printJson, wantsJson, withRepo } from './common.js';
 
 interface RestoreFlags {
@@ -44,7 +44,7 @@ export function register(program: Command): void {
     )
     .action(
       action(async (target: string, dest: string, opts: RestoreFlags, cmd: Command) => {
-        if (!['auto', 'agent', 'plain'].includes(opts.sshMode)) throw new UsageError(`--ssh-mode must be auto, agent or plain, not "${opts.sshMode}"`);
+        const sshMode = parseSshMode(opts.sshMode);
         const ssh = isSshSpec(dest);
         if (ssh) warnIfNoNativeCrypto();
         await withRepo(cmd, async (repo) => {
@@ -58,7 +58,7 @@ export function register(program: Command): void {
                 identity: opts.identity,
                 knownHosts: opts.knownHosts,
                 acceptNewHostKey: opts.acceptNewHostKey,
-                mode: opts.sshMode as 'auto' | 'agent' | 'plain',
+                mode: sshMode,
               })
             : restoreToPath(repo, g, dest, common)
           ).finally(() => progress.done());

@@ -2,7 +2,7 @@ import { Command } from 'commander';
 import { DEFAULT_JOBS_FILE, ConfigError, formatProblem, loadJobsFile, selectJobs } from '../jobs/config.js';
 import { JobOutcome, describeRun, isDue, lastStarted, runJob } from '../jobs/runner.js';
 import { Repository } from '../repo/repository.js';
-import { warnIfNoNativeCrypto } from '../source/ssh.js';
+import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
 import { UsageError } from '../util/errors.js';
 import { Progress } from '../util/progress.js';
 import { action, jobsRepoPath, printJson, wantsJson } from './common.js';
@@ -74,7 +74,7 @@ export function register(program: Command): void {
                 continue;
               }
             }
-            if (!warned && job.source.startsWith('ssh://')) {
+            if (!warned && isSshSpec(job.source)) {
               warnIfNoNativeCrypto();
               warned = true;
             }

@@ -23,7 +23,7 @@ import { tryParseDuration } from '../util/duration.js';
 import { IMAGE_NAME_RE } from '../repo/format.js';
 import type { RetentionRules } from '../repo/retention.js';
 import { isSshSpec, parseSshSpec } from '../source/ssh.js';
-import type { SshMode } from '../source/ssh-agent.js';
+import { isSshMode, type SshMode } from '../source/ssh-agent.js';
 import { Schedule } from './schedule.js';
 
 export const DEFAULT_JOBS_FILE = '/etc/genvault/jobs.yaml';
@@ -285,7 +285,7 @@ function parseSsh(c: Checker, node: unknown, field: string, base: string): Parti
     } else if (key === 'accept-new-host-key') out.acceptNewHostKey = c.bool(value, f) ?? undefined;
     else if (key === 'mode') {
       const v = c.string(value, f);
-      if (v === 'auto' || v === 'agent' || v === 'plain') out.mode = v;
+      if (isSshMode(v)) out.mode = v;
       else if (v !== null) c.add(value, f, 'expected auto, agent or plain');
     }
   }

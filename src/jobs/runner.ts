@@ -15,7 +15,7 @@ import { ImageLock } from '../repo/locks.js';
 import { prune } from '../repo/prune.js';
 import type { Repository } from '../repo/repository.js';
 import { openLocalSource } from '../source/local.js';
-import { connectSsh, parseSshSpec, probeRemote, startPlainSource, type SshConnection } from '../source/ssh.js';
+import { connectSsh, isSshSpec, parseSshSpec, probeRemote, startPlainSource, type SshConnection } from '../source/ssh.js';
 import { startAgentSource } from '../source/ssh-agent.js';
 import { isChunkedSource } from '../source/chunked.js';
 import type { Source } from '../source/types.js';
@@ -65,8 +65,7 @@ export async function runJob(repo: Repository, job: JobConfig, opts: RunJobOptio
       rec.error = message;
     }
   };
-  const ssh = job.source.startsWith('ssh://');
-  const spec = ssh ? parseSshSpec(job.source) : null;
+  const spec = isSshSpec(job.source) ? parseSshSpec(job.source) : null;
   const env: Record<string, string> = {
     GENVAULT_JOB: job.name,
     GENVAULT_IMAGE: job.image,

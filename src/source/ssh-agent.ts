@@ -18,7 +18,7 @@ import { createHash } from 'node:crypto';
 import { inflateSync } from 'node:zlib';
 import type { ClientChannel } from 'ssh2';
 import type { ChunkingParams } from '../repo/format.js';
-import { GenvaultError } from '../util/errors.js';
+import { GenvaultError, UsageError } from '../util/errors.js';
 import {
   ChannelReader, RemoteInfo, SshConnection, SshOptions, connectSsh, describeSpec, parseSshSpec, probeRemote, shq, startPlainSource,
 } from './ssh.js';
@@ -441,6 +441,16 @@ export async function openSshAgentSource(specText: string, chunking: ChunkingPar
 }
 
 export type SshMode = 'auto' | 'agent' | 'plain';
+
+export function isSshMode(v: unknown): v is SshMode {
+  return v === 'auto' || v === 'agent' || v === 'plain';
+}
+
+/** The --ssh-mode flag, checked (a usage error otherwise). */
+export function parseSshMode(v: string): SshMode {
+  if (!isSshMode(v)) throw new UsageError(`--ssh-mode must be auto, agent or plain, not "${v}"`);
+  return v;
+}
 
 export interface RemoteSourceOptions extends AgentSourceOptions {
   /** auto: the agent when the remote has python3, else plain; agent: the agent or an error; plain: cat. */

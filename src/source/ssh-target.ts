@@ -15,6 +15,7 @@ import type { Repository } from '../repo/repository.js';
 import { RestoreOptions, RestoreResult, streamChunks } from '../repo/restore.js';
 import { GenvaultError } from '../util/errors.js';
 import type { ClientChannel } from 'ssh2';
+import type { SshMode } from './ssh-agent.js';
 import { ChannelReader, SshConnection, SshOptions, connectSsh, describeSpec, parseSshSpec, remoteError, shq } from './ssh.js';
 
 /** The remote writer. Python 3.5+, standard library only. */
@@ -90,7 +91,7 @@ finally:
 
 export interface SshRestoreOptions extends RestoreOptions, SshOptions {
   /** auto: the writer when python3 is there, else cat; agent: the writer or an error; plain: cat. */
-  mode?: 'auto' | 'agent' | 'plain';
+  mode?: SshMode;
 }
 
 export interface SshRestoreResult extends RestoreResult {
