@@ -16,7 +16,7 @@ import v8 from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { Generation } from '../repo/generation.js';
 import { ChunkLoader, ImageReader } from '../repo/reader.js';
-import { liveWriterCount, Pin } from '../repo/locks.js';
+import { liveWriters, Pin } from '../repo/locks.js';
 import { Repository } from '../repo/repository.js';
 import { Tree } from './tree.js';
 import { setProcessNice } from '../util/sched.js';
@@ -113,7 +113,7 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
   };
   const checkWriters = async () => {
     if (opts.yieldToWriters === false) return;
-    const busy = (await liveWriterCount(repo.dir)) > 0;
+    const busy = (await liveWriters(repo.dir).catch(() => [])).length > 0;
     if (busy !== yielding && (await setProcessNice(busy ? YIELD_NICE : 0))) yielding = busy;
   };
   const timer = setInterval(() => void refresh(), opts.refreshMs ?? 1000);

@@ -44,7 +44,7 @@ import {
   movedLeafKey,
   packKey,
 } from './db.js';
-import { GcLock, WriterRegistration, cleanupDeadWriters, listWriters, pinnedGenerations, trimPacks } from './locks.js';
+import { GcLock, WriterRegistration, cleanupDeadWriters, liveWriters, pinnedGenerations, trimPacks } from './locks.js';
 import {
   PACK_HEADER_SIZE,
   PackWriter,
@@ -226,16 +226,6 @@ async function generationKeys(repo: Repository): Promise<Set<string>> {
   return out;
 }
 
-/** Writers (backups) running now, other than `selfId`. */
-async function otherLiveWriters(repoDir: string, selfId: string | null) {
-  const out = [];
-  for (const w of await listWriters(repoDir)) {
-    if (w.id === selfId) continue;
-    if (await ownerAlive(w.owner)) out.push(w);
-  }
-  return out;
-}
-
 async function fileSize(file: string): Promise<number | null> {
   try {
     return (await fs.stat(file)).size;
@@ -351,7 +341,7 @@ async function run(repo: Repository, threshold: number, report: (line: string) =
     // Wait for every writer that may have looked a condemned chunk up before its 'x' key
     // existed: those running now. Writers registering from now on see gc.json and the 'x'
     // keys, and store fresh copies instead of reusing a condemned chunk.
-    const noted = await otherLiveWriters(repo.dir, self);
+    const noted = await liveWriters(repo.dir, self);
     trace('wait');
     res.waitedFor = noted.length;
     for (;;) {
@@ -496,7 +486,7 @@ async function sweepLeaves(repo: Repository, self: string, res: GcResult, report
     return n;
   };
   const busy = async (g0: Set<string>) => {
-    if ((await otherLiveWriters(repo.dir, self)).length) return true;
+    if ((await liveWriters(repo.dir, self)).length) return true;
     for (const k of await generationKeys(repo)) if (!g0.has(k)) return true;
     return false;
   };
@@ -563,7 +553,7 @@ interface PackPlan {
  */
 async function planPacks(repo: Repository, self: string | null, threshold: number, referenced?: Set<string>): Promise<PackPlan & { deadBytes: number; deadChunks: number }> {
   const sizes = await packSizes(repo);
-  for (const w of await otherLiveWriters(repo.dir, self)) for (const p of w.packs) sizes.delete(p);
+  for (const w of await liveWriters(repo.dir, self)) for (const p of w.packs) sizes.delete(p);
   const live = new Map<string, number>();
   let deadBytes = 0;
   let deadChunks = 0;

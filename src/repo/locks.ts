@@ -68,11 +68,14 @@ export async function listWriters(repoDir: string): Promise<WriterRecord[]> {
   return out;
 }
 
-/** How many writers (backups, gc) are running now; leftovers of dead ones do not count. */
-export async function liveWriterCount(repoDir: string): Promise<number> {
-  let n = 0;
-  for (const w of await listWriters(repoDir).catch(() => [])) if (await ownerAlive(w.owner)) n++;
-  return n;
+/** Writers (backups, gc) running now, other than `exceptId`; leftovers of dead ones do not count. */
+export async function liveWriters(repoDir: string, exceptId: string | null = null): Promise<WriterRecord[]> {
+  const out = [];
+  for (const w of await listWriters(repoDir)) {
+    if (w.id === exceptId) continue;
+    if (await ownerAlive(w.owner)) out.push(w);
+  }
+  return out;
 }
 
 /** Bring the packs of a writer back to what the index committed. */
