@@ -267,6 +267,16 @@ async function restoreToDevice(repo: Repository, gen: Generation, dev: string, o
   }
 }
 
+/** A sink for a raw byte stream: data as it is, zero chunks as zeros, through `write`. */
+export function rawSink(write: (b: Buffer) => Promise<void>): Sink {
+  return {
+    async write(_offset, length, data) {
+      if (data) return write(data);
+      for (let left = length; left > 0; left -= ZERO.length) await write(ZERO.subarray(0, Math.min(left, ZERO.length)));
+    },
+  };
+}
+
 /** Stream the raw image (zeros included) to a writable, honouring backpressure. */
 export async function restoreToStream(repo: Repository, gen: Generation, out: Writable, opts: RestoreOptions = {}): Promise<RestoreResult> {
   const write = (b: Buffer) =>
@@ -283,16 +293,6 @@ export async function restoreToStream(repo: Repository, gen: Generation, out: Wr
       if (ok) done();
       else out.once('drain', done);
     });
-  const damaged = await streamChunks(repo, gen, {
-    async write(_offset, length, data) {
-      if (data) return write(data);
-      let left = length;
-      while (left > 0) {
-        const n = Math.min(left, ZERO.length);
-        await write(ZERO.subarray(0, n));
-        left -= n;
-      }
-    },
-  }, opts);
+  const damaged = await streamChunks(repo, gen, rawSink(write), opts);
   return { bytes: gen.size, target: 'stdout', damaged, sparse: false };
 }

@@ -12,7 +12,7 @@
  */
 import type { Generation } from '../repo/generation.js';
 import type { Repository } from '../repo/repository.js';
-import { RestoreOptions, RestoreResult, streamChunks } from '../repo/restore.js';
+import { RestoreOptions, RestoreResult, rawSink, streamChunks } from '../repo/restore.js';
 import { GenvaultError } from '../util/errors.js';
 import type { ClientChannel } from 'ssh2';
 import type { SshMode } from './ssh-agent.js';
@@ -125,6 +125,12 @@ function writer(ch: ClientChannel, conn: SshConnection, closedError: () => Genva
     });
 }
 
+/** The remote side answers R once its checks passed; otherwise it exits with the reason. */
+async function remoteReady(reader: ChannelReader, where: string): Promise<void> {
+  const ready = Buffer.alloc(2);
+  if ((await reader.read(ready, 0, 2)) < 2 || ready.toString() !== 'R\n') throw targetError(where, reader);
+}
+
 async function hasPython(conn: SshConnection): Promise<boolean> {
   const r = await conn.run('command -v python3 >/dev/null 2>&1 && echo yes || echo no');
   return r.stdout.toString().trim() === 'yes';
@@ -164,9 +170,7 @@ async function viaWriter(repo: Repository, gen: Generation, conn: SshConnection,
   );
   const reader = new ChannelReader(ch, conn, where);
   ch.write(WRITER_PY);
-  // The writer answers R once its checks passed (target refused, device too small: an error now).
-  const ready = Buffer.alloc(2);
-  if ((await reader.read(ready, 0, 2)) < 2 || ready.toString() !== 'R\n') throw targetError(where, reader);
+  await remoteReady(reader, where);
   const write = writer(ch, conn, () => targetError(where, reader));
   let wire = 0;
   const damaged = await streamChunks(
@@ -221,21 +225,9 @@ async function viaCat(repo: Repository, gen: Generation, conn: SshConnection, wh
   ].join('\n');
   const ch = await conn.exec(`sh -c ${shq(script)}`);
   const reader = new ChannelReader(ch, conn, where);
-  const ready = Buffer.alloc(2);
-  if ((await reader.read(ready, 0, 2)) < 2 || ready.toString() !== 'R\n') throw targetError(where, reader);
+  await remoteReady(reader, where);
   const write = writer(ch, conn, () => targetError(where, reader));
-  const zero = Buffer.alloc(1 << 20);
-  const damaged = await streamChunks(
-    repo,
-    gen,
-    {
-      async write(_offset, length, data) {
-        if (data) return write(data);
-        for (let left = length; left > 0; left -= zero.length) await write(zero.subarray(0, Math.min(left, zero.length)));
-      },
-    },
-    opts,
-  );
+  const damaged = await streamChunks(repo, gen, rawSink(write), opts);
   ch.end();
   // Devices (dd) print nothing: success is a clean exit.
   const rest = Buffer.alloc(3);
