@@ -95,7 +95,6 @@ export function register(program: Command): void {
           const runs = await recentRuns(repo.db, job.name, 200);
           const health = judgeJob(job, runs, now);
           const img = summarizeImage(job.image, byImage.get(job.image) ?? []);
-          const lastFailed = runs.find((r) => r.status === 'failed');
           jobs.push({
             job: job.name,
             image: job.image,
@@ -103,7 +102,7 @@ export function register(program: Command): void {
             ...health,
             lastRun: iso(runs[0]?.started),
             lastSuccess: iso(runs.find((r) => r.status === 'ok')?.started),
-            lastError: runs[0]?.status === 'failed' ? (lastFailed?.error ?? null) : null,
+            lastError: runs[0]?.status === 'failed' ? (runs[0].error ?? null) : null,
             nextRun: job.schedule ? job.schedule.next(now).toISOString() : null,
             generations: img.generations,
             storedBytes: img.storedBytes,
