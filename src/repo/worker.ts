@@ -106,8 +106,10 @@ function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] 
         const raw = seg.subarray(req.spans[i * 2]!, req.spans[i * 2]! + req.spans[i * 2 + 1]!);
         const payloadAt = at + RECORD_HEADER_SIZE;
         const zlen = cctx.compress(out.subarray(payloadAt), raw, req.level);
-        // Keep raw when zstd saves under 3%: decoding raw chunks is free.
-        const useZ = zlen < raw.length - (raw.length >>> 5);
+        // Keep raw when zstd saves under 1/128 (0.8%): decoding raw chunks is free, and
+        // on the bench disk no chunk saves less than that but more than nothing. A 3% cut
+        // stored 2.1 MiB more of a 4 GiB disk (chunks that zstd shrinks by 1-3%).
+        const useZ = zlen < raw.length - (raw.length >>> 7);
         if (!useZ) raw.copy(out, payloadAt);
         const stored = useZ ? zlen : raw.length;
         encodeRecordHeader(out, at, useZ ? COMP_ZSTD : COMP_RAW, raw.length, stored, req.digests.subarray(i * 32, i * 32 + 32));
