@@ -97,6 +97,28 @@ describe('while mounted', () => {
   });
 });
 
+describe('durability while mounted', () => {
+  it("a backup's commit is fsynced by the index holder that writes it (write options do not cross the socket)", async () => {
+    const holder = (await sh('pgrep', ['-f', `index-holder.js ${path.join(repo, 'index')}`])).stdout.trim().split('\n').filter(Boolean);
+    expect(holder).toHaveLength(1);
+    const log = s.path('holder-syncs.log');
+    const st = spawn('strace', ['-f', '-qq', '-e', 'trace=fsync,fdatasync', '-o', log, '-p', holder[0]!], { stdio: 'ignore' });
+    const exited = new Promise((r) => st.once('exit', r));
+    try {
+      await new Promise((r) => setTimeout(r, 500)); // attached
+      const before = (await fs.readFile(log, 'utf8').catch(() => '')).split('\n').filter((l) => /sync\(/.test(l)).length;
+      await gvOk(repo, ['backup', imgB, '--name', 'synced']);
+      await new Promise((r) => setTimeout(r, 200));
+      const after = (await fs.readFile(log, 'utf8')).split('\n').filter((l) => /f(data)?sync\(\d+\)\s+= 0/.test(l)).length;
+      // at least the pack-commit batch and the generation commit
+      expect(after - before).toBeGreaterThanOrEqual(2);
+    } finally {
+      st.kill('SIGINT');
+      await exited;
+    }
+  });
+});
+
 describe('CPU priority', () => {
   it('the mount server drops to the lowest CPU priority while a backup runs, and comes back after', async () => {
     const pid = Number((await sh('pgrep', ['-f', `mount ${mnt}`])).stdout.trim().split('\n')[0]);
@@ -191,7 +213,7 @@ describe('the process holding the index dies', () => {
     const gen = JSON.parse(res.out);
     expect(gen.size).toBe(32 << 20);
     const list = JSON.parse(await gvOk(repo, ['list', '--json']));
-    expect(list.map((g: { name: string }) => g.name).sort()).toEqual(['a', 'b', 'c', 'c', 'd', 'prio']);
+    expect(list.map((g: { name: string }) => g.name).sort()).toEqual(['a', 'b', 'c', 'c', 'd', 'prio', 'synced']);
     const out = s.path('d.out');
     await gvOk(repo, ['restore', 'd@latest', out]);
     expect((await fs.readFile(out)).equals(Buffer.concat([prng(5, 16 << 20), prng(6, 16 << 20)]))).toBe(true);
@@ -199,6 +221,6 @@ describe('the process holding the index dies', () => {
     const again = await gv(repo, ['mount', mnt]);
     expect(again.code, again.stderr).toBe(0);
     expect(again.stderr).toMatch(/stale mount/);
-    expect((await fs.readdir(mnt)).sort()).toEqual(['a', 'b', 'c', 'd', 'prio']);
+    expect((await fs.readdir(mnt)).sort()).toEqual(['a', 'b', 'c', 'd', 'prio', 'synced']);
   });
 });

@@ -18,9 +18,38 @@
  *   'x' digest(32)                      -> condemned by a running gc (old location, 33 bytes)
  *   'y' digest(32)                      -> map leaf being removed by a running gc (the leaf's bytes)
  */
+import { ClassicLevel } from 'classic-level';
 import { RaveLevel } from 'rave-level';
 
 export type Db = RaveLevel<Buffer, Buffer>;
+
+/*
+ * Every LevelDB write in a genvault process is synced (fdatasync of the LevelDB log),
+ * whatever options it came with. The reason is rave-level: a follower's write reaches the
+ * leader through many-level, whose protocol does not carry write options, so the leader
+ * would write a follower's `{sync: true}` batch without syncing. With a mount up (its
+ * index holder leads) that is every backup and gc: a generation reported as committed
+ * could vanish in a power loss, and worse, gc deletes old packs right after the batch
+ * that moves their chunks, so losing that batch would leave the index pointing into
+ * deleted packs. Our writes are few (per pack, per generation, per gc step), so syncing
+ * all of them costs nothing measurable. Patched on the prototype because rave-level
+ * creates the leader's ClassicLevel itself.
+ */
+{
+  type Method = (this: unknown, ...args: unknown[]) => unknown;
+  const proto = ClassicLevel.prototype as unknown as Record<string, Method>;
+  const optionsAt: Record<string, number> = { _put: 2, _del: 1, _batch: 1 };
+  for (const [name, at] of Object.entries(optionsAt)) {
+    const original = proto[name]!;
+    if ((original as { genvaultSynced?: boolean }).genvaultSynced) continue;
+    const synced: Method = function (this: unknown, ...args: unknown[]) {
+      args[at] = { ...(args[at] as object), sync: true };
+      return original.apply(this, args);
+    };
+    (synced as { genvaultSynced?: boolean }).genvaultSynced = true;
+    proto[name] = synced;
+  }
+}
 
 export async function openDb(dir: string): Promise<Db> {
   const db = new RaveLevel<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' });

@@ -29,10 +29,8 @@ export class WorkerPool {
     size = Number(process.env.GENVAULT_WORKERS) || Math.min(os.availableParallelism(), 8) + 2,
     nice = 5,
   ) {
-    // One lock word shared by all workers: see writeLock in worker.ts.
-    const writeLock = new SharedArrayBuffer(4);
     for (let i = 0; i < size; i++) {
-      const w = new Worker(new URL('./worker.js', import.meta.url), { workerData: { nice, writeLock } });
+      const w = new Worker(new URL('./worker.js', import.meta.url), { workerData: { nice } });
       w.unref();
       w.on('message', (msg: { id: number; result?: unknown; error?: { message: string; code?: string } }) => {
         const t = this.pending.get(msg.id);
