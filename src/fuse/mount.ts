@@ -81,7 +81,7 @@ const S_IFLNK = 0o120000;
 
 export async function mountRepository(repo: Repository, mountpoint: string, opts: MountOptions = {}): Promise<MountHandle> {
   const log = opts.log ?? ((l: string) => process.stderr.write(l + '\n'));
-  const loader = new ChunkLoader(repo, opts.cacheBytes ?? 256 << 20);
+  const loader = new ChunkLoader(repo, opts.cacheBytes ?? 256 << 20, true);
   let tree = new Tree(await repo.generations());
   const readers = new Map<string, Promise<ImageReader>>();
   const handles = new Map<number, { gen: Generation; reader: Promise<ImageReader>; ready?: ImageReader }>();

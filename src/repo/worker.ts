@@ -18,7 +18,7 @@ export type WorkerRequest =
   | { op: 'chunk'; seg: SharedArrayBuffer; len: number; params: ChunkingParams }
   | { op: 'compress'; seg: SharedArrayBuffer; spans: Int32Array; digests: Uint8Array; level: number; out?: SharedArrayBuffer }
   | ({ op: 'load' } & LoadItem)
-  | { op: 'loadMany'; items: LoadItem[] }
+  | { op: 'loadMany'; items: LoadItem[]; into?: SharedArrayBuffer }
   | { op: 'restoreMany'; fd: number; items: RestoreItem[] };
 
 /** A chunk to decode and write at `at` in the file descriptor (zero: write zeros, or skip if `hole`). */
@@ -184,11 +184,14 @@ function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] 
         offsets.push(total);
         total += it.rawLength;
       }
-      const all = new Uint8Array(total);
+      // Into the caller's shared slab when it gave one (nothing to send back but offsets).
+      const shared = req.into !== undefined && req.into.byteLength >= total;
+      const all = shared ? new Uint8Array(req.into!, 0, total) : new Uint8Array(total);
       const results = loadRun(req.items, (i) => all.subarray(offsets[i]!, offsets[i]! + req.items[i]!.rawLength));
       const out: LoadResult[] = results.map((r, i) =>
         r.data ? { offset: offsets[i]!, length: r.data.length } : { damaged: r.damaged },
       );
+      if (shared) return { result: { results: out }, transfer: [] };
       return { result: { all, results: out }, transfer: [all.buffer as ArrayBuffer] };
     }
   }
