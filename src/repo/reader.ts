@@ -62,11 +62,14 @@ export class ChunkCache {
 class SlabPool {
   private free: SharedArrayBuffer[] = [];
   private made = 0;
+  private lastTake = 0;
+  private trim: NodeJS.Timeout | null = null;
   constructor(
     readonly slabBytes: number,
     private maxSlabs: number,
   ) {}
   take(): SharedArrayBuffer | null {
+    this.lastTake = Date.now();
     if (this.free.length) return this.free.pop()!;
     if (this.made >= this.maxSlabs) return null;
     this.made++;
@@ -74,6 +77,14 @@ class SlabPool {
   }
   give(slab: SharedArrayBuffer): void {
     setImmediate(() => this.free.push(slab));
+    // A mount stays up for days: let the garbage collector have idle slabs back.
+    this.trim ??= setInterval(() => {
+      if (Date.now() - this.lastTake < 10_000) return;
+      this.made -= this.free.length;
+      this.free = [];
+      clearInterval(this.trim!);
+      this.trim = null;
+    }, 10_000).unref();
   }
 }
 
