@@ -68,13 +68,3 @@ export async function recentRuns(db: Db, job: string, limit = 20): Promise<RunRe
   for await (const v of db.values({ gte: p, lt: prefixEnd(p), reverse: true, limit })) out.push(JSON.parse(v.toString()) as RunRecord);
   return out;
 }
-
-/** The newest successful run of a job, or null. */
-export async function lastSuccess(db: Db, job: string): Promise<RunRecord | null> {
-  const p = prefix(job);
-  for await (const v of db.values({ gte: p, lt: prefixEnd(p), reverse: true })) {
-    const r = JSON.parse(v.toString()) as RunRecord;
-    if (r.status === 'ok') return r;
-  }
-  return null;
-}

@@ -15,8 +15,8 @@ import { ImageLock } from '../repo/locks.js';
 import { prune } from '../repo/prune.js';
 import type { Repository } from '../repo/repository.js';
 import { openLocalSource } from '../source/local.js';
-import { connectSsh, isSshSpec, parseSshSpec, probeRemote, startPlainSource, type SshConnection } from '../source/ssh.js';
-import { startAgentSource } from '../source/ssh-agent.js';
+import { connectSsh, isSshSpec, parseSshSpec, type SshConnection } from '../source/ssh.js';
+import { startRemoteSource } from '../source/ssh-agent.js';
 import { isChunkedSource } from '../source/chunked.js';
 import type { Source } from '../source/types.js';
 import { GenvaultError } from '../util/errors.js';
@@ -40,11 +40,7 @@ function borrowed(conn: SshConnection): SshConnection {
 
 async function openSource(job: JobConfig, repo: Repository, conn: SshConnection | null): Promise<Source> {
   if (!conn) return openLocalSource(job.source);
-  const c = borrowed(conn);
-  const info = await probeRemote(c);
-  const mode = job.ssh.mode;
-  if (mode === 'plain' || (mode === 'auto' && !info.python)) return startPlainSource(c, info);
-  return startAgentSource(c, info, repo.config.chunking);
+  return startRemoteSource(borrowed(conn), repo.config.chunking, { mode: job.ssh.mode });
 }
 
 export async function runJob(repo: Repository, job: JobConfig, opts: RunJobOptions): Promise<JobOutcome> {

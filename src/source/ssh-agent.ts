@@ -460,14 +460,24 @@ export interface RemoteSourceOptions extends AgentSourceOptions {
 }
 
 /** Open an ssh:// source: one connection, then the agent or plain `cat` by `mode`. */
+/**
+ * Read the remote image over an open connection: probe it, then start the agent or `cat`
+ * by `mode` (auto: the agent when the remote has python3).
+ */
+export async function startRemoteSource(
+  conn: SshConnection, chunking: ChunkingParams, opts: { mode?: SshMode; zlib?: boolean; window?: number } = {},
+): Promise<Source | ChunkedSource> {
+  const info = await probeRemote(conn);
+  const mode = opts.mode ?? 'auto';
+  if (mode === 'plain' || (mode === 'auto' && !info.python)) return startPlainSource(conn, info);
+  return startAgentSource(conn, info, chunking, opts);
+}
+
 export async function openRemoteSource(specText: string, opts: RemoteSourceOptions): Promise<Source | ChunkedSource> {
   const spec = parseSshSpec(specText);
   const conn = await connectSsh(spec, opts);
   try {
-    const info = await probeRemote(conn);
-    const mode = opts.mode ?? 'auto';
-    if (mode === 'plain' || (mode === 'auto' && !info.python)) return await startPlainSource(conn, info);
-    return await startAgentSource(conn, info, opts.chunking, opts);
+    return await startRemoteSource(conn, opts.chunking, opts);
   } catch (e) {
     conn.close();
     throw e;
