@@ -14,6 +14,7 @@
  * visible generation; its uncommitted pack tails are removed by the next writer.
  */
 import { randomBytes } from 'node:crypto';
+import { availableParallelism } from 'node:os';
 import { GenvaultError, describeFsError } from '../util/errors.js';
 import { chunkKey, condemnedKey, damagedKey, damagedSet, leafKey, packKey } from './db.js';
 import { ChunkMap, LeafBuilder, LeafRef, encodeTop } from './chunkmap.js';
@@ -136,6 +137,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     const readerParent = new ParentCursor(parentMap);
     // Digests the reader asked the far end for, whose segment the main loop has not reached.
     const requested = new Set<string>();
+    repo.workerCount ??= Math.max(2, Math.min(availableParallelism(), 8)); // no effect once the pool exists
     const pool = repo.pool;
     const depth = 6; // segments in flight: bounds memory (6 x 8 MiB) while keeping the workers fed
     const segBufs = new BufferPool(depth, segSize);

@@ -26,9 +26,10 @@ export class WorkerPool {
    *   more than a backup, so that on a busy machine backups keep most of the CPU.
    */
   constructor(
-    size = Number(process.env.GENVAULT_WORKERS) || Math.min(os.availableParallelism(), 8) + 2,
+    size?: number,
     nice = 5,
   ) {
+    size = Number(process.env.GENVAULT_WORKERS) || size || Math.min(os.availableParallelism(), 8) + 2;
     for (let i = 0; i < size; i++) {
       const w = new Worker(new URL('./worker.js', import.meta.url), { workerData: { nice } });
       w.unref();
