@@ -17,7 +17,8 @@ import { randomBytes } from 'node:crypto';
 import { availableParallelism } from 'node:os';
 import { GenvaultError, describeFsError } from '../util/errors.js';
 import { chunkKey, condemnedKey, damagedKey, damagedSet, leafKey, packKey } from './db.js';
-import { ChunkMap, LeafBuilder, LeafRef, encodeTop } from './chunkmap.js';
+import { ChunkMap, Leaf, LeafBuilder, LeafRef, encodeTop } from './chunkmap.js';
+import type { ParentWindow } from './worker.js';
 import { checkImageName } from './format.js';
 import { Generation, GenerationStats } from './generation.js';
 import { ImageLock, WriterRegistration, cleanupDeadWriters, gcRunning } from './locks.js';
@@ -73,6 +74,48 @@ class ParentCursor {
     for (let i = 0; i < 32; i++) if (d[at + i] !== digest[i]) return false;
     return true;
   }
+
+  /**
+   * The parent's chunks that lie wholly inside [start, end) and carry a BLAKE3 digest,
+   * for the worker's change detector (offsets relative to start). Windows must be asked
+   * for in increasing, non-overlapping order; a chunk crossing `end` can match nothing in
+   * this window or the next, and is passed over.
+   */
+  async window(start: number, end: number): Promise<ParentWindow | undefined> {
+    const m = this.map;
+    if (!m) return undefined;
+    const starts: number[] = [];
+    const lengths: number[] = [];
+    const picks: Array<[Leaf, number]> = [];
+    scan: for (;;) {
+      if (!this.leaf) {
+        if (this.li >= m.refs.length) break;
+        this.leaf = await m.leaf(this.li);
+        this.base = m.leafStarts[this.li]!;
+        this.ci = 0;
+      }
+      const l = this.leaf;
+      for (; this.ci < l.lengths.length; this.ci++) {
+        const off = this.base + l.starts[this.ci]!;
+        if (off >= end) break scan;
+        if (off >= start && off + l.lengths[this.ci]! <= end && l.hasFast[this.ci]) {
+          starts.push(off - start);
+          lengths.push(l.lengths[this.ci]!);
+          picks.push([l, this.ci]);
+        }
+      }
+      this.leaf = null;
+      this.li++;
+    }
+    if (!picks.length) return undefined;
+    const fast = new Uint8Array(picks.length * 32);
+    const sha = new Uint8Array(picks.length * 32);
+    picks.forEach(([l, ci], k) => {
+      fast.set(l.fast.subarray(ci * 32, ci * 32 + 32), k * 32);
+      sha.set(l.digests.subarray(ci * 32, ci * 32 + 32), k * 32);
+    });
+    return { starts: Int32Array.from(starts), lengths: Int32Array.from(lengths), fast, sha };
+  }
 }
 
 /** A fixed set of shared buffers; acquire() waits while all are in use. */
@@ -95,6 +138,10 @@ class BufferPool {
 interface ChunkResult {
   table: Int32Array;
   digests: Uint8Array;
+  /** BLAKE3 per chunk, when the repository keeps them (format 2, local sources). */
+  fast?: Uint8Array | null;
+  /** Bytes whose SHA-256 was taken from the parent after a BLAKE3 match. */
+  unchanged?: number;
 }
 
 interface CompressResult {
@@ -135,6 +182,10 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       throw new GenvaultError('the source chunks differently from the repository', 'CHUNKING');
     }
     const readerParent = new ParentCursor(parentMap);
+    // Format 2 keeps each chunk's BLAKE3 in the map, and a local source lets the workers
+    // see the bytes: then unchanged chunks are recognised by BLAKE3 against the parent.
+    const fastDetect = cfg.version >= 2 && !chunked;
+    const windowParent = new ParentCursor(parentMap);
     // Digests the reader asked the far end for, whose segment the main loop has not reached.
     const requested = new Set<string>();
     repo.workerCount ??= Math.max(2, Math.min(availableParallelism(), 8)); // no effect once the pool exists
@@ -252,9 +303,11 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
         release(buf);
         return null;
       }
+      const at = stats.bytesRead;
       stats.bytesRead += len;
       opts.onProgress?.(stats.bytesRead, source.size);
-      const res = pool.run<ChunkResult>({ op: 'chunk', seg: buf, len, params: cfg.chunking });
+      const parentWin = fastDetect ? await windowParent.window(at, at + len) : undefined;
+      const res = pool.run<ChunkResult>({ op: 'chunk', seg: buf, len, params: cfg.chunking, fast: fastDetect, parent: parentWin });
       res.catch(() => undefined); // awaited in order below
       return { buf, len, res };
     };
@@ -328,7 +381,8 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       if (!seg) break;
       if (failure) throw failure;
       schedule();
-      const { table, digests } = await seg.res;
+      const { table, digests, fast, unchanged } = await seg.res;
+      if (fastDetect) stats.unchangedBytes = (stats.unchangedBytes ?? 0) + (unchanged ?? 0);
       const n = table.length / 3;
       const unknown: number[] = [];
       const entryDigest: Array<Buffer | null> = new Array(n);
@@ -390,7 +444,8 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       }
       for (let i = 0; i < n; i++) {
         const length = table[i * 3 + 1]!;
-        const done = leaves.add({ length, zero: entryDigest[i] === null, digest: entryDigest[i] ?? null });
+        const f = fast && entryDigest[i] ? Buffer.from(fast.buffer, fast.byteOffset + i * 32, 32) : null;
+        const done = leaves.add({ length, zero: entryDigest[i] === null, digest: entryDigest[i] ?? null, fast: f });
         if (done) {
           leafRefs.push(done.ref);
           pendingLeaves.push({ key: leafKey(done.ref.digest), value: done.encoded });

@@ -9,7 +9,8 @@
  * - Top level: one 44-byte entry per leaf (digest, bytes covered, chunk count), stored
  *   per generation: about 26 KB per 100 GB of image.
  *
- * Leaf  : "GVL1" | count u32 | count x ( length u32 | kind u8 | digest(32) if kind=1 )
+ * Leaf  : "GVL1" | count u32 | count x ( length u32 | kind u8 | digest(32) if kind>=1 | blake3(32) if kind=2 )
+ *         kind 0 = zero chunk, 1 = data, 2 = data with its BLAKE3 (format version 2)
  * Top   : count x ( leaf digest(32) | bytes u64 | chunks u32 )
  */
 import { createHash } from 'node:crypto';
@@ -27,6 +28,11 @@ export interface ChunkEntry {
   length: number;
   zero: boolean;
   digest: Buffer | null;
+  /**
+   * BLAKE3 of the chunk's bytes: the next backup's change detector. A chunk at the same
+   * offset with the same length and BLAKE3 takes this chunk's SHA-256 without computing it.
+   */
+  fast?: Buffer | null;
 }
 
 /** Builds leaves from a stream of chunk entries. */
@@ -44,7 +50,7 @@ export class LeafBuilder {
   add(e: ChunkEntry): { ref: LeafRef; encoded: Buffer } | null {
     this.entries.push(e);
     this.bytes += e.length;
-    this.encodedSize += e.zero ? 5 : 37;
+    this.encodedSize += e.zero ? 5 : e.fast ? 69 : 37;
     const n = this.entries.length;
     const cut = n >= this.maxChunks || (n >= this.minChunks && !e.zero && e.digest![0] === 0);
     return cut ? this.finish() : null;
@@ -59,11 +65,15 @@ export class LeafBuilder {
     let at = 8;
     for (const e of this.entries) {
       buf.writeUInt32LE(e.length, at);
-      buf[at + 4] = e.zero ? 0 : 1;
+      buf[at + 4] = e.zero ? 0 : e.fast ? 2 : 1;
       at += 5;
       if (!e.zero) {
         e.digest!.copy(buf, at);
         at += 32;
+        if (e.fast) {
+          e.fast.copy(buf, at);
+          at += 32;
+        }
       }
     }
     const ref: LeafRef = {
@@ -85,6 +95,9 @@ export interface Leaf {
   /** 32 bytes per chunk; all-zero for zero chunks. */
   digests: Buffer;
   zero: Uint8Array;
+  /** BLAKE3 per chunk (32 bytes each), valid where hasFast[i] is 1. */
+  fast: Buffer;
+  hasFast: Uint8Array;
   bytes: number;
 }
 
@@ -95,6 +108,8 @@ export function decodeLeaf(buf: Buffer): Leaf {
   const lengths = new Uint32Array(n);
   const zero = new Uint8Array(n);
   const digests = Buffer.alloc(n * 32);
+  const hasFast = new Uint8Array(n);
+  let fast: Buffer | null = null;
   let at = 8;
   let off = 0;
   for (let i = 0; i < n; i++) {
@@ -106,13 +121,19 @@ export function decodeLeaf(buf: Buffer): Leaf {
     lengths[i] = len;
     off += len;
     if (kind === 0) zero[i] = 1;
-    else {
-      if (at + 32 > buf.length) throw new Error('map leaf is corrupt (truncated)');
+    else if (kind === 1 || kind === 2) {
+      if (at + 32 * kind > buf.length) throw new Error('map leaf is corrupt (truncated)');
       buf.copy(digests, i * 32, at, at + 32);
       at += 32;
-    }
+      if (kind === 2) {
+        fast ??= Buffer.alloc(n * 32);
+        buf.copy(fast, i * 32, at, at + 32);
+        hasFast[i] = 1;
+        at += 32;
+      }
+    } else throw new Error(`map leaf is corrupt (chunk kind ${kind})`);
   }
-  return { starts, lengths, digests, zero, bytes: off };
+  return { starts, lengths, digests, zero, fast: fast ?? Buffer.alloc(0), hasFast, bytes: off };
 }
 
 export function encodeTop(refs: LeafRef[]): Buffer {

@@ -11,6 +11,11 @@ export interface GenerationStats {
   newBytes: number;
   /** What those chunks take in pack files (compressed, with record headers). */
   newStored: number;
+  /**
+   * Bytes the change detector found unchanged since the parent generation (same offset,
+   * length and BLAKE3), so their SHA-256 was not computed. Absent before format 2.
+   */
+  unchangedBytes?: number;
   durationMs: number;
 }
 

@@ -7,6 +7,7 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { createHash } from 'node:crypto';
+import { blake3 } from '@napi-rs/blake-hash';
 import fs from 'node:fs';
 import os from 'node:os';
 import { createRequire } from 'node:module';
@@ -15,11 +16,22 @@ import type { ChunkingParams } from './format.js';
 import { COMP_RAW, COMP_ZSTD, RECORD_HEADER_SIZE, decodeRecordHeader, encodeRecordHeader } from './pack.js';
 
 export type WorkerRequest =
-  | { op: 'chunk'; seg: SharedArrayBuffer; len: number; params: ChunkingParams }
+  | { op: 'chunk'; seg: SharedArrayBuffer; len: number; params: ChunkingParams; fast?: boolean; parent?: ParentWindow }
   | { op: 'compress'; seg: SharedArrayBuffer; spans: Int32Array; digests: Uint8Array; level: number; out?: SharedArrayBuffer }
   | ({ op: 'load' } & LoadItem)
   | { op: 'loadMany'; items: LoadItem[]; into?: SharedArrayBuffer }
   | { op: 'restoreMany'; fd: number; items: RestoreItem[] };
+
+/**
+ * The parent generation's chunks inside a segment that carry a BLAKE3 digest: start
+ * (relative to the segment), length, BLAKE3 and SHA-256 of each, in offset order.
+ */
+export interface ParentWindow {
+  starts: Int32Array;
+  lengths: Int32Array;
+  fast: Uint8Array;
+  sha: Uint8Array;
+}
 
 /** A chunk to decode and write at `at` in the file descriptor (zero: write zeros, or skip if `hole`). */
 export interface RestoreItem extends LoadItem {
@@ -81,15 +93,37 @@ function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] 
       const spans = chunkSegment(buf, req.len, req.params);
       const table = new Int32Array(spans.length * 3);
       const digests = new Uint8Array(spans.length * 32);
+      // Change detection: BLAKE3 runs at ~2.4x the speed of SHA-256 here. A chunk whose
+      // offset, length and BLAKE3 equal the parent's takes the parent's SHA-256; any other
+      // chunk is hashed with SHA-256 as always. Both are collision-resistant, so a match
+      // means the same bytes.
+      const fast = req.fast ? new Uint8Array(spans.length * 32) : null;
+      const p = req.parent;
+      let pi = 0;
+      let unchanged = 0;
       spans.forEach((s, i) => {
         table[i * 3] = s.start;
         table[i * 3 + 1] = s.length;
         table[i * 3 + 2] = s.zero ? 1 : 0;
-        if (!s.zero) {
-          digests.set(createHash('sha256').update(buf.subarray(s.start, s.start + s.length)).digest(), i * 32);
+        if (s.zero) return;
+        const data = buf.subarray(s.start, s.start + s.length);
+        if (fast) {
+          const b3 = blake3(data);
+          fast.set(b3, i * 32);
+          if (p) {
+            while (pi < p.starts.length && p.starts[pi]! < s.start) pi++;
+            if (pi < p.starts.length && p.starts[pi] === s.start && p.lengths[pi] === s.length && b3.equals(p.fast.subarray(pi * 32, pi * 32 + 32))) {
+              digests.set(p.sha.subarray(pi * 32, pi * 32 + 32), i * 32);
+              unchanged += s.length;
+              return;
+            }
+          }
         }
+        digests.set(createHash('sha256').update(data).digest(), i * 32);
       });
-      return { result: { table, digests }, transfer: [table.buffer as ArrayBuffer, digests.buffer as ArrayBuffer] };
+      const transfer = [table.buffer as ArrayBuffer, digests.buffer as ArrayBuffer];
+      if (fast) transfer.push(fast.buffer as ArrayBuffer);
+      return { result: { table, digests, fast, unchanged }, transfer };
     }
     case 'compress': {
       const seg = Buffer.from(req.seg);
