@@ -101,6 +101,8 @@ export class ChunkLoader {
   readonly cache: ChunkCache;
   /** Chunk locations, fetched a whole leaf at a time (one index round trip per ~256 chunks). */
   private locations = new Lru<string, ChunkLocation>(1 << 17);
+  /** BLAKE3 of chunks whose map entries carry one (format 2): reads verify with it. */
+  private fasts = new Lru<string, Buffer>(1 << 17);
   private warmed = new WeakSet<Leaf>();
 
   /**
@@ -180,6 +182,7 @@ export class ChunkLoader {
       if (leaf.zero[i]) continue;
       const d = leaf.digests.subarray(i * 32, i * 32 + 32);
       const k = d.toString('binary');
+      if (leaf.hasFast[i] && !this.fasts.get(k)) this.fasts.set(k, Buffer.from(leaf.fast.subarray(i * 32, i * 32 + 32)));
       if (this.locations.get(k)) continue;
       keys.push(chunkKey(d));
       names.push(k);
@@ -197,14 +200,16 @@ export class ChunkLoader {
   }
 
   item(loc: ChunkLocation, digest: Buffer) {
+    const fast = this.fasts.get(digest.toString('binary'));
     return {
       file: packPath(this.repo.dir, loc.packId),
       offset: loc.offset,
       storedLength: loc.storedLength,
       rawLength: loc.rawLength,
       compression: loc.compression,
-      // A copy with its own 32-byte buffer: posting a view would clone its whole backing store.
+      // Copies with their own 32-byte buffers: posting a view would clone its whole backing store.
       digest: Uint8Array.from(digest),
+      fast: fast ? Uint8Array.from(fast) : null,
     };
   }
 

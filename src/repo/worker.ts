@@ -46,6 +46,11 @@ export interface LoadItem {
   rawLength: number;
   compression: number;
   digest: Uint8Array;
+  /**
+   * The chunk's BLAKE3 from the generation's map, when it has one: reads check that
+   * instead of the SHA-256 (2.4x cheaper). The record header must still name `digest`.
+   */
+  fast?: Uint8Array | null;
 }
 
 export type LoadResult = { data?: Uint8Array; damaged?: string; offset?: number; length?: number };
@@ -315,7 +320,8 @@ function loadChunk(req: LoadItem, into?: Uint8Array): LoadResult {
 }
 
 /**
- * Check a record (header + payload) against the index entry, decompress, verify SHA-256.
+ * Check a record (header + payload) against the index entry, decompress, verify the
+ * content: BLAKE3 when the map gave one, else SHA-256.
  * With `into`, the raw bytes are written there (it must hold rawLength bytes).
  */
 function decodeRecord(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadResult {
@@ -337,7 +343,10 @@ function decodeRecord(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadResult
     n = payload.length;
     if (n === raw.length) raw.set(payload);
   }
-  if (n !== req.rawLength || !createHash('sha256').update(raw).digest().equals(req.digest)) {
+  if (n !== req.rawLength) return { damaged: `decoded ${n} bytes, expected ${req.rawLength}` };
+  if (req.fast) {
+    if (!blake3(raw).equals(req.fast)) return { damaged: 'content does not match its BLAKE3 digest' };
+  } else if (!createHash('sha256').update(raw).digest().equals(req.digest)) {
     return { damaged: 'content does not match its SHA-256 digest' };
   }
   return { data: raw };
