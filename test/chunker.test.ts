@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { chunkSegment } from '../src/repo/chunker.js';
+import { chunkSegment, zeroSegment } from '../src/repo/chunker.js';
 import { defaultConfig } from '../src/repo/format.js';
 import { prng } from './helpers.js';
 
@@ -26,6 +26,12 @@ describe('block-aligned content-defined chunking', () => {
     const avg = buf.length / chunks.length;
     expect(avg).toBeGreaterThan(96 << 10);
     expect(avg).toBeLessThan(256 << 10);
+  });
+
+  it('zeroSegment gives the chunks chunkSegment makes of zeros (segments that are all hole)', () => {
+    for (const len of [8 << 20, (8 << 20) - 4096, (8 << 20) - 100, P.max, P.max + 1, 12345, 1]) {
+      expect(zeroSegment(len, P)).toEqual(chunkSegment(Buffer.alloc(len), len, P));
+    }
   });
 
   it('turns zero runs into zero chunks of at most max bytes, and handles a partial last block', () => {

@@ -19,7 +19,8 @@ import { GenvaultError, describeFsError } from '../util/errors.js';
 import { chunkKey, condemnedKey, damagedKey, damagedSet, leafKey, packKey } from './db.js';
 import { ChunkMap, Leaf, LeafBuilder, LeafRef, encodeTop } from './chunkmap.js';
 import type { ParentWindow } from './worker.js';
-import { checkImageName } from './format.js';
+import { checkImageName, type ChunkingParams } from './format.js';
+import { zeroSegment } from './chunker.js';
 import { Generation, GenerationStats } from './generation.js';
 import { ImageLock, WriterRegistration, cleanupDeadWriters, gcRunning } from './locks.js';
 import { ChunkLocation, PackWriter, RECORD_HEADER_SIZE, encodeLocation } from './pack.js';
@@ -147,6 +148,18 @@ interface ChunkResult {
 interface CompressResult {
   out: Uint8Array;
   table: Int32Array;
+}
+
+/** The chunk table of a segment known to be all zeros (what a worker returns for one). */
+function zeroChunks(len: number, params: ChunkingParams): ChunkResult {
+  const spans = zeroSegment(len, params);
+  const table = new Int32Array(spans.length * 3);
+  spans.forEach((s, i) => {
+    table[i * 3] = s.start;
+    table[i * 3 + 1] = s.length;
+    table[i * 3 + 2] = 1;
+  });
+  return { table, digests: new Uint8Array(spans.length * 32) };
 }
 
 /** Flush chunk index entries once this many are pending (bounds memory on huge first backups). */
@@ -297,7 +310,10 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       }
       const view = Buffer.from(buf);
       if (chunked) return readChunked(buf, view);
-      const len = await source.read(view, segSize);
+      // A segment that is all hole in a sparse file is neither read nor chunked by a worker.
+      const { length: len, hole } = source.readOrHole
+        ? await source.readOrHole(view, segSize)
+        : { length: await source.read(view, segSize), hole: false };
       if (len < segSize) eof = true;
       if (len === 0) {
         release(buf);
@@ -306,6 +322,10 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       const at = stats.bytesRead;
       stats.bytesRead += len;
       opts.onProgress?.(stats.bytesRead, source.size);
+      if (hole) {
+        stats.holeBytes = (stats.holeBytes ?? 0) + len;
+        return { buf, len, res: Promise.resolve(zeroChunks(len, cfg.chunking)) };
+      }
       const parentWin = fastDetect ? await windowParent.window(at, at + len) : undefined;
       const res = pool.run<ChunkResult>({ op: 'chunk', seg: buf, len, params: cfg.chunking, fast: fastDetect, parent: parentWin });
       res.catch(() => undefined); // awaited in order below

@@ -50,6 +50,16 @@ function blockHash(words: Int32Array, w0: number, wordsPerBlock: number): number
   return h ^ (h >>> 16);
 }
 
+/**
+ * The chunks chunkSegment makes of `len` zero bytes, without looking at any: zero chunks
+ * of `max` bytes and the rest. Used for segments a sparse source reports as all hole.
+ */
+export function zeroSegment(len: number, p: ChunkingParams): ChunkSpan[] {
+  const out: ChunkSpan[] = [];
+  for (let start = 0; start < len; start += p.max) out.push({ start, length: Math.min(p.max, len - start), zero: true });
+  return out;
+}
+
 /** Cut buf[0, len) into chunks. `len` need not be a multiple of the block size (image end). */
 export function chunkSegment(buf: Buffer, len: number, p: ChunkingParams): ChunkSpan[] {
   const out: ChunkSpan[] = [];

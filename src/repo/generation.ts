@@ -16,6 +16,8 @@ export interface GenerationStats {
    * length and BLAKE3), so their SHA-256 was not computed. Absent before format 2.
    */
   unchangedBytes?: number;
+  /** Bytes of holes in a sparse source file that were skipped, not read. */
+  holeBytes?: number;
   durationMs: number;
 }
 
