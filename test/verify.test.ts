@@ -8,6 +8,9 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Scratch, flipByte, gv, gvOk, oneLine, packFiles, prng } from './helpers.js';
+import { LeafBuilder, encodeTop } from '../src/repo/chunkmap.js';
+import { leafKey } from '../src/repo/db.js';
+import { Repository } from '../src/repo/repository.js';
 
 let s: Scratch;
 
@@ -154,6 +157,44 @@ describe('verify', () => {
     } finally {
       await fs.copyFile(keep, packC);
     }
+  });
+
+  it('a map entry whose BLAKE3 does not fit the data: restore refuses, verify --full names it', async () => {
+    // What a bug in the change detector would leave: a well-formed map (leaf under its own
+    // digest, top level pointing at it) whose BLAKE3 for one chunk is wrong.
+    const dir = s.path('bad-blake3');
+    await gvOk(dir, ['init']);
+    const img = s.path('bad-blake3.img');
+    await fs.writeFile(img, prng(91, 6 << 20));
+    await gvOk(dir, ['backup', img, '--name', 'x']);
+    const r = await Repository.open(dir);
+    let bad: string;
+    try {
+      const g = (await r.generations('x')).at(-1)!;
+      const map = await r.chunkMap(g);
+      const leaf = await map.leaf(0);
+      const b = new LeafBuilder(1 << 30, 1 << 30); // one leaf, cut only by finish()
+      for (let i = 0; i < leaf.lengths.length; i++) {
+        const fast = leaf.hasFast[i] ? Buffer.from(leaf.fast.subarray(i * 32, i * 32 + 32)) : null;
+        if (i === 1) fast![0]! ^= 1;
+        b.add({ length: leaf.lengths[i]!, zero: !!leaf.zero[i], digest: Buffer.from(leaf.digests.subarray(i * 32, i * 32 + 32)), fast });
+      }
+      bad = leaf.digests.toString('hex', 32, 64);
+      const done = b.finish()!;
+      await r.db.put(leafKey(done.ref.digest), done.encoded);
+      await r.db.put(Repository.mapKey(g.id), encodeTop([done.ref, ...map.refs.slice(1)]));
+    } finally {
+      await r.close();
+    }
+    expect((await gv(dir, ['verify'])).code).toBe(0); // the index check does not read data
+    const v = await gv(dir, ['verify', '--full', '--json']);
+    expect(v.code).toBe(1);
+    const rep = JSON.parse(v.stdout);
+    expect(rep.damagedChunks.map((c: { digest: string }) => c.digest)).toEqual([bad]);
+    expect(rep.damagedChunks[0].problem).toMatch(/does not match its BLAKE3 digest/);
+    const out = await gv(dir, ['restore', 'x@latest', s.path('bad-blake3.out')]);
+    expect(out.code).toBe(1);
+    expect(oneLine(out.stderr)).toMatch(/1 damaged chunk\(s\)/);
   });
 
   it('exit 2 when verify cannot run, and on bad options', async () => {

@@ -11,7 +11,9 @@
  * With `full` (or `samplePercent`, for a random share of the chunks per run): the chunk's
  *   record is read, decompressed and re-hashed in the worker pool (batches of ~1 MiB),
  *   exactly as restore and the mount read it. A chunk checked that way needs no separate
- *   header read: the worker checks the header too.
+ *   header read: the worker checks the header too. Chunks whose map entries carry a
+ *   BLAKE3 (format 2) are checked against it as well as against their SHA-256, and every
+ *   map entry naming a chunk must give the same BLAKE3: restore and the mount rely on it.
  *
  * Only when damage is found is every map walked a second time, to turn damaged chunks and
  * leaves into (generation, image byte range) pairs.
@@ -124,6 +126,9 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
   // --- 1. Generation records and their top-level maps.
   const gens: Generation[] = [];
   const leafInfo = new Map<string, { bytes: number; chunks: number }>(); // leaf digest (binary) -> what maps say
+  const readsData = !!opts.full || !!opts.samplePercent;
+  const fastOf = new Map<string, string>(); // chunk digest -> BLAKE3 from the map entries (binary strings)
+  const fastConflicts = new Set<string>(); // chunks whose map entries give different BLAKE3s
   const genPrefix = Buffer.of(K_GEN);
   for await (const [k, v] of repo.db.iterator({ gte: genPrefix, lt: prefixEnd(genPrefix) })) {
     const keyHex = k.toString('hex');
@@ -248,6 +253,14 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
       for (let ci = 0; ci < leaf.lengths.length; ci++) {
         if (leaf.zero[ci]) continue;
         const cd = leaf.digests.toString('binary', ci * 32, ci * 32 + 32);
+        if (readsData && leaf.hasFast[ci]) {
+          // Reads check a chunk against the BLAKE3 in its map entry: every entry naming the
+          // chunk must give the same one, and full reads check it against the data.
+          const f = leaf.fast.toString('binary', ci * 32, ci * 32 + 32);
+          const seen = fastOf.get(cd);
+          if (seen === undefined) fastOf.set(cd, f);
+          else if (seen !== f) fastConflicts.add(cd);
+        }
         if (chunkIdx.has(cd) || queued.has(cd)) continue;
         queued.add(cd);
         pendingChunks.push(cd);
@@ -389,6 +402,8 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
         rawLength: rawLen[i]!,
         compression: comps[i]!,
         digest: Uint8Array.from(Buffer.from(digests[i]!, 'binary')),
+        fast: fastOf.has(digests[i]!) ? Uint8Array.from(Buffer.from(fastOf.get(digests[i]!)!, 'binary')) : null,
+        alsoSha: true,
       }));
       const task = pool
         .run<{ all: Uint8Array; results: LoadResult[] }>({ op: 'loadMany', items })
@@ -464,6 +479,13 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
     for (let k = damagedPacks.length - 1; k >= 0; k--) {
       if (!used.has(packIdx.get(damagedPacks[k]!.pack)!)) damagedPacks.splice(k, 1);
     }
+  }
+
+  // Chunks whose map entries name two different BLAKE3s: restore and the mount would fail
+  // on one of them whatever the data holds.
+  for (const cd of fastConflicts) {
+    const i = chunkIdx.get(cd);
+    if (i !== undefined && !damaged.has(i)) damaged.set(i, 'its map entries disagree on its BLAKE3');
   }
 
   // --- 6. Name the generations and image ranges the damage affects.

@@ -51,6 +51,8 @@ export interface LoadItem {
    * instead of the SHA-256 (2.4x cheaper). The record header must still name `digest`.
    */
   fast?: Uint8Array | null;
+  /** Check the SHA-256 as well as the BLAKE3 (verify --full). */
+  alsoSha?: boolean;
 }
 
 export type LoadResult = { data?: Uint8Array; damaged?: string; offset?: number; length?: number };
@@ -344,11 +346,10 @@ function decodeRecord(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadResult
     if (n === raw.length) raw.set(payload);
   }
   if (n !== req.rawLength) return { damaged: `decoded ${n} bytes, expected ${req.rawLength}` };
-  if (req.fast) {
-    if (!blake3(raw).equals(req.fast)) return { damaged: 'content does not match its BLAKE3 digest' };
-  } else if (!createHash('sha256').update(raw).digest().equals(req.digest)) {
+  if ((!req.fast || req.alsoSha) && !createHash('sha256').update(raw).digest().equals(req.digest)) {
     return { damaged: 'content does not match its SHA-256 digest' };
   }
+  if (req.fast && !blake3(raw).equals(req.fast)) return { damaged: 'content does not match its BLAKE3 digest' };
   return { data: raw };
 }
 
