@@ -113,6 +113,8 @@ describe('backup and restore of a disk image', () => {
     expect(human).toMatch(/piped/);
     const info = await gvOk(repo, ['info', 'vm1@latest']);
     expect(info).toMatch(/deduplicated/);
+    expect(info).toMatch(/\nunchanged +\d.* as in the parent generation \(recognised by BLAKE3/);
+    expect(info).toMatch(/\nzero +\d.*holes of the source file, not read/);
   });
 });
 

@@ -80,6 +80,7 @@ export function register(program: Command): void {
               process.stdout.write(
                 `${gen.name}@${gen.id}: ${bytes(gen.size)} read in ${duration(s.durationMs)} (${rate(s.bytesRead, s.durationMs)}), ` +
                   `${bytes(s.newBytes)} new (${bytes(s.newStored)} stored), ${bytes(s.zeroBytes)} zero` +
+                  (s.unchangedBytes ? `, ${bytes(s.unchangedBytes)} unchanged` : '') +
                   (isChunkedSource(source) ? `, ${bytes(source.transferred.wire)} of chunk data over SSH` : '') +
                   '\n',
               );

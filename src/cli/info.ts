@@ -28,9 +28,12 @@ export function register(program: Command): void {
             ['tags', g.tags.join(', ') || '-'],
             ['parent', g.parent ?? '-'],
             ['chunks', `${s.chunks} (${g.leaves} map leaves)`],
-            ['zero', bytes(s.zeroBytes)],
+            ['zero', bytes(s.zeroBytes) + (s.holeBytes ? ` (${bytes(s.holeBytes)} of it holes of the source file, not read)` : '')],
             ['new data', `${bytes(s.newBytes)} in ${s.newChunks} chunks, ${bytes(s.newStored)} stored`],
             ['deduplicated', `${(dedup * 100).toFixed(1)}% of non-zero data already in the repository`],
+            ...(s.unchangedBytes !== undefined
+              ? [['unchanged', `${bytes(s.unchangedBytes)} as in the parent generation (recognised by BLAKE3, not re-hashed)`]]
+              : []),
             ['backup took', `${duration(s.durationMs)} (${rate(s.bytesRead, s.durationMs)})`],
             ['mount file', `${g.name}/${generationFileName(g)}`],
           ];
