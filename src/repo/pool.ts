@@ -19,8 +19,11 @@ export class WorkerPool {
   private nextId = 1;
   private closed = false;
 
-  // Two more threads than cores: reads of cold pack data block a worker in the kernel,
-  // and the spare threads keep the cores busy meanwhile.
+  // One more thread than cores: reads of cold pack data block a worker in the kernel,
+  // and the spare thread keeps the cores busy meanwhile. Two spares were worse on 2 cores:
+  // restores of the bench disk (cold, alternating, 7 rounds) took a median 3.96 s with 4
+  // workers, 3.44 s with 3 and 3.49 s with 2 (writers spin on the target's inode lock), and
+  // a cold dd through the mount read 559-562 MB/s with 3 against 456-523 MB/s with 4.
   /**
    * @param nice how much below the calling thread the workers run (Linux). A mount passes
    *   more than a backup, so that on a busy machine backups keep most of the CPU.
@@ -29,7 +32,7 @@ export class WorkerPool {
     size?: number,
     nice = 5,
   ) {
-    size = Number(process.env.GENVAULT_WORKERS) || size || Math.min(os.availableParallelism(), 8) + 2;
+    size = Number(process.env.GENVAULT_WORKERS) || size || Math.min(os.availableParallelism(), 8) + 1;
     for (let i = 0; i < size; i++) {
       const w = new Worker(new URL('./worker.js', import.meta.url), { workerData: { nice } });
       w.unref();
