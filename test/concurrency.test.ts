@@ -105,11 +105,14 @@ describe('durability while mounted', () => {
     const st = spawn('strace', ['-f', '-qq', '-e', 'trace=fsync,fdatasync', '-o', log, '-p', holder[0]!], { stdio: 'ignore' });
     const exited = new Promise((r) => st.once('exit', r));
     try {
-      await new Promise((r) => setTimeout(r, 500)); // attached
-      const before = (await fs.readFile(log, 'utf8').catch(() => '')).split('\n').filter((l) => /sync\(/.test(l)).length;
+      await new Promise((r) => setTimeout(r, 1500)); // attached to every thread (slow on a busy host)
+      // Count calls made: with -f, strace splits a call that overlaps another thread's into
+      // "fdatasync(7 <unfinished ...>" and "<... fdatasync resumed>) = 0".
+      const calls = (text: string) => text.split('\n').filter((l) => /\bf(data)?sync\(\d+/.test(l)).length;
+      const before = calls(await fs.readFile(log, 'utf8').catch(() => ''));
       await gvOk(repo, ['backup', imgB, '--name', 'synced']);
-      await new Promise((r) => setTimeout(r, 200));
-      const after = (await fs.readFile(log, 'utf8')).split('\n').filter((l) => /f(data)?sync\(\d+\)\s+= 0/.test(l)).length;
+      await new Promise((r) => setTimeout(r, 300));
+      const after = calls(await fs.readFile(log, 'utf8'));
       // at least the pack-commit batch and the generation commit
       expect(after - before).toBeGreaterThanOrEqual(2);
     } finally {
