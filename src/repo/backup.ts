@@ -14,13 +14,13 @@
  * visible generation; its uncommitted pack tails are removed by the next writer.
  */
 import { randomBytes } from 'node:crypto';
-import { availableParallelism } from 'node:os';
 import { GenvaultError, describeFsError } from '../util/errors.js';
 import { chunkKey, condemnedKey, damagedKey, damagedSet, leafKey, packKey } from './db.js';
 import { ChunkMap, Leaf, LeafBuilder, LeafRef, encodeTop } from './chunkmap.js';
 import type { ParentWindow } from './worker.js';
 import { checkImageName, type ChunkingParams } from './format.js';
 import { zeroSegment } from './chunker.js';
+import { workerCores } from './pool.js';
 import { Generation, GenerationStats } from './generation.js';
 import { ImageLock, WriterRegistration, cleanupDeadWriters, gcRunning } from './locks.js';
 import { ChunkLocation, PackWriter, RECORD_HEADER_SIZE, encodeLocation } from './pack.js';
@@ -47,26 +47,36 @@ export interface BackupOptions {
 class ParentCursor {
   private li = 0;
   private ci = 0;
-  private leaf: Awaited<ReturnType<ChunkMap['leaf']>> | null = null;
+  private leaf: Leaf | null = null;
   private base = 0;
   constructor(private map: ChunkMap | null) {}
+
+  /** The leaf the cursor is in (loaded on first use), or null past the parent's end. */
+  private async currentLeaf(m: ChunkMap): Promise<Leaf | null> {
+    if (!this.leaf) {
+      if (this.li >= m.refs.length) return null;
+      this.leaf = await m.leaf(this.li);
+      this.base = m.leafStarts[this.li]!;
+      this.ci = 0;
+    }
+    return this.leaf;
+  }
+
+  private nextLeaf(): void {
+    this.leaf = null;
+    this.li++;
+  }
 
   /** True when the parent has a chunk at exactly `offset` with this length and digest. */
   async has(offset: number, length: number, digest: Uint8Array): Promise<boolean> {
     const m = this.map;
     if (!m || offset >= m.size) return false;
     for (;;) {
-      if (!this.leaf) {
-        if (this.li >= m.refs.length) return false;
-        this.leaf = await m.leaf(this.li);
-        this.base = m.leafStarts[this.li]!;
-        this.ci = 0;
-      }
-      const l = this.leaf;
+      const l = await this.currentLeaf(m);
+      if (!l) return false;
       while (this.ci < l.lengths.length && this.base + l.starts[this.ci]! + l.lengths[this.ci]! <= offset) this.ci++;
       if (this.ci < l.lengths.length) break;
-      this.leaf = null;
-      this.li++;
+      this.nextLeaf();
     }
     const l = this.leaf!;
     if (this.base + l.starts[this.ci]! !== offset || l.lengths[this.ci] !== length || l.zero[this.ci]) return false;
@@ -89,13 +99,8 @@ class ParentCursor {
     const lengths: number[] = [];
     const picks: Array<[Leaf, number]> = [];
     scan: for (;;) {
-      if (!this.leaf) {
-        if (this.li >= m.refs.length) break;
-        this.leaf = await m.leaf(this.li);
-        this.base = m.leafStarts[this.li]!;
-        this.ci = 0;
-      }
-      const l = this.leaf;
+      const l = await this.currentLeaf(m);
+      if (!l) break;
       for (; this.ci < l.lengths.length; this.ci++) {
         const off = this.base + l.starts[this.ci]!;
         if (off >= end) break scan;
@@ -105,8 +110,7 @@ class ParentCursor {
           picks.push([l, this.ci]);
         }
       }
-      this.leaf = null;
-      this.li++;
+      this.nextLeaf();
     }
     if (!picks.length) return undefined;
     const fast = new Uint8Array(picks.length * 32);
@@ -201,7 +205,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     const windowParent = new ParentCursor(parentMap);
     // Digests the reader asked the far end for, whose segment the main loop has not reached.
     const requested = new Set<string>();
-    repo.workerCount ??= Math.max(2, Math.min(availableParallelism(), 8)); // no effect once the pool exists
+    repo.workerCount ??= Math.max(2, workerCores()); // no effect once the pool exists
     const pool = repo.pool;
     const depth = 6; // segments in flight: bounds memory (6 x 8 MiB) while keeping the workers fed
     const segBufs = new BufferPool(depth, segSize);

@@ -212,8 +212,6 @@ export interface ChunkRef {
   length: number;
   zero: boolean;
   digest: Buffer;
-  /** BLAKE3 of the chunk (format 2 maps), else null. */
-  fast: Buffer | null;
 }
 
 /** Walk every chunk of a map in order; `onLeaf` runs before each leaf's chunks are yielded. */
@@ -228,7 +226,6 @@ export async function* walkChunks(map: ChunkMap, onLeaf?: (leaf: Leaf) => Promis
         length: leaf.lengths[ci]!,
         zero: leaf.zero[ci] === 1,
         digest: leaf.digests.subarray(ci * 32, ci * 32 + 32),
-        fast: leaf.hasFast[ci] ? leaf.fast.subarray(ci * 32, ci * 32 + 32) : null,
       };
     }
   }

@@ -10,6 +10,11 @@ interface Task {
   reject: (e: Error) => void;
 }
 
+/** Cores the pools size themselves by (more than 8 threads buy nothing for this work). */
+export function workerCores(): number {
+  return Math.min(os.availableParallelism(), 8);
+}
+
 export class WorkerPool {
   private workers: Worker[] = [];
   private idle: Worker[] = [];
@@ -32,7 +37,7 @@ export class WorkerPool {
     size?: number,
     nice = 5,
   ) {
-    size = Number(process.env.GENVAULT_WORKERS) || size || Math.min(os.availableParallelism(), 8) + 1;
+    size = Number(process.env.GENVAULT_WORKERS) || size || workerCores() + 1;
     for (let i = 0; i < size; i++) {
       const w = new Worker(new URL('./worker.js', import.meta.url), { workerData: { nice } });
       w.unref();

@@ -395,16 +395,19 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
     const running = new Set<Promise<void>>();
     let failure: unknown = null;
     const send = (batch: number[]) => {
-      const items: LoadItem[] = batch.map((i) => ({
-        file: packPath(repo.dir, packIds[packOf[i]!]!),
-        offset: offsets[i]!,
-        storedLength: storedLen[i]!,
-        rawLength: rawLen[i]!,
-        compression: comps[i]!,
-        digest: Uint8Array.from(Buffer.from(digests[i]!, 'binary')),
-        fast: fastOf.has(digests[i]!) ? Uint8Array.from(Buffer.from(fastOf.get(digests[i]!)!, 'binary')) : null,
-        alsoSha: true,
-      }));
+      const items: LoadItem[] = batch.map((i) => {
+        const fast = fastOf.get(digests[i]!);
+        return {
+          file: packPath(repo.dir, packIds[packOf[i]!]!),
+          offset: offsets[i]!,
+          storedLength: storedLen[i]!,
+          rawLength: rawLen[i]!,
+          compression: comps[i]!,
+          digest: Uint8Array.from(Buffer.from(digests[i]!, 'binary')),
+          fast: fast === undefined ? null : Uint8Array.from(Buffer.from(fast, 'binary')),
+          alsoSha: true,
+        };
+      });
       const task = pool
         .run<{ all: Uint8Array; results: LoadResult[] }>({ op: 'loadMany', items })
         .then(

@@ -42,35 +42,36 @@ class FileSource implements Source {
   ) {}
 
   async read(buf: Buffer, length: number): Promise<number> {
-    if (this.holes) {
-      try {
-        return await this.readSparse(buf, length);
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
-        this.holes = null; // the file system cannot seek holes: read them like data
-      }
-    }
-    return this.readAll(buf, 0, length);
+    return this.holes ? this.readSparse(buf, length, this.seek('data', this.pos)) : this.readAll(buf, 0, length);
   }
 
   async readOrHole(buf: Buffer, length: number): Promise<{ length: number; hole: boolean }> {
-    if (this.holes) {
-      const end = Math.min(this.pos + length, this.size!);
-      let d: number;
-      try {
-        d = this.holes.seekData(this.fh.fd, this.pos);
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
-        this.holes = null;
-        d = 0;
-      }
-      if (this.holes && (d < 0 || d >= end)) {
-        const n = end - this.pos;
-        this.pos = end;
-        return { length: n, hole: true };
-      }
+    if (!this.holes) return { length: await this.readAll(buf, 0, length), hole: false };
+    const end = Math.min(this.pos + length, this.size!);
+    const data = this.seek('data', this.pos);
+    if (data !== null && data >= end) {
+      const n = end - this.pos;
+      this.pos = end;
+      return { length: n, hole: true };
     }
-    return { length: await this.read(buf, length), hole: false };
+    return { length: await this.readSparse(buf, length, data), hole: false };
+  }
+
+  /**
+   * The next offset at or after `off` where data (Infinity: none follows) or a hole (the
+   * file end counts as one) starts; null when the file system cannot seek holes, and from
+   * then on holes are read like data.
+   */
+  private seek(what: 'data' | 'hole', off: number): number | null {
+    try {
+      if (what === 'hole') return this.holes!.seekHole(this.fh.fd, off);
+      const d = this.holes!.seekData(this.fh.fd, off);
+      return d < 0 ? Infinity : d;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
+      this.holes = null;
+      return null;
+    }
   }
 
   /**
@@ -78,17 +79,18 @@ class FileSource implements Source {
    * buffer without a read (a hole read through the page cache costs a zero-filled page
    * per 4 KiB and a copy). Extents are asked for afresh on every call (every segment), so
    * data written into a hole shortly before we reach it is read.
+   * @param firstData seek('data', pos), which the caller already asked
    */
-  private async readSparse(buf: Buffer, length: number): Promise<number> {
-    const fd = this.fh.fd;
+  private async readSparse(buf: Buffer, length: number, firstData: number | null): Promise<number> {
     const start = this.pos;
     const end = Math.min(start + length, this.size!);
-    let nextData = -1; // start of the next data at or after off, once asked (Infinity: none)
+    let nextData = firstData; // start of the next data at or after off; null: read the rest as data
     let off = start;
     while (off < end) {
-      if (nextData < off) {
-        const d = this.holes!.seekData(fd, off);
-        nextData = d < 0 ? Infinity : d;
+      if (nextData !== null && nextData < off) nextData = this.seek('data', off);
+      if (nextData === null) {
+        off += await this.readAll(buf, off - start, end - off);
+        break;
       }
       if (nextData > off) {
         const to = Math.min(nextData, end);
@@ -97,7 +99,7 @@ class FileSource implements Source {
         this.pos = off;
         continue;
       }
-      let hole = Math.min(this.holes!.seekHole(fd, off), end);
+      let hole = Math.min(this.seek('hole', off) ?? end, end);
       // Data here, yet a hole here too: the file changed between the two seeks. Read a
       // block as data, which is always correct, and ask again after it.
       if (hole <= off) hole = Math.min(off + 4096, end);
