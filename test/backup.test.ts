@@ -230,6 +230,37 @@ describe('many small packs', () => {
   });
 });
 
+describe('a source that shrinks while it is read', () => {
+  it('fails with one line and leaves no generation, for plain and sparse files', async () => {
+    // From dist/: the backup's worker threads load dist/repo/worker.js.
+    const { openLocalSource } = await import('../dist/source/local.js');
+    const { backup } = await import('../dist/repo/backup.js');
+    const { Repository: DistRepository } = await import('../dist/repo/repository.js');
+    const dir = s.path('shrink-repo');
+    await gvOk(dir, ['init']);
+    const MiB = 1 << 20;
+    for (const sparse of [false, true]) {
+      const img = s.path(`shrink-${sparse}.img`);
+      const fh = await fs.open(img, 'w');
+      await fh.write(prng(70, 24 * MiB), 0, 24 * MiB, 0);
+      if (sparse) await fh.truncate(64 * MiB); // 40 MiB of hole after the data
+      else await fh.write(prng(71, 40 * MiB), 0, 40 * MiB, 24 * MiB);
+      await fh.close();
+      const src = await openLocalSource(img);
+      expect(src.size).toBe(64 * MiB);
+      await fs.truncate(img, 20 * MiB); // after the size was taken, before any read
+      const r = await DistRepository.open(dir);
+      try {
+        await expect(backup(r, src, { name: `shrink-${sparse}` })).rejects.toThrow(/source ended after \d+ of 67108864 bytes/);
+        expect(await r.generations(`shrink-${sparse}`)).toHaveLength(0);
+      } finally {
+        await src.close();
+        await r.close();
+      }
+    }
+  });
+});
+
 describe('sparse images', () => {
   it('skips the holes of a sparse file and restores it byte-identical', async () => {
     // Data at unaligned places, segments that are all hole, part hole, and a partial last

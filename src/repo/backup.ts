@@ -123,20 +123,25 @@ class ParentCursor {
   }
 }
 
-/** A fixed set of shared buffers; acquire() waits while all are in use. */
+/**
+ * A fixed set of shared buffers; acquire() waits while all are in use. Strictly first
+ * come, first served: segments take buffers in image order, so a later segment can never
+ * hold the buffer an earlier one (which the main loop waits for) needs.
+ */
 class BufferPool {
   private free: SharedArrayBuffer[];
-  private waiters: Array<() => void> = [];
+  private waiters: Array<(b: SharedArrayBuffer) => void> = [];
   constructor(count: number, size: number) {
     this.free = Array.from({ length: count }, () => new SharedArrayBuffer(size));
   }
-  async acquire(): Promise<SharedArrayBuffer> {
-    while (!this.free.length) await new Promise<void>((r) => this.waiters.push(r));
-    return this.free.pop()!;
+  acquire(): Promise<SharedArrayBuffer> {
+    const b = this.free.pop();
+    return b ? Promise.resolve(b) : new Promise((r) => this.waiters.push(r));
   }
   release(b: SharedArrayBuffer): void {
-    this.free.push(b);
-    this.waiters.shift()?.();
+    const w = this.waiters.shift();
+    if (w) w(b);
+    else this.free.push(b);
   }
 }
 
@@ -306,6 +311,22 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     type Segment = { buf: SharedArrayBuffer; len: number; res: Promise<ChunkResult>; sent?: Uint8Array };
     const segments: Array<Promise<Segment | null>> = [];
     let eof = false;
+    /** A segment's bytes were read: chunk them on a worker (or know them as zeros). */
+    const chunkRead = async (buf: SharedArrayBuffer, at: number, len: number, hole: boolean, win?: Promise<ParentWindow | undefined>): Promise<Segment> => {
+      stats.bytesRead += len;
+      opts.onProgress?.(stats.bytesRead, source.size);
+      if (hole) {
+        // A segment that is all hole in a sparse file is neither read nor chunked by a worker.
+        stats.holeBytes = (stats.holeBytes ?? 0) + len;
+        return { buf, len, res: Promise.resolve(zeroChunks(len, cfg.chunking)) };
+      }
+      const parentWin = win ? await win : undefined;
+      const res = pool.run<ChunkResult>({ op: 'chunk', seg: buf, len, params: cfg.chunking, fast: fastDetect, parent: parentWin });
+      res.catch(() => undefined); // awaited in order below
+      return { buf, len, res };
+    };
+    /** Sequential sources (streams, the SSH agent): one read after the other. */
+    let readChain: Promise<unknown> = Promise.resolve();
     const readNext = async (): Promise<Segment | null> => {
       const buf = await segBufs.acquire();
       if (eof || failure) {
@@ -314,26 +335,52 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       }
       const view = Buffer.from(buf);
       if (chunked) return readChunked(buf, view);
-      // A segment that is all hole in a sparse file is neither read nor chunked by a worker.
-      const { length: len, hole } = source.readOrHole
-        ? await source.readOrHole(view, segSize)
-        : { length: await source.read(view, segSize), hole: false };
+      const len = await source.read(view, segSize);
       if (len < segSize) eof = true;
       if (len === 0) {
         release(buf);
         return null;
       }
       const at = stats.bytesRead;
-      stats.bytesRead += len;
-      opts.onProgress?.(stats.bytesRead, source.size);
-      if (hole) {
-        stats.holeBytes = (stats.holeBytes ?? 0) + len;
-        return { buf, len, res: Promise.resolve(zeroChunks(len, cfg.chunking)) };
+      return chunkRead(buf, at, len, false, fastDetect ? windowParent.window(at, at + len) : undefined);
+    };
+    /**
+     * Sources of known size with positional reads (files, block devices): the segments
+     * in flight are read at once, so the page-cache copies run on both cores instead of
+     * one read after the other (the reader was a next-day backup's critical path). Parent
+     * windows are still asked for in image order, as ParentCursor requires.
+     */
+    const size = source.size;
+    const positional = !chunked && source.readAt !== undefined && size !== null;
+    let nextAt = 0;
+    let windows: Promise<unknown> = Promise.resolve();
+    const readAt = (at: number): Promise<Segment | null> => {
+      const len = Math.min(segSize, size! - at);
+      if (len <= 0) return Promise.resolve(null);
+      let win: Promise<ParentWindow | undefined> | undefined;
+      if (fastDetect) {
+        win = windows.then(() => windowParent.window(at, at + len));
+        windows = win.catch(() => undefined);
       }
-      const parentWin = fastDetect ? await windowParent.window(at, at + len) : undefined;
-      const res = pool.run<ChunkResult>({ op: 'chunk', seg: buf, len, params: cfg.chunking, fast: fastDetect, parent: parentWin });
-      res.catch(() => undefined); // awaited in order below
-      return { buf, len, res };
+      return (async () => {
+        const buf = await segBufs.acquire();
+        if (failure) {
+          release(buf);
+          return null;
+        }
+        let r: { length: number; hole: boolean };
+        try {
+          r = await source.readAt!(Buffer.from(buf), at, len);
+        } catch (e) {
+          release(buf);
+          throw e;
+        }
+        if (r.length < len) {
+          release(buf);
+          throw new GenvaultError(`source ended after ${at + r.length} of ${size} bytes`, 'SHORT_READ');
+        }
+        return chunkRead(buf, at, len, r.hole, win);
+      })();
     };
     /**
      * One segment from a chunked source. Only chunks that are new to the repository are
@@ -390,10 +437,16 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       return { buf, len: seg.length, res: Promise.resolve({ table, digests }), sent };
     };
     // Keep `depth - 1` segments read ahead; one buffer is always left for compression to finish.
-    let readChain: Promise<unknown> = Promise.resolve();
     const schedule = () => {
-      const p = readChain.then(() => readNext());
-      readChain = p.catch(() => null);
+      let p: Promise<Segment | null>;
+      if (positional) {
+        p = readAt(nextAt);
+        nextAt += segSize;
+      } else {
+        p = readChain.then(() => readNext());
+        readChain = p.catch(() => null);
+      }
+      p.catch(() => undefined); // awaited in order below; ones after a failure are not
       segments.push(p);
     };
     for (let i = 0; i < depth - 1; i++) schedule();

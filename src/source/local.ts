@@ -41,20 +41,38 @@ class FileSource implements Source {
     private holes: HoleSeeker | null = null,
   ) {}
 
+  /** Sequential read from the current position (holes of sparse files come back as zeros). */
   async read(buf: Buffer, length: number): Promise<number> {
-    return this.holes ? this.readSparse(buf, length, this.seek('data', this.pos)) : this.readAll(buf, 0, length);
+    let n: number;
+    if (this.size === null) n = await this.readAll(buf, 0, null, length);
+    else {
+      const len = Math.max(0, Math.min(length, this.size - this.pos));
+      n = this.holes ? await this.readSparse(buf, this.pos, len, this.seek('data', this.pos)) : await this.readAll(buf, 0, this.pos, len);
+    }
+    this.pos += n;
+    return n;
   }
 
-  async readOrHole(buf: Buffer, length: number): Promise<{ length: number; hole: boolean }> {
-    if (!this.holes) return { length: await this.readAll(buf, 0, length), hole: false };
-    const end = Math.min(this.pos + length, this.size!);
-    const data = this.seek('data', this.pos);
-    if (data !== null && data >= end) {
-      const n = end - this.pos;
-      this.pos = end;
-      return { length: n, hole: true };
+  /**
+   * Positional read of [position, position + length) clipped to the size; independent of
+   * read() and of other readAt calls, so several may run at once (a backup keeps one per
+   * segment in flight, and the page-cache copies then run on several cores). When that
+   * range is all hole in a sparse file, returns `hole: true` without touching buf.
+   */
+  async readAt(buf: Buffer, position: number, length: number): Promise<{ length: number; hole: boolean }> {
+    if (this.size === null) throw new Error('readAt on a stream');
+    const len = Math.max(0, Math.min(length, this.size - position));
+    if (len === 0) return { length: 0, hole: false };
+    if (!this.holes) return { length: await this.readAll(buf, 0, position, len), hole: false };
+    const data = this.seek('data', position);
+    if (data === Infinity) {
+      // No data from here on: holes up to the end, or the file shrank since it was opened
+      // (its tail is gone, not zero; the caller must see a short read).
+      const now = (await this.fh.stat()).size;
+      if (now < position + len) return { length: Math.max(0, now - position), hole: false };
     }
-    return { length: await this.readSparse(buf, length, data), hole: false };
+    if (data !== null && data >= position + len) return { length: len, hole: true };
+    return { length: await this.readSparse(buf, position, len, data), hole: false };
   }
 
   /**
@@ -63,9 +81,10 @@ class FileSource implements Source {
    * then on holes are read like data.
    */
   private seek(what: 'data' | 'hole', off: number): number | null {
+    if (!this.holes) return null;
     try {
-      if (what === 'hole') return this.holes!.seekHole(this.fh.fd, off);
-      const d = this.holes!.seekData(this.fh.fd, off);
+      if (what === 'hole') return this.holes.seekHole(this.fh.fd, off);
+      const d = this.holes.seekData(this.fh.fd, off);
       return d < 0 ? Infinity : d;
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
@@ -75,28 +94,27 @@ class FileSource implements Source {
   }
 
   /**
-   * Fill buf[0, length) reading only the file's data extents; holes become zeros in the
-   * buffer without a read (a hole read through the page cache costs a zero-filled page
-   * per 4 KiB and a copy). Extents are asked for afresh on every call (every segment), so
-   * data written into a hole shortly before we reach it is read.
-   * @param firstData seek('data', pos), which the caller already asked
+   * Fill buf[0, length) with the file's bytes at [start, start + length), reading only its
+   * data extents; holes become zeros in the buffer without a read (a hole read through
+   * the page cache costs a zero-filled page per 4 KiB and a copy). Extents are asked for
+   * afresh on every call (every segment), so data written into a hole shortly before we
+   * reach it is read.
+   * @param firstData seek('data', start), which the caller already asked
    */
-  private async readSparse(buf: Buffer, length: number, firstData: number | null): Promise<number> {
-    const start = this.pos;
-    const end = Math.min(start + length, this.size!);
+  private async readSparse(buf: Buffer, start: number, length: number, firstData: number | null): Promise<number> {
+    const end = start + length;
     let nextData = firstData; // start of the next data at or after off; null: read the rest as data
     let off = start;
     while (off < end) {
       if (nextData !== null && nextData < off) nextData = this.seek('data', off);
       if (nextData === null) {
-        off += await this.readAll(buf, off - start, end - off);
+        off += await this.readAll(buf, off - start, off, end - off);
         break;
       }
       if (nextData > off) {
         const to = Math.min(nextData, end);
         zeroFill(buf, off - start, to - start);
         off = to;
-        this.pos = off;
         continue;
       }
       let hole = Math.min(this.seek('hole', off) ?? end, end);
@@ -104,26 +122,29 @@ class FileSource implements Source {
       // block as data, which is always correct, and ask again after it.
       if (hole <= off) hole = Math.min(off + 4096, end);
       const want = hole - off;
-      const got = await this.readAll(buf, off - start, want);
+      const got = await this.readAll(buf, off - start, off, want);
       off += got;
       if (got < want) break; // the file shrank while we read it
     }
     return off - start;
   }
 
-  /** Read up to `length` bytes at pos into buf[at...]; fewer only at the end of the file. */
-  private async readAll(buf: Buffer, at: number, length: number): Promise<number> {
+  /**
+   * Read up to `length` bytes at `position` (null: a stream's current position) into
+   * buf[at...]; fewer only at the end of the file.
+   */
+  private async readAll(buf: Buffer, at: number, position: number | null, length: number): Promise<number> {
     let got = 0;
     while (got < length) {
       let n: number;
+      const where = position === null ? null : position + got;
       try {
-        ({ bytesRead: n } = await this.fh.read(buf, at + got, length - got, this.pos));
+        ({ bytesRead: n } = await this.fh.read(buf, at + got, length - got, where));
       } catch (e) {
-        throw describeFsError(e, `reading ${this.what} at offset ${this.pos}`);
+        throw describeFsError(e, `reading ${this.what} at offset ${where ?? this.pos + got}`);
       }
       if (n === 0) break;
       got += n;
-      this.pos += n;
     }
     return got;
   }

@@ -7,10 +7,11 @@ export interface Source {
   /** Fill buf[0, length) from the current position; returns bytes read, 0 at the end. */
   read(buf: Buffer, length: number): Promise<number>;
   /**
-   * Like read(), except that when the next `length` bytes (or all up to the end) are a
-   * hole of a sparse file it returns `hole: true` without touching buf: the caller must
-   * treat them as zeros. Optional; sources that cannot tell do not have it.
+   * Positional read of [position, position + length), clipped to `size`, for sources of
+   * known size; calls may overlap. When the range is all hole in a sparse file it returns
+   * `hole: true` without touching buf: the caller must treat the bytes as zeros. Optional;
+   * streams do not have it.
    */
-  readOrHole?(buf: Buffer, length: number): Promise<{ length: number; hole: boolean }>;
+  readAt?(buf: Buffer, position: number, length: number): Promise<{ length: number; hole: boolean }>;
   close(): Promise<void>;
 }
