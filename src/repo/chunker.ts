@@ -75,7 +75,9 @@ export function chunkSegment(buf: Buffer, len: number, p: ChunkingParams): Chunk
   let pos = 0;
   while (pos < len) {
     const blen = Math.min(B, len - pos);
-    const z = isZero(buf, pos, blen);
+    // Data blocks nearly always have a non-zero first word: decided without a call into C++
+    // (buf.compare costs ~0.15 us a call, a tenth of chunking a 4 GiB image).
+    const z = (blen === B && words[pos >>> 2] !== 0) ? false : isZero(buf, pos, blen);
     const cur = pos - start;
     if (cur > 0) {
       if (zeroRun && !z) {
