@@ -261,6 +261,34 @@ describe('a source that shrinks while it is read', () => {
   });
 });
 
+describe('a read error in the worker that reads a segment', () => {
+  it('fails with one line naming the source and offset, and leaves no generation', async () => {
+    const { backup } = await import('../dist/repo/backup.js');
+    const { Repository: DistRepository } = await import('../dist/repo/repository.js');
+    const dir = s.path('readerr-repo');
+    await gvOk(dir, ['init']);
+    // A descriptor whose reads fail (EISDIR), handed out as the segment's data.
+    const dirFh = await fs.open(s.dir, 'r');
+    const src = {
+      description: 'file:/broken.img',
+      size: 32 << 20,
+      read: async () => 0,
+      directRead: async (position: number, length: number) => ({
+        fd: dirFh.fd, length, extents: position === 0 ? null : [[4096, 8192]] as Array<[number, number]>, what: '/broken.img',
+      }),
+      close: async () => undefined,
+    };
+    const r = await DistRepository.open(dir);
+    try {
+      await expect(backup(r, src, { name: 'broken' })).rejects.toThrow(/^backup of broken failed: reading \/broken.img at offset \d+: is a directory$/);
+      expect(await r.generations('broken')).toHaveLength(0);
+    } finally {
+      await dirFh.close();
+      await r.close();
+    }
+  });
+});
+
 describe('sparse images', () => {
   it('skips the holes of a sparse file and restores it byte-identical', async () => {
     // Data at unaligned places, segments that are all hole, part hole, and a partial last

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { chunkSegment, zeroSegment } from '../src/repo/chunker.js';
+import { SegmentChunker, chunkSegment, zeroSegment } from '../src/repo/chunker.js';
 import { defaultConfig } from '../src/repo/format.js';
 import { prng } from './helpers.js';
 
@@ -59,5 +59,25 @@ describe('block-aligned content-defined chunking', () => {
   it('is deterministic', () => {
     const buf = prng(6, 1 << 20);
     expect(chunkSegment(buf, buf.length, P)).toEqual(chunkSegment(Buffer.from(buf), buf.length, P));
+  });
+
+  it('gives the same chunks fed piece by piece as all at once', () => {
+    const data = prng(7, 3 << 20);
+    // data, a long zero run, a short one, data, and a partial last block
+    const buf = Buffer.concat([data.subarray(0, 1 << 20), Buffer.alloc(2 << 20), data.subarray(0, 900_000), Buffer.alloc(8192), data.subarray(1 << 20), data.subarray(0, 777)]);
+    const whole = chunkSegment(buf, buf.length, P);
+    for (const piece of [4096, 65536, 1 << 20, 1_000_000, 12345]) {
+      const c = new SegmentChunker(buf, buf.length, P);
+      const got: typeof whole = [];
+      let reported = 0;
+      for (let limit = piece; ; limit += piece) {
+        c.advance(Math.min(limit, buf.length), (s) => got.push(s));
+        // a chunk is reported only once all its bytes are below the limit
+        for (const s of got.slice(reported)) expect(s.start + s.length).toBeLessThanOrEqual(Math.min(limit, buf.length));
+        reported = got.length;
+        if (limit >= buf.length) break;
+      }
+      expect(got).toEqual(whole);
+    }
   });
 });

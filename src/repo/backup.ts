@@ -1,10 +1,12 @@
 /**
  * The backup pipeline:
  *
- *   read segment -> [worker] chunk + SHA-256 -> dedup lookup -> [worker] zstd -> pack append
+ *   [worker] read segment, chunk + hash -> dedup lookup -> [worker] zstd -> pack append
  *
- * Segments are read ahead into a fixed set of shared buffers (bounded memory) while the
- * workers chunk and hash earlier ones. Dedup asks, in order: the previous generation of
+ * Segments go into a fixed set of shared buffers (bounded memory), several in flight.
+ * Files and block devices are read by the workers themselves, which chunk and hash along
+ * (BLAKE3 against the parent generation, SHA-256 for what changed); streams and SSH
+ * sources are read here, one segment after the other. Dedup asks, in order: the previous generation of
  * the image at the same offset (a next-day backup resolves nearly every chunk there
  * without touching the index), the chunks this run already wrote, then the index.
  *
@@ -17,7 +19,7 @@ import { randomBytes } from 'node:crypto';
 import { GenvaultError, describeFsError } from '../util/errors.js';
 import { chunkKey, condemnedKey, damagedKey, damagedSet, leafKey, packKey } from './db.js';
 import { ChunkMap, Leaf, LeafBuilder, LeafRef, encodeTop } from './chunkmap.js';
-import type { ParentWindow } from './worker.js';
+import type { ParentWindow, SegmentReadFailure } from './worker.js';
 import { checkImageName, type ChunkingParams } from './format.js';
 import { zeroSegment } from './chunker.js';
 import { workerCores } from './pool.js';
@@ -25,7 +27,7 @@ import { Generation, GenerationStats } from './generation.js';
 import { ImageLock, WriterRegistration, cleanupDeadWriters, gcRunning } from './locks.js';
 import { ChunkLocation, PackWriter, RECORD_HEADER_SIZE, encodeLocation } from './pack.js';
 import { Repository } from './repository.js';
-import type { Source } from '../source/types.js';
+import type { DirectRead, Source } from '../source/types.js';
 import { isChunkedSource, sameChunking } from '../source/chunked.js';
 
 /** backup() consumes ChunkedSource.readSegment: only chunks the repository lacks are transferred. */
@@ -311,17 +313,34 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     type Segment = { buf: SharedArrayBuffer; len: number; res: Promise<ChunkResult>; sent?: Uint8Array };
     const segments: Array<Promise<Segment | null>> = [];
     let eof = false;
-    /** A segment's bytes were read: chunk them on a worker (or know them as zeros). */
-    const chunkRead = async (buf: SharedArrayBuffer, at: number, len: number, hole: boolean, win?: Promise<ParentWindow | undefined>): Promise<Segment> => {
+    /**
+     * Chunk a segment on a worker: bytes already in buf, or read there by the worker
+     * itself (`read`); a segment that is all hole in a sparse file is neither read nor
+     * chunked.
+     */
+    const chunkSegmentOf = async (
+      buf: SharedArrayBuffer, at: number, len: number, win?: Promise<ParentWindow | undefined>, read?: DirectRead,
+    ): Promise<Segment> => {
       stats.bytesRead += len;
       opts.onProgress?.(stats.bytesRead, source.size);
-      if (hole) {
-        // A segment that is all hole in a sparse file is neither read nor chunked by a worker.
+      if (read?.extents?.length === 0) {
         stats.holeBytes = (stats.holeBytes ?? 0) + len;
         return { buf, len, res: Promise.resolve(zeroChunks(len, cfg.chunking)) };
       }
       const parentWin = win ? await win : undefined;
-      const res = pool.run<ChunkResult>({ op: 'chunk', seg: buf, len, params: cfg.chunking, fast: fastDetect, parent: parentWin });
+      const res = pool
+        .run<ChunkResult | SegmentReadFailure>({
+          op: 'chunk', seg: buf, len, params: cfg.chunking, fast: fastDetect, parent: parentWin,
+          read: read && { fd: read.fd, position: at, extents: read.extents },
+        })
+        .then((r) => {
+          if ('readError' in r) {
+            const e = Object.assign(new Error(r.readError.message), { code: r.readError.code });
+            throw describeFsError(e, `reading ${read!.what} at offset ${r.readError.offset}`);
+          }
+          if ('short' in r) throw new GenvaultError(`source ended after ${r.short} of ${source.size} bytes`, 'SHORT_READ');
+          return r;
+        });
       res.catch(() => undefined); // awaited in order below
       return { buf, len, res };
     };
@@ -342,19 +361,19 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
         return null;
       }
       const at = stats.bytesRead;
-      return chunkRead(buf, at, len, false, fastDetect ? windowParent.window(at, at + len) : undefined);
+      return chunkSegmentOf(buf, at, len, fastDetect ? windowParent.window(at, at + len) : undefined);
     };
     /**
-     * Sources of known size with positional reads (files, block devices): the segments
-     * in flight are read at once, so the page-cache copies run on both cores instead of
-     * one read after the other (the reader was a next-day backup's critical path). Parent
-     * windows are still asked for in image order, as ParentCursor requires.
+     * Files and block devices: each segment is read by the worker that chunks it, piece by
+     * piece, hashing every chunk while its bytes are still in the CPU cache; the segments
+     * in flight are read at once, on both cores, with no copy through the main thread.
+     * Parent windows are still asked for in image order, as ParentCursor requires.
      */
     const size = source.size;
-    const positional = !chunked && source.readAt !== undefined && size !== null;
+    const direct = !chunked && source.directRead !== undefined && size !== null;
     let nextAt = 0;
     let windows: Promise<unknown> = Promise.resolve();
-    const readAt = (at: number): Promise<Segment | null> => {
+    const readDirect = (at: number): Promise<Segment | null> => {
       const len = Math.min(segSize, size! - at);
       if (len <= 0) return Promise.resolve(null);
       let win: Promise<ParentWindow | undefined> | undefined;
@@ -368,18 +387,18 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
           release(buf);
           return null;
         }
-        let r: { length: number; hole: boolean };
+        let plan: DirectRead;
         try {
-          r = await source.readAt!(Buffer.from(buf), at, len);
+          plan = await source.directRead!(at, len);
         } catch (e) {
           release(buf);
-          throw e;
+          throw describeFsError(e, `reading ${source.description} at offset ${at}`);
         }
-        if (r.length < len) {
+        if (plan.length < len) {
           release(buf);
-          throw new GenvaultError(`source ended after ${at + r.length} of ${size} bytes`, 'SHORT_READ');
+          throw new GenvaultError(`source ended after ${at + plan.length} of ${size} bytes`, 'SHORT_READ');
         }
-        return chunkRead(buf, at, len, r.hole, win);
+        return chunkSegmentOf(buf, at, len, win, plan);
       })();
     };
     /**
@@ -439,8 +458,8 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     // Keep `depth - 1` segments read ahead; one buffer is always left for compression to finish.
     const schedule = () => {
       let p: Promise<Segment | null>;
-      if (positional) {
-        p = readAt(nextAt);
+      if (direct) {
+        p = readDirect(nextAt);
         nextAt += segSize;
       } else {
         p = readChain.then(() => readNext());

@@ -11,12 +11,12 @@ import { blake3 } from '@napi-rs/blake-hash';
 import fs from 'node:fs';
 import os from 'node:os';
 import { createRequire } from 'node:module';
-import { chunkSegment } from './chunker.js';
+import { SegmentChunker, type ChunkSpan } from './chunker.js';
 import type { ChunkingParams } from './format.js';
 import { COMP_RAW, COMP_ZSTD, RECORD_HEADER_SIZE, decodeRecordHeader, encodeRecordHeader } from './pack.js';
 
 export type WorkerRequest =
-  | { op: 'chunk'; seg: SharedArrayBuffer; len: number; params: ChunkingParams; fast?: boolean; parent?: ParentWindow }
+  | { op: 'chunk'; seg: SharedArrayBuffer; len: number; params: ChunkingParams; fast?: boolean; parent?: ParentWindow; read?: SegmentRead }
   | { op: 'compress'; seg: SharedArrayBuffer; spans: Int32Array; digests: Uint8Array; level: number; out?: SharedArrayBuffer }
   | ({ op: 'load' } & LoadItem)
   | { op: 'loadMany'; items: LoadItem[]; into?: SharedArrayBuffer }
@@ -32,6 +32,23 @@ export interface ParentWindow {
   fast: Uint8Array;
   sha: Uint8Array;
 }
+
+/**
+ * Read the segment from the source's descriptor first (a DirectRead of it): only the data
+ * extents are read, the rest is zeroed.
+ */
+export interface SegmentRead {
+  fd: number;
+  /** Image offset of the segment. */
+  position: number;
+  extents: Array<[number, number]> | null;
+}
+
+/** What a chunk op that read its segment returns instead of chunks when the read failed. */
+export type SegmentReadFailure = { readError: { code?: string; message: string; offset: number } } | { short: number };
+
+/** Bytes read per step while chunking along (a piece and its chunks stay in the CPU's L2). */
+const READ_PIECE = 1 << 20;
 
 /** A chunk to decode and write at `at` in the file descriptor (zero: write zeros, or skip if `hole`). */
 export interface RestoreItem extends LoadItem {
@@ -97,18 +114,21 @@ function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] 
   switch (req.op) {
     case 'chunk': {
       const buf = Buffer.from(req.seg, 0, req.len);
-      const spans = chunkSegment(buf, req.len, req.params);
-      const table = new Int32Array(spans.length * 3);
-      const digests = new Uint8Array(spans.length * 32);
+      // At most one chunk per block, plus the last: tables sized for that, then cut.
+      const most = Math.ceil(req.len / req.params.block) + 1;
+      const table = new Int32Array(most * 3);
+      const digests = new Uint8Array(most * 32);
       // Change detection: BLAKE3 runs at ~2.4x the speed of SHA-256 here. A chunk whose
       // offset, length and BLAKE3 equal the parent's takes the parent's SHA-256; any other
       // chunk is hashed with SHA-256 as always. Both are collision-resistant, so a match
       // means the same bytes.
-      const fast = req.fast ? new Uint8Array(spans.length * 32) : null;
+      const fast = req.fast ? new Uint8Array(most * 32) : null;
       const p = req.parent;
       let pi = 0;
       let unchanged = 0;
-      spans.forEach((s, i) => {
+      let n = 0;
+      const hashChunk = (s: ChunkSpan) => {
+        const i = n++;
         table[i * 3] = s.start;
         table[i * 3 + 1] = s.length;
         table[i * 3 + 2] = s.zero ? 1 : 0;
@@ -127,10 +147,19 @@ function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] 
           }
         }
         digests.set(createHash('sha256').update(data).digest(), i * 32);
-      });
-      const transfer = [table.buffer as ArrayBuffer, digests.buffer as ArrayBuffer];
-      if (fast) transfer.push(fast.buffer as ArrayBuffer);
-      return { result: { table, digests, fast, unchanged }, transfer };
+      };
+      const chunker = new SegmentChunker(buf, req.len, req.params);
+      if (req.read) {
+        // Read piece by piece and chunk and hash along: each chunk is hashed right after
+        // its bytes arrived, while they are still in the CPU cache.
+        const r = readSegment(req.read, buf, req.len, (upTo) => chunker.advance(upTo, hashChunk));
+        if (r) return { result: r, transfer: [] };
+      }
+      chunker.advance(req.len, hashChunk);
+      const cut = { table: table.slice(0, n * 3), digests: digests.slice(0, n * 32), fast: fast ? fast.slice(0, n * 32) : null };
+      const transfer = [cut.table.buffer as ArrayBuffer, cut.digests.buffer as ArrayBuffer];
+      if (cut.fast) transfer.push(cut.fast.buffer as ArrayBuffer);
+      return { result: { ...cut, unchanged }, transfer };
     }
     case 'compress': {
       const seg = Buffer.from(req.seg);
@@ -236,6 +265,42 @@ function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] 
       return { result: { all, results: out }, transfer: [all.buffer as ArrayBuffer] };
     }
   }
+}
+
+/**
+ * Fill buf[0, len) from the source: its data extents read in READ_PIECE steps (calling
+ * `arrived` with how far the bytes are complete), holes zeroed. Returns null when all
+ * went well, or what went wrong: a read error, or a file that ended early (it shrank).
+ */
+function readSegment(
+  r: SegmentRead,
+  buf: Buffer,
+  len: number,
+  arrived: (upTo: number) => void,
+): SegmentReadFailure | null {
+  let done = 0; // buf[0, done) is final
+  const zeroTo = (to: number) => {
+    for (let at = done; at < to; at += ZEROS.length) buf.set(ZEROS.subarray(0, Math.min(ZEROS.length, to - at)), at);
+    done = to;
+  };
+  for (const [from, to] of r.extents ?? [[0, len]]) {
+    zeroTo(from);
+    while (done < to) {
+      const want = Math.min(READ_PIECE, to - done);
+      let got: number;
+      try {
+        got = fs.readSync(r.fd, buf, done, want, r.position + done);
+      } catch (e) {
+        const err = e as NodeJS.ErrnoException;
+        return { readError: { code: err.code, message: err.message, offset: r.position + done } };
+      }
+      if (got === 0) return { short: r.position + done };
+      done += got;
+      arrived(done);
+    }
+  }
+  zeroTo(len);
+  return null;
 }
 
 const ZEROS = new Uint8Array(1 << 20);

@@ -2,7 +2,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { describeFsError, GenvaultError } from '../util/errors.js';
-import type { Source } from './types.js';
+import type { DirectRead, Source } from './types.js';
 import { HoleSeeker, holeSeeker } from '../util/holes.js';
 
 /** Size of a block device from sysfs (stat reports 0 for devices). */
@@ -23,11 +23,9 @@ export async function blockDeviceSizeOf(dev: string): Promise<number | null> {
   return st.isBlockDevice() ? blockDeviceSize(st.rdev) : null;
 }
 
-const ZEROS = Buffer.alloc(1 << 20);
-
-/** buf[from, to) = 0. Copies from a zero buffer: fill() on shared memory goes element by element (8x slower). */
-function zeroFill(buf: Buffer, from: number, to: number): void {
-  for (let at = from; at < to; at += ZEROS.length) ZEROS.copy(buf, at, 0, Math.min(ZEROS.length, to - at));
+/** Extents cut to the first `length` bytes. */
+function clip(extents: Array<[number, number]>, length: number): Array<[number, number]> {
+  return extents.filter(([from]) => from < length).map(([from, to]) => [from, Math.min(to, length)]);
 }
 
 class FileSource implements Source {
@@ -41,38 +39,57 @@ class FileSource implements Source {
     private holes: HoleSeeker | null = null,
   ) {}
 
-  /** Sequential read from the current position (holes of sparse files come back as zeros). */
+  /** Sequential read from the current position. */
   async read(buf: Buffer, length: number): Promise<number> {
-    let n: number;
-    if (this.size === null) n = await this.readAll(buf, 0, null, length);
-    else {
-      const len = Math.max(0, Math.min(length, this.size - this.pos));
-      n = this.holes ? await this.readSparse(buf, this.pos, len, this.seek('data', this.pos)) : await this.readAll(buf, 0, this.pos, len);
-    }
+    const len = this.size === null ? length : Math.max(0, Math.min(length, this.size - this.pos));
+    const n = await this.readAll(buf, 0, this.size === null ? null : this.pos, len);
     this.pos += n;
     return n;
   }
 
   /**
-   * Positional read of [position, position + length) clipped to the size; independent of
-   * read() and of other readAt calls, so several may run at once (a backup keeps one per
-   * segment in flight, and the page-cache copies then run on several cores). When that
-   * range is all hole in a sparse file, returns `hole: true` without touching buf.
+   * Where the data of [position, position + length) lies, for a worker thread that reads
+   * it itself. In a sparse file the holes are found with SEEK_DATA/SEEK_HOLE and are not
+   * read at all (a hole read through the page cache costs a zero-filled page per 4 KiB
+   * and a copy). Extents are asked for afresh for every range, so data written into a
+   * hole shortly before the backup reaches it is read.
    */
-  async readAt(buf: Buffer, position: number, length: number): Promise<{ length: number; hole: boolean }> {
-    if (this.size === null) throw new Error('readAt on a stream');
+  async directRead(position: number, length: number): Promise<DirectRead> {
+    if (this.size === null) throw new Error('directRead on a stream');
     const len = Math.max(0, Math.min(length, this.size - position));
-    if (len === 0) return { length: 0, hole: false };
-    if (!this.holes) return { length: await this.readAll(buf, 0, position, len), hole: false };
-    const data = this.seek('data', position);
-    if (data === Infinity) {
-      // No data from here on: holes up to the end, or the file shrank since it was opened
-      // (its tail is gone, not zero; the caller must see a short read).
-      const now = (await this.fh.stat()).size;
-      if (now < position + len) return { length: Math.max(0, now - position), hole: false };
+    const plan: DirectRead = { fd: this.fh.fd, length: len, extents: null, what: this.what };
+    if (!this.holes || len === 0) return plan;
+    const end = position + len;
+    const extents: Array<[number, number]> = [];
+    let off = position;
+    while (off < end) {
+      const data = this.seek('data', off);
+      if (data === null) {
+        // The file system stopped answering hole seeks: read the rest as data.
+        extents.push([off - position, len]);
+        break;
+      }
+      if (data === Infinity) {
+        // No data from here on: holes up to the end, or the file shrank since it was
+        // opened (its tail is gone, not zero; the caller must see a short range).
+        const now = (await this.fh.stat()).size;
+        if (now < end) {
+          plan.length = Math.max(0, now - position);
+          return { ...plan, extents: clip(extents, plan.length) };
+        }
+        break;
+      }
+      if (data >= end) break;
+      let hole = this.seek('hole', data) ?? end;
+      // Data here, yet a hole here too: the file changed between the two seeks. Read a
+      // block as data, which is always correct, and ask again after it.
+      if (hole <= data) hole = data + 4096;
+      hole = Math.min(hole, end);
+      extents.push([data - position, hole - position]);
+      off = hole;
     }
-    if (data !== null && data >= position + len) return { length: len, hole: true };
-    return { length: await this.readSparse(buf, position, len, data), hole: false };
+    plan.extents = extents;
+    return plan;
   }
 
   /**
@@ -91,42 +108,6 @@ class FileSource implements Source {
       this.holes = null;
       return null;
     }
-  }
-
-  /**
-   * Fill buf[0, length) with the file's bytes at [start, start + length), reading only its
-   * data extents; holes become zeros in the buffer without a read (a hole read through
-   * the page cache costs a zero-filled page per 4 KiB and a copy). Extents are asked for
-   * afresh on every call (every segment), so data written into a hole shortly before we
-   * reach it is read.
-   * @param firstData seek('data', start), which the caller already asked
-   */
-  private async readSparse(buf: Buffer, start: number, length: number, firstData: number | null): Promise<number> {
-    const end = start + length;
-    let nextData = firstData; // start of the next data at or after off; null: read the rest as data
-    let off = start;
-    while (off < end) {
-      if (nextData !== null && nextData < off) nextData = this.seek('data', off);
-      if (nextData === null) {
-        off += await this.readAll(buf, off - start, off, end - off);
-        break;
-      }
-      if (nextData > off) {
-        const to = Math.min(nextData, end);
-        zeroFill(buf, off - start, to - start);
-        off = to;
-        continue;
-      }
-      let hole = Math.min(this.seek('hole', off) ?? end, end);
-      // Data here, yet a hole here too: the file changed between the two seeks. Read a
-      // block as data, which is always correct, and ask again after it.
-      if (hole <= off) hole = Math.min(off + 4096, end);
-      const want = hole - off;
-      const got = await this.readAll(buf, off - start, off, want);
-      off += got;
-      if (got < want) break; // the file shrank while we read it
-    }
-    return off - start;
   }
 
   /**

@@ -7,11 +7,25 @@ export interface Source {
   /** Fill buf[0, length) from the current position; returns bytes read, 0 at the end. */
   read(buf: Buffer, length: number): Promise<number>;
   /**
-   * Positional read of [position, position + length), clipped to `size`, for sources of
-   * known size; calls may overlap. When the range is all hole in a sparse file it returns
-   * `hole: true` without touching buf: the caller must treat the bytes as zeros. Optional;
-   * streams do not have it.
+   * For sources backed by a file a worker thread may read itself (regular files, block
+   * devices): where the data of [position, position + length) lies. Calls may overlap.
+   * Optional; streams do not have it.
    */
-  readAt?(buf: Buffer, position: number, length: number): Promise<{ length: number; hole: boolean }>;
+  directRead?(position: number, length: number): Promise<DirectRead>;
   close(): Promise<void>;
+}
+
+/** How to read a range of a source straight from its file descriptor (see Source.directRead). */
+export interface DirectRead {
+  /** The source's descriptor; valid until the source is closed. */
+  fd: number;
+  /** Bytes in the range: clipped to the size, and fewer when the file shrank since it was opened. */
+  length: number;
+  /**
+   * The ranges [from, to) holding data, relative to the position, in order; the rest of
+   * the range is hole and reads as zeros. null: all data. Empty: all hole.
+   */
+  extents: Array<[number, number]> | null;
+  /** The source's path, for messages. */
+  what: string;
 }
