@@ -6,7 +6,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Repository } from '../src/repo/repository.js';
-import { Scratch, gv, gvOk, makeDisk, must, prng, sha256File, withMountedDisk, writeFiles } from './helpers.js';
+import { CLI, Scratch, gv, gvOk, makeDisk, must, prng, sha256File, withMountedDisk, writeFiles } from './helpers.js';
 
 let s: Scratch;
 let repo: string;
@@ -73,6 +73,17 @@ describe('backup and restore of a disk image', () => {
       expect(st.blocks * 512).toBeLessThan(st.size); // holes where the disk is empty
       await fs.rm(out);
     }
+  });
+
+  it('reads packs with O_DIRECT during a restore (no page-cache churn), byte-identical', async () => {
+    const out = s.path('direct.img');
+    const log = s.path('direct.strace');
+    await must('strace', ['-f', '-qq', '-e', 'trace=openat', '-o', log, process.execPath, CLI, '-r', repo, 'restore', 'vm1@latest', out]);
+    const opens = (await fs.readFile(log, 'utf8')).split('\n').filter((l) => l.includes('.pack"'));
+    expect(opens.length).toBeGreaterThan(0);
+    expect(opens.every((l) => l.includes('O_DIRECT')), opens.join('\n')).toBe(true);
+    expect(await sha256File(out)).toBe(sums.gen1);
+    await fs.rm(out);
   });
 
   it('streams a generation with cat and accepts every kind of revision spec', async () => {

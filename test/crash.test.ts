@@ -14,7 +14,13 @@ let repo: string;
 async function dirBytes(dir: string): Promise<number> {
   let n = 0;
   for (const e of await fs.readdir(dir, { withFileTypes: true, recursive: true })) {
-    if (e.isFile()) n += (await fs.stat(path.join(e.parentPath ?? (e as unknown as { path: string }).path, e.name))).size;
+    if (!e.isFile()) continue;
+    // A backup starting meanwhile removes the packs a killed run left: gone counts as 0.
+    const st = await fs.stat(path.join(e.parentPath ?? (e as unknown as { path: string }).path, e.name)).catch((err) => {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+      throw err;
+    });
+    n += st?.size ?? 0;
   }
   return n;
 }

@@ -135,7 +135,7 @@ async function restoreToFd(
     const bytes = batchBytes;
     batch = [];
     batchBytes = 0;
-    const p = pool.run<{ damaged: number[] }>({ op: 'restoreMany', fd, items }).then(
+    const p = pool.run<{ damaged: number[] }>({ op: 'restoreMany', fd, items, direct: true }).then(
       async (r) => {
         for (const i of r.damaged) {
           // gc may have moved the chunk to another pack since we looked it up: retry there.

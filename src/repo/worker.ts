@@ -13,6 +13,7 @@ import os from 'node:os';
 import { createRequire } from 'node:module';
 import { SegmentChunker, type ChunkSpan } from './chunker.js';
 import type { ChunkingParams } from './format.js';
+import { alignSkipper } from '../util/holes.js';
 import { COMP_RAW, COMP_ZSTD, RECORD_HEADER_SIZE, decodeRecordHeader, encodeRecordHeader } from './pack.js';
 
 export type WorkerRequest =
@@ -20,7 +21,7 @@ export type WorkerRequest =
   | { op: 'compress'; seg: SharedArrayBuffer; spans: Int32Array; digests: Uint8Array; level: number; out?: SharedArrayBuffer }
   | ({ op: 'load' } & LoadItem)
   | { op: 'loadMany'; items: LoadItem[]; into?: SharedArrayBuffer }
-  | { op: 'restoreMany'; fd: number; items: RestoreItem[] };
+  | { op: 'restoreMany'; fd: number; items: RestoreItem[]; direct?: boolean };
 
 /**
  * The parent generation's chunks inside a segment that carry a BLAKE3 digest: start
@@ -209,7 +210,7 @@ function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] 
         offs.push(total);
         total += it.rawLength;
       }
-      const loaded = loadRun(data, (i) => scratch.subarray(offs[i]!, offs[i]! + data[i]!.rawLength));
+      const loaded = loadRun(data, (i) => scratch.subarray(offs[i]!, offs[i]! + data[i]!.rawLength), req.direct);
       // Chunks that follow each other in the image lie next to each other in scratch too:
       // write each such run with one pwrite (a tenth fewer core-seconds for a restore).
       let runFrom = -1; // scratch offset of the pending run
@@ -316,12 +317,60 @@ function writeAll(fd: number, data: Uint8Array, length: number, at: number): voi
 }
 
 /**
+ * O_DIRECT pack reads, for readers that pass over a generation once (restore): the pack
+ * bytes go straight into this worker's buffer, with no page-cache pages to allocate and
+ * fill and nothing of the machine's cache evicted by a multi-terabyte restore. Cold
+ * restores of the bench disk: 3.5-3.6 s against 4.2-4.9 s, 5.6 against 7.8 core-seconds.
+ * Offsets, lengths and memory must be aligned; without the addon that finds a buffer's
+ * address, or on a file system that refuses O_DIRECT, packs are read through the cache.
+ */
+const DIRECT_ALIGN = 4096;
+const alignSkip = alignSkipper();
+let directOk = alignSkip !== null;
+let directBuf = Buffer.alloc(0);
+let directSkip = 0;
+const directFds = new Map<string, number>();
+
+/** Pack bytes [start, end) read with O_DIRECT; null when that cannot be done here (read them buffered). */
+function readDirect(file: string, start: number, end: number): { span: Buffer; got: number } | null {
+  if (!directOk) return null;
+  const a0 = start - (start % DIRECT_ALIGN);
+  const need = Math.ceil(end / DIRECT_ALIGN) * DIRECT_ALIGN - a0;
+  if (directBuf.length - directSkip < need) {
+    directBuf = Buffer.allocUnsafeSlow(need + DIRECT_ALIGN);
+    directSkip = alignSkip!(directBuf, DIRECT_ALIGN);
+  }
+  let got = 0;
+  try {
+    let fd = directFds.get(file);
+    if (fd === undefined) {
+      if (directFds.size > 64) {
+        for (const v of directFds.values()) fs.closeSync(v);
+        directFds.clear();
+      }
+      fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_DIRECT);
+      directFds.set(file, fd);
+    }
+    while (got < need) {
+      const n = fs.readSync(fd, directBuf, directSkip + got, need - got, a0 + got);
+      if (n === 0) break; // the end of the pack: the last read may stop anywhere
+      got += n;
+    }
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EINVAL') directOk = false; // no O_DIRECT here
+    return null; // the buffered read reports any real error
+  }
+  const lead = start - a0;
+  return { span: directBuf.subarray(directSkip + lead, directSkip + lead + (end - start)), got: Math.max(0, got - lead) };
+}
+
+/**
  * Load chunks, reading records that lie next to each other in one pack with one read:
  * a cold sequential restore then reads packs in large pieces instead of ~30 KiB each.
  */
 let spanBuf = Buffer.allocUnsafe(1 << 20);
 
-function loadRun(items: LoadItem[], dest?: (i: number) => Uint8Array): LoadResult[] {
+function loadRun(items: LoadItem[], dest?: (i: number) => Uint8Array, direct = false): LoadResult[] {
   const results: LoadResult[] = new Array(items.length);
   let i = 0;
   while (i < items.length) {
@@ -337,22 +386,27 @@ function loadRun(items: LoadItem[], dest?: (i: number) => Uint8Array): LoadResul
       end = items[j]!.offset + RECORD_HEADER_SIZE + items[j]!.storedLength;
       j++;
     }
-    if (j - i === 1) {
+    const start = items[i]!.offset;
+    const viaDirect = direct ? readDirect(items[i]!.file, start, end) : null;
+    if (j - i === 1 && !viaDirect) {
       results[i] = loadChunk(items[i]!, dest?.(i));
     } else {
-      const start = items[i]!.offset;
-      if (spanBuf.length < end - start) spanBuf = Buffer.allocUnsafe(end - start);
-      const span = spanBuf.subarray(0, end - start); // reused: decoding copies out of it
+      let span: Buffer;
       let got = 0;
-      try {
-        const fd = fdFor(items[i]!.file);
-        while (got < span.length) {
-          const n = fs.readSync(fd, span, got, span.length - got, start + got);
-          if (n === 0) break;
-          got += n;
+      if (viaDirect) ({ span, got } = viaDirect);
+      else {
+        if (spanBuf.length < end - start) spanBuf = Buffer.allocUnsafe(end - start);
+        span = spanBuf.subarray(0, end - start); // reused: decoding copies out of it
+        try {
+          const fd = fdFor(items[i]!.file);
+          while (got < span.length) {
+            const n = fs.readSync(fd, span, got, span.length - got, start + got);
+            if (n === 0) break;
+            got += n;
+          }
+        } catch {
+          got = -1;
         }
-      } catch {
-        got = -1;
       }
       for (let k = i; k < j; k++) {
         const it = items[k]!;

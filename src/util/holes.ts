@@ -24,3 +24,12 @@ export function holeSeeker(): HoleSeeker | null {
   }
   return seeker;
 }
+
+/**
+ * How many bytes past the start of `view` its memory is aligned to `alignment` (for
+ * O_DIRECT reads); null without the addon (or an old build of it): read buffered then.
+ */
+export function alignSkipper(): ((view: Uint8Array, alignment: number) => number) | null {
+  const addon = holeSeeker() as (HoleSeeker & { alignSkip?: (view: Uint8Array, alignment: number) => number }) | null;
+  return addon?.alignSkip ? addon.alignSkip.bind(addon) : null;
+}
