@@ -108,11 +108,14 @@ export class ChunkLoader {
   /**
    * @param useSlabs decode read-ahead into recycled shared memory (see SlabPool). Only for
    *   callers that never keep a chunk buffer past the turn it was handed over (the mount).
+   * @param direct read packs with O_DIRECT: for callers that read each chunk once (cat),
+   *   not for the mount, whose readers come back to cached data.
    */
   constructor(
     readonly repo: Repository,
     cacheBytes = 64 << 20,
     useSlabs = false,
+    private readonly direct = false,
   ) {
     this.cache = new ChunkCache(cacheBytes);
     if (useSlabs && cacheBytes > 0) {
@@ -222,7 +225,7 @@ export class ChunkLoader {
   private async fetch(digest: Buffer): Promise<Buffer> {
     const loc = this.locations.get(digest.toString('binary')) ?? (await this.repo.location(digest));
     if (!loc) throw new DamageError(`chunk ${digest.toString('hex')} is missing from the index`, digest.toString('hex'));
-    const res = await this.repo.pool.run<LoadResult>({ op: 'load', ...this.item(loc, digest) });
+    const res = await this.repo.pool.run<LoadResult>({ op: 'load', direct: this.direct, ...this.item(loc, digest) });
     return this.result(digest, res);
   }
 
@@ -258,7 +261,7 @@ export class ChunkLoader {
       const rawBytes = b.reduce((a, it) => a + it.loc.rawLength, 0);
       const slab = this.slabs && rawBytes <= this.slabs.slabBytes ? this.slabs.take() : null;
       const items = b.map((it) => this.item(it.loc, it.digest));
-      this.repo.pool.run<{ all?: Uint8Array; results: LoadResult[] }>(slab ? { op: 'loadMany', items, into: slab } : { op: 'loadMany', items }).then(
+      this.repo.pool.run<{ all?: Uint8Array; results: LoadResult[] }>({ op: 'loadMany', items, into: slab ?? undefined, direct: this.direct }).then(
         ({ all, results }) => {
           const whole = slab ? Buffer.from(slab) : Buffer.from(all!.buffer, all!.byteOffset, all!.byteLength);
           const use: SlabUse | null = slab ? { slab, refs: 0 } : null;

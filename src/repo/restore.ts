@@ -46,7 +46,7 @@ export async function streamChunks(
   opts: RestoreOptions,
 ): Promise<Array<{ offset: number; length: number }>> {
   const map = await repo.chunkMap(gen);
-  const loader = new ChunkLoader(repo, 0);
+  const loader = new ChunkLoader(repo, 0, false, true);
   const damaged: Array<{ offset: number; length: number }> = [];
   const window = 32 << 20;
   const queue: Array<{ offset: number; length: number; data: Promise<Buffer | null> }> = [];

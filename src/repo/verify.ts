@@ -409,7 +409,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
         };
       });
       const task = pool
-        .run<{ all: Uint8Array; results: LoadResult[] }>({ op: 'loadMany', items })
+        .run<{ all: Uint8Array; results: LoadResult[] }>({ op: 'loadMany', items, direct: true }) // one pass: O_DIRECT
         .then(
           ({ results }) => {
             results.forEach((r, k) => {
