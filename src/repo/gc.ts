@@ -642,8 +642,7 @@ async function repack(repo: Repository, writer: WriterRegistration, threshold: n
       const moves: Array<{ key: Buffer; old: Buffer; neu: Buffer }> = [];
       const problem = await copyRecords(file, recs, w, moves);
       if (problem) {
-        await fs.truncate(w.file, startSize);
-        w.size = startSize;
+        await w.rewind(startSize);
         res.warnings.push(`pack ${id}: ${problem}; pack left in place (run 'genvault verify')`);
         continue;
       }
