@@ -3,9 +3,9 @@
  * - lseek(SEEK_DATA / SEEK_HOLE). Backups of sparse image files use it to skip holes
  *   instead of reading them: a hole read through the page cache costs a zero-filled page
  *   per 4 KiB plus the copy, and evicts useful cache.
- * - The address of a buffer, to align O_DIRECT reads: restores read packs with O_DIRECT
- *   (no page-cache pages to allocate and fill, nothing of the machine's cache evicted),
- *   which needs the memory aligned like the offsets.
+ * - The address of a buffer, to align O_DIRECT I/O: backups write and restores read packs
+ *   with O_DIRECT (no page-cache pages to allocate and fill, nothing of the machine's
+ *   cache evicted), which needs the memory aligned like the offsets.
  */
 #define _GNU_SOURCE
 #include <errno.h>
