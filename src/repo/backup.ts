@@ -6,9 +6,10 @@
  * Segments go into a fixed set of shared buffers (bounded memory), several in flight.
  * Files and block devices are read by the workers themselves, which chunk and hash along
  * (BLAKE3 against the parent generation, SHA-256 for what changed); streams and SSH
- * sources are read here, one segment after the other. Dedup asks, in order: the previous generation of
- * the image at the same offset (a next-day backup resolves nearly every chunk there
- * without touching the index), the chunks this run already wrote, then the index.
+ * sources are read here, one segment after the other. Dedup asks, in order: the previous
+ * generation of the image at the same offset (a next-day backup resolves nearly every
+ * chunk there without touching the index), the chunks this run already wrote, then the
+ * index.
  *
  * Durability: index entries for new chunks are committed only after their pack data
  * is fsynced, in batches (bounding memory), and the generation itself in one final
