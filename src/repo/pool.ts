@@ -38,8 +38,10 @@ export class WorkerPool {
     nice = 5,
   ) {
     size = Number(process.env.GENVAULT_WORKERS) || size || workerCores() + 1;
+    // One lock word shared by the workers: restore writes to one file take turns on it.
+    const writeLock = new SharedArrayBuffer(4);
     for (let i = 0; i < size; i++) {
-      const w = new Worker(new URL('./worker.js', import.meta.url), { workerData: { nice } });
+      const w = new Worker(new URL('./worker.js', import.meta.url), { workerData: { nice, writeLock } });
       w.unref();
       w.on('message', (msg: { id: number; result?: unknown; error?: { message: string; code?: string } }) => {
         const t = this.pending.get(msg.id);

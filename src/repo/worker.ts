@@ -308,7 +308,31 @@ const ZEROS = new Uint8Array(1 << 20);
 /** Reused decode buffer for restores (grows to the largest batch). */
 let scratch = new Uint8Array(4 << 20);
 
+/**
+ * Restore writes into one file take turns on a lock word shared by the pool's workers.
+ * The kernel serialises them anyway (the inode lock), but its waiters spin while the
+ * holder copies into fresh pages; here they sleep, and their core decodes for the others.
+ * Cold restores of the bench disk, 10 alternating rounds: median 3.83-4.04 s against
+ * 3.89-4.33 s, CPU 6.0-6.3 against 6.3-7.1 s.
+ */
+const writeLock = (workerData as { writeLock?: SharedArrayBuffer } | null)?.writeLock;
+const lockWord = writeLock ? new Int32Array(writeLock) : null;
+
 function writeAll(fd: number, data: Uint8Array, length: number, at: number): void {
+  if (lockWord) {
+    while (Atomics.compareExchange(lockWord, 0, 0, 1) !== 0) Atomics.wait(lockWord, 0, 1);
+  }
+  try {
+    writeAllUnlocked(fd, data, length, at);
+  } finally {
+    if (lockWord) {
+      Atomics.store(lockWord, 0, 0);
+      Atomics.notify(lockWord, 0, 1);
+    }
+  }
+}
+
+function writeAllUnlocked(fd: number, data: Uint8Array, length: number, at: number): void {
   let done = 0;
   while (done < length) {
     const src = data === ZEROS ? ZEROS.subarray(0, Math.min(ZEROS.length, length - done)) : data.subarray(done, length);
