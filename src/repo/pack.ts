@@ -176,11 +176,7 @@ export class PackWriter {
         if (this.staged === this.stage.length) await this.writeBlocks();
       }
     } else {
-      let done = 0;
-      while (done < records.length) {
-        const { bytesWritten } = await this.fh.write(records, done, records.length - done, at + done);
-        done += bytesWritten;
-      }
+      await this.writeAt(records, records.length, at);
     }
     this.size += records.length;
     return at;

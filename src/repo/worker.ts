@@ -96,19 +96,32 @@ interface ZstdBinding {
 const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as ZstdBinding;
 const cctx = new zstd.CCtx();
 const dctx = new zstd.DCtx();
-const fds = new Map<string, number>();
+/** Open pack descriptors, buffered and O_DIRECT ones apart; all dropped past 64 of a kind. */
+const fds = { buffered: new Map<string, number>(), direct: new Map<string, number>() };
 
-function fdFor(file: string): number {
-  let fd = fds.get(file);
+function fdFor(file: string, direct = false): number {
+  const open = direct ? fds.direct : fds.buffered;
+  let fd = open.get(file);
   if (fd === undefined) {
-    if (fds.size > 64) {
-      for (const v of fds.values()) fs.closeSync(v);
-      fds.clear();
+    if (open.size > 64) {
+      for (const v of open.values()) fs.closeSync(v);
+      open.clear();
     }
-    fd = fs.openSync(file, 'r');
-    fds.set(file, fd);
+    fd = fs.openSync(file, direct ? fs.constants.O_RDONLY | fs.constants.O_DIRECT : 'r');
+    open.set(file, fd);
   }
   return fd;
+}
+
+/** pread until `length` bytes are in or the file ends; returns how many were read. */
+function preadFull(fd: number, buf: Uint8Array, offset: number, length: number, position: number): number {
+  let got = 0;
+  while (got < length) {
+    const n = fs.readSync(fd, buf, offset + got, length - got, position + got);
+    if (n === 0) break;
+    got += n;
+  }
+  return got;
 }
 
 function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] } {
@@ -353,7 +366,6 @@ const alignSkip = alignSkipper();
 let directOk = alignSkip !== null;
 let directBuf = Buffer.alloc(0);
 let directSkip = 0;
-const directFds = new Map<string, number>();
 
 /** Pack bytes [start, end) read with O_DIRECT; null when that cannot be done here (read them buffered). */
 function readDirect(file: string, start: number, end: number): { span: Buffer; got: number } | null {
@@ -364,22 +376,10 @@ function readDirect(file: string, start: number, end: number): { span: Buffer; g
     directBuf = Buffer.allocUnsafeSlow(need + DIRECT_ALIGN);
     directSkip = alignSkip!(directBuf, DIRECT_ALIGN);
   }
-  let got = 0;
+  let got: number;
   try {
-    let fd = directFds.get(file);
-    if (fd === undefined) {
-      if (directFds.size > 64) {
-        for (const v of directFds.values()) fs.closeSync(v);
-        directFds.clear();
-      }
-      fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_DIRECT);
-      directFds.set(file, fd);
-    }
-    while (got < need) {
-      const n = fs.readSync(fd, directBuf, directSkip + got, need - got, a0 + got);
-      if (n === 0) break; // the end of the pack: the last read may stop anywhere
-      got += n;
-    }
+    // At the end of the pack the last read may stop anywhere.
+    got = preadFull(fdFor(file, true), directBuf, directSkip, need, a0);
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'EINVAL') directOk = false; // no O_DIRECT here
     return null; // the buffered read reports any real error
@@ -422,12 +422,7 @@ function loadRun(items: LoadItem[], dest?: (i: number) => Uint8Array, direct = f
         if (spanBuf.length < end - start) spanBuf = Buffer.allocUnsafe(end - start);
         span = spanBuf.subarray(0, end - start); // reused: decoding copies out of it
         try {
-          const fd = fdFor(items[i]!.file);
-          while (got < span.length) {
-            const n = fs.readSync(fd, span, got, span.length - got, start + got);
-            if (n === 0) break;
-            got += n;
-          }
+          got = preadFull(fdFor(items[i]!.file), span, 0, span.length, start);
         } catch {
           got = -1;
         }
@@ -448,18 +443,13 @@ function loadChunk(req: LoadItem, into?: Uint8Array): LoadResult {
   const total = RECORD_HEADER_SIZE + req.storedLength;
   if (spanBuf.length < total) spanBuf = Buffer.allocUnsafe(total);
   const buf = spanBuf.subarray(0, total); // reused: decoding copies out of it
-  let got = 0;
   let fd: number;
   try {
     fd = fdFor(req.file);
   } catch (e) {
     return { damaged: `cannot open pack: ${(e as Error).message}` };
   }
-  while (got < total) {
-    const n = fs.readSync(fd, buf, got, total - got, req.offset + got);
-    if (n === 0) break;
-    got += n;
-  }
+  const got = preadFull(fd, buf, 0, total, req.offset);
   if (got < total) return { damaged: `pack record truncated (${got} of ${total} bytes)` };
   return decodeRecord(req, buf, into);
 }
