@@ -38,6 +38,8 @@ async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (
   // Reading a mount must not starve backups of the same repository: its decode workers
   // run at a lower priority than a backup's (the FUSE thread itself stays at normal).
   repo.workerNice = 10;
+  // A read the kernel waits for must not queue inside a worker behind read-ahead.
+  repo.workerDepth = 1;
   const handle = await mountRepository(repo, mnt, {
     allowOther: opts.allowOther,
     cacheBytes: parseSize(opts.cacheSize),

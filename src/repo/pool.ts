@@ -17,10 +17,11 @@ export function workerCores(): number {
 
 export class WorkerPool {
   private workers: Worker[] = [];
-  private idle: Worker[] = [];
+  /** Tasks each worker holds (running, or waiting in its message queue). */
+  private load = new Map<Worker, number>();
   private queue: Task[] = [];
   private pending = new Map<number, Task>();
-  private busy = new Map<Worker, number>();
+  private taskOf = new Map<number, Worker>();
   private nextId = 1;
   private closed = false;
 
@@ -32,10 +33,17 @@ export class WorkerPool {
   /**
    * @param nice how much below the calling thread the workers run (Linux). A mount passes
    *   more than a backup, so that on a busy machine backups keep most of the CPU.
+   * @param depth tasks handed to a worker at once. With 2, a worker that finishes a task
+   *   starts its next one at once instead of waiting for this thread to hear of it and
+   *   send another (this thread may be busy planning or collecting garbage): cold
+   *   restores of the bench disk, 8 alternating rounds, median 3.43-3.5 s against 3.48-3.7
+   *   s with 1. Backups showed no difference. A mount keeps 1, so that a read the kernel
+   *   waits for never queues inside a busy worker behind read-ahead.
    */
   constructor(
     size?: number,
     nice = 5,
+    private depth = 1,
   ) {
     size = Number(process.env.GENVAULT_WORKERS) || size || workerCores() + 1;
     // One lock word shared by the workers: restore writes to one file take turns on it.
@@ -46,8 +54,8 @@ export class WorkerPool {
       w.on('message', (msg: { id: number; result?: unknown; error?: { message: string; code?: string } }) => {
         const t = this.pending.get(msg.id);
         this.pending.delete(msg.id);
-        this.busy.delete(w);
-        this.idle.push(w);
+        this.taskOf.delete(msg.id);
+        this.load.set(w, this.load.get(w)! - 1);
         if (t) {
           if (msg.error) t.reject(Object.assign(new Error(msg.error.message), { code: msg.error.code }));
           else t.resolve(msg.result);
@@ -55,11 +63,10 @@ export class WorkerPool {
         this.dispatch();
       });
       w.on('error', (err) => {
-        const id = this.busy.get(w);
-        if (id !== undefined) this.pending.get(id)?.reject(err);
+        for (const [id, tw] of this.taskOf) if (tw === w) this.pending.get(id)?.reject(err);
       });
       this.workers.push(w);
-      this.idle.push(w);
+      this.load.set(w, 0);
     }
   }
 
@@ -76,12 +83,15 @@ export class WorkerPool {
   }
 
   private dispatch(): void {
-    while (this.idle.length && this.queue.length) {
-      const w = this.idle.pop()!;
+    while (this.queue.length) {
+      let w: Worker | null = null;
+      for (const c of this.workers) if (this.load.get(c)! < this.depth && (!w || this.load.get(c)! < this.load.get(w)!)) w = c;
+      if (!w) return;
       const t = this.queue.shift()!;
       const id = this.nextId++;
       this.pending.set(id, t);
-      this.busy.set(w, id);
+      this.taskOf.set(id, w);
+      this.load.set(w, this.load.get(w)! + 1);
       w.postMessage({ id, req: t.req }, t.transfer);
     }
   }

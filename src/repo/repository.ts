@@ -108,7 +108,7 @@ export class Repository {
   }
 
   get pool(): WorkerPool {
-    if (!this.poolInstance) this.poolInstance = new WorkerPool(this.workerCount, this.workerNice);
+    if (!this.poolInstance) this.poolInstance = new WorkerPool(this.workerCount, this.workerNice, this.workerDepth);
     return this.poolInstance;
   }
 
@@ -122,6 +122,9 @@ export class Repository {
 
   /** Niceness of this process's workers relative to it (set before first use of pool). */
   workerNice = 5;
+
+  /** Tasks each worker is handed at once (see WorkerPool; set before first use of pool). */
+  workerDepth = 2;
 
   async close(): Promise<void> {
     await this.poolInstance?.close();
