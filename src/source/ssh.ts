@@ -16,12 +16,19 @@ import fs from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
-import ssh2 from 'ssh2';
-import type { ClientChannel, ConnectConfig, AnyAuthMethod } from 'ssh2';
+import type ssh2 from 'ssh2';
+import type { Client as SshClient, ClientChannel, ConnectConfig, AnyAuthMethod } from 'ssh2';
 import { GenvaultError, UsageError } from '../util/errors.js';
 import type { Source } from './types.js';
 
-const { Client, utils } = ssh2;
+/**
+ * ssh2 is loaded on first use: importing it costs ~65 ms, which every local backup and
+ * restore paid before (their commands import this module for isSshSpec).
+ */
+let ssh2Module: typeof ssh2 | null = null;
+function loadSsh2(): typeof ssh2 {
+  return (ssh2Module ??= createRequire(import.meta.url)('ssh2') as typeof ssh2);
+}
 
 export interface SshSpec {
   user: string;
@@ -211,7 +218,7 @@ async function readIdentity(file: string, explicit: boolean): Promise<{ key: Buf
     const why = code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : (e as Error).message;
     throw new GenvaultError(`cannot read identity file ${file}: ${why}`, 'SSH_IDENTITY');
   }
-  const parsed = utils.parseKey(data);
+  const parsed = loadSsh2().utils.parseKey(data);
   if (parsed instanceof Error) {
     const enc = /encrypted|passphrase/i.test(parsed.message);
     const msg = enc
@@ -228,7 +235,7 @@ async function readIdentity(file: string, explicit: boolean): Promise<{ key: Buf
 
 export interface SshConnection {
   spec: SshSpec;
-  client: InstanceType<typeof Client>;
+  client: SshClient;
   /** Run a command; resolves with the channel once it is open. */
   exec(cmd: string): Promise<ClientChannel>;
   /** Run a command to completion: stdout, stderr, exit code (null when killed). */
@@ -319,7 +326,7 @@ export async function connectSsh(spec: SshSpec, opts: SshOptions = {}): Promise<
     return false;
   };
 
-  const client = new Client();
+  const client = new (loadSsh2().Client)();
   let lost: GenvaultError | null = null;
   const lostHandlers: Array<(e: GenvaultError) => void> = [];
   let ready = false;
