@@ -207,7 +207,7 @@ function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] 
       return { result: { out: result, table }, transfer };
     }
     case 'load': {
-      const r = req.direct ? loadRun([req], undefined, true)[0]! : loadChunk(req);
+      const r = loadRun([req], undefined, req.direct)[0]!; // one item, buffered: loadRun calls loadChunk
       return { result: r, transfer: r.data ? [r.data.buffer as ArrayBuffer] : [] };
     }
     case 'restoreMany': {
