@@ -150,8 +150,14 @@ describe('verify', () => {
     try {
       const rep = JSON.parse((await gv(repo, ['verify', '--json'])).stdout);
       expect(rep.ok).toBe(false);
-      expect(rep.damagedChunks).toHaveLength(1);
-      expect(rep.damagedChunks[0].problem).toMatch(/pack file too short/);
+      // The last record: one chunk, or the members of one group record (c's compressible
+      // tail is two chunks in one group), all in c's pack.
+      expect(rep.damagedChunks.length).toBeGreaterThanOrEqual(1);
+      expect(rep.damagedChunks.length).toBeLessThanOrEqual(2);
+      for (const dc of rep.damagedChunks) {
+        expect(dc.problem).toMatch(/pack file too short/);
+        expect(dc.pack).toBe(path.basename(packC, '.pack'));
+      }
       expect(rep.damagedPacks).toEqual([{ pack: path.basename(packC, '.pack'), problem: `pack file has ${st.size - 1} bytes, less than its committed size ${st.size}` }]);
       expect(rep.damagedGenerations.map(label)).toEqual([label(gens[3]!)]);
     } finally {

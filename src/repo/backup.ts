@@ -26,7 +26,7 @@ import { zeroSegment } from './chunker.js';
 import { workerCores } from './pool.js';
 import { Generation, GenerationStats } from './generation.js';
 import { ImageLock, WriterRegistration, cleanupDeadWriters, gcRunning } from './locks.js';
-import { ChunkLocation, PackWriter, RECORD_HEADER_SIZE, encodeLocation } from './pack.js';
+import { COMP_GROUP, ChunkLocation, PackWriter, RECORD_HEADER_SIZE, encodeLocation } from './pack.js';
 import { Repository } from './repository.js';
 import type { DirectRead, Source } from '../source/types.js';
 import { isChunkedSource, sameChunking } from '../source/chunked.js';
@@ -210,6 +210,8 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     // Format 2 keeps each chunk's BLAKE3 in the map, and a local source lets the workers
     // see the bytes: then unchanged chunks are recognised by BLAKE3 against the parent.
     const fastDetect = cfg.version >= 2 && !chunked;
+    // Group records (format 3): new chunks compressed together, up to this many raw bytes.
+    const group = cfg.version >= 3 ? (cfg.compression.group ?? 0) : 0;
     const windowParent = new ParentCursor(parentMap);
     // Digests the reader asked the far end for, whose segment the main loop has not reached.
     const requested = new Set<string>();
@@ -290,17 +292,20 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
         const base = await p.append(Buffer.from(res.out.buffer, res.out.byteOffset, res.out.byteLength)).catch((e) => {
           throw describeFsError(e, `writing ${p.file}`);
         });
+        // Per chunk: record offset, stored length, compression, offset in the group, group raw length.
+        const t = res.table;
         for (let i = 0; i < digests.length; i++) {
-          const stored = res.table[i * 3 + 1]!;
-          uncommitted.set(digests[i]!, {
-            packId: p.packId,
-            offset: base + res.table[i * 3]!,
-            storedLength: stored,
-            rawLength: rawLengths[i]!,
-            compression: res.table[i * 3 + 2]!,
-          });
+          const stored = t[i * 5 + 1]!;
+          const compression = t[i * 5 + 2]!;
+          const loc: ChunkLocation = { packId: p.packId, offset: base + t[i * 5]!, storedLength: stored, rawLength: rawLengths[i]!, compression };
+          if (compression === COMP_GROUP) {
+            loc.inner = t[i * 5 + 3]!;
+            loc.groupRaw = t[i * 5 + 4]!;
+          }
+          uncommitted.set(digests[i]!, loc);
           inflight.delete(digests[i]!);
-          stats.newStored += stored + RECORD_HEADER_SIZE;
+          // A group record counts once, with its first member.
+          if (compression !== COMP_GROUP || loc.inner === 0) stats.newStored += stored + RECORD_HEADER_SIZE;
         }
         if (uncommitted.size >= (opts.flushEntries ?? FLUSH_ENTRIES)) await flush();
       }).catch((e) => {
@@ -567,7 +572,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
         const out = await outBufs.acquire();
         compressTasks.push(
           pool
-            .run<CompressResult>({ op: 'compress', seg: buf, spans, digests: ds, level: cfg.compression.level, out })
+            .run<CompressResult>({ op: 'compress', seg: buf, spans, digests: ds, level: cfg.compression.level, group, out })
             .then((res) => {
               release(buf);
               appendRecords(res, names, rawLengths, () => outBufs.release(out));

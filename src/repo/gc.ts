@@ -46,13 +46,17 @@ import {
 } from './db.js';
 import { GcLock, WriterRegistration, cleanupDeadWriters, liveWriters, pinnedGenerations, trimPacks } from './locks.js';
 import {
+  COMP_GROUP,
   PACK_HEADER_SIZE,
   PackWriter,
   RECORD_HEADER_SIZE,
+  checkGroupMember,
   decodeLocation,
   decodeRecordHeader,
   encodeLocation,
+  isLocation,
   packPath,
+  recordShare,
 } from './pack.js';
 import { Repository } from './repository.js';
 
@@ -259,7 +263,7 @@ async function recoverLeftovers(repo: Repository, res: GcResult): Promise<void> 
     const cur = await repo.db.getMany(pending.map(([d]) => chunkKey(d)));
     const batch: Op[] = [];
     pending.forEach(([d, loc], i) => {
-      if (!cur[i] && loc.length === 33) {
+      if (!cur[i] && isLocation(loc)) {
         const l = decodeLocation(loc);
         const size = sizes.get(l.packId);
         if (size !== undefined && l.offset + RECORD_HEADER_SIZE + l.storedLength <= size) {
@@ -457,7 +461,7 @@ async function sweepChunks(repo: Repository, condemned: Map<string, Buffer>, res
       for (const p of gone) {
         swept.push(p.d);
         res.chunksRemoved++;
-        res.chunkBytesRemoved += RECORD_HEADER_SIZE + p.loc.readUInt32LE(24);
+        res.chunkBytesRemoved += recordShare(p.loc);
       }
     }
     // A different entry (a fresh copy some backup stored) or none: the chunk is not ours to remove.
@@ -557,16 +561,23 @@ async function planPacks(repo: Repository, self: string | null, threshold: numbe
   const live = new Map<string, number>();
   let deadBytes = 0;
   let deadChunks = 0;
+  // A group record stays whole while any member lives: it counts once, in full.
+  const liveGroups = new Set<string>();
   for await (const [k, v] of repo.db.iterator(prefixRange(K_CHUNK))) {
-    if (v.length !== 33) continue;
-    const rec = RECORD_HEADER_SIZE + v.readUInt32LE(24);
+    if (!isLocation(v)) continue;
     if (referenced && !referenced.has(bin(k.subarray(1)))) {
-      deadBytes += rec;
+      deadBytes += recordShare(v);
       deadChunks++;
       continue;
     }
     const id = v.toString('hex', 0, 16);
-    if (sizes.has(id)) live.set(id, (live.get(id) ?? 0) + rec);
+    if (!sizes.has(id)) continue;
+    if (v[32] === COMP_GROUP) {
+      const g = v.toString('latin1', 0, 24); // pack id and offset
+      if (liveGroups.has(g)) continue;
+      liveGroups.add(g);
+    }
+    live.set(id, (live.get(id) ?? 0) + RECORD_HEADER_SIZE + v.readUInt32LE(24));
   }
   const remove: string[] = [];
   const rewrite: string[] = [];
@@ -607,7 +618,7 @@ async function repack(repo: Repository, writer: WriterRegistration, threshold: n
   const wanted = new Set(plan.rewrite);
   const records = new Map<string, LiveRecord[]>();
   for await (const [k, v] of db.iterator(prefixRange(K_CHUNK))) {
-    if (v.length !== 33) continue;
+    if (!isLocation(v)) continue;
     const id = v.toString('hex', 0, 16);
     if (!wanted.has(id)) continue;
     const loc = Buffer.from(v);
@@ -685,6 +696,11 @@ async function copyRecords(file: string, recs: LiveRecord[], w: PackWriter, move
       let end = start + recs[i]!.length;
       while (j < recs.length) {
         const r = recs[j]!;
+        // The members of a group record share its offset: the record is copied once.
+        if (r.offset === recs[j - 1]!.offset) {
+          j++;
+          continue;
+        }
         if (r.offset < end || r.offset - end > MAX_GAP || r.offset + r.length - start > WINDOW) break;
         end = r.offset + r.length;
         j++;
@@ -705,8 +721,17 @@ async function copyRecords(file: string, recs: LiveRecord[], w: PackWriter, move
         if (at + r.length > got) return `the record of chunk ${r.d.toString('hex')} at offset ${r.offset} is cut off`;
         const h = decodeRecordHeader(buf, at);
         const l = decodeLocation(r.loc);
-        if (!h || !h.digest.equals(r.d) || h.storedLength !== l.storedLength || h.rawLength !== l.rawLength || h.compression !== l.compression) {
-          return `the record of chunk ${r.d.toString('hex')} at offset ${r.offset} is damaged`;
+        const damaged = `the record of chunk ${r.d.toString('hex')} at offset ${r.offset} is damaged`;
+        if (!h || h.storedLength !== l.storedLength || h.compression !== l.compression) return damaged;
+        if (l.compression === COMP_GROUP) {
+          const payload = buf.subarray(at + RECORD_HEADER_SIZE, at + r.length);
+          if (h.rawLength !== l.groupRaw || 'problem' in checkGroupMember(payload, h.rawLength, r.d, l.inner ?? 0, l.rawLength)) return damaged;
+        } else if (!h.digest.equals(r.d) || h.rawLength !== l.rawLength) {
+          return damaged;
+        }
+        if (k > i && r.offset === recs[k - 1]!.offset) {
+          pending.push({ r, at: pending[pending.length - 1]!.at }); // another member of the group just copied
+          continue;
         }
         parts.push(buf.subarray(at, at + r.length));
         pending.push({ r, at: pos });

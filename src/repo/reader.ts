@@ -7,7 +7,7 @@ import { DamageError, GenvaultError } from '../util/errors.js';
 import { ChunkMap, chunkIndexAt, Leaf } from './chunkmap.js';
 import { chunkKey, markDamaged } from './db.js';
 import { Generation } from './generation.js';
-import { ChunkLocation, decodeLocation, packPath } from './pack.js';
+import { COMP_GROUP, ChunkLocation, decodeLocation, packPath } from './pack.js';
 import { Lru, Repository } from './repository.js';
 import type { LoadResult } from './worker.js';
 
@@ -210,6 +210,8 @@ export class ChunkLoader {
       storedLength: loc.storedLength,
       rawLength: loc.rawLength,
       compression: loc.compression,
+      inner: loc.inner,
+      groupRaw: loc.groupRaw,
       // Copies with their own 32-byte buffers: posting a view would clone its whole backing store.
       digest: Uint8Array.from(digest),
       fast: fast ? Uint8Array.from(fast) : null,
@@ -289,9 +291,14 @@ export class ChunkLoader {
       if (this.inflight.has(key) || this.cache.get(key)) continue;
       const loc = this.locations.get(key);
       if (!loc) continue; // not warmed: load() will fetch it on demand
+      // A full batch goes out before the next chunk, unless that is another member of the
+      // same group record (a group split between two workers is decoded by both).
+      const last = batch[batch.length - 1]?.loc;
+      if (bytes >= batchBytes && !(last && last.compression === COMP_GROUP && loc.compression === COMP_GROUP && last.packId === loc.packId && last.offset === loc.offset)) {
+        flushBatch();
+      }
       batch.push({ digest: Buffer.from(digest), loc, key });
       bytes += loc.rawLength;
-      if (bytes >= batchBytes) flushBatch();
     }
     flushBatch();
   }

@@ -11,7 +11,7 @@ import type { Writable } from 'node:stream';
 import { DamageError, GenvaultError, describeFsError } from '../util/errors.js';
 import { walkChunks } from './chunkmap.js';
 import { markDamaged } from './db.js';
-import { packPath } from './pack.js';
+import { packPath, sameGroupRecord } from './pack.js';
 import { Generation } from './generation.js';
 import { ChunkLoader } from './reader.js';
 import type { RestoreItem } from './worker.js';
@@ -129,7 +129,9 @@ async function restoreToFd(
   let failure: unknown = null;
   let batch: RestoreItem[] = [];
   let batchBytes = 0;
+  let full = false;
   const submit = async () => {
+    full = false;
     if (!batch.length) return;
     const items = batch;
     const bytes = batchBytes;
@@ -167,21 +169,28 @@ async function restoreToFd(
   for await (const c of walkChunks(map, (leaf) => loader.warm(leaf))) {
     if (failure) break;
     if (c.zero) {
-      if (writeZeros) batch.push({ ...noLoc, rawLength: c.length, at: c.offset, zero: true });
-      else done += c.length;
+      if (writeZeros) {
+        if (full) await submit();
+        batch.push({ ...noLoc, rawLength: c.length, at: c.offset, zero: true });
+      } else done += c.length;
     } else {
       const digest = Buffer.from(c.digest);
       const loc = await loader.locationOf(digest);
       if (!loc) {
         damaged.push({ offset: c.offset, length: c.length });
         await markDamaged(repo.db, digest, 'restore');
+        if (full) await submit();
         if (writeZeros) batch.push({ ...noLoc, rawLength: c.length, at: c.offset, zero: true });
       } else {
-        batch.push({ ...loader.item(loc, digest), at: c.offset, zero: false });
+        const item = { ...loader.item(loc, digest), at: c.offset, zero: false };
+        // A full batch is sent before the next chunk, unless that is another member of the
+        // same group record: a group split between two workers is decoded by both.
+        if (full && !sameGroupRecord(batch[batch.length - 1], item)) await submit();
+        batch.push(item);
       }
     }
     batchBytes += c.length;
-    if (batchBytes >= 2 << 20 || batch.length >= 64) await submit();
+    full = batchBytes >= 2 << 20 || batch.length >= 64;
   }
   await submit();
   await Promise.all(running);

@@ -28,7 +28,18 @@ import { GenvaultError } from '../util/errors.js';
 import { decodeLeaf, decodeTop, LeafRef } from './chunkmap.js';
 import { K_GEN, chunkKey, getOrNull, leafKey, packKey, prefixEnd, markDamaged } from './db.js';
 import { Generation } from './generation.js';
-import { PACK_HEADER_SIZE, PACK_MAGIC, RECORD_HEADER_SIZE, decodeLocation, decodeRecordHeader, packPath } from './pack.js';
+import {
+  COMP_GROUP,
+  GROUP_TABLE_MAX,
+  PACK_HEADER_SIZE,
+  PACK_MAGIC,
+  RECORD_HEADER_SIZE,
+  checkGroupMember,
+  decodeLocation,
+  decodeRecordHeader,
+  isLocation,
+  packPath,
+} from './pack.js';
 import { Repository } from './repository.js';
 import type { LoadItem, LoadResult } from './worker.js';
 
@@ -183,6 +194,9 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
   const storedLen: number[] = [];
   const rawLen: number[] = [];
   const comps: number[] = [];
+  /** Group members (format 3): offset in the group's decoded bytes and the group's length; -1 otherwise. */
+  const inners: number[] = [];
+  const groupRaws: number[] = [];
   const damaged = new Map<number, string>(); // chunk index -> problem
   const packIds: string[] = [];
   const packIdx = new Map<string, number>();
@@ -198,12 +212,14 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
       chunkIdx.set(d, i);
       digests.push(d);
       const v = vals[j];
-      if (!v || v.length !== 33) {
+      if (!isLocation(v)) {
         packOf.push(-1);
         offsets.push(0);
         storedLen.push(0);
         rawLen.push(0);
         comps.push(0);
+        inners.push(-1);
+        groupRaws.push(0);
         damaged.set(i, v ? 'its chunk index entry is corrupt' : 'missing from the chunk index');
         return;
       }
@@ -219,6 +235,8 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
       storedLen.push(loc.storedLength);
       rawLen.push(loc.rawLength);
       comps.push(loc.compression);
+      inners.push(loc.inner ?? -1);
+      groupRaws.push(loc.groupRaw ?? 0);
     });
   };
   const queued = new Set<string>();
@@ -336,7 +354,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
       fullSet[order[k]!] = 1;
     }
   }
-  const byPackOffset = (a: number, b: number) => packOf[a]! - packOf[b]! || offsets[a]! - offsets[b]!;
+  const byPackOffset = (a: number, b: number) => packOf[a]! - packOf[b]! || offsets[a]! - offsets[b]! || inners[a]! - inners[b]!;
 
   // --- 4. Record headers of chunks that do not get the full read.
   const headerList: number[] = [];
@@ -361,13 +379,26 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
     try {
       let next = 0;
       const workerFn = async () => {
-        const buf = Buffer.alloc(RECORD_HEADER_SIZE);
+        const buf = Buffer.alloc(RECORD_HEADER_SIZE + GROUP_TABLE_MAX);
         while (next < group.length) {
           const i = group[next++]!;
-          const { bytesRead } = await fh.read(buf, 0, RECORD_HEADER_SIZE, offsets[i]!);
-          const h = bytesRead === RECORD_HEADER_SIZE ? decodeRecordHeader(buf, 0) : null;
+          // A group member's record: the header and its member table.
+          const want = comps[i] === COMP_GROUP ? RECORD_HEADER_SIZE + Math.min(storedLen[i]!, GROUP_TABLE_MAX) : RECORD_HEADER_SIZE;
+          const { bytesRead } = await fh.read(buf, 0, want, offsets[i]!);
+          const h = bytesRead === want ? decodeRecordHeader(buf, 0) : null;
           if (!h) damaged.set(i, 'record header checksum mismatch');
-          else if (h.storedLength !== storedLen[i] || h.rawLength !== rawLen[i] || h.compression !== comps[i] || h.digest.toString('binary') !== digests[i]) {
+          else if (comps[i] === COMP_GROUP) {
+            if (h.compression !== COMP_GROUP || h.storedLength !== storedLen[i] || h.rawLength !== groupRaws[i]) {
+              damaged.set(i, 'record header does not match the index');
+            } else {
+              const table = buf.subarray(RECORD_HEADER_SIZE, want);
+              const m = checkGroupMember(table, groupRaws[i]!, Buffer.from(digests[i]!, 'binary'), inners[i]!, rawLen[i]!);
+              if ('problem' in m) damaged.set(i, m.problem);
+              else if (!createHash('sha256').update(table.subarray(0, m.frameAt)).digest().equals(h.digest)) {
+                damaged.set(i, 'group member table does not match its digest');
+              }
+            }
+          } else if (h.storedLength !== storedLen[i] || h.rawLength !== rawLen[i] || h.compression !== comps[i] || h.digest.toString('binary') !== digests[i]) {
             damaged.set(i, 'record header does not match the index');
           }
           headersChecked++;
@@ -403,6 +434,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
           storedLength: storedLen[i]!,
           rawLength: rawLen[i]!,
           compression: comps[i]!,
+          ...(comps[i] === COMP_GROUP ? { inner: inners[i]!, groupRaw: groupRaws[i]! } : {}),
           digest: Uint8Array.from(Buffer.from(digests[i]!, 'binary')),
           fast: fast === undefined ? null : Uint8Array.from(Buffer.from(fast, 'binary')),
           alsoSha: true,
@@ -431,15 +463,19 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
     let batch: number[] = [];
     let bytes = 0;
     for (const i of list) {
-      batch.push(i);
-      bytes += rawLen[i]!;
-      if (bytes >= 1 << 20) {
+      // A full batch goes out before the next chunk, unless that is another member of the
+      // same group record (a group split between two workers is decoded by both).
+      const last = batch[batch.length - 1];
+      const sameGroup = last !== undefined && comps[i] === COMP_GROUP && comps[last] === COMP_GROUP && packOf[i] === packOf[last] && offsets[i] === offsets[last];
+      if (bytes >= 1 << 20 && !sameGroup) {
         send(batch);
         batch = [];
         bytes = 0;
         while (running.size >= pool.size * 2) await Promise.race(running);
         if (failure) break;
       }
+      batch.push(i);
+      bytes += rawLen[i]!;
     }
     if (batch.length && !failure) send(batch);
     await Promise.all(running);
@@ -459,7 +495,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
       const vals = await repo.db.getMany(part.map((i) => chunkKey(Buffer.from(digests[i]!, 'binary'))));
       part.forEach((i, k) => {
         const v = vals[k];
-        if (!v || v.length !== 33) return;
+        if (!isLocation(v)) return;
         const loc = decodeLocation(v);
         if (loc.packId === packIds[packOf[i]!] && loc.offset === offsets[i]) return;
         let p = packIdx.get(loc.packId);
@@ -473,6 +509,8 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
         storedLen[i] = loc.storedLength;
         rawLen[i] = loc.rawLength;
         comps[i] = loc.compression;
+        inners[i] = loc.inner ?? -1;
+        groupRaws[i] = loc.groupRaw ?? 0;
         moved.push(i);
       });
     }

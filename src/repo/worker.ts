@@ -14,11 +14,21 @@ import { createRequire } from 'node:module';
 import { SegmentChunker, type ChunkSpan } from './chunker.js';
 import type { ChunkingParams } from './format.js';
 import { alignSkipper } from '../util/holes.js';
-import { COMP_RAW, COMP_ZSTD, RECORD_HEADER_SIZE, decodeRecordHeader, encodeRecordHeader } from './pack.js';
+import {
+  COMP_GROUP,
+  COMP_RAW,
+  COMP_ZSTD,
+  GROUP_MAX_MEMBERS,
+  GROUP_MEMBER_SIZE,
+  RECORD_HEADER_SIZE,
+  checkGroupMember,
+  decodeRecordHeader,
+  encodeRecordHeader,
+} from './pack.js';
 
 export type WorkerRequest =
   | { op: 'chunk'; seg: SharedArrayBuffer; len: number; params: ChunkingParams; fast?: boolean; parent?: ParentWindow; read?: SegmentRead }
-  | { op: 'compress'; seg: SharedArrayBuffer; spans: Int32Array; digests: Uint8Array; level: number; out?: SharedArrayBuffer }
+  | { op: 'compress'; seg: SharedArrayBuffer; spans: Int32Array; digests: Uint8Array; level: number; group?: number; out?: SharedArrayBuffer }
   | ({ op: 'load'; direct?: boolean } & LoadItem)
   | { op: 'loadMany'; items: LoadItem[]; into?: SharedArrayBuffer; direct?: boolean }
   | { op: 'restoreMany'; fd: number; items: RestoreItem[]; direct?: boolean };
@@ -63,6 +73,9 @@ export interface LoadItem {
   storedLength: number;
   rawLength: number;
   compression: number;
+  /** Group members: where the chunk starts in the group's decoded bytes, and their total. */
+  inner?: number;
+  groupRaw?: number;
   digest: Uint8Array;
   /**
    * The chunk's BLAKE3 from the generation's map, when it has one: reads check that
@@ -96,6 +109,17 @@ interface ZstdBinding {
 const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as ZstdBinding;
 const cctx = new zstd.CCtx();
 const dctx = new zstd.DCtx();
+/** A group's members gathered for compression. */
+let groupBuf = Buffer.allocUnsafe(0);
+/**
+ * The last group records this worker decoded, most recent first: a restore or read-ahead
+ * asks for a group's members one after the other, and each is cut from one decoded copy.
+ * More than one: a later generation's restore meets an old group's members with its own
+ * new chunks (in their own groups) between them. Keyed by pack file and offset; each
+ * member is hashed when it is taken.
+ */
+const GROUP_CACHE = 4;
+const decodedGroups: Array<{ file: string; offset: number; data: Uint8Array }> = [];
 /** Open pack descriptors, buffered and O_DIRECT ones apart; all dropped past 64 of a kind. */
 const fds = { buffered: new Map<string, number>(), direct: new Map<string, number>() };
 
@@ -178,28 +202,81 @@ function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] 
     case 'compress': {
       const seg = Buffer.from(req.seg);
       const n = req.spans.length / 2;
+      const group = req.group ?? 0;
+      const lenOf = (i: number) => req.spans[i * 2 + 1]!;
+      const rawOf = (i: number) => seg.subarray(req.spans[i * 2]!, req.spans[i * 2]! + lenOf(i));
+      const digestOf = (i: number) => req.digests.subarray(i * 32, i * 32 + 32);
+      // Groups: runs of consecutive new chunks up to `group` raw bytes (at least two chunks).
+      const groups: Array<[number, number]> = []; // [first, end) chunk indexes
+      for (let i = 0; i < n; ) {
+        let j = i + 1;
+        let bytes = lenOf(i);
+        while (group > 0 && j < n && j - i < GROUP_MAX_MEMBERS && bytes + lenOf(j) <= group) bytes += lenOf(j++);
+        groups.push([i, j]);
+        i = j;
+      }
       let bound = 0;
-      for (let i = 0; i < n; i++) bound += RECORD_HEADER_SIZE + zstd.compressBound(req.spans[i * 2 + 1]!);
+      for (const [i, j] of groups) {
+        let raw = 0;
+        for (let k = i; k < j; k++) raw += lenOf(k);
+        // Enough for the group record, or for each member as a record of its own.
+        bound += (j - i) * RECORD_HEADER_SIZE + 4 + (j - i) * GROUP_MEMBER_SIZE + zstd.compressBound(raw) + (j - i) * 64;
+      }
       // One output buffer for the whole request (the caller's shared one when it is big
       // enough), records written straight into it.
       const shared = req.out !== undefined && req.out.byteLength >= bound;
       const out = shared ? Buffer.from(req.out!) : Buffer.from(new ArrayBuffer(bound));
-      const table = new Int32Array(n * 3); // record offset in out, stored length, compression
+      // Per chunk: record offset in out, stored length, compression, offset in the group, group raw length.
+      const table = new Int32Array(n * 5);
       let at = 0;
-      for (let i = 0; i < n; i++) {
-        const raw = seg.subarray(req.spans[i * 2]!, req.spans[i * 2]! + req.spans[i * 2 + 1]!);
+      // One record per chunk, zstd where it saves at least 1/128 (0.8%), raw otherwise:
+      // decoding raw chunks is free, and on the bench disk no chunk saves less than that but
+      // more than nothing. A 3% cut stored 2.1 MiB more of a 4 GiB disk.
+      const single = (i: number, tryZstd: boolean) => {
+        const raw = rawOf(i);
         const payloadAt = at + RECORD_HEADER_SIZE;
-        const zlen = cctx.compress(out.subarray(payloadAt), raw, req.level);
-        // Keep raw when zstd saves under 1/128 (0.8%): decoding raw chunks is free, and
-        // on the bench disk no chunk saves less than that but more than nothing. A 3% cut
-        // stored 2.1 MiB more of a 4 GiB disk (chunks that zstd shrinks by 1-3%).
-        const useZ = zlen < raw.length - (raw.length >>> 7);
+        const zlen = tryZstd ? cctx.compress(out.subarray(payloadAt), raw, req.level) : raw.length;
+        const useZ = tryZstd && zlen < raw.length - (raw.length >>> 7);
         if (!useZ) raw.copy(out, payloadAt);
         const stored = useZ ? zlen : raw.length;
-        encodeRecordHeader(out, at, useZ ? COMP_ZSTD : COMP_RAW, raw.length, stored, req.digests.subarray(i * 32, i * 32 + 32));
-        table[i * 3] = at;
-        table[i * 3 + 1] = stored;
-        table[i * 3 + 2] = useZ ? COMP_ZSTD : COMP_RAW;
+        encodeRecordHeader(out, at, useZ ? COMP_ZSTD : COMP_RAW, raw.length, stored, digestOf(i));
+        table.set([at, stored, useZ ? COMP_ZSTD : COMP_RAW, 0, 0], i * 5);
+        at += RECORD_HEADER_SIZE + stored;
+      };
+      for (const [i, j] of groups) {
+        if (j - i === 1) {
+          single(i, true);
+          continue;
+        }
+        // The members, one after the other, compressed as one frame after the member table.
+        let raw = 0;
+        for (let k = i; k < j; k++) raw += lenOf(k);
+        if (groupBuf.length < raw) groupBuf = Buffer.allocUnsafe(Math.max(raw, group));
+        const payloadAt = at + RECORD_HEADER_SIZE;
+        const tableLen = 4 + (j - i) * GROUP_MEMBER_SIZE;
+        out.writeUInt32LE(j - i, payloadAt);
+        let inner = 0;
+        for (let k = i; k < j; k++) {
+          const e = payloadAt + 4 + (k - i) * GROUP_MEMBER_SIZE;
+          out.set(digestOf(k), e);
+          out.writeUInt32LE(lenOf(k), e + 32);
+          rawOf(k).copy(groupBuf, inner);
+          inner += lenOf(k);
+        }
+        const zlen = cctx.compress(out.subarray(payloadAt + tableLen), groupBuf.subarray(0, raw), req.level);
+        if (zlen >= raw - (raw >>> 7)) {
+          // The group does not compress: its members will not either; store them raw.
+          for (let k = i; k < j; k++) single(k, false);
+          continue;
+        }
+        const stored = tableLen + zlen;
+        const tableDigest = createHash('sha256').update(out.subarray(payloadAt, payloadAt + tableLen)).digest();
+        encodeRecordHeader(out, at, COMP_GROUP, raw, stored, tableDigest);
+        inner = 0;
+        for (let k = i; k < j; k++) {
+          table.set([at, stored, COMP_GROUP, inner, raw], k * 5);
+          inner += lenOf(k);
+        }
         at += RECORD_HEADER_SIZE + stored;
       }
       const result = new Uint8Array(out.buffer, 0, at);
@@ -403,11 +480,12 @@ function loadRun(items: LoadItem[], dest?: (i: number) => Uint8Array, direct = f
     while (
       j < items.length &&
       items[j]!.file === items[i]!.file &&
-      items[j]!.offset >= end &&
+      // the next record, or the same group record again (another member of it)
+      (items[j]!.offset >= end || items[j]!.offset === items[j - 1]!.offset) &&
       items[j]!.offset - end <= 65536 &&
       items[j]!.offset + RECORD_HEADER_SIZE + items[j]!.storedLength - items[i]!.offset <= 8 << 20
     ) {
-      end = items[j]!.offset + RECORD_HEADER_SIZE + items[j]!.storedLength;
+      end = Math.max(end, items[j]!.offset + RECORD_HEADER_SIZE + items[j]!.storedLength);
       j++;
     }
     const start = items[i]!.offset;
@@ -431,6 +509,14 @@ function loadRun(items: LoadItem[], dest?: (i: number) => Uint8Array, direct = f
         const it = items[k]!;
         const from = it.offset - start;
         const to = from + RECORD_HEADER_SIZE + it.storedLength;
+        if (got >= to && dest && it.compression === COMP_GROUP) {
+          const m = wholeGroupInPlace(items, k, j, dest);
+          if (m > 0) {
+            decodeGroupInPlace(items, k, m, span.subarray(from, to), dest, results);
+            k += m - 1;
+            continue;
+          }
+        }
         results[k] = got >= to ? decodeRecord(it, span.subarray(from, to), dest?.(k)) : loadChunk(it, dest?.(k));
       }
     }
@@ -462,6 +548,7 @@ function loadChunk(req: LoadItem, into?: Uint8Array): LoadResult {
 function decodeRecord(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadResult {
   const h = decodeRecordHeader(buf, 0);
   if (!h) return { damaged: 'record header checksum mismatch' };
+  if (req.compression === COMP_GROUP) return decodeGroupMember(req, h.compression, h.rawLength, h.storedLength, buf, into);
   if (h.storedLength !== req.storedLength || h.rawLength !== req.rawLength || !h.digest.equals(req.digest)) {
     return { damaged: 'record header does not match the index' };
   }
@@ -479,11 +566,111 @@ function decodeRecord(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadResult
     if (n === raw.length) raw.set(payload);
   }
   if (n !== req.rawLength) return { damaged: `decoded ${n} bytes, expected ${req.rawLength}` };
+  return checkContent(req, raw);
+}
+
+/** Hash a decoded chunk: BLAKE3 when the map gave one, else (or also, for verify) SHA-256. */
+function checkContent(req: LoadItem, raw: Uint8Array): LoadResult {
   if ((!req.fast || req.alsoSha) && !createHash('sha256').update(raw).digest().equals(req.digest)) {
     return { damaged: 'content does not match its SHA-256 digest' };
   }
   if (req.fast && !blake3(raw).equals(req.fast)) return { damaged: 'content does not match its BLAKE3 digest' };
   return { data: raw };
+}
+
+/**
+ * How many items from k on are all the members of one group record, in order, with
+ * destinations that lie one after the other in one buffer (a restore or read-ahead of a
+ * stretch the group was written from); 0 if they are not. The group can then be decoded
+ * straight into place, without the copy out of decodedGroups.
+ */
+function wholeGroupInPlace(items: LoadItem[], k: number, end: number, dest: (i: number) => Uint8Array): number {
+  const first = items[k]!;
+  const groupRaw = first.groupRaw;
+  if (groupRaw === undefined || first.inner !== 0) return 0;
+  const d0 = dest(k);
+  let at = 0;
+  let x = k;
+  while (x < end && at < groupRaw) {
+    const it = items[x]!;
+    if (it.offset !== first.offset || it.file !== first.file || it.inner !== at) return 0;
+    const d = dest(x);
+    if (d.buffer !== d0.buffer || d.byteOffset !== d0.byteOffset + at || d.length < it.rawLength) return 0;
+    at += it.rawLength;
+    x++;
+  }
+  return at === groupRaw && d0.byteOffset + groupRaw <= d0.buffer.byteLength ? x - k : 0;
+}
+
+/** Decode a group record straight into its members' destinations (see wholeGroupInPlace). */
+function decodeGroupInPlace(items: LoadItem[], k: number, m: number, rec: Buffer, dest: (i: number) => Uint8Array, results: LoadResult[]): void {
+  const first = items[k]!;
+  const h = decodeRecordHeader(rec, 0);
+  const fail = (why: string) => {
+    for (let x = k; x < k + m; x++) results[x] = { damaged: why };
+  };
+  if (!h) return fail('record header checksum mismatch');
+  if (h.compression !== COMP_GROUP || h.storedLength !== first.storedLength || h.rawLength !== first.groupRaw) {
+    return fail('record header does not match the index');
+  }
+  const payload = rec.subarray(RECORD_HEADER_SIZE);
+  const d0 = dest(k);
+  const whole = new Uint8Array(d0.buffer, d0.byteOffset, h.rawLength);
+  let frameAt = -1;
+  for (let x = k; x < k + m; x++) {
+    const it = items[x]!;
+    const member = checkGroupMember(payload, h.rawLength, it.digest, it.inner!, it.rawLength);
+    if ('problem' in member) return fail(member.problem);
+    frameAt = member.frameAt;
+  }
+  let n: number;
+  try {
+    n = dctx.decompress(whole, payload.subarray(frameAt));
+  } catch (e) {
+    return fail(`zstd: ${(e as Error).message}`);
+  }
+  if (n !== h.rawLength) return fail(`decoded ${n} bytes, expected ${h.rawLength}`);
+  for (let x = k; x < k + m; x++) results[x] = checkContent(items[x]!, dest(x).subarray(0, items[x]!.rawLength));
+}
+
+/**
+ * One member of a group record: the member table must name it at its place, the group is
+ * decoded once (kept in decodedGroups for the members that follow) and the member's bytes are
+ * hashed like any chunk's.
+ */
+function decodeGroupMember(req: LoadItem, compression: number, groupRaw: number, stored: number, buf: Buffer, into?: Uint8Array): LoadResult {
+  const inner = req.inner ?? 0;
+  if (compression !== COMP_GROUP || stored !== req.storedLength || (req.groupRaw !== undefined && req.groupRaw !== groupRaw)) {
+    return { damaged: 'record header does not match the index' };
+  }
+  if (inner + req.rawLength > groupRaw) return { damaged: 'record header does not match the index' };
+  const payload = buf.subarray(RECORD_HEADER_SIZE);
+  const member = checkGroupMember(payload, groupRaw, req.digest, inner, req.rawLength);
+  if ('problem' in member) return { damaged: member.problem };
+  let hit = decodedGroups.findIndex((g) => g.offset === req.offset && g.file === req.file);
+  if (hit < 0) {
+    // Decode into the least recently used slot (a new one until there are GROUP_CACHE).
+    const slot = decodedGroups.length < GROUP_CACHE ? { file: '', offset: -1, data: new Uint8Array(0) } : decodedGroups.pop()!;
+    slot.offset = -1;
+    if (slot.data.length < groupRaw) slot.data = new Uint8Array(Math.max(groupRaw, 1 << 20));
+    decodedGroups.push(slot);
+    hit = decodedGroups.length - 1;
+    let n: number;
+    try {
+      n = dctx.decompress(slot.data.subarray(0, groupRaw), payload.subarray(member.frameAt));
+    } catch (e) {
+      return { damaged: `zstd: ${(e as Error).message}` };
+    }
+    if (n !== groupRaw) return { damaged: `decoded ${n} bytes, expected ${groupRaw}` };
+    slot.file = req.file;
+    slot.offset = req.offset;
+  }
+  const g = decodedGroups[hit]!;
+  if (hit > 0) decodedGroups.unshift(...decodedGroups.splice(hit, 1));
+  const part = g.data.subarray(inner, inner + req.rawLength);
+  const raw = into ? into.subarray(0, req.rawLength) : new Uint8Array(req.rawLength);
+  raw.set(part);
+  return checkContent(req, raw);
 }
 
 parentPort!.on('message', (msg: { id: number; req: WorkerRequest }) => {
