@@ -620,7 +620,11 @@ function decodeGroupInPlace(items: LoadItem[], k: number, m: number, rec: Buffer
   for (let x = k; x < k + m; x++) {
     const it = items[x]!;
     const member = checkGroupMember(payload, h.rawLength, it.digest, it.inner!, it.rawLength);
-    if ('problem' in member) return fail(member.problem);
+    if ('problem' in member) {
+      // Name exactly the members the table gets wrong: take them one by one.
+      for (let y = k; y < k + m; y++) results[y] = decodeRecord(items[y]!, rec, dest(y));
+      return;
+    }
     frameAt = member.frameAt;
   }
   let n: number;
