@@ -30,7 +30,7 @@ export type WorkerRequest =
   | { op: 'chunk'; seg: SharedArrayBuffer; len: number; params: ChunkingParams; fast?: boolean; parent?: ParentWindow; read?: SegmentRead }
   | { op: 'compress'; seg: SharedArrayBuffer; spans: Int32Array; digests: Uint8Array; level: number; group?: number; out?: SharedArrayBuffer }
   | ({ op: 'load'; direct?: boolean } & LoadItem)
-  | { op: 'loadMany'; items: LoadItem[]; into?: SharedArrayBuffer; direct?: boolean }
+  | { op: 'loadMany'; items: LoadItem[]; into?: SharedArrayBuffer; intoAt?: number; direct?: boolean }
   | { op: 'restoreMany'; fd: number; items: RestoreItem[]; direct?: boolean };
 
 /**
@@ -346,8 +346,9 @@ function handle(req: WorkerRequest): { result: unknown; transfer: ArrayBuffer[] 
         total += it.rawLength;
       }
       // Into the caller's shared slab when it gave one (nothing to send back but offsets).
-      const shared = req.into !== undefined && req.into.byteLength >= total;
-      const all = shared ? new Uint8Array(req.into!, 0, total) : new Uint8Array(total);
+      const at = req.intoAt ?? 0;
+      const shared = req.into !== undefined && req.into.byteLength - at >= total;
+      const all = shared ? new Uint8Array(req.into!, at, total) : new Uint8Array(total);
       const results = loadRun(req.items, (i) => all.subarray(offsets[i]!, offsets[i]! + req.items[i]!.rawLength), req.direct);
       const out: LoadResult[] = results.map((r, i) =>
         r.data ? { offset: offsets[i]!, length: r.data.length } : { damaged: r.damaged },
