@@ -69,7 +69,7 @@ export function register(program: Command): void {
     .argument('<mountpoint>', 'empty directory to mount on')
     .option('--foreground', 'stay attached and serve until unmounted or signalled (for systemd)')
     .option('--allow-other', 'let users other than the one mounting read the files (needs user_allow_other in /etc/fuse.conf for non-root)')
-    .option('--cache-size <size>', 'memory for decoded chunks shared by all open files', '128M')
+    .option('--cache-size <size>', 'memory for decoded chunks shared by all open files (the server needs ~250 MiB more; see native-notes/fuse.md)', '128M')
     .option('--log <file>', 'where the background server logs read errors (default: a file in the temp dir)')
     .addHelpText(
       'after',
