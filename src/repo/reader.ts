@@ -107,6 +107,10 @@ interface SlabUse {
 export class ChunkLoader {
   private slabs: SlabPool | null = null;
   private slabOf = new WeakMap<Buffer, SlabUse>();
+  /** The slab read-ahead batches are being given pieces of. */
+  private filling: SlabUse | null = null;
+  /** Read-ahead batches decoded into slabs, and into fresh buffers (no slab to spare). */
+  readonly batches = { slab: 0, fresh: 0 };
   private inflight = new Map<string, Promise<Buffer>>();
   readonly cache: ChunkCache;
   /** Chunk locations, fetched a whole leaf at a time (one index round trip per ~256 chunks). */
@@ -137,10 +141,6 @@ export class ChunkLoader {
       };
     }
   }
-
-  private filling: SlabUse | null = null;
-  /** Read-ahead batches decoded into slabs, and into fresh buffers (no slab to spare). */
-  readonly batches = { slab: 0, fresh: 0 };
 
   /** A piece of shared memory for a batch of `bytes`, or null (no slabs, or all in use). */
   private slabPiece(bytes: number): { use: SlabUse; at: number } | null {
