@@ -166,3 +166,15 @@ describe('disk full during backup', () => {
     await sh('umount', [mnt]);
   });
 });
+
+describe('describeFsError', () => {
+  it('names the file for errno errors and keeps an inner layer\'s message', async () => {
+    const { GenvaultError, describeFsError } = await import('../src/util/errors.js');
+    const raw = Object.assign(new Error('EIO: i/o error, read'), { code: 'EIO' });
+    const inner = describeFsError(raw, 'reading /srv/vm1.img at offset 4096');
+    expect(inner).toBeInstanceOf(GenvaultError);
+    expect(inner.message).toBe('reading /srv/vm1.img at offset 4096: input/output error');
+    // An outer caller that only knows the source's description must not replace it.
+    expect(describeFsError(inner, 'reading file:/srv/vm1.img at offset 0')).toBe(inner);
+  });
+});

@@ -55,6 +55,14 @@ class FileSource implements Source {
    * hole shortly before the backup reaches it is read.
    */
   async directRead(position: number, length: number): Promise<DirectRead> {
+    try {
+      return await this.planRead(position, length);
+    } catch (e) {
+      throw describeFsError(e, `reading ${this.what} at offset ${position}`);
+    }
+  }
+
+  private async planRead(position: number, length: number): Promise<DirectRead> {
     if (this.size === null) throw new Error('directRead on a stream');
     const len = Math.max(0, Math.min(length, this.size - position));
     const plan: DirectRead = { fd: this.fh.fd, length: len, extents: null, what: this.what };

@@ -31,8 +31,13 @@ export class DamageError extends GenvaultError {
   }
 }
 
-/** Turn low-level errno errors into one clear line about `what`. */
+/**
+ * Turn low-level errno errors into one clear line about `what`. An error that already is
+ * one (a GenvaultError, which may carry an errno code) passes through unchanged: the inner
+ * layer named the file more precisely than the caller can.
+ */
 export function describeFsError(err: unknown, what: string): GenvaultError {
+  if (err instanceof GenvaultError) return err;
   const e = err as NodeJS.ErrnoException;
   switch (e?.code) {
     case 'ENOENT':
@@ -51,7 +56,6 @@ export function describeFsError(err: unknown, what: string): GenvaultError {
     case 'EROFS':
       return new GenvaultError(`${what}: read-only file system`, 'EROFS');
     default:
-      if (err instanceof GenvaultError) return err;
       return new GenvaultError(`${what}: ${e?.message ?? String(err)}`, e?.code ?? 'ERROR');
   }
 }
