@@ -103,12 +103,20 @@ try {
 // provide: no intermediate Buffer per chunk, so workers make little garbage.
 interface ZstdBinding {
   CCtx: new () => { compress(dst: Uint8Array, src: Uint8Array, level: number): number };
-  DCtx: new () => { decompress(dst: Uint8Array, src: Uint8Array): number };
+  DCtx: new () => {
+    decompress(dst: Uint8Array, src: Uint8Array): number;
+    /** [bytes left to flush (0: frame done), bytes written, bytes consumed] */
+    decompressStream(dst: Uint8Array, src: Uint8Array): [number, number, number];
+    reset(directive: number): void;
+  };
+  ResetDirective: { sessionOnly: number };
   compressBound(n: number): number;
 }
 const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as ZstdBinding;
 const cctx = new zstd.CCtx();
 const dctx = new zstd.DCtx();
+/** For decoding a group frame only as far as one member (it keeps a frame's state between calls). */
+const prefixDctx = new zstd.DCtx();
 /** A group's members gathered for compression. */
 let groupBuf = Buffer.allocUnsafe(0);
 /**
@@ -119,7 +127,8 @@ let groupBuf = Buffer.allocUnsafe(0);
  * member is hashed when it is taken.
  */
 const GROUP_CACHE = 4;
-const decodedGroups: Array<{ file: string; offset: number; data: Uint8Array }> = [];
+/** `valid`: how many bytes from the group's start are decoded (see decodeGroupMember). */
+const decodedGroups: Array<{ file: string; offset: number; data: Uint8Array; valid: number }> = [];
 /** Open pack descriptors, buffered and O_DIRECT ones apart; all dropped past 64 of a kind. */
 const fds = { buffered: new Map<string, number>(), direct: new Map<string, number>() };
 
@@ -667,23 +676,36 @@ function decodeGroupMember(req: LoadItem, compression: number, groupRaw: number,
   const payload = buf.subarray(RECORD_HEADER_SIZE);
   const member = checkGroupMember(payload, groupRaw, req.digest, inner, req.rawLength);
   if ('problem' in member) return { damaged: member.problem };
+  const need = inner + req.rawLength;
   let hit = decodedGroups.findIndex((g) => g.offset === req.offset && g.file === req.file);
-  if (hit < 0) {
-    // Decode into the least recently used slot (a new one until there are GROUP_CACHE).
-    const slot = decodedGroups.length < GROUP_CACHE ? { file: '', offset: -1, data: new Uint8Array(0) } : decodedGroups.pop()!;
+  if (hit < 0 || decodedGroups[hit]!.valid < need) {
+    // Decode into the least recently used slot (a new one until there are GROUP_CACHE), or
+    // again into this group's slot when it holds only a part before this member.
+    const again = hit >= 0;
+    if (!again) {
+      const slot = decodedGroups.length < GROUP_CACHE ? { file: '', offset: -1, data: new Uint8Array(0), valid: 0 } : decodedGroups.pop()!;
+      if (slot.data.length < groupRaw) slot.data = new Uint8Array(Math.max(groupRaw, 1 << 20));
+      decodedGroups.push(slot);
+      hit = decodedGroups.length - 1;
+    }
+    const slot = decodedGroups[hit]!;
     slot.offset = -1;
-    if (slot.data.length < groupRaw) slot.data = new Uint8Array(Math.max(groupRaw, 1 << 20));
-    decodedGroups.push(slot);
-    hit = decodedGroups.length - 1;
+    slot.valid = 0;
+    const frame = payload.subarray(member.frameAt);
+    // A member in the first three quarters of a group is decoded only up to its end: a
+    // random read through the mount costs about half a group's decoding instead of all of
+    // it. A second member past that part (reads going forward) decodes the whole group.
+    const partial = !again && need <= groupRaw - (groupRaw >>> 2);
     let n: number;
     try {
-      n = dctx.decompress(slot.data.subarray(0, groupRaw), payload.subarray(member.frameAt));
+      n = partial ? decodePrefix(slot.data.subarray(0, groupRaw), frame, need) : dctx.decompress(slot.data.subarray(0, groupRaw), frame);
     } catch (e) {
       return { damaged: `zstd: ${(e as Error).message}` };
     }
-    if (n !== groupRaw) return { damaged: `decoded ${n} bytes, expected ${groupRaw}` };
+    if (partial ? n < need : n !== groupRaw) return { damaged: `decoded ${n} bytes, expected ${partial ? `at least ${need}` : groupRaw}` };
     slot.file = req.file;
     slot.offset = req.offset;
+    slot.valid = n;
   }
   const g = decodedGroups[hit]!;
   if (hit > 0) decodedGroups.unshift(...decodedGroups.splice(hit, 1));
@@ -691,6 +713,24 @@ function decodeGroupMember(req: LoadItem, compression: number, groupRaw: number,
   const raw = into ? into.subarray(0, req.rawLength) : new Uint8Array(req.rawLength);
   raw.set(part);
   return checkContent(req, raw);
+}
+
+/**
+ * Decode a zstd frame into dst until `until` bytes are out (or the frame ends); returns how
+ * many bytes are.
+ */
+function decodePrefix(dst: Uint8Array, frame: Uint8Array, until: number): number {
+  prefixDctx.reset(zstd.ResetDirective.sessionOnly);
+  let out = 0;
+  let used = 0;
+  while (out < until) {
+    // Room for only what is asked: given room for the whole frame, zstd decodes all of it in one pass.
+    const [left, wrote, read] = prefixDctx.decompressStream(dst.subarray(out, until), frame.subarray(used));
+    out += wrote;
+    used += read;
+    if (left === 0 || (wrote === 0 && read === 0)) break; // frame done, or stuck (truncated input)
+  }
+  return out;
 }
 
 parentPort!.on('message', (msg: { id: number; req: WorkerRequest }) => {
