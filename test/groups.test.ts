@@ -241,26 +241,50 @@ describe('gc and group records', () => {
   });
 });
 
+/** `data` as an image file, backed up as `name` into a new repository; returns the repository. */
+async function backedUp(name: string, data: Buffer): Promise<string> {
+  const repo = s.path(`repo-${name}`);
+  const img = s.path(`${name}.img`);
+  await fs.writeFile(img, data);
+  await gvOk(repo, ['init']);
+  await gvOk(repo, ['backup', img, '--name', name]);
+  return repo;
+}
+
+/** Read the newest generation of `name` in this process, as the mount does. */
+async function withReader(
+  repo: string,
+  name: string,
+  cacheBytes: number,
+  readAhead: boolean,
+  fn: (
+    reader: { read(out: Buffer, at: number, length: number): Promise<number> },
+    loader: { batches: { slab: number; fresh: number } },
+  ) => Promise<void>,
+): Promise<void> {
+  const { Repository } = await import('../dist/repo/repository.js');
+  const { ChunkLoader, ImageReader } = await import('../dist/repo/reader.js');
+  const r = await Repository.open(repo);
+  try {
+    const [gen] = await r.generations(name);
+    const loader = new ChunkLoader(r, cacheBytes, readAhead);
+    await fn(await ImageReader.open(r, gen!, loader, readAhead ? undefined : 0), loader);
+  } finally {
+    await r.close();
+  }
+}
+
+const MiB = 1 << 20;
+
 describe('read-ahead into shared slabs (the mount)', () => {
   it('decodes nearly every batch into recycled slabs, and the bytes stay right', async () => {
     // Before batches shared slabs, each 1 MiB batch held a 2 MiB slab until its last chunk
     // left the cache: a cache of 48 MiB pinned more slabs than the pool's 40, and most
     // batches of a long sequential read fell back to fresh buffers (garbage the workers'
     // and the mount's collectors let pile up: a mount server peaked at 420-500 MiB).
-    const { Repository } = await import('../dist/repo/repository.js');
-    const { ChunkLoader, ImageReader } = await import('../dist/repo/reader.js');
-    const repo = s.path('repo-slabs');
-    const img = s.path('slabs.img');
-    const MiB = 1 << 20;
     const data = Buffer.concat([text(11, 96 * MiB), prng(12, 16 * MiB), text(13, 16 * MiB)]);
-    await fs.writeFile(img, data);
-    await gvOk(repo, ['init']);
-    await gvOk(repo, ['backup', img, '--name', 's']);
-    const r = await Repository.open(repo);
-    try {
-      const [gen] = await r.generations('s');
-      const loader = new ChunkLoader(r, 48 * MiB, true);
-      const reader = await ImageReader.open(r, gen!, loader);
+    const repo = await backedUp('slabs', data);
+    await withReader(repo, 'slabs', 48 * MiB, true, async (reader, loader) => {
       const out = Buffer.alloc(128 * 1024);
       for (let at = 0; at < data.length; at += out.length) {
         const n = await reader.read(out, at, out.length);
@@ -270,9 +294,7 @@ describe('read-ahead into shared slabs (the mount)', () => {
       const { slab, fresh } = loader.batches;
       expect(slab).toBeGreaterThan(100);
       expect(fresh).toBeLessThanOrEqual(slab / 20);
-    } finally {
-      await r.close();
-    }
+    });
   });
 });
 
@@ -281,20 +303,10 @@ describe('random reads of group members (the mount)', () => {
     // A miss for one member decodes its group frame only as far as that member when it lies
     // in the first three quarters; a later member of the same group then decodes it whole.
     // Reads in a shuffled order through a tiny chunk cache reach all of these paths.
-    const { Repository } = await import('../dist/repo/repository.js');
-    const { ChunkLoader, ImageReader } = await import('../dist/repo/reader.js');
-    const repo = s.path('repo-random');
-    const img = s.path('random.img');
-    const MiB = 1 << 20;
     const data = Buffer.concat([text(21, 6 * MiB), prng(22, MiB), text(23, 3 * MiB)]);
-    await fs.writeFile(img, data);
-    await gvOk(repo, ['init']);
-    await gvOk(repo, ['backup', img, '--name', 'r']);
+    const repo = await backedUp('random', data);
     expect(groupsOf(await chunkEntries(repo)).size).toBeGreaterThan(3);
-    const r = await Repository.open(repo);
-    try {
-      const [gen] = await r.generations('r');
-      const reader = await ImageReader.open(r, gen!, new ChunkLoader(r, 64 * 1024, false), 0);
+    await withReader(repo, 'random', 64 * 1024, false, async (reader) => {
       const rand = prng(24, 4 * 4000);
       const out = Buffer.alloc(4096);
       for (let i = 0; i < 4000; i++) {
@@ -302,8 +314,6 @@ describe('random reads of group members (the mount)', () => {
         expect(await reader.read(out, at, 4096)).toBe(4096);
         if (!out.equals(data.subarray(at, at + 4096))) throw new Error(`wrong bytes at ${at} (read ${i})`);
       }
-    } finally {
-      await r.close();
-    }
+    });
   });
 });
