@@ -3,7 +3,7 @@
 // The V8 flag on the line above caps each young-generation half at 4 MiB (V8 grows it to
 // 16 MiB under a restore's allocation rate, and every new page costs ~13 us in this VM).
 // Cold restores of the bench disk, alternating: 3.88-4.76 s against 4.38-4.92 s, peak RSS
-// 222-241 MB against 246-258 MB; backups and the mount's dd no slower. `env -S` splits
+// 222-241 MB against 246-258 MB; see native-notes/performance.md for backups. `env -S` splits
 // the line (GNU coreutils 8.30+); `node dist/cli/main.js` runs without the flag.
 import { Command, CommanderError } from 'commander';
 import { createRequire } from 'node:module';
