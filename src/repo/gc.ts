@@ -402,7 +402,6 @@ async function run(repo: Repository, threshold: number, report: (line: string) =
     ok = true;
     trace('done');
   } catch (e) {
-    if (e instanceof GenvaultError) throw e;
     throw describeFsError(e, 'gc failed');
   } finally {
     if (!ok) {

@@ -278,7 +278,6 @@ export async function restoreToPath(
   } catch (e) {
     await fh.close().catch(() => undefined);
     await fs.rm(tmp, { force: true });
-    if (e instanceof GenvaultError) throw e;
     throw describeFsError(e, `writing ${abs}`);
   }
 }
