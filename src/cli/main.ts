@@ -1,10 +1,10 @@
 #!/usr/bin/env -S node --max-semi-space-size=4
 /** genvault command line: parses and prints; the work happens in src/repo, src/fuse, src/source. */
 // The V8 flag on the line above caps each young-generation half at 4 MiB (V8 grows it to
-// 16 MiB under a restore's allocation rate, and every new page costs ~13 us in this VM).
-// Cold restores of the bench disk, alternating: 3.88-4.76 s against 4.38-4.92 s, peak RSS
-// 222-241 MB against 246-258 MB; see native-notes/performance.md for backups. `env -S` splits
-// the line (GNU coreutils 8.30+); `node dist/cli/main.js` runs without the flag.
+// 16 MiB under a restore's allocation rate, and every new page costs ~13 us in this VM):
+// faster restores with less memory, measured in native-notes/performance.md ("V8's young
+// generation"). `env -S` splits the line (GNU coreutils 8.30+); `node dist/cli/main.js`
+// runs without the flag.
 import { Command, CommanderError } from 'commander';
 import { createRequire } from 'node:module';
 import { fail } from './common.js';
