@@ -132,7 +132,6 @@ export class Repository {
     await this.db.close();
   }
 
-  /** All generations (of one image, or all), oldest first within each image. */
   /**
    * Generations (of one image, or all), oldest first within each image. Generations
    * removed while pinned by a reader are left out unless `includeRemoved` (gc needs them).
