@@ -29,6 +29,7 @@ function printHuman(r: VerifyReport): void {
       : `${r.chunksRead} chunks read and re-hashed (${bytes(r.bytesRead)}${r.mode === 'sample' ? `, a random ${r.samplePercent}%` : ''})` +
         (r.headersChecked ? `, record headers checked for the other ${r.headersChecked}` : '');
   out.push(`  ${how}; took ${duration(r.durationMs)}`);
+  for (const p of r.indexProblems) out.push(`DAMAGED index: ${p}`);
   for (const p of r.damagedPacks) out.push(`DAMAGED pack ${p.pack}: ${p.problem}`);
   for (const l of r.damagedLeaves) out.push(`DAMAGED map leaf ${l.digest}: ${l.problem}`);
   for (const c of r.damagedChunks.slice(0, HUMAN_LIMIT)) {
@@ -56,6 +57,7 @@ function summary(r: VerifyReport): string {
     r.damagedChunks.length && `${r.damagedChunks.length} damaged chunk(s)`,
     r.damagedLeaves.length && `${r.damagedLeaves.length} damaged map leaf/leaves`,
     r.damagedPacks.length && `${r.damagedPacks.length} damaged pack(s)`,
+    r.indexProblems.length && `index damaged (${r.indexProblems.length} problem(s))`,
   ].filter(Boolean);
   return (
     `damage found: ${parts.join(', ') || 'damaged generation records'}; ` +

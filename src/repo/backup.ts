@@ -178,6 +178,7 @@ function zeroChunks(len: number, params: ChunkingParams): ChunkResult {
 const FLUSH_ENTRIES = 65536;
 
 export async function backup(repo: Repository, source: Source, opts: BackupOptions): Promise<Generation> {
+  repo.requireWritable('a backup');
   const name = checkImageName(opts.name);
   const started = Date.now();
   const cfg = repo.config;

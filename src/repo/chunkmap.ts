@@ -14,6 +14,21 @@
  * Top   : count x ( leaf digest(32) | bytes u64 | chunks u32 )
  */
 import { createHash } from 'node:crypto';
+import { GenvaultError } from '../util/errors.js';
+
+/**
+ * A map leaf that is missing, fails its digest or its structure, or does not fit its
+ * generation's map: damage in the index, reported with the generation it breaks.
+ */
+export class LeafDamage extends GenvaultError {
+  constructor(
+    readonly digest: Buffer,
+    readonly problem: string,
+    generation = '',
+  ) {
+    super(`index damaged: map leaf ${digest.toString('hex')}${generation ? ` of ${generation}` : ''}: ${problem} (run 'genvault verify')`, 'DAMAGED');
+  }
+}
 
 export const LEAF_MAGIC = 0x314c5647; // "GVL1"
 export const TOP_ENTRY = 44;
@@ -101,9 +116,18 @@ export interface Leaf {
   bytes: number;
 }
 
+/** Most chunks a leaf may hold: far above what LeafBuilder writes (config `leaf.maxChunks`). */
+const MAX_LEAF_CHUNKS = 1 << 20;
+
+/**
+ * Decode a leaf, checking its structure: magic, a plausible count, every entry whole and
+ * of a known kind, every chunk non-empty, and nothing after the last entry. A leaf that
+ * fails any of these is damaged (thrown as an Error naming what is wrong).
+ */
 export function decodeLeaf(buf: Buffer): Leaf {
   if (buf.length < 8 || buf.readUInt32LE(0) !== LEAF_MAGIC) throw new Error('map leaf is corrupt (bad magic)');
   const n = buf.readUInt32LE(4);
+  if (n === 0 || n > MAX_LEAF_CHUNKS || 8 + 5 * n > buf.length) throw new Error(`map leaf is corrupt (count ${n})`);
   const starts = new Float64Array(n);
   const lengths = new Uint32Array(n);
   const zero = new Uint8Array(n);
@@ -116,6 +140,7 @@ export function decodeLeaf(buf: Buffer): Leaf {
     if (at + 5 > buf.length) throw new Error('map leaf is corrupt (truncated)');
     const len = buf.readUInt32LE(at);
     const kind = buf[at + 4];
+    if (len === 0) throw new Error('map leaf is corrupt (empty chunk)');
     at += 5;
     starts[i] = off;
     lengths[i] = len;
@@ -133,7 +158,24 @@ export function decodeLeaf(buf: Buffer): Leaf {
       }
     } else throw new Error(`map leaf is corrupt (chunk kind ${kind})`);
   }
+  if (at !== buf.length) throw new Error(`map leaf is corrupt (${buf.length - at} bytes after its last entry)`);
   return { starts, lengths, digests, zero, fast: fast ?? Buffer.alloc(0), hasFast, bytes: off };
+}
+
+/**
+ * A leaf as read from the index, checked before any reader uses it: its bytes must hash to
+ * the digest it was looked up by (the index's own checksums are not verified on reads, so a
+ * flipped bit would otherwise shift every later chunk of the image), its structure must
+ * decode, and it must cover what the generation map says it covers. Throws an Error saying
+ * which check failed.
+ */
+export function checkedLeaf(raw: Buffer, digest: Buffer, want?: { bytes: number; chunks: number }): Leaf {
+  if (!createHash('sha256').update(raw).digest().equals(digest)) throw new Error('map leaf does not match its digest');
+  const leaf = decodeLeaf(raw);
+  if (want && (leaf.bytes !== want.bytes || leaf.lengths.length !== want.chunks)) {
+    throw new Error(`map leaf holds ${leaf.lengths.length} chunks / ${leaf.bytes} bytes, the map says ${want.chunks} / ${want.bytes}`);
+  }
+  return leaf;
 }
 
 export function encodeTop(refs: LeafRef[]): Buffer {
@@ -148,15 +190,30 @@ export function encodeTop(refs: LeafRef[]): Buffer {
 }
 
 export function decodeTop(buf: Buffer): LeafRef[] {
-  if (buf.length % TOP_ENTRY) throw new Error('generation map is corrupt');
+  if (buf.length % TOP_ENTRY) throw new Error('generation map is corrupt (length)');
   const refs: LeafRef[] = [];
   for (let at = 0; at < buf.length; at += TOP_ENTRY) {
-    refs.push({
-      digest: Buffer.from(buf.subarray(at, at + 32)),
-      bytes: Number(buf.readBigUInt64LE(at + 32)),
-      chunks: buf.readUInt32LE(at + 40),
-    });
+    const bytes = buf.readBigUInt64LE(at + 32);
+    const chunks = buf.readUInt32LE(at + 40);
+    if (bytes === 0n || bytes > BigInt(Number.MAX_SAFE_INTEGER) || chunks === 0 || chunks > MAX_LEAF_CHUNKS) {
+      throw new Error(`generation map is corrupt (leaf ${at / TOP_ENTRY}: ${bytes} bytes, ${chunks} chunks)`);
+    }
+    refs.push({ digest: Buffer.from(buf.subarray(at, at + 32)), bytes: Number(bytes), chunks });
   }
+  return refs;
+}
+
+/**
+ * A generation's top-level map, checked against its record: the leaves must add up to the
+ * image size and their number must be the record's `leaves`. (The map has no digest of
+ * its own; these two sums catch a damaged entry, and each leaf is then checked against
+ * its entry when it is loaded.)
+ */
+export function checkedTop(buf: Buffer, gen: { size: number; leaves?: number }): LeafRef[] {
+  const refs = decodeTop(buf);
+  const covered = refs.reduce((a, r) => a + r.bytes, 0);
+  if (covered !== gen.size) throw new Error(`generation map covers ${covered} bytes, the image has ${gen.size}`);
+  if (typeof gen.leaves === 'number' && gen.leaves !== refs.length) throw new Error(`generation map has ${refs.length} leaves, the record says ${gen.leaves}`);
   return refs;
 }
 
@@ -165,9 +222,14 @@ export class ChunkMap {
   readonly leafStarts: Float64Array;
   readonly size: number;
 
+  /**
+   * @param loadLeaf fetches a leaf by digest, checked against it (Repository.loadLeaf)
+   * @param label the generation (NAME@ID) named in damage reports
+   */
   constructor(
     readonly refs: LeafRef[],
     private loadLeaf: (digest: Buffer) => Promise<Leaf>,
+    private label = '',
   ) {
     this.leafStarts = new Float64Array(refs.length + 1);
     let off = 0;
@@ -184,8 +246,20 @@ export class ChunkMap {
     return lastAtOrBefore(this.leafStarts, this.refs.length, off);
   }
 
-  leaf(i: number): Promise<Leaf> {
-    return this.loadLeaf(this.refs[i]!.digest);
+  /** Leaf i, checked to cover exactly what the map says (chunk count and bytes). */
+  async leaf(i: number): Promise<Leaf> {
+    const ref = this.refs[i]!;
+    let leaf: Leaf;
+    try {
+      leaf = await this.loadLeaf(ref.digest);
+    } catch (e) {
+      if (e instanceof LeafDamage && this.label) throw new LeafDamage(ref.digest, e.problem, this.label);
+      throw e;
+    }
+    if (leaf.bytes !== ref.bytes || leaf.lengths.length !== ref.chunks) {
+      throw new LeafDamage(ref.digest, `holds ${leaf.lengths.length} chunks / ${leaf.bytes} bytes, the map says ${ref.chunks} / ${ref.bytes}`, this.label);
+    }
+    return leaf;
   }
 }
 

@@ -18,6 +18,10 @@
  *   'x' digest(32)                      -> condemned by a running gc (old location, 33 bytes)
  *   'y' digest(32)                      -> map leaf being removed by a running gc (the leaf's bytes)
  */
+import { constants as fsConstants, rmSync } from 'node:fs';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { RaveLevel } from 'rave-level';
 
@@ -51,15 +55,147 @@ export type Db = RaveLevel<Buffer, Buffer>;
   }
 }
 
-export async function openDb(dir: string): Promise<Db> {
-  const db = new RaveLevel<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
-  await db.open();
-  // rave-level reports a lost leader it cannot replace as an 'error' event; without a
+/*
+ * LevelDB does not verify its checksums on reads (classic-level exposes neither
+ * `paranoid_checks` nor `verify_checksums`), and when it recovers a log whose records fail
+ * their checksum it drops them and carries on, saying so only in its own LOG file: a
+ * generation committed just before a crash could vanish without a word. The process that
+ * opens the database (whichever leads it) therefore reads LOG right after opening, before
+ * it answers any request, and keeps what LevelDB reported in DAMAGE_FILE beside it, which
+ * every command then reports (Repository.open) and gc refuses to run past (it would delete
+ * what the lost records referenced). Readers never trust a record on LevelDB's word alone:
+ * map leaves are checked against their digests, maps and generation records against each
+ * other (chunkmap.ts, generation.ts).
+ */
+export const DAMAGE_FILE = 'genvault-damage.log';
+
+/** What LevelDB's LOG says it dropped or found corrupt while opening (empty when nothing). */
+async function recoveryDamage(dir: string): Promise<string[]> {
+  const log = await fs.readFile(path.join(dir, 'LOG'), 'utf8').catch(() => '');
+  return log.split('\n').filter((l) => /\(ignoring error\)|Corruption|dropping \d+ bytes/.test(l));
+}
+
+{
+  type Open = (this: { location: string }, options: unknown, callback: (err?: Error | null) => void) => void;
+  const proto = ClassicLevel.prototype as unknown as { _open: Open & { genvaultChecked?: boolean } };
+  const original = proto._open;
+  if (!original.genvaultChecked) {
+    const checked: Open & { genvaultChecked?: boolean } = function (options, callback) {
+      original.call(this, options, (err) => {
+        if (err) return callback(err);
+        void recoveryDamage(this.location)
+          .then(async (lines) => {
+            if (!lines.length) return;
+            const text = `${new Date().toISOString()} LevelDB reported damage while opening the index:\n${lines.map((l) => `  ${l}\n`).join('')}`;
+            await fs.appendFile(path.join(this.location, DAMAGE_FILE), text, { mode: 0o600 });
+          })
+          .catch(() => undefined)
+          .then(() => callback());
+      });
+    };
+    checked.genvaultChecked = true;
+    proto._open = checked;
+  }
+}
+
+/** The damage LevelDB reported when the index was opened, from DAMAGE_FILE; null when none was. */
+export async function indexDamage(dir: string): Promise<string | null> {
+  try {
+    return await fs.readFile(path.join(dir, DAMAGE_FILE), 'utf8');
+  } catch {
+    return null;
+  }
+}
+
+/** A problem with the index itself (missing, unreadable): commands refuse with this one line. */
+export class IndexError extends Error {}
+
+/**
+ * Open the index. `create` only for `init`: anywhere else a missing index is an error, never
+ * an empty one made in its place (which would list no generations and verify clean).
+ * An index on read-only media (or one this user may read but not write) is copied to a
+ * private temporary directory and opened there: LevelDB needs to write its lock file and
+ * log even to read, and the copy is removed on close.
+ */
+export async function openDb(dir: string, opts: { create?: boolean } = {}): Promise<Db> {
+  if (!opts.create) {
+    try {
+      await fs.access(path.join(dir, 'CURRENT'));
+    } catch (e) {
+      const gone = await fs.access(dir).then(() => false, () => true);
+      const what = gone ? 'the index directory is missing' : 'the index is missing its CURRENT file';
+      throw new IndexError(`${what} (${(e as NodeJS.ErrnoException).code ?? 'unreadable'}); refusing to start an empty index in its place`);
+    }
+  }
+  let at = dir;
+  let copy: string | null = null;
+  if (!opts.create && !(await writable(dir))) {
+    copy = await privateCopy(dir);
+    at = copy;
+  }
+  const db = new RaveLevel<Buffer, Buffer>(at, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+  // rave-level reports a leader it cannot open or replace as an 'error' event; without a
   // listener that would crash the process with a stack trace.
+  let opened = false;
+  let failed: (err: Error) => void = () => undefined;
+  const failure = new Promise<never>((_, reject) => (failed = reject));
+  failure.catch(() => undefined);
   db.on('error', (err: Error) => {
-    process.stderr.write(`genvault: index database: ${err.message}\n`);
+    if (!opened) failed(err);
+    else process.stderr.write(`genvault: index database: ${describeLevelError(err)}\n`);
   });
+  try {
+    await db.open();
+    // A first request goes through the leader, which answers only once LevelDB has opened
+    // (and DAMAGE_FILE has been written if it found damage): after it, the open is settled.
+    // A leader that cannot open LevelDB only emits 'error' and leaves requests pending.
+    await Promise.race([getOrNull(db, Buffer.of(0)), failure]);
+    opened = true;
+  } catch (e) {
+    await db.close().catch(() => undefined);
+    if (copy) await fs.rm(copy, { recursive: true, force: true });
+    throw new IndexError(`cannot open the index: ${describeLevelError(e as Error)}`);
+  }
+  if (copy) {
+    const dropCopy = () => fs.rm(copy!, { recursive: true, force: true });
+    db.once('closed', () => void dropCopy());
+    process.once('exit', () => rmSync(copy!, { recursive: true, force: true }));
+    (db as Db & { readOnlyCopy?: string }).readOnlyCopy = copy;
+  }
   return db;
+}
+
+/** LevelDB's own message: the innermost cause ("Corruption: ...", "IO error: ..."). */
+export function describeLevelError(err: Error): string {
+  let e: Error & { cause?: unknown } = err;
+  while (e.cause instanceof Error) e = e.cause as Error & { cause?: unknown };
+  return e.message;
+}
+
+async function writable(dir: string): Promise<boolean> {
+  try {
+    await fs.access(dir, fsConstants.W_OK);
+    return true;
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'EROFS' || code === 'EACCES' || code === 'EPERM') return false;
+    throw e;
+  }
+}
+
+/** Copy LevelDB's own files (not its lock, info logs or rave-level's socket) to a new 0700 directory. */
+async function privateCopy(dir: string): Promise<string> {
+  const copy = await fs.mkdtemp(path.join(os.tmpdir(), 'genvault-index-'));
+  for (const name of await fs.readdir(dir)) {
+    if (!/^(CURRENT|MANIFEST-\d+|\d+\.(ldb|log|sst)|genvault-damage\.log)$/.test(name)) continue;
+    await fs.copyFile(path.join(dir, name), path.join(copy, name));
+  }
+  return copy;
+}
+
+/** The private copy an index on read-only media was opened from (null: opened in place). */
+export function readOnlyCopy(db: Db): string | null {
+  return (db as Db & { readOnlyCopy?: string }).readOnlyCopy ?? null;
 }
 
 export const K_CHUNK = 0x63; // 'c'

@@ -26,7 +26,7 @@ import path from 'node:path';
 import { GenvaultError, describeFsError } from '../util/errors.js';
 import { bytes } from '../util/format.js';
 import { ownerAlive } from '../util/proc.js';
-import { decodeLeaf, decodeTop } from './chunkmap.js';
+import { LeafRef, checkedLeaf, checkedTop, decodeTop } from './chunkmap.js';
 import {
   K_CHUNK,
   K_CONDEMNED,
@@ -160,6 +160,7 @@ async function mark(repo: Repository, report: (line: string) => void, label: str
   const chunks = new Set<string>();
   const leaves = new Set<string>();
   const gens = await repo.generations(undefined, true); // pinned removed ones too
+  if (repo.damagedRecords) throw damaged(`${repo.damagedRecords} generation record(s) are corrupt`);
   let n = 0;
   for (const g of gens) {
     n++;
@@ -170,29 +171,32 @@ async function mark(repo: Repository, report: (line: string) => void, label: str
     }
     let refs;
     try {
-      refs = decodeTop(top);
-    } catch {
-      throw damaged(`the map of ${g.name}@${g.id} is corrupt`);
+      refs = checkedTop(top, g);
+    } catch (e) {
+      throw damaged(`the map of ${g.name}@${g.id} is corrupt: ${(e as Error).message}`);
     }
     // Leaves are content-addressed: a leaf already marked contributes the same chunks again.
-    const todo: Buffer[] = [];
+    // A leaf that decoded but was wrong would mark the wrong chunks and let the sweep delete
+    // live ones: every leaf is checked against its digest and its map entry first.
+    const todo: LeafRef[] = [];
     for (const r of refs) {
       const s = bin(r.digest);
       if (leaves.has(s)) continue;
       leaves.add(s);
-      todo.push(r.digest);
+      todo.push(r);
     }
     for (let at = 0; at < todo.length; at += 256) {
       const part = todo.slice(at, at + 256);
-      const vals = await repo.db.getMany(part.map((d) => leafKey(d)));
-      part.forEach((d, k) => {
+      const vals = await repo.db.getMany(part.map((r) => leafKey(r.digest)));
+      part.forEach((r, k) => {
         const v = vals[k];
+        const d = r.digest;
         if (!v) throw damaged(`map leaf ${d.toString('hex')} of ${g.name}@${g.id} is missing`);
         let leaf;
         try {
-          leaf = decodeLeaf(v);
-        } catch {
-          throw damaged(`map leaf ${d.toString('hex')} of ${g.name}@${g.id} is corrupt`);
+          leaf = checkedLeaf(v, d, r);
+        } catch (e) {
+          throw damaged(`map leaf ${d.toString('hex')} of ${g.name}@${g.id} is corrupt: ${(e as Error).message}`);
         }
         for (let c = 0; c < leaf.lengths.length; c++) {
           if (!leaf.zero[c]) chunks.add(leaf.digests.toString('latin1', c * 32, c * 32 + 32));
@@ -288,7 +292,22 @@ export async function gc(repo: Repository, opts: GcOptions = {}): Promise<GcResu
   const threshold = opts.repackThreshold ?? 50;
   if (!(threshold >= 0 && threshold <= 100)) throw new GenvaultError(`repack threshold must be 0-100, not ${threshold}`, 'USAGE', 2);
   const report = opts.onProgress ?? (() => undefined);
+  if (!opts.dryRun) repo.requireWritable('gc');
+  await refuseOnIndexDamage(repo);
   return opts.dryRun ? dryRun(repo, threshold, report) : run(repo, threshold, report, opts.pollMs ?? 500);
+}
+
+/**
+ * gc decides what is garbage from the index alone: a generation the index lost (a record
+ * LevelDB dropped, a corrupt record, a map without its record) would have all its chunks
+ * taken for garbage, destroying the data a repair could still bring back.
+ */
+async function refuseOnIndexDamage(repo: Repository): Promise<void> {
+  if (repo.indexDamage) throw damaged('LevelDB dropped or found corrupt records when it last recovered the index (index/genvault-damage.log)');
+  const lost = await repo.lostGenerationMaps();
+  if (lost.length) throw damaged(`generation map(s) ${lost.join(', ')} have no generation record`);
+  await repo.generations(undefined, true);
+  if (repo.damagedRecords) throw damaged(`${repo.damagedRecords} generation record(s) are corrupt`);
 }
 
 async function run(repo: Repository, threshold: number, report: (line: string) => void, pollMs: number): Promise<GcResult> {

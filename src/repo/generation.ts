@@ -1,5 +1,6 @@
 /** Generation records and revision specs (NAME@REV). */
 import { GenvaultError, UsageError } from '../util/errors.js';
+import { K_GEN, key } from './db.js';
 import { checkImageName } from './format.js';
 
 export interface GenerationStats {
@@ -35,6 +36,37 @@ export interface Generation {
   protected?: boolean;
   /** Removed by forget/prune while a reader had it open (pinned): hidden, kept until gc. */
   removed?: boolean;
+}
+
+/** The index key of a generation record: 'g' name 0x00 created (ms, u64 BE) id (8 bytes). */
+export function generationKey(g: Pick<Generation, 'name' | 'created' | 'id'>): Buffer {
+  const t = Buffer.alloc(8);
+  t.writeBigUInt64BE(BigInt(Date.parse(g.created)));
+  return key(K_GEN, g.name, Buffer.of(0), t, Buffer.from(g.id, 'hex'));
+}
+
+/**
+ * A generation record as read from the index, checked before use: JSON of the expected
+ * shape, stored under the key its own name, time and id give (so a damaged key or record
+ * cannot pass for another generation). Throws an Error saying what is wrong.
+ */
+export function parseGenerationRecord(k: Buffer, v: Buffer): Generation {
+  const g = JSON.parse(v.toString('utf8')) as Generation;
+  if (typeof g !== 'object' || g === null) throw new Error('not an object');
+  if (typeof g.id !== 'string' || !/^[0-9a-f]{16}$/.test(g.id)) throw new Error('bad id');
+  if (typeof g.name !== 'string' || typeof g.created !== 'string' || Number.isNaN(Date.parse(g.created))) throw new Error('bad name or created');
+  if (!Number.isSafeInteger(g.size) || g.size < 0) throw new Error('bad size');
+  if (!Number.isSafeInteger(g.leaves) || g.leaves < 0) throw new Error('bad leaf count');
+  if (!generationKey(g).equals(k)) throw new Error('stored under another key');
+  return g;
+}
+
+/** What a damaged generation record's key still says (for reports). */
+export function describeGenerationKey(k: Buffer): { name: string; id: string } {
+  return {
+    name: k.length > 17 && k[k.length - 17] === 0 ? k.subarray(1, k.length - 17).toString('utf8') : '?',
+    id: k.length > 17 ? k.subarray(k.length - 8).toString('hex') : '?',
+  };
 }
 
 export function parseTarget(spec: string): { name: string; rev: string } {

@@ -15,7 +15,7 @@ import { GenvaultError } from '../util/errors.js';
 import { roughAge } from '../util/duration.js';
 import { configMinAge } from './format.js';
 import { getOrNull } from './db.js';
-import { Generation } from './generation.js';
+import { Generation, parseGenerationRecord } from './generation.js';
 import { ImageLock } from './locks.js';
 import { Repository } from './repository.js';
 import { RetentionDecision, RetentionRules, applyRetention, checkRules } from './retention.js';
@@ -27,6 +27,7 @@ import { RetentionDecision, RetentionRules, applyRetention, checkRules } from '.
 const RETENTION_LOCK = '.retention';
 
 async function withRetentionLock<T>(repo: Repository, fn: () => Promise<T>): Promise<T> {
+  repo.requireWritable('changing generations');
   const lock = await ImageLock.acquire(repo.dir, RETENTION_LOCK, true);
   try {
     return await fn();
@@ -37,8 +38,14 @@ async function withRetentionLock<T>(repo: Repository, fn: () => Promise<T>): Pro
 
 /** The stored record of a generation, read again under the lock (null if it is gone). */
 async function reread(repo: Repository, g: Generation): Promise<Generation | null> {
-  const v = await getOrNull(repo.db, Repository.generationKey(g));
-  return v ? (JSON.parse(v.toString('utf8')) as Generation) : null;
+  const k = Repository.generationKey(g);
+  const v = await getOrNull(repo.db, k);
+  if (!v) return null;
+  try {
+    return parseGenerationRecord(k, v);
+  } catch (e) {
+    throw new GenvaultError(`index damaged: the generation record of ${label(g)} is corrupt (${(e as Error).message}); run 'genvault verify'`, 'DAMAGED');
+  }
 }
 
 const label = (g: Pick<Generation, 'name' | 'id'>) => `${g.name}@${g.id}`;

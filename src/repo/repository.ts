@@ -6,9 +6,9 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { GenvaultError, describeFsError } from '../util/errors.js';
 import { RepoConfig, checkConfig, defaultConfig } from './format.js';
-import { Db, K_GEN, K_GENMAP, chunkKey, getOrNull, key, leafKey, openDb, prefixEnd } from './db.js';
-import { ChunkMap, Leaf, decodeLeaf, decodeTop } from './chunkmap.js';
-import { Generation, parseTarget, resolveRevision } from './generation.js';
+import { DAMAGE_FILE, Db, IndexError, K_GEN, K_GENMAP, chunkKey, getOrNull, indexDamage, key, leafKey, openDb, prefixEnd, readOnlyCopy } from './db.js';
+import { ChunkMap, Leaf, LeafDamage, checkedLeaf, checkedTop } from './chunkmap.js';
+import { Generation, describeGenerationKey, generationKey, parseGenerationRecord, parseTarget, resolveRevision } from './generation.js';
 import { ChunkLocation, decodeLocation } from './pack.js';
 import { WorkerPool } from './pool.js';
 
@@ -57,7 +57,7 @@ export class Repository {
     try {
       await fs.mkdir(abs, { recursive: true, mode: 0o700 });
       for (const d of ['packs', 'locks', 'tmp']) await fs.mkdir(path.join(abs, d), { mode: 0o700 });
-      const db = await openDb(path.join(abs, 'index'));
+      const db = await openDb(path.join(abs, 'index'), { create: true });
       await db.close();
       // config.json last and atomically: a directory without it is not a repository.
       const tmp = path.join(abs, `${CONFIG_FILE}.tmp`);
@@ -97,15 +97,36 @@ export class Repository {
   static async open(dir: string): Promise<Repository> {
     const abs = path.resolve(dir);
     const config = await Repository.readConfig(abs);
+    const indexDir = path.join(abs, 'index');
     let db: Db;
     try {
-      db = await openDb(path.join(abs, 'index'));
+      db = await openDb(indexDir);
     } catch (e) {
-      const err = e as Error & { cause?: Error };
-      throw new GenvaultError(`${abs}: cannot open the index: ${err.cause?.message ?? err.message}`, 'DB');
+      if (e instanceof IndexError) throw new GenvaultError(`${abs}: index damaged: ${e.message}`, 'INDEX');
+      throw describeFsError(e, indexDir);
     }
-    return new Repository(abs, config, db);
+    const repo = new Repository(abs, config, db);
+    repo.readOnly = readOnlyCopy(db) !== null;
+    repo.indexDamage = await indexDamage(readOnlyCopy(db) ?? indexDir);
+    if (repo.indexDamage) {
+      process.stderr.write(
+        `genvault: warning: index damaged: LevelDB dropped or found corrupt records when it last recovered the index ` +
+          `(${path.join(indexDir, DAMAGE_FILE)}): generations or chunks may be missing from it; run 'genvault verify'\n`,
+      );
+    }
+    return repo;
   }
+
+  /** Opened from a private copy of an index on read-only media: nothing can be written. */
+  readOnly = false;
+
+  /** Commands that write call this first: on read-only media they refuse in one line. */
+  requireWritable(what: string): void {
+    if (this.readOnly) throw new GenvaultError(`${this.dir}: the repository is on read-only media (or not writable by this user): ${what} needs to write to it`, 'EROFS');
+  }
+
+  /** What LevelDB reported dropping or finding corrupt when it recovered the index (DAMAGE_FILE), or null. */
+  indexDamage: string | null = null;
 
   get pool(): WorkerPool {
     if (!this.poolInstance) this.poolInstance = new WorkerPool(this.workerCount, this.workerNice, this.workerDepth);
@@ -139,11 +160,59 @@ export class Repository {
   async generations(name?: string, includeRemoved = false): Promise<Generation[]> {
     const prefix = name === undefined ? Buffer.of(K_GEN) : key(K_GEN, name, Buffer.of(0));
     const out: Generation[] = [];
-    for await (const v of this.db.values({ gte: prefix, lt: prefixEnd(prefix) })) {
-      const g = JSON.parse(v.toString('utf8')) as Generation;
+    for await (const [k, v] of this.db.iterator({ gte: prefix, lt: prefixEnd(prefix) })) {
+      let g: Generation;
+      try {
+        g = parseGenerationRecord(k, v);
+      } catch (e) {
+        this.reportDamagedRecord(k, (e as Error).message);
+        continue;
+      }
       if (!g.removed || includeRemoved) out.push(g);
     }
     return out;
+  }
+
+  private reported = new Set<string>();
+
+  /** Generation records found corrupt by this process so far (left out of listings). */
+  get damagedRecords(): number {
+    return this.reported.size;
+  }
+
+  /**
+   * A generation record that fails its checks is left out of every listing and named once
+   * per process on stderr: the rest of the repository stays usable, and the damage is not
+   * silent. `verify` reports it in full.
+   */
+  private reportDamagedRecord(k: Buffer, problem: string): void {
+    const hexKey = k.toString('hex');
+    if (this.reported.has(hexKey)) return;
+    this.reported.add(hexKey);
+    const { name, id } = describeGenerationKey(k);
+    process.stderr.write(`genvault: warning: index damaged: the generation record of ${name}@${id} is corrupt (${problem}); it is left out (run 'genvault verify')\n`);
+  }
+
+  /**
+   * Ids of generation maps that have no generation record. A backup commits both in one
+   * batch and forget/prune delete both in one batch, so a map alone means the index lost
+   * its record: gc must not take the map's chunks for garbage, and verify reports it.
+   */
+  async lostGenerationMaps(): Promise<string[]> {
+    const recordIds = async () => {
+      const ids = new Set<string>();
+      for await (const k of this.db.keys({ gte: Buffer.of(K_GEN), lt: Buffer.of(K_GEN + 1) })) ids.add(k.subarray(k.length - 8).toString('hex'));
+      return ids;
+    };
+    const before = await recordIds();
+    const lost: string[] = [];
+    for await (const k of this.db.keys({ gte: Buffer.of(K_GENMAP), lt: Buffer.of(K_GENMAP + 1) })) {
+      const id = k.subarray(1).toString('hex');
+      if (!before.has(id)) lost.push(id);
+    }
+    if (!lost.length) return lost;
+    const after = await recordIds(); // a backup may have committed between the two scans
+    return lost.filter((id) => !after.has(id));
   }
 
   async images(): Promise<string[]> {
@@ -160,23 +229,26 @@ export class Repository {
   }
 
   static generationKey(g: Pick<Generation, 'name' | 'created' | 'id'>): Buffer {
-    const t = Buffer.alloc(8);
-    t.writeBigUInt64BE(BigInt(Date.parse(g.created)));
-    return key(K_GEN, g.name, Buffer.of(0), t, Buffer.from(g.id, 'hex'));
+    return generationKey(g);
   }
 
   static mapKey(id: string): Buffer {
     return key(K_GENMAP, Buffer.from(id, 'hex'));
   }
 
+  /** A map leaf, checked against its digest and decoded (cached; damage is not cached). */
   async loadLeaf(digest: Buffer): Promise<Leaf> {
     const k = digest.toString('hex');
     let p = this.leafCache.get(k);
     if (!p) {
       p = (async () => {
         const v = await getOrNull(this.db, leafKey(digest));
-        if (!v) throw new GenvaultError(`index damaged: map leaf ${k} is missing`, 'DAMAGED');
-        return decodeLeaf(v);
+        if (!v) throw new LeafDamage(digest, 'is missing');
+        try {
+          return checkedLeaf(v, digest);
+        } catch (e) {
+          throw new LeafDamage(digest, (e as Error).message.replace(/^map leaf /, ''));
+        }
       })();
       p.catch(() => this.leafCache.set(k, undefined as never));
       this.leafCache.set(k, p);
@@ -184,12 +256,18 @@ export class Repository {
     return p;
   }
 
+  /** A generation's map, checked against its record (see checkedTop); its leaves are checked as they load. */
   async chunkMap(g: Generation): Promise<ChunkMap> {
+    const label = `${g.name}@${g.id}`;
     const v = await getOrNull(this.db, Repository.mapKey(g.id));
-    if (!v) throw new GenvaultError(`index damaged: map of generation ${g.name}@${g.id} is missing`, 'DAMAGED');
-    const map = new ChunkMap(decodeTop(v), (d) => this.loadLeaf(d));
-    if (map.size !== g.size) throw new GenvaultError(`index damaged: map of ${g.name}@${g.id} covers ${map.size} bytes, image has ${g.size}`, 'DAMAGED');
-    return map;
+    if (!v) throw new GenvaultError(`index damaged: the map of ${label} is missing (run 'genvault verify')`, 'DAMAGED');
+    let refs;
+    try {
+      refs = checkedTop(v, g);
+    } catch (e) {
+      throw new GenvaultError(`index damaged: ${label}: ${(e as Error).message} (run 'genvault verify')`, 'DAMAGED');
+    }
+    return new ChunkMap(refs, (d) => this.loadLeaf(d), label);
   }
 
   async location(digest: Uint8Array): Promise<ChunkLocation | null> {

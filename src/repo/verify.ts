@@ -25,9 +25,9 @@
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import { GenvaultError } from '../util/errors.js';
-import { decodeLeaf, decodeTop, LeafRef } from './chunkmap.js';
+import { checkedLeaf, checkedTop, LeafRef } from './chunkmap.js';
 import { K_GEN, chunkKey, getOrNull, leafKey, packKey, prefixEnd, markDamaged } from './db.js';
-import { Generation } from './generation.js';
+import { Generation, describeGenerationKey, parseGenerationRecord } from './generation.js';
 import {
   COMP_GROUP,
   GROUP_TABLE_MAX,
@@ -107,6 +107,11 @@ export interface VerifyReport {
   damagedLeaves: DamagedLeaf[];
   damagedPacks: DamagedPack[];
   damagedGenerations: AffectedGeneration[];
+  /**
+   * Damage to the index as a whole: what LevelDB reported dropping when it recovered its log
+   * (db.ts, DAMAGE_FILE), and generation maps left without their record (a lost record).
+   */
+  indexProblems: string[];
 }
 
 /** Per (damaged chunk, generation): ranges listed before the rest are only counted. */
@@ -143,19 +148,10 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
   const genPrefix = Buffer.of(K_GEN);
   for await (const [k, v] of repo.db.iterator({ gte: genPrefix, lt: prefixEnd(genPrefix) })) {
     const keyHex = k.toString('hex');
-    const fromKey = {
-      name: k.length > 17 && k[k.length - 17] === 0 ? k.subarray(1, k.length - 17).toString('utf8') : '?',
-      id: k.length > 17 ? k.subarray(k.length - 8).toString('hex') : '?',
-      created: null,
-    };
+    const fromKey = { ...describeGenerationKey(k), created: null };
     let g: Generation;
     try {
-      g = JSON.parse(v.toString('utf8')) as Generation;
-      if (typeof g !== 'object' || g === null) throw new Error('not an object');
-      if (typeof g.id !== 'string' || !/^[0-9a-f]{16}$/.test(g.id)) throw new Error('bad id');
-      if (typeof g.name !== 'string' || typeof g.created !== 'string' || Number.isNaN(Date.parse(g.created))) throw new Error('bad name or created');
-      if (!Number.isSafeInteger(g.size) || g.size < 0) throw new Error('bad size');
-      if (!Repository.generationKey(g).equals(k)) throw new Error('stored under another key');
+      g = parseGenerationRecord(k, v);
     } catch (e) {
       noteGen(keyHex, fromKey, `generation record is corrupt (${(e as Error).message})`, true);
       continue;
@@ -169,20 +165,20 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
     }
     let refs: LeafRef[];
     try {
-      refs = decodeTop(top);
-    } catch {
-      noteGen(keyHex, base, 'generation map is corrupt', true);
-      continue;
-    }
-    const covered = refs.reduce((a, r) => a + r.bytes, 0);
-    if (covered !== g.size) {
-      noteGen(keyHex, base, `generation map covers ${covered} bytes, the image has ${g.size}`, true);
+      refs = checkedTop(top, g);
+    } catch (e) {
+      noteGen(keyHex, base, (e as Error).message, true);
       continue;
     }
     for (const r of refs) {
       const d = r.digest.toString('binary');
       if (!leafInfo.has(d)) leafInfo.set(d, { bytes: r.bytes, chunks: r.chunks });
     }
+  }
+
+  const indexProblems = (await repo.lostGenerationMaps()).map((id) => `generation map ${id} has no generation record: the index lost that generation's record`);
+  if (repo.indexDamage) {
+    indexProblems.unshift(`LevelDB dropped or found corrupt records when it last recovered the index: ${repo.indexDamage.trim().split('\n').slice(1).map((l) => l.trim()).join(' | ')}`);
   }
 
   // --- 2. Leaves, and the set of data chunks they reference with their index entries.
@@ -252,20 +248,11 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
         damagedLeaves.set(d, 'map leaf is missing');
         continue;
       }
-      if (!createHash('sha256').update(raw).digest().equals(Buffer.from(d, 'binary'))) {
-        damagedLeaves.set(d, 'map leaf does not match its digest');
-        continue;
-      }
       let leaf;
       try {
-        leaf = decodeLeaf(raw);
+        leaf = checkedLeaf(raw, Buffer.from(d, 'binary'), leafInfo.get(d)!);
       } catch (e) {
         damagedLeaves.set(d, (e as Error).message);
-        continue;
-      }
-      const want = leafInfo.get(d)!;
-      if (leaf.bytes !== want.bytes || leaf.lengths.length !== want.chunks) {
-        damagedLeaves.set(d, `map leaf holds ${leaf.lengths.length} chunks / ${leaf.bytes} bytes, the map says ${want.chunks} / ${want.bytes}`);
         continue;
       }
       for (let ci = 0; ci < leaf.lengths.length; ci++) {
@@ -548,7 +535,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
       if (genProblems.get(keyHex)?.whole) continue;
       const top = await getOrNull(repo.db, Repository.mapKey(g.id));
       if (!top) continue;
-      const refs = decodeTop(top);
+      const refs = checkedTop(top, g);
       const base = { name: g.name, id: g.id, created: g.created };
       const perChunk = new Map<string, { ranges: Range[]; more: number }>();
       const chunkProblems = new Map<string, number>(); // problem -> distinct damaged chunks
@@ -604,7 +591,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
     .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : (a.created ?? '').localeCompare(b.created ?? '')));
 
   return {
-    ok: !damagedChunks.size && !damagedLeaves.size && !damagedPacks.length && !damagedGenerations.length,
+    ok: !damagedChunks.size && !damagedLeaves.size && !damagedPacks.length && !damagedGenerations.length && !indexProblems.length,
     mode,
     samplePercent: mode === 'sample' ? sample : null,
     images: new Set(gens.map((g) => g.name)).size,
@@ -620,6 +607,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
     damagedLeaves: [...damagedLeaves].map(([d, problem]) => ({ digest: hex(d), problem })),
     damagedPacks,
     damagedGenerations,
+    indexProblems,
   };
 }
 
