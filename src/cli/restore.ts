@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { restoreToPath, restoreToStream } from '../repo/restore.js';
+import { restoreToPath, restoreToStream, showTarget } from '../repo/restore.js';
 import { bytes, duration, rate } from '../util/format.js';
 import { Progress } from '../util/progress.js';
 import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
@@ -28,7 +28,7 @@ export function register(program: Command): void {
     .description('write a generation to a file (sparse) or a block device, checking every chunk')
     .argument('<target>', 'NAME@REV (REV: latest, N, id or prefix, ISO date/time)')
     .argument('<dest>', 'file or block device to write, here or ssh://[user@]host[:port]/path')
-    .option('-f, --force', 'overwrite an existing non-empty file')
+    .option('-f, --force', 'overwrite an existing non-empty file or a block device')
     .option('--ignore-damage', 'write zeros where chunks are damaged and list those ranges, instead of failing')
     .option('-i, --identity <file>', 'ssh:// targets: private key file (default: ssh-agent, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa)')
     .option('--known-hosts <file>', 'ssh:// targets: known hosts file (default ~/.ssh/known_hosts)')
@@ -38,7 +38,11 @@ export function register(program: Command): void {
     .addHelpText(
       'after',
       '\nA file is written sparse under a temporary name and renamed only when complete and synced;\n' +
-        'a block device gets every byte (zeros included). Every chunk is checked against its digest.\n\n' +
+        'a block device gets every byte (zeros included) and needs --force; a mounted device, active\n' +
+        'swap or one held by LVM, md or device-mapper is refused. Symlinks are followed and the\n' +
+        'device or file they lead to is named. Character devices, FIFOs, sockets and directories\n' +
+        'are refused.\n' +
+        'Every chunk is checked against its digest.\n\n' +
         'Examples:\n  genvault restore vm1@latest /var/lib/libvirt/images/vm1.img\n' +
         '  genvault restore vm1@2026-11-20 /dev/vg0/vm1 --force\n  genvault restore vm1@1 ssh://root@kvm2/dev/vg0/vm1',
     )
@@ -60,12 +64,18 @@ export function register(program: Command): void {
                 acceptNewHostKey: opts.acceptNewHostKey,
                 mode: sshMode,
               })
-            : restoreToPath(repo, g, dest, common)
+            : restoreToPath(repo, g, dest, {
+                ...common,
+                onTarget: (t) => {
+                  if (t.via) process.stderr.write(`genvault: restoring to ${showTarget(t)}\n`);
+                },
+              })
           ).finally(() => progress.done());
           const ms = Date.now() - t0;
           reportDamage(res.damaged);
+          const to = 'via' in res && res.via ? showTarget({ path: res.target, via: res.via }) : res.target;
           if (wantsJson(cmd)) printJson({ generation: g.id, name: g.name, ...res, durationMs: ms });
-          else process.stdout.write(`restored ${g.name}@${g.id} to ${res.target}: ${bytes(res.bytes)} in ${duration(ms)} (${rate(res.bytes, ms)})\n`);
+          else process.stdout.write(`restored ${g.name}@${g.id} to ${to}: ${bytes(res.bytes)} in ${duration(ms)} (${rate(res.bytes, ms)})\n`);
           if (res.damaged.length) process.exitCode = 1;
         });
       }),
