@@ -1,5 +1,6 @@
 import { Command } from 'commander';
-import { restoreToPath, restoreToStream, showTarget } from '../repo/restore.js';
+import os from 'node:os';
+import { abandonRestores, restoreToPath, restoreToStream, showTarget } from '../repo/restore.js';
 import { bytes, duration, rate } from '../util/format.js';
 import { Progress } from '../util/progress.js';
 import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
@@ -14,6 +15,24 @@ interface RestoreFlags {
   knownHosts?: string;
   acceptNewHostKey?: boolean;
   sshMode: string;
+}
+
+/**
+ * SIGINT and SIGTERM end a restore: Node's default would exit without cleaning up, and
+ * with listeners it would not exit at all. The handler runs on the main thread between
+ * events (the workers write meanwhile), removes the temporary file of the restore under
+ * way synchronously, says so in one line and exits with 128 + the signal number;
+ * process.exit stops the workers.
+ */
+function exitOnSignals(clearProgress: () => void): void {
+  const onSignal = (sig: NodeJS.Signals) => {
+    clearProgress();
+    const notes = abandonRestores();
+    process.stderr.write(`genvault: restore interrupted by ${sig}${notes.map((n) => `; ${n}`).join('')}\n`);
+    process.exit(128 + (os.constants.signals[sig] ?? 0));
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
 }
 
 function reportDamage(damaged: Array<{ offset: number; length: number }>): void {
@@ -51,11 +70,13 @@ export function register(program: Command): void {
         const sshMode = parseSshMode(opts.sshMode);
         const ssh = isSshSpec(dest);
         if (ssh) warnIfNoNativeCrypto();
+        let progress: Progress | null = null;
+        exitOnSignals(() => progress?.done());
         await withRepo(cmd, async (repo) => {
           const g = await repo.resolve(target);
-          const progress = new Progress(`restore ${g.name}`);
+          progress = new Progress(`restore ${g.name}`);
           const t0 = Date.now();
-          const common = { force: opts.force, ignoreDamage: opts.ignoreDamage, onProgress: (d: number, t: number) => progress.update(d, t) };
+          const common = { force: opts.force, ignoreDamage: opts.ignoreDamage, onProgress: (d: number, t: number) => progress?.update(d, t) };
           const res = await (ssh
             ? restoreToSsh(repo, g, dest, {
                 ...common,
@@ -70,7 +91,7 @@ export function register(program: Command): void {
                   if (t.via) process.stderr.write(`genvault: restoring to ${showTarget(t)}\n`);
                 },
               })
-          ).finally(() => progress.done());
+          ).finally(() => progress?.done());
           const ms = Date.now() - t0;
           reportDamage(res.damaged);
           const to = 'via' in res && res.via ? showTarget({ path: res.target, via: res.via }) : res.target;

@@ -393,6 +393,35 @@ async function checkDeviceFree(t: RestoreTarget): Promise<void> {
   }
 }
 
+/**
+ * What a signal has to undo: the temporary files of restores under way (removed) and the
+ * devices being written (reported). Kept here, filled and emptied synchronously around
+ * each open and rename, so that a signal handler sees exactly the names that exist.
+ */
+const underWay = new Map<string, { target: string; partial: boolean }>();
+
+/**
+ * Remove the temporary files of every restore under way, synchronously (for a signal
+ * handler that exits next). Returns one note per restore for the user.
+ */
+export function abandonRestores(): string[] {
+  const notes: string[] = [];
+  for (const [name, { target, partial }] of underWay) {
+    if (!partial) {
+      notes.push(`${target} is partly written`);
+      continue;
+    }
+    try {
+      fsSync.unlinkSync(name);
+      notes.push(`${target} not written (partial file removed)`);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') notes.push(`could not remove the partial file ${name}: ${(e as Error).message}`);
+    }
+  }
+  underWay.clear();
+  return notes;
+}
+
 export async function restoreToPath(
   repo: Repository,
   gen: Generation,
@@ -413,11 +442,15 @@ export async function restoreToPath(
   opts.onTarget?.(t);
   const final = t.path;
   const tmp = path.join(path.dirname(final), `.${path.basename(final)}.genvault-partial-${randomBytes(4).toString('hex')}`);
+  // Opened and renamed synchronously, registered in between: a signal handler running at
+  // any point removes exactly the file that exists (see abandonRestores).
   let fd: number;
   try {
+    underWay.set(tmp, { target: shown, partial: true });
     const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW } = fsSync.constants;
     fd = fsSync.openSync(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
   } catch (e) {
+    underWay.delete(tmp);
     throw describeFsError(e, `cannot create ${shown}`);
   }
   let open = true;
@@ -431,10 +464,12 @@ export async function restoreToPath(
     const now = fsSync.lstatSync(final, { throwIfNoEntry: false });
     if (now && !now.isFile()) throw new GenvaultError(`${shown} changed while restoring and is ${kindOf(now)} now; nothing written`, 'CHANGED');
     fsSync.renameSync(tmp, final);
+    underWay.delete(tmp);
     return { bytes: gen.size, target: final, via: t.via, damaged, sparse: true };
   } catch (e) {
     if (open) await close(fd).catch(() => undefined);
     fsSync.rmSync(tmp, { force: true });
+    underWay.delete(tmp);
     throw describeFsError(e, `writing ${shown}`);
   }
 }
@@ -458,11 +493,13 @@ async function restoreToDevice(repo: Repository, gen: Generation, t: RestoreTarg
     if (size !== null && size < gen.size) {
       throw new GenvaultError(`${shown} holds ${size} bytes, the image needs ${gen.size}`, 'TOO_SMALL');
     }
+    underWay.set(t.path, { target: shown, partial: false });
     // Devices may hold old data: zero chunks must be written as zeros.
     const damaged = await restoreToFd(repo, gen, fh.fd, true, opts);
     await fh.sync();
     return { bytes: gen.size, target: t.path, via: t.via, damaged, sparse: false };
   } finally {
+    underWay.delete(t.path);
     await fh.close().catch(() => undefined);
   }
 }
