@@ -1,6 +1,7 @@
 import { Command } from 'commander';
 import os from 'node:os';
 import { abandonRestores, restoreToPath, restoreToStream, showTarget } from '../repo/restore.js';
+import { UsageError } from '../util/errors.js';
 import { bytes, duration, rate } from '../util/format.js';
 import { Progress } from '../util/progress.js';
 import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
@@ -46,7 +47,7 @@ export function register(program: Command): void {
     .command('restore')
     .description('write a generation to a file (sparse) or a block device, checking every chunk')
     .argument('<target>', 'NAME@REV (REV: latest, N, id or prefix, ISO date/time)')
-    .argument('<dest>', 'file or block device to write, here or ssh://[user@]host[:port]/path')
+    .argument('<dest>', 'file or block device to write, here or ssh://[user@]host[:port]/path, or - for stdout')
     .option('-f, --force', 'overwrite an existing non-empty file or a block device')
     .option('--ignore-damage', 'write zeros where chunks are damaged and list those ranges, instead of failing')
     .option('-i, --identity <file>', 'ssh:// targets: private key file (default: ssh-agent, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa)')
@@ -60,7 +61,7 @@ export function register(program: Command): void {
         'a block device gets every byte (zeros included) and needs --force; a mounted device, active\n' +
         'swap or one held by LVM, md or device-mapper is refused. Symlinks are followed and the\n' +
         'device or file they lead to is named. Character devices, FIFOs, sockets and directories\n' +
-        'are refused.\n' +
+        'are refused. "-" writes the raw image to stdout (like cat; ./- for a file named -).\n' +
         'Every chunk is checked against its digest.\n\n' +
         'Examples:\n  genvault restore vm1@latest /var/lib/libvirt/images/vm1.img\n' +
         '  genvault restore vm1@2026-11-20 /dev/vg0/vm1 --force\n  genvault restore vm1@1 ssh://root@kvm2/dev/vg0/vm1',
@@ -70,11 +71,21 @@ export function register(program: Command): void {
         const sshMode = parseSshMode(opts.sshMode);
         const ssh = isSshSpec(dest);
         if (ssh) warnIfNoNativeCrypto();
+        if (dest === '-') {
+          if (process.stdout.isTTY) throw new UsageError('refusing to write a disk image to a terminal; redirect stdout');
+          if (wantsJson(cmd)) throw new UsageError('--json cannot be used with - (the image goes to stdout)');
+        }
         let progress: Progress | null = null;
         exitOnSignals(() => progress?.done());
         await withRepo(cmd, async (repo) => {
           const g = await repo.resolve(target);
           progress = new Progress(`restore ${g.name}`);
+          if (dest === '-') {
+            const res = await restoreToStream(repo, g, process.stdout, { ignoreDamage: opts.ignoreDamage });
+            reportDamage(res.damaged);
+            if (res.damaged.length) process.exitCode = 1;
+            return;
+          }
           const t0 = Date.now();
           const common = { force: opts.force, ignoreDamage: opts.ignoreDamage, onProgress: (d: number, t: number) => progress?.update(d, t) };
           const res = await (ssh
