@@ -309,15 +309,9 @@ export async function resolveTarget(target: string): Promise<RestoreTarget> {
       throw describeFsError(e, real);
     });
   } else {
-    // The directory may be reached through symlinks: the temporary file and the rename
-    // happen in the resolved one.
-    let dir: string;
-    try {
-      dir = await fs.realpath(path.dirname(abs));
-    } catch (e) {
-      throw describeFsError(e, `cannot create ${abs}`);
-    }
-    real = path.join(dir, path.basename(abs));
+    // Symlinked directories on the way (/home -> /data/home) are not worth a mention: the
+    // temporary file and the rename go through them to the same place.
+    real = abs;
     st = lst;
   }
   const via = real !== abs ? abs : undefined;
