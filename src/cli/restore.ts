@@ -1,5 +1,7 @@
 import { Command } from 'commander';
-import { restoreToPath, restoreToStream } from '../repo/restore.js';
+import os from 'node:os';
+import { abandonRestores, restoreToPath, restoreToStream, showTarget } from '../repo/restore.js';
+import { UsageError } from '../util/errors.js';
 import { bytes, duration, rate } from '../util/format.js';
 import { Progress } from '../util/progress.js';
 import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
@@ -16,6 +18,24 @@ interface RestoreFlags {
   sshMode: string;
 }
 
+/**
+ * SIGINT and SIGTERM end a restore: Node's default would exit without cleaning up, and
+ * with listeners it would not exit at all. The handler runs on the main thread between
+ * events (the workers write meanwhile), removes the temporary file of the restore under
+ * way synchronously, says so in one line and exits with 128 + the signal number;
+ * process.exit stops the workers.
+ */
+function exitOnSignals(clearProgress: () => void): void {
+  const onSignal = (sig: NodeJS.Signals) => {
+    clearProgress();
+    const notes = abandonRestores();
+    process.stderr.write(`genvault: restore interrupted by ${sig}${notes.map((n) => `; ${n}`).join('')}\n`);
+    process.exit(128 + (os.constants.signals[sig] ?? 0));
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+}
+
 function reportDamage(damaged: Array<{ offset: number; length: number }>): void {
   for (const r of damaged) {
     process.stderr.write(`genvault: damaged chunk: image bytes ${r.offset}-${r.offset + r.length - 1} written as zeros\n`);
@@ -27,8 +47,8 @@ export function register(program: Command): void {
     .command('restore')
     .description('write a generation to a file (sparse) or a block device, checking every chunk')
     .argument('<target>', 'NAME@REV (REV: latest, N, id or prefix, ISO date/time)')
-    .argument('<dest>', 'file or block device to write, here or ssh://[user@]host[:port]/path')
-    .option('-f, --force', 'overwrite an existing non-empty file')
+    .argument('<dest>', 'file or block device to write, here or ssh://[user@]host[:port]/path, or - for stdout')
+    .option('-f, --force', 'overwrite an existing non-empty file or a block device')
     .option('--ignore-damage', 'write zeros where chunks are damaged and list those ranges, instead of failing')
     .option('-i, --identity <file>', 'ssh:// targets: private key file (default: ssh-agent, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa)')
     .option('--known-hosts <file>', 'ssh:// targets: known hosts file (default ~/.ssh/known_hosts)')
@@ -38,7 +58,11 @@ export function register(program: Command): void {
     .addHelpText(
       'after',
       '\nA file is written sparse under a temporary name and renamed only when complete and synced;\n' +
-        'a block device gets every byte (zeros included). Every chunk is checked against its digest.\n\n' +
+        'a block device gets every byte (zeros included) and needs --force; a mounted device, active\n' +
+        'swap or one held by LVM, md or device-mapper is refused. Symlinks are followed and the\n' +
+        'device or file they lead to is named. Character devices, FIFOs, sockets and directories\n' +
+        'are refused. "-" writes the raw image to stdout (like cat; ./- for a file named -).\n' +
+        'Every chunk is checked against its digest.\n\n' +
         'Examples:\n  genvault restore vm1@latest /var/lib/libvirt/images/vm1.img\n' +
         '  genvault restore vm1@2026-11-20 /dev/vg0/vm1 --force\n  genvault restore vm1@1 ssh://root@kvm2/dev/vg0/vm1',
     )
@@ -47,11 +71,23 @@ export function register(program: Command): void {
         const sshMode = parseSshMode(opts.sshMode);
         const ssh = isSshSpec(dest);
         if (ssh) warnIfNoNativeCrypto();
+        if (dest === '-') {
+          if (process.stdout.isTTY) throw new UsageError('refusing to write a disk image to a terminal; redirect stdout');
+          if (wantsJson(cmd)) throw new UsageError('--json cannot be used with - (the image goes to stdout)');
+        }
+        let progress: Progress | null = null;
+        exitOnSignals(() => progress?.done());
         await withRepo(cmd, async (repo) => {
           const g = await repo.resolve(target);
-          const progress = new Progress(`restore ${g.name}`);
+          progress = new Progress(`restore ${g.name}`);
+          if (dest === '-') {
+            const res = await restoreToStream(repo, g, process.stdout, { ignoreDamage: opts.ignoreDamage });
+            reportDamage(res.damaged);
+            if (res.damaged.length) process.exitCode = 1;
+            return;
+          }
           const t0 = Date.now();
-          const common = { force: opts.force, ignoreDamage: opts.ignoreDamage, onProgress: (d: number, t: number) => progress.update(d, t) };
+          const common = { force: opts.force, ignoreDamage: opts.ignoreDamage, onProgress: (d: number, t: number) => progress?.update(d, t) };
           const res = await (ssh
             ? restoreToSsh(repo, g, dest, {
                 ...common,
@@ -60,12 +96,18 @@ export function register(program: Command): void {
                 acceptNewHostKey: opts.acceptNewHostKey,
                 mode: sshMode,
               })
-            : restoreToPath(repo, g, dest, common)
-          ).finally(() => progress.done());
+            : restoreToPath(repo, g, dest, {
+                ...common,
+                onTarget: (t) => {
+                  if (t.via) process.stderr.write(`genvault: restoring to ${showTarget(t)}\n`);
+                },
+              })
+          ).finally(() => progress?.done());
           const ms = Date.now() - t0;
           reportDamage(res.damaged);
+          const to = 'via' in res && res.via ? showTarget({ path: res.target, via: res.via }) : res.target;
           if (wantsJson(cmd)) printJson({ generation: g.id, name: g.name, ...res, durationMs: ms });
-          else process.stdout.write(`restored ${g.name}@${g.id} to ${res.target}: ${bytes(res.bytes)} in ${duration(ms)} (${rate(res.bytes, ms)})\n`);
+          else process.stdout.write(`restored ${g.name}@${g.id} to ${to}: ${bytes(res.bytes)} in ${duration(ms)} (${rate(res.bytes, ms)})\n`);
           if (res.damaged.length) process.exitCode = 1;
         });
       }),

@@ -2,10 +2,14 @@
  * Restore a generation to a file (sparse: zero chunks are holes), a block device, or a
  * stream (cat). Chunks are loaded many at a time by the worker pool, ahead of the writer.
  * A file target is written under a temporary name and renamed only when complete, so a
- * failed restore leaves nothing that looks like a good image.
+ * failed restore leaves nothing that looks like a good image. Nothing else is written to:
+ * character devices, FIFOs, sockets and directories are refused, symlinks are resolved
+ * first, and a block device needs --force and must not be in use (mounted, swap, held).
  */
+import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { promisify } from 'node:util';
 import { randomBytes } from 'node:crypto';
 import type { Writable } from 'node:stream';
 import { DamageError, GenvaultError, describeFsError } from '../util/errors.js';
@@ -22,11 +26,15 @@ export interface RestoreOptions {
   /** Write zeros where chunks are damaged and report the ranges instead of failing. */
   ignoreDamage?: boolean;
   onProgress?: (done: number, total: number) => void;
+  /** Called with the resolved target once it passed every check, before anything is written. */
+  onTarget?: (t: RestoreTarget) => void;
 }
 
 export interface RestoreResult {
   bytes: number;
   target: string;
+  /** The path given, when a symlink led to `target`. */
+  via?: string;
   damaged: Array<{ offset: number; length: number }>;
   sparse: boolean;
 }
@@ -37,6 +45,9 @@ export type Sink = {
 };
 
 const ZERO = Buffer.alloc(1 << 20);
+const ftruncate = promisify(fsSync.ftruncate);
+const fdatasync = promisify(fsSync.fdatasync);
+const close = promisify(fsSync.close);
 
 /** Hand every chunk to `sink` in order, loading up to `window` bytes ahead. */
 export async function streamChunks(
@@ -243,60 +254,246 @@ function damageError(gen: Generation, damaged: Array<{ offset: number; length: n
   );
 }
 
+/** A restore target once symlinks are resolved: where the bytes go and how. */
+export interface RestoreTarget {
+  kind: 'file' | 'device';
+  /** The resolved path (no symlinks). */
+  path: string;
+  /** The path as given, when it differs from `path` (a symlink was followed). */
+  via?: string;
+  /** A file target: whether it exists, and its size. */
+  exists: boolean;
+  size: number;
+  /** A device target: its device number. */
+  rdev: number;
+}
+
+/** The target as a user reads it: `/dev/loop3 (via symlink /x/y)`. */
+export function showTarget(t: Pick<RestoreTarget, 'path' | 'via'>): string {
+  return t.via ? `${t.path} (via symlink ${t.via})` : t.path;
+}
+
+function kindOf(st: fsSync.Stats): string {
+  if (st.isDirectory()) return 'a directory';
+  if (st.isCharacterDevice()) return 'a character device';
+  if (st.isFIFO()) return 'a FIFO';
+  if (st.isSocket()) return 'a socket';
+  return 'not a regular file';
+}
+
+/**
+ * Resolve a restore target and refuse anything but a regular file (or a new name in an
+ * existing directory) and a block device. Nothing is opened or written here.
+ */
+export async function resolveTarget(target: string): Promise<RestoreTarget> {
+  const abs = path.resolve(target);
+  let lst: fsSync.Stats | null = null;
+  try {
+    lst = await fs.lstat(abs);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw describeFsError(e, abs);
+  }
+  let real: string;
+  let st: fsSync.Stats | null;
+  if (lst?.isSymbolicLink()) {
+    try {
+      real = await fs.realpath(abs);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') {
+        const to = await fs.readlink(abs).catch(() => '?');
+        throw new GenvaultError(`${abs} is a symlink to ${to}, which does not exist; nothing written`, 'ENOENT');
+      }
+      throw describeFsError(e, abs);
+    }
+    st = await fs.stat(real).catch((e) => {
+      throw describeFsError(e, real);
+    });
+  } else {
+    // Symlinked directories on the way (/home -> /data/home) are not worth a mention: the
+    // temporary file and the rename go through them to the same place.
+    real = abs;
+    st = lst;
+  }
+  const via = real !== abs ? abs : undefined;
+  const shown = showTarget({ path: real, via });
+  if (!st) return { kind: 'file', path: real, via, exists: false, size: 0, rdev: 0 };
+  if (st.isFile()) return { kind: 'file', path: real, via, exists: true, size: st.size, rdev: 0 };
+  if (st.isBlockDevice()) return { kind: 'device', path: real, via, exists: true, size: 0, rdev: st.rdev };
+  throw new GenvaultError(
+    `${shown} is ${kindOf(st)}; restore writes only to a regular file or a block device (nothing written)`,
+    st.isDirectory() ? 'EISDIR' : 'NOT_A_TARGET',
+  );
+}
+
+/** major:minor of a device number, as /proc and /sys spell it (glibc's encoding). */
+function majMin(rdev: number): string {
+  const major = (Math.floor(rdev / 0x100) & 0xfff) | (Math.floor(rdev / 0x100000000) & ~0xfff);
+  const minor = (rdev & 0xff) | (Math.floor(rdev / 0x1000) & ~0xff);
+  return `${major >>> 0}:${minor >>> 0}`;
+}
+
+/** Undo the octal escapes (\040 for a space) of /proc/self/mountinfo and /proc/swaps. */
+function unescapeProc(s: string): string {
+  return s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+}
+
+async function readOrEmpty(file: string): Promise<string> {
+  return fs.readFile(file, 'utf8').catch(() => '');
+}
+
+/**
+ * Refuse a block device that is in use: mounted (it or one of its partitions), holding
+ * LVM, md or device-mapper devices, or active swap. Not even --force overrides this.
+ */
+async function checkDeviceFree(t: RestoreTarget): Promise<void> {
+  const shown = showTarget(t);
+  const mm = majMin(t.rdev);
+  // The device and its partitions, by major:minor, with the name to report.
+  const devs = new Map<string, string>([[mm, t.path]]);
+  const sys = `/sys/dev/block/${mm}`;
+  for (const e of await fs.readdir(sys).catch(() => [] as string[])) {
+    const d = (await readOrEmpty(path.join(sys, e, 'partition'))) && (await readOrEmpty(path.join(sys, e, 'dev'))).trim();
+    if (d) devs.set(d, `/dev/${e}`);
+  }
+  const refuse = (why: string) =>
+    new GenvaultError(`${shown} ${why}; refusing to overwrite it, even with --force`, 'IN_USE');
+  const which = (d: string) => (d === mm ? '' : ` (partition ${devs.get(d)})`);
+  const rdevOf = async (p: string) => {
+    const st = await fs.stat(p).catch(() => null);
+    return st?.isBlockDevice() ? majMin(st.rdev) : null;
+  };
+  for (const line of (await readOrEmpty('/proc/self/mountinfo')).split('\n')) {
+    const f = line.split(' ');
+    const sep = f.indexOf('-', 6);
+    if (sep < 0) continue;
+    let d = f[2]!;
+    // btrfs and others report an anonymous device number: the source names the device.
+    const source = unescapeProc(f[sep + 2] ?? '');
+    if (!devs.has(d) && source.startsWith('/dev/')) d = (await rdevOf(source)) ?? d;
+    if (devs.has(d)) throw refuse(`is mounted${which(d)} on ${unescapeProc(f[4]!)}`);
+  }
+  for (const [d, name] of devs) {
+    const holders = await fs.readdir(`/sys/dev/block/${d}/holders`).catch(() => [] as string[]);
+    if (holders.length) {
+      const by = d === mm ? '' : ` (partition ${name})`;
+      throw refuse(`is in use${by} by ${holders.join(', ')} (LVM, md or device-mapper)`);
+    }
+  }
+  for (const line of (await readOrEmpty('/proc/swaps')).split('\n').slice(1)) {
+    const file = line.trim() && unescapeProc(line.split(/\s+/)[0]!);
+    if (!file) continue;
+    const d = await rdevOf(file);
+    if (d && devs.has(d)) throw refuse(`is active swap${which(d)}`);
+  }
+}
+
+/**
+ * What a signal has to undo: the temporary files of restores under way (removed) and the
+ * devices being written (reported). Kept here, filled and emptied synchronously around
+ * each open and rename, so that a signal handler sees exactly the names that exist.
+ */
+const underWay = new Map<string, { target: string; partial: boolean }>();
+
+/**
+ * Remove the temporary files of every restore under way, synchronously (for a signal
+ * handler that exits next). Returns one note per restore for the user.
+ */
+export function abandonRestores(): string[] {
+  const notes: string[] = [];
+  for (const [name, { target, partial }] of underWay) {
+    if (!partial) {
+      notes.push(`${target} is partly written`);
+      continue;
+    }
+    try {
+      fsSync.unlinkSync(name);
+      notes.push(`${target} not written (partial file removed)`);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') notes.push(`could not remove the partial file ${name}: ${(e as Error).message}`);
+    }
+  }
+  underWay.clear();
+  return notes;
+}
+
 export async function restoreToPath(
   repo: Repository,
   gen: Generation,
   target: string,
   opts: RestoreOptions = {},
 ): Promise<RestoreResult> {
-  const abs = path.resolve(target);
-  let st: import('node:fs').Stats | null = null;
-  try {
-    st = await fs.stat(abs);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw describeFsError(e, abs);
+  const t = await resolveTarget(target);
+  const shown = showTarget(t);
+  if (t.kind === 'device') {
+    await checkDeviceFree(t);
+    if (!opts.force) throw new GenvaultError(`${shown} is a block device; use --force to overwrite it`, 'EXISTS');
+    opts.onTarget?.(t);
+    return restoreToDevice(repo, gen, t, opts);
   }
-  if (st?.isBlockDevice()) return restoreToDevice(repo, gen, abs, opts);
-  if (st?.isDirectory()) throw new GenvaultError(`${abs}: is a directory`, 'EISDIR');
-  if (st && st.size > 0 && !opts.force) {
-    throw new GenvaultError(`${abs} exists and is not empty; use --force to overwrite it`, 'EXISTS');
+  if (t.exists && t.size > 0 && !opts.force) {
+    throw new GenvaultError(`${shown} exists and is not empty; use --force to overwrite it`, 'EXISTS');
   }
-  const tmp = path.join(path.dirname(abs), `.${path.basename(abs)}.genvault-partial-${randomBytes(4).toString('hex')}`);
-  let fh: fs.FileHandle;
+  opts.onTarget?.(t);
+  const final = t.path;
+  const tmp = path.join(path.dirname(final), `.${path.basename(final)}.genvault-partial-${randomBytes(4).toString('hex')}`);
+  // Opened and renamed synchronously, registered in between: a signal handler running at
+  // any point removes exactly the file that exists (see abandonRestores).
+  let fd: number;
   try {
-    fh = await fs.open(tmp, 'wx', 0o600);
+    underWay.set(tmp, { target: shown, partial: true });
+    const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW } = fsSync.constants;
+    fd = fsSync.openSync(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
   } catch (e) {
-    throw describeFsError(e, `cannot create ${abs}`);
+    underWay.delete(tmp);
+    throw describeFsError(e, `cannot create ${shown}`);
   }
+  let open = true;
   try {
-    await fh.truncate(gen.size);
-    const damaged = await restoreToFd(repo, gen, fh.fd, false, opts);
-    await fh.datasync();
-    await fh.close();
-    await fs.rename(tmp, abs);
-    return { bytes: gen.size, target: abs, damaged, sparse: true };
+    await ftruncate(fd, gen.size);
+    const damaged = await restoreToFd(repo, gen, fd, false, opts);
+    await fdatasync(fd);
+    open = false;
+    await close(fd);
+    // Whatever took the target's name meanwhile must still be a regular file to be replaced.
+    const now = fsSync.lstatSync(final, { throwIfNoEntry: false });
+    if (now && !now.isFile()) throw new GenvaultError(`${shown} changed while restoring and is ${kindOf(now)} now; nothing written`, 'CHANGED');
+    fsSync.renameSync(tmp, final);
+    underWay.delete(tmp);
+    return { bytes: gen.size, target: final, via: t.via, damaged, sparse: true };
   } catch (e) {
-    await fh.close().catch(() => undefined);
-    await fs.rm(tmp, { force: true });
-    throw describeFsError(e, `writing ${abs}`);
+    if (open) await close(fd).catch(() => undefined);
+    fsSync.rmSync(tmp, { force: true });
+    underWay.delete(tmp);
+    throw describeFsError(e, `writing ${shown}`);
   }
 }
 
-async function restoreToDevice(repo: Repository, gen: Generation, dev: string, opts: RestoreOptions): Promise<RestoreResult> {
-  const fh = await fs.open(dev, 'r+').catch((e) => {
-    throw describeFsError(e, `cannot open ${dev}`);
+async function restoreToDevice(repo: Repository, gen: Generation, t: RestoreTarget, opts: RestoreOptions): Promise<RestoreResult> {
+  const shown = showTarget(t);
+  // O_EXCL on a block device: the kernel refuses it while anything holds the device
+  // (a mount, swap, md, device-mapper, another exclusive opener, in any namespace), and
+  // holds it off them while we write.
+  const fh = await fs.open(t.path, fsSync.constants.O_RDWR | fsSync.constants.O_EXCL).catch((e) => {
+    if ((e as NodeJS.ErrnoException).code === 'EBUSY') {
+      throw new GenvaultError(`${shown} is in use (the kernel refuses exclusive access); refusing to overwrite it, even with --force`, 'IN_USE');
+    }
+    throw describeFsError(e, `cannot open ${shown}`);
   });
   try {
+    const st = await fh.stat();
+    if (!st.isBlockDevice() || st.rdev !== t.rdev) throw new GenvaultError(`${shown} changed while it was checked; nothing written`, 'CHANGED');
     const { blockDeviceSizeOf } = await import('../source/local.js');
-    const size = await blockDeviceSizeOf(dev);
+    const size = await blockDeviceSizeOf(t.path);
     if (size !== null && size < gen.size) {
-      throw new GenvaultError(`${dev} holds ${size} bytes, the image needs ${gen.size}`, 'TOO_SMALL');
+      throw new GenvaultError(`${shown} holds ${size} bytes, the image needs ${gen.size}`, 'TOO_SMALL');
     }
+    underWay.set(t.path, { target: shown, partial: false });
     // Devices may hold old data: zero chunks must be written as zeros.
     const damaged = await restoreToFd(repo, gen, fh.fd, true, opts);
     await fh.sync();
-    return { bytes: gen.size, target: dev, damaged, sparse: false };
+    return { bytes: gen.size, target: t.path, via: t.via, damaged, sparse: false };
   } finally {
+    underWay.delete(t.path);
     await fh.close().catch(() => undefined);
   }
 }
