@@ -19,6 +19,7 @@ import path from 'node:path';
 import type ssh2 from 'ssh2';
 import type { Client as SshClient, ClientChannel, ConnectConfig, AnyAuthMethod } from 'ssh2';
 import { GenvaultError, UsageError } from '../util/errors.js';
+import { readTrustedFile } from '../util/trust.js';
 import type { Source } from './types.js';
 
 /**
@@ -211,8 +212,10 @@ const ALL_HOST_KEY_ALGOS = [
 async function readIdentity(file: string, explicit: boolean): Promise<{ key: Buffer; file: string } | null> {
   let data: Buffer;
   try {
-    data = await fs.readFile(file);
+    // Owned by root or us and 0600, as OpenSSH wants of a private key (src/util/trust.ts).
+    data = await readTrustedFile(file, { secret: true });
   } catch (e) {
+    if (e instanceof GenvaultError) throw e;
     if (!explicit && (e as NodeJS.ErrnoException).code === 'ENOENT') return null;
     const code = (e as NodeJS.ErrnoException).code;
     const why = code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : (e as Error).message;
@@ -256,8 +259,10 @@ export async function connectSsh(spec: SshSpec, opts: SshOptions = {}): Promise<
   const khFile = opts.knownHosts ?? path.join(os.homedir(), '.ssh', 'known_hosts');
   let khText = '';
   try {
-    khText = await fs.readFile(khFile, 'utf8');
+    // Whoever may write it decides which hosts we trust: root's or ours alone.
+    khText = (await readTrustedFile(khFile)).toString('utf8');
   } catch (e) {
+    if (e instanceof GenvaultError) throw e;
     if ((e as NodeJS.ErrnoException).code !== 'ENOENT') {
       throw new GenvaultError(`cannot read known hosts file ${khFile}: ${(e as Error).message}`, 'SSH_KNOWN_HOSTS');
     }
