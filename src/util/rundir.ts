@@ -80,8 +80,9 @@ export async function openLogFile(file: string): Promise<FileHandle> {
   try {
     return await fs.open(file, C.O_WRONLY | C.O_APPEND | C.O_CREAT | C.O_NOFOLLOW, 0o600);
   } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
-    const why = code === 'ELOOP' ? 'is a symlink (not followed)' : (e as Error).message;
+    // A symlink gives ELOOP, or EACCES with O_CREAT on some kernels.
+    const link = (await fs.lstat(file).catch(() => null))?.isSymbolicLink();
+    const why = link ? 'is a symlink (not followed)' : (e as Error).message;
     throw new GenvaultError(`cannot open log file ${file}: ${why}`, 'LOG');
   }
 }
