@@ -33,6 +33,15 @@ afterAll(async () => {
   await s?.cleanup();
 });
 
+/** Detach a mount (if still there) and wait for its server to exit, so cleanup can remove the repository. */
+async function unmountAndWait(mnt: string): Promise<void> {
+  await sh('fusermount', ['-uz', mnt]);
+  for (let i = 0; i < 100; i++) {
+    if ((await sh('pgrep', ['-f', `mount ${mnt}( |$)`])).code !== 0) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
 async function mode(p: string): Promise<number> {
   return (await fs.lstat(p)).mode & 0o7777;
 }
@@ -56,10 +65,13 @@ describe('mount run state (pid file, log)', () => {
     expect(plantDir.stderr).toMatch(/Permission denied/);
 
     const env = { TMPDIR: shared, GENVAULT_RUN_DIR: runDir };
-    s.onCleanup(() => sh('fusermount', ['-uz', mnt]));
+    s.onCleanup(() => unmountAndWait(mnt));
     const r = await gv(repo, ['mount', mnt], { env });
     expect(r.code, r.stderr).toBe(0);
     expect(await isMounted(mnt)).toBe(true);
+    // The symlink targets are untouched: the victim unchanged, nothing created.
+    expect(await fs.readFile(victim, 'utf8')).toBe('precious root-owned content\n');
+    await expect(fs.access(wouldCreate)).rejects.toThrow();
 
     const st = await fs.lstat(runDir);
     expect(st.isDirectory()).toBe(true);
@@ -83,19 +95,18 @@ describe('mount run state (pid file, log)', () => {
     expect(() => process.kill(pid, 0)).toThrow();
     await expect(fs.access(pidFile)).rejects.toThrow();
 
-    // The symlink targets are untouched: the victim unchanged, nothing created.
+    // Still untouched after umount; the plants are still there, nothing else of ours is.
     expect(await fs.readFile(victim, 'utf8')).toBe('precious root-owned content\n');
     await expect(fs.access(wouldCreate)).rejects.toThrow();
     expect((await fs.lstat(oldPid)).isSymbolicLink()).toBe(true);
     expect((await fs.lstat(oldLog)).isSymbolicLink()).toBe(true);
-    // Nothing of genvault's left in the shared directory.
     expect((await fs.readdir(shared)).sort()).toEqual([path.basename(oldLog), path.basename(oldPid)].sort());
   });
 
   it('refuses a run directory that is a symlink, writable by others, or not ours; --log is not followed', async () => {
     const mnt = s.path('mnt2');
     await fs.mkdir(mnt);
-    s.onCleanup(() => sh('fusermount', ['-uz', mnt]));
+    s.onCleanup(() => unmountAndWait(mnt));
     const target = path.join(shared, 'user-dir');
     expect((await u.run('mkdir', ['-m', '0700', target])).code).toBe(0);
     const link = s.path('run-link');
