@@ -131,6 +131,39 @@ describe('ssh:// sources', () => {
     expect(await fs.readFile(bad, 'utf8')).toBe(`[127.0.0.1]:${port} ${otherPub}\n`);
   });
 
+  it('refuses a host known only by another key type, even with --accept-new-host-key, plain or hashed', async () => {
+    // The server has an ed25519 host key; this known_hosts lists only an RSA key for it.
+    const rsa = s.path('rsa_host_key');
+    await must('ssh-keygen', ['-q', '-t', 'rsa', '-b', '2048', '-N', '', '-C', 'genvault-test', '-f', rsa]);
+    const rsaPub = (await fs.readFile(`${rsa}.pub`, 'utf8')).split(' ').slice(0, 2).join(' ');
+    const plain = s.path('kh-rsa-only');
+    await fs.writeFile(plain, `[127.0.0.1]:${port} ${rsaPub}\n`);
+    const hashed = s.path('kh-rsa-only-hashed');
+    await fs.writeFile(hashed, `[127.0.0.1]:${port} ${rsaPub}\n`);
+    await must('ssh-keygen', ['-H', '-f', hashed]);
+    for (const kh of [plain, hashed]) {
+      const before = await fs.readFile(kh, 'utf8');
+      for (const extra of [['--accept-new-host-key'], []]) {
+        const r = await gv(repo, ['backup', src(disk), '--name', 'othertype', '-i', userKey, '--known-hosts', kh, ...extra], { env: noAgent });
+        expectOneLine(r, new RegExp(`host \\[127\\.0\\.0\\.1\\]:${port} offered a ssh-ed25519 key, but .* knows it only by ssh-rsa: refusing`));
+      }
+      expect(await fs.readFile(kh, 'utf8')).toBe(before);
+    }
+    // And the other way round, and the verdicts OpenSSH gives.
+    const ed = Buffer.from(hostPub.split(' ')[1]!, 'base64');
+    const rsaBlob = Buffer.from(rsaPub.split(' ')[1]!, 'base64');
+    const edOnly = parseKnownHosts(`[127.0.0.1]:${port} ${hostPub}\n`);
+    expect(checkHostKey(edOnly, '127.0.0.1', port, rsaBlob)).toEqual({ status: 'othertype', type: 'ssh-rsa', known: ['ssh-ed25519'] });
+    expect(checkHostKey(edOnly, '127.0.0.1', port + 1, rsaBlob).status).toBe('unknown');
+    const both = parseKnownHosts(`[127.0.0.1]:${port} ${rsaPub}\n[127.0.0.1]:${port} ${hostPub}\n`);
+    expect(checkHostKey(both, '127.0.0.1', port, ed).status).toBe('ok');
+    // A wildcard entry or a @revoked key: the first makes the host known, the second does not.
+    expect(checkHostKey(parseKnownHosts(`[127.0.0.1]:* ${rsaPub}\n`), '127.0.0.1', port, ed).status).toBe('othertype');
+    expect(checkHostKey(parseKnownHosts(`@revoked [127.0.0.1]:${port} ${rsaPub}\n`), '127.0.0.1', port, ed).status).toBe('unknown');
+    const list = JSON.parse(await gvOk(repo, ['list', '--json']));
+    expect(list.filter((g: { name: string }) => g.name === 'othertype')).toHaveLength(0);
+  });
+
   it('fails with one line when the server refuses the key', async () => {
     const r = await gv(repo, ['backup', src(disk), '--name', 'wrongkey', '-i', otherKey, '--known-hosts', knownHosts], { env: noAgent });
     expectOneLine(r, /authentication refused by root@127\.0\.0\.1:\d+ \(tried identity .*other_key\)/);

@@ -1,12 +1,13 @@
 import { Command } from 'commander';
 import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
-import os from 'node:os';
 import path from 'node:path';
 import { GenvaultError, UsageError } from '../util/errors.js';
 import { Repository } from '../repo/repository.js';
 import { startIndexHolder } from '../repo/index-holder.js';
 import { fusermountUnmount, isMounted, isStaleMount, mountRepository } from '../fuse/mount.js';
+import { ensureRunDir, openLogFile, readRunFile, writeRunFile } from '../util/rundir.js';
 import { action, repoPath } from './common.js';
 
 function parseSize(s: string): number {
@@ -16,8 +17,11 @@ function parseSize(s: string): number {
   return Math.round(Number(m[1]) * mul);
 }
 
-function pidFile(mnt: string): string {
-  return path.join(os.tmpdir(), `genvault-mount-${Buffer.from(mnt).toString('base64url')}.pid`);
+/** Name of the mount server's pid file in the run directory (src/util/rundir.ts). */
+function pidFileName(mnt: string): string {
+  const b64 = Buffer.from(mnt).toString('base64url');
+  // A file name holds 255 bytes: a very long mount point goes by its hash.
+  return `mount-${b64.length <= 200 ? b64 : createHash('sha256').update(mnt).digest('hex')}.pid`;
 }
 
 interface MountCliOpts {
@@ -28,6 +32,7 @@ interface MountCliOpts {
 }
 
 async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (msg: object) => void): Promise<void> {
+  const runDir = await ensureRunDir(); // before mounting: a refused run directory leaves nothing behind
   // The index leader (if none leads yet) is a small process of its own, not this one:
   // backups keep their speed while the mount is read (src/repo/index-holder.ts).
   const indexHolder = await startIndexHolder(repoDir).catch((e: Error) => {
@@ -44,7 +49,7 @@ async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (
     allowOther: opts.allowOther,
     cacheBytes: parseSize(opts.cacheSize),
   });
-  await fs.writeFile(pidFile(mnt), String(process.pid));
+  const pidFile = await writeRunFile(runDir, pidFileName(mnt), `${process.pid}\n`);
   notify({ ready: true, pid: process.pid });
   let stopping = false;
   const stop = async () => {
@@ -56,7 +61,7 @@ async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (
   process.on('SIGTERM', () => void stop());
   process.on('SIGHUP', () => void stop());
   await handle.closed;
-  await fs.rm(pidFile(mnt), { force: true });
+  await fs.rm(pidFile, { force: true });
   await repo.close().catch(() => undefined);
   await indexHolder?.stop().catch(() => undefined);
   process.exit(0);
@@ -70,7 +75,7 @@ export function register(program: Command): void {
     .option('--foreground', 'stay attached and serve until unmounted or signalled (for systemd)')
     .option('--allow-other', 'let users other than the one mounting read the files (needs user_allow_other in /etc/fuse.conf for non-root)')
     .option('--cache-size <size>', 'memory for decoded chunks shared by all open files (the server needs ~250 MiB more; see native-notes/fuse.md)', '128M')
-    .option('--log <file>', 'where the background server logs read errors (default: a file in the temp dir)')
+    .option('--log <file>', 'where the background server logs read errors (default: mount.log in /run/genvault, or the user\'s run directory)')
     .addHelpText(
       'after',
       '\nRestore recipes:\n' +
@@ -109,8 +114,11 @@ export function register(program: Command): void {
           return;
         }
         // Background: re-run ourselves detached, wait for "ready" over IPC, then return.
-        const logFile = opts.log ?? path.join(os.tmpdir(), `genvault-mount-${process.getuid?.() ?? 0}.log`);
-        const log = await fs.open(logFile, 'a');
+        // Not in a shared temporary directory: see src/util/rundir.ts. Even a log file the
+        // admin names is not followed through a symlink.
+        const runDir = await ensureRunDir();
+        const logFile = opts.log ? path.resolve(opts.log) : path.join(runDir, 'mount.log');
+        const log = await openLogFile(logFile);
         const args = [...process.execArgv, process.argv[1]!, '-r', repoDir, 'mount', mnt, '--cache-size', opts.cacheSize];
         if (opts.allowOther) args.push('--allow-other');
         const child = spawn(process.execPath, args, {
@@ -157,7 +165,9 @@ export function register(program: Command): void {
           throw new GenvaultError(`cannot unmount ${mnt}: ${err.trim()}`, 'UMOUNT');
         }
         // The server notices within a second and exits; wait so scripts can rely on it.
-        const pidText = await fs.readFile(pidFile(mnt), 'utf8').catch(() => null);
+        const pidText = await ensureRunDir()
+          .then((dir) => readRunFile(dir, pidFileName(mnt)))
+          .catch(() => null);
         const pid = pidText ? Number(pidText) : 0;
         for (let i = 0; pid && i < 100; i++) {
           try {

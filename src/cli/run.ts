@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { DEFAULT_JOBS_FILE, ConfigError, formatProblem, loadJobsFile, selectJobs } from '../jobs/config.js';
+import { DEFAULT_JOBS_FILE, ConfigError, checkJobFiles, formatProblem, loadJobsFile, selectJobs } from '../jobs/config.js';
 import { JobOutcome, describeRun, isDue, lastStarted, runJob } from '../jobs/runner.js';
 import { Repository } from '../repo/repository.js';
 import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
@@ -48,6 +48,11 @@ export function register(program: Command): void {
         if (o.check) {
           try {
             const f = await loadJobsFile(o.config);
+            const unsafe = await checkJobFiles(f);
+            if (unsafe.length) {
+              for (const l of unsafe) process.stderr.write(`${o.config}: ${l}\n`);
+              process.exit(1);
+            }
             process.stdout.write(`${o.config}: ok, ${f.jobs.length} job${f.jobs.length === 1 ? '' : 's'}: ${f.jobs.map((j) => j.name).join(', ')}\n`);
           } catch (e) {
             if (!(e instanceof ConfigError)) throw e;

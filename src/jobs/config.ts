@@ -15,10 +15,10 @@
  *         pre:  ["lvcreate -s -L 2G -n vm1-snap vg0/vm1"]
  *         post: ["lvremove -f vg0/vm1-snap"]
  */
-import fs from 'node:fs/promises';
 import path from 'node:path';
 import YAML, { isMap, isScalar, isSeq, LineCounter, Node as YamlNode, Pair, YAMLMap } from 'yaml';
 import { GenvaultError } from '../util/errors.js';
+import { checkTrustedFile, readTrustedFile } from '../util/trust.js';
 import { tryParseDuration } from '../util/duration.js';
 import { IMAGE_NAME_RE } from '../repo/format.js';
 import type { RetentionRules } from '../repo/retention.js';
@@ -436,17 +436,36 @@ export function parseJobsText(text: string, file: string): JobsFile {
   return { file, repository, timezone, jobs };
 }
 
-/** Read and check a job file. */
+/**
+ * Read and check a job file. Its hooks run as the user running genvault (root), so like
+ * cron and sudo it is refused unless it and its directory are owned by root (or that user)
+ * and not writable by group or others (src/util/trust.ts).
+ */
 export async function loadJobsFile(file: string): Promise<JobsFile> {
   let text: string;
   try {
-    text = await fs.readFile(file, 'utf8');
+    text = (await readTrustedFile(file, { dir: true })).toString('utf8');
   } catch (e) {
+    if (e instanceof GenvaultError) throw e;
     const code = (e as NodeJS.ErrnoException).code;
     const why = code === 'ENOENT' ? 'no such file (give --config FILE)' : code === 'EACCES' ? 'permission denied' : (e as Error).message;
     throw new GenvaultError(`cannot read job file ${file}: ${why}`, code === 'ENOENT' ? 'ENOENT' : 'CONFIG');
   }
   return parseJobsText(text, file);
+}
+
+/** The files a job file names for SSH (identity, known_hosts), checked as connecting would; a missing one passes. */
+export async function checkJobFiles(f: JobsFile): Promise<string[]> {
+  const out: string[] = [];
+  const seen = new Set<string>();
+  for (const j of f.jobs) {
+    for (const [file, secret] of [[j.ssh.identity, true], [j.ssh.knownHosts, false]] as const) {
+      if (!file || seen.has(file)) continue;
+      seen.add(file);
+      await checkTrustedFile(file, { secret }).catch((e: Error) => out.push(`jobs.${j.name}.ssh: ${e.message}`));
+    }
+  }
+  return out;
 }
 
 /** The jobs named on the command line, in the file's order; unknown names are an error. */

@@ -5,7 +5,8 @@
  * `-i`, else the agent at SSH_AUTH_SOCK, else ~/.ssh/id_ed25519, id_ecdsa, id_rsa (those
  * that exist). Host keys are checked against ~/.ssh/known_hosts (plain, wildcard,
  * `[host]:port` and hashed `|1|salt|hash` entries); an unknown host is refused unless
- * `acceptNewHostKey` (trust on first use, appended to the file), a changed key always.
+ * `acceptNewHostKey` (trust on first use, appended to the file), a changed key always, and
+ * so is a host known by keys of other types only (it is not new: OpenSSH's accept-new).
  *
  * Plain mode streams the image with `cat` over an exec channel. Incremental mode
  * (src/source/ssh-agent.ts) runs a small Python agent remotely that chunks and hashes
@@ -19,6 +20,7 @@ import path from 'node:path';
 import type ssh2 from 'ssh2';
 import type { Client as SshClient, ClientChannel, ConnectConfig, AnyAuthMethod } from 'ssh2';
 import { GenvaultError, UsageError } from '../util/errors.js';
+import { readTrustedFile } from '../util/trust.js';
 import type { Source } from './types.js';
 
 /**
@@ -42,7 +44,7 @@ export interface SshOptions {
   identity?: string;
   /** known_hosts file (default ~/.ssh/known_hosts). */
   knownHosts?: string;
-  /** Trust and record the key of a host not in known_hosts (never a changed one). */
+  /** Trust and record the key of a host with no key in known_hosts (never a changed one, nor one known by another key type). */
   acceptNewHostKey?: boolean;
   /** Connection timeout in ms (default 20 s). */
   timeoutMs?: number;
@@ -164,13 +166,25 @@ export function keyBlobType(blob: Buffer): string {
   return blob.subarray(4, 4 + n).toString('latin1');
 }
 
-export type HostKeyVerdict = { status: 'ok' } | { status: 'unknown' } | { status: 'changed'; type: string } | { status: 'revoked' };
+/**
+ * As OpenSSH: `unknown` only when no key of any type is recorded for the host (only such
+ * a host may be trusted on first use); `othertype` when keys of other types are known
+ * but not of the offered one (accept-new refuses that too); `changed` when a key of the
+ * offered type is known and differs.
+ */
+export type HostKeyVerdict =
+  | { status: 'ok' }
+  | { status: 'unknown' }
+  | { status: 'othertype'; type: string; known: string[] }
+  | { status: 'changed'; type: string }
+  | { status: 'revoked' };
 
 export function checkHostKey(entries: KnownHostEntry[], host: string, port: number, blob: Buffer): HostKeyVerdict {
   const name = knownHostsName(host, port);
   const type = keyBlobType(blob);
   let ok = false;
   let changed = false;
+  const known = new Set<string>();
   for (const e of entries) {
     if (!hostFieldMatches(e.hosts, name)) continue;
     if (e.marker === '@revoked') {
@@ -178,11 +192,13 @@ export function checkHostKey(entries: KnownHostEntry[], host: string, port: numb
       continue;
     }
     if (e.marker) continue; // @cert-authority: certificates are not supported
+    known.add(keyBlobType(e.key));
     if (e.key.equals(blob)) ok = true;
     else if (keyBlobType(e.key) === type) changed = true;
   }
   if (ok) return { status: 'ok' };
   if (changed) return { status: 'changed', type };
+  if (known.size) return { status: 'othertype', type, known: [...known].sort() };
   return { status: 'unknown' };
 }
 
@@ -211,8 +227,10 @@ const ALL_HOST_KEY_ALGOS = [
 async function readIdentity(file: string, explicit: boolean): Promise<{ key: Buffer; file: string } | null> {
   let data: Buffer;
   try {
-    data = await fs.readFile(file);
+    // Owned by root or us and 0600, as OpenSSH wants of a private key (src/util/trust.ts).
+    data = await readTrustedFile(file, { secret: true });
   } catch (e) {
+    if (e instanceof GenvaultError) throw e;
     if (!explicit && (e as NodeJS.ErrnoException).code === 'ENOENT') return null;
     const code = (e as NodeJS.ErrnoException).code;
     const why = code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : (e as Error).message;
@@ -256,8 +274,10 @@ export async function connectSsh(spec: SshSpec, opts: SshOptions = {}): Promise<
   const khFile = opts.knownHosts ?? path.join(os.homedir(), '.ssh', 'known_hosts');
   let khText = '';
   try {
-    khText = await fs.readFile(khFile, 'utf8');
+    // Whoever may write it decides which hosts we trust: root's or ours alone.
+    khText = (await readTrustedFile(khFile)).toString('utf8');
   } catch (e) {
+    if (e instanceof GenvaultError) throw e;
     if ((e as NodeJS.ErrnoException).code !== 'ENOENT') {
       throw new GenvaultError(`cannot read known hosts file ${khFile}: ${(e as Error).message}`, 'SSH_KNOWN_HOSTS');
     }
@@ -307,6 +327,15 @@ export async function connectSsh(spec: SshSpec, opts: SshOptions = {}): Promise<
         `host key for ${name} has CHANGED (${v.type} key differs from the one in ${khFile}): possible man-in-the-middle attack; ` +
           `if the host was reinstalled, remove the old key with: ssh-keygen -R '${name}' -f ${khFile}`,
         'SSH_HOSTKEY_CHANGED',
+      );
+      return false;
+    }
+    if (v.status === 'othertype') {
+      // Not a new host: OpenSSH's accept-new refuses it as well.
+      hostKeyError = new GenvaultError(
+        `host ${name} offered a ${v.type} key, but ${khFile} knows it only by ${v.known.join(', ')}: refusing (possible man-in-the-middle); ` +
+          `check the new key's fingerprint and add it (ssh-keyscan -t ${v.type} -p ${spec.port} ${spec.host} >> ${khFile})`,
+        'SSH_HOSTKEY_OTHER_TYPE',
       );
       return false;
     }
