@@ -1,5 +1,4 @@
 import { Command } from 'commander';
-import os from 'node:os';
 import { abandonRestores, restoreToPath, restoreToStream, showTarget } from '../repo/restore.js';
 import { UsageError } from '../util/errors.js';
 import { bytes, duration, rate } from '../util/format.js';
@@ -22,7 +21,7 @@ interface RestoreFlags {
  * SIGINT and SIGTERM end a restore: Node's default would exit without cleaning up, and
  * with listeners it would not exit at all. The handler runs on the main thread between
  * events (the workers write meanwhile), removes the temporary file of the restore under
- * way synchronously, says so in one line and exits with 128 + the signal number;
+ * way synchronously, says so in one line and exits with 1 (genvault's exit codes are 0, 1 and 2 only);
  * process.exit stops the workers.
  */
 function exitOnSignals(clearProgress: () => void): void {
@@ -30,7 +29,7 @@ function exitOnSignals(clearProgress: () => void): void {
     clearProgress();
     const notes = abandonRestores();
     process.stderr.write(`genvault: restore interrupted by ${sig}${notes.map((n) => `; ${n}`).join('')}\n`);
-    process.exit(128 + (os.constants.signals[sig] ?? 0));
+    process.exit(1);
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);

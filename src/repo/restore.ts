@@ -282,6 +282,20 @@ function kindOf(st: fsSync.Stats): string {
 }
 
 /**
+ * A symlink in a sticky world-writable directory (/tmp, /var/tmp) owned by someone other
+ * than us or the directory's owner was planted by another user: followed, it would let
+ * them choose what root overwrites, --force or not. The kernel's fs.protected_symlinks
+ * refuses the same links, but it is off in some containers.
+ */
+async function refusePlantedSymlink(abs: string, lst: fsSync.Stats): Promise<void> {
+  const dir = await fs.stat(path.dirname(abs)).catch(() => null);
+  if (!dir || (dir.mode & 0o1002) !== 0o1002) return;
+  const me = process.getuid?.() ?? 0;
+  if (lst.uid === me || lst.uid === dir.uid) return;
+  throw new GenvaultError(`${abs} is a symlink owned by uid ${lst.uid} in the shared directory ${path.dirname(abs)}: refusing to follow it`, 'EPERM');
+}
+
+/**
  * Resolve a restore target and refuse anything but a regular file (or a new name in an
  * existing directory) and a block device. Nothing is opened or written here.
  */
@@ -296,6 +310,7 @@ export async function resolveTarget(target: string): Promise<RestoreTarget> {
   let real: string;
   let st: fsSync.Stats | null;
   if (lst?.isSymbolicLink()) {
+    await refusePlantedSymlink(abs, lst);
     try {
       real = await fs.realpath(abs);
     } catch (e) {
