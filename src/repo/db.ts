@@ -20,6 +20,7 @@
  */
 import { ClassicLevel } from 'classic-level';
 import { RaveLevel } from 'rave-level';
+import { innermostMessage, noteIndexFailure } from '../util/errors.js';
 
 export type Db = RaveLevel<Buffer, Buffer>;
 
@@ -54,10 +55,14 @@ export type Db = RaveLevel<Buffer, Buffer>;
 export async function openDb(dir: string): Promise<Db> {
   const db = new RaveLevel<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
   await db.open();
-  // rave-level reports a lost leader it cannot replace as an 'error' event; without a
-  // listener that would crash the process with a stack trace.
+  // rave-level reports a leader it cannot open or replace (a read-only or full file
+  // system) as an 'error' event; without a listener that would crash the process with a
+  // stack trace. Requests already made would then wait forever (a command whose event
+  // loop runs dry that way exits 13): closing aborts them, so they fail like any error,
+  // and the failure is noted for the line that reports them (errors.ts, causes()).
   db.on('error', (err: Error) => {
-    process.stderr.write(`genvault: index database: ${err.message}\n`);
+    if (!noteIndexFailure(err)) process.stderr.write(`genvault: index database: ${innermostMessage(err)}\n`);
+    void db.close().catch(() => undefined);
   });
   return db;
 }
