@@ -44,6 +44,11 @@ export interface BackupOptions {
   onProgress?: (bytesRead: number, total: number | null) => void;
   /** Commit chunk index entries once this many are pending (tests use small values). */
   flushEntries?: number;
+  /**
+   * Fail (committing nothing) if the source is or yields more than this many bytes: the
+   * bound of a source without a size (--max-size). A cut-off image would be a wrong backup.
+   */
+  maxSize?: number;
 }
 
 /** Walks the parent generation's chunks in offset order, for positional dedup. */
@@ -187,6 +192,10 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
   const packs: PackWriter[] = [];
   let pack: PackWriter | null = null;
   try {
+    const { maxSize } = opts;
+    if (maxSize !== undefined && source.size !== null && source.size > maxSize) {
+      throw new GenvaultError(`${source.description} is ${source.size} bytes, more than --max-size ${maxSize}`, 'TOO_BIG');
+    }
     await cleanupDeadWriters(repo.dir, repo.db);
     writer = await WriterRegistration.register(repo.dir, `backup ${name}`);
 
@@ -324,6 +333,15 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     type Segment = { buf: SharedArrayBuffer; len: number; res: Promise<ChunkResult>; sent?: Uint8Array };
     const segments: Array<Promise<Segment | null>> = [];
     let eof = false;
+    /** A source never yields more than its size, nor more than --max-size. */
+    const checkBound = () => {
+      if (maxSize !== undefined && stats.bytesRead > maxSize) {
+        throw new GenvaultError(`${source.description} yields more than --max-size ${maxSize} bytes`, 'TOO_BIG');
+      }
+      if (source.size !== null && stats.bytesRead > source.size) {
+        throw new GenvaultError(`${source.description} yields more than its size of ${source.size} bytes`, 'LONG_READ');
+      }
+    };
     /**
      * Chunk a segment on a worker: bytes already in buf, or read there by the worker
      * itself (`read`); a segment that is all hole in a sparse file is neither read nor
@@ -333,6 +351,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       buf: SharedArrayBuffer, at: number, len: number, win?: Promise<ParentWindow | undefined>, read?: DirectRead,
     ): Promise<Segment> => {
       stats.bytesRead += len;
+      checkBound();
       opts.onProgress?.(stats.bytesRead, source.size);
       if (read?.extents?.length === 0) {
         stats.holeBytes = (stats.holeBytes ?? 0) + len;
@@ -463,6 +482,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
         }
       });
       stats.bytesRead += seg.length;
+      checkBound();
       opts.onProgress?.(stats.bytesRead, source.size);
       return { buf, len: seg.length, res: Promise.resolve({ table, digests }), sent };
     };
