@@ -17,7 +17,7 @@
  * visible generation; its uncommitted pack tails are removed by the next writer.
  */
 import { randomBytes } from 'node:crypto';
-import { GenvaultError, describeFsError } from '../util/errors.js';
+import { GenvaultError, describeFsError, isNoSpace } from '../util/errors.js';
 import { chunkKey, condemnedKey, damagedKey, damagedSet, leafKey, packKey } from './db.js';
 import { ChunkMap, Leaf, LeafBuilder, LeafRef, encodeTop } from './chunkmap.js';
 import type { ParentWindow, SegmentReadFailure } from './worker.js';
@@ -184,6 +184,17 @@ const FLUSH_ENTRIES = 65536;
 
 export async function backup(repo: Repository, source: Source, opts: BackupOptions): Promise<Generation> {
   const name = checkImageName(opts.name);
+  try {
+    return await backupImage(repo, source, opts, name);
+  } catch (e) {
+    // A full file system, wherever it struck (a pack, the index, a lock file): one line
+    // about the repository. What was written is trimmed (or left to the next writer).
+    if (isNoSpace(e)) throw new GenvaultError(`${repo.dir}: no space left on device (backup of ${name} failed; nothing was committed)`, 'ENOSPC');
+    throw e;
+  }
+}
+
+async function backupImage(repo: Repository, source: Source, opts: BackupOptions, name: string): Promise<Generation> {
   const started = Date.now();
   const cfg = repo.config;
   const segSize = cfg.chunking.segment;
@@ -660,9 +671,11 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     for (const p of packs) await p.close().catch(() => undefined);
     if (writer) {
       // Remove what this run wrote but never committed; committed chunks stay for reuse.
+      // If that fails (the index went with the disk), the registration stays: the next
+      // writer, finding this process gone, does it.
       const { trimPacks } = await import('./locks.js');
-      await trimPacks(repo.dir, repo.db, writer.record.packs).catch(() => undefined);
-      await writer.release().catch(() => undefined);
+      const trimmed = await trimPacks(repo.dir, repo.db, writer.record.packs).then(() => true, () => false);
+      if (trimmed) await writer.release().catch(() => undefined);
     }
     if (e instanceof GenvaultError) throw new GenvaultError(`backup of ${name} failed: ${e.message}`, e.code, e.exitCode);
     throw describeFsError(e, `backup of ${name} failed`);
