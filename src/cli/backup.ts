@@ -13,7 +13,7 @@ const { backup } = backupModule;
 const chunkedBackup = (backupModule as Record<string, unknown>).SUPPORTS_CHUNKED_SOURCES === true;
 import { bytes, duration, parseSize, rate } from '../util/format.js';
 import { Progress } from '../util/progress.js';
-import { action, collect, printJson, wantsJson, withRepo } from './common.js';
+import { action, collect, holdingSignals, onInterrupt, printJson, wantsJson, withRepo } from './common.js';
 
 interface BackupCliOptions {
   name: string;
@@ -71,12 +71,25 @@ export function register(program: Command): void {
               })
             : await openLocalSource(src, { maxSize });
           const progress = new Progress(`backup ${opts.name}`);
+          // A signal ends the backup at once: what it wrote is trimmed by the next writer
+          // (locks.ts). The commit holds signals, so the line is true either way.
+          let committed = false;
+          onInterrupt(() =>
+            committed
+              ? `backup of ${opts.name} interrupted after its generation was committed`
+              : `backup of ${opts.name} interrupted; nothing was committed (any partial pack is removed by the next backup or gc)`,
+          );
           try {
             const gen = await backup(repo, source, {
               name: opts.name,
               tags: opts.tag,
               wait: opts.wait,
               maxSize,
+              commit: (run) =>
+                holdingSignals(async () => {
+                  await run();
+                  committed = true;
+                }),
               onProgress: (d, t) => progress.update(d, t),
             });
             progress.done();

@@ -49,6 +49,8 @@ export interface BackupOptions {
    * bound of a source without a size (--max-size). A cut-off image would be a wrong backup.
    */
   maxSize?: number;
+  /** Runs the one batch that makes the generation visible (the CLI holds signals across it). */
+  commit?: (run: () => Promise<void>) => Promise<void>;
 }
 
 /** Walks the parent generation's chunks in offset order, for positional dedup. */
@@ -658,11 +660,13 @@ async function backupImage(repo: Repository, source: Source, opts: BackupOptions
     }
     // The one atomic commit that makes the generation visible (and clears the damage marks of
     // chunks it stored again: their index entries now point to the fresh copies).
-    await repo.db.batch([
-      ...healed.map((d) => ({ type: 'del' as const, key: damagedKey(Buffer.from(d, 'binary')) })),
-      { type: 'put', key: Repository.mapKey(gen.id), value: encodeTop(leafRefs) },
-      { type: 'put', key: Repository.generationKey(gen), value: Buffer.from(JSON.stringify(gen)) },
-    ], { sync: true } as object);
+    const commit = () =>
+      repo.db.batch([
+        ...healed.map((d) => ({ type: 'del' as const, key: damagedKey(Buffer.from(d, 'binary')) })),
+        { type: 'put', key: Repository.mapKey(gen.id), value: encodeTop(leafRefs) },
+        { type: 'put', key: Repository.generationKey(gen), value: Buffer.from(JSON.stringify(gen)) },
+      ], { sync: true } as object);
+    await (opts.commit ? opts.commit(commit) : commit());
     for (const p of packs) await p.close().catch(() => undefined);
     await writer.release();
     writer = null;
