@@ -67,8 +67,11 @@ const named = namedCommand(process.argv);
 // ends the process: an errno, a signal, an uncaught exception or unhandled rejection,
 // commander, or process.exitCode. mount and daemon keep their own signal handling.
 if (named === 'status') useMonitoringExitCodes();
-if (named !== 'mount' && named !== 'daemon') exitOnSignals();
-reportIndexFailureInErrorLine();
+// Their index failures are logged as they happen (db.ts); a command's error line says it.
+if (named !== 'mount' && named !== 'daemon') {
+  exitOnSignals();
+  reportIndexFailureInErrorLine();
+}
 process.on('uncaughtException', (e) => fail(e));
 process.on('unhandledRejection', (e) => fail(e));
 let finished = false;
