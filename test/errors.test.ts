@@ -150,7 +150,7 @@ describe('disk full during backup', () => {
     await fs.writeFile(big, prng(4, 24 << 20));
     const r = await gv(frepo, ['backup', big, '--name', 'vm2']);
     expect(r.code).toBe(1);
-    expect(oneLine(r.stderr)).toMatch(/backup of vm2 failed: .*no space left on device/);
+    expect(oneLine(r.stderr)).toBe(`genvault: ${frepo}: no space left on device (backup of vm2 failed; nothing was committed)`);
     const list = JSON.parse(await gvOk(frepo, ['list', '--json']));
     expect(list.map((g: { name: string }) => g.name)).toEqual(['first']);
     expect((await fs.readdir(path.join(frepo, 'locks'))).filter((f) => f.startsWith('writer-'))).toEqual([]);

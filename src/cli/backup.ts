@@ -11,9 +11,9 @@ const { backup } = backupModule;
  * network); until it does, `--ssh-mode auto` streams with cat.
  */
 const chunkedBackup = (backupModule as Record<string, unknown>).SUPPORTS_CHUNKED_SOURCES === true;
-import { bytes, duration, rate } from '../util/format.js';
+import { bytes, duration, parseSize, rate } from '../util/format.js';
 import { Progress } from '../util/progress.js';
-import { action, collect, printJson, wantsJson, withRepo } from './common.js';
+import { action, collect, holdingSignals, onInterrupt, printJson, wantsJson, withRepo } from './common.js';
 
 interface BackupCliOptions {
   name: string;
@@ -23,6 +23,7 @@ interface BackupCliOptions {
   knownHosts?: string;
   acceptNewHostKey?: boolean;
   sshMode: string;
+  maxSize?: string;
 }
 
 export function register(program: Command): void {
@@ -41,11 +42,14 @@ export function register(program: Command): void {
       'ssh:// sources: agent (chunk remotely with python3, send only missing chunks), plain (cat), or auto',
       'auto',
     )
+    .option('--max-size <size>', 'fail, committing nothing, if the source is or yields more than SIZE (e.g. 512M, 10G, 1T); needed for a character device')
     .option('--json', 'print the new generation as JSON')
     .addHelpText(
       'after',
       '\nOnly chunks the repository lacks are stored; zero regions store nothing.\n' +
-        'The generation becomes visible only after all its data is on disk.\n\n' +
+        'The generation becomes visible only after all its data is on disk.\n' +
+        'A file or block device is read up to its size; stdin and pipes to their end, or\n' +
+        'to --max-size; a character device (/dev/zero) only with --max-size.\n\n' +
         'Examples:\n  genvault -r /srv/backup backup /dev/vg0/vm1 --name vm1\n  genvault -r /srv/backup backup ssh://root@host/dev/vg/vm2 --name vm2\n' +
           '  ssh host cat /dev/vg/vm2 | genvault backup - --name vm2',
     )
@@ -53,6 +57,7 @@ export function register(program: Command): void {
       action(async (src: string, opts: BackupCliOptions, cmd: Command) => {
         const ssh = isSshSpec(src);
         const sshMode = parseSshMode(opts.sshMode);
+        const maxSize = opts.maxSize === undefined ? undefined : parseSize(opts.maxSize, '--max-size');
         if (ssh) warnIfNoNativeCrypto();
         await withRepo(cmd, async (repo) => {
           const mode = sshMode === 'auto' && !chunkedBackup ? 'plain' : sshMode;
@@ -64,13 +69,27 @@ export function register(program: Command): void {
                 mode,
                 chunking: repo.config.chunking,
               })
-            : await openLocalSource(src);
+            : await openLocalSource(src, { maxSize });
           const progress = new Progress(`backup ${opts.name}`);
+          // A signal ends the backup at once: what it wrote is trimmed by the next writer
+          // (locks.ts). The commit holds signals, so the line is true either way.
+          let committed = false;
+          onInterrupt(() =>
+            committed
+              ? `backup of ${opts.name} interrupted after its generation was committed`
+              : `backup of ${opts.name} interrupted; nothing was committed (any partial pack is removed by the next backup or gc)`,
+          );
           try {
             const gen = await backup(repo, source, {
               name: opts.name,
               tags: opts.tag,
               wait: opts.wait,
+              maxSize,
+              commit: (run) =>
+                holdingSignals(async () => {
+                  await run();
+                  committed = true;
+                }),
               onProgress: (d, t) => progress.update(d, t),
             });
             progress.done();

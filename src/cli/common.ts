@@ -1,6 +1,6 @@
 /** What every command shares: finding the repository, JSON output, error exit. */
 import type { Command } from 'commander';
-import { GenvaultError, UsageError } from '../util/errors.js';
+import { GenvaultError, UsageError, describeFsError, errnoOf, innermostMessage } from '../util/errors.js';
 import { Repository } from '../repo/repository.js';
 
 export interface GlobalOpts {
@@ -32,17 +32,100 @@ export function printJson(v: unknown): void {
   process.stdout.write(JSON.stringify(v, null, 2) + '\n');
 }
 
+/**
+ * Exit codes: 0 ok, 1 error, 2 usage. `status` follows the monitoring-plugin convention
+ * instead (0 OK, 1 WARN, 2 CRIT, 3 UNKNOWN): its errors that are not a judgement of the
+ * repository, usage errors included, are UNKNOWN (exit 3, with an UNKNOWN line on stdout).
+ */
+let monitoring = false;
+
+export function useMonitoringExitCodes(): void {
+  monitoring = true;
+}
+
+/** Exit codes this process may end with (main.ts maps any other to an error). */
+export function allowedExitCodes(): number[] {
+  return monitoring ? [0, 1, 2, 3] : [0, 1, 2];
+}
+
+/** The exit code for an error (1) or a usage error (2); UNKNOWN (3) for both under `status`. */
+export function errorExitCode(usage = false): number {
+  return monitoring ? 3 : usage ? 2 : 1;
+}
+
+/** The one line (without "genvault: ") that says what went wrong, for any thrown value. */
+export function errorLine(err: unknown): string {
+  if (err instanceof GenvaultError) return err.message;
+  // LevelDB's own words name the file ("IO error: REPO/index/LOCK: Read-only file system").
+  if (String((err as { code?: unknown })?.code).startsWith('LEVEL_')) return `index database: ${innermostMessage(err)}`;
+  // An errno error that no layer described: name the file if node did.
+  const path = (err as NodeJS.ErrnoException)?.path;
+  if (errnoOf(err)) return path ? describeFsError(err, path).message : innermostMessage(err);
+  return `internal error: ${err instanceof Error ? err.message : String(err)}`;
+}
+
+function writeErrorLine(line: string, exitCode: number): void {
+  if (monitoring && exitCode === 3) process.stdout.write(`UNKNOWN: ${line}\n`);
+  else process.stderr.write(`genvault: ${line}\n`);
+}
+
 /** Print one clear line and exit; stack traces only with GENVAULT_DEBUG=1. */
 export function fail(err: unknown): never {
-  if (err instanceof GenvaultError) {
-    process.stderr.write(`genvault: ${err.message}\n`);
-    if (process.env.GENVAULT_DEBUG) process.stderr.write(`${err.stack}\n`);
-    process.exit(err.exitCode);
+  // verify's "could not run" is its own exit 2 (GenvaultError.exitCode); any other code is 1.
+  const own = err instanceof GenvaultError ? err.exitCode : 1;
+  const exitCode = monitoring ? 3 : own === 2 ? 2 : 1;
+  writeErrorLine(errorLine(err), exitCode);
+  if (process.env.GENVAULT_DEBUG) process.stderr.write(`${(err as Error)?.stack ?? String(err)}\n`);
+  process.exit(exitCode);
+}
+
+/** A usage error detected outside commander: one line, exit 2 (3 under `status`). */
+export function failUsage(line: string): never {
+  const exitCode = errorExitCode(true);
+  writeErrorLine(line, exitCode);
+  process.exit(exitCode);
+}
+
+/**
+ * Signals. SIGINT, SIGTERM and SIGHUP end a command with one line and exit 1 (not 130,
+ * 143 or 129), saying what the interruption left behind when the command said so with
+ * onInterrupt(). mount and daemon handle signals themselves and do not install these.
+ */
+let interruptLine: (() => string | null) | null = null;
+let holding = 0;
+let heldSignal: NodeJS.Signals | null = null;
+
+/** The line printed if a signal ends the command now (null: the generic one). */
+export function onInterrupt(line: (() => string | null) | null): void {
+  interruptLine = line;
+}
+
+function interrupted(sig: NodeJS.Signals): void {
+  if (holding) {
+    heldSignal ??= sig;
+    return;
   }
-  const e = err as Error;
-  process.stderr.write(`genvault: internal error: ${e?.message ?? String(err)}\n`);
-  if (process.env.GENVAULT_DEBUG) process.stderr.write(`${e?.stack}\n`);
-  process.exit(1);
+  const line = interruptLine?.() ?? `interrupted by ${sig}`;
+  writeErrorLine(line, errorExitCode());
+  process.exit(errorExitCode());
+}
+
+export function exitOnSignals(): void {
+  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => interrupted(sig));
+}
+
+/**
+ * Run fn with signals held: one that arrives meanwhile ends the command only once fn has
+ * settled (a commit is then either done or not started, never unknown).
+ */
+export async function holdingSignals<T>(fn: () => Promise<T>): Promise<T> {
+  holding++;
+  try {
+    return await fn();
+  } finally {
+    holding--;
+    if (!holding && heldSignal) interrupted(heldSignal);
+  }
 }
 
 /** Wrap an action so that any error ends in fail(). */

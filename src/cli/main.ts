@@ -7,7 +7,8 @@
 // runs without the flag.
 import { Command, CommanderError } from 'commander';
 import { createRequire } from 'node:module';
-import { fail } from './common.js';
+import { allowedExitCodes, errorExitCode, exitOnSignals, fail, useMonitoringExitCodes } from './common.js';
+import { describeFsError, noteOfIndexFailure, reportIndexFailureInErrorLine } from '../util/errors.js';
 const pkg = createRequire(import.meta.url)('../../package.json') as { version: string };
 
 const program = new Command();
@@ -61,18 +62,50 @@ function namedCommand(argv: string[]): string | undefined {
 }
 
 const named = namedCommand(process.argv);
+
+// Exit codes are 0, 1 (error) and 2 (usage) only (status: 0-3, see common.ts), whatever
+// ends the process: an errno, a signal, an uncaught exception or unhandled rejection,
+// commander, or process.exitCode. mount and daemon keep their own signal handling.
+if (named === 'status') useMonitoringExitCodes();
+// Their index failures are logged as they happen (db.ts); a command's error line says it.
+if (named !== 'mount' && named !== 'daemon') {
+  exitOnSignals();
+  reportIndexFailureInErrorLine();
+}
+process.on('uncaughtException', (e) => fail(e));
+process.on('unhandledRejection', (e) => fail(e));
+let finished = false;
+process.on('beforeExit', () => {
+  // Nothing left to run, yet the command has not finished: what it awaits can no longer
+  // happen (node would exit 13 for the unsettled top-level await below).
+  if (!finished) fail(noteOfIndexFailure() ?? new Error('the command stopped before finishing (nothing left to wait for)'));
+});
+process.on('exit', (code) => {
+  const c = Number(process.exitCode ?? code);
+  if (!allowedExitCodes().includes(c)) {
+    process.stderr.write(`genvault: internal error: exit code ${c}\n`);
+    process.exitCode = errorExitCode();
+  }
+});
+
 for (const load of named ? [commands[named]!] : new Set(Object.values(commands))) (await load()).register(program);
 
 process.stdout.on('error', (e: NodeJS.ErrnoException) => {
   if (e.code === 'EPIPE') process.exit(0);
+  fail(describeFsError(e, 'writing standard output'));
 });
+process.stderr.on('error', () => undefined); // nowhere left to say it
 
 try {
   await program.parseAsync(process.argv);
+  finished = true;
 } catch (e) {
+  finished = true;
   if (e instanceof CommanderError) {
-    if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') process.exit(0);
-    process.exit(2);
+    // --help, --version, `help`: 0. Usage errors, and help shown because no command was given: 2.
+    if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || (e.code === 'commander.help' && e.exitCode === 0)) process.exit(0);
+    if (named === 'status') process.stdout.write(`UNKNOWN: ${e.message.replace(/^error: /, '')}\n`);
+    process.exit(errorExitCode(true));
   }
   fail(e);
 }

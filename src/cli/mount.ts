@@ -9,13 +9,7 @@ import { startIndexHolder } from '../repo/index-holder.js';
 import { fusermountUnmount, isMounted, isStaleMount, mountRepository } from '../fuse/mount.js';
 import { ensureRunDir, openLogFile, readRunFile, writeRunFile } from '../util/rundir.js';
 import { action, repoPath } from './common.js';
-
-function parseSize(s: string): number {
-  const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?$/i.exec(s.trim());
-  if (!m) throw new UsageError(`invalid size ${JSON.stringify(s)} (e.g. 256M, 1G)`);
-  const mul = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
-  return Math.round(Number(m[1]) * mul);
-}
+import { parseSize } from '../util/format.js';
 
 /** Name of the mount server's pid file in the run directory (src/util/rundir.ts). */
 function pidFileName(mnt: string): string {

@@ -7,7 +7,7 @@ import { Repository } from '../repo/repository.js';
 import { roughAge } from '../util/duration.js';
 import { bytes, table } from '../util/format.js';
 import { UsageError } from '../util/errors.js';
-import { jobsRepoPath, printJson, repoPath, wantsJson } from './common.js';
+import { errorLine, failUsage, jobsRepoPath, printJson, repoPath, wantsJson } from './common.js';
 
 interface StatusFlags {
   config?: string;
@@ -39,7 +39,7 @@ function crit(message: string, json: boolean): never {
 export function register(program: Command): void {
   program
     .command('status')
-    .description('health of every job and image, for people and monitoring: exit 0 OK, 1 WARN, 2 CRIT')
+    .description('health of every job and image, for people and monitoring: exit 0 OK, 1 WARN, 2 CRIT, 3 UNKNOWN')
     .option('-c, --config <file>', `job file (default ${DEFAULT_JOBS_FILE}; without one, only images are shown)`)
     .option('--now <time>', 'judge as if it were this ISO time (to check a schedule ahead)')
     .option('--json', 'print JSON')
@@ -49,6 +49,7 @@ export function register(program: Command): void {
         'missed, or the job never ran. CRIT: two or more were missed, the last run failed, or the\n' +
         'repository or job file cannot be read. A scheduled time counts as missed once its grace\n' +
         'period (job file `grace`, default 1h) has passed without a successful run.\n' +
+        'UNKNOWN (exit 3): status itself could not run (a usage error, an internal error, a signal).\n' +
         'The first line of output is the summary (as monitoring plugins expect).\n\n' +
         'Example (Nagios/Icinga):  command_line  /usr/local/bin/genvault status --config /etc/genvault/jobs.yaml',
     )
@@ -57,10 +58,7 @@ export function register(program: Command): void {
       let now = Date.now();
       if (o.now !== undefined) {
         now = Date.parse(o.now);
-        if (Number.isNaN(now)) {
-          process.stderr.write(`genvault: --now: ${JSON.stringify(o.now)} is not an ISO date or time\n`);
-          process.exit(2);
-        }
+        if (Number.isNaN(now)) failUsage(`--now: ${JSON.stringify(o.now)} is not an ISO date or time`);
       }
       let file: JobsFile | null = null;
       let dir: string;
@@ -73,17 +71,14 @@ export function register(program: Command): void {
         if (o.config !== undefined || exists) file = await loadJobsFile(cfgPath);
         dir = file ? jobsRepoPath(cmd, file.repository) : repoPath(cmd);
       } catch (e) {
-        if (e instanceof UsageError) {
-          process.stderr.write(`genvault: ${e.message}\n`);
-          process.exit(2);
-        }
-        crit((e as Error).message, json);
+        if (e instanceof UsageError) failUsage(e.message);
+        crit(errorLine(e), json);
       }
       let repo: Repository;
       try {
         repo = await Repository.open(dir);
       } catch (e) {
-        crit((e as Error).message, json);
+        crit(errorLine(e), json);
       }
       const jobs: JobRow[] = [];
       const images: ImageSummary[] = [];
@@ -112,7 +107,7 @@ export function register(program: Command): void {
         for (const [name, list] of byImage) if (!jobImages.has(name)) images.push(summarizeImage(name, list));
       } catch (e) {
         await repo.close().catch(() => undefined);
-        crit((e as Error).message, json);
+        crit(errorLine(e), json);
       }
       await repo.close().catch(() => undefined);
 

@@ -4,12 +4,12 @@ import { VerifyReport, verify } from '../repo/verify.js';
 import { bytes, duration } from '../util/format.js';
 import { GenvaultError, UsageError } from '../util/errors.js';
 import { Progress } from '../util/progress.js';
-import { action, printJson, repoPath, wantsJson } from './common.js';
+import { action, errorLine, printJson, repoPath, wantsJson } from './common.js';
 
 /** verify's exit codes: 0 clean, 1 damage found, 2 could not run. */
 function couldNotRun(e: unknown): GenvaultError {
   if (e instanceof GenvaultError) return e.exitCode === 2 ? e : new GenvaultError(e.message, e.code, 2);
-  return new GenvaultError(`verify could not run: ${(e as Error)?.message ?? String(e)}`, 'VERIFY', 2);
+  return new GenvaultError(`verify could not run: ${errorLine(e)}`, 'VERIFY', 2);
 }
 
 const HUMAN_LIMIT = 20;

@@ -17,7 +17,7 @@
  * visible generation; its uncommitted pack tails are removed by the next writer.
  */
 import { randomBytes } from 'node:crypto';
-import { GenvaultError, describeFsError } from '../util/errors.js';
+import { GenvaultError, describeFsError, isNoSpace } from '../util/errors.js';
 import { chunkKey, condemnedKey, damagedKey, damagedSet, leafKey, packKey } from './db.js';
 import { ChunkMap, Leaf, LeafBuilder, LeafRef, encodeTop } from './chunkmap.js';
 import type { ParentWindow, SegmentReadFailure } from './worker.js';
@@ -44,6 +44,13 @@ export interface BackupOptions {
   onProgress?: (bytesRead: number, total: number | null) => void;
   /** Commit chunk index entries once this many are pending (tests use small values). */
   flushEntries?: number;
+  /**
+   * Fail (committing nothing) if the source is or yields more than this many bytes: the
+   * bound of a source without a size (--max-size). A cut-off image would be a wrong backup.
+   */
+  maxSize?: number;
+  /** Runs the one batch that makes the generation visible (the CLI holds signals across it). */
+  commit?: (run: () => Promise<void>) => Promise<void>;
 }
 
 /** Walks the parent generation's chunks in offset order, for positional dedup. */
@@ -180,6 +187,17 @@ const FLUSH_ENTRIES = 65536;
 export async function backup(repo: Repository, source: Source, opts: BackupOptions): Promise<Generation> {
   repo.requireWritable('a backup');
   const name = checkImageName(opts.name);
+  try {
+    return await backupImage(repo, source, opts, name);
+  } catch (e) {
+    // A full file system, wherever it struck (a pack, the index, a lock file): one line
+    // about the repository. What was written is trimmed (or left to the next writer).
+    if (isNoSpace(e)) throw new GenvaultError(`${repo.dir}: no space left on device (backup of ${name} failed; nothing was committed)`, 'ENOSPC');
+    throw e;
+  }
+}
+
+async function backupImage(repo: Repository, source: Source, opts: BackupOptions, name: string): Promise<Generation> {
   const started = Date.now();
   const cfg = repo.config;
   const segSize = cfg.chunking.segment;
@@ -188,6 +206,10 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
   const packs: PackWriter[] = [];
   let pack: PackWriter | null = null;
   try {
+    const { maxSize } = opts;
+    if (maxSize !== undefined && source.size !== null && source.size > maxSize) {
+      throw new GenvaultError(`${source.description} is ${source.size} bytes, more than --max-size ${maxSize}`, 'TOO_BIG');
+    }
     await cleanupDeadWriters(repo.dir, repo.db);
     writer = await WriterRegistration.register(repo.dir, `backup ${name}`);
 
@@ -325,6 +347,15 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     type Segment = { buf: SharedArrayBuffer; len: number; res: Promise<ChunkResult>; sent?: Uint8Array };
     const segments: Array<Promise<Segment | null>> = [];
     let eof = false;
+    /** A source never yields more than its size, nor more than --max-size. */
+    const checkBound = () => {
+      if (maxSize !== undefined && stats.bytesRead > maxSize) {
+        throw new GenvaultError(`${source.description} yields more than --max-size ${maxSize} bytes`, 'TOO_BIG');
+      }
+      if (source.size !== null && stats.bytesRead > source.size) {
+        throw new GenvaultError(`${source.description} yields more than its size of ${source.size} bytes`, 'LONG_READ');
+      }
+    };
     /**
      * Chunk a segment on a worker: bytes already in buf, or read there by the worker
      * itself (`read`); a segment that is all hole in a sparse file is neither read nor
@@ -334,6 +365,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       buf: SharedArrayBuffer, at: number, len: number, win?: Promise<ParentWindow | undefined>, read?: DirectRead,
     ): Promise<Segment> => {
       stats.bytesRead += len;
+      checkBound();
       opts.onProgress?.(stats.bytesRead, source.size);
       if (read?.extents?.length === 0) {
         stats.holeBytes = (stats.holeBytes ?? 0) + len;
@@ -464,6 +496,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
         }
       });
       stats.bytesRead += seg.length;
+      checkBound();
       opts.onProgress?.(stats.bytesRead, source.size);
       return { buf, len: seg.length, res: Promise.resolve({ table, digests }), sent };
     };
@@ -628,11 +661,13 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     }
     // The one atomic commit that makes the generation visible (and clears the damage marks of
     // chunks it stored again: their index entries now point to the fresh copies).
-    await repo.db.batch([
-      ...healed.map((d) => ({ type: 'del' as const, key: damagedKey(Buffer.from(d, 'binary')) })),
-      { type: 'put', key: Repository.mapKey(gen.id), value: encodeTop(leafRefs) },
-      { type: 'put', key: Repository.generationKey(gen), value: Buffer.from(JSON.stringify(gen)) },
-    ], { sync: true } as object);
+    const commit = () =>
+      repo.db.batch([
+        ...healed.map((d) => ({ type: 'del' as const, key: damagedKey(Buffer.from(d, 'binary')) })),
+        { type: 'put', key: Repository.mapKey(gen.id), value: encodeTop(leafRefs) },
+        { type: 'put', key: Repository.generationKey(gen), value: Buffer.from(JSON.stringify(gen)) },
+      ], { sync: true } as object);
+    await (opts.commit ? opts.commit(commit) : commit());
     for (const p of packs) await p.close().catch(() => undefined);
     await writer.release();
     writer = null;
@@ -641,9 +676,11 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     for (const p of packs) await p.close().catch(() => undefined);
     if (writer) {
       // Remove what this run wrote but never committed; committed chunks stay for reuse.
+      // If that fails (the index went with the disk), the registration stays: the next
+      // writer, finding this process gone, does it.
       const { trimPacks } = await import('./locks.js');
-      await trimPacks(repo.dir, repo.db, writer.record.packs).catch(() => undefined);
-      await writer.release().catch(() => undefined);
+      const trimmed = await trimPacks(repo.dir, repo.db, writer.record.packs).then(() => true, () => false);
+      if (trimmed) await writer.release().catch(() => undefined);
     }
     if (e instanceof GenvaultError) throw new GenvaultError(`backup of ${name} failed: ${e.message}`, e.code, e.exitCode);
     throw describeFsError(e, `backup of ${name} failed`);

@@ -24,6 +24,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { RaveLevel } from 'rave-level';
+import { innermostMessage, noteIndexFailure } from '../util/errors.js';
 
 export type Db = RaveLevel<Buffer, Buffer>;
 
@@ -134,15 +135,20 @@ export async function openDb(dir: string, opts: { create?: boolean } = {}): Prom
     at = copy;
   }
   const db = new RaveLevel<Buffer, Buffer>(at, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
-  // rave-level reports a leader it cannot open or replace as an 'error' event; without a
-  // listener that would crash the process with a stack trace.
+  // rave-level reports a leader it cannot open or replace (a damaged index, a read-only or
+  // full file system) as an 'error' event; without a listener that would crash the process
+  // with a stack trace. Requests already made would then wait forever (a command whose
+  // event loop runs dry that way exits 13): after the open, closing aborts them, so they
+  // fail like any error, and the failure is noted for the line that reports them
+  // (errors.ts, causes()). During the open, the failure is the open's own error.
   let opened = false;
   let failed: (err: Error) => void = () => undefined;
   const failure = new Promise<never>((_, reject) => (failed = reject));
   failure.catch(() => undefined);
   db.on('error', (err: Error) => {
-    if (!opened) failed(err);
-    else process.stderr.write(`genvault: index database: ${describeLevelError(err)}\n`);
+    if (!opened) return failed(err);
+    if (!noteIndexFailure(err)) process.stderr.write(`genvault: index database: ${innermostMessage(err)}\n`);
+    void db.close().catch(() => undefined);
   });
   try {
     await db.open();
@@ -154,7 +160,7 @@ export async function openDb(dir: string, opts: { create?: boolean } = {}): Prom
   } catch (e) {
     await db.close().catch(() => undefined);
     if (copy) await fs.rm(copy, { recursive: true, force: true });
-    throw new IndexError(`cannot open the index: ${describeLevelError(e as Error)}`);
+    throw new IndexError(`cannot open the index: ${innermostMessage(e)}`);
   }
   if (copy) {
     const dropCopy = () => fs.rm(copy!, { recursive: true, force: true });
@@ -163,13 +169,6 @@ export async function openDb(dir: string, opts: { create?: boolean } = {}): Prom
     (db as Db & { readOnlyCopy?: string }).readOnlyCopy = copy;
   }
   return db;
-}
-
-/** LevelDB's own message: the innermost cause ("Corruption: ...", "IO error: ..."). */
-export function describeLevelError(err: Error): string {
-  let e: Error & { cause?: unknown } = err;
-  while (e.cause instanceof Error) e = e.cause as Error & { cause?: unknown };
-  return e.message;
 }
 
 async function writable(dir: string): Promise<boolean> {

@@ -11,6 +11,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { GenvaultError } from '../util/errors.js';
+import { bytes } from '../util/format.js';
 import { Owner, currentOwner, ownerAlive } from '../util/proc.js';
 import { packKey, getOrNull, type Db } from './db.js';
 import { packPath } from './pack.js';
@@ -78,23 +79,38 @@ export async function liveWriters(repoDir: string, exceptId: string | null = nul
   return out;
 }
 
+/** What trimPacks did: packs removed and truncated, and the bytes that freed. */
+export interface Trimmed {
+  removed: number;
+  truncated: number;
+  bytes: number;
+}
+
 /** Bring the packs of a writer back to what the index committed. */
-export async function trimPacks(repoDir: string, db: Db, packs: string[]): Promise<void> {
+export async function trimPacks(repoDir: string, db: Db, packs: string[]): Promise<Trimmed> {
+  const done: Trimmed = { removed: 0, truncated: 0, bytes: 0 };
   for (const packId of packs) {
     const rec = await getOrNull(db, packKey(packId));
     const file = packPath(repoDir, packId);
+    const st = await fs.stat(file).catch((e: NodeJS.ErrnoException) => {
+      if (e.code === 'ENOENT') return null;
+      throw e;
+    });
+    if (!st) continue;
     if (!rec) {
       await fs.rm(file, { force: true });
+      done.removed++;
+      done.bytes += st.size;
     } else {
       const { size } = JSON.parse(rec.toString('utf8')) as { size: number };
-      try {
-        const st = await fs.stat(file);
-        if (st.size > size) await fs.truncate(file, size);
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+      if (st.size > size) {
+        await fs.truncate(file, size);
+        done.truncated++;
+        done.bytes += st.size - size;
       }
     }
   }
+  return done;
 }
 
 /** Clean up after writers whose process is gone. Returns how many were cleaned. */
@@ -102,7 +118,14 @@ export async function cleanupDeadWriters(repoDir: string, db: Db): Promise<numbe
   let n = 0;
   for (const w of await listWriters(repoDir)) {
     if (await ownerAlive(w.owner)) continue;
-    await trimPacks(repoDir, db, w.packs);
+    const t = await trimPacks(repoDir, db, w.packs);
+    if (t.removed || t.truncated) {
+      const did = [t.removed && `${t.removed} uncommitted pack(s) removed`, t.truncated && `${t.truncated} pack(s) cut to their committed size`];
+      process.stderr.write(
+        `genvault: cleaned up after ${w.what} (pid ${w.owner.pid}, started ${w.started}), which did not finish: ` +
+          `${did.filter(Boolean).join(', ')} (${bytes(t.bytes)})\n`,
+      );
+    }
     await fs.rm(path.join(repoDir, 'locks', `writer-${w.id}.json`), { force: true });
     n++;
   }

@@ -1,7 +1,7 @@
 /** Local sources: an image file, a block device, or standard input. */
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { describeFsError, GenvaultError } from '../util/errors.js';
+import { describeFsError, GenvaultError, UsageError } from '../util/errors.js';
 import type { DirectRead, Source } from './types.js';
 import { HoleSeeker, holeSeeker } from '../util/holes.js';
 
@@ -143,7 +143,12 @@ class FileSource implements Source {
   }
 }
 
-export async function openLocalSource(spec: string): Promise<Source> {
+export interface LocalSourceOptions {
+  /** The bound the caller enforces (--max-size); a character device is refused without one. */
+  maxSize?: number;
+}
+
+export async function openLocalSource(spec: string, opts: LocalSourceOptions = {}): Promise<Source> {
   if (spec === '-') return openStdinSource();
   const abs = path.resolve(spec);
   let fh: fs.FileHandle;
@@ -164,6 +169,11 @@ export async function openLocalSource(spec: string): Promise<Source> {
     // Fewer blocks allocated than the size needs: a sparse file, whose holes are skipped.
     const sparse = st.blocks * 512 < st.size;
     return new FileSource(`file:${abs}`, st.size, fh, abs, sparse ? holeSeeker() : null);
+  }
+  // A character device (/dev/zero, /dev/urandom) may never end: only with a bound.
+  if (st.isCharacterDevice() && opts.maxSize === undefined) {
+    await fh.close();
+    throw new UsageError(`${abs}: a character device has no size; give --max-size`);
   }
   // A pipe or character device: read to the end, size unknown.
   return new FileSource(`stream:${abs}`, null, fh, abs);

@@ -1,4 +1,17 @@
-/** Human-readable figures. */
+/** Human-readable figures, and sizes as people write them. */
+import { UsageError } from './errors.js';
+
+/**
+ * Bytes from a size as written on a command line: 4096, 512M, 10G, 1.5T, 256MiB (binary
+ * units, K to T); a usage error (exit 2) otherwise, naming `what` when given.
+ */
+export function parseSize(s: string, what?: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?$/i.exec(s.trim());
+  if (!m) throw new UsageError(`${what ? `${what}: ` : ''}invalid size ${JSON.stringify(s)} (e.g. 256M, 1G)`);
+  const mul = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
+  return Math.round(Number(m[1]) * mul);
+}
+
 export function bytes(n: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
   let i = 0;
