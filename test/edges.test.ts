@@ -111,12 +111,11 @@ describe('exit codes', () => {
     await must('mount', ['-o', 'remount,ro,bind', ro]);
     const b = await gv(ro, ['backup', img, '--name', 'vm1']);
     expect(b.code).toBe(1);
-    expect(oneLine(b.stderr)).toMatch(/read-only file system/i);
-    // Reading may work once read-only media are supported; either way no stray exit code.
+    expect(oneLine(b.stderr)).toMatch(/read-only media/i);
+    // Reading works on read-only media (from a private copy of the index).
     for (const args of [['list'], ['info', 'vm1@latest']]) {
       const r = await gv(ro, args);
-      expect([0, 1], `${args}: ${r.stderr}`).toContain(r.code);
-      if (r.code) expect(oneLine(r.stderr)).toMatch(/^genvault: index database: .*read-only file system/i);
+      expect(r.code, `${args}: ${r.stderr}`).toBe(0);
     }
     await must('umount', [ro]);
   });
@@ -171,7 +170,11 @@ describe('disk full', () => {
       await must('fallocate', ['-l', String(free - left), filler]);
       const res = await gv(r, ['backup', big, '--name', 'big']);
       expect(res.code, res.stderr).toBe(1);
-      expect(oneLine(res.stderr)).toBe(`genvault: ${r}: no space left on device (backup of big failed; nothing was committed)`);
+      // With 2 KiB left LevelDB cannot even open the index (its recovery writes a table):
+      // that is said about the index; a failure inside the backup about the backup.
+      const line = oneLine(res.stderr);
+      if (line.startsWith(`genvault: ${r}/index:`)) expect(line).toBe(`genvault: ${r}/index: no space left on device`);
+      else expect(line).toBe(`genvault: ${r}: no space left on device (backup of big failed; nothing was committed)`);
       await fs.rm(filler);
       expect(await names(r)).toEqual(['vm1']);
     }

@@ -24,7 +24,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { RaveLevel } from 'rave-level';
-import { innermostMessage, noteIndexFailure } from '../util/errors.js';
+import { describeFsError, errnoOf, innermostMessage, noteIndexFailure } from '../util/errors.js';
 
 export type Db = RaveLevel<Buffer, Buffer>;
 
@@ -160,6 +160,9 @@ export async function openDb(dir: string, opts: { create?: boolean } = {}): Prom
   } catch (e) {
     await db.close().catch(() => undefined);
     if (copy) await fs.rm(copy, { recursive: true, force: true });
+    // The file system refusing (full, read-only, permissions) is not damage to the index.
+    const errno = errnoOf(e);
+    if (errno && ['ENOSPC', 'EDQUOT', 'EROFS', 'EACCES', 'EPERM', 'EIO'].includes(errno)) throw describeFsError(e, dir);
     throw new IndexError(`cannot open the index: ${innermostMessage(e)}`);
   }
   if (copy) {
