@@ -35,11 +35,26 @@ export const COMP_GROUP = 2;
 export const GROUP_MAX_MEMBERS = 256;
 export const GROUP_MEMBER_SIZE = 36;
 
+/** Bytes of a pack id; written as 32 lowercase hex digits in file names and lock files. */
+export const PACK_ID_BYTES = 16;
+const PACK_ID_RE = /^[0-9a-f]{32}$/;
+
 export function newPackId(): string {
-  return randomBytes(16).toString('hex');
+  return randomBytes(PACK_ID_BYTES).toString('hex');
 }
 
+/** A pack id as it may appear in a file name: exactly 32 lowercase hex digits. */
+export function isPackId(v: unknown): v is string {
+  return typeof v === 'string' && PACK_ID_RE.test(v);
+}
+
+/**
+ * The file of a pack. Ids also come from files under locks/ (writer registrations); one
+ * that is not a pack id would name a path elsewhere, so it is refused here as well as
+ * where those files are read.
+ */
 export function packPath(repoDir: string, packId: string): string {
+  if (!isPackId(packId)) throw new Error(`invalid pack id ${JSON.stringify(packId)}`);
   return path.join(repoDir, 'packs', packId.slice(0, 2), `${packId}.pack`);
 }
 
