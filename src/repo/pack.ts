@@ -240,19 +240,20 @@ export class PackWriter {
   static async create(repoDir: string): Promise<PackWriter> {
     const packId = newPackId();
     const file = packPath(repoDir, packId);
-    await fs.mkdir(path.dirname(file), { recursive: true });
+    // Modes from the umask Repository.open set: 0700/0600, or 2750/0640 with a group (perms.ts).
+    await fs.mkdir(path.dirname(file), { recursive: true, mode: 0o750 });
     const skip = alignSkipper();
     let fh: fs.FileHandle | null = null;
     if (skip) {
       const { O_RDWR, O_CREAT, O_EXCL, O_DIRECT } = fsConstants;
-      fh = await fs.open(file, O_RDWR | O_CREAT | O_EXCL | O_DIRECT, 0o600).catch((e) => {
+      fh = await fs.open(file, O_RDWR | O_CREAT | O_EXCL | O_DIRECT, 0o640).catch((e) => {
         if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
         return null; // no O_DIRECT on this file system
       });
     }
     // The file may exist from the refused O_DIRECT open; pack ids are random, so 'w' is safe.
     const direct = fh !== null;
-    fh ??= await fs.open(file, skip ? 'w' : 'wx', 0o600);
+    fh ??= await fs.open(file, skip ? 'w' : 'wx', 0o640);
     const header = Buffer.alloc(PACK_HEADER_SIZE);
     PACK_MAGIC.copy(header, 0);
     header.write(packId, 8, 16, 'hex');
