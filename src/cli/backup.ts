@@ -13,7 +13,7 @@ const { backup } = backupModule;
 const chunkedBackup = (backupModule as Record<string, unknown>).SUPPORTS_CHUNKED_SOURCES === true;
 import { bytes, duration, parseSize, rate } from '../util/format.js';
 import { Progress } from '../util/progress.js';
-import { action, collect, holdingSignals, onInterrupt, printJson, wantsJson, withRepo } from './common.js';
+import { action, collect, holdingSignals, onInterrupt, printJson, wantsJson, withWritableRepo } from './common.js';
 
 interface BackupCliOptions {
   name: string;
@@ -59,7 +59,7 @@ export function register(program: Command): void {
         const sshMode = parseSshMode(opts.sshMode);
         const maxSize = opts.maxSize === undefined ? undefined : parseSize(opts.maxSize, '--max-size');
         if (ssh) warnIfNoNativeCrypto();
-        await withRepo(cmd, async (repo) => {
+        await withWritableRepo(cmd, async (repo) => {
           const mode = sshMode === 'auto' && !chunkedBackup ? 'plain' : sshMode;
           const source = ssh
             ? await openRemoteSource(src, {

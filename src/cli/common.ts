@@ -19,13 +19,19 @@ export function wantsJson(cmd: Command): boolean {
   return (cmd.optsWithGlobals() as GlobalOpts).json === true;
 }
 
-export async function withRepo<T>(cmd: Command, fn: (repo: Repository) => Promise<T>): Promise<T> {
-  const repo = await Repository.open(repoPath(cmd));
+/** Open the repository for a command; `write` for commands that change it (see Repository.open). */
+export async function withRepo<T>(cmd: Command, fn: (repo: Repository) => Promise<T>, opts: { write?: boolean } = {}): Promise<T> {
+  const repo = await Repository.open(repoPath(cmd), opts);
   try {
     return await fn(repo);
   } finally {
     await repo.close().catch(() => undefined);
   }
+}
+
+/** withRepo for commands that change the repository (its directories are tightened first). */
+export function withWritableRepo<T>(cmd: Command, fn: (repo: Repository) => Promise<T>): Promise<T> {
+  return withRepo(cmd, fn, { write: true });
 }
 
 export function printJson(v: unknown): void {

@@ -1,6 +1,6 @@
 import { Command } from 'commander';
 import { forgetGeneration } from '../repo/prune.js';
-import { action, printJson, wantsJson, withRepo } from './common.js';
+import { action, printJson, wantsJson, withWritableRepo } from './common.js';
 
 export function register(program: Command): void {
   program
@@ -17,7 +17,7 @@ export function register(program: Command): void {
     )
     .action(
       action(async (target: string, opts: { forceYoung?: boolean }, cmd: Command) => {
-        await withRepo(cmd, async (repo) => {
+        await withWritableRepo(cmd, async (repo) => {
           const g = await forgetGeneration(repo, target, { forceYoung: opts.forceYoung });
           if (wantsJson(cmd)) printJson({ forgotten: g });
           else process.stdout.write(`forgot ${g.name}@${g.id} (created ${g.created}); run 'genvault gc' to reclaim its space\n`);

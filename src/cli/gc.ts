@@ -2,7 +2,7 @@ import { Command } from 'commander';
 import { GcResult, gc } from '../repo/gc.js';
 import { UsageError } from '../util/errors.js';
 import { bytes, duration } from '../util/format.js';
-import { action, printJson, wantsJson, withRepo } from './common.js';
+import { action, printJson, wantsJson, withWritableRepo } from './common.js';
 
 function percent(v: string): number {
   if (!/^\d+(\.\d+)?$/.test(v) || Number(v) > 100) {
@@ -91,7 +91,7 @@ export function register(program: Command): void {
       action(async (o: { dryRun?: boolean; repackThreshold: string }, cmd: Command) => {
         const repackThreshold = percent(o.repackThreshold);
         const status = new StatusLine();
-        await withRepo(cmd, async (repo) => {
+        await withWritableRepo(cmd, async (repo) => {
           let r: GcResult;
           try {
             r = await gc(repo, { dryRun: o.dryRun === true, repackThreshold, onProgress: (l) => status.show(l) });

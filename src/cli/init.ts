@@ -1,16 +1,20 @@
 import { Command } from 'commander';
 import { Repository } from '../repo/repository.js';
+import { GROUP_NAME_RE } from '../repo/format.js';
+import { UsageError } from '../util/errors.js';
 import { action, printJson, repoPath, wantsJson } from './common.js';
 
 export function register(program: Command): void {
   program
     .command('init')
     .description('create a new, empty repository in the directory given by -r/GENVAULT_REPO')
+    .option('--group <group>', 'let this group read the repository (directories 2750, files 0640); default: owner only (0700, 0600)')
     .option('--json', 'print the new repository config as JSON')
     .action(
-      action(async (_opts: unknown, cmd: Command) => {
+      action(async (opts: { group?: string }, cmd: Command) => {
         const dir = repoPath(cmd);
-        const cfg = await Repository.init(dir);
+        if (opts.group !== undefined && !GROUP_NAME_RE.test(opts.group)) throw new UsageError(`--group: invalid group name ${JSON.stringify(opts.group)}`);
+        const cfg = await Repository.init(dir, opts.group !== undefined ? { group: opts.group } : {});
         if (wantsJson(cmd)) printJson({ repository: dir, ...cfg });
         else process.stdout.write(`created genvault repository ${cfg.id} at ${dir}\n`);
       }),

@@ -1,6 +1,6 @@
 import { Command } from 'commander';
 import { setProtected } from '../repo/prune.js';
-import { action, printJson, wantsJson, withRepo } from './common.js';
+import { action, printJson, wantsJson, withWritableRepo } from './common.js';
 
 export function register(program: Command): void {
   for (const on of [true, false]) {
@@ -22,7 +22,7 @@ export function register(program: Command): void {
       )
       .action(
         action(async (target: string, _o: unknown, cmd: Command) => {
-          await withRepo(cmd, async (repo) => {
+          await withWritableRepo(cmd, async (repo) => {
             const { gen, changed } = await setProtected(repo, target, on);
             if (wantsJson(cmd)) printJson({ ...gen, protected: gen.protected === true, changed });
             else {

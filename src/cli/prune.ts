@@ -4,7 +4,7 @@ import type { RetentionRules } from '../repo/retention.js';
 import { formatDuration, parseDuration } from '../util/duration.js';
 import { UsageError } from '../util/errors.js';
 import { table } from '../util/format.js';
-import { action, collect, printJson, wantsJson, withRepo } from './common.js';
+import { action, collect, printJson, wantsJson, withWritableRepo } from './common.js';
 
 interface PruneFlags {
   keepLast?: string;
@@ -63,7 +63,7 @@ export function register(program: Command): void {
           keepTags: o.keepTag ?? [],
         };
         const minAgeMs = o.minAge === undefined ? undefined : parseDuration(o.minAge, '--min-age');
-        await withRepo(cmd, async (repo) => {
+        await withWritableRepo(cmd, async (repo) => {
           const res = await prune(repo, { names, rules, minAgeMs, dryRun: o.dryRun, allowEmpty: o.allowEmpty });
           const images = new Set(res.decisions.map((d) => d.gen.name)).size;
           if (wantsJson(cmd)) {

@@ -47,6 +47,7 @@ function printHuman(r: VerifyReport): void {
         `(${bytes(g.ranges.reduce((a, x) => a + x.length, 0))})`;
     out.push(`DAMAGED generation ${g.name}@${g.id}${g.created ? ` (${g.created})` : ''}: ${g.problems.join('; ')}; image bytes ${where}`);
   }
+  for (const w of r.warnings) out.push(`warning: ${w}`);
   out.push(r.ok ? 'no damage found' : summary(r));
   process.stdout.write(out.join('\n') + '\n');
 }

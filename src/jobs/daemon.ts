@@ -76,7 +76,7 @@ export class Daemon {
     const file = this.file!;
     let repo: Repository | null = null;
     try {
-      repo = await Repository.open(this.opts.repoFor(file));
+      repo = await Repository.open(this.opts.repoFor(file), { write: true });
       for (const job of file.jobs) {
         if (this.stopping) break;
         if (!isDue(job, await lastStarted(repo, job.name), Date.now())) continue;

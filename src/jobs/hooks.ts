@@ -5,6 +5,7 @@
  * output is kept (the tail) for the run record and error messages.
  */
 import { spawn } from 'node:child_process';
+import { startUmask } from '../repo/perms.js';
 import type { SshConnection } from '../source/ssh.js';
 import { shq } from '../source/ssh.js';
 import type { HookSpec } from './config.js';
@@ -32,7 +33,9 @@ async function runLocal(hook: HookSpec, env: Record<string, string>): Promise<{ 
     let output = '';
     let timedOut = false;
     // A process group of its own, so a timeout kills the whole pipeline the hook started.
-    const child = spawn('/bin/sh', ['-c', hook.run], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+    // Under the umask genvault started with, not the repository's (perms.ts).
+    const script = `umask ${startUmask().toString(8).padStart(4, '0')}; ${hook.run}`;
+    const child = spawn('/bin/sh', ['-c', script], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
     const onData = (d: Buffer) => (output = tail(output + d.toString()));
     child.stdout.on('data', onData);
     child.stderr.on('data', onData);

@@ -45,7 +45,16 @@ export interface RepoConfig {
    * forced); a duration such as "1d", "36h", "0". Default DEFAULT_MIN_AGE.
    */
   guards?: { minAge?: string };
+  /**
+   * Optional (`init --group`): a group that may read the repository (directories 2750,
+   * files 0640, that group). Absent: only the owner (directories 0700, files 0600).
+   * Readers that do not know it ignore it; see perms.ts.
+   */
+  group?: string;
 }
+
+/** Group names as `groupadd` takes them, or a numeric gid (config.json `group`). */
+export const GROUP_NAME_RE = /^(?:[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|\d{1,10})$/;
 
 /**
  * Raw bytes per group record in new repositories. On the bench disk, 1 MiB groups at zstd
@@ -125,6 +134,9 @@ export function checkConfig(raw: unknown, file: string): RepoConfig {
     if (m !== undefined && (typeof m !== 'string' || tryParseDuration(m) === null)) {
       throw bad('"guards.minAge" must be a duration such as "1d", "36h" or "0"');
     }
+  }
+  if (c.group !== undefined && (typeof c.group !== 'string' || !GROUP_NAME_RE.test(c.group))) {
+    throw bad('"group" must be a group name or number');
   }
   return c as RepoConfig;
 }

@@ -56,6 +56,7 @@ import {
   encodeLocation,
   isLocation,
   packPath,
+  PACK_ID_BYTES,
   recordShare,
 } from './pack.js';
 import { Repository } from './repository.js';
@@ -212,6 +213,7 @@ async function mark(repo: Repository, report: (line: string) => void, label: str
 async function packSizes(repo: Repository): Promise<Map<string, number>> {
   const out = new Map<string, number>();
   for await (const [k, v] of repo.db.iterator(prefixRange(K_PACK))) {
+    if (k.length !== 1 + PACK_ID_BYTES) continue; // not a pack key: nothing to name a file by
     try {
       out.set(k.toString('hex', 1), (JSON.parse(v.toString('utf8')) as { size: number }).size);
     } catch {

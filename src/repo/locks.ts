@@ -6,15 +6,93 @@
  *   packs never committed are deleted, committed ones truncated to their committed size.
  * - image-<name>.lock: held by the one backup of that image that may run at a time.
  * - gc.json: held by the one gc that may run at a time (GcLock; backups check gcRunning()).
+ *
+ * Nothing read from these files is trusted: a file that does not parse, or whose owner or
+ * pack ids are not well-formed, is reported (one line on stderr, naming the file, once per
+ * process) and never acted on. Liveness is decided only from a well-formed owner (pid,
+ * process start time, host); a malformed lock counts as stale.
  */
 import fs from 'node:fs/promises';
+import { constants as fsConstants } from 'node:fs';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { GenvaultError } from '../util/errors.js';
 import { bytes } from '../util/format.js';
 import { Owner, currentOwner, ownerAlive } from '../util/proc.js';
 import { packKey, getOrNull, type Db } from './db.js';
-import { packPath } from './pack.js';
+import { isPackId, packPath } from './pack.js';
+import { IMAGE_NAME_RE } from './format.js';
+
+/** The lock name prune/forget/protect hold (no image name starts with '.'). */
+export const RETENTION_LOCK = '.retention';
+
+const reported = new Set<string>();
+
+/** One line on stderr about a file under locks/, once per process and message. */
+export function reportLockFile(file: string, problem: string): void {
+  const line = `genvault: warning: ${file}: ${problem}`;
+  if (reported.has(line)) return;
+  reported.add(line);
+  process.stderr.write(`${line}\n`);
+}
+
+/** Largest lock or registration file read (a gc's registration lists its packs: ~35 bytes each). */
+const MAX_LOCK_FILE = 4 << 20;
+
+type ReadLock = { text: string } | { gone: true } | { bad: string };
+
+/**
+ * Read a small regular file under locks/ without following a symlink or blocking on a
+ * FIFO. `gone` when it does not exist; `bad` when it is not a regular file or too large.
+ * Other errors (EACCES, EIO) are thrown.
+ */
+async function readLockFile(file: string): Promise<ReadLock> {
+  let fh: fs.FileHandle;
+  try {
+    fh = await fs.open(file, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') return { gone: true };
+    if (code === 'ELOOP') return { bad: 'is a symbolic link' };
+    throw e;
+  }
+  try {
+    const st = await fh.stat();
+    if (!st.isFile()) return { bad: 'is not a regular file' };
+    if (st.size > MAX_LOCK_FILE) return { bad: `is too large (${st.size} bytes)` };
+    return { text: await fh.readFile('utf8') };
+  } finally {
+    await fh.close();
+  }
+}
+
+/** A well-formed owner (pid, process start time, host), or why not. */
+export function parseOwner(v: unknown): Owner | string {
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) return 'not a JSON object';
+  const o = v as Record<string, unknown>;
+  if (!Number.isSafeInteger(o.pid) || (o.pid as number) <= 0) return '"pid" missing or not a positive integer';
+  if (typeof o.start !== 'string' || !/^\d{0,20}$/.test(o.start)) return '"start" missing or not a process start time';
+  if (typeof o.host !== 'string' || !o.host || o.host.length > 255 || /[\0/]/.test(o.host)) return '"host" missing or malformed';
+  return { pid: o.pid as number, start: o.start, host: o.host };
+}
+
+function parseJson(text: string): unknown {
+  try {
+    return JSON.parse(text) as unknown;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Read an owner file (image lock, pin, gc.json): the owner, gone, or why it is malformed. */
+async function readOwnerFile(file: string): Promise<{ owner: Owner } | { gone: true } | { bad: string }> {
+  const r = await readLockFile(file);
+  if (!('text' in r)) return r;
+  const v = parseJson(r.text);
+  if (v === undefined) return { bad: r.text.trim() ? 'not valid JSON' : 'empty' };
+  const o = parseOwner(v);
+  return typeof o === 'string' ? { bad: o } : { owner: o };
+}
 
 export interface WriterRecord {
   id: string;
@@ -55,16 +133,50 @@ export class WriterRegistration {
   }
 }
 
+/** Check a parsed registration of locks/writer-<fileId>.json; the record or why it is invalid. */
+export function parseWriterRecord(v: unknown, fileId: string): WriterRecord | string {
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) return 'not a JSON object';
+  const r = v as Record<string, unknown>;
+  if (r.id !== fileId) return `"id" ${JSON.stringify(r.id)} does not match the file name`;
+  const owner = parseOwner(r.owner);
+  if (typeof owner === 'string') return `owner: ${owner}`;
+  if (typeof r.started !== 'string' || typeof r.what !== 'string') return '"started" or "what" missing';
+  if (!Array.isArray(r.packs)) return '"packs" is not a list';
+  for (const p of r.packs as unknown[]) {
+    if (!isPackId(p)) return `"packs" holds ${JSON.stringify(p)?.slice(0, 80)}, not a pack id (32 lowercase hex digits)`;
+  }
+  return { id: fileId, owner, started: r.started, what: r.what, packs: [...(r.packs as string[])] };
+}
+
+/**
+ * Writer registrations in locks/. One that does not parse or holds anything malformed
+ * (an owner, a pack id that could name a file outside packs/) is reported and left out:
+ * no writer ever writes one (registrations are replaced atomically), so it is not a
+ * writer's, and acting on it could delete or truncate files it names.
+ */
 export async function listWriters(repoDir: string): Promise<WriterRecord[]> {
   const dir = path.join(repoDir, 'locks');
   const out: WriterRecord[] = [];
   for (const f of await fs.readdir(dir)) {
-    if (!/^writer-[0-9a-f]+\.json$/.test(f)) continue;
-    try {
-      out.push(JSON.parse(await fs.readFile(path.join(dir, f), 'utf8')) as WriterRecord);
-    } catch {
-      /* being written or removed right now */
+    const m = /^writer-([0-9a-f]{16})\.json$/.exec(f);
+    if (!m) {
+      if (/^writer-.*\.json$/.test(f)) reportLockFile(path.join(dir, f), 'not a writer registration name (writer-<16 hex digits>.json); ignored');
+      continue;
     }
+    const file = path.join(dir, f);
+    const r = await readLockFile(file);
+    if ('gone' in r) continue; // removed right now
+    if ('bad' in r) {
+      reportLockFile(file, `invalid writer registration (${r.bad}); ignored`);
+      continue;
+    }
+    const v = parseJson(r.text);
+    const rec = v === undefined ? (r.text.trim() ? 'not valid JSON' : 'empty') : parseWriterRecord(v, m[1]!);
+    if (typeof rec === 'string') {
+      reportLockFile(file, `invalid writer registration (${rec}); ignored`);
+      continue;
+    }
+    out.push(rec);
   }
   return out;
 }
@@ -90,6 +202,7 @@ export interface Trimmed {
 export async function trimPacks(repoDir: string, db: Db, packs: string[]): Promise<Trimmed> {
   const done: Trimmed = { removed: 0, truncated: 0, bytes: 0 };
   for (const packId of packs) {
+    if (!isPackId(packId)) continue; // listWriters never gives one; never a path elsewhere
     const rec = await getOrNull(db, packKey(packId));
     const file = packPath(repoDir, packId);
     const st = await fs.stat(file).catch((e: NodeJS.ErrnoException) => {
@@ -130,14 +243,20 @@ export async function cleanupDeadWriters(repoDir: string, db: Db): Promise<numbe
     n++;
   }
   // Image locks of dead backups (acquire() would also clear them, but only for that image).
-  for (const f of await fs.readdir(path.join(repoDir, 'locks'))) {
-    if (!/^image-.*\.lock$/.test(f)) continue;
-    try {
-      const o = JSON.parse(await fs.readFile(path.join(repoDir, 'locks', f), 'utf8')) as Owner;
-      if (!(await ownerAlive(o))) await fs.rm(path.join(repoDir, 'locks', f), { force: true });
-    } catch {
-      /* unreadable: being written, or gone */
+  const locks = path.join(repoDir, 'locks');
+  for (const f of await fs.readdir(locks)) {
+    const m = /^image-(.*)\.lock$/.exec(f);
+    if (!m) continue;
+    const file = path.join(locks, f);
+    if (!isLockName(m[1]!)) {
+      reportLockFile(file, 'not an image lock name; ignored');
+      continue;
     }
+    const r = await readOwnerFile(file);
+    if ('gone' in r) continue;
+    if ('bad' in r) reportLockFile(file, `malformed image lock (${r.bad}): treated as stale and removed`);
+    else if (await ownerAlive(r.owner)) continue;
+    await fs.rm(file, { force: true });
   }
   // Temporary files of atomic writes by dead processes.
   for (const f of await fs.readdir(path.join(repoDir, 'locks'))) {
@@ -173,15 +292,18 @@ export async function pinnedGenerations(repoDir: string): Promise<Set<string>> {
   const out = new Set<string>();
   const dir = path.join(repoDir, 'locks');
   for (const f of await fs.readdir(dir)) {
-    const m = /^pin-([0-9a-f]+)-\d+\.json$/.exec(f);
+    const m = /^pin-([0-9a-f]{16})-\d+\.json$/.exec(f);
     if (!m) continue;
-    try {
-      const o = JSON.parse(await fs.readFile(path.join(dir, f), 'utf8')) as Owner;
-      if (await ownerAlive(o)) out.add(m[1]!);
-      else await fs.rm(path.join(dir, f), { force: true });
-    } catch {
-      out.add(m[1]!); // being written: count it
+    const file = path.join(dir, f);
+    const r = await readOwnerFile(file);
+    if ('gone' in r) continue;
+    // Pins are replaced atomically (never seen half-written): a malformed one is no reader's.
+    if ('bad' in r) reportLockFile(file, `malformed pin (${r.bad}): treated as stale and removed`);
+    else if (await ownerAlive(r.owner)) {
+      out.add(m[1]!);
+      continue;
     }
+    await fs.rm(file, { force: true });
   }
   return out;
 }
@@ -196,45 +318,68 @@ export function gcLockPath(repoDir: string): string {
  * (index entries under 'x'), and skip the parent-position shortcut that bypasses the index.
  */
 export async function gcRunning(repoDir: string): Promise<boolean> {
+  const file = gcLockPath(repoDir);
+  let r;
   try {
-    const o = JSON.parse(await fs.readFile(gcLockPath(repoDir), 'utf8')) as Owner;
-    return await ownerAlive(o);
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code !== 'ENOENT'; // unreadable: assume it runs
+    r = await readOwnerFile(file);
+  } catch {
+    return true; // unreadable: assume it runs
   }
+  if ('gone' in r) return false;
+  if ('bad' in r) {
+    // gc.json is made complete before it appears (link(2)): a malformed one is no gc's.
+    reportLockFile(file, `malformed gc lock (${r.bad}): treated as stale, no gc is running`);
+    return false;
+  }
+  return ownerAlive(r.owner);
+}
+
+/** Names image-NAME.lock may carry: an image name, or the retention lock. */
+function isLockName(name: string): boolean {
+  return name === RETENTION_LOCK || (IMAGE_NAME_RE.test(name) && name !== 'latest');
 }
 
 export class ImageLock {
   private constructor(readonly file: string) {}
 
-  /** Take the per-image backup lock; with `wait`, poll until the holder finishes. */
+  /**
+   * Take the per-image backup lock; with `wait`, poll until the holder finishes. The lock
+   * is linked into place from a complete temporary file, so it is never seen half-written
+   * and a malformed one is stale.
+   */
   static async acquire(repoDir: string, name: string, wait: boolean): Promise<ImageLock> {
+    if (!isLockName(name)) throw new GenvaultError(`invalid image name ${JSON.stringify(name)}`, 'USAGE', 2);
     const file = path.join(repoDir, 'locks', `image-${name}.lock`);
     const me = await currentOwner();
-    for (;;) {
-      try {
-        await fs.writeFile(file, JSON.stringify(me), { flag: 'wx', mode: 0o600 });
-        return new ImageLock(file);
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    // Unique per call (a process may take several locks at once); cleanupDeadWriters
+    // removes it by the pid at its end if we die.
+    const tmp = `${file}.${randomBytes(4).toString('hex')}.tmp-${process.pid}`;
+    await fs.writeFile(tmp, JSON.stringify(me), { mode: 0o600 });
+    try {
+      for (;;) {
+        try {
+          await fs.link(tmp, file);
+          return new ImageLock(file);
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+        }
+        const r = await readOwnerFile(file);
+        if ('gone' in r) continue;
+        if ('bad' in r || !(await ownerAlive(r.owner))) {
+          if ('bad' in r) reportLockFile(file, `malformed image lock (${r.bad}): treated as stale and removed`);
+          await fs.rm(file, { force: true });
+          continue;
+        }
+        if (!wait) {
+          throw new GenvaultError(
+            `another backup of image ${name} is running (pid ${r.owner.pid}); use --wait to queue behind it`,
+            'LOCKED',
+          );
+        }
+        await new Promise((res) => setTimeout(res, 500));
       }
-      let holder: Owner | null = null;
-      try {
-        holder = JSON.parse(await fs.readFile(file, 'utf8')) as Owner;
-      } catch {
-        holder = null; // half-written by a writer that died between create and write
-      }
-      if (!holder || !(await ownerAlive(holder))) {
-        await fs.rm(file, { force: true });
-        continue;
-      }
-      if (!wait) {
-        throw new GenvaultError(
-          `another backup of image ${name} is running (pid ${holder.pid}); use --wait to queue behind it`,
-          'LOCKED',
-        );
-      }
-      await new Promise((r) => setTimeout(r, 500));
+    } finally {
+      await fs.rm(tmp, { force: true });
     }
   }
 
@@ -265,13 +410,6 @@ export class GcLock {
         `another gc is running (pid ${o.pid}${o.host !== me.host ? ` on ${o.host}` : ''}); wait for it to finish`,
         'LOCKED',
       );
-    const readOwner = async (f: string): Promise<Owner | null> => {
-      try {
-        return JSON.parse(await fs.readFile(f, 'utf8')) as Owner;
-      } catch {
-        return null;
-      }
-    };
     try {
       for (let attempt = 0; attempt < 10; attempt++) {
         try {
@@ -280,8 +418,11 @@ export class GcLock {
         } catch (e) {
           if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
         }
-        const holder = await readOwner(file);
-        if (holder && (await ownerAlive(holder))) throw busy(holder);
+        // Liveness only from a well-formed owner. gc.json is complete before it appears,
+        // so a malformed one (junk, `{"pid":1}`, empty) is no gc's: stale.
+        const holder = await readOwnerFile(file);
+        if ('gone' in holder) continue;
+        if ('owner' in holder && (await ownerAlive(holder.owner))) throw busy(holder.owner);
         const aside = `${file}.stale-${process.pid}`;
         try {
           await fs.rename(file, aside);
@@ -289,12 +430,19 @@ export class GcLock {
           if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue;
           throw e;
         }
-        const moved = await readOwner(aside);
-        if (moved && (await ownerAlive(moved))) {
+        const moved = await readOwnerFile(aside);
+        if ('owner' in moved && (await ownerAlive(moved.owner))) {
           // Another gc took the lock between our check and the rename: give it back.
           await fs.link(aside, file).catch(() => undefined);
           await fs.rm(aside, { force: true });
-          throw busy(moved);
+          throw busy(moved.owner);
+        }
+        if ('bad' in moved) {
+          // Kept for a look, under a name nothing reads; not removed (it may be a directory).
+          const kept = `${file}.malformed-${Date.now()}`;
+          await fs.rename(aside, kept);
+          reportLockFile(file, `malformed gc lock (${moved.bad}): treated as stale, moved aside to ${path.basename(kept)}`);
+          continue;
         }
         await fs.rm(aside, { force: true });
       }
@@ -306,12 +454,10 @@ export class GcLock {
 
   /** Remove the lock if it is still ours. */
   async release(): Promise<void> {
-    try {
-      const o = JSON.parse(await fs.readFile(this.file, 'utf8')) as Owner;
-      if (o.pid !== this.owner.pid || o.start !== this.owner.start || o.host !== this.owner.host) return;
-    } catch {
-      return;
-    }
+    const r = await readOwnerFile(this.file).catch(() => null);
+    if (!r || !('owner' in r)) return;
+    const o = r.owner;
+    if (o.pid !== this.owner.pid || o.start !== this.owner.start || o.host !== this.owner.host) return;
     await fs.rm(this.file, { force: true });
   }
 }

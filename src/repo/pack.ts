@@ -35,11 +35,26 @@ export const COMP_GROUP = 2;
 export const GROUP_MAX_MEMBERS = 256;
 export const GROUP_MEMBER_SIZE = 36;
 
+/** Bytes of a pack id; written as 32 lowercase hex digits in file names and lock files. */
+export const PACK_ID_BYTES = 16;
+const PACK_ID_RE = /^[0-9a-f]{32}$/;
+
 export function newPackId(): string {
-  return randomBytes(16).toString('hex');
+  return randomBytes(PACK_ID_BYTES).toString('hex');
 }
 
+/** A pack id as it may appear in a file name: exactly 32 lowercase hex digits. */
+export function isPackId(v: unknown): v is string {
+  return typeof v === 'string' && PACK_ID_RE.test(v);
+}
+
+/**
+ * The file of a pack. Ids also come from files under locks/ (writer registrations); one
+ * that is not a pack id would name a path elsewhere, so it is refused here as well as
+ * where those files are read.
+ */
 export function packPath(repoDir: string, packId: string): string {
+  if (!isPackId(packId)) throw new Error(`invalid pack id ${JSON.stringify(packId)}`);
   return path.join(repoDir, 'packs', packId.slice(0, 2), `${packId}.pack`);
 }
 
@@ -225,19 +240,20 @@ export class PackWriter {
   static async create(repoDir: string): Promise<PackWriter> {
     const packId = newPackId();
     const file = packPath(repoDir, packId);
-    await fs.mkdir(path.dirname(file), { recursive: true });
+    // Modes from the umask Repository.open set: 0700/0600, or 2750/0640 with a group (perms.ts).
+    await fs.mkdir(path.dirname(file), { recursive: true, mode: 0o750 });
     const skip = alignSkipper();
     let fh: fs.FileHandle | null = null;
     if (skip) {
       const { O_RDWR, O_CREAT, O_EXCL, O_DIRECT } = fsConstants;
-      fh = await fs.open(file, O_RDWR | O_CREAT | O_EXCL | O_DIRECT, 0o600).catch((e) => {
+      fh = await fs.open(file, O_RDWR | O_CREAT | O_EXCL | O_DIRECT, 0o640).catch((e) => {
         if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
         return null; // no O_DIRECT on this file system
       });
     }
     // The file may exist from the refused O_DIRECT open; pack ids are random, so 'w' is safe.
     const direct = fh !== null;
-    fh ??= await fs.open(file, skip ? 'w' : 'wx', 0o600);
+    fh ??= await fs.open(file, skip ? 'w' : 'wx', 0o640);
     const header = Buffer.alloc(PACK_HEADER_SIZE);
     PACK_MAGIC.copy(header, 0);
     header.write(packId, 8, 16, 'hex');

@@ -16,7 +16,7 @@ import { roughAge } from '../util/duration.js';
 import { configMinAge } from './format.js';
 import { getOrNull } from './db.js';
 import { Generation, parseGenerationRecord } from './generation.js';
-import { ImageLock } from './locks.js';
+import { ImageLock, RETENTION_LOCK } from './locks.js';
 import { Repository } from './repository.js';
 import { RetentionDecision, RetentionRules, applyRetention, checkRules } from './retention.js';
 
@@ -24,8 +24,6 @@ import { RetentionDecision, RetentionRules, applyRetention, checkRules } from '.
  * The lock is an image lock under a name no image can have (image names cannot start
  * with '.'): locks/image-.retention.lock, cleared like any lock of a dead process.
  */
-const RETENTION_LOCK = '.retention';
-
 async function withRetentionLock<T>(repo: Repository, fn: () => Promise<T>): Promise<T> {
   repo.requireWritable('changing generations');
   const lock = await ImageLock.acquire(repo.dir, RETENTION_LOCK, true);

@@ -11,6 +11,7 @@ import { ChunkMap, Leaf, LeafDamage, checkedLeaf, checkedTop } from './chunkmap.
 import { Generation, describeGenerationKey, generationKey, parseGenerationRecord, parseTarget, resolveRevision } from './generation.js';
 import { ChunkLocation, decodeLocation } from './pack.js';
 import { WorkerPool } from './pool.js';
+import { applyUmask, repoModes, resolveGroup, setDirMode, tightenRepo } from './perms.js';
 
 export const CONFIG_FILE = 'config.json';
 
@@ -54,17 +55,25 @@ export class Repository {
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw describeFsError(e, abs);
     }
     const config = { ...defaultConfig(), ...overrides };
+    if (config.group === undefined) delete config.group;
+    const modes = repoModes(config);
+    const gid = config.group ? await resolveGroup(config.group) : null;
     try {
+      // The umask makes what LevelDB and later writers create 0600/0700 (0640/2750 with a group).
+      applyUmask(config);
       await fs.mkdir(abs, { recursive: true, mode: 0o700 });
-      for (const d of ['packs', 'locks', 'tmp']) await fs.mkdir(path.join(abs, d), { mode: 0o700 });
+      // An existing (empty) directory keeps no mode of its own, nor another user's ownership.
+      await setDirMode(abs, modes.dir, gid, process.getuid?.() === 0 ? 0 : -1);
+      for (const d of ['packs', 'locks', 'tmp']) await fs.mkdir(path.join(abs, d), { mode: modes.dir & 0o777 });
       const db = await openDb(path.join(abs, 'index'), { create: true });
       await db.close();
       // config.json last and atomically: a directory without it is not a repository.
       const tmp = path.join(abs, `${CONFIG_FILE}.tmp`);
-      await fs.writeFile(tmp, JSON.stringify(config, null, 2) + '\n', { mode: 0o600 });
+      await fs.writeFile(tmp, JSON.stringify(config, null, 2) + '\n', { mode: modes.file });
       const fh = await fs.open(tmp, 'r');
       await fh.sync();
       await fh.close();
+      await tightenRepo(abs, config, { strict: true, configFile: tmp });
       await fs.rename(tmp, path.join(abs, CONFIG_FILE));
     } catch (e) {
       throw describeFsError(e, abs);
@@ -94,10 +103,16 @@ export class Repository {
     return checkConfig(raw, file);
   }
 
-  static async open(dir: string): Promise<Repository> {
+  /**
+   * Open a repository. Sets the process umask for its files (perms.ts: whoever opens the
+   * index may create LevelDB files and its socket). With `write` (backup, gc, prune,
+   * forget, protect, jobs), its directories are also brought to the repository's modes.
+   */
+  static async open(dir: string, opts: { write?: boolean } = {}): Promise<Repository> {
     const abs = path.resolve(dir);
     const config = await Repository.readConfig(abs);
     const indexDir = path.join(abs, 'index');
+    applyUmask(config);
     let db: Db;
     try {
       db = await openDb(indexDir);
@@ -107,6 +122,7 @@ export class Repository {
     }
     const repo = new Repository(abs, config, db);
     repo.readOnly = readOnlyCopy(db) !== null;
+    if (opts.write && !repo.readOnly) await tightenRepo(abs, config);
     repo.indexDamage = await indexDamage(readOnlyCopy(db) ?? indexDir);
     if (repo.indexDamage) {
       process.stderr.write(

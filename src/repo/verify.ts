@@ -40,6 +40,7 @@ import {
   isLocation,
   packPath,
 } from './pack.js';
+import { looseModes } from './perms.js';
 import { Repository } from './repository.js';
 import type { LoadItem, LoadResult } from './worker.js';
 
@@ -112,6 +113,8 @@ export interface VerifyReport {
    * (db.ts, DAMAGE_FILE), and generation maps left without their record (a lost record).
    */
   indexProblems: string[];
+  /** Problems that are not damage and do not make `ok` false: loose permissions (perms.ts). */
+  warnings: string[];
 }
 
 /** Per (damaged chunk, generation): ranges listed before the rest are only counted. */
@@ -127,6 +130,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
   const sample = opts.full ? 100 : opts.samplePercent ?? 0;
   if (!(sample >= 0 && sample <= 100)) throw new GenvaultError(`sample percentage must be between 0 and 100, not ${sample}`, 'USAGE', 2);
   const mode: VerifyReport['mode'] = opts.full ? 'full' : sample > 0 ? 'sample' : 'index';
+  const warnings = await looseModes(repo.dir, repo.config);
 
   const genProblems = new Map<string, AffectedGeneration>(); // key: hex of the g key
   const noteGen = (key: string, base: Omit<AffectedGeneration, 'problems' | 'ranges' | 'whole'>, problem: string, whole: boolean) => {
@@ -608,6 +612,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
     damagedPacks,
     damagedGenerations,
     indexProblems,
+    warnings,
   };
 }
 
