@@ -252,8 +252,9 @@ describe('--ssh-mode auto without python3 on the remote host', () => {
   });
 
   it('restore to ssh:// streams into cat, byte-identical; with python3 it uses the writer', async () => {
+    await gvOk(repo, ['backup', disk, '--name', 'to-restore']);
     const plainTarget = s.path('restored-nopython.img');
-    const r = await gv(repo, ['restore', 'withpy@latest', sshd.url(plainTarget), ...ssh(nopyKey), '--json'], { env: noAgent });
+    const r = await gv(repo, ['restore', 'to-restore@latest', sshd.url(plainTarget), ...ssh(nopyKey), '--json'], { env: noAgent });
     expect(r.code, r.stderr).toBe(0);
     const res = JSON.parse(r.stdout);
     expect(res).toMatchObject({ mode: 'plain', sparse: false, bytes: 8 << 20, wireBytes: 8 << 20 });
@@ -262,12 +263,12 @@ describe('--ssh-mode auto without python3 on the remote host', () => {
     expect((await fs.readdir(s.dir)).filter((f) => f.includes('genvault-partial'))).toEqual([]);
 
     const writerTarget = s.path('restored-python.img');
-    const w = JSON.parse(await gvOk(repo, ['restore', 'withpy@latest', sshd.url(writerTarget), ...ssh(sshd.userKey), '--json']));
+    const w = JSON.parse(await gvOk(repo, ['restore', 'to-restore@latest', sshd.url(writerTarget), ...ssh(sshd.userKey), '--json']));
     expect(w).toMatchObject({ mode: 'agent', sparse: true });
     expect(w.wireBytes).toBeLessThan(8 << 20); // the zero run was not sent
     expect(await sha256File(writerTarget)).toBe(diskSha);
 
-    const forced = await gv(repo, ['restore', 'withpy@latest', sshd.url(s.path('never.img')), '--ssh-mode', 'agent', ...ssh(nopyKey)], { env: noAgent });
+    const forced = await gv(repo, ['restore', 'to-restore@latest', sshd.url(s.path('never.img')), '--ssh-mode', 'agent', ...ssh(nopyKey)], { env: noAgent });
     expectOneLine(forced, /cannot restore to ssh:\/\/root@127\.0\.0\.1:\d+\/.*never\.img with the writer: python3 not found on 127\.0\.0\.1/);
     await expect(fs.stat(s.path('never.img'))).rejects.toThrow(/ENOENT/);
   });
@@ -314,6 +315,8 @@ describe('jobs', () => {
     const exited = new Promise<number>((r) => child.on('exit', (c) => r(c ?? -1)));
     s.onCleanup(async () => {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+      // Release an open() of the FIFO for writing still waiting for a reader.
+      await (await fs.open(fifo, C.O_RDONLY | C.O_NONBLOCK)).close();
     });
 
     // Opening the FIFO for writing returns once the remote side opened it to read.
