@@ -149,6 +149,11 @@ describe('authentication without -i', () => {
       expect(r.accepted).toEqual([fp]);
       expect(await gens('agent')).toHaveLength(1);
       await expectLatestIsDisk('agent');
+
+      // The agent gone, its socket still named: no other key, so one line that says so.
+      await stopAgent();
+      const gone = await gv(repo, ['backup', sshd.url(disk), '--name', 'agent', '--known-hosts', sshd.knownHosts], { env: { HOME: home, SSH_AUTH_SOCK: sock } });
+      expectOneLine(gone, /^genvault: authentication refused by root@127\.0\.0\.1:\d+ \(tried ssh-agent \(failed to connect to agent\)\)$/);
     } finally {
       await stopAgent();
     }
@@ -169,6 +174,11 @@ describe('authentication without -i', () => {
     expect(r1.code, r1.stderr).toBe(0);
     expect(r1.accepted).toEqual([ecdsaFp]);
 
+    // SSH_AUTH_SOCK left over from an agent that is gone: skipped, as OpenSSH does.
+    const stale = await backupWith('keys', { SSH_AUTH_SOCK: s.path('gone-agent.sock'), HOME: h1 });
+    expect(stale.code, stale.stderr).toBe(0);
+    expect(stale.accepted).toEqual([ecdsaFp]);
+
     // Only ~/.ssh/id_rsa.
     const h2 = await scratchHome('home-rsa', { id_rsa: rsa });
     const r2 = await backupWith('keys', { ...noAgent, HOME: h2 });
@@ -181,7 +191,7 @@ describe('authentication without -i', () => {
     expect(r3.code, r3.stderr).toBe(0);
     expect(r3.accepted).toEqual([rsaFp]);
 
-    expect(await gens('keys')).toHaveLength(3);
+    expect(await gens('keys')).toHaveLength(4);
     await expectLatestIsDisk('keys');
 
     // Only a key sshd does not accept.
