@@ -98,9 +98,9 @@ async function expectLatestIsDisk(name: string): Promise<void> {
 }
 
 /** Back up the disk over ssh:// with only the environment's keys (no -i); returns the run and who logged in. */
-async function backupWith(name: string, env: NodeJS.ProcessEnv, extra: string[] = []) {
+async function backupWith(name: string, env: NodeJS.ProcessEnv) {
   const logins = sshd.acceptedKeys().length;
-  const r = await gv(repo, ['backup', sshd.url(disk), '--name', name, '--known-hosts', sshd.knownHosts, ...extra], { env });
+  const r = await gv(repo, ['backup', sshd.url(disk), '--name', name, '--known-hosts', sshd.knownHosts], { env });
   // sshd logs the login long before the backup ends; its stderr reaches us asynchronously.
   const accepted = r.code === 0 ? await until('the login in the sshd log', () => sshd.acceptedKeys().length > logins && sshd.acceptedKeys().slice(logins)) : [];
   return { ...r, accepted };
