@@ -36,8 +36,14 @@ async function waitForPort(p: number, log: () => string): Promise<void> {
   throw new Error(`sshd did not listen on ${p}: ${log()}`);
 }
 
-export async function keygen(file: string): Promise<void> {
-  await must('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'genvault-test', '-f', file]);
+export async function keygen(file: string, type: 'ed25519' | 'ecdsa' | 'rsa' = 'ed25519'): Promise<void> {
+  const bits = type === 'rsa' ? ['-b', '2048'] : [];
+  await must('ssh-keygen', ['-q', '-t', type, ...bits, '-N', '', '-C', 'genvault-test', '-f', file]);
+}
+
+/** "SHA256:..." of a key, as sshd logs it on "Accepted publickey". */
+export async function fingerprint(pubFile: string): Promise<string> {
+  return (await must('ssh-keygen', ['-l', '-E', 'sha256', '-f', pubFile])).split(' ')[1]!;
 }
 
 export interface Sshd {
@@ -53,11 +59,34 @@ export interface Sshd {
   url(p: string, user?: string): string;
   /** pids of sshd's per-connection children (kill them to drop connections). */
   sessionPids(): Promise<number[]>;
+  /**
+   * The sshd processes serving the connection that process `pid` (say, a remote command)
+   * runs under: its ancestors below the listening sshd. Kill them to drop that one
+   * connection. Empty when `pid` is not under this sshd.
+   */
+  sessionOf(pid: number): Promise<number[]>;
+  /** Authorize one more public key, with authorized_keys options (`environment="..."`). */
+  authorize(pubFile: string, options?: string): Promise<void>;
+  /** SHA256 fingerprints of the keys that logged in, in order, from sshd's log. */
+  acceptedKeys(): string[];
   log(): string;
   stop(): Promise<void>;
 }
 
-export async function startSshd(s: Scratch, sub = 'sshd'): Promise<Sshd> {
+export interface SshdOptions {
+  /** More sshd_config lines (e.g. PermitUserEnvironment). */
+  config?: string[];
+}
+
+/** Parent pid of a process, from /proc (null once it is gone). */
+async function ppidOf(pid: number): Promise<number | null> {
+  const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8').catch(() => null);
+  if (stat === null) return null;
+  // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+  return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+}
+
+export async function startSshd(s: Scratch, sub = 'sshd', opts: SshdOptions = {}): Promise<Sshd> {
   await fs.mkdir('/run/sshd', { recursive: true });
   const d = s.path(sub);
   await fs.mkdir(d, { recursive: true });
@@ -83,6 +112,7 @@ export async function startSshd(s: Scratch, sub = 'sshd'): Promise<Sshd> {
       'PasswordAuthentication no',
       'KbdInteractiveAuthentication no',
       'LogLevel VERBOSE',
+      ...(opts.config ?? []),
       '',
     ].join('\n'),
   );
@@ -99,6 +129,16 @@ export async function startSshd(s: Scratch, sub = 'sshd'): Promise<Sshd> {
     const r = await sh('ps', ['-o', 'pid=', '--ppid', String(sshd.pid)]);
     return r.stdout.split('\n').map((l) => Number(l.trim())).filter((n) => n > 0);
   };
+  const sessionOf = async (pid: number) => {
+    const chain: number[] = [];
+    for (let p: number | null = await ppidOf(pid); p && p > 1; p = await ppidOf(p)) {
+      if (p === sshd.pid) return chain;
+      const comm = await fs.readFile(`/proc/${p}/comm`, 'utf8').catch(() => '');
+      if (comm.startsWith('sshd')) chain.push(p); // "sshd", or "sshd-session" (OpenSSH 9.8+)
+    }
+    return [];
+  };
+  const authorizedKeys = path.join(d, 'authorized_keys');
   return {
     port,
     userKey,
@@ -107,6 +147,12 @@ export async function startSshd(s: Scratch, sub = 'sshd'): Promise<Sshd> {
     hostPub,
     url: (p, user = 'root') => `ssh://${user}@127.0.0.1:${port}${p}`,
     sessionPids,
+    sessionOf,
+    async authorize(pubFile, options) {
+      const pub = (await fs.readFile(pubFile, 'utf8')).trim();
+      await fs.appendFile(authorizedKeys, `${options ? `${options} ` : ''}${pub}\n`);
+    },
+    acceptedKeys: () => [...sshdLog.matchAll(/Accepted publickey for \S+ from \S+ port \d+ ssh2: \S+ (SHA256:\S+)/g)].map((m) => m[1]!),
     log: () => sshdLog,
     async stop() {
       if (!sshd.pid) return;

@@ -387,6 +387,13 @@ export async function connectSsh(spec: SshSpec, opts: SshOptions = {}): Promise<
       resolve();
     });
     client.on('error', (err: Error & { level?: string; code?: string }) => {
+      if (err.level === 'agent') {
+        // An unusable agent (a stale SSH_AUTH_SOCK, a failed signature): ssh2 goes on with
+        // the next key, as OpenSSH does; named if every key is refused.
+        const i = tried.indexOf('ssh-agent');
+        if (i >= 0) tried[i] = `ssh-agent (${err.message.charAt(0).toLowerCase()}${err.message.slice(1)})`;
+        return;
+      }
       let e: GenvaultError;
       if (hostKeyError) e = hostKeyError;
       else if (err.level === 'client-authentication') {
