@@ -82,6 +82,7 @@ const S_IFLNK = 0o120000;
 export async function mountRepository(repo: Repository, mountpoint: string, opts: MountOptions = {}): Promise<MountHandle> {
   const log = opts.log ?? ((l: string) => process.stderr.write(l + '\n'));
   const loader = new ChunkLoader(repo, opts.cacheBytes ?? 256 << 20, true);
+  loader.damageBy = 'mount';
   let tree = new Tree(await repo.generations());
   const readers = new Map<string, Promise<ImageReader>>();
   const handles = new Map<number, { gen: Generation; reader: Promise<ImageReader>; ready?: ImageReader }>();

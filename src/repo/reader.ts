@@ -118,6 +118,8 @@ export class ChunkLoader {
   /** BLAKE3 of chunks whose map entries carry one (format 2): reads verify with it. */
   private fasts = new Lru<string, Buffer>(1 << 17);
   private warmed = new WeakSet<Leaf>();
+  /** Who found damage, as the chunk's 'd' key records it (FORMAT.md): cat and restore to stdout, or the mount. */
+  damageBy: 'restore' | 'mount' = 'restore';
 
   /**
    * @param useSlabs decode read-ahead into recycled shared memory (see SlabPool). Only for
@@ -203,7 +205,7 @@ export class ChunkLoader {
     const old = this.locations.get(k);
     const fresh = await this.repo.location(digest);
     if (!fresh || !old || (old.packId === fresh.packId && old.offset === fresh.offset)) {
-      await markDamaged(this.repo.db, digest, 'read');
+      await markDamaged(this.repo.db, digest, this.damageBy);
       throw err;
     }
     this.locations.set(k, fresh);
