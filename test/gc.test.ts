@@ -10,8 +10,8 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { RaveLevel } from 'rave-level';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, Scratch, gv, gvOk, prng, sh, sha256File } from './helpers.js';
+import { afterAll, beforeAll, describe, expect, it, onTestFailed } from 'vitest';
+import { CLI, Scratch, gv, gvOk, prng, seededRandom, sh, sha256File } from './helpers.js';
 
 let s: Scratch;
 
@@ -419,6 +419,12 @@ describe('gc', () => {
   });
 
   it('kill -9 at random moments loses nothing, and the next gc finishes', async () => {
+    // The moments are drawn from a seeded generator: a new seed each run, printed when the
+    // test fails; GENVAULT_GC_KILL_SEED=<seed> replays that run's phases and delays.
+    const seed = Number(process.env.GENVAULT_GC_KILL_SEED ?? randomBytes(4).readUInt32LE(0));
+    if (!Number.isInteger(seed)) throw new Error(`GENVAULT_GC_KILL_SEED=${process.env.GENVAULT_GC_KILL_SEED}: not an integer`);
+    const rand = seededRandom(seed);
+    onTestFailed(() => console.log(`gc kill test failed with seed ${seed} (replay: GENVAULT_GC_KILL_SEED=${seed})`));
     const repo = await newRepo('repo-kill');
     const sums = new Map<string, string>(); // name -> sha of its one generation
     const shared = prng(50, 1 << 20);
@@ -442,13 +448,13 @@ describe('gc', () => {
       const g = startGc(repo, ['--repack-threshold', '100']);
       if (round % 2 === 0) {
         // At a random phase, a little after it started.
-        const phase = phases[Math.floor(Math.random() * phases.length)]!;
+        const phase = phases[Math.floor(rand() * phases.length)]!;
         await g.waitFor(new RegExp(`gc-trace: ${phase}\\n`)).catch(() => undefined);
-        await new Promise((r) => setTimeout(r, Math.random() * 15));
+        await new Promise((r) => setTimeout(r, rand() * 15));
       } else {
         // At a random time after it took the lock (the work itself takes 30-200 ms here).
         await g.waitFor(/gc-trace: locked\n/).catch(() => undefined);
-        await new Promise((r) => setTimeout(r, Math.random() * 100));
+        await new Promise((r) => setTimeout(r, rand() * 100));
       }
       if (g.child.exitCode === null) {
         g.child.kill('SIGKILL');

@@ -77,6 +77,18 @@ export function prng(seed: number, n: number): Buffer {
   return out.subarray(0, n);
 }
 
+/** Seeded generator of floats in [0, 1) (mulberry32), for random choices a seed can replay. */
+export function seededRandom(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
 const WORDS = 'alpha beta gamma delta kernel disk block inode extent journal backup restore mount image chunk generation'.split(' ');
 
 /** Compressible text, deterministic per seed. */
