@@ -8,6 +8,8 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { RECORD_HEADER_SIZE } from '../src/repo/pack.js';
+import { Repository } from '../src/repo/repository.js';
 import { Scratch, flipByte, gv, gvOk, isMounted, makeDisk, must, packFiles, prng, sh, sha256File, withMountedDisk, writeFiles } from './helpers.js';
 
 const exec = promisify(execFile);
@@ -56,6 +58,31 @@ beforeAll(async () => {
 afterAll(async () => {
   await s?.cleanup();
 });
+
+/**
+ * Image extents [start, end) of the chunks of `name`'s newest generation whose record in
+ * pack `packId` holds byte `at` of the pack file, read from the map and the index.
+ */
+async function chunkExtentsAt(repoDir: string, name: string, packId: string, at: number): Promise<Array<[number, number]>> {
+  const r = await Repository.open(repoDir);
+  try {
+    const map = await r.chunkMap((await r.generations(name)).at(-1)!);
+    const out: Array<[number, number]> = [];
+    let pos = 0;
+    for (let i = 0; i < map.refs.length; i++) {
+      const leaf = await map.leaf(i);
+      for (let j = 0; j < leaf.lengths.length; j++) {
+        const len = leaf.lengths[j]!;
+        const loc = leaf.zero[j] ? null : await r.location(leaf.digests.subarray(j * 32, j * 32 + 32));
+        if (loc && loc.packId === packId && loc.offset <= at && at < loc.offset + RECORD_HEADER_SIZE + loc.storedLength) out.push([pos, pos + len]);
+        pos += len;
+      }
+    }
+    return out;
+  } finally {
+    await r.close();
+  }
+}
 
 async function genFiles(name: string): Promise<string[]> {
   return (await fs.readdir(path.join(mnt, name))).filter((f) => f.endsWith('.img')).sort();
@@ -253,7 +280,7 @@ describe('access for other users', () => {
 });
 
 describe('damage and stale mounts', () => {
-  it('returns EIO for a damaged range only, and logs it', async () => {
+  it('returns EIO for exactly the damaged chunk, right bytes everywhere else, and logs it', async () => {
     const drepo = s.path('drepo');
     const dmnt = s.path('dmnt');
     await fs.mkdir(dmnt);
@@ -262,28 +289,45 @@ describe('damage and stale mounts', () => {
     await fs.writeFile(img, data);
     await gvOk(drepo, ['init']);
     await gvOk(drepo, ['backup', img, '--name', 'd']);
-    await flipByte((await packFiles(drepo))[0]!, 200_000);
+    const pack = (await packFiles(drepo))[0]!;
+    const flipAt = 200_000;
+    // Where the damage lands in the image: the extents of the chunks whose pack record
+    // holds the flipped byte (from the generation's map and the index, before any reader
+    // has seen the damage). One chunk of random data: block-aligned, at most 512 KiB
+    // (chunking.max).
+    const damaged = await chunkExtentsAt(drepo, 'd', path.basename(pack, '.pack'), flipAt);
+    expect(damaged).toHaveLength(1);
+    const [start, end] = damaged[0]!;
+    expect(start % 4096).toBe(0);
+    expect(end - start).toBeGreaterThan(0);
+    expect(end - start).toBeLessThanOrEqual(512 << 10);
+    await flipByte(pack, flipAt);
     const log = s.path('mount.log');
     await gvOk(drepo, ['mount', dmnt, '--log', log]);
     s.onCleanup(() => unmountQuietly(dmnt));
+    // Every 4 KiB block: EIO where it overlaps the damaged chunk, the source's bytes elsewhere.
     const f = await fs.open(path.join(dmnt, 'd', 'latest'), 'r');
+    const wrong: string[] = [];
     let eio = 0;
-    let good = 0;
-    for (let off = 0; off < data.length; off += 65536) {
-      const b = Buffer.alloc(65536);
-      try {
-        const { bytesRead } = await f.read(b, 0, 65536, off);
-        expect(b.subarray(0, bytesRead).equals(data.subarray(off, off + bytesRead))).toBe(true);
-        good++;
-      } catch (e) {
-        expect((e as NodeJS.ErrnoException).code).toBe('EIO');
-        eio++;
+    try {
+      const b = Buffer.alloc(4096);
+      for (let off = 0; off < data.length; off += 4096) {
+        const inDamage = off < end && off + 4096 > start;
+        try {
+          const { bytesRead } = await f.read(b, 0, 4096, off);
+          if (inDamage) wrong.push(`${off}: read ${bytesRead} bytes inside the damaged chunk ${start}-${end}`);
+          else if (bytesRead !== 4096 || !b.equals(data.subarray(off, off + 4096))) wrong.push(`${off}: wrong bytes`);
+        } catch (e) {
+          const code = (e as NodeJS.ErrnoException).code;
+          if (!inDamage || code !== 'EIO') wrong.push(`${off}: ${code} ${inDamage ? 'inside' : 'outside'} the damaged chunk ${start}-${end}`);
+          else eio++;
+        }
       }
+    } finally {
+      await f.close();
     }
-    await f.close();
-    expect(eio).toBeGreaterThan(0);
-    expect(eio).toBeLessThan(8); // one chunk (< 256 KiB)
-    expect(good).toBeGreaterThan(100);
+    expect(wrong.slice(0, 20), `${wrong.length} wrong block(s)`).toEqual([]);
+    expect(eio).toBe((end - start) / 4096);
     // The image's map (format 2) carries BLAKE3 per chunk, which reads check instead of SHA-256.
     expect(await fs.readFile(log, 'utf8')).toMatch(/EIO reading d@[0-9a-f]+ at offset \d+: .*damaged: content does not match its BLAKE3 digest/);
     await unmountQuietly(dmnt);
