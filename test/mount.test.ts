@@ -216,17 +216,20 @@ describe('mounted repository', () => {
   });
 
   it('shows a generation committed by another process within 2 seconds, and latest follows', async () => {
-    await gvOk(repo, ['backup', disks.gen0, '--name', 'vm1']);
-    const list = JSON.parse(await gvOk(repo, ['list', 'vm1', '--json']));
+    // Another generation of vm2 with the same bytes: what the other tests read stays the same.
+    const before = await fs.readlink(path.join(mnt, 'vm2', 'latest'));
+    await gvOk(repo, ['backup', disks.other, '--name', 'vm2']);
+    const list = JSON.parse(await gvOk(repo, ['list', 'vm2', '--json']));
     const newest = list.at(-1).file;
+    expect(newest).not.toBe(before);
     const t0 = Date.now();
     let seen = false;
     while (Date.now() - t0 < 2000 && !seen) {
-      seen = (await fs.readlink(path.join(mnt, 'vm1', 'latest')).catch(() => '')) === newest;
+      seen = (await fs.readlink(path.join(mnt, 'vm2', 'latest')).catch(() => '')) === newest;
       if (!seen) await new Promise((r) => setTimeout(r, 100));
     }
     expect(seen).toBe(true);
-    expect(await sha256File(path.join(mnt, 'vm1', newest))).toBe(await sha256File(disks.gen0));
+    expect(await sha256File(path.join(mnt, 'vm2', newest))).toBe(await sha256File(disks.other));
   });
 
   it.skipIf(!deviceMapperWorks())('kpartx -av maps the partitions of a mounted generation', async () => {
