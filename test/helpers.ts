@@ -211,6 +211,29 @@ export async function isMounted(dir: string): Promise<boolean> {
   return info.split('\n').some((l) => l.split(' ')[4] === dir);
 }
 
+/**
+ * Wait until none of `pids` runs any more: gone, or a zombie in every thread (then its
+ * files are closed, and a FUSE server's connection with them). Throws after `timeoutMs`.
+ */
+export async function waitGone(pids: number[], timeoutMs = 30_000): Promise<void> {
+  const running = async (pid: number) => {
+    const tasks = await fs.readdir(`/proc/${pid}/task`).catch(() => [] as string[]);
+    for (const t of tasks) {
+      const stat = await fs.readFile(`/proc/${pid}/task/${t}/stat`, 'utf8').catch(() => null);
+      if (stat !== null && !'ZX'.includes(stat[stat.lastIndexOf(')') + 2]!)) return true;
+    }
+    return false;
+  };
+  const t0 = Date.now();
+  for (;;) {
+    const left: number[] = [];
+    for (const p of pids) if (await running(p)) left.push(p);
+    if (!left.length) return;
+    if (Date.now() - t0 > timeoutMs) throw new Error(`processes ${left.join(', ')} still run after ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
 /** An error output that is exactly one line and no stack trace; returns that line. */
 export function oneLine(stderr: string): string {
   const lines = stderr.trim().split('\n');

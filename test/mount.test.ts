@@ -10,7 +10,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RECORD_HEADER_SIZE } from '../src/repo/pack.js';
 import { Repository } from '../src/repo/repository.js';
-import { Scratch, flipByte, gv, gvOk, isMounted, makeDisk, must, packFiles, prng, sh, sha256File, withMountedDisk, writeFiles } from './helpers.js';
+import { Scratch, flipByte, gv, gvOk, isMounted, makeDisk, must, packFiles, prng, sh, sha256File, waitGone, withMountedDisk, writeFiles } from './helpers.js';
 
 const exec = promisify(execFile);
 let s: Scratch;
@@ -340,7 +340,7 @@ describe('damage and stale mounts', () => {
     const pids = (await sh('pgrep', ['-f', `mount ${mnt}`])).stdout.trim().split('\n').filter(Boolean).map(Number);
     expect(pids.length).toBeGreaterThan(0);
     for (const p of pids) process.kill(p, 'SIGKILL');
-    await new Promise((r) => setTimeout(r, 300));
+    await waitGone(pids);
     await expect(fs.stat(path.join(mnt, 'vm1'))).rejects.toThrow(/ENOTCONN/);
     const r = await gv(repo, ['mount', mnt]);
     expect(r.code, r.stderr).toBe(0);
