@@ -102,19 +102,31 @@ describe('durability while mounted', () => {
     const holder = (await sh('pgrep', ['-f', `index-holder.js ${path.join(repo, 'index')}`])).stdout.trim().split('\n').filter(Boolean);
     expect(holder).toHaveLength(1);
     const log = s.path('holder-syncs.log');
-    const st = spawn('strace', ['-f', '-qq', '-e', 'trace=fsync,fdatasync', '-o', log, '-p', holder[0]!], { stdio: 'ignore' });
+    // Without -q, strace says on stderr when it has attached to the process and all its
+    // threads ("Process N attached with M threads"); from then on every call is traced.
+    const st = spawn('strace', ['-f', '-e', 'trace=fsync,fdatasync', '-o', log, '-p', holder[0]!], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
     const exited = new Promise((r) => st.once('exit', r));
     try {
-      await new Promise((r) => setTimeout(r, 1500)); // attached to every thread (slow on a busy host)
+      const attached = new RegExp(`Process ${holder[0]} attached`);
+      await new Promise<void>((resolve, reject) => {
+        st.stderr!.on('data', (d) => {
+          stderr += d;
+          if (attached.test(stderr)) resolve();
+        });
+        void exited.then(() => reject(new Error(`strace exited before attaching: ${stderr}`)));
+      });
       // Count calls made: with -f, strace splits a call that overlaps another thread's into
       // "fdatasync(7 <unfinished ...>" and "<... fdatasync resumed>) = 0".
       const calls = (text: string) => text.split('\n').filter((l) => /\bf(data)?sync\(\d+/.test(l)).length;
       const before = calls(await fs.readFile(log, 'utf8').catch(() => ''));
       await gvOk(repo, ['backup', imgB, '--name', 'synced']);
-      await new Promise((r) => setTimeout(r, 300));
+      // The backup has its answer, so the holder's calls are made; strace writes them all out as it detaches.
+      st.kill('SIGINT');
+      await exited;
       const after = calls(await fs.readFile(log, 'utf8'));
       // at least the pack-commit batch and the generation commit
-      expect(after - before).toBeGreaterThanOrEqual(2);
+      expect(after - before, stderr).toBeGreaterThanOrEqual(2);
     } finally {
       st.kill('SIGINT');
       await exited;
