@@ -6,7 +6,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, Scratch, gv, gvOk, isMounted, prng, sh, sha256File } from './helpers.js';
+import { CLI, Scratch, gv, gvOk, isMounted, prng, sh, sha256File, waitGone } from './helpers.js';
 
 let s: Scratch;
 let repo: string;
@@ -81,13 +81,21 @@ describe('while mounted', () => {
     const first = startBackupFromPipe('c');
     first.child.stdin.write(prng(3, 8 << 20));
     // wait until the first holds the image lock
-    const lock = path.join(repo, 'locks', 'image-c.lock');
-    for (let i = 0; i < 100 && !(await fs.stat(lock).catch(() => null)); i++) await new Promise((r) => setTimeout(r, 50));
+    const locks = path.join(repo, 'locks');
+    const lock = path.join(locks, 'image-c.lock');
+    for (let i = 0; i < 600 && !(await fs.stat(lock).catch(() => null)); i++) await new Promise((r) => setTimeout(r, 50));
+    expect(JSON.parse(await fs.readFile(lock, 'utf8')).pid).toBe(first.child.pid);
     const second = await gv(repo, ['backup', imgB, '--name', 'c']);
     expect(second.code).toBe(1);
     expect(second.stderr.trim()).toMatch(/another backup of image c is running \(pid \d+\); use --wait/);
-    const waiting = gv(repo, ['backup', imgB, '--name', 'c', '--wait', '--json']);
-    await new Promise((r) => setTimeout(r, 500));
+    let settled = false;
+    const waiting = gv(repo, ['backup', imgB, '--name', 'c', '--wait', '--json']).finally(() => (settled = true));
+    // Until it has the lock, a backup trying for it keeps its own candidate lock file
+    // (image-c.lock.<random>.tmp-<pid>) beside it: seen while the first still holds the
+    // lock, the second is queued behind it.
+    const queued = async () => (await fs.readdir(locks)).some((f) => f.startsWith('image-c.lock.') && !f.endsWith(`-${first.child.pid}`));
+    for (let i = 0; i < 600 && !settled && !(await queued()); i++) await new Promise((r) => setTimeout(r, 50));
+    expect(await queued(), settled ? `the --wait backup ended while the first held the lock: ${(await waiting).stderr}` : 'not queued').toBe(true);
     first.child.stdin.end(prng(4, 8 << 20));
     const [a, b] = await Promise.all([first.done, waiting]);
     expect(a.code, a.err).toBe(0);
@@ -194,8 +202,11 @@ describe('removing a generation that is open in the mount', () => {
     } finally {
       await fh.close();
     }
-    // closed: the next gc gives the space back
-    await new Promise((r) => setTimeout(r, 300));
+    // closed: once the mount has dropped its pin (FUSE sends the release after close()
+    // returns), the next gc gives the space back
+    const pinned = async () => (await fs.readdir(path.join(repo, 'locks'))).some((f) => f.startsWith(`pin-${g.id}-`));
+    for (let i = 0; i < 600 && (await pinned()); i++) await new Promise((r) => setTimeout(r, 50));
+    expect(await pinned()).toBe(false);
     const packsClosed = Number((await sh('du', ['-sb', path.join(repo, 'packs')])).stdout.split('\t')[0]);
     const gc2 = await gv(repo, ['gc']);
     expect(gc2.code, gc2.stderr).toBe(0);
@@ -216,9 +227,19 @@ describe('the process holding the index dies', () => {
     const pids = [...holderPids, ...mountPids];
     const b = startBackupFromPipe('d');
     b.child.stdin.write(prng(5, 16 << 20));
-    await new Promise((r) => setTimeout(r, 300));
+    // Mid-backup: registered, and writing pack data (so it has been using the index).
+    const writing = async () => {
+      const locks = path.join(repo, 'locks');
+      for (const f of (await fs.readdir(locks)).filter((x) => /^writer-[0-9a-f]+\.json$/.test(x))) {
+        const rec = JSON.parse((await fs.readFile(path.join(locks, f), 'utf8').catch(() => '{}')) || '{}');
+        if (rec.what === 'backup d' && rec.owner?.pid === b.child.pid && rec.packs?.length > 0) return true;
+      }
+      return false;
+    };
+    for (let i = 0; i < 600 && !(await writing()); i++) await new Promise((r) => setTimeout(r, 50));
+    expect(await writing()).toBe(true);
     for (const p of pids) process.kill(p, 'SIGKILL');
-    await new Promise((r) => setTimeout(r, 200));
+    await waitGone(pids);
     b.child.stdin.end(prng(6, 16 << 20));
     const res = await Promise.race([
       b.done,
