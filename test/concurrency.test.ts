@@ -6,7 +6,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, Scratch, gv, gvOk, isMounted, prng, sh, sha256File } from './helpers.js';
+import { CLI, Scratch, gv, gvOk, isMounted, prng, sh, sha256File, waitGone } from './helpers.js';
 
 let s: Scratch;
 let repo: string;
@@ -81,13 +81,21 @@ describe('while mounted', () => {
     const first = startBackupFromPipe('c');
     first.child.stdin.write(prng(3, 8 << 20));
     // wait until the first holds the image lock
-    const lock = path.join(repo, 'locks', 'image-c.lock');
-    for (let i = 0; i < 100 && !(await fs.stat(lock).catch(() => null)); i++) await new Promise((r) => setTimeout(r, 50));
+    const locks = path.join(repo, 'locks');
+    const lock = path.join(locks, 'image-c.lock');
+    for (let i = 0; i < 600 && !(await fs.stat(lock).catch(() => null)); i++) await new Promise((r) => setTimeout(r, 50));
+    expect(JSON.parse(await fs.readFile(lock, 'utf8')).pid).toBe(first.child.pid);
     const second = await gv(repo, ['backup', imgB, '--name', 'c']);
     expect(second.code).toBe(1);
     expect(second.stderr.trim()).toMatch(/another backup of image c is running \(pid \d+\); use --wait/);
-    const waiting = gv(repo, ['backup', imgB, '--name', 'c', '--wait', '--json']);
-    await new Promise((r) => setTimeout(r, 500));
+    let settled = false;
+    const waiting = gv(repo, ['backup', imgB, '--name', 'c', '--wait', '--json']).finally(() => (settled = true));
+    // Until it has the lock, a backup trying for it keeps its own candidate lock file
+    // (image-c.lock.<random>.tmp-<pid>) beside it: seen while the first still holds the
+    // lock, the second is queued behind it.
+    const queued = async () => (await fs.readdir(locks)).some((f) => f.startsWith('image-c.lock.') && !f.endsWith(`-${first.child.pid}`));
+    for (let i = 0; i < 600 && !settled && !(await queued()); i++) await new Promise((r) => setTimeout(r, 50));
+    expect(await queued(), settled ? `the --wait backup ended while the first held the lock: ${(await waiting).stderr}` : 'not queued').toBe(true);
     first.child.stdin.end(prng(4, 8 << 20));
     const [a, b] = await Promise.all([first.done, waiting]);
     expect(a.code, a.err).toBe(0);
@@ -102,19 +110,31 @@ describe('durability while mounted', () => {
     const holder = (await sh('pgrep', ['-f', `index-holder.js ${path.join(repo, 'index')}`])).stdout.trim().split('\n').filter(Boolean);
     expect(holder).toHaveLength(1);
     const log = s.path('holder-syncs.log');
-    const st = spawn('strace', ['-f', '-qq', '-e', 'trace=fsync,fdatasync', '-o', log, '-p', holder[0]!], { stdio: 'ignore' });
+    // Without -q, strace says on stderr when it has attached to the process and all its
+    // threads ("Process N attached with M threads"); from then on every call is traced.
+    const st = spawn('strace', ['-f', '-e', 'trace=fsync,fdatasync', '-o', log, '-p', holder[0]!], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
     const exited = new Promise((r) => st.once('exit', r));
     try {
-      await new Promise((r) => setTimeout(r, 1500)); // attached to every thread (slow on a busy host)
+      const attached = new RegExp(`Process ${holder[0]} attached`);
+      await new Promise<void>((resolve, reject) => {
+        st.stderr!.on('data', (d) => {
+          stderr += d;
+          if (attached.test(stderr)) resolve();
+        });
+        void exited.then(() => reject(new Error(`strace exited before attaching: ${stderr}`)));
+      });
       // Count calls made: with -f, strace splits a call that overlaps another thread's into
       // "fdatasync(7 <unfinished ...>" and "<... fdatasync resumed>) = 0".
       const calls = (text: string) => text.split('\n').filter((l) => /\bf(data)?sync\(\d+/.test(l)).length;
       const before = calls(await fs.readFile(log, 'utf8').catch(() => ''));
       await gvOk(repo, ['backup', imgB, '--name', 'synced']);
-      await new Promise((r) => setTimeout(r, 300));
+      // The backup has its answer, so the holder's calls are made; strace writes them all out as it detaches.
+      st.kill('SIGINT');
+      await exited;
       const after = calls(await fs.readFile(log, 'utf8'));
       // at least the pack-commit batch and the generation commit
-      expect(after - before).toBeGreaterThanOrEqual(2);
+      expect(after - before, stderr).toBeGreaterThanOrEqual(2);
     } finally {
       st.kill('SIGINT');
       await exited;
@@ -182,8 +202,11 @@ describe('removing a generation that is open in the mount', () => {
     } finally {
       await fh.close();
     }
-    // closed: the next gc gives the space back
-    await new Promise((r) => setTimeout(r, 300));
+    // closed: once the mount has dropped its pin (FUSE sends the release after close()
+    // returns), the next gc gives the space back
+    const pinned = async () => (await fs.readdir(path.join(repo, 'locks'))).some((f) => f.startsWith(`pin-${g.id}-`));
+    for (let i = 0; i < 600 && (await pinned()); i++) await new Promise((r) => setTimeout(r, 50));
+    expect(await pinned()).toBe(false);
     const packsClosed = Number((await sh('du', ['-sb', path.join(repo, 'packs')])).stdout.split('\t')[0]);
     const gc2 = await gv(repo, ['gc']);
     expect(gc2.code, gc2.stderr).toBe(0);
@@ -202,11 +225,24 @@ describe('the process holding the index dies', () => {
     expect(mountPids.length).toBeGreaterThan(0);
     expect(holderPids).toHaveLength(1);
     const pids = [...holderPids, ...mountPids];
+    // The generations committed so far (by beforeAll, and by the tests that ran before this one).
+    const namesBefore = (JSON.parse(await gvOk(repo, ['list', '--json'])) as Array<{ name: string }>).map((g) => g.name);
+    expect(namesBefore).not.toContain('d');
     const b = startBackupFromPipe('d');
     b.child.stdin.write(prng(5, 16 << 20));
-    await new Promise((r) => setTimeout(r, 300));
+    // Mid-backup: registered, and writing pack data (so it has been using the index).
+    const writing = async () => {
+      const locks = path.join(repo, 'locks');
+      for (const f of (await fs.readdir(locks)).filter((x) => /^writer-[0-9a-f]+\.json$/.test(x))) {
+        const rec = JSON.parse((await fs.readFile(path.join(locks, f), 'utf8').catch(() => '{}')) || '{}');
+        if (rec.what === 'backup d' && rec.owner?.pid === b.child.pid && rec.packs?.length > 0) return true;
+      }
+      return false;
+    };
+    for (let i = 0; i < 600 && !(await writing()); i++) await new Promise((r) => setTimeout(r, 50));
+    expect(await writing()).toBe(true);
     for (const p of pids) process.kill(p, 'SIGKILL');
-    await new Promise((r) => setTimeout(r, 200));
+    await waitGone(pids);
     b.child.stdin.end(prng(6, 16 << 20));
     const res = await Promise.race([
       b.done,
@@ -216,7 +252,7 @@ describe('the process holding the index dies', () => {
     const gen = JSON.parse(res.out);
     expect(gen.size).toBe(32 << 20);
     const list = JSON.parse(await gvOk(repo, ['list', '--json']));
-    expect(list.map((g: { name: string }) => g.name).sort()).toEqual(['a', 'b', 'c', 'c', 'd', 'prio', 'synced']);
+    expect(list.map((g: { name: string }) => g.name).sort()).toEqual([...namesBefore, 'd'].sort());
     const out = s.path('d.out');
     await gvOk(repo, ['restore', 'd@latest', out]);
     expect((await fs.readFile(out)).equals(Buffer.concat([prng(5, 16 << 20), prng(6, 16 << 20)]))).toBe(true);
@@ -224,6 +260,6 @@ describe('the process holding the index dies', () => {
     const again = await gv(repo, ['mount', mnt]);
     expect(again.code, again.stderr).toBe(0);
     expect(again.stderr).toMatch(/stale mount/);
-    expect((await fs.readdir(mnt)).sort()).toEqual(['a', 'b', 'c', 'd', 'prio', 'synced']);
+    expect((await fs.readdir(mnt)).sort()).toEqual([...new Set([...namesBefore, 'd'])].sort());
   });
 });

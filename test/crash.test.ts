@@ -25,6 +25,16 @@ async function dirBytes(dir: string): Promise<number> {
   return n;
 }
 
+/** Every pack file of the repository, by path. */
+async function packFiles(): Promise<string[]> {
+  const dir = path.join(repo, 'packs');
+  const out: string[] = [];
+  for (const sub of await fs.readdir(dir).catch(() => [] as string[])) {
+    for (const f of await fs.readdir(path.join(dir, sub)).catch(() => [] as string[])) out.push(path.join(dir, sub, f));
+  }
+  return out;
+}
+
 beforeAll(async () => {
   s = await Scratch.create();
   repo = s.path('repo');
@@ -48,13 +58,20 @@ describe('kill -9 during backup', () => {
         stdio: ['pipe', 'ignore', 'ignore'],
       });
       child.stdin.on('error', () => undefined);
-      const packsBefore = await dirBytes(path.join(repo, 'packs'));
+      // Pack files there before this run (the killed runs' ones go when it starts: the
+      // total size of packs/ can shrink meanwhile, so only a new file's data says it writes).
+      const packsBefore = new Set(await packFiles());
       for (let i = 0; i < 6; i++) {
         child.stdin.write(prng(100 + round * 10 + i, 4 << 20));
       }
-      for (let i = 0; i < 100 && (await dirBytes(path.join(repo, 'packs'))) <= packsBefore; i++) {
-        await new Promise((r) => setTimeout(r, 50));
-      }
+      const writing = async () => {
+        for (const f of await packFiles()) {
+          if (!packsBefore.has(f) && ((await fs.stat(f).catch(() => null))?.size ?? 0) > 0) return true;
+        }
+        return false;
+      };
+      for (let i = 0; i < 600 && !(await writing()); i++) await new Promise((r) => setTimeout(r, 50));
+      expect(await writing(), `round ${round}: the backup never wrote pack data`).toBe(true);
       child.kill('SIGKILL');
       await new Promise((r) => child.on('exit', r));
 

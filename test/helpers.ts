@@ -77,6 +77,18 @@ export function prng(seed: number, n: number): Buffer {
   return out.subarray(0, n);
 }
 
+/** Seeded generator of floats in [0, 1) (mulberry32), for random choices a seed can replay. */
+export function seededRandom(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
 const WORDS = 'alpha beta gamma delta kernel disk block inode extent journal backup restore mount image chunk generation'.split(' ');
 
 /** Compressible text, deterministic per seed. */
@@ -197,6 +209,29 @@ export async function writeFiles(dir: string, seed: number, count: number, avgBy
 export async function isMounted(dir: string): Promise<boolean> {
   const info = await fs.readFile('/proc/self/mountinfo', 'utf8');
   return info.split('\n').some((l) => l.split(' ')[4] === dir);
+}
+
+/**
+ * Wait until none of `pids` runs any more: gone, or a zombie in every thread (then its
+ * files are closed, and a FUSE server's connection with them). Throws after `timeoutMs`.
+ */
+export async function waitGone(pids: number[], timeoutMs = 30_000): Promise<void> {
+  const running = async (pid: number) => {
+    const tasks = await fs.readdir(`/proc/${pid}/task`).catch(() => [] as string[]);
+    for (const t of tasks) {
+      const stat = await fs.readFile(`/proc/${pid}/task/${t}/stat`, 'utf8').catch(() => null);
+      if (stat !== null && !'ZX'.includes(stat[stat.lastIndexOf(')') + 2]!)) return true;
+    }
+    return false;
+  };
+  const t0 = Date.now();
+  for (;;) {
+    const left: number[] = [];
+    for (const p of pids) if (await running(p)) left.push(p);
+    if (!left.length) return;
+    if (Date.now() - t0 > timeoutMs) throw new Error(`processes ${left.join(', ')} still run after ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
 }
 
 /** An error output that is exactly one line and no stack trace; returns that line. */

@@ -6,8 +6,8 @@
  */
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Scratch, flipByte, gv, gvOk, oneLine, packFiles, prng } from './helpers.js';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { Scratch, flipByte, gv, gvOk, oneLine, packFiles, prng, sh } from './helpers.js';
 import { LeafBuilder, encodeTop } from '../src/repo/chunkmap.js';
 import { leafKey } from '../src/repo/db.js';
 import { Repository } from '../src/repo/repository.js';
@@ -21,6 +21,7 @@ interface Gen {
   id: string;
   name: string;
   created: string;
+  tags?: string[];
   protected?: boolean;
 }
 
@@ -220,17 +221,27 @@ describe('verify', () => {
 });
 
 describe('protect, forget and prune', () => {
+  // Every test starts from its own copy of one repository (no genvault process has it
+  // open then): x has 4 generations, the second tagged release, and y has 2.
+  let template: string;
   let repo: string;
+  let copies = 0;
 
   const list = async (name?: string): Promise<Gen[]> => JSON.parse(await gvOk(repo, ['list', ...(name ? [name] : []), '--json']));
 
   beforeAll(async () => {
-    repo = s.path('repo-prune');
-    await gvOk(repo, ['init']);
+    template = s.path('repo-prune');
+    await gvOk(template, ['init']);
     await fs.writeFile(s.path('x.img'), prng(21, 1 << 20));
     await fs.writeFile(s.path('y.img'), prng(22, 1 << 20));
-    for (let i = 0; i < 4; i++) await gvOk(repo, ['backup', s.path('x.img'), '--name', 'x', ...(i === 1 ? ['--tag', 'release'] : [])]);
-    for (let i = 0; i < 2; i++) await gvOk(repo, ['backup', s.path('y.img'), '--name', 'y']);
+    for (let i = 0; i < 4; i++) await gvOk(template, ['backup', s.path('x.img'), '--name', 'x', ...(i === 1 ? ['--tag', 'release'] : [])]);
+    for (let i = 0; i < 2; i++) await gvOk(template, ['backup', s.path('y.img'), '--name', 'y']);
+  });
+
+  beforeEach(async () => {
+    repo = s.path(`repo-prune-${++copies}`);
+    const r = await sh('cp', ['-a', template, repo]);
+    if (r.code) throw new Error(`cp -a: ${r.stderr}`);
   });
 
   it('protect and unprotect set the flag in the generation record', async () => {
@@ -282,12 +293,16 @@ describe('protect, forget and prune', () => {
     await fs.writeFile(cfgFile, JSON.stringify({ ...cfg, guards: { minAge: '0' } }));
     const zero = JSON.parse(await gvOk(repo, ['prune', '--keep-last', '1', '--dry-run', '--json']));
     expect(zero.minAge).toBe('0');
-    expect(zero.removed).toBe(3); // x: 3 left, keep 1; y: 2, keep 1
+    expect(zero.removed).toBe(4); // x: 4, keep 1; y: 2, keep 1
     await fs.writeFile(cfgFile, JSON.stringify(cfg, null, 2));
   });
 
   it('prune --dry-run shows decisions and reasons and changes nothing; prune removes', async () => {
-    const x = await list('x'); // 3 left: the release-tagged one is the oldest now
+    // Without x's oldest generation: the release-tagged one is the oldest now.
+    await gvOk(repo, ['forget', `x@${(await list('x'))[0]!.id}`, '--force-young']);
+    const x = await list('x');
+    expect(x).toHaveLength(3);
+    expect(x[0]!.tags).toEqual(['release']);
     const y = await list('y');
     await gvOk(repo, ['protect', `y@${y[0]!.id}`]);
 
@@ -331,10 +346,10 @@ describe('protect, forget and prune', () => {
   it('prune refuses to empty an image unless --allow-empty', async () => {
     const r = await gv(repo, ['prune', 'x', '--keep-tag', 'nothing-has-this', '--min-age', '0']);
     expect(r.code).toBe(1);
-    expect(oneLine(r.stderr)).toMatch(/refusing to remove all 2 generation\(s\) of image x.*--allow-empty/);
-    expect(await list('x')).toHaveLength(2);
+    expect(oneLine(r.stderr)).toMatch(/refusing to remove all 4 generation\(s\) of image x.*--allow-empty/);
+    expect(await list('x')).toHaveLength(4);
     const out = JSON.parse(await gvOk(repo, ['prune', 'x', '--keep-tag', 'nothing-has-this', '--min-age', '0', '--allow-empty', '--json']));
-    expect(out.removed).toBe(2);
+    expect(out.removed).toBe(4);
     expect((await gv(repo, ['list', 'x'])).code).toBe(1);
     expect((await list()).map((g) => g.name)).toEqual(['y', 'y']);
     expect((await gv(repo, ['verify'])).code).toBe(0);

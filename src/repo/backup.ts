@@ -17,6 +17,7 @@
  * visible generation; its uncommitted pack tails are removed by the next writer.
  */
 import { randomBytes } from 'node:crypto';
+import fs from 'node:fs/promises';
 import { GenvaultError, describeFsError, isNoSpace } from '../util/errors.js';
 import { chunkKey, condemnedKey, damagedKey, damagedSet, leafKey, packKey } from './db.js';
 import { ChunkMap, Leaf, LeafBuilder, LeafRef, encodeTop } from './chunkmap.js';
@@ -179,6 +180,20 @@ function zeroChunks(len: number, params: ChunkingParams): ChunkResult {
     table[i * 3 + 2] = 1;
   });
   return { table, digests: new Uint8Array(spans.length * 32) };
+}
+
+/**
+ * Test hook, inert unless GENVAULT_BACKUP_PAUSE_FILE is set: a backup that has read its
+ * whole source, looked up every chunk and made its chunks and pack data durable, but has
+ * not committed its generation, says so on stderr and waits while that file exists. Tests
+ * use it to hold a real running backup at the moment a concurrent gc must wait for.
+ */
+async function testPause(): Promise<void> {
+  const f = process.env.GENVAULT_BACKUP_PAUSE_FILE;
+  const present = async () => fs.stat(f!).then(() => true, () => false);
+  if (!f || !(await present())) return;
+  process.stderr.write(`backup: paused before commit while ${f} exists\n`);
+  while (await present()) await new Promise((r) => setTimeout(r, 50));
 }
 
 /** Flush chunk index entries once this many are pending (bounds memory on huge first backups). */
@@ -641,6 +656,7 @@ async function backupImage(repo: Repository, source: Source, opts: BackupOptions
       pendingLeaves.push({ key: leafKey(last.ref.digest), value: last.encoded });
     }
     await flush();
+    await testPause();
 
     stats.durationMs = Date.now() - started;
     const gen: Generation = {
