@@ -14,7 +14,7 @@
  *   once runs once for that scheduled time, whichever order their steps interleave in.
  */
 import { backup } from '../repo/backup.js';
-import { ImageLock } from '../repo/locks.js';
+import { ImageLock, ImageLockedError } from '../repo/locks.js';
 import { prune } from '../repo/prune.js';
 import type { Repository } from '../repo/repository.js';
 import { openLocalSource } from '../source/local.js';
@@ -22,7 +22,6 @@ import { connectSsh, isSshSpec, parseSshSpec, type SshConnection } from '../sour
 import { startRemoteSource } from '../source/ssh-agent.js';
 import { isChunkedSource } from '../source/chunked.js';
 import type { Source } from '../source/types.js';
-import { GenvaultError } from '../util/errors.js';
 import { bytes, duration } from '../util/format.js';
 import type { JobConfig } from './config.js';
 import { HookRecord, RunRecord, recentRuns, recordRun } from './history.js';
@@ -56,7 +55,8 @@ export async function runJob(repo: Repository, job: JobConfig, opts: RunJobOptio
   try {
     lock = await ImageLock.acquire(repo.dir, job.image, false);
   } catch (e) {
-    if (e instanceof GenvaultError && e.code === 'LOCKED') return { skipped: true, job: job.name, reason: e.message };
+    // Not the backup command's advice (`run` has no --wait): the next scheduled run will come.
+    if (e instanceof ImageLockedError) return { skipped: true, job: job.name, reason: `another backup of image ${e.image} is running (pid ${e.holderPid})` };
     throw e;
   }
   if (opts.ifDue) {

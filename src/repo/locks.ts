@@ -181,6 +181,16 @@ export async function gcRunning(repoDir: string): Promise<boolean> {
   }
 }
 
+/** Another live process holds an image's backup lock. */
+export class ImageLockedError extends GenvaultError {
+  constructor(
+    readonly image: string,
+    readonly holderPid: number,
+  ) {
+    super(`another backup of image ${image} is running (pid ${holderPid}); use --wait to queue behind it`, 'LOCKED');
+  }
+}
+
 export class ImageLock {
   private constructor(readonly file: string) {}
 
@@ -205,12 +215,7 @@ export class ImageLock {
         await fs.rm(file, { force: true });
         continue;
       }
-      if (!wait) {
-        throw new GenvaultError(
-          `another backup of image ${name} is running (pid ${holder.pid}); use --wait to queue behind it`,
-          'LOCKED',
-        );
-      }
+      if (!wait) throw new ImageLockedError(name, holder.pid);
       await new Promise((r) => setTimeout(r, 500));
     }
   }
