@@ -308,7 +308,7 @@ export class CliProcess {
 export async function waitForFile(file: string, ms: number): Promise<void> {
   const exists = () => fs.access(file).then(() => true, () => false);
   const ac = new AbortController();
-  let wake: (() => void) | null = null;
+  let wake = null as (() => void) | null; // set by the waiting loop below
   void (async () => {
     try {
       for await (const ev of fs.watch(path.dirname(file), { signal: ac.signal })) if (ev.filename === path.basename(file)) wake?.();
