@@ -7,8 +7,8 @@
  * - SIGHUP makes the daemon use the changed job file;
  * - cron and the daemon never run a job twice for one scheduled time.
  *
- * Hooks that must hold a run in place run test/…/hold.sh: it records who ran it and waits
- * (at most 60 s) for a release file the test creates. Every wait here is for an event (a
+ * Hooks that must hold a run in place run hold.sh (written to the scratch dir): it records
+ * which genvault process ran it and waits (at most 60 s) for a release file the test creates. Every wait here is for an event (a
  * file appearing, a line of output, a process exit) and bounded; afterEach releases every
  * hook and kills every process a test started, whether it passed or not.
  */
