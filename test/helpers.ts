@@ -3,7 +3,7 @@
  * ext4 partition holding real files, and clean up loop devices and mounts even when a
  * test fails.
  */
-import { execFile, spawn } from 'node:child_process';
+import { ChildProcess, execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import fs from 'node:fs/promises';
@@ -263,3 +263,110 @@ export async function flipByte(file: string, at: number, mask = 0xff): Promise<v
 }
 
 export { execFileP };
+
+/**
+ * A genvault process running in the background (a daemon, a job run held by a hook),
+ * with its output collected. Waits are event-driven and bounded: `waitFor` resolves when
+ * the output matches, and fails at once if the process exits first, or after `ms`.
+ */
+export class CliProcess {
+  readonly child: ChildProcess;
+  out = '';
+  exit: { code: number | null; signal: NodeJS.Signals | null } | null = null;
+  /** Resolves when the process has exited (never rejects). */
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  private listeners = new Set<() => void>();
+
+  constructor(args: string[], env: NodeJS.ProcessEnv = {}) {
+    this.child = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, GENVAULT_NO_PROGRESS: '1', ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const onData = (b: Buffer) => {
+      this.out += b.toString();
+      for (const l of [...this.listeners]) l();
+    };
+    this.child.stdout!.on('data', onData);
+    this.child.stderr!.on('data', onData);
+    this.exited = new Promise((resolve) => {
+      this.child.on('close', (code, signal) => {
+        this.exit = { code, signal };
+        for (const l of [...this.listeners]) l();
+        resolve(this.exit);
+      });
+    });
+  }
+
+  get pid(): number {
+    return this.child.pid!;
+  }
+
+  get running(): boolean {
+    return this.exit === null && this.child.exitCode === null && this.child.signalCode === null;
+  }
+
+  /** Wait until the output matches `re` (at least `count` times). */
+  waitFor(re: RegExp, ms: number, count = 1): Promise<void> {
+    const g = new RegExp(re.source, re.flags.includes('g') ? re.flags : `${re.flags}g`);
+    const matched = () => (this.out.match(g) ?? []).length >= count;
+    return new Promise<void>((resolve, reject) => {
+      const done = (err?: Error) => {
+        clearTimeout(timer);
+        this.listeners.delete(check);
+        if (err) reject(err);
+        else resolve();
+      };
+      const check = () => {
+        if (matched()) done();
+        else if (this.exit) done(new Error(`exited (${JSON.stringify(this.exit)}) before printing ${re}${count > 1 ? ` ${count} times` : ''}; output:\n${this.out}`));
+      };
+      const timer = setTimeout(() => done(new Error(`no ${re}${count > 1 ? ` ${count} times` : ''} within ${ms} ms; output:\n${this.out}`)), ms);
+      this.listeners.add(check);
+      check();
+    });
+  }
+
+  /** Wait for the exit, at most `ms` (then SIGKILL it and fail). */
+  async waitExit(ms: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<null>((r) => (timer = setTimeout(() => r(null), ms)));
+    const r = await Promise.race([this.exited, late]);
+    clearTimeout(timer);
+    if (r) return r;
+    this.kill('SIGKILL');
+    throw new Error(`did not exit within ${ms} ms; output:\n${this.out}`);
+  }
+
+  kill(sig: NodeJS.Signals = 'SIGTERM'): void {
+    if (this.running) this.child.kill(sig);
+  }
+}
+
+/** Wait until `file` exists (inotify on its directory, plus a slow re-check), at most `ms`. */
+export async function waitForFile(file: string, ms: number): Promise<void> {
+  const exists = () => fs.access(file).then(() => true, () => false);
+  const ac = new AbortController();
+  let wake = null as (() => void) | null; // set by the waiting loop below
+  void (async () => {
+    try {
+      for await (const ev of fs.watch(path.dirname(file), { signal: ac.signal })) if (ev.filename === path.basename(file)) wake?.();
+    } catch {
+      /* aborted, or the directory went away: the re-check still runs */
+    }
+  })();
+  const deadline = Date.now() + ms;
+  try {
+    while (!(await exists())) {
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`${file} did not appear within ${ms} ms`);
+      // Wake on the inotify event, or re-check after at most 250 ms.
+      await new Promise<void>((r) => {
+        const t = setTimeout(r, Math.min(250, left));
+        wake = () => {
+          clearTimeout(t);
+          r();
+        };
+      });
+      wake = null;
+    }
+  } finally {
+    ac.abort();
+  }
+}

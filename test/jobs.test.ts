@@ -4,14 +4,13 @@
  * post-hooks, `status` exit codes from generated histories and from real runs, and the
  * daemon running a schedule and stopping cleanly.
  */
-import { spawn } from 'node:child_process';
 import fs from 'node:fs/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ConfigError, parseJobsText } from '../src/jobs/config.js';
 import type { RunRecord } from '../src/jobs/history.js';
 import { isDue } from '../src/jobs/runner.js';
 import { judgeJob } from '../src/jobs/status.js';
-import { CLI, Scratch, gv, gvOk, prng } from './helpers.js';
+import { CliProcess, Scratch, gv, gvOk, prng } from './helpers.js';
 import { Sshd, startSshd } from './sshd.js';
 
 let s: Scratch;
@@ -159,7 +158,9 @@ describe('job file', () => {
 });
 
 describe('schedules', () => {
-  const job = parseJobsText('jobs:\n  a:\n    source: /x\n    schedule: "0 2 * * *"\n', 'j.yaml').jobs[0]!;
+  // Schedules are in the job file's zone, else the host's: name one, so the times below hold
+  // whatever TZ the tests run in.
+  const job = parseJobsText('timezone: UTC\njobs:\n  a:\n    source: /x\n    schedule: "0 2 * * *"\n', 'j.yaml').jobs[0]!;
   const at = (t: string) => Date.parse(t);
 
   it('a job is due once per scheduled time, and at once if it never ran', () => {
@@ -172,7 +173,7 @@ describe('schedules', () => {
   });
 
   it('`run` runs due jobs only; --now and --all run them anyway', async () => {
-    const f = await jobFile('sched.yaml', `jobs:\n  yearly:\n    source: ${img}\n    schedule: "0 0 1 1 *"\n  manual:\n    source: ${img}\n`);
+    const f = await jobFile('sched.yaml', `timezone: UTC\njobs:\n  yearly:\n    source: ${img}\n    schedule: "0 0 1 1 *"\n  manual:\n    source: ${img}\n`);
     const count = async (name: string) => JSON.parse(await gvOk(repo, ['list', '--json'])).filter((g: { name: string }) => g.name === name).length;
     const first = await gv(null, ['run', '-c', f], { env });
     expect(first.code, first.stderr).toBe(0);
@@ -359,7 +360,7 @@ describe('hooks', () => {
 });
 
 describe('status', () => {
-  const job = parseJobsText('jobs:\n  a:\n    source: /x\n    schedule: "0 2 * * *"\n', 'j.yaml').jobs[0]!;
+  const job = parseJobsText('timezone: UTC\njobs:\n  a:\n    source: /x\n    schedule: "0 2 * * *"\n', 'j.yaml').jobs[0]!;
   const run = (started: string, status: 'ok' | 'failed'): RunRecord => ({
     job: 'a',
     image: 'a',
@@ -392,7 +393,7 @@ describe('status', () => {
   });
 
   it('exit codes follow real runs: 0 after success, 1 and 2 as scheduled runs are missed, 2 after a failure', async () => {
-    const f = await jobFile('status.yaml', `jobs:\n  daily:\n    source: ${img}\n    schedule: "0 0 * * *"\n`);
+    const f = await jobFile('status.yaml', `timezone: UTC\njobs:\n  daily:\n    source: ${img}\n    schedule: "0 0 * * *"\n`);
     const never = await gv(null, ['status', '-c', f], { env });
     expect(never.code).toBe(1);
     expect(never.stdout.split('\n')[0]).toBe('WARN: daily never run');
@@ -402,7 +403,7 @@ describe('status', () => {
     expect(ok.stdout.split('\n')[0]).toMatch(/^OK: 1 job ok/);
     expect(ok.stdout).toMatch(/daily\s+OK\s+0 0 \* \* \*/);
     const day = 86_400_000;
-    const midnight = Math.floor(Date.now() / day) * day + day; // the next 00:00 UTC (the machine runs in UTC)
+    const midnight = Math.floor(Date.now() / day) * day + day; // the next 00:00 UTC, the file's zone
     const at = (ms: number) => new Date(ms).toISOString();
     expect((await gv(null, ['status', '-c', f, '--now', at(midnight + 30 * 60_000)], { env })).code).toBe(0);
     const warn = await gv(null, ['status', '-c', f, '--now', at(midnight + 90 * 60_000)], { env });
@@ -414,7 +415,7 @@ describe('status', () => {
     expect(j).toMatchObject({ state: 'CRIT', exit: 2 });
     expect(j.jobs[0]).toMatchObject({ job: 'daily', state: 'CRIT', missed: 2, generations: 1 });
     // A failed run is CRIT at once, and names the error.
-    const g = await jobFile('status-fail.yaml', `jobs:\n  daily:\n    source: ${s.path('gone.img')}\n    schedule: "0 0 * * *"\n`);
+    const g = await jobFile('status-fail.yaml', `timezone: UTC\njobs:\n  daily:\n    source: ${s.path('gone.img')}\n    schedule: "0 0 * * *"\n`);
     expect((await gv(null, ['run', '-c', g, '--all'], { env })).code).toBe(1);
     const failed = await gv(null, ['status', '-c', g], { env });
     expect(failed.code).toBe(2);
@@ -428,36 +429,29 @@ describe('status', () => {
 
 describe('daemon', () => {
   it('runs jobs on their schedule, reloads on SIGHUP, and stops cleanly on SIGTERM', async () => {
-    const f = await jobFile('daemon.yaml', `jobs:\n  tick:\n    source: ${img}\n    schedule: "*/2 * * * * *"\n    retention: { keep-last: 2, min-age: 0 }\n`);
-    const child = spawn(process.execPath, [CLI, 'daemon', '-c', f], { env: { ...process.env, ...env, GENVAULT_NO_PROGRESS: '1' }, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    child.stdout!.on('data', (b: Buffer) => (out += b.toString()));
-    child.stderr!.on('data', (b: Buffer) => (out += b.toString()));
-    const exited = new Promise<number>((r) => child.on('exit', (c) => r(c ?? -1)));
+    const body = `jobs:\n  tick:\n    source: ${img}\n    schedule: "*/2 * * * * *"\n    retention: { keep-last: 2, min-age: 0 }\n`;
+    const f = await jobFile('daemon.yaml', body);
+    const d = new CliProcess(['daemon', '-c', f], env);
     try {
-      const deadline = Date.now() + 30_000;
-      while ((out.match(/tick: ok/g) ?? []).length < 3 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 200));
-      expect((out.match(/tick: ok/g) ?? []).length, out).toBeGreaterThanOrEqual(3);
-      expect(out).toMatch(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ started: 1 jobs from /);
-      expect(out).toMatch(/pruned 1/);
+      await d.waitFor(/tick: ok/, 30_000, 3);
+      expect(d.out).toMatch(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ started: 1 jobs from /);
+      expect(d.out).toMatch(/pruned 1/);
       // A broken file on reload is reported and the old jobs kept.
       await fs.writeFile(f, 'jobs: [\n');
-      child.kill('SIGHUP');
-      const d2 = Date.now() + 10_000;
-      while (!/reload failed/.test(out) && Date.now() < d2) await new Promise((r) => setTimeout(r, 100));
-      expect(out).toMatch(/reload failed, keeping the previous jobs: .*daemon\.yaml:\d+: YAML syntax/);
-      const n = (out.match(/tick: ok/g) ?? []).length;
-      const d3 = Date.now() + 10_000;
-      while ((out.match(/tick: ok/g) ?? []).length === n && Date.now() < d3) await new Promise((r) => setTimeout(r, 100));
-      expect((out.match(/tick: ok/g) ?? []).length).toBeGreaterThan(n);
+      d.kill('SIGHUP');
+      await d.waitFor(/reload failed/, 10_000);
+      expect(d.out).toMatch(/reload failed, keeping the previous jobs: .*daemon\.yaml:\d+: YAML syntax/);
+      const n = (d.out.match(/tick: ok/g) ?? []).length;
+      await d.waitFor(/tick: ok/, 10_000, n + 1);
+      d.kill('SIGTERM');
+      expect(await d.waitExit(30_000)).toEqual({ code: 0, signal: null });
     } finally {
-      child.kill('SIGTERM');
+      d.kill('SIGKILL');
     }
-    expect(await exited).toBe(0);
-    expect(out).toMatch(/stopped\n$/);
+    expect(d.out).toMatch(/stopped\n$/);
     expect(JSON.parse(await gvOk(repo, ['list', 'tick', '--json']))).toHaveLength(2);
-    const st = await gv(null, ['status', '-c', s.path('status.yaml')], { env });
-    expect(st.stdout).toMatch(/tick/);
+    const st = await gv(null, ['status', '-c', await jobFile('daemon-status.yaml', body), '--json'], { env });
+    expect(JSON.parse(st.stdout).jobs).toEqual([expect.objectContaining({ job: 'tick', state: 'OK', generations: 2 })]);
   });
 });
 

@@ -86,7 +86,7 @@ export function register(program: Command): void {
             const progress = new Progress(`${job.name}`);
             let outcome: JobOutcome;
             try {
-              outcome = await runJob(repo, job, { by: 'run', onProgress: (d, t) => progress.update(d, t) });
+              outcome = await runJob(repo, job, { by: 'run', ifDue: !o.all && !o.now, onProgress: (d, t) => progress.update(d, t) });
             } finally {
               progress.done();
             }

@@ -64,9 +64,11 @@ export function register(program: Command): void {
       let dir: string;
       try {
         const cfgPath = o.config ?? DEFAULT_JOBS_FILE;
-        const exists = await fs.access(cfgPath).then(
+        // Only a file that is not there means "no job file". One we may not reach (a directory
+        // the monitoring user cannot enter) or a dangling link is one that cannot be read: CRIT.
+        const exists = await fs.lstat(cfgPath).then(
           () => true,
-          () => false,
+          (e: NodeJS.ErrnoException) => e.code !== 'ENOENT' && e.code !== 'ENOTDIR',
         );
         if (o.config !== undefined || exists) file = await loadJobsFile(cfgPath);
         dir = file ? jobsRepoPath(cmd, file.repository) : repoPath(cmd);

@@ -82,7 +82,7 @@ export class Daemon {
         if (!isDue(job, await lastStarted(repo, job.name), Date.now())) continue;
         this.running = job.name;
         try {
-          this.opts.log(describeRun(await runJob(repo, job, { by: 'daemon' })));
+          this.opts.log(describeRun(await runJob(repo, job, { by: 'daemon', ifDue: true })));
         } catch (e) {
           this.opts.log(`${job.name}: FAILED: ${(e as Error).message}`);
         } finally {

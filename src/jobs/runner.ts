@@ -8,10 +8,13 @@
  * - post-hooks always run, whatever happened before (they thaw and remove snapshots);
  *   if the SSH connection dropped, they run over a new one;
  * - the image lock is taken before any hook, so two runs of one job never interleave
- *   their hooks: the second is skipped and says why.
+ *   their hooks: the second is skipped and says why;
+ * - a run started because the job was due checks again under the lock, and the run is
+ *   recorded before the lock is released: a job found due by cron and by the daemon at
+ *   once runs once for that scheduled time, whichever order their steps interleave in.
  */
 import { backup } from '../repo/backup.js';
-import { ImageLock } from '../repo/locks.js';
+import { ImageLock, ImageLockedError } from '../repo/locks.js';
 import { prune } from '../repo/prune.js';
 import type { Repository } from '../repo/repository.js';
 import { openLocalSource } from '../source/local.js';
@@ -19,7 +22,6 @@ import { connectSsh, isSshSpec, parseSshSpec, type SshConnection } from '../sour
 import { startRemoteSource } from '../source/ssh-agent.js';
 import { isChunkedSource } from '../source/chunked.js';
 import type { Source } from '../source/types.js';
-import { GenvaultError } from '../util/errors.js';
 import { bytes, duration } from '../util/format.js';
 import type { JobConfig } from './config.js';
 import { HookRecord, RunRecord, recentRuns, recordRun } from './history.js';
@@ -28,6 +30,11 @@ import { runHook } from './hooks.js';
 export interface RunJobOptions {
   /** Who runs it, recorded with the run: "run" or "daemon". */
   by: string;
+  /**
+   * Run only if the job is (still) due, judged under the image lock: the caller's own check
+   * may predate a run by another process that has finished since.
+   */
+  ifDue?: boolean;
   onProgress?: (done: number, total: number | null) => void;
 }
 
@@ -48,8 +55,26 @@ export async function runJob(repo: Repository, job: JobConfig, opts: RunJobOptio
   try {
     lock = await ImageLock.acquire(repo.dir, job.image, false);
   } catch (e) {
-    if (e instanceof GenvaultError && e.code === 'LOCKED') return { skipped: true, job: job.name, reason: e.message };
+    // Not the backup command's advice (`run` has no --wait): the next scheduled run will come.
+    if (e instanceof ImageLockedError) return { skipped: true, job: job.name, reason: `another backup of image ${e.image} is running (pid ${e.holderPid})` };
     throw e;
+  }
+  if (opts.ifDue) {
+    let last: number | null;
+    try {
+      last = await lastStarted(repo, job.name);
+    } catch (e) {
+      await lock.release().catch(() => undefined);
+      throw e;
+    }
+    const now = Date.now();
+    if (!isDue(job, last, now)) {
+      await lock.release().catch(() => undefined);
+      const prev = job.schedule?.prev(now);
+      const reason =
+        last !== null && prev ? `already run since its scheduled time ${prev.toISOString()} (started ${new Date(last).toISOString()})` : 'not due';
+      return { skipped: true, job: job.name, reason };
+    }
   }
   const started = Date.now();
   const hooks: HookRecord[] = [];
@@ -130,12 +155,13 @@ export async function runJob(repo: Repository, job: JobConfig, opts: RunJobOptio
         fail('retention', `retention: ${(e as Error).message}`);
       }
     }
+    // Recorded while the lock is held: whoever takes it next sees this run.
+    rec.finished = Date.now();
+    await recordRun(repo.db, rec);
   } finally {
     conn?.close();
     await lock.release().catch(() => undefined);
   }
-  rec.finished = Date.now();
-  await recordRun(repo.db, rec);
   return { skipped: false, record: rec };
 }
 

@@ -339,6 +339,16 @@ function isLockName(name: string): boolean {
   return name === RETENTION_LOCK || (IMAGE_NAME_RE.test(name) && name !== 'latest');
 }
 
+/** Another live process holds an image's backup lock. */
+export class ImageLockedError extends GenvaultError {
+  constructor(
+    readonly image: string,
+    readonly holderPid: number,
+  ) {
+    super(`another backup of image ${image} is running (pid ${holderPid}); use --wait to queue behind it`, 'LOCKED');
+  }
+}
+
 export class ImageLock {
   private constructor(readonly file: string) {}
 
@@ -370,12 +380,7 @@ export class ImageLock {
           await fs.rm(file, { force: true });
           continue;
         }
-        if (!wait) {
-          throw new GenvaultError(
-            `another backup of image ${name} is running (pid ${r.owner.pid}); use --wait to queue behind it`,
-            'LOCKED',
-          );
-        }
+        if (!wait) throw new ImageLockedError(name, r.owner.pid);
         await new Promise((res) => setTimeout(res, 500));
       }
     } finally {
