@@ -97,12 +97,15 @@ export function failUsage(line: string): never {
  * 143 or 129), saying what the interruption left behind when the command said so with
  * onInterrupt(). mount and daemon handle signals themselves and do not install these.
  */
-let interruptLine: (() => string | null) | null = null;
+let interruptLine: ((sig: NodeJS.Signals) => string | null) | null = null;
 let holding = 0;
 let heldSignal: NodeJS.Signals | null = null;
 
-/** The line printed if a signal ends the command now (null: the generic one). */
-export function onInterrupt(line: (() => string | null) | null): void {
+/**
+ * The line printed if a signal ends the command now (null: the generic one). `line` runs
+ * synchronously just before the exit: it may also undo what must not stay (a partial file).
+ */
+export function onInterrupt(line: ((sig: NodeJS.Signals) => string | null) | null): void {
   interruptLine = line;
 }
 
@@ -111,7 +114,7 @@ function interrupted(sig: NodeJS.Signals): void {
     heldSignal ??= sig;
     return;
   }
-  const line = interruptLine?.() ?? `interrupted by ${sig}`;
+  const line = interruptLine?.(sig) ?? `interrupted by ${sig}`;
   writeErrorLine(line, errorExitCode());
   process.exit(errorExitCode());
 }

@@ -6,7 +6,7 @@ import { Progress } from '../util/progress.js';
 import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
 import { restoreToSsh } from '../source/ssh-target.js';
 import { parseSshMode } from '../source/ssh-agent.js';
-import { action, printJson, wantsJson, withRepo } from './common.js';
+import { action, onInterrupt, printJson, wantsJson, withRepo } from './common.js';
 
 interface RestoreFlags {
   force?: boolean;
@@ -15,24 +15,6 @@ interface RestoreFlags {
   knownHosts?: string;
   acceptNewHostKey?: boolean;
   sshMode: string;
-}
-
-/**
- * SIGINT and SIGTERM end a restore: Node's default would exit without cleaning up, and
- * with listeners it would not exit at all. The handler runs on the main thread between
- * events (the workers write meanwhile), removes the temporary file of the restore under
- * way synchronously, says so in one line and exits with 1 (genvault's exit codes are 0, 1 and 2 only);
- * process.exit stops the workers.
- */
-function exitOnSignals(clearProgress: () => void): void {
-  const onSignal = (sig: NodeJS.Signals) => {
-    clearProgress();
-    const notes = abandonRestores();
-    process.stderr.write(`genvault: restore interrupted by ${sig}${notes.map((n) => `; ${n}`).join('')}\n`);
-    process.exit(1);
-  };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
 }
 
 function reportDamage(damaged: Array<{ offset: number; length: number }>): void {
@@ -75,7 +57,13 @@ export function register(program: Command): void {
           if (wantsJson(cmd)) throw new UsageError('--json cannot be used with - (the image goes to stdout)');
         }
         let progress: Progress | null = null;
-        exitOnSignals(() => progress?.done());
+        // A signal ends the restore through the CLI's one handler (common.ts): the temporary
+        // file of the restore under way is removed synchronously there, before the exit.
+        onInterrupt((sig) => {
+          progress?.done();
+          const notes = abandonRestores();
+          return `restore interrupted by ${sig}${notes.map((n) => `; ${n}`).join('')}`;
+        });
         await withRepo(cmd, async (repo) => {
           const g = await repo.resolve(target);
           progress = new Progress(`restore ${g.name}`);
