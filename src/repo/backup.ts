@@ -27,6 +27,7 @@ import { workerCores } from './pool.js';
 import { Generation, GenerationStats } from './generation.js';
 import { ImageLock, WriterRegistration, cleanupDeadWriters, gcRunning } from './locks.js';
 import { COMP_GROUP, ChunkLocation, PackWriter, RECORD_HEADER_SIZE, encodeLocation } from './pack.js';
+import { testPause } from '../util/testhooks.js';
 import { Repository } from './repository.js';
 import type { DirectRead, Source } from '../source/types.js';
 import { isChunkedSource, sameChunking } from '../source/chunked.js';
@@ -177,6 +178,17 @@ function zeroChunks(len: number, params: ChunkingParams): ChunkResult {
 /** Flush chunk index entries once this many are pending (bounds memory on huge first backups). */
 const FLUSH_ENTRIES = 65536;
 
+/**
+ * Test hook (src/util/testhooks.ts), for the crash loop: with GENVAULT_BACKUP_PAUSE_FILE
+ * set, a backup waits while that file exists at the point named by
+ * GENVAULT_BACKUP_PAUSE_AT: 'flushed-N' (the index batch of its Nth flush has returned:
+ * pack synced, its chunk entries and leaves committed; flushes happen when a pack is
+ * full and once at the end, before the generation commits) or 'committed' (the generation
+ * is committed; its packs are not yet closed, its registration and image lock still held).
+ * There is no default point.
+ */
+const hook = (point: string) => testPause('backup', point, '');
+
 export async function backup(repo: Repository, source: Source, opts: BackupOptions): Promise<Generation> {
   repo.requireWritable('a backup');
   const name = checkImageName(opts.name);
@@ -262,6 +274,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       return digests.map((d, k) => found[k] === undefined || found[k] === null || !!condemned[k] || isDamaged(d.toString('binary')));
     };
 
+    let flushes = 0;
     /** Make everything appended so far durable and commit its index entries. */
     const flush = async () => {
       // Take what is pending before the first await: the main loop keeps adding leaves
@@ -280,6 +293,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       for (const l of leavesNow) ops.push({ type: 'put', ...l });
       if (ops.length) await repo.db.batch(ops, { sync: true } as object);
       committing = new Map();
+      await hook(`flushed-${++flushes}`);
     };
 
     const appendRecords = (res: CompressResult, digests: string[], rawLengths: number[], done: () => void) => {
@@ -633,6 +647,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
       { type: 'put', key: Repository.mapKey(gen.id), value: encodeTop(leafRefs) },
       { type: 'put', key: Repository.generationKey(gen), value: Buffer.from(JSON.stringify(gen)) },
     ], { sync: true } as object);
+    await hook('committed');
     for (const p of packs) await p.close().catch(() => undefined);
     await writer.release();
     writer = null;

@@ -2,18 +2,19 @@
  * Test hooks for the crash and race tests (test/gc.test.ts, test/crashloop.test.ts): they
  * let a test see which phase a process is in, or hold it at a named point, and then kill
  * it there. Inert unless their environment variables are set; nothing in normal use sets
- * them. TOOL is GC or PRUNE:
+ * them. TOOL is GC, PRUNE or BACKUP:
  *
  *   GENVAULT_<TOOL>_TRACE=1        print "<tool>-trace: PHASE" on stderr as each phase starts
  *   GENVAULT_<TOOL>_PAUSE_FILE=F   at the point named by GENVAULT_<TOOL>_PAUSE_AT (each tool
  *                                  has a default), print "<tool>: paused at POINT while F
  *                                  exists" on stderr and wait while F exists
  *
- * The points each tool offers are listed where it calls these (src/repo/gc.ts, prune.ts).
+ * The points each tool offers are listed where it calls these (src/repo/gc.ts, prune.ts,
+ * backup.ts).
  */
 import fs from 'node:fs/promises';
 
-export type HookTool = 'gc' | 'prune';
+export type HookTool = 'gc' | 'prune' | 'backup';
 
 const envName = (tool: HookTool, what: string) => `GENVAULT_${tool.toUpperCase()}_${what}`;
 
