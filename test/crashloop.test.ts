@@ -9,7 +9,10 @@
  *   the kill), and its generation is not committed. Either its input is held back after
  *   a few MiB ('held': it has committed some chunk entries and works through, or waits
  *   for, the rest), or it gets all of it and is killed once it has a random number of
- *   packs ('streaming': chunking, writing, committing; it may finish first).
+ *   packs ('streaming': chunking, writing, committing; it may finish first). Or it is
+ *   held at a pause point and killed there: just after the index batch of its 1st-3rd
+ *   flush (the 3rd may be the last one, before the generation commits), or just after
+ *   its generation committed, before it closed its packs and released its registration.
  * - prune: its last trace line is 'locked', 'decided' or 'batch'. It is held at a pause
  *   point (locked, decided, just before its batch), or killed as soon as it says its
  *   batch is being written ('batch': whether the batch landed is recorded, and the
@@ -254,12 +257,22 @@ describe('crash loop', () => {
       const data = source(n);
       sums.set(tag, createHash('sha256').update(data).digest('hex'));
       const name = pick(['vm', 'vm2']);
-      const held = rand() < 0.5;
+      const mode = pick(['held', 'held', 'held', 'streaming', 'streaming', 'streaming', 'flushed', 'flushed', 'committed', 'committed'] as const);
+      const held = mode === 'held';
       // held: this much input (at least 3 segments: one roll-over), and no more until killed.
-      // Killed once it has this many packs (held: as many as that input surely makes, or fewer).
+      // held and streaming: killed once it has this many packs (held: as many as that input
+      // surely makes, or fewer). flushed: held at its Nth flush (there are at least 3).
       const heldBytes = (3 + Math.floor(rand() * 6)) * MiB;
       const wantPacks = 1 + Math.floor(rand() * (held && heldBytes < 8 * MiB ? 2 : 3));
-      const p = start(['backup', '-', '--name', name, '--tag', tag]);
+      const point = mode === 'flushed' ? `flushed-${wantPacks}` : 'committed';
+      const pause = s.path(`backup-pause-${kills.length}`);
+      const env: NodeJS.ProcessEnv = {};
+      if (mode === 'flushed' || mode === 'committed') {
+        await fs.writeFile(pause, '');
+        Object.assign(env, { GENVAULT_BACKUP_PAUSE_FILE: pause, GENVAULT_BACKUP_PAUSE_AT: point });
+      }
+      const pausedRe = new RegExp(`^backup: paused at ${point} `, 'm');
+      const p = start(['backup', '-', '--name', name, '--tag', tag], env);
       let consumed = false; // all the held input is in the pipe: the backup has read it, or all but 64 KiB
       if (held) p.child.stdin!.write(data.subarray(0, heldBytes), () => (consumed = true));
       else p.child.stdin!.end(data);
@@ -268,22 +281,29 @@ describe('crash loop', () => {
       const deadline = Date.now() + WAIT_MS;
       while (!p.exited() && Date.now() < deadline) {
         seen = await writerPacks(p.child.pid!);
-        if (seen && seen.bytes > 0 && seen.packs >= wantPacks && (!held || consumed)) break;
+        if (mode === 'held' || mode === 'streaming') {
+          if (seen && seen.bytes > 0 && seen.packs >= wantPacks && (!held || consumed)) break;
+        } else if (pausedRe.test(p.stderr())) {
+          break;
+        }
         await new Promise((r) => setTimeout(r, 2)); // poll interval, not a synchronisation
       }
       const killed = await p.kill();
+      await fs.rm(pause, { force: true });
+      const heldAt = mode !== 'held' && mode !== 'streaming' && pausedRe.test(p.stderr());
       const gens = await generations();
       const committed = gens.find((g) => g.tags[0] === tag);
       if (committed) expected.set(committed.id, committed);
-      const mode = `${held ? `held after ${heldBytes / MiB} MiB` : 'streaming'}, until ${wantPacks} pack(s)`;
-      if (!killed) return { phase: 'exited', detail: `${mode}: exited before the kill`, midWork: false };
-      if (!seen?.bytes) return { phase: 'no-bytes', detail: `${mode}: killed before its packs held synced bytes`, midWork: false };
-      if (committed) return { phase: 'committed', detail: `${mode}: killed after its generation was committed`, midWork: false };
-      return {
-        phase: `${held ? 'held' : 'streaming'}/pack${seen.packs}`,
-        detail: `${name} ${tag} ${mode}: killed with ${seen.packs} pack(s), ${seen.bytes} bytes synced`,
-        midWork: true,
-      };
+      const how =
+        mode === 'held' ? `held after ${heldBytes / MiB} MiB, until ${wantPacks} pack(s)` : mode === 'streaming' ? `streaming, until ${wantPacks} pack(s)` : `pause at ${point}`;
+      const state = seen ? `${seen.packs} pack(s), ${seen.bytes} bytes synced` : 'no registration';
+      if (!killed) return { phase: 'exited', detail: `${how}: exited before the kill`, midWork: false };
+      // Held at a pause point: that is where it was (the generation is committed at 'committed').
+      if (heldAt) return { phase: `paused@${point}`, detail: `${name} ${tag} ${how}: killed there with ${state}`, midWork: true };
+      if (mode !== 'held' && mode !== 'streaming') return { phase: `no-${point}`, detail: `${how}: killed elsewhere, with ${state}`, midWork: false };
+      if (!seen?.bytes) return { phase: 'no-bytes', detail: `${how}: killed before its packs held synced bytes`, midWork: false };
+      if (committed) return { phase: 'committed', detail: `${how}: killed after its generation was committed`, midWork: false };
+      return { phase: `${mode}/pack${seen.packs}`, detail: `${name} ${tag} ${how}: killed with ${state}`, midWork: true };
     };
 
     const pruneAttempt = async (): Promise<Omit<Kill, 'round' | 'attempt' | 'cmd'>> => {
