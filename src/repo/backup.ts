@@ -27,7 +27,7 @@ import { workerCores } from './pool.js';
 import { Generation, GenerationStats } from './generation.js';
 import { ImageLock, WriterRegistration, cleanupDeadWriters, gcRunning } from './locks.js';
 import { COMP_GROUP, ChunkLocation, PackWriter, RECORD_HEADER_SIZE, encodeLocation } from './pack.js';
-import { testPause } from '../util/testhooks.js';
+import { testPause, testTrace } from '../util/testhooks.js';
 import { Repository } from './repository.js';
 import type { DirectRead, Source } from '../source/types.js';
 import { isChunkedSource, sameChunking } from '../source/chunked.js';
@@ -179,13 +179,14 @@ function zeroChunks(len: number, params: ChunkingParams): ChunkResult {
 const FLUSH_ENTRIES = 65536;
 
 /**
- * Test hook (src/util/testhooks.ts), for the crash loop: with GENVAULT_BACKUP_PAUSE_FILE
+ * Test hooks (src/util/testhooks.ts), for the crash loop: with GENVAULT_BACKUP_PAUSE_FILE
  * set, a backup waits while that file exists at the point named by
  * GENVAULT_BACKUP_PAUSE_AT: 'flushed-N' (the index batch of its Nth flush has returned:
  * pack synced, its chunk entries and leaves committed; flushes happen when a pack is
  * full and once at the end, before the generation commits) or 'committed' (the generation
  * is committed; its packs are not yet closed, its registration and image lock still held).
- * There is no default point.
+ * There is no default point. GENVAULT_BACKUP_TRACE=1 prints 'backup-trace: commit' just
+ * before the batch that commits the generation.
  */
 const hook = (point: string) => testPause('backup', point, '');
 
@@ -642,6 +643,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
     }
     // The one atomic commit that makes the generation visible (and clears the damage marks of
     // chunks it stored again: their index entries now point to the fresh copies).
+    testTrace('backup', 'commit');
     await repo.db.batch([
       ...healed.map((d) => ({ type: 'del' as const, key: damagedKey(Buffer.from(d, 'binary')) })),
       { type: 'put', key: Repository.mapKey(gen.id), value: encodeTop(leafRefs) },
