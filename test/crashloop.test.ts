@@ -13,6 +13,8 @@
  *   held at a pause point and killed there: just after the index batch of its 1st-3rd
  *   flush (the 3rd may be the last one, before the generation commits), or just after
  *   its generation committed, before it closed its packs and released its registration.
+ *   Or it is killed as soon as it says its generation commit starts ('commit': whether
+ *   the commit landed is recorded).
  * - prune: its last trace line is 'locked', 'decided' or 'batch'. It is held at a pause
  *   point (locked, decided, just before its batch), or killed as soon as it says its
  *   batch is being written ('batch': whether the batch landed is recorded, and the
@@ -257,7 +259,7 @@ describe('crash loop', () => {
       const data = source(n);
       sums.set(tag, createHash('sha256').update(data).digest('hex'));
       const name = pick(['vm', 'vm2']);
-      const mode = pick(['held', 'held', 'held', 'streaming', 'streaming', 'streaming', 'flushed', 'flushed', 'committed', 'committed'] as const);
+      const mode = pick(['held', 'streaming', 'flushed', 'commit', 'committed'] as const);
       const held = mode === 'held';
       // held: this much input (at least 3 segments: one roll-over), and no more until killed.
       // held and streaming: killed once it has this many packs (held: as many as that input
@@ -266,20 +268,23 @@ describe('crash loop', () => {
       const wantPacks = 1 + Math.floor(rand() * (held && heldBytes < 8 * MiB ? 2 : 3));
       const point = mode === 'flushed' ? `flushed-${wantPacks}` : 'committed';
       const pause = s.path(`backup-pause-${kills.length}`);
-      const env: NodeJS.ProcessEnv = {};
+      const env: NodeJS.ProcessEnv = { GENVAULT_BACKUP_TRACE: '1' };
       if (mode === 'flushed' || mode === 'committed') {
         await fs.writeFile(pause, '');
         Object.assign(env, { GENVAULT_BACKUP_PAUSE_FILE: pause, GENVAULT_BACKUP_PAUSE_AT: point });
       }
       const pausedRe = new RegExp(`^backup: paused at ${point} `, 'm');
+      const commitRe = /^backup-trace: commit$/m;
       const p = start(['backup', '-', '--name', name, '--tag', tag], env);
       let consumed = false; // all the held input is in the pipe: the backup has read it, or all but 64 KiB
       if (held) p.child.stdin!.write(data.subarray(0, heldBytes), () => (consumed = true));
       else p.child.stdin!.end(data);
       // The last look at its packs before the kill: the evidence that it was writing.
       let seen: { packs: number; bytes: number } | null = null;
+      // commit: killed the moment it says so (no polling in between)
+      if (mode === 'commit') await p.waitFor(commitRe);
       const deadline = Date.now() + WAIT_MS;
-      while (!p.exited() && Date.now() < deadline) {
+      while (mode !== 'commit' && !p.exited() && Date.now() < deadline) {
         seen = await writerPacks(p.child.pid!);
         if (mode === 'held' || mode === 'streaming') {
           if (seen && seen.bytes > 0 && seen.packs >= wantPacks && (!held || consumed)) break;
@@ -289,18 +294,30 @@ describe('crash loop', () => {
         await new Promise((r) => setTimeout(r, 2)); // poll interval, not a synchronisation
       }
       const killed = await p.kill();
+      const left = await writerPacks(p.child.pid!); // its registration, left behind if it died before releasing it
       await fs.rm(pause, { force: true });
-      const heldAt = mode !== 'held' && mode !== 'streaming' && pausedRe.test(p.stderr());
+      const heldAt = (mode === 'flushed' || mode === 'committed') && pausedRe.test(p.stderr());
+      const inCommit = mode === 'commit' && commitRe.test(p.stderr());
       const gens = await generations();
       const committed = gens.find((g) => g.tags[0] === tag);
       if (committed) expected.set(committed.id, committed);
       const how =
-        mode === 'held' ? `held after ${heldBytes / MiB} MiB, until ${wantPacks} pack(s)` : mode === 'streaming' ? `streaming, until ${wantPacks} pack(s)` : `pause at ${point}`;
+        mode === 'held'
+          ? `held after ${heldBytes / MiB} MiB, until ${wantPacks} pack(s)`
+          : mode === 'streaming'
+            ? `streaming, until ${wantPacks} pack(s)`
+            : mode === 'commit'
+              ? 'as its generation commit starts'
+              : `pause at ${point}`;
       const state = seen ? `${seen.packs} pack(s), ${seen.bytes} bytes synced` : 'no registration';
       if (!killed) return { phase: 'exited', detail: `${how}: exited before the kill`, midWork: false };
       // Held at a pause point: that is where it was (the generation is committed at 'committed').
       if (heldAt) return { phase: `paused@${point}`, detail: `${name} ${tag} ${how}: killed there with ${state}`, midWork: true };
-      if (mode !== 'held' && mode !== 'streaming') return { phase: `no-${point}`, detail: `${how}: killed elsewhere, with ${state}`, midWork: false };
+      // Killed as it said its generation commit starts, before it released its registration:
+      // the commit may have landed or not.
+      if (inCommit && !left) return { phase: 'commit/released', detail: `${how}: killed after it released its registration`, midWork: false };
+      if (inCommit) return { phase: `commit/${committed ? 'landed' : 'not-landed'}`, detail: `${name} ${tag} ${how}: killed with ${left.packs} pack(s) registered`, midWork: true };
+      if (mode !== 'held' && mode !== 'streaming') return { phase: `no-${mode === 'commit' ? mode : point}`, detail: `${how}: killed elsewhere, with ${state}`, midWork: false };
       if (!seen?.bytes) return { phase: 'no-bytes', detail: `${how}: killed before its packs held synced bytes`, midWork: false };
       if (committed) return { phase: 'committed', detail: `${how}: killed after its generation was committed`, midWork: false };
       return { phase: `${mode}/pack${seen.packs}`, detail: `${name} ${tag} ${how}: killed with ${state}`, midWork: true };
@@ -439,7 +456,8 @@ describe('crash loop', () => {
       await check('after a complete gc');
     } catch (e) {
       const err = e as Error;
-      err.message = `crashloop seed ${SEED} (replay with GENVAULT_CRASHLOOP_SEED=${SEED}), ${where}: ${err.message}\n${summary()}`;
+      const at = err.message.includes(where) ? '' : `${where}: `;
+      err.message = `crashloop seed ${SEED} (replay with GENVAULT_CRASHLOOP_SEED=${SEED}): ${at}${err.message}\n${summary()}`;
       throw err;
     }
   }, 600_000);
