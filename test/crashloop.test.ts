@@ -8,8 +8,8 @@
  * - backup: its writer registration lists packs holding synced bytes (seen just before
  *   the kill), and its generation is not committed. Either its input is held back after
  *   a few MiB ('held': it has committed some chunk entries and works through, or waits
- *   for, the rest), or it gets all of it and is killed once it has a random number of
- *   packs ('streaming': chunking, writing, committing; it may finish first). Or it is
+ *   for, the rest), or it gets all of it and is killed once the bytes of its 1st-3rd pack
+ *   appear ('streaming': that pack is being flushed; it may finish first). Or it is
  *   held at a pause point and killed there: just after the index batch of its 1st-3rd
  *   flush (the 3rd may be the last one, before the generation commits), or just after
  *   its generation committed, before it closed its packs and released its registration.
@@ -163,7 +163,7 @@ function start(args: string[], env: NodeJS.ProcessEnv = {}): Proc {
 }
 
 /** The packs a process's writer registration lists, and their bytes on disk; null if it has none. */
-async function writerPacks(pid: number): Promise<{ packs: number; bytes: number } | null> {
+async function writerPacks(pid: number): Promise<{ packs: number; bytes: number; last: number } | null> {
   const dir = path.join(repo, 'locks');
   for (const f of await fs.readdir(dir)) {
     if (!/^writer-[0-9a-f]+\.json$/.test(f)) continue;
@@ -175,8 +175,12 @@ async function writerPacks(pid: number): Promise<{ packs: number; bytes: number 
     }
     if (rec.owner?.pid !== pid || !rec.packs) continue;
     let bytes = 0;
-    for (const id of rec.packs) bytes += (await fs.stat(path.join(repo, 'packs', id.slice(0, 2), `${id}.pack`)).catch(() => null))?.size ?? 0;
-    return { packs: rec.packs.length, bytes };
+    let last = 0;
+    for (const id of rec.packs) {
+      last = (await fs.stat(path.join(repo, 'packs', id.slice(0, 2), `${id}.pack`)).catch(() => null))?.size ?? 0;
+      bytes += last;
+    }
+    return { packs: rec.packs.length, bytes, last };
   }
   return null;
 }
@@ -262,8 +266,9 @@ describe('crash loop', () => {
       const mode = pick(['held', 'streaming', 'flushed', 'commit', 'committed'] as const);
       const held = mode === 'held';
       // held: this much input (at least 3 segments: one roll-over), and no more until killed.
-      // held and streaming: killed once it has this many packs (held: as many as that input
-      // surely makes, or fewer). flushed: held at its Nth flush (there are at least 3).
+      // held: killed once it has this many packs (as many as that input surely makes, or
+      // fewer); streaming: once its Nth pack's bytes appear (that pack is being flushed);
+      // flushed: held at its Nth flush (there are at least 3).
       const heldBytes = (3 + Math.floor(rand() * 6)) * MiB;
       const wantPacks = 1 + Math.floor(rand() * (held && heldBytes < 8 * MiB ? 2 : 3));
       const point = mode === 'flushed' ? `flushed-${wantPacks}` : 'committed';
@@ -280,14 +285,15 @@ describe('crash loop', () => {
       if (held) p.child.stdin!.write(data.subarray(0, heldBytes), () => (consumed = true));
       else p.child.stdin!.end(data);
       // The last look at its packs before the kill: the evidence that it was writing.
-      let seen: { packs: number; bytes: number } | null = null;
+      let seen: { packs: number; bytes: number; last: number } | null = null;
       // commit: killed the moment it says so (no polling in between)
       if (mode === 'commit') await p.waitFor(commitRe);
       const deadline = Date.now() + WAIT_MS;
       while (mode !== 'commit' && !p.exited() && Date.now() < deadline) {
         seen = await writerPacks(p.child.pid!);
         if (mode === 'held' || mode === 'streaming') {
-          if (seen && seen.bytes > 0 && seen.packs >= wantPacks && (!held || consumed)) break;
+          if (held && seen && seen.bytes > 0 && seen.packs >= wantPacks && consumed) break;
+          if (!held && seen && (seen.packs > wantPacks || (seen.packs === wantPacks && seen.last > 0))) break;
         } else if (pausedRe.test(p.stderr())) {
           break;
         }
@@ -305,7 +311,7 @@ describe('crash loop', () => {
         mode === 'held'
           ? `held after ${heldBytes / MiB} MiB, until ${wantPacks} pack(s)`
           : mode === 'streaming'
-            ? `streaming, until ${wantPacks} pack(s)`
+            ? `streaming, until pack ${wantPacks} has bytes`
             : mode === 'commit'
               ? 'as its generation commit starts'
               : `pause at ${point}`;
