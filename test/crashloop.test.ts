@@ -5,16 +5,20 @@
  * restores to the bytes it was made from (sha256).
  *
  * A kill counts only when the process showed it was working when it died:
- * - backup: its writer registration lists packs holding synced bytes (seen just before
- *   the kill), and its generation is not committed. Either its input is held back after
- *   a few MiB ('held': it has committed some chunk entries and works through, or waits
- *   for, the rest), or it gets all of it and is killed once the bytes of its 1st-3rd pack
- *   appear ('streaming': that pack is being flushed; it may finish first). Or it is
- *   held at a pause point and killed there: just after the index batch of its 1st-3rd
- *   flush (the 3rd may be the last one, before the generation commits), or just after
- *   its generation committed, before it closed its packs and released its registration.
- *   Or it is killed as soon as it says its generation commit starts ('commit': whether
- *   the commit landed is recorded).
+ * - backup, one of five ways, picked at random:
+ *   'held': its input stops after 3-8 MiB (at least one roll-over to a new pack, whose
+ *     flush committed chunk entries); killed once it has read that and has 1-3 packs.
+ *   'streaming': it gets all its input; killed once the bytes of its 1st-3rd pack appear
+ *     on disk (that pack is being flushed); it may finish first.
+ *   For these two: counted if, at the last look before the kill, its writer registration
+ *   listed packs holding bytes, and its generation is not committed.
+ *   'flushed': held at a pause point just after the index batch of its 1st-3rd flush (the
+ *     3rd may be the last one, just before the generation commits), killed there.
+ *   'committed': held just after its generation committed, before it closed its packs and
+ *     released its registration and image lock, killed there.
+ *   'commit': killed as soon as it says its generation commit starts; counted if its
+ *     registration is left behind (it died before the end); whether the commit landed is
+ *     recorded.
  * - prune: its last trace line is 'locked', 'decided' or 'batch'. It is held at a pause
  *   point (locked, decided, just before its batch), or killed as soon as it says its
  *   batch is being written ('batch': whether the batch landed is recorded, and the
@@ -265,9 +269,9 @@ describe('crash loop', () => {
       const name = pick(['vm', 'vm2']);
       const mode = pick(['held', 'streaming', 'flushed', 'commit', 'committed'] as const);
       const held = mode === 'held';
-      // held: this much input (at least 3 segments: one roll-over), and no more until killed.
-      // held: killed once it has this many packs (as many as that input surely makes, or
-      // fewer); streaming: once its Nth pack's bytes appear (that pack is being flushed);
+      // held: this much input (at least 3 segments: one roll-over), and no more until killed
+      // once it has this many packs (as many as that input surely makes, or fewer).
+      // streaming: killed once its Nth pack's bytes appear (that pack is being flushed).
       // flushed: held at its Nth flush (there are at least 3).
       const heldBytes = (3 + Math.floor(rand() * 6)) * MiB;
       const wantPacks = 1 + Math.floor(rand() * (held && heldBytes < 8 * MiB ? 2 : 3));
@@ -321,8 +325,10 @@ describe('crash loop', () => {
       if (heldAt) return { phase: `paused@${point}`, detail: `${name} ${tag} ${how}: killed there with ${state}`, midWork: true };
       // Killed as it said its generation commit starts, before it released its registration:
       // the commit may have landed or not.
-      if (inCommit && !left) return { phase: 'commit/released', detail: `${how}: killed after it released its registration`, midWork: false };
-      if (inCommit) return { phase: `commit/${committed ? 'landed' : 'not-landed'}`, detail: `${name} ${tag} ${how}: killed with ${left.packs} pack(s) registered`, midWork: true };
+      if (inCommit) {
+        if (!left) return { phase: 'commit/released', detail: `${how}: killed after it released its registration`, midWork: false };
+        return { phase: `commit/${committed ? 'landed' : 'not-landed'}`, detail: `${name} ${tag} ${how}: killed with ${left.packs} pack(s) registered`, midWork: true };
+      }
       if (mode !== 'held' && mode !== 'streaming') return { phase: `no-${mode === 'commit' ? mode : point}`, detail: `${how}: killed elsewhere, with ${state}`, midWork: false };
       if (!seen?.bytes) return { phase: 'no-bytes', detail: `${how}: killed before its packs held synced bytes`, midWork: false };
       if (committed) return { phase: 'committed', detail: `${how}: killed after its generation was committed`, midWork: false };
