@@ -286,7 +286,7 @@ describe('gc', () => {
     const b = startCli(repo, ['backup', s.path('w.img'), '--name', 'p', '--json'], { GENVAULT_BACKUP_PAUSE_FILE: pause });
     let g: ReturnType<typeof startGc> | null = null;
     try {
-      await b.waitFor(/backup: paused before commit/);
+      await b.waitFor(/backup: paused at before-commit/);
       g = startGc(repo, ['--json']);
       await g.waitFor(/gc-trace: wait\n/);
 

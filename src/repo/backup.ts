@@ -28,6 +28,7 @@ import { workerCores } from './pool.js';
 import { Generation, GenerationStats } from './generation.js';
 import { ImageLock, WriterRegistration, cleanupDeadWriters, gcRunning } from './locks.js';
 import { COMP_GROUP, ChunkLocation, PackWriter, RECORD_HEADER_SIZE, encodeLocation } from './pack.js';
+import { testPause, testTrace } from '../util/testhooks.js';
 import { Repository } from './repository.js';
 import type { DirectRead, Source } from '../source/types.js';
 import { isChunkedSource, sameChunking } from '../source/chunked.js';
@@ -182,22 +183,23 @@ function zeroChunks(len: number, params: ChunkingParams): ChunkResult {
   return { table, digests: new Uint8Array(spans.length * 32) };
 }
 
-/**
- * Test hook, inert unless GENVAULT_BACKUP_PAUSE_FILE is set: a backup that has read its
- * whole source, looked up every chunk and made its chunks and pack data durable, but has
- * not committed its generation, says so on stderr and waits while that file exists. Tests
- * use it to hold a real running backup at the moment a concurrent gc must wait for.
- */
-async function testPause(): Promise<void> {
-  const f = process.env.GENVAULT_BACKUP_PAUSE_FILE;
-  const present = async () => fs.stat(f!).then(() => true, () => false);
-  if (!f || !(await present())) return;
-  process.stderr.write(`backup: paused before commit while ${f} exists\n`);
-  while (await present()) await new Promise((r) => setTimeout(r, 50));
-}
-
 /** Flush chunk index entries once this many are pending (bounds memory on huge first backups). */
 const FLUSH_ENTRIES = 65536;
+
+/**
+ * Test hooks (src/util/testhooks.ts), for the crash loop and gc's race tests: with
+ * GENVAULT_BACKUP_PAUSE_FILE set, a backup waits while that file exists at the point named
+ * by GENVAULT_BACKUP_PAUSE_AT:
+ * - 'flushed-N': the index batch of its Nth flush has returned (pack synced, its chunk
+ *   entries and leaves committed; flushes happen when a pack is full and once at the end);
+ * - 'before-commit' (the default): the whole source is read, every chunk looked up and
+ *   made durable, the generation not yet committed (the moment a concurrent gc must wait for);
+ * - 'committed': the generation is committed; its packs are not yet closed, its
+ *   registration and image lock still held.
+ * GENVAULT_BACKUP_TRACE=1 prints 'backup-trace: commit' just before the batch that commits
+ * the generation.
+ */
+const hook = (point: string) => testPause('backup', point, 'before-commit');
 
 export async function backup(repo: Repository, source: Source, opts: BackupOptions): Promise<Generation> {
   repo.requireWritable('a backup');
@@ -299,6 +301,7 @@ async function backupImage(repo: Repository, source: Source, opts: BackupOptions
       return digests.map((d, k) => found[k] === undefined || found[k] === null || !!condemned[k] || isDamaged(d.toString('binary')));
     };
 
+    let flushes = 0;
     /** Make everything appended so far durable and commit its index entries. */
     const flush = async () => {
       // Take what is pending before the first await: the main loop keeps adding leaves
@@ -317,6 +320,7 @@ async function backupImage(repo: Repository, source: Source, opts: BackupOptions
       for (const l of leavesNow) ops.push({ type: 'put', ...l });
       if (ops.length) await repo.db.batch(ops, { sync: true } as object);
       committing = new Map();
+      await hook(`flushed-${++flushes}`);
     };
 
     const appendRecords = (res: CompressResult, digests: string[], rawLengths: number[], done: () => void) => {
@@ -656,7 +660,7 @@ async function backupImage(repo: Repository, source: Source, opts: BackupOptions
       pendingLeaves.push({ key: leafKey(last.ref.digest), value: last.encoded });
     }
     await flush();
-    await testPause();
+    await hook('before-commit');
 
     stats.durationMs = Date.now() - started;
     const gen: Generation = {
@@ -683,7 +687,9 @@ async function backupImage(repo: Repository, source: Source, opts: BackupOptions
         { type: 'put', key: Repository.mapKey(gen.id), value: encodeTop(leafRefs) },
         { type: 'put', key: Repository.generationKey(gen), value: Buffer.from(JSON.stringify(gen)) },
       ], { sync: true } as object);
+    testTrace('backup', 'commit');
     await (opts.commit ? opts.commit(commit) : commit());
+    await hook('committed');
     for (const p of packs) await p.close().catch(() => undefined);
     await writer.release();
     writer = null;

@@ -25,6 +25,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { GenvaultError, describeFsError } from '../util/errors.js';
 import { bytes } from '../util/format.js';
+import { testPause as hookPause, testTrace } from '../util/testhooks.js';
 import { ownerAlive } from '../util/proc.js';
 import { LeafRef, checkedLeaf, checkedTop, decodeTop } from './chunkmap.js';
 import {
@@ -141,9 +142,9 @@ function emptyResult(dryRun: boolean): GcResult {
   };
 }
 
-/** Test hook: GENVAULT_GC_TRACE=1 prints each phase on stderr. */
+/** Test hook (src/util/testhooks.ts): GENVAULT_GC_TRACE=1 prints each phase on stderr. */
 function trace(phase: string): void {
-  if (process.env.GENVAULT_GC_TRACE) process.stderr.write(`gc-trace: ${phase}\n`);
+  testTrace('gc', phase);
 }
 
 function damaged(what: string): GenvaultError {
@@ -438,16 +439,16 @@ async function run(repo: Repository, threshold: number, report: (line: string) =
 }
 
 /**
- * Test hook: with GENVAULT_GC_PAUSE_FILE set, gc waits while that file exists when it
- * reaches the point named by GENVAULT_GC_PAUSE_AT: 'before-sweep' (the default: after the
- * last marking), 'sweep-read' (in the first sweep batch, between reading the entries and
- * deleting them) or 'leaves-move' (before moving the first batch of leaves).
+ * Test hook (src/util/testhooks.ts): with GENVAULT_GC_PAUSE_FILE set, gc waits while that
+ * file exists when it reaches the point named by GENVAULT_GC_PAUSE_AT: 'before-sweep' (the
+ * default: after the last marking), 'sweep-read' (in the first sweep batch, between reading
+ * the entries and deleting them), 'leaves-move' (before moving the first batch of leaves),
+ * 'repack-commit' (the first rewritten pack written and synced, the entries not yet moved
+ * into it) or 'pack-unlink' (the first pack given up: its 'p' entry deleted, the file not
+ * yet unlinked).
  */
 async function testPause(point: string): Promise<void> {
-  const f = process.env.GENVAULT_GC_PAUSE_FILE;
-  if (!f || (process.env.GENVAULT_GC_PAUSE_AT ?? 'before-sweep') !== point || (await fileSize(f)) === null) return;
-  process.stderr.write(`gc: paused at ${point} while ${f} exists\n`);
-  while ((await fileSize(f)) !== null) await sleep(50);
+  await hookPause('gc', point, 'before-sweep');
 }
 
 /**
@@ -627,6 +628,7 @@ async function repack(repo: Repository, writer: WriterRegistration, threshold: n
     // Listed first: if we die after deleting the 'p' entry, cleanupDeadWriters removes the file.
     await writer.addPack(id);
     await db.del(packKey(id), SYNC);
+    await testPause('pack-unlink');
     await fs.rm(file, { force: true });
     res.packsDeleted++;
     res.bytesFreed += size ?? 0;
@@ -678,6 +680,7 @@ async function repack(repo: Repository, writer: WriterRegistration, threshold: n
         continue;
       }
       await w.sync();
+      await testPause('repack-commit');
       const cur = await db.getMany(moves.map((m) => m.key));
       const batch: Op[] = [{ type: 'put', key: packKey(w.packId), value: Buffer.from(JSON.stringify({ size: w.size })) }];
       // Only entries still pointing at the old record move; one replaced meanwhile by a
@@ -689,6 +692,7 @@ async function repack(repo: Repository, writer: WriterRegistration, threshold: n
       // No entry points into the old pack any more: remove it.
       await writer.addPack(id);
       await db.del(packKey(id), SYNC);
+      await testPause('pack-unlink');
       await fs.rm(file, { force: true });
       const copied = w.size - startSize;
       res.packsRepacked++;

@@ -11,6 +11,7 @@
  * protected while a prune is deciding is not removed by that prune.
  */
 import { pinnedGenerations } from './locks.js';
+import { testPause, testTrace } from '../util/testhooks.js';
 import { GenvaultError } from '../util/errors.js';
 import { roughAge } from '../util/duration.js';
 import { configMinAge } from './format.js';
@@ -91,7 +92,7 @@ export async function forgetGeneration(repo: Repository, spec: string, opts: For
   });
 }
 
-async function removeGenerations(repo: Repository, gens: Generation[]): Promise<void> {
+async function removeGenerations(repo: Repository, gens: Generation[], beforeBatch?: () => Promise<void>): Promise<void> {
   if (!gens.length) return;
   // A generation open in a mount (pinned) is only hidden: its data stays until the file
   // is closed, and a later gc drops the record and reclaims the space.
@@ -105,6 +106,7 @@ async function removeGenerations(repo: Repository, gens: Generation[]): Promise<
           { type: 'del' as const, key: Repository.mapKey(g.id) },
         ],
   );
+  await beforeBatch?.();
   await repo.db.batch(ops, { sync: true } as object);
 }
 
@@ -127,11 +129,27 @@ export interface PruneResult {
   kept: Generation[];
 }
 
+/**
+ * Test hooks (src/util/testhooks.ts), for the crash loop; a dry run has none.
+ * GENVAULT_PRUNE_TRACE=1 prints the phases on stderr: 'locked' (the retention lock is
+ * held), 'decided' (the generations are read and the policy applied), 'batch' (the one
+ * batch that removes them is about to be written; only when there is something to
+ * remove) and 'removed' (it is written; the lock is still held). GENVAULT_PRUNE_PAUSE_FILE
+ * makes prune wait while that file exists at the point named by GENVAULT_PRUNE_PAUSE_AT:
+ * 'locked', 'decided' or 'batch' (the default: just before the batch).
+ */
+async function hook(phase: string, dryRun: boolean | undefined): Promise<void> {
+  if (dryRun) return;
+  testTrace('prune', phase);
+  if (phase !== 'removed') await testPause('prune', phase, 'batch');
+}
+
 /** Apply a retention policy to images; with dryRun only decide. */
 export async function prune(repo: Repository, opts: PruneOptions): Promise<PruneResult> {
   checkRules(opts.rules);
   const minAgeMs = opts.minAgeMs ?? configMinAge(repo.config).ms;
   const run = async (): Promise<PruneResult> => {
+    await hook('locked', opts.dryRun);
     let gens: Generation[];
     if (opts.names?.length) {
       gens = [];
@@ -150,7 +168,11 @@ export async function prune(repo: Repository, opts: PruneOptions): Promise<Prune
     });
     const removed = decisions.filter((d) => !d.keep).map((d) => d.gen);
     const kept = decisions.filter((d) => d.keep).map((d) => d.gen);
-    if (!opts.dryRun) await removeGenerations(repo, removed);
+    await hook('decided', opts.dryRun);
+    if (!opts.dryRun && removed.length) {
+      await removeGenerations(repo, removed, () => hook('batch', false));
+      await hook('removed', false);
+    }
     return { dryRun: opts.dryRun === true, minAgeMs, decisions, removed, kept };
   };
   // A dry run changes nothing and needs no lock.
