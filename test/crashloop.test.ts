@@ -40,7 +40,7 @@ import { createHash, randomInt } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, Scratch, gv, gvOk, prng, text } from './helpers.js';
+import { CLI, Scratch, gv, gvOk, prng, seededRandom, text } from './helpers.js';
 
 const KILLS_EACH = 10; // per command: backup, prune, gc
 const ATTEMPTS = 6; // per round, until one kill lands inside the work
@@ -71,18 +71,6 @@ let s: Scratch;
 let repo: string;
 const live = new Set<ChildProcess>();
 const sums = new Map<string, string>(); // tag -> sha256 of the source it was made from
-
-/** mulberry32: small, seedable. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
 
 /**
  * 8 MiB in 1 MiB segments (the repository's segment size here): two shared by every
@@ -218,7 +206,7 @@ afterAll(async () => {
 describe('crash loop', () => {
   it(`SIGKILLs inside backup, prune and gc (${KILLS_EACH} each) leave a repository that verifies and restores`, async () => {
     const started = Date.now();
-    const rand = rng(SEED);
+    const rand = seededRandom(SEED);
     const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]!;
     // eslint-disable-next-line no-console
     console.log(`crashloop: seed ${SEED} (replay with GENVAULT_CRASHLOOP_SEED=${SEED})`);

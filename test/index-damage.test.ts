@@ -9,7 +9,7 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Scratch, gv, gvOk, isMounted, prng, sh, sha256File, text } from './helpers.js';
+import { Scratch, gv, gvOk, isMounted, prng, seededRandom, sh, sha256File, text } from './helpers.js';
 import { K_GEN, K_LEAF } from '../src/repo/db.js';
 
 let s: Scratch;
@@ -26,18 +26,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await s?.cleanup();
 });
-
-/** Small deterministic generator (mulberry32), so a failing flip can be replayed from its seed. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** An image of random data, zero runs and text, so that leaves hold every kind of entry. */
 function image(seed: number, mib: number): Buffer {
@@ -111,7 +99,7 @@ describe('bit flips in the index', () => {
 
   it('50 random bit flips in table and log files: every restore is byte-identical or an error', async () => {
     const seed = Number(process.env.GENVAULT_FLIP_SEED ?? 20261206);
-    const rand = rng(seed);
+    const rand = seededRandom(seed);
     let wrong = 0;
     let errors = 0;
     let identical = 0;
