@@ -61,6 +61,7 @@ async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (
   process.exit(0);
 }
 
+// max-lines waiver: to be split into named steps (the house issue); registers both mount and umount, each with its options and action inline
 export function register(program: Command): void {
   program
     .command('mount')

@@ -214,6 +214,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
   }
 }
 
+// max-lines waiver: to be split into named steps (the house issue); the reader, dedup maps, compression pipeline, pack appends and commit share one run's state as closures
 async function backupImage(repo: Repository, source: Source, opts: BackupOptions, name: string): Promise<Generation> {
   const started = Date.now();
   const cfg = repo.config;

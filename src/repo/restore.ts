@@ -134,6 +134,7 @@ function byRecord(a: RestoreItem, b: RestoreItem): number {
   return a.offset - b.offset || (a.inner ?? 0) - (b.inner ?? 0) || a.at - b.at;
 }
 
+// max-lines waiver: to be split into named steps (the house issue); batching, windowing in pack order and the walk over the map are closures over one restore's state
 async function restoreToFd(
   repo: Repository,
   gen: Generation,
