@@ -3,7 +3,7 @@ import * as backupModule from '../repo/backup.js';
 import { openLocalSource } from '../source/local.js';
 import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
 import { openRemoteSource, parseSshMode } from '../source/ssh-agent.js';
-import { isChunkedSource } from '../source/chunked.js';
+import { isChunkedSource } from '../repo/chunked-source.js';
 
 const { backup } = backupModule;
 /**

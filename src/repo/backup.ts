@@ -30,8 +30,8 @@ import { ImageLock, WriterRegistration, cleanupDeadWriters, gcRunning } from './
 import { COMP_GROUP, ChunkLocation, PackWriter, RECORD_HEADER_SIZE, encodeLocation } from './pack.js';
 import { testPause, testTrace } from '../util/testhooks.js';
 import { Repository } from './repository.js';
-import type { DirectRead, Source } from '../source/types.js';
-import { isChunkedSource, sameChunking } from '../source/chunked.js';
+import type { DirectRead, Source } from './source.js';
+import { isChunkedSource, sameChunking } from './chunked-source.js';
 
 /** backup() consumes ChunkedSource.readSegment: only chunks the repository lacks are transferred. */
 export const SUPPORTS_CHUNKED_SOURCES = true;

@@ -13,6 +13,7 @@ import { promisify } from 'node:util';
 import { randomBytes } from 'node:crypto';
 import type { Writable } from 'node:stream';
 import { DamageError, GenvaultError, describeFsError } from '../util/errors.js';
+import { blockDeviceSizeOf } from '../util/blockdev.js';
 import { walkChunks } from './chunkmap.js';
 import { markDamaged } from './db.js';
 import { packPath, sameGroupRecord } from './pack.js';
@@ -498,7 +499,6 @@ async function restoreToDevice(repo: Repository, gen: Generation, t: RestoreTarg
   try {
     const st = await fh.stat();
     if (!st.isBlockDevice() || st.rdev !== t.rdev) throw new GenvaultError(`${shown} changed while it was checked; nothing written`, 'CHANGED');
-    const { blockDeviceSizeOf } = await import('../source/local.js');
     const size = await blockDeviceSizeOf(t.path);
     if (size !== null && size < gen.size) {
       throw new GenvaultError(`${shown} holds ${size} bytes, the image needs ${gen.size}`, 'TOO_SMALL');

@@ -2,26 +2,9 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { describeFsError, GenvaultError, UsageError } from '../util/errors.js';
-import type { DirectRead, Source } from './types.js';
+import type { DirectRead, Source } from '../repo/source.js';
 import { HoleSeeker, holeSeeker } from '../util/holes.js';
-
-/** Size of a block device from sysfs (stat reports 0 for devices). */
-async function blockDeviceSize(rdev: number): Promise<number | null> {
-  const major = Math.floor(rdev / 256) & 0xfff;
-  const minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00);
-  try {
-    const sectors = await fs.readFile(`/sys/dev/block/${major}:${minor}/size`, 'utf8');
-    return Number(sectors.trim()) * 512;
-  } catch {
-    return null;
-  }
-}
-
-/** Size of a block device given its path, or null if unknown. */
-export async function blockDeviceSizeOf(dev: string): Promise<number | null> {
-  const st = await fs.stat(dev);
-  return st.isBlockDevice() ? blockDeviceSize(st.rdev) : null;
-}
+import { blockDeviceSize } from '../util/blockdev.js';
 
 /** Extents cut to the first `length` bytes. */
 function clip(extents: Array<[number, number]>, length: number): Array<[number, number]> {

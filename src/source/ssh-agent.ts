@@ -22,8 +22,8 @@ import { GenvaultError, UsageError } from '../util/errors.js';
 import {
   ChannelReader, RemoteInfo, SshConnection, SshOptions, connectSsh, describeSpec, parseSshSpec, probeRemote, shq, startPlainSource,
 } from './ssh.js';
-import type { Source } from './types.js';
-import type { ChunkedSegment, ChunkedSource, NeedFn, OfferedChunk, RemoteChunk } from './chunked.js';
+import type { Source } from '../repo/source.js';
+import type { ChunkedSegment, ChunkedSource, NeedFn, OfferedChunk, RemoteChunk } from '../repo/chunked-source.js';
 
 /** The remote agent. Python 3.5+, standard library only. Keep the chunker in step with chunker.ts. */
 export const AGENT_PY = String.raw`

@@ -1,3 +1,9 @@
+/**
+ * What the backup pipeline (backup.ts) reads: the abstract Source. It lives here, below
+ * src/source/, which holds the concrete sources (local.ts: files, devices, stdin; ssh.ts,
+ * ssh-agent.ts: ssh://); see scripts/check-layers for the layering.
+ */
+
 /** A source of image bytes, read once from start to end. */
 export interface Source {
   /** Shown in listings and stored with the generation, e.g. "file:/var/lib/vm1.img". */
