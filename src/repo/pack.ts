@@ -17,7 +17,7 @@
  * The digest in each header lets `verify`/recovery rebuild the chunk index from packs.
  */
 import { crc32 } from 'node:zlib';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
 import { constants as fsConstants } from 'node:fs';
 import { alignSkipper } from '../util/holes.js';
@@ -203,8 +203,78 @@ export function checkGroupMember(
     at += len;
   }
   if (at !== groupRaw) return { problem: 'group member table does not match the record header' };
-  if (!found) return { problem: 'record header does not match the index' };
+  if (!found) return { problem: RECORD_NOT_INDEX };
   return { frameAt: 4 + n * GROUP_MEMBER_SIZE };
+}
+
+/** What a record is checked against: a chunk's index entry and the digest it is stored under. */
+export type RecordEntry = Pick<ChunkLocation, 'storedLength' | 'rawLength' | 'compression' | 'inner' | 'groupRaw'> & {
+  digest: Uint8Array;
+};
+
+export interface RecordCheckOptions {
+  /**
+   * A record that is not a group's: do not compare the header's compression with the
+   * entry's; the header's says how to decode it. The worker's reads have always done so;
+   * verify's header pass and gc compare it.
+   */
+  headerCompression?: boolean;
+  /** A group member: also check the member table against the header's digest (verify). */
+  tableDigest?: boolean;
+}
+
+/** The problems the record checks report (the workers, verify and the mount name these). */
+export const RECORD_HEADER_BAD = 'record header checksum mismatch';
+export const RECORD_NOT_INDEX = 'record header does not match the index';
+export const GROUP_TABLE_NOT_DIGEST = 'group member table does not match its digest';
+
+/**
+ * Check a record header against a chunk's index entry: magic, version, CRC and compression
+ * (decodeRecordHeader), the stored and raw lengths, and the digest; for a group member the
+ * group's stored and raw lengths, and that the member lies inside the group. Returns the
+ * header, or what is wrong.
+ */
+export function checkRecordHeader(rec: Buffer, entry: RecordEntry, opts?: RecordCheckOptions): { header: RecordHeader } | { problem: string } {
+  const h = decodeRecordHeader(rec, 0);
+  if (!h) return { problem: RECORD_HEADER_BAD };
+  if (entry.compression === COMP_GROUP) {
+    if (h.compression !== COMP_GROUP || h.storedLength !== entry.storedLength || (entry.groupRaw !== undefined && entry.groupRaw !== h.rawLength)) {
+      return { problem: RECORD_NOT_INDEX };
+    }
+    if ((entry.inner ?? 0) + entry.rawLength > h.rawLength) return { problem: RECORD_NOT_INDEX };
+  } else if (
+    h.storedLength !== entry.storedLength ||
+    h.rawLength !== entry.rawLength ||
+    (!opts?.headerCompression && h.compression !== entry.compression) ||
+    !h.digest.equals(entry.digest)
+  ) {
+    return { problem: RECORD_NOT_INDEX };
+  }
+  return { header: h };
+}
+
+/**
+ * Check a record (its header and as much of its payload as `rec` holds: a group member's
+ * needs at least the member table) against a chunk's index entry: checkRecordHeader, and
+ * for a group member checkGroupMember (and with `tableDigest` the table's SHA-256). Returns
+ * the header, the payload and where the zstd frame starts in it (0 unless a group), or
+ * what is wrong. The payload's bytes are not decoded or hashed here.
+ */
+export function checkRecord(
+  rec: Buffer,
+  entry: RecordEntry,
+  opts?: RecordCheckOptions,
+): { header: RecordHeader; payload: Buffer; frameAt: number } | { problem: string } {
+  const hc = checkRecordHeader(rec, entry, opts);
+  if ('problem' in hc) return hc;
+  const payload = rec.subarray(RECORD_HEADER_SIZE);
+  if (entry.compression !== COMP_GROUP) return { header: hc.header, payload, frameAt: 0 };
+  const m = checkGroupMember(payload, hc.header.rawLength, entry.digest, entry.inner ?? 0, entry.rawLength);
+  if ('problem' in m) return m;
+  if (opts?.tableDigest && !createHash('sha256').update(payload.subarray(0, m.frameAt)).digest().equals(hc.header.digest)) {
+    return { problem: GROUP_TABLE_NOT_DIGEST };
+  }
+  return { header: hc.header, payload, frameAt: m.frameAt };
 }
 
 /**

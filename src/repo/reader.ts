@@ -8,43 +8,14 @@ import { ChunkMap, chunkIndexAt, Leaf } from './chunkmap.js';
 import { chunkKey, markDamaged } from './db.js';
 import { Generation } from './generation.js';
 import { COMP_GROUP, ChunkLocation, decodeLocation, packPath } from './pack.js';
-import { Lru, Repository } from './repository.js';
+import { Lru } from '../util/lru.js';
+import { Repository } from './repository.js';
 import type { LoadResult } from './worker.js';
 
 /** Decoded chunks by digest, bounded in bytes. */
-export class ChunkCache {
-  private m = new Map<string, Buffer>();
-  private bytes = 0;
-  /** Called for every buffer that leaves the cache, or that was offered and not taken. */
-  onEvict: ((v: Buffer) => void) | null = null;
-  constructor(readonly maxBytes: number) {}
-  get(k: string): Buffer | undefined {
-    const v = this.m.get(k);
-    if (v) {
-      this.m.delete(k);
-      this.m.set(k, v);
-    }
-    return v;
-  }
-  set(k: string, v: Buffer): void {
-    if (v.length > this.maxBytes) {
-      this.onEvict?.(v);
-      return;
-    }
-    const old = this.m.get(k);
-    if (old) {
-      this.bytes -= old.length;
-      this.m.delete(k);
-      if (old !== v) this.onEvict?.(old);
-    }
-    this.m.set(k, v);
-    this.bytes += v.length;
-    while (this.bytes > this.maxBytes) {
-      const [ok, ov] = this.m.entries().next().value as [string, Buffer];
-      this.m.delete(ok);
-      this.bytes -= ov.length;
-      this.onEvict?.(ov);
-    }
+export class ChunkCache extends Lru<string, Buffer> {
+  constructor(readonly maxBytes: number) {
+    super(maxBytes, (b) => b.length);
   }
 }
 

@@ -5,6 +5,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { GenvaultError, describeFsError } from '../util/errors.js';
+import { Lru } from '../util/lru.js';
 import { RepoConfig, checkConfig, defaultConfig } from './format.js';
 import { DAMAGE_FILE, Db, IndexError, K_GEN, K_GENMAP, chunkKey, getOrNull, indexDamage, key, leafKey, openDb, prefixEnd, readOnlyCopy } from './db.js';
 import { ChunkMap, Leaf, LeafDamage, checkedLeaf, checkedTop } from './chunkmap.js';
@@ -14,25 +15,6 @@ import { WorkerPool } from './pool.js';
 import { applyUmask, repoModes, resolveGroup, setDirMode, tightenRepo } from './perms.js';
 
 export const CONFIG_FILE = 'config.json';
-
-/** Small LRU on Map's insertion order. */
-export class Lru<K, V> {
-  private m = new Map<K, V>();
-  constructor(private max: number) {}
-  get(k: K): V | undefined {
-    const v = this.m.get(k);
-    if (v !== undefined) {
-      this.m.delete(k);
-      this.m.set(k, v);
-    }
-    return v;
-  }
-  set(k: K, v: V): void {
-    this.m.delete(k);
-    this.m.set(k, v);
-    if (this.m.size > this.max) this.m.delete(this.m.keys().next().value as K);
-  }
-}
 
 export class Repository {
   private poolInstance: WorkerPool | null = null;

@@ -22,7 +22,6 @@
  * moved meanwhile is checked again where the index now says it is, and damage that no
  * generation uses any more (its generation was removed meanwhile) is not reported.
  */
-import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import { GenvaultError } from '../util/errors.js';
 import { checkedLeaf, checkedTop, LeafRef } from './chunkmap.js';
@@ -33,10 +32,10 @@ import {
   GROUP_TABLE_MAX,
   PACK_HEADER_SIZE,
   PACK_MAGIC,
+  RECORD_HEADER_BAD,
   RECORD_HEADER_SIZE,
-  checkGroupMember,
+  checkRecord,
   decodeLocation,
-  decodeRecordHeader,
   isLocation,
   packPath,
 } from './pack.js';
@@ -377,21 +376,19 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
           // A group member's record: the header and its member table.
           const want = comps[i] === COMP_GROUP ? RECORD_HEADER_SIZE + Math.min(storedLen[i]!, GROUP_TABLE_MAX) : RECORD_HEADER_SIZE;
           const { bytesRead } = await fh.read(buf, 0, want, offsets[i]!);
-          const h = bytesRead === want ? decodeRecordHeader(buf, 0) : null;
-          if (!h) damaged.set(i, 'record header checksum mismatch');
-          else if (comps[i] === COMP_GROUP) {
-            if (h.compression !== COMP_GROUP || h.storedLength !== storedLen[i] || h.rawLength !== groupRaws[i]) {
-              damaged.set(i, 'record header does not match the index');
-            } else {
-              const table = buf.subarray(RECORD_HEADER_SIZE, want);
-              const m = checkGroupMember(table, groupRaws[i]!, Buffer.from(digests[i]!, 'binary'), inners[i]!, rawLen[i]!);
-              if ('problem' in m) damaged.set(i, m.problem);
-              else if (!createHash('sha256').update(table.subarray(0, m.frameAt)).digest().equals(h.digest)) {
-                damaged.set(i, 'group member table does not match its digest');
-              }
-            }
-          } else if (h.storedLength !== storedLen[i] || h.rawLength !== rawLen[i] || h.compression !== comps[i] || h.digest.toString('binary') !== digests[i]) {
-            damaged.set(i, 'record header does not match the index');
+          if (bytesRead !== want) damaged.set(i, RECORD_HEADER_BAD);
+          else {
+            const group = comps[i] === COMP_GROUP;
+            const entry = {
+              storedLength: storedLen[i]!,
+              rawLength: rawLen[i]!,
+              compression: comps[i]!,
+              inner: group ? inners[i]! : undefined,
+              groupRaw: group ? groupRaws[i]! : undefined,
+              digest: Buffer.from(digests[i]!, 'binary'),
+            };
+            const c = checkRecord(buf.subarray(0, want), entry, { tableDigest: true });
+            if ('problem' in c) damaged.set(i, c.problem);
           }
           headersChecked++;
           headerDone += RECORD_HEADER_SIZE + storedLen[i]!;

@@ -22,7 +22,8 @@ import {
   GROUP_MEMBER_SIZE,
   RECORD_HEADER_SIZE,
   checkGroupMember,
-  decodeRecordHeader,
+  checkRecord,
+  checkRecordHeader,
   encodeRecordHeader,
 } from './pack.js';
 
@@ -572,13 +573,11 @@ function loadChunk(req: LoadItem, into?: Uint8Array): LoadResult {
  * With `into`, the raw bytes are written there (it must hold rawLength bytes).
  */
 function decodeRecord(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadResult {
-  const h = decodeRecordHeader(buf, 0);
-  if (!h) return { damaged: 'record header checksum mismatch' };
-  if (req.compression === COMP_GROUP) return decodeGroupMember(req, h.compression, h.rawLength, h.storedLength, buf, into);
-  if (h.storedLength !== req.storedLength || h.rawLength !== req.rawLength || !h.digest.equals(req.digest)) {
-    return { damaged: 'record header does not match the index' };
-  }
-  const payload = buf.subarray(RECORD_HEADER_SIZE);
+  if (req.compression === COMP_GROUP) return decodeGroupMember(req, buf, into);
+  const c = checkRecord(buf, req, { headerCompression: true });
+  if ('problem' in c) return { damaged: c.problem };
+  const h = c.header;
+  const payload = c.payload;
   const raw = into ? into.subarray(0, req.rawLength) : new Uint8Array(req.rawLength);
   let n: number;
   if (h.compression === COMP_ZSTD) {
@@ -631,14 +630,13 @@ function wholeGroupInPlace(items: LoadItem[], k: number, end: number, dest: (i: 
 /** Decode a group record straight into its members' destinations (see wholeGroupInPlace). */
 function decodeGroupInPlace(items: LoadItem[], k: number, m: number, rec: Buffer, dest: (i: number) => Uint8Array, results: LoadResult[]): void {
   const first = items[k]!;
-  const h = decodeRecordHeader(rec, 0);
   const fail = (why: string) => {
     for (let x = k; x < k + m; x++) results[x] = { damaged: why };
   };
-  if (!h) return fail('record header checksum mismatch');
-  if (h.compression !== COMP_GROUP || h.storedLength !== first.storedLength || h.rawLength !== first.groupRaw) {
-    return fail('record header does not match the index');
-  }
+  // The header against the first member's entry (inner 0, groupRaw set: see wholeGroupInPlace).
+  const hc = checkRecordHeader(rec, first);
+  if ('problem' in hc) return fail(hc.problem);
+  const h = hc.header;
   const payload = rec.subarray(RECORD_HEADER_SIZE);
   const d0 = dest(k);
   const whole = new Uint8Array(d0.buffer, d0.byteOffset, h.rawLength);
@@ -668,15 +666,12 @@ function decodeGroupInPlace(items: LoadItem[], k: number, m: number, rec: Buffer
  * decoded once (kept in decodedGroups for the members that follow) and the member's bytes are
  * hashed like any chunk's.
  */
-function decodeGroupMember(req: LoadItem, compression: number, groupRaw: number, stored: number, buf: Buffer, into?: Uint8Array): LoadResult {
+function decodeGroupMember(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadResult {
   const inner = req.inner ?? 0;
-  if (compression !== COMP_GROUP || stored !== req.storedLength || (req.groupRaw !== undefined && req.groupRaw !== groupRaw)) {
-    return { damaged: 'record header does not match the index' };
-  }
-  if (inner + req.rawLength > groupRaw) return { damaged: 'record header does not match the index' };
-  const payload = buf.subarray(RECORD_HEADER_SIZE);
-  const member = checkGroupMember(payload, groupRaw, req.digest, inner, req.rawLength);
+  const member = checkRecord(buf, req);
   if ('problem' in member) return { damaged: member.problem };
+  const { payload } = member;
+  const groupRaw = member.header.rawLength;
   const need = inner + req.rawLength;
   let hit = decodedGroups.findIndex((g) => g.offset === req.offset && g.file === req.file);
   if (hit < 0 || decodedGroups[hit]!.valid < need) {
