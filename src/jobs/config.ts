@@ -325,9 +325,8 @@ function parsePartial(c: Checker, node: unknown, field: string, allowed: string[
   return out;
 }
 
-/** Parse and check a job file's text; throws ConfigError listing every problem. */
-// max-lines waiver: to be split into named steps (the house issue); checks every top-level key and every job field in one pass
-export function parseJobsText(text: string, file: string): JobsFile {
+/** The document's root mapping; throws ConfigError on YAML syntax errors or a root that is not a mapping. */
+function parseRoot(text: string, file: string): { c: Checker; root: YAMLMap } {
   const lc = new LineCounter();
   const doc = YAML.parseDocument(text, { lineCounter: lc, uniqueKeys: false, prettyErrors: false });
   const c = new Checker(lc);
@@ -338,98 +337,128 @@ export function parseJobsText(text: string, file: string): JobsFile {
     }
     throw new ConfigError(file, c.problems);
   }
-  const base = path.dirname(path.resolve(file));
   const root = doc.contents;
   if (!isMap(root)) {
     c.add(root ?? undefined, '', 'expected a mapping with "jobs:" (and usually "repository:")');
     throw new ConfigError(file, c.problems);
   }
+  return { c, root };
+}
+
+/** The top-level `timezone:`, null if absent or unknown (reported). */
+function parseTimezone(c: Checker, tzNode: unknown): string | null {
+  let timezone = c.string(tzNode, 'timezone');
+  if (timezone !== null) {
+    try {
+      new Intl.DateTimeFormat('en', { timeZone: timezone });
+    } catch {
+      c.add(tzNode, 'timezone', `unknown time zone ${JSON.stringify(timezone)} (use e.g. UTC or Europe/Berlin)`);
+      timezone = null;
+    }
+  }
+  return timezone;
+}
+
+/** A job's `source:`, null if missing or invalid (reported). */
+function parseJobSource(c: Checker, p: PartialJob & { rest: Map<string, unknown> }, value: unknown, keyNode: unknown, f: string): string | null {
+  let source: string | null = null;
+  const srcNode = p.rest.get('source');
+  if (srcNode === undefined) {
+    if (isMap(value)) c.add(keyNode, `${f}.source`, 'missing: an image file, a block device, or ssh://[user@]host[:port]/path');
+  } else {
+    source = c.string(srcNode, `${f}.source`);
+    if (source !== null) {
+      if (isSshSpec(source)) {
+        try {
+          parseSshSpec(source);
+        } catch (e) {
+          c.add(srcNode, `${f}.source`, (e as Error).message);
+        }
+      } else if (source === '-') {
+        c.add(srcNode, `${f}.source`, 'standard input cannot be a job source');
+      } else if (!path.isAbsolute(source)) {
+        c.add(srcNode, `${f}.source`, 'expected an absolute path or an ssh:// URL');
+      }
+    }
+  }
+  return source;
+}
+
+/** What one entry of `jobs:` is parsed with: the checker, the file-wide settings, and the images taken so far. */
+interface JobsContext {
+  c: Checker;
+  defaults: PartialJob;
+  timezone: string | null;
+  base: string;
+  /** Image name -> the job that backs it up. */
+  images: Map<string, string>;
+}
+
+/** One entry of `jobs:`, merged with the defaults; null if it has no valid source (problems reported). */
+function parseJob(x: JobsContext, name: string, value: unknown, keyNode: unknown): JobConfig | null {
+  const { c, defaults, images } = x;
+  const f = `jobs.${name}`;
+  if (!IMAGE_NAME_RE.test(name) || name === 'latest') {
+    c.add(keyNode, f, "invalid job name: use letters, digits, '.', '_' and '-' (not starting with '.' or '-')");
+    return null;
+  }
+  const p = parsePartial(c, value, f, JOB_KEYS, x.timezone, x.base);
+  const source = parseJobSource(c, p, value, keyNode, f);
+  let image = name;
+  if (p.rest.has('image')) {
+    const v = c.string(p.rest.get('image'), `${f}.image`);
+    if (v !== null && (!IMAGE_NAME_RE.test(v) || v === 'latest')) c.add(p.rest.get('image'), `${f}.image`, 'invalid image name');
+    else if (v !== null) image = v;
+  }
+  const other = images.get(image);
+  if (other) c.add(keyNode, f, `image ${image} is already backed up by job ${other}: two jobs writing one image would fight over it`);
+  images.set(image, name);
+  const ssh: JobSsh = { mode: 'auto', ...defaults.ssh, ...p.ssh };
+  const h0 = p.hooks ?? defaults.hooks ?? { pre: [], post: [] };
+  const hooks = { pre: h0.pre.map((h) => ({ ...h })), post: h0.post.map((h) => ({ ...h })) };
+  if (source !== null && !isSshSpec(source)) {
+    // A local source's "source host" is this host.
+    for (const h of [...hooks.pre, ...hooks.post]) h.on = h.on === 'source' ? 'local' : h.on;
+  }
+  const schedule = p.schedule ?? defaults.schedule;
+  const retention = p.retention !== undefined ? p.retention : defaults.retention;
+  if (source === null) return null;
+  return {
+    name,
+    image,
+    source,
+    schedule: schedule?.value ?? null,
+    tags: p.tags ?? defaults.tags ?? [],
+    retention: retention?.rules ?? null,
+    minAgeMs: retention?.minAgeMs,
+    graceMs: p.graceMs ?? defaults.graceMs ?? DEFAULT_GRACE_MS,
+    hooks,
+    ssh,
+    line: c.line(keyNode),
+  };
+}
+
+/** Parse and check a job file's text; throws ConfigError listing every problem. */
+export function parseJobsText(text: string, file: string): JobsFile {
+  const { c, root } = parseRoot(text, file);
+  const base = path.dirname(path.resolve(file));
   const top = new Map(c.pairs(root, '', TOP_KEYS).map((p) => [p.key, p]));
   let repository: string | null = null;
   if (top.has('repository')) {
     const v = c.string(top.get('repository')!.value, 'repository');
     if (v !== null) repository = path.resolve(base, v);
   }
-  let timezone: string | null = null;
-  if (top.has('timezone')) {
-    const tzNode = top.get('timezone')!.value;
-    timezone = c.string(tzNode, 'timezone');
-    if (timezone !== null) {
-      try {
-        new Intl.DateTimeFormat('en', { timeZone: timezone });
-      } catch {
-        c.add(tzNode, 'timezone', `unknown time zone ${JSON.stringify(timezone)} (use e.g. UTC or Europe/Berlin)`);
-        timezone = null;
-      }
-    }
-  }
+  const timezone = top.has('timezone') ? parseTimezone(c, top.get('timezone')!.value) : null;
   const defaults: PartialJob = top.has('defaults') ? parsePartial(c, top.get('defaults')!.value, 'defaults', DEFAULT_KEYS, timezone, base) : {};
 
   const jobs: JobConfig[] = [];
   const jobsPair = top.get('jobs');
   if (!jobsPair) c.add(root, 'jobs', 'missing: a mapping of job names to jobs');
   else {
-    const images = new Map<string, string>();
+    const x: JobsContext = { c, defaults, timezone, base, images: new Map() };
     for (const { key: name, value, keyNode } of c.pairs(jobsPair.value, 'jobs', null)) {
-      const f = `jobs.${name}`;
-      if (!IMAGE_NAME_RE.test(name) || name === 'latest') {
-        c.add(keyNode, f, "invalid job name: use letters, digits, '.', '_' and '-' (not starting with '.' or '-')");
-        continue;
-      }
-      const p = parsePartial(c, value, f, JOB_KEYS, timezone, base);
-      let source: string | null = null;
-      const srcNode = p.rest.get('source');
-      if (srcNode === undefined) {
-        if (isMap(value)) c.add(keyNode, `${f}.source`, 'missing: an image file, a block device, or ssh://[user@]host[:port]/path');
-      } else {
-        source = c.string(srcNode, `${f}.source`);
-        if (source !== null) {
-          if (isSshSpec(source)) {
-            try {
-              parseSshSpec(source);
-            } catch (e) {
-              c.add(srcNode, `${f}.source`, (e as Error).message);
-            }
-          } else if (source === '-') {
-            c.add(srcNode, `${f}.source`, 'standard input cannot be a job source');
-          } else if (!path.isAbsolute(source)) {
-            c.add(srcNode, `${f}.source`, 'expected an absolute path or an ssh:// URL');
-          }
-        }
-      }
-      let image = name;
-      if (p.rest.has('image')) {
-        const v = c.string(p.rest.get('image'), `${f}.image`);
-        if (v !== null && (!IMAGE_NAME_RE.test(v) || v === 'latest')) c.add(p.rest.get('image'), `${f}.image`, 'invalid image name');
-        else if (v !== null) image = v;
-      }
-      const other = images.get(image);
-      if (other) c.add(keyNode, f, `image ${image} is already backed up by job ${other}: two jobs writing one image would fight over it`);
-      images.set(image, name);
-      const ssh: JobSsh = { mode: 'auto', ...defaults.ssh, ...p.ssh };
-      const h0 = p.hooks ?? defaults.hooks ?? { pre: [], post: [] };
-      const hooks = { pre: h0.pre.map((h) => ({ ...h })), post: h0.post.map((h) => ({ ...h })) };
-      if (source !== null && !isSshSpec(source)) {
-        // A local source's "source host" is this host.
-        for (const h of [...hooks.pre, ...hooks.post]) h.on = h.on === 'source' ? 'local' : h.on;
-      }
-      const schedule = p.schedule ?? defaults.schedule;
-      const retention = p.retention !== undefined ? p.retention : defaults.retention;
-      if (source !== null) {
-        jobs.push({
-          name,
-          image,
-          source,
-          schedule: schedule?.value ?? null,
-          tags: p.tags ?? defaults.tags ?? [],
-          retention: retention?.rules ?? null,
-          minAgeMs: retention?.minAgeMs,
-          graceMs: p.graceMs ?? defaults.graceMs ?? DEFAULT_GRACE_MS,
-          hooks,
-          ssh,
-          line: c.line(keyNode),
-        });
-      }
+      const job = parseJob(x, name, value, keyNode);
+      if (job) jobs.push(job);
     }
     if (isMap(jobsPair.value) && !jobsPair.value.items.length) c.add(jobsPair.value, 'jobs', 'no jobs defined');
   }

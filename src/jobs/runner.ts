@@ -50,8 +50,29 @@ async function openSource(job: JobConfig, repo: Repository, conn: SshConnection 
   return startRemoteSource(borrowed(conn), repo.config.chunking, { mode: job.ssh.mode });
 }
 
-// max-lines waiver: to be split into named steps (the house issue); lock, due check, pre-hooks, backup, post-hooks, retention and the run record in one sequence
-export async function runJob(repo: Repository, job: JobConfig, opts: RunJobOptions): Promise<JobOutcome> {
+type Stage = NonNullable<RunRecord['stage']>;
+
+/** One run's state, shared by its steps. */
+interface Run {
+  repo: Repository;
+  job: JobConfig;
+  opts: RunJobOptions;
+  lock: ImageLock;
+  rec: RunRecord;
+  hooks: HookRecord[];
+  env: Record<string, string>;
+  spec: ReturnType<typeof parseSshSpec> | null;
+  conn: SshConnection | null;
+  /** Marks the run failed at `stage`; the first failure is the one recorded. */
+  fail: (stage: Stage, message: string) => void;
+  connect: () => Promise<SshConnection>;
+}
+
+/**
+ * Takes the image lock and, with `ifDue`, checks under it that the job is still due.
+ * Returns the held lock, or the skipped outcome (the lock then released).
+ */
+async function lockForRun(repo: Repository, job: JobConfig, opts: RunJobOptions): Promise<ImageLock | JobOutcome> {
   let lock: ImageLock;
   try {
     lock = await ImageLock.acquire(repo.dir, job.image, false);
@@ -77,10 +98,15 @@ export async function runJob(repo: Repository, job: JobConfig, opts: RunJobOptio
       return { skipped: true, job: job.name, reason };
     }
   }
+  return lock;
+}
+
+/** The run's record (status ok until a step fails), its parsed ssh:// source, and the hooks' environment. */
+function startRun(repo: Repository, job: JobConfig, opts: RunJobOptions, lock: ImageLock): Run {
   const started = Date.now();
   const hooks: HookRecord[] = [];
   const rec: RunRecord = { job: job.name, image: job.image, started, finished: started, status: 'ok', hooks, by: opts.by };
-  const fail = (stage: NonNullable<RunRecord['stage']>, message: string) => {
+  const fail = (stage: Stage, message: string) => {
     if (rec.status === 'ok') {
       rec.status = 'failed';
       rec.stage = stage;
@@ -95,75 +121,105 @@ export async function runJob(repo: Repository, job: JobConfig, opts: RunJobOptio
     GENVAULT_SOURCE_PATH: spec ? spec.path : job.source,
     GENVAULT_REPOSITORY: repo.dir,
   };
-  let conn: SshConnection | null = null;
   const connect = () =>
     connectSsh(spec!, { identity: job.ssh.identity, knownHosts: job.ssh.knownHosts, acceptNewHostKey: job.ssh.acceptNewHostKey });
-  try {
-    let readOk = false;
-    try {
-      if (spec) conn = await connect();
-      for (const h of job.hooks.pre) {
-        const r = await runHook(h, 'pre', { ...env, GENVAULT_PHASE: 'pre' }, conn);
-        hooks.push(r);
-        if (!r.ok) {
-          fail('pre-hook', `${r.error}; source not read`);
-          break;
-        }
-      }
-      if (rec.status === 'ok') {
-        let source: Source | null = null;
-        try {
-          source = await openSource(job, repo, conn);
-          const gen = await backup(repo, source, { name: job.image, tags: job.tags, lock, onProgress: opts.onProgress });
-          rec.generation = { id: gen.id, size: gen.size, bytesRead: gen.stats.bytesRead, newBytes: gen.stats.newBytes, newStored: gen.stats.newStored };
-          if (source && isChunkedSource(source)) env.GENVAULT_WIRE_BYTES = String(source.transferred.wire);
-          readOk = true;
-        } catch (e) {
-          fail('backup', (e as Error).message);
-        } finally {
-          await source?.close().catch(() => undefined);
-        }
-      }
-    } catch (e) {
-      fail('connect', (e as Error).message);
-    }
+  return { repo, job, opts, lock, rec, hooks, env, spec, conn: null, fail, connect };
+}
 
-    // Post-hooks: always, each one, in order.
-    const postEnv = { ...env, GENVAULT_PHASE: 'post', GENVAULT_RESULT: readOk ? 'ok' : 'failed', GENVAULT_GENERATION: rec.generation?.id ?? '' };
-    for (const h of job.hooks.post) {
-      if (h.on === 'source' && spec && (!conn || conn.lost)) {
-        conn?.close();
-        conn = null;
-        try {
-          conn = await connect();
-        } catch (e) {
-          const r: HookRecord = { phase: 'post', run: h.run, on: 'source', ok: false, code: null, durationMs: 0, output: '', error: `post-hook "${h.run}" on ${spec.host} not run: ${(e as Error).message}` };
-          hooks.push(r);
-          fail('post-hook', r.error!);
-          continue;
-        }
-      }
-      const r = await runHook(h, 'post', postEnv, conn);
-      hooks.push(r);
-      if (!r.ok) fail('post-hook', r.error!);
+/** Runs the pre-hooks in order, stopping at the first that fails. */
+async function runPreHooks(run: Run): Promise<void> {
+  for (const h of run.job.hooks.pre) {
+    const r = await runHook(h, 'pre', { ...run.env, GENVAULT_PHASE: 'pre' }, run.conn);
+    run.hooks.push(r);
+    if (!r.ok) {
+      run.fail('pre-hook', `${r.error}; source not read`);
+      break;
     }
-
-    if (readOk && job.retention) {
-      try {
-        const res = await prune(repo, { names: [job.image], rules: job.retention, minAgeMs: job.minAgeMs });
-        rec.pruned = res.removed.map((g) => g.id);
-      } catch (e) {
-        fail('retention', `retention: ${(e as Error).message}`);
-      }
-    }
-    // Recorded while the lock is held: whoever takes it next sees this run.
-    rec.finished = Date.now();
-    await recordRun(repo.db, rec);
-  } finally {
-    conn?.close();
-    await lock.release().catch(() => undefined);
   }
-  return { skipped: false, record: rec };
+}
+
+/** Reads the source into a new generation; true if that succeeded. */
+async function readSource(run: Run): Promise<boolean> {
+  const { repo, job, opts, lock, rec } = run;
+  let source: Source | null = null;
+  try {
+    source = await openSource(job, repo, run.conn);
+    const gen = await backup(repo, source, { name: job.image, tags: job.tags, lock, onProgress: opts.onProgress });
+    rec.generation = { id: gen.id, size: gen.size, bytesRead: gen.stats.bytesRead, newBytes: gen.stats.newBytes, newStored: gen.stats.newStored };
+    if (source && isChunkedSource(source)) run.env.GENVAULT_WIRE_BYTES = String(source.transferred.wire);
+    return true;
+  } catch (e) {
+    run.fail('backup', (e as Error).message);
+    return false;
+  } finally {
+    await source?.close().catch(() => undefined);
+  }
+}
+
+/** Connects (ssh:// sources), runs the pre-hooks, and reads the source if they all passed; true if the read succeeded. */
+async function connectAndRead(run: Run): Promise<boolean> {
+  let readOk = false;
+  try {
+    if (run.spec) run.conn = await run.connect();
+    await runPreHooks(run);
+    if (run.rec.status === 'ok') readOk = await readSource(run);
+  } catch (e) {
+    run.fail('connect', (e as Error).message);
+  }
+  return readOk;
+}
+
+/** Post-hooks: always, each one, in order; a source hook whose connection is gone gets a new one. */
+async function runPostHooks(run: Run, readOk: boolean): Promise<void> {
+  const { spec, rec } = run;
+  const postEnv = { ...run.env, GENVAULT_PHASE: 'post', GENVAULT_RESULT: readOk ? 'ok' : 'failed', GENVAULT_GENERATION: rec.generation?.id ?? '' };
+  for (const h of run.job.hooks.post) {
+    if (h.on === 'source' && spec && (!run.conn || run.conn.lost)) {
+      run.conn?.close();
+      run.conn = null;
+      try {
+        run.conn = await run.connect();
+      } catch (e) {
+        const r: HookRecord = { phase: 'post', run: h.run, on: 'source', ok: false, code: null, durationMs: 0, output: '', error: `post-hook "${h.run}" on ${spec.host} not run: ${(e as Error).message}` };
+        run.hooks.push(r);
+        run.fail('post-hook', r.error!);
+        continue;
+      }
+    }
+    const r = await runHook(h, 'post', postEnv, run.conn);
+    run.hooks.push(r);
+    if (!r.ok) run.fail('post-hook', r.error!);
+  }
+}
+
+/** Applies the job's retention to its image, after a successful read only. */
+async function applyRetention(run: Run, readOk: boolean): Promise<void> {
+  const { repo, job } = run;
+  if (!readOk || !job.retention) return;
+  try {
+    const res = await prune(repo, { names: [job.image], rules: job.retention, minAgeMs: job.minAgeMs });
+    run.rec.pruned = res.removed.map((g) => g.id);
+  } catch (e) {
+    run.fail('retention', `retention: ${(e as Error).message}`);
+  }
+}
+
+export async function runJob(repo: Repository, job: JobConfig, opts: RunJobOptions): Promise<JobOutcome> {
+  const locked = await lockForRun(repo, job, opts);
+  if (!(locked instanceof ImageLock)) return locked;
+  const run = startRun(repo, job, opts, locked);
+  try {
+    const readOk = await connectAndRead(run);
+    await runPostHooks(run, readOk);
+    await applyRetention(run, readOk);
+    // Recorded while the lock is held: whoever takes it next sees this run.
+    run.rec.finished = Date.now();
+    await recordRun(repo.db, run.rec);
+  } finally {
+    run.conn?.close();
+    await run.lock.release().catch(() => undefined);
+  }
+  return { skipped: false, record: run.rec };
 }
 
 /** The one log line a run leaves (stdout of `run` and the daemon). */

@@ -269,23 +269,22 @@ export function shq(s: string): string {
   return `'${s.replace(/'/g, `'\\''`)}'`;
 }
 
-// max-lines waiver: to be split into named steps (the house issue); host key trust, authentication, connection loss handling and the remote exec helpers share one connection's state
-export async function connectSsh(spec: SshSpec, opts: SshOptions = {}): Promise<SshConnection> {
-  const where = describeLogin(spec);
-  const khFile = opts.knownHosts ?? path.join(os.homedir(), '.ssh', 'known_hosts');
-  let khText = '';
+/** Reads known_hosts ('' if it does not exist). */
+async function readKnownHostsText(khFile: string): Promise<string> {
   try {
     // Whoever may write it decides which hosts we trust: root's or ours alone.
-    khText = (await readTrustedFile(khFile)).toString('utf8');
+    return (await readTrustedFile(khFile)).toString('utf8');
   } catch (e) {
     if (e instanceof GenvaultError) throw e;
     if ((e as NodeJS.ErrnoException).code !== 'ENOENT') {
       throw new GenvaultError(`cannot read known hosts file ${khFile}: ${(e as Error).message}`, 'SSH_KNOWN_HOSTS');
     }
+    return '';
   }
-  const entries = parseKnownHosts(khText);
+}
 
-  // Authentication methods, in OpenSSH's order.
+/** Authentication methods, in OpenSSH's order, and how each is named in "tried ..." messages. */
+async function gatherAuthMethods(spec: SshSpec, opts: SshOptions, where: string): Promise<{ methods: AnyAuthMethod[]; tried: string[] }> {
   const methods: AnyAuthMethod[] = [];
   const tried: string[] = [];
   if (opts.identity) {
@@ -311,20 +310,48 @@ export async function connectSsh(spec: SshSpec, opts: SshOptions = {}): Promise<
       'SSH_AUTH',
     );
   }
+  return { methods, tried };
+}
 
-  // Prefer host key algorithms we already know a key for, as OpenSSH does.
+/** Host key algorithms, those we already know a key for first, as OpenSSH does. */
+function hostKeyAlgorithms(entries: KnownHostEntry[], spec: SshSpec): string[] {
   const kt = knownTypes(entries, spec.host, spec.port);
   const preferred = kt.flatMap((t) => HOST_KEY_ALGOS[t] ?? []);
-  const hostKeyAlgos = [...preferred, ...ALL_HOST_KEY_ALGOS.filter((a) => !preferred.includes(a))];
+  return [...preferred, ...ALL_HOST_KEY_ALGOS.filter((a) => !preferred.includes(a))];
+}
 
-  let hostKeyError: GenvaultError | null = null;
-  let newKeyLine: string | null = null;
-  const hostVerifier = (blob: Buffer): boolean => {
+/** One connection's state, shared by the connect steps, the client's handlers and the connection's methods. */
+interface ConnState {
+  spec: SshSpec;
+  /** describeLogin(spec), for messages. */
+  where: string;
+  khFile: string;
+  client: SshClient;
+  /** Why the host key was refused, if it was: the error the connection fails with. */
+  hostKeyError: GenvaultError | null;
+  /** The known_hosts line to append once connected (a new host key accepted on first use). */
+  newKeyLine: string | null;
+  lost: GenvaultError | null;
+  lostHandlers: Array<(e: GenvaultError) => void>;
+  ready: boolean;
+  closing: boolean;
+}
+
+function setLost(st: ConnState, e: GenvaultError): void {
+  if (st.lost) return;
+  st.lost = e;
+  for (const h of st.lostHandlers) h(e);
+}
+
+/** ssh2's hostVerifier: checks the offered key against known_hosts, setting st.hostKeyError or st.newKeyLine. */
+function hostKeyVerifier(st: ConnState, entries: KnownHostEntry[], opts: SshOptions): (blob: Buffer) => boolean {
+  const { spec, khFile } = st;
+  return (blob: Buffer): boolean => {
     const v = checkHostKey(entries, spec.host, spec.port, blob);
     const name = knownHostsName(spec.host, spec.port);
     if (v.status === 'ok') return true;
     if (v.status === 'changed') {
-      hostKeyError = new GenvaultError(
+      st.hostKeyError = new GenvaultError(
         `host key for ${name} has CHANGED (${v.type} key differs from the one in ${khFile}): possible man-in-the-middle attack; ` +
           `if the host was reinstalled, remove the old key with: ssh-keygen -R '${name}' -f ${khFile}`,
         'SSH_HOSTKEY_CHANGED',
@@ -333,7 +360,7 @@ export async function connectSsh(spec: SshSpec, opts: SshOptions = {}): Promise<
     }
     if (v.status === 'othertype') {
       // Not a new host: OpenSSH's accept-new refuses it as well.
-      hostKeyError = new GenvaultError(
+      st.hostKeyError = new GenvaultError(
         `host ${name} offered a ${v.type} key, but ${khFile} knows it only by ${v.known.join(', ')}: refusing (possible man-in-the-middle); ` +
           `check the new key's fingerprint and add it (ssh-keyscan -t ${v.type} -p ${spec.port} ${spec.host} >> ${khFile})`,
         'SSH_HOSTKEY_OTHER_TYPE',
@@ -341,50 +368,48 @@ export async function connectSsh(spec: SshSpec, opts: SshOptions = {}): Promise<
       return false;
     }
     if (v.status === 'revoked') {
-      hostKeyError = new GenvaultError(`host key for ${name} is marked @revoked in ${khFile}`, 'SSH_HOSTKEY_REVOKED');
+      st.hostKeyError = new GenvaultError(`host key for ${name} is marked @revoked in ${khFile}`, 'SSH_HOSTKEY_REVOKED');
       return false;
     }
     if (opts.acceptNewHostKey) {
-      newKeyLine = `${name} ${keyBlobType(blob)} ${blob.toString('base64')}\n`;
+      st.newKeyLine = `${name} ${keyBlobType(blob)} ${blob.toString('base64')}\n`;
       return true;
     }
-    hostKeyError = new GenvaultError(
+    st.hostKeyError = new GenvaultError(
       `host ${name} is not in ${khFile} (${keyBlobType(blob)} key offered): check its fingerprint and add it ` +
         `(ssh-keyscan -p ${spec.port} ${spec.host} >> ${khFile}), or pass --accept-new-host-key to trust it on first use`,
       'SSH_HOSTKEY_UNKNOWN',
     );
     return false;
   };
+}
 
-  const client = new (loadSsh2().Client)();
-  let lost: GenvaultError | null = null;
-  const lostHandlers: Array<(e: GenvaultError) => void> = [];
-  let ready = false;
-  let closing = false;
-  const setLost = (e: GenvaultError) => {
-    if (lost) return;
-    lost = e;
-    for (const h of lostHandlers) h(e);
-  };
+/** The one-line error for a client 'error' event (other than the agent's). */
+function clientError(st: ConnState, err: Error & { level?: string; code?: string }, tried: string[]): GenvaultError {
+  const { where } = st;
+  if (st.hostKeyError) return st.hostKeyError;
+  if (err.level === 'client-authentication') {
+    return new GenvaultError(`authentication refused by ${where} (tried ${tried.join(', ')})`, 'SSH_AUTH');
+  } else if (err.level === 'client-timeout') {
+    return new GenvaultError(`cannot connect to ${where}: timed out`, 'SSH_CONNECT');
+  } else if (err.code === 'ECONNREFUSED') {
+    return new GenvaultError(`cannot connect to ${where}: connection refused`, 'SSH_CONNECT');
+  } else if (err.code === 'ENOTFOUND' || err.code === 'EAI_AGAIN') {
+    return new GenvaultError(`cannot connect to ${where}: unknown host ${st.spec.host}`, 'SSH_CONNECT');
+  } else if (err.code === 'EHOSTUNREACH' || err.code === 'ENETUNREACH') {
+    return new GenvaultError(`cannot connect to ${where}: host unreachable`, 'SSH_CONNECT');
+  } else if (st.ready) {
+    return new GenvaultError(`connection to ${where} lost: ${err.message}`, 'SSH_DISCONNECTED');
+  }
+  return new GenvaultError(`SSH connection to ${where} failed: ${err.message}`, 'SSH_CONNECT');
+}
 
-  const cfg: ConnectConfig = {
-    host: spec.host,
-    port: spec.port,
-    username: spec.user,
-    readyTimeout: opts.timeoutMs ?? 20_000,
-    keepaliveInterval: 15_000,
-    keepaliveCountMax: 4,
-    hostVerifier,
-    authHandler: methods,
-    algorithms: {
-      serverHostKey: hostKeyAlgos as never,
-      cipher: ['aes128-gcm@openssh.com', 'aes256-gcm@openssh.com', 'chacha20-poly1305@openssh.com', 'aes128-ctr', 'aes256-ctr'] as never,
-    },
-  };
-
-  await new Promise<void>((resolve, reject) => {
+/** Connects with the error and close handlers in place: they reject before 'ready', and mark the connection lost after. */
+function connectClient(st: ConnState, cfg: ConnectConfig, tried: string[]): Promise<void> {
+  const { client, where } = st;
+  return new Promise<void>((resolve, reject) => {
     client.once('ready', () => {
-      ready = true;
+      st.ready = true;
       resolve();
     });
     client.on('error', (err: Error & { level?: string; code?: string }) => {
@@ -395,30 +420,14 @@ export async function connectSsh(spec: SshSpec, opts: SshOptions = {}): Promise<
         if (i >= 0) tried[i] = `ssh-agent (${err.message.charAt(0).toLowerCase()}${err.message.slice(1)})`;
         return;
       }
-      let e: GenvaultError;
-      if (hostKeyError) e = hostKeyError;
-      else if (err.level === 'client-authentication') {
-        e = new GenvaultError(`authentication refused by ${where} (tried ${tried.join(', ')})`, 'SSH_AUTH');
-      } else if (err.level === 'client-timeout') {
-        e = new GenvaultError(`cannot connect to ${where}: timed out`, 'SSH_CONNECT');
-      } else if (err.code === 'ECONNREFUSED') {
-        e = new GenvaultError(`cannot connect to ${where}: connection refused`, 'SSH_CONNECT');
-      } else if (err.code === 'ENOTFOUND' || err.code === 'EAI_AGAIN') {
-        e = new GenvaultError(`cannot connect to ${where}: unknown host ${spec.host}`, 'SSH_CONNECT');
-      } else if (err.code === 'EHOSTUNREACH' || err.code === 'ENETUNREACH') {
-        e = new GenvaultError(`cannot connect to ${where}: host unreachable`, 'SSH_CONNECT');
-      } else if (ready) {
-        e = new GenvaultError(`connection to ${where} lost: ${err.message}`, 'SSH_DISCONNECTED');
-      } else {
-        e = new GenvaultError(`SSH connection to ${where} failed: ${err.message}`, 'SSH_CONNECT');
-      }
-      if (!ready) reject(e);
-      else setLost(e);
+      const e = clientError(st, err, tried);
+      if (!st.ready) reject(e);
+      else setLost(st, e);
     });
     client.on('close', () => {
-      const e = hostKeyError ?? new GenvaultError(`connection to ${where} closed`, 'SSH_DISCONNECTED');
-      if (!ready) reject(e);
-      else if (!closing) setLost(new GenvaultError(`connection to ${where} lost`, 'SSH_DISCONNECTED'));
+      const e = st.hostKeyError ?? new GenvaultError(`connection to ${where} closed`, 'SSH_DISCONNECTED');
+      if (!st.ready) reject(e);
+      else if (!st.closing) setLost(st, new GenvaultError(`connection to ${where} lost`, 'SSH_DISCONNECTED'));
     });
     try {
       client.connect(cfg);
@@ -426,24 +435,31 @@ export async function connectSsh(spec: SshSpec, opts: SshOptions = {}): Promise<
       reject(new GenvaultError(`SSH connection to ${where} failed: ${(err as Error).message}`, 'SSH_CONNECT'));
     }
   });
+}
 
-  if (newKeyLine) {
-    try {
-      await fs.mkdir(path.dirname(khFile), { recursive: true, mode: 0o700 });
-      const prefix = khText && !khText.endsWith('\n') ? '\n' : '';
-      await fs.appendFile(khFile, prefix + newKeyLine, { mode: 0o600 });
-      process.stderr.write(`genvault: added host key of ${knownHostsName(spec.host, spec.port)} to ${khFile}\n`);
-    } catch (e) {
-      client.end();
-      throw new GenvaultError(`cannot record the host key in ${khFile}: ${(e as Error).message}`, 'SSH_KNOWN_HOSTS');
-    }
+/** Appends a host key accepted on first use to known_hosts; on failure ends the connection and throws. */
+async function recordNewHostKey(st: ConnState, khText: string): Promise<void> {
+  if (!st.newKeyLine) return;
+  const { khFile, spec } = st;
+  try {
+    await fs.mkdir(path.dirname(khFile), { recursive: true, mode: 0o700 });
+    const prefix = khText && !khText.endsWith('\n') ? '\n' : '';
+    await fs.appendFile(khFile, prefix + st.newKeyLine, { mode: 0o600 });
+    process.stderr.write(`genvault: added host key of ${knownHostsName(spec.host, spec.port)} to ${khFile}\n`);
+  } catch (e) {
+    st.client.end();
+    throw new GenvaultError(`cannot record the host key in ${khFile}: ${(e as Error).message}`, 'SSH_KNOWN_HOSTS');
   }
+}
 
+/** The SshConnection over a ready client: exec and run, loss reporting, close. */
+function wrapConnection(st: ConnState): SshConnection {
+  const { spec, client, where } = st;
   const exec = (cmd: string) =>
     new Promise<ClientChannel>((resolve, reject) => {
-      if (lost) return reject(lost);
+      if (st.lost) return reject(st.lost);
       client.exec(cmd, (err, ch) => {
-        if (err) reject(lost ?? new GenvaultError(`cannot run a command on ${where}: ${err.message}`, 'SSH_EXEC'));
+        if (err) reject(st.lost ?? new GenvaultError(`cannot run a command on ${where}: ${err.message}`, 'SSH_EXEC'));
         else resolve(ch);
       });
     });
@@ -453,10 +469,10 @@ export async function connectSsh(spec: SshSpec, opts: SshOptions = {}): Promise<
     client,
     exec,
     get lost() {
-      return lost;
+      return st.lost;
     },
     onLost(fn) {
-      lostHandlers.push(fn);
+      st.lostHandlers.push(fn);
     },
     async run(cmd, input) {
       const ch = await exec(cmd);
@@ -468,18 +484,57 @@ export async function connectSsh(spec: SshSpec, opts: SshOptions = {}): Promise<
         ch.stderr.on('data', (d: Buffer) => err.push(d));
         ch.on('exit', (c: number | null) => (code = c));
         ch.on('close', () => {
-          if (lost) reject(lost);
+          if (st.lost) reject(st.lost);
           else resolve({ stdout: Buffer.concat(out), stderr: Buffer.concat(err).toString(), code });
         });
         ch.end(input);
       });
     },
     close() {
-      closing = true;
+      st.closing = true;
       client.end();
     },
   };
   return conn;
+}
+
+export async function connectSsh(spec: SshSpec, opts: SshOptions = {}): Promise<SshConnection> {
+  const where = describeLogin(spec);
+  const khFile = opts.knownHosts ?? path.join(os.homedir(), '.ssh', 'known_hosts');
+  const khText = await readKnownHostsText(khFile);
+  const entries = parseKnownHosts(khText);
+  const { methods, tried } = await gatherAuthMethods(spec, opts, where);
+  const hostKeyAlgos = hostKeyAlgorithms(entries, spec);
+
+  const st: ConnState = {
+    spec,
+    where,
+    khFile,
+    client: new (loadSsh2().Client)(),
+    hostKeyError: null,
+    newKeyLine: null,
+    lost: null,
+    lostHandlers: [],
+    ready: false,
+    closing: false,
+  };
+  const cfg: ConnectConfig = {
+    host: spec.host,
+    port: spec.port,
+    username: spec.user,
+    readyTimeout: opts.timeoutMs ?? 20_000,
+    keepaliveInterval: 15_000,
+    keepaliveCountMax: 4,
+    hostVerifier: hostKeyVerifier(st, entries, opts),
+    authHandler: methods,
+    algorithms: {
+      serverHostKey: hostKeyAlgos as never,
+      cipher: ['aes128-gcm@openssh.com', 'aes256-gcm@openssh.com', 'chacha20-poly1305@openssh.com', 'aes128-ctr', 'aes256-ctr'] as never,
+    },
+  };
+  await connectClient(st, cfg, tried);
+  await recordNewHostKey(st, khText);
+  return wrapConnection(st);
 }
 
 // ---------------------------------------------------------------------------------
