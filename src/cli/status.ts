@@ -36,7 +36,6 @@ function crit(message: string, json: boolean): never {
   process.exit(2);
 }
 
-// max-lines waiver: to be split into named steps (the house issue); the status action reads the job file, opens the repository and builds the report inline
 export function register(program: Command): void {
   program
     .command('status')
@@ -56,98 +55,121 @@ export function register(program: Command): void {
     )
     .action(async (o: StatusFlags, cmd: Command) => {
       const json = wantsJson(cmd);
-      let now = Date.now();
-      if (o.now !== undefined) {
-        now = Date.parse(o.now);
-        if (Number.isNaN(now)) failUsage(`--now: ${JSON.stringify(o.now)} is not an ISO date or time`);
-      }
-      let file: JobsFile | null = null;
-      let dir: string;
-      try {
-        const cfgPath = o.config ?? DEFAULT_JOBS_FILE;
-        // Only a file that is not there means "no job file". One we may not reach (a directory
-        // the monitoring user cannot enter) or a dangling link is one that cannot be read: CRIT.
-        const exists = await fs.lstat(cfgPath).then(
-          () => true,
-          (e: NodeJS.ErrnoException) => e.code !== 'ENOENT' && e.code !== 'ENOTDIR',
-        );
-        if (o.config !== undefined || exists) file = await loadJobsFile(cfgPath);
-        dir = file ? jobsRepoPath(cmd, file.repository) : repoPath(cmd);
-      } catch (e) {
-        if (e instanceof UsageError) failUsage(e.message);
-        crit(errorLine(e), json);
-      }
+      const now = parseNow(o);
+      const { file, dir } = await readJobFile(o, cmd, json);
       let repo: Repository;
       try {
         repo = await Repository.open(dir);
       } catch (e) {
         crit(errorLine(e), json);
       }
-      const jobs: JobRow[] = [];
-      const images: ImageSummary[] = [];
-      try {
-        const gens = await repo.generations();
-        const byImage = new Map<string, typeof gens>();
-        for (const g of gens) byImage.set(g.name, [...(byImage.get(g.name) ?? []), g]);
-        for (const job of file?.jobs ?? []) {
-          const runs = await recentRuns(repo.db, job.name, 200);
-          const health = judgeJob(job, runs, now);
-          const img = summarizeImage(job.image, byImage.get(job.image) ?? []);
-          jobs.push({
-            job: job.name,
-            image: job.image,
-            schedule: job.schedule?.expression ?? null,
-            ...health,
-            lastRun: iso(runs[0]?.started),
-            lastSuccess: iso(runs.find((r) => r.status === 'ok')?.started),
-            lastError: runs[0]?.status === 'failed' ? (runs[0].error ?? null) : null,
-            nextRun: job.schedule ? job.schedule.next(now).toISOString() : null,
-            generations: img.generations,
-            storedBytes: img.storedBytes,
-          });
-        }
-        const jobImages = new Set((file?.jobs ?? []).map((j) => j.image));
-        for (const [name, list] of byImage) if (!jobImages.has(name)) images.push(summarizeImage(name, list));
-      } catch (e) {
-        await repo.close().catch(() => undefined);
-        crit(errorLine(e), json);
-      }
+      const { jobs, images } = await collectRows(repo, file, now, json);
       await repo.close().catch(() => undefined);
-
-      const state: State = worst(jobs.map((j) => j.state));
-      const bad = jobs.filter((j) => j.state !== 'OK');
-      const summary = bad.length
-        ? `${state}: ${bad.map((j) => `${j.job} ${j.reason}`).join('; ')}`
-        : `OK: ${jobs.length} job${jobs.length === 1 ? '' : 's'} ok, ${images.length + jobs.length} image${images.length + jobs.length === 1 ? '' : 's'}`;
-      if (json) {
-        printJson({ state, exit: STATE_EXIT[state], summary, now: new Date(now).toISOString(), jobs, images });
-      } else {
-        let out = `${summary}\n`;
-        if (jobs.length) {
-          const rows = [['JOB', 'STATE', 'SCHEDULE', 'LAST SUCCESS (UTC)', 'AGE', 'MISSED', 'GENS', 'STORED', 'LAST ERROR']];
-          for (const j of jobs) {
-            rows.push([
-              j.job,
-              j.state,
-              j.schedule ?? '-',
-              short(j.lastSuccess),
-              j.lastSuccess ? roughAge(now - Date.parse(j.lastSuccess)) : '-',
-              String(j.missed),
-              String(j.generations),
-              bytes(j.storedBytes),
-              j.lastError ?? '-',
-            ]);
-          }
-          out += '\n' + table(rows, [5, 6, 7]) + '\n';
-        }
-        if (images.length) {
-          const rows = [['IMAGE (no job)', 'GENS', 'STORED', 'NEWEST (UTC)', 'AGE']];
-          for (const i of images) rows.push([i.name, String(i.generations), bytes(i.storedBytes), short(i.newest), i.newest ? roughAge(now - Date.parse(i.newest)) : '-']);
-          out += '\n' + table(rows, [1, 2]) + '\n';
-        }
-        if (!file) out += `\n(no job file at ${DEFAULT_JOBS_FILE}: give --config FILE to judge jobs against their schedules)\n`;
-        process.stdout.write(out);
-      }
+      const state = printReport(json, now, file, jobs, images);
       process.exit(STATE_EXIT[state]);
     });
+}
+
+/** The time to judge at: now, or --now. */
+function parseNow(o: StatusFlags): number {
+  let now = Date.now();
+  if (o.now !== undefined) {
+    now = Date.parse(o.now);
+    if (Number.isNaN(now)) failUsage(`--now: ${JSON.stringify(o.now)} is not an ISO date or time`);
+  }
+  return now;
+}
+
+/** The job file (null without one) and the repository it names (or --repo). */
+async function readJobFile(o: StatusFlags, cmd: Command, json: boolean): Promise<{ file: JobsFile | null; dir: string }> {
+  let file: JobsFile | null = null;
+  let dir: string;
+  try {
+    const cfgPath = o.config ?? DEFAULT_JOBS_FILE;
+    // Only a file that is not there means "no job file". One we may not reach (a directory
+    // the monitoring user cannot enter) or a dangling link is one that cannot be read: CRIT.
+    const exists = await fs.lstat(cfgPath).then(
+      () => true,
+      (e: NodeJS.ErrnoException) => e.code !== 'ENOENT' && e.code !== 'ENOTDIR',
+    );
+    if (o.config !== undefined || exists) file = await loadJobsFile(cfgPath);
+    dir = file ? jobsRepoPath(cmd, file.repository) : repoPath(cmd);
+  } catch (e) {
+    if (e instanceof UsageError) failUsage(e.message);
+    crit(errorLine(e), json);
+  }
+  return { file, dir };
+}
+
+/** A row per job, judged against its runs, and a summary per image no job backs up. */
+async function collectRows(repo: Repository, file: JobsFile | null, now: number, json: boolean): Promise<{ jobs: JobRow[]; images: ImageSummary[] }> {
+  const jobs: JobRow[] = [];
+  const images: ImageSummary[] = [];
+  try {
+    const gens = await repo.generations();
+    const byImage = new Map<string, typeof gens>();
+    for (const g of gens) byImage.set(g.name, [...(byImage.get(g.name) ?? []), g]);
+    for (const job of file?.jobs ?? []) {
+      const runs = await recentRuns(repo.db, job.name, 200);
+      const health = judgeJob(job, runs, now);
+      const img = summarizeImage(job.image, byImage.get(job.image) ?? []);
+      jobs.push({
+        job: job.name,
+        image: job.image,
+        schedule: job.schedule?.expression ?? null,
+        ...health,
+        lastRun: iso(runs[0]?.started),
+        lastSuccess: iso(runs.find((r) => r.status === 'ok')?.started),
+        lastError: runs[0]?.status === 'failed' ? (runs[0].error ?? null) : null,
+        nextRun: job.schedule ? job.schedule.next(now).toISOString() : null,
+        generations: img.generations,
+        storedBytes: img.storedBytes,
+      });
+    }
+    const jobImages = new Set((file?.jobs ?? []).map((j) => j.image));
+    for (const [name, list] of byImage) if (!jobImages.has(name)) images.push(summarizeImage(name, list));
+  } catch (e) {
+    await repo.close().catch(() => undefined);
+    crit(errorLine(e), json);
+  }
+  return { jobs, images };
+}
+
+/** Print the summary line and the report (tables, or JSON); returns the overall state. */
+function printReport(json: boolean, now: number, file: JobsFile | null, jobs: JobRow[], images: ImageSummary[]): State {
+  const state: State = worst(jobs.map((j) => j.state));
+  const bad = jobs.filter((j) => j.state !== 'OK');
+  const summary = bad.length
+    ? `${state}: ${bad.map((j) => `${j.job} ${j.reason}`).join('; ')}`
+    : `OK: ${jobs.length} job${jobs.length === 1 ? '' : 's'} ok, ${images.length + jobs.length} image${images.length + jobs.length === 1 ? '' : 's'}`;
+  if (json) {
+    printJson({ state, exit: STATE_EXIT[state], summary, now: new Date(now).toISOString(), jobs, images });
+  } else {
+    let out = `${summary}\n`;
+    if (jobs.length) {
+      const rows = [['JOB', 'STATE', 'SCHEDULE', 'LAST SUCCESS (UTC)', 'AGE', 'MISSED', 'GENS', 'STORED', 'LAST ERROR']];
+      for (const j of jobs) {
+        rows.push([
+          j.job,
+          j.state,
+          j.schedule ?? '-',
+          short(j.lastSuccess),
+          j.lastSuccess ? roughAge(now - Date.parse(j.lastSuccess)) : '-',
+          String(j.missed),
+          String(j.generations),
+          bytes(j.storedBytes),
+          j.lastError ?? '-',
+        ]);
+      }
+      out += '\n' + table(rows, [5, 6, 7]) + '\n';
+    }
+    if (images.length) {
+      const rows = [['IMAGE (no job)', 'GENS', 'STORED', 'NEWEST (UTC)', 'AGE']];
+      for (const i of images) rows.push([i.name, String(i.generations), bytes(i.storedBytes), short(i.newest), i.newest ? roughAge(now - Date.parse(i.newest)) : '-']);
+      out += '\n' + table(rows, [1, 2]) + '\n';
+    }
+    if (!file) out += `\n(no job file at ${DEFAULT_JOBS_FILE}: give --config FILE to judge jobs against their schedules)\n`;
+    process.stdout.write(out);
+  }
+  return state;
 }

@@ -79,52 +79,75 @@ const S_IFDIR = 0o040000;
 const S_IFREG = 0o100000;
 const S_IFLNK = 0o120000;
 
-// max-lines waiver: to be split into named steps (the house issue); the FUSE operations, pins, priority and memory handling are closures over one mount's state
-export async function mountRepository(repo: Repository, mountpoint: string, opts: MountOptions = {}): Promise<MountHandle> {
-  const log = opts.log ?? ((l: string) => process.stderr.write(l + '\n'));
-  const loader = new ChunkLoader(repo, opts.cacheBytes ?? 256 << 20, true);
-  loader.damageBy = 'mount';
-  let tree = new Tree(await repo.generations());
-  const readers = new Map<string, Promise<ImageReader>>();
-  const handles = new Map<number, { gen: Generation; reader: Promise<ImageReader>; ready?: ImageReader }>();
-  // One pin per generation with open files: forget/prune/gc keep its data until closed.
-  const pins = new Map<string, { count: number; pin: Promise<Pin | null> }>();
-  const pinOpen = (id: string) => {
-    const p = pins.get(id);
-    if (p) p.count++;
-    else pins.set(id, { count: 1, pin: Pin.take(repo.dir, id).catch(() => null) });
-  };
-  const pinClose = (id: string) => {
-    const p = pins.get(id);
-    if (!p || --p.count > 0) return;
-    pins.delete(id);
-    void p.pin.then((x) => x?.release());
-  };
-  let nextFd = 10;
+/** An open file: its generation, its image reader, and the reader once it has opened. */
+interface OpenFile {
+  gen: Generation;
+  reader: Promise<ImageReader>;
+  ready?: ImageReader;
+}
 
-  // While backups or gc run, serve reads at the lowest CPU priority: they keep working,
-  // but a backup keeps most of its speed (issue: mounted repositories must not slow them).
-  let yielding = false;
-  const refresh = async () => {
-    try {
-      tree = new Tree(await repo.generations());
-    } catch (e) {
-      log(`genvault mount: refreshing the generation list failed: ${(e as Error).message}`);
-    }
-    await checkWriters();
-  };
-  const checkWriters = async () => {
-    if (opts.yieldToWriters === false) return;
-    const busy = (await liveWriters(repo.dir).catch(() => [])).length > 0;
-    if (busy !== yielding && (await setProcessNice(busy ? YIELD_NICE : 0))) yielding = busy;
-  };
-  const timer = setInterval(() => void refresh(), opts.refreshMs ?? 1000);
+/** One mount's state, shared by its FUSE operations and its background timers. */
+interface MountState {
+  readonly repo: Repository;
+  readonly opts: MountOptions;
+  readonly log: (line: string) => void;
+  readonly loader: ChunkLoader;
+  tree: Tree;
+  readonly readers: Map<string, Promise<ImageReader>>;
+  readonly handles: Map<number, OpenFile>;
+  // One pin per generation with open files: forget/prune/gc keep its data until closed.
+  readonly pins: Map<string, { count: number; pin: Promise<Pin | null> }>;
+  nextFd: number;
+  yielding: boolean;
+}
+
+/** The timers and the lock directory watch running while the mount is up. */
+interface MountBackground {
+  timer: NodeJS.Timeout;
+  gcTimer: NodeJS.Timeout;
+  lockWatch: FSWatcher | null;
+}
+
+function pinOpen(s: MountState, id: string): void {
+  const p = s.pins.get(id);
+  if (p) p.count++;
+  else s.pins.set(id, { count: 1, pin: Pin.take(s.repo.dir, id).catch(() => null) });
+}
+
+function pinClose(s: MountState, id: string): void {
+  const p = s.pins.get(id);
+  if (!p || --p.count > 0) return;
+  s.pins.delete(id);
+  void p.pin.then((x) => x?.release());
+}
+
+// While backups or gc run, serve reads at the lowest CPU priority: they keep working,
+// but a backup keeps most of its speed (issue: mounted repositories must not slow them).
+async function checkWriters(s: MountState): Promise<void> {
+  if (s.opts.yieldToWriters === false) return;
+  const busy = (await liveWriters(s.repo.dir).catch(() => [])).length > 0;
+  if (busy !== s.yielding && (await setProcessNice(busy ? YIELD_NICE : 0))) s.yielding = busy;
+}
+
+async function refresh(s: MountState): Promise<void> {
+  try {
+    s.tree = new Tree(await s.repo.generations());
+  } catch (e) {
+    s.log(`genvault mount: refreshing the generation list failed: ${(e as Error).message}`);
+  }
+  await checkWriters(s);
+}
+
+/** Start the generation refresh, the writer watch and the buffer memory collection. */
+function startBackground(s: MountState): MountBackground {
+  const { opts } = s;
+  const timer = setInterval(() => void refresh(s), opts.refreshMs ?? 1000);
   timer.unref();
   // A backup registers in locks/: react at once rather than at the next refresh.
   let lockWatch: FSWatcher | null = null;
   try {
-    lockWatch = fsWatch(path.join(repo.dir, 'locks'), { persistent: false }, (_ev, f) => {
-      if (f && String(f).startsWith('writer-')) void checkWriters();
+    lockWatch = fsWatch(path.join(s.repo.dir, 'locks'), { persistent: false }, (_ev, f) => {
+      if (f && String(f).startsWith('writer-')) void checkWriters(s);
     });
     lockWatch.on('error', () => lockWatch?.close());
   } catch {
@@ -140,22 +163,54 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
     if (collect && process.memoryUsage().arrayBuffers > budget) collect();
   }, 250);
   gcTimer.unref();
+  return { timer, gcTimer, lockWatch };
+}
 
+/** The FUSE `open` of a generation's image file: a shared reader per generation, a pin, a new fd. */
+function openFile(s: MountState, gen: Generation, cb: (err: number, fd?: number) => void): void {
+  const { repo, loader, opts, readers, handles, log } = s;
+  let reader = readers.get(gen.id);
+  if (!reader) {
+    reader = ImageReader.open(repo, gen, loader, opts.readahead ?? 32 << 20);
+    readers.set(gen.id, reader);
+    reader.catch(() => readers.delete(gen.id));
+  }
+  const fd = s.nextFd++;
+  const h: OpenFile = { gen, reader };
+  handles.set(fd, h);
+  pinOpen(s, gen.id);
+  reader.then((r) => (h.ready = r), () => undefined);
+  // Each open gets its own reader state for read-ahead; the decoded-chunk cache is shared.
+  reader.then(
+    () => cb(0, fd),
+    (e: Error) => {
+      handles.delete(fd);
+      pinClose(s, gen.id);
+      log(`genvault mount: cannot open ${gen.name}@${gen.id}: ${e.message}`);
+      cb(Fuse.EIO);
+    },
+  );
+}
+
+/** The FUSE operations of one mount, closures over its state. */
+function buildOps(s: MountState) {
+  const { handles, log } = s;
   const uid = process.getuid?.() ?? 0;
   const gid = process.getgid?.() ?? 0;
   const stat = (mode: number, size: number, mtime: Date, nlink = 1) => ({
     mtime, atime: mtime, ctime: mtime, size, mode, uid, gid, nlink, blocks: Math.ceil(size / 512), blksize: 4096,
   });
 
-  const ops = {
+  return {
     readdir(p: string, cb: (err: number, names?: string[]) => void) {
-      const n = tree.lookup(p);
+      const n = s.tree.lookup(p);
       if (!n) return cb(Fuse.ENOENT);
       if (n.kind === 'root') return cb(0, n.names);
       if (n.kind === 'image') return cb(0, n.files);
       return cb(Fuse.ENOTDIR);
     },
     getattr(p: string, cb: (err: number, st?: unknown) => void) {
+      const tree = s.tree;
       const n = tree.lookup(p);
       if (!n) return cb(Fuse.ENOENT);
       switch (n.kind) {
@@ -170,43 +225,22 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
       }
     },
     readlink(p: string, cb: (err: number, target?: string) => void) {
-      const n = tree.lookup(p);
+      const n = s.tree.lookup(p);
       if (!n) return cb(Fuse.ENOENT);
       if (n.kind !== 'link') return cb(Fuse.EINVAL);
       return cb(0, n.target);
     },
     open(p: string, flags: number, cb: (err: number, fd?: number) => void) {
-      const n = tree.lookup(p);
+      const n = s.tree.lookup(p);
       if (!n) return cb(Fuse.ENOENT);
       if (n.kind !== 'file') return cb(Fuse.EISDIR);
       if ((flags & 3) !== 0) return cb(Fuse.EROFS);
-      const gen = n.gen;
-      let reader = readers.get(gen.id);
-      if (!reader) {
-        reader = ImageReader.open(repo, gen, loader, opts.readahead ?? 32 << 20);
-        readers.set(gen.id, reader);
-        reader.catch(() => readers.delete(gen.id));
-      }
-      const fd = nextFd++;
-      const h: { gen: Generation; reader: Promise<ImageReader>; ready?: ImageReader } = { gen, reader };
-      handles.set(fd, h);
-      pinOpen(gen.id);
-      reader.then((r) => (h.ready = r), () => undefined);
-      // Each open gets its own reader state for read-ahead; the decoded-chunk cache is shared.
-      reader.then(
-        () => cb(0, fd),
-        (e: Error) => {
-          handles.delete(fd);
-          pinClose(gen.id);
-          log(`genvault mount: cannot open ${gen.name}@${gen.id}: ${e.message}`);
-          cb(Fuse.EIO);
-        },
-      );
+      openFile(s, n.gen, cb);
     },
     release(_p: string, fd: number, cb: (err: number) => void) {
       const h = handles.get(fd);
       handles.delete(fd);
-      if (h) pinClose(h.gen.id);
+      if (h) pinClose(s, h.gen.id);
       cb(0);
     },
     read(_p: string, fd: number, buf: Buffer, len: number, pos: number, cb: (n: number) => void) {
@@ -230,21 +264,11 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
       cb(0, { bsize: 4096, frsize: 4096, blocks: 0, bfree: 0, bavail: 0, files: 0, ffree: 0, favail: 0, fsid: 0, flag: 1, namemax: 255 });
     },
   };
+}
 
-  const fuse = new Fuse(mountpoint, ops, {
-    force: true,
-    mkdir: false,
-    timeout: false,
-    kernelCache: true, // generations are immutable: let the page cache keep what was read
-    allowOther: opts.allowOther === true,
-    defaultPermissions: true,
-    fsname: `genvault:${repo.dir}`,
-    subtype: 'genvault',
-    attrTimeout: 1,
-    entryTimeout: 1,
-  });
-  await new Promise<void>((resolve, reject) => fuse.mount((err: Error | null) => (err ? reject(err) : resolve())));
-
+/** The handle of a mounted filesystem: unmount, and notice an unmount done from outside. */
+function mountHandle(s: MountState, fuse: Fuse, mountpoint: string, bg: MountBackground): MountHandle {
+  const { timer, gcTimer, lockWatch } = bg;
   let closedResolve!: () => void;
   const closed = new Promise<void>((r) => (closedResolve = r));
   let unmounting = false;
@@ -273,9 +297,43 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
       clearInterval(gcTimer);
       clearInterval(watch);
       await new Promise<void>((resolve) => fuse.unmount(() => resolve()));
-      for (const p of pins.values()) await p.pin.then((x) => x?.release());
-      pins.clear();
+      for (const p of s.pins.values()) await p.pin.then((x) => x?.release());
+      s.pins.clear();
       closedResolve();
     },
   };
+}
+
+export async function mountRepository(repo: Repository, mountpoint: string, opts: MountOptions = {}): Promise<MountHandle> {
+  const log = opts.log ?? ((l: string) => process.stderr.write(l + '\n'));
+  const loader = new ChunkLoader(repo, opts.cacheBytes ?? 256 << 20, true);
+  loader.damageBy = 'mount';
+  const s: MountState = {
+    repo,
+    opts,
+    log,
+    loader,
+    tree: new Tree(await repo.generations()),
+    readers: new Map(),
+    handles: new Map(),
+    pins: new Map(),
+    nextFd: 10,
+    yielding: false,
+  };
+  const bg = startBackground(s);
+
+  const fuse = new Fuse(mountpoint, buildOps(s), {
+    force: true,
+    mkdir: false,
+    timeout: false,
+    kernelCache: true, // generations are immutable: let the page cache keep what was read
+    allowOther: opts.allowOther === true,
+    defaultPermissions: true,
+    fsname: `genvault:${repo.dir}`,
+    subtype: 'genvault',
+    attrTimeout: 1,
+    entryTimeout: 1,
+  });
+  await new Promise<void>((resolve, reject) => fuse.mount((err: Error | null) => (err ? reject(err) : resolve())));
+  return mountHandle(s, fuse, mountpoint, bg);
 }

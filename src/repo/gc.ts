@@ -312,7 +312,6 @@ async function refuseOnIndexDamage(repo: Repository): Promise<void> {
   if (repo.damagedRecords) throw damaged(`${repo.damagedRecords} generation record(s) are corrupt`);
 }
 
-// max-lines waiver: to be split into named steps (the house issue); the mark, condemn, wait-for-writers and re-mark phases are written inline before the sweep and repack calls
 async function run(repo: Repository, threshold: number, report: (line: string) => void, pollMs: number): Promise<GcResult> {
   const started = Date.now();
   const res = emptyResult(false);
@@ -328,78 +327,14 @@ async function run(repo: Repository, threshold: number, report: (line: string) =
 
     report('gc: checking for leftovers of an interrupted gc');
     await recoverLeftovers(repo, res);
+    await dropUnpinnedRemoved(repo);
 
-    // Generations hidden by forget/prune while a reader had them open: drop those whose
-    // readers are gone; the pinned ones stay marked below.
-    const pinned = await pinnedGenerations(repo.dir);
-    const dropOps: Op[] = [];
-    for (const g of await repo.generations(undefined, true)) {
-      if (!g.removed || pinned.has(g.id)) continue;
-      dropOps.push({ type: 'del', key: Repository.generationKey(g) }, { type: 'del', key: Repository.mapKey(g.id) });
-    }
-    if (dropOps.length) await db.batch(dropOps, { sync: true } as object);
-
-    // Mark.
+    // Mark, then condemn every unreferenced chunk entry (the first marking goes with it:
+    // the second marking replaces it).
     trace('mark');
-    let first: Marks | null = await mark(repo, report, 'marking');
-
-    // Condemn every unreferenced chunk entry.
-    trace('condemn');
-    const condemned = new Map<string, Buffer>();
-    let ops: Op[] = [];
-    for await (const [k, v] of db.iterator(prefixRange(K_CHUNK))) {
-      const d = k.subarray(1);
-      const s = bin(d);
-      if (first.chunks.has(s)) continue;
-      const loc = Buffer.from(v);
-      condemned.set(s, loc);
-      ops.push({ type: 'put', key: condemnedKey(d), value: loc });
-      if (ops.length >= BATCH) {
-        await db.batch(ops, SYNC);
-        ops = [];
-        report(`gc: condemning unreferenced chunks: ${condemned.size}`);
-      }
-    }
-    if (ops.length) await db.batch(ops, SYNC);
-    ops = [];
-    first = null; // the second marking replaces it
-
-    // Wait for every writer that may have looked a condemned chunk up before its 'x' key
-    // existed: those running now. Writers registering from now on see gc.json and the 'x'
-    // keys, and store fresh copies instead of reusing a condemned chunk.
-    const noted = await liveWriters(repo.dir, self);
-    trace('wait');
-    res.waitedFor = noted.length;
-    for (;;) {
-      let running = 0;
-      for (const w of noted) {
-        if ((await fileSize(path.join(repo.dir, 'locks', `writer-${w.id}.json`))) !== null && (await ownerAlive(w.owner))) running++;
-      }
-      if (!running) break;
-      report(`gc: waiting for ${running} running backup(s)`);
-      await sleep(pollMs);
-    }
-    await cleanupDeadWriters(repo.dir, db); // writers that died meanwhile
-
-    // Re-mark: generations committed meanwhile may use condemned chunks (forget and prune
-    // may also have removed some generations: that only makes more garbage, left for later).
-    trace('remark');
-    const second = await mark(repo, report, 'marking again');
-    res.generations = second.generations;
-    res.referencedChunks = second.chunks.size;
-    res.referencedLeaves = second.leaves.size;
-    for (const s of condemned.keys()) {
-      if (!second.chunks.has(s)) continue;
-      condemned.delete(s);
-      ops.push({ type: 'del', key: condemnedKey(Buffer.from(s, 'latin1')) });
-      res.chunksSpared++;
-      if (ops.length >= BATCH) {
-        await db.batch(ops, SYNC);
-        ops = [];
-      }
-    }
-    if (ops.length) await db.batch(ops, SYNC);
-    ops = [];
+    const condemned = await condemnUnreferenced(repo, await mark(repo, report, 'marking'), report);
+    await waitForWriters(repo, self, res, report, pollMs);
+    await spareRemarked(repo, condemned, res, report);
 
     await testPause('before-sweep');
 
@@ -413,14 +348,8 @@ async function run(repo: Repository, threshold: number, report: (line: string) =
     await cleanupDeadWriters(repo.dir, db);
     await repack(repo, writer, threshold, res, report);
 
-    // The 'x' keys of swept chunks last until here, so that a backup which found a 'c'
-    // entry just before the sweep deleted it still finds the 'x' key when it looks next.
-    // Damage marks of swept chunks go too: nothing uses them any more.
     trace('finish');
-    for (let at = 0; at < swept.length; at += BATCH) {
-      const part = swept.slice(at, at + BATCH);
-      await db.batch(part.flatMap((d) => [{ type: 'del' as const, key: condemnedKey(d) }, { type: 'del' as const, key: damagedKey(d) }]), SYNC);
-    }
+    await finishSwept(repo, swept);
     ok = true;
     trace('done');
   } catch (e) {
@@ -436,6 +365,102 @@ async function run(repo: Repository, threshold: number, report: (line: string) =
   }
   res.durationMs = Date.now() - started;
   return res;
+}
+
+/**
+ * Generations hidden by forget/prune while a reader had them open: drop those whose
+ * readers are gone; the pinned ones stay marked.
+ */
+async function dropUnpinnedRemoved(repo: Repository): Promise<void> {
+  const pinned = await pinnedGenerations(repo.dir);
+  const dropOps: Op[] = [];
+  for (const g of await repo.generations(undefined, true)) {
+    if (!g.removed || pinned.has(g.id)) continue;
+    dropOps.push({ type: 'del', key: Repository.generationKey(g) }, { type: 'del', key: Repository.mapKey(g.id) });
+  }
+  if (dropOps.length) await repo.db.batch(dropOps, { sync: true } as object);
+}
+
+/** Condemn every chunk entry the marking did not reach: an 'x' key for each. */
+async function condemnUnreferenced(repo: Repository, first: Marks, report: (line: string) => void): Promise<Map<string, Buffer>> {
+  const db = repo.db;
+  trace('condemn');
+  const condemned = new Map<string, Buffer>();
+  let ops: Op[] = [];
+  for await (const [k, v] of db.iterator(prefixRange(K_CHUNK))) {
+    const d = k.subarray(1);
+    const s = bin(d);
+    if (first.chunks.has(s)) continue;
+    const loc = Buffer.from(v);
+    condemned.set(s, loc);
+    ops.push({ type: 'put', key: condemnedKey(d), value: loc });
+    if (ops.length >= BATCH) {
+      await db.batch(ops, SYNC);
+      ops = [];
+      report(`gc: condemning unreferenced chunks: ${condemned.size}`);
+    }
+  }
+  if (ops.length) await db.batch(ops, SYNC);
+  return condemned;
+}
+
+/**
+ * Wait for every writer that may have looked a condemned chunk up before its 'x' key
+ * existed: those running now. Writers registering from now on see gc.json and the 'x'
+ * keys, and store fresh copies instead of reusing a condemned chunk.
+ */
+async function waitForWriters(repo: Repository, self: string, res: GcResult, report: (line: string) => void, pollMs: number): Promise<void> {
+  const noted = await liveWriters(repo.dir, self);
+  trace('wait');
+  res.waitedFor = noted.length;
+  for (;;) {
+    let running = 0;
+    for (const w of noted) {
+      if ((await fileSize(path.join(repo.dir, 'locks', `writer-${w.id}.json`))) !== null && (await ownerAlive(w.owner))) running++;
+    }
+    if (!running) break;
+    report(`gc: waiting for ${running} running backup(s)`);
+    await sleep(pollMs);
+  }
+  await cleanupDeadWriters(repo.dir, repo.db); // writers that died meanwhile
+}
+
+/**
+ * Re-mark: generations committed meanwhile may use condemned chunks (forget and prune
+ * may also have removed some generations: that only makes more garbage, left for later).
+ * Those chunks are spared: out of `condemned`, their 'x' keys deleted.
+ */
+async function spareRemarked(repo: Repository, condemned: Map<string, Buffer>, res: GcResult, report: (line: string) => void): Promise<void> {
+  const db = repo.db;
+  trace('remark');
+  const second = await mark(repo, report, 'marking again');
+  res.generations = second.generations;
+  res.referencedChunks = second.chunks.size;
+  res.referencedLeaves = second.leaves.size;
+  let ops: Op[] = [];
+  for (const s of condemned.keys()) {
+    if (!second.chunks.has(s)) continue;
+    condemned.delete(s);
+    ops.push({ type: 'del', key: condemnedKey(Buffer.from(s, 'latin1')) });
+    res.chunksSpared++;
+    if (ops.length >= BATCH) {
+      await db.batch(ops, SYNC);
+      ops = [];
+    }
+  }
+  if (ops.length) await db.batch(ops, SYNC);
+}
+
+/**
+ * The 'x' keys of swept chunks last until here, so that a backup which found a 'c'
+ * entry just before the sweep deleted it still finds the 'x' key when it looks next.
+ * Damage marks of swept chunks go too: nothing uses them any more.
+ */
+async function finishSwept(repo: Repository, swept: Buffer[]): Promise<void> {
+  for (let at = 0; at < swept.length; at += BATCH) {
+    const part = swept.slice(at, at + BATCH);
+    await repo.db.batch(part.flatMap((d) => [{ type: 'del' as const, key: condemnedKey(d) }, { type: 'del' as const, key: damagedKey(d) }]), SYNC);
+  }
 }
 
 /**

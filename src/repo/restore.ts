@@ -129,13 +129,43 @@ export async function streamChunks(
  * the repeated group decodes of the benchmark's next-day image (performance.md). */
 const RESTORE_WINDOW = 16 << 20;
 
+/**
+ * The items of a restore batch that a worker found damaged: gc may have moved the chunk to
+ * another pack since we looked it up, so retry there; the rest are damaged (`damaged` and a
+ * damage mark).
+ */
+async function settleDamaged(
+  repo: Repository,
+  pool: Repository['pool'],
+  loader: ChunkLoader,
+  fd: number,
+  items: RestoreItem[],
+  found: number[],
+  damaged: Array<{ offset: number; length: number }>,
+): Promise<void> {
+  for (const i of found) {
+    // gc may have moved the chunk to another pack since we looked it up: retry there.
+    const it = items[i]!;
+    const fresh = await repo.location(Buffer.from(it.digest));
+    if (fresh && (packPath(repo.dir, fresh.packId) !== it.file || fresh.offset !== it.offset)) {
+      const again = await pool.run<{ damaged: number[] }>({
+        op: 'restoreMany',
+        fd,
+        items: [{ ...loader.item(fresh, Buffer.from(it.digest)), at: it.at, zero: false }],
+      });
+      if (!again.damaged.length) continue;
+    }
+    damaged.push({ offset: it.at, length: it.rawLength });
+    await markDamaged(repo.db, it.digest, 'restore');
+  }
+}
+
 /** Pack order: by pack file, record offset, and place inside a group record. */
 function byRecord(a: RestoreItem, b: RestoreItem): number {
   if (a.file !== b.file) return a.file < b.file ? -1 : 1;
   return a.offset - b.offset || (a.inner ?? 0) - (b.inner ?? 0) || a.at - b.at;
 }
 
-// max-lines waiver: to be split into named steps (the house issue); batching, windowing in pack order and the walk over the map are closures over one restore's state
 async function restoreToFd(
   repo: Repository,
   gen: Generation,
@@ -162,21 +192,7 @@ async function restoreToFd(
     batchBytes = 0;
     const p = pool.run<{ damaged: number[] }>({ op: 'restoreMany', fd, items, direct: true }).then(
       async (r) => {
-        for (const i of r.damaged) {
-          // gc may have moved the chunk to another pack since we looked it up: retry there.
-          const it = items[i]!;
-          const fresh = await repo.location(Buffer.from(it.digest));
-          if (fresh && (packPath(repo.dir, fresh.packId) !== it.file || fresh.offset !== it.offset)) {
-            const again = await pool.run<{ damaged: number[] }>({
-              op: 'restoreMany',
-              fd,
-              items: [{ ...loader.item(fresh, Buffer.from(it.digest)), at: it.at, zero: false }],
-            });
-            if (!again.damaged.length) continue;
-          }
-          damaged.push({ offset: it.at, length: it.rawLength });
-          await markDamaged(repo.db, it.digest, 'restore');
-        }
+        if (r.damaged.length) await settleDamaged(repo, pool, loader, fd, items, r.damaged, damaged);
         done += bytes;
         opts.onProgress?.(done, gen.size);
       },
