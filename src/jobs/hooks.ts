@@ -6,6 +6,7 @@
  */
 import { spawn } from 'node:child_process';
 import { startUmask } from '../repo/perms.js';
+import { octalMode } from '../util/format.js';
 import type { SshConnection } from '../source/ssh.js';
 import { shq } from '../source/ssh.js';
 import type { HookSpec } from './config.js';
@@ -34,7 +35,7 @@ async function runLocal(hook: HookSpec, env: Record<string, string>): Promise<{ 
     let timedOut = false;
     // A process group of its own, so a timeout kills the whole pipeline the hook started.
     // Under the umask genvault started with, not the repository's (perms.ts).
-    const script = `umask ${startUmask().toString(8).padStart(4, '0')}; ${hook.run}`;
+    const script = `umask ${octalMode(startUmask())}; ${hook.run}`;
     const child = spawn('/bin/sh', ['-c', script], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
     const onData = (d: Buffer) => (output = tail(output + d.toString()));
     child.stdout.on('data', onData);

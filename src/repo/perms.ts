@@ -17,6 +17,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { GenvaultError } from '../util/errors.js';
+import { octalMode } from '../util/format.js';
 import { GROUP_NAME_RE, type RepoConfig } from './format.js';
 
 export const PRIVATE_DIR_MODE = 0o700;
@@ -164,7 +165,7 @@ export async function looseModes(dir: string, config: Pick<RepoConfig, 'group'>)
     if (!who.length) continue;
     const name = d === '.' ? 'repository directory' : `${d}/`;
     out.push(
-      `loose permissions: ${name} ${p} is mode ${mode.toString(8).padStart(4, '0')}, open to ${who.join(' and ')}; ` +
+      `loose permissions: ${name} ${p} is mode ${octalMode(mode)}, open to ${who.join(' and ')}; ` +
         `the next backup or gc tightens it (or: chmod ${config.group ? '2750' : '700'})`,
     );
   }

@@ -12,6 +12,11 @@ export function parseSize(s: string, what?: string): number {
   return Math.round(Number(m[1]) * mul);
 }
 
+/** A file mode's permission bits as `ls`-style octal with four digits: 0640, 2750. */
+export function octalMode(mode: number): string {
+  return (mode & 0o7777).toString(8).padStart(4, '0');
+}
+
 export function bytes(n: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
   let i = 0;

@@ -16,6 +16,7 @@ import type { FileHandle } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { GenvaultError } from './errors.js';
+import { octalMode } from './format.js';
 
 export function runDirPath(): string {
   if (process.env.GENVAULT_RUN_DIR) return path.resolve(process.env.GENVAULT_RUN_DIR);
@@ -39,7 +40,7 @@ export async function ensureRunDir(): Promise<string> {
   if (st.isSymbolicLink()) why = 'is a symlink';
   else if (!st.isDirectory()) why = 'is not a directory';
   else if (st.uid !== uid) why = `is owned by uid ${st.uid}, not ${uid}`;
-  else if (st.mode & 0o022) why = `is writable by ${st.mode & 0o002 ? 'others' : 'group'} (mode ${(st.mode & 0o7777).toString(8).padStart(4, '0')})`;
+  else if (st.mode & 0o022) why = `is writable by ${st.mode & 0o002 ? 'others' : 'group'} (mode ${octalMode(st.mode)})`;
   if (why) throw new GenvaultError(`run directory ${dir} ${why}: refusing`, 'RUNDIR');
   return dir;
 }

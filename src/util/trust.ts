@@ -9,6 +9,7 @@ import { constants as C, Stats } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { GenvaultError } from './errors.js';
+import { octalMode } from './format.js';
 
 export interface TrustRules {
   /** A private key: no group/other bits at all (0600 or stricter). */
@@ -17,9 +18,7 @@ export interface TrustRules {
   dir?: boolean;
 }
 
-function mode(st: Stats): string {
-  return (st.mode & 0o7777).toString(8).padStart(4, '0');
-}
+const mode = (st: Stats): string => octalMode(st.mode);
 
 /** Why a file or directory with these stats is not trusted, or null. */
 export function untrusted(st: Stats, secret = false): string | null {
