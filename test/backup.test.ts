@@ -5,8 +5,8 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Generation } from '../src/repo/generation.js';
-import { Repository } from '../src/repo/repository.js';
+import type { Generation } from '../src/format/generation.js';
+import { Repository } from '../src/repository/repository.js';
 import { CLI, Scratch, gv, gvOk, makeDisk, must, prng, sha256File, withMountedDisk, writeFiles } from './helpers.js';
 
 let s: Scratch;
@@ -263,10 +263,10 @@ describe('many small packs', () => {
 
 describe('a source that shrinks while it is read', () => {
   it('fails with one line and leaves no generation, for plain and sparse files', async () => {
-    // From dist/: the backup's worker threads load dist/repo/worker.js.
+    // From dist/: the backup's worker threads load dist/work/worker.js.
     const { openLocalSource } = await import('../dist/source/local.js');
-    const { backup } = await import('../dist/repo/backup.js');
-    const { Repository: DistRepository } = await import('../dist/repo/repository.js');
+    const { backup } = await import('../dist/backup/backup.js');
+    const { Repository: DistRepository } = await import('../dist/repository/repository.js');
     const dir = s.path('shrink-repo');
     await gvOk(dir, ['init']);
     const MiB = 1 << 20;
@@ -294,8 +294,8 @@ describe('a source that shrinks while it is read', () => {
 
 describe('a read error in the worker that reads a segment', () => {
   it('fails with one line naming the source and offset, and leaves no generation', async () => {
-    const { backup } = await import('../dist/repo/backup.js');
-    const { Repository: DistRepository } = await import('../dist/repo/repository.js');
+    const { backup } = await import('../dist/backup/backup.js');
+    const { Repository: DistRepository } = await import('../dist/repository/repository.js');
     const dir = s.path('readerr-repo');
     await gvOk(dir, ['init']);
     // A descriptor whose reads fail (EISDIR), handed out as the segment's data.

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { SegmentChunker, chunkSegment, zeroSegment } from '../src/repo/chunker.js';
-import { defaultConfig } from '../src/repo/format.js';
+import { SegmentChunker, chunkSegment, zeroSegment } from '../src/format/chunker.js';
+import { defaultConfig } from '../src/format/config.js';
 import { prng } from './helpers.js';
 
 const P = defaultConfig().chunking;

@@ -262,8 +262,8 @@ async function withReader(
     loader: { batches: { slab: number; fresh: number } },
   ) => Promise<void>,
 ): Promise<void> {
-  const { Repository } = await import('../dist/repo/repository.js');
-  const { ChunkLoader, ImageReader } = await import('../dist/repo/reader.js');
+  const { Repository } = await import('../dist/repository/repository.js');
+  const { ChunkLoader, ImageReader } = await import('../dist/read/reader.js');
   const r = await Repository.open(repo);
   try {
     const [gen] = await r.generations(name);

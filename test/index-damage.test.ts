@@ -10,7 +10,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Scratch, gv, gvOk, isMounted, prng, seededRandom, sh, sha256File, text } from './helpers.js';
-import { K_GEN, K_LEAF } from '../src/repo/db.js';
+import { K_GEN, K_LEAF } from '../src/format/keys.js';
 
 let s: Scratch;
 

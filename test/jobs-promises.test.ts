@@ -19,7 +19,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { loadJobsFile } from '../src/jobs/config.js';
 import { recentRuns } from '../src/jobs/history.js';
 import { isDue, lastStarted, runJob } from '../src/jobs/runner.js';
-import { Repository } from '../src/repo/repository.js';
+import { Repository } from '../src/repository/repository.js';
 import { CLI, CliProcess, Scratch, gv, gvOk, prng, sh, waitForFile } from './helpers.js';
 import { unprivUser } from './unpriv.js';
 

@@ -8,8 +8,8 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RECORD_HEADER_SIZE } from '../src/repo/pack.js';
-import { Repository } from '../src/repo/repository.js';
+import { RECORD_HEADER_SIZE } from '../src/format/pack.js';
+import { Repository } from '../src/repository/repository.js';
 import { Scratch, flipByte, gv, gvOk, isMounted, makeDisk, must, packFiles, prng, sh, sha256File, waitGone, withMountedDisk, writeFiles } from './helpers.js';
 
 const exec = promisify(execFile);
@@ -154,7 +154,7 @@ describe('mounted repository', () => {
 
   it('with a cache far smaller than the images, recycled read-ahead memory never yields wrong bytes', async () => {
     // 24 MiB of cache, under the 32 MiB read-ahead: decoded chunks wait in the cache for
-    // their reader while the read-ahead slabs (src/repo/reader.ts) are reused many times
+    // their reader while the read-ahead slabs (src/read/reader.ts) are reused many times
     // over by four sequential readers and a random reader. (Releasing a slab as soon as
     // its batch arrives, instead of when its last chunk leaves the cache, fails here; with
     // a 2 MiB cache it would not, since chunks are evicted before anyone waits for them.)

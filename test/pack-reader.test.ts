@@ -17,7 +17,7 @@ import {
   checkRecord,
   checkRecordHeader,
   encodeRecordHeader,
-} from '../src/repo/pack.js';
+} from '../src/format/pack.js';
 import { prng } from './helpers.js';
 
 const sha = (b: Uint8Array) => createHash('sha256').update(b).digest();

@@ -1,7 +1,8 @@
 /** Pack files: O_DIRECT appends through the staging buffer, syncs, rewinds and closes. */
 import fs from 'node:fs/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { PACK_HEADER_SIZE, PackWriter } from '../src/repo/pack.js';
+import { PACK_HEADER_SIZE } from '../src/format/pack.js';
+import { PackWriter } from '../src/store/pack-writer.js';
 import { Scratch, prng } from './helpers.js';
 
 let s: Scratch;

@@ -1,7 +1,7 @@
 /** The worker pool: answers reach the task that asked, also with two tasks queued per worker. */
 import { afterAll, describe, expect, it } from 'vitest';
-// The pool starts dist/repo/worker.js next to itself: use the built pool (scripts/test builds first).
-import { WorkerPool } from '../dist/repo/pool.js';
+// The pool starts dist/work/worker.js next to itself: use the built pool (scripts/test builds first).
+import { WorkerPool } from '../dist/work/pool.js';
 
 const pools: Array<{ close(): Promise<void> }> = [];
 afterAll(async () => {

@@ -13,8 +13,9 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { K_CHUNK, K_DAMAGED, openDb } from '../src/repo/db.js';
-import { decodeLocation } from '../src/repo/pack.js';
+import { openDb } from '../src/index/db.js';
+import { K_CHUNK, K_DAMAGED } from '../src/format/keys.js';
+import { decodeLocation } from '../src/format/pack.js';
 import { CLI, Scratch, flipByte, gv, gvOk, isMounted, makeDisk, must, oneLine, packFiles, prng, sh, sha256File, writeFiles } from './helpers.js';
 
 let s: Scratch;

@@ -5,7 +5,7 @@
  * period, take the newest of the N most recent periods), not from the implementation.
  */
 import { describe, expect, it } from 'vitest';
-import { RetentionInput, RetentionRules, applyRetention, isoWeek } from '../src/repo/retention.js';
+import { RetentionInput, RetentionRules, applyRetention, isoWeek } from '../src/lifecycle/retention.js';
 import { parseDuration, formatDuration, tryParseDuration } from '../src/util/duration.js';
 import { GenvaultError } from '../src/util/errors.js';
 import { prng } from './helpers.js';

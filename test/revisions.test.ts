@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { Generation, parseTarget, resolveRevision, generationFileName } from '../src/repo/generation.js';
+import { Generation, parseTarget, resolveRevision, generationFileName } from '../src/format/generation.js';
 
 function gen(id: string, created: string): Generation {
   return {

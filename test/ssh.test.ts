@@ -3,16 +3,16 @@
  * keys generated for the test: plain pulls restored byte-identical, host key and
  * authentication failures as one clear line, a missing remote path, a connection killed
  * mid-backup leaving no generation, and the remote Python agent's chunker matching
- * src/repo/chunker.ts bit for bit.
+ * src/format/chunker.ts bit for bit.
  */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import * as backupModule from '../src/repo/backup.js';
-import { chunkSegment } from '../src/repo/chunker.js';
-import { defaultConfig } from '../src/repo/format.js';
+import * as backupModule from '../src/backup/backup.js';
+import { chunkSegment } from '../src/format/chunker.js';
+import { defaultConfig } from '../src/format/config.js';
 import { AGENT_PY, openSshAgentSource } from '../src/source/ssh-agent.js';
 import { checkHostKey, hostFieldMatches, parseKnownHosts, parseSshSpec } from '../src/source/ssh.js';
 import { Scratch, gv, gvOk, makeDisk, must, prng, sh, sha256File, text, writeFiles } from './helpers.js';
@@ -30,7 +30,7 @@ let knownHosts: string;
 let hostPub: string;
 
 const noAgent = { SSH_AUTH_SOCK: '' };
-/** Whether src/repo/backup.ts asks a chunked source for missing chunks only. */
+/** Whether src/backup/backup.ts asks a chunked source for missing chunks only. */
 const chunkedBackup = (backupModule as Record<string, unknown>).SUPPORTS_CHUNKED_SOURCES === true;
 
 /** Bytes from a human size ("1.50 MiB"). */
@@ -225,7 +225,7 @@ describe('remote agent (incremental mode)', () => {
   it.each([
     ['the repository default', params],
     ['small chunks and segments', small],
-  ])('chunks exactly like src/repo/chunker.ts (boundaries and SHA-256) with %s', async (_what, params) => {
+  ])('chunks exactly like src/format/chunker.ts (boundaries and SHA-256) with %s', async (_what, params) => {
     // Data, text, zero runs shorter and longer than min, a max-size run, an odd tail.
     const parts: Buffer[] = [
       prng(1, 3 << 20), Buffer.alloc(8192), text(2, 1 << 20), Buffer.alloc(40_000 - (40_000 % 4096)), prng(3, 5000),

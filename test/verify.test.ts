@@ -8,9 +8,9 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { Scratch, flipByte, gv, gvOk, oneLine, packFiles, prng, sh } from './helpers.js';
-import { LeafBuilder, encodeTop } from '../src/repo/chunkmap.js';
-import { leafKey } from '../src/repo/db.js';
-import { Repository } from '../src/repo/repository.js';
+import { LeafBuilder, encodeTop } from '../src/format/chunkmap.js';
+import { leafKey } from '../src/format/keys.js';
+import { Repository } from '../src/repository/repository.js';
 
 let s: Scratch;
 

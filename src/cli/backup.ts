@@ -1,9 +1,9 @@
 import { Command } from 'commander';
-import * as backupModule from '../repo/backup.js';
+import * as backupModule from '../backup/backup.js';
 import { openLocalSource } from '../source/local.js';
 import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
 import { openRemoteSource, parseSshMode } from '../source/ssh-agent.js';
-import { isChunkedSource } from '../repo/chunked-source.js';
+import { isChunkedSource } from '../backup/chunked-source.js';
 
 const { backup } = backupModule;
 /**

@@ -1,7 +1,7 @@
 /** What every command shares: finding the repository, JSON output, error exit. */
 import type { Command } from 'commander';
 import { GenvaultError, UsageError, describeFsError, errnoOf, innermostMessage } from '../util/errors.js';
-import { Repository } from '../repo/repository.js';
+import { Repository } from '../repository/repository.js';
 
 export interface GlobalOpts {
   repo?: string;

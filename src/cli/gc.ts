@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { GcResult, gc } from '../repo/gc.js';
+import { GcResult, gc } from '../lifecycle/gc.js';
 import { UsageError } from '../util/errors.js';
 import { bytes, duration } from '../util/format.js';
 import { action, printJson, wantsJson, withWritableRepo } from './common.js';

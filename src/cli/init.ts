@@ -1,6 +1,6 @@
 import { Command } from 'commander';
-import { Repository } from '../repo/repository.js';
-import { GROUP_NAME_RE } from '../repo/format.js';
+import { Repository } from '../repository/repository.js';
+import { GROUP_NAME_RE } from '../format/config.js';
 import { UsageError } from '../util/errors.js';
 import { action, printJson, repoPath, wantsJson } from './common.js';
 

@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { generationFileName } from '../repo/generation.js';
+import { generationFileName } from '../format/generation.js';
 import { bytes, duration, table } from '../util/format.js';
 import { action, printJson, wantsJson, withRepo } from './common.js';
 

@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { setProtected } from '../repo/prune.js';
+import { setProtected } from '../lifecycle/prune.js';
 import { action, printJson, wantsJson, withWritableRepo } from './common.js';
 
 export function register(program: Command): void {

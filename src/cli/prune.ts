@@ -1,6 +1,6 @@
 import { Command } from 'commander';
-import { prune } from '../repo/prune.js';
-import type { RetentionRules } from '../repo/retention.js';
+import { prune } from '../lifecycle/prune.js';
+import type { RetentionRules } from '../lifecycle/retention.js';
 import { formatDuration, parseDuration } from '../util/duration.js';
 import { UsageError } from '../util/errors.js';
 import { table } from '../util/format.js';

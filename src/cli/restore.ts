@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { abandonRestores, restoreToPath, restoreToStream, showTarget } from '../repo/restore.js';
+import { abandonRestores, restoreToPath, restoreToStream, showTarget } from '../read/restore.js';
 import { UsageError } from '../util/errors.js';
 import { bytes, duration, rate } from '../util/format.js';
 import { Progress } from '../util/progress.js';

@@ -1,7 +1,7 @@
 import { Command } from 'commander';
 import { DEFAULT_JOBS_FILE, ConfigError, checkJobFiles, formatProblem, loadJobsFile, selectJobs } from '../jobs/config.js';
 import { JobOutcome, describeRun, isDue, lastStarted, runJob } from '../jobs/runner.js';
-import { Repository } from '../repo/repository.js';
+import { Repository } from '../repository/repository.js';
 import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
 import { UsageError } from '../util/errors.js';
 import { Progress } from '../util/progress.js';

@@ -3,7 +3,7 @@ import { Command } from 'commander';
 import { DEFAULT_JOBS_FILE, JobsFile, loadJobsFile } from '../jobs/config.js';
 import { recentRuns } from '../jobs/history.js';
 import { ImageSummary, JobHealth, STATE_EXIT, State, judgeJob, summarizeImage, worst } from '../jobs/status.js';
-import { Repository } from '../repo/repository.js';
+import { Repository } from '../repository/repository.js';
 import { roughAge } from '../util/duration.js';
 import { bytes, table } from '../util/format.js';
 import { UsageError } from '../util/errors.js';

@@ -1,6 +1,6 @@
 import { Command } from 'commander';
-import { Repository } from '../repo/repository.js';
-import { VerifyReport, verify } from '../repo/verify.js';
+import { Repository } from '../repository/repository.js';
+import { VerifyReport, verify } from '../lifecycle/verify.js';
 import { bytes, duration } from '../util/format.js';
 import { GenvaultError, UsageError } from '../util/errors.js';
 import { Progress } from '../util/progress.js';

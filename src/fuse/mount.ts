@@ -14,10 +14,10 @@ import { watch as fsWatch, type FSWatcher } from 'node:fs';
 import path from 'node:path';
 import v8 from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import { Generation } from '../repo/generation.js';
-import { ChunkLoader, ImageReader } from '../repo/reader.js';
-import { liveWriters, Pin } from '../repo/locks.js';
-import { Repository } from '../repo/repository.js';
+import { Generation } from '../format/generation.js';
+import { ChunkLoader, ImageReader } from '../read/reader.js';
+import { liveWriters, Pin } from '../repository/locks.js';
+import { Repository } from '../repository/repository.js';
 import { Tree } from './tree.js';
 import { setProcessNice } from '../util/sched.js';
 

@@ -6,7 +6,7 @@
  *   /NAME/2026-11-23T154155.532Z-835737da.img  (UTC creation time in ms + short id: ls sorts by time)
  *   /NAME/latest -> newest generation's file
  */
-import { Generation, generationFileName } from '../repo/generation.js';
+import { Generation, generationFileName } from '../format/generation.js';
 
 export type Node =
   | { kind: 'root'; names: string[] }

@@ -20,8 +20,8 @@ import YAML, { isMap, isScalar, isSeq, LineCounter, Node as YamlNode, Pair, YAML
 import { GenvaultError } from '../util/errors.js';
 import { checkTrustedFile, readTrustedFile } from '../util/trust.js';
 import { tryParseDuration } from '../util/duration.js';
-import { IMAGE_NAME_RE } from '../repo/format.js';
-import type { RetentionRules } from '../repo/retention.js';
+import { IMAGE_NAME_RE } from '../format/config.js';
+import type { RetentionRules } from '../lifecycle/retention.js';
 import { isSshSpec, parseSshSpec } from '../source/ssh.js';
 import { isSshMode, type SshMode } from '../source/ssh-agent.js';
 import { Schedule } from './schedule.js';

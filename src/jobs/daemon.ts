@@ -8,7 +8,7 @@
  * ends after it (its post-hooks must run: they thaw file systems and remove snapshots).
  * Reload re-reads the job file; a file with errors is reported and the old one kept.
  */
-import { Repository } from '../repo/repository.js';
+import { Repository } from '../repository/repository.js';
 import { JobsFile, loadJobsFile } from './config.js';
 import { describeRun, isDue, lastStarted, runJob } from './runner.js';
 

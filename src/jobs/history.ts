@@ -4,7 +4,8 @@
  *   'j' job 0x00 started(u64 BE ms) -> run record (JSON)
  * The newest KEEP_RUNS records per job are kept.
  */
-import { Db, key, prefixEnd } from '../repo/db.js';
+import { Db } from '../index/db.js';
+import { key, prefixEnd } from '../format/keys.js';
 
 export const K_JOB_RUN = 0x6a; // 'j'
 const KEEP_RUNS = 200;

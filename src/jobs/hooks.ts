@@ -5,7 +5,7 @@
  * output is kept (the tail) for the run record and error messages.
  */
 import { spawn } from 'node:child_process';
-import { startUmask } from '../repo/perms.js';
+import { startUmask } from '../repository/perms.js';
 import { octalMode } from '../util/format.js';
 import type { SshConnection } from '../source/ssh.js';
 import { shq } from '../source/ssh.js';

@@ -13,15 +13,15 @@
  *   recorded before the lock is released: a job found due by cron and by the daemon at
  *   once runs once for that scheduled time, whichever order their steps interleave in.
  */
-import { backup } from '../repo/backup.js';
-import { ImageLock, ImageLockedError } from '../repo/locks.js';
-import { prune } from '../repo/prune.js';
-import type { Repository } from '../repo/repository.js';
+import { backup } from '../backup/backup.js';
+import { ImageLock, ImageLockedError } from '../repository/locks.js';
+import { prune } from '../lifecycle/prune.js';
+import type { Repository } from '../repository/repository.js';
 import { openLocalSource } from '../source/local.js';
 import { connectSsh, isSshSpec, parseSshSpec, type SshConnection } from '../source/ssh.js';
 import { startRemoteSource } from '../source/ssh-agent.js';
-import { isChunkedSource } from '../repo/chunked-source.js';
-import type { Source } from '../repo/source.js';
+import { isChunkedSource } from '../backup/chunked-source.js';
+import type { Source } from '../backup/source.js';
 import { bytes, duration } from '../util/format.js';
 import type { JobConfig } from './config.js';
 import { HookRecord, RunRecord, recentRuns, recordRun } from './history.js';

@@ -7,7 +7,7 @@
  * A scheduled time counts as missed once its grace period (default 1h, `grace` in the
  * job file) has passed without a successful run starting at or after it.
  */
-import type { Generation } from '../repo/generation.js';
+import type { Generation } from '../format/generation.js';
 import type { JobConfig } from './config.js';
 import type { RunRecord } from './history.js';
 

@@ -2,7 +2,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { describeFsError, GenvaultError, UsageError } from '../util/errors.js';
-import type { DirectRead, Source } from '../repo/source.js';
+import type { DirectRead, Source } from '../backup/source.js';
 import { HoleSeeker, holeSeeker } from '../util/holes.js';
 import { blockDeviceSize } from '../util/blockdev.js';
 

@@ -1,7 +1,7 @@
 /**
  * Incremental SSH source: a small Python agent runs on the remote host (sent over the
  * exec channel, nothing installed there), reads the device in the repository's segments,
- * chunks each one exactly like src/repo/chunker.ts (block-cdc) and sends the chunk list
+ * chunks each one exactly like src/format/chunker.ts (block-cdc) and sends the chunk list
  * (length, zero flag, SHA-256). The local side answers with the chunks it needs; only
  * those bytes cross the network (zlib level 1 when that helps; stock python has no zstd).
  *
@@ -17,13 +17,13 @@
 import { createHash } from 'node:crypto';
 import { inflateSync } from 'node:zlib';
 import type { ClientChannel } from 'ssh2';
-import type { ChunkingParams } from '../repo/format.js';
+import type { ChunkingParams } from '../format/config.js';
 import { GenvaultError, UsageError } from '../util/errors.js';
 import {
   ChannelReader, RemoteInfo, SshConnection, SshOptions, connectSsh, describeSpec, parseSshSpec, probeRemote, shq, startPlainSource,
 } from './ssh.js';
-import type { Source } from '../repo/source.js';
-import type { ChunkedSegment, ChunkedSource, NeedFn, OfferedChunk, RemoteChunk } from '../repo/chunked-source.js';
+import type { Source } from '../backup/source.js';
+import type { ChunkedSegment, ChunkedSource, NeedFn, OfferedChunk, RemoteChunk } from '../backup/chunked-source.js';
 
 /** The remote agent. Python 3.5+, standard library only. Keep the chunker in step with chunker.ts. */
 export const AGENT_PY = String.raw`
@@ -41,7 +41,7 @@ class Rate:
         self.n += 1
 
 def chunk_segment(mv, n, B, MIN, MASKBITS, MAX):
-    # Port of chunkSegment in src/repo/chunker.ts: same boundaries, bit for bit.
+    # Port of chunkSegment in src/format/chunker.ts: same boundaries, bit for bit.
     out = []
     mask = (1 << MASKBITS) - 1
     wpb = B >> 2

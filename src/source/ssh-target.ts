@@ -10,9 +10,9 @@
  * refused without --force, a file is written under a temporary name and renamed only once
  * complete and synced, and a device must be large enough.
  */
-import type { Generation } from '../repo/generation.js';
-import type { Repository } from '../repo/repository.js';
-import { RestoreOptions, RestoreResult, rawSink, streamChunks } from '../repo/restore.js';
+import type { Generation } from '../format/generation.js';
+import type { Repository } from '../repository/repository.js';
+import { RestoreOptions, RestoreResult, rawSink, streamChunks } from '../read/restore.js';
 import { GenvaultError } from '../util/errors.js';
 import type { ClientChannel } from 'ssh2';
 import type { SshMode } from './ssh-agent.js';

@@ -21,7 +21,7 @@ import type ssh2 from 'ssh2';
 import type { Client as SshClient, ClientChannel, ConnectConfig, AnyAuthMethod } from 'ssh2';
 import { GenvaultError, UsageError } from '../util/errors.js';
 import { readTrustedFile } from '../util/trust.js';
-import type { Source } from '../repo/source.js';
+import type { Source } from '../backup/source.js';
 
 /**
  * ssh2 is loaded on first use: importing it costs ~65 ms, which every local backup and

@@ -1,4 +1,4 @@
-/** Block device sizes, for local sources (src/source/local.ts) and restore targets (src/repo/restore.ts). */
+/** Block device sizes, for local sources (src/source/local.ts) and restore targets (src/read/restore.ts). */
 import fs from 'node:fs/promises';
 
 /** Size of a block device from sysfs (stat reports 0 for devices). */

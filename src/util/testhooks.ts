@@ -9,7 +9,7 @@
  *                                  has a default), print "<tool>: paused at POINT while F
  *                                  exists" on stderr and wait while F exists
  *
- * The points each tool offers are listed where it calls these (src/repo/gc.ts, prune.ts,
+ * The points each tool offers are listed where it calls these (src/lifecycle/gc.ts, prune.ts,
  * backup.ts).
  */
 import fs from 'node:fs/promises';

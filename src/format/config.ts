@@ -1,6 +1,6 @@
 /**
  * Repository configuration (config.json) and on-disk constants.
- * The byte layout of everything named here is described in src/repo/FORMAT.md;
+ * The byte layout of everything named here is described in src/format/FORMAT.md;
  * change both together and bump FORMAT_VERSION when old readers would misread.
  */
 import { randomBytes } from 'node:crypto';

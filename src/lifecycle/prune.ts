@@ -10,15 +10,15 @@
  * protect, unprotect, forget and prune take one lock between them, so a generation
  * protected while a prune is deciding is not removed by that prune.
  */
-import { pinnedGenerations } from './locks.js';
+import { pinnedGenerations } from '../repository/locks.js';
 import { testPause, testTrace } from '../util/testhooks.js';
 import { GenvaultError } from '../util/errors.js';
 import { roughAge } from '../util/duration.js';
-import { configMinAge } from './format.js';
-import { getOrNull } from './db.js';
-import { Generation, parseGenerationRecord } from './generation.js';
-import { ImageLock, RETENTION_LOCK } from './locks.js';
-import { Repository } from './repository.js';
+import { configMinAge } from '../format/config.js';
+import { getOrNull } from '../index/db.js';
+import { Generation, parseGenerationRecord } from '../format/generation.js';
+import { ImageLock, RETENTION_LOCK } from '../repository/locks.js';
+import { Repository } from '../repository/repository.js';
 import { RetentionDecision, RetentionRules, applyRetention, checkRules } from './retention.js';
 
 /**

@@ -24,9 +24,10 @@
  */
 import fs from 'node:fs/promises';
 import { GenvaultError } from '../util/errors.js';
-import { checkedLeaf, checkedTop, Leaf, LeafRef } from './chunkmap.js';
-import { K_GEN, chunkKey, getOrNull, leafKey, packKey, prefixEnd, markDamaged } from './db.js';
-import { Generation, describeGenerationKey, parseGenerationRecord } from './generation.js';
+import { checkedLeaf, checkedTop, Leaf, LeafRef } from '../format/chunkmap.js';
+import { getOrNull, markDamaged } from '../index/db.js';
+import { K_GEN, chunkKey, leafKey, packKey, prefixEnd } from '../format/keys.js';
+import { Generation, describeGenerationKey, parseGenerationRecord } from '../format/generation.js';
 import {
   COMP_GROUP,
   GROUP_TABLE_MAX,
@@ -39,10 +40,10 @@ import {
   decodeLocation,
   isLocation,
   packPath,
-} from './pack.js';
-import { looseModes } from './perms.js';
-import { Repository } from './repository.js';
-import type { LoadItem, LoadResult } from './worker.js';
+} from '../format/pack.js';
+import { looseModes } from '../repository/perms.js';
+import { Repository } from '../repository/repository.js';
+import type { LoadItem, LoadResult } from '../work/worker.js';
 
 export interface VerifyOptions {
   /** Read, decompress and re-hash every referenced chunk. */

@@ -11,8 +11,8 @@ import { blake3 } from '@napi-rs/blake-hash';
 import fs from 'node:fs';
 import os from 'node:os';
 import { createRequire } from 'node:module';
-import { SegmentChunker, type ChunkSpan } from './chunker.js';
-import type { ChunkingParams } from './format.js';
+import { SegmentChunker, type ChunkSpan } from '../format/chunker.js';
+import type { ChunkingParams } from '../format/config.js';
 import { alignSkipper } from '../util/holes.js';
 import {
   COMP_GROUP,
@@ -25,7 +25,7 @@ import {
   checkRecord,
   checkRecordHeader,
   encodeRecordHeader,
-} from './pack.js';
+} from '../format/pack.js';
 
 export type WorkerRequest =
   | { op: 'chunk'; seg: SharedArrayBuffer; len: number; params: ChunkingParams; fast?: boolean; parent?: ParentWindow; read?: SegmentRead }

@@ -19,17 +19,19 @@
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
 import { GenvaultError, describeFsError, isNoSpace } from '../util/errors.js';
-import { chunkKey, condemnedKey, damagedKey, damagedSet, leafKey, packKey } from './db.js';
-import { ChunkMap, Leaf, LeafBuilder, LeafRef, encodeTop } from './chunkmap.js';
-import type { ParentWindow, SegmentReadFailure } from './worker.js';
-import { checkImageName, type ChunkingParams } from './format.js';
-import { zeroSegment } from './chunker.js';
-import { workerCores } from './pool.js';
-import { Generation, GenerationStats } from './generation.js';
-import { ImageLock, WriterRegistration, cleanupDeadWriters, gcRunning } from './locks.js';
-import { COMP_GROUP, ChunkLocation, PackWriter, RECORD_HEADER_SIZE, encodeLocation } from './pack.js';
+import { damagedSet } from '../index/db.js';
+import { chunkKey, condemnedKey, damagedKey, leafKey, packKey } from '../format/keys.js';
+import { ChunkMap, Leaf, LeafBuilder, LeafRef, encodeTop } from '../format/chunkmap.js';
+import type { ParentWindow, SegmentReadFailure } from '../work/worker.js';
+import { checkImageName, type ChunkingParams } from '../format/config.js';
+import { zeroSegment } from '../format/chunker.js';
+import { workerCores } from '../work/pool.js';
+import { Generation, GenerationStats } from '../format/generation.js';
+import { ImageLock, WriterRegistration, cleanupDeadWriters, gcRunning } from '../repository/locks.js';
+import { COMP_GROUP, ChunkLocation, RECORD_HEADER_SIZE, encodeLocation } from '../format/pack.js';
+import { PackWriter } from '../store/pack-writer.js';
 import { testPause, testTrace } from '../util/testhooks.js';
-import { Repository } from './repository.js';
+import { Repository } from '../repository/repository.js';
 import type { DirectRead, Source } from './source.js';
 import { isChunkedSource, sameChunking } from './chunked-source.js';
 
@@ -701,7 +703,7 @@ async function backupImage(repo: Repository, source: Source, opts: BackupOptions
       // Remove what this run wrote but never committed; committed chunks stay for reuse.
       // If that fails (the index went with the disk), the registration stays: the next
       // writer, finding this process gone, does it.
-      const { trimPacks } = await import('./locks.js');
+      const { trimPacks } = await import('../repository/locks.js');
       const trimmed = await trimPacks(repo.dir, repo.db, writer.record.packs).then(() => true, () => false);
       if (trimmed) await writer.release().catch(() => undefined);
     }

@@ -18,7 +18,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { GenvaultError } from '../util/errors.js';
 import { octalMode } from '../util/format.js';
-import { GROUP_NAME_RE, type RepoConfig } from './format.js';
+import { GROUP_NAME_RE, type RepoConfig } from '../format/config.js';
 
 export const PRIVATE_DIR_MODE = 0o700;
 export const PRIVATE_FILE_MODE = 0o600;

@@ -12,7 +12,7 @@
  * its neighbours, which lets two worker threads chunk and hash in parallel; the forced
  * cut at each segment edge costs under 1% of dedup.
  */
-import type { ChunkingParams } from './format.js';
+import type { ChunkingParams } from './config.js';
 
 export interface ChunkSpan {
   /** Offset inside the segment. */

@@ -4,7 +4,7 @@
  * the repository lacks. A ChunkedSource is also a plain Source (read() asks for every
  * data chunk and reassembles the bytes), so consumers that know nothing of it still work.
  */
-import type { ChunkingParams } from './format.js';
+import type { ChunkingParams } from '../format/config.js';
 import type { Source } from './source.js';
 
 /** A data chunk offered by the far end, before its bytes are asked for. */

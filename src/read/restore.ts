@@ -14,13 +14,13 @@ import { randomBytes } from 'node:crypto';
 import type { Writable } from 'node:stream';
 import { DamageError, GenvaultError, describeFsError } from '../util/errors.js';
 import { blockDeviceSizeOf } from '../util/blockdev.js';
-import { walkChunks } from './chunkmap.js';
-import { markDamaged } from './db.js';
-import { packPath, sameGroupRecord } from './pack.js';
-import { Generation } from './generation.js';
+import { walkChunks } from '../format/chunkmap.js';
+import { markDamaged } from '../index/db.js';
+import { packPath, sameGroupRecord } from '../format/pack.js';
+import { Generation } from '../format/generation.js';
 import { ChunkLoader } from './reader.js';
-import type { RestoreItem } from './worker.js';
-import { Repository } from './repository.js';
+import type { RestoreItem } from '../work/worker.js';
+import { Repository } from '../repository/repository.js';
 
 export interface RestoreOptions {
   force?: boolean;

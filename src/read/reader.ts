@@ -4,13 +4,14 @@
  * open images, and ImageReader for random access with read-ahead (used by the mount).
  */
 import { DamageError, GenvaultError } from '../util/errors.js';
-import { ChunkMap, chunkIndexAt, Leaf } from './chunkmap.js';
-import { chunkKey, markDamaged } from './db.js';
-import { Generation } from './generation.js';
-import { COMP_GROUP, ChunkLocation, decodeLocation, packPath } from './pack.js';
+import { ChunkMap, chunkIndexAt, Leaf } from '../format/chunkmap.js';
+import { markDamaged } from '../index/db.js';
+import { chunkKey } from '../format/keys.js';
+import { Generation } from '../format/generation.js';
+import { COMP_GROUP, ChunkLocation, decodeLocation, packPath } from '../format/pack.js';
 import { Lru } from '../util/lru.js';
-import { Repository } from './repository.js';
-import type { LoadResult } from './worker.js';
+import { Repository } from '../repository/repository.js';
+import type { LoadResult } from '../work/worker.js';
 
 /** Decoded chunks by digest, bounded in bytes. */
 export class ChunkCache extends Lru<string, Buffer> {

@@ -15,7 +15,7 @@
  */
 import { GenvaultError, UsageError } from '../util/errors.js';
 import { formatDuration } from '../util/duration.js';
-import type { Generation } from './generation.js';
+import type { Generation } from '../format/generation.js';
 
 export interface RetentionRules {
   keepLast?: number;

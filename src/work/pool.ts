@@ -1,4 +1,4 @@
-/** A small pool of worker threads (one per core) running src/repo/worker.ts. */
+/** A small pool of worker threads (one per core) running src/work/worker.ts. */
 import { Worker } from 'node:worker_threads';
 import os from 'node:os';
 import type { WorkerRequest } from './worker.js';

@@ -7,16 +7,7 @@
  * over when the leader exits or dies. Only index and metadata cross the socket: chunk
  * payloads are read and written by each process directly in pack files.
  *
- * Keys are binary, one prefix byte each (see FORMAT.md):
- *   'c' digest(32)                      -> chunk location (33 bytes, pack.ts)
- *   'l' digest(32)                      -> map leaf (chunkmap.ts)
- *   'g' name 0x00 created(u64 BE ms) id -> generation record (JSON)
- *   'm' id                              -> generation top-level map (chunkmap.ts)
- *   'p' packId(16)                      -> pack record (JSON: committed size)
- *   'd' digest(32)                      -> found damaged (JSON: when, by what); the next backup that
- *                                          reads these bytes stores a good copy and removes this
- *   'x' digest(32)                      -> condemned by a running gc (old location, 33 bytes)
- *   'y' digest(32)                      -> map leaf being removed by a running gc (the leaf's bytes)
+ * Key layout: ../format/keys.ts.
  */
 import { constants as fsConstants, rmSync } from 'node:fs';
 import fs from 'node:fs/promises';
@@ -24,6 +15,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { RaveLevel } from 'rave-level';
+import { K_DAMAGED, damagedKey } from '../format/keys.js';
 import { describeFsError, errnoOf, innermostMessage, noteIndexFailure } from '../util/errors.js';
 
 export type Db = RaveLevel<Buffer, Buffer>;
@@ -200,32 +192,6 @@ export function readOnlyCopy(db: Db): string | null {
   return (db as Db & { readOnlyCopy?: string }).readOnlyCopy ?? null;
 }
 
-export const K_CHUNK = 0x63; // 'c'
-export const K_LEAF = 0x6c; // 'l'
-export const K_GEN = 0x67; // 'g'
-export const K_GENMAP = 0x6d; // 'm'
-export const K_PACK = 0x70; // 'p'
-export const K_CONDEMNED = 0x78; // 'x'
-export const K_DAMAGED = 0x64; // 'd'
-export const K_MOVED_LEAF = 0x79; // 'y'
-
-export function key(prefix: number, ...parts: Array<Uint8Array | string>): Buffer {
-  const bufs = parts.map((p) => (typeof p === 'string' ? Buffer.from(p, 'utf8') : p));
-  return Buffer.concat([Buffer.of(prefix), ...bufs]);
-}
-
-export function chunkKey(digest: Uint8Array): Buffer {
-  return key(K_CHUNK, digest);
-}
-
-export function leafKey(digest: Uint8Array): Buffer {
-  return key(K_LEAF, digest);
-}
-
-export function damagedKey(digest: Uint8Array): Buffer {
-  return key(K_DAMAGED, digest);
-}
-
 /** Remember that a chunk is damaged, so the next backup holding its bytes heals it. Best effort. */
 export async function markDamaged(db: Db, digest: Uint8Array, by: string): Promise<void> {
   try {
@@ -241,31 +207,6 @@ export async function damagedSet(db: Db): Promise<Set<string>> {
   const start = Buffer.of(K_DAMAGED);
   for await (const k of db.keys({ gte: start, lt: Buffer.of(K_DAMAGED + 1) })) out.add(k.subarray(1).toString('binary'));
   return out;
-}
-
-export function condemnedKey(digest: Uint8Array): Buffer {
-  return key(K_CONDEMNED, digest);
-}
-
-/** A map leaf a running gc is removing, kept here until it knows no backup raced with it (gc.ts). */
-export function movedLeafKey(digest: Uint8Array): Buffer {
-  return key(K_MOVED_LEAF, digest);
-}
-
-export function packKey(packId: string): Buffer {
-  return key(K_PACK, Buffer.from(packId, 'hex'));
-}
-
-/** Smallest key greater than every key starting with `prefix`. */
-export function prefixEnd(prefix: Buffer): Buffer {
-  const end = Buffer.from(prefix);
-  for (let i = end.length - 1; i >= 0; i--) {
-    if (end[i]! < 0xff) {
-      end[i]!++;
-      return end.subarray(0, i + 1);
-    }
-  }
-  return Buffer.concat([prefix, Buffer.of(0xff)]);
 }
 
 /** Convert abstract-level's "not found" to null across versions. */

@@ -1,7 +1,7 @@
 /** Generation records and revision specs (NAME@REV). */
 import { GenvaultError, UsageError } from '../util/errors.js';
-import { K_GEN, key } from './db.js';
-import { checkImageName } from './format.js';
+import { K_GEN, key } from './keys.js';
+import { checkImageName } from './config.js';
 
 export interface GenerationStats {
   bytesRead: number;

@@ -27,39 +27,13 @@ import { GenvaultError, describeFsError } from '../util/errors.js';
 import { bytes } from '../util/format.js';
 import { testPause as hookPause, testTrace } from '../util/testhooks.js';
 import { ownerAlive } from '../util/proc.js';
-import { LeafRef, checkedLeaf, checkedTop, decodeTop } from './chunkmap.js';
-import {
-  K_CHUNK,
-  K_CONDEMNED,
-  K_GEN,
-  K_GENMAP,
-  K_LEAF,
-  K_MOVED_LEAF,
-  K_PACK,
-  chunkKey,
-  condemnedKey,
-  damagedKey,
-  getOrNull,
-  key,
-  leafKey,
-  movedLeafKey,
-  packKey,
-} from './db.js';
-import { GcLock, WriterRegistration, cleanupDeadWriters, liveWriters, pinnedGenerations, trimPacks } from './locks.js';
-import {
-  COMP_GROUP,
-  PACK_HEADER_SIZE,
-  PackWriter,
-  RECORD_HEADER_SIZE,
-  checkRecord,
-  decodeLocation,
-  encodeLocation,
-  isLocation,
-  packPath,
-  PACK_ID_BYTES,
-  recordShare,
-} from './pack.js';
-import { Repository } from './repository.js';
+import { LeafRef, checkedLeaf, checkedTop, decodeTop } from '../format/chunkmap.js';
+import { getOrNull } from '../index/db.js';
+import { K_CHUNK, K_CONDEMNED, K_GEN, K_GENMAP, K_LEAF, K_MOVED_LEAF, K_PACK, chunkKey, condemnedKey, damagedKey, key, leafKey, movedLeafKey, packKey } from '../format/keys.js';
+import { GcLock, WriterRegistration, cleanupDeadWriters, liveWriters, pinnedGenerations, trimPacks } from '../repository/locks.js';
+import { COMP_GROUP, PACK_HEADER_SIZE, RECORD_HEADER_SIZE, checkRecord, decodeLocation, encodeLocation, isLocation, packPath, PACK_ID_BYTES, recordShare } from '../format/pack.js';
+import { PackWriter } from '../store/pack-writer.js';
+import { Repository } from '../repository/repository.js';
 
 export interface GcOptions {
   dryRun?: boolean;

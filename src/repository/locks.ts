@@ -19,9 +19,10 @@ import { randomBytes } from 'node:crypto';
 import { GenvaultError } from '../util/errors.js';
 import { bytes } from '../util/format.js';
 import { Owner, currentOwner, ownerAlive } from '../util/proc.js';
-import { packKey, getOrNull, type Db } from './db.js';
-import { isPackId, packPath } from './pack.js';
-import { IMAGE_NAME_RE } from './format.js';
+import { getOrNull, type Db } from '../index/db.js';
+import { packKey } from '../format/keys.js';
+import { isPackId, packPath } from '../format/pack.js';
+import { IMAGE_NAME_RE } from '../format/config.js';
 
 /** The lock name prune/forget/protect hold (no image name starts with '.'). */
 export const RETENTION_LOCK = '.retention';
