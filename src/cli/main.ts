@@ -1,5 +1,5 @@
 #!/usr/bin/env -S node --max-semi-space-size=4
-/** genvault command line: parses and prints; the work happens in src/repo, src/fuse, src/source. */
+/** genvault command line: parses and prints; the work happens in the layers below (README: Architecture). */
 // The V8 flag on the line above caps each young-generation half at 4 MiB (V8 grows it to
 // 16 MiB under a restore's allocation rate, and every new page costs ~13 us in this VM):
 // faster restores with less memory, measured in native-notes/performance.md ("V8's young
