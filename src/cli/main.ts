@@ -1,7 +1,7 @@
 #!/usr/bin/env -S node --max-semi-space-size=4
 /** genvault command line: parses and prints; the work happens in the layers below (README: Architecture). */
 // The V8 flag on the line above caps each young-generation half at 4 MiB (V8 grows it to
-// 16 MiB under a restore's allocation rate, and every new page costs ~13 us in this VM):
+// 16 MiB under a restore's allocation rate, and fresh pages are expensive in a VM):
 // faster restores with less memory, measured in native-notes/performance.md ("V8's young
 // generation"). `env -S` splits the line (GNU coreutils 8.30+); `node dist/cli/main.js`
 // runs without the flag.
@@ -27,7 +27,8 @@ program
   .exitOverride();
 
 // Each command's module is imported only when that command runs: ssh2, fuse-native, yaml
-// and cron-parser cost ~0.1 s of start-up together, paid by every cron-run `backup`.
+// and cron-parser are a visible part of start-up, paid by every cron-run `backup`
+// (performance.md, "Figures behind code comments").
 // Help, unknown commands and anything not recognised load them all, so commander's
 // listing and suggestions are unchanged.
 type Registrar = { register: (p: Command) => void };

@@ -106,7 +106,8 @@ export class SegmentChunker {
       const blen = Math.min(B, len - pos);
       if (pos + blen > limit) break;
       // Data blocks nearly always have a non-zero first word: decided without a call into
-      // C++ (buf.compare costs ~0.15 us a call, a tenth of chunking a 4 GiB image).
+      // C++, whose per-call cost added up to a real share of chunking (performance.md,
+      // "Figures behind code comments").
       const z = blen === B && words[pos >>> 2] !== 0 ? false : isZero(buf, pos, blen);
       const cur = pos - start;
       if (cur > 0) {

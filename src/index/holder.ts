@@ -6,8 +6,9 @@
  * does every other process's LevelDB work (over its unix socket). If that were the mount
  * server, a backup's index lookups would wait behind FUSE reads, and, once the mount drops
  * to the lowest CPU priority while backups run (src/util/sched.ts), behind the priority
- * too: measured, a 4.4 s backup took 6.3-9.3 s while `dd` read the mount with the leader
- * inside the mount process, 5.0-5.9 s with it in a process of its own.
+ * too. Measured, backups beside a `dd` through the mount ran clearly faster with the
+ * leader in a process of its own (native-notes/performance.md, "Figures behind code
+ * comments").
  *
  * The holder runs in its own session (its own autogroup, normal priority), and exits when
  * the mount closes the IPC channel or dies (the channel closes with it). If the holder

@@ -24,8 +24,9 @@ import { readTrustedFile } from '../util/trust.js';
 import type { Source } from '../backup/source.js';
 
 /**
- * ssh2 is loaded on first use: importing it costs ~65 ms, which every local backup and
- * restore paid before (their commands import this module for isSshSpec).
+ * ssh2 is loaded on first use: its import is a noticeable part of start-up, which every
+ * local backup and restore paid before (their commands import this module for
+ * isSshSpec). Measured: native-notes/performance.md, "Figures behind code comments".
  */
 let ssh2Module: typeof ssh2 | null = null;
 function loadSsh2(): typeof ssh2 {
@@ -91,7 +92,7 @@ export function describeSpec(s: SshSpec): string {
   return `ssh://${s.user}@${h}${s.port === 22 ? '' : `:${s.port}`}${s.path}`;
 }
 
-/** Print one line when ssh2's native crypto binding is missing (5-6x slower transfers). */
+/** Print one line when ssh2's native crypto binding is missing (transfers are several times slower without it). */
 export function warnIfNoNativeCrypto(write: (line: string) => void = (l) => process.stderr.write(l)): boolean {
   let available = false;
   try {
