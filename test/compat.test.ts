@@ -1,0 +1,109 @@
+/**
+ * A repository written by an earlier genvault keeps working: test/fixtures/format3-repo was
+ * made by the code of commit d028da6 (format version 3, before the source tree was split
+ * into layers) from the images below. This build must list it, restore every generation
+ * byte-identical, pass `verify --full`, and take a new backup into it that dedups against
+ * the old chunks.
+ *
+ * To make the fixture again with another build (only when the format changes on purpose):
+ *   GENVAULT_MAKE_FIXTURE=/path/to/that/dist/cli/main.js \
+ *     npx vitest run --config test/vitest.config.ts test/compat.test.ts
+ * writes test/fixtures/format3-repo afresh (then record the commit in its README).
+ */
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ROOT, Scratch, gvOk, must, prng, sh, sha256File, text } from './helpers.js';
+
+const FIXTURE = path.join(ROOT, 'test', 'fixtures', 'format3-repo');
+const MiB = 1 << 20;
+
+/** The images the fixture holds, by name and generation (oldest first): deterministic. */
+function images(): Array<[string, Buffer]> {
+  const a = Buffer.alloc(8 * MiB);
+  text(1, 3 * MiB).copy(a, 1 * MiB);
+  prng(2, MiB / 4).copy(a, 4 * MiB);
+  text(3, 3 * MiB + (3 * MiB) / 4).copy(a, 4 * MiB + MiB / 4);
+  const b = Buffer.from(a);
+  text(4, 64 << 10).copy(b, 2 * MiB);
+  b.fill(0, 6 * MiB, 6 * MiB + MiB / 2);
+  const odd = text(5, 2 * MiB + 1234); // not a multiple of the 4 KiB block
+  return [
+    ['disk', a],
+    ['disk', b],
+    ['odd', odd],
+  ];
+}
+
+const maker = process.env.GENVAULT_MAKE_FIXTURE;
+
+if (maker) describe('making the fixture', () => {
+  it(`writes ${FIXTURE} with ${maker}`, async () => {
+    const s = await Scratch.create();
+    try {
+      await fs.rm(FIXTURE, { recursive: true, force: true });
+      await must('node', [maker!, '-r', FIXTURE, 'init']);
+      for (const [name, data] of images()) {
+        const file = path.join(s.dir, `${name}.img`);
+        await fs.writeFile(file, data);
+        await must('node', [maker!, '-r', FIXTURE, 'backup', file, '--name', name]);
+      }
+    } finally {
+      await s.cleanup();
+    }
+  });
+});
+
+else describe('a format 3 repository written by an earlier version', () => {
+  let s: Scratch;
+  let repo = '';
+
+  beforeAll(async () => {
+    s = await Scratch.create();
+    repo = path.join(s.dir, 'repo');
+    // A copy: opening a repository writes to its index.
+    await must('cp', ['-r', FIXTURE, repo]);
+    // git keeps no empty directories: those an earlier version made empty come back here.
+    for (const d of ['locks', 'tmp']) await fs.mkdir(path.join(repo, d), { recursive: true });
+    await must('chmod', ['-R', 'go-rwx', repo]);
+  });
+  afterAll(() => s?.cleanup());
+
+  it('lists its generations and restores each byte-identical', async () => {
+    const want = images();
+    const list = JSON.parse(await gvOk(repo, ['list', '--json'])) as Array<{ name: string; id: string; size: number }>;
+    expect(list.map((g) => [g.name, g.size])).toEqual(want.map(([n, d]) => [n, d.length]));
+    for (let i = 0; i < want.length; i++) {
+      const [name, data] = want[i]!;
+      const out = path.join(s.dir, `restored-${i}.img`);
+      await gvOk(repo, ['restore', `${name}@${list[i]!.id}`, out]);
+      expect(await sha256File(out), `${name}@${list[i]!.id}`).toBe(await shaOf(data));
+    }
+  });
+
+  it('passes verify --full', async () => {
+    const r = await sh('node', [path.join(ROOT, 'dist', 'cli', 'main.js'), '-r', repo, 'verify', '--full', '--json']);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    const report = JSON.parse(r.stdout) as Record<string, unknown>;
+    expect(report).toMatchObject({ ok: true, mode: 'full', generations: 3, chunksRead: 71, damagedChunks: [], damagedLeaves: [], damagedPacks: [], damagedGenerations: [], indexProblems: [], warnings: [] });
+  });
+
+  it('takes a new backup that dedups against the old chunks, and restores it', async () => {
+    const [, last] = images()[1]!;
+    const next = Buffer.from(last);
+    text(6, 32 << 10).copy(next, 5 * MiB);
+    const file = path.join(s.dir, 'next.img');
+    await fs.writeFile(file, next);
+    const g = JSON.parse(await gvOk(repo, ['backup', file, '--name', 'disk', '--json'])) as { stats: { newBytes: number } };
+    expect(g.stats.newBytes).toBeLessThan(MiB); // only what changed is new
+    const out = path.join(s.dir, 'next-restored.img');
+    await gvOk(repo, ['restore', 'disk@latest', out]);
+    expect(await sha256File(out)).toBe(await shaOf(next));
+  });
+});
+
+async function shaOf(data: Buffer): Promise<string> {
+  const { createHash } = await import('node:crypto');
+  return createHash('sha256').update(data).digest('hex');
+}
