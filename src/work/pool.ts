@@ -1,7 +1,7 @@
 /** A small pool of worker threads (one per core) running src/work/worker.ts. */
 import { Worker } from 'node:worker_threads';
 import os from 'node:os';
-import type { WorkerRequest } from './worker.js';
+import type { AnswerMessage, AnswerOf, Op, RequestOf, WorkerRequest } from './protocol.js';
 
 interface Task {
   req: WorkerRequest;
@@ -51,7 +51,7 @@ export class WorkerPool {
     for (let i = 0; i < size; i++) {
       const w = new Worker(new URL('./worker.js', import.meta.url), { workerData: { nice, writeLock } });
       w.unref();
-      w.on('message', (msg: { id: number; result?: unknown; error?: { message: string; code?: string } }) => {
+      w.on('message', (msg: AnswerMessage) => {
         const t = this.pending.get(msg.id);
         this.pending.delete(msg.id);
         this.taskOf.delete(msg.id);
@@ -74,9 +74,10 @@ export class WorkerPool {
     return this.workers.length;
   }
 
-  run<T>(req: WorkerRequest, transfer: ArrayBuffer[] = []): Promise<T> {
+  /** Run one request on a worker; the answer is typed by the request's op (protocol.ts). */
+  run<K extends Op>(req: RequestOf<K>, transfer: ArrayBuffer[] = []): Promise<AnswerOf<K>> {
     if (this.closed) return Promise.reject(new Error('worker pool closed'));
-    return new Promise<T>((resolve, reject) => {
+    return new Promise<AnswerOf<K>>((resolve, reject) => {
       this.queue.push({ req, transfer, resolve, reject });
       this.dispatch();
     });
