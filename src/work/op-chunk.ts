@@ -12,7 +12,8 @@ const READ_PIECE = 1 << 20;
 /**
  * A segment's chunk table and digests, reused from request to request (the answer carries
  * copies cut to size). Fresh ones per segment were garbage that only the GC returned, so
- * malloc kept taking new pages for them (fresh pages cost ~13 us each in this VM).
+ * malloc kept taking new pages for them, and fresh pages are expensive in this VM
+ * (native-notes/performance.md, worker threads, "Chunk tables").
  */
 function newChunkTables(most: number) {
   return { table: new Int32Array(most * 3), digests: new Uint8Array(most * 32), fast: new Uint8Array(most * 32) };
@@ -25,7 +26,8 @@ export function handleChunk(req: ChunkRequest): Reply<ChunkAnswer> {
   const most = Math.ceil(req.len / req.params.block) + 1;
   if (chunkTables.table.length < most * 3) chunkTables = newChunkTables(most);
   const { table, digests } = chunkTables;
-  // Change detection: BLAKE3 runs at ~2.4x the speed of SHA-256 here. A chunk whose
+  // Change detection: BLAKE3 runs much faster than SHA-256 here (figures in
+  // native-notes/performance.md, worker threads, "BLAKE3 first"). A chunk whose
   // offset, length and BLAKE3 equal the parent's takes the parent's SHA-256; any other
   // chunk is hashed with SHA-256 as always. Both are collision-resistant, so a match
   // means the same bytes.

@@ -48,7 +48,8 @@ export function handleCompress(req: CompressRequest): Reply<CompressAnswer> {
   let at = 0;
   // One record per chunk, zstd where it saves at least 1/128 (0.8%), raw otherwise:
   // decoding raw chunks is free, and on the bench disk no chunk saves less than that but
-  // more than nothing. A 3% cut stored 2.1 MiB more of a 4 GiB disk.
+  // more than nothing; a higher cut stored more (native-notes/performance.md, worker
+  // threads, "zstd or raw").
   const single = (i: number, tryZstd: boolean) => {
     const raw = rawOf(i);
     const payloadAt = at + RECORD_HEADER_SIZE;

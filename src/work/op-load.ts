@@ -65,7 +65,8 @@ export function handleLoad(req: LoadRequest): Reply<LoadAnswer> {
 }
 
 export function handleLoadMany(req: LoadManyRequest): Reply<LoadManyAnswer> {
-  // Many chunks per message: a message costs tens of microseconds each way.
+  // Many chunks per message: a message has a cost of its own each way (figures in
+  // native-notes/performance.md, worker threads, "Batches").
   // All chunks go back in one buffer: one transfer and one object for the GC per batch.
   // Decode each chunk straight into its place in the one buffer sent back.
   const offsets: number[] = [];
@@ -90,7 +91,8 @@ export function handleLoadMany(req: LoadManyRequest): Reply<LoadManyAnswer> {
  * O_DIRECT pack reads, for readers that pass over data once (restore, cat, verify): the pack
  * bytes go straight into this worker's buffer, with no page-cache pages to allocate and
  * fill and nothing of the machine's cache evicted by a multi-terabyte restore. Cold
- * restores of the bench disk: 3.5-3.6 s against 4.2-4.9 s, 5.6 against 7.8 core-seconds.
+ * restores are faster and take fewer core-seconds (native-notes/performance.md, worker
+ * threads, "O_DIRECT").
  * Offsets, lengths and memory must be aligned; without the addon that finds a buffer's
  * address, or on a file system that refuses O_DIRECT, packs are read through the cache.
  */
@@ -123,7 +125,8 @@ function readDirect(file: string, start: number, end: number): { span: Buffer; g
 
 /**
  * Load chunks, reading records that lie next to each other in one pack with one read:
- * a cold sequential restore then reads packs in large pieces instead of ~30 KiB each.
+ * a cold sequential restore then reads packs in large pieces instead of a record at a time
+ * (native-notes/performance.md, worker threads, "Neighbouring records").
  */
 let spanBuf = Buffer.allocUnsafe(1 << 20);
 

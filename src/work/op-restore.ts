@@ -12,8 +12,8 @@ let scratch = new Uint8Array(4 << 20);
  * Restore writes into one file take turns on a lock word shared by the pool's workers.
  * The kernel serialises them anyway (the inode lock), but its waiters spin while the
  * holder copies into fresh pages; here they sleep, and their core decodes for the others.
- * Cold restores of the bench disk, 10 alternating rounds: median 3.83-4.04 s against
- * 3.89-4.33 s, CPU 6.0-6.3 against 6.3-7.1 s.
+ * Cold restores got faster and took less CPU (native-notes/performance.md, worker
+ * threads, "Write lock").
  */
 const writeLock = (workerData as { writeLock?: SharedArrayBuffer } | null)?.writeLock;
 const lockWord = writeLock ? new Int32Array(writeLock) : null;
@@ -55,7 +55,8 @@ export function handleRestoreMany(req: RestoreManyRequest): Reply<RestoreManyAns
   }
   const loaded = loadRun(data, (i) => scratch.subarray(offs[i]!, offs[i]! + data[i]!.rawLength), req.direct);
   // Chunks that follow each other in the image lie next to each other in scratch too:
-  // write each such run with one pwrite (a tenth fewer core-seconds for a restore).
+  // write each such run with one pwrite (fewer core-seconds for a restore:
+  // native-notes/performance.md, worker threads, "One pwrite per run").
   let runFrom = -1; // scratch offset of the pending run
   let runAt = 0;
   let runLen = 0;

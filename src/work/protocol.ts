@@ -53,8 +53,8 @@ export interface LoadItem {
   digest: Uint8Array;
   /**
    * The chunk's BLAKE3 from the generation's map, when it has one: reads check that
-   * instead of the SHA-256 (cheaper: native-notes/performance.md, "Worker threads: why the
-   * code is as it is"). The record header must still name `digest`.
+   * instead of the SHA-256 (cheaper: native-notes/performance.md, worker threads,
+   * "BLAKE3 first"). The record header must still name `digest`.
    */
   fast?: Uint8Array | null;
   /** Check the SHA-256 as well as the BLAKE3 (verify --full). */
