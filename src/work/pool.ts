@@ -37,9 +37,8 @@ export class WorkerPool {
    *   starts its next one at once instead of waiting for this thread to hear of it and
    *   send another (this thread may be busy planning or collecting garbage): cold
    *   restores ran faster with 2 than with 1 (native-notes/performance.md, worker
-   *   threads, "Pool depth").
-   *   Backups showed no difference. A mount keeps 1, so that a read the kernel
-   *   waits for never queues inside a busy worker behind read-ahead.
+   *   threads, "Pool depth"). Backups showed no difference. A mount keeps 1, so that a
+   *   read the kernel waits for never queues inside a busy worker behind read-ahead.
    */
   constructor(
     size?: number,
