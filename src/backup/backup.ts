@@ -22,7 +22,7 @@ import { GenvaultError, describeFsError, isNoSpace } from '../util/errors.js';
 import { damagedSet } from '../index/db.js';
 import { chunkKey, condemnedKey, damagedKey, leafKey, packKey } from '../format/keys.js';
 import { ChunkMap, Leaf, LeafBuilder, LeafRef, encodeTop } from '../format/chunkmap.js';
-import type { ParentWindow, SegmentReadFailure } from '../work/worker.js';
+import type { ParentWindow } from '../work/protocol.js';
 import { checkImageName, type ChunkingParams } from '../format/config.js';
 import { zeroSegment } from '../format/chunker.js';
 import { workerCores } from '../work/pool.js';
@@ -395,7 +395,7 @@ async function backupImage(repo: Repository, source: Source, opts: BackupOptions
       }
       const parentWin = win ? await win : undefined;
       const res = pool
-        .run<ChunkResult | SegmentReadFailure>({
+        .run({
           op: 'chunk', seg: buf, len, params: cfg.chunking, fast: fastDetect, parent: parentWin,
           read: read && { fd: read.fd, position: at, extents: read.extents },
         })
@@ -633,7 +633,7 @@ async function backupImage(repo: Repository, source: Source, opts: BackupOptions
         const out = await outBufs.acquire();
         compressTasks.push(
           pool
-            .run<CompressResult>({ op: 'compress', seg: buf, spans, digests: ds, level: cfg.compression.level, group, out })
+            .run({ op: 'compress', seg: buf, spans, digests: ds, level: cfg.compression.level, group, out })
             .then((res) => {
               release(buf);
               appendRecords(res, names, rawLengths, () => outBufs.release(out));

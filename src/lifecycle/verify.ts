@@ -43,7 +43,7 @@ import {
 } from '../format/pack.js';
 import { looseModes } from '../repository/perms.js';
 import { Repository } from '../repository/repository.js';
-import type { LoadItem, LoadResult } from '../work/worker.js';
+import type { LoadItem } from '../work/protocol.js';
 
 export interface VerifyOptions {
   /** Read, decompress and re-hash every referenced chunk. */
@@ -584,7 +584,7 @@ function sendBatch(run: VerifyRun, batch: number[], progress: boolean, flight: I
     };
   });
   const task = run.repo.pool
-    .run<{ all: Uint8Array; results: LoadResult[] }>({ op: 'loadMany', items, direct: true }) // one pass: O_DIRECT
+    .run({ op: 'loadMany', items, direct: true }) // one pass: O_DIRECT
     .then(
       ({ results }) => {
         results.forEach((r, k) => {

@@ -11,7 +11,7 @@ import { Generation } from '../format/generation.js';
 import { COMP_GROUP, ChunkLocation, decodeLocation, packPath } from '../format/pack.js';
 import { Lru } from '../util/lru.js';
 import { Repository } from '../repository/repository.js';
-import type { LoadResult } from '../work/worker.js';
+import type { LoadResult } from '../work/protocol.js';
 
 /** Decoded chunks by digest, bounded in bytes. */
 export class ChunkCache extends Lru<string, Buffer> {
@@ -238,7 +238,7 @@ export class ChunkLoader {
   private async fetch(digest: Buffer): Promise<Buffer> {
     const loc = this.locations.get(digest.toString('binary')) ?? (await this.repo.location(digest));
     if (!loc) throw new DamageError(`chunk ${digest.toString('hex')} is missing from the index`, digest.toString('hex'));
-    const res = await this.repo.pool.run<LoadResult>({ op: 'load', direct: this.direct, ...this.item(loc, digest) });
+    const res = await this.repo.pool.run({ op: 'load', direct: this.direct, ...this.item(loc, digest) });
     return this.result(digest, res);
   }
 
@@ -276,7 +276,7 @@ export class ChunkLoader {
       if (this.slabs) this.batches[piece ? 'slab' : 'fresh']++;
       const items = b.map((it) => this.item(it.loc, it.digest));
       const into = piece ? { into: piece.use.slab, intoAt: piece.at } : {};
-      this.repo.pool.run<{ all?: Uint8Array; results: LoadResult[] }>({ op: 'loadMany', items, ...into, direct: this.direct }).then(
+      this.repo.pool.run({ op: 'loadMany', items, ...into, direct: this.direct }).then(
         ({ all, results }) => {
           const whole = piece ? Buffer.from(piece.use.slab, piece.at, rawBytes) : Buffer.from(all!.buffer, all!.byteOffset, all!.byteLength);
           results.forEach((r, i) => {

@@ -19,7 +19,7 @@ import { markDamaged } from '../index/db.js';
 import { packPath, sameGroupRecord } from '../format/pack.js';
 import { Generation } from '../format/generation.js';
 import { ChunkLoader } from './reader.js';
-import type { RestoreItem } from '../work/worker.js';
+import type { RestoreItem } from '../work/protocol.js';
 import { Repository } from '../repository/repository.js';
 
 export interface RestoreOptions {
@@ -148,7 +148,7 @@ async function settleDamaged(
     const it = items[i]!;
     const fresh = await repo.location(Buffer.from(it.digest));
     if (fresh && (packPath(repo.dir, fresh.packId) !== it.file || fresh.offset !== it.offset)) {
-      const again = await pool.run<{ damaged: number[] }>({
+      const again = await pool.run({
         op: 'restoreMany',
         fd,
         items: [{ ...loader.item(fresh, Buffer.from(it.digest)), at: it.at, zero: false }],
@@ -190,7 +190,7 @@ async function restoreToFd(
     const bytes = batchBytes;
     batch = [];
     batchBytes = 0;
-    const p = pool.run<{ damaged: number[] }>({ op: 'restoreMany', fd, items, direct: true }).then(
+    const p = pool.run({ op: 'restoreMany', fd, items, direct: true }).then(
       async (r) => {
         if (r.damaged.length) await settleDamaged(repo, pool, loader, fd, items, r.damaged, damaged);
         done += bytes;

@@ -1,7 +1,7 @@
 /** A small pool of worker threads (one per core) running src/work/worker.ts. */
 import { Worker } from 'node:worker_threads';
 import os from 'node:os';
-import type { WorkerRequest } from './worker.js';
+import type { AnswerMessage, AnswerOf, Op, RequestOf, WorkerRequest } from './protocol.js';
 
 interface Task {
   req: WorkerRequest;
@@ -26,19 +26,19 @@ export class WorkerPool {
   private closed = false;
 
   // One more thread than cores: reads of cold pack data block a worker in the kernel,
-  // and the spare thread keeps the cores busy meanwhile. Two spares were worse on 2 cores:
-  // restores of the bench disk (cold, alternating, 7 rounds) took a median 3.96 s with 4
-  // workers, 3.44 s with 3 and 3.49 s with 2 (writers spin on the target's inode lock), and
-  // a cold dd through the mount read 559-562 MB/s with 3 against 456-523 MB/s with 4.
+  // and the spare thread keeps the cores busy meanwhile. Two spares were worse on 2 cores,
+  // for restores (writers spin on the target's inode lock) and for a cold dd through the
+  // mount; one spare was at least as good as none. Measurements: native-notes/performance.md,
+  // worker threads, "Pool size".
   /**
    * @param nice how much below the calling thread the workers run (Linux). A mount passes
    *   more than a backup, so that on a busy machine backups keep most of the CPU.
    * @param depth tasks handed to a worker at once. With 2, a worker that finishes a task
    *   starts its next one at once instead of waiting for this thread to hear of it and
    *   send another (this thread may be busy planning or collecting garbage): cold
-   *   restores of the bench disk, 8 alternating rounds, median 3.43-3.5 s against 3.48-3.7
-   *   s with 1. Backups showed no difference. A mount keeps 1, so that a read the kernel
-   *   waits for never queues inside a busy worker behind read-ahead.
+   *   restores ran faster with 2 than with 1 (native-notes/performance.md, worker
+   *   threads, "Pool depth"). Backups showed no difference. A mount keeps 1, so that a
+   *   read the kernel waits for never queues inside a busy worker behind read-ahead.
    */
   constructor(
     size?: number,
@@ -51,7 +51,7 @@ export class WorkerPool {
     for (let i = 0; i < size; i++) {
       const w = new Worker(new URL('./worker.js', import.meta.url), { workerData: { nice, writeLock } });
       w.unref();
-      w.on('message', (msg: { id: number; result?: unknown; error?: { message: string; code?: string } }) => {
+      w.on('message', (msg: AnswerMessage) => {
         const t = this.pending.get(msg.id);
         this.pending.delete(msg.id);
         this.taskOf.delete(msg.id);
@@ -74,9 +74,10 @@ export class WorkerPool {
     return this.workers.length;
   }
 
-  run<T>(req: WorkerRequest, transfer: ArrayBuffer[] = []): Promise<T> {
+  /** Run one request on a worker; the answer is typed by the request's op (protocol.ts). */
+  run<K extends Op>(req: RequestOf<K>, transfer: ArrayBuffer[] = []): Promise<AnswerOf<K>> {
     if (this.closed) return Promise.reject(new Error('worker pool closed'));
-    return new Promise<T>((resolve, reject) => {
+    return new Promise<AnswerOf<K>>((resolve, reject) => {
       this.queue.push({ req, transfer, resolve, reject });
       this.dispatch();
     });
