@@ -33,6 +33,8 @@ export class Repository {
 
   static async init(dir: string, overrides: Partial<RepoConfig> = {}): Promise<RepoConfig> {
     const abs = path.resolve(dir);
+    // A repository is a local directory: init makes it, and locks/, tmp/ and index/ beside
+    // the store's own packs/, with node:fs (only config.json and packs are store objects).
     try {
       const entries = await fs.readdir(abs);
       if (entries.includes(CONFIG_FILE)) throw new GenvaultError(`${abs}: a repository already exists here`, 'EXISTS');
