@@ -12,7 +12,11 @@ import { Appender, ObjectInfo, PutOptions, Store, StoreSpec, SyncReader, checkNa
 
 const DIR_MODE = 0o750;
 const FILE_MODE = 0o640;
-/** Read descriptors kept open; the oldest are closed past this. */
+/**
+ * Read descriptors kept open; the oldest are closed past this. A file another process
+ * deletes keeps its blocks until its descriptor here is closed: bounded, and dropped on
+ * close(); this process's own deletes drop theirs at once.
+ */
 const FD_CACHE = 64;
 
 interface CachedFd {
