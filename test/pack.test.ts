@@ -3,6 +3,7 @@ import fs from 'node:fs/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { PACK_HEADER_SIZE } from '../src/format/pack.js';
 import { PackWriter } from '../src/store/pack-writer.js';
+import { LocalStore } from '../src/store/local.js';
 import { Scratch, prng } from './helpers.js';
 
 let s: Scratch;
@@ -15,10 +16,13 @@ afterAll(async () => {
 
 describe('PackWriter', () => {
   it('writes with O_DIRECT: the file holds exactly what was appended after each sync, rewind and close', async () => {
-    const w = await PackWriter.create(s.dir);
+    const store = new LocalStore(s.dir);
+    const w = await PackWriter.create(store);
+    const file = store.path(w.name);
+    expect(w.name).toBe(`packs/${w.packId.slice(0, 2)}/${w.packId}.pack`);
     // The addon is built by setup, and /var/tmp takes O_DIRECT: the staged path is in use.
-    expect((w as unknown as { stage: Buffer | null }).stage).not.toBeNull();
-    const header = (await fs.readFile(w.file)).length === 0; // nothing written before the first sync
+    expect((w.out as unknown as { direct: boolean }).direct).toBe(true);
+    const header = (await fs.readFile(file)).length === 0; // nothing written before the first sync
     expect(header).toBe(true);
     const parts: Buffer[] = [];
     let seed = 1;
@@ -29,7 +33,7 @@ describe('PackWriter', () => {
       parts.push(b);
     };
     const expectFile = async () => {
-      const f = await fs.readFile(w.file);
+      const f = await fs.readFile(file);
       expect(f.length).toBe(w.size);
       expect(f.subarray(PACK_HEADER_SIZE).equals(Buffer.concat(parts))).toBe(true);
     };

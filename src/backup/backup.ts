@@ -17,7 +17,6 @@
  * visible generation; its uncommitted pack tails are removed by the next writer.
  */
 import { randomBytes } from 'node:crypto';
-import fs from 'node:fs/promises';
 import { GenvaultError, describeFsError, isNoSpace } from '../util/errors.js';
 import { damagedSet } from '../index/db.js';
 import { chunkKey, condemnedKey, damagedKey, leafKey, packKey } from '../format/keys.js';
@@ -230,7 +229,7 @@ async function backupImage(repo: Repository, source: Source, opts: BackupOptions
     if (maxSize !== undefined && source.size !== null && source.size > maxSize) {
       throw new GenvaultError(`${source.description} is ${source.size} bytes, more than --max-size ${maxSize}`, 'TOO_BIG');
     }
-    await cleanupDeadWriters(repo.dir, repo.db);
+    await cleanupDeadWriters(repo.dir, repo.db, repo.store);
     writer = await WriterRegistration.register(repo.dir, `backup ${name}`);
 
     // Registered first, then checked: a gc that starts after this check waits for us.
@@ -334,13 +333,13 @@ async function backupImage(repo: Repository, source: Source, opts: BackupOptions
             await flush();
             await pack.close();
           }
-          pack = await PackWriter.create(repo.dir).catch((e) => { throw describeFsError(e, `creating a pack file in ${repo.dir}`); });
+          pack = await PackWriter.create(repo.store).catch((e) => { throw describeFsError(e, `creating a pack file in ${repo.dir}`); });
           packs.push(pack);
           await writer!.addPack(pack.packId);
         }
         const p = pack;
         const base = await p.append(Buffer.from(res.out.buffer, res.out.byteOffset, res.out.byteLength)).catch((e) => {
-          throw describeFsError(e, `writing ${p.file}`);
+          throw describeFsError(e, `writing ${repo.store.describe(p.name)}`);
         });
         // Per chunk: record offset, stored length, compression, offset in the group, group raw length.
         const t = res.table;
@@ -704,7 +703,7 @@ async function backupImage(repo: Repository, source: Source, opts: BackupOptions
       // If that fails (the index went with the disk), the registration stays: the next
       // writer, finding this process gone, does it.
       const { trimPacks } = await import('../repository/locks.js');
-      const trimmed = await trimPacks(repo.dir, repo.db, writer.record.packs).then(() => true, () => false);
+      const trimmed = await trimPacks(repo.store, repo.db, writer.record.packs).then(() => true, () => false);
       if (trimmed) await writer.release().catch(() => undefined);
     }
     if (e instanceof GenvaultError) throw new GenvaultError(`backup of ${name} failed: ${e.message}`, e.code, e.exitCode);

@@ -46,13 +46,18 @@ export function isPackId(v: unknown): v is string {
 }
 
 /**
- * The file of a pack. Ids also come from files under locks/ (writer registrations); one
- * that is not a pack id would name a path elsewhere, so it is refused here as well as
- * where those files are read.
+ * The object name of a pack in the repository's store. Ids also come from files under
+ * locks/ (writer registrations); one that is not a pack id would name an object elsewhere,
+ * so it is refused here as well as where those files are read.
  */
-export function packPath(repoDir: string, packId: string): string {
+export function packObject(packId: string): string {
   if (!isPackId(packId)) throw new Error(`invalid pack id ${JSON.stringify(packId)}`);
-  return path.join(repoDir, 'packs', packId.slice(0, 2), `${packId}.pack`);
+  return `packs/${packId.slice(0, 2)}/${packId}.pack`;
+}
+
+/** The file of a pack in a local repository (what the workers read today). */
+export function packPath(repoDir: string, packId: string): string {
+  return path.join(repoDir, packObject(packId));
 }
 
 export function encodeRecordHeader(

@@ -31,8 +31,9 @@ import { LeafRef, checkedLeaf, checkedTop, decodeTop } from '../format/chunkmap.
 import { getOrNull } from '../index/db.js';
 import { K_CHUNK, K_CONDEMNED, K_GEN, K_GENMAP, K_LEAF, K_MOVED_LEAF, K_PACK, chunkKey, condemnedKey, damagedKey, key, leafKey, movedLeafKey, packKey } from '../format/keys.js';
 import { GcLock, WriterRegistration, cleanupDeadWriters, liveWriters, pinnedGenerations, trimPacks } from '../repository/locks.js';
-import { COMP_GROUP, PACK_HEADER_SIZE, RECORD_HEADER_SIZE, checkRecord, decodeLocation, encodeLocation, isLocation, packPath, PACK_ID_BYTES, recordShare } from '../format/pack.js';
+import { COMP_GROUP, PACK_HEADER_SIZE, RECORD_HEADER_SIZE, checkRecord, decodeLocation, encodeLocation, isLocation, packObject, PACK_ID_BYTES, recordShare } from '../format/pack.js';
 import { PackWriter } from '../store/pack-writer.js';
+import { readRecordSpan } from '../store/pack-reader.js';
 import { Repository } from '../repository/repository.js';
 
 export interface GcOptions {
@@ -210,12 +211,20 @@ async function generationKeys(repo: Repository): Promise<Set<string>> {
   return out;
 }
 
-async function fileSize(file: string): Promise<number | null> {
-  try {
-    return (await fs.stat(file)).size;
-  } catch {
-    return null;
-  }
+/** A writer registration's file is there (locks/ are plain files, outside the store). */
+async function lockFileExists(file: string): Promise<boolean> {
+  return fs.stat(file).then(
+    () => true,
+    () => false,
+  );
+}
+
+/** A pack's size in the store; null when it is missing or cannot be looked at. */
+async function packFileSize(repo: Repository, id: string): Promise<number | null> {
+  return repo.store.stat(packObject(id)).then(
+    (st) => st?.size ?? null,
+    () => null,
+  );
 }
 
 /**
@@ -295,7 +304,7 @@ async function run(repo: Repository, threshold: number, report: (line: string) =
   let ok = false;
   try {
     trace('locked');
-    await cleanupDeadWriters(repo.dir, db);
+    await cleanupDeadWriters(repo.dir, db, repo.store);
     writer = await WriterRegistration.register(repo.dir, 'gc');
     const self = writer.record.id;
 
@@ -319,7 +328,7 @@ async function run(repo: Repository, threshold: number, report: (line: string) =
     await sweepLeaves(repo, self, res, report);
 
     trace('repack');
-    await cleanupDeadWriters(repo.dir, db);
+    await cleanupDeadWriters(repo.dir, db, repo.store);
     await repack(repo, writer, threshold, res, report);
 
     trace('finish');
@@ -332,7 +341,7 @@ async function run(repo: Repository, threshold: number, report: (line: string) =
     if (!ok) {
       // Leave nothing a backup or the next gc has to guess about.
       await recoverLeftovers(repo, emptyResult(false)).catch(() => undefined);
-      if (writer) await trimPacks(repo.dir, db, writer.record.packs).catch(() => undefined);
+      if (writer) await trimPacks(repo.store, db, writer.record.packs).catch(() => undefined);
     }
     await writer?.release().catch(() => undefined);
     await lock.release().catch(() => undefined);
@@ -390,13 +399,13 @@ async function waitForWriters(repo: Repository, self: string, res: GcResult, rep
   for (;;) {
     let running = 0;
     for (const w of noted) {
-      if ((await fileSize(path.join(repo.dir, 'locks', `writer-${w.id}.json`))) !== null && (await ownerAlive(w.owner))) running++;
+      if ((await lockFileExists(path.join(repo.dir, 'locks', `writer-${w.id}.json`))) && (await ownerAlive(w.owner))) running++;
     }
     if (!running) break;
     report(`gc: waiting for ${running} running backup(s)`);
     await sleep(pollMs);
   }
-  await cleanupDeadWriters(repo.dir, repo.db); // writers that died meanwhile
+  await cleanupDeadWriters(repo.dir, repo.db, repo.store); // writers that died meanwhile
 }
 
 /**
@@ -622,13 +631,12 @@ async function repack(repo: Repository, writer: WriterRegistration, threshold: n
   const plan = await planPacks(repo, writer.record.id, threshold);
 
   for (const id of plan.remove) {
-    const file = packPath(repo.dir, id);
-    const size = await fileSize(file);
+    const size = await packFileSize(repo, id);
     // Listed first: if we die after deleting the 'p' entry, cleanupDeadWriters removes the file.
     await writer.addPack(id);
     await db.del(packKey(id), SYNC);
     await testPause('pack-unlink');
-    await fs.rm(file, { force: true });
+    await repo.store.delete(packObject(id));
     res.packsDeleted++;
     res.bytesFreed += size ?? 0;
     report(`gc: deleted ${res.packsDeleted}/${plan.remove.length} empty pack(s)`);
@@ -654,15 +662,14 @@ async function repack(repo: Repository, writer: WriterRegistration, threshold: n
     for (const id of plan.rewrite) {
       n++;
       const recs = (records.get(id) ?? []).sort((a, b) => a.offset - b.offset);
-      const file = packPath(repo.dir, id);
-      const oldSize = await fileSize(file);
+      const oldSize = await packFileSize(repo, id);
       if (oldSize === null) {
         res.warnings.push(`pack ${id} is missing (run 'genvault verify'); left alone`);
         continue;
       }
       if (!out || out.size >= repo.config.packTargetSize) {
         if (out) await out.close();
-        out = await PackWriter.create(repo.dir).catch((e) => {
+        out = await PackWriter.create(repo.store).catch((e) => {
           throw describeFsError(e, `creating a pack file in ${repo.dir}`);
         });
         await writer.addPack(out.packId);
@@ -672,7 +679,7 @@ async function repack(repo: Repository, writer: WriterRegistration, threshold: n
       const w: PackWriter = out;
       const startSize = w.size;
       const moves: Array<{ key: Buffer; old: Buffer; neu: Buffer }> = [];
-      const problem = await copyRecords(file, recs, w, moves);
+      const problem = await copyRecords(repo, id, recs, w, moves);
       if (problem) {
         await w.rewind(startSize);
         res.warnings.push(`pack ${id}: ${problem}; pack left in place (run 'genvault verify')`);
@@ -692,7 +699,7 @@ async function repack(repo: Repository, writer: WriterRegistration, threshold: n
       await writer.addPack(id);
       await db.del(packKey(id), SYNC);
       await testPause('pack-unlink');
-      await fs.rm(file, { force: true });
+      await repo.store.delete(packObject(id));
       const copied = w.size - startSize;
       res.packsRepacked++;
       res.bytesCopied += copied;
@@ -708,63 +715,53 @@ async function repack(repo: Repository, writer: WriterRegistration, threshold: n
  * Append the live records of one pack to `w`, as they are (header and payload), after
  * checking each record header against its index entry. Returns a problem, or null.
  */
-async function copyRecords(file: string, recs: LiveRecord[], w: PackWriter, moves: Array<{ key: Buffer; old: Buffer; neu: Buffer }>): Promise<string | null> {
-  const fh = await fs.open(file, 'r');
-  try {
-    let i = 0;
-    while (i < recs.length) {
-      // A window of records close to each other, read at once.
-      let j = i + 1;
-      const start = recs[i]!.offset;
-      let end = start + recs[i]!.length;
-      while (j < recs.length) {
-        const r = recs[j]!;
-        // The members of a group record share its offset: the record is copied once.
-        if (r.offset === recs[j - 1]!.offset) {
-          j++;
-          continue;
-        }
-        if (r.offset < end || r.offset - end > MAX_GAP || r.offset + r.length - start > WINDOW) break;
-        end = r.offset + r.length;
+async function copyRecords(repo: Repository, id: string, recs: LiveRecord[], w: PackWriter, moves: Array<{ key: Buffer; old: Buffer; neu: Buffer }>): Promise<string | null> {
+  let i = 0;
+  while (i < recs.length) {
+    // A window of records close to each other, read at once.
+    let j = i + 1;
+    const start = recs[i]!.offset;
+    let end = start + recs[i]!.length;
+    while (j < recs.length) {
+      const r = recs[j]!;
+      // The members of a group record share its offset: the record is copied once.
+      if (r.offset === recs[j - 1]!.offset) {
         j++;
+        continue;
       }
-      const buf = Buffer.alloc(end - start);
-      let got = 0;
-      while (got < buf.length) {
-        const { bytesRead } = await fh.read(buf, got, buf.length - got, start + got);
-        if (!bytesRead) break;
-        got += bytesRead;
-      }
-      const parts: Buffer[] = [];
-      let pos = 0;
-      const pending: Array<{ r: LiveRecord; at: number }> = [];
-      for (let k = i; k < j; k++) {
-        const r = recs[k]!;
-        const at = r.offset - start;
-        if (at + r.length > got) return `the record of chunk ${r.d.toString('hex')} at offset ${r.offset} is cut off`;
-        // gc names no particular problem: any one makes the record damaged.
-        if ('problem' in checkRecord(buf.subarray(at, at + r.length), { ...decodeLocation(r.loc), digest: r.d })) {
-          return `the record of chunk ${r.d.toString('hex')} at offset ${r.offset} is damaged`;
-        }
-        if (k > i && r.offset === recs[k - 1]!.offset) {
-          pending.push({ r, at: pending[pending.length - 1]!.at }); // another member of the group just copied
-          continue;
-        }
-        parts.push(buf.subarray(at, at + r.length));
-        pending.push({ r, at: pos });
-        pos += r.length;
-      }
-      const base = await w.append(parts.length === 1 ? parts[0]! : Buffer.concat(parts));
-      for (const { r, at } of pending) {
-        const l = decodeLocation(r.loc);
-        moves.push({ key: chunkKey(r.d), old: r.loc, neu: encodeLocation({ ...l, packId: w.packId, offset: base + at }) });
-      }
-      i = j;
+      if (r.offset < end || r.offset - end > MAX_GAP || r.offset + r.length - start > WINDOW) break;
+      end = r.offset + r.length;
+      j++;
     }
-    return null;
-  } finally {
-    await fh.close();
+    const buf = Buffer.alloc(end - start);
+    const got = await readRecordSpan(repo.store, id, start, buf.length, buf);
+    const parts: Buffer[] = [];
+    let pos = 0;
+    const pending: Array<{ r: LiveRecord; at: number }> = [];
+    for (let k = i; k < j; k++) {
+      const r = recs[k]!;
+      const at = r.offset - start;
+      if (at + r.length > got) return `the record of chunk ${r.d.toString('hex')} at offset ${r.offset} is cut off`;
+      // gc names no particular problem: any one makes the record damaged.
+      if ('problem' in checkRecord(buf.subarray(at, at + r.length), { ...decodeLocation(r.loc), digest: r.d })) {
+        return `the record of chunk ${r.d.toString('hex')} at offset ${r.offset} is damaged`;
+      }
+      if (k > i && r.offset === recs[k - 1]!.offset) {
+        pending.push({ r, at: pending[pending.length - 1]!.at }); // another member of the group just copied
+        continue;
+      }
+      parts.push(buf.subarray(at, at + r.length));
+      pending.push({ r, at: pos });
+      pos += r.length;
+    }
+    const base = await w.append(parts.length === 1 ? parts[0]! : Buffer.concat(parts));
+    for (const { r, at } of pending) {
+      const l = decodeLocation(r.loc);
+      moves.push({ key: chunkKey(r.d), old: r.loc, neu: encodeLocation({ ...l, packId: w.packId, offset: base + at }) });
+    }
+    i = j;
   }
+  return null;
 }
 
 /** What gc would do, changing nothing (no lock, no registration, no cleanup of dead writers). */
@@ -782,11 +779,11 @@ async function dryRun(repo: Repository, threshold: number, report: (line: string
   for await (const k of repo.db.keys(prefixRange(K_LEAF))) if (!m.leaves.has(bin(k.subarray(1)))) res.leavesRemoved++;
   for (const id of plan.remove) {
     res.packsDeleted++;
-    res.bytesFreed += (await fileSize(packPath(repo.dir, id))) ?? 0;
+    res.bytesFreed += (await packFileSize(repo, id)) ?? 0;
   }
   let copied = 0;
   for (const id of plan.rewrite) {
-    const size = await fileSize(packPath(repo.dir, id));
+    const size = await packFileSize(repo, id);
     if (size === null) continue;
     const l = plan.live.get(id) ?? 0;
     res.packsRepacked++;

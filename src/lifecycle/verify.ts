@@ -22,7 +22,6 @@
  * moved meanwhile is checked again where the index now says it is, and damage that no
  * generation uses any more (its generation was removed meanwhile) is not reported.
  */
-import fs from 'node:fs/promises';
 import { GenvaultError } from '../util/errors.js';
 import { checkedLeaf, checkedTop, Leaf, LeafRef } from '../format/chunkmap.js';
 import { getOrNull, markDamaged } from '../index/db.js';
@@ -32,7 +31,6 @@ import {
   COMP_GROUP,
   GROUP_TABLE_MAX,
   PACK_HEADER_SIZE,
-  PACK_MAGIC,
   RECORD_HEADER_BAD,
   RECORD_HEADER_SIZE,
   ChunkLocation,
@@ -43,6 +41,7 @@ import {
 } from '../format/pack.js';
 import { looseModes } from '../repository/perms.js';
 import { Repository } from '../repository/repository.js';
+import { PackReader, readPackHeader } from '../store/pack-reader.js';
 import type { LoadItem } from '../work/protocol.js';
 
 export interface VerifyOptions {
@@ -403,23 +402,23 @@ async function checkPacks(run: VerifyRun): Promise<void> {
 
 /** A pack file's size (-1: unreadable), noting a missing, unreadable or damaged header. */
 async function checkPackFile(run: VerifyRun, id: string): Promise<number> {
-  let size = -1;
-  let fh: fs.FileHandle | null = null;
+  let h: Awaited<ReturnType<typeof readPackHeader>>;
   try {
-    fh = await fs.open(packPath(run.repo.dir, id), 'r');
-    size = (await fh.stat()).size;
-    const head = Buffer.alloc(PACK_HEADER_SIZE);
-    const { bytesRead } = await fh.read(head, 0, PACK_HEADER_SIZE, 0);
-    if (bytesRead < PACK_HEADER_SIZE || !head.subarray(0, 8).equals(PACK_MAGIC) || head.toString('hex', 8, 24) !== id) {
-      run.damagedPacks.push({ pack: id, problem: 'pack header is damaged' });
-    }
+    h = await readPackHeader(run.repo.store, id);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    run.damagedPacks.push({ pack: id, problem: code === 'ENOENT' ? 'pack file is missing' : `pack file unreadable (${code ?? (e as Error).message})` });
-  } finally {
-    await fh?.close().catch(() => undefined);
+    if (code !== 'ENOENT') {
+      run.damagedPacks.push({ pack: id, problem: `pack file unreadable (${code ?? (e as Error).message})` });
+      return -1;
+    }
+    h = null; // deleted between the stat and the read
   }
-  return size;
+  if (!h) {
+    run.damagedPacks.push({ pack: id, problem: 'pack file is missing' });
+    return -1;
+  }
+  if (!h.headerOk) run.damagedPacks.push({ pack: id, problem: 'pack header is damaged' });
+  return h.size;
 }
 
 /** A pack's committed size from its index record (-1: unknown), noting a missing or corrupt one. */
@@ -477,39 +476,34 @@ async function checkHeaders(run: VerifyRun, fullSet: Uint8Array): Promise<void> 
 /** Check the record headers of these chunks of pack p, HEADER_READS reads at a time. */
 async function checkPackHeaders(run: VerifyRun, p: number, group: number[], progress: { done: number; total: number }): Promise<void> {
   const t = run.chunks;
-  let fh: fs.FileHandle;
+  let pack: PackReader;
   try {
-    fh = await fs.open(packPath(run.repo.dir, t.packIds[p]!), 'r');
+    pack = await PackReader.open(run.repo.store, t.packIds[p]!);
   } catch (err) {
     for (const i of group) run.damaged.set(i, `cannot open pack ${t.packIds[p]}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
     return;
   }
-  try {
-    let next = 0;
-    const workerFn = async () => {
-      const buf = Buffer.alloc(RECORD_HEADER_SIZE + GROUP_TABLE_MAX);
-      while (next < group.length) {
-        const i = group[next++]!;
-        const problem = await headerProblem(t, i, fh, buf);
-        if (problem !== null) run.damaged.set(i, problem);
-        run.headersChecked++;
-        progress.done += RECORD_HEADER_SIZE + t.storedLen[i]!;
-        run.opts.onProgress?.('headers', progress.done, progress.total);
-      }
-    };
-    await Promise.all(Array.from({ length: HEADER_READS }, workerFn));
-  } finally {
-    await fh.close().catch(() => undefined);
-  }
+  let next = 0;
+  const workerFn = async () => {
+    const buf = Buffer.alloc(RECORD_HEADER_SIZE + GROUP_TABLE_MAX);
+    while (next < group.length) {
+      const i = group[next++]!;
+      const problem = await headerProblem(t, i, pack, buf);
+      if (problem !== null) run.damaged.set(i, problem);
+      run.headersChecked++;
+      progress.done += RECORD_HEADER_SIZE + t.storedLen[i]!;
+      run.opts.onProgress?.('headers', progress.done, progress.total);
+    }
+  };
+  await Promise.all(Array.from({ length: HEADER_READS }, workerFn));
 }
 
 /** Read and check chunk i's record header (and a group record's member table); null when good. */
-async function headerProblem(t: ChunkTable, i: number, fh: fs.FileHandle, buf: Buffer): Promise<string | null> {
+async function headerProblem(t: ChunkTable, i: number, pack: PackReader, buf: Buffer): Promise<string | null> {
   const group = t.comps[i] === COMP_GROUP;
   // A group member's record: the header and its member table.
   const want = group ? RECORD_HEADER_SIZE + Math.min(t.storedLen[i]!, GROUP_TABLE_MAX) : RECORD_HEADER_SIZE;
-  const { bytesRead } = await fh.read(buf, 0, want, t.offsets[i]!);
-  if (bytesRead !== want) return RECORD_HEADER_BAD;
+  if ((await pack.read(t.offsets[i]!, want, buf)) !== want) return RECORD_HEADER_BAD;
   const entry = {
     storedLength: t.storedLen[i]!,
     rawLength: t.rawLen[i]!,

@@ -21,7 +21,8 @@ import { bytes } from '../util/format.js';
 import { Owner, currentOwner, ownerAlive } from '../util/proc.js';
 import { getOrNull, type Db } from '../index/db.js';
 import { packKey } from '../format/keys.js';
-import { isPackId, packPath } from '../format/pack.js';
+import { isPackId, packObject } from '../format/pack.js';
+import type { Store } from '../store/store.js';
 import { IMAGE_NAME_RE } from '../format/config.js';
 
 /** The lock name prune/forget/protect hold (no image name starts with '.'). */
@@ -200,25 +201,22 @@ export interface Trimmed {
 }
 
 /** Bring the packs of a writer back to what the index committed. */
-export async function trimPacks(repoDir: string, db: Db, packs: string[]): Promise<Trimmed> {
+export async function trimPacks(store: Store, db: Db, packs: string[]): Promise<Trimmed> {
   const done: Trimmed = { removed: 0, truncated: 0, bytes: 0 };
   for (const packId of packs) {
     if (!isPackId(packId)) continue; // listWriters never gives one; never a path elsewhere
     const rec = await getOrNull(db, packKey(packId));
-    const file = packPath(repoDir, packId);
-    const st = await fs.stat(file).catch((e: NodeJS.ErrnoException) => {
-      if (e.code === 'ENOENT') return null;
-      throw e;
-    });
+    const name = packObject(packId);
+    const st = await store.stat(name);
     if (!st) continue;
     if (!rec) {
-      await fs.rm(file, { force: true });
+      await store.delete(name);
       done.removed++;
       done.bytes += st.size;
     } else {
       const { size } = JSON.parse(rec.toString('utf8')) as { size: number };
       if (st.size > size) {
-        await fs.truncate(file, size);
+        await store.truncate(name, size);
         done.truncated++;
         done.bytes += st.size - size;
       }
@@ -228,11 +226,11 @@ export async function trimPacks(repoDir: string, db: Db, packs: string[]): Promi
 }
 
 /** Clean up after writers whose process is gone. Returns how many were cleaned. */
-export async function cleanupDeadWriters(repoDir: string, db: Db): Promise<number> {
+export async function cleanupDeadWriters(repoDir: string, db: Db, store: Store): Promise<number> {
   let n = 0;
   for (const w of await listWriters(repoDir)) {
     if (await ownerAlive(w.owner)) continue;
-    const t = await trimPacks(repoDir, db, w.packs);
+    const t = await trimPacks(store, db, w.packs);
     if (t.removed || t.truncated) {
       const did = [t.removed && `${t.removed} uncommitted pack(s) removed`, t.truncated && `${t.truncated} pack(s) cut to their committed size`];
       process.stderr.write(

@@ -10,6 +10,10 @@
  * A command that writes also tightens the directories of an existing repository (the
  * repository, index/, packs/ and its subdirectories, locks/, tmp/): that is what keeps
  * others out; files are not walked.
+ *
+ * This works on the local directory with node:fs, under the storage seam (store/store.ts):
+ * modes and ownership are a property of the local store, and this is maintenance of that
+ * directory, not access to the objects in it.
  */
 import { execFile } from 'node:child_process';
 import { constants as fsConstants } from 'node:fs';
@@ -113,7 +117,8 @@ const TOP_DIRS = ['.', 'index', 'packs', 'locks', 'tmp'];
 export async function tightenRepo(
   dir: string,
   config: Pick<RepoConfig, 'group'>,
-  opts: { strict?: boolean; configFile?: string } = {},
+  /** configFile null: none yet (init tightens before it writes config.json). */
+  opts: { strict?: boolean; configFile?: string | null } = {},
 ): Promise<void> {
   const strict = opts.strict === true;
   const modes = repoModes(config);
@@ -130,6 +135,7 @@ export async function tightenRepo(
     for (const d of await fs.readdir(path.join(dir, 'packs')).catch(() => [])) {
       if (/^[0-9a-f]{2}$/.test(d)) await setDirMode(path.join(dir, 'packs', d), modes.dir, gid);
     }
+    if (opts.configFile === null) return;
     const cfg = await fs.open(opts.configFile ?? path.join(dir, 'config.json'), fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
     try {
       if (gid !== null) await cfg.chown(-1, gid);

@@ -13,6 +13,8 @@ import { ChunkMap, Leaf, LeafDamage, checkedLeaf, checkedTop } from '../format/c
 import { Generation, describeGenerationKey, generationKey, parseGenerationRecord, parseTarget, resolveRevision } from '../format/generation.js';
 import { ChunkLocation, decodeLocation } from '../format/pack.js';
 import { WorkerPool } from '../work/pool.js';
+import { LocalStore } from '../store/local.js';
+import type { Store } from '../store/store.js';
 import { applyUmask, repoModes, resolveGroup, setDirMode, tightenRepo } from './perms.js';
 
 export const CONFIG_FILE = 'config.json';
@@ -25,10 +27,14 @@ export class Repository {
     readonly dir: string,
     readonly config: RepoConfig,
     readonly db: Db,
+    /** Where config.json and the packs are (everything but index/ and locks/). */
+    readonly store: Store,
   ) {}
 
   static async init(dir: string, overrides: Partial<RepoConfig> = {}): Promise<RepoConfig> {
     const abs = path.resolve(dir);
+    // A repository is a local directory: init makes it, and locks/, tmp/ and index/ beside
+    // the store's own packs/, with node:fs (only config.json and packs are store objects).
     try {
       const entries = await fs.readdir(abs);
       if (entries.includes(CONFIG_FILE)) throw new GenvaultError(`${abs}: a repository already exists here`, 'EXISTS');
@@ -47,17 +53,14 @@ export class Repository {
       await fs.mkdir(abs, { recursive: true, mode: 0o700 });
       // An existing (empty) directory keeps no mode of its own, nor another user's ownership.
       await setDirMode(abs, modes.dir, gid, process.getuid?.() === 0 ? 0 : -1);
-      for (const d of ['packs', 'locks', 'tmp']) await fs.mkdir(path.join(abs, d), { mode: modes.dir & 0o777 });
+      const store = await LocalStore.init(abs, modes.dir);
+      for (const d of ['locks', 'tmp']) await fs.mkdir(path.join(abs, d), { mode: modes.dir & 0o777 });
       const db = await openDb(path.join(abs, 'index'), { create: true });
       await db.close();
-      // config.json last and atomically: a directory without it is not a repository.
-      const tmp = path.join(abs, `${CONFIG_FILE}.tmp`);
-      await fs.writeFile(tmp, JSON.stringify(config, null, 2) + '\n', { mode: modes.file });
-      const fh = await fs.open(tmp, 'r');
-      await fh.sync();
-      await fh.close();
-      await tightenRepo(abs, config, { strict: true, configFile: tmp });
-      await fs.rename(tmp, path.join(abs, CONFIG_FILE));
+      await tightenRepo(abs, config, { strict: true, configFile: null });
+      // config.json last and atomically: a directory without it is not a repository. It
+      // takes the group of the repository directory (set-group-ID, tightened above).
+      await store.put(CONFIG_FILE, JSON.stringify(config, null, 2) + '\n', { exclusive: true, mode: modes.file });
     } catch (e) {
       throw describeFsError(e, abs);
     }
@@ -66,10 +69,11 @@ export class Repository {
 
   static async readConfig(dir: string): Promise<RepoConfig> {
     const abs = path.resolve(dir);
-    const file = path.join(abs, CONFIG_FILE);
+    const store = new LocalStore(abs);
+    const file = store.describe(CONFIG_FILE);
     let text: string;
     try {
-      text = await fs.readFile(file, 'utf8');
+      text = (await store.get(CONFIG_FILE)).toString('utf8');
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;
       if (code === 'ENOENT' || code === 'ENOTDIR') {
@@ -103,7 +107,7 @@ export class Repository {
       if (e instanceof IndexError) throw new GenvaultError(`${abs}: index damaged: ${e.message}`, 'INDEX');
       throw describeFsError(e, indexDir);
     }
-    const repo = new Repository(abs, config, db);
+    const repo = new Repository(abs, config, db, new LocalStore(abs));
     repo.readOnly = readOnlyCopy(db) !== null;
     if (opts.write && !repo.readOnly) await tightenRepo(abs, config);
     repo.indexDamage = await indexDamage(readOnlyCopy(db) ?? indexDir);
@@ -149,6 +153,7 @@ export class Repository {
   async close(): Promise<void> {
     await this.poolInstance?.close();
     this.poolInstance = null;
+    await this.store.close();
     await this.db.close();
   }
 

@@ -1,0 +1,18 @@
+/** Opening a store from its spec (in a worker thread, or from a repository's location). */
+import { LocalStore, LocalSyncReader } from './local.js';
+import type { Store, StoreSpec, SyncReader } from './store.js';
+
+export function openStore(spec: StoreSpec): Store {
+  switch (spec.kind) {
+    case 'local':
+      return new LocalStore(spec.dir);
+  }
+}
+
+/** A synchronous range reader, or null for a store whose reads are not local system calls (see store.ts). */
+export function openSyncReader(spec: StoreSpec): SyncReader | null {
+  switch (spec.kind) {
+    case 'local':
+      return new LocalSyncReader(spec);
+  }
+}
