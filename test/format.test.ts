@@ -20,7 +20,7 @@ import {
   isLocation,
   isPackId,
   newPackId,
-  packPath,
+  packObject,
   recordShare,
 } from '../src/format/pack.js';
 import { LeafBuilder, checkedLeaf, checkedTop, chunkIndexAt, decodeLeaf, decodeTop, encodeTop, type ChunkEntry } from '../src/format/chunkmap.js';
@@ -90,11 +90,11 @@ describe('chunk locations', () => {
   it('name packs only by well-formed ids', () => {
     const id = newPackId();
     expect(isPackId(id)).toBe(true);
-    expect(packPath('/r', id)).toBe(`/r/packs/${id.slice(0, 2)}/${id}.pack`);
+    expect(packObject(id)).toBe(`packs/${id.slice(0, 2)}/${id}.pack`);
     for (const bad of ['../../etc/passwd', id.toUpperCase(), id.slice(1), `${id}0`, 42]) {
       expect(isPackId(bad)).toBe(false);
     }
-    expect(() => packPath('/r', '../' + id.slice(3))).toThrow(/invalid pack id/);
+    expect(() => packObject('../' + id.slice(3))).toThrow(/invalid pack id/);
   });
 });
 

@@ -3,6 +3,9 @@ import { afterAll, describe, expect, it } from 'vitest';
 // The pool starts dist/work/worker.js next to itself: use the built pool (scripts/test builds first).
 import { WorkerPool } from '../dist/work/pool.js';
 
+/** Packs are read from a store; this one is a directory that does not exist. */
+const STORE = { kind: 'local', dir: '/nonexistent/genvault-pool-test' } as const;
+
 const pools: Array<{ close(): Promise<void> }> = [];
 afterAll(async () => {
   await Promise.all(pools.map((p) => p.close()));
@@ -14,7 +17,7 @@ function missing(i: number) {
     op: 'loadMany',
     items: [
       {
-        file: `/nonexistent/genvault-pool-test/${i}.pack`,
+        file: `${i}.pack`,
         offset: 0,
         storedLength: 10,
         rawLength: 10,
@@ -33,7 +36,7 @@ describe('WorkerPool', () => {
     [3, 3],
   ] as const) {
     it(`routes every answer to its own task (${size} worker(s), ${depth} task(s) each)`, async () => {
-      const pool = new WorkerPool(size, 0, depth);
+      const pool = new WorkerPool(size, 0, depth, STORE);
       pools.push(pool);
       const n = 25;
       const answers = await Promise.all(
@@ -47,7 +50,7 @@ describe('WorkerPool', () => {
   }
 
   it('a task that fails in the worker rejects only itself; the worker goes on with the rest', async () => {
-    const pool = new WorkerPool(1, 0, 2);
+    const pool = new WorkerPool(1, 0, 2, STORE);
     pools.push(pool);
     // 'compress' without its shared buffers throws inside the worker.
     const bad = pool.run({ op: 'compress' });

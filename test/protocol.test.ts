@@ -18,7 +18,7 @@ const params = defaultConfig().chunking;
 
 beforeAll(async () => {
   s = await Scratch.create('genvault-protocol-');
-  pool = new WorkerPool(2, 0, 1);
+  pool = new WorkerPool(2, 0, 1, { kind: 'local', dir: s.dir }); // items name packs relative to it
 });
 
 afterAll(async () => {
@@ -55,8 +55,8 @@ async function packed(group: number) {
   const digests = new Uint8Array(data.length * 32);
   data.forEach((d, i) => digests.set(d.digest, i * 32));
   const res = await pool.run({ op: 'compress', seg, spans, digests, level: 3, group });
-  const file = s.path(`g${group}.pack`);
-  fs.writeFileSync(file, res.out);
+  const file = `g${group}.pack`;
+  fs.writeFileSync(s.path(file), res.out);
   const items = data.map((d, i) => ({
     file,
     offset: res.table[i * 5]!,
@@ -207,7 +207,7 @@ describe('worker protocol', () => {
   });
 
   it('a handler that throws: the task rejects with an Error carrying the message and code', async () => {
-    const item = { file: s.path('none.pack'), offset: 0, storedLength: 0, rawLength: 4096, compression: 0, digest: new Uint8Array(32) };
+    const item = { file: 'none.pack', offset: 0, storedLength: 0, rawLength: 4096, compression: 0, digest: new Uint8Array(32) };
     const e = await pool.run({ op: 'restoreMany', fd: 1 << 20, items: [{ ...item, at: 0, zero: true }] }).catch((x: unknown) => x);
     expect(e).toBeInstanceOf(Error);
     expect(e).toMatchObject({ code: 'EBADF', message: expect.stringContaining('bad file descriptor') });

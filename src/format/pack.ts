@@ -18,7 +18,6 @@
  */
 import { crc32 } from 'node:zlib';
 import { createHash, randomBytes } from 'node:crypto';
-import path from 'node:path';
 
 export const PACK_MAGIC = Buffer.from('GVPACK01');
 export const PACK_HEADER_SIZE = 24;
@@ -53,11 +52,6 @@ export function isPackId(v: unknown): v is string {
 export function packObject(packId: string): string {
   if (!isPackId(packId)) throw new Error(`invalid pack id ${JSON.stringify(packId)}`);
   return `packs/${packId.slice(0, 2)}/${packId}.pack`;
-}
-
-/** The file of a pack in a local repository (what the workers read today). */
-export function packPath(repoDir: string, packId: string): string {
-  return path.join(repoDir, packObject(packId));
 }
 
 export function encodeRecordHeader(

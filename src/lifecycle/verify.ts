@@ -37,7 +37,7 @@ import {
   checkRecord,
   decodeLocation,
   isLocation,
-  packPath,
+  packObject,
 } from '../format/pack.js';
 import { looseModes } from '../repository/perms.js';
 import { Repository } from '../repository/repository.js';
@@ -566,7 +566,7 @@ function sendBatch(run: VerifyRun, batch: number[], progress: boolean, flight: I
   const items: LoadItem[] = batch.map((i) => {
     const fast = run.fastOf.get(t.digests[i]!);
     return {
-      file: packPath(run.repo.dir, t.packIds[t.packOf[i]!]!),
+      file: packObject(t.packIds[t.packOf[i]!]!),
       offset: t.offsets[i]!,
       storedLength: t.storedLen[i]!,
       rawLength: t.rawLen[i]!,

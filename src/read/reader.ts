@@ -8,7 +8,7 @@ import { ChunkMap, chunkIndexAt, Leaf } from '../format/chunkmap.js';
 import { markDamaged } from '../index/db.js';
 import { chunkKey } from '../format/keys.js';
 import { Generation } from '../format/generation.js';
-import { COMP_GROUP, ChunkLocation, decodeLocation, packPath } from '../format/pack.js';
+import { COMP_GROUP, ChunkLocation, decodeLocation, packObject } from '../format/pack.js';
 import { Lru } from '../util/lru.js';
 import { Repository } from '../repository/repository.js';
 import type { LoadResult } from '../work/protocol.js';
@@ -216,7 +216,7 @@ export class ChunkLoader {
   item(loc: ChunkLocation, digest: Buffer) {
     const fast = this.fasts.get(digest.toString('binary'));
     return {
-      file: packPath(this.repo.dir, loc.packId),
+      file: packObject(loc.packId),
       offset: loc.offset,
       storedLength: loc.storedLength,
       rawLength: loc.rawLength,

@@ -16,7 +16,7 @@ import { DamageError, GenvaultError, describeFsError } from '../util/errors.js';
 import { blockDeviceSizeOf } from '../util/blockdev.js';
 import { walkChunks } from '../format/chunkmap.js';
 import { markDamaged } from '../index/db.js';
-import { packPath, sameGroupRecord } from '../format/pack.js';
+import { packObject, sameGroupRecord } from '../format/pack.js';
 import { Generation } from '../format/generation.js';
 import { ChunkLoader } from './reader.js';
 import type { RestoreItem } from '../work/protocol.js';
@@ -147,7 +147,7 @@ async function settleDamaged(
     // gc may have moved the chunk to another pack since we looked it up: retry there.
     const it = items[i]!;
     const fresh = await repo.location(Buffer.from(it.digest));
-    if (fresh && (packPath(repo.dir, fresh.packId) !== it.file || fresh.offset !== it.offset)) {
+    if (fresh && (packObject(fresh.packId) !== it.file || fresh.offset !== it.offset)) {
       const again = await pool.run({
         op: 'restoreMany',
         fd,

@@ -132,7 +132,7 @@ export class Repository {
   indexDamage: string | null = null;
 
   get pool(): WorkerPool {
-    if (!this.poolInstance) this.poolInstance = new WorkerPool(this.workerCount, this.workerNice, this.workerDepth);
+    if (!this.poolInstance) this.poolInstance = new WorkerPool(this.workerCount, this.workerNice, this.workerDepth, this.store.spec);
     return this.poolInstance;
   }
 

@@ -5,8 +5,9 @@
  */
 import { createHash } from 'node:crypto';
 import { blake3 } from '@napi-rs/blake-hash';
-import fs from 'node:fs';
-import { alignSkipper } from '../util/holes.js';
+import { workerData } from 'node:worker_threads';
+import { openSyncReader } from '../store/open.js';
+import type { StoreSpec, SyncReader } from '../store/store.js';
 import {
   COMP_GROUP,
   COMP_ZSTD,
@@ -31,32 +32,27 @@ const prefixDctx = new zstd.DCtx();
 const GROUP_CACHE = 4;
 /** `valid`: how many bytes from the group's start are decoded (see decodeGroupMember). */
 const decodedGroups: Array<{ file: string; offset: number; data: Uint8Array; valid: number }> = [];
-/** Open pack descriptors, buffered and O_DIRECT ones apart; all dropped past 64 of a kind. */
-const fds = { buffered: new Map<string, number>(), direct: new Map<string, number>() };
+/**
+ * The packs, read synchronously (this thread never serves the mount) through the store the
+ * pool was made for, its descriptors cached.
+ *
+ * O_DIRECT pack reads (`direct`), for readers that pass over data once (restore, cat,
+ * verify): the pack bytes go straight into this worker's buffer, with no page-cache pages
+ * to allocate and fill and nothing of the machine's cache evicted by a multi-terabyte
+ * restore. Cold restores are faster and take fewer core-seconds (native-notes/performance.md,
+ * worker threads, "O_DIRECT"). Where the store cannot (no aligning addon, a file system
+ * that refuses O_DIRECT), readDirect says so and packs are read through the cache.
+ */
+const packs: SyncReader | null = (() => {
+  const spec = (workerData as { store?: StoreSpec } | null)?.store;
+  return spec ? openSyncReader(spec) : null;
+})();
 
-function fdFor(file: string, direct = false): number {
-  const open = direct ? fds.direct : fds.buffered;
-  let fd = open.get(file);
-  if (fd === undefined) {
-    if (open.size > 64) {
-      for (const v of open.values()) fs.closeSync(v);
-      open.clear();
-    }
-    fd = fs.openSync(file, direct ? fs.constants.O_RDONLY | fs.constants.O_DIRECT : 'r');
-    open.set(file, fd);
-  }
-  return fd;
-}
-
-/** pread until `length` bytes are in or the file ends; returns how many were read. */
-function preadFull(fd: number, buf: Uint8Array, offset: number, length: number, position: number): number {
-  let got = 0;
-  while (got < length) {
-    const n = fs.readSync(fd, buf, offset + got, length - got, position + got);
-    if (n === 0) break;
-    got += n;
-  }
-  return got;
+function packReader(): SyncReader {
+  // A store whose reads are not local system calls has no sync reader (store.ts); reading
+  // its packs here would need the spans handed over by the main thread.
+  if (!packs) throw new Error('this worker pool cannot read packs (no store, or a store without synchronous reads)');
+  return packs;
 }
 
 export function handleLoad(req: LoadRequest): Reply<LoadAnswer> {
@@ -88,42 +84,6 @@ export function handleLoadMany(req: LoadManyRequest): Reply<LoadManyAnswer> {
 }
 
 /**
- * O_DIRECT pack reads, for readers that pass over data once (restore, cat, verify): the pack
- * bytes go straight into this worker's buffer, with no page-cache pages to allocate and
- * fill and nothing of the machine's cache evicted by a multi-terabyte restore. Cold
- * restores are faster and take fewer core-seconds (native-notes/performance.md, worker
- * threads, "O_DIRECT").
- * Offsets, lengths and memory must be aligned; without the addon that finds a buffer's
- * address, or on a file system that refuses O_DIRECT, packs are read through the cache.
- */
-const DIRECT_ALIGN = 4096;
-const alignSkip = alignSkipper();
-let directOk = alignSkip !== null;
-let directBuf = Buffer.alloc(0);
-let directSkip = 0;
-
-/** Pack bytes [start, end) read with O_DIRECT; null when that cannot be done here (read them buffered). */
-function readDirect(file: string, start: number, end: number): { span: Buffer; got: number } | null {
-  if (!directOk) return null;
-  const a0 = start - (start % DIRECT_ALIGN);
-  const need = Math.ceil(end / DIRECT_ALIGN) * DIRECT_ALIGN - a0;
-  if (directBuf.length - directSkip < need) {
-    directBuf = Buffer.allocUnsafeSlow(need + DIRECT_ALIGN);
-    directSkip = alignSkip!(directBuf, DIRECT_ALIGN);
-  }
-  let got: number;
-  try {
-    // At the end of the pack the last read may stop anywhere.
-    got = preadFull(fdFor(file, true), directBuf, directSkip, need, a0);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'EINVAL') directOk = false; // no O_DIRECT here
-    return null; // the buffered read reports any real error
-  }
-  const lead = start - a0;
-  return { span: directBuf.subarray(directSkip + lead, directSkip + lead + (end - start)), got: Math.max(0, got - lead) };
-}
-
-/**
  * Load chunks, reading records that lie next to each other in one pack with one read:
  * a cold sequential restore then reads packs in large pieces instead of a record at a time
  * (native-notes/performance.md, worker threads, "Neighbouring records").
@@ -148,7 +108,7 @@ export function loadRun(items: LoadItem[], dest?: (i: number) => Uint8Array, dir
       j++;
     }
     const start = items[i]!.offset;
-    const viaDirect = direct ? readDirect(items[i]!.file, start, end) : null;
+    const viaDirect = direct ? packReader().readDirect(items[i]!.file, start, end) : null;
     if (j - i === 1 && !viaDirect) {
       results[i] = loadChunk(items[i]!, dest?.(i));
     } else {
@@ -159,7 +119,7 @@ export function loadRun(items: LoadItem[], dest?: (i: number) => Uint8Array, dir
         if (spanBuf.length < end - start) spanBuf = Buffer.allocUnsafe(end - start);
         span = spanBuf.subarray(0, end - start); // reused: decoding copies out of it
         try {
-          got = preadFull(fdFor(items[i]!.file), span, 0, span.length, start);
+          got = packReader().read(items[i]!.file, span, 0, span.length, start);
         } catch {
           got = -1;
         }
@@ -188,13 +148,12 @@ function loadChunk(req: LoadItem, into?: Uint8Array): LoadResult {
   const total = RECORD_HEADER_SIZE + req.storedLength;
   if (spanBuf.length < total) spanBuf = Buffer.allocUnsafe(total);
   const buf = spanBuf.subarray(0, total); // reused: decoding copies out of it
-  let fd: number;
+  let got: number;
   try {
-    fd = fdFor(req.file);
+    got = packReader().read(req.file, buf, 0, total, req.offset);
   } catch (e) {
-    return { damaged: `cannot open pack: ${(e as Error).message}` };
+    return { damaged: `cannot read pack: ${(e as Error).message}` };
   }
-  const got = preadFull(fd, buf, 0, total, req.offset);
   if (got < total) return { damaged: `pack record truncated (${got} of ${total} bytes)` };
   return decodeRecord(req, buf, into);
 }

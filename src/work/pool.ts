@@ -1,6 +1,7 @@
 /** A small pool of worker threads (one per core) running src/work/worker.ts. */
 import { Worker } from 'node:worker_threads';
 import os from 'node:os';
+import type { StoreSpec } from '../store/store.js';
 import type { AnswerMessage, AnswerOf, Op, RequestOf, WorkerRequest } from './protocol.js';
 
 interface Task {
@@ -39,17 +40,20 @@ export class WorkerPool {
    *   restores ran faster with 2 than with 1 (native-notes/performance.md, worker
    *   threads, "Pool depth"). Backups showed no difference. A mount keeps 1, so that a
    *   read the kernel waits for never queues inside a busy worker behind read-ahead.
+   * @param store the store whose packs the load and restore ops read (their items name
+   *   packs by object name in it); a pool without one only chunks and compresses.
    */
   constructor(
     size?: number,
     nice = 5,
     private depth = 1,
+    store?: StoreSpec,
   ) {
     size = Number(process.env.GENVAULT_WORKERS) || size || workerCores() + 1;
     // One lock word shared by the workers: restore writes to one file take turns on it.
     const writeLock = new SharedArrayBuffer(4);
     for (let i = 0; i < size; i++) {
-      const w = new Worker(new URL('./worker.js', import.meta.url), { workerData: { nice, writeLock } });
+      const w = new Worker(new URL('./worker.js', import.meta.url), { workerData: { nice, writeLock, store } });
       w.unref();
       w.on('message', (msg: AnswerMessage) => {
         const t = this.pending.get(msg.id);

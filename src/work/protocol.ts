@@ -42,6 +42,7 @@ export interface SegmentRead {
 export type SegmentReadFailure = { readError: { code?: string; message: string; offset: number } } | { short: number };
 
 export interface LoadItem {
+  /** The pack's object name in the pool's store (format/pack.ts packObject). */
   file: string;
   offset: number;
   storedLength: number;
