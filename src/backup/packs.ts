@@ -67,7 +67,7 @@ export class PackSink {
    */
   async store(seg: Segment, table: Int32Array, entryDigest: Array<Buffer | null>, newIdx: number[]): Promise<void> {
     const { run } = this;
-    const { stats, cfg } = run;
+    const { stats, cfg, pool, group } = run;
     if (newIdx.length) {
       const spans = new Int32Array(newIdx.length * 2);
       const ds = new Uint8Array(newIdx.length * 32);
@@ -86,8 +86,8 @@ export class PackSink {
       const rawLengths = newIdx.map((i) => table[i * 3 + 1]!);
       const out = await this.outBufs.acquire();
       this.compressTasks.push(
-        run.pool
-          .run<CompressResult>({ op: 'compress', seg: buf, spans, digests: ds, level: cfg.compression.level, group: run.group, out })
+        pool
+          .run<CompressResult>({ op: 'compress', seg: buf, spans, digests: ds, level: cfg.compression.level, group, out })
           .then((res) => {
             this.segBufs.release(buf);
             this.append(res, names, rawLengths, out);

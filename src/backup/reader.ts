@@ -184,14 +184,14 @@ export class SegmentReader {
     buf: SharedArrayBuffer, at: number, len: number, win?: Promise<ParentWindow | undefined>, read?: DirectRead,
   ): Promise<Segment> {
     const { run } = this;
-    const { cfg, stats, source, fastDetect } = run;
+    const { cfg, stats, source, fastDetect, pool } = run;
     run.read(len);
     if (read?.extents?.length === 0) {
       stats.holeBytes = (stats.holeBytes ?? 0) + len;
       return { buf, len, res: Promise.resolve(zeroChunks(len, cfg.chunking)) };
     }
     const parentWin = win ? await win : undefined;
-    const res = run.pool
+    const res = pool
       .run<ChunkResult | SegmentReadFailure>({
         op: 'chunk', seg: buf, len, params: cfg.chunking, fast: fastDetect, parent: parentWin,
         read: read && { fd: read.fd, position: at, extents: read.extents },
