@@ -1,8 +1,8 @@
 /**
- * The parent generation's chunk map walked in offset order: positional dedup (the
- * main loop, and the reader of a chunked source) and the parent windows the workers'
- * BLAKE3 change detector compares against. Each user has its own cursor: cursors only
- * move forward.
+ * The parent generation's chunk map walked in offset order: positional dedup (dedup.ts,
+ * and the reader of a chunked source) and the parent windows the workers' BLAKE3 change
+ * detector compares against (reader.ts). Each user has its own cursor: cursors only move
+ * forward.
  */
 import type { ChunkMap, Leaf } from '../format/chunkmap.js';
 import type { ParentWindow } from '../work/worker.js';
