@@ -5,7 +5,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { GenvaultError, UsageError } from '../util/errors.js';
 import { Repository } from '../repository/repository.js';
-import { startIndexHolder } from '../index/holder.js';
+import { startIndexHolder } from '../index/index-holder.js';
 import { fusermountUnmount, isMounted, isStaleMount, mountRepository } from '../fuse/mount.js';
 import { ensureRunDir, openLogFile, readRunFile, writeRunFile } from '../util/rundir.js';
 import { action, repoPath } from './common.js';
@@ -28,7 +28,7 @@ interface MountCliOpts {
 async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (msg: object) => void): Promise<void> {
   const runDir = await ensureRunDir(); // before mounting: a refused run directory leaves nothing behind
   // The index leader (if none leads yet) is a small process of its own, not this one:
-  // backups keep their speed while the mount is read (src/index/holder.ts).
+  // backups keep their speed while the mount is read (src/index/index-holder.ts).
   const indexHolder = await startIndexHolder(repoDir).catch((e: Error) => {
     process.stderr.write(`genvault mount: index holder not started (${e.message}); this process may lead the index\n`);
     return null;
