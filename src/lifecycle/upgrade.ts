@@ -18,7 +18,7 @@
  * is version 4 and `upgrade` only does step 4.
  */
 import { GenvaultError } from '../util/errors.js';
-import { K_GEN, K_LEAF, prefixEnd } from '../format/keys.js';
+import { K_GEN, K_LEAF, packKey, prefixEnd } from '../format/keys.js';
 import { FORMAT_VERSION } from '../format/config.js';
 import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF } from '../format/meta.js';
 import { parseGenerationRecord, type Generation } from '../format/generation.js';
@@ -148,7 +148,11 @@ async function addGeneration(repo: Repository, mp: MetaPack, g: Generation & { j
 async function metaInPacks(repo: Repository): Promise<Written> {
   const w: Written = { leaves: new Set(), generations: new Set() };
   for (const p of await listPacks(repo.store)) {
-    const it = scanStoredPack(repo.store, p);
+    // Only what is committed: a dead writer's tail past its `p` size is trimmed later.
+    const committed = await getOrNull(repo.db, packKey(p.packId));
+    if (!committed) continue;
+    const size = Math.min(p.size, (JSON.parse(committed.toString('utf8')) as { size: number }).size);
+    const it = scanStoredPack(repo.store, p, size);
     for (let r = await it.next(); !r.done; r = await it.next()) {
       if (r.value.kind !== 'meta') continue;
       const rec = r.value.record;
