@@ -253,6 +253,34 @@ describe('gc keeps the metadata records of a format 4 repository', () => {
     expect(await restoreSum(repo, 'd2@latest')).toBe(sums.get('d2'));
   });
 
+  it('a damaged record among dead chunks: format 4 leaves the pack, format 3 deletes it unread as before', async () => {
+    for (const version of [3, 4]) {
+      const repo = await newRepo(`repo-meta-v${version}`);
+      const cfgFile = path.join(repo, 'config.json');
+      await fs.writeFile(cfgFile, JSON.stringify({ ...JSON.parse(await fs.readFile(cfgFile, 'utf8')), version }));
+      await writeImage(s.path('v.img'), [prng(31, 2 << 20)]);
+      await gvOk(repo, ['backup', s.path('v.img'), '--name', 'v']);
+      const [vPack] = await scanAll(repo);
+      const wSum = await writeImage(s.path('w.img'), [prng(32, 1 << 20)]);
+      await gvOk(repo, ['backup', s.path('w.img'), '--name', 'w']);
+      const vLoc = (await indexKeys(repo, 'c')).map(([, v]) => v).find((v) => v.toString('hex', 0, 16) === vPack!.packId)!;
+      await gvOk(repo, ['forget', 'v@latest', '--force-young']);
+      const file = path.join(repo, 'packs', vPack!.packId.slice(0, 2), `${vPack!.packId}.pack`);
+      await flipByte(file, Number(vLoc.readBigUInt64LE(16)) + 9); // a length in a record header
+      const r = JSON.parse(await gvOk(repo, ['gc', '--json']));
+      expect(r.metadataKept + r.metadataDropped).toBe(0);
+      if (version === 3) {
+        expect(r).toMatchObject({ packsDeleted: 1, warnings: [] });
+        await expect(fs.stat(file)).rejects.toThrow();
+      } else {
+        expect(r.packsDeleted).toBe(0);
+        expect(r.warnings.join('\n')).toMatch(new RegExp(`pack ${vPack!.packId}: damaged record at offset`));
+        expect((await fs.stat(file)).size).toBe(vPack!.size);
+      }
+      expect(await restoreSum(repo, 'w@latest')).toBe(wSum);
+    }
+  });
+
   it('kill -9 at random moments: every remaining generation keeps its records in the packs', async () => {
     const seed = Number(process.env.GENVAULT_GC_KILL_SEED ?? randomBytes(4).readUInt32LE(0));
     if (!Number.isInteger(seed)) throw new Error(`GENVAULT_GC_KILL_SEED=${process.env.GENVAULT_GC_KILL_SEED}: not an integer`);

@@ -652,6 +652,8 @@ async function triage(repo: Repository, plan: PackPlan, id: string, threshold: n
   const chunkLive = plan.live.get(id) ?? 0;
   const size = plan.sizes.get(id) ?? 0;
   const scan = meta ? await scanMeta(repo, id, size, meta) : null;
+  // Damaged bytes may be a live metadata record whose type cannot be told any more (even
+  // where the index says a dead chunk was): the pack stays for verify and repair.
   if (scan?.problem) return { action: 'damaged', problem: scan.problem };
   const live = chunkLive + (scan?.liveBytes ?? 0);
   if (live === 0) return { action: 'delete', scan };
