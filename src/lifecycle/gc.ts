@@ -15,6 +15,8 @@
  *             landing in the middle of a batch undoes that batch (see sweepChunks)
  *   leaves    unreferenced leaves are removed, only while no backup runs (see sweepLeaves)
  *   repack    packs with no live record are deleted; packs mostly dead are rewritten
+ *             (format 4: a pack's live metadata records are copied with its live chunks,
+ *             and count as live bytes; see gc-meta.ts)
  *   finish    the 'x' keys of swept chunks are deleted, locks released
  *
  * Crash safety: a pack is unlinked only after no 'c' entry points into it; everything else
@@ -762,18 +764,21 @@ async function rewritePack(repo: Repository, writer: WriterRegistration, out: { 
   await w.sync();
   await testPause('repack-commit');
   const cur = await db.getMany(moves.map((m) => m.key));
-  // The new pack's 'p' size is committed even when no entry moves (a pack of metadata
-  // records only): records past the committed size are trimmed as a dead writer's.
+  // Listed first: once the batch below has deleted its 'p' entry, cleanupDeadWriters
+  // removes the file if we die (listed with its 'p' entry, it is left as it is).
+  await writer.addPack(id);
+  // One batch commits the new pack's 'p' size (also when no entry moves: a pack of
+  // metadata records only), moves the entries and gives the old pack up, so that no gc
+  // killed in between leaves both committed: the next one would copy the old pack's
+  // metadata records a second time.
   const batch: Op[] = [{ type: 'put', key: packKey(w.packId), value: Buffer.from(JSON.stringify({ size: w.size })) }];
   // Only entries still pointing at the old record move; one replaced meanwhile by a
   // backup's fresh copy points into that backup's pack and stays.
   moves.forEach((m, i) => {
     if (cur[i] && Buffer.from(cur[i]!).equals(m.old)) batch.push({ type: 'put', key: m.key, value: m.neu });
   });
+  batch.push({ type: 'del', key: packKey(id) });
   await db.batch(batch, SYNC);
-  // No entry points into the old pack any more, and its live metadata is durable in ours.
-  await writer.addPack(id);
-  await db.del(packKey(id), SYNC);
   await testPause('pack-unlink');
   await repo.store.delete(packObject(id));
   const copied = w.size - startSize;
