@@ -12,7 +12,7 @@ import { RaveLevel } from 'rave-level';
 import { afterAll, beforeAll, describe, expect, it, onTestFailed } from 'vitest';
 import { LocalStore } from '../src/store/local.js';
 import { listPacks, scanStoredPack } from '../src/store/pack-reader.js';
-import { REC_GENERATION, REC_GENMAP, REC_LEAF, encodeMetaRecord } from '../src/format/meta.js';
+import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF, encodeMetaRecord, type GenerationChange } from '../src/format/meta.js';
 import type { Generation } from '../src/format/generation.js';
 import { CLI, Scratch, flipByte, gv, gvOk, prng, seededRandom, sh, sha256File } from './helpers.js';
 
@@ -33,6 +33,7 @@ interface PackMeta {
   leaves: Set<string>; // hex digests
   maps: Set<string>; // generation ids
   records: Set<string>; // generation ids
+  changes: string[]; // id:rev, or id:forgotten
   /** Offset of every metadata record. */
   offsets: number[];
   damaged: number;
@@ -52,7 +53,7 @@ async function scanAll(repo: string): Promise<PackMeta[]> {
 
 async function scanInto(store: LocalStore, repo: string, out: PackMeta[]): Promise<void> {
   for (const p of await listPacks(store)) {
-    const m: PackMeta = { packId: p.packId, file: path.join(repo, p.name), size: p.size, leaves: new Set(), maps: new Set(), records: new Set(), offsets: [], damaged: 0 };
+    const m: PackMeta = { packId: p.packId, file: path.join(repo, p.name), size: p.size, leaves: new Set(), maps: new Set(), records: new Set(), changes: [], offsets: [], damaged: 0 };
     for await (const item of scanStoredPack(store, p)) {
       if (item.kind === 'damaged') m.damaged++;
       if (item.kind !== 'meta') continue;
@@ -61,6 +62,7 @@ async function scanInto(store: LocalStore, repo: string, out: PackMeta[]): Promi
       if (r.type === REC_LEAF) m.leaves.add(item.header.digest.toString('hex'));
       else if (r.type === REC_GENMAP) m.maps.add(r.id);
       else if (r.type === REC_GENERATION) m.records.add(r.generation.id);
+      else if (r.type === REC_CHANGE) m.changes.push(`${r.change.id}:${r.change.forgotten ? 'forgotten' : r.change.rev}`);
     }
     out.push(m);
   }
@@ -235,6 +237,53 @@ describe('gc keeps the metadata records of a format 4 repository', () => {
     expect(await restoreSum(repo, 'y@latest')).toBe(ySum);
     const v = await gv(repo, ['verify', '--full']);
     expect(v.code, v.stdout + v.stderr).toBe(0);
+  });
+
+  it('keeps the current change of a generation and every forgotten one, drops superseded changes', async () => {
+    const repo = await newRepo('repo-meta-changes');
+    for (let i = 0; i < 3; i++) {
+      await writeImage(s.path('c.img'), [prng(40 + i, 1 << 20)]);
+      await gvOk(repo, ['backup', s.path('c.img'), '--name', 'c']);
+    }
+    await gvOk(repo, ['upgrade']);
+    const [a, b] = await list(repo);
+    await gvOk(repo, ['forget', `c@${b!.id}`, '--force-young']);
+    // a's record has had two changes (rev 2), as protect and unprotect leave it.
+    const [ak, av] = (await indexKeys(repo, 'g')).find(([, v]) => JSON.parse(v.toString()).id === a!.id)!;
+    const aGen = JSON.parse(av.toString()) as Generation;
+    await putIndex(repo, [{ type: 'put', key: ak, value: Buffer.from(JSON.stringify({ ...aGen, rev: 2 })) }]);
+    const change = (g: { id: string }, rev: number, more: Partial<GenerationChange> = {}) =>
+      encodeMetaRecord({ type: REC_CHANGE, change: { id: g.id, name: 'c', created: aGen.created, rev, at: new Date().toISOString(), ...more } });
+    expect((await indexKeys(repo, 'g')).length).toBe(2); // b is gone from the index
+    const bChange = (rev: number, more: Partial<GenerationChange>) =>
+      encodeMetaRecord({ type: REC_CHANGE, change: { id: b!.id, name: 'c', created: new Date().toISOString(), rev, at: new Date().toISOString(), ...more } });
+    const recs = [
+      change(a!, 1, { protected: true }), // superseded
+      change(a!, 2, { protected: false }), // current
+      change(a!, 3, { protected: true }), // never committed
+      change({ id: '00112233aabbccdd' }, 1, { tags: ['x'] }), // a generation the index does not have
+      bChange(1, { protected: true }), // of a generation forgotten since
+      bChange(2, { forgotten: true }), // forgotten: always kept
+    ];
+    // A pack of its own, as protect, unprotect and forget write theirs.
+    const id = randomBytes(16).toString('hex');
+    const file = path.join(repo, 'packs', id.slice(0, 2), `${id}.pack`);
+    await fs.mkdir(path.dirname(file), { recursive: true });
+    await fs.writeFile(file, Buffer.concat([Buffer.from('GVPACK01'), Buffer.from(id, 'hex'), ...recs]));
+    const size = (await fs.stat(file)).size;
+    await putIndex(repo, [{ type: 'put', key: Buffer.concat([Buffer.from('p'), Buffer.from(id, 'hex')]), value: Buffer.from(JSON.stringify({ size })) }]);
+
+    const dry = JSON.parse(await gvOk(repo, ['gc', '--json', '--dry-run', '--repack-threshold', '100']));
+    const r = JSON.parse(await gvOk(repo, ['gc', '--json', '--repack-threshold', '100']));
+    expect(r.warnings).toEqual([]);
+    // The dry run said the same.
+    for (const k of ['packsDeleted', 'packsRepacked', 'metadataKept', 'metadataDropped'] as const) expect(dry[k], k).toBe(r[k]);
+    const packs = await scanAll(repo);
+    expect(packs.some((p) => p.packId === id)).toBe(false);
+    expect(packs.flatMap((p) => p.changes).sort()).toEqual([`${a!.id}:2`, `${b!.id}:forgotten`].sort());
+    await expectDescribed(repo, 'after gc');
+    const human = await gvOk(repo, ['gc', '--repack-threshold', '100']);
+    expect(human).not.toMatch(/metadata records/); // nothing left to move
   });
 
   it('a pack with a damaged metadata record is left alone and reported', async () => {
