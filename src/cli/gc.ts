@@ -67,7 +67,7 @@ function human(r: GcResult): string {
   if (r.metadataKept || r.metadataDropped) {
     out.push(
       `metadata records in those packs: ${r.metadataKept} ${r.dryRun ? 'to keep' : 'kept'} (copied into the new packs), ` +
-        `${r.metadataDropped} ${r.dryRun ? 'to drop' : 'dropped'} (of removed generations, leaves and superseded changes)`,
+        `${r.metadataDropped} ${r.dryRun ? 'to drop' : 'dropped'} (nothing needs them any more)`,
     );
   }
   for (const w of r.warnings) out.push(`warning: ${w}`);
