@@ -16,6 +16,7 @@ import type { Generation } from '../src/format/generation.js';
 import { listPacks, scanStoredPack } from '../src/store/pack-reader.js';
 import { LocalStore } from '../src/store/local.js';
 import { Repository } from '../src/repository/repository.js';
+import { Pin } from '../src/repository/locks.js';
 import { CliProcess, Scratch, gv, gvOk, prng } from './helpers.js';
 
 const MiB = 1 << 20;
@@ -24,6 +25,8 @@ const MiB = 1 << 20;
 interface PackMeta {
   packs: Map<string, number>;
   leaves: Set<string>;
+  /** Leaf records, repeats included. */
+  leafRecords: number;
   maps: Map<string, Buffer[]>;
   records: Map<string, Buffer[]>;
   changes: Map<string, GenerationChange[]>;
@@ -32,7 +35,7 @@ interface PackMeta {
 
 async function packMeta(repo: string): Promise<PackMeta> {
   const store = new LocalStore(repo);
-  const m: PackMeta = { packs: new Map(), leaves: new Set(), maps: new Map(), records: new Map(), changes: new Map(), damaged: 0 };
+  const m: PackMeta = { packs: new Map(), leaves: new Set(), leafRecords: 0, maps: new Map(), records: new Map(), changes: new Map(), damaged: 0 };
   const push = <T>(map: Map<string, T[]>, k: string, v: T) => map.set(k, [...(map.get(k) ?? []), v]);
   try {
     for (const p of await listPacks(store)) {
@@ -44,7 +47,10 @@ async function packMeta(repo: string): Promise<PackMeta> {
         if (item.kind === 'damaged') m.damaged++;
         if (item.kind !== 'meta') continue;
         const rec = item.record;
-        if (rec.type === REC_LEAF) m.leaves.add(item.header.digest.toString('hex'));
+        if (rec.type === REC_LEAF) {
+          m.leaves.add(item.header.digest.toString('hex'));
+          m.leafRecords++;
+        }
         else if (rec.type === REC_GENMAP) push(m.maps, rec.id, Buffer.from(rec.top));
         else if (rec.type === REC_GENERATION) push(m.records, rec.generation.id, Buffer.from(rec.json));
         else if (rec.type === REC_CHANGE) push(m.changes, rec.change.id, rec.change);
@@ -169,7 +175,9 @@ describe('format 4: every writer writes its metadata records', () => {
     st = await expectPacksDescribeIndex(repo);
     const added = [...st.meta.packs.keys()].filter((p) => !packsBefore.has(p));
     expect(added.length).toBeGreaterThan(1);
-    // a2's packs hold only the leaves it put; b2's one pack only its map and record.
+    // a2 wrote records only for the leaves it put (none twice); b2's one pack holds only
+    // its map and record.
+    expect(st.meta.leafRecords).toBe(st.meta.leaves.size);
     expect(st.meta.records.get(b2.id)).toHaveLength(1);
     expect(st.meta.maps.get(b2.id)).toHaveLength(1);
 
@@ -188,16 +196,21 @@ describe('format 4: every writer writes its metadata records', () => {
     expect(latest(st.meta.changes.get(a2.id))).toMatchObject({ rev: 2, protected: false });
     expect(st.index.gens.find((g) => g.gen.id === a2.id)!.gen.rev).toBe(2);
 
-    // forget, then prune: a forgotten change for each generation removed.
-    await gvOk(repo, ['forget', `b@${b2.id}`, '--force-young']);
+    // forget (b2 open in a mount: pinned, so only hidden), then prune: a forgotten change
+    // for each generation removed.
+    const pin = await Pin.take(repo, b2.id);
+    try {
+      await gvOk(repo, ['forget', `b@${b2.id}`, '--force-young']);
+    } finally {
+      await pin.release();
+    }
     const pr = JSON.parse(await gvOk(repo, ['prune', '--keep-last', '1', '--min-age', '0', '--json']));
     const prunedIds = (pr.generations as Array<{ id: string; action: string }>).filter((g) => g.action === 'remove').map((g) => g.id);
     expect(prunedIds).toEqual([a1.id]); // b1 is protected and, after the forget, b's only one
     st = await expectPacksDescribeIndex(repo);
-    for (const id of [b2.id, a1.id]) {
-      expect(st.index.gens.some((g) => g.gen.id === id)).toBe(false);
-      expect(latest(st.meta.changes.get(id))).toMatchObject({ rev: 1, forgotten: true });
-    }
+    expect(st.index.gens.some((g) => g.gen.id === a1.id)).toBe(false);
+    expect(st.index.gens.find((g) => g.gen.id === b2.id)?.gen).toMatchObject({ removed: true, rev: 1 });
+    for (const id of [b2.id, a1.id]) expect(latest(st.meta.changes.get(id))).toMatchObject({ rev: 1, forgotten: true });
     // A prune that removes nothing writes nothing.
     const before = st.meta.packs;
     await gvOk(repo, ['prune', '--keep-last', '1', '--min-age', '0']);
