@@ -250,9 +250,16 @@ describe('format 4: every writer writes its metadata records', () => {
     const x = s.path('x.img');
     await fs.writeFile(x, prng(20, 3 * MiB));
     const x1 = await backupJson(repo, x, 'x');
-    await backupJson(repo, x, 'x'); // nothing new: no pack in version 3
+    const packs1 = (await packMeta(repo)).packs;
+    const x2 = await backupJson(repo, x, 'x'); // nothing new: no pack in version 3
+    await backupJson(repo, x, 'x');
+    const x4 = await backupJson(repo, x, 'x');
     await gvOk(repo, ['protect', `x@${x1.id}`]);
+    await gvOk(repo, ['forget', `x@${x2.id}`, '--force-young']);
+    await gvOk(repo, ['prune', '--keep-last', '1', '--min-age', '0']); // removes x3
     let meta = await packMeta(repo);
+    expect(meta.packs).toEqual(packs1);
+    expect((JSON.parse(await gvOk(repo, ['list', '--json'])) as Generation[]).map((g) => g.id)).toEqual([x1.id, x4.id]);
     expect([meta.leaves.size, meta.maps.size, meta.records.size, meta.changes.size]).toEqual([0, 0, 0, 0]);
     const v3packs = meta.packs.size;
     expect((await indexState(repo)).gens.find((g) => g.gen.id === x1.id)!.gen.rev).toBeUndefined();
@@ -291,7 +298,7 @@ describe('format 4: every writer writes its metadata records', () => {
 
     // upgrade, run again, writes what the packs lack (x's generations), not y's again.
     const res = JSON.parse(await gvOk(repo, ['upgrade', '--json']));
-    expect(res).toMatchObject({ from: 4, to: 4, generations: 2 });
+    expect(res).toMatchObject({ from: 4, to: 4, generations: 2 }); // x1 and x4
     await expectPacksDescribeIndex(repo);
     expect((await packMeta(repo)).records.get(y1.id)).toHaveLength(1);
   });
