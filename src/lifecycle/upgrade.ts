@@ -11,7 +11,11 @@
  * 3. config.json says version 4 (atomically), and from then on every writer adds records;
  * 4. catch up: writers that opened the repository before step 3 still write as version 3.
  *    Wait until none runs, then write what steps 2 missed (leaves and generations they
- *    committed).
+ *    committed). Writers check too: a backup reads config.json once registered (a writer
+ *    registered before step 3 is waited for here) and again before its commit, and writes
+ *    the records of its whole generation if the version has become 4 (an upgrade killed
+ *    between steps 3 and 4); protect, unprotect, forget and prune read it under the
+ *    retention lock, held here throughout.
  *
  * Killed before step 3, the repository is still a working version-3 one (packs of step 2
  * are committed or cleaned up as any writer's) and upgrade starts again; killed after, it

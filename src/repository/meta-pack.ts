@@ -11,7 +11,7 @@
 import { encodeMetaRecord, type MetaRecord } from '../format/meta.js';
 import { packKey } from '../format/keys.js';
 import { PackWriter } from '../store/pack-writer.js';
-import type { Repository } from './repository.js';
+import { Repository } from './repository.js';
 import { WriterRegistration, trimPacks } from './locks.js';
 
 export type PutOp = { type: 'put'; key: Buffer; value: Buffer };
@@ -37,6 +37,17 @@ export class MetaPack {
   /** Whether the repository keeps metadata in its packs (format 4 and later). */
   static wanted(repo: Repository): boolean {
     return repo.config.version >= 4;
+  }
+
+  /**
+   * wanted(), with config.json read again when the repository was opened as format 3 or
+   * older: `genvault upgrade` may have changed the version since. Ask once registered as a
+   * writer (upgrade waits for writers that registered before it changed the version) or
+   * under the retention lock (upgrade holds it throughout): then nothing written after the
+   * upgrade lacks its records.
+   */
+  static async wantedNow(repo: Repository): Promise<boolean> {
+    return MetaPack.wanted(repo) || (await Repository.readConfig(repo.dir)).version >= 4;
   }
 
   async add(rec: MetaRecord): Promise<void> {
