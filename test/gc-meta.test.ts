@@ -117,10 +117,46 @@ async function expectDescribed(repo: string, what: string): Promise<PackMeta[]> 
   return packs;
 }
 
-/** No metadata record is in the packs twice (these tests write no change records). */
+/**
+ * No metadata record is in the packs twice. Change records: forget and prune write one
+ * `forgotten` change per generation they remove, and nothing else here writes changes.
+ */
 function expectNoDuplicates(packs: PackMeta[]): void {
   const total = packs.reduce((n, p) => n + p.offsets.length, 0);
-  expect(total).toBe(union(packs, (p) => p.leaves).size + union(packs, (p) => p.maps).size + union(packs, (p) => p.records).size);
+  const changes = packs.flatMap((p) => p.changes);
+  expect(new Set(changes).size, `changes ${changes.join(' ')}`).toBe(changes.length);
+  expect(total).toBe(union(packs, (p) => p.leaves).size + union(packs, (p) => p.maps).size + union(packs, (p) => p.records).size + changes.length);
+}
+
+/** Make a repository that `init` made version 4 say `version` (3: its writers write no records). */
+async function setVersion(repo: string, version: number): Promise<void> {
+  const cfgFile = path.join(repo, 'config.json');
+  await fs.writeFile(cfgFile, JSON.stringify({ ...JSON.parse(await fs.readFile(cfgFile, 'utf8')), version }));
+}
+
+/**
+ * What gc did with the metadata records of the packs it deleted or rewrote (those in
+ * `before` and not `after`): each record live now (leaf under 'l', generation listed,
+ * forgotten change) is in the packs gc wrote (`after`, not `before`), the others are gone.
+ * Returns the counts gc must report.
+ */
+async function metaMoved(repo: string, before: PackMeta[], after: PackMeta[]): Promise<{ kept: number; dropped: number }> {
+  const l = new Set((await indexKeys(repo, 'l')).map(([k]) => k.toString('hex', 1)));
+  const ids = new Set((await list(repo)).map((g) => g.id));
+  const gone = before.filter((p) => !after.some((a) => a.packId === p.packId));
+  const fresh = after.filter((p) => !before.some((b) => b.packId === p.packId));
+  const keys = (p: PackMeta, live: boolean) => [
+    ...[...p.leaves].filter((d) => l.has(d) === live).map((d) => `leaf:${d}`),
+    ...[...p.maps].filter((id) => ids.has(id) === live).map((id) => `map:${id}`),
+    ...[...p.records].filter((id) => ids.has(id) === live).map((id) => `record:${id}`),
+    // Changes of current revs would need the 'g' records' revs: these packs hold none.
+    ...p.changes.filter((c) => c.endsWith(':forgotten') === live).map((c) => `change:${c}`),
+  ];
+  const kept = gone.flatMap((p) => keys(p, true));
+  const dropped = gone.flatMap((p) => keys(p, false));
+  expect(fresh.flatMap((p) => keys(p, true)).sort()).toEqual([...kept].sort());
+  expect(fresh.flatMap((p) => keys(p, false))).toEqual([]);
+  return { kept: kept.length, dropped: dropped.length };
 }
 
 async function restoreSum(repo: string, spec: string): Promise<string> {
@@ -145,10 +181,18 @@ async function newRepo(name: string): Promise<string> {
 
 describe('gc keeps the metadata records of a format 4 repository', () => {
   it('keeps the records of what remains, drops those of removed generations, and converges', async () => {
+    // Made as version 3: the first two backups of each image write no records, upgrade
+    // writes theirs into a pack of its own; the third ones (version 4) write their own.
     const repo = await newRepo('repo-meta');
+    await setVersion(repo, 3);
     const sums = new Map<string, string>(); // id -> sha256 of the image it restores
     const base = { a: prng(1, 2 << 20), b: prng(2, 2 << 20) };
     for (let i = 0; i < 3; i++) {
+      if (i === 2) {
+        expect(await scanAll(repo).then((ps) => ps.every((p) => p.offsets.length === 0))).toBe(true);
+        await gvOk(repo, ['upgrade']);
+        await expectDescribed(repo, 'after upgrade');
+      }
       for (const name of ['a', 'b'] as const) {
         const img = s.path(`${name}.img`);
         const sum = await writeImage(img, [base[name], prng(100 + i * 2 + (name === 'b' ? 1 : 0), 1 << 20)]);
@@ -156,8 +200,7 @@ describe('gc keeps the metadata records of a format 4 repository', () => {
         sums.set((await list(repo)).filter((g) => g.name === name).at(-1)!.id, sum);
       }
     }
-    await gvOk(repo, ['upgrade']);
-    await expectDescribed(repo, 'after upgrade');
+    await expectDescribed(repo, 'after the version 4 backups');
 
     const before = await list(repo);
     await gvOk(repo, ['forget', 'a@1', '--force-young']);
@@ -165,22 +208,29 @@ describe('gc keeps the metadata records of a format 4 repository', () => {
     const after = await list(repo);
     const removed = before.filter((g) => !after.some((x) => x.id === g.id)).map((g) => g.id);
     expect(removed).toHaveLength(3);
+    // forget and prune wrote a forgotten change for each.
+    const packsBefore = await scanAll(repo);
+    expect(packsBefore.flatMap((p) => p.changes).sort()).toEqual(removed.map((id) => `${id}:forgotten`).sort());
 
     const r = JSON.parse(await gvOk(repo, ['gc', '--json', '--repack-threshold', '100']));
     expect(r.warnings).toEqual([]);
     expect(r.packsRepacked).toBeGreaterThanOrEqual(1);
-    expect(r.metadataKept).toBeGreaterThan(0);
+    // The upgrade's pack held the maps and records of a@2 (kept) and of the three removed.
+    expect(r.metadataKept).toBeGreaterThanOrEqual(2);
     // 3 maps and 3 records, and leaves nothing else uses.
     expect(r.metadataDropped).toBeGreaterThanOrEqual(6);
     expect(r.leavesRemoved).toBeGreaterThan(0);
 
     const packs = await expectDescribed(repo, 'after gc');
+    expect(await metaMoved(repo, packsBefore, packs)).toEqual({ kept: r.metadataKept, dropped: r.metadataDropped });
     expectNoDuplicates(packs);
     for (const id of removed) {
       expect(union(packs, (p) => p.maps).has(id), `map of removed ${id}`).toBe(false);
       expect(union(packs, (p) => p.records).has(id), `record of removed ${id}`).toBe(false);
     }
     expect(packs.every((p) => p.damaged === 0)).toBe(true);
+    // The forgotten changes stay (their packs are all live: not rewritten).
+    expect(packs.flatMap((p) => p.changes).sort()).toEqual(removed.map((id) => `${id}:forgotten`).sort());
     // No leaf record without its 'l' leaf either: the dead ones went with their packs.
     const l = new Set((await indexKeys(repo, 'l')).map(([k]) => k.toString('hex', 1)));
     expect([...union(packs, (p) => p.leaves)].filter((d) => !l.has(d))).toEqual([]);
@@ -195,7 +245,9 @@ describe('gc keeps the metadata records of a format 4 repository', () => {
   });
 
   it('a pack of dead chunks and live metadata records is rewritten, its records kept', async () => {
+    // Backed up as version 3 (no records), then version 4 with y's records in x's pack only.
     const repo = await newRepo('repo-meta-dead-chunks');
+    await setVersion(repo, 3);
     await writeImage(s.path('x.img'), [prng(11, 3 << 20)]);
     await gvOk(repo, ['backup', s.path('x.img'), '--name', 'x']);
     const xPacks = (await scanAll(repo)).map((p) => p.packId);
@@ -203,6 +255,8 @@ describe('gc keeps the metadata records of a format 4 repository', () => {
     const ySum = await writeImage(s.path('y.img'), [prng(12, 2 << 20)]);
     await gvOk(repo, ['backup', s.path('y.img'), '--name', 'y']);
     const y = (await list(repo)).find((g) => g.name === 'y')!;
+    expect((await scanAll(repo)).every((p) => p.offsets.length === 0)).toBe(true);
+    await setVersion(repo, 4);
 
     // x's pack gets y's map, record and leaves appended, as a backup writing its records
     // into a pack it shares with chunks does (the 'p' entry covers them).
@@ -222,6 +276,8 @@ describe('gc keeps the metadata records of a format 4 repository', () => {
 
     await gvOk(repo, ['forget', 'x@latest', '--force-young']);
     const filesBefore = new Set((await scanAll(repo)).map((p) => p.packId));
+    // y's pack, x's, and forget's with x's forgotten change.
+    expect(filesBefore.size).toBe(3);
     const r = JSON.parse(await gvOk(repo, ['gc', '--json']));
     // Not deleted (its records live), rewritten at the default threshold.
     expect(r).toMatchObject({ packsDeleted: 0, packsRepacked: 1, packsWritten: 1, metadataKept: recs.length, metadataDropped: 0, warnings: [] });
@@ -245,9 +301,17 @@ describe('gc keeps the metadata records of a format 4 repository', () => {
       await writeImage(s.path('c.img'), [prng(40 + i, 1 << 20)]);
       await gvOk(repo, ['backup', s.path('c.img'), '--name', 'c']);
     }
-    await gvOk(repo, ['upgrade']);
     const [a, b] = await list(repo);
+    // b's changes, each in a pack of its own: protect (rev 1), unprotect (rev 2), forget (rev 3, forgotten).
+    const packsOf = async () => new Set((await scanAll(repo)).map((p) => p.packId));
+    const backupPacks = await packsOf();
+    await gvOk(repo, ['protect', `c@${b!.id}`]);
+    await gvOk(repo, ['unprotect', `c@${b!.id}`]);
     await gvOk(repo, ['forget', `c@${b!.id}`, '--force-young']);
+    const bChanges = (await scanAll(repo)).filter((p) => !backupPacks.has(p.packId));
+    expect(bChanges.every((p) => p.offsets.length === 1)).toBe(true);
+    expect(bChanges.flatMap((p) => p.changes).sort()).toEqual([`${b!.id}:1`, `${b!.id}:2`, `${b!.id}:forgotten`].sort());
+    const bPack = (await scanAll(repo)).find((p) => p.records.has(b!.id))!;
     // a's record has had two changes (rev 2), as protect and unprotect leave it.
     const [ak, av] = (await indexKeys(repo, 'g')).find(([, v]) => JSON.parse(v.toString()).id === a!.id)!;
     const aGen = JSON.parse(av.toString()) as Generation;
@@ -255,15 +319,14 @@ describe('gc keeps the metadata records of a format 4 repository', () => {
     const change = (g: { id: string }, rev: number, more: Partial<GenerationChange> = {}) =>
       encodeMetaRecord({ type: REC_CHANGE, change: { id: g.id, name: 'c', created: aGen.created, rev, at: new Date().toISOString(), ...more } });
     expect((await indexKeys(repo, 'g')).length).toBe(2); // b is gone from the index
-    const bChange = (rev: number, more: Partial<GenerationChange>) =>
-      encodeMetaRecord({ type: REC_CHANGE, change: { id: b!.id, name: 'c', created: new Date().toISOString(), rev, at: new Date().toISOString(), ...more } });
+    const gone = '8899aabbccddeeff'; // a generation forgotten long ago
     const recs = [
       change(a!, 1, { protected: true }), // superseded
       change(a!, 2, { protected: false }), // current
       change(a!, 3, { protected: true }), // never committed
       change({ id: '00112233aabbccdd' }, 1, { tags: ['x'] }), // a generation the index does not have
-      bChange(1, { protected: true }), // of a generation forgotten since
-      bChange(2, { forgotten: true }), // forgotten: always kept
+      change({ id: gone }, 1, { protected: true }), // of a generation forgotten since
+      change({ id: gone }, 2, { forgotten: true }), // forgotten: always kept
     ];
     // A pack of its own, as protect, unprotect and forget write theirs.
     const id = randomBytes(16).toString('hex');
@@ -278,16 +341,23 @@ describe('gc keeps the metadata records of a format 4 repository', () => {
     expect(r.warnings).toEqual([]);
     // The dry run said the same.
     for (const k of ['packsDeleted', 'packsRepacked', 'metadataKept', 'metadataDropped'] as const) expect(dry[k], k).toBe(r[k]);
+    // Deleted: protect's and unprotect's packs (b's superseded changes) and b's backup pack
+    // (its chunks, leaves, map and record); rewritten: the pack above, a's current change
+    // and the forgotten one kept. forget's pack is all live: left as it is.
+    expect(r).toMatchObject({ packsDeleted: 3, packsRepacked: 1, metadataKept: 2, metadataDropped: 4 + 2 + bPack.offsets.length });
     const packs = await scanAll(repo);
     expect(packs.some((p) => p.packId === id)).toBe(false);
-    expect(packs.flatMap((p) => p.changes).sort()).toEqual([`${a!.id}:2`, `${b!.id}:forgotten`].sort());
+    expect(packs.some((p) => p.packId === bPack.packId)).toBe(false);
+    expect(packs.flatMap((p) => p.changes).sort()).toEqual([`${a!.id}:2`, `${b!.id}:forgotten`, `${gone}:forgotten`].sort());
     await expectDescribed(repo, 'after gc');
     const human = await gvOk(repo, ['gc', '--repack-threshold', '100']);
     expect(human).not.toMatch(/metadata records/); // nothing left to move
   });
 
   it('a pack with a damaged metadata record is left alone and reported', async () => {
+    // Backed up as version 3: upgrade writes both generations' records into one pack.
     const repo = await newRepo('repo-meta-damaged');
+    await setVersion(repo, 3);
     const sums = new Map<string, string>();
     for (const name of ['d1', 'd2']) {
       sums.set(name, await writeImage(s.path(`${name}.img`), [prng(name.charCodeAt(1), 2 << 20)]));
@@ -360,7 +430,6 @@ describe('gc keeps the metadata records of a format 4 repository', () => {
       sums.delete(victim);
       // The backup also cleans up after the gc killed in the round before (its registration).
       await add();
-      await gvOk(repo, ['upgrade']); // the records of the new generation (backups do not write them yet)
       const child = (await import('node:child_process')).spawn(process.execPath, [CLI, '-r', repo, 'gc', '--repack-threshold', '100'], {
         env: { ...process.env, GENVAULT_NO_PROGRESS: '1', GENVAULT_GC_TRACE: '1' },
         stdio: ['ignore', 'ignore', 'pipe'],
