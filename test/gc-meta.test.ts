@@ -424,8 +424,10 @@ describe('gc keeps the metadata records of a format 4 repository', () => {
     for (let i = 0; i < 3; i++) await add();
     const phases = ['locked', 'sweep', 'leaves', 'repack', 'repack', 'finish'];
     let killed = 0;
+    const forgotten: string[] = []; // the change each forget wrote
     for (let round = 0; round < 8; round++) {
       const victim = [...sums.keys()][round % sums.size]!;
+      forgotten.push(`${(await list(repo)).find((g) => g.name === victim)!.id}:forgotten`);
       await gvOk(repo, ['forget', `${victim}@latest`, '--force-young']);
       sums.delete(victim);
       // The backup also cleans up after the gc killed in the round before (its registration).
@@ -450,13 +452,16 @@ describe('gc keeps the metadata records of a format 4 repository', () => {
         killed++;
       }
       await exited;
-      await expectDescribed(repo, `round ${round} (killed in ${phase})`);
+      const packs = await expectDescribed(repo, `round ${round} (killed in ${phase})`);
+      expect(packs.flatMap((p) => p.changes).sort(), `round ${round} (killed in ${phase}): forgotten changes`).toEqual([...forgotten].sort());
       expect((await list(repo)).map((g) => g.name).sort()).toEqual([...sums.keys()].sort());
     }
     expect(killed).toBeGreaterThan(2);
     const r = JSON.parse(await gvOk(repo, ['gc', '--json', '--repack-threshold', '100']));
     expect(r.warnings).toEqual([]);
-    expectNoDuplicates(await expectDescribed(repo, 'after the last gc'));
+    const last = await expectDescribed(repo, 'after the last gc');
+    expectNoDuplicates(last);
+    expect(last.flatMap((p) => p.changes).sort()).toEqual([...forgotten].sort());
     for (const [name, sum] of sums) expect(await restoreSum(repo, `${name}@latest`), name).toBe(sum);
     const v = await gv(repo, ['verify', '--full']);
     expect(v.code, v.stdout + v.stderr).toBe(0);
