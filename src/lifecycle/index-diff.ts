@@ -7,11 +7,15 @@
  * past an offset the scan did not read was written after it (a backup or gc running
  * beside verify) and is not judged.
  */
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
 import { K_CHUNK, K_GEN, K_GENMAP, K_LEAF, K_PACK, prefixEnd } from '../format/keys.js';
 import { decodeLocation, isLocation } from '../format/pack.js';
-import { describeGenerationKey } from '../format/generation.js';
-import type { Db } from '../index/db.js';
-import { K_COPY } from './pack-model.js';
+import { describeGenerationKey, generationKey } from '../format/generation.js';
+import { getOrNull, openDb, type Db } from '../index/db.js';
+import type { Store } from '../store/store.js';
+import { K_COPY, PackModel } from './pack-model.js';
 
 export interface KeyDiff {
   /** In the packs, not in the index. */
@@ -156,4 +160,35 @@ export async function diffIndex(index: Db, model: Db, scanned: Map<string, numbe
     generations: await diffPlain(index, model, K_GEN, genName),
     packs: await diffPlain(index, model, K_PACK, (k) => `pack ${k.toString('hex', 1)}`),
   };
+}
+
+/**
+ * verify's check that index and packs agree (format 4): every chunk entry points at a
+ * whole copy of its chunk, and every generation the packs hold (not forgotten) is in the
+ * index. The model is built in a private temporary directory and removed afterwards.
+ * Returns one problem per disagreement shown (a count line when there are more).
+ */
+export async function packsAgree(store: Store, index: Db, progress?: (done: number, total: number) => void): Promise<{ packs: number; problems: string[] }> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'genvault-verify-packs-'));
+  let db: Db | null = null;
+  try {
+    db = await openDb(dir, { create: true });
+    const model = await PackModel.build(store, db, { progress });
+    const restored = await model.finish();
+    const chunks = await diffChunks(index, db, model.scannedSizes());
+    const problems: string[] = [];
+    const bad = chunks.extra + chunks.different;
+    if (bad) {
+      problems.push(`index and packs disagree: ${bad} chunk entries point where no pack holds their chunk`);
+      problems.push(...chunks.examples.filter((e) => !/not in the index$/.test(e)).map((e) => `index and packs disagree: ${e}`));
+    }
+    for (const g of restored) {
+      // Looked up after the scan: a backup that committed meanwhile is found.
+      if (!(await getOrNull(index, generationKey(g)))) problems.push(`index and packs disagree: generation ${g.name}@${g.id} (${g.created}) is in the packs but not in the index`);
+    }
+    return { packs: model.counts.packs, problems };
+  } finally {
+    await db?.close().catch(() => undefined);
+    await fs.rm(dir, { recursive: true, force: true });
+  }
 }

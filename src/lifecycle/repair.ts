@@ -1,7 +1,7 @@
 /**
  * `genvault repair`: rebuild the index from the packs (FORMAT.md, "Version 4").
  *
- * The model of the packs (pack-model.ts) is built in a new LevelDB, `index.repair-RANDOM/`
+ * The model of the packs (pack-model.ts) is built in a new LevelDB, `index.repair-PID-RANDOM/`
  * beside `index/`, never in the index itself. A dry run (the default) reports what it
  * found and how the index in place differs, then removes it. `--write` swaps it in:
  * `index/` becomes `index.broken-TIME/` (kept: job history and damage marks live only
@@ -17,7 +17,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { GenvaultError } from '../util/errors.js';
-import { currentOwner, ownerAlive, type Owner } from '../util/proc.js';
+import { currentOwner, ownerAlive, processStart, type Owner } from '../util/proc.js';
 import { K_LEAF, prefixEnd } from '../format/keys.js';
 import { IndexError, openDb, type Db } from '../index/db.js';
 import { gcRunning, liveWriters, parseOwner } from '../repository/locks.js';
@@ -182,18 +182,18 @@ async function indexHolder(indexDir: string): Promise<string | null> {
   return null;
 }
 
-/** Remove build directories of repairs that died (or never wrote their owner file). */
+/**
+ * Remove build directories of repairs that died. A build directory is named after its
+ * process (`index.repair-PID-RANDOM`) and holds the owner (pid and start time) soon after
+ * it is made: without the owner file, the pid alone decides.
+ */
 async function removeStaleBuilds(abs: string): Promise<void> {
   for (const name of await fs.readdir(abs)) {
-    if (!name.startsWith(BUILD_PREFIX)) continue;
+    const m = new RegExp(`^${BUILD_PREFIX.replace('.', '\\.')}(\\d+)-[0-9a-f]+$`).exec(name);
+    if (!m) continue;
     const dir = path.join(abs, name);
     const owner = await readOwner(path.join(dir, OWNER_FILE));
-    if (owner && (await ownerAlive(owner))) continue;
-    if (!owner) {
-      // A live repair writes its owner file right after making the directory.
-      const st = await fs.stat(dir).catch(() => null);
-      if (st && Date.now() - st.mtimeMs < 60_000) continue;
-    }
+    if (owner ? await ownerAlive(owner) : (await processStart(Number(m[1]))) !== null) continue;
     await fs.rm(dir, { recursive: true, force: true });
   }
 }
@@ -208,7 +208,7 @@ async function readOwner(file: string): Promise<Owner | null> {
 }
 
 async function newBuildDir(abs: string): Promise<string> {
-  const dir = path.join(abs, `${BUILD_PREFIX}${randomBytes(6).toString('hex')}`);
+  const dir = path.join(abs, `${BUILD_PREFIX}${process.pid}-${randomBytes(6).toString('hex')}`);
   await fs.mkdir(dir);
   await fs.writeFile(path.join(dir, OWNER_FILE), JSON.stringify(await currentOwner()));
   return dir;
