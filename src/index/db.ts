@@ -187,6 +187,21 @@ async function privateCopy(dir: string): Promise<string> {
   return copy;
 }
 
+/**
+ * A new LevelDB for one process only (repair and verify build the model of the packs in
+ * one), without rave-level's socket. LevelDB memory-maps up to 1000 table files, and a
+ * pass over millions of keys touches all of them: those pages count in the process's RSS.
+ * A small table cache bounds what is mapped (about 2 MiB per table file).
+ */
+export async function openPrivateDb(dir: string): Promise<Db> {
+  const db = new ClassicLevel<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer', maxOpenFiles: PRIVATE_OPEN_FILES });
+  await db.open({ createIfMissing: true, errorIfExists: true });
+  return db as unknown as Db;
+}
+
+/** LevelDB keeps 10 of max_open_files for itself; the rest is its table cache. */
+const PRIVATE_OPEN_FILES = 40;
+
 /** The private copy an index on read-only media was opened from (null: opened in place). */
 export function readOnlyCopy(db: Db): string | null {
   return (db as Db & { readOnlyCopy?: string }).readOnlyCopy ?? null;

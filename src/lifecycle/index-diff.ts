@@ -13,7 +13,7 @@ import path from 'node:path';
 import { K_CHUNK, K_GEN, K_GENMAP, K_LEAF, K_PACK, prefixEnd } from '../format/keys.js';
 import { decodeLocation, isLocation } from '../format/pack.js';
 import { describeGenerationKey, generationKey } from '../format/generation.js';
-import { getOrNull, openDb, type Db } from '../index/db.js';
+import { getOrNull, openPrivateDb, type Db } from '../index/db.js';
 import type { Store } from '../store/store.js';
 import { K_COPY, PackModel } from './pack-model.js';
 
@@ -172,7 +172,7 @@ export async function packsAgree(store: Store, index: Db, progress?: (done: numb
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'genvault-verify-packs-'));
   let db: Db | null = null;
   try {
-    db = await openDb(dir, { create: true });
+    db = await openPrivateDb(dir);
     const model = await PackModel.build(store, db, { progress });
     const restored = await model.finish();
     const chunks = await diffChunks(index, db, model.scannedSizes());

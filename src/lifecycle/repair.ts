@@ -19,7 +19,7 @@ import { randomBytes } from 'node:crypto';
 import { GenvaultError } from '../util/errors.js';
 import { currentOwner, ownerAlive, processStart, type Owner } from '../util/proc.js';
 import { K_LEAF, prefixEnd } from '../format/keys.js';
-import { IndexError, openDb, type Db } from '../index/db.js';
+import { IndexError, openDb, openPrivateDb, type Db } from '../index/db.js';
 import { gcRunning, liveWriters, parseOwner } from '../repository/locks.js';
 import { applyUmask, tightenRepo } from '../repository/perms.js';
 import { Repository } from '../repository/repository.js';
@@ -70,12 +70,16 @@ export async function repair(dir: string, opts: RepairOptions = {}): Promise<Rep
   }
   applyUmask(config);
   const indexDir = path.join(abs, 'index');
-  if (opts.write) await refuseSharing(abs, indexDir);
+  if (opts.write) {
+    // A repository restored from a copy of its packs and config.json alone lacks these.
+    for (const d of ['locks', 'tmp']) await fs.mkdir(path.join(abs, d), { recursive: true });
+    await refuseSharing(abs, indexDir);
+  }
   await removeStaleBuilds(abs);
   const build = await newBuildDir(abs);
   let db: Db | null = null;
   try {
-    db = await openDb(build, { create: true });
+    db = await openPrivateDb(build);
     const store = new LocalStore(abs);
     const model = await PackModel.build(store, db, { progress: opts.progress });
     await store.close();
