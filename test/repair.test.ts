@@ -11,6 +11,8 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { encodeMetaRecord, REC_CHANGE } from '../src/format/meta.js';
+import { PACK_MAGIC, newPackId, packObject } from '../src/format/pack.js';
 import { CliProcess, ROOT, Scratch, format3Images, gv, gvOk, must, packFiles, prng, seededRandom, sh, sha256File, text } from './helpers.js';
 
 const MiB = 1 << 20;
@@ -266,6 +268,32 @@ describe('a pack that is lost', () => {
     const out = s.path('healed.img');
     await gvOk(repo, ['restore', `vm@${g.id}`, out]);
     expect(await sha256File(out)).toBe(sha(latest.get('vm')!));
+  }, 120_000);
+});
+
+describe('generation changes', () => {
+  it('the change with the highest rev is applied; a forgotten generation stays forgotten', async () => {
+    await resetRepo();
+    const gens = JSON.parse(listed) as Array<{ name: string; id: string; created: string; tags: string[] }>;
+    const [a, b] = [gens.find((g) => g.name === 'small')!, gens.find((g) => g.name === 'vm')!];
+    const change = (g: typeof a, rev: number, extra: object) =>
+      encodeMetaRecord({ type: REC_CHANGE, change: { id: g.id, name: g.name, created: g.created, rev, at: new Date().toISOString(), ...extra } });
+    // Written as the change writers will (a pack of their own); order in the pack does not matter.
+    const id = newPackId();
+    const file = path.join(repo, packObject(id));
+    await fs.mkdir(path.dirname(file), { recursive: true });
+    const head = Buffer.alloc(24);
+    PACK_MAGIC.copy(head);
+    head.write(id, 8, 16, 'hex');
+    await fs.writeFile(file, Buffer.concat([head, change(a, 2, { tags: ['two'], protected: true }), change(a, 1, { tags: ['one'] }), change(b, 1, { forgotten: true }), change(b, 2, { tags: ['late'] })]));
+    await fs.rm(path.join(repo, 'index'), { recursive: true });
+    const r = await gv(repo, ['repair', '--write', '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ generationsFound: 5, generationsRestored: 4 });
+    const now = JSON.parse(await gvOk(repo, ['list', '--json'])) as Array<{ id: string; tags: string[]; protected?: boolean; rev?: number }>;
+    expect(now.map((g) => g.id)).not.toContain(b.id);
+    expect(now.find((g) => g.id === a.id)).toMatchObject({ tags: ['two'], protected: true, rev: 2 });
+    expect(now).toHaveLength(4);
   }, 120_000);
 });
 

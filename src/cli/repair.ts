@@ -61,7 +61,8 @@ export function register(program: Command): void {
         'pack tails, damaged records, generations that cannot be restored whole (a map leaf or\n' +
         'chunk they need is in no pack), and how the index in place differs from the packs\n' +
         '("index and packs agree" when it does not).\n\n' +
-        'By default nothing is changed. --write builds the new index in index.repair-RANDOM/,\n' +
+        'By default nothing is changed (the model of the packs is built in\n' +
+        'index.repair-PID-RANDOM/ beside index/ and removed). --write builds the new index there,\n' +
         'then renames index/ to index.broken-TIME/ and the new one to index/. Packs are only\n' +
         'read. Killed, it leaves the old index (or none) and runs again from the start. It\n' +
         'needs the repository to itself: it refuses while a backup, gc or any command that has\n' +

@@ -47,6 +47,8 @@ export interface DamagedRecord {
 interface GenState {
   id: string;
   record?: Generation;
+  /** The record's JSON as its backup committed it (written back unchanged when no change applies). */
+  json?: Buffer;
   hasMap: boolean;
   /** The change with the highest rev (forgotten ones aside). */
   change?: GenerationChange;
@@ -180,7 +182,10 @@ export class PackModel {
       await this.out.put(key(K_GENMAP, Buffer.from(rec.id, 'hex')), rec.top);
     } else if (rec.type === REC_GENERATION) {
       const g = this.gen(rec.generation.id, rec.generation);
-      if (!g.record || (rec.generation.rev ?? 0) > (g.record.rev ?? 0)) g.record = rec.generation;
+      if (!g.record || (rec.generation.rev ?? 0) > (g.record.rev ?? 0)) {
+        g.record = rec.generation;
+        g.json = Buffer.from(rec.json);
+      }
     } else if (rec.type === REC_CHANGE) {
       const c = rec.change;
       const g = this.gen(c.id, c);
@@ -212,7 +217,8 @@ export class PackModel {
     for (const g of this.gens.values()) {
       const rec = restorable(g);
       if (rec) {
-        await this.out.put(generationKey(rec), Buffer.from(JSON.stringify(rec)));
+        const same = rec === g.record && g.json;
+        await this.out.put(generationKey(rec), same ? g.json! : Buffer.from(JSON.stringify(rec)));
         restored.push(rec);
       } else if (g.hasMap) {
         await this.out.del(key(K_GENMAP, Buffer.from(g.id, 'hex')));
@@ -304,18 +310,19 @@ export class PackModel {
     return { leaves: 0, chunks, bytes };
   }
 
-  /** The packs' extent as scanned: pack id -> size read. */
-  scannedSizes(): Map<string, number> {
-    return new Map(this.packs.map((p) => [p.pack, p.size]));
+  /** How far each pack was read whole: pack id -> end of its last whole record. */
+  scannedEnds(): Map<string, number> {
+    return new Map(this.packs.map((p) => [p.pack, p.end]));
   }
 }
 
 /** The generation record to restore: record and map present, not forgotten, the newest change applied. */
 function restorable(g: GenState): Generation | null {
   if (g.forgotten || !g.record || !g.hasMap) return null;
+  const c = g.change;
+  if (!g.record.removed && !(c && c.rev > (g.record.rev ?? 0))) return g.record;
   const rec: Generation = { ...g.record };
   delete rec.removed;
-  const c = g.change;
   if (c && c.rev > (rec.rev ?? 0)) {
     if (c.tags) rec.tags = c.tags;
     if (c.protected) rec.protected = true;

@@ -133,7 +133,7 @@ async function compareWithIndex(indexDir: string, db: Db, model: PackModel): Pro
     return { state: 'unreadable', problem: e instanceof IndexError ? e.message : (e as Error).message };
   }
   try {
-    const diff = await diffIndex(index, db, model.scannedSizes());
+    const diff = await diffIndex(index, db, model.scannedEnds());
     return { state: 'readable', agrees: diffAgrees(diff), diff };
   } catch (e) {
     return { state: 'unreadable', problem: (e as Error).message };
