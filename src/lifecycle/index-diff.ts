@@ -66,10 +66,10 @@ function range(db: Db, prefix: number): AsyncIterator<Entry> {
 }
 
 /** Model copies grouped by chunk: ['c' + digest, [locations]]. */
-async function* copiesByChunk(model: Db): AsyncGenerator<[Buffer, Buffer[]]> {
+async function* copiesByChunk(copies: Db): AsyncGenerator<[Buffer, Buffer[]]> {
   let k: Buffer | null = null;
   let locs: Buffer[] = [];
-  const it = range(model, K_COPY);
+  const it = range(copies, K_COPY);
   for (let r = await it.next(); !r.done; r = await it.next()) {
     const [ck, v] = r.value;
     if (k && ck.compare(k, 1, 33, 1, 33) === 0) {
@@ -110,7 +110,7 @@ function note(d: KeyDiff, what: 'missing' | 'extra' | 'different', text: string)
 }
 
 /** Chunk entries of the index against the copies the scan found. */
-async function diffChunks(index: Db, model: Db, scanned: Map<string, number>): Promise<KeyDiff> {
+async function diffChunks(index: Db, copies: Db, scanned: Map<string, number>): Promise<KeyDiff> {
   const d = emptyDiff();
   const afterScan = (v: Buffer) => {
     if (!isLocation(v)) return false;
@@ -118,7 +118,7 @@ async function diffChunks(index: Db, model: Db, scanned: Map<string, number>): P
     const end = scanned.get(l.packId);
     return end === undefined || l.offset >= end;
   };
-  await merge(new Cursor(range(index, K_CHUNK)), new Cursor(copiesByChunk(model)[Symbol.asyncIterator]()), (k, iv, copies) => {
+  await merge(new Cursor(range(index, K_CHUNK)), new Cursor(copiesByChunk(copies)[Symbol.asyncIterator]()), (k, iv, copies) => {
     const digest = k.toString('hex', 1);
     if (iv && copies?.some((c) => c.equals(iv))) return;
     if (iv && afterScan(iv)) return;
@@ -152,14 +152,15 @@ const genName = (k: Buffer) => {
   return `generation ${name}@${id}`;
 };
 
-/** Everything the model holds against the index (the model finished, copies kept). */
-export async function diffIndex(index: Db, model: Db, scanned: Map<string, number>): Promise<IndexDiff> {
+/** Everything the model holds against the index (the model finished). */
+export async function diffIndex(index: Db, model: PackModel): Promise<IndexDiff> {
+  const db = model.db;
   return {
-    chunks: await diffChunks(index, model, scanned),
-    leaves: await diffPlain(index, model, K_LEAF, (k) => `map leaf ${k.toString('hex', 1)}`),
-    maps: await diffPlain(index, model, K_GENMAP, (k) => `generation map ${k.toString('hex', 1)}`),
-    generations: await diffPlain(index, model, K_GEN, genName),
-    packs: await diffPlain(index, model, K_PACK, (k) => `pack ${k.toString('hex', 1)}`),
+    chunks: await diffChunks(index, model.copies, model.scannedEnds()),
+    leaves: await diffPlain(index, db, K_LEAF, (k) => `map leaf ${k.toString('hex', 1)}`),
+    maps: await diffPlain(index, db, K_GENMAP, (k) => `generation map ${k.toString('hex', 1)}`),
+    generations: await diffPlain(index, db, K_GEN, genName),
+    packs: await diffPlain(index, db, K_PACK, (k) => `pack ${k.toString('hex', 1)}`),
   };
 }
 
@@ -172,11 +173,13 @@ export async function diffIndex(index: Db, model: Db, scanned: Map<string, numbe
 export async function packsAgree(store: Store, index: Db, progress?: (done: number, total: number) => void): Promise<{ packs: number; problems: string[] }> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'genvault-verify-packs-'));
   let db: Db | null = null;
+  let copies: Db | null = null;
   try {
-    db = await openPrivateDb(dir);
-    const model = await PackModel.build(store, db, { progress });
+    db = await openPrivateDb(path.join(dir, 'index'));
+    copies = await openPrivateDb(path.join(dir, 'copies'));
+    const model = await PackModel.build(store, db, copies, { progress });
     const restored = await model.finish();
-    const chunks = await diffChunks(index, db, model.scannedEnds());
+    const chunks = await diffChunks(index, copies, model.scannedEnds());
     const problems: string[] = [];
     const bad = chunks.extra + chunks.different;
     if (bad) {
@@ -190,6 +193,7 @@ export async function packsAgree(store: Store, index: Db, progress?: (done: numb
     return { packs: model.counts.packs, problems };
   } finally {
     await db?.close().catch(() => undefined);
+    await copies?.close().catch(() => undefined);
     await fs.rm(dir, { recursive: true, force: true });
   }
 }

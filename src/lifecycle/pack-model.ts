@@ -7,10 +7,12 @@
  * Memory stays bounded by the number of generations and packs, not of chunks or leaves:
  * chunk locations, leaves and maps go straight into the model's database in batches, and
  * only generation records and changes (a few hundred bytes each) are held. Every copy of
- * a chunk is kept while scanning, under a key of its own (`C` digest pack offset inner),
- * so that the first copy (lowest pack id, then offset: the scan's order) can be chosen
- * afterwards without looking anything up per chunk, and so that verify can accept an
- * index entry pointing at any whole copy.
+ * a chunk is kept while scanning, in a second database of its own (`C` digest pack offset
+ * inner), so that the first copy (lowest pack id, then offset: the scan's order) can be
+ * chosen afterwards without looking anything up per chunk, and so that verify can accept
+ * an index entry pointing at any whole copy. That database is removed whole afterwards:
+ * deleting its keys from the index instead left the new index three times its size until
+ * LevelDB compacted the tombstones away.
  */
 import { decodeLeaf, decodeTop } from '../format/chunkmap.js';
 import { K_GENMAP, chunkKey, key, leafKey, packKey, prefixEnd } from '../format/keys.js';
@@ -22,7 +24,7 @@ import { getOrNull, type Db } from '../index/db.js';
 import { listPacks, scanStoredPack, type StoredPack } from '../store/pack-reader.js';
 import type { Store } from '../store/store.js';
 
-/** Model-only prefix: every whole copy of a chunk, `C` digest(32) pack(16) offset u64 BE inner u32 BE -> location. */
+/** In the copies database: every whole copy of a chunk, `C` digest(32) pack(16) offset u64 BE inner u32 BE -> location. */
 export const K_COPY = 0x43; // 'C'
 const BATCH = 8192;
 
@@ -113,14 +115,21 @@ export class PackModel {
   readonly counts: ModelCounts = { packs: 0, bytes: 0, chunkRecords: 0, chunks: 0, leafRecords: 0, generationsFound: 0 };
   private gens = new Map<string, GenState>();
   private out: Batcher;
+  private cp: Batcher;
 
-  constructor(readonly db: Db) {
+  constructor(
+    /** The index being built. */
+    readonly db: Db,
+    /** Every copy of every chunk (K_COPY keys). */
+    readonly copies: Db,
+  ) {
     this.out = new Batcher(db);
+    this.cp = new Batcher(copies);
   }
 
-  /** Read every pack of the store into the model (its database must be empty). */
-  static async build(store: Store, db: Db, opts: ModelOptions = {}): Promise<PackModel> {
-    const m = new PackModel(db);
+  /** Read every pack of the store into the model (both databases empty). */
+  static async build(store: Store, db: Db, copies: Db, opts: ModelOptions = {}): Promise<PackModel> {
+    const m = new PackModel(db, copies);
     const packs = await listPacks(store);
     const total = packs.reduce((a, p) => a + p.size, 0);
     let done = 0;
@@ -130,6 +139,7 @@ export class PackModel {
       opts.progress?.(done, total);
     }
     await m.out.flush();
+    await m.cp.flush();
     m.counts.generationsFound = m.gens.size;
     return m;
   }
@@ -153,7 +163,7 @@ export class PackModel {
       case 'chunk': {
         const h = item.header;
         const loc = { packId: pack, offset: item.offset, storedLength: h.storedLength, rawLength: h.rawLength, compression: h.compression };
-        await this.out.put(copyKey(h.digest, pack, item.offset, 0), encodeLocation(loc));
+        await this.cp.put(copyKey(h.digest, pack, item.offset, 0), encodeLocation(loc));
         this.counts.chunkRecords++;
         return;
       }
@@ -161,7 +171,7 @@ export class PackModel {
         const h = item.header;
         for (const mem of item.members) {
           const loc = { packId: pack, offset: item.offset, storedLength: h.storedLength, rawLength: mem.rawLength, compression: COMP_GROUP, inner: mem.inner, groupRaw: h.rawLength };
-          await this.out.put(copyKey(mem.digest, pack, item.offset, mem.inner), encodeLocation(loc));
+          await this.cp.put(copyKey(mem.digest, pack, item.offset, mem.inner), encodeLocation(loc));
           this.counts.chunkRecords++;
         }
         return;
@@ -209,7 +219,7 @@ export class PackModel {
   /**
    * Turn the scan into index entries: `c` from each chunk's first copy, `g` for every
    * generation with a record and a map that was not forgotten (changes applied), and no
-   * map without such a record. Copies (`C`) stay until dropCopies().
+   * map without such a record.
    */
   async finish(): Promise<Generation[]> {
     await this.chooseCopies();
@@ -231,7 +241,7 @@ export class PackModel {
   private async chooseCopies(): Promise<void> {
     let last: Buffer | null = null;
     const gte = Buffer.of(K_COPY);
-    for await (const [k, v] of this.db.iterator({ gte, lt: prefixEnd(gte) })) {
+    for await (const [k, v] of this.copies.iterator({ gte, lt: prefixEnd(gte) })) {
       const digest = k.subarray(1, 33);
       if (!last || !last.equals(digest)) {
         await this.out.put(chunkKey(digest), v);
@@ -239,13 +249,6 @@ export class PackModel {
         this.counts.chunks++;
       }
     }
-    await this.out.flush();
-  }
-
-  /** Remove the copies (before the model becomes an index), so that only index entries remain. */
-  async dropCopies(): Promise<void> {
-    const gte = Buffer.of(K_COPY);
-    for await (const k of this.db.keys({ gte, lt: prefixEnd(gte) })) await this.out.del(k);
     await this.out.flush();
   }
 

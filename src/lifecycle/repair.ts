@@ -1,9 +1,10 @@
 /**
  * `genvault repair`: rebuild the index from the packs (FORMAT.md, "Version 4").
  *
- * The model of the packs (pack-model.ts) is built in a new LevelDB, `index.repair-PID-RANDOM/`
- * beside `index/`, never in the index itself. A dry run (the default) reports what it
- * found and how the index in place differs, then removes it. `--write` swaps it in:
+ * The model of the packs (pack-model.ts) is built in a new LevelDB,
+ * `index.repair-PID-RANDOM/index/` beside `index/`, never in the index itself. A dry run
+ * (the default) reports what it found and how the index in place differs, then removes
+ * it. `--write` swaps it in:
  * `index/` becomes `index.broken-TIME/` (kept: job history and damage marks live only
  * there), the new directory becomes `index/`. Packs are only read.
  *
@@ -76,32 +77,40 @@ export async function repair(dir: string, opts: RepairOptions = {}): Promise<Rep
     await refuseSharing(abs, indexDir);
   }
   await removeStaleBuilds(abs);
+  // The build directory holds the new index (index/) and the copies of every chunk
+  // (copies/, removed whole before the swap).
   const build = await newBuildDir(abs);
   let db: Db | null = null;
+  let copies: Db | null = null;
   try {
-    db = await openPrivateDb(build);
+    db = await openPrivateDb(path.join(build, 'index'));
+    copies = await openPrivateDb(path.join(build, 'copies'));
     const store = new LocalStore(abs);
-    const model = await PackModel.build(store, db, { progress: opts.progress });
+    const model = await PackModel.build(store, db, copies, { progress: opts.progress });
     await store.close();
-    const report = await describe(model, db, indexDir, opts.write === true);
-    if (opts.write) await model.dropCopies();
+    const report = await describe(model, indexDir, opts.write === true);
+    await copies.close();
+    copies = null;
     await db.close();
     db = null;
     if (opts.write) {
+      await fs.rm(path.join(build, 'copies'), { recursive: true, force: true });
       await refuseSharing(abs, indexDir); // nobody may have started meanwhile
-      report.oldIndex = await swapIn(abs, indexDir, build);
+      report.oldIndex = await swapIn(abs, indexDir, path.join(build, 'index'));
       await tightenRepo(abs, config).catch(() => undefined);
     }
     report.durationMs = Date.now() - started;
     return report;
   } finally {
+    await copies?.close().catch(() => undefined);
     await db?.close().catch(() => undefined);
     await fs.rm(build, { recursive: true, force: true }).catch(() => undefined);
   }
 }
 
 /** The report: what the scan found, and the index in place compared with it. */
-async function describe(model: PackModel, db: Db, indexDir: string, write: boolean): Promise<RepairReport> {
+async function describe(model: PackModel, indexDir: string, write: boolean): Promise<RepairReport> {
+  const db = model.db;
   const restored = await model.finish();
   const incomplete = [...model.unrestorable(), ...(await model.incomplete(restored))];
   let leaves = 0;
@@ -118,13 +127,13 @@ async function describe(model: PackModel, db: Db, indexDir: string, write: boole
     tornTails: model.packs.filter((p) => p.tail).map((p) => ({ pack: p.pack, bytes: p.tail, problem: p.tailProblem ?? '' })),
     damagedRecords: model.damaged,
     incomplete,
-    index: await compareWithIndex(indexDir, db, model),
+    index: await compareWithIndex(indexDir, model),
     oldIndex: null,
     durationMs: 0,
   };
 }
 
-async function compareWithIndex(indexDir: string, db: Db, model: PackModel): Promise<RepairReport['index']> {
+async function compareWithIndex(indexDir: string, model: PackModel): Promise<RepairReport['index']> {
   if (!(await exists(indexDir))) return { state: 'missing' };
   let index: Db;
   try {
@@ -133,7 +142,7 @@ async function compareWithIndex(indexDir: string, db: Db, model: PackModel): Pro
     return { state: 'unreadable', problem: e instanceof IndexError ? e.message : (e as Error).message };
   }
   try {
-    const diff = await diffIndex(index, db, model.scannedEnds());
+    const diff = await diffIndex(index, model);
     return { state: 'readable', agrees: diffAgrees(diff), diff };
   } catch (e) {
     return { state: 'unreadable', problem: (e as Error).message };
@@ -219,13 +228,12 @@ async function newBuildDir(abs: string): Promise<string> {
 }
 
 /**
- * Make the complete build directory the index: the old index (if any) is renamed aside
+ * Make the complete new index the index: the old index (if any) is renamed aside
  * first, then the build takes its name. Both renames are atomic; between them there is no
  * index, and a repair run then builds it again.
  */
-async function swapIn(abs: string, indexDir: string, build: string): Promise<string | null> {
-  await fs.rm(path.join(build, OWNER_FILE), { force: true });
-  await syncDir(build);
+async function swapIn(abs: string, indexDir: string, built: string): Promise<string | null> {
+  await syncDir(built);
   let old: string | null = null;
   if (await exists(indexDir)) {
     const stamp = new Date().toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
@@ -233,7 +241,7 @@ async function swapIn(abs: string, indexDir: string, build: string): Promise<str
     for (let n = 1; await exists(old); n++) old = path.join(abs, `index.broken-${stamp}-${n}`);
     await fs.rename(indexDir, old);
   }
-  await fs.rename(build, indexDir);
+  await fs.rename(built, indexDir);
   await syncDir(abs);
   return old;
 }
