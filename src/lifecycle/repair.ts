@@ -20,7 +20,7 @@ import { randomBytes } from 'node:crypto';
 import { GenvaultError } from '../util/errors.js';
 import { currentOwner, ownerAlive, processStart, type Owner } from '../util/proc.js';
 import { K_LEAF, prefixEnd } from '../format/keys.js';
-import { IndexError, openDb, openPrivateDb, type Db } from '../index/db.js';
+import { IndexError, OPEN_FILES_FOR_PASSES, limitIndexOpenFiles, openDb, openPrivateDb, type Db } from '../index/db.js';
 import { gcRunning, liveWriters, parseOwner } from '../repository/locks.js';
 import { applyUmask, tightenRepo } from '../repository/perms.js';
 import { Repository } from '../repository/repository.js';
@@ -137,6 +137,7 @@ async function compareWithIndex(indexDir: string, model: PackModel): Promise<Rep
   if (!(await exists(indexDir))) return { state: 'missing' };
   let index: Db;
   try {
+    limitIndexOpenFiles(OPEN_FILES_FOR_PASSES); // one pass over all of it (db.ts)
     index = await openDb(indexDir);
   } catch (e) {
     return { state: 'unreadable', problem: e instanceof IndexError ? e.message : (e as Error).message };
