@@ -146,7 +146,14 @@ export class PackModel {
 
   private async scanOne(store: Store, p: StoredPack): Promise<void> {
     const it = scanStoredPack(store, p);
-    let r = await it.next();
+    let r: IteratorResult<ScanItem, ScanEnd>;
+    try {
+      r = await it.next(); // opens the pack
+    } catch (e) {
+      // Removed since the listing (gc running beside verify): nothing of it to take.
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
+      throw e;
+    }
     for (; !r.done; r = await it.next()) await this.take(p.packId, r.value);
     const end: ScanEnd = r.value;
     this.packs.push({ pack: p.packId, size: p.size, end: end.end, tail: end.tail, ...(end.tailProblem ? { tailProblem: end.tailProblem } : {}) });
