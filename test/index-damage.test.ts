@@ -218,7 +218,7 @@ describe('bit flips in the index', () => {
     const list = await gv(repo, ['list', 'vm', '--json']);
     expect(list.code).toBe(0);
     expect(JSON.parse(list.stdout)).toHaveLength(2); // the third is gone from the index...
-    expect(list.stderr).toMatch(/^genvault: warning: index damaged: LevelDB dropped or found corrupt records/m); // ...and that is said
+    expect(list.stderr).toMatch(/^genvault: warning: index damaged: LevelDB dropped or found corrupt records.*'genvault repair'/m); // ...and that is said
     const v = await gv(repo, ['verify', '--full', '--json']);
     expect(v.code).toBe(1);
     const report = JSON.parse(v.stdout);
@@ -297,6 +297,7 @@ describe('bit flips in the index', () => {
           expectOneLineError(r);
           expect(r.stderr.trim()).toMatch(/^genvault: .*: index damaged: /);
           expect(r.stderr).toMatch(message);
+          expect(r.stderr.trim()).toMatch(/; 'genvault repair' rebuilds the index from the packs$/);
         }
         const mnt = s.path('mnt-damaged');
         await fs.mkdir(mnt, { recursive: true });

@@ -25,7 +25,7 @@
  */
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { GenvaultError, describeFsError } from '../util/errors.js';
+import { GenvaultError, REPAIR_HINT, describeFsError } from '../util/errors.js';
 import { bytes } from '../util/format.js';
 import { testPause as hookPause, testTrace } from '../util/testhooks.js';
 import { ownerAlive } from '../util/proc.js';
@@ -133,7 +133,7 @@ function trace(phase: string): void {
 }
 
 function damaged(what: string): GenvaultError {
-  return new GenvaultError(`index damaged: ${what}; gc removes nothing until 'genvault verify' finds no damage`, 'DAMAGED');
+  return new GenvaultError(`index damaged: ${what}; gc removes nothing until 'genvault verify' finds no damage (${REPAIR_HINT})`, 'DAMAGED');
 }
 
 interface Marks {

@@ -17,7 +17,7 @@
  */
 import { pinnedGenerations } from '../repository/locks.js';
 import { testPause, testTrace } from '../util/testhooks.js';
-import { GenvaultError } from '../util/errors.js';
+import { GenvaultError, REPAIR_HINT } from '../util/errors.js';
 import { roughAge } from '../util/duration.js';
 import { configMinAge } from '../format/config.js';
 import { getOrNull } from '../index/db.js';
@@ -50,7 +50,7 @@ async function reread(repo: Repository, g: Generation): Promise<Generation | nul
   try {
     return parseGenerationRecord(k, v);
   } catch (e) {
-    throw new GenvaultError(`index damaged: the generation record of ${label(g)} is corrupt (${(e as Error).message}); run 'genvault verify'`, 'DAMAGED');
+    throw new GenvaultError(`index damaged: the generation record of ${label(g)} is corrupt (${(e as Error).message}); run 'genvault verify' (${REPAIR_HINT})`, 'DAMAGED');
   }
 }
 
