@@ -13,27 +13,10 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ROOT, Scratch, gvOk, must, prng, sh, sha256File, text } from './helpers.js';
+import { ROOT, Scratch, format3Images, gvOk, must, sh, sha256File, text } from './helpers.js';
 
 const FIXTURE = path.join(ROOT, 'test', 'fixtures', 'format3-repo');
 const MiB = 1 << 20;
-
-/** The images the fixture holds, by name and generation (oldest first): deterministic. */
-function images(): Array<[string, Buffer]> {
-  const a = Buffer.alloc(8 * MiB);
-  text(1, 3 * MiB).copy(a, 1 * MiB);
-  prng(2, MiB / 4).copy(a, 4 * MiB);
-  text(3, 3 * MiB + (3 * MiB) / 4).copy(a, 4 * MiB + MiB / 4);
-  const b = Buffer.from(a);
-  text(4, 64 << 10).copy(b, 2 * MiB);
-  b.fill(0, 6 * MiB, 6 * MiB + MiB / 2);
-  const odd = text(5, 2 * MiB + 1234); // not a multiple of the 4 KiB block
-  return [
-    ['disk', a],
-    ['disk', b],
-    ['odd', odd],
-  ];
-}
 
 const maker = process.env.GENVAULT_MAKE_FIXTURE;
 
@@ -43,7 +26,7 @@ if (maker) describe('making the fixture', () => {
     try {
       await fs.rm(FIXTURE, { recursive: true, force: true });
       await must('node', [maker!, '-r', FIXTURE, 'init']);
-      for (const [name, data] of images()) {
+      for (const [name, data] of format3Images()) {
         const file = path.join(s.dir, `${name}.img`);
         await fs.writeFile(file, data);
         await must('node', [maker!, '-r', FIXTURE, 'backup', file, '--name', name]);
@@ -70,7 +53,7 @@ else describe('a format 3 repository written by an earlier version', () => {
   afterAll(() => s?.cleanup());
 
   it('lists its generations and restores each byte-identical', async () => {
-    const want = images();
+    const want = format3Images();
     const list = JSON.parse(await gvOk(repo, ['list', '--json'])) as Array<{ name: string; id: string; size: number }>;
     expect(list.map((g) => [g.name, g.size])).toEqual(want.map(([n, d]) => [n, d.length]));
     for (let i = 0; i < want.length; i++) {
@@ -90,7 +73,7 @@ else describe('a format 3 repository written by an earlier version', () => {
   });
 
   it('takes a new backup that dedups against the old chunks, and restores it', async () => {
-    const [, last] = images()[1]!;
+    const [, last] = format3Images()[1]!;
     const next = Buffer.from(last);
     text(6, 32 << 10).copy(next, 5 * MiB);
     const file = path.join(s.dir, 'next.img');

@@ -37,7 +37,7 @@ describe('record headers', () => {
       const buf = Buffer.alloc(RECORD_HEADER_SIZE + 10);
       const digest = sha(Buffer.from([comp]));
       encodeRecordHeader(buf, 10, comp, 123456, 654, digest);
-      expect(decodeRecordHeader(buf, 10)).toEqual({ compression: comp, rawLength: 123456, storedLength: 654, digest });
+      expect(decodeRecordHeader(buf, 10)).toEqual({ type: 0, compression: comp, rawLength: 123456, storedLength: 654, digest });
     }
   });
 

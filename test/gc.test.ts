@@ -11,6 +11,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { RaveLevel } from 'rave-level';
 import { afterAll, beforeAll, describe, expect, it, onTestFailed } from 'vitest';
+import { LocalStore } from '../src/store/local.js';
+import { listPacks, scanStoredPack } from '../src/store/pack-reader.js';
+import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF } from '../src/format/meta.js';
 import { CLI, Scratch, gv, gvOk, prng, seededRandom, sh, sha256File } from './helpers.js';
 
 let s: Scratch;
@@ -49,6 +52,50 @@ async function packFiles(repo: string): Promise<Map<string, number>> {
     }
   }
   return out;
+}
+
+/** The metadata records of a pack (format 4), read from the pack itself. */
+interface PackMeta {
+  /** Header and payload bytes of its metadata records. */
+  bytes: number;
+  /** One string per record: leaf:DIGEST, map:ID, record:ID, change:ID:REV|forgotten. */
+  records: string[];
+  /** Generation ids of its generation records. */
+  generations: string[];
+}
+
+/** Every pack's metadata records, by pack id, scanned without the index. */
+async function packMeta(repo: string): Promise<Map<string, PackMeta>> {
+  const store = new LocalStore(repo);
+  const out = new Map<string, PackMeta>();
+  try {
+    for (const p of await listPacks(store)) {
+      const m: PackMeta = { bytes: 0, records: [], generations: [] };
+      for await (const item of scanStoredPack(store, p)) {
+        expect(item.kind, `pack ${p.packId} at ${item.offset}`).not.toBe('damaged');
+        if (item.kind !== 'meta') continue;
+        m.bytes += 52 + item.header.storedLength;
+        const r = item.record;
+        if (r.type === REC_LEAF) m.records.push(`leaf:${item.header.digest.toString('hex')}`);
+        else if (r.type === REC_GENMAP) m.records.push(`map:${r.id}`);
+        else if (r.type === REC_GENERATION) {
+          m.records.push(`record:${r.generation.id}`);
+          m.generations.push(r.generation.id);
+        } else if (r.type === REC_CHANGE) m.records.push(`change:${r.change.id}:${r.change.forgotten ? 'forgotten' : r.change.rev}`);
+      }
+      out.set(p.packId, m);
+    }
+  } finally {
+    await store.close();
+  }
+  return out;
+}
+
+/** The pack holding the generation record of `id` (the one its backup wrote). */
+function packOf(meta: Map<string, PackMeta>, id: string): string {
+  const packs = [...meta].filter(([, m]) => m.generations.includes(id)).map(([p]) => p);
+  expect(packs, `packs holding the record of ${id}`).toHaveLength(1);
+  return packs[0]!;
 }
 
 interface IndexDump {
@@ -198,6 +245,15 @@ describe('gc', () => {
     let r = JSON.parse(await gvOk(repo, ['gc', '--json']));
     expect(r).toMatchObject({ chunksRemoved: 0, packsDeleted: 0, packsRepacked: 0, bytesFreed: 0, generations: 3 });
 
+    // b's pack: its new chunks, then (format 4) the leaf records of its new leaves, its map
+    // and its record, all b's own.
+    const metaBefore = await packMeta(repo);
+    const bPack = packOf(metaBefore, b.id);
+    const bMeta = metaBefore.get(bPack)!;
+    expect(bMeta.records.filter((r) => !r.startsWith('leaf:')).sort()).toEqual([`map:${b.id}`, `record:${b.id}`]);
+    const bPackBytes = b.stats.newStored + 24 + bMeta.bytes;
+    expect((await packFiles(repo)).get(bPack)).toBe(bPackBytes);
+
     await gvOk(repo, ['forget', 'b@latest', '--force-young']);
     const before = await packBytes(repo);
     const indexBefore = await dumpIndex(repo);
@@ -205,10 +261,11 @@ describe('gc', () => {
 
     // Dry run: reports, changes nothing.
     const dry = JSON.parse(await gvOk(repo, ['gc', '--dry-run', '--json']));
-    expect(dry).toMatchObject({ dryRun: true, generations: 2, packsDeleted: 1 });
+    expect(dry).toMatchObject({ dryRun: true, generations: 2, packsDeleted: 1, packsRepacked: 0, metadataKept: 0 });
     expect(dry.leavesRemoved).toBeGreaterThanOrEqual(1);
     expect(dry.chunksRemoved).toBe(b.stats.newChunks);
-    expect(dry.bytesFreed).toBe(b.stats.newStored + 24);
+    expect(dry.metadataDropped).toBe(bMeta.records.length);
+    expect(dry.bytesFreed).toBe(bPackBytes);
     const human = await gvOk(repo, ['gc', '-n']);
     expect(human).toMatch(/would remove \d+ unreferenced chunks .* nothing changed \(dry run\)/s);
     expect(await dumpIndex(repo)).toEqual(indexBefore);
@@ -216,12 +273,17 @@ describe('gc', () => {
     expect(await fs.readdir(path.join(repo, 'locks'))).toEqual([]);
 
     r = JSON.parse(await gvOk(repo, ['gc', '--json']));
-    expect(r).toMatchObject({ dryRun: false, generations: 2, packsDeleted: 1, packsRepacked: 0, chunksSpared: 0 });
+    expect(r).toMatchObject({ dryRun: false, generations: 2, packsDeleted: 1, packsRepacked: 0, chunksSpared: 0, metadataKept: 0 });
     expect(r.leavesRemoved).toBe(dry.leavesRemoved);
     expect(r.chunksRemoved).toBe(b.stats.newChunks);
-    // b's pack held exactly its new chunks: the whole pack file goes.
-    expect(r.bytesFreed).toBe(b.stats.newStored + 24);
-    expect(before - (await packBytes(repo))).toBe(b.stats.newStored + 24); // du -sb: the directories stay
+    expect(r.metadataDropped).toBe(bMeta.records.length);
+    // b's pack held exactly its new chunks and b's records: the whole pack file goes.
+    expect(r.bytesFreed).toBe(bPackBytes);
+    expect(before - (await packBytes(repo))).toBe(bPackBytes); // du -sb: the directories stay
+    // Only b's pack went; forget's pack of b's forgotten change stays.
+    const after = await packFiles(repo);
+    expect([...filesBefore.keys()].filter((p) => !after.has(p))).toEqual([bPack]);
+    expect([...(await packMeta(repo)).values()].flatMap((m) => m.records).filter((x) => x.includes(b.id))).toEqual([`change:${b.id}:forgotten`]);
 
     expect((await list(repo)).map((g) => g.name)).toEqual(['a', 'c']);
     expect(await restoreSum(repo, 'a@latest')).toBe(sums.a);
@@ -243,8 +305,10 @@ describe('gc', () => {
     await gvOk(repo, ['backup', s.path('d.img'), '--name', 'd']);
     const eSum = await writeImage(s.path('e.img'), [keep, prng(22, 2 << 20)]);
     await gvOk(repo, ['backup', s.path('e.img'), '--name', 'e']);
+    const dPack = packOf(await packMeta(repo), (await list(repo)).find((g) => g.name === 'd')!.id);
     await gvOk(repo, ['forget', 'd@latest', '--force-young']);
     const filesBefore = await packFiles(repo);
+    expect(filesBefore.size).toBe(3);
     const before = await packFileBytes(repo);
 
     // d's pack is about a quarter live: over a 20% threshold it stays as it is...
@@ -259,9 +323,11 @@ describe('gc', () => {
     expect(r.bytesCopied).toBeLessThan(2.6 * (1 << 20));
     expect(before - (await packFileBytes(repo))).toBe(r.bytesFreed);
     expect(r.bytesFreed).toBeGreaterThan(5 << 20);
+    // d's pack was replaced by gc's; e's pack and forget's pack (d's forgotten change, all
+    // live) stay as they were.
     const files = await packFiles(repo);
-    expect(files.size).toBe(2);
-    expect([...filesBefore.keys()].filter((p) => files.has(p))).toHaveLength(1);
+    expect(files.size).toBe(3);
+    expect([...filesBefore.keys()].filter((p) => !files.has(p))).toEqual([dPack]);
 
     expect(await restoreSum(repo, 'e@latest')).toBe(eSum);
     await checkIndexConsistent(repo);
@@ -381,14 +447,33 @@ describe('gc', () => {
     }
     expect(await g.exited).toBe(0);
     const r = JSON.parse(g.stdout);
-    // The batch went back as it was (the old records are intact); a2's own copies are unused,
-    // and its pack with them.
-    expect(r).toMatchObject({ chunksRemoved: 0, chunksDeferred: a.stats.newChunks, packsDeleted: 1 });
+    // The batch went back as it was (the old records are intact); a2's own copies are
+    // unused. Its pack also holds a2's map and record (format 4), which live: the pack is
+    // not deleted, and at threshold 0 not rewritten either.
+    expect(r).toMatchObject({ chunksRemoved: 0, chunksDeferred: a.stats.newChunks, packsDeleted: 0, packsRepacked: 0, metadataKept: 0 });
+    const a2 = (await list(repo))[0]!;
+    const meta = await packMeta(repo);
+    const a2Pack = packOf(meta, a2.id);
+    const a2Meta = meta.get(a2Pack)!;
+    expect(a2Meta.records.filter((x) => !x.startsWith('leaf:')).sort()).toEqual([`map:${a2.id}`, `record:${a2.id}`]);
     expect(await restoreSum(repo, 'a2@latest')).toBe(sum);
     await checkIndexConsistent(repo);
+    // At the default threshold a2's pack (dead chunks, live records) is rewritten: only its
+    // records are copied, into a pack of their own.
     const r2 = JSON.parse(await gvOk(repo, ['gc', '--json']));
-    expect(r2).toMatchObject({ chunksRemoved: 0, packsDeleted: 0 });
+    expect(r2).toMatchObject({ chunksRemoved: 0, packsDeleted: 0, packsRepacked: 1, packsWritten: 1, metadataKept: a2Meta.records.length, metadataDropped: 0 });
+    expect(r2.bytesCopied).toBe(a2Meta.bytes);
+    const after = await packMeta(repo);
+    expect(after.has(a2Pack)).toBe(false);
+    const fresh = [...after.keys()].filter((p) => !meta.has(p));
+    expect(fresh).toHaveLength(1);
+    expect(after.get(fresh[0]!)!.records).toEqual(a2Meta.records);
+    expect((await packFiles(repo)).get(fresh[0]!)).toBe(24 + a2Meta.bytes);
     expect(await restoreSum(repo, 'a2@latest')).toBe(sum);
+    await checkIndexConsistent(repo);
+    // Nothing left to do.
+    const r3 = JSON.parse(await gvOk(repo, ['gc', '--json']));
+    expect(r3).toMatchObject({ chunksRemoved: 0, packsDeleted: 0, packsRepacked: 0, metadataKept: 0, metadataDropped: 0 });
   });
 
   it('map leaves are not removed while a backup that may write the same leaf runs', async () => {
@@ -479,8 +564,23 @@ describe('gc', () => {
     expect(dump.counts.l).toBe(again.referencedLeaves);
     let live = 0;
     for (const [k, v] of dump.entries) if (k.startsWith('63')) live += 52 + Buffer.from(v, 'hex').readUInt32LE(24);
+    // Format 4: and the metadata records, each live and in the packs once: a leaf record per
+    // 'l' leaf, a map and a record per generation, and every forget's forgotten change.
+    const meta = await packMeta(repo);
+    const records = [...meta.values()].flatMap((m) => m.records);
+    expect(new Set(records).size, 'a metadata record twice').toBe(records.length);
+    const gens = await list(repo);
+    const expected = [
+      ...[...dump.entries.keys()].filter((k) => k.startsWith('6c')).map((k) => `leaf:${k.slice(2)}`),
+      ...gens.flatMap((g) => [`map:${g.id}`, `record:${g.id}`]),
+    ];
+    expect(records.filter((x) => !x.startsWith('change:')).sort()).toEqual(expected.sort());
+    const changes = records.filter((x) => x.startsWith('change:'));
+    expect(changes).toHaveLength(10); // one forget a round
+    expect(changes.every((x) => x.endsWith(':forgotten'))).toBe(true);
+    const metaBytes = [...meta.values()].reduce((n, m) => n + m.bytes, 0);
     const files = await packFiles(repo);
-    expect(await packFileBytes(repo)).toBe(live + 24 * files.size);
+    expect(await packFileBytes(repo)).toBe(live + metaBytes + 24 * files.size);
     expect(await fs.readdir(path.join(repo, 'locks'))).toEqual([]);
     const v = await gv(repo, ['verify', '--full']);
     expect(v.code, v.stdout + v.stderr).toBe(0);

@@ -370,3 +370,21 @@ export async function waitForFile(file: string, ms: number): Promise<void> {
     ac.abort();
   }
 }
+
+/** The images test/fixtures/format3-repo holds, by name and generation (oldest first): deterministic. */
+export function format3Images(): Array<[string, Buffer]> {
+  const MiB = 1 << 20;
+  const a = Buffer.alloc(8 * MiB);
+  text(1, 3 * MiB).copy(a, 1 * MiB);
+  prng(2, MiB / 4).copy(a, 4 * MiB);
+  text(3, 3 * MiB + (3 * MiB) / 4).copy(a, 4 * MiB + MiB / 4);
+  const b = Buffer.from(a);
+  text(4, 64 << 10).copy(b, 2 * MiB);
+  b.fill(0, 6 * MiB, 6 * MiB + MiB / 2);
+  const odd = text(5, 2 * MiB + 1234); // not a multiple of the 4 KiB block
+  return [
+    ['disk', a],
+    ['disk', b],
+    ['odd', odd],
+  ];
+}

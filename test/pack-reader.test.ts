@@ -50,7 +50,7 @@ describe('a record of one chunk', () => {
   it('passes when it matches its index entry', () => {
     const c = checkRecord(rec, entry);
     if ('problem' in c) throw new Error(c.problem);
-    expect(c.header).toEqual({ compression: COMP_RAW, rawLength: data.length, storedLength: data.length, digest });
+    expect(c.header).toEqual({ type: 0, compression: COMP_RAW, rawLength: data.length, storedLength: data.length, digest });
     expect(c.payload.equals(data)).toBe(true);
     expect(c.frameAt).toBe(0);
     expect('header' in checkRecordHeader(rec, entry)).toBe(true);

@@ -428,7 +428,17 @@ describe('commit order', () => {
     const synced = packSyncs.filter((c) => c.end >= 0 && c.end < commit!.start);
     expect(synced.length, 'pack fdatasync before the chunk entries were written to the index').toBeGreaterThan(0);
     const lastSync = synced.at(-1)!;
-    for (const w of packWrites) expect(w.end, 'a pack write after its sync').toBeLessThan(lastSync.start);
+    const before = packWrites.filter((w) => w.start < commit!.start);
+    for (const w of before) expect(w.end, 'a pack write after its sync').toBeLessThan(lastSync.start);
+    // Format 4 appends the generation's map and record after that (FORMAT.md, "Version 4"):
+    // every pack write, those included, is synced before the next write to the index log.
+    expect(packWrites.some((w) => w.data?.includes('GVG1'))).toBe(true);
+    const logWrites = calls.filter((c) => c.name === 'write' && isLog(c));
+    for (const w of packWrites) {
+      const next = logWrites.find((l) => l.start > w.end);
+      expect(next, 'a pack write that no index write follows').toBeDefined();
+      expect(packSyncs.some((c) => c.start > w.end && c.end >= 0 && c.end < next!.start), 'a pack write not synced before the next index write').toBe(true);
+    }
     // The commit is durable: an fdatasync of that log follows the write.
     const logSync = calls.find((c) => (c.name === 'fdatasync' || c.name === 'fsync') && c.path === commit!.path && c.start > commit!.end && c.result === '0');
     expect(logSync, 'fdatasync of the index log after the commit').toBeDefined();

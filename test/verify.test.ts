@@ -11,6 +11,9 @@ import { Scratch, flipByte, gv, gvOk, oneLine, packFiles, prng, sh } from './hel
 import { LeafBuilder, encodeTop } from '../src/format/chunkmap.js';
 import { leafKey } from '../src/format/keys.js';
 import { Repository } from '../src/repository/repository.js';
+import { RECORD_HEADER_SIZE } from '../src/format/pack.js';
+import { LocalStore } from '../src/store/local.js';
+import { listPacks, scanStoredPack } from '../src/store/pack-reader.js';
 
 let s: Scratch;
 
@@ -26,6 +29,21 @@ interface Gen {
 }
 
 const label = (g: { name: string; id: string }) => `${g.name}@${g.id}`;
+
+/** Where the last chunk or group record of a pack ends (metadata records may follow). */
+async function endOfLastDataRecord(repo: string, packFile: string): Promise<number> {
+  const store = new LocalStore(repo);
+  try {
+    const p = (await listPacks(store)).find((x) => x.packId === path.basename(packFile, '.pack'))!;
+    let end = 0;
+    for await (const item of scanStoredPack(store, p)) {
+      if (item.kind === 'chunk' || item.kind === 'group') end = item.offset + RECORD_HEADER_SIZE + item.header.storedLength;
+    }
+    return end;
+  } finally {
+    await store.close();
+  }
+}
 
 beforeAll(async () => {
   s = await Scratch.create('genvault-verify-');
@@ -147,7 +165,9 @@ describe('verify', () => {
     const st = await fs.stat(packC);
     const keep = s.path('packC.bak2');
     await fs.copyFile(packC, keep);
-    await fs.truncate(packC, st.size - 1);
+    // Into the last chunk or group record: in format 4 the generation's map and record follow it.
+    const cut = (await endOfLastDataRecord(repo, packC)) - 1;
+    await fs.truncate(packC, cut);
     try {
       const rep = JSON.parse((await gv(repo, ['verify', '--json'])).stdout);
       expect(rep.ok).toBe(false);
@@ -159,7 +179,7 @@ describe('verify', () => {
         expect(dc.problem).toMatch(/pack file too short/);
         expect(dc.pack).toBe(path.basename(packC, '.pack'));
       }
-      expect(rep.damagedPacks).toEqual([{ pack: path.basename(packC, '.pack'), problem: `pack file has ${st.size - 1} bytes, less than its committed size ${st.size}` }]);
+      expect(rep.damagedPacks).toEqual([{ pack: path.basename(packC, '.pack'), problem: `pack file has ${cut} bytes, less than its committed size ${st.size}` }]);
       expect(rep.damagedGenerations.map(label)).toEqual([label(gens[3]!)]);
     } finally {
       await fs.copyFile(keep, packC);

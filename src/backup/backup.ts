@@ -14,7 +14,10 @@
  * Durability: index entries for new chunks are committed only after their pack data
  * is fsynced, in batches (bounding memory), and the generation itself in one final
  * atomic batch after everything it references is durable. A run that dies leaves no
- * visible generation; its uncommitted pack tails are removed by the next writer.
+ * visible generation; its uncommitted pack tails are removed by the next writer. In
+ * format 4 the packs also get the run's new map leaves (each flush) and, at the end, the
+ * generation's map and record (FORMAT.md, "Version 4"), synced before the batch that
+ * puts the same bytes into the index.
  *
  * The steps, one file each: run.ts (the run's state and its plan), reader.ts (read and
  * chunk segments), dedup.ts (which chunks are new), map-builder.ts (the generation's
@@ -27,7 +30,7 @@ import { ImageLock } from '../repository/locks.js';
 import type { Repository } from '../repository/repository.js';
 import type { Source } from './source.js';
 import { BufferPool, DEPTH } from './buffer-pool.js';
-import { abort, commitGeneration, generationRecord } from './commit.js';
+import { abort, catchUpAfterUpgrade, commitGeneration, generationRecord, writeGenerationRecords } from './commit.js';
 import { Dedup } from './dedup.js';
 import { MapBuilder } from './map-builder.js';
 import { PackSink } from './packs.js';
@@ -47,6 +50,7 @@ export const SUPPORTS_CHUNKED_SOURCES = true;
  *   entries and leaves committed; flushes happen when a pack is full and once at the end);
  * - 'before-commit' (the default): the whole source is read, every chunk looked up and
  *   made durable, the generation not yet committed (the moment a concurrent gc must wait for);
+ *   in format 4 its map and record are in its pack, synced, beyond the committed size;
  * - 'committed': the generation is committed; its packs are not yet closed, its
  *   registration and image lock still held.
  * GENVAULT_BACKUP_TRACE=1 prints 'backup-trace: commit' just before the batch that commits
@@ -84,10 +88,12 @@ async function backupImage(repo: Repository, source: Source, opts: BackupOptions
     checkComplete(run);
     map.finish();
     await sink.flush();
+    const commit = generationRecord(run, map);
+    if (run.meta) await writeGenerationRecords(run, sink, commit);
     await hook('before-commit');
-    const gen = generationRecord(run, map);
-    await commitGeneration(run, gen, map);
-    return gen;
+    await catchUpAfterUpgrade(run, sink, commit);
+    await commitGeneration(run, commit);
+    return commit.gen;
   } catch (e) {
     throw await abort(run, e);
   } finally {

@@ -6,16 +6,32 @@
  */
 import { randomBytes } from 'node:crypto';
 import { GenvaultError, describeFsError } from '../util/errors.js';
-import { damagedKey } from '../format/keys.js';
-import { encodeTop } from '../format/chunkmap.js';
+import { damagedKey, leafKey } from '../format/keys.js';
+import { REC_GENERATION, REC_GENMAP, REC_LEAF, encodeMetaRecord } from '../format/meta.js';
+import { encodeTop, type LeafRef } from '../format/chunkmap.js';
 import type { Generation } from '../format/generation.js';
 import { testTrace } from '../util/testhooks.js';
 import { Repository } from '../repository/repository.js';
 import type { MapBuilder } from './map-builder.js';
+import type { PackSink, PutOp } from './packs.js';
 import { hook, type BackupRun } from './run.js';
 
+/**
+ * What the commit batch puts: the generation's record (as JSON, the exact bytes stored
+ * under `g` and, in format 4, in its record in a pack), its map's top level, and the `p`
+ * entry of the pack holding those records.
+ */
+export interface Commit {
+  gen: Generation;
+  json: Buffer;
+  top: Buffer;
+  /** The map's leaves, in order (the top level decoded). */
+  refs: LeafRef[];
+  packOps: PutOp[];
+}
+
 /** The generation's record, for what the run read. */
-export function generationRecord(run: BackupRun, map: MapBuilder): Generation {
+export function generationRecord(run: BackupRun, map: MapBuilder): Commit {
   const { cfg, stats, prev } = run;
   stats.durationMs = Date.now() - run.started;
   const gen: Generation = {
@@ -34,7 +50,53 @@ export function generationRecord(run: BackupRun, map: MapBuilder): Generation {
     // Keep creation times strictly increasing per image (clock steps, fast runs).
     gen.created = new Date(Date.parse(prev.created) + 1).toISOString();
   }
-  return gen;
+  return { gen, json: Buffer.from(JSON.stringify(gen)), top: encodeTop(map.refs), refs: map.refs, packOps: [] };
+}
+
+/** Leaf records are appended this many at a time when a run catches up (bounded memory). */
+const LEAVES_PER_APPEND = 256;
+
+/**
+ * Format 4: the generation's map and record appended to the run's pack and synced, so they
+ * are durable before the commit batch (which carries the pack's `p` size). With
+ * `allLeaves`, first a leaf record for every leaf of the map: see catchUpAfterUpgrade.
+ */
+export async function writeGenerationRecords(run: BackupRun, sink: PackSink, c: Commit, allLeaves = false): Promise<void> {
+  if (allLeaves) await writeAllLeaves(run, sink, c.refs);
+  const recs = Buffer.concat([
+    encodeMetaRecord({ type: REC_GENMAP, id: c.gen.id, top: c.top }),
+    encodeMetaRecord({ type: REC_GENERATION, generation: c.gen, json: c.json }),
+  ]);
+  c.packOps = [await sink.finalRecords(recs)];
+}
+
+async function writeAllLeaves(run: BackupRun, sink: PackSink, refs: LeafRef[]): Promise<void> {
+  const unique = new Map<string, Buffer>();
+  for (const r of refs) unique.set(r.digest.toString('hex'), r.digest);
+  const digests = [...unique.values()];
+  for (let i = 0; i < digests.length; i += LEAVES_PER_APPEND) {
+    const part = digests.slice(i, i + LEAVES_PER_APPEND);
+    const leaves = await run.repo.db.getMany(part.map((d) => leafKey(d)));
+    const recs = leaves.map((l, k) => {
+      // Every leaf of the map was committed by the run's flushes (or found in the index).
+      if (!l) throw new GenvaultError(`map leaf ${part[k]!.toString('hex')} is missing from the index`, 'DAMAGED');
+      return encodeMetaRecord({ type: REC_LEAF, leaf: Buffer.from(l) });
+    });
+    await sink.appendRecords(Buffer.concat(recs));
+  }
+}
+
+/**
+ * A run that decided on format 3 (config.json said 3 when it registered) asks again just
+ * before its commit: if `genvault upgrade` has made the repository format 4 meanwhile, the
+ * upgrade may not have seen this run's leaves and will not see its generation (an upgrade
+ * killed before it waited for the writers), so the run writes records for all of its map's
+ * leaves, not only those it put, then the map and the record.
+ */
+export async function catchUpAfterUpgrade(run: BackupRun, sink: PackSink, c: Commit): Promise<void> {
+  if (run.meta || (await Repository.readConfig(run.repo.dir)).version < 4) return;
+  run.meta = true;
+  await writeGenerationRecords(run, sink, c, true);
 }
 
 /**
@@ -42,13 +104,14 @@ export function generationRecord(run: BackupRun, map: MapBuilder): Generation {
  * chunks it stored again: their index entries now point to the fresh copies); then the
  * run's packs are closed and its registration released.
  */
-export async function commitGeneration(run: BackupRun, gen: Generation, map: MapBuilder): Promise<void> {
+export async function commitGeneration(run: BackupRun, c: Commit): Promise<void> {
   const { repo, opts } = run;
   const commit = () =>
     repo.db.batch([
       ...run.healed.map((d) => ({ type: 'del' as const, key: damagedKey(Buffer.from(d, 'binary')) })),
-      { type: 'put', key: Repository.mapKey(gen.id), value: encodeTop(map.refs) },
-      { type: 'put', key: Repository.generationKey(gen), value: Buffer.from(JSON.stringify(gen)) },
+      ...c.packOps,
+      { type: 'put', key: Repository.mapKey(c.gen.id), value: c.top },
+      { type: 'put', key: Repository.generationKey(c.gen), value: c.json },
     ], { sync: true } as object);
   testTrace('backup', 'commit');
   await (opts.commit ? opts.commit(commit) : commit());

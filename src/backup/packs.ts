@@ -9,15 +9,21 @@
 import { describeFsError } from '../util/errors.js';
 import { chunkKey, packKey } from '../format/keys.js';
 import { COMP_GROUP, ChunkLocation, RECORD_HEADER_SIZE, encodeLocation } from '../format/pack.js';
+import { REC_LEAF, encodeMetaRecord } from '../format/meta.js';
 import { PackWriter } from '../store/pack-writer.js';
 import type { CompressAnswer } from '../work/protocol.js';
 import { BufferPool, DEPTH } from './buffer-pool.js';
-import type { MapBuilder } from './map-builder.js';
+import type { LeafEntry, MapBuilder } from './map-builder.js';
 import type { Segment } from './reader.js';
 import { hook, type BackupRun } from './run.js';
 
 /** Flush chunk index entries once this many are pending (bounds memory on huge first backups). */
 const FLUSH_ENTRIES = 65536;
+
+export type PutOp = { type: 'put'; key: Buffer; value: Buffer };
+
+/** The `p` entry that commits a pack up to what has been appended (and synced) so far. */
+const sizeOp = (pack: PackWriter): PutOp => ({ type: 'put', key: packKey(pack.packId), value: Buffer.from(JSON.stringify({ size: pack.size })) });
 
 export class PackSink {
   /** digest (binary string) -> location, for chunks written by this run and not yet in the index */
@@ -164,16 +170,58 @@ export class PackSink {
     const leavesNow = this.map.takePending();
     this.uncommitted = new Map();
     this.committing = entries;
-    const ops: Array<{ type: 'put'; key: Buffer; value: Buffer }> = [];
+    await this.leafRecords(leavesNow);
+    const ops: PutOp[] = [];
     const pack = this.pack;
     if (pack) {
       await pack.sync();
-      ops.push({ type: 'put', key: packKey(pack.packId), value: Buffer.from(JSON.stringify({ size: pack.size })) });
+      ops.push(sizeOp(pack));
     }
     for (const [d, loc] of entries) ops.push({ type: 'put', key: chunkKey(Buffer.from(d, 'binary')), value: encodeLocation(loc) });
     for (const l of leavesNow) ops.push({ type: 'put', ...l });
     if (ops.length) await this.run.repo.db.batch(ops, { sync: true } as object);
     this.committing = new Map();
     await hook(`flushed-${++this.flushes}`);
+  }
+
+  /**
+   * Format 4: a leaf record for each of these leaves the index does not hold yet, appended
+   * before the flush's sync, so that it is durable before the batch that puts the leaf.
+   * One lookup for the whole batch (a leaf covers hundreds of chunks). A leaf another
+   * writer is putting at the same time may get a record from each: harmless.
+   */
+  private async leafRecords(leaves: LeafEntry[]): Promise<void> {
+    if (!this.run.meta || !leaves.length) return;
+    const found = await this.run.repo.db.getMany(leaves.map((l) => l.key));
+    const seen = new Set<string>();
+    const recs: Buffer[] = [];
+    leaves.forEach((l, i) => {
+      const k = l.key.toString('binary');
+      if ((found[i] !== undefined && found[i] !== null) || seen.has(k)) return;
+      seen.add(k);
+      recs.push(encodeMetaRecord({ type: REC_LEAF, leaf: l.value }));
+    });
+    if (recs.length) await this.appendRecords(Buffer.concat(recs));
+  }
+
+  /**
+   * Format 4, at the end of the run: the generation's records (map, record, and leaf records
+   * when the run catches up after an upgrade) appended to the run's pack, a new one if it
+   * has none (everything was deduplicated), and synced. Returns the `p` entry for the
+   * commit batch.
+   */
+  async finalRecords(records: Buffer): Promise<PutOp> {
+    await this.appendRecords(records);
+    await this.pack!.sync();
+    return sizeOp(this.pack!);
+  }
+
+  /** Metadata records appended to the run's pack (a new one if it has none); not synced. */
+  async appendRecords(records: Buffer): Promise<void> {
+    if (!this.pack) await this.nextPack();
+    const p = this.pack!;
+    await p.append(records).catch((e) => {
+      throw describeFsError(e, `writing ${this.run.repo.store.describe(p.name)}`);
+    });
   }
 }

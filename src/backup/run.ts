@@ -14,6 +14,7 @@ import type { Generation, GenerationStats } from '../format/generation.js';
 import { workerCores, type WorkerPool } from '../work/pool.js';
 import { WriterRegistration, cleanupDeadWriters, gcRunning, type ImageLock } from '../repository/locks.js';
 import type { PackWriter } from '../store/pack-writer.js';
+import { MetaPack } from '../repository/meta-pack.js';
 import { testPause } from '../util/testhooks.js';
 import type { Repository } from '../repository/repository.js';
 import type { Source } from './source.js';
@@ -54,6 +55,12 @@ export class BackupRun {
   writer: WriterRegistration | null = null;
   /** Every pack this run opened; all are closed when the run ends, however it ends. */
   readonly packs: PackWriter[] = [];
+  /**
+   * Format 4: this run writes metadata records (a leaf record for each new leaf, the map and
+   * the record at the end). Decided once registered as a writer, from config.json as it is
+   * then (an upgrade may have run since the repository was opened).
+   */
+  meta = false;
   /** A gc was running when the run started: its condemned chunks count as absent. */
   underGc = false;
   /**
@@ -98,6 +105,7 @@ export class BackupRun {
     }
     await cleanupDeadWriters(repo.dir, repo.db, repo.store);
     this.writer = await WriterRegistration.register(repo.dir, `backup ${name}`);
+    this.meta = await MetaPack.wantedNow(repo);
     // Registered first, then checked: a gc that starts after this check waits for us.
     this.underGc = await gcRunning(repo.dir);
     this.damaged = await damagedSet(repo.db);

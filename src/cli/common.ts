@@ -1,6 +1,6 @@
 /** What every command shares: finding the repository, JSON output, error exit. */
 import type { Command } from 'commander';
-import { GenvaultError, UsageError, describeFsError, errnoOf, innermostMessage } from '../util/errors.js';
+import { GenvaultError, REPAIR_HINT, UsageError, describeFsError, errnoOf, innermostMessage } from '../util/errors.js';
 import { Repository } from '../repository/repository.js';
 
 export interface GlobalOpts {
@@ -63,7 +63,10 @@ export function errorExitCode(usage = false): number {
 export function errorLine(err: unknown): string {
   if (err instanceof GenvaultError) return err.message;
   // LevelDB's own words name the file ("IO error: REPO/index/LOCK: Read-only file system").
-  if (String((err as { code?: unknown })?.code).startsWith('LEVEL_')) return `index database: ${innermostMessage(err)}`;
+  if (String((err as { code?: unknown })?.code).startsWith('LEVEL_')) {
+    const m = innermostMessage(err);
+    return `index database: ${m}${/corrupt/i.test(m) ? `; ${REPAIR_HINT}` : ''}`;
+  }
   // An errno error that no layer described: name the file if node did.
   const path = (err as NodeJS.ErrnoException)?.path;
   if (errnoOf(err)) return path ? describeFsError(err, path).message : innermostMessage(err);

@@ -64,6 +64,12 @@ function human(r: GcResult): string {
     `${r.packsRepacked} ${r.dryRun ? 'to rewrite' : 'rewritten'}` + (r.packsRepacked ? ` (${bytes(r.bytesCopied)} of live data copied into ${plural(r.packsWritten, 'new pack')})` : ''),
   ];
   out.push(`packs: ${packs.join(', ')}`);
+  if (r.metadataKept || r.metadataDropped) {
+    out.push(
+      `metadata records in those packs: ${r.metadataKept} ${r.dryRun ? 'to keep' : 'kept'} (copied into the new packs), ` +
+        `${r.metadataDropped} ${r.dryRun ? 'to drop' : 'dropped'} (nothing needs them any more)`,
+    );
+  }
   for (const w of r.warnings) out.push(`warning: ${w}`);
   if (r.dryRun) out.push(`would free about ${bytes(r.bytesFreed)}; nothing changed (dry run)`);
   else out.push(`freed ${bytes(r.bytesFreed)} in ${duration(r.durationMs)}`);

@@ -47,6 +47,8 @@ const commands: Record<string, () => Promise<Registrar>> = {
   run: () => import('./run.js'),
   daemon: () => import('./daemon.js'),
   status: () => import('./status.js'),
+  upgrade: () => import('./upgrade.js'),
+  repair: () => import('./repair.js'),
 };
 // Commands and aliases registered by another command's module.
 for (const [name, home] of [['ls', 'list'], ['cat', 'restore'], ['umount', 'mount'], ['unmount', 'mount'], ['unprotect', 'protect']] as const)

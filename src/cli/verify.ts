@@ -2,7 +2,7 @@ import { Command } from 'commander';
 import { Repository } from '../repository/repository.js';
 import { VerifyReport, verify } from '../lifecycle/verify.js';
 import { bytes, duration } from '../util/format.js';
-import { GenvaultError, UsageError } from '../util/errors.js';
+import { GenvaultError, REPAIR_HINT, UsageError } from '../util/errors.js';
 import { Progress } from '../util/progress.js';
 import { action, errorLine, printJson, repoPath, wantsJson } from './common.js';
 
@@ -62,7 +62,9 @@ function summary(r: VerifyReport): string {
   ].filter(Boolean);
   return (
     `damage found: ${parts.join(', ') || 'damaged generation records'}; ` +
-    `${gens.length} generation(s) affected${gens.length ? `: ${gens.slice(0, 10).join(', ')}${gens.length > 10 ? ', ...' : ''}` : ''}`
+    `${gens.length} generation(s) affected${gens.length ? `: ${gens.slice(0, 10).join(', ')}${gens.length > 10 ? ', ...' : ''}` : ''}` +
+    // Leaves and index-wide problems are the index's: the packs still hold good copies.
+    (r.indexProblems.length || r.damagedLeaves.length ? ` (${REPAIR_HINT})` : '')
   );
 }
 
@@ -109,7 +111,7 @@ export function register(program: Command): void {
             onProgress: (p, d, t) => {
               if (p !== phase) {
                 progress?.done();
-                progress = new Progress(p === 'headers' ? 'verify headers' : 'verify data');
+                progress = new Progress(p === 'packs' ? 'verify packs' : p === 'headers' ? 'verify headers' : 'verify data');
                 phase = p;
               }
               progress!.update(d, t);

@@ -14,7 +14,7 @@
  * Top   : count x ( leaf digest(32) | bytes u64 | chunks u32 )
  */
 import { createHash } from 'node:crypto';
-import { GenvaultError } from '../util/errors.js';
+import { GenvaultError, REPAIR_HINT } from '../util/errors.js';
 
 /**
  * A map leaf that is missing, fails its digest or its structure, or does not fit its
@@ -26,7 +26,7 @@ export class LeafDamage extends GenvaultError {
     readonly problem: string,
     generation = '',
   ) {
-    super(`index damaged: map leaf ${digest.toString('hex')}${generation ? ` of ${generation}` : ''}: ${problem} (run 'genvault verify')`, 'DAMAGED');
+    super(`index damaged: map leaf ${digest.toString('hex')}${generation ? ` of ${generation}` : ''}: ${problem} (run 'genvault verify'; ${REPAIR_HINT})`, 'DAMAGED');
   }
 }
 

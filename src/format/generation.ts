@@ -36,6 +36,12 @@ export interface Generation {
   protected?: boolean;
   /** Removed by forget/prune while a reader had it open (pinned): hidden, kept until gc. */
   removed?: boolean;
+  /**
+   * How many changes (protect, unprotect) the record has had since its backup (format 4:
+   * each wrote a change record with this rev into a pack; a rebuild applies the highest).
+   * Absent: 0.
+   */
+  rev?: number;
 }
 
 /** The index key of a generation record: 'g' name 0x00 created (ms, u64 BE) id (8 bytes). */

@@ -61,11 +61,12 @@ export function encodeRecordHeader(
   rawLength: number,
   storedLength: number,
   digest: Uint8Array,
+  type = 0,
 ): void {
   out.writeUInt32LE(RECORD_MAGIC, at);
   out[at + 4] = 1;
   out[at + 5] = compression;
-  out.writeUInt16LE(0, at + 6);
+  out.writeUInt16LE(type, at + 6);
   out.writeUInt32LE(rawLength, at + 8);
   out.writeUInt32LE(storedLength, at + 12);
   out.set(digest, at + 16);
@@ -73,6 +74,8 @@ export function encodeRecordHeader(
 }
 
 export interface RecordHeader {
+  /** 0: a chunk or a group (all that format 3 and older wrote); others: meta.ts. */
+  type: number;
   compression: number;
   rawLength: number;
   storedLength: number;
@@ -87,6 +90,7 @@ export function decodeRecordHeader(buf: Buffer, at = 0): RecordHeader | null {
   const compression = buf[at + 5]!;
   if (compression !== COMP_RAW && compression !== COMP_ZSTD && compression !== COMP_GROUP) return null;
   return {
+    type: buf.readUInt16LE(at + 6),
     compression,
     rawLength: buf.readUInt32LE(at + 8),
     storedLength: buf.readUInt32LE(at + 12),
@@ -233,6 +237,8 @@ export const GROUP_TABLE_NOT_DIGEST = 'group member table does not match its dig
 export function checkRecordHeader(rec: Buffer, entry: RecordEntry, opts?: RecordCheckOptions): { header: RecordHeader } | { problem: string } {
   const h = decodeRecordHeader(rec, 0);
   if (!h) return { problem: RECORD_HEADER_BAD };
+  // A chunk's entry never points at a metadata record (format 4), even one holding the same bytes.
+  if (h.type !== 0) return { problem: RECORD_NOT_INDEX };
   if (entry.compression === COMP_GROUP) {
     if (h.compression !== COMP_GROUP || h.storedLength !== entry.storedLength || (entry.groupRaw !== undefined && entry.groupRaw !== h.rawLength)) {
       return { problem: RECORD_NOT_INDEX };

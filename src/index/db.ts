@@ -74,6 +74,7 @@ async function recoveryDamage(dir: string): Promise<string[]> {
   const original = proto._open;
   if (!original.genvaultChecked) {
     const checked: Open & { genvaultChecked?: boolean } = function (options, callback) {
+      if (openFilesLimit !== null) options = { ...(options as object), maxOpenFiles: openFilesLimit };
       original.call(this, options, (err) => {
         if (err) return callback(err);
         void recoveryDamage(this.location)
@@ -89,6 +90,20 @@ async function recoveryDamage(dir: string): Promise<string[]> {
     checked.genvaultChecked = true;
     proto._open = checked;
   }
+}
+
+/** maxOpenFiles for indexes this process leads from now on (null: LevelDB's default, 1000). */
+let openFilesLimit: number | null = null;
+
+/**
+ * A process that reads a whole large index once (repair comparing it with the packs)
+ * bounds how many of its table files LevelDB keeps open, and so memory-mapped: every table
+ * touched stays mapped, and counts in the process's RSS, until it leaves the table cache.
+ * Applies only where this process leads (opens LevelDB itself); rave-level passes no other
+ * options through.
+ */
+export function limitIndexOpenFiles(n: number): void {
+  openFilesLimit = n;
 }
 
 /** The damage LevelDB reported when the index was opened, from DAMAGE_FILE; null when none was. */
@@ -186,6 +201,21 @@ async function privateCopy(dir: string): Promise<string> {
   }
   return copy;
 }
+
+/**
+ * A new LevelDB for one process only (repair and verify build the model of the packs in
+ * one), without rave-level's socket. LevelDB memory-maps up to 1000 table files, and a
+ * pass over millions of keys touches all of them: those pages count in the process's RSS.
+ * A small table cache bounds what is mapped (about 2 MiB per table file).
+ */
+export async function openPrivateDb(dir: string): Promise<Db> {
+  const db = new ClassicLevel<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer', maxOpenFiles: OPEN_FILES_FOR_PASSES });
+  await db.open({ createIfMissing: true, errorIfExists: true });
+  return db as unknown as Db;
+}
+
+/** LevelDB keeps 10 of max_open_files for itself; the rest is its table cache. */
+export const OPEN_FILES_FOR_PASSES = 40;
 
 /** The private copy an index on read-only media was opened from (null: opened in place). */
 export function readOnlyCopy(db: Db): string | null {

@@ -15,6 +15,8 @@
  *             landing in the middle of a batch undoes that batch (see sweepChunks)
  *   leaves    unreferenced leaves are removed, only while no backup runs (see sweepLeaves)
  *   repack    packs with no live record are deleted; packs mostly dead are rewritten
+ *             (format 4: a pack's live metadata records are copied with its live chunks,
+ *             and count as live bytes; see gc-meta.ts)
  *   finish    the 'x' keys of swept chunks are deleted, locks released
  *
  * Crash safety: a pack is unlinked only after no 'c' entry points into it; everything else
@@ -23,7 +25,7 @@
  */
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { GenvaultError, describeFsError } from '../util/errors.js';
+import { GenvaultError, REPAIR_HINT, describeFsError } from '../util/errors.js';
 import { bytes } from '../util/format.js';
 import { testPause as hookPause, testTrace } from '../util/testhooks.js';
 import { ownerAlive } from '../util/proc.js';
@@ -35,6 +37,7 @@ import { COMP_GROUP, PACK_HEADER_SIZE, RECORD_HEADER_SIZE, checkRecord, decodeLo
 import { PackWriter } from '../store/pack-writer.js';
 import { readRecordSpan } from '../store/pack-reader.js';
 import { Repository } from '../repository/repository.js';
+import { type MetaLiveness, type MetaScan, readLiveMeta, readLiveness, scanMeta } from './gc-meta.js';
 
 export interface GcOptions {
   dryRun?: boolean;
@@ -68,8 +71,14 @@ export interface GcResult {
   packsDeleted: number;
   packsRepacked: number;
   packsWritten: number;
-  /** Live record bytes copied into new packs. */
+  /** Live record bytes copied into new packs (chunk and metadata records). */
   bytesCopied: number;
+  /**
+   * Format 4: metadata records found in the packs deleted or rewritten, copied into a new
+   * pack (kept) or left behind because nothing needs them any more (dropped).
+   */
+  metadataKept: number;
+  metadataDropped: number;
   /** Pack file bytes given back (dry run: an estimate). */
   bytesFreed: number;
   /** Running backups gc waited for before sweeping. */
@@ -108,6 +117,8 @@ function emptyResult(dryRun: boolean): GcResult {
     packsRepacked: 0,
     packsWritten: 0,
     bytesCopied: 0,
+    metadataKept: 0,
+    metadataDropped: 0,
     bytesFreed: 0,
     waitedFor: 0,
     recovered: { chunks: 0, leaves: 0, condemned: 0 },
@@ -122,7 +133,7 @@ function trace(phase: string): void {
 }
 
 function damaged(what: string): GenvaultError {
-  return new GenvaultError(`index damaged: ${what}; gc removes nothing until 'genvault verify' finds no damage`, 'DAMAGED');
+  return new GenvaultError(`index damaged: ${what}; gc removes nothing until 'genvault verify' finds no damage (${REPAIR_HINT})`, 'DAMAGED');
 }
 
 interface Marks {
@@ -579,9 +590,23 @@ interface PackPlan {
 }
 
 /**
- * Which packs to delete (no live record) and which to rewrite (live fraction under the
- * threshold). Only packs with a 'p' entry that no running writer lists: nobody appends to
- * them or commits entries into them any more, so their live set can only shrink.
+ * Whether a pack with `live` live bytes (record headers included) out of `size` committed
+ * bytes is rewritten. Metadata records count as live like chunk records: they are copied
+ * just the same, and a pack that is mostly live metadata (an upgrade's pack of leaves, or a
+ * pack whose chunks all died but whose generation records live on) stays where it is
+ * instead of being copied again by every gc. A pack that is all live is never rewritten,
+ * so the output of a rewrite is not rewritten by the next gc unless something in it died.
+ */
+function worthRewriting(live: number, size: number, threshold: number): boolean {
+  const data = Math.max(0, size - PACK_HEADER_SIZE);
+  return threshold > 0 && live < data && live * 100 < threshold * data;
+}
+
+/**
+ * Which packs to delete (no live chunk record) and which to rewrite (live fraction under
+ * the threshold), by their chunk records; in format 4 their metadata records are looked
+ * at next (triage). Only packs with a 'p' entry that no running writer lists: nobody
+ * appends to them or commits entries into them any more, so their live set can only shrink.
  * With `referenced` (dry run), entries not in it count as already removed.
  */
 async function planPacks(repo: Repository, self: string | null, threshold: number, referenced?: Set<string>): Promise<PackPlan & { deadBytes: number; deadChunks: number }> {
@@ -612,11 +637,29 @@ async function planPacks(repo: Repository, self: string | null, threshold: numbe
   const rewrite: string[] = [];
   for (const [id, size] of [...sizes].sort((a, b) => (a[0] < b[0] ? -1 : 1))) {
     const l = live.get(id) ?? 0;
-    const data = Math.max(0, size - PACK_HEADER_SIZE);
     if (l === 0) remove.push(id);
-    else if (threshold > 0 && l < data && l * 100 < threshold * data) rewrite.push(id);
+    else if (worthRewriting(l, size, threshold)) rewrite.push(id);
   }
   return { sizes, live, remove, rewrite, deadBytes, deadChunks };
+}
+
+type Triage = { action: 'delete' | 'rewrite' | 'keep'; scan: MetaScan | null } | { action: 'damaged'; problem: string };
+
+/**
+ * What to do with a pack the chunk records made a candidate: in format 4 its metadata
+ * records are scanned first. A damaged one leaves the pack alone; live ones count as live
+ * bytes, and a pack with live metadata is rewritten (or kept), never deleted.
+ */
+async function triage(repo: Repository, plan: PackPlan, id: string, threshold: number, meta: MetaLiveness | null): Promise<Triage> {
+  const chunkLive = plan.live.get(id) ?? 0;
+  const size = plan.sizes.get(id) ?? 0;
+  const scan = meta ? await scanMeta(repo, id, size, meta) : null;
+  // Damaged bytes may be a live metadata record whose type cannot be told any more (even
+  // where the index says a dead chunk was): the pack stays for verify and repair.
+  if (scan?.problem) return { action: 'damaged', problem: scan.problem };
+  const live = chunkLive + (scan?.liveBytes ?? 0);
+  if (live === 0) return { action: 'delete', scan };
+  return { action: worthRewriting(live, size, threshold) ? 'rewrite' : 'keep', scan };
 }
 
 interface LiveRecord {
@@ -627,26 +670,28 @@ interface LiveRecord {
 }
 
 async function repack(repo: Repository, writer: WriterRegistration, threshold: number, res: GcResult, report: (line: string) => void): Promise<void> {
-  const db = repo.db;
   const plan = await planPacks(repo, writer.record.id, threshold);
-
-  for (const id of plan.remove) {
-    const size = await packFileSize(repo, id);
-    // Listed first: if we die after deleting the 'p' entry, cleanupDeadWriters removes the file.
-    await writer.addPack(id);
-    await db.del(packKey(id), SYNC);
-    await testPause('pack-unlink');
-    await repo.store.delete(packObject(id));
-    res.packsDeleted++;
-    res.bytesFreed += size ?? 0;
-    report(`gc: deleted ${res.packsDeleted}/${plan.remove.length} empty pack(s)`);
+  // After planning: a writer not among those the plan left out has committed everything it
+  // will commit into the planned packs, and its generations are under 'g' by now.
+  const meta = repo.config.version >= 4 ? await readLiveness(repo) : null;
+  const rewrite: Array<{ id: string; scan: MetaScan | null }> = [];
+  let deleted = 0;
+  for (const id of [...plan.remove, ...plan.rewrite]) {
+    const t = await triage(repo, plan, id, threshold, meta);
+    if (t.action === 'damaged') res.warnings.push(`pack ${id}: ${t.problem}; pack left in place (run 'genvault verify')`);
+    else if (t.action === 'rewrite') rewrite.push({ id, scan: t.scan });
+    else if (t.action === 'delete') {
+      await deletePack(repo, writer, id, res);
+      res.metadataDropped += t.scan?.dropped ?? 0;
+      report(`gc: deleted ${++deleted} empty pack(s)`);
+    }
   }
-  if (!plan.rewrite.length) return;
+  if (!rewrite.length) return;
 
   // Live records of the packs to rewrite (a second pass: memory only for those packs).
-  const wanted = new Set(plan.rewrite);
+  const wanted = new Set(rewrite.map((r) => r.id));
   const records = new Map<string, LiveRecord[]>();
-  for await (const [k, v] of db.iterator(prefixRange(K_CHUNK))) {
+  for await (const [k, v] of repo.db.iterator(prefixRange(K_CHUNK))) {
     if (!isLocation(v)) continue;
     const id = v.toString('hex', 0, 16);
     if (!wanted.has(id)) continue;
@@ -656,59 +701,92 @@ async function repack(repo: Repository, writer: WriterRegistration, threshold: n
     list.push({ d: Buffer.from(k.subarray(1)), loc, offset: Number(loc.readBigUInt64LE(16)), length: RECORD_HEADER_SIZE + loc.readUInt32LE(24) });
   }
 
-  let out: PackWriter | null = null;
+  const out: { w: PackWriter | null } = { w: null };
   let n = 0;
   try {
-    for (const id of plan.rewrite) {
+    for (const { id, scan } of rewrite) {
       n++;
-      const recs = (records.get(id) ?? []).sort((a, b) => a.offset - b.offset);
-      const oldSize = await packFileSize(repo, id);
-      if (oldSize === null) {
-        res.warnings.push(`pack ${id} is missing (run 'genvault verify'); left alone`);
-        continue;
-      }
-      if (!out || out.size >= repo.config.packTargetSize) {
-        if (out) await out.close();
-        out = await PackWriter.create(repo.store).catch((e) => {
-          throw describeFsError(e, `creating a pack file in ${repo.dir}`);
-        });
-        await writer.addPack(out.packId);
-        res.packsWritten++;
-        res.bytesFreed -= PACK_HEADER_SIZE;
-      }
-      const w: PackWriter = out;
-      const startSize = w.size;
-      const moves: Array<{ key: Buffer; old: Buffer; neu: Buffer }> = [];
-      const problem = await copyRecords(repo, id, recs, w, moves);
-      if (problem) {
-        await w.rewind(startSize);
-        res.warnings.push(`pack ${id}: ${problem}; pack left in place (run 'genvault verify')`);
-        continue;
-      }
-      await w.sync();
-      await testPause('repack-commit');
-      const cur = await db.getMany(moves.map((m) => m.key));
-      const batch: Op[] = [{ type: 'put', key: packKey(w.packId), value: Buffer.from(JSON.stringify({ size: w.size })) }];
-      // Only entries still pointing at the old record move; one replaced meanwhile by a
-      // backup's fresh copy points into that backup's pack and stays.
-      moves.forEach((m, i) => {
-        if (cur[i] && Buffer.from(cur[i]!).equals(m.old)) batch.push({ type: 'put', key: m.key, value: m.neu });
-      });
-      await db.batch(batch, SYNC);
-      // No entry points into the old pack any more: remove it.
-      await writer.addPack(id);
-      await db.del(packKey(id), SYNC);
-      await testPause('pack-unlink');
-      await repo.store.delete(packObject(id));
-      const copied = w.size - startSize;
-      res.packsRepacked++;
-      res.bytesCopied += copied;
-      res.bytesFreed += oldSize - copied;
-      report(`gc: rewriting packs: ${n}/${plan.rewrite.length}, ${bytes(res.bytesCopied)} of live data copied`);
+      await rewritePack(repo, writer, out, id, (records.get(id) ?? []).sort((a, b) => a.offset - b.offset), scan, res);
+      report(`gc: rewriting packs: ${n}/${rewrite.length}, ${bytes(res.bytesCopied)} of live data copied`);
     }
   } finally {
-    await out?.close().catch(() => undefined);
+    await out.w?.close().catch(() => undefined);
   }
+}
+
+/** Give a pack up: listed in gc's registration first (if we die after deleting its 'p' entry, cleanupDeadWriters removes the file). */
+async function deletePack(repo: Repository, writer: WriterRegistration, id: string, res: GcResult): Promise<void> {
+  const size = await packFileSize(repo, id);
+  await writer.addPack(id);
+  await repo.db.del(packKey(id), SYNC);
+  await testPause('pack-unlink');
+  await repo.store.delete(packObject(id));
+  res.packsDeleted++;
+  res.bytesFreed += size ?? 0;
+}
+
+/**
+ * Copy one pack's live records (chunks as the index locates them, metadata records as
+ * the scan found them) into gc's current output pack, sync, move the chunk entries, and
+ * delete the old pack. A problem leaves the old pack alone (reported) and the output as it was.
+ */
+async function rewritePack(repo: Repository, writer: WriterRegistration, out: { w: PackWriter | null }, id: string, recs: LiveRecord[], scan: MetaScan | null, res: GcResult): Promise<void> {
+  const db = repo.db;
+  const oldSize = await packFileSize(repo, id);
+  if (oldSize === null) {
+    res.warnings.push(`pack ${id} is missing (run 'genvault verify'); left alone`);
+    return;
+  }
+  if (!out.w || out.w.size >= repo.config.packTargetSize) {
+    if (out.w) await out.w.close();
+    out.w = await PackWriter.create(repo.store).catch((e) => {
+      throw describeFsError(e, `creating a pack file in ${repo.dir}`);
+    });
+    await writer.addPack(out.w.packId);
+    res.packsWritten++;
+    res.bytesFreed -= PACK_HEADER_SIZE;
+  }
+  const w: PackWriter = out.w;
+  const startSize = w.size;
+  const moves: Array<{ key: Buffer; old: Buffer; neu: Buffer }> = [];
+  let problem = await copyRecords(repo, id, recs, w, moves);
+  if (!problem && scan?.live.length) {
+    // Metadata records are found by no index entry: nothing to move, only to keep.
+    const metaBytes = await readLiveMeta(repo, id, scan);
+    if (typeof metaBytes === 'string') problem = metaBytes;
+    else await w.append(metaBytes);
+  }
+  if (problem) {
+    await w.rewind(startSize);
+    res.warnings.push(`pack ${id}: ${problem}; pack left in place (run 'genvault verify')`);
+    return;
+  }
+  await w.sync();
+  await testPause('repack-commit');
+  const cur = await db.getMany(moves.map((m) => m.key));
+  // Listed first: once the batch below has deleted its 'p' entry, cleanupDeadWriters
+  // removes the file if we die (listed with its 'p' entry, it is left as it is).
+  await writer.addPack(id);
+  // One batch commits the new pack's 'p' size (also when no entry moves: a pack of
+  // metadata records only), moves the entries and gives the old pack up, so that no gc
+  // killed in between leaves both committed: the next one would copy the old pack's
+  // metadata records a second time.
+  const batch: Op[] = [{ type: 'put', key: packKey(w.packId), value: Buffer.from(JSON.stringify({ size: w.size })) }];
+  // Only entries still pointing at the old record move; one replaced meanwhile by a
+  // backup's fresh copy points into that backup's pack and stays.
+  moves.forEach((m, i) => {
+    if (cur[i] && Buffer.from(cur[i]!).equals(m.old)) batch.push({ type: 'put', key: m.key, value: m.neu });
+  });
+  batch.push({ type: 'del', key: packKey(id) });
+  await db.batch(batch, SYNC);
+  await testPause('pack-unlink');
+  await repo.store.delete(packObject(id));
+  const copied = w.size - startSize;
+  res.packsRepacked++;
+  res.bytesCopied += copied;
+  res.bytesFreed += oldSize - copied;
+  res.metadataKept += scan?.live.length ?? 0;
+  res.metadataDropped += scan?.dropped ?? 0;
 }
 
 /**
@@ -777,16 +855,24 @@ async function dryRun(repo: Repository, threshold: number, report: (line: string
   res.chunksRemoved = plan.deadChunks;
   res.chunkBytesRemoved = plan.deadBytes;
   for await (const k of repo.db.keys(prefixRange(K_LEAF))) if (!m.leaves.has(bin(k.subarray(1)))) res.leavesRemoved++;
-  for (const id of plan.remove) {
-    res.packsDeleted++;
-    res.bytesFreed += (await packFileSize(repo, id)) ?? 0;
-  }
+  // Format 4: leaves the generations reference are the ones a real run keeps under 'l'.
+  const meta = repo.config.version >= 4 ? await readLiveness(repo, m.leaves) : null;
   let copied = 0;
-  for (const id of plan.rewrite) {
+  for (const id of [...plan.remove, ...plan.rewrite]) {
     const size = await packFileSize(repo, id);
-    if (size === null) continue;
-    const l = plan.live.get(id) ?? 0;
+    const t = await triage(repo, plan, id, threshold, meta);
+    if (t.action === 'damaged') res.warnings.push(`pack ${id}: ${t.problem}; it would be left in place (run 'genvault verify')`);
+    if (t.action !== 'delete' && t.action !== 'rewrite') continue;
+    res.metadataDropped += t.scan?.dropped ?? 0;
+    if (t.action === 'delete') {
+      res.packsDeleted++;
+      res.bytesFreed += size ?? 0;
+      continue;
+    }
+    if (size === null) continue; // a real run reports it
+    const l = (plan.live.get(id) ?? 0) + (t.scan?.liveBytes ?? 0);
     res.packsRepacked++;
+    res.metadataKept += t.scan?.live.length ?? 0;
     copied += l;
     res.bytesFreed += size - l;
   }

@@ -9,16 +9,23 @@
  *
  * protect, unprotect, forget and prune take one lock between them, so a generation
  * protected while a prune is deciding is not removed by that prune.
+ *
+ * Format 4: each generation they change gets a change record (its new `rev`, and its
+ * tags and protection, or `forgotten`) in a pack of their own, synced and committed in the
+ * same batch as the index change (FORMAT.md, "Version 4"), so a rebuilt index neither
+ * loses a protection nor brings a forgotten generation back.
  */
 import { pinnedGenerations } from '../repository/locks.js';
 import { testPause, testTrace } from '../util/testhooks.js';
-import { GenvaultError } from '../util/errors.js';
+import { GenvaultError, REPAIR_HINT } from '../util/errors.js';
 import { roughAge } from '../util/duration.js';
 import { configMinAge } from '../format/config.js';
 import { getOrNull } from '../index/db.js';
 import { Generation, parseGenerationRecord } from '../format/generation.js';
 import { ImageLock, RETENTION_LOCK } from '../repository/locks.js';
 import { Repository } from '../repository/repository.js';
+import { MetaPack, withMetaPack } from '../repository/meta-pack.js';
+import { REC_CHANGE, type GenerationChange } from '../format/meta.js';
 import { RetentionDecision, RetentionRules, applyRetention, checkRules } from './retention.js';
 
 /**
@@ -43,11 +50,44 @@ async function reread(repo: Repository, g: Generation): Promise<Generation | nul
   try {
     return parseGenerationRecord(k, v);
   } catch (e) {
-    throw new GenvaultError(`index damaged: the generation record of ${label(g)} is corrupt (${(e as Error).message}); run 'genvault verify'`, 'DAMAGED');
+    throw new GenvaultError(`index damaged: the generation record of ${label(g)} is corrupt (${(e as Error).message}); run 'genvault verify' (${REPAIR_HINT})`, 'DAMAGED');
   }
 }
 
 const label = (g: Pick<Generation, 'name' | 'id'>) => `${g.name}@${g.id}`;
+
+type Op = { type: 'put'; key: Buffer; value: Buffer } | { type: 'del'; key: Buffer };
+
+/** A generation's change record: its `rev`-th change, with its whole mutable state or `forgotten`. */
+function changeOf(g: Generation, rev: number, state: Pick<GenerationChange, 'tags' | 'protected' | 'forgotten'>): GenerationChange {
+  return { id: g.id, name: g.name, created: g.created, rev, at: new Date().toISOString(), ...state };
+}
+
+/**
+ * Write an index change to generations, under the retention lock. `build(meta)` gives the
+ * batch and, when `meta` (format 4: config.json read again, an upgrade may have finished
+ * while we waited for the lock), the change records that go into a pack first; its `p`
+ * entry is committed in the same batch. `beforeBatch` runs when the records are durable
+ * and the batch is next.
+ */
+async function writeChanges(
+  repo: Repository,
+  what: string,
+  build: (meta: boolean) => { changes: GenerationChange[]; ops: Op[] },
+  beforeBatch?: () => Promise<void>,
+): Promise<void> {
+  const meta = await MetaPack.wantedNow(repo);
+  const { changes, ops } = build(meta);
+  const commit = async (packOps: Op[]) => {
+    await beforeBatch?.();
+    await repo.db.batch([...packOps, ...ops], { sync: true } as object);
+  };
+  if (!meta || !changes.length) return commit([]);
+  await withMetaPack(repo, what, async (mp) => {
+    for (const change of changes) await mp.add({ type: REC_CHANGE, change });
+    await commit(await mp.seal());
+  });
+}
 
 /** Set or clear the protected flag. Returns the updated record and whether it changed. */
 export async function setProtected(repo: Repository, spec: string, on: boolean): Promise<{ gen: Generation; changed: boolean }> {
@@ -59,7 +99,14 @@ export async function setProtected(repo: Repository, spec: string, on: boolean):
     const next: Generation = { ...cur };
     if (on) next.protected = true;
     else delete next.protected;
-    await repo.db.put(Repository.generationKey(next), Buffer.from(JSON.stringify(next)), { sync: true } as object);
+    await writeChanges(repo, on ? 'protect' : 'unprotect', (meta) => {
+      // The record carries the rev of its latest change (format 4 only: version 3 is as it was).
+      if (meta) next.rev = (cur.rev ?? 0) + 1;
+      return {
+        changes: meta ? [changeOf(next, next.rev!, { tags: next.tags, protected: on })] : [],
+        ops: [{ type: 'put', key: Repository.generationKey(next), value: Buffer.from(JSON.stringify(next)) }],
+      };
+    });
     return { gen: next, changed: true };
   });
 }
@@ -87,27 +134,38 @@ export async function forgetGeneration(repo: Repository, spec: string, opts: For
         'TOO_YOUNG',
       );
     }
-    await removeGenerations(repo, [g]);
+    await removeGenerations(repo, [g], 'forget');
     return g;
   });
 }
 
-async function removeGenerations(repo: Repository, gens: Generation[], beforeBatch?: () => Promise<void>): Promise<void> {
+async function removeGenerations(repo: Repository, gens: Generation[], what: string, beforeBatch?: () => Promise<void>): Promise<void> {
   if (!gens.length) return;
   // A generation open in a mount (pinned) is only hidden: its data stays until the file
-  // is closed, and a later gc drops the record and reclaims the space.
+  // is closed, and a later gc drops the record and reclaims the space. Its change says
+  // forgotten all the same: a rebuilt index does not bring it back.
   const pinned = await pinnedGenerations(repo.dir);
-  type Op = { type: 'put'; key: Buffer; value: Buffer } | { type: 'del'; key: Buffer };
-  const ops = gens.flatMap((g): Op[] =>
-    pinned.has(g.id)
-      ? [{ type: 'put' as const, key: Repository.generationKey(g), value: Buffer.from(JSON.stringify({ ...g, removed: true })) }]
-      : [
-          { type: 'del' as const, key: Repository.generationKey(g) },
-          { type: 'del' as const, key: Repository.mapKey(g.id) },
-        ],
+  await writeChanges(
+    repo,
+    what,
+    (meta) => ({
+      changes: meta ? gens.map((g) => changeOf(g, (g.rev ?? 0) + 1, { forgotten: true })) : [],
+      ops: gens.flatMap((g): Op[] =>
+        pinned.has(g.id)
+          ? [{ type: 'put', key: Repository.generationKey(g), value: Buffer.from(JSON.stringify(hidden(g, meta))) }]
+          : [
+              { type: 'del', key: Repository.generationKey(g) },
+              { type: 'del', key: Repository.mapKey(g.id) },
+            ],
+      ),
+    }),
+    beforeBatch,
   );
-  await beforeBatch?.();
-  await repo.db.batch(ops, { sync: true } as object);
+}
+
+/** The record of a pinned generation that was removed (format 4: with the rev of its forgotten change). */
+function hidden(g: Generation, meta: boolean): Generation {
+  return meta ? { ...g, removed: true, rev: (g.rev ?? 0) + 1 } : { ...g, removed: true };
 }
 
 export interface PruneOptions {
@@ -170,7 +228,7 @@ export async function prune(repo: Repository, opts: PruneOptions): Promise<Prune
     const kept = decisions.filter((d) => d.keep).map((d) => d.gen);
     await hook('decided', opts.dryRun);
     if (!opts.dryRun && removed.length) {
-      await removeGenerations(repo, removed, () => hook('batch', false));
+      await removeGenerations(repo, removed, 'prune', () => hook('batch', false));
       await hook('removed', false);
     }
     return { dryRun: opts.dryRun === true, minAgeMs, decisions, removed, kept };

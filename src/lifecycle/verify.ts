@@ -40,6 +40,7 @@ import {
   packObject,
 } from '../format/pack.js';
 import { looseModes } from '../repository/perms.js';
+import { packsAgree } from './index-diff.js';
 import { Repository } from '../repository/repository.js';
 import { PackReader, readPackHeader } from '../store/pack-reader.js';
 import type { LoadItem } from '../work/protocol.js';
@@ -50,7 +51,7 @@ export interface VerifyOptions {
   /** Read, decompress and re-hash this percentage (0 < p <= 100) of the chunks, chosen at random. */
   samplePercent?: number;
   /** Progress in bytes: stored bytes whose headers were checked, then raw bytes re-hashed. */
-  onProgress?: (phase: 'headers' | 'data', done: number, total: number) => void;
+  onProgress?: (phase: 'packs' | 'headers' | 'data', done: number, total: number) => void;
   /** Random source for sampling (tests). */
   random?: () => number;
 }
@@ -110,7 +111,9 @@ export interface VerifyReport {
   damagedGenerations: AffectedGeneration[];
   /**
    * Damage to the index as a whole: what LevelDB reported dropping when it recovered its log
-   * (db.ts, DAMAGE_FILE), and generation maps left without their record (a lost record).
+   * (db.ts, DAMAGE_FILE), generation maps left without their record (a lost record), and
+   * (format 4) where index and packs disagree: chunk entries pointing where no pack holds
+   * the chunk, generations the packs hold that the index lacks.
    */
   indexProblems: string[];
   /** Problems that are not damage and do not make `ok` false: loose permissions (perms.ts). */
@@ -175,6 +178,10 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
   // Plan: generation records and maps, index-wide damage, leaves and the chunks they name.
   await readGenerations(run);
   const indexProblems = await readIndexProblems(repo);
+  if (repo.config.version >= 4) {
+    const agree = await packsAgree(repo.store, repo.db, (d, t) => opts.onProgress?.('packs', d, t));
+    indexProblems.push(...agree.problems);
+  }
   await readLeaves(run);
   const nChunks = run.chunks.digests.length;
   const nPacks = run.chunks.packIds.length;

@@ -4,7 +4,7 @@
  */
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { GenvaultError, describeFsError } from '../util/errors.js';
+import { GenvaultError, REPAIR_HINT, describeFsError } from '../util/errors.js';
 import { Lru } from '../util/lru.js';
 import { RepoConfig, checkConfig, defaultConfig } from '../format/config.js';
 import { DAMAGE_FILE, Db, IndexError, getOrNull, indexDamage, openDb, readOnlyCopy } from '../index/db.js';
@@ -104,7 +104,10 @@ export class Repository {
     try {
       db = await openDb(indexDir);
     } catch (e) {
-      if (e instanceof IndexError) throw new GenvaultError(`${abs}: index damaged: ${e.message}`, 'INDEX');
+      if (e instanceof IndexError) {
+        const hint = config.version >= 4 ? REPAIR_HINT : `'genvault repair' cannot rebuild a format ${config.version} index: put back a copy of index/`;
+        throw new GenvaultError(`${abs}: index damaged: ${e.message}; ${hint}`, 'INDEX');
+      }
       throw describeFsError(e, indexDir);
     }
     const repo = new Repository(abs, config, db, new LocalStore(abs));
@@ -114,7 +117,7 @@ export class Repository {
     if (repo.indexDamage) {
       process.stderr.write(
         `genvault: warning: index damaged: LevelDB dropped or found corrupt records when it last recovered the index ` +
-          `(${path.join(indexDir, DAMAGE_FILE)}): generations or chunks may be missing from it; run 'genvault verify'\n`,
+          `(${path.join(indexDir, DAMAGE_FILE)}): generations or chunks may be missing from it; run 'genvault verify' (${REPAIR_HINT})\n`,
       );
     }
     return repo;
@@ -194,7 +197,7 @@ export class Repository {
     if (this.reported.has(hexKey)) return;
     this.reported.add(hexKey);
     const { name, id } = describeGenerationKey(k);
-    process.stderr.write(`genvault: warning: index damaged: the generation record of ${name}@${id} is corrupt (${problem}); it is left out (run 'genvault verify')\n`);
+    process.stderr.write(`genvault: warning: index damaged: the generation record of ${name}@${id} is corrupt (${problem}); it is left out (run 'genvault verify'; ${REPAIR_HINT})\n`);
   }
 
   /**
@@ -264,12 +267,12 @@ export class Repository {
   async chunkMap(g: Generation): Promise<ChunkMap> {
     const label = `${g.name}@${g.id}`;
     const v = await getOrNull(this.db, Repository.mapKey(g.id));
-    if (!v) throw new GenvaultError(`index damaged: the map of ${label} is missing (run 'genvault verify')`, 'DAMAGED');
+    if (!v) throw new GenvaultError(`index damaged: the map of ${label} is missing (run 'genvault verify'; ${REPAIR_HINT})`, 'DAMAGED');
     let refs;
     try {
       refs = checkedTop(v, g);
     } catch (e) {
-      throw new GenvaultError(`index damaged: ${label}: ${(e as Error).message} (run 'genvault verify')`, 'DAMAGED');
+      throw new GenvaultError(`index damaged: ${label}: ${(e as Error).message} (run 'genvault verify'; ${REPAIR_HINT})`, 'DAMAGED');
     }
     return new ChunkMap(refs, (d) => this.loadLeaf(d), label);
   }

@@ -3,7 +3,8 @@
  * Checking what was read against the index is ../format/pack.ts's (checkRecord); the
  * workers read records themselves (work/worker.ts).
  */
-import { PACK_HEADER_SIZE, PACK_MAGIC, packObject } from '../format/pack.js';
+import { PACK_HEADER_SIZE, PACK_MAGIC, isPackId, packObject } from '../format/pack.js';
+import { scanPack, type ScanEnd, type ScanItem } from '../format/scan.js';
 import type { Store } from './store.js';
 
 /** A pack's size and whether its header names it; null when the pack is missing. Other errors are thrown. */
@@ -44,4 +45,30 @@ export class PackReader {
  */
 export async function readRecordSpan(store: Store, packId: string, offset: number, length: number, buf: Buffer): Promise<number> {
   return store.read(packObject(packId), buf, 0, length, offset);
+}
+
+/** A pack object found in the store: its id, object name and size. */
+export interface StoredPack {
+  packId: string;
+  name: string;
+  size: number;
+}
+
+/**
+ * Every pack in the store, by listing it (not the index): objects named
+ * `packs/XX/ID.pack` with ID a pack id starting with XX. Anything else under packs/ is
+ * not a pack and left out (reported by the caller if it cares).
+ */
+export async function listPacks(store: Store): Promise<StoredPack[]> {
+  const out: StoredPack[] = [];
+  for await (const o of store.list('packs')) {
+    const m = /^packs\/([0-9a-f]{2})\/([0-9a-f]{32})\.pack$/.exec(o.name);
+    if (m && isPackId(m[2]) && m[2]!.startsWith(m[1]!)) out.push({ packId: m[2]!, name: o.name, size: o.size });
+  }
+  return out.sort((a, b) => (a.packId < b.packId ? -1 : a.packId > b.packId ? 1 : 0));
+}
+
+/** Read a pack from start to end without the index (format/scan.ts), through the store. */
+export function scanStoredPack(store: Store, p: StoredPack, size = p.size): AsyncGenerator<ScanItem, ScanEnd> {
+  return scanPack((buf, off, len, pos) => store.read(p.name, buf, off, len, pos), size, p.packId);
 }

@@ -14,6 +14,9 @@ export class GenvaultError extends Error {
   }
 }
 
+/** What every report of a damaged or missing index ends with. */
+export const REPAIR_HINT = "'genvault repair' rebuilds the index from the packs";
+
 export class UsageError extends GenvaultError {
   constructor(message: string) {
     super(message, 'USAGE', 2);

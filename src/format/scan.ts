@@ -1,0 +1,184 @@
+/**
+ * Reading a pack from its first byte to its last without the index: what `repair`
+ * rebuilds the index from, and what `verify` compares the index with. Every record is
+ * taken from its header (pack.ts); a group record's member table and a metadata record's
+ * payload (meta.ts) are read and checked against the header's digest. Chunk payloads are
+ * not read: their header names their SHA-256, and `verify --full` checks the bytes.
+ *
+ * Nothing read is trusted: a header that fails its CRC, a length that runs past the end,
+ * a table or payload that fails its digest become a `damaged` item naming the bytes it
+ * covers, and the scan looks for the next well-formed record header after them (a
+ * record's header is 52 bytes with a CRC, so a false match needs a 32-bit CRC collision
+ * at a place that also holds the record magic). Bytes after the last whole record are the
+ * `tail`: a writer that died mid-append leaves one.
+ */
+import { createHash } from 'node:crypto';
+import {
+  COMP_GROUP,
+  GROUP_MAX_MEMBERS,
+  GROUP_MEMBER_SIZE,
+  PACK_HEADER_SIZE,
+  PACK_MAGIC,
+  RECORD_HEADER_SIZE,
+  RECORD_MAGIC,
+  decodeRecordHeader,
+  type RecordHeader,
+} from './pack.js';
+import { REC_CHUNK, decodeMetaPayload, type MetaRecord } from './meta.js';
+
+/** Read `length` bytes of the pack at `position` into buf at `offset`; returns how many were read. */
+export type PackRead = (buf: Buffer, offset: number, length: number, position: number) => Promise<number>;
+
+export interface GroupMember {
+  digest: Buffer;
+  /** Where the member starts in the group's decoded bytes. */
+  inner: number;
+  rawLength: number;
+}
+
+export type ScanItem =
+  | { kind: 'chunk'; offset: number; header: RecordHeader }
+  | { kind: 'group'; offset: number; header: RecordHeader; members: GroupMember[] }
+  | { kind: 'meta'; offset: number; header: RecordHeader; record: MetaRecord }
+  | { kind: 'damaged'; offset: number; length: number; problem: string };
+
+export interface ScanEnd {
+  /** Bytes up to the end of the last whole record. */
+  end: number;
+  /** Bytes after it (a torn append), 0 normally. */
+  tail: number;
+  /** Why the tail is not a record (its header damaged, or the record cut off). */
+  tailProblem?: string;
+}
+
+const WINDOW = 64 << 10;
+const MAGIC_BYTES = Buffer.alloc(4);
+MAGIC_BYTES.writeUInt32LE(RECORD_MAGIC);
+
+/** A read-through window over the pack, so that small reads of nearby headers cost one pread. */
+class Window {
+  private buf = Buffer.allocUnsafe(WINDOW);
+  private start = 0;
+  private len = 0;
+
+  constructor(
+    private read: PackRead,
+    readonly size: number,
+  ) {}
+
+  /** Bytes [pos, pos + n) of the pack, or fewer at its end. */
+  async at(pos: number, n: number): Promise<Buffer> {
+    if (pos >= this.size) return this.buf.subarray(0, 0);
+    if (pos >= this.start && pos + n <= this.start + this.len) return this.buf.subarray(pos - this.start, pos - this.start + n);
+    const want = Math.min(Math.max(n, WINDOW), this.size - pos);
+    if (this.buf.length < want) this.buf = Buffer.allocUnsafe(want);
+    let got = 0;
+    while (got < want) {
+      const r = await this.read(this.buf, got, want - got, pos + got);
+      if (r === 0) break;
+      got += r;
+    }
+    this.start = pos;
+    this.len = got;
+    return this.buf.subarray(0, Math.min(n, got));
+  }
+}
+
+/**
+ * Every record of a pack of `size` bytes, in order. `packId`: the id its file name gives,
+ * which its header must repeat.
+ */
+export async function* scanPack(read: PackRead, size: number, packId: string): AsyncGenerator<ScanItem, ScanEnd> {
+  const w = new Window(read, size);
+  const head = await w.at(0, PACK_HEADER_SIZE);
+  let pos = PACK_HEADER_SIZE;
+  if (head.length < PACK_HEADER_SIZE || !head.subarray(0, 8).equals(PACK_MAGIC) || head.toString('hex', 8, 24) !== packId) {
+    const next = await nextHeader(w, 0);
+    yield { kind: 'damaged', offset: 0, length: next, problem: head.length < PACK_HEADER_SIZE ? 'pack header cut off' : 'pack header does not name this pack' };
+    pos = next;
+  }
+  let end = pos;
+  let tailProblem: string | undefined;
+  while (pos + RECORD_HEADER_SIZE <= size) {
+    const item = await recordAt(w, pos);
+    if (item.kind === 'damaged') {
+      const next = await nextHeader(w, pos + 1);
+      if (next >= size) {
+        tailProblem = item.problem; // nothing whole after it: the rest is the tail
+        break;
+      }
+      yield { ...item, length: next - pos };
+      pos = next;
+      continue;
+    }
+    yield item;
+    pos += RECORD_HEADER_SIZE + item.header.storedLength;
+    end = pos;
+  }
+  if (end < size) tailProblem ??= 'record header cut off';
+  return { end, tail: size - end, ...(end < size ? { tailProblem } : {}) };
+}
+
+/** The record at `pos`: its header checked, a group's table and a metadata record's payload read and checked. */
+async function recordAt(w: Window, pos: number): Promise<ScanItem> {
+  const damaged = (problem: string): ScanItem => ({ kind: 'damaged', offset: pos, length: 0, problem });
+  const h = decodeRecordHeader(await w.at(pos, RECORD_HEADER_SIZE));
+  if (!h) return damaged('record header damaged');
+  if (pos + RECORD_HEADER_SIZE + h.storedLength > w.size) return damaged('record runs past the end of the pack');
+  const payloadAt = pos + RECORD_HEADER_SIZE;
+  if (h.type === REC_CHUNK && h.compression !== COMP_GROUP) return { kind: 'chunk', offset: pos, header: h };
+  if (h.type === REC_CHUNK) {
+    const members = await groupTable(w, payloadAt, h);
+    return typeof members === 'string' ? damaged(members) : { kind: 'group', offset: pos, header: h, members };
+  }
+  if (h.compression !== 0 || h.rawLength !== h.storedLength) return damaged(`metadata record of type ${h.type} is not stored raw`);
+  const payload = Buffer.from(await w.at(payloadAt, h.storedLength));
+  if (payload.length < h.storedLength) return damaged('record cut off');
+  if (!createHash('sha256').update(payload).digest().equals(h.digest)) return damaged(`metadata record of type ${h.type} does not match its digest`);
+  try {
+    return { kind: 'meta', offset: pos, header: h, record: decodeMetaPayload(h.type, payload) };
+  } catch (e) {
+    return damaged((e as Error).message);
+  }
+}
+
+/** A group record's member table, checked against the header (count, lengths, digest); or what is wrong. */
+async function groupTable(w: Window, at: number, h: RecordHeader): Promise<GroupMember[] | string> {
+  const countBuf = await w.at(at, 4);
+  if (countBuf.length < 4) return 'group member table cut off';
+  const n = countBuf.readUInt32LE(0);
+  const tableLen = 4 + n * GROUP_MEMBER_SIZE;
+  if (n < 2 || n > GROUP_MAX_MEMBERS || tableLen > h.storedLength) return 'group member table damaged';
+  const table = Buffer.from(await w.at(at, tableLen));
+  if (table.length < tableLen) return 'group member table cut off';
+  if (!createHash('sha256').update(table).digest().equals(h.digest)) return 'group member table does not match its digest';
+  const members: GroupMember[] = [];
+  let inner = 0;
+  for (let k = 0; k < n; k++) {
+    const e = 4 + k * GROUP_MEMBER_SIZE;
+    const rawLength = table.readUInt32LE(e + 32);
+    if (rawLength === 0) return 'group member table damaged';
+    members.push({ digest: Buffer.from(table.subarray(e, e + 32)), inner, rawLength });
+    inner += rawLength;
+  }
+  if (inner !== h.rawLength) return 'group member table does not match the record header';
+  return members;
+}
+
+/** The offset of the next well-formed record header at or after `from` whose record fits in the pack; the size if none. */
+async function nextHeader(w: Window, from: number): Promise<number> {
+  for (let pos = from; pos + RECORD_HEADER_SIZE <= w.size; ) {
+    const chunk = await w.at(pos, WINDOW);
+    if (chunk.length < RECORD_HEADER_SIZE) break;
+    const i = chunk.indexOf(MAGIC_BYTES);
+    if (i < 0) {
+      pos += chunk.length - 3; // a magic may straddle the window's end
+      continue;
+    }
+    const at = pos + i;
+    const h = decodeRecordHeader(await w.at(at, RECORD_HEADER_SIZE));
+    if (h && at + RECORD_HEADER_SIZE + h.storedLength <= w.size) return at;
+    pos = at + 1;
+  }
+  return w.size;
+}
