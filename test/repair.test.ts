@@ -99,7 +99,6 @@ beforeAll(async () => {
   await backup('small', text(9, 300_000));
   smallPacks = (await packFiles(repo)).filter((p) => !beforeSmall.has(p));
   await gvOk(repo, ['protect', `db@${dbId}`]);
-  await gvOk(repo, ['upgrade']); // the records backups and protect do not write yet
   listed = await gvOk(repo, ['list', '--json']);
   expect(JSON.parse(listed)).toHaveLength(5);
   expect(listed).toContain('"protected": true');
@@ -229,6 +228,33 @@ describe('repair --write killed at random moments', () => {
     expect(await buildDirs(repo), `seed ${seed}`).toEqual([]);
     await restoresAll(repo);
   }, 300_000);
+});
+
+describe('removed generations', () => {
+  it('stay gone after prune, forget and gc when the index is rebuilt; tags and protection survive', async () => {
+    await resetRepo();
+    const gens = JSON.parse(listed) as Array<{ name: string; id: string }>;
+    const [vm0, vm1] = gens.filter((g) => g.name === 'vm');
+    await gvOk(repo, ['forget', `vm@${vm0!.id}`, '--force-young']);
+    const third = Buffer.from(latest.get('vm')!);
+    prng(61, MiB).copy(third, 0);
+    await backup('vm', third);
+    await gvOk(repo, ['prune', 'vm', '--keep-last', '1', '--min-age', '0']);
+    await gvOk(repo, ['gc']);
+    const before = await gvOk(repo, ['list', '--json']);
+    const ids = (JSON.parse(before) as Array<{ id: string }>).map((g) => g.id);
+    expect(ids).not.toContain(vm0!.id);
+    expect(ids).not.toContain(vm1!.id);
+    expect(before).toContain('"protected": true');
+    expect(before).toContain('"keep"');
+    await fs.rm(path.join(repo, 'index'), { recursive: true });
+    const r = await gv(repo, ['repair', '--write']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(await gvOk(repo, ['list', '--json'])).toBe(before);
+    await restoresAll(repo);
+    const v = await gv(repo, ['verify', '--full']);
+    expect(v.code, v.stdout + v.stderr).toBe(0);
+  }, 120_000);
 });
 
 describe('a pack that is lost', () => {
