@@ -107,6 +107,14 @@ class Batcher {
 export interface ModelOptions {
   /** Bytes of packs read so far, of the total. */
   progress?: (done: number, total: number) => void;
+  /**
+   * How much of a pack to read: its committed size, or null to leave it out (a pack no
+   * index entry commits). verify passes the index's `p` sizes, so that what a running or
+   * killed writer appended past them (a generation record it never committed among it)
+   * is not taken for a generation the index lost; repair, which has no index to trust,
+   * reads every pack to its end.
+   */
+  committed?: (packId: string) => Promise<number | null>;
 }
 
 export class PackModel {
@@ -134,7 +142,8 @@ export class PackModel {
     const total = packs.reduce((a, p) => a + p.size, 0);
     let done = 0;
     for (const p of packs) {
-      await m.scanOne(store, p);
+      const limit = opts.committed ? await opts.committed(p.packId) : p.size;
+      if (limit !== null) await m.scanOne(store, p, Math.min(limit, p.size));
       done += p.size;
       opts.progress?.(done, total);
     }
@@ -144,8 +153,8 @@ export class PackModel {
     return m;
   }
 
-  private async scanOne(store: Store, p: StoredPack): Promise<void> {
-    const it = scanStoredPack(store, p);
+  private async scanOne(store: Store, p: StoredPack, size: number): Promise<void> {
+    const it = scanStoredPack(store, p, size);
     let r: IteratorResult<ScanItem, ScanEnd>;
     try {
       r = await it.next(); // opens the pack
