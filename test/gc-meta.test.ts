@@ -14,7 +14,7 @@ import { LocalStore } from '../src/store/local.js';
 import { listPacks, scanStoredPack } from '../src/store/pack-reader.js';
 import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF, encodeMetaRecord, type GenerationChange } from '../src/format/meta.js';
 import type { Generation } from '../src/format/generation.js';
-import { CLI, Scratch, flipByte, gv, gvOk, prng, seededRandom, sh, sha256File } from './helpers.js';
+import { CLI, Scratch, flipByte, gv, gvOk, prng, seededRandom, sh, sha256File, writeImage } from './helpers.js';
 
 let s: Scratch;
 
@@ -165,11 +165,6 @@ async function restoreSum(repo: string, spec: string): Promise<string> {
   const sum = await sha256File(out);
   await fs.rm(out);
   return sum;
-}
-
-async function writeImage(file: string, parts: Buffer[]): Promise<string> {
-  await fs.writeFile(file, Buffer.concat(parts));
-  return sha256File(file);
 }
 
 async function newRepo(name: string): Promise<string> {

@@ -14,7 +14,7 @@ import { afterAll, beforeAll, describe, expect, it, onTestFailed } from 'vitest'
 import { LocalStore } from '../src/store/local.js';
 import { listPacks, scanStoredPack } from '../src/store/pack-reader.js';
 import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF } from '../src/format/meta.js';
-import { CLI, Scratch, gv, gvOk, prng, seededRandom, sh, sha256File } from './helpers.js';
+import { CLI, Scratch, gv, gvOk, prng, seededRandom, sh, sha256File, writeImage } from './helpers.js';
 
 let s: Scratch;
 
@@ -159,11 +159,6 @@ interface Gen {
 
 async function list(repo: string): Promise<Gen[]> {
   return JSON.parse(await gvOk(repo, ['list', '--json'])) as Gen[];
-}
-
-async function writeImage(file: string, parts: Buffer[]): Promise<string> {
-  await fs.writeFile(file, Buffer.concat(parts));
-  return sha256File(file);
 }
 
 async function newRepo(name: string): Promise<string> {

@@ -64,6 +64,12 @@ export async function sha256File(file: string): Promise<string> {
   return h.digest('hex');
 }
 
+/** Write an image made of `parts`; returns its SHA-256. */
+export async function writeImage(file: string, parts: Buffer[]): Promise<string> {
+  await fs.writeFile(file, Buffer.concat(parts));
+  return sha256File(file);
+}
+
 /** Deterministic pseudo-random bytes (xorshift32), fast enough for tens of MiB. */
 export function prng(seed: number, n: number): Buffer {
   const out = Buffer.allocUnsafe(n + 4);

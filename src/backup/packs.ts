@@ -7,7 +7,7 @@
  * known here only (ours()): in flight, uncommitted or committing.
  */
 import { describeFsError } from '../util/errors.js';
-import { chunkKey, packKey } from '../format/keys.js';
+import { chunkKey } from '../format/keys.js';
 import { COMP_GROUP, ChunkLocation, RECORD_HEADER_SIZE, encodeLocation } from '../format/pack.js';
 import { REC_LEAF, encodeMetaRecord } from '../format/meta.js';
 import { PackWriter } from '../store/pack-writer.js';
@@ -21,9 +21,6 @@ import { hook, type BackupRun } from './run.js';
 const FLUSH_ENTRIES = 65536;
 
 export type PutOp = { type: 'put'; key: Buffer; value: Buffer };
-
-/** The `p` entry that commits a pack up to what has been appended (and synced) so far. */
-const sizeOp = (pack: PackWriter): PutOp => ({ type: 'put', key: packKey(pack.packId), value: Buffer.from(JSON.stringify({ size: pack.size })) });
 
 export class PackSink {
   /** digest (binary string) -> location, for chunks written by this run and not yet in the index */
@@ -175,7 +172,7 @@ export class PackSink {
     const pack = this.pack;
     if (pack) {
       await pack.sync();
-      ops.push(sizeOp(pack));
+      ops.push(pack.commitOp());
     }
     for (const [d, loc] of entries) ops.push({ type: 'put', key: chunkKey(Buffer.from(d, 'binary')), value: encodeLocation(loc) });
     for (const l of leavesNow) ops.push({ type: 'put', ...l });
@@ -213,7 +210,7 @@ export class PackSink {
   async finalRecords(records: Buffer): Promise<PutOp> {
     await this.appendRecords(records);
     await this.pack!.sync();
-    return sizeOp(this.pack!);
+    return this.pack!.commitOp();
   }
 
   /** Metadata records appended to the run's pack (a new one if it has none); not synced. */

@@ -53,6 +53,16 @@ export function packKey(packId: string): Buffer {
   return key(K_PACK, Buffer.from(packId, 'hex'));
 }
 
+/** The value under a pack's 'p' key: how many of its bytes are committed (and synced). */
+export function packSizeValue(size: number): Buffer {
+  return Buffer.from(JSON.stringify({ size }));
+}
+
+/** The committed size a 'p' value gives (throws on a value that is not JSON). */
+export function packSizeOf(v: Uint8Array): number {
+  return (JSON.parse(Buffer.from(v.buffer, v.byteOffset, v.byteLength).toString('utf8')) as { size: number }).size;
+}
+
 /** Smallest key greater than every key starting with `prefix`. */
 export function prefixEnd(prefix: Buffer): Buffer {
   const end = Buffer.from(prefix);

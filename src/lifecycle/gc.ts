@@ -31,7 +31,7 @@ import { testPause as hookPause, testTrace } from '../util/testhooks.js';
 import { ownerAlive } from '../util/proc.js';
 import { LeafRef, checkedLeaf, checkedTop, decodeTop } from '../format/chunkmap.js';
 import { getOrNull } from '../index/db.js';
-import { K_CHUNK, K_CONDEMNED, K_GEN, K_GENMAP, K_LEAF, K_MOVED_LEAF, K_PACK, chunkKey, condemnedKey, damagedKey, key, leafKey, movedLeafKey, packKey } from '../format/keys.js';
+import { K_CHUNK, K_CONDEMNED, K_GEN, K_GENMAP, K_LEAF, K_MOVED_LEAF, K_PACK, chunkKey, condemnedKey, damagedKey, key, leafKey, movedLeafKey, packKey, packSizeOf } from '../format/keys.js';
 import { GcLock, WriterRegistration, cleanupDeadWriters, liveWriters, pinnedGenerations, trimPacks } from '../repository/locks.js';
 import { COMP_GROUP, PACK_HEADER_SIZE, RECORD_HEADER_SIZE, checkRecord, decodeLocation, encodeLocation, isLocation, packObject, PACK_ID_BYTES, recordShare } from '../format/pack.js';
 import { PackWriter } from '../store/pack-writer.js';
@@ -201,7 +201,7 @@ async function packSizes(repo: Repository): Promise<Map<string, number>> {
   for await (const [k, v] of repo.db.iterator(prefixRange(K_PACK))) {
     if (k.length !== 1 + PACK_ID_BYTES) continue; // not a pack key: nothing to name a file by
     try {
-      out.set(k.toString('hex', 1), (JSON.parse(v.toString('utf8')) as { size: number }).size);
+      out.set(k.toString('hex', 1), packSizeOf(v));
     } catch {
       /* a corrupt pack record: verify reports it; gc leaves that pack alone */
     }
@@ -771,7 +771,7 @@ async function rewritePack(repo: Repository, writer: WriterRegistration, out: { 
   // metadata records only), moves the entries and gives the old pack up, so that no gc
   // killed in between leaves both committed: the next one would copy the old pack's
   // metadata records a second time.
-  const batch: Op[] = [{ type: 'put', key: packKey(w.packId), value: Buffer.from(JSON.stringify({ size: w.size })) }];
+  const batch: Op[] = [w.commitOp()];
   // Only entries still pointing at the old record move; one replaced meanwhile by a
   // backup's fresh copy points into that backup's pack and stays.
   moves.forEach((m, i) => {

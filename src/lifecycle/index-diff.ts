@@ -11,7 +11,7 @@
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { K_CHUNK, K_GEN, K_GENMAP, K_LEAF, K_PACK, packKey, prefixEnd } from '../format/keys.js';
+import { K_CHUNK, K_GEN, K_GENMAP, K_LEAF, K_PACK, packKey, packSizeOf, prefixEnd } from '../format/keys.js';
 import { decodeLocation, isLocation } from '../format/pack.js';
 import { describeGenerationKey, generationKey } from '../format/generation.js';
 import { getOrNull, openPrivateDb, type Db } from '../index/db.js';
@@ -179,7 +179,7 @@ export async function packsAgree(store: Store, index: Db, progress?: (done: numb
     copies = await openPrivateDb(path.join(dir, 'copies'));
     const committed = async (packId: string) => {
       const v = await getOrNull(index, packKey(packId));
-      return v ? (JSON.parse(v.toString('utf8')) as { size: number }).size : null;
+      return v ? packSizeOf(v) : null;
     };
     const model = await PackModel.build(store, db, copies, { progress, committed });
     const restored = await model.finish();

@@ -15,7 +15,7 @@
  * LevelDB compacted the tombstones away.
  */
 import { decodeLeaf, decodeTop } from '../format/chunkmap.js';
-import { K_GENMAP, chunkKey, key, leafKey, packKey, prefixEnd } from '../format/keys.js';
+import { K_GENMAP, chunkKey, key, leafKey, packKey, packSizeValue, prefixEnd } from '../format/keys.js';
 import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF, type GenerationChange } from '../format/meta.js';
 import { COMP_GROUP, encodeLocation } from '../format/pack.js';
 import { generationKey, type Generation } from '../format/generation.js';
@@ -168,7 +168,7 @@ export class PackModel {
     this.packs.push({ pack: p.packId, size: p.size, end: end.end, tail: end.tail, ...(end.tailProblem ? { tailProblem: end.tailProblem } : {}) });
     this.counts.packs++;
     this.counts.bytes += p.size;
-    await this.out.put(packKey(p.packId), Buffer.from(JSON.stringify({ size: end.end })));
+    await this.out.put(packKey(p.packId), packSizeValue(end.end));
   }
 
   private async take(pack: string, item: ScanItem): Promise<void> {

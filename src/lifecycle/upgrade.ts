@@ -22,7 +22,7 @@
  * is version 4 and `upgrade` only does step 4.
  */
 import { GenvaultError } from '../util/errors.js';
-import { K_GEN, K_LEAF, packKey, prefixEnd } from '../format/keys.js';
+import { K_GEN, K_LEAF, packKey, packSizeOf, prefixEnd } from '../format/keys.js';
 import { FORMAT_VERSION } from '../format/config.js';
 import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF } from '../format/meta.js';
 import { parseGenerationRecord, type Generation } from '../format/generation.js';
@@ -155,7 +155,7 @@ async function metaInPacks(repo: Repository): Promise<Written> {
     // Only what is committed: a dead writer's tail past its `p` size is trimmed later.
     const committed = await getOrNull(repo.db, packKey(p.packId));
     if (!committed) continue;
-    const size = Math.min(p.size, (JSON.parse(committed.toString('utf8')) as { size: number }).size);
+    const size = Math.min(p.size, packSizeOf(committed));
     const it = scanStoredPack(repo.store, p, size);
     for (let r = await it.next(); !r.done; r = await it.next()) {
       if (r.value.kind !== 'meta') continue;

@@ -25,7 +25,7 @@
 import { GenvaultError } from '../util/errors.js';
 import { checkedLeaf, checkedTop, Leaf, LeafRef } from '../format/chunkmap.js';
 import { getOrNull, markDamaged } from '../index/db.js';
-import { K_GEN, chunkKey, leafKey, packKey, prefixEnd } from '../format/keys.js';
+import { K_GEN, chunkKey, leafKey, packKey, packSizeOf, prefixEnd } from '../format/keys.js';
 import { Generation, describeGenerationKey, parseGenerationRecord } from '../format/generation.js';
 import {
   COMP_GROUP,
@@ -435,7 +435,7 @@ async function readCommitted(run: VerifyRun, id: string): Promise<number> {
   if (!rec) run.damagedPacks.push({ pack: id, problem: 'no committed-size record in the index' });
   else {
     try {
-      committed = (JSON.parse(rec.toString('utf8')) as { size: number }).size;
+      committed = packSizeOf(rec);
     } catch {
       run.damagedPacks.push({ pack: id, problem: 'committed-size record is corrupt' });
     }

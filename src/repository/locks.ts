@@ -20,7 +20,7 @@ import { GenvaultError } from '../util/errors.js';
 import { bytes } from '../util/format.js';
 import { Owner, currentOwner, ownerAlive } from '../util/proc.js';
 import { getOrNull, type Db } from '../index/db.js';
-import { packKey } from '../format/keys.js';
+import { packKey, packSizeOf } from '../format/keys.js';
 import { isPackId, packObject } from '../format/pack.js';
 import type { Store } from '../store/store.js';
 import { IMAGE_NAME_RE } from '../format/config.js';
@@ -214,7 +214,7 @@ export async function trimPacks(store: Store, db: Db, packs: string[]): Promise<
       done.removed++;
       done.bytes += st.size;
     } else {
-      const { size } = JSON.parse(rec.toString('utf8')) as { size: number };
+      const size = packSizeOf(rec);
       if (st.size > size) {
         await store.truncate(name, size);
         done.truncated++;

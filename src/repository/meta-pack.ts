@@ -9,7 +9,6 @@
  * command that ends up changing nothing writes no pack.
  */
 import { encodeMetaRecord, type MetaRecord } from '../format/meta.js';
-import { packKey } from '../format/keys.js';
 import { PackWriter } from '../store/pack-writer.js';
 import { Repository } from './repository.js';
 import { WriterRegistration, trimPacks } from './locks.js';
@@ -76,7 +75,7 @@ export class MetaPack {
     this.writer = null;
     await w.sync();
     await w.close();
-    return { type: 'put', key: packKey(w.packId), value: Buffer.from(JSON.stringify({ size: w.size })) };
+    return w.commitOp();
   }
 
   /** Give up (an error before the batch): the uncommitted pack is left to cleanupDeadWriters. */

@@ -5,6 +5,7 @@
  * directory) is the store's business (local.ts).
  */
 import { PACK_HEADER_SIZE, PACK_MAGIC, newPackId, packObject } from '../format/pack.js';
+import { packKey, packSizeValue } from '../format/keys.js';
 import type { Appender, Store } from './store.js';
 
 /**
@@ -35,6 +36,11 @@ export class PackWriter {
 
   get size(): number {
     return this.out.size;
+  }
+
+  /** The index entry that commits the pack up to what was appended (call after sync()). */
+  commitOp(): { type: 'put'; key: Buffer; value: Buffer } {
+    return { type: 'put', key: packKey(this.packId), value: packSizeValue(this.size) };
   }
 
   /** Append pre-encoded records (headers included); returns the offset they start at. */
