@@ -107,9 +107,12 @@ type Op = { type: 'put' | 'del'; key: Buffer; value?: Buffer };
  */
 class Batcher {
   private ops: Op[] = [];
-  /** Chunk digests (latin1) put in the batch being filled, and in the one being written. */
-  private pendingChunks = new Set<string>();
-  private writingChunks = new Set<string>();
+  /** The batch being written. */
+  private writingOps: Op[] = [];
+  /** Keys of `knownOps` (the batch being filled, its first `knownCount`) and of the batch written before it. */
+  private known = new Set<string>();
+  private knownOps: Op[] | null = null;
+  private knownCount = 0;
   private writing: Promise<void> = Promise.resolve();
   private failed: unknown = null;
   constructor(private db: Db) {}
@@ -121,16 +124,21 @@ class Batcher {
     this.ops.push({ type: 'del', key: k });
     if (this.ops.length >= BATCH) await this.spill();
   }
-  /** Put a chunk's entry, remembered until it is in the database (hasChunk). */
-  async putChunk(digest: Buffer, k: Buffer, v: Buffer): Promise<void> {
-    this.pendingChunks.add(digest.toString('latin1'));
-    await this.put(k, v);
+  /**
+   * Whether `k` was put here and may not be in the database yet (a key already written
+   * may also answer yes). Rarely asked (a chunk the filter may have seen): the keys are
+   * gathered into a set only when asked.
+   */
+  pending(k: Buffer): boolean {
+    if (this.knownOps !== this.ops) {
+      this.known = new Set(this.writingOps.map((op) => op.key.toString('latin1')));
+      this.knownOps = this.ops;
+      this.knownCount = 0;
+    }
+    for (; this.knownCount < this.ops.length; this.knownCount++) this.known.add(this.ops[this.knownCount]!.key.toString('latin1'));
+    return this.known.has(k.toString('latin1'));
   }
-  /** A chunk put here and not yet in the database for certain. */
-  hasChunk(digest: Buffer): boolean {
-    const ds = digest.toString('latin1');
-    return this.pendingChunks.has(ds) || this.writingChunks.has(ds);
-  }
+
   /** Everything put so far written. */
   async flush(): Promise<void> {
     await this.spill();
@@ -144,10 +152,9 @@ class Batcher {
     if (!this.ops.length) return;
     const ops = this.ops;
     this.ops = [];
-    this.writingChunks = this.pendingChunks;
-    this.pendingChunks = new Set();
+    this.writingOps = ops;
     this.writing = this.db.batch(ops as never).then(
-      () => void (this.writingChunks = new Set()),
+      () => void (this.writingOps = []),
       (e: unknown) => void (this.failed = e),
     );
   }
@@ -258,13 +265,13 @@ export class PackModel {
     const v = encodeLocation(loc);
     const k = chunkKey(digest);
     if (this.seen.maybeHas(digest)) {
-      if (this.out.hasChunk(digest) || (await getOrNull(this.db, k))) {
+      if (this.out.pending(k) || (await getOrNull(this.db, k))) {
         await this.cp.put(copyKey(digest, loc.packId, loc.offset, loc.inner ?? 0), v);
         return;
       }
     }
     this.seen.add(digest);
-    await this.out.putChunk(digest, k, v);
+    await this.out.put(k, v);
     this.counts.chunks++;
   }
 
