@@ -1,6 +1,7 @@
 import { Command } from 'commander';
 import { DEFAULT_JOBS_FILE, ConfigError, checkJobFiles, formatProblem, loadJobsFile, selectJobs } from '../jobs/config.js';
 import { JobOutcome, describeRun, isDue, lastStarted, runJob } from '../jobs/runner.js';
+import { runRecordJson } from '../jobs/history.js';
 import { Repository } from '../repository/repository.js';
 import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
 import { UsageError } from '../util/errors.js';
@@ -99,7 +100,7 @@ export function register(program: Command): void {
         } finally {
           await repo.close().catch(() => undefined);
         }
-        if (wantsJson(cmd)) printJson(outcomes.map((x) => (x.skipped ? { job: x.job, skipped: x.reason } : x.record)));
+        if (wantsJson(cmd)) printJson(outcomes.map((x) => (x.skipped ? { job: x.job, skipped: x.reason } : runRecordJson(x.record))));
         if (outcomes.some((x) => !x.skipped && x.record.status === 'failed')) process.exitCode = 1;
       }),
     );

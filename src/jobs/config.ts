@@ -16,7 +16,7 @@
  *         post: ["lvremove -f vg0/vm1-snap"]
  */
 import path from 'node:path';
-import YAML, { isMap, isScalar, isSeq, LineCounter, Node as YamlNode, Pair, YAMLMap } from 'yaml';
+import YAML, { isCollection, isMap, isScalar, isSeq, LineCounter, Node as YamlNode, Pair, YAMLMap } from 'yaml';
 import { GenvaultError } from '../util/errors.js';
 import { checkTrustedFile, readTrustedFile } from '../util/trust.js';
 import { tryParseDuration } from '../util/duration.js';
@@ -325,6 +325,23 @@ function parsePartial(c: Checker, node: unknown, field: string, allowed: string[
   return out;
 }
 
+/**
+ * Where a quoted string or flow collection that an error at `pos` lies in was opened, or
+ * null. An unclosed quote or bracket is reported where the text ends (often past the last
+ * line); the admin needs the line that opened it.
+ */
+function unclosedAt(doc: YAML.Document, pos: number): number | null {
+  let start: number | null = null;
+  YAML.visit(doc, (_k, n) => {
+    const r = (n as YamlNode | null)?.range;
+    if (!r || r[0] > pos || pos > r[2]) return;
+    const flow = isCollection(n) && n.flow === true;
+    const quoted = isScalar(n) && (n.type === 'QUOTE_DOUBLE' || n.type === 'QUOTE_SINGLE');
+    if (flow || quoted) start = r[0]; // the innermost wins: visited last
+  });
+  return start;
+}
+
 /** The document's root mapping; throws ConfigError on YAML syntax errors or a root that is not a mapping. */
 function parseRoot(text: string, file: string): { c: Checker; root: YAMLMap } {
   const lc = new LineCounter();
@@ -332,8 +349,10 @@ function parseRoot(text: string, file: string): { c: Checker; root: YAMLMap } {
   const c = new Checker(lc);
   if (doc.errors.length) {
     for (const e of doc.errors) {
-      const line = e.linePos?.[0]?.line ?? 1;
-      c.problems.push({ line, field: '', message: `YAML syntax: ${e.message.split('\n')[0]!.replace(/ at line \d+, column \d+:?$/, '')}` });
+      const opened = unclosedAt(doc, e.pos[0]);
+      const line = lc.linePos(opened ?? e.pos[0]).line;
+      const what = e.message.split('\n')[0]!.replace(/ at line \d+, column \d+:?$/, '');
+      c.problems.push({ line, field: '', message: `YAML syntax: ${what}${opened !== null ? ` (opened here, still open at line ${lc.linePos(e.pos[0]).line})` : ''}` });
     }
     throw new ConfigError(file, c.problems);
   }
