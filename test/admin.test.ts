@@ -4,6 +4,7 @@
  * protection in `list`/`info`, `status` performance data.
  */
 import fs from 'node:fs/promises';
+import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CLI, Scratch, gv, gvOk, oneLine, prng, sh } from './helpers.js';
 
@@ -125,5 +126,84 @@ describe('rough edges', () => {
     const [summary, perf] = st.stdout.split('\n')[0]!.split(' | ');
     expect(summary).toBe('OK: 1 job ok, 2 images');
     expect(perf).toMatch(/^vm2_age=\d+s;;;0 vm2_missed=0;1;2;0 vm2_generations=1;;;0 vm2_stored=\d+B;;;0 vm1_generations=1;;;0 vm1_stored=\d+B;;;0$/);
+  });
+});
+
+describe('stats and diff', () => {
+  let r: string;
+  const MiB = 1 << 20;
+  beforeAll(async () => {
+    r = s.path('space');
+    await gvOk(r, ['init']);
+    const a = prng(31, 16 * MiB);
+    const b = Buffer.from(a);
+    prng(32, MiB).copy(b, 4 * MiB); // one MiB changed at 4 MiB
+    const c = Buffer.concat([a, prng(33, 4 * MiB)]); // another image: vm's first disk and 4 MiB more
+    for (const [file, data, name] of [['a.img', a, 'vm'], ['b.img', b, 'vm'], ['c.img', c, 'other']] as const) {
+      await fs.writeFile(s.path(file), data);
+      await gvOk(r, ['backup', s.path(file), '--name', name]);
+    }
+  });
+
+  it('diff: the changed range from the maps alone, a size change, nothing between equals', async () => {
+    // No payload is read: the packs can be away.
+    await fs.rename(path.join(r, 'packs'), path.join(r, 'packs.away'));
+    const d = JSON.parse(await gvOk(r, ['diff', 'vm@1', 'vm@0', '--json']).finally(() => fs.rename(path.join(r, 'packs.away'), path.join(r, 'packs'))));
+    expect(d.ranges).toHaveLength(1);
+    const [x] = d.ranges;
+    // Covers the changed MiB; wider by at most a chunk (512 KiB) on each side.
+    expect(x.offset).toBeLessThanOrEqual(4 * MiB);
+    expect(x.offset).toBeGreaterThanOrEqual(4 * MiB - 512 * 1024);
+    expect(x.offset + x.length).toBeGreaterThanOrEqual(5 * MiB);
+    expect(x.offset + x.length).toBeLessThanOrEqual(5 * MiB + 512 * 1024);
+    expect(d.changedBytes).toBe(x.length);
+    expect(d.a.name).toBe('vm');
+
+    const grown = JSON.parse(await gvOk(r, ['diff', 'vm@1', 'other@latest', '--json']));
+    expect(grown.ranges).toEqual([{ offset: 16 * MiB, length: 4 * MiB }]);
+    expect(grown.size).toBe(20 * MiB);
+
+    const same = JSON.parse(await gvOk(r, ['diff', 'vm@0', 'vm@0', '--json']));
+    expect(same.ranges).toEqual([]);
+    expect(same.sharedLeaves).toBeGreaterThan(0);
+
+    const text = await gvOk(r, ['diff', 'vm@1', 'vm@0']);
+    expect(text.split('\n')[0]).toMatch(/^vm@[0-9a-f]{16} -> vm@[0-9a-f]{16}: 1 changed range, [\d.]+ MiB of 16\.0 MiB \(\d+\.\d\d%\)$/);
+    const bad = await gv(r, ['diff', 'vm@0', 'nope@0']);
+    expect(bad.code).toBe(1);
+    expect(oneLine(bad.stderr)).toMatch(/no image named nope/);
+  });
+
+  it('stats: stored, shared and unique per image; what forgetting a generation frees is what gc then finds', async () => {
+    const st = JSON.parse(await gvOk(r, ['stats', '--json']));
+    const by = Object.fromEntries(st.images.map((i: { name: string }) => [i.name, i]));
+    for (const i of st.images) expect(i.sharedBytes + i.uniqueBytes).toBe(i.storedBytes);
+    expect(by.vm.generations).toBe(2);
+    expect(by.other.generations).toBe(1);
+    // other's own bytes: its 4 MiB tail (random data does not compress), about one chunk more at most.
+    expect(by.other.uniqueBytes).toBeGreaterThan(4 * MiB);
+    expect(by.other.uniqueBytes).toBeLessThan(4 * MiB + 600 * 1024);
+    // vm's own bytes: the changed MiB of its newest generation.
+    expect(by.vm.uniqueBytes).toBeGreaterThan(MiB);
+    expect(by.vm.uniqueBytes).toBeLessThan(MiB + 1200 * 1024);
+    expect(st.unreferencedBytes).toBe(0);
+    expect(st.referencedBytes).toBe(by.vm.uniqueBytes + by.other.storedBytes);
+
+    const one = JSON.parse(await gvOk(r, ['stats', 'vm', '--json']));
+    expect(one.images).toHaveLength(1);
+    const [older, newer] = one.images[0].perGeneration;
+    expect(older.uniqueBytes).toBe(0); // all of it is in other too
+    expect(newer.uniqueBytes).toBe(by.vm.uniqueBytes);
+    expect(await gvOk(r, ['stats', 'vm'])).toMatch(/REV\s+ID\s+CREATED \(UTC\)\s+PROT\s+FREES\n\s*1 /);
+
+    await gvOk(r, ['forget', 'vm@0', '--force-young']);
+    const after = JSON.parse(await gvOk(r, ['stats', '--json']));
+    expect(after.unreferencedBytes).toBe(newer.uniqueBytes);
+    expect(after.referencedBytes).toBe(st.referencedBytes - newer.uniqueBytes);
+    await gvOk(r, ['gc']);
+    expect(JSON.parse(await gvOk(r, ['stats', '--json'])).unreferencedBytes).toBe(0);
+    const missing = await gv(r, ['stats', 'nope']);
+    expect(missing.code).toBe(1);
+    expect(oneLine(missing.stderr)).toMatch(/no image named nope/);
   });
 });

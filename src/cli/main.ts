@@ -49,6 +49,8 @@ const commands: Record<string, () => Promise<Registrar>> = {
   upgrade: () => import('./upgrade.js'),
   repair: () => import('./repair.js'),
   version: () => import('./version.js'),
+  stats: () => import('./stats.js'),
+  diff: () => import('./diff.js'),
 };
 // Commands and aliases registered by another command's module.
 for (const [name, home] of [['ls', 'list'], ['cat', 'restore'], ['umount', 'mount'], ['unmount', 'mount'], ['unprotect', 'protect']] as const)
