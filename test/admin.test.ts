@@ -4,9 +4,11 @@
  * protection in `list`/`info`, `status` performance data.
  */
 import fs from 'node:fs/promises';
+import http from 'node:http';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, Scratch, gv, gvOk, oneLine, prng, sh } from './helpers.js';
+import { ConfigError, formatProblem, parseJobsText } from '../src/jobs/config.js';
+import { CLI, CliProcess, Scratch, gv, gvOk, oneLine, prng, sh } from './helpers.js';
 
 let s: Scratch;
 let repo: string;
@@ -205,5 +207,174 @@ describe('stats and diff', () => {
     const missing = await gv(r, ['stats', 'nope']);
     expect(missing.code).toBe(1);
     expect(oneLine(missing.stderr)).toMatch(/no image named nope/);
+  });
+});
+
+describe('logging, notifications, metrics', () => {
+  let r: string;
+  let hooks: { body: string; headers: http.IncomingHttpHeaders }[];
+  let server: http.Server;
+  let url: string;
+  let failWebhook = false;
+
+  beforeAll(async () => {
+    r = s.path('jobs-repo');
+    await gvOk(r, ['init']);
+    hooks = [];
+    server = http.createServer((req, res) => {
+      let body = '';
+      req.on('data', (d) => (body += d));
+      req.on('end', () => {
+        hooks.push({ body, headers: req.headers });
+        res.statusCode = failWebhook ? 500 : 204;
+        res.end();
+      });
+    });
+    await new Promise<void>((ok) => server.listen(0, '127.0.0.1', ok));
+    url = `http://127.0.0.1:${(server.address() as { port: number }).port}/hook/secret-token`;
+    await fs.writeFile(s.path('sendmail'), `#!/bin/sh\necho "$@" > ${s.path('mail.args')}\ncat >> ${s.path('mail.txt')}\n`, { mode: 0o755 });
+  });
+
+  afterAll(async () => {
+    await new Promise((ok) => server?.close(ok));
+  });
+
+  const jobsFile = async (notify: string) => {
+    const f = s.path('notify.yaml');
+    await fs.writeFile(
+      f,
+      `repository: ${r}\ndefaults:\n  notify:\n${notify}jobs:\n  good:\n    source: ${img}\n  bad:\n    source: ${s.path('gone.img')}\n    schedule: "0 0 * * *"\n`,
+    );
+    return f;
+  };
+
+  it('--log-format journal: sd-daemon priorities, failures at err; auto when writing to the journal', async () => {
+    const f = await jobsFile(`    command: "true"\n`);
+    const run = await gv(null, ['run', '-c', f, '--all', '--log-format', 'journal']);
+    expect(run.code).toBe(1);
+    expect(run.stdout).toMatch(/^<6>good: ok: generation [0-9a-f]{8}, /);
+    expect(run.stderr).toMatch(/^<3>bad: FAILED \(backup\): cannot read source .*gone\.img: no such file or directory\n$/);
+    // A command's own error line too.
+    const norepo = await gv(null, ['run', '-c', f, '--all', '--log-format', 'journal', '-r', s.path('nowhere')]);
+    expect(oneLine(norepo.stderr)).toMatch(/^<3>genvault: .*nowhere: not a genvault repository/);
+    const bad = await gv(null, ['run', '-c', f, '--log-format', 'syslog']);
+    expect(bad.code).toBe(2);
+    expect(oneLine(bad.stderr)).toMatch(/^genvault: option '--log-format <format>' argument 'syslog' is invalid\. Allowed choices are auto, text, journal\./);
+    // auto: systemd names the journal stream in JOURNAL_STREAM (device:inode).
+    const log = s.path('journal.log');
+    await fs.writeFile(log, '');
+    const st = await fs.stat(log);
+    const auto = await sh('sh', ['-c', `exec "$0" "${CLI}" run -c "${f}" bad --now >>"${log}" 2>&1`, process.execPath], {
+      env: { JOURNAL_STREAM: `${st.dev}:${st.ino}`, GENVAULT_NO_PROGRESS: '1' },
+    });
+    expect(auto.code).toBe(1);
+    expect(await fs.readFile(log, 'utf8')).toMatch(/^<3>bad: FAILED \(backup\)/);
+    // The daemon: journal lines without time stamps (journald adds its own).
+    const df = s.path('daemon.yaml');
+    await fs.writeFile(df, `repository: ${r}\njobs:\n  dbad:\n    source: ${s.path('gone.img')}\n    schedule: "0 0 * * *"\n`);
+    const d = new CliProcess(['daemon', '-c', df, '--log-format', 'journal', '--metrics-file', s.path('daemon.prom')]);
+    try {
+      await d.waitFor(/<3>dbad: FAILED/, 30_000);
+      d.kill('SIGTERM');
+      expect(await d.waitExit(30_000)).toEqual({ code: 0, signal: null });
+    } finally {
+      d.kill('SIGKILL');
+    }
+    expect(d.out).toMatch(/^<6>started: 1 jobs from /);
+    expect(d.out).toMatch(/<6>stopped\n$/);
+    expect(await fs.readFile(s.path('daemon.prom'), 'utf8')).toMatch(/^genvault_job_last_run_success\{job="dbad",image="dbad"\} 0$/m);
+  });
+
+  it('notify: a command, an e-mail through sendmail and a webhook on failure, with the job, the error and the figures', async () => {
+    hooks.length = 0;
+    await fs.rm(s.path('mail.txt'), { force: true });
+    const f = await jobsFile(
+      `    command: 'cat > ${s.path('cmd.json')}; echo "$GENVAULT_JOB $GENVAULT_STATUS $GENVAULT_STAGE $GENVAULT_BYTES_READ" > ${s.path('cmd.env')}'\n` +
+        `    email: [root@example.com, backup@example.org]\n    sendmail: ${s.path('sendmail')}\n    webhook: ${url}\n`,
+    );
+    const run = await gv(null, ['run', '-c', f, '--all']);
+    expect(run.code).toBe(1);
+    expect(run.stderr).not.toMatch(/notification/);
+    // Failures only (the default): one of each, for the bad job.
+    const cmd = JSON.parse(await fs.readFile(s.path('cmd.json'), 'utf8'));
+    expect(cmd).toMatchObject({ event: 'failure', job: 'bad', image: 'bad', status: 'failed', stage: 'backup', repository: r });
+    expect(cmd.error).toMatch(/cannot read source .*gone\.img: no such file or directory/);
+    expect(cmd.started).toMatch(/Z$/);
+    expect(await fs.readFile(s.path('cmd.env'), 'utf8')).toBe('bad failed backup 0\n');
+    const mail = await fs.readFile(s.path('mail.txt'), 'utf8');
+    expect(await fs.readFile(s.path('mail.args'), 'utf8')).toBe('-t -oi\n');
+    expect(mail).toMatch(/^To: root@example.com, backup@example.org\nSubject: genvault: job bad FAILED \(backup\) on .+\n/);
+    expect(mail).toMatch(/^Error: +cannot read source .*gone\.img/m);
+    expect(hooks).toHaveLength(1);
+    expect(hooks[0]!.headers['content-type']).toBe('application/json');
+    expect(JSON.parse(hooks[0]!.body)).toMatchObject({ event: 'failure', job: 'bad', status: 'failed' });
+
+    // on: always also reports successes, with the figures; a webhook that fails is an err line
+    // (its URL's path, which may hold a token, left out), the exit status stays the runs'.
+    hooks.length = 0;
+    failWebhook = true;
+    const g = await jobsFile(`    on: always\n    webhook: ${url}\n`);
+    const ok = await gv(null, ['run', '-c', g, 'good', '--now']);
+    failWebhook = false;
+    expect(ok.code).toBe(0);
+    expect(oneLine(ok.stderr)).toMatch(/^good: notification webhook http:\/\/127\.0\.0\.1:\d+ failed: HTTP 500 Internal Server Error$/);
+    const sent = JSON.parse(hooks[0]!.body);
+    expect(sent).toMatchObject({ event: 'success', job: 'good', status: 'ok', generation: { size: 4 << 20, bytesRead: 4 << 20 } });
+    expect(sent.generation.newStored).toBeGreaterThanOrEqual(0);
+  });
+
+  it('notify: job-file problems named at their line', () => {
+    const text = (notify: string) => `repository: /srv/gv\njobs:\n  a:\n    source: /dev/x\n    notify:\n${notify}`;
+    const problems = (t: string): string[] => {
+      try {
+        parseJobsText(t, 'jobs.yaml');
+        return [];
+      } catch (e) {
+        if (e instanceof ConfigError) return e.problems.map((p) => formatProblem('jobs.yaml', p));
+        throw e;
+      }
+    };
+    expect(problems(text('      comand: x\n'))).toEqual(['jobs.yaml:6: jobs.a.notify.comand: unknown field (did you mean command?)']);
+    expect(problems(text('      on: sometimes\n      command: x\n'))).toEqual(['jobs.yaml:6: jobs.a.notify.on: expected "failure" (failed runs only) or "always" (every run)']);
+    expect(problems(text('      email: root\n'))).toEqual(['jobs.yaml:6: jobs.a.notify.email: "root" is not an e-mail address (such as root@example.com)']);
+    expect(problems(text('      webhook: ftp://x/y\n'))).toEqual(['jobs.yaml:6: jobs.a.notify.webhook: expected an http:// or https:// URL']);
+    expect(problems(text('      email: a@b\n      sendmail: sendmail\n'))).toEqual(['jobs.yaml:7: jobs.a.notify.sendmail: expected the absolute path of a sendmail program']);
+    expect(problems(text('      timeout: 5m\n'))).toEqual(['jobs.yaml:6: jobs.a.notify: sends nothing: give command, email or webhook (or notify: false to turn it off)']);
+    expect(problems(text('      command: x\n      timeout: soon\n'))).toEqual(['jobs.yaml:7: jobs.a.notify.timeout: expected a duration such as 90s, 30m, 36h, 7d, 2w or 0']);
+    // A job turns the defaults' notify off with false.
+    const f = parseJobsText('repository: /srv/gv\ndefaults:\n  notify: { command: x }\njobs:\n  a:\n    source: /dev/x\n  b:\n    source: /dev/y\n    notify: false\n', 'j.yaml');
+    expect(f.jobs.map((j) => j.notify?.command ?? null)).toEqual(['x', null]);
+  });
+
+  it('--metrics-file: Prometheus textfile with every job and the repository, written atomically', async () => {
+    const f = await jobsFile(`    command: "true"\n`);
+    const dir = s.path('textfile');
+    await fs.mkdir(dir);
+    const m = path.join(dir, 'genvault.prom');
+    const run = await gv(null, ['run', '-c', f, '--all', '--metrics-file', m]);
+    expect(run.code).toBe(1);
+    expect(await fs.readdir(dir)).toEqual(['genvault.prom']); // no temporary file left
+    expect((await fs.stat(m)).mode & 0o777).toBe(0o644);
+    const text = await fs.readFile(m, 'utf8');
+    const value = (re: RegExp) => Number(text.match(re)?.[1]);
+    expect(text).toMatch(/^# HELP genvault_job_last_run_timestamp_seconds .*\n# TYPE genvault_job_last_run_timestamp_seconds gauge\n/);
+    expect(value(/^genvault_job_last_run_success\{job="good",image="good"\} (\d+)$/m)).toBe(1);
+    expect(value(/^genvault_job_last_run_success\{job="bad",image="bad"\} (\d+)$/m)).toBe(0);
+    expect(Math.abs(value(/^genvault_job_last_success_timestamp_seconds\{job="good",image="good"\} ([\d.]+)$/m) - Date.now() / 1000)).toBeLessThan(120);
+    expect(text).not.toMatch(/genvault_job_last_success_timestamp_seconds\{job="bad"/);
+    expect(value(/^genvault_job_last_success_bytes_read\{job="good",image="good"\} (\d+)$/m)).toBe(4 << 20);
+    expect(value(/^genvault_job_last_success_bytes_new\{job="good",image="good"\} (\d+)$/m)).toBeGreaterThanOrEqual(0);
+    expect(value(/^genvault_job_last_success_bytes_stored\{job="good",image="good"\} (\d+)$/m)).toBeGreaterThanOrEqual(0);
+    expect(value(/^genvault_job_last_success_duration_seconds\{job="good",image="good"\} ([\d.]+)$/m)).toBeGreaterThan(0);
+    let packBytes = 0;
+    for (const sub of await fs.readdir(path.join(r, 'packs'))) for (const p of await fs.readdir(path.join(r, 'packs', sub))) packBytes += (await fs.stat(path.join(r, 'packs', sub, p))).size;
+    expect(value(new RegExp(`^genvault_repository_size_bytes\\{repository="${r}"\\} (\\d+)$`, 'm'))).toBe(packBytes);
+    // Nothing due: the file is still rewritten (its time stamp moves on).
+    const before = value(/^genvault_metrics_timestamp_seconds (\S+)$/m);
+    expect((await gv(null, ['run', '-c', f, '--metrics-file', m])).code).toBe(0);
+    const after = Number((await fs.readFile(m, 'utf8')).match(/^genvault_metrics_timestamp_seconds (\S+)$/m)?.[1]);
+    expect(after).toBeGreaterThan(before);
+    const unwritable = await gv(null, ['run', '-c', f, 'bad', '--now', '--metrics-file', s.path('no-dir', 'x.prom')]);
+    expect(unwritable.stderr).toMatch(/^cannot write metrics file .*no-dir\/x\.prom: ENOENT/m);
   });
 });

@@ -47,6 +47,22 @@ export interface JobSsh {
   mode: SshMode;
 }
 
+/** Where to report a run: a command, e-mail through sendmail, an HTTP webhook (any of them). */
+export interface NotifySpec {
+  /** failure: failed runs only; always: every run. */
+  on: 'failure' | 'always';
+  command?: string;
+  email?: string[];
+  /** The sendmail program (it reads the message with -t). */
+  sendmail: string;
+  webhook?: string;
+  timeoutMs: number;
+  line: number;
+}
+
+export const DEFAULT_SENDMAIL = '/usr/sbin/sendmail';
+export const DEFAULT_NOTIFY_TIMEOUT_MS = 60_000;
+
 export interface JobConfig {
   name: string;
   /** Image name in the repository (default: the job name). */
@@ -61,6 +77,8 @@ export interface JobConfig {
   graceMs: number;
   hooks: { pre: HookSpec[]; post: HookSpec[] };
   ssh: JobSsh;
+  /** Null: no notification. */
+  notify: NotifySpec | null;
   /** Line of the job's name in the file. */
   line: number;
 }
@@ -94,8 +112,9 @@ export function formatProblem(file: string, p: ConfigProblem): string {
 }
 
 const TOP_KEYS = ['repository', 'timezone', 'defaults', 'jobs'];
-const JOB_KEYS = ['source', 'image', 'schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace'];
-const DEFAULT_KEYS = ['schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace'];
+const JOB_KEYS = ['source', 'image', 'schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace', 'notify'];
+const DEFAULT_KEYS = ['schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace', 'notify'];
+const NOTIFY_KEYS = ['on', 'command', 'email', 'webhook', 'sendmail', 'timeout'];
 const RETENTION_KEYS: Record<string, keyof RetentionRules | 'min-age'> = {
   'keep-last': 'keepLast',
   'keep-hourly': 'keepHourly',
@@ -213,6 +232,7 @@ interface PartialJob {
   hooks?: { pre: HookSpec[]; post: HookSpec[] };
   ssh?: Partial<JobSsh>;
   graceMs?: number;
+  notify?: NotifySpec | null;
 }
 
 function parseSchedule(c: Checker, node: unknown, field: string, tz: string | null): Schedule | null {
@@ -292,6 +312,44 @@ function parseSsh(c: Checker, node: unknown, field: string, base: string): Parti
   return out;
 }
 
+/** A job's or the defaults' `notify:`; null (`notify: null` or `false`) turns the defaults' off. */
+function parseNotify(c: Checker, node: unknown, field: string): NotifySpec | null {
+  if (isScalar(node) && (node.value === null || node.value === false)) return null;
+  const out: NotifySpec = { on: 'failure', sendmail: DEFAULT_SENDMAIL, timeoutMs: DEFAULT_NOTIFY_TIMEOUT_MS, line: c.line(node) };
+  const before = c.problems.length;
+  for (const { key, value } of c.pairs(node, field, NOTIFY_KEYS)) {
+    const f = `${field}.${key}`;
+    const v = key === 'email' || key === 'timeout' ? null : c.string(value, f);
+    if (key === 'on') {
+      if (v === 'failure' || v === 'always') out.on = v;
+      else if (v !== null) c.add(value, f, 'expected "failure" (failed runs only) or "always" (every run)');
+    } else if (key === 'command' && v !== null) out.command = v;
+    else if (key === 'email') {
+      const list = c.stringList(value, f);
+      list.forEach((a) => {
+        if (!/^[^\s@<>,;"']+@[^\s@<>,;"']+$/.test(a)) c.add(value, f, `${JSON.stringify(a)} is not an e-mail address (such as root@example.com)`);
+      });
+      out.email = list;
+    } else if (key === 'webhook' && v !== null) {
+      let url: URL | null = null;
+      try {
+        url = new URL(v);
+      } catch {
+        /* reported below */
+      }
+      if (!url || (url.protocol !== 'http:' && url.protocol !== 'https:')) c.add(value, f, 'expected an http:// or https:// URL');
+      else out.webhook = v;
+    } else if (key === 'sendmail' && v !== null) {
+      if (path.isAbsolute(v)) out.sendmail = v;
+      else c.add(value, f, 'expected the absolute path of a sendmail program');
+    } else if (key === 'timeout') out.timeoutMs = c.duration(value, f) ?? out.timeoutMs;
+  }
+  if (isMap(node) && c.problems.length === before && !out.command && !out.email?.length && !out.webhook) {
+    c.add(node, field, 'sends nothing: give command, email or webhook (or notify: false to turn it off)');
+  }
+  return out;
+}
+
 function parsePartial(c: Checker, node: unknown, field: string, allowed: string[], tz: string | null, base: string): PartialJob & { rest: Map<string, unknown> } {
   const out: PartialJob & { rest: Map<string, unknown> } = { rest: new Map() };
   for (const { key, value } of c.pairs(node, field, allowed)) {
@@ -317,6 +375,9 @@ function parsePartial(c: Checker, node: unknown, field: string, allowed: string[
         break;
       case 'grace':
         out.graceMs = c.duration(value, f) ?? undefined;
+        break;
+      case 'notify':
+        out.notify = parseNotify(c, value, f);
         break;
       default:
         out.rest.set(key, value);
@@ -453,6 +514,7 @@ function parseJob(x: JobsContext, name: string, value: unknown, keyNode: unknown
     graceMs: p.graceMs ?? defaults.graceMs ?? DEFAULT_GRACE_MS,
     hooks,
     ssh,
+    notify: p.notify !== undefined ? p.notify : (defaults.notify ?? null),
     line: c.line(keyNode),
   };
 }
