@@ -8,7 +8,7 @@ import http from 'node:http';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ConfigError, formatProblem, parseJobsText } from '../src/jobs/config.js';
-import { CLI, CliProcess, Scratch, gv, gvOk, oneLine, prng, sh } from './helpers.js';
+import { CLI, CliProcess, ROOT, Scratch, gv, gvOk, oneLine, prng, sh } from './helpers.js';
 
 let s: Scratch;
 let repo: string;
@@ -323,6 +323,29 @@ describe('logging, notifications, metrics', () => {
     expect(sent.generation.newStored).toBeGreaterThanOrEqual(0);
   });
 
+  it("genvault notify (the units' OnFailure=): the defaults' notify, whatever its on:", async () => {
+    hooks.length = 0;
+    await fs.rm(s.path('mail.txt'), { force: true });
+    const f = await jobsFile(`    command: 'cat > ${s.path('unit.json')}; echo "$GENVAULT_UNIT $GENVAULT_STATUS" > ${s.path('unit.env')}'\n    email: root@example.com\n    sendmail: ${s.path('sendmail')}\n    webhook: ${url}\n`);
+    const sentOk = await gv(null, ['notify', '-c', f, '--unit', 'genvault-daemon.service']);
+    expect(sentOk.code, sentOk.stderr).toBe(0);
+    const sent = JSON.parse(await fs.readFile(s.path('unit.json'), 'utf8'));
+    expect(sent).toMatchObject({ event: 'failure', unit: 'genvault-daemon.service', status: 'failed', error: 'genvault-daemon.service failed' });
+    expect(Array.isArray(sent.journal)).toBe(true);
+    expect(await fs.readFile(s.path('unit.env'), 'utf8')).toBe('genvault-daemon.service failed\n');
+    expect(await fs.readFile(s.path('mail.txt'), 'utf8')).toMatch(/^To: root@example.com\nSubject: genvault: genvault-daemon.service FAILED on /);
+    expect(JSON.parse(hooks[0]!.body)).toMatchObject({ unit: 'genvault-daemon.service' });
+    const m = await gv(null, ['notify', '-c', f, '--message', 'nightly verify found damage']);
+    expect(m.code).toBe(0);
+    expect(JSON.parse(await fs.readFile(s.path('unit.json'), 'utf8')).error).toBe('nightly verify found damage');
+    // Nowhere to send: one line, exit 1.
+    const none = s.path('none.yaml');
+    await fs.writeFile(none, `repository: ${r}\njobs:\n  a:\n    source: ${img}\n`);
+    const n = await gv(null, ['notify', '-c', none, '--unit', 'x.service']);
+    expect(n.code).toBe(1);
+    expect(oneLine(n.stderr)).toBe(`genvault: ${none}: no notify: under defaults:, nowhere to send to`);
+  });
+
   it('notify: job-file problems named at their line', () => {
     const text = (notify: string) => `repository: /srv/gv\njobs:\n  a:\n    source: /dev/x\n    notify:\n${notify}`;
     const problems = (t: string): string[] => {
@@ -376,5 +399,79 @@ describe('logging, notifications, metrics', () => {
     expect(after).toBeGreaterThan(before);
     const unwritable = await gv(null, ['run', '-c', f, 'bad', '--now', '--metrics-file', s.path('no-dir', 'x.prom')]);
     expect(unwritable.stderr).toMatch(/^cannot write metrics file .*no-dir\/x\.prom: ENOENT/m);
+  });
+});
+
+describe('install', () => {
+  it('scripts/install: /usr/bin/genvault from cron\'s PATH with the checkout gone; man page, bash completion, units', async () => {
+    // Into an overlay of /usr in a private mount namespace: the real /usr is never written.
+    // Then the checkout (and the node_modules it links to) is hidden under empty tmpfs
+    // mounts, as if moved away, and genvault runs with cron's environment.
+    const ovl = s.path('ovl');
+    for (const d of ['up', 'work', 'tmp']) await fs.mkdir(path.join(ovl, d), { recursive: true });
+    const modules = await fs.realpath(path.join(ROOT, 'node_modules'));
+    const sparse = s.path('sparse.img');
+    await fs.writeFile(sparse, prng(41, 1 << 20));
+    await fs.truncate(sparse, 64 << 20); // a 63 MiB hole at the end
+    const mnt = s.path('inst-mnt');
+    await fs.mkdir(mnt);
+    const cron = 'env -i PATH=/usr/bin:/bin HOME=/root LANG=C';
+    const script = [
+      'set -e',
+      'mount --make-rprivate /',
+      `mount -t overlay overlay -o lowerdir=/usr,upperdir=${ovl}/up,workdir=${ovl}/work /usr`,
+      `scripts/install 2>${ovl}/install.log`,
+      'cd /',
+      `mount -t tmpfs tmpfs ${ROOT}`,
+      `mount -t tmpfs tmpfs ${modules}`,
+      `test ! -e ${ROOT}/package.json`,
+      `${cron} sh -c 'command -v genvault'`,
+      `${cron} genvault version --json`,
+      `${cron} genvault -r ${s.path('inst-repo')} init >/dev/null`,
+      `${cron} genvault -r ${s.path('inst-repo')} backup ${sparse} --name sp --json > ${ovl}/backup.json`,
+      `${cron} genvault -r ${s.path('inst-repo')} restore sp@latest ${s.path('restored.img')} >/dev/null`,
+      `cmp ${sparse} ${s.path('restored.img')}`,
+      `${cron} genvault -r ${s.path('inst-repo')} mount ${mnt} >/dev/null`,
+      `cmp ${sparse} ${mnt}/sp/latest || { ${cron} genvault umount ${mnt}; exit 1; }`,
+      `${cron} genvault umount ${mnt} >/dev/null`,
+      `${cron} MANWIDTH=80 man genvault 2>/dev/null | grep -E '^[A-Z][A-Z ]+$|^   genvault (diff|notify)( |$)' | tr '\\n' ,; echo`,
+      `bash -c 'source /usr/share/bash-completion/completions/genvault; COMP_WORDS=(genvault sta); COMP_CWORD=1; _genvault; echo "\${COMPREPLY[*]}"; COMP_WORDS=(genvault run --met); COMP_CWORD=2; _genvault; echo "\${COMPREPLY[*]}"'`,
+      'grep -h ^ExecStart= /usr/lib/systemd/system/genvault-*.service',
+      // The installed units: valid, and rated by systemd's own exposure score.
+      'if command -v systemd-analyze >/dev/null; then',
+      '  cd /usr/lib/systemd/system',
+      '  echo "verify: $(systemd-analyze verify genvault-daemon.service genvault-run.service genvault-run.timer genvault-mount@.service genvault-notify@.service 2>&1)"',
+      '  for u in genvault-daemon.service genvault-run.service genvault-mount@.service genvault-notify@.service; do systemd-analyze security --offline=yes --no-pager ./$u | tail -1; done',
+      'fi',
+    ].join('\n');
+    const r = await sh('unshare', ['-m', 'bash', '-c', script], { cwd: ROOT });
+    const log = await fs.readFile(path.join(ovl, 'install.log'), 'utf8').catch(() => '');
+    expect(r.code, `${r.stderr}\n${log}`).toBe(0);
+    const out = r.stdout.split('\n');
+    expect(out[0]).toBe('/usr/bin/genvault');
+    const v = JSON.parse(out.slice(1, 7).join('\n'));
+    expect(v).toMatchObject({ installedAt: '/usr/lib/genvault', format: 4 });
+    // The holes addon came along: (most of) the hole was skipped, not read.
+    expect(JSON.parse(await fs.readFile(path.join(ovl, 'backup.json'), 'utf8')).stats.holeBytes).toBeGreaterThan(32 << 20);
+    expect(out[7]).toBe('NAME,SYNOPSIS,DESCRIPTION,COMMANDS,   genvault diff <a> <b>,   genvault notify,EXAMPLES,EXIT STATUS,ENVIRONMENT,FILES,SEE ALSO,');
+    expect(out[8]).toBe('status stats');
+    expect(out[9]).toBe('--metrics-file');
+    expect(out.slice(10, 14)).toEqual([
+      'ExecStart=/usr/bin/genvault daemon --config /etc/genvault/jobs.yaml --log-format journal --metrics-file /var/lib/genvault/genvault.prom',
+      'ExecStart=/usr/bin/genvault mount --foreground %f',
+      'ExecStart=/usr/bin/genvault notify --config /etc/genvault/jobs.yaml --unit %i',
+      'ExecStart=/usr/bin/genvault run --config /etc/genvault/jobs.yaml --log-format journal --metrics-file /var/lib/genvault/genvault.prom',
+    ]);
+    if (out[14] === undefined || out[14] === '') {
+      console.log('systemd-analyze is not installed: units not verified or scored');
+    } else {
+      expect(out[14]).toBe('verify: ');
+      const scores = out.slice(15, 19).map((l) => l.match(/exposure level for (\S+): ([\d.]+) (\w+)/)!.slice(1));
+      console.log(`systemd-analyze security --offline=yes: ${scores.map(([u, n, w]) => `${u} ${n} ${w}`).join(', ')}`);
+      for (const [u, n] of scores) expect(Number(n), u).toBeLessThanOrEqual(4.0);
+    }
+    // Nothing reached the real /usr.
+    await expect(fs.access('/usr/lib/genvault/package.json')).rejects.toThrow();
+    expect(log).toMatch(/^install: genvault \d+\.\d+\.\d+ in \/usr\/lib\/genvault/m);
   });
 });

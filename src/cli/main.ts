@@ -51,6 +51,7 @@ const commands: Record<string, () => Promise<Registrar>> = {
   version: () => import('./version.js'),
   stats: () => import('./stats.js'),
   diff: () => import('./diff.js'),
+  notify: () => import('./notify.js'),
 };
 // Commands and aliases registered by another command's module.
 for (const [name, home] of [['ls', 'list'], ['cat', 'restore'], ['umount', 'mount'], ['unmount', 'mount'], ['unprotect', 'protect']] as const)

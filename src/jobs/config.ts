@@ -88,6 +88,8 @@ export interface JobsFile {
   repository: string | null;
   timezone: string | null;
   jobs: JobConfig[];
+  /** The defaults' notify: also where `genvault notify` (a unit's OnFailure=) reports. */
+  notify: NotifySpec | null;
 }
 
 export interface ConfigProblem {
@@ -544,7 +546,7 @@ export function parseJobsText(text: string, file: string): JobsFile {
     if (isMap(jobsPair.value) && !jobsPair.value.items.length) c.add(jobsPair.value, 'jobs', 'no jobs defined');
   }
   if (c.problems.length) throw new ConfigError(file, c.problems.sort((a, b) => a.line - b.line));
-  return { file, repository, timezone, jobs };
+  return { file, repository, timezone, jobs, notify: defaults.notify ?? null };
 }
 
 /**

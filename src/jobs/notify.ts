@@ -68,23 +68,39 @@ function notifyEnv(rec: RunRecord, repository: string): Record<string, string> {
   };
 }
 
+/** What one notification says, in each form: JSON, environment, e-mail. */
+export interface Notice {
+  payload: Record<string, unknown>;
+  env: Record<string, string>;
+  subject: string;
+  /** The e-mail's text before the JSON. */
+  lines: string[];
+}
+
 /** A plain-text e-mail (headers and body) for sendmail -t. */
-export function mailMessage(rec: RunRecord, to: string[], payload: Record<string, unknown>): string {
-  const ok = rec.status === 'ok';
-  const g = rec.generation;
-  const subject = `genvault: job ${rec.job} ${ok ? 'succeeded' : `FAILED (${rec.stage})`} on ${os.hostname()}`;
-  const lines = [
-    `Job:        ${rec.job} (image ${rec.image})`,
-    `Result:     ${ok ? 'ok' : `failed at ${rec.stage}`}`,
-    ...(rec.error ? [`Error:      ${rec.error}`] : []),
-    `Started:    ${new Date(rec.started).toISOString()}, took ${duration(rec.finished - rec.started)}`,
-    ...(g ? [`Generation: ${g.id}: ${bytes(g.bytesRead)} read, ${bytes(g.newBytes)} new, ${bytes(g.newStored)} stored`] : []),
-    '',
-    JSON.stringify(payload, null, 2),
-  ];
+export function mailMessage(to: string[], notice: Notice): string {
   // Header values come from the job file and the run: no line breaks may reach them.
   const header = (v: string) => v.replace(/[\r\n]+/g, ' ');
-  return [`To: ${header(to.join(', '))}`, `Subject: ${header(subject)}`, 'Content-Type: text/plain; charset=utf-8', 'MIME-Version: 1.0', '', ...lines, ''].join('\n');
+  const body = [...notice.lines, '', JSON.stringify(notice.payload, null, 2)];
+  return [`To: ${header(to.join(', '))}`, `Subject: ${header(notice.subject)}`, 'Content-Type: text/plain; charset=utf-8', 'MIME-Version: 1.0', '', ...body, ''].join('\n');
+}
+
+/** A run's notice: the record, its figures, one subject line. */
+function runNotice(rec: RunRecord, repository: string): Notice {
+  const ok = rec.status === 'ok';
+  const g = rec.generation;
+  return {
+    payload: notificationPayload(rec, repository),
+    env: notifyEnv(rec, repository),
+    subject: `genvault: job ${rec.job} ${ok ? 'succeeded' : `FAILED (${rec.stage})`} on ${os.hostname()}`,
+    lines: [
+      `Job:        ${rec.job} (image ${rec.image})`,
+      `Result:     ${ok ? 'ok' : `failed at ${rec.stage}`}`,
+      ...(rec.error ? [`Error:      ${rec.error}`] : []),
+      `Started:    ${new Date(rec.started).toISOString()}, took ${duration(rec.finished - rec.started)}`,
+      ...(g ? [`Generation: ${g.id}: ${bytes(g.bytesRead)} read, ${bytes(g.newBytes)} new, ${bytes(g.newStored)} stored`] : []),
+    ],
+  };
 }
 
 async function postWebhook(url: string, payload: Record<string, unknown>, timeoutMs: number): Promise<string | null> {
@@ -103,18 +119,34 @@ async function postWebhook(url: string, payload: Record<string, unknown>, timeou
   }
 }
 
-/** Send a run's notifications as the job asks; returns a line per notification that failed. */
-export async function notifyRun(job: JobConfig, rec: RunRecord, repository: string): Promise<string[]> {
-  const n: NotifySpec | null = job.notify;
-  if (!n || (n.on === 'failure' && rec.status === 'ok')) return [];
-  const payload = notificationPayload(rec, repository);
-  const json = JSON.stringify(payload);
+/** Send a notice every way `n` names; returns a line per way that failed, each starting with `label`. */
+export async function sendNotice(n: NotifySpec, notice: Notice, label: string): Promise<string[]> {
+  const json = JSON.stringify(notice.payload);
   const problems: string[] = [];
+  const note = (what: string) => (why: string | null) => void (why && problems.push(`${label}: notification ${what} failed: ${why}`));
   const sends: Array<Promise<void>> = [];
-  const note = (what: string) => (why: string | null) => void (why && problems.push(`${job.name}: notification ${what} failed: ${why}`));
-  if (n.command) sends.push(runWithInput(['/bin/sh', '-c', n.command], json, notifyEnv(rec, repository), n.timeoutMs).then(note(`command "${n.command}"`)));
-  if (n.email?.length) sends.push(runWithInput([n.sendmail, '-t', '-oi'], mailMessage(rec, n.email, payload), {}, n.timeoutMs).then(note(`e-mail to ${n.email.join(', ')} (${n.sendmail})`)));
-  if (n.webhook) sends.push(postWebhook(n.webhook, payload, n.timeoutMs).then(note(`webhook ${new URL(n.webhook).origin}`)));
+  if (n.command) sends.push(runWithInput(['/bin/sh', '-c', n.command], json, notice.env, n.timeoutMs).then(note(`command "${n.command}"`)));
+  if (n.email?.length) sends.push(runWithInput([n.sendmail, '-t', '-oi'], mailMessage(n.email, notice), {}, n.timeoutMs).then(note(`e-mail to ${n.email.join(', ')} (${n.sendmail})`)));
+  // Only the origin in messages: a webhook's path often holds its secret token.
+  if (n.webhook) sends.push(postWebhook(n.webhook, notice.payload, n.timeoutMs).then(note(`webhook ${new URL(n.webhook).origin}`)));
   await Promise.all(sends);
   return problems;
+}
+
+/** Send a run's notifications as the job asks; returns a line per notification that failed. */
+export async function notifyRun(job: JobConfig, rec: RunRecord, repository: string): Promise<string[]> {
+  const n = job.notify;
+  if (!n || (n.on === 'failure' && rec.status === 'ok')) return [];
+  return sendNotice(n, runNotice(rec, repository), job.name);
+}
+
+/** A notice that a systemd unit failed (`genvault notify --unit`, run by the units' OnFailure=). */
+export function unitNotice(unit: string, message: string, journal: string[]): Notice {
+  const host = os.hostname();
+  return {
+    payload: { event: 'failure', host, unit, status: 'failed', error: message, time: new Date().toISOString(), journal },
+    env: { GENVAULT_UNIT: unit, GENVAULT_STATUS: 'failed', GENVAULT_ERROR: message },
+    subject: `genvault: ${unit} FAILED on ${host}`,
+    lines: [`Unit:   ${unit}`, `Error:  ${message}`, '', 'Last journal lines:', ...journal.map((l) => `  ${l}`)],
+  };
 }
