@@ -35,6 +35,8 @@ describe('rough edges', () => {
       [['restore'], /^genvault: missing required argument 'target' \(see: genvault restore --help\)$/],
       [['backup', img], /^genvault: required option '-n, --name <name>' not specified/],
       [['--bogus'], /^genvault: unknown option '--bogus'/],
+      [['info', 'vm1@latest', 'extra'], /^genvault: too many arguments for 'info'\. Expected 1 argument but got 2\. \(see: genvault info --help\)$/],
+      [['run', '--log-format'], /^genvault: option '--log-format <format>' argument missing \(see: genvault run --help\)$/],
     ];
     for (const [args, re] of cases) {
       const r = await gv(repo, args);

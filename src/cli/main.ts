@@ -23,6 +23,8 @@ program
       'or an ISO date/time (the newest generation at or before it).\n' +
       'Exit codes: 0 ok, 1 error, 2 usage.',
   )
+  // An argument too many is an error, not silently ignored (`restore a b c`).
+  .allowExcessArguments(false)
   .exitOverride();
 
 // Each command's module is imported only when that command runs: ssh2, fuse-native, yaml
