@@ -8,7 +8,7 @@ import http from 'node:http';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ConfigError, formatProblem, parseJobsText } from '../src/jobs/config.js';
-import { CLI, CliProcess, ROOT, Scratch, gv, gvOk, oneLine, prng, sh } from './helpers.js';
+import { CLI, CliProcess, ROOT, Scratch, gv, gvOk, makeDisk, oneLine, prng, sh, withMountedDisk } from './helpers.js';
 
 let s: Scratch;
 let repo: string;
@@ -209,6 +209,41 @@ describe('stats and diff', () => {
     const missing = await gv(r, ['stats', 'nope']);
     expect(missing.code).toBe(1);
     expect(oneLine(missing.stderr)).toMatch(/no image named nope/);
+  });
+  it('diff --files: the changed files of an ext4 partition, narrowed to the sectors that differ', async () => {
+    const disk = s.path('ext4.img');
+    const keep = prng(51, 300 << 10);
+    await makeDisk(s, disk, 64, async (dir) => {
+      await fs.mkdir(path.join(dir, 'etc'));
+      await fs.writeFile(path.join(dir, 'etc', 'keep.bin'), keep);
+      await fs.writeFile(path.join(dir, 'etc', 'change.bin'), prng(52, 200 << 10));
+      await fs.writeFile(path.join(dir, 'gone.bin'), prng(53, 100 << 10));
+    });
+    await gvOk(r, ['backup', disk, '--name', 'disk']);
+    await withMountedDisk(s, disk, async (dir) => {
+      const fh = await fs.open(path.join(dir, 'etc', 'change.bin'), 'r+');
+      await fh.write(prng(54, 8192), 0, 8192, 40960); // in place: blocks 10 and 11
+      await fh.close();
+      await fs.rm(path.join(dir, 'gone.bin'));
+      await fs.writeFile(path.join(dir, 'new.bin'), prng(55, 50 << 10));
+    });
+    await gvOk(r, ['backup', disk, '--name', 'disk']);
+    const runDir = s.path('run');
+    const j = await gv(r, ['diff', 'disk@1', 'disk@0', '--files', '--json'], { env: { GENVAULT_RUN_DIR: runDir } });
+    expect(j.code, j.stderr).toBe(0);
+    const [p1] = JSON.parse(j.stdout).fileSystems;
+    expect(p1).toMatchObject({ partition: 1, offset: 1 << 20, fs: 'ext2/3/4' });
+    expect(p1.files).toEqual([
+      { path: '/', in: ['a', 'b'] }, // gone.bin removed, new.bin added: the root directory's block
+      { path: '/etc/change.bin', in: ['a', 'b'] },
+      { path: '/new.bin', in: ['b'] },
+    ]);
+    expect(await fs.readdir(runDir)).toEqual([]); // the private mount is gone
+    const t = await gvOk(r, ['diff', 'disk@1', 'disk@0', '--files']);
+    expect(t).toMatch(/\npartition 1 \(ext2\/3\/4 at 1048576\): 3 changed paths, \d+ changed metadata blocks\n  ~ \/\n  ~ \/etc\/change\.bin\n  \+ \/new\.bin\n$/);
+    // An image without a file system: named with its changed bytes, not looked into.
+    const raw = JSON.parse(await gvOk(r, ['diff', 'vm@latest', 'other@latest', '--files', '--json']));
+    expect(raw.fileSystems).toEqual([expect.objectContaining({ partition: null, offset: 0, fs: null, files: [] })]);
   });
 });
 
