@@ -23,12 +23,15 @@ import { generationKey, type Generation } from '../format/generation.js';
 import type { ScanEnd, ScanItem } from '../format/scan.js';
 import { getOrNull, type Db } from '../index/db.js';
 import { DigestFilter } from '../util/digest-filter.js';
+import { DigestSet } from '../util/digest-set.js';
 import { listPacks, scanStoredPack, type StoredPack } from '../store/pack-reader.js';
 import type { Store } from '../store/store.js';
 
 /** In the copies database: every whole copy of a chunk but its first, `C` digest(32) pack(16) offset u64 BE inner u32 BE -> location. */
 export const K_COPY = 0x43; // 'C'
 const BATCH = 8192;
+/** Up to this many chunks (about 40 MB) the model knows which it has met without LevelDB. */
+const EXACT_CHUNKS = 1 << 20;
 /** Leaves looked up at once when finding what generations lack. */
 const LEAF_LOOKUPS = 32;
 
@@ -184,6 +187,8 @@ export class PackModel {
   readonly counts: ModelCounts = { packs: 0, bytes: 0, chunkRecords: 0, chunks: 0, viaToc: 0, leafRecords: 0, generationsFound: 0 };
   private gens = new Map<string, GenState>();
   private seen: DigestFilter;
+  /** Every chunk met, exactly, while there are at most EXACT_CHUNKS (then null): no lookups at all. */
+  private exact: DigestSet | null = new DigestSet(EXACT_CHUNKS);
   private out: Batcher;
   private cp: Batcher;
 
@@ -264,15 +269,27 @@ export class PackModel {
     this.counts.chunkRecords++;
     const v = encodeLocation(loc);
     const k = chunkKey(digest);
-    if (this.seen.maybeHas(digest)) {
-      if (this.out.pending(k) || (await getOrNull(this.db, k))) {
-        await this.cp.put(copyKey(digest, loc.packId, loc.offset, loc.inner ?? 0), v);
-        return;
-      }
+    if (await this.metBefore(digest, k)) {
+      await this.cp.put(copyKey(digest, loc.packId, loc.offset, loc.inner ?? 0), v);
+      return;
     }
-    this.seen.add(digest);
     await this.out.put(k, v);
     this.counts.chunks++;
+  }
+
+  /** Whether a copy of this chunk was met before (and remember it as met). */
+  private async metBefore(digest: Buffer, k: Buffer): Promise<boolean> {
+    if (this.exact) {
+      const fresh = this.exact.add(digest);
+      if (this.exact.whole) {
+        if (fresh) this.seen.add(digest);
+        return !fresh;
+      }
+      this.exact = null; // too many to hold: the filter (which has them all) and lookups from here on
+    }
+    if (this.seen.maybeHas(digest) && (this.out.pending(k) || (await getOrNull(this.db, k)))) return true;
+    this.seen.add(digest);
+    return false;
   }
 
   private async takeMeta(item: Extract<ScanItem, { kind: 'meta' }>): Promise<void> {
@@ -377,14 +394,23 @@ export class PackModel {
     const leaf = decodeLeaf(raw);
     const keys: Buffer[] = [];
     const lengths: number[] = [];
-    for (let i = 0; i < leaf.lengths.length; i++) {
-      if (leaf.zero[i]) continue;
-      keys.push(chunkKey(leaf.digests.subarray(i * 32, i * 32 + 32)));
-      lengths.push(leaf.lengths[i]!);
-    }
-    const found = await this.db.getMany(keys);
     let chunks = 0;
     let bytes = 0;
+    for (let i = 0; i < leaf.lengths.length; i++) {
+      if (leaf.zero[i]) continue;
+      const d = leaf.digests.subarray(i * 32, i * 32 + 32);
+      if (this.exact) {
+        if (!this.exact.has(d)) {
+          chunks++;
+          bytes += leaf.lengths[i]!;
+        }
+        continue;
+      }
+      keys.push(chunkKey(d));
+      lengths.push(leaf.lengths[i]!);
+    }
+    if (!keys.length) return { leaves: 0, chunks, bytes };
+    const found = await this.db.getMany(keys);
     found.forEach((v, i) => {
       if (v === undefined || v === null) {
         chunks++;
