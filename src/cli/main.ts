@@ -49,6 +49,7 @@ const commands: Record<string, () => Promise<Registrar>> = {
   status: () => import('./status.js'),
   upgrade: () => import('./upgrade.js'),
   repair: () => import('./repair.js'),
+  nbd: () => import('./nbd.js'),
 };
 // Commands and aliases registered by another command's module.
 for (const [name, home] of [['ls', 'list'], ['cat', 'restore'], ['umount', 'mount'], ['unmount', 'mount'], ['unprotect', 'protect']] as const)
@@ -68,10 +69,10 @@ const named = namedCommand(process.argv);
 
 // Exit codes are 0, 1 (error) and 2 (usage) only (status: 0-3, see common.ts), whatever
 // ends the process: an errno, a signal, an uncaught exception or unhandled rejection,
-// commander, or process.exitCode. mount and daemon keep their own signal handling.
+// commander, or process.exitCode. mount, daemon and nbd keep their own signal handling.
 if (named === 'status') useMonitoringExitCodes();
 // Their index failures are logged as they happen (db.ts); a command's error line says it.
-if (named !== 'mount' && named !== 'daemon') {
+if (named !== 'mount' && named !== 'daemon' && named !== 'nbd') {
   exitOnSignals();
   reportIndexFailureInErrorLine();
 }
