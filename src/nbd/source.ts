@@ -1,0 +1,188 @@
+/**
+ * Backup sources of the NBD kind (the backup pipeline reads them as streams, src/backup):
+ *
+ * - an NBD export (nbd://, nbd+unix://), optionally with a QEMU dirty bitmap: then only
+ *   the extents the bitmap marks dirty are read over NBD, and every other byte is taken
+ *   from the image's previous generation (read with src/read's reader, checked against
+ *   its digests). The backup pipeline still sees every byte, so chunking, dedup and the
+ *   BLAKE3 change detector work as for any source; what is saved is reading the disk.
+ *   Without a bitmap, or when it cannot be used (first backup, bitmap not exported, size
+ *   changed), the whole disk is read, skipping what base:allocation reports as zeros.
+ * - a writable export's overlay (overlay.ts) over its generation: the VM's writes kept.
+ */
+import { GenvaultError } from '../util/errors.js';
+import type { Generation } from '../format/generation.js';
+import type { Source } from '../backup/source.js';
+import { ChunkLoader, ImageReader } from '../read/reader.js';
+import type { Repository } from '../repository/repository.js';
+import { NbdClient, parseNbdUri } from './client.js';
+import { BASE_ALLOCATION, DIRTY_BITMAP_PREFIX, STATE_ZERO } from './protocol.js';
+import { Overlay, overlayHolder } from './overlay.js';
+
+/** Largest single READ asked of the server (qemu-nbd and nbdkit accept 32 MiB). */
+const READ_PIECE = 4 << 20;
+
+export interface NbdReadStats {
+  /** 'dirty-bitmap': only dirty extents were read; 'full': the whole disk (but its zero extents). */
+  mode: 'dirty-bitmap' | 'full';
+  /** Why a dirty bitmap that was asked for was not used. */
+  fullReason: string | null;
+  /** The generation unchanged extents were taken from. */
+  parent: string | null;
+  /** Bytes read over NBD. */
+  nbdBytes: number;
+  /** Bytes the bitmap marked dirty. */
+  dirtyBytes: number;
+  /** Bytes taken from the previous generation. */
+  parentBytes: number;
+  /** Bytes the server reported as zeros (base:allocation), not read. */
+  zeroBytes: number;
+}
+
+type Piece = { from: number; to: number; kind: 'nbd' | 'zero' | 'parent' };
+
+export class NbdSource implements Source {
+  private pos = 0;
+  private readonly dirtyContext: string | null;
+
+  private constructor(
+    readonly description: string,
+    private client: NbdClient,
+    private parent: ImageReader | null,
+    readonly stats: NbdReadStats,
+    bitmap: string | null,
+  ) {
+    this.dirtyContext = bitmap && parent ? DIRTY_BITMAP_PREFIX + bitmap : null;
+  }
+
+  get size(): number {
+    return this.client.size;
+  }
+
+  static async open(repo: Repository, uri: string, opts: { name: string; bitmap?: string }): Promise<NbdSource> {
+    const addr = parseNbdUri(uri);
+    const bitmap = opts.bitmap ?? null;
+    const contexts = [BASE_ALLOCATION, ...(bitmap ? [DIRTY_BITMAP_PREFIX + bitmap] : [])];
+    const client = await NbdClient.connect(addr, uri, contexts);
+    try {
+      const prev: Generation | null = (await repo.generations(opts.name)).at(-1) ?? null;
+      let why: string | null = null;
+      if (bitmap) {
+        if (!client.contexts.has(DIRTY_BITMAP_PREFIX + bitmap)) why = `the server does not export the dirty bitmap ${bitmap}`;
+        else if (!prev) why = `${opts.name} has no generation yet`;
+        else if (prev.size !== client.size) why = `the disk is ${client.size} bytes, ${opts.name}@${prev.id} was ${prev.size}`;
+      }
+      const useBitmap = bitmap !== null && why === null;
+      const parent = useBitmap ? await ImageReader.open(repo, prev!, new ChunkLoader(repo, 64 << 20), 32 << 20) : null;
+      const stats: NbdReadStats = {
+        mode: useBitmap ? 'dirty-bitmap' : 'full', fullReason: why, parent: useBitmap ? prev!.id : null,
+        nbdBytes: 0, dirtyBytes: 0, parentBytes: 0, zeroBytes: 0,
+      };
+      const description = `nbd:${uri}${bitmap ? ` bitmap ${bitmap}` : ''}`;
+      return new NbdSource(description, client, parent, stats, useBitmap ? bitmap : null);
+    } catch (e) {
+      await client.close().catch(() => undefined);
+      throw e;
+    }
+  }
+
+  /** What to do with each part of [offset, offset + length): read over NBD, zeros, or the parent's bytes. */
+  private async plan(offset: number, length: number): Promise<Piece[]> {
+    const ctx = this.dirtyContext ?? (this.client.contexts.has(BASE_ALLOCATION) ? BASE_ALLOCATION : null);
+    if (!ctx) return [{ from: offset, to: offset + length, kind: 'nbd' }];
+    const out: Piece[] = [];
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      for (const r of await this.client.blockStatus(ctx, pos, end - pos)) {
+        let kind: Piece['kind'];
+        if (this.dirtyContext) kind = r.flags & 1 ? 'nbd' : 'parent';
+        else kind = r.flags & STATE_ZERO ? 'zero' : 'nbd';
+        const last = out[out.length - 1];
+        if (last && last.kind === kind && last.to === pos) last.to = pos + r.length;
+        else out.push({ from: pos, to: pos + r.length, kind });
+        pos += r.length;
+      }
+    }
+    return out;
+  }
+
+  async read(buf: Buffer, length: number): Promise<number> {
+    const n = Math.max(0, Math.min(length, this.size - this.pos));
+    if (n === 0) return 0;
+    const at = this.pos;
+    const waits: Array<Promise<void>> = [];
+    for (const p of await this.plan(at, n)) {
+      const dst = buf.subarray(p.from - at, p.to - at);
+      const len = p.to - p.from;
+      if (p.kind === 'zero') {
+        dst.fill(0);
+        this.stats.zeroBytes += len;
+      } else if (p.kind === 'parent') {
+        this.stats.parentBytes += len;
+        waits.push(this.fromParent(dst, p.from, len));
+      } else {
+        if (this.dirtyContext) this.stats.dirtyBytes += len;
+        for (let o = 0; o < len; o += READ_PIECE) waits.push(this.fromServer(dst.subarray(o), p.from + o, Math.min(READ_PIECE, len - o)));
+      }
+    }
+    await Promise.all(waits);
+    this.pos += n;
+    return n;
+  }
+
+  private async fromServer(dst: Buffer, offset: number, length: number): Promise<void> {
+    (await this.client.read(offset, length)).copy(dst);
+    this.stats.nbdBytes += length;
+  }
+
+  private async fromParent(dst: Buffer, offset: number, length: number): Promise<void> {
+    const got = await this.parent!.read(dst, offset, length);
+    if (got !== length) throw new GenvaultError(`previous generation ended at ${offset + got}`, 'SHORT_READ');
+  }
+
+  async close(): Promise<void> {
+    await this.client.close();
+  }
+}
+
+/** A writable export's overlay read over its generation, for `backup --from-nbd-overlay`. */
+export class OverlaySource implements Source {
+  private pos = 0;
+  private constructor(
+    readonly description: string,
+    readonly overlay: Overlay,
+    readonly base: Generation,
+    private reader: ImageReader,
+  ) {}
+
+  get size(): number {
+    return this.overlay.size;
+  }
+
+  static async open(repo: Repository, file: string): Promise<OverlaySource> {
+    const h = await Overlay.readHeader(file);
+    const holder = await overlayHolder(file);
+    if (holder) throw new GenvaultError(`${file} is still being served by process ${holder.pid}: stop that genvault nbd first`, 'BUSY');
+    const gen = (await repo.generations(h.name, true)).find((g) => g.id === h.generation);
+    if (!gen) throw new GenvaultError(`${file}: its generation ${h.name}@${h.generation} is no longer in the repository`, 'NOT_FOUND');
+    const overlay = await Overlay.open(file, false);
+    const reader = await ImageReader.open(repo, gen, new ChunkLoader(repo, 64 << 20), 32 << 20);
+    return new OverlaySource(`nbd-overlay:${file} over ${gen.name}@${gen.id}`, overlay, gen, reader);
+  }
+
+  async read(buf: Buffer, length: number): Promise<number> {
+    const n = Math.max(0, Math.min(length, this.size - this.pos));
+    if (n === 0) return 0;
+    await this.overlay.read(buf.subarray(0, n), this.pos, n, async (out, offset, len) => {
+      const got = await this.reader.read(out, offset, len);
+      if (got !== len) throw new GenvaultError(`${this.base.name}@${this.base.id} ended at ${offset + got}`, 'SHORT_READ');
+    });
+    this.pos += n;
+    return n;
+  }
+
+  async close(): Promise<void> {
+    await this.overlay.close();
+  }
+}
