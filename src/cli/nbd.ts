@@ -6,7 +6,7 @@ import { ensureRunDir } from '../util/rundir.js';
 import { parseSize } from '../util/format.js';
 import { UsageError } from '../util/errors.js';
 import { checkSocketPath, parseListen, serveGenerations, type Listen } from '../nbd/serve.js';
-import { action, printJson, repoPath, wantsJson } from './common.js';
+import { action, repoPath, wantsJson } from './common.js';
 
 interface NbdCliOpts {
   socket?: string;
@@ -66,7 +66,7 @@ async function nbdAction(targets: string[], opts: NbdCliOpts, cmd: Command): Pro
     const listen = await listenOn(opts, gens[0]!.name, gens[0]!.id);
     const s = await serveGenerations(repo, gens, { listen, writable: opts.writable, overlay: opts.overlay, cacheBytes });
     if (wantsJson(cmd)) {
-      printJson({ uri: s.uri, address: s.address, overlay: s.overlay?.file ?? null, exports: s.exports, pid: process.pid });
+      process.stdout.write(JSON.stringify({ uri: s.uri, address: s.address, overlay: s.overlay?.file ?? null, exports: s.exports, pid: process.pid }) + '\n');
     } else {
       for (const e of s.exports) process.stdout.write(`export ${e.name}: ${e.image}@${e.generation}, ${e.size} bytes${s.overlay ? ', writable' : ''}\n`);
       if (s.overlay) process.stdout.write(`overlay: ${s.overlay.file}\n`);
