@@ -404,6 +404,31 @@ describe('QEMU dirty bitmap as a source', () => {
     await q.stop();
     await fs.rm(raw);
   });
+
+  it('a job backs up through a dirty bitmap (source: nbd+unix://, bitmap:)', async () => {
+    const qcow = s.path('d.qcow2');
+    const sock = s.path('q.sock');
+    await must('qemu-io', ['-f', 'qcow2', qcow, '-c', 'write -P 0x73 7M 300k']);
+    const q = await qemuNbd(qcow, sock, 'b0');
+    const jobs = s.path('jobs.yaml');
+    await fs.writeFile(jobs, `repository: ${repo}\njobs:\n  vmq:\n    source: "${uriOf(sock)}"\n    bitmap: b0\n`, { mode: 0o600 });
+    const check = await gv(null, ['run', '--check', '--config', jobs], { env: env() });
+    expect(check.code, check.stdout + check.stderr).toBe(0);
+    const r = await gv(null, ['run', 'vmq', '--now', '--config', jobs], { env: env() });
+    expect(r.code, r.stdout + r.stderr).toBe(0);
+    await q.stop();
+    const latest = JSON.parse((await gv(repo, ['info', 'vmq@latest', '--json'], { env: env() })).stdout) as { source: string };
+    expect(latest.source).toBe(`nbd:${uriOf(sock)} bitmap b0`);
+    const raw = s.path('d.raw');
+    await must('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', qcow, raw]);
+    expect(await restoredSha('vmq@latest')).toBe(await sha256File(raw));
+    await fs.rm(raw);
+    // bitmap: on a source that is not NBD is a problem of the job file.
+    await fs.writeFile(jobs, `repository: ${repo}\njobs:\n  vmz:\n    source: ${src.gen0}\n    bitmap: b0\n`, { mode: 0o600 });
+    const bad = await gv(null, ['run', '--check', '--config', jobs], { env: env() });
+    expect(bad.code).toBe(1);
+    expect(bad.stdout + bad.stderr).toMatch(/jobs\.vmz\.bitmap: only for nbd:\/\/ and nbd\+unix:\/\/ sources/);
+  });
 });
 
 describe('command line', () => {
