@@ -77,7 +77,8 @@ async function nbdAction(targets: string[], opts: NbdCliOpts, cmd: Command): Pro
     });
     const changed = s.overlay?.changedBlocks() ?? 0;
     await s.close();
-    if (s.overlay && !wantsJson(cmd)) {
+    if (wantsJson(cmd)) process.stdout.write(JSON.stringify({ stopped: true, overlay: s.overlay?.file ?? null, changedBlocks: changed }) + '\n');
+    else if (s.overlay) {
       process.stdout.write(`stopped; ${changed} block(s) changed in ${s.overlay.file}; keep them with: genvault backup ${s.overlay.file} --from-nbd-overlay -n ${gens[0]!.name}\n`);
     }
   } finally {
