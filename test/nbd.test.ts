@@ -433,6 +433,32 @@ describe('QEMU dirty bitmap as a source', () => {
     expect(bad.code).toBe(1);
     expect(bad.stdout + bad.stderr).toMatch(/jobs\.vmz\.bitmap: only for nbd:\/\/ and nbd\+unix:\/\/ sources/);
   });
+
+  it('--verify-hints: a bitmap that missed a write fails the backup loudly; a sound one passes the check', async () => {
+    const qcow = s.path('d.qcow2');
+    const sock = s.path('q.sock');
+    const uri = uriOf(sock);
+    // A write the bitmap does not see.
+    await must('qemu-img', ['bitmap', '--disable', qcow, 'b0']);
+    await must('qemu-io', ['-f', 'qcow2', qcow, '-c', 'write -P 0x7f 40M 64k']);
+    await must('qemu-img', ['bitmap', '--enable', qcow, 'b0']);
+    const q = await qemuNbd(qcow, sock, 'b0');
+    const before = (await gv(repo, ['list', 'vmq', '--json'], { env: env() })).stdout;
+    const r = await gv(repo, ['backup', uri, '--bitmap', 'b0', '--verify-hints', '100', '-n', 'vmq'], { env: env() });
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(new RegExp(`dirty bitmap b0 missed a change: byte ${40 << 20} differs .*nothing was committed`));
+    expect((await gv(repo, ['list', 'vmq', '--json'], { env: env() })).stdout).toBe(before);
+    // A whole read repairs the chain; the check then passes.
+    await backupJson([uri, '-n', 'vmq']);
+    const ok = await backupJson([uri, '--bitmap', 'b0', '--verify-hints', '5', '-n', 'vmq']);
+    expect(ok.gen.nbd).toMatchObject({ mode: 'dirty-bitmap' });
+    expect(ok.gen.nbd!.verifiedBytes).toBeGreaterThan(0);
+    await q.stop();
+    const raw = s.path('d.raw');
+    await must('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', qcow, raw]);
+    expect(await restoredSha('vmq@latest')).toBe(await sha256File(raw));
+    await fs.rm(raw);
+  });
 });
 
 describe('command line', () => {
@@ -446,6 +472,8 @@ describe('command line', () => {
       [['nbd', 'vm1@0', 'vm1@1', '--writable'], 2, /exactly one generation/],
       [['nbd', 'vm1', '--socket', s.path('x'.repeat(120))], 2, /longer than 107 bytes/],
       [['backup', src.gen0, '-n', 'vm1', '--bitmap', 'b0'], 2, /--bitmap needs an nbd/],
+      [['backup', 'nbd://127.0.0.1:1/', '-n', 'vm1', '--verify-hints', '5'], 2, /--verify-hints needs --bitmap/],
+      [['backup', 'nbd://127.0.0.1:1/', '-n', 'vm1', '--bitmap', 'b', '--verify-hints', '0'], 2, /expected a percentage/],
       [['backup', 'nbd+unix:///?socket=' + s.path('none.sock'), '-n', 'vm1'], 1, /cannot connect to nbd\+unix/],
       [['backup', src.gen0, '--from-nbd-overlay', '-n', 'vm1'], 1, /not a genvault NBD overlay/],
     ];

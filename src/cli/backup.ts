@@ -30,6 +30,7 @@ interface BackupCliOptions {
   sshMode: string;
   maxSize?: string;
   bitmap?: string;
+  verifyHints?: string;
   fromNbdOverlay?: boolean;
 }
 
@@ -37,7 +38,7 @@ interface BackupCliOptions {
 async function openSource(repo: Repository, src: string, opts: BackupCliOptions, maxSize: number | undefined): Promise<Source> {
   if (opts.fromNbdOverlay) return OverlaySource.open(repo, src);
   if (isNbdUri(src)) {
-    const s = await NbdSource.open(repo, src, { name: opts.name, bitmap: opts.bitmap });
+    const s = await NbdSource.open(repo, src, { name: opts.name, bitmap: opts.bitmap, verifyPercent: parsePercent(opts.verifyHints) });
     if (s.stats.fullReason) process.stderr.write(`genvault backup: reading the whole disk: ${s.stats.fullReason}\n`);
     return s;
   }
@@ -54,11 +55,21 @@ async function openSource(repo: Repository, src: string, opts: BackupCliOptions,
   return openLocalSource(src, { maxSize });
 }
 
+function parsePercent(v: string | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  const n = Number(v.replace(/%$/, ''));
+  if (!(n > 0 && n <= 100)) throw new UsageError(`--verify-hints ${JSON.stringify(v)}: expected a percentage above 0, at most 100`);
+  return n;
+}
+
 /** The summary's words about what an NBD source read. */
 function nbdSummary(source: Source): string {
   if (!(source instanceof NbdSource)) return '';
   const s = source.stats;
-  if (s.mode === 'dirty-bitmap') return `, ${bytes(s.nbdBytes)} read over NBD (dirty), ${bytes(s.parentBytes)} unchanged taken from @${s.parent}`;
+  if (s.mode === 'dirty-bitmap') {
+    const checked = s.verifiedBytes ? ` (${bytes(s.verifiedBytes)} of them checked against it)` : '';
+    return `, ${bytes(s.nbdBytes)} read over NBD, ${bytes(s.parentBytes)} clean taken from @${s.parent}${checked}`;
+  }
   return `, ${bytes(s.nbdBytes)} read over NBD${s.zeroBytes ? ` (${bytes(s.zeroBytes)} zero not read)` : ''}`;
 }
 
@@ -80,6 +91,7 @@ export function register(program: Command): void {
     )
     .option('--max-size <size>', 'fail, committing nothing, if the source is or yields more than SIZE (e.g. 512M, 10G, 1T); needed for a character device')
     .option('--bitmap <name>', 'nbd:// sources: read only what the QEMU dirty bitmap NAME marks, the rest from the previous generation')
+    .option('--verify-hints <percent>', 'with --bitmap: also read PERCENT of the clean blocks over NBD and fail if any differs from the previous generation')
     .option('--from-nbd-overlay', 'the source is the overlay file of a `genvault nbd --writable` export: its generation with the writes')
     .option('--json', 'print the new generation as JSON')
     .addHelpText(
@@ -100,6 +112,8 @@ export function register(program: Command): void {
         parseSshMode(opts.sshMode);
         const maxSize = opts.maxSize === undefined ? undefined : parseSize(opts.maxSize, '--max-size');
         if (opts.bitmap !== undefined && !isNbdUri(src)) throw new UsageError('--bitmap needs an nbd:// or nbd+unix:// source');
+        if (opts.verifyHints !== undefined && opts.bitmap === undefined) throw new UsageError('--verify-hints needs --bitmap');
+        parsePercent(opts.verifyHints);
         if (opts.fromNbdOverlay && (isNbdUri(src) || ssh || src === '-')) throw new UsageError('--from-nbd-overlay needs the overlay file as the source');
         if (ssh) warnIfNoNativeCrypto();
         await withWritableRepo(cmd, async (repo) => {

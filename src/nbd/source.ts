@@ -21,6 +21,8 @@ import { Overlay, overlayHolder } from './overlay.js';
 
 /** Largest single READ asked of the server (qemu-nbd and nbdkit accept 32 MiB). */
 const READ_PIECE = 4 << 20;
+/** Unit of --verify-hints' sample: a block of a clean extent is re-read over NBD whole or not at all. */
+const VERIFY_BLOCK = 64 << 10;
 
 export interface NbdReadStats {
   /** 'dirty-bitmap': only dirty extents were read; 'full': the whole disk (but its zero extents). */
@@ -37,6 +39,8 @@ export interface NbdReadStats {
   parentBytes: number;
   /** Bytes the server reported as zeros (base:allocation), not read. */
   zeroBytes: number;
+  /** --verify-hints: bytes of clean extents read over NBD as well and compared with the previous generation. */
+  verifiedBytes: number;
 }
 
 type Piece = { from: number; to: number; kind: 'nbd' | 'zero' | 'parent' };
@@ -50,7 +54,9 @@ export class NbdSource implements Source {
     private client: NbdClient,
     private parent: ImageReader | null,
     readonly stats: NbdReadStats,
-    bitmap: string | null,
+    private bitmap: string | null,
+    /** Share (0-1) of clean bytes re-read over NBD and compared (--verify-hints). */
+    private verify: number,
   ) {
     this.dirtyContext = bitmap && parent ? DIRTY_BITMAP_PREFIX + bitmap : null;
   }
@@ -59,7 +65,7 @@ export class NbdSource implements Source {
     return this.client.size;
   }
 
-  static async open(repo: Repository, uri: string, opts: { name: string; bitmap?: string }): Promise<NbdSource> {
+  static async open(repo: Repository, uri: string, opts: { name: string; bitmap?: string; verifyPercent?: number }): Promise<NbdSource> {
     const addr = parseNbdUri(uri);
     const bitmap = opts.bitmap ?? null;
     const contexts = [BASE_ALLOCATION, ...(bitmap ? [DIRTY_BITMAP_PREFIX + bitmap] : [])];
@@ -76,10 +82,10 @@ export class NbdSource implements Source {
       const parent = useBitmap ? await ImageReader.open(repo, prev!, new ChunkLoader(repo, 64 << 20), 32 << 20) : null;
       const stats: NbdReadStats = {
         mode: useBitmap ? 'dirty-bitmap' : 'full', fullReason: why, parent: useBitmap ? prev!.id : null,
-        nbdBytes: 0, dirtyBytes: 0, parentBytes: 0, zeroBytes: 0,
+        nbdBytes: 0, dirtyBytes: 0, parentBytes: 0, zeroBytes: 0, verifiedBytes: 0,
       };
       const description = `nbd:${uri}${bitmap ? ` bitmap ${bitmap}` : ''}`;
-      return new NbdSource(description, client, parent, stats, useBitmap ? bitmap : null);
+      return new NbdSource(description, client, parent, stats, useBitmap ? bitmap : null, (opts.verifyPercent ?? 0) / 100);
     } catch (e) {
       await client.close().catch(() => undefined);
       throw e;
@@ -139,6 +145,32 @@ export class NbdSource implements Source {
   private async fromParent(dst: Buffer, offset: number, length: number): Promise<void> {
     const got = await this.parent!.read(dst, offset, length);
     if (got !== length) throw new GenvaultError(`previous generation ended at ${offset + got}`, 'SHORT_READ');
+    if (this.verify > 0) await this.check(dst, offset, length);
+  }
+
+  /**
+   * --verify-hints: a random sample of the clean blocks is read over NBD too and must equal
+   * the previous generation's bytes. A difference means the bitmap missed a write: the
+   * backup fails (nothing is committed) instead of storing stale bytes.
+   */
+  private async check(parentBytes: Buffer, offset: number, length: number): Promise<void> {
+    const end = offset + length;
+    for (let b = offset; b < end; b = (Math.floor(b / VERIFY_BLOCK) + 1) * VERIFY_BLOCK) {
+      if (Math.random() >= this.verify) continue;
+      const to = Math.min(end, (Math.floor(b / VERIFY_BLOCK) + 1) * VERIFY_BLOCK);
+      const theirs = await this.client.read(b, to - b);
+      this.stats.nbdBytes += to - b;
+      this.stats.verifiedBytes += to - b;
+      const ours = parentBytes.subarray(b - offset, to - offset);
+      if (!theirs.equals(ours)) {
+        let i = 0;
+        while (theirs[i] === ours[i]) i++;
+        throw new GenvaultError(
+          `the dirty bitmap ${this.bitmap} missed a change: byte ${b + i} differs from ${this.stats.parent} (--verify-hints); nothing was committed: back up without --bitmap and start a new bitmap`,
+          'STALE_BITMAP',
+        );
+      }
+    }
   }
 
   async close(): Promise<void> {
