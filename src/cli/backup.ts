@@ -8,6 +8,7 @@ import type { Source } from '../backup/source.js';
 import type { Repository } from '../repository/repository.js';
 import { isNbdUri } from '../nbd/client.js';
 import { NbdSource, OverlaySource } from '../nbd/source.js';
+import { ThinHintedSource, parseThinDelta } from '../source/thin.js';
 import { UsageError } from '../util/errors.js';
 
 const { backup } = backupModule;
@@ -32,11 +33,19 @@ interface BackupCliOptions {
   bitmap?: string;
   verifyHints?: string;
   fromNbdOverlay?: boolean;
+  thinDelta?: string;
+  thinMetadataSnap?: boolean;
 }
 
 /** The source named on the command line: NBD (with a dirty bitmap), an NBD overlay, SSH, or local. */
 async function openSource(repo: Repository, src: string, opts: BackupCliOptions, maxSize: number | undefined): Promise<Source> {
   if (opts.fromNbdOverlay) return OverlaySource.open(repo, src);
+  if (opts.thinDelta !== undefined) {
+    const spec = parseThinDelta(opts.thinDelta, opts.thinMetadataSnap === true);
+    const s = await ThinHintedSource.open(repo, src, spec, { name: opts.name, verifyPercent: parsePercent(opts.verifyHints) });
+    if (s.stats.fullReason) process.stderr.write(`genvault backup: reading the whole disk: ${s.stats.fullReason}\n`);
+    return s;
+  }
   if (isNbdUri(src)) {
     const s = await NbdSource.open(repo, src, { name: opts.name, bitmap: opts.bitmap, verifyPercent: parsePercent(opts.verifyHints) });
     if (s.stats.fullReason) process.stderr.write(`genvault backup: reading the whole disk: ${s.stats.fullReason}\n`);
@@ -62,8 +71,13 @@ function parsePercent(v: string | undefined): number | undefined {
   return n;
 }
 
-/** The summary's words about what an NBD source read. */
+/** The summary's words about what an NBD or thin-hinted source read. */
 function nbdSummary(source: Source): string {
+  if (source instanceof ThinHintedSource) {
+    const t = source.stats;
+    if (t.mode === 'full') return '';
+    return `, ${bytes(t.changedBytes)} changed read (thin_delta), ${bytes(t.parentBytes)} unchanged taken from @${t.parent}${t.verifiedBytes ? ` (${bytes(t.verifiedBytes)} of them checked)` : ''}`;
+  }
   if (!(source instanceof NbdSource)) return '';
   const s = source.stats;
   if (s.mode === 'dirty-bitmap') {
@@ -91,7 +105,9 @@ export function register(program: Command): void {
     )
     .option('--max-size <size>', 'fail, committing nothing, if the source is or yields more than SIZE (e.g. 512M, 10G, 1T); needed for a character device')
     .option('--bitmap <name>', 'nbd:// sources: read only what the QEMU dirty bitmap NAME marks, the rest from the previous generation')
-    .option('--verify-hints <percent>', 'with --bitmap: also read PERCENT of the clean blocks over NBD and fail if any differs from the previous generation')
+    .option('--thin-delta <metadata:from:to>', 'LVM thin: read only what thin_delta says differs between thin devices FROM and TO (the source is TO), the rest from the previous generation')
+    .option('--thin-metadata-snap', 'with --thin-delta: read the pool\'s reserved metadata snapshot (thin_delta -m), as a live pool needs')
+    .option('--verify-hints <percent>', 'with --bitmap or --thin-delta: also read PERCENT of the unchanged blocks and fail if any differs from the previous generation')
     .option('--from-nbd-overlay', 'the source is the overlay file of a `genvault nbd --writable` export: its generation with the writes')
     .option('--json', 'print the new generation as JSON')
     .addHelpText(
@@ -112,7 +128,10 @@ export function register(program: Command): void {
         parseSshMode(opts.sshMode);
         const maxSize = opts.maxSize === undefined ? undefined : parseSize(opts.maxSize, '--max-size');
         if (opts.bitmap !== undefined && !isNbdUri(src)) throw new UsageError('--bitmap needs an nbd:// or nbd+unix:// source');
-        if (opts.verifyHints !== undefined && opts.bitmap === undefined) throw new UsageError('--verify-hints needs --bitmap');
+        if (opts.verifyHints !== undefined && opts.bitmap === undefined && opts.thinDelta === undefined) throw new UsageError('--verify-hints needs --bitmap or --thin-delta');
+        if (opts.thinDelta !== undefined && (isNbdUri(src) || ssh || src === '-' || opts.fromNbdOverlay)) throw new UsageError('--thin-delta needs the newer thin snapshot (a block device or image file here) as the source');
+        if (opts.thinDelta !== undefined) parseThinDelta(opts.thinDelta);
+        if (opts.thinMetadataSnap && opts.thinDelta === undefined) throw new UsageError('--thin-metadata-snap needs --thin-delta');
         parsePercent(opts.verifyHints);
         if (opts.fromNbdOverlay && (isNbdUri(src) || ssh || src === '-')) throw new UsageError('--from-nbd-overlay needs the overlay file as the source');
         if (ssh) warnIfNoNativeCrypto();
@@ -141,7 +160,7 @@ export function register(program: Command): void {
               onProgress: (d, t) => progress.update(d, t),
             });
             progress.done();
-            if (wantsJson(cmd)) printJson(source instanceof NbdSource ? { ...gen, nbd: source.stats } : gen);
+            if (wantsJson(cmd)) printJson(source instanceof NbdSource ? { ...gen, nbd: source.stats } : source instanceof ThinHintedSource ? { ...gen, thin: source.stats } : gen);
             else {
               const s = gen.stats;
               process.stdout.write(
