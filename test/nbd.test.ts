@@ -174,7 +174,14 @@ describe('read-only export', () => {
     const r = await sh('nbdinfo', ['--size', t.uri]);
     expect(r.code, r.stderr).toBe(0);
     expect(Number(r.stdout.trim())).toBe((await fs.stat(src.gen1)).size);
+    // A client still connected (here: mid-handshake) does not keep the server from stopping.
+    const port = Number(t.address.slice(t.address.lastIndexOf(':') + 1));
+    const idle = net.createConnection(port, '127.0.0.1');
+    idle.on('error', () => undefined);
+    idle.resume();
+    await new Promise((r) => idle.once('data', r));
     await stop(t);
+    idle.destroy();
   });
 
   hostilePeers(() => a);
@@ -369,7 +376,9 @@ describe('pins', () => {
     await must('nbdcopy', [p.uri, out]);
     expect(await sha256File(out)).toBe(await sha256File(src.gen0));
     await fs.rm(out);
+    const connected = await rawClient(p.address); // a client in transmission when the server stops
     await stop(p);
+    await connected.closed;
     expect((await fs.readdir(path.join(repo, 'locks'))).filter((x) => x.startsWith(`pin-${id}-`))).toEqual([]);
   });
 });
@@ -476,7 +485,12 @@ describe('command line', () => {
       [['backup', 'nbd://127.0.0.1:1/', '-n', 'vm1', '--bitmap', 'b', '--verify-hints', '0'], 2, /expected a percentage/],
       [['backup', 'nbd+unix:///?socket=' + s.path('none.sock'), '-n', 'vm1'], 1, /cannot connect to nbd\+unix/],
       [['backup', src.gen0, '--from-nbd-overlay', '-n', 'vm1'], 1, /not a genvault NBD overlay/],
+      [['nbd', 'vm1', '--socket', src.gen0], 1, /cannot listen on .*: a file that is not a socket is there/],
     ];
+    const busy = net.createServer().listen(0, '127.0.0.1');
+    await new Promise((r) => busy.once('listening', r));
+    s.onCleanup(() => new Promise((r) => busy.close(r)));
+    cases.push([['nbd', 'vm1', '--listen', `127.0.0.1:${(busy.address() as net.AddressInfo).port}`], 1, /cannot listen on 127\.0\.0\.1:\d+: the address is in use/]);
     for (const [args, code, re] of cases) {
       const r = await gv(repo, args, { env: env() });
       expect(r.code, `${args.join(' ')}: ${r.stderr}`).toBe(code);

@@ -13,6 +13,7 @@
  */
 import net from 'node:net';
 import fs from 'node:fs/promises';
+import { GenvaultError } from '../util/errors.js';
 import type { ExportConnection, NbdExport } from './export.js';
 import {
   BASE_ALLOCATION, ByteQueue, CMD, CMD_FLAG, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, INFO, MAX_OPTION_DATA, MAX_PAYLOAD,
@@ -52,23 +53,26 @@ export class NbdServer {
   /** Listen on a unix socket path (an existing socket there is replaced) or a TCP host:port. */
   async listen(where: { socket: string } | { host: string; port: number }): Promise<string> {
     const server = net.createServer((sock) => this.accept(sock));
-    server.on('error', (e) => this.log(`genvault nbd: ${e.message}`));
+    const what = 'socket' in where ? where.socket : `${where.host}:${where.port}`;
+    const listening = new Promise<void>((resolve, reject) => {
+      server.once('error', (e: NodeJS.ErrnoException) => {
+        const why = e.code === 'EADDRINUSE' ? ('socket' in where ? 'a file that is not a socket is there' : 'the address is in use') : e.message;
+        reject(new GenvaultError(`cannot listen on ${what}: ${why}`, 'LISTEN'));
+      });
+      server.once('listening', () => resolve());
+    });
     if ('socket' in where) {
       const st = await fs.lstat(where.socket).catch(() => null);
       if (st?.isSocket()) await fs.rm(where.socket, { force: true });
-      await new Promise<void>((resolve, reject) => {
-        server.once('error', reject);
-        server.listen(where.socket, () => resolve());
-      });
+      server.listen(where.socket);
+    } else server.listen(where.port, where.host);
+    await listening;
+    server.on('error', (e) => this.log(`genvault nbd: ${e.message}`));
+    this.servers.push(server);
+    if ('socket' in where) {
       await fs.chmod(where.socket, 0o600);
-      this.servers.push(server);
       return where.socket;
     }
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(where.port, where.host, () => resolve());
-    });
-    this.servers.push(server);
     const a = server.address() as net.AddressInfo;
     return `${a.address}:${a.port}`;
   }
@@ -85,9 +89,11 @@ export class NbdServer {
 
   /** Stop listening, close every connection and wait for their open exports to be released. */
   async close(): Promise<void> {
-    await Promise.all(this.servers.map((s) => new Promise<void>((r) => s.close(() => r()))));
-    for (const c of this.conns) c.destroy();
-    await Promise.all([...this.conns].map((c) => c.finished));
+    // net.Server.close() completes only once every connection is gone: destroy them first.
+    const listening = this.servers.map((s) => new Promise<void>((r) => s.close(() => r())));
+    const conns = [...this.conns];
+    for (const c of conns) c.destroy();
+    await Promise.all([...listening, ...conns.map((c) => c.finished)]);
   }
 }
 
