@@ -167,7 +167,7 @@ export function register(program: Command): void {
                 `${gen.name}@${gen.id}: ${bytes(gen.size)} read in ${duration(s.durationMs)} (${rate(s.bytesRead, s.durationMs)}), ` +
                   `${bytes(s.newBytes)} new (${bytes(s.newStored)} stored), ${bytes(s.zeroBytes)} zero` +
                   (s.unchangedBytes ? `, ${bytes(s.unchangedBytes)} unchanged` : '') +
-                  (isChunkedSource(source) ? `, ${bytes(source.transferred.wire)} of chunk data over SSH` : '') +
+                  (isChunkedSource(source) && !(source instanceof NbdSource) ? `, ${bytes(source.transferred.wire)} of chunk data over SSH` : '') +
                   nbdSummary(source) +
                   '\n',
               );

@@ -2,15 +2,21 @@
  * Backup sources of the NBD kind (the backup pipeline reads them as streams, src/backup):
  *
  * - an NBD export (nbd://, nbd+unix://), optionally with a QEMU dirty bitmap: then only
- *   the extents the bitmap marks dirty are read over NBD, and every other byte is taken
- *   from the image's previous generation (read with src/read's reader, checked against
- *   its digests). The backup pipeline still sees every byte, so chunking, dedup and the
- *   BLAKE3 change detector work as for any source; what is saved is reading the disk.
+ *   the extents the bitmap marks dirty are read over NBD; the previous generation's
+ *   chunks that no dirty extent touches are reused by digest without being read
+ *   (NbdDirtySource, a ChunkedSource), and the clean bytes around dirty extents come from
+ *   the previous generation (src/read's reader, checked against their digests).
  *   Without a bitmap, or when it cannot be used (first backup, bitmap not exported, size
  *   changed), the whole disk is read, skipping what base:allocation reports as zeros.
  * - a writable export's overlay (overlay.ts) over its generation: the VM's writes kept.
  */
+import { createHash } from 'node:crypto';
+import { blake3 } from '@napi-rs/blake-hash';
 import { GenvaultError } from '../util/errors.js';
+import { chunkIndexAt } from '../format/chunkmap.js';
+import { chunkSegment } from '../format/chunker.js';
+import type { ChunkingParams } from '../format/config.js';
+import type { ChunkedSegment, ChunkedSource, NeedFn, RemoteChunk } from '../backup/chunked-source.js';
 import type { Generation } from '../format/generation.js';
 import type { Source } from '../backup/source.js';
 import { ChunkLoader, ImageReader } from '../read/reader.js';
@@ -46,17 +52,17 @@ export interface NbdReadStats {
 type Piece = { from: number; to: number; kind: 'nbd' | 'zero' | 'parent' };
 
 export class NbdSource implements Source {
-  private pos = 0;
-  private readonly dirtyContext: string | null;
+  protected pos = 0;
+  protected readonly dirtyContext: string | null;
 
-  private constructor(
+  protected constructor(
     readonly description: string,
-    private client: NbdClient,
-    private parent: ImageReader | null,
+    protected client: NbdClient,
+    protected parent: ImageReader | null,
     readonly stats: NbdReadStats,
-    private bitmap: string | null,
+    protected bitmap: string | null,
     /** Share (0-1) of clean bytes re-read over NBD and compared (--verify-hints). */
-    private verify: number,
+    protected verify: number,
   ) {
     this.dirtyContext = bitmap && parent ? DIRTY_BITMAP_PREFIX + bitmap : null;
   }
@@ -85,7 +91,9 @@ export class NbdSource implements Source {
         nbdBytes: 0, dirtyBytes: 0, parentBytes: 0, zeroBytes: 0, verifiedBytes: 0,
       };
       const description = `nbd:${uri}${bitmap ? ` bitmap ${bitmap}` : ''}`;
-      return new NbdSource(description, client, parent, stats, useBitmap ? bitmap : null, (opts.verifyPercent ?? 0) / 100);
+      const verify = (opts.verifyPercent ?? 0) / 100;
+      if (useBitmap) return new NbdDirtySource(description, client, parent, stats, bitmap, verify, repo.config.chunking, repo.config.version);
+      return new NbdSource(description, client, parent, stats, null, verify);
     } catch (e) {
       await client.close().catch(() => undefined);
       throw e;
@@ -93,7 +101,7 @@ export class NbdSource implements Source {
   }
 
   /** What to do with each part of [offset, offset + length): read over NBD, zeros, or the parent's bytes. */
-  private async plan(offset: number, length: number): Promise<Piece[]> {
+  protected async plan(offset: number, length: number): Promise<Piece[]> {
     const ctx = this.dirtyContext ?? (this.client.contexts.has(BASE_ALLOCATION) ? BASE_ALLOCATION : null);
     if (!ctx) return [{ from: offset, to: offset + length, kind: 'nbd' }];
     const out: Piece[] = [];
@@ -116,10 +124,16 @@ export class NbdSource implements Source {
   async read(buf: Buffer, length: number): Promise<number> {
     const n = Math.max(0, Math.min(length, this.size - this.pos));
     if (n === 0) return 0;
-    const at = this.pos;
+    await this.fill(buf.subarray(0, n), this.pos, await this.plan(this.pos, n));
+    this.pos += n;
+    return n;
+  }
+
+  /** Fill dst with the image's bytes from `at`, each piece (inside that range) from where the plan says. */
+  protected async fill(dst0: Buffer, at: number, pieces: Piece[]): Promise<void> {
     const waits: Array<Promise<void>> = [];
-    for (const p of await this.plan(at, n)) {
-      const dst = buf.subarray(p.from - at, p.to - at);
+    for (const p of pieces) {
+      const dst = dst0.subarray(p.from - at, p.to - at);
       const len = p.to - p.from;
       if (p.kind === 'zero') {
         dst.fill(0);
@@ -133,16 +147,14 @@ export class NbdSource implements Source {
       }
     }
     await Promise.all(waits);
-    this.pos += n;
-    return n;
   }
 
-  private async fromServer(dst: Buffer, offset: number, length: number): Promise<void> {
+  protected async fromServer(dst: Buffer, offset: number, length: number): Promise<void> {
     (await this.client.read(offset, length)).copy(dst);
     this.stats.nbdBytes += length;
   }
 
-  private async fromParent(dst: Buffer, offset: number, length: number): Promise<void> {
+  protected async fromParent(dst: Buffer, offset: number, length: number): Promise<void> {
     const got = await this.parent!.read(dst, offset, length);
     if (got !== length) throw new GenvaultError(`previous generation ended at ${offset + got}`, 'SHORT_READ');
     if (this.verify > 0) await this.check(dst, offset, length);
@@ -153,7 +165,7 @@ export class NbdSource implements Source {
    * the previous generation's bytes. A difference means the bitmap missed a write: the
    * backup fails (nothing is committed) instead of storing stale bytes.
    */
-  private async check(parentBytes: Buffer, offset: number, length: number): Promise<void> {
+  protected async check(parentBytes: Buffer, offset: number, length: number): Promise<void> {
     const end = offset + length;
     for (let b = offset; b < end; b = (Math.floor(b / VERIFY_BLOCK) + 1) * VERIFY_BLOCK) {
       if (Math.random() >= this.verify) continue;
@@ -165,16 +177,158 @@ export class NbdSource implements Source {
       if (!theirs.equals(ours)) {
         let i = 0;
         while (theirs[i] === ours[i]) i++;
-        throw new GenvaultError(
-          `the dirty bitmap ${this.bitmap} missed a change: byte ${b + i} differs from ${this.stats.parent} (--verify-hints); nothing was committed: back up without --bitmap and start a new bitmap`,
-          'STALE_BITMAP',
-        );
+        throw this.stale(`byte ${b + i} differs`, '--verify-hints');
       }
     }
   }
 
+  /** The failure of a bitmap found to have missed a write. */
+  protected stale(where: string, how: string): GenvaultError {
+    return new GenvaultError(
+      `the dirty bitmap ${this.bitmap} missed a change: ${where} from ${this.stats.parent} (${how}); nothing was committed: back up without --bitmap and start a new bitmap`,
+      'STALE_BITMAP',
+    );
+  }
+
   async close(): Promise<void> {
     await this.client.close();
+  }
+}
+
+/** A chunk of a segment being delivered by NbdDirtySource. */
+interface SegChunk extends RemoteChunk {
+  /** Taken as the previous generation's chunk at the same place: its bytes not read. */
+  clean: boolean;
+  /** The bytes, when they were read (chunks of dirty regions). */
+  bytes: Buffer | null;
+}
+
+/**
+ * The dirty-bitmap source as the backup pipeline prefers it: a ChunkedSource
+ * (src/backup/chunked-source.ts). Each segment is delivered as chunks: the previous
+ * generation's chunks that no dirty extent touches are offered by digest and never read
+ * (nor decompressed); the runs of its chunks that a dirty extent touches are read (dirty
+ * bytes over NBD, the rest from the previous generation), chunked and hashed here. So a
+ * next-day backup costs the dirty bytes, not the disk.
+ */
+export class NbdDirtySource extends NbdSource implements ChunkedSource {
+  readonly transferred = { raw: 0, wire: 0 };
+
+  constructor(
+    description: string, client: NbdClient, parent: ImageReader | null, stats: NbdReadStats, bitmap: string | null, verify: number,
+    readonly chunking: ChunkingParams,
+    private readonly version: number,
+  ) {
+    super(description, client, parent, stats, bitmap, verify);
+  }
+
+  async readSegment(need: NeedFn): Promise<ChunkedSegment | null> {
+    const at = this.pos;
+    const len = Math.min(this.chunking.segment, this.size - at);
+    if (len <= 0) return null;
+    const dirty = (await this.plan(at, len)).filter((p) => p.kind === 'nbd');
+    const chunks: SegChunk[] = [];
+    let region: [number, number] | null = null;
+    const flush = async () => {
+      if (region) chunks.push(...(await this.chunkRegion(region[0], region[1], at, dirty)));
+      region = null;
+    };
+    // The previous generation's chunks tile the segment when it was cut the same way; if
+    // not, the whole segment is one region.
+    const prev = await this.parentChunks(at, len);
+    for (const c of prev ?? [{ start: 0, length: len, zero: false, digest: null, fast: null, data: null, clean: false, bytes: null }]) {
+      const from = at + c.start;
+      const to = from + c.length;
+      if (!prev || dirty.some((d) => d.from < to && d.to > from)) {
+        region = region ? [region[0], to] : [from, to];
+        continue;
+      }
+      await flush();
+      chunks.push(c);
+      this.stats.parentBytes += c.length;
+    }
+    await flush();
+    await this.deliver(at, chunks, need);
+    this.pos += len;
+    this.transferred.raw += chunks.reduce((n, c) => n + (c.data?.length ?? 0), 0);
+    return { offset: at, length: len, chunks: chunks.map(({ start, length, zero, digest, data, fast }) => ({ start, length, zero, digest, data, fast })) };
+  }
+
+  /** Ask which data chunks the repository lacks and give those their bytes; check a sample of the clean ones. */
+  private async deliver(at: number, chunks: SegChunk[], need: NeedFn): Promise<void> {
+    const data = chunks.filter((c) => !c.zero);
+    const answers = data.length ? await need(at, data.map((c) => ({ start: c.start, length: c.length, digest: c.digest! }))) : [];
+    for (let k = 0; k < data.length; k++) {
+      const c = data[k]!;
+      if (!answers[k]) continue;
+      // A clean chunk the repository cannot reuse (damaged, or condemned by a running gc):
+      // the disk still holds its bytes, if the bitmap is right.
+      c.data = c.clean ? await this.cleanFromServer(at, c) : c.bytes;
+    }
+    if (this.verify <= 0) return;
+    for (const c of chunks) if (c.clean && !c.data && Math.random() < this.verify) await this.cleanFromServer(at, c, true);
+  }
+
+  /** A clean chunk's bytes over NBD, which must be the previous generation's. */
+  private async cleanFromServer(at: number, c: SegChunk, sample = false): Promise<Buffer> {
+    const b = Buffer.alloc(c.length);
+    await this.fromServer(b, at + c.start, c.length);
+    if (sample) this.stats.verifiedBytes += c.length;
+    const ok = c.zero ? b.every((x) => x === 0) : createHash('sha256').update(b).digest().equals(c.digest!);
+    if (ok) return b;
+    const ours = Buffer.alloc(c.length);
+    const got = await this.parent!.read(ours, at + c.start, c.length).catch(() => 0);
+    let i = 0;
+    while (i < got && b[i] === ours[i]) i++;
+    throw this.stale(got ? `byte ${at + c.start + i} differs` : `bytes ${at + c.start}-${at + c.start + c.length - 1} differ`, sample ? '--verify-hints' : 'a chunk read again');
+  }
+
+  /** The previous generation's chunks of [at, at + len), relative to at, if they tile it exactly. */
+  private async parentChunks(at: number, len: number): Promise<SegChunk[] | null> {
+    const map = this.parent!.map;
+    const out: SegChunk[] = [];
+    let pos = at;
+    while (pos < at + len) {
+      const li = map.leafIndexAt(pos);
+      const leaf = await map.leaf(li);
+      const base = map.leafStarts[li]!;
+      let ci = chunkIndexAt(leaf, pos - base);
+      if (base + leaf.starts[ci]! !== pos) return null;
+      for (; ci < leaf.lengths.length && pos < at + len; ci++) {
+        const zero = leaf.zero[ci] === 1;
+        const d = (x: Buffer) => Buffer.from(x.subarray(ci * 32, ci * 32 + 32));
+        const fast = !zero && leaf.hasFast[ci] ? d(leaf.fast) : null;
+        out.push({ start: pos - at, length: leaf.lengths[ci]!, zero, digest: zero ? null : d(leaf.digests), fast, data: null, clean: true, bytes: null });
+        pos += leaf.lengths[ci]!;
+      }
+    }
+    return pos === at + len ? out : null;
+  }
+
+  /** Read [from, to) (dirty bytes over NBD, the rest from the previous generation), chunk and hash it. */
+  private async chunkRegion(from: number, to: number, at: number, dirty: Piece[]): Promise<SegChunk[]> {
+    const pieces: Piece[] = [];
+    let pos = from;
+    for (const d of dirty) {
+      const a = Math.max(d.from, from);
+      const b = Math.min(d.to, to);
+      if (b <= a) continue;
+      if (a > pos) pieces.push({ from: pos, to: a, kind: 'parent' });
+      pieces.push({ from: a, to: b, kind: 'nbd' });
+      pos = b;
+    }
+    if (pos < to) pieces.push({ from: pos, to, kind: 'parent' });
+    const bytes = Buffer.alloc(to - from);
+    await this.fill(bytes, from, pieces);
+    return chunkSegment(bytes, bytes.length, this.chunking).map((sp) => {
+      const b = bytes.subarray(sp.start, sp.start + sp.length);
+      return {
+        start: from - at + sp.start, length: sp.length, zero: sp.zero, clean: false, data: null,
+        digest: sp.zero ? null : createHash('sha256').update(b).digest(),
+        fast: sp.zero || this.version < 2 ? null : blake3(b),
+        bytes: sp.zero ? null : b,
+      };
+    });
   }
 }
 
