@@ -470,6 +470,29 @@ describe('QEMU dirty bitmap as a source', () => {
   });
 });
 
+describe('NBD sources without a bitmap', () => {
+  it('nbd://127.0.0.1:PORT/ from nbdkit: the whole disk, holes (base:allocation) not read, restores byte-identical', async () => {
+    const probe = net.createServer().listen(0, '127.0.0.1');
+    await new Promise((r) => probe.once('listening', r));
+    const port = (probe.address() as net.AddressInfo).port;
+    await new Promise((r) => probe.close(r));
+    const k = background('nbdkit', ['--foreground', '--exit-with-parent', '-r', '--ipaddr', '127.0.0.1', '--port', String(port), 'file', src.gen0]);
+    let out = '';
+    for (let i = 0; i < 100 && !/export-size/.test(out); i++) {
+      out = (await sh('nbdinfo', [`nbd://127.0.0.1:${port}/`])).stdout;
+      if (!/export-size/.test(out)) await new Promise((r) => setTimeout(r, 100));
+    }
+    const { gen } = await backupJson([`nbd://127.0.0.1:${port}/`, '-n', 'viatcp']);
+    const size = (await fs.stat(src.gen0)).size;
+    expect(gen.nbd).toMatchObject({ mode: 'full', fullReason: null, parentBytes: 0 });
+    expect(Number(gen.nbd!.zeroBytes)).toBeGreaterThan(0);
+    expect(Number(gen.nbd!.nbdBytes) + Number(gen.nbd!.zeroBytes)).toBe(size);
+    expect(await restoredSha('viatcp@latest')).toBe(await sha256File(src.gen0));
+    k.child.kill('SIGTERM');
+    await k.exited;
+  });
+});
+
 describe('command line', () => {
   it('failures are one line with exit 1, usage errors exit 2', async () => {
     const cases: Array<[string[], number, RegExp]> = [
