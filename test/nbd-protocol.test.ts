@@ -220,6 +220,40 @@ describe('raw frames', () => {
     await closed;
   });
 
+  it('a zero-length WRITE or WRITE_ZEROES succeeds and changes nothing', async () => {
+    const c = await raw('rw');
+    const h = Buffer.from('handle03');
+    const copy = Buffer.from(rw);
+    c.sk.write(encodeRequest({ flags: 0, type: CMD.WRITE, handle: h, offset: 4096, length: 0 }));
+    c.sk.write(encodeRequest({ flags: 0, type: CMD.WRITE_ZEROES, handle: h, offset: rw.length, length: 0 }));
+    expect((await c.need(16)).readUInt32BE(4)).toBe(0);
+    expect((await c.need(16)).readUInt32BE(4)).toBe(0);
+    expect(rw.equals(copy)).toBe(true);
+    c.sk.destroy();
+  });
+
+  it('at most 64 connections at once: more are closed, the others served', async () => {
+    const open: net.Socket[] = [];
+    for (let i = 0; i < 64; i++) {
+      const sk = net.createConnection(sock);
+      sk.on('error', () => undefined);
+      open.push(sk);
+      await new Promise((r) => sk.once('data', r)); // the greeting: accepted
+    }
+    const extra = net.createConnection(sock);
+    extra.on('error', () => undefined);
+    extra.resume();
+    await new Promise<void>((r) => extra.on('close', () => r()));
+    for (const sk of open) sk.destroy();
+    await new Promise<void>((r) => {
+      const wait = () => (server.connections === 0 ? r() : setImmediate(wait));
+      wait();
+    });
+    const c = await NbdClient.connect({ socket: sock, export: '' }, 'test');
+    expect((await c.read(0, 16)).equals(image.subarray(0, 16))).toBe(true);
+    await c.close();
+  });
+
   it('LIST names every export; ABORT ends the handshake', async () => {
     const sk = net.createConnection(sock);
     const q = new ByteQueue();

@@ -27,6 +27,8 @@ import {
 const MAX_INFLIGHT = 64 << 20;
 /** A client must finish the handshake within this time. */
 const HANDSHAKE_MS = 30_000;
+/** Connections served at once; more are closed at once (each may hold up to MAX_INFLIGHT). */
+const MAX_CONNECTIONS = 64;
 /** Most extents in one block status reply. */
 const MAX_EXTENTS = 1024;
 const BASE_ALLOCATION_ID = 1;
@@ -78,6 +80,11 @@ export class NbdServer {
   }
 
   private accept(sock: net.Socket): void {
+    if (this.conns.size >= MAX_CONNECTIONS) {
+      this.log(`genvault nbd: refusing a connection: ${MAX_CONNECTIONS} already open`);
+      sock.destroy();
+      return;
+    }
     const c = new Connection(this, sock);
     this.conns.add(c);
     sock.on('close', () => this.conns.delete(c));
@@ -175,7 +182,9 @@ class Connection {
           this.noZeroes = (flags & FLAG_NO_ZEROES) !== 0;
           this.phase = 'options';
         } else if (this.phase === 'options') {
-          if (this.q.length < OPTION_HEADER_BYTES) return;
+          // Replies a client does not read stop the reading of its options, as of its requests.
+          this.throttle();
+          if (this.paused || this.q.length < OPTION_HEADER_BYTES) return;
           const h = decodeOptionHeader(this.q.peek(OPTION_HEADER_BYTES));
           if (h.length > MAX_OPTION_DATA) return this.drop(`option data of ${h.length} bytes`);
           if (this.q.length < OPTION_HEADER_BYTES + h.length) return;
@@ -276,8 +285,17 @@ class Connection {
   /** Open the export for this connection, then start transmission. */
   private begin(exp: NbdExport, ok: () => void, failed: () => void): void {
     this.phase = 'busy';
+    // Nothing is read while the export opens: a client cannot queue data meanwhile.
+    this.paused = true;
+    this.sock.pause();
+    const resume = () => {
+      this.paused = false;
+      this.sock.resume();
+      this.throttle();
+    };
     exp.open().then(
       (ec) => {
+        resume();
         if (this.phase === 'closed') {
           void ec.close();
           return this.maybeRelease();
@@ -290,6 +308,7 @@ class Connection {
         this.pump();
       },
       (e: Error) => {
+        resume();
         this.server.log(`genvault nbd: cannot open export ${exp.canonicalName}: ${e.message}`);
         if (this.phase === 'closed') return this.maybeRelease();
         failed();
@@ -366,13 +385,13 @@ class Connection {
       case CMD.WRITE:
         if (!writable) return this.error(r, NBD_ERR.EPERM);
         if (!this.inRange(r, NBD_ERR.ENOSPC)) return;
-        await ec.write!(payload!, r.offset, (r.flags & CMD_FLAG.FUA) !== 0);
+        if (r.length) await ec.write!(payload!, r.offset, (r.flags & CMD_FLAG.FUA) !== 0);
         return this.ok(r);
       case CMD.TRIM:
       case CMD.WRITE_ZEROES:
         if (!writable) return this.error(r, NBD_ERR.EPERM);
         if (!this.inRange(r, NBD_ERR.ENOSPC)) return;
-        await ec.zero!(r.offset, r.length, (r.flags & CMD_FLAG.FUA) !== 0);
+        if (r.length) await ec.zero!(r.offset, r.length, (r.flags & CMD_FLAG.FUA) !== 0);
         return this.ok(r);
       case CMD.FLUSH:
         await ec.flush?.();
