@@ -30,8 +30,8 @@ export function register(program: Command): void {
     .option('--json', 'print where it listens and what it exports as one JSON line when ready')
     .addHelpText(
       'after',
-      '\nRuns in the foreground until SIGINT or SIGTERM; each generation served is pinned against\n' +
-        'prune, forget and gc meanwhile. Exports speak the fixed newstyle handshake, structured\n' +
+      '\nRuns in the foreground until SIGINT or SIGTERM; each generation served is pinned meanwhile\n' +
+        '(prune and forget only hide it, gc keeps its data). Exports speak the fixed newstyle handshake, structured\n' +
         'replies and base:allocation block status (zero regions read as holes).\n\n' +
         'Examples:\n' +
         '  genvault nbd vm1@latest --socket /run/vm1.sock\n' +

@@ -48,6 +48,8 @@ export function isNbdUri(s: string): boolean {
   return /^nbd(\+unix)?:\/\//.test(s);
 }
 
+const HANDSHAKE_MS = 60_000;
+
 interface Pending {
   type: number;
   offset: number;
@@ -90,9 +92,13 @@ export class NbdClient {
       sock.once('error', (e) => reject(new GenvaultError(`cannot connect to ${what}: ${e.message}`, 'NBD')));
     });
     const c = new NbdClient(sock, what);
+    // A server that accepts and then says nothing must not hang a nightly backup.
+    const timer = setTimeout(() => c.fail(new GenvaultError(`${what}: no NBD handshake within ${HANDSHAKE_MS / 1000} s`, 'NBD')), HANDSHAKE_MS);
     try {
       await c.handshake(addr.export, contexts);
+      clearTimeout(timer);
     } catch (e) {
+      clearTimeout(timer);
       sock.destroy();
       if (e instanceof NbdProtocolError) throw new GenvaultError(`${what}: NBD protocol error in the handshake: ${e.message}`, 'NBD');
       throw e;
