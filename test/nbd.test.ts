@@ -339,6 +339,10 @@ describe('writable export', () => {
     expect(await restoredSha('vm1@latest')).toBe(before);
     const { gen } = await backupJson([w.overlay!, '--from-nbd-overlay', '-n', 'vm1']);
     expect(gen.source).toContain('nbd-overlay:');
+    // The generation's chunks the writes do not touch are reused without being read.
+    const reused = (gen as unknown as { overlay: { reusedBytes: number; base: string } }).overlay;
+    expect(reused.base).toBe(w.exports[0]!.generation);
+    expect(reused.reusedBytes).toBeGreaterThan(size - (8 << 20));
     const r = s.path('kept.raw');
     expect((await gv(repo, ['restore', `vm1@${gen.id}`, r], { env: env() })).code).toBe(0);
     expect((await fs.readFile(r)).equals(want)).toBe(true);

@@ -71,8 +71,17 @@ function parsePercent(v: string | undefined): number | undefined {
   return n;
 }
 
-/** The summary's words about what an NBD or thin-hinted source read. */
+/** The generation as --json prints it: with what an NBD, overlay or thin-hinted source read. */
+function withSourceStats(gen: object, source: Source): object {
+  if (source instanceof NbdSource) return { ...gen, nbd: source.stats };
+  if (source instanceof OverlaySource) return { ...gen, overlay: { file: source.overlay.file, base: source.base.id, reusedBytes: source.stats.parentBytes } };
+  if (source instanceof ThinHintedSource) return { ...gen, thin: source.stats };
+  return gen;
+}
+
+/** The summary's words about what an NBD, overlay or thin-hinted source read. */
 function nbdSummary(source: Source): string {
+  if (source instanceof OverlaySource) return `, ${bytes(source.stats.parentBytes)} of @${source.base.id} reused unread`;
   if (source instanceof ThinHintedSource) {
     const t = source.stats;
     if (t.mode === 'full') return '';
@@ -160,14 +169,14 @@ export function register(program: Command): void {
               onProgress: (d, t) => progress.update(d, t),
             });
             progress.done();
-            if (wantsJson(cmd)) printJson(source instanceof NbdSource ? { ...gen, nbd: source.stats } : source instanceof ThinHintedSource ? { ...gen, thin: source.stats } : gen);
+            if (wantsJson(cmd)) printJson(withSourceStats(gen, source));
             else {
               const s = gen.stats;
               process.stdout.write(
                 `${gen.name}@${gen.id}: ${bytes(gen.size)} read in ${duration(s.durationMs)} (${rate(s.bytesRead, s.durationMs)}), ` +
                   `${bytes(s.newBytes)} new (${bytes(s.newStored)} stored), ${bytes(s.zeroBytes)} zero` +
                   (s.unchangedBytes ? `, ${bytes(s.unchangedBytes)} unchanged` : '') +
-                  (isChunkedSource(source) && !(source instanceof NbdSource) ? `, ${bytes(source.transferred.wire)} of chunk data over SSH` : '') +
+                  (isChunkedSource(source) && !(source instanceof NbdSource) && !(source instanceof OverlaySource) ? `, ${bytes(source.transferred.wire)} of chunk data over SSH` : '') +
                   nbdSummary(source) +
                   '\n',
               );

@@ -153,6 +153,18 @@ export class Overlay {
     }
   }
 
+  /** The runs of [offset, end) the overlay changes (written or zeroed), in order. */
+  changedRuns(offset: number, end: number): Array<{ from: number; to: number }> {
+    const out: Array<{ from: number; to: number }> = [];
+    for (const [from, to, st] of this.runs(offset, end)) {
+      if (st === S_BASE) continue;
+      const last = out[out.length - 1];
+      if (last && last.to === from) last.to = to;
+      else out.push({ from, to });
+    }
+    return out;
+  }
+
   /** The image as the overlay shows it: written blocks from here, the rest from the base. */
   async read(out: Buffer, offset: number, length: number, base: BaseRead): Promise<void> {
     const waits: Array<Promise<unknown>> = [];

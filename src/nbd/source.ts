@@ -10,13 +10,10 @@
  *   changed), the whole disk is read, skipping what base:allocation reports as zeros.
  * - a writable export's overlay (overlay.ts) over its generation: the VM's writes kept.
  */
-import { createHash } from 'node:crypto';
-import { blake3 } from '@napi-rs/blake-hash';
 import { GenvaultError } from '../util/errors.js';
-import { chunkIndexAt } from '../format/chunkmap.js';
-import { chunkSegment } from '../format/chunker.js';
 import type { ChunkingParams } from '../format/config.js';
-import type { ChunkedSegment, ChunkedSource, NeedFn, RemoteChunk } from '../backup/chunked-source.js';
+import type { ChunkedSegment, ChunkedSource, NeedFn } from '../backup/chunked-source.js';
+import { ChunkReuse } from './reuse.js';
 import type { Generation } from '../format/generation.js';
 import type { Source } from '../backup/source.js';
 import { ChunkLoader, ImageReader } from '../read/reader.js';
@@ -92,7 +89,7 @@ export class NbdSource implements Source {
       };
       const description = `nbd:${uri}${bitmap ? ` bitmap ${bitmap}` : ''}`;
       const verify = (opts.verifyPercent ?? 0) / 100;
-      if (useBitmap) return new NbdDirtySource(description, client, parent, stats, bitmap, verify, repo.config.chunking, repo.config.version);
+      if (useBitmap) return new NbdDirtySource(description, client, parent!, stats, bitmap, verify, repo.config.chunking, repo.config.version);
       return new NbdSource(description, client, parent, stats, null, verify);
     } catch (e) {
       await client.close().catch(() => undefined);
@@ -195,152 +192,79 @@ export class NbdSource implements Source {
   }
 }
 
-/** A chunk of a segment being delivered by NbdDirtySource. */
-interface SegChunk extends RemoteChunk {
-  /** Taken as the previous generation's chunk at the same place: its bytes not read. */
-  clean: boolean;
-  /** The bytes, when they were read (chunks of dirty regions). */
-  bytes: Buffer | null;
-}
-
 /**
- * The dirty-bitmap source as the backup pipeline prefers it: a ChunkedSource
- * (src/backup/chunked-source.ts). Each segment is delivered as chunks: the previous
- * generation's chunks that no dirty extent touches are offered by digest and never read
- * (nor decompressed); the runs of its chunks that a dirty extent touches are read (dirty
- * bytes over NBD, the rest from the previous generation), chunked and hashed here. So a
- * next-day backup costs the dirty bytes, not the disk.
+ * The dirty-bitmap source as the backup pipeline prefers it: a ChunkedSource. The previous
+ * generation's chunks that no dirty extent touches are reused by digest, never read;
+ * the runs of them that dirty extents touch are rebuilt from the dirty bytes (over NBD)
+ * and the previous generation's other bytes (reuse.ts). A reused chunk the repository
+ * cannot give is read over NBD and must hash as before.
  */
 export class NbdDirtySource extends NbdSource implements ChunkedSource {
   readonly transferred = { raw: 0, wire: 0 };
+  private readonly reuse: ChunkReuse;
 
   constructor(
-    description: string, client: NbdClient, parent: ImageReader | null, stats: NbdReadStats, bitmap: string | null, verify: number,
+    description: string, client: NbdClient, parent: ImageReader, stats: NbdReadStats, bitmap: string | null, verify: number,
     readonly chunking: ChunkingParams,
-    private readonly version: number,
+    version: number,
   ) {
     super(description, client, parent, stats, bitmap, verify);
+    this.reuse = new ChunkReuse(parent, chunking, version, {
+      changed: async (at, len) => (await this.plan(at, len)).filter((p) => p.kind === 'nbd'),
+      readRegion: (dst, from, dirty) => {
+        const pieces: Piece[] = [];
+        let pos = from;
+        for (const d of dirty) {
+          if (d.from > pos) pieces.push({ from: pos, to: d.from, kind: 'parent' });
+          pieces.push({ from: d.from, to: d.to, kind: 'nbd' });
+          pos = d.to;
+        }
+        if (pos < from + dst.length) pieces.push({ from: pos, to: from + dst.length, kind: 'parent' });
+        return this.fill(dst, from, pieces);
+      },
+      readUnchanged: (dst, offset) => this.fromServer(dst, offset, dst.length),
+      stale: (where, how) => this.stale(where, how),
+    }, stats, verify);
   }
 
   async readSegment(need: NeedFn): Promise<ChunkedSegment | null> {
     const at = this.pos;
     const len = Math.min(this.chunking.segment, this.size - at);
     if (len <= 0) return null;
-    const dirty = (await this.plan(at, len)).filter((p) => p.kind === 'nbd');
-    const chunks: SegChunk[] = [];
-    let region: [number, number] | null = null;
-    const flush = async () => {
-      if (region) chunks.push(...(await this.chunkRegion(region[0], region[1], at, dirty)));
-      region = null;
-    };
-    // The previous generation's chunks tile the segment when it was cut the same way; if
-    // not, the whole segment is one region.
-    const prev = await this.parentChunks(at, len);
-    for (const c of prev ?? [{ start: 0, length: len, zero: false, digest: null, fast: null, data: null, clean: false, bytes: null }]) {
-      const from = at + c.start;
-      const to = from + c.length;
-      if (!prev || dirty.some((d) => d.from < to && d.to > from)) {
-        region = region ? [region[0], to] : [from, to];
-        continue;
-      }
-      await flush();
-      chunks.push(c);
-      this.stats.parentBytes += c.length;
-    }
-    await flush();
-    await this.deliver(at, chunks, need);
+    const seg = await this.reuse.segment(at, len, need);
     this.pos += len;
-    this.transferred.raw += chunks.reduce((n, c) => n + (c.data?.length ?? 0), 0);
-    return { offset: at, length: len, chunks: chunks.map(({ start, length, zero, digest, data, fast }) => ({ start, length, zero, digest, data, fast })) };
-  }
-
-  /** Ask which data chunks the repository lacks and give those their bytes; check a sample of the clean ones. */
-  private async deliver(at: number, chunks: SegChunk[], need: NeedFn): Promise<void> {
-    const data = chunks.filter((c) => !c.zero);
-    const answers = data.length ? await need(at, data.map((c) => ({ start: c.start, length: c.length, digest: c.digest! }))) : [];
-    for (let k = 0; k < data.length; k++) {
-      const c = data[k]!;
-      if (!answers[k]) continue;
-      // A clean chunk the repository cannot reuse (damaged, or condemned by a running gc):
-      // the disk still holds its bytes, if the bitmap is right.
-      c.data = c.clean ? await this.cleanFromServer(at, c) : c.bytes;
-    }
-    if (this.verify <= 0) return;
-    for (const c of chunks) if (c.clean && !c.data && Math.random() < this.verify) await this.cleanFromServer(at, c, true);
-  }
-
-  /** A clean chunk's bytes over NBD, which must be the previous generation's. */
-  private async cleanFromServer(at: number, c: SegChunk, sample = false): Promise<Buffer> {
-    const b = Buffer.alloc(c.length);
-    await this.fromServer(b, at + c.start, c.length);
-    if (sample) this.stats.verifiedBytes += c.length;
-    const ok = c.zero ? b.every((x) => x === 0) : createHash('sha256').update(b).digest().equals(c.digest!);
-    if (ok) return b;
-    const ours = Buffer.alloc(c.length);
-    const got = await this.parent!.read(ours, at + c.start, c.length).catch(() => 0);
-    let i = 0;
-    while (i < got && b[i] === ours[i]) i++;
-    throw this.stale(got ? `byte ${at + c.start + i} differs` : `bytes ${at + c.start}-${at + c.start + c.length - 1} differ`, sample ? '--verify-hints' : 'a chunk read again');
-  }
-
-  /** The previous generation's chunks of [at, at + len), relative to at, if they tile it exactly. */
-  private async parentChunks(at: number, len: number): Promise<SegChunk[] | null> {
-    const map = this.parent!.map;
-    const out: SegChunk[] = [];
-    let pos = at;
-    while (pos < at + len) {
-      const li = map.leafIndexAt(pos);
-      const leaf = await map.leaf(li);
-      const base = map.leafStarts[li]!;
-      let ci = chunkIndexAt(leaf, pos - base);
-      if (base + leaf.starts[ci]! !== pos) return null;
-      for (; ci < leaf.lengths.length && pos < at + len; ci++) {
-        const zero = leaf.zero[ci] === 1;
-        const d = (x: Buffer) => Buffer.from(x.subarray(ci * 32, ci * 32 + 32));
-        const fast = !zero && leaf.hasFast[ci] ? d(leaf.fast) : null;
-        out.push({ start: pos - at, length: leaf.lengths[ci]!, zero, digest: zero ? null : d(leaf.digests), fast, data: null, clean: true, bytes: null });
-        pos += leaf.lengths[ci]!;
-      }
-    }
-    return pos === at + len ? out : null;
-  }
-
-  /** Read [from, to) (dirty bytes over NBD, the rest from the previous generation), chunk and hash it. */
-  private async chunkRegion(from: number, to: number, at: number, dirty: Piece[]): Promise<SegChunk[]> {
-    const pieces: Piece[] = [];
-    let pos = from;
-    for (const d of dirty) {
-      const a = Math.max(d.from, from);
-      const b = Math.min(d.to, to);
-      if (b <= a) continue;
-      if (a > pos) pieces.push({ from: pos, to: a, kind: 'parent' });
-      pieces.push({ from: a, to: b, kind: 'nbd' });
-      pos = b;
-    }
-    if (pos < to) pieces.push({ from: pos, to, kind: 'parent' });
-    const bytes = Buffer.alloc(to - from);
-    await this.fill(bytes, from, pieces);
-    return chunkSegment(bytes, bytes.length, this.chunking).map((sp) => {
-      const b = bytes.subarray(sp.start, sp.start + sp.length);
-      return {
-        start: from - at + sp.start, length: sp.length, zero: sp.zero, clean: false, data: null,
-        digest: sp.zero ? null : createHash('sha256').update(b).digest(),
-        fast: sp.zero || this.version < 2 ? null : blake3(b),
-        bytes: sp.zero ? null : b,
-      };
-    });
+    this.transferred.raw += seg.chunks.reduce((n, c) => n + (c.data?.length ?? 0), 0);
+    return seg;
   }
 }
 
-/** A writable export's overlay read over its generation, for `backup --from-nbd-overlay`. */
-export class OverlaySource implements Source {
+/**
+ * A writable export's overlay over its generation, for `backup --from-nbd-overlay`: a
+ * ChunkedSource whose changes are the blocks the overlay holds (reuse.ts), so keeping what
+ * a VM wrote costs about what it wrote.
+ */
+export class OverlaySource implements ChunkedSource {
   private pos = 0;
+  readonly transferred = { raw: 0, wire: 0 };
+  /** Bytes of the generation's chunks reused without being read. */
+  readonly stats = { parentBytes: 0, verifiedBytes: 0 };
+  private readonly reuse: ChunkReuse;
+
   private constructor(
     readonly description: string,
     readonly overlay: Overlay,
     readonly base: Generation,
     private reader: ImageReader,
-  ) {}
+    readonly chunking: ChunkingParams,
+    version: number,
+  ) {
+    this.reuse = new ChunkReuse(reader, chunking, version, {
+      changed: async (at, len) => overlay.changedRuns(at, at + len),
+      readRegion: (dst, from) => overlay.read(dst, from, dst.length, this.baseRead),
+      readUnchanged: (dst, offset) => this.baseRead(dst, offset, dst.length),
+      stale: (where) => new GenvaultError(`${this.base.name}@${this.base.id}: ${where} from its own chunk`, 'DAMAGE'),
+    }, this.stats);
+  }
 
   get size(): number {
     return this.overlay.size;
@@ -354,16 +278,28 @@ export class OverlaySource implements Source {
     if (!gen) throw new GenvaultError(`${file}: its generation ${h.name}@${h.generation} is no longer in the repository`, 'NOT_FOUND');
     const overlay = await Overlay.open(file, false);
     const reader = await ImageReader.open(repo, gen, new ChunkLoader(repo, 64 << 20), 32 << 20);
-    return new OverlaySource(`nbd-overlay:${file} over ${gen.name}@${gen.id}`, overlay, gen, reader);
+    return new OverlaySource(`nbd-overlay:${file} over ${gen.name}@${gen.id}`, overlay, gen, reader, repo.config.chunking, repo.config.version);
+  }
+
+  private baseRead = async (out: Buffer, offset: number, len: number): Promise<void> => {
+    const got = await this.reader.read(out, offset, len);
+    if (got !== len) throw new GenvaultError(`${this.base.name}@${this.base.id} ended at ${offset + got}`, 'SHORT_READ');
+  };
+
+  async readSegment(need: NeedFn): Promise<ChunkedSegment | null> {
+    const at = this.pos;
+    const len = Math.min(this.chunking.segment, this.size - at);
+    if (len <= 0) return null;
+    const seg = await this.reuse.segment(at, len, need);
+    this.pos += len;
+    this.transferred.raw += seg.chunks.reduce((n, c) => n + (c.data?.length ?? 0), 0);
+    return seg;
   }
 
   async read(buf: Buffer, length: number): Promise<number> {
     const n = Math.max(0, Math.min(length, this.size - this.pos));
     if (n === 0) return 0;
-    await this.overlay.read(buf.subarray(0, n), this.pos, n, async (out, offset, len) => {
-      const got = await this.reader.read(out, offset, len);
-      if (got !== len) throw new GenvaultError(`${this.base.name}@${this.base.id} ended at ${offset + got}`, 'SHORT_READ');
-    });
+    await this.overlay.read(buf.subarray(0, n), this.pos, n, this.baseRead);
     this.pos += n;
     return n;
   }
