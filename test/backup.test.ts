@@ -218,7 +218,7 @@ describe('change detection (BLAKE3 against the parent generation)', () => {
     await gvOk(dir, ['init']);
     const cfgFile = path.join(dir, 'config.json');
     const cfg = JSON.parse(await fs.readFile(cfgFile, 'utf8'));
-    expect(cfg.version).toBe(4);
+    expect(cfg.version).toBe(5);
     await fs.writeFile(cfgFile, JSON.stringify({ ...cfg, version: 1, compression: { algorithm: 'zstd', level: 3 } }));
     await gvOk(dir, ['backup', disk, '--name', 'vm1']);
     const g1 = JSON.parse(await gvOk(dir, ['backup', disk1, '--name', 'vm1', '--json']));

@@ -1,26 +1,29 @@
 /**
- * A repository written by an earlier genvault keeps working: test/fixtures/format3-repo was
+ * Repositories written by earlier genvaults keep working: test/fixtures/format3-repo was
  * made by the code of commit d028da6 (format version 3, before the source tree was split
- * into layers) from the images below. This build must list it, restore every generation
- * byte-identical, pass `verify --full`, and take a new backup into it that dedups against
- * the old chunks.
+ * into layers), test/fixtures/format4-repo by commit 81143c6 (format version 4, packs
+ * without tables of contents), both from the images below. This build must list them,
+ * restore every generation byte-identical, pass `verify --full`, and take a new backup
+ * into them that dedups against the old chunks; the format 4 one must also come back
+ * whole from its packs alone (`repair --write` with index/ removed).
  *
- * To make the fixture again with another build (only when the format changes on purpose):
- *   GENVAULT_MAKE_FIXTURE=/path/to/that/dist/cli/main.js \
+ * To make a fixture again with another build (only when the format changes on purpose):
+ *   GENVAULT_MAKE_FIXTURE=/path/to/that/dist/cli/main.js GENVAULT_FIXTURE=format4-repo \
  *     npx vitest run --config test/vitest.config.ts test/compat.test.ts
- * writes test/fixtures/format3-repo afresh (then record the commit in its README).
+ * writes test/fixtures/format4-repo afresh (then record the commit in its README).
  */
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ROOT, Scratch, format3Images, gvOk, must, sh, sha256File, text } from './helpers.js';
 
-const FIXTURE = path.join(ROOT, 'test', 'fixtures', 'format3-repo');
+const FIXTURES = path.join(ROOT, 'test', 'fixtures');
 const MiB = 1 << 20;
 
 const maker = process.env.GENVAULT_MAKE_FIXTURE;
 
 if (maker) describe('making the fixture', () => {
+  const FIXTURE = path.join(FIXTURES, process.env.GENVAULT_FIXTURE ?? 'format3-repo');
   it(`writes ${FIXTURE} with ${maker}`, async () => {
     const s = await Scratch.create();
     try {
@@ -31,13 +34,16 @@ if (maker) describe('making the fixture', () => {
         await fs.writeFile(file, data);
         await must('node', [maker!, '-r', FIXTURE, 'backup', file, '--name', name]);
       }
+      // From format 4 on, changes to a generation are records in the packs too.
+      if (!FIXTURE.endsWith('format3-repo')) await must('node', [maker!, '-r', FIXTURE, 'protect', 'odd@latest']);
     } finally {
       await s.cleanup();
     }
   });
 });
 
-else describe('a format 3 repository written by an earlier version', () => {
+else for (const version of [3, 4]) describe(`a format ${version} repository written by an earlier version`, () => {
+  const FIXTURE = path.join(FIXTURES, `format${version}-repo`);
   let s: Scratch;
   let repo = '';
 
@@ -83,6 +89,25 @@ else describe('a format 3 repository written by an earlier version', () => {
     const out = path.join(s.dir, 'next-restored.img');
     await gvOk(repo, ['restore', 'disk@latest', out]);
     expect(await sha256File(out)).toBe(await shaOf(next));
+  });
+
+  it.runIf(version >= 4)('comes back whole from its packs alone', async () => {
+    const before = await gvOk(repo, ['list', '--json']);
+    const sums = new Map<string, string>();
+    for (const g of JSON.parse(before) as Array<{ name: string; id: string }>) {
+      const out = path.join(s.dir, `before-${g.id}.img`);
+      await gvOk(repo, ['restore', `${g.name}@${g.id}`, out]);
+      sums.set(g.id, await sha256File(out));
+      await fs.rm(out);
+    }
+    await fs.rm(path.join(repo, 'index'), { recursive: true });
+    await gvOk(repo, ['repair', '--write']);
+    expect(await gvOk(repo, ['list', '--json'])).toBe(before);
+    for (const g of JSON.parse(before) as Array<{ name: string; id: string }>) {
+      const out = path.join(s.dir, `after-${g.id}.img`);
+      await gvOk(repo, ['restore', `${g.name}@${g.id}`, out]);
+      expect(await sha256File(out), `${g.name}@${g.id}`).toBe(sums.get(g.id));
+    }
   });
 });
 

@@ -5,7 +5,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Scratch, flipByte, gv, gvOk, must, oneLine, packFiles, prng, sha256File, sh } from './helpers.js';
+import { dataPackFiles, flipByte, gv, gvOk, must, oneLine, prng, sh, sha256File, Scratch } from './helpers.js';
 
 let s: Scratch;
 let repo: string;
@@ -109,7 +109,7 @@ describe('damaged chunk during restore', () => {
     const drepo = s.path('damaged');
     await gvOk(drepo, ['init']);
     await gvOk(drepo, ['backup', img, '--name', 'vm1']);
-    await flipByte((await packFiles(drepo))[0]!, 100_000);
+    await flipByte((await dataPackFiles(drepo))[0]!, 100_000);
 
     const target = s.path('out-damaged.img');
     const r = await gv(drepo, ['restore', 'vm1@latest', target]);

@@ -13,7 +13,7 @@ import { RaveLevel } from 'rave-level';
 import { afterAll, beforeAll, describe, expect, it, onTestFailed } from 'vitest';
 import { LocalStore } from '../src/store/local.js';
 import { listPacks, scanStoredPack } from '../src/store/pack-reader.js';
-import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF } from '../src/format/meta.js';
+import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF, REC_TOC } from '../src/format/meta.js';
 import { CLI, Scratch, gv, gvOk, prng, seededRandom, sh, sha256File, writeImage } from './helpers.js';
 
 let s: Scratch;
@@ -56,8 +56,10 @@ async function packFiles(repo: string): Promise<Map<string, number>> {
 
 /** The metadata records of a pack (format 4), read from the pack itself. */
 interface PackMeta {
-  /** Header and payload bytes of its metadata records. */
+  /** Header and payload bytes of its metadata records (tables of contents aside). */
   bytes: number;
+  /** Bytes of its tables of contents (format 5): neither live nor dead for gc. */
+  toc: number;
   /** One string per record: leaf:DIGEST, map:ID, record:ID, change:ID:REV|forgotten. */
   records: string[];
   /** Generation ids of its generation records. */
@@ -70,10 +72,14 @@ async function packMeta(repo: string): Promise<Map<string, PackMeta>> {
   const out = new Map<string, PackMeta>();
   try {
     for (const p of await listPacks(store)) {
-      const m: PackMeta = { bytes: 0, records: [], generations: [] };
-      for await (const item of scanStoredPack(store, p)) {
+      const m: PackMeta = { bytes: 0, toc: 0, records: [], generations: [] };
+      for await (const item of scanStoredPack(store, p, p.size, { readAll: true })) {
         expect(item.kind, `pack ${p.packId} at ${item.offset}`).not.toBe('damaged');
         if (item.kind !== 'meta') continue;
+        if (item.record.type === REC_TOC) {
+          m.toc += 52 + item.header.storedLength;
+          continue;
+        }
         m.bytes += 52 + item.header.storedLength;
         const r = item.record;
         if (r.type === REC_LEAF) m.records.push(`leaf:${item.header.digest.toString('hex')}`);
@@ -228,10 +234,13 @@ describe('gc', () => {
     const repo = await newRepo('repo-basic');
     const shared = prng(1, 2 << 20);
     const sums: Record<string, string> = {};
+    const made = new Map<string, string[]>(); // the packs each backup wrote
     for (const [i, name] of ['a', 'b', 'c'].entries()) {
       const img = s.path(`${name}.img`);
       sums[name] = await writeImage(img, [prng(10 + i, 3 << 20), shared]);
+      const pre = await packFiles(repo);
       await gvOk(repo, ['backup', img, '--name', name]);
+      made.set(name, [...(await packFiles(repo)).keys()].filter((p) => !pre.has(p)).sort());
     }
     const b = (await list(repo)).find((g) => g.name === 'b')!;
     expect(b.stats.newStored).toBeGreaterThan(3 << 20);
@@ -240,14 +249,16 @@ describe('gc', () => {
     let r = JSON.parse(await gvOk(repo, ['gc', '--json']));
     expect(r).toMatchObject({ chunksRemoved: 0, packsDeleted: 0, packsRepacked: 0, bytesFreed: 0, generations: 3 });
 
-    // b's pack: its new chunks, then (format 4) the leaf records of its new leaves, its map
-    // and its record, all b's own.
+    // b's packs: one of its new chunks and the leaf records of its new leaves, and one of
+    // its map and its record (format 4), all b's own; each ends in a table of contents.
     const metaBefore = await packMeta(repo);
-    const bPack = packOf(metaBefore, b.id);
-    const bMeta = metaBefore.get(bPack)!;
-    expect(bMeta.records.filter((r) => !r.startsWith('leaf:')).sort()).toEqual([`map:${b.id}`, `record:${b.id}`]);
-    const bPackBytes = b.stats.newStored + 24 + bMeta.bytes;
-    expect((await packFiles(repo)).get(bPack)).toBe(bPackBytes);
+    const bPacks = made.get('b')!;
+    expect(bPacks).toHaveLength(2);
+    expect(metaBefore.get(packOf(metaBefore, b.id))!.records.sort()).toEqual([`map:${b.id}`, `record:${b.id}`]);
+    const bRecords = bPacks.flatMap((p) => metaBefore.get(p)!.records);
+    const bPackBytes = b.stats.newStored + bPacks.reduce((n, p) => n + 24 + metaBefore.get(p)!.bytes + metaBefore.get(p)!.toc, 0);
+    const sizes = await packFiles(repo);
+    expect(bPacks.reduce((n, p) => n + sizes.get(p)!, 0)).toBe(bPackBytes);
 
     await gvOk(repo, ['forget', 'b@latest', '--force-young']);
     const before = await packBytes(repo);
@@ -256,10 +267,10 @@ describe('gc', () => {
 
     // Dry run: reports, changes nothing.
     const dry = JSON.parse(await gvOk(repo, ['gc', '--dry-run', '--json']));
-    expect(dry).toMatchObject({ dryRun: true, generations: 2, packsDeleted: 1, packsRepacked: 0, metadataKept: 0 });
+    expect(dry).toMatchObject({ dryRun: true, generations: 2, packsDeleted: 2, packsRepacked: 0, metadataKept: 0 });
     expect(dry.leavesRemoved).toBeGreaterThanOrEqual(1);
     expect(dry.chunksRemoved).toBe(b.stats.newChunks);
-    expect(dry.metadataDropped).toBe(bMeta.records.length);
+    expect(dry.metadataDropped).toBe(bRecords.length);
     expect(dry.bytesFreed).toBe(bPackBytes);
     const human = await gvOk(repo, ['gc', '-n']);
     expect(human).toMatch(/would remove \d+ unreferenced chunks .* nothing changed \(dry run\)/s);
@@ -268,16 +279,16 @@ describe('gc', () => {
     expect(await fs.readdir(path.join(repo, 'locks'))).toEqual([]);
 
     r = JSON.parse(await gvOk(repo, ['gc', '--json']));
-    expect(r).toMatchObject({ dryRun: false, generations: 2, packsDeleted: 1, packsRepacked: 0, chunksSpared: 0, metadataKept: 0 });
+    expect(r).toMatchObject({ dryRun: false, generations: 2, packsDeleted: 2, packsRepacked: 0, chunksSpared: 0, metadataKept: 0 });
     expect(r.leavesRemoved).toBe(dry.leavesRemoved);
     expect(r.chunksRemoved).toBe(b.stats.newChunks);
-    expect(r.metadataDropped).toBe(bMeta.records.length);
-    // b's pack held exactly its new chunks and b's records: the whole pack file goes.
+    expect(r.metadataDropped).toBe(bRecords.length);
+    // b's packs held exactly its new chunks and b's records: both pack files go.
     expect(r.bytesFreed).toBe(bPackBytes);
     expect(before - (await packBytes(repo))).toBe(bPackBytes); // du -sb: the directories stay
-    // Only b's pack went; forget's pack of b's forgotten change stays.
+    // Only b's packs went; forget's pack of b's forgotten change stays.
     const after = await packFiles(repo);
-    expect([...filesBefore.keys()].filter((p) => !after.has(p))).toEqual([bPack]);
+    expect([...filesBefore.keys()].filter((p) => !after.has(p)).sort()).toEqual(bPacks);
     expect([...(await packMeta(repo)).values()].flatMap((m) => m.records).filter((x) => x.includes(b.id))).toEqual([`change:${b.id}:forgotten`]);
 
     expect((await list(repo)).map((g) => g.name)).toEqual(['a', 'c']);
@@ -298,19 +309,25 @@ describe('gc', () => {
     const keep = prng(20, 2 << 20);
     await writeImage(s.path('d.img'), [keep, prng(21, 6 << 20)]);
     await gvOk(repo, ['backup', s.path('d.img'), '--name', 'd']);
+    const dPacks = [...(await packFiles(repo)).keys()];
     const eSum = await writeImage(s.path('e.img'), [keep, prng(22, 2 << 20)]);
     await gvOk(repo, ['backup', s.path('e.img'), '--name', 'e']);
-    const dPack = packOf(await packMeta(repo), (await list(repo)).find((g) => g.name === 'd')!.id);
+    const dGenPack = packOf(await packMeta(repo), (await list(repo)).find((g) => g.name === 'd')!.id);
+    const dPack = dPacks.find((p) => p !== dGenPack);
+    expect(dPacks).toHaveLength(2);
     await gvOk(repo, ['forget', 'd@latest', '--force-young']);
-    const filesBefore = await packFiles(repo);
-    expect(filesBefore.size).toBe(3);
-    const before = await packFileBytes(repo);
+    // d's data pack and the pack of its map and record, e's two, forget's.
+    expect((await packFiles(repo)).size).toBe(5);
 
-    // d's pack is about a quarter live: over a 20% threshold it stays as it is...
+    // d's data pack is about a quarter live: over a 20% threshold it stays as it is (the
+    // pack of d's map and record, all dead, goes)...
     let r = JSON.parse(await gvOk(repo, ['gc', '--json', '--repack-threshold', '20']));
-    expect(r).toMatchObject({ packsDeleted: 0, packsRepacked: 0 });
+    expect(r).toMatchObject({ packsDeleted: 1, packsRepacked: 0 });
     expect(r.chunksRemoved).toBeGreaterThan(0);
-    expect(await packFiles(repo)).toEqual(filesBefore);
+    const filesBefore = await packFiles(repo);
+    expect([...filesBefore.keys()]).not.toContain(dGenPack);
+    expect(filesBefore.has(dPack!)).toBe(true);
+    const before = await packFileBytes(repo);
     // ...with the default 50% it is rewritten: its live quarter is copied, the rest freed.
     r = JSON.parse(await gvOk(repo, ['gc', '--json']));
     expect(r).toMatchObject({ packsDeleted: 0, packsRepacked: 1, packsWritten: 1, chunksRemoved: 0 });
@@ -318,10 +335,10 @@ describe('gc', () => {
     expect(r.bytesCopied).toBeLessThan(2.6 * (1 << 20));
     expect(before - (await packFileBytes(repo))).toBe(r.bytesFreed);
     expect(r.bytesFreed).toBeGreaterThan(5 << 20);
-    // d's pack was replaced by gc's; e's pack and forget's pack (d's forgotten change, all
-    // live) stay as they were.
+    // d's data pack was replaced by gc's; e's packs and forget's pack (d's forgotten change,
+    // all live) stay as they were.
     const files = await packFiles(repo);
-    expect(files.size).toBe(3);
+    expect(files.size).toBe(4);
     expect([...filesBefore.keys()].filter((p) => !files.has(p))).toEqual([dPack]);
 
     expect(await restoreSum(repo, 'e@latest')).toBe(eSum);
@@ -405,8 +422,9 @@ describe('gc', () => {
     }
     expect(await g.exited).toBe(0);
     const r = JSON.parse(g.stdout);
-    // Every condemned entry had been replaced by a2's fresh copy: nothing removed.
-    expect(r).toMatchObject({ chunksRemoved: 0, chunksSpared: 0, packsDeleted: 0, packsRepacked: 0, generations: 1 });
+    // Every condemned entry had been replaced by a2's fresh copy: nothing removed but the
+    // pack of a's map and record.
+    expect(r).toMatchObject({ chunksRemoved: 0, chunksSpared: 0, packsDeleted: 1, packsRepacked: 0, generations: 1 });
     expect(await restoreSum(repo, 'a2@latest')).toBe(aSum);
     expect(await restoreSum(repo, 'k@latest')).toBe(kSum);
     await checkIndexConsistent(repo);
@@ -443,27 +461,13 @@ describe('gc', () => {
     expect(await g.exited).toBe(0);
     const r = JSON.parse(g.stdout);
     // The batch went back as it was (the old records are intact); a2's own copies are
-    // unused. Its pack also holds a2's map and record (format 4), which live: the pack is
-    // not deleted, and at threshold 0 not rewritten either.
-    expect(r).toMatchObject({ chunksRemoved: 0, chunksDeferred: a.stats.newChunks, packsDeleted: 0, packsRepacked: 0, metadataKept: 0 });
+    // unused: its data pack goes, with the pack of a's map and record. a2's map and record
+    // are in a pack of their own (format 4), all live: left as it is.
+    expect(r).toMatchObject({ chunksRemoved: 0, chunksDeferred: a.stats.newChunks, packsDeleted: 2, packsRepacked: 0, metadataKept: 0 });
     const a2 = (await list(repo))[0]!;
     const meta = await packMeta(repo);
     const a2Pack = packOf(meta, a2.id);
-    const a2Meta = meta.get(a2Pack)!;
-    expect(a2Meta.records.filter((x) => !x.startsWith('leaf:')).sort()).toEqual([`map:${a2.id}`, `record:${a2.id}`]);
-    expect(await restoreSum(repo, 'a2@latest')).toBe(sum);
-    await checkIndexConsistent(repo);
-    // At the default threshold a2's pack (dead chunks, live records) is rewritten: only its
-    // records are copied, into a pack of their own.
-    const r2 = JSON.parse(await gvOk(repo, ['gc', '--json']));
-    expect(r2).toMatchObject({ chunksRemoved: 0, packsDeleted: 0, packsRepacked: 1, packsWritten: 1, metadataKept: a2Meta.records.length, metadataDropped: 0 });
-    expect(r2.bytesCopied).toBe(a2Meta.bytes);
-    const after = await packMeta(repo);
-    expect(after.has(a2Pack)).toBe(false);
-    const fresh = [...after.keys()].filter((p) => !meta.has(p));
-    expect(fresh).toHaveLength(1);
-    expect(after.get(fresh[0]!)!.records).toEqual(a2Meta.records);
-    expect((await packFiles(repo)).get(fresh[0]!)).toBe(24 + a2Meta.bytes);
+    expect(meta.get(a2Pack)!.records.sort()).toEqual([`map:${a2.id}`, `record:${a2.id}`]);
     expect(await restoreSum(repo, 'a2@latest')).toBe(sum);
     await checkIndexConsistent(repo);
     // Nothing left to do.
@@ -573,7 +577,7 @@ describe('gc', () => {
     const changes = records.filter((x) => x.startsWith('change:'));
     expect(changes).toHaveLength(10); // one forget a round
     expect(changes.every((x) => x.endsWith(':forgotten'))).toBe(true);
-    const metaBytes = [...meta.values()].reduce((n, m) => n + m.bytes, 0);
+    const metaBytes = [...meta.values()].reduce((n, m) => n + m.bytes + m.toc, 0);
     const files = await packFiles(repo);
     expect(await packFileBytes(repo)).toBe(live + metaBytes + 24 * files.size);
     expect(await fs.readdir(path.join(repo, 'locks'))).toEqual([]);

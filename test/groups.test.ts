@@ -99,7 +99,7 @@ describe('group records', () => {
 
   it('a new repository is format 4 (group records since 3) and a compressible image is stored in group records', async () => {
     const cfg = JSON.parse(await fs.readFile(path.join(repo, 'config.json'), 'utf8'));
-    expect(cfg.version).toBe(4);
+    expect(cfg.version).toBe(5);
     expect(cfg.compression).toEqual({ algorithm: 'zstd', level: 2, group: 1 << 20 });
     const entries = await chunkEntries(repo);
     const groups = groupsOf(entries);

@@ -5,7 +5,7 @@
  */
 import fs from 'node:fs/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Scratch, flipByte, gv, gvOk, packFiles, prng, sha256File } from './helpers.js';
+import { dataPackFiles, flipByte, gv, gvOk, prng, sha256File, Scratch } from './helpers.js';
 
 let s: Scratch;
 let repo: string;
@@ -29,7 +29,7 @@ describe('damage and healing', () => {
     await fs.writeFile(a, shared);
     await fs.writeFile(b, Buffer.concat([shared, prng(8, 2 << 20)]));
     await gvOk(repo, ['backup', a, '--name', 'a']);
-    await flipByte((await packFiles(repo))[0]!, 300_000, 0x01); // bit rot inside the data of `shared`
+    await flipByte((await dataPackFiles(repo))[0]!, 300_000, 0x01); // bit rot inside the data of `shared`
     await gvOk(repo, ['backup', b, '--name', 'b']); // dedups against the rotten chunk, unaware
 
     const v = await gv(repo, ['verify', '--full', '--json']);

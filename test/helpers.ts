@@ -3,6 +3,7 @@
  * ext4 partition holding real files, and clean up loop devices and mounts even when a
  * test fails.
  */
+import { scanPack } from '../src/format/scan.js';
 import { ChildProcess, execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
@@ -256,6 +257,31 @@ export async function packFiles(repo: string): Promise<string[]> {
     for (const f of await fs.readdir(path.join(dir, sub))) out.push(path.join(dir, sub, f));
   }
   return out.sort();
+}
+
+/**
+ * The pack files that hold chunk data, sorted by path: a backup also writes a small pack
+ * of its own for its generation's map and record (format 4 and later), and protect,
+ * unprotect, forget and prune write packs of change records.
+ */
+export async function dataPackFiles(repo: string): Promise<string[]> {
+  const out: string[] = [];
+  for (const f of await packFiles(repo)) {
+    const fh = await fs.open(f, 'r');
+    try {
+      const size = (await fh.stat()).size;
+      const items = scanPack(async (b, o, l, at) => (await fh.read(b, o, l, at)).bytesRead, size, path.basename(f, '.pack'));
+      for await (const item of items) {
+        if (item.kind === 'chunk' || item.kind === 'group') {
+          out.push(f);
+          break;
+        }
+      }
+    } finally {
+      await fh.close();
+    }
+  }
+  return out;
 }
 
 /** Simulate bit rot: XOR one byte of a file with `mask`. */

@@ -134,15 +134,15 @@ describe('format 4: every writer writes its metadata records', () => {
   });
 
   /**
-   * A version-4 repository with small packs, segments and leaves, so that a few MiB make
+   * A repository of the current version (5) with small packs, segments and leaves, so that a few MiB make
    * several of each (and flushes in the middle of a backup, when a pack is full).
    */
-  async function newRepo(name: string, version = 4): Promise<string> {
+  async function newRepo(name: string, version = 5): Promise<string> {
     const repo = s.path(name);
     await gvOk(repo, ['init']);
     const cfgFile = path.join(repo, 'config.json');
     const cfg = JSON.parse(await fs.readFile(cfgFile, 'utf8'));
-    expect(cfg.version).toBe(4);
+    expect(cfg.version).toBe(5);
     Object.assign(cfg, { version, packTargetSize: MiB, leaf: { minChunks: 2, maxChunks: 4 } });
     cfg.chunking.segment = cfg.chunking.max;
     await fs.writeFile(cfgFile, JSON.stringify(cfg, null, 2) + '\n');
@@ -303,7 +303,7 @@ describe('format 4: every writer writes its metadata records', () => {
 
     // upgrade, run again, writes what the packs lack (x's generations), not y's again.
     const res = JSON.parse(await gvOk(repo, ['upgrade', '--json']));
-    expect(res).toMatchObject({ from: 4, to: 4, generations: 2 }); // x1 and x4
+    expect(res).toMatchObject({ from: 4, to: 5, generations: 2 }); // x1 and x4
     await expectPacksDescribeIndex(repo);
     expect((await packMeta(repo)).records.get(y1.id)).toHaveLength(1);
   });

@@ -10,7 +10,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RECORD_HEADER_SIZE } from '../src/format/pack.js';
 import { Repository } from '../src/repository/repository.js';
-import { Scratch, flipByte, gv, gvOk, isMounted, makeDisk, must, packFiles, prng, sh, sha256File, waitGone, withMountedDisk, writeFiles } from './helpers.js';
+import { dataPackFiles, flipByte, gv, gvOk, isMounted, makeDisk, must, prng, sh, sha256File, waitGone, withMountedDisk, writeFiles, Scratch } from './helpers.js';
 
 const exec = promisify(execFile);
 let s: Scratch;
@@ -292,7 +292,7 @@ describe('damage and stale mounts', () => {
     await fs.writeFile(img, data);
     await gvOk(drepo, ['init']);
     await gvOk(drepo, ['backup', img, '--name', 'd']);
-    const pack = (await packFiles(drepo))[0]!;
+    const pack = (await dataPackFiles(drepo))[0]!;
     const flipAt = 200_000;
     // Where the damage lands in the image: the extents of the chunks whose pack record
     // holds the flipped byte (from the generation's map and the index, before any reader

@@ -16,7 +16,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openDb } from '../src/index/db.js';
 import { K_CHUNK, K_DAMAGED } from '../src/format/keys.js';
 import { decodeLocation } from '../src/format/pack.js';
-import { CLI, Scratch, flipByte, gv, gvOk, isMounted, makeDisk, must, oneLine, packFiles, prng, sh, sha256File, writeFiles } from './helpers.js';
+import { dataPackFiles, flipByte, gv, gvOk, isMounted, makeDisk, must, oneLine, packFiles, prng, sh, sha256File, writeFiles, CLI, Scratch } from './helpers.js';
 
 let s: Scratch;
 
@@ -259,7 +259,7 @@ describe('damage found by restore or by the mount is remembered and healed by th
     await fs.writeFile(img, data);
     await gvOk(repo, ['init']);
     const g = JSON.parse(await gvOk(repo, ['backup', img, '--name', tag, '--json']));
-    const pack = (await packFiles(repo))[0]!;
+    const pack = (await dataPackFiles(repo))[0]!;
     const before = await readIndex(repo);
     const digest = chunkAt(before, pack, 24); // the first record: the chunk at image offset 0
     const loc = before.chunks.get(digest)!;
@@ -407,7 +407,7 @@ describe('commit order', () => {
     ], { env: { GENVAULT_NO_PROGRESS: '1' } });
     expect(r.code, r.stderr).toBe(0);
 
-    const packs = await packFiles(repo);
+    const packs = await dataPackFiles(repo);
     expect(packs).toHaveLength(1);
     const pack = await fs.realpath(packs[0]!);
     const id = path.basename(pack, '.pack');
@@ -430,14 +430,19 @@ describe('commit order', () => {
     const lastSync = synced.at(-1)!;
     const before = packWrites.filter((w) => w.start < commit!.start);
     for (const w of before) expect(w.end, 'a pack write after its sync').toBeLessThan(lastSync.start);
-    // Format 4 appends the generation's map and record after that (FORMAT.md, "Version 4"):
-    // every pack write, those included, is synced before the next write to the index log.
-    expect(packWrites.some((w) => w.data?.includes('GVG1'))).toBe(true);
+    // Format 4 then writes the generation's map and record, into a pack of their own
+    // (FORMAT.md, "Version 4"): every write of every pack, those included, is synced before
+    // the next write to the index log.
+    const allPacks = await Promise.all((await packFiles(repo)).map((f) => fs.realpath(f)));
+    expect(allPacks).toHaveLength(2);
+    const anyPackWrites = calls.filter((c) => c.name === 'pwrite64' && allPacks.includes(c.path));
+    expect(anyPackWrites.some((w) => w.data?.includes('GVG1') && w.path !== pack)).toBe(true);
     const logWrites = calls.filter((c) => c.name === 'write' && isLog(c));
-    for (const w of packWrites) {
+    for (const w of anyPackWrites) {
       const next = logWrites.find((l) => l.start > w.end);
       expect(next, 'a pack write that no index write follows').toBeDefined();
-      expect(packSyncs.some((c) => c.start > w.end && c.end >= 0 && c.end < next!.start), 'a pack write not synced before the next index write').toBe(true);
+      const synced = calls.some((c) => (c.name === 'fdatasync' || c.name === 'fsync') && c.path === w.path && c.result === '0' && c.start > w.end && c.end >= 0 && c.end < next!.start);
+      expect(synced, 'a pack write not synced before the next index write').toBe(true);
     }
     // The commit is durable: an fdatasync of that log follows the write.
     const logSync = calls.find((c) => (c.name === 'fdatasync' || c.name === 'fsync') && c.path === commit!.path && c.start > commit!.end && c.result === '0');

@@ -260,26 +260,29 @@ describe('removed generations', () => {
 describe('a pack that is lost', () => {
   it('repair names the generations that lose data, the rest restore, a new backup heals what it can', async () => {
     await resetRepo();
-    // A backup writes its generation's map and record into its own (data) pack: the
-    // generations whose records the lost packs held are gone with them, unnamed; those
-    // whose records survive are named as losing data.
-    const recordsLost = new Set<string>();
+    // A backup writes its generation's map and record into a pack of their own: losing its
+    // data packs loses chunks, never the generation, which repair names.
+    const genPacks: string[] = [];
+    const dataPacks: string[] = [];
     for (const p of vmFirstPacks) {
       const buf = await fs.readFile(p);
       const it = scanPack(async (b, o, l, pos) => buf.copy(b, o, pos, Math.min(pos + l, buf.length)), buf.length, path.basename(p, '.pack'));
+      let record = false;
       for (let x = await it.next(); !x.done; x = await it.next()) {
-        if (x.value.kind === 'meta' && x.value.record.type === REC_GENERATION) recordsLost.add(x.value.record.generation.id);
+        if (x.value.kind === 'meta' && x.value.record.type === REC_GENERATION) record = true;
       }
+      (record ? genPacks : dataPacks).push(p);
     }
-    expect(recordsLost.size).toBe(1);
-    for (const p of vmFirstPacks) await fs.rm(p);
+    expect(genPacks).toHaveLength(1);
+    expect(dataPacks.length).toBeGreaterThan(0);
+    for (const p of dataPacks) await fs.rm(p);
     await fs.rm(path.join(repo, 'index'), { recursive: true });
     const r = await gv(repo, ['repair', '--write', '--json']);
     expect(r.code).toBe(1);
     expect(r.stderr.trim().split('\n')).toHaveLength(1);
     const report = JSON.parse(r.stdout);
     const vmIds = (JSON.parse(listed) as Array<{ name: string; id: string }>).filter((g) => g.name === 'vm').map((g) => g.id);
-    expect(report.incomplete.map((g: { id: string }) => g.id).sort()).toEqual(vmIds.filter((id) => !recordsLost.has(id)).sort());
+    expect(report.incomplete.map((g: { id: string }) => g.id).sort()).toEqual([...vmIds].sort());
     expect(report.incomplete.length).toBeGreaterThan(0);
     for (const g of report.incomplete) {
       expect(g.missingChunks).toBeGreaterThan(0);
@@ -288,7 +291,7 @@ describe('a pack that is lost', () => {
     }
     // The others restore; the generations that lost data refuse in one line.
     const list = JSON.parse(await gvOk(repo, ['list', '--json'])) as Array<{ name: string; id: string }>;
-    expect(list).toHaveLength(5 - recordsLost.size);
+    expect(list).toHaveLength(5);
     for (const g of list) {
       const out = s.path('out.img');
       await fs.rm(out, { force: true });
@@ -356,11 +359,11 @@ describe('torn tails and damaged records', () => {
     const [torn] = smallPacks;
     await fs.appendFile(torn!, prng(77, 100));
     // The first record header of vm's first pack: its CRC fails, the scan goes on after it.
-    const data = vmFirstPacks[0]!;
+    const data = (await Promise.all(vmFirstPacks.map(async (p) => [p, (await fs.stat(p)).size] as const))).sort((a, b) => b[1] - a[1])[0]![0]; // its data pack
     const fh = await fs.open(data, 'r+');
     await fh.write(Buffer.of(0x5a), 0, 1, 24 + 10);
     await fh.close();
-    const r = await gv(repo, ['repair', '--json']);
+    const r = await gv(repo, ['repair', '--json', '--read-all-packs']);
     expect(r.code).toBe(1);
     const report = JSON.parse(r.stdout);
     const id = (p: string) => path.basename(p, '.pack');
@@ -370,7 +373,14 @@ describe('torn tails and damaged records', () => {
     expect(report.incomplete.length).toBeGreaterThan(0);
     expect(report.incomplete.every((g: { name: string; missingChunks: number }) => g.name === 'vm' && g.missingChunks > 0)).toBe(true);
     expect(report.index.state).toBe('readable');
-    const human = await gv(repo, ['repair']);
+    // Without --read-all-packs a pack with tables of contents gives its chunk records from
+    // them, headers unread: the damaged header goes unnoticed (verify and reads find it);
+    // the torn pack has bytes after its last TOC, so it is read header by header.
+    const quick = JSON.parse((await gv(repo, ['repair', '--json'])).stdout);
+    expect(quick.damagedRecords).toEqual([]);
+    expect(quick.tornTails).toEqual(report.tornTails);
+    expect(quick.packsViaToc).toBe(quick.packs - 1);
+    const human = await gv(repo, ['repair', '--read-all-packs']);
     expect(human.stdout).toMatch(new RegExp(`torn tail: pack ${id(torn!)}: 100 bytes`));
     expect(human.stdout).toMatch(new RegExp(`DAMAGED record: pack ${id(data)} offset 24`));
     expect(human.stdout).toMatch(/NOT WHOLE: vm@/);

@@ -7,7 +7,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { Scratch, flipByte, gv, gvOk, oneLine, packFiles, prng, sh } from './helpers.js';
+import { dataPackFiles, flipByte, gv, gvOk, oneLine, prng, sh, Scratch } from './helpers.js';
 import { LeafBuilder, encodeTop } from '../src/format/chunkmap.js';
 import { leafKey } from '../src/format/keys.js';
 import { Repository } from '../src/repository/repository.js';
@@ -69,11 +69,11 @@ describe('verify', () => {
     await fs.writeFile(s.path('c.img'), Buffer.concat([prng(14, 3 << 20), Buffer.alloc(1 << 20, 'some text ')]));
     await gvOk(repo, ['init']);
     await gvOk(repo, ['backup', s.path('a.img'), '--name', 'a']);
-    packA = (await packFiles(repo))[0]!;
+    packA = (await dataPackFiles(repo))[0]!;
     await gvOk(repo, ['backup', s.path('b.img'), '--name', 'b']);
-    const before = await packFiles(repo);
+    const before = await dataPackFiles(repo);
     await gvOk(repo, ['backup', s.path('c.img'), '--name', 'c']);
-    packC = (await packFiles(repo)).find((p) => !before.includes(p))!;
+    packC = (await dataPackFiles(repo)).find((p) => !before.includes(p))!;
     await gvOk(repo, ['backup', s.path('a.img'), '--name', 'a']); // a second generation of a, nothing new
     gens = JSON.parse(await gvOk(repo, ['list', '--json']));
     expect(gens.map((g) => g.name)).toEqual(['a', 'a', 'b', 'c']);

@@ -57,11 +57,12 @@ export function generationRecord(run: BackupRun, map: MapBuilder): Commit {
 const LEAVES_PER_APPEND = 256;
 
 /**
- * Format 4: the generation's map and record appended to the run's pack and synced, so they
- * are durable before the commit batch (which carries the pack's `p` size). With
+ * Format 4: the generation's map and record written into a pack of their own and synced,
+ * so they are durable before the commit batch (which carries the pack's `p` size). With
  * `allLeaves`, first a leaf record for every leaf of the map: see catchUpAfterUpgrade.
  */
 export async function writeGenerationRecords(run: BackupRun, sink: PackSink, c: Commit, allLeaves = false): Promise<void> {
+  await sink.generationPack();
   if (allLeaves) await writeAllLeaves(run, sink, c.refs);
   const recs = Buffer.concat([
     encodeMetaRecord({ type: REC_GENMAP, id: c.gen.id, top: c.top }),

@@ -6,6 +6,7 @@
  * full, and once at the end). Until its entry is committed, a chunk this run wrote is
  * known here only (ours()): in flight, uncommitted or committing.
  */
+import { TOC_FROM_VERSION } from '../format/toc.js';
 import { describeFsError } from '../util/errors.js';
 import { chunkKey } from '../format/keys.js';
 import { COMP_GROUP, ChunkLocation, RECORD_HEADER_SIZE, encodeLocation } from '../format/pack.js';
@@ -127,12 +128,16 @@ export class PackSink {
 
   /** The first pack, or the next once the current one is full (which is flushed and closed). */
   private async nextPack(): Promise<void> {
-    const { run } = this;
     if (this.pack) {
       await this.flush();
       await this.pack.close();
     }
-    this.pack = await PackWriter.create(run.repo.store).catch((e) => { throw describeFsError(e, `creating a pack file in ${run.repo.dir}`); });
+    await this.openPack();
+  }
+
+  private async openPack(): Promise<void> {
+    const { run } = this;
+    this.pack = await PackWriter.create(run.repo.store, { toc: run.cfg.version >= TOC_FROM_VERSION }).catch((e) => { throw describeFsError(e, `creating a pack file in ${run.repo.dir}`); });
     run.packs.push(this.pack);
     await run.writer!.addPack(this.pack.packId);
   }
@@ -202,11 +207,17 @@ export class PackSink {
   }
 
   /**
-   * Format 4, at the end of the run: the generation's records (map, record, and leaf records
-   * when the run catches up after an upgrade) appended to the run's pack, a new one if it
-   * has none (everything was deduplicated), and synced. Returns the `p` entry for the
-   * commit batch.
+   * Format 4, at the end of the run (after the last flush): a pack of the generation's own
+   * for its records (map, record, and leaf records when the run catches up after an
+   * upgrade), so that losing a data pack never loses the generation unnamed: a rebuild
+   * still finds it and names the chunks it lacks.
    */
+  async generationPack(): Promise<void> {
+    await this.pack?.close();
+    await this.openPack();
+  }
+
+  /** The records appended, synced; returns the `p` entry for the commit batch. */
   async finalRecords(records: Buffer): Promise<PutOp> {
     await this.appendRecords(records);
     await this.pack!.sync();

@@ -28,7 +28,7 @@ function indexLines(r: RepairReport): string[] {
 function printHuman(r: RepairReport): void {
   const out: string[] = [];
   out.push(
-    `scanned ${r.packs} pack(s), ${bytes(r.bytes)}: ${r.chunks} chunks, ${r.leaves} map leaves, ` +
+    `scanned ${r.packs} pack(s) (${r.packsViaToc} from their tables of contents), ${bytes(r.bytes)}: ${r.chunks} chunks, ${r.leaves} map leaves, ` +
       `${r.generationsFound} generation(s) found, ${r.generationsRestored} restorable; took ${duration(r.durationMs)}`,
   );
   for (const t of r.tornTails) out.push(`torn tail: pack ${t.pack}: ${t.bytes} bytes after its last whole record (${t.problem})`);
@@ -53,11 +53,14 @@ export function register(program: Command): void {
     .command('repair')
     .description('rebuild the index from the packs (format 4); without --write, only report what it would do')
     .option('--write', 'build a new index beside the old one and swap it in')
+    .option('--read-all-packs', 'read every record header, also in packs that have tables of contents')
     .option('--json', 'print the report as JSON')
     .addHelpText(
       'after',
-      '\nEvery pack is read from start to end; its chunk records, map leaves, generation maps,\n' +
-        'generation records and changes say what the index should hold. The report names torn\n' +
+      '\nEvery pack is read: from its tables of contents when it ends in one (format 5), else\n' +
+        'header by header from start to end (--read-all-packs: always). Its chunk records, map\n' +
+        'leaves, generation maps, generation records and changes say what the index should\n' +
+        'hold. The report names torn\n' +
         'pack tails, damaged records, generations that cannot be restored whole (a map leaf or\n' +
         'chunk they need is in no pack), and how the index in place differs from the packs\n' +
         '("index and packs agree" when it does not).\n\n' +
@@ -73,11 +76,11 @@ export function register(program: Command): void {
         'Examples:\n  genvault repair            # what would be rebuilt\n  genvault repair --write    # rebuild index/ from the packs',
     )
     .action(
-      action(async (o: { write?: boolean }, cmd: Command) => {
+      action(async (o: { write?: boolean; readAllPacks?: boolean }, cmd: Command) => {
         const progress = new Progress(o.write ? 'repair' : 'repair (dry run)');
         let report: RepairReport;
         try {
-          report = await repair(repoPath(cmd), { write: o.write === true, progress: (d, t) => progress.update(d, t) });
+          report = await repair(repoPath(cmd), { write: o.write === true, readAll: o.readAllPacks === true, progress: (d, t) => progress.update(d, t) });
         } finally {
           progress.done();
         }

@@ -8,7 +8,7 @@ import { GenvaultError } from '../util/errors.js';
 import { tryParseDuration } from '../util/duration.js';
 
 export const FORMAT_NAME = 'genvault-repository';
-export const FORMAT_VERSION = 4;
+export const FORMAT_VERSION = 5;
 
 export interface ChunkingParams {
   /** Boundaries are only ever placed at multiples of this (filesystem block size). */

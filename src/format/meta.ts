@@ -10,6 +10,7 @@
  *   2 generation map    payload = "GVM1" | generation id (8) | top-level map bytes
  *   3 generation record payload = "GVG1" | the generation record's JSON, as stored under 'g'
  *   4 generation change payload = "GVC1" | JSON of a GenerationChange
+ *   5 table of contents (format 5; toc.ts): what the pack holds, written by its writer
  *
  * The header's digest is the SHA-256 of the payload, its raw and stored lengths the
  * payload's length, compression 0 (raw): metadata is small and leaves are mostly digests,
@@ -21,12 +22,14 @@ import { COMP_RAW, RECORD_HEADER_SIZE, encodeRecordHeader } from './pack.js';
 import { decodeLeaf, decodeTop } from './chunkmap.js';
 import { generationKey, parseGenerationRecord, type Generation } from './generation.js';
 import { checkImageName } from './config.js';
+import { REC_TOC, checkTocPayload } from './toc.js';
 
 export const REC_CHUNK = 0;
 export const REC_LEAF = 1;
 export const REC_GENMAP = 2;
 export const REC_GENERATION = 3;
 export const REC_CHANGE = 4;
+export { REC_TOC };
 
 const MAGIC_GENMAP = Buffer.from('GVM1');
 const MAGIC_GENERATION = Buffer.from('GVG1');
@@ -54,10 +57,14 @@ export type MetaRecord =
   | { type: typeof REC_LEAF; leaf: Buffer }
   | { type: typeof REC_GENMAP; id: string; top: Buffer }
   | { type: typeof REC_GENERATION; generation: Generation; json: Buffer }
-  | { type: typeof REC_CHANGE; change: GenerationChange };
+  | { type: typeof REC_CHANGE; change: GenerationChange }
+  | { type: typeof REC_TOC; prev: number; count: number };
+
+/** The records written through encodeMetaRecord (a table of contents is toc.ts's encodeTocRecord). */
+export type WrittenMetaRecord = Exclude<MetaRecord, { type: typeof REC_TOC }>;
 
 /** A whole record (header and payload) for a pack. */
-export function encodeMetaRecord(rec: MetaRecord): Buffer {
+export function encodeMetaRecord(rec: WrittenMetaRecord): Buffer {
   const payload = metaPayload(rec);
   const out = Buffer.allocUnsafe(RECORD_HEADER_SIZE + payload.length);
   encodeRecordHeader(out, 0, COMP_RAW, payload.length, payload.length, createHash('sha256').update(payload).digest(), rec.type);
@@ -65,7 +72,7 @@ export function encodeMetaRecord(rec: MetaRecord): Buffer {
   return out;
 }
 
-function metaPayload(rec: MetaRecord): Buffer {
+function metaPayload(rec: WrittenMetaRecord): Buffer {
   switch (rec.type) {
     case REC_LEAF:
       return rec.leaf;
@@ -110,6 +117,10 @@ export function decodeMetaPayload(type: number, payload: Buffer): MetaRecord {
     case REC_CHANGE: {
       expectMagic(payload, MAGIC_CHANGE, 'generation change');
       return { type, change: checkChange(parseJson(payload.subarray(4), 'generation change')) };
+    }
+    case REC_TOC: {
+      const toc = checkTocPayload(payload);
+      return { type, prev: toc.prev, count: toc.count };
     }
     default:
       throw new Error(`unknown record type ${type}`);

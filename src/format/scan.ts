@@ -11,6 +11,12 @@
  * record's header is 52 bytes with a CRC, so a false match needs a 32-bit CRC collision
  * at a place that also holds the record magic). Bytes after the last whole record are the
  * `tail`: a writer that died mid-append leaves one.
+ *
+ * A pack that ends in a table of contents (format 5, toc.ts) is read from its TOCs
+ * instead: a few reads at its end, then only the metadata records' payloads. Unless the
+ * caller asks for every header (`readAll`: verify, `repair --read-all-packs`), chunk
+ * records are then taken from the TOC without reading their headers; anything wrong with
+ * the TOCs and the pack is read from start to end as above.
  */
 import { createHash } from 'node:crypto';
 import {
@@ -25,6 +31,7 @@ import {
   type RecordHeader,
 } from './pack.js';
 import { REC_CHUNK, decodeMetaPayload, type MetaRecord } from './meta.js';
+import { REC_TOC, TOC_TRAILER, checkTocPayload, tocEntries, tocTrailer, type TocEntry } from './toc.js';
 
 /** Read `length` bytes of the pack at `position` into buf at `offset`; returns how many were read. */
 export type PackRead = (buf: Buffer, offset: number, length: number, position: number) => Promise<number>;
@@ -49,6 +56,13 @@ export interface ScanEnd {
   tail: number;
   /** Why the tail is not a record (its header damaged, or the record cut off). */
   tailProblem?: string;
+  /** The pack was read from its tables of contents (not header by header). */
+  viaToc?: boolean;
+}
+
+export interface ScanOptions {
+  /** Read every record header even when the pack has tables of contents. */
+  readAll?: boolean;
 }
 
 const WINDOW = 64 << 10;
@@ -88,8 +102,32 @@ class Window {
  * Every record of a pack of `size` bytes, in order. `packId`: the id its file name gives,
  * which its header must repeat.
  */
-export async function* scanPack(read: PackRead, size: number, packId: string): AsyncGenerator<ScanItem, ScanEnd> {
+export async function* scanPack(read: PackRead, size: number, packId: string, opts: ScanOptions = {}): AsyncGenerator<ScanItem, ScanEnd> {
   const w = new Window(read, size);
+  const spans = opts.readAll ? null : await tocChain(w, packId);
+  if (!spans) return yield* scanWhole(w, packId);
+  // One TOC's entries at a time: a pack of millions of small records has as many entries.
+  for (const sp of spans) {
+    const toc = await tocAt(w, sp.at, sp.end);
+    if (!toc || sp.start + toc.covered !== sp.at) {
+      yield { kind: 'damaged', offset: sp.start, length: sp.end - sp.start, problem: 'table of contents changed while it was read' };
+      continue;
+    }
+    for (const e of tocEntries(toc.payload, sp.start)) yield await tocItem(w, e);
+  }
+  return { end: size, tail: 0, viaToc: true };
+}
+
+/** A TOC record (at..end) and the bytes it lists (start..at). */
+interface TocSpan {
+  start: number;
+  at: number;
+  end: number;
+}
+
+/** Every record, header by header from the pack header on. */
+async function* scanWhole(w: Window, packId: string): AsyncGenerator<ScanItem, ScanEnd> {
+  const size = w.size;
   const head = await w.at(0, PACK_HEADER_SIZE);
   let pos = PACK_HEADER_SIZE;
   if (head.length < PACK_HEADER_SIZE || !head.subarray(0, 8).equals(PACK_MAGIC) || head.toString('hex', 8, 24) !== packId) {
@@ -119,6 +157,75 @@ export async function* scanPack(read: PackRead, size: number, packId: string): A
   return { end, tail: size - end, ...(end < size ? { tailProblem } : {}) };
 }
 
+/**
+ * The pack's tables of contents, first to last, when the pack (of w.size bytes) ends in a
+ * TOC, its header names it, and every TOC is whole, decodes, and lists exactly the bytes
+ * between the one before it (or the pack header) and itself; null otherwise. Each TOC is
+ * read whole here and again when its records are taken (scanPack): only its place is
+ * kept, so memory does not grow with the pack.
+ */
+async function tocChain(w: Window, packId: string): Promise<TocSpan[] | null> {
+  const size = w.size;
+  if (size < PACK_HEADER_SIZE + RECORD_HEADER_SIZE + TOC_TRAILER) return null;
+  const head = Buffer.from(await w.at(0, PACK_HEADER_SIZE));
+  if (head.length < PACK_HEADER_SIZE || !head.subarray(0, 8).equals(PACK_MAGIC) || head.toString('hex', 8, 24) !== packId) return null;
+  await w.at(Math.max(0, size - WINDOW), WINDOW); // the last TOC is usually in it
+  const len = tocTrailer(Buffer.from(await w.at(size - TOC_TRAILER, TOC_TRAILER)));
+  if (len === null) return null;
+  const spans: TocSpan[] = [];
+  for (let at = size - RECORD_HEADER_SIZE - len, end = size; ; ) {
+    const toc = await tocAt(w, at, end);
+    if (!toc) return null;
+    let start = PACK_HEADER_SIZE;
+    if (toc.prev !== 0) {
+      const h = toc.prev >= PACK_HEADER_SIZE && toc.prev < at ? decodeRecordHeader(Buffer.from(await w.at(toc.prev, RECORD_HEADER_SIZE))) : null;
+      if (!h) return null;
+      start = toc.prev + RECORD_HEADER_SIZE + h.storedLength;
+    }
+    if (start + toc.covered !== at) return null;
+    spans.unshift({ start, at, end });
+    if (toc.prev === 0) return spans;
+    end = start;
+    at = toc.prev;
+  }
+}
+
+/** The TOC record at `at`, which must end exactly at `end`: its payload, checked, or null. */
+async function tocAt(w: Window, at: number, end: number): Promise<(ReturnType<typeof checkTocPayload> & { payload: Buffer }) | null> {
+  if (at < PACK_HEADER_SIZE) return null;
+  const h = decodeRecordHeader(Buffer.from(await w.at(at, RECORD_HEADER_SIZE)));
+  if (!h || h.type !== REC_TOC || h.compression !== 0 || h.rawLength !== h.storedLength || at + RECORD_HEADER_SIZE + h.storedLength !== end) return null;
+  const payload = Buffer.from(await w.at(at + RECORD_HEADER_SIZE, h.storedLength));
+  if (payload.length !== h.storedLength || !createHash('sha256').update(payload).digest().equals(h.digest)) return null;
+  try {
+    return { ...checkTocPayload(payload), payload };
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * A record as its TOC lists it. Chunks and groups come from the TOC alone (a group's
+ * member table checked against the digest the TOC gives, as the scan checks the one in
+ * the pack); metadata records are read, and must be what the TOC says.
+ */
+async function tocItem(w: Window, e: TocEntry): Promise<ScanItem> {
+  // The digest is a view into the TOC's payload: consumers copy what they keep.
+  const header = { type: e.type, compression: e.compression, rawLength: e.rawLength, storedLength: e.storedLength, digest: e.digest };
+  const length = RECORD_HEADER_SIZE + e.storedLength;
+  if (e.type === REC_CHUNK && e.compression !== COMP_GROUP) return { kind: 'chunk', offset: e.offset, header };
+  if (e.type === REC_CHUNK) {
+    const members = membersOf(e.table!, header);
+    return typeof members === 'string' ? { kind: 'damaged', offset: e.offset, length, problem: members } : { kind: 'group', offset: e.offset, header, members };
+  }
+  const item = await recordAt(w, e.offset);
+  if (item.kind === 'damaged') return { ...item, length };
+  if (item.header.type !== e.type || !item.header.digest.equals(e.digest) || item.header.storedLength !== e.storedLength) {
+    return { kind: 'damaged', offset: e.offset, length, problem: 'record does not match the table of contents' };
+  }
+  return item;
+}
+
 /** The record at `pos`: its header checked, a group's table and a metadata record's payload read and checked. */
 async function recordAt(w: Window, pos: number): Promise<ScanItem> {
   const damaged = (problem: string): ScanItem => ({ kind: 'damaged', offset: pos, length: 0, problem });
@@ -142,7 +249,7 @@ async function recordAt(w: Window, pos: number): Promise<ScanItem> {
   }
 }
 
-/** A group record's member table, checked against the header (count, lengths, digest); or what is wrong. */
+/** A group record's member table, read from the pack and checked against the header; or what is wrong. */
 async function groupTable(w: Window, at: number, h: RecordHeader): Promise<GroupMember[] | string> {
   const countBuf = await w.at(at, 4);
   if (countBuf.length < 4) return 'group member table cut off';
@@ -151,14 +258,20 @@ async function groupTable(w: Window, at: number, h: RecordHeader): Promise<Group
   if (n < 2 || n > GROUP_MAX_MEMBERS || tableLen > h.storedLength) return 'group member table damaged';
   const table = Buffer.from(await w.at(at, tableLen));
   if (table.length < tableLen) return 'group member table cut off';
+  return membersOf(table, h);
+}
+
+/** The members of a whole member table (count u32 | members), checked against the record header; or what is wrong. */
+function membersOf(table: Buffer, h: RecordHeader): GroupMember[] | string {
   if (!createHash('sha256').update(table).digest().equals(h.digest)) return 'group member table does not match its digest';
+  const n = table.readUInt32LE(0);
   const members: GroupMember[] = [];
   let inner = 0;
   for (let k = 0; k < n; k++) {
     const e = 4 + k * GROUP_MEMBER_SIZE;
     const rawLength = table.readUInt32LE(e + 32);
     if (rawLength === 0) return 'group member table damaged';
-    members.push({ digest: Buffer.from(table.subarray(e, e + 32)), inner, rawLength });
+    members.push({ digest: table.subarray(e, e + 32), inner, rawLength }); // views: consumers copy what they keep
     inner += rawLength;
   }
   if (inner !== h.rawLength) return 'group member table does not match the record header';

@@ -18,7 +18,7 @@
  */
 import { createHash } from 'node:crypto';
 import { K_GEN, K_LEAF } from '../format/keys.js';
-import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF, type MetaRecord } from '../format/meta.js';
+import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF, REC_TOC, type MetaRecord } from '../format/meta.js';
 import { generationKey } from '../format/generation.js';
 import { PACK_HEADER_SIZE, RECORD_HEADER_SIZE, decodeRecordHeader, isPackId, packObject } from '../format/pack.js';
 import { readRecordSpan, scanStoredPack } from '../store/pack-reader.js';
@@ -71,6 +71,8 @@ export function isLive(rec: MetaRecord, digest: Buffer, live: MetaLiveness): boo
       const rev = live.generations.get(generationKey(rec.change).toString('latin1'));
       return rev !== undefined && (rev === -1 || rev === rec.change.rev);
     }
+    case REC_TOC:
+      return false; // it lists its own pack's records; gc's new pack gets its own
   }
 }
 
@@ -82,11 +84,14 @@ export interface MetaScan {
   live: Array<{ offset: number; length: number }>;
   liveBytes: number;
   dropped: number;
+  /** Bytes of the pack's tables of contents: neither live nor dead (a rewrite writes its own). */
+  tocBytes: number;
 }
 
 /** Scan the committed part of a pack (`size` bytes) for its metadata records. */
 export async function scanMeta(repo: Repository, packId: string, size: number, live: MetaLiveness): Promise<MetaScan> {
-  const out: MetaScan = { problem: null, live: [], liveBytes: 0, dropped: 0 };
+  const out: MetaScan = { problem: null, live: [], liveBytes: 0, dropped: 0, tocBytes: 0 };
+  let listed = 0;
   if (!isPackId(packId)) return { ...out, problem: 'not a pack id' };
   const it = scanStoredPack(repo.store, { packId, name: packObject(packId), size }, size);
   const next = () =>
@@ -101,12 +106,13 @@ export async function scanMeta(repo: Repository, packId: string, size: number, l
       out.problem = `damaged record at offset ${item.offset} (${item.problem})`;
       return out;
     }
-    if (item.kind !== 'meta') continue;
     const length = RECORD_HEADER_SIZE + item.header.storedLength;
+    if (item.kind !== 'meta' || item.record.type !== REC_TOC) listed += length;
+    if (item.kind !== 'meta') continue;
     if (isLive(item.record, item.header.digest, live)) {
       out.live.push({ offset: item.offset, length });
       out.liveBytes += length;
-    } else {
+    } else if (item.record.type !== REC_TOC) {
       out.dropped++;
     }
   }
@@ -114,6 +120,7 @@ export async function scanMeta(repo: Repository, packId: string, size: number, l
   // The index says `size` bytes are committed: a torn end inside them is damage, not a tail.
   if (r.value.tail) out.problem = `record cut off at offset ${r.value.end} (${r.value.tailProblem ?? 'pack shorter than committed'})`;
   else if (size < PACK_HEADER_SIZE) out.problem = 'pack header cut off';
+  else out.tocBytes = size - PACK_HEADER_SIZE - listed;
   return out;
 }
 

@@ -23,6 +23,7 @@
  * a dead gc leaves behind is finished or undone by the next one (recoverLeftovers) or by
  * cleanupDeadWriters (uncommitted repack output, packs whose 'p' entry was deleted).
  */
+import { TOC_FROM_VERSION } from '../format/toc.js';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { GenvaultError, REPAIR_HINT, describeFsError } from '../util/errors.js';
@@ -659,7 +660,7 @@ async function triage(repo: Repository, plan: PackPlan, id: string, threshold: n
   if (scan?.problem) return { action: 'damaged', problem: scan.problem };
   const live = chunkLive + (scan?.liveBytes ?? 0);
   if (live === 0) return { action: 'delete', scan };
-  return { action: worthRewriting(live, size, threshold) ? 'rewrite' : 'keep', scan };
+  return { action: worthRewriting(live, size - (scan?.tocBytes ?? 0), threshold) ? 'rewrite' : 'keep', scan };
 }
 
 interface LiveRecord {
@@ -739,7 +740,7 @@ async function rewritePack(repo: Repository, writer: WriterRegistration, out: { 
   }
   if (!out.w || out.w.size >= repo.config.packTargetSize) {
     if (out.w) await out.w.close();
-    out.w = await PackWriter.create(repo.store).catch((e) => {
+    out.w = await PackWriter.create(repo.store, { toc: repo.config.version >= TOC_FROM_VERSION }).catch((e) => {
       throw describeFsError(e, `creating a pack file in ${repo.dir}`);
     });
     await writer.addPack(out.w.packId);
@@ -761,7 +762,8 @@ async function rewritePack(repo: Repository, writer: WriterRegistration, out: { 
     res.warnings.push(`pack ${id}: ${problem}; pack left in place (run 'genvault verify')`);
     return;
   }
-  await w.sync();
+  const copied = w.size - startSize;
+  await w.sync(); // appends the new pack's table of contents (format 5) first
   await testPause('repack-commit');
   const cur = await db.getMany(moves.map((m) => m.key));
   // Listed first: once the batch below has deleted its 'p' entry, cleanupDeadWriters
@@ -781,10 +783,9 @@ async function rewritePack(repo: Repository, writer: WriterRegistration, out: { 
   await db.batch(batch, SYNC);
   await testPause('pack-unlink');
   await repo.store.delete(packObject(id));
-  const copied = w.size - startSize;
   res.packsRepacked++;
   res.bytesCopied += copied;
-  res.bytesFreed += oldSize - copied;
+  res.bytesFreed += oldSize - (w.size - startSize);
   res.metadataKept += scan?.live.length ?? 0;
   res.metadataDropped += scan?.dropped ?? 0;
 }

@@ -3,7 +3,7 @@
  * both read in key order side by side: memory does not grow with the repository.
  *
  * A chunk entry agrees when it points at any whole copy the scan found (gc and heals
- * leave copies; the model's `c` is only the first). An entry that points into a pack the
+ * leave copies; the model's `c` is only the first, the others are in its copies database). An entry that points into a pack the
  * scan did not read, or past the last whole record it read there, was written after it (a
  * backup or gc running beside verify; a writer's file may end in a zero-padded block while
  * it appends) and is not judged here: verify's own checks read that record.
@@ -60,27 +60,53 @@ class Cursor<T> {
   }
 }
 
+/**
+ * Entries under `prefix` of an index opened anew every REOPEN_EVERY entries. LevelDB keeps
+ * the table files a pass has read memory-mapped, and counted in the process's RSS, until
+ * it closes them; a pass over a large index would otherwise hold up to its table cache's
+ * worth (native-notes/performance.md, "Rebuilding the index").
+ */
+async function* reopening(open: () => Promise<Db>, prefix: number): AsyncGenerator<Entry> {
+  const lt = prefixEnd(Buffer.of(prefix));
+  let after: Buffer | null = null;
+  for (;;) {
+    const db = await open();
+    let n = 0;
+    try {
+      for await (const e of db.iterator(after ? { gt: after, lt } : { gte: Buffer.of(prefix), lt })) {
+        yield e as Entry;
+        after = e[0];
+        if (++n >= REOPEN_EVERY) break;
+      }
+    } finally {
+      await db.close();
+    }
+    if (n < REOPEN_EVERY) return;
+  }
+}
+const REOPEN_EVERY = 200_000;
+
 function range(db: Db, prefix: number): AsyncIterator<Entry> {
   const gte = Buffer.of(prefix);
   return db.iterator({ gte, lt: prefixEnd(gte) })[Symbol.asyncIterator]() as AsyncIterator<Entry>;
 }
 
-/** Model copies grouped by chunk: ['c' + digest, [locations]]. */
-async function* copiesByChunk(copies: Db): AsyncGenerator<[Buffer, Buffer[]]> {
-  let k: Buffer | null = null;
-  let locs: Buffer[] = [];
-  const it = range(copies, K_COPY);
+/**
+ * Every copy the model found, grouped by chunk: ['c' + digest, [locations]], the first
+ * copy (the model's `c` entry) first, then the further ones from the copies database.
+ */
+async function* copiesByChunk(model: PackModel): AsyncGenerator<[Buffer, Buffer[]]> {
+  const extra = new Cursor(range(model.copies, K_COPY));
+  const it = range(model.db, K_CHUNK);
   for (let r = await it.next(); !r.done; r = await it.next()) {
-    const [ck, v] = r.value;
-    if (k && ck.compare(k, 1, 33, 1, 33) === 0) {
-      locs.push(v);
-      continue;
+    const [k, v] = r.value;
+    const locs = [v];
+    for (let e = await extra.peek(); e && e[0].compare(k, 1, 33, 1, 33) <= 0; e = await extra.peek()) {
+      extra.take();
+      if (e[0].compare(k, 1, 33, 1, 33) === 0) locs.push(e[1]);
     }
-    if (k) yield [k, locs];
-    k = Buffer.concat([Buffer.of(K_CHUNK), ck.subarray(1, 33)]);
-    locs = [v];
+    yield [k, locs];
   }
-  if (k) yield [k, locs];
 }
 
 /** Merge two key-ordered streams, calling `pair` with whichever sides hold each key. */
@@ -110,7 +136,8 @@ function note(d: KeyDiff, what: 'missing' | 'extra' | 'different', text: string)
 }
 
 /** Chunk entries of the index against the copies the scan found. */
-async function diffChunks(index: Db, copies: Db, scanned: Map<string, number>): Promise<KeyDiff> {
+async function diffChunks(index: Db | (() => Promise<Db>), model: PackModel): Promise<KeyDiff> {
+  const scanned = model.scannedEnds();
   const d = emptyDiff();
   const afterScan = (v: Buffer) => {
     if (!isLocation(v)) return false;
@@ -118,7 +145,7 @@ async function diffChunks(index: Db, copies: Db, scanned: Map<string, number>): 
     const end = scanned.get(l.packId);
     return end === undefined || l.offset >= end;
   };
-  await merge(new Cursor(range(index, K_CHUNK)), new Cursor(copiesByChunk(copies)[Symbol.asyncIterator]()), (k, iv, copies) => {
+  await merge(new Cursor(side(index, K_CHUNK)), new Cursor(copiesByChunk(model)[Symbol.asyncIterator]()), (k, iv, copies) => {
     const digest = k.toString('hex', 1);
     if (iv && copies?.some((c) => c.equals(iv))) return;
     if (iv && afterScan(iv)) return;
@@ -136,9 +163,9 @@ function where(v: Buffer): string {
 }
 
 /** Entries under one prefix, compared by key and value. */
-async function diffPlain(index: Db, model: Db, prefix: number, name: (k: Buffer) => string): Promise<KeyDiff> {
+async function diffPlain(index: () => Promise<Db>, model: Db, prefix: number, name: (k: Buffer) => string): Promise<KeyDiff> {
   const d = emptyDiff();
-  await merge(new Cursor(range(index, prefix)), new Cursor(range(model, prefix)), (k, iv, mv) => {
+  await merge(new Cursor(side(index, prefix)), new Cursor(range(model, prefix)), (k, iv, mv) => {
     if (iv && mv) {
       if (!iv.equals(mv)) note(d, 'different', `${name(k)}: the index and the packs differ`);
     } else if (iv) note(d, 'extra', `${name(k)}: in the index, in no pack`);
@@ -152,11 +179,16 @@ const genName = (k: Buffer) => {
   return `generation ${name}@${id}`;
 };
 
-/** Everything the model holds against the index (the model finished). */
-export async function diffIndex(index: Db, model: PackModel): Promise<IndexDiff> {
+/** An index's entries under a prefix: of an open index, or of one opened (and reopened) here. */
+function side(index: Db | (() => Promise<Db>), prefix: number): AsyncIterator<Entry> {
+  return typeof index === 'function' ? reopening(index, prefix) : range(index, prefix);
+}
+
+/** Everything the model holds against the index (the model finished), which `index` opens (each call a new handle). */
+export async function diffIndex(index: () => Promise<Db>, model: PackModel): Promise<IndexDiff> {
   const db = model.db;
   return {
-    chunks: await diffChunks(index, model.copies, model.scannedEnds()),
+    chunks: await diffChunks(index, model),
     leaves: await diffPlain(index, db, K_LEAF, (k) => `map leaf ${k.toString('hex', 1)}`),
     maps: await diffPlain(index, db, K_GENMAP, (k) => `generation map ${k.toString('hex', 1)}`),
     generations: await diffPlain(index, db, K_GEN, genName),
@@ -181,9 +213,10 @@ export async function packsAgree(store: Store, index: Db, progress?: (done: numb
       const v = await getOrNull(index, packKey(packId));
       return v ? packSizeOf(v) : null;
     };
-    const model = await PackModel.build(store, db, copies, { progress, committed });
+    // verify reads every record header, also where tables of contents would do: checking is its purpose.
+    const model = await PackModel.build(store, db, copies, { progress, committed, readAll: true });
     const restored = await model.finish();
-    const chunks = await diffChunks(index, copies, model.scannedEnds());
+    const chunks = await diffChunks(index, model);
     const problems: string[] = [];
     const bad = chunks.extra + chunks.different;
     if (bad) {

@@ -1,32 +1,47 @@
 /**
  * What the index should hold, according to the packs alone (format 4, FORMAT.md "Version
- * 4"): every pack of the store read from start to end (format/scan.ts), its records turned
- * into index entries in a LevelDB of their own. `genvault repair` swaps that database in
- * as the new index; `verify` and repair's dry run compare it with the index in place.
+ * 4"): every pack of the store read (format/scan.ts: from its tables of contents where it
+ * has them, else from start to end), its records turned into index entries in a LevelDB
+ * of their own. `genvault repair` swaps that database in as the new index; `verify` and
+ * repair's dry run compare it with the index in place.
  *
  * Memory stays bounded by the number of generations and packs, not of chunks or leaves:
  * chunk locations, leaves and maps go straight into the model's database in batches, and
- * only generation records and changes (a few hundred bytes each) are held. Every copy of
- * a chunk is kept while scanning, in a second database of its own (`C` digest pack offset
- * inner), so that the first copy (lowest pack id, then offset: the scan's order) can be
- * chosen afterwards without looking anything up per chunk, and so that verify can accept
- * an index entry pointing at any whole copy. That database is removed whole afterwards:
- * deleting its keys from the index instead left the new index three times its size until
- * LevelDB compacted the tombstones away.
+ * only generation records and changes (a few hundred bytes each) are held, besides a
+ * fixed-size filter of the chunks seen. A chunk's first copy (lowest pack id, then
+ * offset: the scan's order) becomes its `c` entry as it is met; the filter says whether
+ * the chunk may have been met before, and only then is the model looked up. Further
+ * copies (gc and heals leave some; normally none) go to a second database (`C` digest
+ * pack offset inner), so that verify can accept an index entry pointing at any whole
+ * copy; it is removed whole afterwards.
  */
 import { decodeLeaf, decodeTop } from '../format/chunkmap.js';
 import { K_GENMAP, chunkKey, key, leafKey, packKey, packSizeValue, prefixEnd } from '../format/keys.js';
 import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF, type GenerationChange } from '../format/meta.js';
-import { COMP_GROUP, encodeLocation } from '../format/pack.js';
+import { COMP_GROUP, encodeLocation, type ChunkLocation } from '../format/pack.js';
 import { generationKey, type Generation } from '../format/generation.js';
 import type { ScanEnd, ScanItem } from '../format/scan.js';
 import { getOrNull, type Db } from '../index/db.js';
+import { DigestFilter } from '../util/digest-filter.js';
 import { listPacks, scanStoredPack, type StoredPack } from '../store/pack-reader.js';
 import type { Store } from '../store/store.js';
 
-/** In the copies database: every whole copy of a chunk, `C` digest(32) pack(16) offset u64 BE inner u32 BE -> location. */
+/** In the copies database: every whole copy of a chunk but its first, `C` digest(32) pack(16) offset u64 BE inner u32 BE -> location. */
 export const K_COPY = 0x43; // 'C'
 const BATCH = 8192;
+/** Leaves looked up at once when finding what generations lack. */
+const LEAF_LOOKUPS = 32;
+
+/**
+ * The chunk filter's size (log2 of its bits): 16 bits per KiB of packs, as if chunks
+ * were stored in 1 KiB on average (most are tens of KiB), between 128 KiB and 16 MiB.
+ * Too small a filter only costs lookups, never a wrong answer; a large one costs page
+ * faults to fill.
+ */
+function filterBits(packBytes: number): number {
+  const want = Math.max(1, (packBytes / 1024) * 16);
+  return Math.min(27, Math.max(20, Math.ceil(Math.log2(want))));
+}
 
 export interface ScannedPack {
   pack: string;
@@ -76,31 +91,75 @@ export interface ModelCounts {
   bytes: number;
   /** Chunk records and group members read (copies included). */
   chunkRecords: number;
-  /** Distinct chunks (after finish). */
+  /** Distinct chunks. */
   chunks: number;
+  /** Packs read from their tables of contents (the others were read header by header). */
+  viaToc: number;
   leafRecords: number;
   generationsFound: number;
 }
 
 type Op = { type: 'put' | 'del'; key: Buffer; value?: Buffer };
 
-/** Batched writes to the model's database. */
+/**
+ * Batched writes to the model's database. A full batch is written while the scan goes on
+ * (the next one waits for it), so that LevelDB's work overlaps the reading.
+ */
 class Batcher {
   private ops: Op[] = [];
+  /** The batch being written. */
+  private writingOps: Op[] = [];
+  /** Keys of `knownOps` (the batch being filled, its first `knownCount`) and of the batch written before it. */
+  private known = new Set<string>();
+  private knownOps: Op[] | null = null;
+  private knownCount = 0;
+  private writing: Promise<void> = Promise.resolve();
+  private failed: unknown = null;
   constructor(private db: Db) {}
   async put(k: Buffer, v: Buffer): Promise<void> {
     this.ops.push({ type: 'put', key: k, value: v });
-    if (this.ops.length >= BATCH) await this.flush();
+    if (this.ops.length >= BATCH) await this.spill();
   }
   async del(k: Buffer): Promise<void> {
     this.ops.push({ type: 'del', key: k });
-    if (this.ops.length >= BATCH) await this.flush();
+    if (this.ops.length >= BATCH) await this.spill();
   }
+  /**
+   * Whether `k` was put here and may not be in the database yet (a key already written
+   * may also answer yes). Rarely asked (a chunk the filter may have seen): the keys are
+   * gathered into a set only when asked.
+   */
+  pending(k: Buffer): boolean {
+    if (this.knownOps !== this.ops) {
+      this.known = new Set(this.writingOps.map((op) => op.key.toString('latin1')));
+      this.knownOps = this.ops;
+      this.knownCount = 0;
+    }
+    for (; this.knownCount < this.ops.length; this.knownCount++) this.known.add(this.ops[this.knownCount]!.key.toString('latin1'));
+    return this.known.has(k.toString('latin1'));
+  }
+
+  /** Everything put so far written. */
   async flush(): Promise<void> {
+    await this.spill();
+    await this.writing;
+    this.throwFailure();
+  }
+  /** Start writing the batch (after the previous one is written). */
+  private async spill(): Promise<void> {
+    await this.writing;
+    this.throwFailure();
     if (!this.ops.length) return;
     const ops = this.ops;
     this.ops = [];
-    await this.db.batch(ops as never);
+    this.writingOps = ops;
+    this.writing = this.db.batch(ops as never).then(
+      () => void (this.writingOps = []),
+      (e: unknown) => void (this.failed = e),
+    );
+  }
+  private throwFailure(): void {
+    if (this.failed) throw this.failed;
   }
 }
 
@@ -115,35 +174,41 @@ export interface ModelOptions {
    * reads every pack to its end.
    */
   committed?: (packId: string) => Promise<number | null>;
+  /** Read every record header, also of packs that have tables of contents (verify). */
+  readAll?: boolean;
 }
 
 export class PackModel {
   readonly packs: ScannedPack[] = [];
   readonly damaged: DamagedRecord[] = [];
-  readonly counts: ModelCounts = { packs: 0, bytes: 0, chunkRecords: 0, chunks: 0, leafRecords: 0, generationsFound: 0 };
+  readonly counts: ModelCounts = { packs: 0, bytes: 0, chunkRecords: 0, chunks: 0, viaToc: 0, leafRecords: 0, generationsFound: 0 };
   private gens = new Map<string, GenState>();
+  private seen: DigestFilter;
   private out: Batcher;
   private cp: Batcher;
 
   constructor(
     /** The index being built. */
     readonly db: Db,
-    /** Every copy of every chunk (K_COPY keys). */
+    /** Every copy of a chunk but the first (K_COPY keys). */
     readonly copies: Db,
+    /** The packs' bytes, which bound how many chunks they can hold. */
+    packBytes: number,
   ) {
     this.out = new Batcher(db);
     this.cp = new Batcher(copies);
+    this.seen = new DigestFilter(filterBits(packBytes));
   }
 
   /** Read every pack of the store into the model (both databases empty). */
   static async build(store: Store, db: Db, copies: Db, opts: ModelOptions = {}): Promise<PackModel> {
-    const m = new PackModel(db, copies);
     const packs = await listPacks(store);
     const total = packs.reduce((a, p) => a + p.size, 0);
+    const m = new PackModel(db, copies, total);
     let done = 0;
     for (const p of packs) {
       const limit = opts.committed ? await opts.committed(p.packId) : p.size;
-      if (limit !== null) await m.scanOne(store, p, Math.min(limit, p.size));
+      if (limit !== null) await m.scanOne(store, p, Math.min(limit, p.size), opts.readAll === true);
       done += p.size;
       opts.progress?.(done, total);
     }
@@ -153,8 +218,8 @@ export class PackModel {
     return m;
   }
 
-  private async scanOne(store: Store, p: StoredPack, size: number): Promise<void> {
-    const it = scanStoredPack(store, p, size);
+  private async scanOne(store: Store, p: StoredPack, size: number, readAll: boolean): Promise<void> {
+    const it = scanStoredPack(store, p, size, { readAll });
     let r: IteratorResult<ScanItem, ScanEnd>;
     try {
       r = await it.next(); // opens the pack
@@ -167,6 +232,7 @@ export class PackModel {
     const end: ScanEnd = r.value;
     this.packs.push({ pack: p.packId, size: p.size, end: end.end, tail: end.tail, ...(end.tailProblem ? { tailProblem: end.tailProblem } : {}) });
     this.counts.packs++;
+    if (end.viaToc) this.counts.viaToc++;
     this.counts.bytes += p.size;
     await this.out.put(packKey(p.packId), packSizeValue(end.end));
   }
@@ -178,23 +244,35 @@ export class PackModel {
         return;
       case 'chunk': {
         const h = item.header;
-        const loc = { packId: pack, offset: item.offset, storedLength: h.storedLength, rawLength: h.rawLength, compression: h.compression };
-        await this.cp.put(copyKey(h.digest, pack, item.offset, 0), encodeLocation(loc));
-        this.counts.chunkRecords++;
+        await this.takeCopy(h.digest, { packId: pack, offset: item.offset, storedLength: h.storedLength, rawLength: h.rawLength, compression: h.compression });
         return;
       }
       case 'group': {
         const h = item.header;
         for (const mem of item.members) {
-          const loc = { packId: pack, offset: item.offset, storedLength: h.storedLength, rawLength: mem.rawLength, compression: COMP_GROUP, inner: mem.inner, groupRaw: h.rawLength };
-          await this.cp.put(copyKey(mem.digest, pack, item.offset, mem.inner), encodeLocation(loc));
-          this.counts.chunkRecords++;
+          await this.takeCopy(mem.digest, { packId: pack, offset: item.offset, storedLength: h.storedLength, rawLength: mem.rawLength, compression: COMP_GROUP, inner: mem.inner, groupRaw: h.rawLength });
         }
         return;
       }
       case 'meta':
         return this.takeMeta(item);
     }
+  }
+
+  /** A copy of a chunk: its `c` entry if it is the first met, else one for the copies database. */
+  private async takeCopy(digest: Buffer, loc: ChunkLocation): Promise<void> {
+    this.counts.chunkRecords++;
+    const v = encodeLocation(loc);
+    const k = chunkKey(digest);
+    if (this.seen.maybeHas(digest)) {
+      if (this.out.pending(k) || (await getOrNull(this.db, k))) {
+        await this.cp.put(copyKey(digest, loc.packId, loc.offset, loc.inner ?? 0), v);
+        return;
+      }
+    }
+    this.seen.add(digest);
+    await this.out.put(k, v);
+    this.counts.chunks++;
   }
 
   private async takeMeta(item: Extract<ScanItem, { kind: 'meta' }>): Promise<void> {
@@ -233,12 +311,10 @@ export class PackModel {
   }
 
   /**
-   * Turn the scan into index entries: `c` from each chunk's first copy, `g` for every
-   * generation with a record and a map that was not forgotten (changes applied), and no
-   * map without such a record.
+   * Finish the index entries: `g` for every generation with a record and a map that was
+   * not forgotten (changes applied), and no map without such a record.
    */
   async finish(): Promise<Generation[]> {
-    await this.chooseCopies();
     const restored: Generation[] = [];
     for (const g of this.gens.values()) {
       const rec = restorable(g);
@@ -252,20 +328,6 @@ export class PackModel {
     }
     await this.out.flush();
     return restored.sort((a, b) => (a.name === b.name ? Date.parse(a.created) - Date.parse(b.created) : a.name < b.name ? -1 : 1));
-  }
-
-  private async chooseCopies(): Promise<void> {
-    let last: Buffer | null = null;
-    const gte = Buffer.of(K_COPY);
-    for await (const [k, v] of this.copies.iterator({ gte, lt: prefixEnd(gte) })) {
-      const digest = k.subarray(1, 33);
-      if (!last || !last.equals(digest)) {
-        await this.out.put(chunkKey(digest), v);
-        last = Buffer.from(digest);
-        this.counts.chunks++;
-      }
-    }
-    await this.out.flush();
   }
 
   /** Generations the packs hold that are not restored, and why (forgotten ones aside). */
@@ -285,14 +347,17 @@ export class PackModel {
     const out: IncompleteGeneration[] = [];
     for (const g of restored) {
       const top = await getOrNull(this.db, key(K_GENMAP, Buffer.from(g.id, 'hex')));
+      const refs = top ? decodeTop(top) : [];
+      // Leaves not looked at yet, several at a time: one lookup waits for the last.
+      const fresh = [...new Map(refs.map((r) => [r.digest.toString('hex'), r])).entries()].filter(([hex]) => !leaves.has(hex));
+      for (let i = 0; i < fresh.length; i += LEAF_LOOKUPS) {
+        const part = fresh.slice(i, i + LEAF_LOOKUPS);
+        const found = await Promise.all(part.map(([, r]) => this.leafMissing(r)));
+        part.forEach(([hex], k) => leaves.set(hex, found[k]!));
+      }
       const miss = { leaves: 0, chunks: 0, bytes: 0 };
-      for (const ref of top ? decodeTop(top) : []) {
-        const hex = ref.digest.toString('hex');
-        let m = leaves.get(hex);
-        if (!m) {
-          m = await this.leafMissing(ref);
-          leaves.set(hex, m);
-        }
+      for (const ref of refs) {
+        const m = leaves.get(ref.digest.toString('hex'))!;
         miss.leaves += m.leaves;
         miss.chunks += m.chunks;
         miss.bytes += m.bytes;

@@ -31,6 +31,8 @@ import { diffAgrees, diffIndex, type IndexDiff } from './index-diff.js';
 export interface RepairOptions {
   /** Swap the rebuilt index in (default: report only). */
   write?: boolean;
+  /** Read every record header, also in packs that have tables of contents. */
+  readAll?: boolean;
   /** Bytes of packs read so far, of the total (a terminal's progress bar). */
   progress?: (done: number, total: number) => void;
 }
@@ -38,6 +40,8 @@ export interface RepairOptions {
 export interface RepairReport {
   write: boolean;
   packs: number;
+  /** Of them, read from their tables of contents (format 5) instead of header by header. */
+  packsViaToc: number;
   bytes: number;
   /** Distinct chunks found (copies counted once), and every chunk record or group member read. */
   chunks: number;
@@ -86,7 +90,7 @@ export async function repair(dir: string, opts: RepairOptions = {}): Promise<Rep
     db = await openPrivateDb(path.join(build, 'index'));
     copies = await openPrivateDb(path.join(build, 'copies'));
     const store = new LocalStore(abs);
-    const model = await PackModel.build(store, db, copies, { progress: opts.progress });
+    const model = await PackModel.build(store, db, copies, { progress: opts.progress, readAll: opts.readAll === true });
     await store.close();
     const report = await describe(model, indexDir, opts.write === true);
     await copies.close();
@@ -118,6 +122,7 @@ async function describe(model: PackModel, indexDir: string, write: boolean): Pro
   return {
     write,
     packs: model.counts.packs,
+    packsViaToc: model.counts.viaToc,
     bytes: model.counts.bytes,
     chunks: model.counts.chunks,
     chunkRecords: model.counts.chunkRecords,
@@ -135,20 +140,17 @@ async function describe(model: PackModel, indexDir: string, write: boolean): Pro
 
 async function compareWithIndex(indexDir: string, model: PackModel): Promise<RepairReport['index']> {
   if (!(await exists(indexDir))) return { state: 'missing' };
-  let index: Db;
+  limitIndexOpenFiles(OPEN_FILES_FOR_PASSES); // one pass over all of it (db.ts)
   try {
-    limitIndexOpenFiles(OPEN_FILES_FOR_PASSES); // one pass over all of it (db.ts)
-    index = await openDb(indexDir);
+    await (await openDb(indexDir)).close();
   } catch (e) {
     return { state: 'unreadable', problem: e instanceof IndexError ? e.message : (e as Error).message };
   }
   try {
-    const diff = await diffIndex(index, model);
+    const diff = await diffIndex(() => openDb(indexDir), model);
     return { state: 'readable', agrees: diffAgrees(diff), diff };
   } catch (e) {
     return { state: 'unreadable', problem: (e as Error).message };
-  } finally {
-    await index.close().catch(() => undefined);
   }
 }
 

@@ -1,5 +1,7 @@
 /**
- * `genvault upgrade`: a repository of format 1-3 becomes format 4 (FORMAT.md, "Version 4"):
+ * `genvault upgrade`: a repository of format 1-4 becomes format 5. From 4 only the version
+ * changes (writers of format 5 add tables of contents to their packs, FORMAT.md "Version
+ * 5"). From 1-3 (FORMAT.md, "Version 4"):
  * the metadata that so far lived only in the index is written into packs, so that the
  * index can be rebuilt from them (`genvault repair`).
  *
@@ -8,7 +10,7 @@
  * 2. write a leaf record for every `l` leaf, a map and a record for every generation (a
  *    generation hidden while pinned gets a `forgotten` change instead), sync, and commit
  *    the packs' `p` entries;
- * 3. config.json says version 4 (atomically), and from then on every writer adds records;
+ * 3. config.json says version 5 (atomically), and from then on every writer adds records;
  * 4. catch up: writers that opened the repository before step 3 still write as version 3.
  *    Wait until none runs, then write what steps 2 missed (leaves and generations they
  *    committed). Writers check too: a backup reads config.json once registered (a writer
@@ -70,6 +72,11 @@ export async function upgrade(repo: Repository, opts: UpgradeOptions = {}): Prom
         await refuseOtherWriters(repo, mp);
         opts.progress?.(`writing the metadata of ${repo.dir} into packs`);
         await writePass(repo, mp, written, res);
+        await writeConfig(repo);
+        opts.progress?.(`format version ${from} -> ${FORMAT_VERSION}`);
+      } else if (from < FORMAT_VERSION) {
+        // 4 -> 5: only writers change (they add tables of contents to new packs); packs
+        // without one are read whole, so nothing is written for the old ones.
         await writeConfig(repo);
         opts.progress?.(`format version ${from} -> ${FORMAT_VERSION}`);
       }

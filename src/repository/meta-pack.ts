@@ -8,7 +8,8 @@
  * cleanupDeadWriters: deleted when uncommitted). Opened only when a record is added, so a
  * command that ends up changing nothing writes no pack.
  */
-import { encodeMetaRecord, type MetaRecord } from '../format/meta.js';
+import { TOC_FROM_VERSION } from '../format/toc.js';
+import { encodeMetaRecord, type WrittenMetaRecord } from '../format/meta.js';
 import { PackWriter } from '../store/pack-writer.js';
 import { Repository } from './repository.js';
 import { WriterRegistration, trimPacks } from './locks.js';
@@ -49,10 +50,10 @@ export class MetaPack {
     return MetaPack.wanted(repo) || (await Repository.readConfig(repo.dir)).version >= 4;
   }
 
-  async add(rec: MetaRecord): Promise<void> {
+  async add(rec: WrittenMetaRecord): Promise<void> {
     if (this.writer && this.writer.size >= META_PACK_BYTES) this.sealed.push(await this.sealWriter());
     if (!this.writer) {
-      const w = await PackWriter.create(this.repo.store);
+      const w = await PackWriter.create(this.repo.store, { toc: this.repo.config.version >= TOC_FROM_VERSION });
       this.writer = w;
       await this.reg.addPack(w.packId);
     }

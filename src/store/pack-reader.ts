@@ -4,7 +4,7 @@
  * workers read records themselves (work/worker.ts).
  */
 import { PACK_HEADER_SIZE, PACK_MAGIC, isPackId, packObject } from '../format/pack.js';
-import { scanPack, type ScanEnd, type ScanItem } from '../format/scan.js';
+import { scanPack, type ScanEnd, type ScanItem, type ScanOptions } from '../format/scan.js';
 import type { Store } from './store.js';
 
 /** A pack's size and whether its header names it; null when the pack is missing. Other errors are thrown. */
@@ -68,7 +68,7 @@ export async function listPacks(store: Store): Promise<StoredPack[]> {
   return out.sort((a, b) => (a.packId < b.packId ? -1 : a.packId > b.packId ? 1 : 0));
 }
 
-/** Read a pack from start to end without the index (format/scan.ts), through the store. */
-export function scanStoredPack(store: Store, p: StoredPack, size = p.size): AsyncGenerator<ScanItem, ScanEnd> {
-  return scanPack((buf, off, len, pos) => store.read(p.name, buf, off, len, pos), size, p.packId);
+/** Read a pack's records without the index (format/scan.ts), through the store. */
+export function scanStoredPack(store: Store, p: StoredPack, size = p.size, opts: ScanOptions = {}): AsyncGenerator<ScanItem, ScanEnd> {
+  return scanPack((buf, off, len, pos) => store.read(p.name, buf, off, len, pos), size, p.packId, opts);
 }

@@ -3,8 +3,12 @@
  * over, onto an Appender of the repository's store. The format itself is in
  * ../format/pack.ts; how the bytes reach the storage (O_DIRECT staging for a local
  * directory) is the store's business (local.ts).
+ *
+ * From format 5 every sync is preceded by a table of contents of the records appended
+ * since the last one (../format/toc.ts), so that the committed pack always ends in one.
  */
 import { PACK_HEADER_SIZE, PACK_MAGIC, newPackId, packObject } from '../format/pack.js';
+import { encodeTocRecord, tocEntriesOf } from '../format/toc.js';
 import { packKey, packSizeValue } from '../format/keys.js';
 import type { Appender, Store } from './store.js';
 
@@ -13,19 +17,29 @@ import type { Appender, Store } from './store.js';
  * pointing into the pack only after sync() has returned.
  */
 export class PackWriter {
+  /** Entries of the records appended since the last TOC (null: this pack gets none). */
+  private toc: Array<{ offset: number; bytes: Buffer }> | null;
+  /** Offset of the last TOC record (0: none yet), and where it ends. */
+  private lastToc = 0;
+  private lastTocEnd = 0;
+
   private constructor(
     readonly packId: string,
     readonly out: Appender,
-  ) {}
+    toc: boolean,
+  ) {
+    this.toc = toc ? [] : null;
+  }
 
-  static async create(store: Store): Promise<PackWriter> {
+  /** A new pack; `toc`: append tables of contents (repositories of format 5 and later). */
+  static async create(store: Store, opts: { toc: boolean }): Promise<PackWriter> {
     const packId = newPackId();
     const out = await store.create(packObject(packId));
     const header = Buffer.alloc(PACK_HEADER_SIZE);
     PACK_MAGIC.copy(header, 0);
     header.write(packId, 8, 16, 'hex');
-    const w = new PackWriter(packId, out);
-    await w.append(header);
+    const w = new PackWriter(packId, out, opts.toc);
+    await w.out.append(header);
     return w;
   }
 
@@ -43,19 +57,36 @@ export class PackWriter {
     return { type: 'put', key: packKey(this.packId), value: packSizeValue(this.size) };
   }
 
-  /** Append pre-encoded records (headers included); returns the offset they start at. */
+  /** Append whole pre-encoded records (headers included); returns the offset they start at. */
   async append(records: Buffer): Promise<number> {
     const at = this.out.size;
+    if (this.toc) for (const e of tocEntriesOf(records, at)) this.toc.push(e);
     await this.out.append(records);
     return at;
   }
 
+  /** Make everything appended durable, after a TOC of what is new since the last one. */
   async sync(): Promise<void> {
+    if (this.toc?.length) {
+      const at = this.out.size;
+      await this.out.append(encodeTocRecord(this.lastToc, this.toc.map((e) => e.bytes)));
+      this.lastToc = at;
+      this.lastTocEnd = this.out.size;
+      this.toc = [];
+    }
     await this.out.sync();
   }
 
-  /** Drop everything appended after `size` (gc gives up on a pack it was copying). */
+  /**
+   * Drop everything appended after `size` (gc gives up on a pack it was copying; never
+   * past a sync). A rewind behind the last TOC would leave its chain pointing at nothing:
+   * the pack then gets no more TOCs, and readers read it whole.
+   */
   async rewind(size: number): Promise<void> {
+    if (this.toc) {
+      if (size < this.lastTocEnd) this.toc = null;
+      else this.toc = this.toc.filter((e) => e.offset < size);
+    }
     await this.out.truncate(size);
   }
 
