@@ -202,8 +202,8 @@ class Connection {
         } else return;
       }
     } catch (e) {
-      if (e instanceof NbdProtocolError) this.drop(e.message);
-      else throw e;
+      // Whatever a client's bytes make go wrong costs that client's connection, never the server.
+      this.drop(e instanceof NbdProtocolError ? e.message : `internal error: ${(e as Error).message}`);
     }
   }
 
