@@ -74,6 +74,8 @@ describe('thin_delta hints', () => {
     expect(r.code, r.stderr).toBe(0);
     const changed = (1 + 9 + 4 + 60) * B;
     expect(JSON.parse(r.stdout).thin).toMatchObject({ mode: 'thin-delta', readBytes: changed, changedBytes: changed, parentBytes: two.length - changed });
+    // Unchanged chunks are reused by digest: none was read back and hashed again.
+    expect(JSON.parse(r.stdout).stats.unchangedBytes ?? 0).toBe(0);
     const out = s.path('restored.img');
     expect((await gv(repo, ['restore', 'thin@latest', out])).code).toBe(0);
     expect(await sha256File(out)).toBe(await sha256File(s.path('snap2.img')));

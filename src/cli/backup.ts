@@ -176,7 +176,7 @@ export function register(program: Command): void {
                 `${gen.name}@${gen.id}: ${bytes(gen.size)} read in ${duration(s.durationMs)} (${rate(s.bytesRead, s.durationMs)}), ` +
                   `${bytes(s.newBytes)} new (${bytes(s.newStored)} stored), ${bytes(s.zeroBytes)} zero` +
                   (s.unchangedBytes ? `, ${bytes(s.unchangedBytes)} unchanged` : '') +
-                  (isChunkedSource(source) && !(source instanceof NbdSource) && !(source instanceof OverlaySource) ? `, ${bytes(source.transferred.wire)} of chunk data over SSH` : '') +
+                  (isChunkedSource(source) && !(source instanceof NbdSource || source instanceof OverlaySource || source instanceof ThinHintedSource) ? `, ${bytes(source.transferred.wire)} of chunk data over SSH` : '') +
                   nbdSummary(source) +
                   '\n',
               );

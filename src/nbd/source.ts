@@ -13,7 +13,7 @@
 import { GenvaultError } from '../util/errors.js';
 import type { ChunkingParams } from '../format/config.js';
 import type { ChunkedSegment, ChunkedSource, NeedFn } from '../backup/chunked-source.js';
-import { ChunkReuse } from './reuse.js';
+import { ChunkReuse } from '../backup/reuse.js';
 import type { Generation } from '../format/generation.js';
 import type { Source } from '../backup/source.js';
 import { ChunkLoader, ImageReader } from '../read/reader.js';
@@ -196,7 +196,7 @@ export class NbdSource implements Source {
  * The dirty-bitmap source as the backup pipeline prefers it: a ChunkedSource. The previous
  * generation's chunks that no dirty extent touches are reused by digest, never read;
  * the runs of them that dirty extents touch are rebuilt from the dirty bytes (over NBD)
- * and the previous generation's other bytes (reuse.ts). A reused chunk the repository
+ * and the previous generation's other bytes (src/backup/reuse.ts). A reused chunk the repository
  * cannot give is read over NBD and must hash as before.
  */
 export class NbdDirtySource extends NbdSource implements ChunkedSource {
@@ -209,7 +209,7 @@ export class NbdDirtySource extends NbdSource implements ChunkedSource {
     version: number,
   ) {
     super(description, client, parent, stats, bitmap, verify);
-    this.reuse = new ChunkReuse(parent, chunking, version, {
+    this.reuse = new ChunkReuse(parent.map, chunking, version, {
       changed: async (at, len) => (await this.plan(at, len)).filter((p) => p.kind === 'nbd'),
       readRegion: (dst, from, dirty) => {
         const pieces: Piece[] = [];
@@ -224,6 +224,7 @@ export class NbdDirtySource extends NbdSource implements ChunkedSource {
       },
       readUnchanged: (dst, offset) => this.fromServer(dst, offset, dst.length),
       stale: (where, how) => this.stale(where, how),
+      readParent: (dst, offset) => parent.read(dst, offset, dst.length),
     }, stats, verify);
   }
 
@@ -240,7 +241,7 @@ export class NbdDirtySource extends NbdSource implements ChunkedSource {
 
 /**
  * A writable export's overlay over its generation, for `backup --from-nbd-overlay`: a
- * ChunkedSource whose changes are the blocks the overlay holds (reuse.ts), so keeping what
+ * ChunkedSource whose changes are the blocks the overlay holds (src/backup/reuse.ts), so keeping what
  * a VM wrote costs about what it wrote.
  */
 export class OverlaySource implements ChunkedSource {
@@ -258,11 +259,12 @@ export class OverlaySource implements ChunkedSource {
     readonly chunking: ChunkingParams,
     version: number,
   ) {
-    this.reuse = new ChunkReuse(reader, chunking, version, {
+    this.reuse = new ChunkReuse(reader.map, chunking, version, {
       changed: async (at, len) => overlay.changedRuns(at, at + len),
       readRegion: (dst, from) => overlay.read(dst, from, dst.length, this.baseRead),
       readUnchanged: (dst, offset) => this.baseRead(dst, offset, dst.length),
       stale: (where) => new GenvaultError(`${this.base.name}@${this.base.id}: ${where} from its own chunk`, 'DAMAGE'),
+      readParent: (dst, offset) => reader.read(dst, offset, dst.length),
     }, this.stats);
   }
 

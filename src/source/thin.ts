@@ -15,6 +15,9 @@ import { GenvaultError, UsageError, describeFsError } from '../util/errors.js';
 import { blockDeviceSize } from '../util/blockdev.js';
 import type { Generation } from '../format/generation.js';
 import type { Source } from '../backup/source.js';
+import type { ChunkedSegment, ChunkedSource, NeedFn } from '../backup/chunked-source.js';
+import { ChunkReuse } from '../backup/reuse.js';
+import type { ChunkingParams } from '../format/config.js';
 import { ChunkLoader, ImageReader } from '../read/reader.js';
 import type { Repository } from '../repository/repository.js';
 
@@ -67,16 +70,17 @@ export interface ThinReadStats {
   verifiedBytes: number;
 }
 
+/** A thin snapshot read as a stream: the whole device (first backup), or hinted ranges and the previous generation. */
 export class ThinHintedSource implements Source {
-  private pos = 0;
-  private constructor(
+  protected pos = 0;
+  protected constructor(
     readonly description: string,
     readonly size: number,
     private fh: fs.FileHandle,
-    private ranges: Array<[number, number]> | null,
-    private parent: ImageReader | null,
+    protected ranges: Array<[number, number]> | null,
+    protected parent: ImageReader | null,
     readonly stats: ThinReadStats,
-    private verify: number,
+    protected verify: number,
   ) {}
 
   static async open(repo: Repository, file: string, spec: ThinDeltaSpec, opts: { name: string; verifyPercent?: number }): Promise<ThinHintedSource> {
@@ -98,14 +102,16 @@ export class ThinHintedSource implements Source {
         mode: why ? 'full' : 'thin-delta', fullReason: why, parent: why ? null : prev!.id, readBytes: 0, changedBytes: 0, parentBytes: 0, verifiedBytes: 0,
       };
       const desc = `${st.isBlockDevice() ? 'device' : 'file'}:${abs} thin-delta ${spec.from}..${spec.to}`;
-      return new ThinHintedSource(desc, size, fh, ranges, parent, stats, (opts.verifyPercent ?? 0) / 100);
+      const verify = (opts.verifyPercent ?? 0) / 100;
+      if (ranges && parent) return new ThinDeltaSource(desc, size, fh, ranges, parent, stats, verify, repo.config.chunking, repo.config.version);
+      return new ThinHintedSource(desc, size, fh, null, null, stats, verify);
     } catch (e) {
       await fh.close();
       throw e;
     }
   }
 
-  private async pread(dst: Buffer, offset: number): Promise<void> {
+  protected async pread(dst: Buffer, offset: number): Promise<void> {
     let got = 0;
     while (got < dst.length) {
       const { bytesRead } = await this.fh.read(dst, got, dst.length - got, offset + got);
@@ -165,6 +171,57 @@ export class ThinHintedSource implements Source {
 
   async close(): Promise<void> {
     await this.fh.close();
+  }
+}
+
+/**
+ * The hinted snapshot as the backup pipeline prefers it, a ChunkedSource: the previous
+ * generation's chunks that no changed range touches are reused by digest, unread; the
+ * rest is read from the snapshot (changed ranges) and the previous generation (src/backup/reuse.ts).
+ */
+export class ThinDeltaSource extends ThinHintedSource implements ChunkedSource {
+  readonly transferred = { raw: 0, wire: 0 };
+  private readonly reuse: ChunkReuse;
+
+  constructor(
+    description: string, size: number, fh: fs.FileHandle, ranges: Array<[number, number]>, parent: ImageReader, stats: ThinReadStats, verify: number,
+    readonly chunking: ChunkingParams,
+    version: number,
+  ) {
+    super(description, size, fh, ranges, parent, stats, verify);
+    this.reuse = new ChunkReuse(parent.map, chunking, version, {
+      changed: async (at, len) => ranges.filter(([a, b]) => a < at + len && b > at).map(([a, b]) => ({ from: Math.max(a, at), to: Math.min(b, at + len) })),
+      readRegion: async (dst, from, changed) => {
+        const waits: Array<Promise<unknown>> = [];
+        let pos = from;
+        const fromParent = (a: number, b: number) => {
+          stats.parentBytes += b - a;
+          waits.push(parent.read(dst.subarray(a - from, b - from), a, b - a));
+        };
+        for (const d of changed) {
+          if (d.from > pos) fromParent(pos, d.from);
+          stats.changedBytes += d.to - d.from;
+          waits.push(this.pread(dst.subarray(d.from - from, d.to - from), d.from));
+          pos = d.to;
+        }
+        if (pos < from + dst.length) fromParent(pos, from + dst.length);
+        await Promise.all(waits);
+      },
+      readUnchanged: (dst, offset) => this.pread(dst, offset),
+      stale: (where, how) =>
+        new GenvaultError(`thin_delta hints missed a change: ${where} from ${stats.parent} (${how}); nothing was committed: back up without --thin-delta`, 'STALE_HINTS'),
+      readParent: (dst, offset) => parent.read(dst, offset, dst.length),
+    }, stats, verify);
+  }
+
+  async readSegment(need: NeedFn): Promise<ChunkedSegment | null> {
+    const at = this.pos;
+    const len = Math.min(this.chunking.segment, this.size - at);
+    if (len <= 0) return null;
+    const seg = await this.reuse.segment(at, len, need);
+    this.pos += len;
+    this.transferred.raw += seg.chunks.reduce((n, c) => n + (c.data?.length ?? 0), 0);
+    return seg;
   }
 }
 

@@ -4,16 +4,15 @@
  * changed run touches are offered by digest and never read (nor decompressed); each run
  * of its chunks that a change touches is read as it is now, cut into chunks and hashed
  * here (SHA-256, and BLAKE3 for the map in format 2). So a backup costs about the changed
- * bytes, not the image. Used by dirty-bitmap NBD sources and by overlays of writable
- * exports (source.ts).
+ * bytes, not the image. Used by dirty-bitmap NBD sources and overlays of writable exports
+ * (src/nbd/source.ts) and by LVM thin hints (src/source/thin.ts).
  */
 import { createHash } from 'node:crypto';
 import { blake3 } from '@napi-rs/blake-hash';
-import { chunkIndexAt } from '../format/chunkmap.js';
+import { chunkIndexAt, type ChunkMap } from '../format/chunkmap.js';
 import { chunkSegment } from '../format/chunker.js';
 import type { ChunkingParams } from '../format/config.js';
-import type { ChunkedSegment, NeedFn, RemoteChunk } from '../backup/chunked-source.js';
-import type { ImageReader } from '../read/reader.js';
+import type { ChunkedSegment, NeedFn, RemoteChunk } from './chunked-source.js';
 
 export type Run = { from: number; to: number };
 
@@ -29,6 +28,8 @@ export interface ReuseHooks {
   readUnchanged(dst: Buffer, offset: number): Promise<void>;
   /** The failure when an unchanged chunk's bytes differ from the previous generation's. */
   stale(where: string, how: string): Error;
+  /** The previous generation's bytes (to name the first byte that differs); returns how many were read. */
+  readParent(dst: Buffer, offset: number): Promise<number>;
 }
 
 /** A chunk of a segment being delivered. */
@@ -41,7 +42,8 @@ interface SegChunk extends RemoteChunk {
 
 export class ChunkReuse {
   constructor(
-    private parent: ImageReader,
+    /** The previous generation's map. */
+    private map: ChunkMap,
     readonly chunking: ChunkingParams,
     /** The repository's format: BLAKE3 goes into the map from 2 on. */
     private version: number,
@@ -99,7 +101,7 @@ export class ChunkReuse {
     const ok = c.zero ? b.every((x) => x === 0) : createHash('sha256').update(b).digest().equals(c.digest!);
     if (ok) return b;
     const ours = Buffer.alloc(c.length);
-    const got = await this.parent.read(ours, at + c.start, c.length).catch(() => 0);
+    const got = await this.hooks.readParent(ours, at + c.start).catch(() => 0);
     let i = 0;
     while (i < got && b[i] === ours[i]) i++;
     const where = got ? `byte ${at + c.start + i} differs` : `bytes ${at + c.start}-${at + c.start + c.length - 1} differ`;
@@ -108,7 +110,7 @@ export class ChunkReuse {
 
   /** The previous generation's chunks of [at, at + len), relative to at, if they tile it exactly. */
   private async parentChunks(at: number, len: number): Promise<SegChunk[] | null> {
-    const map = this.parent.map;
+    const map = this.map;
     const out: SegChunk[] = [];
     let pos = at;
     while (pos < at + len) {
