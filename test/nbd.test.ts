@@ -326,6 +326,11 @@ describe('writable export', () => {
     want.fill(0, 5 << 20, 6 << 20);
     want.fill(0, 8 << 20, 10 << 20);
     want.fill(0xcd, size - 1000);
+    // Block status through the overlay: zeroed and trimmed blocks are holes, written ones data.
+    const map = JSON.parse(await must('nbdinfo', ['--map', '--json', w.uri])) as Array<{ offset: number; length: number; type: number }>;
+    const typeAt = (off: number) => map.find((m) => m.offset <= off && off < m.offset + m.length)!.type;
+    for (const off of [5 << 20, (6 << 20) - 1, 8 << 20, (10 << 20) - 1]) expect(typeAt(off)).toBe(3);
+    for (const off of [12345, 112344, size - 1]) expect(typeAt(off)).toBe(0);
     const out = s.path('w.raw');
     await must('nbdcopy', [w.uri, out]);
     expect((await fs.readFile(out)).equals(want)).toBe(true);
