@@ -127,7 +127,7 @@ export function register(program: Command): void {
         'to --max-size; a character device (/dev/zero) only with --max-size.\n\n' +
         'Examples:\n  genvault -r /srv/backup backup /dev/vg0/vm1 --name vm1\n  genvault -r /srv/backup backup ssh://root@host/dev/vg/vm2 --name vm2\n' +
           '  ssh host cat /dev/vg/vm2 | genvault backup - --name vm2\n' +
-          "  genvault backup 'nbd+unix:///vda?socket=/run/vm1-backup.sock' --bitmap ckpt1 --name vm1\n" +
+          "  genvault backup 'nbd+unix:///vda?socket=/run/vm1-backup.sock' --bitmap backup-vda --name vm1\n" +
           '  genvault backup /srv/backup/overlays/vm1-....overlay --from-nbd-overlay --name vm1\n' +
           'NBD sources and dirty bitmaps: native-notes/nbd.md',
     )
