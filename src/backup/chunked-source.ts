@@ -26,6 +26,11 @@ export interface RemoteChunk {
   digest: Buffer | null;
   /** The chunk's bytes when they were asked for, else null (always null for zero chunks). */
   data: Buffer | null;
+  /**
+   * BLAKE3 of the chunk's bytes, for the map (format 2), when the source knows it. Used
+   * only when every data chunk of the segment has one.
+   */
+  fast?: Buffer | null;
 }
 
 export interface ChunkedSegment {

@@ -224,7 +224,10 @@ export class SegmentReader {
     const table = new Int32Array(n * 3);
     const digests = new Uint8Array(n * 32);
     const sent = new Uint8Array(n);
+    // BLAKE3 for the map only when the repository keeps it and the source gave it for every data chunk.
+    const fast = this.run.cfg.version >= 2 && seg.chunks.every((c) => c.zero || c.fast?.length === 32) ? new Uint8Array(n * 32) : null;
     seg.chunks.forEach((c, i) => {
+      if (fast && c.fast) fast.set(c.fast, i * 32);
       table[i * 3] = c.start;
       table[i * 3 + 1] = c.length;
       table[i * 3 + 2] = c.zero ? 1 : 0;
@@ -235,7 +238,7 @@ export class SegmentReader {
       }
     });
     this.run.read(seg.length);
-    return { buf, len: seg.length, res: Promise.resolve({ table, digests }), sent };
+    return { buf, len: seg.length, res: Promise.resolve({ table, digests, fast }), sent };
   }
 
   /**

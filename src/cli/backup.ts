@@ -4,6 +4,12 @@ import { openLocalSource } from '../source/local.js';
 import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
 import { openRemoteSource, parseSshMode } from '../source/ssh-agent.js';
 import { isChunkedSource } from '../backup/chunked-source.js';
+import type { Source } from '../backup/source.js';
+import type { Repository } from '../repository/repository.js';
+import { isNbdUri } from '../nbd/client.js';
+import { NbdSource, OverlaySource } from '../nbd/source.js';
+import { ThinHintedSource, parseThinDelta } from '../source/thin.js';
+import { UsageError } from '../util/errors.js';
 
 const { backup } = backupModule;
 /**
@@ -24,13 +30,77 @@ interface BackupCliOptions {
   acceptNewHostKey?: boolean;
   sshMode: string;
   maxSize?: string;
+  bitmap?: string;
+  verifyHints?: string;
+  fromNbdOverlay?: boolean;
+  thinDelta?: string;
+  thinMetadataSnap?: boolean;
+}
+
+/** The source named on the command line: NBD (with a dirty bitmap), an NBD overlay, SSH, or local. */
+async function openSource(repo: Repository, src: string, opts: BackupCliOptions, maxSize: number | undefined): Promise<Source> {
+  if (opts.fromNbdOverlay) return OverlaySource.open(repo, src);
+  if (opts.thinDelta !== undefined) {
+    const spec = parseThinDelta(opts.thinDelta, opts.thinMetadataSnap === true);
+    const s = await ThinHintedSource.open(repo, src, spec, { name: opts.name, verifyPercent: parsePercent(opts.verifyHints) });
+    if (s.stats.fullReason) process.stderr.write(`genvault backup: reading the whole disk: ${s.stats.fullReason}\n`);
+    return s;
+  }
+  if (isNbdUri(src)) {
+    const s = await NbdSource.open(repo, src, { name: opts.name, bitmap: opts.bitmap, verifyPercent: parsePercent(opts.verifyHints) });
+    if (s.stats.fullReason) process.stderr.write(`genvault backup: reading the whole disk: ${s.stats.fullReason}\n`);
+    return s;
+  }
+  if (isSshSpec(src)) {
+    const mode = parseSshMode(opts.sshMode);
+    return openRemoteSource(src, {
+      identity: opts.identity,
+      knownHosts: opts.knownHosts,
+      acceptNewHostKey: opts.acceptNewHostKey,
+      mode: mode === 'auto' && !chunkedBackup ? 'plain' : mode,
+      chunking: repo.config.chunking,
+    });
+  }
+  return openLocalSource(src, { maxSize });
+}
+
+function parsePercent(v: string | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  const n = Number(v.replace(/%$/, ''));
+  if (!(n > 0 && n <= 100)) throw new UsageError(`--verify-hints ${JSON.stringify(v)}: expected a percentage above 0, at most 100`);
+  return n;
+}
+
+/** The generation as --json prints it: with what an NBD, overlay or thin-hinted source read. */
+function withSourceStats(gen: object, source: Source): object {
+  if (source instanceof NbdSource) return { ...gen, nbd: source.stats };
+  if (source instanceof OverlaySource) return { ...gen, overlay: { file: source.overlay.file, base: source.base.id, reusedBytes: source.stats.parentBytes } };
+  if (source instanceof ThinHintedSource) return { ...gen, thin: source.stats };
+  return gen;
+}
+
+/** The summary's words about what an NBD, overlay or thin-hinted source read. */
+function nbdSummary(source: Source): string {
+  if (source instanceof OverlaySource) return `, ${bytes(source.stats.parentBytes)} of @${source.base.id} reused unread`;
+  if (source instanceof ThinHintedSource) {
+    const t = source.stats;
+    if (t.mode === 'full') return '';
+    return `, ${bytes(t.changedBytes)} changed read (thin_delta), ${bytes(t.parentBytes)} unchanged taken from @${t.parent}${t.verifiedBytes ? ` (${bytes(t.verifiedBytes)} of them checked)` : ''}`;
+  }
+  if (!(source instanceof NbdSource)) return '';
+  const s = source.stats;
+  if (s.mode === 'dirty-bitmap') {
+    const checked = s.verifiedBytes ? ` (${bytes(s.verifiedBytes)} of them checked against it)` : '';
+    return `, ${bytes(s.nbdBytes)} read over NBD, ${bytes(s.parentBytes)} clean taken from @${s.parent}${checked}`;
+  }
+  return `, ${bytes(s.nbdBytes)} read over NBD${s.zeroBytes ? ` (${bytes(s.zeroBytes)} zero not read)` : ''}`;
 }
 
 export function register(program: Command): void {
   program
     .command('backup')
     .description('back up an image file, a block device, or stdin (-) as a new generation of NAME')
-    .argument('<source>', 'image file, block device, - for standard input, or ssh://[user@]host[:port]/path')
+    .argument('<source>', 'image file, block device, - for standard input, ssh://[user@]host[:port]/path, nbd://host[:port]/export or nbd+unix:///export?socket=PATH')
     .requiredOption('-n, --name <name>', 'image name (letters, digits, . _ -)')
     .option('-t, --tag <tag>', 'tag the generation (repeatable)', collect, [])
     .option('--wait', 'wait for a running backup of the same image instead of failing')
@@ -43,6 +113,11 @@ export function register(program: Command): void {
       'auto',
     )
     .option('--max-size <size>', 'fail, committing nothing, if the source is or yields more than SIZE (e.g. 512M, 10G, 1T); needed for a character device')
+    .option('--bitmap <name>', 'nbd:// sources: read only what the QEMU dirty bitmap NAME marks, the rest from the previous generation')
+    .option('--thin-delta <metadata:from:to>', 'LVM thin: read only what thin_delta says differs between thin devices FROM and TO (the source is TO), the rest from the previous generation')
+    .option('--thin-metadata-snap', 'with --thin-delta: read the pool\'s reserved metadata snapshot (thin_delta -m), as a live pool needs')
+    .option('--verify-hints <percent>', 'with --bitmap or --thin-delta: also read PERCENT of the unchanged blocks and fail if any differs from the previous generation')
+    .option('--from-nbd-overlay', 'the source is the overlay file of a `genvault nbd --writable` export: its generation with the writes')
     .option('--json', 'print the new generation as JSON')
     .addHelpText(
       'after',
@@ -51,25 +126,26 @@ export function register(program: Command): void {
         'A file or block device is read up to its size; stdin and pipes to their end, or\n' +
         'to --max-size; a character device (/dev/zero) only with --max-size.\n\n' +
         'Examples:\n  genvault -r /srv/backup backup /dev/vg0/vm1 --name vm1\n  genvault -r /srv/backup backup ssh://root@host/dev/vg/vm2 --name vm2\n' +
-          '  ssh host cat /dev/vg/vm2 | genvault backup - --name vm2',
+          '  ssh host cat /dev/vg/vm2 | genvault backup - --name vm2\n' +
+          "  genvault backup 'nbd+unix:///vda?socket=/run/vm1-backup.sock' --bitmap backup-vda --name vm1\n" +
+          '  genvault backup /srv/backup/overlays/vm1-....overlay --from-nbd-overlay --name vm1\n' +
+          'NBD sources and dirty bitmaps: native-notes/nbd.md',
     )
     .action(
       action(async (src: string, opts: BackupCliOptions, cmd: Command) => {
         const ssh = isSshSpec(src);
-        const sshMode = parseSshMode(opts.sshMode);
+        parseSshMode(opts.sshMode);
         const maxSize = opts.maxSize === undefined ? undefined : parseSize(opts.maxSize, '--max-size');
+        if (opts.bitmap !== undefined && !isNbdUri(src)) throw new UsageError('--bitmap needs an nbd:// or nbd+unix:// source');
+        if (opts.verifyHints !== undefined && opts.bitmap === undefined && opts.thinDelta === undefined) throw new UsageError('--verify-hints needs --bitmap or --thin-delta');
+        if (opts.thinDelta !== undefined && (isNbdUri(src) || ssh || src === '-' || opts.fromNbdOverlay)) throw new UsageError('--thin-delta needs the newer thin snapshot (a block device or image file here) as the source');
+        if (opts.thinDelta !== undefined) parseThinDelta(opts.thinDelta);
+        if (opts.thinMetadataSnap && opts.thinDelta === undefined) throw new UsageError('--thin-metadata-snap needs --thin-delta');
+        parsePercent(opts.verifyHints);
+        if (opts.fromNbdOverlay && (isNbdUri(src) || ssh || src === '-')) throw new UsageError('--from-nbd-overlay needs the overlay file as the source');
         if (ssh) warnIfNoNativeCrypto();
         await withWritableRepo(cmd, async (repo) => {
-          const mode = sshMode === 'auto' && !chunkedBackup ? 'plain' : sshMode;
-          const source = ssh
-            ? await openRemoteSource(src, {
-                identity: opts.identity,
-                knownHosts: opts.knownHosts,
-                acceptNewHostKey: opts.acceptNewHostKey,
-                mode,
-                chunking: repo.config.chunking,
-              })
-            : await openLocalSource(src, { maxSize });
+          const source = await openSource(repo, src, opts, maxSize);
           const progress = new Progress(`backup ${opts.name}`);
           // A signal ends the backup at once: what it wrote is trimmed by the next writer
           // (locks.ts). The commit holds signals, so the line is true either way.
@@ -93,14 +169,15 @@ export function register(program: Command): void {
               onProgress: (d, t) => progress.update(d, t),
             });
             progress.done();
-            if (wantsJson(cmd)) printJson(gen);
+            if (wantsJson(cmd)) printJson(withSourceStats(gen, source));
             else {
               const s = gen.stats;
               process.stdout.write(
                 `${gen.name}@${gen.id}: ${bytes(gen.size)} read in ${duration(s.durationMs)} (${rate(s.bytesRead, s.durationMs)}), ` +
                   `${bytes(s.newBytes)} new (${bytes(s.newStored)} stored), ${bytes(s.zeroBytes)} zero` +
                   (s.unchangedBytes ? `, ${bytes(s.unchangedBytes)} unchanged` : '') +
-                  (isChunkedSource(source) ? `, ${bytes(source.transferred.wire)} of chunk data over SSH` : '') +
+                  (isChunkedSource(source) && !(source instanceof NbdSource || source instanceof OverlaySource || source instanceof ThinHintedSource) ? `, ${bytes(source.transferred.wire)} of chunk data over SSH` : '') +
+                  nbdSummary(source) +
                   '\n',
               );
             }

@@ -54,6 +54,7 @@ const commands: Record<string, () => Promise<Registrar>> = {
   stats: () => import('./stats.js'),
   diff: () => import('./diff.js'),
   notify: () => import('./notify.js'),
+  nbd: () => import('./nbd.js'),
 };
 // Commands and aliases registered by another command's module.
 for (const [name, home] of [['ls', 'list'], ['cat', 'restore'], ['umount', 'mount'], ['unmount', 'mount'], ['unprotect', 'protect']] as const)
@@ -85,10 +86,10 @@ program.configureOutput({
 
 // Exit codes are 0, 1 (error) and 2 (usage) only (status: 0-3, see common.ts), whatever
 // ends the process: an errno, a signal, an uncaught exception or unhandled rejection,
-// commander, or process.exitCode. mount and daemon keep their own signal handling.
+// commander, or process.exitCode. mount, daemon and nbd keep their own signal handling.
 if (named === 'status') useMonitoringExitCodes();
 // Their index failures are logged as they happen (db.ts); a command's error line says it.
-if (named !== 'mount' && named !== 'daemon') {
+if (named !== 'mount' && named !== 'daemon' && named !== 'nbd') {
   exitOnSignals();
   reportIndexFailureInErrorLine();
 }

@@ -23,6 +23,7 @@ import { tryParseDuration } from '../util/duration.js';
 import { IMAGE_NAME_RE } from '../format/config.js';
 import type { RetentionRules } from '../lifecycle/retention.js';
 import { isSshSpec, parseSshSpec } from '../source/ssh.js';
+import { isNbdUri, parseNbdUri } from '../nbd/client.js';
 import { isSshMode, type SshMode } from '../source/ssh-agent.js';
 import { Schedule } from './schedule.js';
 
@@ -77,6 +78,8 @@ export interface JobConfig {
   graceMs: number;
   hooks: { pre: HookSpec[]; post: HookSpec[] };
   ssh: JobSsh;
+  /** nbd:// sources: the QEMU dirty bitmap whose dirty extents alone are read (native-notes/nbd.md). */
+  bitmap?: string;
   /** Null: no notification. */
   notify: NotifySpec | null;
   /** Line of the job's name in the file. */
@@ -114,7 +117,7 @@ export function formatProblem(file: string, p: ConfigProblem): string {
 }
 
 const TOP_KEYS = ['repository', 'timezone', 'defaults', 'jobs'];
-const JOB_KEYS = ['source', 'image', 'schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace', 'notify'];
+const JOB_KEYS = ['source', 'image', 'schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace', 'notify', 'bitmap'];
 const DEFAULT_KEYS = ['schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace', 'notify'];
 const NOTIFY_KEYS = ['on', 'command', 'email', 'webhook', 'sendmail', 'timeout'];
 const RETENTION_KEYS: Record<string, keyof RetentionRules | 'min-age'> = {
@@ -456,10 +459,16 @@ function parseJobSource(c: Checker, p: PartialJob & { rest: Map<string, unknown>
         } catch (e) {
           c.add(srcNode, `${f}.source`, (e as Error).message);
         }
+      } else if (isNbdUri(source)) {
+        try {
+          parseNbdUri(source);
+        } catch (e) {
+          c.add(srcNode, `${f}.source`, (e as Error).message);
+        }
       } else if (source === '-') {
         c.add(srcNode, `${f}.source`, 'standard input cannot be a job source');
       } else if (!path.isAbsolute(source)) {
-        c.add(srcNode, `${f}.source`, 'expected an absolute path or an ssh:// URL');
+        c.add(srcNode, `${f}.source`, 'expected an absolute path, an ssh:// URL or an nbd:// URI');
       }
     }
   }
@@ -502,6 +511,11 @@ function parseJob(x: JobsContext, name: string, value: unknown, keyNode: unknown
     // A local source's "source host" is this host.
     for (const h of [...hooks.pre, ...hooks.post]) h.on = h.on === 'source' ? 'local' : h.on;
   }
+  let bitmap: string | undefined;
+  if (p.rest.has('bitmap')) {
+    bitmap = c.string(p.rest.get('bitmap'), `${f}.bitmap`) ?? undefined;
+    if (bitmap !== undefined && source !== null && !isNbdUri(source)) c.add(p.rest.get('bitmap'), `${f}.bitmap`, 'only for nbd:// and nbd+unix:// sources');
+  }
   const schedule = p.schedule ?? defaults.schedule;
   const retention = p.retention !== undefined ? p.retention : defaults.retention;
   if (source === null) return null;
@@ -517,6 +531,7 @@ function parseJob(x: JobsContext, name: string, value: unknown, keyNode: unknown
     hooks,
     ssh,
     notify: p.notify !== undefined ? p.notify : (defaults.notify ?? null),
+    ...(bitmap !== undefined ? { bitmap } : {}),
     line: c.line(keyNode),
   };
 }

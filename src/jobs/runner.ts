@@ -18,6 +18,8 @@ import { ImageLock, ImageLockedError } from '../repository/locks.js';
 import { prune } from '../lifecycle/prune.js';
 import type { Repository } from '../repository/repository.js';
 import { openLocalSource } from '../source/local.js';
+import { isNbdUri } from '../nbd/client.js';
+import { NbdSource } from '../nbd/source.js';
 import { connectSsh, isSshSpec, parseSshSpec, type SshConnection } from '../source/ssh.js';
 import { startRemoteSource } from '../source/ssh-agent.js';
 import { isChunkedSource } from '../backup/chunked-source.js';
@@ -48,6 +50,7 @@ function borrowed(conn: SshConnection): SshConnection {
 }
 
 async function openSource(job: JobConfig, repo: Repository, conn: SshConnection | null): Promise<Source> {
+  if (isNbdUri(job.source)) return NbdSource.open(repo, job.source, { name: job.image, bitmap: job.bitmap });
   if (!conn) return openLocalSource(job.source);
   return startRemoteSource(borrowed(conn), repo.config.chunking, { mode: job.ssh.mode });
 }

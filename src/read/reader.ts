@@ -450,6 +450,33 @@ export class ImageReader {
   }
 
   /**
+   * Which parts of [offset, offset + length) are zero chunks (stored as nothing) and which
+   * hold data, as runs in order, adjacent runs of the same kind merged; at most `maxRuns`
+   * runs (the last one then ends early). Only the map is read, never a chunk: this is what
+   * an NBD client's block status query (base:allocation) is answered from.
+   */
+  async extents(offset: number, length: number, maxRuns = 1024): Promise<Array<{ length: number; zero: boolean }>> {
+    const end = Math.min(this.map.size, offset + length);
+    const out: Array<{ length: number; zero: boolean }> = [];
+    let pos = offset;
+    while (pos < end) {
+      const li = this.map.leafIndexAt(pos);
+      const leaf = await this.map.leaf(li);
+      const base = this.map.leafStarts[li]!;
+      for (let ci = chunkIndexAt(leaf, pos - base); ci < leaf.lengths.length && pos < end; ci++) {
+        const n = Math.min(base + leaf.starts[ci]! + leaf.lengths[ci]!, end) - pos;
+        const zero = leaf.zero[ci] === 1;
+        const last = out[out.length - 1];
+        if (last && last.zero === zero) last.length += n;
+        else if (out.length >= maxRuns) return out;
+        else out.push({ length: n, zero });
+        pos += n;
+      }
+    }
+    return out;
+  }
+
+  /**
    * Sequential read-ahead: one pump per reader walks the map from where it stopped to
    * `from + readahead`, handing chunks to the workers in batches. A single cursor leaves
    * no gaps, so a sequential reader finds every chunk decoded or on its way.
