@@ -21,6 +21,8 @@ interface BackupCliOptions {
   wait?: boolean;
   identity?: string;
   knownHosts?: string;
+  sshConfig?: string;
+  sshCommand?: string;
   acceptNewHostKey?: boolean;
   sshMode: string;
   maxSize?: string;
@@ -37,6 +39,8 @@ export function register(program: Command): void {
     .option('-i, --identity <file>', 'ssh:// sources: private key file (default: ssh-agent, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa)')
     .option('--known-hosts <file>', 'ssh:// sources: known hosts file (default ~/.ssh/known_hosts)')
     .option('--accept-new-host-key', 'ssh:// sources: trust and record the key of a host not yet known (never a changed key)')
+    .option('--ssh-config <file>', 'ssh:// sources: OpenSSH config file read instead of ~/.ssh/config and /etc/ssh/ssh_config, or none (default: $GENVAULT_SSH_CONFIG)')
+    .option('--ssh-command <cmd>', 'ssh:// sources: run this OpenSSH client (e.g. ssh, or "ssh -F FILE") instead of the built-in one')
     .option(
       '--ssh-mode <mode>',
       'ssh:// sources: agent (chunk remotely with python3, send only missing chunks), plain (cat), or auto',
@@ -58,13 +62,15 @@ export function register(program: Command): void {
         const ssh = isSshSpec(src);
         const sshMode = parseSshMode(opts.sshMode);
         const maxSize = opts.maxSize === undefined ? undefined : parseSize(opts.maxSize, '--max-size');
-        if (ssh) warnIfNoNativeCrypto();
+        if (ssh && !opts.sshCommand) warnIfNoNativeCrypto();
         await withWritableRepo(cmd, async (repo) => {
           const mode = sshMode === 'auto' && !chunkedBackup ? 'plain' : sshMode;
           const source = ssh
             ? await openRemoteSource(src, {
                 identity: opts.identity,
                 knownHosts: opts.knownHosts,
+                config: opts.sshConfig,
+                command: opts.sshCommand,
                 acceptNewHostKey: opts.acceptNewHostKey,
                 mode,
                 chunking: repo.config.chunking,

@@ -18,7 +18,8 @@ import { ImageLock, ImageLockedError } from '../repository/locks.js';
 import { prune } from '../lifecycle/prune.js';
 import type { Repository } from '../repository/repository.js';
 import { openLocalSource } from '../source/local.js';
-import { connectSsh, isSshSpec, parseSshSpec, type SshConnection } from '../source/ssh.js';
+import { isSshSpec, parseSshSpec, type SshConnection } from '../source/ssh.js';
+import { openSshConnection } from '../source/ssh-command.js';
 import { startRemoteSource } from '../source/ssh-agent.js';
 import { isChunkedSource } from '../backup/chunked-source.js';
 import type { Source } from '../backup/source.js';
@@ -124,7 +125,13 @@ function startRun(repo: Repository, job: JobConfig, opts: RunJobOptions, lock: I
     GENVAULT_REPOSITORY: repo.dir,
   };
   const connect = () =>
-    connectSsh(spec!, { identity: job.ssh.identity, knownHosts: job.ssh.knownHosts, acceptNewHostKey: job.ssh.acceptNewHostKey });
+    openSshConnection(job.source, {
+      identity: job.ssh.identity,
+      knownHosts: job.ssh.knownHosts,
+      acceptNewHostKey: job.ssh.acceptNewHostKey,
+      config: job.ssh.config,
+      command: job.ssh.command,
+    });
   return { repo, job, opts, lock, rec, hooks, env, spec, conn: null, fail, connect };
 }
 
