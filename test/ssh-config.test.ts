@@ -116,6 +116,18 @@ describe('config resolution (in-process)', () => {
     expect(c.values.get('port')).toEqual(['1000']); // before any Host line: applies to all, and came first
     expect(c.values.get('user')).toEqual(['first']);
     expect(c.values.get('identityfile')).toEqual(['/k1', '/k2']); // every IdentityFile counts
+    // Include: files in glob order, inside a Host block only when it matches.
+    const d = s.path('conf.d');
+    await fs.mkdir(d);
+    await fs.writeFile(path.join(d, '20-b.conf'), 'Host y\n  Port 2020\n');
+    await fs.writeFile(path.join(d, '10-a.conf'), 'User fromdir\nHost y\n  Port 1010\n');
+    await fs.writeFile(path.join(d, 'skip.txt'), 'User nottaken\n');
+    const inc = s.path('cfg-include');
+    await fs.writeFile(inc, ['Host nomatch', `  Include ${d}/*.conf`, 'Host y', `  Include ${d}/*.conf`, '  User late', ''].join('\n'));
+    const y = await lookupHostConfig('y', { user: inc, system: null });
+    expect(y.values.get('user')).toEqual(['fromdir']);
+    expect(y.values.get('port')).toEqual(['1010']);
+    expect((await lookupHostConfig('z', { user: inc, system: null })).values.size).toBe(0);
   });
 
   it('takes the command line over ~/.ssh/config over /etc/ssh/ssh_config', async () => {
@@ -239,19 +251,89 @@ describe('ssh://alias through ~/.ssh/config with the built-in client', () => {
   });
 });
 
+describe('StrictHostKeyChecking and jobs through the config', () => {
+  /** A config file: the lines given first (so they win), then the usual aliases. */
+  async function cfgWith(name: string, first: string[]): Promise<string> {
+    const f = s.path(name);
+    await fs.writeFile(f, configText(home, first), { mode: 0o600 });
+    return f;
+  }
+
+  it('follows StrictHostKeyChecking: yes refuses, accept-new records, no goes on past a changed key with a warning', async () => {
+    const fresh = s.path('kh-fresh');
+    const yes = await cfgWith('cfg-strict-yes', [`UserKnownHostsFile ${fresh}`, 'StrictHostKeyChecking yes']);
+    const refused = await gv(repo, ['backup', `ssh://direct-b${img}`, '--name', 'strict', '--ssh-config', yes], { env: env() });
+    expectOneLine(refused, new RegExp(`host \\[127\\.0\\.0\\.1\\]:${target.port} is not in .*kh-fresh`));
+    const acceptNew = await cfgWith('cfg-strict-new', [`UserKnownHostsFile ${fresh}`, 'StrictHostKeyChecking accept-new']);
+    const added = await gv(repo, ['backup', `ssh://direct-b${img}`, '--name', 'strict', '--ssh-config', acceptNew], { env: env() });
+    expect(added.code, added.stderr).toBe(0);
+    expect(added.stderr).toMatch(/added host key of \[127\.0\.0\.1\]:\d+ to .*kh-fresh/);
+    expect(await fs.readFile(fresh, 'utf8')).toContain(`[127.0.0.1]:${target.port} ${target.hostPub}`);
+    // A changed key: refused under accept-new, taken with a warning under no; the file is left alone.
+    const changed = s.path('kh-changed');
+    const otherPub = (await fs.readFile(`${target.otherKey}.pub`, 'utf8')).split(' ').slice(0, 2).join(' ');
+    await fs.writeFile(changed, `[127.0.0.1]:${target.port} ${otherPub}\n`, { mode: 0o600 });
+    const strictNew = await cfgWith('cfg-strict-changed', [`UserKnownHostsFile ${changed}`, 'StrictHostKeyChecking accept-new']);
+    expectOneLine(await gv(repo, ['backup', `ssh://direct-b${img}`, '--name', 'strict', '--ssh-config', strictNew], { env: env() }), /has CHANGED/);
+    const no = await cfgWith('cfg-strict-no', [`UserKnownHostsFile ${changed}`, 'StrictHostKeyChecking no']);
+    const goesOn = await gv(repo, ['backup', `ssh://direct-b${img}`, '--name', 'strict', '--ssh-config', no], { env: env() });
+    expect(goesOn.code, goesOn.stderr).toBe(0);
+    expect(goesOn.stderr).toMatch(/warning: host key for \[127\.0\.0\.1\]:\d+ has CHANGED .*StrictHostKeyChecking no/);
+    expect(await fs.readFile(changed, 'utf8')).toBe(`[127.0.0.1]:${target.port} ${otherPub}\n`);
+  });
+
+  it.each([
+    ['the built-in client', ''],
+    ['--ssh-command ssh', ', command: ssh'],
+  ])('runs a job on ssh://target with hooks over one connection through the jump host (%s)', async (what, command) => {
+    const log = s.path(`job-${command ? 'sys' : 'builtin'}.log`);
+    const f = s.path(`job-${command ? 'sys' : 'builtin'}.yaml`);
+    await fs.writeFile(
+      f,
+      [
+        `repository: ${repo}`,
+        'jobs:',
+        '  viajump:',
+        `    source: ssh://target${img}`,
+        `    ssh: { config: ${absCfg}${command} }`,
+        '    hooks:',
+        `      pre: ['echo "pre $SSH_CONNECTION" >> ${log}']`,
+        `      post: ['echo "post $SSH_CONNECTION" >> ${log}']`,
+        '',
+      ].join('\n'),
+    );
+    const logins = () => (target.log().match(/Accepted publickey/g) ?? []).length;
+    const before = logins();
+    const forwards = forwardsToTarget();
+    const r = await gv(null, ['run', '-c', f, '--all'], { env: env() });
+    expect(r.code, `${what}: ${r.stderr}`).toBe(0);
+    const lines = (await fs.readFile(log, 'utf8')).trim().split('\n');
+    const pre = /^pre 127\.0\.0\.1 (\d+) 127\.0\.0\.1 (\d+)$/.exec(lines[0]!);
+    expect(pre, lines[0]).not.toBeNull();
+    expect(pre![2]).toBe(String(target.port));
+    expect(lines[1]).toBe(`post 127.0.0.1 ${pre![1]} 127.0.0.1 ${target.port}`);
+    expect(logins() - before).toBe(1);
+    expect(forwardsToTarget() - forwards).toBe(1);
+  });
+});
+
 describe('--ssh-command ssh (the system OpenSSH client)', () => {
   it('backs up ssh://target/... through the same jump host and restores byte-identical', async () => {
     const before = forwardsToTarget();
-    const r = await gv(repo, ['backup', `ssh://target${img}`, '--name', 'sys', '--ssh-command', 'ssh', '--ssh-config', absCfg, '--json'], { env: env() });
+    // The agent (chunk lists, then the chunks asked for) and plain cat, both over ssh's pipes.
+    const r = await gv(repo, ['backup', `ssh://target${img}`, '--name', 'sys', '--ssh-command', 'ssh', '--ssh-config', absCfg, '--ssh-mode', 'agent'], { env: env() });
     expect(r.code, r.stderr).toBe(0);
-    expect(JSON.parse(r.stdout).source).toBe(`ssh://root@target${img}`);
-    expect(forwardsToTarget()).toBe(before + 1);
+    expect(r.stdout).toMatch(/ of chunk data over SSH/);
+    const plain = await gv(repo, ['backup', `ssh://target${img}`, '--name', 'sys', '--ssh-command', 'ssh', '--ssh-config', absCfg, '--ssh-mode', 'plain', '--json'], { env: env() });
+    expect(plain.code, plain.stderr).toBe(0);
+    expect(JSON.parse(plain.stdout).source).toBe(`ssh://root@target${img}`);
+    expect(forwardsToTarget()).toBe(before + 2);
     const out = s.path('restored-sys.img');
     const remote = await gv(repo, ['restore', 'sys@latest', `ssh://target${out}`, '--ssh-command', `ssh -F ${absCfg}`], { env: env() });
     expect(remote.code, remote.stderr).toBe(0);
     expect(await sha256File(out)).toBe(imgHash);
     // One connection per run (a master and its control socket): one more forward for the restore.
-    expect(forwardsToTarget()).toBe(before + 2);
+    expect(forwardsToTarget()).toBe(before + 3);
   });
 
   it('fails with ssh’s reason on one line', async () => {
