@@ -6,6 +6,7 @@
  * order of precedence (command line, then ~/.ssh/config, then /etc/ssh/ssh_config); one
  * line for a bad config.
  */
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -14,7 +15,7 @@ import { parseJobsText } from '../src/jobs/config.js';
 import { expandPath, hostPatternsMatch, lookupHostConfig, sshConfigFiles } from '../src/source/ssh-config.js';
 import { resolveHost } from '../src/source/ssh.js';
 import { splitCommand } from '../src/source/ssh-command.js';
-import { Scratch, gv, prng, sha256File, text } from './helpers.js';
+import { Scratch, gv, prng, sh, sha256File, text } from './helpers.js';
 import { Sshd, fingerprint, freePort, startSshd } from './sshd.js';
 
 let s: Scratch;
@@ -280,6 +281,51 @@ describe('StrictHostKeyChecking and jobs through the config', () => {
     expect(goesOn.code, goesOn.stderr).toBe(0);
     expect(goesOn.stderr).toMatch(/warning: host key for \[127\.0\.0\.1\]:\d+ has CHANGED .*StrictHostKeyChecking no/);
     expect(await fs.readFile(changed, 'utf8')).toBe(`[127.0.0.1]:${target.port} ${otherPub}\n`);
+  });
+
+  it('IdentitiesOnly yes: the agent offers only the keys an IdentityFile names (its .pub will do)', async () => {
+    const sock = s.path('agent.sock');
+    const agent: ChildProcess = spawn('ssh-agent', ['-D', '-a', sock], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const agentExited = new Promise<void>((r) => agent.once('exit', () => r()));
+    const stopAgent = async () => {
+      if (agent.exitCode === null && agent.signalCode === null) agent.kill('SIGTERM');
+      await agentExited;
+    };
+    s.onCleanup(stopAgent);
+    try {
+      // ssh-agent -D prints its environment once the socket listens.
+      await new Promise<void>((resolve, reject) => {
+        let out = '';
+        agent.stdout!.on('data', (b: Buffer) => {
+          out += b.toString();
+          if (/Agent pid \d+/.test(out)) resolve();
+        });
+        agent.once('error', reject);
+        agent.once('exit', (c) => reject(new Error(`ssh-agent exited (${c})`)));
+      });
+      const add = await sh('ssh-add', [target.userKey], { env: { SSH_AUTH_SOCK: sock } });
+      expect(add.code, add.stderr).toBe(0);
+      // The IdentityFile itself does not exist; its .pub says which agent key it means.
+      const io = s.path('io');
+      await fs.mkdir(io, { recursive: true });
+      const cfg = async (pub: string, only: string) => {
+        await fs.copyFile(pub, path.join(io, 'only.pub'));
+        const f = s.path(`cfg-io-${only}`);
+        const lines = ['Host b', '  HostName 127.0.0.1', `  Port ${target.port}`, '  User root', `  UserKnownHostsFile ${kh}`];
+        await fs.writeFile(f, [...lines, `  IdentitiesOnly ${only}`, `  IdentityFile ${io}/only`, ''].join('\n'), { mode: 0o600 });
+        return f;
+      };
+      const withAgent = { HOME: s.path('empty-home'), SSH_AUTH_SOCK: sock };
+      await fs.mkdir(withAgent.HOME, { recursive: true });
+      const named = await gv(repo, ['backup', `ssh://b${img}`, '--name', 'io', '--ssh-config', await cfg(`${target.userKey}.pub`, 'yes')], { env: withAgent });
+      expect(named.code, named.stderr).toBe(0);
+      const other = await gv(repo, ['backup', `ssh://b${img}`, '--name', 'io', '--ssh-config', await cfg(`${jump.userKey}.pub`, 'yes')], { env: withAgent });
+      expectOneLine(other, /authentication refused by root@b \(tried ssh-agent\)/);
+      const notOnly = await gv(repo, ['backup', `ssh://b${img}`, '--name', 'io', '--ssh-config', await cfg(`${jump.userKey}.pub`, 'no')], { env: withAgent });
+      expect(notOnly.code, notOnly.stderr).toBe(0);
+    } finally {
+      await stopAgent();
+    }
   });
 
   it.each([

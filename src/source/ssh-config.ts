@@ -50,6 +50,9 @@ export interface HostConfig {
   order: Map<string, number>;
 }
 
+/** Match lines already warned about: a run resolves several hosts (jump hosts), one warning each is enough. */
+const warnedMatch = new Set<string>();
+
 interface Scan {
   host: string;
   out: HostConfig;
@@ -197,7 +200,7 @@ async function scanFile(sc: Scan, file: string, userFile: boolean, included: boo
 
 /** The config values for host `host` (the name as given, before HostName), from the files in order. */
 export async function lookupHostConfig(host: string, files: SshConfigFiles): Promise<HostConfig> {
-  const sc: Scan = { host, out: { values: new Map(), where: new Map(), order: new Map() }, warned: new Set(), depth: 0, requireUser: !!files.given };
+  const sc: Scan = { host, out: { values: new Map(), where: new Map(), order: new Map() }, warned: warnedMatch, depth: 0, requireUser: !!files.given };
   if (files.user) await scanFile(sc, files.user, true, false);
   if (files.system) await scanFile(sc, files.system, false, false);
   return sc.out;
