@@ -243,6 +243,9 @@ describe('ssh://alias through ~/.ssh/config with the built-in client', () => {
     await fs.writeFile(bad, ['Host target', '  HostName 127.0.0.1', '  Port twenty-two', ''].join('\n'), { mode: 0o600 });
     const r = await gv(repo, ['backup', `ssh://target${img}`, '--name', 'bad', '--ssh-config', bad], { env: env() });
     expectOneLine(r, new RegExp(`^genvault: ${bad} line 3: bad Port "twenty-two"$`));
+    await fs.writeFile(bad, ['Host target', '  User root', '  HostName 127.0.0.1 extra', ''].join('\n'), { mode: 0o600 });
+    const two = await gv(repo, ['backup', `ssh://target${img}`, '--name', 'bad', '--ssh-config', bad], { env: env() });
+    expectOneLine(two, new RegExp(`^genvault: ${bad} line 3: HostName takes one value, not "127\\.0\\.0\\.1 extra"$`));
     await fs.writeFile(bad, ['Host target', '  ProxyCommand nc %h %p', ''].join('\n'), { mode: 0o600 });
     const pc = await gv(repo, ['backup', `ssh://target${img}`, '--name', 'bad', '--ssh-config', bad], { env: env() });
     expectOneLine(pc, new RegExp(`^genvault: ${bad} line 2: ProxyCommand is not supported by genvault's SSH client: use --ssh-command ssh`));

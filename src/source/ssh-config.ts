@@ -138,7 +138,9 @@ async function loadFile(file: string): Promise<{ cfg: SSHConfig; lines: Map<Line
 }
 
 /** One directive inside an active block: Include, or a keyword genvault honours (first value wins). */
-async function applyDirective(sc: Scan, d: { param: string; value: string | Array<{ val: string }> }, where: string, userFile: boolean): Promise<void> {
+async function applyDirective(
+  sc: Scan, d: { param: string; value: string | Array<{ val: string }>; quoted?: boolean }, where: string, userFile: boolean,
+): Promise<void> {
   const key = d.param.trim().toLowerCase();
   const vals = words(d.value);
   if (key === 'include') {
@@ -149,6 +151,10 @@ async function applyDirective(sc: Scan, d: { param: string; value: string | Arra
   }
   if (!HONOURED.has(key)) return;
   if (!vals.length) throw badLine(where, `${d.param.trim()} needs a value`);
+  // As OpenSSH's "garbage at end of line": these take one word (a quoted IdentityFile may hold spaces).
+  if (vals.length > 1 && !d.quoted && /^(hostname|port|user|identitiesonly|stricthostkeychecking|proxyjump)$/.test(key)) {
+    throw badLine(where, `${d.param.trim()} takes one value, not "${vals.join(' ')}"`);
+  }
   const have = sc.out.values.get(key);
   if (have && !REPEATED.has(key)) return;
   // Multi-word values: a command keeps its words, the others are one value or a list.
