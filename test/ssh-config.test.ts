@@ -160,7 +160,7 @@ describe('config resolution (in-process)', () => {
     const me = os.userInfo().username;
     expect(expandPath('~/.ssh/%r@%h:%p-%n-%u-%%', t, 'here')).toBe(path.join(os.homedir(), `.ssh/bob@h.example:2200-h-${me}-%`));
     expect(expandPath('%d/k', t, 'here')).toBe(path.join(os.homedir(), 'k'));
-    expect(expandPath('id_x', t, 'here')).toBe(path.join(os.homedir(), '.ssh', 'id_x'));
+    expect(expandPath('id_x', t, 'here')).toBe(path.resolve('id_x'));
     expect(() => expandPath('/k/%Z', t, 'cfg line 3')).toThrow(/cfg line 3: unknown token %Z/);
   });
 

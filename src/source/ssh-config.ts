@@ -224,7 +224,13 @@ export interface TokenContext {
 
 /** OpenSSH's %-tokens and `~` in a file name: %% %d %h %i %l %L %n %p %r %u, and ${VAR}. */
 export function expandPath(value: string, t: TokenContext, where: string): string {
-  const local = os.userInfo();
+  let local: { uid: number; username: string };
+  try {
+    local = os.userInfo();
+  } catch {
+    // No passwd entry (a container's arbitrary uid): what the environment says.
+    local = { uid: process.getuid?.() ?? 0, username: process.env.USER ?? 'root' };
+  }
   const hostname = os.hostname();
   const map: Record<string, string> = {
     '%': '%', d: os.homedir(), h: t.host, i: String(local.uid), l: hostname, L: hostname.split('.')[0]!, n: t.original, p: String(t.port), r: t.user, u: local.username,
@@ -240,7 +246,8 @@ export function expandPath(value: string, t: TokenContext, where: string): strin
     return v;
   });
   if (out === '~' || out.startsWith('~/')) out = path.join(os.homedir(), out.slice(1));
-  return path.isAbsolute(out) ? out : path.join(os.homedir(), '.ssh', out);
+  // A relative name stays relative to the working directory, as ssh leaves it (only Include's are under ~/.ssh).
+  return path.resolve(out);
 }
 
 /** `[user@]host[:port]` or `ssh://[user@]host[:port]`, one ProxyJump hop. */
