@@ -74,7 +74,7 @@ export interface Sshd {
 }
 
 export interface SshdOptions {
-  /** More sshd_config lines (e.g. PermitUserEnvironment). */
+  /** More sshd_config lines (e.g. PermitUserEnvironment); they come first, so they override the defaults (sshd keeps a keyword's first value). */
   config?: string[];
 }
 
@@ -101,6 +101,7 @@ export async function startSshd(s: Scratch, sub = 'sshd', opts: SshdOptions = {}
   await fs.writeFile(
     cfg,
     [
+      ...(opts.config ?? []),
       `Port ${port}`,
       'ListenAddress 127.0.0.1',
       `HostKey ${path.join(d, 'host_key')}`,
@@ -112,7 +113,6 @@ export async function startSshd(s: Scratch, sub = 'sshd', opts: SshdOptions = {}
       'PasswordAuthentication no',
       'KbdInteractiveAuthentication no',
       'LogLevel VERBOSE',
-      ...(opts.config ?? []),
       '',
     ].join('\n'),
   );

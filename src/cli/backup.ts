@@ -27,6 +27,8 @@ interface BackupCliOptions {
   wait?: boolean;
   identity?: string;
   knownHosts?: string;
+  sshConfig?: string;
+  sshCommand?: string;
   acceptNewHostKey?: boolean;
   sshMode: string;
   maxSize?: string;
@@ -56,6 +58,8 @@ async function openSource(repo: Repository, src: string, opts: BackupCliOptions,
     return openRemoteSource(src, {
       identity: opts.identity,
       knownHosts: opts.knownHosts,
+      config: opts.sshConfig,
+      command: opts.sshCommand,
       acceptNewHostKey: opts.acceptNewHostKey,
       mode: mode === 'auto' && !chunkedBackup ? 'plain' : mode,
       chunking: repo.config.chunking,
@@ -107,6 +111,8 @@ export function register(program: Command): void {
     .option('-i, --identity <file>', 'ssh:// sources: private key file (default: ssh-agent, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa)')
     .option('--known-hosts <file>', 'ssh:// sources: known hosts file (default ~/.ssh/known_hosts)')
     .option('--accept-new-host-key', 'ssh:// sources: trust and record the key of a host not yet known (never a changed key)')
+    .option('--ssh-config <file>', 'ssh:// sources: OpenSSH config file read instead of ~/.ssh/config and /etc/ssh/ssh_config, or none (default: $GENVAULT_SSH_CONFIG)')
+    .option('--ssh-command <cmd>', 'ssh:// sources: run this OpenSSH client (e.g. ssh, or "ssh -F FILE") instead of the built-in one')
     .option(
       '--ssh-mode <mode>',
       'ssh:// sources: agent (chunk remotely with python3, send only missing chunks), plain (cat), or auto',
@@ -143,7 +149,7 @@ export function register(program: Command): void {
         if (opts.thinMetadataSnap && opts.thinDelta === undefined) throw new UsageError('--thin-metadata-snap needs --thin-delta');
         parsePercent(opts.verifyHints);
         if (opts.fromNbdOverlay && (isNbdUri(src) || ssh || src === '-')) throw new UsageError('--from-nbd-overlay needs the overlay file as the source');
-        if (ssh) warnIfNoNativeCrypto();
+        if (ssh && !opts.sshCommand) warnIfNoNativeCrypto();
         await withWritableRepo(cmd, async (repo) => {
           const source = await openSource(repo, src, opts, maxSize);
           const progress = new Progress(`backup ${opts.name}`);

@@ -13,6 +13,8 @@ interface RestoreFlags {
   ignoreDamage?: boolean;
   identity?: string;
   knownHosts?: string;
+  sshConfig?: string;
+  sshCommand?: string;
   acceptNewHostKey?: boolean;
   sshMode: string;
 }
@@ -34,6 +36,8 @@ export function register(program: Command): void {
     .option('-i, --identity <file>', 'ssh:// targets: private key file (default: ssh-agent, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa)')
     .option('--known-hosts <file>', 'ssh:// targets: known hosts file (default ~/.ssh/known_hosts)')
     .option('--accept-new-host-key', 'ssh:// targets: trust and record the key of a host not yet known')
+    .option('--ssh-config <file>', 'ssh:// targets: OpenSSH config file read instead of ~/.ssh/config and /etc/ssh/ssh_config, or none (default: $GENVAULT_SSH_CONFIG)')
+    .option('--ssh-command <cmd>', 'ssh:// targets: run this OpenSSH client (e.g. ssh, or "ssh -F FILE") instead of the built-in one')
     .option('--ssh-mode <mode>', 'ssh:// targets: agent (python3 writer, zero ranges not sent), plain (cat), or auto', 'auto')
     .option('--json', 'print a JSON summary')
     .addHelpText(
@@ -51,7 +55,7 @@ export function register(program: Command): void {
       action(async (target: string, dest: string, opts: RestoreFlags, cmd: Command) => {
         const sshMode = parseSshMode(opts.sshMode);
         const ssh = isSshSpec(dest);
-        if (ssh) warnIfNoNativeCrypto();
+        if (ssh && !opts.sshCommand) warnIfNoNativeCrypto();
         if (dest === '-') {
           if (process.stdout.isTTY) throw new UsageError('refusing to write a disk image to a terminal; redirect stdout');
           if (wantsJson(cmd)) throw new UsageError('--json cannot be used with - (the image goes to stdout)');
@@ -80,6 +84,7 @@ export function register(program: Command): void {
                 ...common,
                 identity: opts.identity,
                 knownHosts: opts.knownHosts,
+                config: opts.sshConfig, command: opts.sshCommand,
                 acceptNewHostKey: opts.acceptNewHostKey,
                 mode: sshMode,
               })

@@ -109,7 +109,7 @@ async function runSelected(repo: Repository, file: JobsFile, jobs: JobConfig[], 
         continue;
       }
     }
-    if (!warned && isSshSpec(job.source)) {
+    if (!warned && isSshSpec(job.source) && !job.ssh.command) {
       warnIfNoNativeCrypto();
       warned = true;
     }

@@ -45,6 +45,10 @@ export interface JobSsh {
   identity?: string;
   knownHosts?: string;
   acceptNewHostKey?: boolean;
+  /** ssh config file read instead of ~/.ssh/config and /etc/ssh/ssh_config, or none (--ssh-config). */
+  config?: string;
+  /** The system ssh client as the transport (--ssh-command). */
+  command?: string;
   mode: SshMode;
 }
 
@@ -130,7 +134,7 @@ const RETENTION_KEYS: Record<string, keyof RetentionRules | 'min-age'> = {
   'keep-tags': 'keepTags',
   'min-age': 'min-age',
 };
-const SSH_KEYS = ['identity', 'known-hosts', 'accept-new-host-key', 'mode'];
+const SSH_KEYS = ['identity', 'known-hosts', 'accept-new-host-key', 'config', 'command', 'mode'];
 const HOOK_KEYS = ['run', 'on', 'timeout'];
 
 /** Levenshtein distance, for "did you mean" on misspelt fields. */
@@ -308,7 +312,13 @@ function parseSsh(c: Checker, node: unknown, field: string, base: string): Parti
       const v = c.string(value, f);
       if (v !== null) out[key === 'identity' ? 'identity' : 'knownHosts'] = path.resolve(base, v);
     } else if (key === 'accept-new-host-key') out.acceptNewHostKey = c.bool(value, f) ?? undefined;
-    else if (key === 'mode') {
+    else if (key === 'config') {
+      const v = c.string(value, f);
+      if (v !== null) out.config = v === 'none' ? v : path.resolve(base, v);
+    } else if (key === 'command') {
+      const v = c.string(value, f);
+      if (v !== null) out.command = v;
+    } else if (key === 'mode') {
       const v = c.string(value, f);
       if (isSshMode(v)) out.mode = v;
       else if (v !== null) c.add(value, f, 'expected auto, agent or plain');

@@ -20,7 +20,8 @@ import type { Repository } from '../repository/repository.js';
 import { openLocalSource } from '../source/local.js';
 import { isNbdUri } from '../nbd/client.js';
 import { NbdSource } from '../nbd/source.js';
-import { connectSsh, isSshSpec, parseSshSpec, type SshConnection } from '../source/ssh.js';
+import { isSshSpec, parseSshSpec, type SshConnection } from '../source/ssh.js';
+import { openSshConnection } from '../source/ssh-command.js';
 import { startRemoteSource } from '../source/ssh-agent.js';
 import { isChunkedSource } from '../backup/chunked-source.js';
 import type { Source } from '../backup/source.js';
@@ -127,7 +128,13 @@ function startRun(repo: Repository, job: JobConfig, opts: RunJobOptions, lock: I
     GENVAULT_REPOSITORY: repo.dir,
   };
   const connect = () =>
-    connectSsh(spec!, { identity: job.ssh.identity, knownHosts: job.ssh.knownHosts, acceptNewHostKey: job.ssh.acceptNewHostKey });
+    openSshConnection(job.source, {
+      identity: job.ssh.identity,
+      knownHosts: job.ssh.knownHosts,
+      acceptNewHostKey: job.ssh.acceptNewHostKey,
+      config: job.ssh.config,
+      command: job.ssh.command,
+    });
   return { repo, job, opts, lock, rec, hooks, env, spec, conn: null, fail, connect };
 }
 

@@ -16,12 +16,12 @@
  */
 import { createHash } from 'node:crypto';
 import { inflateSync } from 'node:zlib';
-import type { ClientChannel } from 'ssh2';
 import type { ChunkingParams } from '../format/config.js';
 import { GenvaultError, UsageError } from '../util/errors.js';
 import {
-  ChannelReader, RemoteInfo, SshConnection, SshOptions, connectSsh, describeSpec, parseSshSpec, probeRemote, shq, startPlainSource,
+  ChannelReader, RemoteChannel, RemoteInfo, SshConnection, SshOptions, describeSpec, probeRemote, shq, startPlainSource,
 } from './ssh.js';
+import { openSshConnection } from './ssh-command.js';
 import type { Source } from '../backup/source.js';
 import type { ChunkedSegment, ChunkedSource, NeedFn, OfferedChunk, RemoteChunk } from '../backup/chunked-source.js';
 
@@ -265,7 +265,7 @@ class AgentSource implements ChunkedSource {
     public size: number | null,
     readonly chunking: ChunkingParams,
     private conn: SshConnection,
-    private ch: ClientChannel,
+    private ch: RemoteChannel,
     private reader: ChannelReader,
     private where: string,
   ) {}
@@ -430,8 +430,7 @@ export async function startAgentSource(
 
 /** Open an ssh:// source in incremental mode (fails with code SSH_NO_PYTHON without python3). */
 export async function openSshAgentSource(specText: string, chunking: ChunkingParams, opts: AgentSourceOptions = {}): Promise<ChunkedSource> {
-  const spec = parseSshSpec(specText);
-  const conn = await connectSsh(spec, opts);
+  const conn = await openSshConnection(specText, opts);
   try {
     return await startAgentSource(conn, await probeRemote(conn), chunking, opts);
   } catch (e) {
@@ -474,8 +473,7 @@ export async function startRemoteSource(
 }
 
 export async function openRemoteSource(specText: string, opts: RemoteSourceOptions): Promise<Source | ChunkedSource> {
-  const spec = parseSshSpec(specText);
-  const conn = await connectSsh(spec, opts);
+  const conn = await openSshConnection(specText, opts);
   try {
     return await startRemoteSource(conn, opts.chunking, opts);
   } catch (e) {

@@ -14,9 +14,9 @@ import type { Generation } from '../format/generation.js';
 import type { Repository } from '../repository/repository.js';
 import { RestoreOptions, RestoreResult, rawSink, streamChunks } from '../read/restore.js';
 import { GenvaultError } from '../util/errors.js';
-import type { ClientChannel } from 'ssh2';
 import type { SshMode } from './ssh-agent.js';
-import { ChannelReader, SshConnection, SshOptions, connectSsh, describeSpec, parseSshSpec, remoteError, shq } from './ssh.js';
+import { ChannelReader, RemoteChannel, SshConnection, SshOptions, describeSpec, remoteError, shq } from './ssh.js';
+import { openSshConnection } from './ssh-command.js';
 
 /** The remote writer. Python 3.5+, standard library only. */
 export const WRITER_PY = String.raw`
@@ -104,7 +104,7 @@ export interface SshRestoreResult extends RestoreResult {
  * Write to a channel, waiting for the SSH window when it is full. If the remote side goes
  * away (it exits on an error, or the connection drops), the waiting write fails with why.
  */
-function writer(ch: ClientChannel, conn: SshConnection, closedError: () => GenvaultError) {
+function writer(ch: RemoteChannel, conn: SshConnection, closedError: () => GenvaultError) {
   let closed = false;
   let waiting: ((e: GenvaultError) => void) | null = null;
   ch.on('close', () => {
@@ -150,9 +150,9 @@ function targetError(where: string, reader: ChannelReader): GenvaultError {
 
 /** Restore `gen` to an ssh:// file or device. */
 export async function restoreToSsh(repo: Repository, gen: Generation, target: string, opts: SshRestoreOptions = {}): Promise<SshRestoreResult> {
-  const spec = parseSshSpec(target);
+  const conn = await openSshConnection(target, opts);
+  const { spec } = conn;
   const where = describeSpec(spec);
-  const conn = await connectSsh(spec, opts);
   try {
     const mode = opts.mode ?? 'auto';
     const python = mode === 'plain' ? false : await hasPython(conn);

@@ -18,8 +18,12 @@ import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
 import type ssh2 from 'ssh2';
-import type { Client as SshClient, ClientChannel, ConnectConfig, AnyAuthMethod } from 'ssh2';
+import type { Client as SshClient, ConnectConfig, AnyAuthMethod, ParsedKey } from 'ssh2';
+import type { Duplex } from 'node:stream';
 import { GenvaultError, UsageError } from '../util/errors.js';
+import {
+  expandPath, lookupHostConfig, parseJumpHop, parsePort, parseStrict, parseYesNo, sshConfigFiles, type SshConfigFiles, type StrictMode,
+} from './ssh-config.js';
 import { readTrustedFile } from '../util/trust.js';
 import type { Source } from '../backup/source.js';
 
@@ -35,8 +39,19 @@ function loadSsh2(): typeof ssh2 {
 
 export interface SshSpec {
   user: string;
+  /** The host to connect to (after the config's HostName). */
   host: string;
   port: number;
+  path: string;
+  /** The name in the URL, when the SSH config made it another host or port: messages and the recorded source use it. */
+  alias?: { name: string; port?: number };
+}
+
+/** An ssh:// URL as written: user and port only when given. */
+export interface SshUrl {
+  user?: string;
+  host: string;
+  port?: number;
   path: string;
 }
 
@@ -49,6 +64,10 @@ export interface SshOptions {
   acceptNewHostKey?: boolean;
   /** Connection timeout in ms (default 20 s). */
   timeoutMs?: number;
+  /** --ssh-config: FILE read instead of ~/.ssh/config and /etc/ssh/ssh_config, or none (default: GENVAULT_SSH_CONFIG, else both). */
+  config?: string;
+  /** --ssh-command: run this OpenSSH client (e.g. "ssh") instead of the built-in one (src/source/ssh-command.ts). */
+  command?: string;
 }
 
 /** True for sources the CLI should open with openSshSource. */
@@ -56,13 +75,19 @@ export function isSshSpec(spec: string): boolean {
   return spec.startsWith('ssh://');
 }
 
+/** An ssh:// URL with the defaults filled in (user: the local user, port 22), before any SSH config. */
 export function parseSshSpec(spec: string): SshSpec {
+  const u = parseSshUrl(spec);
+  return { user: u.user ?? defaultUser(), host: u.host, port: u.port ?? 22, path: u.path };
+}
+
+export function parseSshUrl(spec: string): SshUrl {
   const m = /^ssh:\/\/(?:([^@/]+)@)?(\[[^\]/]+\]|[^:/@[\]]+)(?::(\d*))?(\/.*)?$/.exec(spec);
   if (!m || !m[4] || m[4] === '/') {
     throw new UsageError(`bad SSH source "${spec}": expected ssh://[user@]host[:port]/path/to/device-or-image`);
   }
-  const port = m[3] ? Number(m[3]) : 22;
-  if (!Number.isInteger(port) || port < 1 || port > 65535) throw new UsageError(`bad port in SSH source "${spec}"`);
+  const port = m[3] ? Number(m[3]) : undefined;
+  if (port !== undefined && (!Number.isInteger(port) || port < 1 || port > 65535)) throw new UsageError(`bad port in SSH source "${spec}"`);
   let p: string;
   try {
     p = decodeURIComponent(m[4]);
@@ -70,10 +95,10 @@ export function parseSshSpec(spec: string): SshSpec {
     p = m[4];
   }
   const host = m[2]!.startsWith('[') ? m[2]!.slice(1, -1) : m[2]!;
-  return { user: m[1] ? decodeURIComponent(m[1]) : defaultUser(), host, port, path: p };
+  return { user: m[1] ? decodeURIComponent(m[1]) : undefined, host, port, path: p };
 }
 
-function defaultUser(): string {
+export function defaultUser(): string {
   try {
     return os.userInfo().username;
   } catch {
@@ -83,13 +108,15 @@ function defaultUser(): string {
 
 /** user@host[:port] as shown in messages about the connection. */
 export function describeLogin(s: SshSpec): string {
-  const h = s.host.includes(':') ? `[${s.host}]` : s.host;
-  return `${s.user}@${h}${s.port === 22 ? '' : `:${s.port}`}`;
+  const name = s.alias?.name ?? s.host;
+  const h = name.includes(':') ? `[${name}]` : name;
+  const port = s.alias ? s.alias.port : s.port;
+  return `${s.user}@${h}${port === undefined || port === 22 ? '' : `:${port}`}`;
 }
 
+/** The source as recorded and shown: with a config alias, the alias (the config says where it leads). */
 export function describeSpec(s: SshSpec): string {
-  const h = s.host.includes(':') ? `[${s.host}]` : s.host;
-  return `ssh://${s.user}@${h}${s.port === 22 ? '' : `:${s.port}`}${s.path}`;
+  return `ssh://${describeLogin(s)}${s.path}`;
 }
 
 /** Print one line when ssh2's native crypto binding is missing (transfers are several times slower without it). */
@@ -252,11 +279,32 @@ async function readIdentity(file: string, explicit: boolean): Promise<{ key: Buf
 // ---------------------------------------------------------------------------------
 // connection
 
+/**
+ * What the remote protocol needs of a command's channel: its stdin, stdout, stderr and
+ * exit status, with flow control. An ssh2 exec channel is one; so is a system `ssh`
+ * process (src/source/ssh-command.ts).
+ */
+export interface RemoteChannel {
+  on(event: 'data', fn: (d: Buffer) => void): unknown;
+  on(event: 'exit', fn: (code: number | null, signal?: string) => void): unknown;
+  on(event: 'close', fn: () => void): unknown;
+  once(event: 'drain', fn: () => void): unknown;
+  readonly stderr: { on(event: 'data', fn: (d: Buffer) => void): unknown };
+  write(b: Buffer | string): boolean;
+  end(b?: Buffer | string): unknown;
+  pause(): unknown;
+  resume(): unknown;
+  destroy(): unknown;
+  close(): unknown;
+  signal(name: string): unknown;
+}
+
 export interface SshConnection {
   spec: SshSpec;
-  client: SshClient;
+  /** The ssh2 client (the built-in transport only: jump hosts forward through it). */
+  client?: SshClient;
   /** Run a command; resolves with the channel once it is open. */
-  exec(cmd: string): Promise<ClientChannel>;
+  exec(cmd: string): Promise<RemoteChannel>;
   /** Run a command to completion: stdout, stderr, exit code (null when killed). */
   run(cmd: string, input?: Buffer | string): Promise<{ stdout: Buffer; stderr: string; code: number | null }>;
   /** Set once the connection is gone (error or close), with a one-line reason. */
@@ -284,23 +332,122 @@ async function readKnownHostsText(khFile: string): Promise<string> {
   }
 }
 
+/**
+ * What one host is, after the SSH config: where to connect, the keys, the known_hosts
+ * files, host key checking and the jump hosts. Command-line flags (-i, --known-hosts,
+ * --accept-new-host-key, user and port in the URL) win over the config, as in OpenSSH.
+ */
+export interface ResolvedHost {
+  spec: SshSpec;
+  /** -i: the only key tried. */
+  identity?: string;
+  /** IdentityFile values, expanded (empty: the default ~/.ssh/id_* files). */
+  identityFiles: string[];
+  identitiesOnly: boolean;
+  /** known_hosts files; new keys go to the first. Empty: UserKnownHostsFile none. */
+  knownHosts: string[];
+  strict: StrictMode;
+  /** ProxyJump hops, each to be resolved through the config in turn. */
+  jumps: Array<{ user?: string; host: string; port?: number }>;
+  /** Where the ProxyJump came from, for messages. */
+  jumpWhere: string;
+}
+
+/** Resolves a URL (or a ProxyJump hop) through the SSH config. `flags` are the command line's, for the destination only. */
+export async function resolveHost(url: SshUrl, flags: SshOptions, files: SshConfigFiles, ignoreJump = false): Promise<ResolvedHost> {
+  const c = await lookupHostConfig(url.host, files);
+  const first = (k: string) => c.values.get(k)?.[0];
+  const at = (k: string) => c.where.get(k) ?? 'SSH config';
+  const cmd = first('proxycommand');
+  const jumpValue = ignoreJump ? undefined : first('proxyjump');
+  // Whichever of ProxyCommand and ProxyJump comes first wins in OpenSSH; a ProxyCommand cannot be honoured here.
+  if (cmd && cmd.toLowerCase() !== 'none' && !(jumpValue && c.order.get('proxyjump')! < c.order.get('proxycommand')!)) {
+    throw new GenvaultError(`${at('proxycommand')}: ProxyCommand is not supported by genvault's SSH client: use --ssh-command ssh, or ProxyJump`, 'SSH_CONFIG');
+  }
+  const rawHost = first('hostname');
+  const port = url.port ?? (first('port') !== undefined ? parsePort(first('port')!, at('port')) : 22);
+  const user = url.user ?? first('user') ?? defaultUser();
+  const host = rawHost ? rawHost.replace(/%(.)/g, (_m, ch: string) => (ch === 'h' ? url.host : ch === '%' ? '%' : `%${ch}`)) : url.host;
+  const tok = { host, original: url.host, port, user };
+  const spec: SshSpec = { user, host, port, path: url.path };
+  if (host !== url.host || (url.port === undefined && port !== 22)) spec.alias = { name: url.host, port: url.port };
+  const strictCfg = parseStrict(first('stricthostkeychecking'), at('stricthostkeychecking'));
+  const kh = c.values.get('userknownhostsfile');
+  const jumpsText = jumpValue && jumpValue.toLowerCase() !== 'none' ? jumpValue : '';
+  return {
+    spec,
+    identity: flags.identity,
+    identityFiles: (c.values.get('identityfile') ?? []).filter((f) => f.toLowerCase() !== 'none').map((f) => expandPath(f, tok, at('identityfile'))),
+    identitiesOnly: parseYesNo(first('identitiesonly'), 'IdentitiesOnly', at('identitiesonly')) ?? false,
+    knownHosts: flags.knownHosts
+      ? [flags.knownHosts]
+      : kh
+        ? kh.filter((f) => f.toLowerCase() !== 'none').map((f) => expandPath(f, tok, at('userknownhostsfile')))
+        : [path.join(os.homedir(), '.ssh', 'known_hosts')],
+    strict: flags.acceptNewHostKey ? 'accept-new' : (strictCfg ?? 'yes'),
+    jumps: jumpsText ? jumpsText.split(',').map((h) => parseJumpHop(h.trim(), at('proxyjump'))) : [],
+    jumpWhere: at('proxyjump'),
+  };
+}
+
+/** Public key blobs of identity files (FILE.pub, else the unencrypted key itself), for IdentitiesOnly's agent filter. */
+async function identityBlobs(files: string[]): Promise<Buffer[]> {
+  const out: Buffer[] = [];
+  for (const f of files) {
+    for (const cand of [`${f}.pub`, f]) {
+      const data = await fs.readFile(cand).catch(() => null);
+      if (!data) continue;
+      const k = loadSsh2().utils.parseKey(data);
+      if (!(k instanceof Error)) {
+        out.push((Array.isArray(k) ? k[0]! : k).getPublicSSH());
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+/** The agent at `sock`, offering only the keys whose public halves are in `allowed` (IdentitiesOnly yes). */
+function filteredAgent(sock: string, allowed: Buffer[]): NonNullable<ConnectConfig['agent']> {
+  const { OpenSSHAgent } = loadSsh2();
+  class Filtered extends OpenSSHAgent {
+    override getIdentities(cb: Parameters<InstanceType<typeof OpenSSHAgent>['getIdentities']>[0]): void {
+      super.getIdentities((err, keys) => {
+        if (err || !keys) return cb(err, keys);
+        cb(undefined, (keys as ParsedKey[]).filter((k) => allowed.some((b) => b.equals(k.getPublicSSH()))));
+      });
+    }
+  }
+  return new Filtered(sock);
+}
+
 /** Authentication methods, in OpenSSH's order, and how each is named in "tried ..." messages. */
-async function gatherAuthMethods(spec: SshSpec, opts: SshOptions, where: string): Promise<{ methods: AnyAuthMethod[]; tried: string[] }> {
+async function gatherAuthMethods(r: ResolvedHost, where: string): Promise<{ methods: AnyAuthMethod[]; tried: string[] }> {
   const methods: AnyAuthMethod[] = [];
   const tried: string[] = [];
-  if (opts.identity) {
-    const id = (await readIdentity(path.resolve(opts.identity), true))!;
-    methods.push({ type: 'publickey', username: spec.user, key: id.key });
+  const username = r.spec.user;
+  if (r.identity) {
+    const id = (await readIdentity(path.resolve(r.identity), true))!;
+    methods.push({ type: 'publickey', username, key: id.key });
     tried.push(`identity ${id.file}`);
   } else {
-    if (process.env.SSH_AUTH_SOCK) {
-      methods.push({ type: 'agent', username: spec.user, agent: process.env.SSH_AUTH_SOCK });
+    // As OpenSSH: the agent first (with IdentitiesOnly, only its keys named by IdentityFile),
+    // then the IdentityFile keys, or the default ones when the config names none.
+    const agentSock = process.env.SSH_AUTH_SOCK;
+    if (agentSock && (!r.identitiesOnly || r.identityFiles.length)) {
+      const agent = r.identitiesOnly ? filteredAgent(agentSock, await identityBlobs(r.identityFiles)) : agentSock;
+      methods.push({ type: 'agent', username, agent } as AnyAuthMethod);
       tried.push('ssh-agent');
     }
-    for (const n of ['id_ed25519', 'id_ecdsa', 'id_rsa']) {
-      const id = await readIdentity(path.join(os.homedir(), '.ssh', n), false);
+    const files = r.identityFiles.length ? r.identityFiles : ['id_ed25519', 'id_ecdsa', 'id_rsa'].map((n) => path.join(os.homedir(), '.ssh', n));
+    for (const f of files) {
+      // A passphrase-protected IdentityFile is left to the agent when there is one.
+      const id = await readIdentity(f, false).catch((e: unknown) => {
+        if (agentSock && e instanceof GenvaultError && /passphrase/.test(e.message)) return null;
+        throw e;
+      });
       if (id) {
-        methods.push({ type: 'publickey', username: spec.user, key: id.key });
+        methods.push({ type: 'publickey', username, key: id.key });
         tried.push(id.file);
       }
     }
@@ -327,6 +474,8 @@ interface ConnState {
   /** describeLogin(spec), for messages. */
   where: string;
   khFile: string;
+  /** UserKnownHostsFile none: nothing known, nothing recorded. */
+  khNone: boolean;
   client: SshClient;
   /** Why the host key was refused, if it was: the error the connection fails with. */
   hostKeyError: GenvaultError | null;
@@ -345,12 +494,17 @@ function setLost(st: ConnState, e: GenvaultError): void {
 }
 
 /** ssh2's hostVerifier: checks the offered key against known_hosts, setting st.hostKeyError or st.newKeyLine. */
-function hostKeyVerifier(st: ConnState, entries: KnownHostEntry[], opts: SshOptions): (blob: Buffer) => boolean {
+function hostKeyVerifier(st: ConnState, entries: KnownHostEntry[], strict: StrictMode): (blob: Buffer) => boolean {
   const { spec, khFile } = st;
   return (blob: Buffer): boolean => {
     const v = checkHostKey(entries, spec.host, spec.port, blob);
     const name = knownHostsName(spec.host, spec.port);
     if (v.status === 'ok') return true;
+    if (v.status === 'changed' && strict === 'no') {
+      // StrictHostKeyChecking no, as OpenSSH: the connection goes on, loudly; the old key stays.
+      process.stderr.write(`genvault: warning: host key for ${name} has CHANGED (${v.type} key differs from the one in ${khFile}); connecting anyway because of StrictHostKeyChecking no\n`);
+      return true;
+    }
     if (v.status === 'changed') {
       st.hostKeyError = new GenvaultError(
         `host key for ${name} has CHANGED (${v.type} key differs from the one in ${khFile}): possible man-in-the-middle attack; ` +
@@ -359,7 +513,7 @@ function hostKeyVerifier(st: ConnState, entries: KnownHostEntry[], opts: SshOpti
       );
       return false;
     }
-    if (v.status === 'othertype') {
+    if (v.status === 'othertype' && strict !== 'no') {
       // Not a new host: OpenSSH's accept-new refuses it as well.
       st.hostKeyError = new GenvaultError(
         `host ${name} offered a ${v.type} key, but ${khFile} knows it only by ${v.known.join(', ')}: refusing (possible man-in-the-middle); ` +
@@ -372,7 +526,7 @@ function hostKeyVerifier(st: ConnState, entries: KnownHostEntry[], opts: SshOpti
       st.hostKeyError = new GenvaultError(`host key for ${name} is marked @revoked in ${khFile}`, 'SSH_HOSTKEY_REVOKED');
       return false;
     }
-    if (opts.acceptNewHostKey) {
+    if (strict !== 'yes') {
       st.newKeyLine = `${name} ${keyBlobType(blob)} ${blob.toString('base64')}\n`;
       return true;
     }
@@ -440,7 +594,7 @@ function connectClient(st: ConnState, cfg: ConnectConfig, tried: string[]): Prom
 
 /** Appends a host key accepted on first use to known_hosts; on failure ends the connection and throws. */
 async function recordNewHostKey(st: ConnState, khText: string): Promise<void> {
-  if (!st.newKeyLine) return;
+  if (!st.newKeyLine || st.khNone) return;
   const { khFile, spec } = st;
   try {
     await fs.mkdir(path.dirname(khFile), { recursive: true, mode: 0o700 });
@@ -457,11 +611,11 @@ async function recordNewHostKey(st: ConnState, khText: string): Promise<void> {
 function wrapConnection(st: ConnState): SshConnection {
   const { spec, client, where } = st;
   const exec = (cmd: string) =>
-    new Promise<ClientChannel>((resolve, reject) => {
+    new Promise<RemoteChannel>((resolve, reject) => {
       if (st.lost) return reject(st.lost);
       client.exec(cmd, (err, ch) => {
         if (err) reject(st.lost ?? new GenvaultError(`cannot run a command on ${where}: ${err.message}`, 'SSH_EXEC'));
-        else resolve(ch);
+        else resolve(ch as unknown as RemoteChannel);
       });
     });
 
@@ -499,18 +653,84 @@ function wrapConnection(st: ConnState): SshConnection {
   return conn;
 }
 
-export async function connectSsh(spec: SshSpec, opts: SshOptions = {}): Promise<SshConnection> {
+/** One TCP-level hop: the jump connections made so far and the channel to the next host through the last one. */
+interface Path {
+  jumps: SshConnection[];
+  sock?: Duplex;
+}
+
+/** A direct-tcpip channel to host:port through `via` (what `ssh -J` asks of a jump host). */
+function forwardThrough(via: SshConnection, host: string, port: number): Promise<Duplex> {
+  return new Promise((resolve, reject) => {
+    via.client!.forwardOut('127.0.0.1', 0, host, port, (err, ch) => {
+      if (err) {
+        // RFC 4254's reason codes: ssh2 leaves them out of the message.
+        const reason = (err as Error & { reason?: number }).reason;
+        const why = ({ 1: 'administratively prohibited', 2: 'connect failed', 3: 'unknown channel type', 4: 'resource shortage' } as Record<number, string>)[reason ?? 0];
+        const msg = `cannot reach ${knownHostsName(host, port)} through the jump host ${describeLogin(via.spec)}: ${why ?? err.message}`;
+        reject(new GenvaultError(msg, 'SSH_CONNECT'));
+      } else resolve(ch);
+    });
+  });
+}
+
+/**
+ * Connects through the ProxyJump hops of `r`, as OpenSSH: the first hop with its own
+ * config (its own ProxyJump included), each later one resolved through the config but
+ * reached through the one before; command-line flags apply to the destination only.
+ */
+async function jumpPath(r: ResolvedHost, files: SshConfigFiles, opts: SshOptions, depth: number): Promise<Path> {
+  if (!r.jumps.length) return { jumps: [] };
+  if (depth >= 8) throw new GenvaultError(`${r.jumpWhere}: ProxyJump chain too long (a loop?)`, 'SSH_CONFIG');
+  const jumps: SshConnection[] = [];
+  const hopOpts: SshOptions = { timeoutMs: opts.timeoutMs, config: opts.config };
+  try {
+    let sock: Duplex | undefined;
+    for (const [i, hop] of r.jumps.entries()) {
+      const hr = await resolveHost({ ...hop, path: '/' }, {}, files, i > 0);
+      const conn = await connectResolved(hr, hopOpts, files, depth + 1, sock);
+      jumps.push(conn);
+      const next = r.jumps[i + 1];
+      if (next) {
+        const nr = await resolveHost({ ...next, path: '/' }, {}, files, true);
+        sock = await forwardThrough(conn, nr.spec.host, nr.spec.port);
+      }
+    }
+    return { jumps, sock: await forwardThrough(jumps.at(-1)!, r.spec.host, r.spec.port) };
+  } catch (e) {
+    for (const j of jumps) j.close();
+    throw e;
+  }
+}
+
+/** Connects to a resolved host, through its jump hosts (or over `sock`, a channel through the previous hop). */
+async function connectResolved(r: ResolvedHost, opts: SshOptions, files: SshConfigFiles, depth: number, sock?: Duplex): Promise<SshConnection> {
+  const { spec } = r;
   const where = describeLogin(spec);
-  const khFile = opts.knownHosts ?? path.join(os.homedir(), '.ssh', 'known_hosts');
-  const khText = await readKnownHostsText(khFile);
-  const entries = parseKnownHosts(khText);
-  const { methods, tried } = await gatherAuthMethods(spec, opts, where);
+  const khFile = r.knownHosts[0] ?? 'UserKnownHostsFile none';
+  // The way there first, as OpenSSH: a jump host that fails is the first thing to report.
+  const via = sock ? { jumps: [] as SshConnection[], sock } : await jumpPath(r, files, opts, depth);
+  const closeJumps = () => {
+    for (const j of via.jumps) j.close();
+  };
+  let texts: string[];
+  let auth: Awaited<ReturnType<typeof gatherAuthMethods>>;
+  try {
+    texts = await Promise.all(r.knownHosts.map((f) => readKnownHostsText(f)));
+    auth = await gatherAuthMethods(r, where);
+  } catch (e) {
+    closeJumps();
+    throw e;
+  }
+  const { methods, tried } = auth;
+  const entries = texts.flatMap((t) => parseKnownHosts(t));
   const hostKeyAlgos = hostKeyAlgorithms(entries, spec);
 
   const st: ConnState = {
     spec,
     where,
     khFile,
+    khNone: !r.knownHosts.length,
     client: new (loadSsh2().Client)(),
     hostKeyError: null,
     newKeyLine: null,
@@ -519,23 +739,41 @@ export async function connectSsh(spec: SshSpec, opts: SshOptions = {}): Promise<
     ready: false,
     closing: false,
   };
+  // The jump connections live as long as this one.
+  st.client.on('close', closeJumps);
   const cfg: ConnectConfig = {
     host: spec.host,
     port: spec.port,
     username: spec.user,
+    sock: via.sock,
     readyTimeout: opts.timeoutMs ?? 20_000,
     keepaliveInterval: 15_000,
     keepaliveCountMax: 4,
-    hostVerifier: hostKeyVerifier(st, entries, opts),
+    hostVerifier: hostKeyVerifier(st, entries, r.strict),
     authHandler: methods,
     algorithms: {
       serverHostKey: hostKeyAlgos as never,
       cipher: ['aes128-gcm@openssh.com', 'aes256-gcm@openssh.com', 'chacha20-poly1305@openssh.com', 'aes128-ctr', 'aes256-ctr'] as never,
     },
   };
-  await connectClient(st, cfg, tried);
-  await recordNewHostKey(st, khText);
+  try {
+    await connectClient(st, cfg, tried);
+  } catch (e) {
+    closeJumps();
+    throw e;
+  }
+  await recordNewHostKey(st, texts[0] ?? '');
   return wrapConnection(st);
+}
+
+/**
+ * Connects to an ssh:// URL with the built-in client, after the SSH config
+ * (src/source/ssh-config.ts): HostName, Port, User, keys, known_hosts, ProxyJump.
+ */
+export async function connectSsh(target: string | SshUrl, opts: SshOptions = {}): Promise<SshConnection> {
+  const url = typeof target === 'string' ? parseSshUrl(target) : target;
+  const files = sshConfigFiles(opts.config);
+  return connectResolved(await resolveHost(url, opts, files), opts, files, 0);
 }
 
 // ---------------------------------------------------------------------------------
@@ -603,7 +841,7 @@ export class ChannelReader {
   stderr = '';
 
   constructor(
-    private ch: ClientChannel,
+    private ch: RemoteChannel,
     conn: SshConnection,
     private where: string,
     private highWater = 32 << 20,
@@ -722,8 +960,7 @@ export async function startPlainSource(conn: SshConnection, info: RemoteInfo): P
 
 /** Connect, check the remote path, and stream it with `cat` (plain mode). */
 export async function openSshSource(specText: string, opts: SshOptions = {}): Promise<Source> {
-  const spec = parseSshSpec(specText);
-  const conn = await connectSsh(spec, opts);
+  const conn = await connectSsh(specText, opts);
   try {
     return await startPlainSource(conn, await probeRemote(conn));
   } catch (e) {
