@@ -201,7 +201,7 @@ export class PackSink {
       const k = l.key.toString('binary');
       if ((found[i] !== undefined && found[i] !== null) || seen.has(k)) return;
       seen.add(k);
-      recs.push(encodeMetaRecord({ type: REC_LEAF, leaf: l.value }));
+      recs.push(encodeMetaRecord({ type: REC_LEAF, leaf: l.value }, this.run.repo.keys));
     });
     if (recs.length) await this.appendRecords(Buffer.concat(recs));
   }

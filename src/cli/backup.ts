@@ -13,6 +13,7 @@ const { backup } = backupModule;
 const chunkedBackup = (backupModule as Record<string, unknown>).SUPPORTS_CHUNKED_SOURCES === true;
 import { bytes, duration, parseSize, rate } from '../util/format.js';
 import { Progress } from '../util/progress.js';
+import { UsageError } from '../util/errors.js';
 import { action, collect, holdingSignals, onInterrupt, printJson, wantsJson, withWritableRepo } from './common.js';
 
 interface BackupCliOptions {
@@ -60,7 +61,9 @@ export function register(program: Command): void {
         const maxSize = opts.maxSize === undefined ? undefined : parseSize(opts.maxSize, '--max-size');
         if (ssh) warnIfNoNativeCrypto();
         await withWritableRepo(cmd, async (repo) => {
-          const mode = sshMode === 'auto' && !chunkedBackup ? 'plain' : sshMode;
+          // The remote agent hashes without the repository's key (FORMAT.md, version 6): plain for an encrypted one.
+          if (ssh && sshMode === 'agent' && repo.keys) throw new UsageError('--ssh-mode agent: the remote agent cannot hash chunks for an encrypted repository; use plain or auto');
+          const mode = sshMode === 'auto' && (!chunkedBackup || repo.keys) ? 'plain' : sshMode;
           const source = ssh
             ? await openRemoteSource(src, {
                 identity: opts.identity,

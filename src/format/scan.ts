@@ -31,6 +31,7 @@ import {
   type RecordHeader,
 } from './pack.js';
 import { REC_CHUNK, decodeMetaPayload, type MetaRecord } from './meta.js';
+import { SEAL_BROKEN, metaAd, open, type RepoKeys } from './crypto.js';
 import { REC_TOC, TOC_TRAILER, decodeTocPayload, placeEntries, tocTrailer, type TocEntry } from './toc.js';
 
 /** Read `length` bytes of the pack at `position` into buf at `offset`; returns how many were read. */
@@ -46,7 +47,11 @@ export interface GroupMember {
 export type ScanItem =
   | { kind: 'chunk'; offset: number; header: RecordHeader }
   | { kind: 'group'; offset: number; header: RecordHeader; members: GroupMember[] }
-  | { kind: 'meta'; offset: number; header: RecordHeader; record: MetaRecord }
+  /**
+   * `plainDigest`: the SHA-256 of the record's plaintext payload (a leaf's digest); the
+   * header's digest, except in a sealed record (format 6), where that is the sealed bytes'.
+   */
+  | { kind: 'meta'; offset: number; header: RecordHeader; record: MetaRecord; plainDigest: Buffer }
   | { kind: 'damaged'; offset: number; length: number; problem: string };
 
 export interface ScanEnd {
@@ -63,6 +68,8 @@ export interface ScanEnd {
 export interface ScanOptions {
   /** Read every record header even when the pack has tables of contents. */
   readAll?: boolean;
+  /** An encrypted repository's keys: metadata records are opened with them (format 6). */
+  keys?: RepoKeys | null;
 }
 
 const WINDOW = 64 << 10;
@@ -78,6 +85,8 @@ class Window {
   constructor(
     private read: PackRead,
     readonly size: number,
+    /** The keys metadata records are opened with (format 6), carried along the scan. */
+    readonly keys: RepoKeys | null = null,
   ) {}
 
   /** Bytes [pos, pos + n) of the pack, or fewer at its end. */
@@ -103,7 +112,7 @@ class Window {
  * which its header must repeat.
  */
 export async function* scanPack(read: PackRead, size: number, packId: string, opts: ScanOptions = {}): AsyncGenerator<ScanItem, ScanEnd> {
-  const w = new Window(read, size);
+  const w = new Window(read, size, opts.keys ?? null);
   const listed = opts.readAll ? null : await tocListing(w, packId);
   if (!listed) return yield* scanWhole(w, packId);
   for (const e of listed) yield await tocItem(w, e);
@@ -230,8 +239,14 @@ async function recordAt(w: Window, pos: number): Promise<ScanItem> {
   const payload = Buffer.from(await w.at(payloadAt, h.storedLength));
   if (payload.length < h.storedLength) return damaged('record cut off');
   if (!createHash('sha256').update(payload).digest().equals(h.digest)) return damaged(`metadata record of type ${h.type} does not match its digest`);
+  let plain: Buffer | null = payload;
+  // A table of contents is never sealed (FORMAT.md): it copies the plaintext headers.
+  if (w.keys && h.type !== REC_TOC) plain = open(w.keys, payload, metaAd(w.keys, h.type));
+  if (!plain) return damaged(`metadata record of type ${h.type}: ${SEAL_BROKEN}`);
   try {
-    return { kind: 'meta', offset: pos, header: h, record: decodeMetaPayload(h.type, payload) };
+    const record = decodeMetaPayload(h.type, plain);
+    const plainDigest = plain === payload ? h.digest : createHash('sha256').update(plain).digest();
+    return { kind: 'meta', offset: pos, header: h, record, plainDigest };
   } catch (e) {
     return damaged((e as Error).message);
   }

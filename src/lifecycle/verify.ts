@@ -179,7 +179,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
   await readGenerations(run);
   const indexProblems = await readIndexProblems(repo);
   if (repo.config.version >= 4) {
-    const agree = await packsAgree(repo.store, repo.db, (d, t) => opts.onProgress?.('packs', d, t));
+    const agree = await packsAgree(repo.store, repo.db, (d, t) => opts.onProgress?.('packs', d, t), repo.keys);
     indexProblems.push(...agree.problems);
   }
   await readLeaves(run);

@@ -57,7 +57,7 @@ export class MetaPack {
       this.writer = w;
       await this.reg.addPack(w.packId);
     }
-    await this.writer.append(encodeMetaRecord(rec));
+    await this.writer.append(encodeMetaRecord(rec, this.repo.keys));
   }
 
   /**
