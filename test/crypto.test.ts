@@ -17,9 +17,11 @@ import {
   keyMatches,
   metaAd,
   open,
+  openInto,
   parseExport,
   recordAd,
   seal,
+  sealInto,
   unwrapMaster,
   wrapMaster,
   type KeySlot,
@@ -83,6 +85,28 @@ describe('sealing', () => {
     expect(open(k, a, metaAd(k, 1))).toBeNull(); // another type
     expect(open(deriveKeys(MASTER, 'ff'.repeat(16)), a, recordAd(deriveKeys(MASTER, 'ff'.repeat(16)), 0, 1, 5, digest))).toBeNull(); // another repository, same key
     expect(open(deriveKeys(Buffer.alloc(32, 1), REPO), a, ad)).toBeNull(); // another key
+  });
+});
+
+describe('sealing in place, in pieces', () => {
+  const k = deriveKeys(MASTER, REPO);
+  const ad = metaAd(k, 1);
+  it('seals a plaintext lying where its ciphertext goes, and opens into a buffer, for sizes around the piece size', () => {
+    for (const n of [0, 1, 32767, 32768, 32769, 100_000, 1 << 20]) {
+      const plain = prng(n + 1, n);
+      const out = Buffer.alloc(n + SEAL_OVERHEAD + 8);
+      plain.copy(out, 8);
+      const len = sealInto(k, out.subarray(8, 8 + n), ad, out, 8);
+      expect(len).toBe(n + SEAL_OVERHEAD);
+      const sealed = out.subarray(8, 8 + len);
+      expect(open(k, sealed, ad)?.equals(plain)).toBe(true);
+      const dst = Buffer.alloc(n + 4);
+      expect(openInto(k, sealed, ad, dst)).toBe(n);
+      expect(dst.subarray(0, n).equals(plain)).toBe(true);
+      if (n) sealed[n >> 1]! ^= 4;
+      else sealed[0]! ^= 4;
+      expect(openInto(k, sealed, ad, dst)).toBeNull();
+    }
   });
 });
 

@@ -19,6 +19,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { scanPack } from '../src/format/scan.js';
 import { RECORD_HEADER_SIZE } from '../src/format/pack.js';
 import { Repository } from '../src/repository/repository.js';
+import { startSshd } from './sshd.js';
 import { Scratch, dataPackFiles, flipByte, gv, isMounted, makeDisk, must, oneLine, packFiles, prng, sh, sha256File, withMountedDisk, writeFiles, type Run } from './helpers.js';
 
 const exec = promisify(execFile);
@@ -407,5 +408,76 @@ describe('key slots', () => {
     const r = await gv(p, ['key', 'list']);
     expect(r.code).toBe(1);
     expect(oneLine(r.stderr)).toMatch(/not encrypted/);
+  });
+});
+
+describe('sources and gc on an encrypted repository', () => {
+  it('backs up an ssh:// source (auto: cat; agent refused), restoring byte-identical', async () => {
+    const sshd = await startSshd(s);
+    try {
+      const r = s.path('repo-ssh');
+      await egOk(r, ['init', '--encryption', 'aes-256-gcm']);
+      const args = ['-i', sshd.userKey, '--known-hosts', sshd.knownHosts];
+      const agent = await eg(r, ['backup', sshd.url(disks.gen0!), '--name', 'remote', '--ssh-mode', 'agent', ...args], { SSH_AUTH_SOCK: '' });
+      expect(agent.code).toBe(2);
+      expect(agent.stderr).toMatch(/cannot hash chunks for an encrypted repository/);
+      await egOk(r, ['backup', sshd.url(disks.gen0!), '--name', 'remote', ...args], { SSH_AUTH_SOCK: '' });
+      const second = JSON.parse(await egOk(r, ['backup', sshd.url(disks.gen1!), '--name', 'remote', '--json', ...args], { SSH_AUTH_SOCK: '' }));
+      expect(second.stats.newBytes).toBeLessThan(4 << 20);
+      const out = s.path('remote.out');
+      await egOk(r, ['restore', 'remote@latest', out]);
+      expect(await sha256File(out)).toBe(await sha256File(disks.gen1!));
+      await fs.rm(out);
+    } finally {
+      await sshd.stop();
+    }
+  });
+
+  it('gc copies sealed records unchanged into a new pack, and they still open', async () => {
+    const r = s.path('repo-gc');
+    await egOk(r, ['init', '--encryption', 'aes-256-gcm']);
+    const shared = prng(21, 1 << 20);
+    const both = s.path('both.img');
+    const one = s.path('one.img');
+    await fs.writeFile(both, Buffer.concat([shared, prng(22, 3 << 20)]));
+    await fs.writeFile(one, shared);
+    await egOk(r, ['backup', both, '--name', 'both']);
+    await egOk(r, ['backup', one, '--name', 'one']);
+    const before = await chunkRecords(r);
+    await egOk(r, ['forget', 'both@latest', '--force-young']);
+    const gc = JSON.parse(await egOk(r, ['gc', '--json']));
+    expect(gc.packsRepacked).toBe(1);
+    const after = await chunkRecords(r);
+    expect(after.length).toBeLessThan(before.length);
+    expect(new Set(after.map((c) => c.file))).not.toEqual(new Set(before.map((c) => c.file)));
+    expect(await egOk(r, ['verify', '--full'])).toMatch(/no damage found/);
+    const out = s.path('one.out');
+    await egOk(r, ['restore', 'one@latest', out]);
+    expect(await sha256File(out)).toBe(await sha256File(one));
+  });
+});
+
+describe('jobs on an encrypted repository', () => {
+  it('a job file\'s key-file opens the repository for run; status needs no key', async () => {
+    const r = s.path('repo-jobs');
+    await egOk(r, ['init', '--encryption', 'aes-256-gcm']);
+    const img = s.path('job.img');
+    await fs.writeFile(img, prng(31, 2 << 20));
+    const key = await secretFile('job.key', 'correct horse battery staple\n');
+    const f = s.path('jobs.yaml');
+    await fs.writeFile(f, `repository: ${r}\nkey-file: ${key}\njobs:\n  j:\n    source: ${img}\n`, { mode: 0o600 });
+    const noEnv = { GENVAULT_PASSWORD_FILE: '' };
+    const run = await gv(null, ['run', '--config', f, '--all'], { env: noEnv });
+    expect(run.code, run.stderr).toBe(0);
+    expect(run.stdout).toMatch(/^j: ok: generation/);
+    const st = await gv(null, ['status', '--config', f], { env: noEnv });
+    expect(st.stdout, st.stderr).toMatch(/^OK/);
+    await fs.writeFile(key, 'another passphrase\n');
+    const wrong = await gv(null, ['run', '--config', f, '--all'], { env: noEnv });
+    expect(wrong.code).toBe(1);
+    expect(wrong.stdout + wrong.stderr).toMatch(/wrong passphrase or key/);
+    const out = s.path('job.out');
+    await egOk(r, ['restore', 'j@latest', out]);
+    expect(await sha256File(out)).toBe(await sha256File(img));
   });
 });

@@ -20,10 +20,10 @@ export function register(program: Command): void {
     .action(
       action(async (o: { config: string }, cmd: Command) => {
         const log = (line: string) => process.stdout.write(`${new Date().toISOString().replace(/\.\d+Z$/, 'Z')} ${line}\n`);
-        const d = new Daemon({ configFile: o.config, repoFor: (f) => jobsRepoPath(cmd, f.repository), log });
+        const d = new Daemon({ configFile: o.config, repoFor: (f) => jobsRepoPath(cmd, f.repository, f.keyFile), log });
         await d.load();
         // Resolve the repository now, so a missing one is a start-up error, not a log line per tick.
-        jobsRepoPath(cmd, d.jobs!.repository);
+        jobsRepoPath(cmd, d.jobs!.repository, d.jobs!.keyFile);
         if (d.jobs!.jobs.some((j) => isSshSpec(j.source))) warnIfNoNativeCrypto((l) => log(l.trimEnd()));
         const onStop = (sig: string) => {
           if (d.isStopping) {

@@ -82,6 +82,8 @@ export function metaAd(keys: RepoKeys, type: number): Buffer {
   return recordAd(keys, type, 0, 0, ZERO_DIGEST);
 }
 
+let sealScratch = Buffer.allocUnsafe(0);
+
 /**
  * Seal `plain` into out[at, at + plain.length + SEAL_OVERHEAD): nonce | ciphertext | tag.
  * `plain` may lie in `out` at `at` (it is read before anything is written over it).
@@ -91,12 +93,56 @@ export function sealInto(keys: RepoKeys, plain: Uint8Array, ad: Uint8Array, out:
   const nonce = randomBytes(NONCE_BYTES);
   const c = createCipheriv('aes-256-gcm', keys.seal, nonce);
   c.setAAD(ad);
-  const ct = c.update(plain);
+  // The ciphertext lands 12 bytes past where the plaintext may lie (in `out` at `at`):
+  // such a plaintext is read from a copy in a reused buffer.
+  let src = plain;
+  if (plain.buffer === out.buffer) {
+    if (sealScratch.length < plain.length) sealScratch = Buffer.allocUnsafe(Math.max(plain.length, 1 << 20));
+    sealScratch.set(plain);
+    src = sealScratch.subarray(0, plain.length);
+  }
+  const n = cryptPieces(c, src, out, at + NONCE_BYTES);
   c.final();
-  out.set(ct, at + NONCE_BYTES);
   out.set(nonce, at);
-  out.set(c.getAuthTag(), at + NONCE_BYTES + ct.length);
-  return ct.length + SEAL_OVERHEAD;
+  out.set(c.getAuthTag(), at + NONCE_BYTES + n);
+  return n + SEAL_OVERHEAD;
+}
+
+/**
+ * Bytes per update() call. Node allocates each call's output; pieces this small come from
+ * malloc's arena, reused, where a whole record's would be fresh pages, which cost a fault
+ * each in this VM (native-notes/performance.md, "Encryption").
+ */
+const PIECE = 32 << 10;
+
+function cryptPieces(c: { update(d: Uint8Array): Buffer }, src: Uint8Array, out: Uint8Array, at: number): number {
+  let n = 0;
+  for (let o = 0; o < src.length; o += PIECE) {
+    const part = c.update(src.subarray(o, Math.min(src.length, o + PIECE)));
+    out.set(part, at + n);
+    n += part.length;
+  }
+  return n;
+}
+
+/**
+ * Open a sealed payload into out (from 0; it must hold sealed.length - SEAL_OVERHEAD
+ * bytes). Returns the plaintext's length, or null when it does not authenticate: then out
+ * holds unauthenticated bytes, which the caller must not use.
+ */
+export function openInto(keys: RepoKeys, sealed: Uint8Array, ad: Uint8Array, out: Uint8Array): number | null {
+  if (sealed.length < SEAL_OVERHEAD) return null;
+  const s = Buffer.from(sealed.buffer, sealed.byteOffset, sealed.byteLength);
+  const d = createDecipheriv('aes-256-gcm', keys.seal, s.subarray(0, NONCE_BYTES));
+  d.setAAD(ad);
+  d.setAuthTag(s.subarray(s.length - TAG_BYTES));
+  const n = cryptPieces(d, s.subarray(NONCE_BYTES, s.length - TAG_BYTES), out, 0);
+  try {
+    d.final();
+  } catch {
+    return null;
+  }
+  return n;
 }
 
 export function seal(keys: RepoKeys, plain: Uint8Array, ad: Uint8Array): Buffer {

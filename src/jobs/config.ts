@@ -68,6 +68,8 @@ export interface JobConfig {
 export interface JobsFile {
   file: string;
   repository: string | null;
+  /** `key-file:` an encrypted repository's key or passphrase file (0600), unless --key-file is given. */
+  keyFile: string | null;
   timezone: string | null;
   jobs: JobConfig[];
 }
@@ -93,7 +95,7 @@ export function formatProblem(file: string, p: ConfigProblem): string {
   return `${file}:${p.line}: ${p.field ? `${p.field}: ` : ''}${p.message}`;
 }
 
-const TOP_KEYS = ['repository', 'timezone', 'defaults', 'jobs'];
+const TOP_KEYS = ['repository', 'key-file', 'timezone', 'defaults', 'jobs'];
 const JOB_KEYS = ['source', 'image', 'schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace'];
 const DEFAULT_KEYS = ['schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace'];
 const RETENTION_KEYS: Record<string, keyof RetentionRules | 'min-age'> = {
@@ -448,6 +450,11 @@ export function parseJobsText(text: string, file: string): JobsFile {
     const v = c.string(top.get('repository')!.value, 'repository');
     if (v !== null) repository = path.resolve(base, v);
   }
+  let keyFile: string | null = null;
+  if (top.has('key-file')) {
+    const v = c.string(top.get('key-file')!.value, 'key-file');
+    if (v !== null) keyFile = path.resolve(base, v);
+  }
   const timezone = top.has('timezone') ? parseTimezone(c, top.get('timezone')!.value) : null;
   const defaults: PartialJob = top.has('defaults') ? parsePartial(c, top.get('defaults')!.value, 'defaults', DEFAULT_KEYS, timezone, base) : {};
 
@@ -463,7 +470,7 @@ export function parseJobsText(text: string, file: string): JobsFile {
     if (isMap(jobsPair.value) && !jobsPair.value.items.length) c.add(jobsPair.value, 'jobs', 'no jobs defined');
   }
   if (c.problems.length) throw new ConfigError(file, c.problems.sort((a, b) => a.line - b.line));
-  return { file, repository, timezone, jobs };
+  return { file, repository, keyFile, timezone, jobs };
 }
 
 /**

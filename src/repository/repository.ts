@@ -115,11 +115,13 @@ export class Repository {
    * index may create LevelDB files and its socket). With `write` (backup, gc, prune,
    * forget, protect, jobs), its directories are also brought to the repository's modes.
    */
-  static async open(dir: string, opts: { write?: boolean } = {}): Promise<Repository> {
+  static async open(dir: string, opts: { write?: boolean; withoutKey?: boolean } = {}): Promise<Repository> {
     const abs = path.resolve(dir);
     const config = await Repository.readConfig(abs);
-    // The key first: a wrong one ends the command before anything is written.
-    const unlocked = config.encryption ? await unlock(abs, config) : null;
+    // The key first: a wrong one ends the command before anything is written. `withoutKey`:
+    // a reader of the index alone (status: job history, generation records), which the
+    // key does not protect (FORMAT.md, "What stays plaintext"); it gets no worker pool.
+    const unlocked = config.encryption && !opts.withoutKey ? await unlock(abs, config) : null;
     const indexDir = path.join(abs, 'index');
     applyUmask(config);
     let db: Db;
@@ -157,6 +159,8 @@ export class Repository {
   indexDamage: string | null = null;
 
   get pool(): WorkerPool {
+    // Without its key an encrypted repository's records can only fail their checks.
+    if (this.config.encryption && !this.unlocked) throw new GenvaultError(`${this.dir}: encrypted, and opened without its key`, 'NO_KEY');
     if (!this.poolInstance) this.poolInstance = new WorkerPool(this.workerCount, this.workerNice, this.workerDepth, this.store.spec, this.keys);
     return this.poolInstance;
   }

@@ -17,7 +17,7 @@ import {
 import type { LoadAnswer, LoadItem, LoadManyAnswer, LoadManyRequest, LoadRequest, LoadResult, Reply } from './protocol.js';
 import { zstd } from './zstd.js';
 import { fastOf, identityOf, keys } from './keys.js';
-import { SEAL_BROKEN, open, recordAd } from '../format/crypto.js';
+import { SEAL_BROKEN, SEAL_OVERHEAD, openInto, recordAd } from '../format/crypto.js';
 
 const dctx = new zstd.DCtx();
 /** For decoding a group frame only as far as one member (it keeps a frame's state between calls). */
@@ -168,7 +168,7 @@ function decodeRecord(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadResult
   const c = checkRecord(buf, req, { headerCompression: true });
   if ('problem' in c) return { damaged: c.problem };
   const h = c.header;
-  const payload = keys ? open(keys, c.payload, recordAd(keys, 0, h.compression, h.rawLength, h.digest)) : c.payload;
+  const payload = keys ? openPlain(c.payload, recordAd(keys, 0, h.compression, h.rawLength, h.digest)) : c.payload;
   if (!payload) return { damaged: SEAL_BROKEN };
   const raw = into ? into.subarray(0, req.rawLength) : new Uint8Array(req.rawLength);
   let n: number;
@@ -308,7 +308,22 @@ function decodeGroupMember(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadR
 
 /** A group's zstd frame: opened (format 6; null when it does not authenticate), or as it is. */
 function openFrame(stored: Buffer, h: { rawLength: number; digest: Buffer }): Buffer | null {
-  return keys ? open(keys, stored, recordAd(keys, 0, COMP_GROUP, h.rawLength, h.digest)) : stored;
+  return keys ? openPlain(stored, recordAd(keys, 0, COMP_GROUP, h.rawLength, h.digest)) : stored;
+}
+
+/**
+ * A sealed payload opened into this worker's reused buffer (valid until the next call), or
+ * null when it does not authenticate. Never into the caller's destination: bytes that fail
+ * their tag must not be left where a reader might take them.
+ */
+let plainBuf = Buffer.allocUnsafe(0);
+
+function openPlain(sealed: Buffer, ad: Buffer): Buffer | null {
+  const need = sealed.length - SEAL_OVERHEAD;
+  if (need < 0) return null;
+  if (plainBuf.length < need) plainBuf = Buffer.allocUnsafe(Math.max(need, 1 << 20));
+  const n = openInto(keys!, sealed, ad, plainBuf);
+  return n === null ? null : plainBuf.subarray(0, n);
 }
 
 /**
