@@ -278,6 +278,23 @@ describe('tampering is damage, never other bytes', () => {
     await fs.rm(out);
   }
 
+  it('verify --without-key checks structure without the key: a damaged record header is found', async () => {
+    const noKey = { GENVAULT_PASSWORD_FILE: '' };
+    const ok = await gv(a, ['verify', '--without-key'], { env: noKey });
+    expect(ok.code, ok.stderr).toBe(0);
+    expect(ok.stdout).toMatch(/verified without the key/);
+    expect((await gv(a, ['verify', '--without-key', '--full'], { env: noKey })).code).toBe(2);
+    const [rec] = await chunkRecords(a);
+    await flipByte(rec!.file, rec!.offset + 10, 0x01); // the stored length, under the header's CRC
+    try {
+      const bad = await gv(a, ['verify', '--without-key'], { env: noKey });
+      expect(bad.code).toBe(1);
+      expect(bad.stdout + bad.stderr).toMatch(/record header/);
+    } finally {
+      await flipByte(rec!.file, rec!.offset + 10, 0x01);
+    }
+  });
+
   it('a flipped ciphertext byte', async () => {
     const [rec] = await chunkRecords(a);
     const at = rec!.offset + RECORD_HEADER_SIZE + 100;
@@ -479,5 +496,52 @@ describe('jobs on an encrypted repository', () => {
     const out = s.path('job.out');
     await egOk(r, ['restore', 'j@latest', out]);
     expect(await sha256File(out)).toBe(await sha256File(img));
+  });
+});
+
+describe('the passphrase prompt', () => {
+  /** genvault under a pseudo-terminal (util-linux script), typing `lines` one after the other, without a password file. */
+  async function onTerminal(args: string, lines: string[]): Promise<{ code: number; out: string }> {
+    const cmd = `env -u GENVAULT_PASSWORD_FILE ${process.execPath} ${path.resolve('dist/cli/main.js')} ${args}; echo "rc=$?"`;
+    const typed = lines.map((l, i) => `sleep ${i ? 0.5 : 1}; printf '%s\\r' '${l}'`).join('; ');
+    const r = await sh('sh', ['-c', `(${typed}; sleep 3) | script -qec '${cmd}' /dev/null`]);
+    const m = /rc=(\d+)/.exec(r.stdout);
+    return { code: m ? Number(m[1]) : -1, out: r.stdout };
+  }
+
+  it('asks twice at init, without echo; a wrong or mismatched passphrase makes or opens nothing', async () => {
+    const r = s.path('repo-tty');
+    const made = await onTerminal(`-r ${r} init`, ['typed secret', 'typed secret']);
+    expect(made.code, made.out).toBe(0);
+    expect(made.out).toMatch(/passphrase for the new repository .*again: .*key slot from the terminal/s);
+    expect(made.out).not.toMatch(/typed secret/);
+    const wrong = await onTerminal(`-r ${r} list`, ['typed secreT']);
+    expect(wrong.code).toBe(1);
+    expect(wrong.out).toMatch(/wrong passphrase or key \(from the terminal\)/);
+    const right = await onTerminal(`-r ${r} list`, ['typed secret']);
+    expect(right.code, right.out).toBe(0);
+    const differ = await onTerminal(`-r ${s.path('repo-tty2')} init`, ['one', 'two']);
+    expect(differ.code).toBe(1);
+    expect(differ.out).toMatch(/the passphrases differ/);
+    await expect(fs.stat(s.path('repo-tty2'))).rejects.toThrow(/ENOENT/);
+  });
+
+  it('mount asks in the foreground and its background server reads with that key', async () => {
+    const r = s.path('repo-tty');
+    const img = s.path('tty.img');
+    await fs.writeFile(img, prng(41, 3 << 20));
+    await egOk(r, ['backup', img, '--name', 't'], { GENVAULT_PASSWORD_FILE: await secretFile('tty-pw', 'typed secret\n') });
+    const mnt = s.path('mnt-tty');
+    await fs.mkdir(mnt);
+    s.onCleanup(async () => {
+      if (await isMounted(mnt)) await sh('fusermount', ['-uz', mnt]);
+    });
+    const m = await onTerminal(`-r ${r} mount ${mnt}`, ['typed secret']);
+    expect(m.code, m.out).toBe(0);
+    try {
+      expect(await sha256File(path.join(mnt, 't', 'latest'))).toBe(await sha256File(img));
+    } finally {
+      await gv(null, ['umount', mnt]);
+    }
   });
 });
