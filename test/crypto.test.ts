@@ -22,13 +22,15 @@ import {
   recordAd,
   seal,
   sealInto,
+  tocDigest,
   unwrapMaster,
   wrapMaster,
   type KeySlot,
 } from '../src/format/crypto.js';
 import { chunkSegment } from '../src/format/chunker.js';
 import { REC_GENMAP, REC_LEAF, encodeMetaRecord } from '../src/format/meta.js';
-import { scanPack } from '../src/format/scan.js';
+import { scanPack, type ScanEnd } from '../src/format/scan.js';
+import { encodeTocRecord, tocEntriesOf } from '../src/format/toc.js';
 import { PACK_HEADER_SIZE, PACK_MAGIC } from '../src/format/pack.js';
 import { LeafBuilder } from '../src/format/chunkmap.js';
 import { prng } from './helpers.js';
@@ -45,6 +47,8 @@ describe('key derivation and identities (known answers)', () => {
     expect(hex(k.seal)).toBe('14c7d7f595a8a23e22c4ad69414a9e2e0aa63a0d217b5154dc8fae68f3bffc31');
     const seed = Buffer.from('d0f6911d5660024c', 'hex');
     expect(k.chunkSeed).toEqual([seed.readInt32LE(0), seed.readInt32LE(4)]);
+    expect(hex(k.toc)).toBe('e79a5173ae5727a3949f120a1a7fc4bca9df4094a8f4621d79fb8005ef1f9e60');
+    expect(hex(tocDigest(k, Buffer.from('GVT1 payload')))).toBe('62f31c914f73b455cf238fbeeac42221bf88e4ff8dc5374236a3c87dcf161223');
     expect(keyCheck(MASTER)).toBe('7828930b82260af00dab8f5fbe76f4b64a8079303750d8921fe96bd67d2d8a78'.slice(0, 32));
     expect(keyMatches(MASTER, keyCheck(MASTER))).toBe(true);
     expect(keyMatches(Buffer.alloc(32), keyCheck(MASTER))).toBe(false);
@@ -188,6 +192,28 @@ describe('sealed metadata records', () => {
     expect(items[0]).toMatchObject({ kind: 'meta', offset: PACK_HEADER_SIZE });
     expect(items[0]!.kind === 'meta' && items[0]!.plainDigest.equals(createHash('sha256').update(leaf).digest())).toBe(true);
   });
+  it('a table of contents is authenticated with the key: one without it, or from another repository, is not taken', async () => {
+    const recs = Buffer.concat([encodeMetaRecord({ type: REC_LEAF, leaf }, k), encodeMetaRecord({ type: REC_GENMAP, id: '0123456789abcdef', top: Buffer.alloc(0) }, k)]);
+    const entries = tocEntriesOf(recs, PACK_HEADER_SIZE).map((e) => e.bytes);
+    const viaToc = async (toc: Buffer) => {
+      const p = pack([recs, toc]);
+      const it = scanPack(async (buf, off, len, pos) => p.copy(buf, off, pos, Math.min(p.length, pos + len)), p.length, packId, { keys: k });
+      const items = [];
+      let r = await it.next();
+      for (; !r.done; r = await it.next()) items.push(r.value);
+      return { end: r.value as ScanEnd, items };
+    };
+    const good = await viaToc(encodeTocRecord(0, entries, k));
+    expect(good.end.viaToc).toBe(true);
+    for (const forged of [encodeTocRecord(0, entries), encodeTocRecord(0, entries, deriveKeys(MASTER, 'ff'.repeat(16)))]) {
+      const r = await viaToc(forged);
+      expect(r.end.viaToc).toBeFalsy();
+      // read record by record instead: the forged TOC is no record (the pack's tail), the others read as before
+      expect(r.end.tail).toBe(forged.length);
+      expect(r.items.map((i) => i.kind)).toEqual(['meta', 'meta']);
+    }
+  });
+
   it('a sealed payload moved under another header, or from another repository, is damage', async () => {
     const a = encodeMetaRecord({ type: REC_LEAF, leaf }, k);
     const other = encodeMetaRecord({ type: REC_LEAF, leaf }, deriveKeys(MASTER, 'ff'.repeat(16)));

@@ -31,6 +31,8 @@ export interface RepoKeys {
   seal: Uint8Array;
   /** The chunker's two 32-bit seeds. */
   chunkSeed: [number, number];
+  /** HMAC-SHA256 key of tables of contents (authenticated, not sealed). */
+  toc: Uint8Array;
 }
 
 function sub(master: Uint8Array, label: string): Buffer {
@@ -46,6 +48,7 @@ export function deriveKeys(master: Uint8Array, repoIdHex: string): RepoKeys {
     fast: sub(master, 'genvault-6 blake3'),
     seal: sub(master, 'genvault-6 seal'),
     chunkSeed: [seed.readInt32LE(0), seed.readInt32LE(4)],
+    toc: sub(master, 'genvault-6 toc'),
   };
 }
 
@@ -63,6 +66,15 @@ export function keyMatches(master: Uint8Array, check: string): boolean {
 /** A chunk's identity: HMAC-SHA256 with the identity key, or SHA-256 without keys (formats 1-5). */
 export function chunkIdentity(keys: RepoKeys | null, data: Uint8Array): Buffer {
   return keys ? createHmac('sha256', keys.identity).update(data).digest() : createHash('sha256').update(data).digest();
+}
+
+/**
+ * The digest in a table of contents' header: SHA-256 of its payload, or with keys
+ * HMAC-SHA256(toc key, repository id | payload), so that a forged or moved TOC is not
+ * taken for one (a TOC copies plaintext headers: it is authenticated, not sealed).
+ */
+export function tocDigest(keys: RepoKeys | null, payload: Uint8Array): Buffer {
+  return keys ? createHmac('sha256', keys.toc).update(keys.repoId).update(payload).digest() : createHash('sha256').update(payload).digest();
 }
 
 /** The associated data of a record (FORMAT.md): repository, type, compression, raw length, digest. */
@@ -173,7 +185,7 @@ export const SEAL_BROKEN = 'record does not authenticate (altered, moved, or sea
 /** Turn keys that crossed a thread boundary (Uint8Arrays) back into what node:crypto takes. */
 export function asKeys(k: RepoKeys): RepoKeys {
   const b = (u: Uint8Array) => Buffer.from(u.buffer, u.byteOffset, u.byteLength);
-  return { repoId: b(k.repoId), identity: b(k.identity), fast: b(k.fast), seal: b(k.seal), chunkSeed: [k.chunkSeed[0], k.chunkSeed[1]] };
+  return { repoId: b(k.repoId), identity: b(k.identity), fast: b(k.fast), seal: b(k.seal), chunkSeed: [k.chunkSeed[0], k.chunkSeed[1]], toc: b(k.toc) };
 }
 
 // ---- key slots ----

@@ -31,7 +31,7 @@ import {
   type RecordHeader,
 } from './pack.js';
 import { REC_CHUNK, decodeMetaPayload, type MetaRecord } from './meta.js';
-import { SEAL_BROKEN, metaAd, open, type RepoKeys } from './crypto.js';
+import { SEAL_BROKEN, metaAd, open, tocDigest, type RepoKeys } from './crypto.js';
 import { REC_TOC, TOC_TRAILER, decodeTocPayload, placeEntries, tocTrailer, type TocEntry } from './toc.js';
 
 /** Read `length` bytes of the pack at `position` into buf at `offset`; returns how many were read. */
@@ -194,7 +194,7 @@ async function tocAt(w: Window, at: number, end: number): Promise<ReturnType<typ
   const h = decodeRecordHeader(Buffer.from(await w.at(at, RECORD_HEADER_SIZE)));
   if (!h || h.type !== REC_TOC || h.compression !== 0 || h.rawLength !== h.storedLength || at + RECORD_HEADER_SIZE + h.storedLength !== end) return null;
   const payload = Buffer.from(await w.at(at + RECORD_HEADER_SIZE, h.storedLength));
-  if (payload.length !== h.storedLength || !createHash('sha256').update(payload).digest().equals(h.digest)) return null;
+  if (payload.length !== h.storedLength || !tocDigest(w.keys, payload).equals(h.digest)) return null;
   try {
     return decodeTocPayload(payload);
   } catch {
@@ -238,7 +238,8 @@ async function recordAt(w: Window, pos: number): Promise<ScanItem> {
   if (h.compression !== 0 || h.rawLength !== h.storedLength) return damaged(`metadata record of type ${h.type} is not stored raw`);
   const payload = Buffer.from(await w.at(payloadAt, h.storedLength));
   if (payload.length < h.storedLength) return damaged('record cut off');
-  if (!createHash('sha256').update(payload).digest().equals(h.digest)) return damaged(`metadata record of type ${h.type} does not match its digest`);
+  const digest = h.type === REC_TOC ? tocDigest(w.keys, payload) : createHash('sha256').update(payload).digest();
+  if (!digest.equals(h.digest)) return damaged(`metadata record of type ${h.type} does not match its digest`);
   let plain: Buffer | null = payload;
   // A table of contents is never sealed (FORMAT.md): it copies the plaintext headers.
   if (w.keys && h.type !== REC_TOC) plain = open(w.keys, payload, metaAd(w.keys, h.type));
