@@ -221,7 +221,10 @@ describe('an encrypted repository', () => {
     await egOk(repo, ['upgrade']);
     const before = await egOk(repo, ['list', '--json']);
     await fs.rm(path.join(repo, 'index'), { recursive: true });
-    await egOk(repo, ['repair', '--write']);
+    const rebuilt = await egOk(repo, ['repair', '--write']);
+    // every pack read from its (authenticated) tables of contents
+    const [, packs, viaToc] = /scanned (\d+) pack\(s\) \((\d+) from their tables of contents\)/.exec(rebuilt)!;
+    expect(viaToc).toBe(packs);
     expect(await egOk(repo, ['list', '--json'])).toBe(before);
     expect(await egOk(repo, ['verify', '--full'])).toMatch(/no damage found/);
     const out = s.path('after-repair');
