@@ -487,6 +487,12 @@ describe('jobs on an encrypted repository', () => {
     const f = s.path('jobs.yaml');
     await fs.writeFile(f, `repository: ${r}\nkey-file: ${key}\njobs:\n  j:\n    source: ${img}\n`, { mode: 0o600 });
     const noEnv = { GENVAULT_PASSWORD_FILE: '' };
+    await fs.chmod(key, 0o640);
+    const loose = await gv(null, ['run', '--check', '--config', f], { env: noEnv });
+    expect(loose.code).toBe(1);
+    expect(loose.stderr).toMatch(/key-file: .*job\.key: readable by group/);
+    await fs.chmod(key, 0o600);
+    expect((await gv(null, ['run', '--check', '--config', f], { env: noEnv })).code).toBe(0);
     const run = await gv(null, ['run', '--config', f, '--all'], { env: noEnv });
     expect(run.code, run.stderr).toBe(0);
     expect(run.stdout).toMatch(/^j: ok: generation/);

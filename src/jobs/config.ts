@@ -495,6 +495,8 @@ export async function loadJobsFile(file: string): Promise<JobsFile> {
 export async function checkJobFiles(f: JobsFile): Promise<string[]> {
   const out: string[] = [];
   const seen = new Set<string>();
+  // The repository's key file: refused when group or others may read it, as when it is used.
+  if (f.keyFile) await checkTrustedFile(f.keyFile, { secret: true }).catch((e: Error) => out.push(`key-file: ${e.message}`));
   for (const j of f.jobs) {
     for (const [file, secret] of [[j.ssh.identity, true], [j.ssh.knownHosts, false]] as const) {
       if (!file || seen.has(file)) continue;
