@@ -314,6 +314,35 @@ describe('tampering is damage, never other bytes', () => {
     await restoresOk(a, 'y', small.y!);
   });
 
+  it('the mount returns EIO for a record that does not authenticate, and logs it', async () => {
+    const recs = await chunkRecords(a);
+    const mnt = s.path('mnt-a');
+    await fs.mkdir(mnt);
+    s.onCleanup(async () => {
+      if (await isMounted(mnt)) await sh('fusermount', ['-uz', mnt]);
+    });
+    const at = recs[0]!.offset + RECORD_HEADER_SIZE + 5000;
+    await flipByte(recs[0]!.file, at, 0x80);
+    const log = s.path('mount-a.log');
+    try {
+      await egOk(a, ['mount', mnt, '--log', log]);
+      const results: string[] = [];
+      for (const n of ['x', 'y']) {
+        try {
+          const got = await fs.readFile(path.join(mnt, n, 'latest'));
+          results.push(got.equals(await fs.readFile(small[n]!)) ? `${n}: ok` : `${n}: WRONG BYTES`);
+        } catch (e) {
+          results.push(`${n}: ${(e as NodeJS.ErrnoException).code}`);
+        }
+      }
+      expect(results.sort()).toEqual(expect.arrayContaining([expect.stringMatching(/: EIO$/), expect.stringMatching(/: ok$/)]));
+      expect(await fs.readFile(log, 'utf8')).toMatch(/EIO reading [xy]@[0-9a-f]+ at offset \d+: .*does not authenticate/);
+    } finally {
+      await gv(null, ['umount', mnt]);
+      await flipByte(recs[0]!.file, at, 0x80);
+    }
+  });
+
   it('two sealed payloads swapped between packs, headers kept', async () => {
     const recs = await chunkRecords(a);
     expect(recs).toHaveLength(2);
