@@ -477,6 +477,12 @@ describe('sources and gc on an encrypted repository', () => {
       await egOk(r, ['restore', 'remote@latest', out]);
       expect(await sha256File(out)).toBe(await sha256File(disks.gen1!));
       await fs.rm(out);
+      // and back to an ssh:// target, by the python writer and by cat
+      for (const mode of ['agent', 'plain']) {
+        await egOk(r, ['restore', 'remote@1', sshd.url(out), '--ssh-mode', mode, ...args], { SSH_AUTH_SOCK: '' });
+        expect(await sha256File(out)).toBe(await sha256File(disks.gen0!));
+        await fs.rm(out);
+      }
     } finally {
       await sshd.stop();
     }
