@@ -163,7 +163,7 @@ describe('grace', () => {
     );
     const ran = await gv(null, ['run', '-c', f, '--all', '--json'], { env });
     expect(ran.code, ran.stderr).toBe(0);
-    const firstStart = Math.min(...JSON.parse(ran.stdout).map((r: { started: number }) => r.started));
+    const firstStart = Math.min(...JSON.parse(ran.stdout).map((r: { started: string }) => Date.parse(r.started)));
     const day = 86_400_000;
     const midnight = Math.floor(firstStart / day) * day + day; // the first scheduled time after the runs
     const min = 60_000;
@@ -183,7 +183,7 @@ describe('grace', () => {
     // What the monitoring plugin shows first.
     const text = await gv(null, ['status', '-c', f, '--now', new Date(midnight + 15 * min).toISOString()], { env });
     expect(text.code).toBe(1);
-    expect(text.stdout.split('\n')[0]).toBe('WARN: g10m 1 scheduled run missed');
+    expect(text.stdout.split('\n')[0]!.split(' | ')[0]).toBe('WARN: g10m 1 scheduled run missed');
   });
 });
 
@@ -208,7 +208,7 @@ describe('status when the job file cannot be read', () => {
     for (const [file, first] of cases) {
       const r = await gv(null, ['status', '-c', file], { env });
       expect(r.code, r.stdout).toBe(2);
-      expect(r.stdout.split('\n')[0]).toMatch(first);
+      expect(r.stdout.split('\n')[0]!.split(' | ')[0]).toMatch(first);
       const j = await gv(null, ['status', '-c', file, '--json'], { env });
       expect(j.code).toBe(2);
       expect(JSON.parse(j.stdout)).toMatchObject({ state: 'CRIT', exit: 2, error: expect.stringContaining(file) });
@@ -226,11 +226,11 @@ describe('status when the job file cannot be read', () => {
     const status = (args: string[]) => u.run(process.execPath, [CLI, 'status', ...args], { env: { GENVAULT_NO_PROGRESS: '1' } });
     const readable = await status(['-c', f]);
     expect(readable.code, readable.stdout + readable.stderr).toBe(0);
-    expect(readable.stdout.split('\n')[0]).toBe('OK: 1 job ok, 1 image');
+    expect(readable.stdout.split('\n')[0]!.split(' | ')[0]).toBe('OK: 1 job ok, 1 image');
     await fs.chmod(f, 0o600);
     const denied = await status(['-c', f]);
     expect(denied.code, denied.stdout + denied.stderr).toBe(2);
-    expect(denied.stdout.split('\n')[0]).toBe(`CRIT: cannot read job file ${f}: permission denied`);
+    expect(denied.stdout.split('\n')[0]!.split(' | ')[0]).toBe(`CRIT: cannot read job file ${f}: permission denied`);
 
     // The default /etc/genvault/jobs.yaml, in a directory the user may not enter: it is
     // there, so status must not judge as if there were no job file. Shown in a private
@@ -267,7 +267,7 @@ describe('status when the job file cannot be read', () => {
     expect(none.stdout).toMatch(/^OK: 0 jobs ok, 0 images\n[^]*no job file at \/etc\/genvault\/jobs\.yaml/);
     const used = await withDefault(put('644', '755'));
     expect(used.code, used.stdout + used.stderr).toBe(0);
-    expect(used.stdout.split('\n')[0]).toBe('OK: 1 job ok, 1 image');
+    expect(used.stdout.split('\n')[0]!.split(' | ')[0]).toBe('OK: 1 job ok, 1 image');
     for (const [setup, first] of [
       [put('600', '755'), 'CRIT: cannot read job file /etc/genvault/jobs.yaml: permission denied'],
       [put('644', '700'), 'CRIT: cannot read job file /etc/genvault/jobs.yaml: permission denied'],
@@ -275,7 +275,7 @@ describe('status when the job file cannot be read', () => {
     ]) {
       const r = await withDefault(setup!);
       expect(r.code, `${setup}: ${r.stdout}${r.stderr}`).toBe(2);
-      expect(r.stdout.split('\n')[0], setup).toBe(first);
+      expect(r.stdout.split('\n')[0]!.split(' | ')[0], setup).toBe(first);
     }
   });
 });

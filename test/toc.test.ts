@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { COMP_GROUP, COMP_RAW, COMP_ZSTD, GROUP_MEMBER_SIZE, RECORD_HEADER_SIZE, encodeRecordHeader } from '../src/format/pack.js';
 import { REC_GENMAP, REC_LEAF, REC_TOC, encodeMetaRecord } from '../src/format/meta.js';
 import { LeafBuilder } from '../src/format/chunkmap.js';
-import { decodeTocPayload, encodeTocRecord, tocEntriesOf } from '../src/format/toc.js';
+import { checkTocPayload, encodeTocRecord, tocEntries, tocEntriesOf } from '../src/format/toc.js';
 import type { ScanEnd, ScanItem } from '../src/format/scan.js';
 import { LocalStore } from '../src/store/local.js';
 import { PackWriter } from '../src/store/pack-writer.js';
@@ -206,13 +206,16 @@ describe('TOC payloads', () => {
     const recs = Buffer.concat([chunk(20, 10), group([prng(21, 10), prng(22, 10)])]);
     const entries = tocEntriesOf(recs, 24).map((e) => e.bytes);
     const payload = encodeTocRecord(77, entries).subarray(RECORD_HEADER_SIZE);
-    const d = decodeTocPayload(payload);
-    expect(d.prev).toBe(77);
-    expect(d.entries.map((e) => [e.type, e.compression, e.table?.length ?? 0])).toEqual([[0, COMP_RAW, 0], [0, COMP_GROUP, 4 + 2 * GROUP_MEMBER_SIZE]]);
+    const d = checkTocPayload(payload);
+    expect(d).toEqual({ prev: 77, count: 2, covered: recs.length });
+    expect([...tocEntries(payload, 24)].map((e) => [e.offset, e.type, e.compression, e.table?.length ?? 0])).toEqual([
+      [24, 0, COMP_RAW, 0],
+      [24 + RECORD_HEADER_SIZE + 10, 0, COMP_GROUP, 4 + 2 * GROUP_MEMBER_SIZE],
+    ]);
     const bad = (f: (b: Buffer) => void) => {
       const b = Buffer.from(payload);
       f(b);
-      return () => decodeTocPayload(b);
+      return () => checkTocPayload(b);
     };
     expect(bad((b) => b.writeUInt32LE(1e9, 12))).toThrow(/cut off/); // a huge count
     expect(bad((b) => b.writeUInt32LE(1, 12))).toThrow(/after the last entry/);

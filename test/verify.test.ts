@@ -270,7 +270,7 @@ describe('protect, forget and prune', () => {
     expect(JSON.parse(await gvOk(repo, ['info', `x@${x0!.id}`, '--json'])).protected).toBe(true);
     expect(await gvOk(repo, ['protect', `x@${x0!.id}`])).toMatch(/was already protected/);
     await gvOk(repo, ['unprotect', `x@${x0!.id}`]);
-    expect(JSON.parse(await gvOk(repo, ['info', `x@${x0!.id}`, '--json'])).protected).toBeUndefined();
+    expect(JSON.parse(await gvOk(repo, ['info', `x@${x0!.id}`, '--json'])).protected).toBe(false);
     const r = await gv(repo, ['protect', 'x@ffffffff']);
     expect(r.code).toBe(1);
     expect(oneLine(r.stderr)).toMatch(/unknown revision/);

@@ -1,8 +1,9 @@
 /** What every command shares: finding the repository, JSON output, error exit. */
-import type { Command } from 'commander';
+import { Option, type Command } from 'commander';
 import { GenvaultError, REPAIR_HINT, UsageError, describeFsError, errnoOf, innermostMessage } from '../util/errors.js';
 import { Repository } from '../repository/repository.js';
 import { useKeyFile } from '../repository/keys.js';
+import { logFormat } from '../util/log.js';
 
 export interface GlobalOpts {
   repo?: string;
@@ -76,7 +77,7 @@ export function errorLine(err: unknown): string {
 
 function writeErrorLine(line: string, exitCode: number): void {
   if (monitoring && exitCode === 3) process.stdout.write(`UNKNOWN: ${line}\n`);
-  else process.stderr.write(`genvault: ${line}\n`);
+  else process.stderr.write(`${logFormat() === 'journal' ? '<3>' : ''}genvault: ${line}\n`);
 }
 
 /** Print one clear line and exit; stack traces only with GENVAULT_DEBUG=1. */
@@ -167,4 +168,16 @@ export function jobsRepoPath(cmd: Command, fromFile: string | null, keyFile: str
   const dir = o.repo ?? fromFile ?? process.env.GENVAULT_REPO;
   if (!dir) throw new UsageError('no repository given: set "repository:" in the job file, use -r/--repo DIR, or set GENVAULT_REPO');
   return dir;
+}
+
+/** The --log-format option of `run` and `daemon` (validated by commander's choices). */
+export function logFormatOption(): Option {
+  return new Option('--log-format <format>', 'auto (journal when writing to the systemd journal), text, or journal (sd-daemon <N> priority prefixes: failures at err)')
+    .choices(['auto', 'text', 'journal'])
+    .default('auto');
+}
+
+/** The --metrics-file option of `run` and `daemon`. */
+export function metricsFileOption(): Option {
+  return new Option('--metrics-file <file>', 'after each job, write Prometheus metrics of every job and the repository to FILE (atomically; for node_exporter\'s textfile collector)');
 }

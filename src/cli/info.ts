@@ -14,7 +14,7 @@ export function register(program: Command): void {
         await withRepo(cmd, async (repo) => {
           const g = await repo.resolve(target);
           if (wantsJson(cmd)) {
-            printJson({ ...g, file: generationFileName(g) });
+            printJson({ ...g, protected: g.protected === true, file: generationFileName(g) });
             return;
           }
           const s = g.stats;
@@ -26,6 +26,7 @@ export function register(program: Command): void {
             ['size', `${bytes(g.size)} (${g.size} bytes)`],
             ['source', g.source],
             ['tags', g.tags.join(', ') || '-'],
+            ['protected', g.protected ? 'yes (never pruned or forgotten until `genvault unprotect`)' : 'no'],
             ['parent', g.parent ?? '-'],
             ['chunks', `${s.chunks} (${g.leaves} map leaves)`],
             ['zero', bytes(s.zeroBytes) + (s.holeBytes ? ` (${bytes(s.holeBytes)} of it holes of the source file, not read)` : '')],

@@ -19,14 +19,14 @@ export function register(program: Command): void {
             throw new GenvaultError(`no image named ${name} in ${repo.dir}`, 'NOT_FOUND');
           }
           if (wantsJson(cmd)) {
-            printJson(gens.map((g) => ({ ...g, file: generationFileName(g) })));
+            printJson(gens.map((g) => ({ ...g, protected: g.protected === true, file: generationFileName(g) })));
             return;
           }
           if (!gens.length) {
             process.stdout.write('no generations yet\n');
             return;
           }
-          const rows = [['IMAGE', 'REV', 'ID', 'CREATED (UTC)', 'SIZE', 'NEW', 'STORED', 'TIME', 'TAGS']];
+          const rows = [['IMAGE', 'REV', 'ID', 'CREATED (UTC)', 'SIZE', 'NEW', 'STORED', 'TIME', 'PROT', 'TAGS']];
           const byName = new Map<string, typeof gens>();
           for (const g of gens) byName.set(g.name, [...(byName.get(g.name) ?? []), g]);
           for (const [n, list] of byName) {
@@ -40,6 +40,7 @@ export function register(program: Command): void {
                 bytes(g.stats.newBytes),
                 bytes(g.stats.newStored),
                 duration(g.stats.durationMs),
+                g.protected ? 'yes' : '-',
                 g.tags.join(','),
               ]);
             });

@@ -16,16 +16,17 @@ const program = new Command();
 program
   .name('genvault')
   .description('Deduplicated backups of disk images; every generation mountable as a read-only file.')
-  .version(pkg.version)
+  .version(pkg.version, '-V, --version', 'print the version (`genvault version --json` for more)')
   .option('-r, --repo <dir>', 'repository directory (default: $GENVAULT_REPO)')
   .option('--key-file <file>', 'an encrypted repository\'s key file (else $GENVAULT_PASSWORD_FILE, else a prompt)')
-  .showHelpAfterError('(run with --help for usage)')
   .addHelpText(
     'after',
     '\nRevisions (NAME@REV): latest, N (0 = newest), a generation id or unique prefix,\n' +
       'or an ISO date/time (the newest generation at or before it).\n' +
       'Exit codes: 0 ok, 1 error, 2 usage.',
   )
+  // An argument too many is an error, not silently ignored (`restore a b c`).
+  .allowExcessArguments(false)
   .exitOverride()
   .hook('preAction', (_root, action) => useKeyFile((action.optsWithGlobals() as { keyFile?: string }).keyFile));
 
@@ -53,6 +54,10 @@ const commands: Record<string, () => Promise<Registrar>> = {
   upgrade: () => import('./upgrade.js'),
   repair: () => import('./repair.js'),
   key: () => import('./key.js'),
+  version: () => import('./version.js'),
+  stats: () => import('./stats.js'),
+  diff: () => import('./diff.js'),
+  notify: () => import('./notify.js'),
 };
 // Commands and aliases registered by another command's module.
 for (const [name, home] of [['ls', 'list'], ['cat', 'restore'], ['umount', 'mount'], ['unmount', 'mount'], ['unprotect', 'protect']] as const)
@@ -69,6 +74,18 @@ function namedCommand(argv: string[]): string | undefined {
 }
 
 const named = namedCommand(process.argv);
+
+// Commander's own errors (an unknown option or command, a missing argument) are one line
+// like every other error: "genvault: WHAT (HINT)". Under `status` the UNKNOWN line on
+// stdout (written below) is the only one: monitoring reads stdout.
+program.configureOutput({
+  outputError: (str, write) => {
+    if (named === 'status') return;
+    const [first, ...rest] = str.trim().replace(/^error: /, '').split('\n');
+    const hint = rest.map((l) => l.replace(/^\((.*)\)$/, '$1')).join('; ');
+    write(`genvault: ${first}${hint ? ` (${hint})` : ''} (see: genvault ${named ? `${named} ` : ''}--help)\n`);
+  },
+});
 
 // Exit codes are 0, 1 (error) and 2 (usage) only (status: 0-3, see common.ts), whatever
 // ends the process: an errno, a signal, an uncaught exception or unhandled rejection,
@@ -111,7 +128,7 @@ try {
   if (e instanceof CommanderError) {
     // --help, --version, `help`: 0. Usage errors, and help shown because no command was given: 2.
     if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || (e.code === 'commander.help' && e.exitCode === 0)) process.exit(0);
-    if (named === 'status') process.stdout.write(`UNKNOWN: ${e.message.replace(/^error: /, '')}\n`);
+    if (named === 'status') process.stdout.write(`UNKNOWN: ${e.message.replace(/^error: /, '').split('\n')[0]}\n`);
     process.exit(errorExitCode(true));
   }
   fail(e);

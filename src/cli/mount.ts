@@ -7,7 +7,7 @@ import { GenvaultError, UsageError } from '../util/errors.js';
 import { Repository } from '../repository/repository.js';
 import { unlock, useSecret, type Secret } from '../repository/keys.js';
 import { startIndexHolder } from '../index/index-holder.js';
-import { fusermountUnmount, isMounted, isStaleMount, mountRepository } from '../fuse/mount.js';
+import { fusermountUnmount, isMounted, isStaleMount, mountRepository, mountpointProblem } from '../fuse/mount.js';
 import { ensureRunDir, openLogFile, readRunFile, writeRunFile } from '../util/rundir.js';
 import { action, repoPath } from './common.js';
 import { parseSize } from '../util/format.js';
@@ -107,8 +107,8 @@ function registerMount(program: Command): void {
         } else if (await isMounted(mnt)) {
           throw new GenvaultError(`${mnt} is already a mount point`, 'BUSY');
         }
-        const st = await fs.stat(mnt).catch(() => null);
-        if (!st?.isDirectory()) throw new GenvaultError(`${mnt}: not a directory`, 'ENOTDIR');
+        const problem = await mountpointProblem(mnt);
+        if (problem) throw new GenvaultError(`cannot mount: ${problem}`, 'MOUNT');
         const config = await Repository.readConfig(repoDir); // fail here, in the foreground, on a bad repository
         // An encrypted repository's key is asked for (or read) here, in the foreground, and
         // handed to the background server over its IPC channel, never in a file or argv.
@@ -154,7 +154,7 @@ function registerMount(program: Command): void {
           child.once('exit', (code) => resolve({ error: `mount process exited with code ${code} (see ${logFile})` }));
         });
         await log.close();
-        if (msg.error) throw new GenvaultError(`cannot mount ${mnt}: ${msg.error}`, 'MOUNT');
+        if (msg.error) throw new GenvaultError(msg.error.startsWith('cannot mount') ? msg.error : `cannot mount ${mnt}: ${msg.error}`, 'MOUNT');
         child.disconnect();
         child.unref();
         process.stdout.write(`mounted ${repoDir} on ${mnt} (pid ${msg.pid}); unmount with: genvault umount ${mnt}\n`);

@@ -2,7 +2,7 @@ import fs from 'node:fs/promises';
 import { Command } from 'commander';
 import { DEFAULT_JOBS_FILE, JobsFile, loadJobsFile } from '../jobs/config.js';
 import { recentRuns } from '../jobs/history.js';
-import { ImageSummary, JobHealth, STATE_EXIT, State, judgeJob, summarizeImage, worst } from '../jobs/status.js';
+import { ImageSummary, JobHealth, STATE_EXIT, State, judgeJob, perfData, summarizeImage, worst } from '../jobs/status.js';
 import { Repository } from '../repository/repository.js';
 import { roughAge } from '../util/duration.js';
 import { bytes, table } from '../util/format.js';
@@ -50,7 +50,9 @@ export function register(program: Command): void {
         'repository or job file cannot be read. A scheduled time counts as missed once its grace\n' +
         'period (job file `grace`, default 1h) has passed without a successful run.\n' +
         'UNKNOWN (exit 3): status itself could not run (a usage error, an internal error, a signal).\n' +
-        'The first line of output is the summary (as monitoring plugins expect).\n\n' +
+        'The first line of output is the summary (as monitoring plugins expect), with performance\n' +
+        'data after its "|": per job JOB_age (seconds since the last success), JOB_missed\n' +
+        '(warn 1, crit 2), JOB_generations, JOB_stored (bytes); per image without a job the last two.\n\n' +
         'Example (Nagios/Icinga):  command_line  /usr/local/bin/genvault status --config /etc/genvault/jobs.yaml',
     )
     .action(async (o: StatusFlags, cmd: Command) => {
@@ -140,13 +142,15 @@ async function collectRows(repo: Repository, file: JobsFile | null, now: number,
 function printReport(json: boolean, now: number, file: JobsFile | null, jobs: JobRow[], images: ImageSummary[]): State {
   const state: State = worst(jobs.map((j) => j.state));
   const bad = jobs.filter((j) => j.state !== 'OK');
+  // A '|' in an error would start the performance data early.
   const summary = bad.length
-    ? `${state}: ${bad.map((j) => `${j.job} ${j.reason}`).join('; ')}`
+    ? `${state}: ${bad.map((j) => `${j.job} ${j.reason.replace(/\|/g, '/')}`).join('; ')}`
     : `OK: ${jobs.length} job${jobs.length === 1 ? '' : 's'} ok, ${images.length + jobs.length} image${images.length + jobs.length === 1 ? '' : 's'}`;
   if (json) {
     printJson({ state, exit: STATE_EXIT[state], summary, now: new Date(now).toISOString(), jobs, images });
   } else {
-    let out = `${summary}\n`;
+    const perf = perfData(jobs, images, now);
+    let out = `${summary}${perf ? ` | ${perf}` : ''}\n`;
     if (jobs.length) {
       const rows = [['JOB', 'STATE', 'SCHEDULE', 'LAST SUCCESS (UTC)', 'AGE', 'MISSED', 'GENS', 'STORED', 'LAST ERROR']];
       for (const j of jobs) {

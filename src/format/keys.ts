@@ -28,16 +28,24 @@ export function key(prefix: number, ...parts: Array<Uint8Array | string>): Buffe
   return Buffer.concat([Buffer.of(prefix), ...bufs]);
 }
 
+/** prefix + digest: on every chunk's path (backup lookups, repair), so without key()'s arrays. */
+function digestKey(prefix: number, digest: Uint8Array): Buffer {
+  const k = Buffer.allocUnsafe(1 + digest.length);
+  k[0] = prefix;
+  k.set(digest, 1);
+  return k;
+}
+
 export function chunkKey(digest: Uint8Array): Buffer {
-  return key(K_CHUNK, digest);
+  return digestKey(K_CHUNK, digest);
 }
 
 export function leafKey(digest: Uint8Array): Buffer {
-  return key(K_LEAF, digest);
+  return digestKey(K_LEAF, digest);
 }
 
 export function damagedKey(digest: Uint8Array): Buffer {
-  return key(K_DAMAGED, digest);
+  return digestKey(K_DAMAGED, digest);
 }
 
 export function condemnedKey(digest: Uint8Array): Buffer {

@@ -22,7 +22,7 @@ import { COMP_RAW, RECORD_HEADER_SIZE, encodeRecordHeader } from './pack.js';
 import { decodeLeaf, decodeTop } from './chunkmap.js';
 import { generationKey, parseGenerationRecord, type Generation } from './generation.js';
 import { checkImageName } from './config.js';
-import { REC_TOC, decodeTocPayload } from './toc.js';
+import { REC_TOC, checkTocPayload } from './toc.js';
 import { metaAd, seal, type RepoKeys } from './crypto.js';
 
 export const REC_CHUNK = 0;
@@ -124,8 +124,8 @@ export function decodeMetaPayload(type: number, payload: Buffer): MetaRecord {
       return { type, change: checkChange(parseJson(payload.subarray(4), 'generation change')) };
     }
     case REC_TOC: {
-      const toc = decodeTocPayload(payload);
-      return { type, prev: toc.prev, count: toc.entries.length };
+      const toc = checkTocPayload(payload);
+      return { type, prev: toc.prev, count: toc.count };
     }
     default:
       throw new Error(`unknown record type ${type}`);

@@ -120,7 +120,7 @@ export interface ChunkLocation {
  */
 export function encodeLocation(l: ChunkLocation): Buffer {
   const group = l.compression === COMP_GROUP;
-  const b = Buffer.alloc(group ? 41 : 33);
+  const b = Buffer.allocUnsafe(group ? 41 : 33); // every byte is written below
   b.write(l.packId, 0, 16, 'hex');
   b.writeBigUInt64LE(BigInt(l.offset), 16);
   b.writeUInt32LE(l.storedLength, 24);

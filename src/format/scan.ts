@@ -32,7 +32,7 @@ import {
 } from './pack.js';
 import { REC_CHUNK, decodeMetaPayload, type MetaRecord } from './meta.js';
 import { SEAL_BROKEN, metaAd, open, tocDigest, type RepoKeys } from './crypto.js';
-import { REC_TOC, TOC_TRAILER, decodeTocPayload, placeEntries, tocTrailer, type TocEntry } from './toc.js';
+import { REC_TOC, TOC_TRAILER, checkTocPayload, tocEntries, tocTrailer, type TocEntry } from './toc.js';
 
 /** Read `length` bytes of the pack at `position` into buf at `offset`; returns how many were read. */
 export type PackRead = (buf: Buffer, offset: number, length: number, position: number) => Promise<number>;
@@ -113,10 +113,25 @@ class Window {
  */
 export async function* scanPack(read: PackRead, size: number, packId: string, opts: ScanOptions = {}): AsyncGenerator<ScanItem, ScanEnd> {
   const w = new Window(read, size, opts.keys ?? null);
-  const listed = opts.readAll ? null : await tocListing(w, packId);
-  if (!listed) return yield* scanWhole(w, packId);
-  for (const e of listed) yield await tocItem(w, e);
+  const spans = opts.readAll ? null : await tocChain(w, packId);
+  if (!spans) return yield* scanWhole(w, packId);
+  // One TOC's entries at a time: a pack of millions of small records has as many entries.
+  for (const sp of spans) {
+    const toc = await tocAt(w, sp.at, sp.end);
+    if (!toc || sp.start + toc.covered !== sp.at) {
+      yield { kind: 'damaged', offset: sp.start, length: sp.end - sp.start, problem: 'table of contents changed while it was read' };
+      continue;
+    }
+    for (const e of tocEntries(toc.payload, sp.start)) yield await tocItem(w, e);
+  }
   return { end: size, tail: 0, viaToc: true };
+}
+
+/** A TOC record (at..end) and the bytes it lists (start..at). */
+interface TocSpan {
+  start: number;
+  at: number;
+  end: number;
 }
 
 /** Every record, header by header from the pack header on. */
@@ -152,51 +167,47 @@ async function* scanWhole(w: Window, packId: string): AsyncGenerator<ScanItem, S
 }
 
 /**
- * The records the pack's tables of contents list, in pack order, when the pack (of
- * w.size bytes) ends in a TOC, its header names it, and every TOC is whole and covers
- * exactly the bytes between the one before it (or the pack header) and itself; null
- * otherwise.
+ * The pack's tables of contents, first to last, when the pack (of w.size bytes) ends in a
+ * TOC, its header names it, and every TOC is whole, decodes, and lists exactly the bytes
+ * between the one before it (or the pack header) and itself; null otherwise. Each TOC is
+ * read whole here and again when its records are taken (scanPack): only its place is
+ * kept, so memory does not grow with the pack.
  */
-async function tocListing(w: Window, packId: string): Promise<TocEntry[] | null> {
+async function tocChain(w: Window, packId: string): Promise<TocSpan[] | null> {
   const size = w.size;
   if (size < PACK_HEADER_SIZE + RECORD_HEADER_SIZE + TOC_TRAILER) return null;
+  const head = Buffer.from(await w.at(0, PACK_HEADER_SIZE));
+  if (head.length < PACK_HEADER_SIZE || !head.subarray(0, 8).equals(PACK_MAGIC) || head.toString('hex', 8, 24) !== packId) return null;
   await w.at(Math.max(0, size - WINDOW), WINDOW); // the last TOC is usually in it
   const len = tocTrailer(Buffer.from(await w.at(size - TOC_TRAILER, TOC_TRAILER)));
   if (len === null) return null;
-  const tocs: Array<{ at: number; end: number; prev: number; entries: ReturnType<typeof decodeTocPayload>['entries'] }> = [];
+  const spans: TocSpan[] = [];
   for (let at = size - RECORD_HEADER_SIZE - len, end = size; ; ) {
     const toc = await tocAt(w, at, end);
     if (!toc) return null;
-    tocs.unshift({ at, end, ...toc });
-    if (toc.prev === 0) break;
-    const h = toc.prev >= PACK_HEADER_SIZE && toc.prev < at ? decodeRecordHeader(Buffer.from(await w.at(toc.prev, RECORD_HEADER_SIZE))) : null;
-    if (!h) return null;
-    end = toc.prev + RECORD_HEADER_SIZE + h.storedLength;
-    if (end > at) return null;
+    let start = PACK_HEADER_SIZE;
+    if (toc.prev !== 0) {
+      const h = toc.prev >= PACK_HEADER_SIZE && toc.prev < at ? decodeRecordHeader(Buffer.from(await w.at(toc.prev, RECORD_HEADER_SIZE))) : null;
+      if (!h) return null;
+      start = toc.prev + RECORD_HEADER_SIZE + h.storedLength;
+    }
+    if (start + toc.covered !== at) return null;
+    spans.unshift({ start, at, end });
+    if (toc.prev === 0) return spans;
+    end = start;
     at = toc.prev;
   }
-  const head = await w.at(0, PACK_HEADER_SIZE);
-  if (head.length < PACK_HEADER_SIZE || !head.subarray(0, 8).equals(PACK_MAGIC) || head.toString('hex', 8, 24) !== packId) return null;
-  const out: TocEntry[] = [];
-  let start = PACK_HEADER_SIZE;
-  for (const t of tocs) {
-    const placed = placeEntries(t.entries, start, t.at);
-    if (!placed) return null;
-    out.push(...placed);
-    start = t.end;
-  }
-  return out;
 }
 
-/** The TOC record at `at`, which must end exactly at `end`: decoded, or null. */
-async function tocAt(w: Window, at: number, end: number): Promise<ReturnType<typeof decodeTocPayload> | null> {
+/** The TOC record at `at`, which must end exactly at `end`: its payload, checked, or null. */
+async function tocAt(w: Window, at: number, end: number): Promise<(ReturnType<typeof checkTocPayload> & { payload: Buffer }) | null> {
   if (at < PACK_HEADER_SIZE) return null;
   const h = decodeRecordHeader(Buffer.from(await w.at(at, RECORD_HEADER_SIZE)));
   if (!h || h.type !== REC_TOC || h.compression !== 0 || h.rawLength !== h.storedLength || at + RECORD_HEADER_SIZE + h.storedLength !== end) return null;
   const payload = Buffer.from(await w.at(at + RECORD_HEADER_SIZE, h.storedLength));
   if (payload.length !== h.storedLength || !tocDigest(w.keys, payload).equals(h.digest)) return null;
   try {
-    return decodeTocPayload(payload);
+    return { ...checkTocPayload(payload), payload };
   } catch {
     return null;
   }
@@ -208,7 +219,8 @@ async function tocAt(w: Window, at: number, end: number): Promise<ReturnType<typ
  * the pack); metadata records are read, and must be what the TOC says.
  */
 async function tocItem(w: Window, e: TocEntry): Promise<ScanItem> {
-  const header = { type: e.type, compression: e.compression, rawLength: e.rawLength, storedLength: e.storedLength, digest: Buffer.from(e.digest) };
+  // The digest is a view into the TOC's payload: consumers copy what they keep.
+  const header = { type: e.type, compression: e.compression, rawLength: e.rawLength, storedLength: e.storedLength, digest: e.digest };
   const length = RECORD_HEADER_SIZE + e.storedLength;
   if (e.type === REC_CHUNK && e.compression !== COMP_GROUP) return { kind: 'chunk', offset: e.offset, header };
   if (e.type === REC_CHUNK) {
@@ -275,7 +287,7 @@ function membersOf(table: Buffer, h: RecordHeader): GroupMember[] | string {
     const e = 4 + k * GROUP_MEMBER_SIZE;
     const rawLength = table.readUInt32LE(e + 32);
     if (rawLength === 0) return 'group member table damaged';
-    members.push({ digest: Buffer.from(table.subarray(e, e + 32)), inner, rawLength });
+    members.push({ digest: table.subarray(e, e + 32), inner, rawLength }); // views: consumers copy what they keep
     inner += rawLength;
   }
   if (inner !== h.rawLength) return 'group member table does not match the record header';

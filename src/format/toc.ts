@@ -102,22 +102,48 @@ export function tocTrailer(last8: Buffer): number | null {
 }
 
 /**
- * Decode a TOC payload (already checked against its header's digest): the previous TOC's
- * offset and the entries, not yet placed (placeEntries, once the previous TOC says where
- * they begin). Throws on anything that does not decode exactly.
+ * Check a TOC payload (already checked against its header's digest) from end to end
+ * without keeping its entries: the previous TOC's offset, the number of entries and the
+ * bytes of pack they cover (headers and payloads). Throws on anything that does not decode
+ * exactly.
  */
-export function decodeTocPayload(p: Buffer): { prev: number; entries: Array<Omit<TocEntry, 'offset'>> } {
+export function checkTocPayload(p: Buffer): { prev: number; count: number; covered: number } {
   const bad = (why: string) => new Error(`table of contents: ${why}`);
   if (p.length < 16 + TOC_TRAILER || !p.subarray(0, 4).equals(MAGIC)) throw bad('bad magic');
   if (p.readUInt32LE(p.length - TOC_TRAILER) !== p.length || !p.subarray(p.length - 4).equals(END_MAGIC)) throw bad('bad trailer');
-  const prev = Number(p.readBigUInt64LE(4));
   const count = p.readUInt32LE(12);
   const end = p.length - TOC_TRAILER;
-  const entries: Array<Omit<TocEntry, 'offset'>> = [];
   let pos = 16;
+  let covered = 0;
   for (let i = 0; i < count; i++) {
     if (pos + ENTRY > end) throw bad('cut off');
-    const e: Omit<TocEntry, 'offset'> = {
+    const stored = p.readUInt32LE(pos + 7);
+    covered += RECORD_HEADER_SIZE + stored;
+    if (p[pos] === COMP_GROUP) {
+      if (pos + ENTRY + 4 > end) throw bad('cut off');
+      const n = p.readUInt32LE(pos + ENTRY);
+      const len = 4 + n * GROUP_MEMBER_SIZE;
+      if (n < 2 || n > GROUP_MAX_MEMBERS || pos + ENTRY + len > end || len > stored) throw bad('bad group member table');
+      pos += len;
+    }
+    pos += ENTRY;
+  }
+  if (pos !== end) throw bad('bytes after the last entry');
+  return { prev: Number(p.readBigUInt64LE(4)), count, covered };
+}
+
+/**
+ * The entries of a payload that checkTocPayload accepted, one at a time, placed from
+ * `start` (where the bytes it covers begin). Lazily: a TOC may list tens of thousands of
+ * records, and objects for all of them at once outlive the young generation.
+ */
+export function* tocEntries(p: Buffer, start: number): Generator<TocEntry> {
+  const count = p.readUInt32LE(12);
+  let pos = 16;
+  let offset = start;
+  for (let i = 0; i < count; i++) {
+    const e: TocEntry = {
+      offset,
       compression: p[pos]!,
       type: p.readUInt16LE(pos + 1),
       rawLength: p.readUInt32LE(pos + 3),
@@ -126,32 +152,13 @@ export function decodeTocPayload(p: Buffer): { prev: number; entries: Array<Omit
     };
     pos += ENTRY;
     if (e.compression === COMP_GROUP) {
-      if (pos + 4 > end) throw bad('cut off');
-      const n = p.readUInt32LE(pos);
-      const len = 4 + n * GROUP_MEMBER_SIZE;
-      if (n < 2 || n > GROUP_MAX_MEMBERS || pos + len > end || len > e.storedLength) throw bad('bad group member table');
+      const len = 4 + p.readUInt32LE(pos) * GROUP_MEMBER_SIZE;
       e.table = p.subarray(pos, pos + len);
       pos += len;
     }
-    entries.push(e);
+    offset += RECORD_HEADER_SIZE + e.storedLength;
+    yield e;
   }
-  if (pos !== end) throw bad('bytes after the last entry');
-  return { prev, entries };
-}
-
-/**
- * Place decoded entries at their offsets from `start`; they must end exactly at `tocAt`
- * (where their TOC record begins). Returns null when they do not.
- */
-export function placeEntries(entries: Array<Omit<TocEntry, 'offset'>>, start: number, tocAt: number): TocEntry[] | null {
-  const out: TocEntry[] = [];
-  let pos = start;
-  for (const e of entries) {
-    out.push({ ...e, offset: pos });
-    pos += RECORD_HEADER_SIZE + e.storedLength;
-    if (pos > tocAt) return null;
-  }
-  return pos === tocAt ? out : null;
 }
 
 /** Where the records a pack's first TOC covers begin. */

@@ -19,6 +19,7 @@ import { ChunkLoader, ImageReader } from '../read/reader.js';
 import { liveWriters, Pin } from '../repository/locks.js';
 import { Repository } from '../repository/repository.js';
 import { Tree } from './tree.js';
+import { GenvaultError } from '../util/errors.js';
 import { setProcessNice } from '../util/sched.js';
 
 const run = promisify(execFile);
@@ -59,6 +60,36 @@ export async function isStaleMount(mnt: string): Promise<boolean> {
 export async function isMounted(mnt: string): Promise<boolean> {
   const info = await fs.readFile('/proc/self/mountinfo', 'utf8');
   return info.split('\n').some((l) => l.split(' ')[4] === mnt);
+}
+
+/**
+ * Why FUSE would refuse to mount on `mnt`, in words, or null if it should work. libfuse
+ * itself says only "fuse failed" (and prints its reason on stderr, which the background
+ * server sends to its log), so the usual causes are checked first.
+ */
+export async function mountpointProblem(mnt: string, device = '/dev/fuse'): Promise<string | null> {
+  const st = await fs.stat(mnt).catch((e: NodeJS.ErrnoException) => e);
+  if (st instanceof Error) {
+    if (st.code === 'ENOENT') return `${mnt} does not exist (create an empty directory: mkdir -p ${mnt})`;
+    if (st.code === 'EACCES') return `${mnt}: permission denied`;
+    return `${mnt}: ${st.message}`;
+  }
+  if (!st.isDirectory()) return `${mnt} is not a directory (FUSE mounts on an empty directory)`;
+  const entries = await fs.readdir(mnt).catch(() => []);
+  if (entries.length) {
+    const shown = entries.slice(0, 3).join(', ');
+    return `${mnt} is not empty (${entries.length} entr${entries.length === 1 ? 'y' : 'ies'}: ${shown}${entries.length > 3 ? ', ...' : ''}); mount on an empty directory`;
+  }
+  const dev = await fs.stat(device).catch((e: NodeJS.ErrnoException) => e);
+  if (dev instanceof Error) {
+    if (dev.code === 'ENOENT') return `${device} does not exist: FUSE is not available here (load the module: modprobe fuse; in a container, pass the device in)`;
+    return `${device}: ${dev.message}`;
+  }
+  if (!dev.isCharacterDevice()) return `${device} is not a character device: FUSE is not available here`;
+  const open = await fs.open(device, 'r+').catch((e: NodeJS.ErrnoException) => e);
+  if (open instanceof Error) return `cannot open ${device}: ${open.code === 'EACCES' || open.code === 'EPERM' ? 'permission denied' : open.message}`;
+  await open.close();
+  return null;
 }
 
 export async function fusermountUnmount(mnt: string, lazy: boolean): Promise<void> {
@@ -334,6 +365,15 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
     attrTimeout: 1,
     entryTimeout: 1,
   });
-  await new Promise<void>((resolve, reject) => fuse.mount((err: Error | null) => (err ? reject(err) : resolve())));
+  try {
+    await new Promise<void>((resolve, reject) => fuse.mount((err: Error | null) => (err ? reject(err) : resolve())));
+  } catch (e) {
+    clearInterval(bg.timer);
+    clearInterval(bg.gcTimer);
+    bg.lockWatch?.close();
+    // libfuse's own reason went to stderr; name what we can check, else say where to look.
+    const why = (await mountpointProblem(mountpoint)) ?? `FUSE refused (${(e as Error).message}; libfuse's reason is on stderr or in the mount log)`;
+    throw new GenvaultError(`cannot mount ${mountpoint}: ${why}`, 'MOUNT');
+  }
   return mountHandle(s, fuse, mountpoint, bg);
 }

@@ -206,16 +206,22 @@ async function privateCopy(dir: string): Promise<string> {
  * A new LevelDB for one process only (repair and verify build the model of the packs in
  * one), without rave-level's socket. LevelDB memory-maps up to 1000 table files, and a
  * pass over millions of keys touches all of them: those pages count in the process's RSS.
- * A small table cache bounds what is mapped (about 2 MiB per table file).
+ * A small table cache of small tables bounds what is mapped.
  */
 export async function openPrivateDb(dir: string): Promise<Db> {
-  const db = new ClassicLevel<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer', maxOpenFiles: OPEN_FILES_FOR_PASSES });
+  const db = new ClassicLevel<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer', maxOpenFiles: OPEN_FILES_FOR_PASSES, maxFileSize: PASS_TABLE_BYTES });
   await db.open({ createIfMissing: true, errorIfExists: true });
   return db as unknown as Db;
 }
 
-/** LevelDB keeps 10 of max_open_files for itself; the rest is its table cache. */
+/**
+ * LevelDB keeps 10 of max_open_files for itself; the rest is its table cache. It raises
+ * anything under 74 to 74, so the cache holds 64 tables at least: tables of 512 KiB
+ * instead of LevelDB's 2 MiB keep what a pass leaves mapped to a quarter. A rebuilt
+ * index keeps them until LevelDB compacts them into tables of the usual size.
+ */
 export const OPEN_FILES_FOR_PASSES = 40;
+const PASS_TABLE_BYTES = 512 << 10;
 
 /** The private copy an index on read-only media was opened from (null: opened in place). */
 export function readOnlyCopy(db: Db): string | null {

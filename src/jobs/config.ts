@@ -16,7 +16,7 @@
  *         post: ["lvremove -f vg0/vm1-snap"]
  */
 import path from 'node:path';
-import YAML, { isMap, isScalar, isSeq, LineCounter, Node as YamlNode, Pair, YAMLMap } from 'yaml';
+import YAML, { isCollection, isMap, isScalar, isSeq, LineCounter, Node as YamlNode, Pair, YAMLMap } from 'yaml';
 import { GenvaultError } from '../util/errors.js';
 import { checkTrustedFile, readTrustedFile } from '../util/trust.js';
 import { tryParseDuration } from '../util/duration.js';
@@ -47,6 +47,22 @@ export interface JobSsh {
   mode: SshMode;
 }
 
+/** Where to report a run: a command, e-mail through sendmail, an HTTP webhook (any of them). */
+export interface NotifySpec {
+  /** failure: failed runs only; always: every run. */
+  on: 'failure' | 'always';
+  command?: string;
+  email?: string[];
+  /** The sendmail program (it reads the message with -t). */
+  sendmail: string;
+  webhook?: string;
+  timeoutMs: number;
+  line: number;
+}
+
+export const DEFAULT_SENDMAIL = '/usr/sbin/sendmail';
+export const DEFAULT_NOTIFY_TIMEOUT_MS = 60_000;
+
 export interface JobConfig {
   name: string;
   /** Image name in the repository (default: the job name). */
@@ -61,6 +77,8 @@ export interface JobConfig {
   graceMs: number;
   hooks: { pre: HookSpec[]; post: HookSpec[] };
   ssh: JobSsh;
+  /** Null: no notification. */
+  notify: NotifySpec | null;
   /** Line of the job's name in the file. */
   line: number;
 }
@@ -72,6 +90,8 @@ export interface JobsFile {
   keyFile: string | null;
   timezone: string | null;
   jobs: JobConfig[];
+  /** The defaults' notify: also where `genvault notify` (a unit's OnFailure=) reports. */
+  notify: NotifySpec | null;
 }
 
 export interface ConfigProblem {
@@ -96,8 +116,9 @@ export function formatProblem(file: string, p: ConfigProblem): string {
 }
 
 const TOP_KEYS = ['repository', 'key-file', 'timezone', 'defaults', 'jobs'];
-const JOB_KEYS = ['source', 'image', 'schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace'];
-const DEFAULT_KEYS = ['schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace'];
+const JOB_KEYS = ['source', 'image', 'schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace', 'notify'];
+const DEFAULT_KEYS = ['schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace', 'notify'];
+const NOTIFY_KEYS = ['on', 'command', 'email', 'webhook', 'sendmail', 'timeout'];
 const RETENTION_KEYS: Record<string, keyof RetentionRules | 'min-age'> = {
   'keep-last': 'keepLast',
   'keep-hourly': 'keepHourly',
@@ -215,6 +236,7 @@ interface PartialJob {
   hooks?: { pre: HookSpec[]; post: HookSpec[] };
   ssh?: Partial<JobSsh>;
   graceMs?: number;
+  notify?: NotifySpec | null;
 }
 
 function parseSchedule(c: Checker, node: unknown, field: string, tz: string | null): Schedule | null {
@@ -294,6 +316,44 @@ function parseSsh(c: Checker, node: unknown, field: string, base: string): Parti
   return out;
 }
 
+/** A job's or the defaults' `notify:`; null (`notify: null` or `false`) turns the defaults' off. */
+function parseNotify(c: Checker, node: unknown, field: string): NotifySpec | null {
+  if (isScalar(node) && (node.value === null || node.value === false)) return null;
+  const out: NotifySpec = { on: 'failure', sendmail: DEFAULT_SENDMAIL, timeoutMs: DEFAULT_NOTIFY_TIMEOUT_MS, line: c.line(node) };
+  const before = c.problems.length;
+  for (const { key, value } of c.pairs(node, field, NOTIFY_KEYS)) {
+    const f = `${field}.${key}`;
+    const v = key === 'email' || key === 'timeout' ? null : c.string(value, f);
+    if (key === 'on') {
+      if (v === 'failure' || v === 'always') out.on = v;
+      else if (v !== null) c.add(value, f, 'expected "failure" (failed runs only) or "always" (every run)');
+    } else if (key === 'command' && v !== null) out.command = v;
+    else if (key === 'email') {
+      const list = c.stringList(value, f);
+      list.forEach((a) => {
+        if (!/^[^\s@<>,;"']+@[^\s@<>,;"']+$/.test(a)) c.add(value, f, `${JSON.stringify(a)} is not an e-mail address (such as root@example.com)`);
+      });
+      out.email = list;
+    } else if (key === 'webhook' && v !== null) {
+      let url: URL | null = null;
+      try {
+        url = new URL(v);
+      } catch {
+        /* reported below */
+      }
+      if (!url || (url.protocol !== 'http:' && url.protocol !== 'https:')) c.add(value, f, 'expected an http:// or https:// URL');
+      else out.webhook = v;
+    } else if (key === 'sendmail' && v !== null) {
+      if (path.isAbsolute(v)) out.sendmail = v;
+      else c.add(value, f, 'expected the absolute path of a sendmail program');
+    } else if (key === 'timeout') out.timeoutMs = c.duration(value, f) ?? out.timeoutMs;
+  }
+  if (isMap(node) && c.problems.length === before && !out.command && !out.email?.length && !out.webhook) {
+    c.add(node, field, 'sends nothing: give command, email or webhook (or notify: false to turn it off)');
+  }
+  return out;
+}
+
 function parsePartial(c: Checker, node: unknown, field: string, allowed: string[], tz: string | null, base: string): PartialJob & { rest: Map<string, unknown> } {
   const out: PartialJob & { rest: Map<string, unknown> } = { rest: new Map() };
   for (const { key, value } of c.pairs(node, field, allowed)) {
@@ -320,11 +380,31 @@ function parsePartial(c: Checker, node: unknown, field: string, allowed: string[
       case 'grace':
         out.graceMs = c.duration(value, f) ?? undefined;
         break;
+      case 'notify':
+        out.notify = parseNotify(c, value, f);
+        break;
       default:
         out.rest.set(key, value);
     }
   }
   return out;
+}
+
+/**
+ * Where a quoted string or flow collection that an error at `pos` lies in was opened, or
+ * null. An unclosed quote or bracket is reported where the text ends (often past the last
+ * line); the admin needs the line that opened it.
+ */
+function unclosedAt(doc: YAML.Document, pos: number): number | null {
+  let start: number | null = null;
+  YAML.visit(doc, (_k, n) => {
+    const r = (n as YamlNode | null)?.range;
+    if (!r || r[0] > pos || pos > r[2]) return;
+    const flow = isCollection(n) && n.flow === true;
+    const quoted = isScalar(n) && (n.type === 'QUOTE_DOUBLE' || n.type === 'QUOTE_SINGLE');
+    if (flow || quoted) start = r[0]; // the innermost wins: visited last
+  });
+  return start;
 }
 
 /** The document's root mapping; throws ConfigError on YAML syntax errors or a root that is not a mapping. */
@@ -334,8 +414,10 @@ function parseRoot(text: string, file: string): { c: Checker; root: YAMLMap } {
   const c = new Checker(lc);
   if (doc.errors.length) {
     for (const e of doc.errors) {
-      const line = e.linePos?.[0]?.line ?? 1;
-      c.problems.push({ line, field: '', message: `YAML syntax: ${e.message.split('\n')[0]!.replace(/ at line \d+, column \d+:?$/, '')}` });
+      const opened = unclosedAt(doc, e.pos[0]);
+      const line = lc.linePos(opened ?? e.pos[0]).line;
+      const what = e.message.split('\n')[0]!.replace(/ at line \d+, column \d+:?$/, '');
+      c.problems.push({ line, field: '', message: `YAML syntax: ${what}${opened !== null ? ` (opened here, still open at line ${lc.linePos(e.pos[0]).line})` : ''}` });
     }
     throw new ConfigError(file, c.problems);
   }
@@ -436,6 +518,7 @@ function parseJob(x: JobsContext, name: string, value: unknown, keyNode: unknown
     graceMs: p.graceMs ?? defaults.graceMs ?? DEFAULT_GRACE_MS,
     hooks,
     ssh,
+    notify: p.notify !== undefined ? p.notify : (defaults.notify ?? null),
     line: c.line(keyNode),
   };
 }
@@ -470,7 +553,7 @@ export function parseJobsText(text: string, file: string): JobsFile {
     if (isMap(jobsPair.value) && !jobsPair.value.items.length) c.add(jobsPair.value, 'jobs', 'no jobs defined');
   }
   if (c.problems.length) throw new ConfigError(file, c.problems.sort((a, b) => a.line - b.line));
-  return { file, repository, keyFile, timezone, jobs };
+  return { file, repository, keyFile, timezone, jobs, notify: defaults.notify ?? null };
 }
 
 /**

@@ -10,13 +10,18 @@
  */
 import { Repository } from '../repository/repository.js';
 import { JobsFile, loadJobsFile } from './config.js';
-import { describeRun, isDue, lastStarted, runJob } from './runner.js';
+import { JobOutcome, describeRun, isDue, lastStarted, runJob } from './runner.js';
+import { updateMetrics } from './metrics.js';
+import type { LogLevel } from '../util/log.js';
 
 export interface DaemonOptions {
   configFile: string;
   /** The repository directory for a loaded job file. */
   repoFor: (f: JobsFile) => string;
-  log: (line: string) => void;
+  /** A log line at a syslog level (failures at err, so `journalctl -p err` finds them). */
+  log: (line: string, level?: LogLevel) => void;
+  /** Prometheus textfile written after every job (metrics.ts). */
+  metricsFile?: string;
   /** Longest sleep between checks (ms); also bounds how late a clock jump is noticed. */
   maxSleepMs?: number;
 }
@@ -39,7 +44,7 @@ export class Daemon {
       await this.load();
       this.opts.log(`reloaded ${this.opts.configFile}: ${this.file!.jobs.length} jobs`);
     } catch (e) {
-      this.opts.log(`reload failed, keeping the previous jobs: ${(e as Error).message}`);
+      this.opts.log(`reload failed, keeping the previous jobs: ${(e as Error).message}`, 'err');
     }
     this.wake?.();
   }
@@ -82,15 +87,38 @@ export class Daemon {
         if (!isDue(job, await lastStarted(repo, job.name), Date.now())) continue;
         this.running = job.name;
         try {
-          this.opts.log(describeRun(await runJob(repo, job, { by: 'daemon', ifDue: true })));
+          this.logOutcome(await runJob(repo, job, { by: 'daemon', ifDue: true }));
         } catch (e) {
-          this.opts.log(`${job.name}: FAILED: ${(e as Error).message}`);
+          this.opts.log(`${job.name}: FAILED: ${(e as Error).message}`, 'err');
         } finally {
           this.running = null;
         }
+        const m = await updateMetrics(repo, file, this.opts.metricsFile);
+        if (m) this.opts.log(m, 'err');
       }
     } catch (e) {
-      this.opts.log(`cannot run jobs: ${(e as Error).message}`);
+      this.opts.log(`cannot run jobs: ${(e as Error).message}`, 'err');
+    } finally {
+      await repo?.close().catch(() => undefined);
+    }
+  }
+
+  private logOutcome(o: JobOutcome): void {
+    const failed = !o.skipped && o.record.status === 'failed';
+    this.opts.log(describeRun(o), failed ? 'err' : o.skipped ? 'notice' : 'info');
+    if (!o.skipped) for (const p of o.notifyProblems ?? []) this.opts.log(p, 'err');
+  }
+
+  /** The metrics file as of now (at start, so it exists before the first job runs). */
+  private async writeMetrics(): Promise<void> {
+    if (!this.opts.metricsFile) return;
+    let repo: Repository | null = null;
+    try {
+      repo = await Repository.open(this.opts.repoFor(this.file!));
+      const m = await updateMetrics(repo, this.file!, this.opts.metricsFile);
+      if (m) this.opts.log(m, 'err');
+    } catch (e) {
+      this.opts.log(`cannot write metrics: ${(e as Error).message}`, 'err');
     } finally {
       await repo?.close().catch(() => undefined);
     }
@@ -99,6 +127,7 @@ export class Daemon {
   async loop(): Promise<void> {
     if (!this.file) await this.load();
     this.opts.log(`started: ${this.file!.jobs.length} jobs from ${this.opts.configFile}`);
+    await this.writeMetrics();
     const maxSleep = this.opts.maxSleepMs ?? 60_000;
     while (!this.stopping) {
       await this.tick();

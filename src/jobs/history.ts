@@ -69,3 +69,8 @@ export async function recentRuns(db: Db, job: string, limit = 20): Promise<RunRe
   for await (const v of db.values({ gte: p, lt: prefixEnd(p), reverse: true, limit })) out.push(JSON.parse(v.toString()) as RunRecord);
   return out;
 }
+
+/** A run record as JSON output shows it: times as ISO strings (as every command's JSON), and the duration. */
+export function runRecordJson(r: RunRecord): Omit<RunRecord, 'started' | 'finished'> & { started: string; finished: string; durationMs: number } {
+  return { ...r, started: new Date(r.started).toISOString(), finished: new Date(r.finished).toISOString(), durationMs: r.finished - r.started };
+}

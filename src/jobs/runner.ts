@@ -27,6 +27,7 @@ import { bytes, duration } from '../util/format.js';
 import type { JobConfig } from './config.js';
 import { HookRecord, RunRecord, recentRuns, recordRun } from './history.js';
 import { runHook } from './hooks.js';
+import { notifyRun } from './notify.js';
 
 export interface RunJobOptions {
   /** Who runs it, recorded with the run: "run" or "daemon". */
@@ -39,7 +40,8 @@ export interface RunJobOptions {
   onProgress?: (done: number, total: number | null) => void;
 }
 
-export type JobOutcome = { skipped: false; record: RunRecord } | { skipped: true; job: string; reason: string };
+/** notifyProblems: a line per notification that could not be sent (notify.ts). */
+export type JobOutcome = { skipped: false; record: RunRecord; notifyProblems?: string[] } | { skipped: true; job: string; reason: string };
 
 /** A connection the source may "close" without closing it: the post-hooks still need it. */
 function borrowed(conn: SshConnection): SshConnection {
@@ -222,7 +224,9 @@ export async function runJob(repo: Repository, job: JobConfig, opts: RunJobOptio
     run.conn?.close();
     await run.lock.release().catch(() => undefined);
   }
-  return { skipped: false, record: run.rec };
+  // After the lock: a slow mail server must not hold up the next run of this image.
+  const notifyProblems = await notifyRun(job, run.rec, repo.dir);
+  return { skipped: false, record: run.rec, notifyProblems };
 }
 
 /** The one log line a run leaves (stdout of `run` and the daemon). */

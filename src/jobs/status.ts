@@ -66,3 +66,30 @@ export function summarizeImage(name: string, gens: Generation[]): ImageSummary {
     newest: newest ? newest.created : null,
   };
 }
+
+/** One performance-data item, as monitoring plugins print them: 'label'=value[unit];warn;crit;min;max. */
+function perfItem(label: string, value: number, unit = '', warn = '', crit = '', min = ''): string {
+  const l = /^[A-Za-z0-9_.-]+$/.test(label) ? label : `'${label.replace(/'/g, "''")}'`;
+  return `${l}=${value}${unit};${warn};${crit};${min}`.replace(/;+$/, '');
+}
+
+/**
+ * Performance data for the summary line (after its `|`): per job the age of the last
+ * success in seconds (absent if it never succeeded), the missed runs with their WARN/CRIT
+ * thresholds, and the bytes the image stores; per image without a job, its stored bytes.
+ */
+export function perfData(
+  jobs: Array<{ job: string; missed: number; lastSuccess: string | null; storedBytes: number; generations: number }>,
+  images: ImageSummary[],
+  now: number,
+): string {
+  const out: string[] = [];
+  for (const j of jobs) {
+    if (j.lastSuccess) out.push(perfItem(`${j.job}_age`, Math.max(0, Math.round((now - Date.parse(j.lastSuccess)) / 1000)), 's', '', '', '0'));
+    out.push(perfItem(`${j.job}_missed`, j.missed, '', '1', '2', '0'));
+    out.push(perfItem(`${j.job}_generations`, j.generations, '', '', '', '0'));
+    out.push(perfItem(`${j.job}_stored`, j.storedBytes, 'B', '', '', '0'));
+  }
+  for (const i of images) out.push(perfItem(`${i.name}_generations`, i.generations, '', '', '', '0'), perfItem(`${i.name}_stored`, i.storedBytes, 'B', '', '', '0'));
+  return out.join(' ');
+}

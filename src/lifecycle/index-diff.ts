@@ -61,6 +61,32 @@ class Cursor<T> {
   }
 }
 
+/**
+ * Entries under `prefix` of an index opened anew every REOPEN_EVERY entries. LevelDB keeps
+ * the table files a pass has read memory-mapped, and counted in the process's RSS, until
+ * it closes them; a pass over a large index would otherwise hold up to its table cache's
+ * worth (native-notes/performance.md, "Rebuilding the index").
+ */
+async function* reopening(open: () => Promise<Db>, prefix: number): AsyncGenerator<Entry> {
+  const lt = prefixEnd(Buffer.of(prefix));
+  let after: Buffer | null = null;
+  for (;;) {
+    const db = await open();
+    let n = 0;
+    try {
+      for await (const e of db.iterator(after ? { gt: after, lt } : { gte: Buffer.of(prefix), lt })) {
+        yield e as Entry;
+        after = e[0];
+        if (++n >= REOPEN_EVERY) break;
+      }
+    } finally {
+      await db.close();
+    }
+    if (n < REOPEN_EVERY) return;
+  }
+}
+const REOPEN_EVERY = 200_000;
+
 function range(db: Db, prefix: number): AsyncIterator<Entry> {
   const gte = Buffer.of(prefix);
   return db.iterator({ gte, lt: prefixEnd(gte) })[Symbol.asyncIterator]() as AsyncIterator<Entry>;
@@ -111,7 +137,7 @@ function note(d: KeyDiff, what: 'missing' | 'extra' | 'different', text: string)
 }
 
 /** Chunk entries of the index against the copies the scan found. */
-async function diffChunks(index: Db, model: PackModel): Promise<KeyDiff> {
+async function diffChunks(index: Db | (() => Promise<Db>), model: PackModel): Promise<KeyDiff> {
   const scanned = model.scannedEnds();
   const d = emptyDiff();
   const afterScan = (v: Buffer) => {
@@ -120,7 +146,7 @@ async function diffChunks(index: Db, model: PackModel): Promise<KeyDiff> {
     const end = scanned.get(l.packId);
     return end === undefined || l.offset >= end;
   };
-  await merge(new Cursor(range(index, K_CHUNK)), new Cursor(copiesByChunk(model)[Symbol.asyncIterator]()), (k, iv, copies) => {
+  await merge(new Cursor(side(index, K_CHUNK)), new Cursor(copiesByChunk(model)[Symbol.asyncIterator]()), (k, iv, copies) => {
     const digest = k.toString('hex', 1);
     if (iv && copies?.some((c) => c.equals(iv))) return;
     if (iv && afterScan(iv)) return;
@@ -138,9 +164,9 @@ function where(v: Buffer): string {
 }
 
 /** Entries under one prefix, compared by key and value. */
-async function diffPlain(index: Db, model: Db, prefix: number, name: (k: Buffer) => string): Promise<KeyDiff> {
+async function diffPlain(index: () => Promise<Db>, model: Db, prefix: number, name: (k: Buffer) => string): Promise<KeyDiff> {
   const d = emptyDiff();
-  await merge(new Cursor(range(index, prefix)), new Cursor(range(model, prefix)), (k, iv, mv) => {
+  await merge(new Cursor(side(index, prefix)), new Cursor(range(model, prefix)), (k, iv, mv) => {
     if (iv && mv) {
       if (!iv.equals(mv)) note(d, 'different', `${name(k)}: the index and the packs differ`);
     } else if (iv) note(d, 'extra', `${name(k)}: in the index, in no pack`);
@@ -154,8 +180,13 @@ const genName = (k: Buffer) => {
   return `generation ${name}@${id}`;
 };
 
-/** Everything the model holds against the index (the model finished). */
-export async function diffIndex(index: Db, model: PackModel): Promise<IndexDiff> {
+/** An index's entries under a prefix: of an open index, or of one opened (and reopened) here. */
+function side(index: Db | (() => Promise<Db>), prefix: number): AsyncIterator<Entry> {
+  return typeof index === 'function' ? reopening(index, prefix) : range(index, prefix);
+}
+
+/** Everything the model holds against the index (the model finished), which `index` opens (each call a new handle). */
+export async function diffIndex(index: () => Promise<Db>, model: PackModel): Promise<IndexDiff> {
   const db = model.db;
   return {
     chunks: await diffChunks(index, model),

@@ -24,12 +24,15 @@ import type { ScanEnd, ScanItem } from '../format/scan.js';
 import type { RepoKeys } from '../format/crypto.js';
 import { getOrNull, type Db } from '../index/db.js';
 import { DigestFilter } from '../util/digest-filter.js';
+import { DigestSet } from '../util/digest-set.js';
 import { listPacks, scanStoredPack, type StoredPack } from '../store/pack-reader.js';
 import type { Store } from '../store/store.js';
 
 /** In the copies database: every whole copy of a chunk but its first, `C` digest(32) pack(16) offset u64 BE inner u32 BE -> location. */
 export const K_COPY = 0x43; // 'C'
 const BATCH = 8192;
+/** Up to this many chunks (about 40 MB) the model knows which it has met without LevelDB. */
+const EXACT_CHUNKS = 1 << 20;
 /** Leaves looked up at once when finding what generations lack. */
 const LEAF_LOOKUPS = 32;
 
@@ -108,9 +111,12 @@ type Op = { type: 'put' | 'del'; key: Buffer; value?: Buffer };
  */
 class Batcher {
   private ops: Op[] = [];
-  /** Chunk digests (latin1) put in the batch being filled, and in the one being written. */
-  private pendingChunks = new Set<string>();
-  private writingChunks = new Set<string>();
+  /** The batch being written. */
+  private writingOps: Op[] = [];
+  /** Keys of `knownOps` (the batch being filled, its first `knownCount`) and of the batch written before it. */
+  private known = new Set<string>();
+  private knownOps: Op[] | null = null;
+  private knownCount = 0;
   private writing: Promise<void> = Promise.resolve();
   private failed: unknown = null;
   constructor(private db: Db) {}
@@ -122,16 +128,21 @@ class Batcher {
     this.ops.push({ type: 'del', key: k });
     if (this.ops.length >= BATCH) await this.spill();
   }
-  /** Put a chunk's entry, remembered until it is in the database (hasChunk). */
-  async putChunk(digest: Buffer, k: Buffer, v: Buffer): Promise<void> {
-    this.pendingChunks.add(digest.toString('latin1'));
-    await this.put(k, v);
+  /**
+   * Whether `k` was put here and may not be in the database yet (a key already written
+   * may also answer yes). Rarely asked (a chunk the filter may have seen): the keys are
+   * gathered into a set only when asked.
+   */
+  pending(k: Buffer): boolean {
+    if (this.knownOps !== this.ops) {
+      this.known = new Set(this.writingOps.map((op) => op.key.toString('latin1')));
+      this.knownOps = this.ops;
+      this.knownCount = 0;
+    }
+    for (; this.knownCount < this.ops.length; this.knownCount++) this.known.add(this.ops[this.knownCount]!.key.toString('latin1'));
+    return this.known.has(k.toString('latin1'));
   }
-  /** A chunk put here and not yet in the database for certain. */
-  hasChunk(digest: Buffer): boolean {
-    const ds = digest.toString('latin1');
-    return this.pendingChunks.has(ds) || this.writingChunks.has(ds);
-  }
+
   /** Everything put so far written. */
   async flush(): Promise<void> {
     await this.spill();
@@ -145,10 +156,9 @@ class Batcher {
     if (!this.ops.length) return;
     const ops = this.ops;
     this.ops = [];
-    this.writingChunks = this.pendingChunks;
-    this.pendingChunks = new Set();
+    this.writingOps = ops;
     this.writing = this.db.batch(ops as never).then(
-      () => void (this.writingChunks = new Set()),
+      () => void (this.writingOps = []),
       (e: unknown) => void (this.failed = e),
     );
   }
@@ -180,6 +190,8 @@ export class PackModel {
   readonly counts: ModelCounts = { packs: 0, bytes: 0, chunkRecords: 0, chunks: 0, viaToc: 0, leafRecords: 0, generationsFound: 0 };
   private gens = new Map<string, GenState>();
   private seen: DigestFilter;
+  /** Every chunk met, exactly, while there are at most EXACT_CHUNKS (then null): no lookups at all. */
+  private exact: DigestSet | null = new DigestSet(EXACT_CHUNKS);
   private out: Batcher;
   private cp: Batcher;
 
@@ -260,15 +272,27 @@ export class PackModel {
     this.counts.chunkRecords++;
     const v = encodeLocation(loc);
     const k = chunkKey(digest);
-    if (this.seen.maybeHas(digest)) {
-      if (this.out.hasChunk(digest) || (await getOrNull(this.db, k))) {
-        await this.cp.put(copyKey(digest, loc.packId, loc.offset, loc.inner ?? 0), v);
-        return;
-      }
+    if (await this.metBefore(digest, k)) {
+      await this.cp.put(copyKey(digest, loc.packId, loc.offset, loc.inner ?? 0), v);
+      return;
     }
-    this.seen.add(digest);
-    await this.out.putChunk(digest, k, v);
+    await this.out.put(k, v);
     this.counts.chunks++;
+  }
+
+  /** Whether a copy of this chunk was met before (and remember it as met). */
+  private async metBefore(digest: Buffer, k: Buffer): Promise<boolean> {
+    if (this.exact) {
+      const fresh = this.exact.add(digest);
+      if (this.exact.whole) {
+        if (fresh) this.seen.add(digest);
+        return !fresh;
+      }
+      this.exact = null; // too many to hold: the filter (which has them all) and lookups from here on
+    }
+    if (this.seen.maybeHas(digest) && (this.out.pending(k) || (await getOrNull(this.db, k)))) return true;
+    this.seen.add(digest);
+    return false;
   }
 
   private async takeMeta(item: Extract<ScanItem, { kind: 'meta' }>): Promise<void> {
@@ -373,14 +397,23 @@ export class PackModel {
     const leaf = decodeLeaf(raw);
     const keys: Buffer[] = [];
     const lengths: number[] = [];
-    for (let i = 0; i < leaf.lengths.length; i++) {
-      if (leaf.zero[i]) continue;
-      keys.push(chunkKey(leaf.digests.subarray(i * 32, i * 32 + 32)));
-      lengths.push(leaf.lengths[i]!);
-    }
-    const found = await this.db.getMany(keys);
     let chunks = 0;
     let bytes = 0;
+    for (let i = 0; i < leaf.lengths.length; i++) {
+      if (leaf.zero[i]) continue;
+      const d = leaf.digests.subarray(i * 32, i * 32 + 32);
+      if (this.exact) {
+        if (!this.exact.has(d)) {
+          chunks++;
+          bytes += leaf.lengths[i]!;
+        }
+        continue;
+      }
+      keys.push(chunkKey(d));
+      lengths.push(leaf.lengths[i]!);
+    }
+    if (!keys.length) return { leaves: 0, chunks, bytes };
+    const found = await this.db.getMany(keys);
     found.forEach((v, i) => {
       if (v === undefined || v === null) {
         chunks++;

@@ -143,20 +143,17 @@ async function describe(model: PackModel, indexDir: string, write: boolean): Pro
 
 async function compareWithIndex(indexDir: string, model: PackModel): Promise<RepairReport['index']> {
   if (!(await exists(indexDir))) return { state: 'missing' };
-  let index: Db;
+  limitIndexOpenFiles(OPEN_FILES_FOR_PASSES); // one pass over all of it (db.ts)
   try {
-    limitIndexOpenFiles(OPEN_FILES_FOR_PASSES); // one pass over all of it (db.ts)
-    index = await openDb(indexDir);
+    await (await openDb(indexDir)).close();
   } catch (e) {
     return { state: 'unreadable', problem: e instanceof IndexError ? e.message : (e as Error).message };
   }
   try {
-    const diff = await diffIndex(index, model);
+    const diff = await diffIndex(() => openDb(indexDir), model);
     return { state: 'readable', agrees: diffAgrees(diff), diff };
   } catch (e) {
     return { state: 'unreadable', problem: (e as Error).message };
-  } finally {
-    await index.close().catch(() => undefined);
   }
 }
 
