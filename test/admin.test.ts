@@ -466,7 +466,7 @@ describe('install', () => {
       `test ! -e ${ROOT}/package.json`,
       `${cron} sh -c 'command -v genvault'`,
       `${cron} genvault version --json`,
-      `${cron} genvault -r ${s.path('inst-repo')} init >/dev/null`,
+      `${cron} genvault -r ${s.path('inst-repo')} init --encryption none >/dev/null`,
       `${cron} genvault -r ${s.path('inst-repo')} backup ${sparse} --name sp --json > ${ovl}/backup.json`,
       `${cron} genvault -r ${s.path('inst-repo')} restore sp@latest ${s.path('restored.img')} >/dev/null`,
       `cmp ${sparse} ${s.path('restored.img')}`,

@@ -26,7 +26,7 @@ import {
 import { LeafBuilder, checkedLeaf, checkedTop, chunkIndexAt, decodeLeaf, decodeTop, encodeTop, type ChunkEntry } from '../src/format/chunkmap.js';
 import { describeGenerationKey, generationFileName, generationKey, parseGenerationRecord, parseTarget, resolveRevision, type Generation } from '../src/format/generation.js';
 import { K_GEN, chunkKey, key, packKey, prefixEnd } from '../src/format/keys.js';
-import { FORMAT_VERSION, checkConfig, checkImageName, defaultConfig } from '../src/format/config.js';
+import { FORMAT_VERSION, PLAIN_FORMAT_VERSION, checkConfig, checkImageName, defaultConfig } from '../src/format/config.js';
 import { prng } from './helpers.js';
 
 const sha = (b: Uint8Array) => createHash('sha256').update(b).digest();
@@ -296,8 +296,12 @@ describe('index keys', () => {
 describe('repository config', () => {
   it('accepts the default and refuses what is damaged or newer, naming the file', () => {
     const good = { ...defaultConfig(), id: 'ab'.repeat(16) };
-    expect(good.version).toBe(FORMAT_VERSION);
+    expect(good.version).toBe(PLAIN_FORMAT_VERSION);
     expect(checkConfig(JSON.parse(JSON.stringify(good)), 'c.json')).toEqual(good);
+    // Format 6 is exactly "encrypted" (FORMAT.md): an old genvault never takes one for a repository it knows.
+    const encryption = { cipher: 'aes-256-gcm', identity: 'hmac-sha256', keyCheck: 'cd'.repeat(16) } as const;
+    const sealed = { ...good, version: FORMAT_VERSION, encryption };
+    expect(checkConfig(JSON.parse(JSON.stringify(sealed)), 'c.json')).toEqual(sealed);
     const cases: Array<[object | null, RegExp]> = [
       [null, /not a JSON object/],
       [{ ...good, format: 'borg' }, /"format"/],
@@ -310,6 +314,10 @@ describe('repository config', () => {
       [{ ...good, version: 2 }, /needs format version 3/],
       [{ ...good, guards: { minAge: 'soon' } }, /guards.minAge/],
       [{ ...good, group: '../x' }, /"group"/],
+      [{ ...good, version: 6 }, /version 6 must be encrypted/],
+      [{ ...good, encryption }, /version 5 cannot be encrypted/],
+      [{ ...sealed, encryption: { ...encryption, cipher: 'rot13' } }, /"encryption" invalid/],
+      [{ ...sealed, encryption: { ...encryption, keyCheck: 'x' } }, /keyCheck/],
     ];
     for (const [raw, re] of cases) expect(() => checkConfig(raw, 'c.json'), String(re)).toThrow(re);
     expect(() => checkConfig(null, '/r/config.json')).toThrow(/^\/r\/config.json: /);

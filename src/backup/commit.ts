@@ -65,8 +65,8 @@ export async function writeGenerationRecords(run: BackupRun, sink: PackSink, c: 
   await sink.generationPack();
   if (allLeaves) await writeAllLeaves(run, sink, c.refs);
   const recs = Buffer.concat([
-    encodeMetaRecord({ type: REC_GENMAP, id: c.gen.id, top: c.top }),
-    encodeMetaRecord({ type: REC_GENERATION, generation: c.gen, json: c.json }),
+    encodeMetaRecord({ type: REC_GENMAP, id: c.gen.id, top: c.top }, run.repo.keys),
+    encodeMetaRecord({ type: REC_GENERATION, generation: c.gen, json: c.json }, run.repo.keys),
   ]);
   c.packOps = [await sink.finalRecords(recs)];
 }
@@ -81,7 +81,7 @@ async function writeAllLeaves(run: BackupRun, sink: PackSink, refs: LeafRef[]): 
     const recs = leaves.map((l, k) => {
       // Every leaf of the map was committed by the run's flushes (or found in the index).
       if (!l) throw new GenvaultError(`map leaf ${part[k]!.toString('hex')} is missing from the index`, 'DAMAGED');
-      return encodeMetaRecord({ type: REC_LEAF, leaf: Buffer.from(l) });
+      return encodeMetaRecord({ type: REC_LEAF, leaf: Buffer.from(l) }, run.repo.keys);
     });
     await sink.appendRecords(Buffer.concat(recs));
   }

@@ -137,7 +137,7 @@ export class PackSink {
 
   private async openPack(): Promise<void> {
     const { run } = this;
-    this.pack = await PackWriter.create(run.repo.store, { toc: run.cfg.version >= TOC_FROM_VERSION }).catch((e) => { throw describeFsError(e, `creating a pack file in ${run.repo.dir}`); });
+    this.pack = await PackWriter.create(run.repo.store, { toc: run.cfg.version >= TOC_FROM_VERSION, keys: run.repo.keys }).catch((e) => { throw describeFsError(e, `creating a pack file in ${run.repo.dir}`); });
     run.packs.push(this.pack);
     await run.writer!.addPack(this.pack.packId);
   }
@@ -201,7 +201,7 @@ export class PackSink {
       const k = l.key.toString('binary');
       if ((found[i] !== undefined && found[i] !== null) || seen.has(k)) return;
       seen.add(k);
-      recs.push(encodeMetaRecord({ type: REC_LEAF, leaf: l.value }));
+      recs.push(encodeMetaRecord({ type: REC_LEAF, leaf: l.value }, this.run.repo.keys));
     });
     if (recs.length) await this.appendRecords(Buffer.concat(recs));
   }

@@ -7,10 +7,10 @@
  * bytes, not the image. Used by dirty-bitmap NBD sources and overlays of writable exports
  * (src/nbd/source.ts) and by LVM thin hints (src/source/thin.ts).
  */
-import { createHash } from 'node:crypto';
-import { blake3 } from '@napi-rs/blake-hash';
+import { Blake3Hasher, blake3 } from '@napi-rs/blake-hash';
+import { chunkIdentity, type RepoKeys } from '../format/crypto.js';
 import { chunkIndexAt, type ChunkMap } from '../format/chunkmap.js';
-import { chunkSegment } from '../format/chunker.js';
+import { UNSEEDED, chunkSegment } from '../format/chunker.js';
 import type { ChunkingParams } from '../format/config.js';
 import type { ChunkedSegment, NeedFn, RemoteChunk } from './chunked-source.js';
 
@@ -47,6 +47,8 @@ export class ChunkReuse {
     readonly chunking: ChunkingParams,
     /** The repository's format: BLAKE3 goes into the map from 2 on. */
     private version: number,
+    /** An encrypted repository's keys (format 6): keyed identities, BLAKE3 and chunker, as the workers use. */
+    private keys: RepoKeys | null,
     private hooks: ReuseHooks,
     private stats: { parentBytes: number; verifiedBytes: number },
     /** Share (0-1) of the reused chunks read again and checked (--verify-hints). */
@@ -98,7 +100,7 @@ export class ChunkReuse {
     const b = Buffer.alloc(c.length);
     await this.hooks.readUnchanged(b, at + c.start);
     if (sample) this.stats.verifiedBytes += c.length;
-    const ok = c.zero ? b.every((x) => x === 0) : createHash('sha256').update(b).digest().equals(c.digest!);
+    const ok = c.zero ? b.every((x) => x === 0) : chunkIdentity(this.keys, b).equals(c.digest!);
     if (ok) return b;
     const ours = Buffer.alloc(c.length);
     const got = await this.hooks.readParent(ours, at + c.start).catch(() => 0);
@@ -134,12 +136,12 @@ export class ChunkReuse {
   private async chunkRegion(from: number, to: number, at: number, changed: Run[]): Promise<SegChunk[]> {
     const bytes = Buffer.alloc(to - from);
     await this.hooks.readRegion(bytes, from, changed.filter((d) => d.from < to && d.to > from).map((d) => ({ from: Math.max(d.from, from), to: Math.min(d.to, to) })));
-    return chunkSegment(bytes, bytes.length, this.chunking).map((sp) => {
+    return chunkSegment(bytes, bytes.length, this.chunking, this.keys ? this.keys.chunkSeed : UNSEEDED).map((sp) => {
       const b = bytes.subarray(sp.start, sp.start + sp.length);
       return {
         start: from - at + sp.start, length: sp.length, zero: sp.zero, reused: false, data: null,
-        digest: sp.zero ? null : createHash('sha256').update(b).digest(),
-        fast: sp.zero || this.version < 2 ? null : blake3(b),
+        digest: sp.zero ? null : chunkIdentity(this.keys, b),
+        fast: sp.zero || this.version < 2 ? null : this.keys ? Blake3Hasher.newKeyed(Buffer.from(this.keys.fast)).update(b).digestBuffer() : blake3(b),
         bytes: sp.zero ? null : b,
       };
     });

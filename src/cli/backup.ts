@@ -61,7 +61,7 @@ async function openSource(repo: Repository, src: string, opts: BackupCliOptions,
       config: opts.sshConfig,
       command: opts.sshCommand,
       acceptNewHostKey: opts.acceptNewHostKey,
-      mode: mode === 'auto' && !chunkedBackup ? 'plain' : mode,
+      mode: mode === 'auto' && (!chunkedBackup || repo.keys) ? 'plain' : mode,
       chunking: repo.config.chunking,
     });
   }
@@ -151,6 +151,8 @@ export function register(program: Command): void {
         if (opts.fromNbdOverlay && (isNbdUri(src) || ssh || src === '-')) throw new UsageError('--from-nbd-overlay needs the overlay file as the source');
         if (ssh && !opts.sshCommand) warnIfNoNativeCrypto();
         await withWritableRepo(cmd, async (repo) => {
+          // The remote agent hashes without the repository's key (FORMAT.md, version 6): plain for an encrypted one.
+          if (ssh && parseSshMode(opts.sshMode) === 'agent' && repo.keys) throw new UsageError('--ssh-mode agent: the remote agent cannot hash chunks for an encrypted repository; use plain or auto');
           const source = await openSource(repo, src, opts, maxSize);
           const progress = new Progress(`backup ${opts.name}`);
           // A signal ends the backup at once: what it wrote is trimmed by the next writer

@@ -2,6 +2,7 @@
 import { Option, type Command } from 'commander';
 import { GenvaultError, REPAIR_HINT, UsageError, describeFsError, errnoOf, innermostMessage } from '../util/errors.js';
 import { Repository } from '../repository/repository.js';
+import { useKeyFile } from '../repository/keys.js';
 import { logFormat } from '../util/log.js';
 
 export interface GlobalOpts {
@@ -160,8 +161,10 @@ export function collect(v: string, prev: string[] = []): string[] {
  * The repository for job commands: -r/--repo, else the job file's `repository:`, else
  * GENVAULT_REPO.
  */
-export function jobsRepoPath(cmd: Command, fromFile: string | null): string {
-  const o = cmd.optsWithGlobals() as GlobalOpts;
+export function jobsRepoPath(cmd: Command, fromFile: string | null, keyFile: string | null = null): string {
+  const o = cmd.optsWithGlobals() as GlobalOpts & { keyFile?: string };
+  // The job file's key-file, unless --key-file names another (an encrypted repository's key).
+  if (keyFile && o.keyFile === undefined) useKeyFile(keyFile);
   const dir = o.repo ?? fromFile ?? process.env.GENVAULT_REPO;
   if (!dir) throw new UsageError('no repository given: set "repository:" in the job file, use -r/--repo DIR, or set GENVAULT_REPO');
   return dir;

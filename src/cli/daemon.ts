@@ -27,10 +27,10 @@ export function register(program: Command): void {
         setLogFormat(o.logFormat, true);
         const log = (line: string, level: LogLevel = 'info') => logLine(level, line);
         const metricsFile = o.metricsFile ? path.resolve(o.metricsFile) : undefined;
-        const d = new Daemon({ configFile: o.config, repoFor: (f) => jobsRepoPath(cmd, f.repository), log, metricsFile });
+        const d = new Daemon({ configFile: o.config, repoFor: (f) => jobsRepoPath(cmd, f.repository, f.keyFile), log, metricsFile });
         await d.load();
         // Resolve the repository now, so a missing one is a start-up error, not a log line per tick.
-        jobsRepoPath(cmd, d.jobs!.repository);
+        jobsRepoPath(cmd, d.jobs!.repository, d.jobs!.keyFile);
         if (d.jobs!.jobs.some((j) => isSshSpec(j.source))) warnIfNoNativeCrypto((l) => log(l.trimEnd(), 'warning'));
         const onStop = (sig: string) => {
           if (d.isStopping) {

@@ -8,6 +8,7 @@
 import { Command, CommanderError } from 'commander';
 import { createRequire } from 'node:module';
 import { allowedExitCodes, errorExitCode, exitOnSignals, fail, useMonitoringExitCodes } from './common.js';
+import { useKeyFile } from '../repository/keys.js';
 import { describeFsError, noteOfIndexFailure, reportIndexFailureInErrorLine } from '../util/errors.js';
 const pkg = createRequire(import.meta.url)('../../package.json') as { version: string };
 
@@ -17,6 +18,7 @@ program
   .description('Deduplicated backups of disk images; every generation mountable as a read-only file.')
   .version(pkg.version, '-V, --version', 'print the version (`genvault version --json` for more)')
   .option('-r, --repo <dir>', 'repository directory (default: $GENVAULT_REPO)')
+  .option('--key-file <file>', 'an encrypted repository\'s key file (else $GENVAULT_PASSWORD_FILE, else a prompt)')
   .addHelpText(
     'after',
     '\nRevisions (NAME@REV): latest, N (0 = newest), a generation id or unique prefix,\n' +
@@ -25,7 +27,8 @@ program
   )
   // An argument too many is an error, not silently ignored (`restore a b c`).
   .allowExcessArguments(false)
-  .exitOverride();
+  .exitOverride()
+  .hook('preAction', (_root, action) => useKeyFile((action.optsWithGlobals() as { keyFile?: string }).keyFile));
 
 // Each command's module is imported only when that command runs: ssh2, fuse-native, yaml
 // and cron-parser are a visible part of start-up, paid by every cron-run `backup`
@@ -50,6 +53,7 @@ const commands: Record<string, () => Promise<Registrar>> = {
   status: () => import('./status.js'),
   upgrade: () => import('./upgrade.js'),
   repair: () => import('./repair.js'),
+  key: () => import('./key.js'),
   version: () => import('./version.js'),
   stats: () => import('./stats.js'),
   diff: () => import('./diff.js'),
@@ -64,7 +68,7 @@ for (const [name, home] of [['ls', 'list'], ['cat', 'restore'], ['umount', 'moun
 function namedCommand(argv: string[]): string | undefined {
   for (let i = 2; i < argv.length; i++) {
     const a = argv[i]!;
-    if (a === '-r' || a === '--repo') i++;
+    if (a === '-r' || a === '--repo' || a === '--key-file') i++;
     else if (!a.startsWith('-')) return Object.hasOwn(commands, a) ? a : undefined;
   }
   return undefined;

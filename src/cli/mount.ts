@@ -5,6 +5,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { GenvaultError, UsageError } from '../util/errors.js';
 import { Repository } from '../repository/repository.js';
+import { unlock, useSecret, type Secret } from '../repository/keys.js';
 import { startIndexHolder } from '../index/index-holder.js';
 import { fusermountUnmount, isMounted, isStaleMount, mountRepository, mountpointProblem } from '../fuse/mount.js';
 import { ensureRunDir, openLogFile, readRunFile, writeRunFile } from '../util/rundir.js';
@@ -61,6 +62,17 @@ async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (
   process.exit(0);
 }
 
+/** The secret the foreground process sent (null: none needed). */
+function secretFromParent(): Promise<Secret | null> {
+  return new Promise((resolve) => {
+    process.send!({ needSecret: true });
+    process.once('message', (m: { secret?: { bytes: string; kind: Secret['kind']; from: string } | null }) => {
+      const s = m.secret;
+      resolve(s ? { bytes: Buffer.from(s.bytes, 'base64'), kind: s.kind, from: s.from } : null);
+    });
+  });
+}
+
 export function register(program: Command): void {
   registerMount(program);
   registerUmount(program);
@@ -97,7 +109,11 @@ function registerMount(program: Command): void {
         }
         const problem = await mountpointProblem(mnt);
         if (problem) throw new GenvaultError(`cannot mount: ${problem}`, 'MOUNT');
-        await Repository.readConfig(repoDir); // fail here, in the foreground, on a bad repository
+        const config = await Repository.readConfig(repoDir); // fail here, in the foreground, on a bad repository
+        // An encrypted repository's key is asked for (or read) here, in the foreground, and
+        // handed to the background server over its IPC channel, never in a file or argv.
+        const unlocked = config.encryption && !process.env.GENVAULT_MOUNT_CHILD ? await unlock(repoDir, config) : null;
+        if (process.env.GENVAULT_MOUNT_CHILD && process.send) useSecret(await secretFromParent());
 
         if (opts.foreground || process.env.GENVAULT_MOUNT_CHILD) {
           const notify = (m: object) => process.send?.(m);
@@ -127,8 +143,14 @@ function registerMount(program: Command): void {
           // glibc's per-thread arenas that fragments and the server's RSS keeps growing.
           env: { MALLOC_ARENA_MAX: '2', ...process.env, GENVAULT_MOUNT_CHILD: '1' },
         });
+        const secret = unlocked?.secret;
         const msg = await new Promise<{ ready?: boolean; error?: string; pid?: number }>((resolve) => {
-          child.once('message', (m) => resolve(m as { ready?: boolean; error?: string }));
+          const onMessage = (m: { ready?: boolean; error?: string; needSecret?: boolean }) => {
+            if (!m.needSecret) return resolve(m);
+            child.send({ secret: secret ? { bytes: secret.bytes.toString('base64'), kind: secret.kind, from: secret.from } : null });
+            child.once('message', onMessage);
+          };
+          child.once('message', onMessage);
           child.once('exit', (code) => resolve({ error: `mount process exited with code ${code} (see ${logFile})` }));
         });
         await log.close();

@@ -75,7 +75,7 @@ export function register(program: Command): void {
         }
         const file = await loadJobsFile(o.config);
         const jobs = selectJobs(file, names);
-        const repo = await Repository.open(jobsRepoPath(cmd, file.repository), { write: true });
+        const repo = await Repository.open(jobsRepoPath(cmd, file.repository, file.keyFile), { write: true });
         let outcomes: JobOutcome[];
         try {
           outcomes = await runSelected(repo, file, jobs, o, wantsJson(cmd));

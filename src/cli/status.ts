@@ -61,7 +61,8 @@ export function register(program: Command): void {
       const { file, dir } = await readJobFile(o, cmd, json);
       let repo: Repository;
       try {
-        repo = await Repository.open(dir);
+        // The job history and generation records are all status reads: no key needed.
+        repo = await Repository.open(dir, { withoutKey: true });
       } catch (e) {
         crit(errorLine(e), json);
       }
@@ -95,7 +96,7 @@ async function readJobFile(o: StatusFlags, cmd: Command, json: boolean): Promise
       (e: NodeJS.ErrnoException) => e.code !== 'ENOENT' && e.code !== 'ENOTDIR',
     );
     if (o.config !== undefined || exists) file = await loadJobsFile(cfgPath);
-    dir = file ? jobsRepoPath(cmd, file.repository) : repoPath(cmd);
+    dir = file ? jobsRepoPath(cmd, file.repository, file.keyFile) : repoPath(cmd);
   } catch (e) {
     if (e instanceof UsageError) failUsage(e.message);
     crit(errorLine(e), json);

@@ -74,6 +74,7 @@ export function register(program: Command): void {
     .description('check the repository: generations, maps, chunk index and pack records; --full also re-hashes all chunk data')
     .option('--full', 'read, decompress and re-hash every chunk that any generation uses')
     .option('--sample <percent>', 'read, decompress and re-hash a random PERCENT of the chunks (e.g. 5), checking the rest by their headers')
+    .option('--without-key', 'an encrypted repository without its key: record headers, maps and the index only')
     .option('--json', 'print the report as JSON (for monitoring)')
     .addHelpText(
       'after',
@@ -85,7 +86,8 @@ export function register(program: Command): void {
         'Examples:\n  genvault verify --sample 5      # daily: a different 5% of the data each run\n  genvault verify --full --json   # weekly, for monitoring',
     )
     .action(
-      action(async (o: { full?: boolean; sample?: string }, cmd: Command) => {
+      action(async (o: { full?: boolean; sample?: string; withoutKey?: boolean }, cmd: Command) => {
+        if (o.withoutKey && (o.full || o.sample !== undefined)) throw new UsageError('--without-key checks structure only: --full and --sample need the key');
         let samplePercent: number | undefined;
         if (o.sample !== undefined) {
           samplePercent = Number(o.sample.replace(/%$/, ''));
@@ -97,7 +99,7 @@ export function register(program: Command): void {
         let report: VerifyReport;
         let repo: Repository;
         try {
-          repo = await Repository.open(repoPath(cmd));
+          repo = await Repository.open(repoPath(cmd), { withoutKey: o.withoutKey === true });
         } catch (e) {
           throw couldNotRun(e);
         }

@@ -39,11 +39,11 @@ export function isZero(buf: Buffer, start: number, len: number): boolean {
  * depends on it, never correctness, so sampling is enough and keeps chunking far
  * cheaper than the SHA-256 that follows.
  */
-function blockHash(words: Int32Array, w0: number, wordsPerBlock: number): number {
-  let h = 0x9e3779b9 | 0;
+function blockHash(words: Int32Array, w0: number, wordsPerBlock: number, s0: number, s1: number): number {
+  let h = s0;
   const step = wordsPerBlock >>> 4 || 1;
   for (let i = 0; i < wordsPerBlock; i += step) {
-    h = Math.imul(h ^ words[w0 + i]!, 0x85ebca6b);
+    h = Math.imul(h ^ words[w0 + i]! ^ s1, 0x85ebca6b);
     h ^= h >>> 13;
   }
   h = Math.imul(h, 0xc2b2ae35);
@@ -60,9 +60,15 @@ export function zeroSegment(len: number, p: ChunkingParams): ChunkSpan[] {
   return out;
 }
 
+/**
+ * The block hash's seeds in repositories without keys. An encrypted repository (format 6)
+ * takes both from its key instead, so that chunk sizes do not fingerprint a known file.
+ */
+export const UNSEEDED: readonly [number, number] = [0x9e3779b9 | 0, 0];
+
 /** Cut buf[0, len) into chunks. `len` need not be a multiple of the block size (image end). */
-export function chunkSegment(buf: Buffer, len: number, p: ChunkingParams): ChunkSpan[] {
-  const c = new SegmentChunker(buf, len, p);
+export function chunkSegment(buf: Buffer, len: number, p: ChunkingParams, seed: readonly [number, number] = UNSEEDED): ChunkSpan[] {
+  const c = new SegmentChunker(buf, len, p, seed);
   const out: ChunkSpan[] = [];
   c.advance(len, (s) => out.push(s));
   return out;
@@ -88,6 +94,7 @@ export class SegmentChunker {
     private readonly buf: Buffer,
     private readonly len: number,
     private readonly p: ChunkingParams,
+    private readonly seed: readonly [number, number] = UNSEEDED,
   ) {
     this.B = p.block;
     this.mask = (1 << p.maskBits) - 1;
@@ -132,7 +139,7 @@ export class SegmentChunker {
         continue;
       }
       if (!zeroRun && !z && size >= p.min && blen === B) {
-        if ((blockHash(words, (pos - B) >>> 2, this.wordsPerBlock) & this.mask) === 0) {
+        if ((blockHash(words, (pos - B) >>> 2, this.wordsPerBlock, this.seed[0], this.seed[1]) & this.mask) === 0) {
           emit({ start, length: size, zero: false });
           start = pos;
         }

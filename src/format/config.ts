@@ -8,7 +8,15 @@ import { GenvaultError } from '../util/errors.js';
 import { tryParseDuration } from '../util/duration.js';
 
 export const FORMAT_NAME = 'genvault-repository';
-export const FORMAT_VERSION = 5;
+/** The highest version this genvault reads: 6, an encrypted repository (FORMAT.md). */
+export const FORMAT_VERSION = 6;
+/**
+ * What an unencrypted repository is made with and upgraded to: version 6 differs only in
+ * encryption, so an unencrypted repository stays readable by genvaults that know 5.
+ */
+export const PLAIN_FORMAT_VERSION = 5;
+/** The version of encrypted repositories. */
+export const ENCRYPTED_FORMAT_VERSION = 6;
 
 export interface ChunkingParams {
   /** Boundaries are only ever placed at multiples of this (filesystem block size). */
@@ -51,6 +59,11 @@ export interface RepoConfig {
    * Readers that do not know it ignore it; see perms.ts.
    */
   group?: string;
+  /**
+   * Format 6: the repository is encrypted (FORMAT.md "Version 6: encryption"); its master
+   * key is in key slots under keys/. `keyCheck` ties a master key to this repository.
+   */
+  encryption?: { cipher: 'aes-256-gcm'; identity: 'hmac-sha256'; keyCheck: string };
 }
 
 /** Group names as `groupadd` takes them, or a numeric gid (config.json `group`). */
@@ -75,7 +88,7 @@ export function configMinAge(c: RepoConfig): { ms: number; text: string } {
 export function defaultConfig(): RepoConfig {
   return {
     format: FORMAT_NAME,
-    version: FORMAT_VERSION,
+    version: PLAIN_FORMAT_VERSION,
     id: randomBytes(16).toString('hex'),
     created: new Date().toISOString(),
     digest: 'sha256',
@@ -138,6 +151,13 @@ export function checkConfig(raw: unknown, file: string): RepoConfig {
   if (c.group !== undefined && (typeof c.group !== 'string' || !GROUP_NAME_RE.test(c.group))) {
     throw bad('"group" must be a group name or number');
   }
+  const e = c.encryption;
+  if (e !== undefined) {
+    if (typeof e !== 'object' || e === null || e.cipher !== 'aes-256-gcm' || e.identity !== 'hmac-sha256') throw bad('"encryption" invalid');
+    if (typeof e.keyCheck !== 'string' || !/^[0-9a-f]{32}$/.test(e.keyCheck)) throw bad('"encryption.keyCheck" invalid');
+  }
+  // Version 6 is exactly "encrypted": an old genvault must never take an encrypted repository for one it knows.
+  if ((e !== undefined) !== (c.version >= ENCRYPTED_FORMAT_VERSION)) throw bad(`format version ${c.version} ${e ? 'cannot be' : 'must be'} encrypted`);
   return c as RepoConfig;
 }
 

@@ -23,6 +23,7 @@ import { decodeLeaf, decodeTop } from './chunkmap.js';
 import { generationKey, parseGenerationRecord, type Generation } from './generation.js';
 import { checkImageName } from './config.js';
 import { REC_TOC, checkTocPayload } from './toc.js';
+import { metaAd, seal, type RepoKeys } from './crypto.js';
 
 export const REC_CHUNK = 0;
 export const REC_LEAF = 1;
@@ -63,9 +64,13 @@ export type MetaRecord =
 /** The records written through encodeMetaRecord (a table of contents is toc.ts's encodeTocRecord). */
 export type WrittenMetaRecord = Exclude<MetaRecord, { type: typeof REC_TOC }>;
 
-/** A whole record (header and payload) for a pack. */
-export function encodeMetaRecord(rec: WrittenMetaRecord): Buffer {
-  const payload = metaPayload(rec);
+/**
+ * A whole record (header and payload) for a pack. With keys (format 6) the payload is
+ * sealed, and the header's digest is the SHA-256 of the sealed bytes (FORMAT.md).
+ */
+export function encodeMetaRecord(rec: WrittenMetaRecord, keys: RepoKeys | null = null): Buffer {
+  const plain = metaPayload(rec);
+  const payload = keys ? seal(keys, plain, metaAd(keys, rec.type)) : plain;
   const out = Buffer.allocUnsafe(RECORD_HEADER_SIZE + payload.length);
   encodeRecordHeader(out, 0, COMP_RAW, payload.length, payload.length, createHash('sha256').update(payload).digest(), rec.type);
   payload.copy(out, RECORD_HEADER_SIZE);

@@ -31,6 +31,7 @@ import {
   type RecordHeader,
 } from './pack.js';
 import { REC_CHUNK, decodeMetaPayload, type MetaRecord } from './meta.js';
+import { SEAL_BROKEN, metaAd, open, tocDigest, type RepoKeys } from './crypto.js';
 import { REC_TOC, TOC_TRAILER, checkTocPayload, tocEntries, tocTrailer, type TocEntry } from './toc.js';
 
 /** Read `length` bytes of the pack at `position` into buf at `offset`; returns how many were read. */
@@ -46,7 +47,11 @@ export interface GroupMember {
 export type ScanItem =
   | { kind: 'chunk'; offset: number; header: RecordHeader }
   | { kind: 'group'; offset: number; header: RecordHeader; members: GroupMember[] }
-  | { kind: 'meta'; offset: number; header: RecordHeader; record: MetaRecord }
+  /**
+   * `plainDigest`: the SHA-256 of the record's plaintext payload (a leaf's digest); the
+   * header's digest, except in a sealed record (format 6), where that is the sealed bytes'.
+   */
+  | { kind: 'meta'; offset: number; header: RecordHeader; record: MetaRecord; plainDigest: Buffer }
   | { kind: 'damaged'; offset: number; length: number; problem: string };
 
 export interface ScanEnd {
@@ -63,6 +68,8 @@ export interface ScanEnd {
 export interface ScanOptions {
   /** Read every record header even when the pack has tables of contents. */
   readAll?: boolean;
+  /** An encrypted repository's keys: metadata records are opened with them (format 6). */
+  keys?: RepoKeys | null;
 }
 
 const WINDOW = 64 << 10;
@@ -78,6 +85,8 @@ class Window {
   constructor(
     private read: PackRead,
     readonly size: number,
+    /** The keys metadata records are opened with (format 6), carried along the scan. */
+    readonly keys: RepoKeys | null = null,
   ) {}
 
   /** Bytes [pos, pos + n) of the pack, or fewer at its end. */
@@ -103,7 +112,7 @@ class Window {
  * which its header must repeat.
  */
 export async function* scanPack(read: PackRead, size: number, packId: string, opts: ScanOptions = {}): AsyncGenerator<ScanItem, ScanEnd> {
-  const w = new Window(read, size);
+  const w = new Window(read, size, opts.keys ?? null);
   const spans = opts.readAll ? null : await tocChain(w, packId);
   if (!spans) return yield* scanWhole(w, packId);
   // One TOC's entries at a time: a pack of millions of small records has as many entries.
@@ -113,7 +122,7 @@ export async function* scanPack(read: PackRead, size: number, packId: string, op
       yield { kind: 'damaged', offset: sp.start, length: sp.end - sp.start, problem: 'table of contents changed while it was read' };
       continue;
     }
-    yield* tocItems(read, size, toc.payload, sp.start);
+    yield* tocItems(read, w, toc.payload, sp.start);
   }
   return { end: size, tail: 0, viaToc: true };
 }
@@ -122,7 +131,7 @@ export async function* scanPack(read: PackRead, size: number, packId: string, op
 const META_AHEAD = 16;
 
 /** The records one TOC lists, in order; its metadata records are read META_AHEAD at a time. */
-async function* tocItems(read: PackRead, size: number, payload: Buffer, start: number): AsyncGenerator<ScanItem> {
+async function* tocItems(read: PackRead, w: Window, payload: Buffer, start: number): AsyncGenerator<ScanItem> {
   const metas: TocEntry[] = [];
   for (const e of tocEntries(payload, start)) if (e.type !== REC_CHUNK) metas.push(e);
   const ahead = new Map<number, Promise<ScanItem>>();
@@ -135,7 +144,7 @@ async function* tocItems(read: PackRead, size: number, payload: Buffer, start: n
     }
     for (; started < metas.length && started < taken + META_AHEAD; started++) {
       const m = metas[started]!;
-      const p = recordAlone(read, size, m.offset, RECORD_HEADER_SIZE + m.storedLength);
+      const p = recordAlone(read, w, m.offset, RECORD_HEADER_SIZE + m.storedLength);
       p.catch(() => undefined); // awaited below, in order; not an unhandled rejection meanwhile
       ahead.set(m.offset, p);
     }
@@ -146,8 +155,12 @@ async function* tocItems(read: PackRead, size: number, payload: Buffer, start: n
   }
 }
 
-/** The record at `offset` (`length` bytes, header included), read by itself and checked as the scan checks it. */
-async function recordAlone(read: PackRead, size: number, offset: number, length: number): Promise<ScanItem> {
+/**
+ * The record at `offset` (`length` bytes, header included), read by itself (not through
+ * the scan's window `w`, which other reads move meanwhile) and checked as the scan checks
+ * it, with its keys.
+ */
+async function recordAlone(read: PackRead, w: Window, offset: number, length: number): Promise<ScanItem> {
   const buf = Buffer.allocUnsafe(length);
   let got = 0;
   while (got < length) {
@@ -155,7 +168,7 @@ async function recordAlone(read: PackRead, size: number, offset: number, length:
     if (r === 0) break;
     got += r;
   }
-  const own = new Window(async (b, o, l, pos) => buf.copy(b, o, pos - offset, Math.min(pos - offset + l, got)), size);
+  const own = new Window(async (b, o, l, pos) => buf.copy(b, o, pos - offset, Math.min(pos - offset + l, got)), w.size, w.keys);
   return recordAt(own, offset);
 }
 
@@ -237,7 +250,7 @@ async function tocAt(w: Window, at: number, end: number): Promise<(ReturnType<ty
   const h = decodeRecordHeader(Buffer.from(await w.at(at, RECORD_HEADER_SIZE)));
   if (!h || h.type !== REC_TOC || h.compression !== 0 || h.rawLength !== h.storedLength || at + RECORD_HEADER_SIZE + h.storedLength !== end) return null;
   const payload = Buffer.from(await w.at(at + RECORD_HEADER_SIZE, h.storedLength));
-  if (payload.length !== h.storedLength || !createHash('sha256').update(payload).digest().equals(h.digest)) return null;
+  if (payload.length !== h.storedLength || !tocDigest(w.keys, payload).equals(h.digest)) return null;
   try {
     return { ...checkTocPayload(payload), payload };
   } catch {
@@ -283,9 +296,16 @@ async function recordAt(w: Window, pos: number): Promise<ScanItem> {
   if (h.compression !== 0 || h.rawLength !== h.storedLength) return damaged(`metadata record of type ${h.type} is not stored raw`);
   const payload = Buffer.from(await w.at(payloadAt, h.storedLength));
   if (payload.length < h.storedLength) return damaged('record cut off');
-  if (!createHash('sha256').update(payload).digest().equals(h.digest)) return damaged(`metadata record of type ${h.type} does not match its digest`);
+  const digest = h.type === REC_TOC ? tocDigest(w.keys, payload) : createHash('sha256').update(payload).digest();
+  if (!digest.equals(h.digest)) return damaged(`metadata record of type ${h.type} does not match its digest`);
+  let plain: Buffer | null = payload;
+  // A table of contents is never sealed (FORMAT.md): it copies the plaintext headers.
+  if (w.keys && h.type !== REC_TOC) plain = open(w.keys, payload, metaAd(w.keys, h.type));
+  if (!plain) return damaged(`metadata record of type ${h.type}: ${SEAL_BROKEN}`);
   try {
-    return { kind: 'meta', offset: pos, header: h, record: decodeMetaPayload(h.type, payload) };
+    const record = decodeMetaPayload(h.type, plain);
+    const plainDigest = plain === payload ? h.digest : createHash('sha256').update(plain).digest();
+    return { kind: 'meta', offset: pos, header: h, record, plainDigest };
   } catch (e) {
     return damaged((e as Error).message);
   }

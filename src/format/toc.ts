@@ -22,7 +22,7 @@
  * itself exactly; anything else and the reader falls back to the full scan, which reports
  * what is damaged.
  */
-import { createHash } from 'node:crypto';
+import { tocDigest, type RepoKeys } from './crypto.js';
 import { COMP_GROUP, COMP_RAW, GROUP_MAX_MEMBERS, GROUP_MEMBER_SIZE, PACK_HEADER_SIZE, RECORD_HEADER_SIZE, decodeRecordHeader, encodeRecordHeader } from './pack.js';
 
 /** The record type of a table of contents (meta.ts numbers the others). */
@@ -85,11 +85,11 @@ export function encodeTocPayload(prev: number, entries: Buffer[]): Buffer {
   return body;
 }
 
-/** A whole TOC record (header and payload) for the pack. */
-export function encodeTocRecord(prev: number, entries: Buffer[]): Buffer {
+/** A whole TOC record (header and payload) for the pack; with keys (format 6) its digest is keyed (tocDigest). */
+export function encodeTocRecord(prev: number, entries: Buffer[], keys: RepoKeys | null = null): Buffer {
   const payload = encodeTocPayload(prev, entries);
   const out = Buffer.allocUnsafe(RECORD_HEADER_SIZE + payload.length);
-  encodeRecordHeader(out, 0, COMP_RAW, payload.length, payload.length, createHash('sha256').update(payload).digest(), REC_TOC);
+  encodeRecordHeader(out, 0, COMP_RAW, payload.length, payload.length, tocDigest(keys, payload), REC_TOC);
   payload.copy(out, RECORD_HEADER_SIZE);
   return out;
 }

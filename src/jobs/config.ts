@@ -93,6 +93,8 @@ export interface JobConfig {
 export interface JobsFile {
   file: string;
   repository: string | null;
+  /** `key-file:` an encrypted repository's key or passphrase file (0600), unless --key-file is given. */
+  keyFile: string | null;
   timezone: string | null;
   jobs: JobConfig[];
   /** The defaults' notify: also where `genvault notify` (a unit's OnFailure=) reports. */
@@ -120,7 +122,7 @@ export function formatProblem(file: string, p: ConfigProblem): string {
   return `${file}:${p.line}: ${p.field ? `${p.field}: ` : ''}${p.message}`;
 }
 
-const TOP_KEYS = ['repository', 'timezone', 'defaults', 'jobs'];
+const TOP_KEYS = ['repository', 'key-file', 'timezone', 'defaults', 'jobs'];
 const JOB_KEYS = ['source', 'image', 'schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace', 'notify', 'bitmap'];
 const DEFAULT_KEYS = ['schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace', 'notify'];
 const NOTIFY_KEYS = ['on', 'command', 'email', 'webhook', 'sendmail', 'timeout'];
@@ -556,6 +558,11 @@ export function parseJobsText(text: string, file: string): JobsFile {
     const v = c.string(top.get('repository')!.value, 'repository');
     if (v !== null) repository = path.resolve(base, v);
   }
+  let keyFile: string | null = null;
+  if (top.has('key-file')) {
+    const v = c.string(top.get('key-file')!.value, 'key-file');
+    if (v !== null) keyFile = path.resolve(base, v);
+  }
   const timezone = top.has('timezone') ? parseTimezone(c, top.get('timezone')!.value) : null;
   const defaults: PartialJob = top.has('defaults') ? parsePartial(c, top.get('defaults')!.value, 'defaults', DEFAULT_KEYS, timezone, base) : {};
 
@@ -571,7 +578,7 @@ export function parseJobsText(text: string, file: string): JobsFile {
     if (isMap(jobsPair.value) && !jobsPair.value.items.length) c.add(jobsPair.value, 'jobs', 'no jobs defined');
   }
   if (c.problems.length) throw new ConfigError(file, c.problems.sort((a, b) => a.line - b.line));
-  return { file, repository, timezone, jobs, notify: defaults.notify ?? null };
+  return { file, repository, keyFile, timezone, jobs, notify: defaults.notify ?? null };
 }
 
 /**
@@ -596,6 +603,8 @@ export async function loadJobsFile(file: string): Promise<JobsFile> {
 export async function checkJobFiles(f: JobsFile): Promise<string[]> {
   const out: string[] = [];
   const seen = new Set<string>();
+  // The repository's key file: refused when group or others may read it, as when it is used.
+  if (f.keyFile) await checkTrustedFile(f.keyFile, { secret: true }).catch((e: Error) => out.push(`key-file: ${e.message}`));
   for (const j of f.jobs) {
     for (const [file, secret] of [[j.ssh.identity, true], [j.ssh.knownHosts, false]] as const) {
       if (!file || seen.has(file)) continue;

@@ -16,6 +16,7 @@
 import { backup } from '../backup/backup.js';
 import { ImageLock, ImageLockedError } from '../repository/locks.js';
 import { prune } from '../lifecycle/prune.js';
+import { GenvaultError } from '../util/errors.js';
 import type { Repository } from '../repository/repository.js';
 import { openLocalSource } from '../source/local.js';
 import { isNbdUri } from '../nbd/client.js';
@@ -53,7 +54,9 @@ function borrowed(conn: SshConnection): SshConnection {
 async function openSource(job: JobConfig, repo: Repository, conn: SshConnection | null): Promise<Source> {
   if (isNbdUri(job.source)) return NbdSource.open(repo, job.source, { name: job.image, bitmap: job.bitmap });
   if (!conn) return openLocalSource(job.source);
-  return startRemoteSource(borrowed(conn), repo.config.chunking, { mode: job.ssh.mode });
+  // The remote agent hashes without the repository's key (FORMAT.md, version 6): an encrypted repository reads with cat.
+  if (repo.keys && job.ssh.mode === 'agent') throw new GenvaultError('ssh mode agent: the remote agent cannot hash chunks for an encrypted repository; use plain or auto', 'USAGE');
+  return startRemoteSource(borrowed(conn), repo.config.chunking, { mode: repo.keys ? 'plain' : job.ssh.mode });
 }
 
 type Stage = NonNullable<RunRecord['stage']>;

@@ -93,7 +93,7 @@ export async function scanMeta(repo: Repository, packId: string, size: number, l
   const out: MetaScan = { problem: null, live: [], liveBytes: 0, dropped: 0, tocBytes: 0 };
   let listed = 0;
   if (!isPackId(packId)) return { ...out, problem: 'not a pack id' };
-  const it = scanStoredPack(repo.store, { packId, name: packObject(packId), size }, size);
+  const it = scanStoredPack(repo.store, { packId, name: packObject(packId), size }, size, { keys: repo.keys });
   const next = () =>
     it.next().catch((e: NodeJS.ErrnoException) => {
       out.problem = `cannot be read (${e.code ?? e.message})`;
@@ -109,7 +109,7 @@ export async function scanMeta(repo: Repository, packId: string, size: number, l
     const length = RECORD_HEADER_SIZE + item.header.storedLength;
     if (item.kind !== 'meta' || item.record.type !== REC_TOC) listed += length;
     if (item.kind !== 'meta') continue;
-    if (isLive(item.record, item.header.digest, live)) {
+    if (isLive(item.record, item.plainDigest, live)) {
       out.live.push({ offset: item.offset, length });
       out.liveBytes += length;
     } else if (item.record.type !== REC_TOC) {

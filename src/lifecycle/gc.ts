@@ -740,7 +740,7 @@ async function rewritePack(repo: Repository, writer: WriterRegistration, out: { 
   }
   if (!out.w || out.w.size >= repo.config.packTargetSize) {
     if (out.w) await out.w.close();
-    out.w = await PackWriter.create(repo.store, { toc: repo.config.version >= TOC_FROM_VERSION }).catch((e) => {
+    out.w = await PackWriter.create(repo.store, { toc: repo.config.version >= TOC_FROM_VERSION, keys: repo.keys }).catch((e) => {
       throw describeFsError(e, `creating a pack file in ${repo.dir}`);
     });
     await writer.addPack(out.w.packId);

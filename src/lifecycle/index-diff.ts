@@ -8,6 +8,7 @@
  * backup or gc running beside verify; a writer's file may end in a zero-padded block while
  * it appends) and is not judged here: verify's own checks read that record.
  */
+import type { RepoKeys } from '../format/crypto.js';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -202,7 +203,12 @@ export async function diffIndex(index: () => Promise<Db>, model: PackModel): Pro
  * index. The model is built in a private temporary directory and removed afterwards.
  * Returns one problem per disagreement shown (a count line when there are more).
  */
-export async function packsAgree(store: Store, index: Db, progress?: (done: number, total: number) => void): Promise<{ packs: number; problems: string[] }> {
+export async function packsAgree(
+  store: Store,
+  index: Db,
+  progress?: (done: number, total: number) => void,
+  keys: RepoKeys | null = null,
+): Promise<{ packs: number; problems: string[] }> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'genvault-verify-packs-'));
   let db: Db | null = null;
   let copies: Db | null = null;
@@ -214,7 +220,7 @@ export async function packsAgree(store: Store, index: Db, progress?: (done: numb
       return v ? packSizeOf(v) : null;
     };
     // verify reads every record header, also where tables of contents would do: checking is its purpose.
-    const model = await PackModel.build(store, db, copies, { progress, committed, readAll: true });
+    const model = await PackModel.build(store, db, copies, { progress, committed, readAll: true, keys });
     const restored = await model.finish();
     const chunks = await diffChunks(index, model);
     const problems: string[] = [];

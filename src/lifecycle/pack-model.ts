@@ -21,6 +21,7 @@ import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF, type GenerationChange
 import { COMP_GROUP, encodeLocation, type ChunkLocation } from '../format/pack.js';
 import { generationKey, type Generation } from '../format/generation.js';
 import type { ScanEnd, ScanItem } from '../format/scan.js';
+import type { RepoKeys } from '../format/crypto.js';
 import { getOrNull, type Db } from '../index/db.js';
 import { DigestFilter } from '../util/digest-filter.js';
 import { DigestSet } from '../util/digest-set.js';
@@ -179,6 +180,8 @@ export interface ModelOptions {
   committed?: (packId: string) => Promise<number | null>;
   /** Read every record header, also of packs that have tables of contents (verify). */
   readAll?: boolean;
+  /** An encrypted repository's keys (its metadata records are sealed). */
+  keys?: RepoKeys | null;
 }
 
 export class PackModel {
@@ -213,7 +216,7 @@ export class PackModel {
     let done = 0;
     for (const p of packs) {
       const limit = opts.committed ? await opts.committed(p.packId) : p.size;
-      if (limit !== null) await m.scanOne(store, p, Math.min(limit, p.size), opts.readAll === true);
+      if (limit !== null) await m.scanOne(store, p, Math.min(limit, p.size), opts.readAll === true, opts.keys ?? null);
       done += p.size;
       opts.progress?.(done, total);
     }
@@ -223,8 +226,8 @@ export class PackModel {
     return m;
   }
 
-  private async scanOne(store: Store, p: StoredPack, size: number, readAll: boolean): Promise<void> {
-    const it = scanStoredPack(store, p, size, { readAll });
+  private async scanOne(store: Store, p: StoredPack, size: number, readAll: boolean, keys: RepoKeys | null): Promise<void> {
+    const it = scanStoredPack(store, p, size, { readAll, keys });
     let r: IteratorResult<ScanItem, ScanEnd>;
     try {
       r = await it.next(); // opens the pack
@@ -296,7 +299,7 @@ export class PackModel {
     const rec = item.record;
     if (rec.type === REC_LEAF) {
       // Same digest, same bytes: a second copy overwrites the first with itself.
-      await this.out.put(leafKey(item.header.digest), rec.leaf);
+      await this.out.put(leafKey(item.plainDigest), rec.leaf);
       this.counts.leafRecords++;
     } else if (rec.type === REC_GENMAP) {
       this.gen(rec.id).hasMap = true;

@@ -13,6 +13,7 @@
  * build directories whose owner is dead and starts over; the packs have not changed, so
  * it builds the same index.
  */
+import { unlock } from '../repository/keys.js';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
@@ -73,6 +74,8 @@ export async function repair(dir: string, opts: RepairOptions = {}): Promise<Rep
       'FORMAT',
     );
   }
+  // The key first: a wrong one ends repair before anything is written.
+  const keys = config.encryption ? (await unlock(abs, config)).keys : null;
   applyUmask(config);
   const indexDir = path.join(abs, 'index');
   if (opts.write) {
@@ -90,7 +93,7 @@ export async function repair(dir: string, opts: RepairOptions = {}): Promise<Rep
     db = await openPrivateDb(path.join(build, 'index'));
     copies = await openPrivateDb(path.join(build, 'copies'));
     const store = new LocalStore(abs);
-    const model = await PackModel.build(store, db, copies, { progress: opts.progress, readAll: opts.readAll === true });
+    const model = await PackModel.build(store, db, copies, { progress: opts.progress, readAll: opts.readAll === true, keys });
     await store.close();
     const report = await describe(model, indexDir, opts.write === true);
     await copies.close();

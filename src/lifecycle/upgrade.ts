@@ -25,7 +25,7 @@
  */
 import { GenvaultError } from '../util/errors.js';
 import { K_GEN, K_LEAF, packKey, packSizeOf, prefixEnd } from '../format/keys.js';
-import { FORMAT_VERSION } from '../format/config.js';
+import { PLAIN_FORMAT_VERSION as FORMAT_VERSION } from '../format/config.js';
 import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF } from '../format/meta.js';
 import { parseGenerationRecord, type Generation } from '../format/generation.js';
 import { getOrNull } from '../index/db.js';
@@ -163,11 +163,11 @@ async function metaInPacks(repo: Repository): Promise<Written> {
     const committed = await getOrNull(repo.db, packKey(p.packId));
     if (!committed) continue;
     const size = Math.min(p.size, packSizeOf(committed));
-    const it = scanStoredPack(repo.store, p, size);
+    const it = scanStoredPack(repo.store, p, size, { keys: repo.keys });
     for (let r = await it.next(); !r.done; r = await it.next()) {
       if (r.value.kind !== 'meta') continue;
       const rec = r.value.record;
-      if (rec.type === REC_LEAF) w.leaves.add(r.value.header.digest.toString('hex'));
+      if (rec.type === REC_LEAF) w.leaves.add(r.value.plainDigest.toString('hex'));
       else if (rec.type === REC_GENERATION) w.generations.add(rec.generation.id);
       else if (rec.type === REC_CHANGE && rec.change.forgotten) w.generations.add(rec.change.id);
     }

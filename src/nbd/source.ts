@@ -10,6 +10,7 @@
  *   changed), the whole disk is read, skipping what base:allocation reports as zeros.
  * - a writable export's overlay (overlay.ts) over its generation: the VM's writes kept.
  */
+import type { RepoKeys } from '../format/crypto.js';
 import { GenvaultError } from '../util/errors.js';
 import type { ChunkingParams } from '../format/config.js';
 import type { ChunkedSegment, ChunkedSource, NeedFn } from '../backup/chunked-source.js';
@@ -89,7 +90,7 @@ export class NbdSource implements Source {
       };
       const description = `nbd:${uri}${bitmap ? ` bitmap ${bitmap}` : ''}`;
       const verify = (opts.verifyPercent ?? 0) / 100;
-      if (useBitmap) return new NbdDirtySource(description, client, parent!, stats, bitmap, verify, repo.config.chunking, repo.config.version);
+      if (useBitmap) return new NbdDirtySource(description, client, parent!, stats, bitmap, verify, repo.config.chunking, repo.config.version, repo.keys);
       return new NbdSource(description, client, parent, stats, null, verify);
     } catch (e) {
       await client.close().catch(() => undefined);
@@ -207,9 +208,10 @@ export class NbdDirtySource extends NbdSource implements ChunkedSource {
     description: string, client: NbdClient, parent: ImageReader, stats: NbdReadStats, bitmap: string | null, verify: number,
     readonly chunking: ChunkingParams,
     version: number,
+    keys: RepoKeys | null,
   ) {
     super(description, client, parent, stats, bitmap, verify);
-    this.reuse = new ChunkReuse(parent.map, chunking, version, {
+    this.reuse = new ChunkReuse(parent.map, chunking, version, keys, {
       changed: async (at, len) => (await this.plan(at, len)).filter((p) => p.kind === 'nbd'),
       readRegion: (dst, from, dirty) => {
         const pieces: Piece[] = [];
@@ -258,8 +260,9 @@ export class OverlaySource implements ChunkedSource {
     private reader: ImageReader,
     readonly chunking: ChunkingParams,
     version: number,
+    keys: RepoKeys | null,
   ) {
-    this.reuse = new ChunkReuse(reader.map, chunking, version, {
+    this.reuse = new ChunkReuse(reader.map, chunking, version, keys, {
       changed: async (at, len) => overlay.changedRuns(at, at + len),
       readRegion: (dst, from) => overlay.read(dst, from, dst.length, this.baseRead),
       readUnchanged: (dst, offset) => this.baseRead(dst, offset, dst.length),
@@ -280,7 +283,7 @@ export class OverlaySource implements ChunkedSource {
     if (!gen) throw new GenvaultError(`${file}: its generation ${h.name}@${h.generation} is no longer in the repository`, 'NOT_FOUND');
     const overlay = await Overlay.open(file, false);
     const reader = await ImageReader.open(repo, gen, new ChunkLoader(repo, 64 << 20), 32 << 20);
-    return new OverlaySource(`nbd-overlay:${file} over ${gen.name}@${gen.id}`, overlay, gen, reader, repo.config.chunking, repo.config.version);
+    return new OverlaySource(`nbd-overlay:${file} over ${gen.name}@${gen.id}`, overlay, gen, reader, repo.config.chunking, repo.config.version, repo.keys);
   }
 
   private baseRead = async (out: Buffer, offset: number, len: number): Promise<void> => {

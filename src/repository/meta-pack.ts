@@ -53,11 +53,11 @@ export class MetaPack {
   async add(rec: WrittenMetaRecord): Promise<void> {
     if (this.writer && this.writer.size >= META_PACK_BYTES) this.sealed.push(await this.sealWriter());
     if (!this.writer) {
-      const w = await PackWriter.create(this.repo.store, { toc: this.repo.config.version >= TOC_FROM_VERSION });
+      const w = await PackWriter.create(this.repo.store, { toc: this.repo.config.version >= TOC_FROM_VERSION, keys: this.repo.keys });
       this.writer = w;
       await this.reg.addPack(w.packId);
     }
-    await this.writer.append(encodeMetaRecord(rec));
+    await this.writer.append(encodeMetaRecord(rec, this.repo.keys));
   }
 
   /**

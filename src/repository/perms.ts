@@ -107,7 +107,7 @@ export async function setDirMode(dir: string, mode: number, gid: number | null, 
 }
 
 /** Top-level directories of a repository, repository first. */
-const TOP_DIRS = ['.', 'index', 'packs', 'locks', 'tmp'];
+const TOP_DIRS = ['.', 'index', 'packs', 'locks', 'tmp', 'keys'];
 
 /**
  * Bring the directories of a repository (and config.json) to its modes, and its group

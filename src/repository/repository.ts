@@ -6,7 +6,10 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { GenvaultError, REPAIR_HINT, describeFsError } from '../util/errors.js';
 import { Lru } from '../util/lru.js';
-import { RepoConfig, checkConfig, defaultConfig } from '../format/config.js';
+import { ENCRYPTED_FORMAT_VERSION, RepoConfig, checkConfig, defaultConfig } from '../format/config.js';
+import { MASTER_KEY_BYTES, keyCheck, type RepoKeys } from '../format/crypto.js';
+import { randomBytes } from 'node:crypto';
+import { addSlot, unlock, type Secret, type Unlocked } from './keys.js';
 import { DAMAGE_FILE, Db, IndexError, getOrNull, indexDamage, openDb, readOnlyCopy } from '../index/db.js';
 import { K_GEN, K_GENMAP, chunkKey, key, leafKey, prefixEnd } from '../format/keys.js';
 import { ChunkMap, Leaf, LeafDamage, checkedLeaf, checkedTop } from '../format/chunkmap.js';
@@ -29,9 +32,20 @@ export class Repository {
     readonly db: Db,
     /** Where config.json and the packs are (everything but index/ and locks/). */
     readonly store: Store,
+    /** An encrypted repository's opened key (format 6), or null. */
+    readonly unlocked: Unlocked | null = null,
   ) {}
 
-  static async init(dir: string, overrides: Partial<RepoConfig> = {}): Promise<RepoConfig> {
+  /** The derived keys records are sealed and chunks identified with, or null (unencrypted). */
+  get keys(): RepoKeys | null {
+    return this.unlocked?.keys ?? null;
+  }
+
+  /**
+   * Make a repository; with `encrypt`, an encrypted one (format 6) whose master key is
+   * wrapped in a first key slot under that secret.
+   */
+  static async init(dir: string, overrides: Partial<RepoConfig> = {}, encrypt: Secret | null = null): Promise<RepoConfig> {
     const abs = path.resolve(dir);
     // A repository is a local directory: init makes it, and locks/, tmp/ and index/ beside
     // the store's own packs/, with node:fs (only config.json and packs are store objects).
@@ -45,6 +59,11 @@ export class Repository {
     }
     const config = { ...defaultConfig(), ...overrides };
     if (config.group === undefined) delete config.group;
+    const master = encrypt ? randomBytes(MASTER_KEY_BYTES) : null;
+    if (master) {
+      config.version = ENCRYPTED_FORMAT_VERSION;
+      config.encryption = { cipher: 'aes-256-gcm', identity: 'hmac-sha256', keyCheck: keyCheck(master) };
+    }
     const modes = repoModes(config);
     const gid = config.group ? await resolveGroup(config.group) : null;
     try {
@@ -58,6 +77,7 @@ export class Repository {
       const db = await openDb(path.join(abs, 'index'), { create: true });
       await db.close();
       await tightenRepo(abs, config, { strict: true, configFile: null });
+      if (master) await addSlot(abs, config, master, encrypt!);
       // config.json last and atomically: a directory without it is not a repository. It
       // takes the group of the repository directory (set-group-ID, tightened above).
       await store.put(CONFIG_FILE, JSON.stringify(config, null, 2) + '\n', { exclusive: true, mode: modes.file });
@@ -95,9 +115,13 @@ export class Repository {
    * index may create LevelDB files and its socket). With `write` (backup, gc, prune,
    * forget, protect, jobs), its directories are also brought to the repository's modes.
    */
-  static async open(dir: string, opts: { write?: boolean } = {}): Promise<Repository> {
+  static async open(dir: string, opts: { write?: boolean; withoutKey?: boolean } = {}): Promise<Repository> {
     const abs = path.resolve(dir);
     const config = await Repository.readConfig(abs);
+    // The key first: a wrong one ends the command before anything is written. `withoutKey`:
+    // a reader of the index alone (status: job history, generation records), which the
+    // key does not protect (FORMAT.md, "What stays plaintext"); it gets no worker pool.
+    const unlocked = config.encryption && !opts.withoutKey ? await unlock(abs, config) : null;
     const indexDir = path.join(abs, 'index');
     applyUmask(config);
     let db: Db;
@@ -110,7 +134,7 @@ export class Repository {
       }
       throw describeFsError(e, indexDir);
     }
-    const repo = new Repository(abs, config, db, new LocalStore(abs));
+    const repo = new Repository(abs, config, db, new LocalStore(abs), unlocked);
     repo.readOnly = readOnlyCopy(db) !== null;
     if (opts.write && !repo.readOnly) await tightenRepo(abs, config);
     repo.indexDamage = await indexDamage(readOnlyCopy(db) ?? indexDir);
@@ -135,7 +159,9 @@ export class Repository {
   indexDamage: string | null = null;
 
   get pool(): WorkerPool {
-    if (!this.poolInstance) this.poolInstance = new WorkerPool(this.workerCount, this.workerNice, this.workerDepth, this.store.spec);
+    // Without its key an encrypted repository's records can only fail their checks.
+    if (this.config.encryption && !this.unlocked) throw new GenvaultError(`${this.dir}: encrypted, and opened without its key`, 'NO_KEY');
+    if (!this.poolInstance) this.poolInstance = new WorkerPool(this.workerCount, this.workerNice, this.workerDepth, this.store.spec, this.keys);
     return this.poolInstance;
   }
 

@@ -7,6 +7,7 @@
  * re-reads a sample of the "unchanged" blocks from the snapshot and fails if one differs
  * from the generation (hints are trusted only as far as they are checked).
  */
+import type { RepoKeys } from '../format/crypto.js';
 import { execFile } from 'node:child_process';
 import fs from 'node:fs/promises';
 import path from 'node:path';
@@ -103,7 +104,7 @@ export class ThinHintedSource implements Source {
       };
       const desc = `${st.isBlockDevice() ? 'device' : 'file'}:${abs} thin-delta ${spec.from}..${spec.to}`;
       const verify = (opts.verifyPercent ?? 0) / 100;
-      if (ranges && parent) return new ThinDeltaSource(desc, size, fh, ranges, parent, stats, verify, repo.config.chunking, repo.config.version);
+      if (ranges && parent) return new ThinDeltaSource(desc, size, fh, ranges, parent, stats, verify, repo.config.chunking, repo.config.version, repo.keys);
       return new ThinHintedSource(desc, size, fh, null, null, stats, verify);
     } catch (e) {
       await fh.close();
@@ -187,9 +188,10 @@ export class ThinDeltaSource extends ThinHintedSource implements ChunkedSource {
     description: string, size: number, fh: fs.FileHandle, ranges: Array<[number, number]>, parent: ImageReader, stats: ThinReadStats, verify: number,
     readonly chunking: ChunkingParams,
     version: number,
+    keys: RepoKeys | null,
   ) {
     super(description, size, fh, ranges, parent, stats, verify);
-    this.reuse = new ChunkReuse(parent.map, chunking, version, {
+    this.reuse = new ChunkReuse(parent.map, chunking, version, keys, {
       changed: async (at, len) => ranges.filter(([a, b]) => a < at + len && b > at).map(([a, b]) => ({ from: Math.max(a, at), to: Math.min(b, at + len) })),
       readRegion: async (dst, from, changed) => {
         const waits: Array<Promise<unknown>> = [];

@@ -9,6 +9,7 @@
  */
 import { PACK_HEADER_SIZE, PACK_MAGIC, newPackId, packObject } from '../format/pack.js';
 import { encodeTocRecord, tocEntriesOf } from '../format/toc.js';
+import type { RepoKeys } from '../format/crypto.js';
 import { packKey, packSizeValue } from '../format/keys.js';
 import type { Appender, Store } from './store.js';
 
@@ -27,18 +28,22 @@ export class PackWriter {
     readonly packId: string,
     readonly out: Appender,
     toc: boolean,
+    private readonly keys: RepoKeys | null = null,
   ) {
     this.toc = toc ? [] : null;
   }
 
-  /** A new pack; `toc`: append tables of contents (repositories of format 5 and later). */
-  static async create(store: Store, opts: { toc: boolean }): Promise<PackWriter> {
+  /**
+   * A new pack; `toc`: append tables of contents (repositories of format 5 and later);
+   * `keys`: an encrypted repository's, which authenticate its TOCs (format 6).
+   */
+  static async create(store: Store, opts: { toc: boolean; keys?: RepoKeys | null }): Promise<PackWriter> {
     const packId = newPackId();
     const out = await store.create(packObject(packId));
     const header = Buffer.alloc(PACK_HEADER_SIZE);
     PACK_MAGIC.copy(header, 0);
     header.write(packId, 8, 16, 'hex');
-    const w = new PackWriter(packId, out, opts.toc);
+    const w = new PackWriter(packId, out, opts.toc, opts.keys ?? null);
     await w.out.append(header);
     return w;
   }
@@ -69,7 +74,7 @@ export class PackWriter {
   async sync(): Promise<void> {
     if (this.toc?.length) {
       const at = this.out.size;
-      await this.out.append(encodeTocRecord(this.lastToc, this.toc.map((e) => e.bytes)));
+      await this.out.append(encodeTocRecord(this.lastToc, this.toc.map((e) => e.bytes), this.keys));
       this.lastToc = at;
       this.lastTocEnd = this.out.size;
       this.toc = [];

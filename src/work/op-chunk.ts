@@ -1,10 +1,9 @@
 /** The `chunk` op: chunking + SHA-256 (and BLAKE3) of a source segment, read here first when asked. */
-import { createHash } from 'node:crypto';
-import { blake3 } from '@napi-rs/blake-hash';
 import fs from 'node:fs';
 import { SegmentChunker, type ChunkSpan } from '../format/chunker.js';
 import type { ChunkAnswer, ChunkRequest, Reply, SegmentRead, SegmentReadFailure } from './protocol.js';
 import { ZEROS } from './zeros.js';
+import { chunkSeed, fastOf, identityOf } from './keys.js';
 
 /** Bytes read per step while chunking along (a piece and its chunks stay in the CPU's L2). */
 const READ_PIECE = 1 << 20;
@@ -49,7 +48,7 @@ export function handleChunk(req: ChunkRequest): Reply<ChunkAnswer> {
     }
     const data = buf.subarray(s.start, s.start + s.length);
     if (fast) {
-      const b3 = blake3(data);
+      const b3 = fastOf(data);
       fast.set(b3, i * 32);
       if (p) {
         while (pi < p.starts.length && p.starts[pi]! < s.start) pi++;
@@ -60,9 +59,9 @@ export function handleChunk(req: ChunkRequest): Reply<ChunkAnswer> {
         }
       }
     }
-    digests.set(createHash('sha256').update(data).digest(), i * 32);
+    digests.set(identityOf(data), i * 32);
   };
-  const chunker = new SegmentChunker(buf, req.len, req.params);
+  const chunker = new SegmentChunker(buf, req.len, req.params, chunkSeed);
   if (req.read) {
     // Read piece by piece and chunk and hash along: each chunk is hashed right after
     // its bytes arrived, while they are still in the CPU cache.

@@ -11,6 +11,8 @@ import {
 } from '../format/pack.js';
 import type { CompressAnswer, CompressRequest, Reply } from './protocol.js';
 import { zstd } from './zstd.js';
+import { keys } from './keys.js';
+import { SEAL_OVERHEAD, recordAd, sealInto } from '../format/crypto.js';
 
 const cctx = new zstd.CCtx();
 /** A group's members gathered for compression. */
@@ -37,7 +39,7 @@ export function handleCompress(req: CompressRequest): Reply<CompressAnswer> {
     let raw = 0;
     for (let k = i; k < j; k++) raw += lenOf(k);
     // Enough for the group record, or for each member as a record of its own.
-    bound += (j - i) * RECORD_HEADER_SIZE + 4 + (j - i) * GROUP_MEMBER_SIZE + zstd.compressBound(raw) + (j - i) * 64;
+    bound += (j - i) * (RECORD_HEADER_SIZE + SEAL_OVERHEAD) + 4 + (j - i) * GROUP_MEMBER_SIZE + zstd.compressBound(raw) + (j - i) * 64;
   }
   // One output buffer for the whole request (the caller's shared one when it is big
   // enough), records written straight into it.
@@ -56,9 +58,12 @@ export function handleCompress(req: CompressRequest): Reply<CompressAnswer> {
     const zlen = tryZstd ? cctx.compress(out.subarray(payloadAt), raw, req.level) : raw.length;
     const useZ = tryZstd && zlen < raw.length - (raw.length >>> 7);
     if (!useZ) raw.copy(out, payloadAt);
-    const stored = useZ ? zlen : raw.length;
-    encodeRecordHeader(out, at, useZ ? COMP_ZSTD : COMP_RAW, raw.length, stored, digestOf(i));
-    table.set([at, stored, useZ ? COMP_ZSTD : COMP_RAW, 0, 0], i * 5);
+    const comp = useZ ? COMP_ZSTD : COMP_RAW;
+    let stored = useZ ? zlen : raw.length;
+    // Format 6: the payload sealed in place, bound to the header's compression, length and identity.
+    if (keys) stored = sealInto(keys, out.subarray(payloadAt, payloadAt + stored), recordAd(keys, 0, comp, raw.length, digestOf(i)), out, payloadAt);
+    encodeRecordHeader(out, at, comp, raw.length, stored, digestOf(i));
+    table.set([at, stored, comp, 0, 0], i * 5);
     at += RECORD_HEADER_SIZE + stored;
   };
   for (const [i, j] of groups) {
@@ -87,8 +92,11 @@ export function handleCompress(req: CompressRequest): Reply<CompressAnswer> {
       for (let k = i; k < j; k++) single(k, false);
       continue;
     }
-    const stored = tableLen + zlen;
     const tableDigest = createHash('sha256').update(out.subarray(payloadAt, payloadAt + tableLen)).digest();
+    const frameAt = payloadAt + tableLen;
+    // Format 6: the frame sealed, the member table (keyed identities, lengths) left plaintext.
+    const frameLen = keys ? sealInto(keys, out.subarray(frameAt, frameAt + zlen), recordAd(keys, 0, COMP_GROUP, raw, tableDigest), out, frameAt) : zlen;
+    const stored = tableLen + frameLen;
     encodeRecordHeader(out, at, COMP_GROUP, raw, stored, tableDigest);
     inner = 0;
     for (let k = i; k < j; k++) {

@@ -3,8 +3,6 @@
  * reads of neighbouring records in one go (O_DIRECT or through the cache), record checks,
  * zstd decoding (group records whole, in place, or cached), content hashes.
  */
-import { createHash } from 'node:crypto';
-import { blake3 } from '@napi-rs/blake-hash';
 import { workerData } from 'node:worker_threads';
 import { openSyncReader } from '../store/open.js';
 import type { StoreSpec, SyncReader } from '../store/store.js';
@@ -18,6 +16,8 @@ import {
 } from '../format/pack.js';
 import type { LoadAnswer, LoadItem, LoadManyAnswer, LoadManyRequest, LoadRequest, LoadResult, Reply } from './protocol.js';
 import { zstd } from './zstd.js';
+import { fastOf, identityOf, keys } from './keys.js';
+import { SEAL_BROKEN, SEAL_OVERHEAD, openInto, recordAd } from '../format/crypto.js';
 
 const dctx = new zstd.DCtx();
 /** For decoding a group frame only as far as one member (it keeps a frame's state between calls). */
@@ -168,7 +168,8 @@ function decodeRecord(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadResult
   const c = checkRecord(buf, req, { headerCompression: true });
   if ('problem' in c) return { damaged: c.problem };
   const h = c.header;
-  const payload = c.payload;
+  const payload = keys ? openPlain(c.payload, recordAd(keys, 0, h.compression, h.rawLength, h.digest)) : c.payload;
+  if (!payload) return { damaged: SEAL_BROKEN };
   const raw = into ? into.subarray(0, req.rawLength) : new Uint8Array(req.rawLength);
   let n: number;
   if (h.compression === COMP_ZSTD) {
@@ -187,10 +188,10 @@ function decodeRecord(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadResult
 
 /** Hash a decoded chunk: BLAKE3 when the map gave one, else (or also, for verify) SHA-256. */
 function checkContent(req: LoadItem, raw: Uint8Array): LoadResult {
-  if ((!req.fast || req.alsoSha) && !createHash('sha256').update(raw).digest().equals(req.digest)) {
-    return { damaged: 'content does not match its SHA-256 digest' };
+  if ((!req.fast || req.alsoSha) && !identityOf(raw).equals(req.digest)) {
+    return { damaged: `content does not match its ${keys ? 'identity' : 'SHA-256 digest'}` };
   }
-  if (req.fast && !blake3(raw).equals(req.fast)) return { damaged: 'content does not match its BLAKE3 digest' };
+  if (req.fast && !fastOf(raw).equals(req.fast)) return { damaged: 'content does not match its BLAKE3 digest' };
   return { data: raw };
 }
 
@@ -242,9 +243,11 @@ function decodeGroupInPlace(items: LoadItem[], k: number, m: number, rec: Buffer
     }
     frameAt = member.frameAt;
   }
+  const frame = openFrame(payload.subarray(frameAt), h);
+  if (!frame) return fail(SEAL_BROKEN);
   let n: number;
   try {
-    n = dctx.decompress(whole, payload.subarray(frameAt));
+    n = dctx.decompress(whole, frame);
   } catch (e) {
     return fail(`zstd: ${(e as Error).message}`);
   }
@@ -278,7 +281,8 @@ function decodeGroupMember(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadR
     const slot = decodedGroups[hit]!;
     slot.offset = -1;
     slot.valid = 0;
-    const frame = payload.subarray(member.frameAt);
+    const frame = openFrame(payload.subarray(member.frameAt), member.header);
+    if (!frame) return { damaged: SEAL_BROKEN };
     // A member in the first three quarters of a group is decoded only up to its end: a
     // random read through the mount costs about half a group's decoding instead of all of
     // it. A second member past that part (reads going forward) decodes the whole group.
@@ -300,6 +304,26 @@ function decodeGroupMember(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadR
   const raw = into ? into.subarray(0, req.rawLength) : new Uint8Array(req.rawLength);
   raw.set(part);
   return checkContent(req, raw);
+}
+
+/** A group's zstd frame: opened (format 6; null when it does not authenticate), or as it is. */
+function openFrame(stored: Buffer, h: { rawLength: number; digest: Buffer }): Buffer | null {
+  return keys ? openPlain(stored, recordAd(keys, 0, COMP_GROUP, h.rawLength, h.digest)) : stored;
+}
+
+/**
+ * A sealed payload opened into this worker's reused buffer (valid until the next call), or
+ * null when it does not authenticate. Never into the caller's destination: bytes that fail
+ * their tag must not be left where a reader might take them.
+ */
+let plainBuf = Buffer.allocUnsafe(0);
+
+function openPlain(sealed: Buffer, ad: Buffer): Buffer | null {
+  const need = sealed.length - SEAL_OVERHEAD;
+  if (need < 0) return null;
+  if (plainBuf.length < need) plainBuf = Buffer.allocUnsafe(Math.max(need, 1 << 20));
+  const n = openInto(keys!, sealed, ad, plainBuf);
+  return n === null ? null : plainBuf.subarray(0, n);
 }
 
 /**

@@ -2,6 +2,7 @@
 import { Worker } from 'node:worker_threads';
 import os from 'node:os';
 import type { StoreSpec } from '../store/store.js';
+import type { RepoKeys } from '../format/crypto.js';
 import type { AnswerMessage, AnswerOf, Op, RequestOf, WorkerRequest } from './protocol.js';
 
 interface Task {
@@ -42,18 +43,21 @@ export class WorkerPool {
    *   read the kernel waits for never queues inside a busy worker behind read-ahead.
    * @param store the store whose packs the load and restore ops read (their items name
    *   packs by object name in it); a pool without one only chunks and compresses.
+   * @param keys an encrypted repository's derived keys (format 6): the workers seal, open
+   *   and hash with them. They reach the threads only through workerData.
    */
   constructor(
     size?: number,
     nice = 5,
     private depth = 1,
     store?: StoreSpec,
+    keys: RepoKeys | null = null,
   ) {
     size = Number(process.env.GENVAULT_WORKERS) || size || workerCores() + 1;
     // One lock word shared by the workers: restore writes to one file take turns on it.
     const writeLock = new SharedArrayBuffer(4);
     for (let i = 0; i < size; i++) {
-      const w = new Worker(new URL('./worker.js', import.meta.url), { workerData: { nice, writeLock, store } });
+      const w = new Worker(new URL('./worker.js', import.meta.url), { workerData: { nice, writeLock, store, keys } });
       w.unref();
       w.on('message', (msg: AnswerMessage) => {
         const t = this.pending.get(msg.id);

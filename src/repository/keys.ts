@@ -1,0 +1,213 @@
+/**
+ * An encrypted repository's key slots (keys/ID.json, FORMAT.md "Version 6: encryption")
+ * and where the secret that opens one comes from: `--key-file FILE`, else
+ * GENVAULT_PASSWORD_FILE, else a prompt on the terminal (no echo). Secret files must not be
+ * readable by group or others. Opening happens before anything in the repository is
+ * written: a wrong secret is one line, and the repository is left as it was.
+ */
+import { constants as C } from 'node:fs';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { GenvaultError, describeFsError } from '../util/errors.js';
+import { readTrustedFile } from '../util/trust.js';
+import type { RepoConfig } from '../format/config.js';
+import {
+  SLOT_ID_RE,
+  checkSlot,
+  deriveKeys,
+  keyMatches,
+  unwrapMaster,
+  wrapMaster,
+  type KeySlot,
+  type RepoKeys,
+  type SlotKind,
+} from '../format/crypto.js';
+import { repoModes } from './perms.js';
+
+export const KEYS_DIR = 'keys';
+
+/** A secret and what it is (the kind a slot made with it records). */
+export interface Secret {
+  bytes: Buffer;
+  kind: SlotKind;
+  /** Where it came from, for messages. */
+  from: string;
+}
+
+let keyFileOption: string | undefined;
+let givenSecret: Secret | null = null;
+
+/** The global --key-file option (cli/main.ts). */
+export function useKeyFile(file: string | undefined): void {
+  keyFileOption = file;
+}
+
+/** A secret handed over by another process (the mount's background server, over IPC). */
+export function useSecret(s: Secret | null): void {
+  givenSecret = s;
+}
+
+/** Whether a secret is available without asking anyone (a file or one handed over). */
+export function secretWithoutPrompt(): boolean {
+  return givenSecret !== null || keyFileOption !== undefined || !!process.env.GENVAULT_PASSWORD_FILE;
+}
+
+/** A secret file's bytes, refused when group or others may read it; one trailing newline dropped. */
+export async function readSecretFile(file: string, kind: SlotKind): Promise<Secret> {
+  let b: Buffer;
+  try {
+    b = await readTrustedFile(file, { secret: true });
+  } catch (e) {
+    if (e instanceof GenvaultError) throw e;
+    throw describeFsError(e, file);
+  }
+  if (b.at(-1) === 0x0a) b = b.subarray(0, b.at(-2) === 0x0d ? -2 : -1);
+  if (!b.length) throw new GenvaultError(`${file}: empty: a passphrase or key file must hold at least one byte`, 'BAD_KEY');
+  return { bytes: b, kind, from: file };
+}
+
+/** The secret for opening (or creating) a repository, from wherever this process has one. */
+export async function currentSecret(what: string, confirm = false): Promise<Secret> {
+  if (givenSecret) return givenSecret;
+  if (keyFileOption !== undefined) return readSecretFile(keyFileOption, 'key-file');
+  const env = process.env.GENVAULT_PASSWORD_FILE;
+  if (env) return readSecretFile(env, 'password');
+  return promptSecret(`passphrase for ${what}: `, confirm);
+}
+
+/** A passphrase read from the terminal without echo; with `confirm`, asked twice. */
+export async function promptSecret(question: string, confirm = false): Promise<Secret> {
+  if (!process.stdin.isTTY) {
+    throw new GenvaultError('the repository is encrypted: give --key-file FILE or GENVAULT_PASSWORD_FILE, or run on a terminal to be asked', 'NO_KEY');
+  }
+  const first = await readHidden(question);
+  if (confirm && !(await readHidden('again: ')).equals(first)) throw new GenvaultError('the passphrases differ', 'BAD_KEY');
+  if (!first.length) throw new GenvaultError('empty passphrase', 'BAD_KEY');
+  return { bytes: first, kind: 'password', from: 'the terminal' };
+}
+
+function readHidden(question: string): Promise<Buffer> {
+  const input = process.stdin;
+  process.stderr.write(question);
+  input.setRawMode(true);
+  input.resume();
+  const got: number[] = [];
+  return new Promise((resolve, reject) => {
+    const done = (err: Error | null) => {
+      input.off('data', onData);
+      input.setRawMode(false);
+      input.pause();
+      process.stderr.write('\n');
+      if (err) reject(err);
+      else resolve(Buffer.from(got));
+    };
+    const onData = (d: Buffer) => {
+      for (const c of d) {
+        if (c === 0x0d || c === 0x0a) return done(null);
+        if (c === 0x03 || c === 0x04) return done(new GenvaultError('no passphrase given', 'NO_KEY'));
+        if (c === 0x7f || c === 0x08) got.pop();
+        else got.push(c);
+      }
+    };
+    input.on('data', onData);
+  });
+}
+
+/** The slots in keys/, and the files there that are not well-formed slots (reported, skipped). */
+export async function readSlots(dir: string): Promise<{ slots: KeySlot[]; damaged: string[] }> {
+  const kd = path.join(dir, KEYS_DIR);
+  let names: string[];
+  try {
+    names = (await fs.readdir(kd)).sort();
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return { slots: [], damaged: [] };
+    throw describeFsError(e, kd);
+  }
+  const slots: KeySlot[] = [];
+  const damaged: string[] = [];
+  for (const n of names) {
+    const m = /^([0-9a-f]{16})\.json$/.exec(n);
+    if (!m) continue; // temporary files of a slot being written
+    const file = path.join(kd, n);
+    try {
+      slots.push(checkSlot(JSON.parse(await fs.readFile(file, 'utf8')), m[1]!));
+    } catch (e) {
+      damaged.push(`${file}: ${e instanceof SyntaxError ? 'not valid JSON (damaged key slot)' : (e as Error).message}`);
+    }
+  }
+  return { slots, damaged };
+}
+
+/** Write a new slot, complete or not at all (temporary file, then link). */
+export async function writeSlot(dir: string, config: Pick<RepoConfig, 'group'>, slot: KeySlot): Promise<void> {
+  const kd = path.join(dir, KEYS_DIR);
+  const modes = repoModes(config);
+  await fs.mkdir(kd, { mode: modes.dir & 0o777 }).catch((e: NodeJS.ErrnoException) => {
+    if (e.code !== 'EEXIST') throw describeFsError(e, kd);
+  });
+  const tmp = path.join(kd, `.${slot.id}.${randomBytes(4).toString('hex')}.tmp`);
+  const fh = await fs.open(tmp, C.O_WRONLY | C.O_CREAT | C.O_EXCL, modes.file);
+  try {
+    await fh.writeFile(JSON.stringify(slot, null, 2) + '\n');
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  try {
+    await fs.link(tmp, path.join(kd, `${slot.id}.json`));
+  } finally {
+    await fs.rm(tmp, { force: true });
+  }
+  const dh = await fs.open(kd, C.O_RDONLY);
+  await dh.sync().finally(() => dh.close());
+}
+
+export async function removeSlot(dir: string, id: string): Promise<void> {
+  if (!SLOT_ID_RE.test(id)) throw new GenvaultError(`invalid key slot id ${JSON.stringify(id)}`, 'USAGE', 2);
+  await fs.rm(path.join(dir, KEYS_DIR, `${id}.json`));
+}
+
+/** An opened encrypted repository's keys, and the slot that opened it. */
+export interface Unlocked {
+  master: Buffer;
+  keys: RepoKeys;
+  slotId: string;
+  secret: Secret;
+}
+
+const unlockedByDir = new Map<string, Unlocked>();
+
+/**
+ * Open an encrypted repository's master key with this process's secret (once per
+ * repository per process: the daemon reopens repositories). Throws one line when no slot
+ * opens: nothing has been written by then.
+ */
+export async function unlock(dir: string, config: RepoConfig): Promise<Unlocked> {
+  const known = unlockedByDir.get(dir);
+  if (known) return known;
+  const { slots, damaged } = await readSlots(dir);
+  for (const d of damaged) process.stderr.write(`genvault: warning: ${d}; skipped\n`);
+  if (!slots.length) {
+    throw new GenvaultError(`${dir}: encrypted, but no usable key slot in ${KEYS_DIR}/ ('genvault key import' makes one from a key backup)`, 'NO_KEY');
+  }
+  const secret = await currentSecret(dir);
+  for (const slot of slots) {
+    const master = await unwrapMaster(slot, secret.bytes, config.id);
+    if (!master) continue;
+    if (!keyMatches(master, config.encryption!.keyCheck)) {
+      throw new GenvaultError(`${dir}: key slot ${slot.id} holds a key of another repository`, 'BAD_KEY');
+    }
+    const u = { master, keys: deriveKeys(master, config.id), slotId: slot.id, secret };
+    unlockedByDir.set(dir, u);
+    return u;
+  }
+  throw new GenvaultError(`${dir}: wrong passphrase or key (from ${secret.from}): no key slot opens with it`, 'BAD_KEY');
+}
+
+/** A new slot for `master` under `secret`, written into keys/. */
+export async function addSlot(dir: string, config: RepoConfig, master: Uint8Array, secret: Secret): Promise<KeySlot> {
+  const slot = await wrapMaster(master, secret.bytes, config.id, secret.kind);
+  await writeSlot(dir, config, slot);
+  return slot;
+}
