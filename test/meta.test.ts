@@ -135,7 +135,7 @@ describe('scanning a pack', () => {
   const c1 = chunkRecord(1, 5000);
   const g = groupRecord([4096, 8192, 100]);
   const c2 = chunkRecord(2, 70_000, COMP_ZSTD);
-  const metas = records().map(encodeMetaRecord);
+  const metas = records().map((r) => encodeMetaRecord(r));
   const whole = pack(id, [c1, g.rec, metas[0]!, c2, ...metas.slice(1)]);
   const offsets: number[] = [];
   for (let at = PACK_HEADER_SIZE, i = 0, all = [c1, g.rec, metas[0]!, c2, ...metas.slice(1)]; i < all.length; at += all[i]!.length, i++) offsets.push(at);
