@@ -23,7 +23,7 @@
  * what is damaged.
  */
 import { tocDigest, type RepoKeys } from './crypto.js';
-import { COMP_GROUP, COMP_RAW, GROUP_MAX_MEMBERS, GROUP_MEMBER_SIZE, PACK_HEADER_SIZE, RECORD_HEADER_SIZE, decodeRecordHeader, encodeRecordHeader } from './pack.js';
+import { COMP_GROUP, COMP_RAW, GROUP_MAX_MEMBERS, GROUP_MEMBER_SIZE, RECORD_HEADER_SIZE, decodeRecordHeader, encodeRecordHeader } from './pack.js';
 
 /** The record type of a table of contents (meta.ts numbers the others). */
 export const REC_TOC = 5;
@@ -161,5 +161,3 @@ export function* tocEntries(p: Buffer, start: number): Generator<TocEntry> {
   }
 }
 
-/** Where the records a pack's first TOC covers begin. */
-export const FIRST_RECORD = PACK_HEADER_SIZE;
