@@ -16,6 +16,38 @@ import type { ChunkedSegment, NeedFn, RemoteChunk } from './chunked-source.js';
 
 export type Run = { from: number; to: number };
 
+/** Unit of --verify-hints' sample: a block of an unchanged extent is read again whole or not at all. */
+const VERIFY_BLOCK = 64 << 10;
+
+/**
+ * --verify-hints for bytes taken from the previous generation (`ours`, at image `offset`):
+ * each VERIFY_BLOCK-aligned block of it is, with probability `share`, read again from the
+ * source (`theirs(at, length)`) and compared. Returns the image offset of the first byte
+ * that differs, or null; `onRead` counts what was read again.
+ */
+export async function sampleDiffers(
+  ours: Buffer,
+  offset: number,
+  share: number,
+  theirs: (at: number, length: number) => Promise<Buffer>,
+  onRead: (length: number) => void,
+): Promise<number | null> {
+  const end = offset + ours.length;
+  for (let b = offset; b < end; b = (Math.floor(b / VERIFY_BLOCK) + 1) * VERIFY_BLOCK) {
+    if (Math.random() >= share) continue;
+    const to = Math.min(end, (Math.floor(b / VERIFY_BLOCK) + 1) * VERIFY_BLOCK);
+    const t = await theirs(b, to - b);
+    onRead(to - b);
+    const o = ours.subarray(b - offset, to - offset);
+    if (!t.equals(o)) {
+      let i = 0;
+      while (t[i] === o[i]) i++;
+      return b + i;
+    }
+  }
+  return null;
+}
+
 export interface ReuseHooks {
   /** The changed runs [from, to) within [at, at + len), in order. */
   changed(at: number, len: number): Promise<Run[]>;

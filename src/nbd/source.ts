@@ -14,7 +14,7 @@ import type { RepoKeys } from '../format/crypto.js';
 import { GenvaultError } from '../util/errors.js';
 import type { ChunkingParams } from '../format/config.js';
 import type { ChunkedSegment, ChunkedSource, NeedFn } from '../backup/chunked-source.js';
-import { ChunkReuse } from '../backup/reuse.js';
+import { ChunkReuse, sampleDiffers } from '../backup/reuse.js';
 import type { Generation } from '../format/generation.js';
 import type { Source } from '../backup/source.js';
 import { ChunkLoader, ImageReader } from '../read/reader.js';
@@ -25,8 +25,6 @@ import { Overlay, overlayHolder } from './overlay.js';
 
 /** Largest single READ asked of the server (qemu-nbd and nbdkit accept 32 MiB). */
 const READ_PIECE = 4 << 20;
-/** Unit of --verify-hints' sample: a block of a clean extent is re-read over NBD whole or not at all. */
-const VERIFY_BLOCK = 64 << 10;
 
 export interface NbdReadStats {
   /** 'dirty-bitmap': only dirty extents were read; 'full': the whole disk (but its zero extents). */
@@ -164,20 +162,11 @@ export class NbdSource implements Source {
    * backup fails (nothing is committed) instead of storing stale bytes.
    */
   protected async check(parentBytes: Buffer, offset: number, length: number): Promise<void> {
-    const end = offset + length;
-    for (let b = offset; b < end; b = (Math.floor(b / VERIFY_BLOCK) + 1) * VERIFY_BLOCK) {
-      if (Math.random() >= this.verify) continue;
-      const to = Math.min(end, (Math.floor(b / VERIFY_BLOCK) + 1) * VERIFY_BLOCK);
-      const theirs = await this.client.read(b, to - b);
-      this.stats.nbdBytes += to - b;
-      this.stats.verifiedBytes += to - b;
-      const ours = parentBytes.subarray(b - offset, to - offset);
-      if (!theirs.equals(ours)) {
-        let i = 0;
-        while (theirs[i] === ours[i]) i++;
-        throw this.stale(`byte ${b + i} differs`, '--verify-hints');
-      }
-    }
+    const at = await sampleDiffers(parentBytes.subarray(0, length), offset, this.verify, (b, n) => this.client.read(b, n), (n) => {
+      this.stats.nbdBytes += n;
+      this.stats.verifiedBytes += n;
+    });
+    if (at !== null) throw this.stale(`byte ${at} differs`, '--verify-hints');
   }
 
   /** The failure of a bitmap found to have missed a write. */

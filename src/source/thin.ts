@@ -17,13 +17,12 @@ import { blockDeviceSize } from '../util/blockdev.js';
 import type { Generation } from '../format/generation.js';
 import type { Source } from '../backup/source.js';
 import type { ChunkedSegment, ChunkedSource, NeedFn } from '../backup/chunked-source.js';
-import { ChunkReuse } from '../backup/reuse.js';
+import { ChunkReuse, sampleDiffers } from '../backup/reuse.js';
 import type { ChunkingParams } from '../format/config.js';
 import { ChunkLoader, ImageReader } from '../read/reader.js';
 import type { Repository } from '../repository/repository.js';
 
 const run = promisify(execFile);
-const VERIFY_BLOCK = 64 << 10;
 
 export interface ThinDeltaSpec {
   /** The pool's metadata device (or a copy of it in a file). */
@@ -152,22 +151,17 @@ export class ThinHintedSource implements Source {
     if (got !== dst.length) throw new GenvaultError(`previous generation ended at ${offset + got}`, 'SHORT_READ');
     this.stats.parentBytes += dst.length;
     if (this.verify <= 0) return;
-    for (let b = offset; b < offset + dst.length; b = (Math.floor(b / VERIFY_BLOCK) + 1) * VERIFY_BLOCK) {
-      if (Math.random() >= this.verify) continue;
-      const to = Math.min(offset + dst.length, (Math.floor(b / VERIFY_BLOCK) + 1) * VERIFY_BLOCK);
-      const theirs = Buffer.alloc(to - b);
-      await this.pread(theirs, b);
-      this.stats.verifiedBytes += theirs.length;
-      const ours = dst.subarray(b - offset, to - offset);
-      if (!theirs.equals(ours)) {
-        let i = 0;
-        while (theirs[i] === ours[i]) i++;
-        throw new GenvaultError(
-          `thin_delta hints missed a change: byte ${b + i} differs from ${this.stats.parent} (--verify-hints); nothing was committed: back up without --thin-delta`,
-          'STALE_HINTS',
-        );
-      }
-    }
+    const theirs = async (b: number, n: number) => {
+      const t = Buffer.alloc(n);
+      await this.pread(t, b);
+      return t;
+    };
+    const at = await sampleDiffers(dst, offset, this.verify, theirs, (n) => (this.stats.verifiedBytes += n));
+    if (at === null) return;
+    throw new GenvaultError(
+      `thin_delta hints missed a change: byte ${at} differs from ${this.stats.parent} (--verify-hints); nothing was committed: back up without --thin-delta`,
+      'STALE_HINTS',
+    );
   }
 
   async close(): Promise<void> {
