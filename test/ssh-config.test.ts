@@ -6,7 +6,6 @@
  * order of precedence (command line, then ~/.ssh/config, then /etc/ssh/ssh_config); one
  * line for a bad config.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -16,7 +15,7 @@ import { expandPath, hostPatternsMatch, lookupHostConfig, sshConfigFiles } from 
 import { resolveHost } from '../src/source/ssh.js';
 import { splitCommand } from '../src/source/ssh-command.js';
 import { Scratch, gv, prng, sh, sha256File, text } from './helpers.js';
-import { Sshd, fingerprint, freePort, startSshd } from './sshd.js';
+import { Sshd, fingerprint, freePort, startSshAgent, startSshd } from './sshd.js';
 
 let s: Scratch;
 let jump: Sshd; // A
@@ -288,24 +287,8 @@ describe('StrictHostKeyChecking and jobs through the config', () => {
 
   it('IdentitiesOnly yes: the agent offers only the keys an IdentityFile names (its .pub will do)', async () => {
     const sock = s.path('agent.sock');
-    const agent: ChildProcess = spawn('ssh-agent', ['-D', '-a', sock], { stdio: ['ignore', 'pipe', 'pipe'] });
-    const agentExited = new Promise<void>((r) => agent.once('exit', () => r()));
-    const stopAgent = async () => {
-      if (agent.exitCode === null && agent.signalCode === null) agent.kill('SIGTERM');
-      await agentExited;
-    };
-    s.onCleanup(stopAgent);
+    const stopAgent = await startSshAgent(s, sock);
     try {
-      // ssh-agent -D prints its environment once the socket listens.
-      await new Promise<void>((resolve, reject) => {
-        let out = '';
-        agent.stdout!.on('data', (b: Buffer) => {
-          out += b.toString();
-          if (/Agent pid \d+/.test(out)) resolve();
-        });
-        agent.once('error', reject);
-        agent.once('exit', (c) => reject(new Error(`ssh-agent exited (${c})`)));
-      });
       const add = await sh('ssh-add', [target.userKey], { env: { SSH_AUTH_SOCK: sock } });
       expect(add.code, add.stderr).toBe(0);
       // The IdentityFile itself does not exist; its .pub says which agent key it means.

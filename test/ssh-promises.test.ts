@@ -10,14 +10,14 @@
  *   restore to ssh:// uses "`cat` without python3"
  * - "post-hooks always run (over a new connection if the old one dropped)"
  */
-import { ChildProcess, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { constants as C } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunRecord } from '../src/jobs/history.js';
 import { CLI, Scratch, gv, gvOk, must, prng, sh, sha256File, text } from './helpers.js';
-import { Sshd, fingerprint, keygen, startSshd } from './sshd.js';
+import { Sshd, fingerprint, keygen, startSshAgent, startSshd } from './sshd.js';
 
 let s: Scratch;
 let sshd: Sshd;
@@ -115,26 +115,8 @@ describe('authentication without -i', () => {
     const fp = await fingerprint(`${key}.pub`);
 
     const sock = s.path('agent.sock');
-    const agent: ChildProcess = spawn('ssh-agent', ['-D', '-a', sock], { stdio: ['ignore', 'pipe', 'pipe'] });
-    const agentExited = new Promise<void>((r) => agent.once('exit', () => r()));
-    const stopAgent = async () => {
-      if (agent.exitCode === null && agent.signalCode === null) agent.kill('SIGTERM');
-      await agentExited;
-    };
-    s.onCleanup(stopAgent);
+    const stopAgent = await startSshAgent(s, sock);
     try {
-      // ssh-agent -D prints its environment once the socket listens.
-      await new Promise<void>((resolve, reject) => {
-        let out = '';
-        let err = '';
-        agent.stdout!.on('data', (b: Buffer) => {
-          out += b.toString();
-          if (/Agent pid \d+/.test(out)) resolve();
-        });
-        agent.stderr!.on('data', (b: Buffer) => (err += b.toString()));
-        agent.once('error', reject);
-        agent.once('exit', (c) => reject(new Error(`ssh-agent exited (${c}): ${err}`)));
-      });
       const add = await sh('ssh-add', [key], { env: { SSH_AUTH_SOCK: sock } });
       expect(add.code, add.stderr).toBe(0);
       // From now on the key exists only in the agent.

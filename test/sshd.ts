@@ -46,6 +46,33 @@ export async function fingerprint(pubFile: string): Promise<string> {
   return (await must('ssh-keygen', ['-l', '-E', 'sha256', '-f', pubFile])).split(' ')[1]!;
 }
 
+/**
+ * A real ssh-agent listening on `sock`, stopped by the scratch's cleanup (and by the
+ * function returned, which tests call in their own `finally`). Resolves once it listens.
+ */
+export async function startSshAgent(s: Scratch, sock: string): Promise<() => Promise<void>> {
+  const agent: ChildProcess = spawn('ssh-agent', ['-D', '-a', sock], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const agentExited = new Promise<void>((r) => agent.once('exit', () => r()));
+  const stopAgent = async () => {
+    if (agent.exitCode === null && agent.signalCode === null) agent.kill('SIGTERM');
+    await agentExited;
+  };
+  s.onCleanup(stopAgent);
+  // ssh-agent -D prints its environment once the socket listens.
+  await new Promise<void>((resolve, reject) => {
+    let out = '';
+    let err = '';
+    agent.stdout!.on('data', (b: Buffer) => {
+      out += b.toString();
+      if (/Agent pid \d+/.test(out)) resolve();
+    });
+    agent.stderr!.on('data', (b: Buffer) => (err += b.toString()));
+    agent.once('error', reject);
+    agent.once('exit', (c) => reject(new Error(`ssh-agent exited (${c}): ${err}`)));
+  });
+  return stopAgent;
+}
+
 export interface Sshd {
   port: number;
   /** A key the server accepts, and one it does not. */
