@@ -20,6 +20,8 @@ const chunkedBackup = (backupModule as Record<string, unknown>).SUPPORTS_CHUNKED
 import { bytes, duration, parseSize, rate } from '../util/format.js';
 import { Progress } from '../util/progress.js';
 import { action, collect, holdingSignals, onInterrupt, printJson, wantsJson, withWritableRepo } from './common.js';
+import { remoteRepo, withRemote } from './remote.js';
+import { backupToRemote } from '../remote/upload-client.js';
 
 interface BackupCliOptions {
   name: string;
@@ -37,6 +39,7 @@ interface BackupCliOptions {
   fromNbdOverlay?: boolean;
   thinDelta?: string;
   thinMetadataSnap?: boolean;
+  limitRate?: string;
 }
 
 /** The source named on the command line: NBD (with a dirty bitmap), an NBD overlay, SSH, or local. */
@@ -124,6 +127,7 @@ export function register(program: Command): void {
     .option('--thin-metadata-snap', 'with --thin-delta: read the pool\'s reserved metadata snapshot (thin_delta -m), as a live pool needs')
     .option('--verify-hints <percent>', 'with --bitmap or --thin-delta: also read PERCENT of the unchanged blocks and fail if any differs from the previous generation')
     .option('--from-nbd-overlay', 'the source is the overlay file of a `genvault nbd --writable` export: its generation with the writes')
+    .option('--limit-rate <rate>', 'ssh:// repositories: send at most RATE bytes per second (e.g. 20M)')
     .option('--json', 'print the new generation as JSON')
     .addHelpText(
       'after',
@@ -150,6 +154,8 @@ export function register(program: Command): void {
         parsePercent(opts.verifyHints);
         if (opts.fromNbdOverlay && (isNbdUri(src) || ssh || src === '-')) throw new UsageError('--from-nbd-overlay needs the overlay file as the source');
         if (ssh && !opts.sshCommand) warnIfNoNativeCrypto();
+        if (remoteRepo(cmd)) return backupRemote(src, opts, maxSize, cmd);
+        if (opts.limitRate !== undefined) throw new UsageError('--limit-rate applies to ssh:// repositories');
         await withWritableRepo(cmd, async (repo) => {
           // The remote agent hashes without the repository's key (FORMAT.md, version 6): plain for an encrypted one.
           if (ssh && parseSshMode(opts.sshMode) === 'agent' && repo.keys) throw new UsageError('--ssh-mode agent: the remote agent cannot hash chunks for an encrypted repository; use plain or auto');
@@ -196,4 +202,46 @@ export function register(program: Command): void {
         });
       }),
     );
+}
+
+/**
+ * A backup into an ssh:// repository: the source is read and chunked here, the server
+ * stores what it lacks (src/remote/upload-client.ts). NBD, overlay and thin-delta sources
+ * need the repository's previous generation at hand and are local-repository only.
+ */
+async function backupRemote(src: string, opts: BackupCliOptions, maxSize: number | undefined, cmd: Command): Promise<void> {
+  if (opts.bitmap !== undefined || opts.thinDelta !== undefined || opts.fromNbdOverlay || isNbdUri(src)) {
+    throw new UsageError('NBD, overlay and --thin-delta sources need a local repository (run the backup on the repository\'s host)');
+  }
+  const limitRate = opts.limitRate === undefined ? undefined : parseSize(opts.limitRate, '--limit-rate');
+  await withRemote(
+    cmd,
+    async (remote) => {
+      const source = isSshSpec(src)
+        ? await openRemoteSource(src, {
+            identity: opts.identity, knownHosts: opts.knownHosts, config: opts.sshConfig, command: opts.sshCommand,
+            acceptNewHostKey: opts.acceptNewHostKey, mode: 'plain', chunking: remote.welcome.chunking,
+          })
+        : await openLocalSource(src, { maxSize });
+      const progress = new Progress(`backup ${opts.name}`);
+      onInterrupt(() => `backup of ${opts.name} interrupted; nothing was committed (the server removes what it wrote)`);
+      try {
+        const res = await backupToRemote(remote, source, { name: opts.name, tags: opts.tag, wait: opts.wait, onProgress: (d, t) => progress.update(d, t) });
+        progress.done();
+        const gen = res.generation;
+        if (wantsJson(cmd)) printJson({ ...gen, remote: { repository: remote.dir, sentChunkBytes: res.sentChunkBytes, sentBytes: res.sentBytes } });
+        else {
+          const s = gen.stats;
+          process.stdout.write(
+            `${gen.name}@${gen.id}: ${bytes(gen.size)} read in ${duration(s.durationMs)} (${rate(s.bytesRead, s.durationMs)}), ` +
+              `${bytes(s.newBytes)} new (${bytes(s.newStored)} stored), ${bytes(s.zeroBytes)} zero, ${bytes(res.sentBytes)} sent to ${remote.dir}\n`,
+          );
+        }
+      } finally {
+        progress.done();
+        await source.close().catch(() => undefined);
+      }
+    },
+    { limitRate },
+  );
 }

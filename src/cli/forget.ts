@@ -1,6 +1,8 @@
 import { Command } from 'commander';
 import { forgetGeneration } from '../lifecycle/prune.js';
 import { action, printJson, wantsJson, withWritableRepo } from './common.js';
+import { remoteRepo, withRemote } from './remote.js';
+import type { Generation } from '../format/generation.js';
 
 export function register(program: Command): void {
   program
@@ -17,11 +19,13 @@ export function register(program: Command): void {
     )
     .action(
       action(async (target: string, opts: { forceYoung?: boolean }, cmd: Command) => {
-        await withWritableRepo(cmd, async (repo) => {
-          const g = await forgetGeneration(repo, target, { forceYoung: opts.forceYoung });
+        {
+          const g = remoteRepo(cmd)
+            ? await withRemote(cmd, async (r) => (await r.call<{ forgotten: Generation }>('forget', { target, forceYoung: opts.forceYoung === true })).forgotten)
+            : await withWritableRepo(cmd, (repo) => forgetGeneration(repo, target, { forceYoung: opts.forceYoung }));
           if (wantsJson(cmd)) printJson({ forgotten: g });
           else process.stdout.write(`forgot ${g.name}@${g.id} (created ${g.created}); run 'genvault gc' to reclaim its space\n`);
-        });
+        }
       }),
     );
 }

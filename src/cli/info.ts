@@ -2,6 +2,7 @@ import { Command } from 'commander';
 import { generationFileName } from '../format/generation.js';
 import { bytes, duration, rate } from '../util/format.js';
 import { action, printJson, wantsJson, withRepo } from './common.js';
+import { remoteRepo, withRemote } from './remote.js';
 
 export function register(program: Command): void {
   program
@@ -11,8 +12,8 @@ export function register(program: Command): void {
     .option('--json', 'print JSON')
     .action(
       action(async (target: string, _o: unknown, cmd: Command) => {
-        await withRepo(cmd, async (repo) => {
-          const g = await repo.resolve(target);
+        {
+          const g = remoteRepo(cmd) ? await withRemote(cmd, (r) => r.resolve(target)) : await withRepo(cmd, (repo) => repo.resolve(target));
           if (wantsJson(cmd)) {
             printJson({ ...g, protected: g.protected === true, file: generationFileName(g) });
             return;
@@ -39,7 +40,7 @@ export function register(program: Command): void {
             ['mount file', `${g.name}/${generationFileName(g)}`],
           ];
           process.stdout.write(lines.map(([k, v]) => `${k!.padEnd(13)} ${v}`).join('\n') + '\n');
-        });
+        }
       }),
     );
 }

@@ -1,7 +1,8 @@
 import { Command } from 'commander';
 import { generationFileName } from '../format/generation.js';
 import { bytes, duration, table } from '../util/format.js';
-import { action, printJson, wantsJson, withRepo } from './common.js';
+import { action, printJson, repoPath, wantsJson, withRepo } from './common.js';
+import { remoteRepo, withRemote } from './remote.js';
 
 export function register(program: Command): void {
   program
@@ -12,11 +13,11 @@ export function register(program: Command): void {
     .option('--json', 'print JSON')
     .action(
       action(async (name: string | undefined, _o: unknown, cmd: Command) => {
-        await withRepo(cmd, async (repo) => {
-          const gens = await repo.generations(name);
+        {
+          const gens = remoteRepo(cmd) ? await withRemote(cmd, (r) => r.generations(name)) : await withRepo(cmd, (repo) => repo.generations(name));
           if (name !== undefined && !gens.length) {
             const { GenvaultError } = await import('../util/errors.js');
-            throw new GenvaultError(`no image named ${name} in ${repo.dir}`, 'NOT_FOUND');
+            throw new GenvaultError(`no image named ${name} in ${repoPath(cmd)}`, 'NOT_FOUND');
           }
           if (wantsJson(cmd)) {
             printJson(gens.map((g) => ({ ...g, protected: g.protected === true, file: generationFileName(g) })));
@@ -46,7 +47,7 @@ export function register(program: Command): void {
             });
           }
           process.stdout.write(table(rows, [1, 4, 5, 6, 7]) + '\n');
-        });
+        }
       }),
     );
 }

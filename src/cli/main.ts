@@ -19,9 +19,14 @@ program
   .version(pkg.version, '-V, --version', 'print the version (`genvault version --json` for more)')
   .option('-r, --repo <dir>', 'repository directory (default: $GENVAULT_REPO)')
   .option('--key-file <file>', 'an encrypted repository\'s key file (else $GENVAULT_PASSWORD_FILE, else a prompt)')
+  .option('--repo-identity <file>', 'ssh:// repositories: private key file (default: ssh-agent, then ~/.ssh/id_*)')
+  .option('--repo-known-hosts <file>', 'ssh:// repositories: known hosts file (default ~/.ssh/known_hosts)')
+  .option('--repo-ssh-command <cmd>', 'ssh:// repositories: run this OpenSSH client (e.g. ssh) instead of the built-in one')
+  .option('--remote-command <cmd>', 'ssh:// repositories: genvault on the server (default: genvault, or $GENVAULT_REMOTE_COMMAND); a forced command overrides it')
   .addHelpText(
     'after',
-    '\nRevisions (NAME@REV): latest, N (0 = newest), a generation id or unique prefix,\n' +
+    '\nRepositories: a directory, or ssh://[user@]host[:port]/path served by `genvault serve` there.\n' +
+      'Revisions (NAME@REV): latest, N (0 = newest), a generation id or unique prefix,\n' +
       'or an ISO date/time (the newest generation at or before it).\n' +
       'Exit codes: 0 ok, 1 error, 2 usage.',
   )
@@ -59,6 +64,7 @@ const commands: Record<string, () => Promise<Registrar>> = {
   diff: () => import('./diff.js'),
   notify: () => import('./notify.js'),
   nbd: () => import('./nbd.js'),
+  serve: () => import('./serve.js'),
 };
 // Commands and aliases registered by another command's module.
 for (const [name, home] of [['ls', 'list'], ['cat', 'restore'], ['umount', 'mount'], ['unmount', 'mount'], ['unprotect', 'protect']] as const)
@@ -68,7 +74,7 @@ for (const [name, home] of [['ls', 'list'], ['cat', 'restore'], ['umount', 'moun
 function namedCommand(argv: string[]): string | undefined {
   for (let i = 2; i < argv.length; i++) {
     const a = argv[i]!;
-    if (a === '-r' || a === '--repo' || a === '--key-file') i++;
+    if (['-r', '--repo', '--key-file', '--repo-identity', '--repo-known-hosts', '--repo-ssh-command', '--remote-command'].includes(a)) i++;
     else if (!a.startsWith('-')) return Object.hasOwn(commands, a) ? a : undefined;
   }
   return undefined;

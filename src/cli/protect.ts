@@ -1,6 +1,8 @@
 import { Command } from 'commander';
 import { setProtected } from '../lifecycle/prune.js';
 import { action, printJson, wantsJson, withWritableRepo } from './common.js';
+import { remoteRepo, withRemote } from './remote.js';
+import type { Generation } from '../format/generation.js';
 
 export function register(program: Command): void {
   for (const on of [true, false]) {
@@ -22,14 +24,19 @@ export function register(program: Command): void {
       )
       .action(
         action(async (target: string, _o: unknown, cmd: Command) => {
-          await withWritableRepo(cmd, async (repo) => {
-            const { gen, changed } = await setProtected(repo, target, on);
+          {
+            const { gen, changed } = remoteRepo(cmd)
+              ? await withRemote(cmd, async (r) => {
+                  const res = await r.call<{ generation: Generation; changed: boolean }>(name, { target });
+                  return { gen: res.generation, changed: res.changed };
+                })
+              : await withWritableRepo(cmd, (repo) => setProtected(repo, target, on));
             if (wantsJson(cmd)) printJson({ ...gen, protected: gen.protected === true, changed });
             else {
               const what = `${gen.name}@${gen.id} (created ${gen.created})`;
               process.stdout.write(changed ? `${on ? 'protected' : 'unprotected'} ${what}\n` : `${what} was already ${on ? 'protected' : 'unprotected'}\n`);
             }
-          });
+          }
         }),
       );
   }

@@ -7,6 +7,34 @@ import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
 import { restoreToSsh } from '../source/ssh-target.js';
 import { parseSshMode } from '../source/ssh-agent.js';
 import { action, onInterrupt, printJson, wantsJson, withRepo } from './common.js';
+import { remoteRepo, withRemote } from './remote.js';
+import { remoteFiller, streamRemote } from '../remote/read-client.js';
+import { restoreToPathWith, writerOf } from '../read/restore.js';
+import type { Command as Cmd } from 'commander';
+
+/** restore and cat from an ssh:// repository: the server reads and checks, this side writes. */
+async function restoreRemote(cmd: Cmd, target: string, dest: string, opts: { force?: boolean; ignoreDamage?: boolean }): Promise<void> {
+  if (opts.ignoreDamage) throw new UsageError('--ignore-damage needs a local repository (run the restore on the repository\'s host)');
+  if (isSshSpec(dest)) throw new UsageError('restoring from an ssh:// repository to an ssh:// target is not supported; restore on one of the two hosts');
+  await withRemote(cmd, async (remote) => {
+    const g = await remote.resolve(target);
+    if (dest === '-') {
+      const write = writerOf(process.stdout);
+      const ZERO = Buffer.alloc(1 << 20);
+      await streamRemote(remote, g, async (_o, length, data) => {
+        if (data) return write(data);
+        for (let left = length; left > 0; left -= ZERO.length) await write(ZERO.subarray(0, Math.min(left, ZERO.length)));
+      });
+      return;
+    }
+    const progress = new Progress(`restore ${g.name}`);
+    const t0 = Date.now();
+    const res = await restoreToPathWith(g, dest, { force: opts.force }, remoteFiller(remote, g, (d, t) => progress.update(d, t))).finally(() => progress.done());
+    const ms = Date.now() - t0;
+    if (wantsJson(cmd)) printJson({ generation: g.id, name: g.name, ...res, durationMs: ms });
+    else process.stdout.write(`restored ${g.name}@${g.id} to ${res.target}: ${bytes(res.bytes)} in ${duration(ms)} (${rate(res.bytes, ms)})\n`);
+  });
+}
 
 interface RestoreFlags {
   force?: boolean;
@@ -68,6 +96,7 @@ export function register(program: Command): void {
           const notes = abandonRestores();
           return `restore interrupted by ${sig}${notes.map((n) => `; ${n}`).join('')}`;
         });
+        if (remoteRepo(cmd)) return restoreRemote(cmd, target, dest, opts);
         await withRepo(cmd, async (repo) => {
           const g = await repo.resolve(target);
           progress = new Progress(`restore ${g.name}`);
@@ -116,6 +145,7 @@ export function register(program: Command): void {
           const { UsageError } = await import('../util/errors.js');
           throw new UsageError('refusing to write a disk image to a terminal; redirect stdout');
         }
+        if (remoteRepo(cmd)) return restoreRemote(cmd, target, '-', opts);
         await withRepo(cmd, async (repo) => {
           const g = await repo.resolve(target);
           const res = await restoreToStream(repo, g, process.stdout, { ignoreDamage: opts.ignoreDamage });

@@ -161,13 +161,17 @@ export function checkConfig(raw: unknown, file: string): RepoConfig {
   return c as RepoConfig;
 }
 
-/** Image names become directory names in the mount and lock file names. */
-export const IMAGE_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+/**
+ * Image names become directory names in the mount and lock file names. `NS:NAME` is an
+ * image of namespace NS, written by a `genvault serve --namespace NS` session
+ * (src/remote/access.ts); the local admin sees and names it so.
+ */
+export const IMAGE_NAME_RE = /^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,63}:)?[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 
 export function checkImageName(name: string): string {
   if (!IMAGE_NAME_RE.test(name) || name === 'latest') {
     throw new GenvaultError(
-      `invalid image name ${JSON.stringify(name)}: use letters, digits, '.', '_' and '-' (not starting with '.' or '-')`,
+      `invalid image name ${JSON.stringify(name)}: use letters, digits, '.', '_' and '-' (not starting with '.' or '-'; NAMESPACE:NAME for an image of a namespace)`,
       'USAGE',
       2,
     );

@@ -455,13 +455,30 @@ export async function restoreToPath(
   target: string,
   opts: RestoreOptions = {},
 ): Promise<RestoreResult> {
+  return restoreToPathWith(gen, target, opts, (fd, writeZeros) => restoreToFd(repo, gen, fd, writeZeros, opts));
+}
+
+/**
+ * Writes an image into an open descriptor at its offsets (zeros too with `writeZeros`, for
+ * devices; else they stay holes); returns the damaged ranges. The repository's restoreToFd,
+ * or a remote repository's reads (src/remote).
+ */
+export type Filler = (fd: number, writeZeros: boolean) => Promise<Array<{ offset: number; length: number }>>;
+
+/** restoreToPath with the bytes from `fill`: the target's checks, temporary name and rename are the same. */
+export async function restoreToPathWith(
+  gen: Pick<Generation, 'size'>,
+  target: string,
+  opts: RestoreOptions,
+  fill: Filler,
+): Promise<RestoreResult> {
   const t = await resolveTarget(target);
   const shown = showTarget(t);
   if (t.kind === 'device') {
     await checkDeviceFree(t);
     if (!opts.force) throw new GenvaultError(`${shown} is a block device; use --force to overwrite it`, 'EXISTS');
     opts.onTarget?.(t);
-    return restoreToDevice(repo, gen, t, opts);
+    return restoreToDevice(gen, t, fill);
   }
   if (t.exists && t.size > 0 && !opts.force) {
     throw new GenvaultError(`${shown} exists and is not empty; use --force to overwrite it`, 'EXISTS');
@@ -483,7 +500,7 @@ export async function restoreToPath(
   let open = true;
   try {
     await ftruncate(fd, gen.size);
-    const damaged = await restoreToFd(repo, gen, fd, false, opts);
+    const damaged = await fill(fd, false);
     await fdatasync(fd);
     open = false;
     await close(fd);
@@ -501,7 +518,7 @@ export async function restoreToPath(
   }
 }
 
-async function restoreToDevice(repo: Repository, gen: Generation, t: RestoreTarget, opts: RestoreOptions): Promise<RestoreResult> {
+async function restoreToDevice(gen: Pick<Generation, 'size'>, t: RestoreTarget, fill: Filler): Promise<RestoreResult> {
   const shown = showTarget(t);
   // O_EXCL on a block device: the kernel refuses it while anything holds the device
   // (a mount, swap, md, device-mapper, another exclusive opener, in any namespace), and
@@ -521,7 +538,7 @@ async function restoreToDevice(repo: Repository, gen: Generation, t: RestoreTarg
     }
     underWay.set(t.path, { target: shown, partial: false });
     // Devices may hold old data: zero chunks must be written as zeros.
-    const damaged = await restoreToFd(repo, gen, fh.fd, true, opts);
+    const damaged = await fill(fh.fd, true);
     await fh.sync();
     return { bytes: gen.size, target: t.path, via: t.via, damaged, sparse: false };
   } finally {
@@ -542,7 +559,13 @@ export function rawSink(write: (b: Buffer) => Promise<void>): Sink {
 
 /** Stream the raw image (zeros included) to a writable, honouring backpressure. */
 export async function restoreToStream(repo: Repository, gen: Generation, out: Writable, opts: RestoreOptions = {}): Promise<RestoreResult> {
-  const write = (b: Buffer) =>
+  const damaged = await streamChunks(repo, gen, rawSink(writerOf(out)), opts);
+  return { bytes: gen.size, target: 'stdout', damaged, sparse: false };
+}
+
+/** Writes to a stream, resolving once it takes more (backpressure) and rejecting on its error. */
+export function writerOf(out: Writable): (b: Buffer) => Promise<void> {
+  return (b: Buffer) =>
     new Promise<void>((resolve, reject) => {
       const onErr = (e: Error) => reject(e);
       out.once('error', onErr);
@@ -556,6 +579,4 @@ export async function restoreToStream(repo: Repository, gen: Generation, out: Wr
       if (ok) done();
       else out.once('drain', done);
     });
-  const damaged = await streamChunks(repo, gen, rawSink(write), opts);
-  return { bytes: gen.size, target: 'stdout', damaged, sparse: false };
 }

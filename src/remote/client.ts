@@ -1,0 +1,264 @@
+/**
+ * A repository on another host, reached over SSH: `-r ssh://user@host/srv/gv`. The
+ * connection runs `genvault serve` there (or whatever the key's forced command runs) and
+ * speaks protocol.ts with it. The server does the repository's work; this side lists,
+ * reads ranges of generations, and for a backup chunks and identifies the source here so
+ * that only chunks the server asks for cross the network.
+ */
+import { createHash, createHmac } from 'node:crypto';
+import { GenvaultError } from '../util/errors.js';
+import type { ChunkingParams } from '../format/config.js';
+import type { Generation } from '../format/generation.js';
+import { openSshConnection } from '../source/ssh-command.js';
+import { describeSpec, parseSshSpec, shq, type RemoteChannel, type SshConnection, type SshOptions } from '../source/ssh.js';
+import { FrameReader, ProtocolError, encodeFrame, frameHeader, type Frame } from './frames.js';
+import { MAX_READ, PROTOCOL_VERSION, T, encodeRead, json, parseJson, type Permission } from './protocol.js';
+
+export function isRemoteRepo(spec: string): boolean {
+  return spec.startsWith('ssh://');
+}
+
+export interface RemoteOptions extends SshOptions {
+  /** The command that starts the server on the far side (default `genvault serve`). */
+  remoteCommand?: string;
+  /** Bytes per second sent at most (--limit-rate); 0 or undefined: no limit. */
+  limitRate?: number;
+}
+
+export interface Welcome {
+  protocol: number;
+  namespace: string | null;
+  permissions: Permission;
+  format: number;
+  chunking: ChunkingParams;
+  encrypted: boolean;
+  identity: { key: string; seed: [number, number] } | null;
+}
+
+interface Waiter {
+  resolve: (f: Frame) => void;
+  reject: (e: Error) => void;
+}
+
+export class RemoteRepository {
+  private waiters = new Map<number, Waiter>();
+  private needs = new Map<number, Waiter>();
+  private nextId = 1;
+  private failure: Error | null = null;
+  private stderr = '';
+  welcome!: Welcome;
+  /** Bytes sent and received in frames. */
+  readonly traffic = { sent: 0, received: 0 };
+  private limiter: RateLimiter | null;
+
+  private constructor(
+    /** ssh://... as given, for messages. */
+    readonly dir: string,
+    private readonly conn: SshConnection,
+    private readonly ch: RemoteChannel,
+    limitRate: number | undefined,
+  ) {
+    this.limiter = limitRate ? new RateLimiter(limitRate) : null;
+  }
+
+  static async open(url: string, opts: RemoteOptions = {}): Promise<RemoteRepository> {
+    const spec = parseSshSpec(url);
+    const conn = await openSshConnection(url, opts);
+    const where = describeSpec(conn.spec);
+    const command = opts.remoteCommand ?? process.env.GENVAULT_REMOTE_COMMAND ?? 'genvault';
+    let ch: RemoteChannel;
+    try {
+      ch = await conn.exec(`${command} serve --repo ${shq(spec.path)}`);
+    } catch (e) {
+      conn.close();
+      throw e;
+    }
+    const r = new RemoteRepository(where, conn, ch, opts.limitRate);
+    try {
+      await r.start(spec.path);
+    } catch (e) {
+      r.close();
+      throw e;
+    }
+    return r;
+  }
+
+  private async start(path: string): Promise<void> {
+    const frames = new FrameReader(this.ch);
+    this.ch.stderr.on('data', (d: Buffer) => {
+      if (this.stderr.length < 8192) this.stderr += d.toString();
+    });
+    this.conn.onLost((e) => frames.fail(e));
+    const welcome = this.expect(0);
+    void this.pump(frames);
+    this.send(T.HELLO, 0, json({ protocol: PROTOCOL_VERSION, path }));
+    const w = parseJson((await welcome).payload, 'WELCOME') as unknown as Welcome;
+    if (w.protocol !== PROTOCOL_VERSION) throw new GenvaultError(`${this.dir}: the server speaks protocol ${String(w.protocol)}, this client ${PROTOCOL_VERSION}`, 'PROTOCOL');
+    this.welcome = w;
+  }
+
+  /** Frames from the server to whoever waits for them, until the stream ends. */
+  private async pump(frames: FrameReader): Promise<void> {
+    try {
+      for (;;) {
+        const f = await frames.next();
+        if (!f) break;
+        this.traffic.received += f.payload.length + 9;
+        if (f.type === T.FATAL) throw new GenvaultError(`${this.dir}: server: ${f.payload.toString('utf8').slice(0, 1000)}`, 'REMOTE');
+        const map = f.type === T.NEED ? this.needs : this.waiters;
+        const w = map.get(f.id);
+        if (!w) throw new ProtocolError(`unexpected frame type ${f.type} id ${f.id} from the server`);
+        map.delete(f.id);
+        w.resolve(f);
+      }
+      this.fail(this.endError());
+    } catch (e) {
+      this.fail(e instanceof ProtocolError ? new GenvaultError(`${this.dir}: ${e.message}`, 'PROTOCOL') : (e as Error));
+    }
+  }
+
+  private endError(): GenvaultError {
+    const line = this.stderr.trim().split('\n').filter(Boolean).at(-1)?.replace(/^genvault: /, '');
+    return new GenvaultError(`${this.dir}: connection closed by the server${line ? `: ${line}` : ''}`, 'DISCONNECTED');
+  }
+
+  private fail(e: Error): void {
+    this.failure ??= e;
+    for (const m of [this.waiters, this.needs]) {
+      for (const w of m.values()) w.reject(this.failure);
+      m.clear();
+    }
+  }
+
+  private expect(id: number, map = this.waiters): Promise<Frame> {
+    if (this.failure) return Promise.reject(this.failure);
+    return new Promise<Frame>((resolve, reject) => map.set(id, { resolve, reject }));
+  }
+
+  /** Writes a frame; resolves when the channel takes more (flow control), after the rate limit. */
+  private async send(type: number, id: number, payload: Buffer): Promise<void> {
+    if (this.failure) throw this.failure;
+    this.traffic.sent += payload.length + 9;
+    if (this.limiter) await this.limiter.take(payload.length + 9);
+    const ok = payload.length > 1 << 16 ? this.ch.write(frameHeader(type, id, payload.length)) && this.ch.write(payload) : this.ch.write(encodeFrame(type, id, payload));
+    if (!ok) await new Promise<void>((r) => this.ch.once('drain', r));
+  }
+
+  private answer(f: Frame): Frame {
+    if (f.type === T.ERROR) {
+      const e = parseJson(f.payload, 'ERROR');
+      throw new GenvaultError(`${this.dir}: ${String(e.message).slice(0, 1000)}`, typeof e.code === 'string' ? e.code : 'REMOTE');
+    }
+    return f;
+  }
+
+  async call<R = Record<string, unknown>>(op: string, args: Record<string, unknown> = {}): Promise<R> {
+    const id = this.nextId++;
+    const p = this.expect(id);
+    await this.send(T.CALL, id, json({ ...args, op }));
+    const f = this.answer(await p);
+    if (f.type !== T.RESULT) throw new GenvaultError(`${this.dir}: unexpected answer to ${op}`, 'PROTOCOL');
+    return parseJson(f.payload, op) as R;
+  }
+
+  async generations(name?: string): Promise<Generation[]> {
+    return (await this.call<{ generations: Generation[] }>('list', name === undefined ? {} : { name })).generations;
+  }
+
+  async resolve(target: string): Promise<Generation> {
+    return (await this.call<{ generation: Generation }>('resolve', { target })).generation;
+  }
+
+  /** Pins the generation on the server for reads (until closeGeneration or the end of the session). */
+  async openGeneration(id: string): Promise<Generation> {
+    return (await this.call<{ generation: Generation }>('open', { id })).generation;
+  }
+
+  async closeGeneration(id: string): Promise<void> {
+    await this.call('close', { id });
+  }
+
+  /** Bytes [offset, offset + length) of an open generation (length at most MAX_READ); null: all zeros. */
+  async read(id: string, offset: number, length: number): Promise<Buffer | null> {
+    if (length > MAX_READ) throw new RangeError('read too large');
+    const rid = this.nextId++;
+    const p = this.expect(rid);
+    await this.send(T.READ, rid, encodeRead(id, offset, length));
+    const f = this.answer(await p);
+    if (f.type !== T.DATA || f.payload.length < 1) throw new GenvaultError(`${this.dir}: unexpected answer to a read`, 'PROTOCOL');
+    if (f.payload[0] === 1) {
+      if (f.payload.length !== 5 || f.payload.readUInt32BE(1) !== length) throw new GenvaultError(`${this.dir}: malformed zero answer`, 'PROTOCOL');
+      return null;
+    }
+    if (f.payload.length - 1 !== length) throw new GenvaultError(`${this.dir}: read answered with ${f.payload.length - 1} of ${length} bytes`, 'PROTOCOL');
+    return f.payload.subarray(1);
+  }
+
+  /** The identity of a chunk as the repository computes it (keyed when encrypted). */
+  identify(): (data: Uint8Array) => Buffer {
+    const id = this.welcome.identity;
+    if (this.welcome.encrypted) {
+      if (!id) throw new GenvaultError(`${this.dir}: the server did not give the chunk identity key (read-only access?)`, 'EPERM');
+      const key = Buffer.from(id.key, 'hex');
+      return (d) => createHmac('sha256', key).update(d).digest();
+    }
+    return (d) => createHash('sha256').update(d).digest();
+  }
+
+  /** A backup's frames (see upload-client.ts). */
+  async sendFrame(type: number, id: number, payload: Buffer): Promise<void> {
+    await this.send(type, id, payload);
+  }
+
+  /** The NEED frame answering segment `seq` of the backup under way. */
+  need(seq: number): Promise<Frame> {
+    return this.expect(seq, this.needs);
+  }
+
+  /** Starts a CALL whose answer comes later (a backup); returns its id and the answer. */
+  async startCall(op: string, args: Record<string, unknown>): Promise<{ id: number; result: Promise<Record<string, unknown>> }> {
+    const id = this.nextId++;
+    const p = this.expect(id);
+    await this.send(T.CALL, id, json({ ...args, op }));
+    const result = p.then((f) => parseJson(this.answer(f).payload, op));
+    result.catch(() => undefined);
+    return { id, result };
+  }
+
+  get lost(): Error | null {
+    return this.failure;
+  }
+
+  close(): void {
+    this.failure ??= new GenvaultError(`${this.dir}: closed`, 'CLOSED');
+    try {
+      this.ch.end();
+    } catch {
+      // already gone
+    }
+    this.conn.close();
+  }
+}
+
+/** A token bucket over bytes sent: --limit-rate. */
+export class RateLimiter {
+  private allowance: number;
+  private last = Date.now();
+
+  constructor(private readonly bytesPerSecond: number) {
+    this.allowance = bytesPerSecond / 4;
+  }
+
+  async take(n: number): Promise<void> {
+    for (;;) {
+      const now = Date.now();
+      this.allowance = Math.min(this.bytesPerSecond / 4, this.allowance + ((now - this.last) * this.bytesPerSecond) / 1000);
+      this.last = now;
+      if (this.allowance >= 0) {
+        this.allowance -= n;
+        return;
+      }
+      await new Promise((r) => setTimeout(r, Math.min(1000, Math.ceil((-this.allowance * 1000) / this.bytesPerSecond))));
+    }
+  }
+}
