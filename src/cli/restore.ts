@@ -12,6 +12,11 @@ import { remoteFiller, streamRemote } from '../remote/read-client.js';
 import { restoreToPathWith, writerOf } from '../read/restore.js';
 import type { Command as Cmd } from 'commander';
 
+function refuseStdout(json: boolean): void {
+  if (process.stdout.isTTY) throw new UsageError('refusing to write a disk image to a terminal; redirect stdout');
+  if (json) throw new UsageError('--json cannot be used with - (the image goes to stdout)');
+}
+
 /** restore and cat from an ssh:// repository: the server reads and checks, this side writes. */
 async function restoreRemote(cmd: Cmd, target: string, dest: string, opts: { force?: boolean; ignoreDamage?: boolean }): Promise<void> {
   if (opts.ignoreDamage) throw new UsageError('--ignore-damage needs a local repository (run the restore on the repository\'s host)');
@@ -84,10 +89,7 @@ export function register(program: Command): void {
         const sshMode = parseSshMode(opts.sshMode);
         const ssh = isSshSpec(dest);
         if (ssh && !opts.sshCommand) warnIfNoNativeCrypto();
-        if (dest === '-') {
-          if (process.stdout.isTTY) throw new UsageError('refusing to write a disk image to a terminal; redirect stdout');
-          if (wantsJson(cmd)) throw new UsageError('--json cannot be used with - (the image goes to stdout)');
-        }
+        if (dest === '-') refuseStdout(wantsJson(cmd));
         let progress: Progress | null = null;
         // A signal ends the restore through the CLI's one handler (common.ts): the temporary
         // file of the restore under way is removed synchronously there, before the exit.
