@@ -6,7 +6,8 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { CLI, Scratch, gv, gvOk, prng, sha256File, writeImage } from './helpers.js';
+import { spawn } from 'node:child_process';
+import { CLI, CliProcess, Scratch, dataPackFiles, flipByte, gv, gvOk, oneLine, prng, sh, sha256File, writeImage } from './helpers.js';
 import { Sshd, keygen, startSshd } from './sshd.js';
 
 let s: Scratch;
@@ -66,8 +67,198 @@ describe('remote repository over ssh', () => {
     const r = await rgv(keys.kvm1!, ['restore', 'vm1@latest', out]);
     expect(r.stderr).toBe('');
     expect(await sha256File(out)).toBe(await sha256File(img));
-    const c = await rgv(keys.kvm1!, ['cat', 'vm1']);
-    expect(c.code).toBe(0);
-    expect(Buffer.from(c.stdout, 'latin1').length).toBeGreaterThan(0);
+    // cat: the raw bytes on stdout (zeros included).
+    const catOut = s.path('a.cat');
+    const c = await sh('bash', ['-c', `"$@" > ${catOut}`, 'gv', process.execPath, CLI, '-r', sshd.url('/x'), '--repo-identity', keys.kvm1!, '--repo-known-hosts', sshd.knownHosts, 'cat', 'vm1']);
+    expect(c.stderr).toBe('');
+    expect(await sha256File(catOut)).toBe(await sha256File(img));
+    const v = await rgv(keys.kvm1!, ['verify']);
+    expect(v.code).toBe(0);
+    expect(v.stdout).toMatch(/1 generation\(s\).*every chunk read and checked on the server/);
   }, 120_000);
+
+  it('a next-day backup sends only what changed; another namespace sends everything again', async () => {
+    const img = await image('b.img', 2);
+    const first = JSON.parse((await rgv(keys.kvm1!, ['backup', img, '--name', 'vm2', '--json'])).stdout);
+    expect(first.remote.sentChunkBytes).toBeGreaterThan(8 << 20);
+    // Next day: 1 MiB changed in the middle.
+    const fh = await fs.open(img, 'r+');
+    await fh.write(prng(99, 1 << 20), 0, 1 << 20, 3 << 20);
+    await fh.close();
+    const second = JSON.parse((await rgv(keys.kvm1!, ['backup', img, '--name', 'vm2', '--json'])).stdout);
+    expect(second.remote.sentChunkBytes).toBeLessThanOrEqual(1.1 * second.stats.newBytes + (1 << 20));
+    expect(second.remote.sentChunkBytes).toBeLessThan(3 << 20);
+    // kvm2 holds none of these chunks: it is asked for every one (no probing of kvm1's data),
+    // though the repository stores nothing new for them.
+    const other = JSON.parse((await rgv(keys.kvm2!, ['backup', img, '--name', 'vm2', '--json'])).stdout);
+    expect(other.stats.newBytes).toBe(0);
+    expect(other.remote.sentChunkBytes).toBeGreaterThan(8 << 20);
+    const out = s.path('b.kvm2');
+    expect((await rgv(keys.kvm2!, ['restore', 'vm2', out])).code).toBe(0);
+    expect(await sha256File(out)).toBe(await sha256File(img));
+  }, 120_000);
+
+  it('keeps namespaces apart and enforces permissions', async () => {
+    const img = await image('c.img', 3, 6);
+    expect((await rgv(keys.kvm2!, ['backup', img, '--name', 'only2'])).code).toBe(0);
+    // kvm1 neither sees nor reaches kvm2's images, under any spelling.
+    const l1 = JSON.parse((await rgv(keys.kvm1!, ['list', '--json'])).stdout) as Array<{ name: string }>;
+    expect(l1.map((g) => g.name)).not.toContain('only2');
+    for (const t of ['only2', 'kvm2:only2', '../kvm2:only2']) {
+      const r = await rgv(keys.kvm1!, ['restore', t, s.path('x.img')]);
+      expect(r.code).not.toBe(0);
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    }
+    expect((await rgv(keys.kvm1!, ['info', 'kvm2:only2'])).stderr).toMatch(/invalid image name/);
+    // append: no forget, protect or unprotect.
+    for (const c of [['forget', 'vm1@latest', '--force-young'], ['protect', 'vm1'], ['unprotect', 'vm1']]) {
+      const r = await rgv(keys.kvm1!, c);
+      expect(r.code).toBe(1);
+      expect(oneLine(r.stderr)).toMatch(/permission denied: .* needs full access; this key has append \(namespace kvm1\)/);
+    }
+    // read: no backup; it sees kvm1's images.
+    const rb = await rgv(keys.reader!, ['backup', img, '--name', 'r1']);
+    expect(oneLine(rb.stderr)).toMatch(/permission denied: backup needs append access; this key has read/);
+    const lr = JSON.parse((await rgv(keys.reader!, ['list', '--json'])).stdout) as Array<{ name: string }>;
+    expect(lr.map((g) => g.name)).toContain('vm1');
+    // Odd names are refused by the server, not mapped.
+    for (const n of ['..', 'a/b', 'x:y', '-x', 'latest']) {
+      const r = await rgv(keys.kvm2!, ['backup', img, '--name', n]);
+      expect(r.code).not.toBe(0);
+    }
+    // full, in its own namespace: protect, unprotect, forget.
+    expect((await rgv(keys.kvm2!, ['protect', 'only2'])).code).toBe(0);
+    expect((await rgv(keys.kvm2!, ['forget', 'only2', '--force-young'])).stderr).toMatch(/protected/);
+    expect((await rgv(keys.kvm2!, ['unprotect', 'only2'])).code).toBe(0);
+    expect((await rgv(keys.kvm2!, ['forget', 'only2', '--force-young'])).code).toBe(0);
+    expect(JSON.parse(await gvOk(repo, ['list', '--json'])).map((g: { name: string }) => g.name)).not.toContain('kvm2:only2');
+  }, 120_000);
+
+  it('a client killed mid-backup leaves no generation, and gc removes what it wrote', async () => {
+    const img = await image('d.img', 4, 40);
+    const p = new CliProcess(['-r', sshd.url('/x'), '--repo-identity', keys.kvm1!, '--repo-known-hosts', sshd.knownHosts, 'backup', img, '--name', 'killed', '--limit-rate', '8M']);
+    await new Promise((r) => setTimeout(r, 2500));
+    expect(p.running).toBe(true);
+    p.kill('SIGKILL');
+    await p.exited;
+    // The server's session sees the end of its input and gives up.
+    const serving = async () => (await sh('pgrep', ['-f', `serve --repo ${repo} --namespace kvm1`])).code === 0;
+    for (let i = 0; i < 100 && (await serving()); i++) await new Promise((r) => setTimeout(r, 100));
+    expect(await serving()).toBe(false);
+    const names = JSON.parse(await gvOk(repo, ['list', '--json'])).map((g: { name: string }) => g.name);
+    expect(names).not.toContain('kvm1:killed');
+    await gvOk(repo, ['gc']);
+    const v = await gv(repo, ['verify']);
+    expect(v.code).toBe(0);
+    // The next run succeeds and restores.
+    const again = await rgv(keys.kvm1!, ['backup', img, '--name', 'killed']);
+    expect(again.stderr).toBe('');
+    const out = s.path('d.out');
+    await gvOk(repo, ['restore', 'kvm1:killed', out]);
+    expect(await sha256File(out)).toBe(await sha256File(img));
+  }, 180_000);
+
+  it('a server killed mid-backup: the client ends with one line, the next run succeeds', async () => {
+    const img = await image('f.img', 6, 40);
+    const args = ['-r', sshd.url('/x'), '--repo-identity', keys.kvm1!, '--repo-known-hosts', sshd.knownHosts, 'backup', img, '--name', 'srvkill'];
+    const p = new CliProcess([...args, '--limit-rate', '8M']);
+    await new Promise((r) => setTimeout(r, 2500));
+    expect(p.running).toBe(true);
+    await sh('pkill', ['-KILL', '-f', `serve --repo ${repo} --namespace kvm1`]);
+    const e = await p.waitExit(30_000);
+    expect(e.code).toBe(1);
+    expect(p.out.trim().split('\n')).toHaveLength(1);
+    expect(p.out).toMatch(/genvault: .*(connection closed|lost|went away)/);
+    expect(JSON.parse(await gvOk(repo, ['list', '--json'])).map((g: { name: string }) => g.name)).not.toContain('kvm1:srvkill');
+    const again = await gv(null, args);
+    expect(again.stderr).toBe('');
+    expect(again.code).toBe(0);
+  }, 180_000);
+
+  it('verify over ssh reports damage in one line and exit 1', async () => {
+    const r0 = s.path('repo-damaged');
+    await gvOk(r0, ['init']);
+    const img = await image('e.img', 5, 6);
+    await gvOk(r0, ['backup', img, '--name', 'vmx']);
+    const k = s.path('key-dmg');
+    await keygen(k);
+    await sshd.authorize(`${k}.pub`, `command="${process.execPath} ${CLI} serve --repo ${r0} --permissions read",restrict`);
+    const pack = (await dataPackFiles(r0))[0]!;
+    await flipByte(pack, 4096);
+    const v = await gv(sshd.url('/x'), ['--repo-identity', k, '--repo-known-hosts', sshd.knownHosts, 'verify']);
+    expect(v.code).toBe(1);
+    expect(v.stderr.trim().split('\n')).toHaveLength(1);
+    expect(v.stderr).toMatch(/damage found: 1 generation\(s\) affected: vmx@/);
+  }, 120_000);
+});
+
+/** genvault serve run directly (no ssh) with the given bytes on stdin. */
+function serveRaw(input: Buffer, args: string[] = []): Promise<{ code: number | null; stdout: Buffer; stderr: string }> {
+  return new Promise((resolve) => {
+    const c = spawn(process.execPath, [CLI, '-r', repo, 'serve', ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    let err = '';
+    c.stdout.on('data', (d: Buffer) => out.push(d));
+    c.stderr.on('data', (d: Buffer) => (err += d.toString()));
+    c.on('close', (code) => resolve({ code, stdout: Buffer.concat(out), stderr: err }));
+    c.stdin.on('error', () => undefined);
+    c.stdin.end(input);
+  });
+}
+
+function frame(type: number, id: number, payload: Buffer): Buffer {
+  const h = Buffer.alloc(9);
+  h.writeUInt32BE(payload.length + 5, 0);
+  h[4] = type;
+  h.writeUInt32BE(id, 5);
+  return Buffer.concat([h, payload]);
+}
+
+const hello = frame(1, 0, Buffer.from(JSON.stringify({ protocol: 1, path: '/nonexistent' })));
+
+describe('protocol abuse', () => {
+  it('oversized, truncated, unknown and out-of-place frames end the session with one line', async () => {
+    const oversized = Buffer.alloc(9);
+    oversized.writeUInt32BE(0x7fffffff, 0);
+    const cases: Array<[string, Buffer, RegExp]> = [
+      ['oversized', Buffer.concat([hello, oversized]), /oversized frame/],
+      ['truncated', Buffer.concat([hello, frame(3, 1, Buffer.from('{"op":"list"}')).subarray(0, 12)]), /ended in the middle of a frame/],
+      ['unknown type', Buffer.concat([hello, frame(77, 1, Buffer.alloc(3))]), /unknown frame type 77/],
+      ['no hello', frame(3, 1, Buffer.from('{"op":"list"}')), /first frame must be HELLO/],
+      ['data outside a backup', Buffer.concat([hello, frame(8, 0, Buffer.alloc(8))]), /backup data outside a backup/],
+      ['bad json', Buffer.concat([hello, frame(3, 1, Buffer.from('{nope'))]), /not valid JSON/],
+      ['short length', Buffer.concat([hello, Buffer.from([0, 0, 0, 2, 1, 1])]), /malformed frame/],
+    ];
+    for (const [what, input, re] of cases) {
+      const r = await serveRaw(input);
+      expect(r.code, what).toBe(1);
+      expect(r.stderr.trim().split('\n'), what).toHaveLength(1);
+      expect(r.stderr, what).toMatch(re);
+    }
+  }, 60_000);
+
+  it('a backup segment that lies about its chunks is refused and commits nothing', async () => {
+    const call = frame(3, 1, Buffer.from(JSON.stringify({ op: 'backup', name: 'liar', size: 65536, source: 'x', tags: [] })));
+    // One 64 KiB chunk whose digest is not its bytes' SHA-256.
+    const seg = Buffer.alloc(4 + 5 + 32);
+    seg.writeUInt32BE(1, 0);
+    seg.writeUInt32BE(65536, 4);
+    seg[8] = 0;
+    const r = await serveRaw(Buffer.concat([hello, call, frame(8, 0, seg), frame(10, 0, prng(7, 65536)), frame(11, 1, Buffer.from('{"bytes":65536}'))]));
+    // The session answers the CALL with an ERROR (type 5) naming the mismatch.
+    expect(r.stdout.includes(Buffer.from('does not match its identity'))).toBe(true);
+    expect(JSON.parse(await gvOk(repo, ['list', '--json'])).map((g: { name: string }) => g.name)).not.toContain('liar');
+  }, 60_000);
+
+  it('a stream of unknown length cut before END commits nothing', async () => {
+    const data = prng(8, 65536);
+    const call = frame(3, 1, Buffer.from(JSON.stringify({ op: 'backup', name: 'cut', size: null, source: 'stdin', tags: [] })));
+    const seg = Buffer.alloc(41);
+    seg.writeUInt32BE(1, 0);
+    seg.writeUInt32BE(65536, 4);
+    (await import('node:crypto')).createHash('sha256').update(data).digest().copy(seg, 9);
+    const r = await serveRaw(Buffer.concat([hello, call, frame(8, 0, seg), frame(10, 0, data)]));
+    expect(r.stdout.includes(Buffer.from('nothing was committed'))).toBe(true);
+    expect(JSON.parse(await gvOk(repo, ['list', '--json'])).map((g: { name: string }) => g.name)).not.toContain('cut');
+  }, 60_000);
 });

@@ -1,3 +1,4 @@
+import { remoteRepo, withRemote } from './remote.js';
 import { Command } from 'commander';
 import { Repository } from '../repository/repository.js';
 import { VerifyReport, verify } from '../lifecycle/verify.js';
@@ -68,6 +69,35 @@ function summary(r: VerifyReport): string {
   );
 }
 
+/**
+ * verify on an ssh:// repository: the server reads, decompresses and checks every chunk of
+ * the session's generations (its namespace), as --full does for them; the repository-wide
+ * checks (packs, index) stay with the server's admin.
+ */
+async function verifyRemote(cmd: Command, o: { sample?: string; withoutKey?: boolean }): Promise<void> {
+  if (o.sample !== undefined || o.withoutKey) throw new UsageError('--sample and --without-key need a local repository; on an ssh:// repository verify reads every chunk of your generations');
+  type Report = { generations: Array<{ generation: { name: string; id: string; size: number }; damaged: Array<{ offset: number; length: number }> }> };
+  let report: Report;
+  try {
+    report = await withRemote(cmd, (r) => r.call<Report>('verify'));
+  } catch (e) {
+    throw couldNotRun(e);
+  }
+  const bad = report.generations.filter((g) => g.damaged.length);
+  if (wantsJson(cmd)) printJson({ ok: !bad.length, ...report });
+  else {
+    const total = report.generations.reduce((n, g) => n + g.generation.size, 0);
+    process.stdout.write(`${report.generations.length} generation(s), ${bytes(total)}: every chunk read and checked on the server\n`);
+    for (const g of bad) {
+      for (const r of g.damaged) process.stdout.write(`  damaged: ${g.generation.name}@${g.generation.id} bytes ${r.offset}-${r.offset + r.length - 1}\n`);
+    }
+  }
+  if (bad.length) {
+    process.stderr.write(`genvault: damage found: ${bad.length} generation(s) affected: ${bad.map((g) => `${g.generation.name}@${g.generation.id}`).join(', ')}\n`);
+    process.exitCode = 1;
+  }
+}
+
 export function register(program: Command): void {
   program
     .command('verify')
@@ -87,6 +117,7 @@ export function register(program: Command): void {
     )
     .action(
       action(async (o: { full?: boolean; sample?: string; withoutKey?: boolean }, cmd: Command) => {
+        if (remoteRepo(cmd)) return verifyRemote(cmd, o);
         if (o.withoutKey && (o.full || o.sample !== undefined)) throw new UsageError('--without-key checks structure only: --full and --sample need the key');
         let samplePercent: number | undefined;
         if (o.sample !== undefined) {

@@ -50,6 +50,9 @@ export class RemoteRepository {
   /** Bytes sent and received in frames. */
   readonly traffic = { sent: 0, received: 0 };
   private limiter: RateLimiter | null;
+  /** Resolves when the session failed: writers waiting for 'drain' stop waiting. */
+  private readonly failed: Promise<void>;
+  private onFail!: () => void;
 
   private constructor(
     /** ssh://... as given, for messages. */
@@ -59,6 +62,7 @@ export class RemoteRepository {
     limitRate: number | undefined,
   ) {
     this.limiter = limitRate ? new RateLimiter(limitRate) : null;
+    this.failed = new Promise<void>((r) => (this.onFail = r));
   }
 
   static async open(url: string, opts: RemoteOptions = {}): Promise<RemoteRepository> {
@@ -124,6 +128,7 @@ export class RemoteRepository {
 
   private fail(e: Error): void {
     this.failure ??= e;
+    this.onFail();
     for (const m of [this.waiters, this.needs]) {
       for (const w of m.values()) w.reject(this.failure);
       m.clear();
@@ -141,7 +146,8 @@ export class RemoteRepository {
     this.traffic.sent += payload.length + 9;
     if (this.limiter) await this.limiter.take(payload.length + 9);
     const ok = payload.length > 1 << 16 ? this.ch.write(frameHeader(type, id, payload.length)) && this.ch.write(payload) : this.ch.write(encodeFrame(type, id, payload));
-    if (!ok) await new Promise<void>((r) => this.ch.once('drain', r));
+    if (!ok) await Promise.race([new Promise<void>((r) => this.ch.once('drain', r)), this.failed]);
+    if (this.failure) throw this.failure;
   }
 
   private answer(f: Frame): Frame {
@@ -231,6 +237,7 @@ export class RemoteRepository {
 
   close(): void {
     this.failure ??= new GenvaultError(`${this.dir}: closed`, 'CLOSED');
+    this.onFail();
     try {
       this.ch.end();
     } catch {

@@ -53,7 +53,10 @@ interface Upload {
   callId: number;
   segments: Frame[];
   chunks: Frame[];
+  /** END came: the source is complete once the queued segments are taken. */
   ended: boolean;
+  /** The client went away before END: the source fails, nothing is committed. */
+  aborted: boolean;
   wake: (() => void) | null;
 }
 
@@ -66,6 +69,8 @@ export class ServeSession {
   private inflight = new Set<Promise<void>>();
   private writeChain: Promise<void> = Promise.resolve();
   private closed = false;
+  /** A protocol error met inside a request: the session ends with it. */
+  private fatal: Error | null = null;
 
   constructor(private readonly opts: ServeOptions) {
     this.access = new Access(opts.namespace, opts.permission);
@@ -79,9 +84,13 @@ export class ServeSession {
       await this.hello(frames);
       for (;;) {
         const f = await frames.next();
-        if (!f) break;
+        if (!f || this.fatal) break;
         await this.dispatch(f);
       }
+      // The input ended: a backup still waiting for its frames fails (nothing is committed).
+      this.endUpload();
+      await Promise.allSettled([...this.inflight]);
+      if (this.fatal) throw this.fatal;
     } catch (e) {
       if (e instanceof ProtocolError) await this.send(T.FATAL, 0, Buffer.from(`protocol error: ${e.message}`)).catch(() => undefined);
       else if (!this.repo) await this.send(T.FATAL, 0, Buffer.from(messageOf(e))).catch(() => undefined);
@@ -144,8 +153,8 @@ export class ServeSession {
         return this.send(T.ERROR, id, json({ message: messageOf(e), code: (e as { code?: unknown }).code ?? null }));
       })
       .catch((e) => {
-        // A protocol error inside a request ends the session: close the input.
-        this.opts.log?.(messageOf(e));
+        // A protocol error inside a request ends the session: stop reading the input.
+        this.fatal ??= e as Error;
         this.opts.input.destroy();
       })
       .finally(() => this.inflight.delete(p));
@@ -323,13 +332,14 @@ export class ServeSession {
     const size = c.size === null ? null : num(c, 'size', 'backup')!;
     const description = (str(c, 'source', 'backup') ?? '').slice(0, 1024);
     const tags = strList(c, 'tags', 'backup');
-    const up: Upload = { callId, segments: [], chunks: [], ended: false, wake: null };
+    const up: Upload = { callId, segments: [], chunks: [], ended: false, aborted: false, wake: null };
     this.upload = up;
     try {
       const known = this.access.namespace ? await this.namespaceChunks() : null;
       const next = async (type: number): Promise<Frame | null> => {
         const q = type === T.SEGMENT ? up.segments : up.chunks;
         for (;;) {
+          if (up.aborted) throw new GenvaultError('the client went away before the end of its source; nothing was committed', 'DISCONNECTED');
           if (q.length) {
             const f = q.shift()!;
             up.wake?.();
@@ -390,9 +400,9 @@ export class ServeSession {
 
   private endUpload(): void {
     const up = this.upload;
-    if (!up) return;
-    // The stream ended: a source still waiting for frames fails; a backup is not committed.
-    up.ended = true;
+    if (!up || up.ended) return;
+    // The stream ended before END: the source fails, whatever it queued; nothing is committed.
+    up.aborted = true;
     up.segments.length = 0;
     up.chunks.length = 0;
     up.wake?.();
