@@ -244,10 +244,28 @@ describe('protocol abuse', () => {
     seg.writeUInt32BE(1, 0);
     seg.writeUInt32BE(65536, 4);
     seg[8] = 0;
-    const r = await serveRaw(Buffer.concat([hello, call, frame(8, 0, seg), frame(10, 0, prng(7, 65536)), frame(11, 1, Buffer.from('{"bytes":65536}'))]));
+    const r = await serveRaw(Buffer.concat([hello, call, frame(8, 0, seg), frame(10, 0, Buffer.concat([Buffer.of(0), prng(7, 65536)])), frame(11, 1, Buffer.from('{"bytes":65536}'))]));
     // The session answers the CALL with an ERROR (type 5) naming the mismatch.
     expect(r.stdout.includes(Buffer.from('does not match its identity'))).toBe(true);
     expect(JSON.parse(await gvOk(repo, ['list', '--json'])).map((g: { name: string }) => g.name)).not.toContain('liar');
+  }, 60_000);
+
+  it('a zstd bomb in CHUNKS decodes no further than what was asked for', async () => {
+    const { createRequire } = await import('node:module');
+    const z = createRequire(import.meta.url)('zstd-napi/binding.js') as { CCtx: new () => { compress(d: Uint8Array, s: Uint8Array, l: number): number }; compressBound(n: number): number };
+    const data = prng(9, 65536);
+    const call = frame(3, 1, Buffer.from(JSON.stringify({ op: 'backup', name: 'bomb', size: 65536, source: 'x', tags: [] })));
+    const seg = Buffer.alloc(41);
+    seg.writeUInt32BE(1, 0);
+    seg.writeUInt32BE(65536, 4);
+    (await import('node:crypto')).createHash('sha256').update(data).digest().copy(seg, 9);
+    const big = Buffer.alloc(256 << 20);
+    const packed = Buffer.alloc(z.compressBound(big.length));
+    const n = new z.CCtx().compress(packed, big, 1);
+    const r = await serveRaw(Buffer.concat([hello, call, frame(8, 0, seg), frame(10, 0, Buffer.concat([Buffer.of(1), packed.subarray(0, n)])), frame(11, 1, Buffer.from('{"bytes":65536}'))]));
+    // The backup fails (its ERROR names why); the session itself may go on.
+    expect(r.stdout.toString('latin1')).toMatch(/backup of bomb failed: backup: CHUNKS do not decode/);
+    expect(JSON.parse(await gvOk(repo, ['list', '--json'])).map((g: { name: string }) => g.name)).not.toContain('bomb');
   }, 60_000);
 
   it('a stream of unknown length cut before END commits nothing', async () => {
@@ -257,7 +275,7 @@ describe('protocol abuse', () => {
     seg.writeUInt32BE(1, 0);
     seg.writeUInt32BE(65536, 4);
     (await import('node:crypto')).createHash('sha256').update(data).digest().copy(seg, 9);
-    const r = await serveRaw(Buffer.concat([hello, call, frame(8, 0, seg), frame(10, 0, data)]));
+    const r = await serveRaw(Buffer.concat([hello, call, frame(8, 0, seg), frame(10, 0, Buffer.concat([Buffer.of(0), data]))]));
     expect(r.stdout.includes(Buffer.from('nothing was committed'))).toBe(true);
     expect(JSON.parse(await gvOk(repo, ['list', '--json'])).map((g: { name: string }) => g.name)).not.toContain('cut');
   }, 60_000);

@@ -10,7 +10,8 @@
  *     READ     gen id (8) | offset u64 | length u32    answered by DATA or ERROR, same id
  *     SEGMENT  count u32 | count x (length u32 | zero u8 | digest(32) if data)
  *                                                      a backup's next segment (id: its number)
- *     CHUNKS   the bytes of the chunks NEED asked for, in order (id: the segment's number)
+ *     CHUNKS   coding u8 (0 raw, 1 zstd) | the bytes of the chunks NEED asked for, in order,
+ *              as they are or as one zstd frame (id: the segment's number)
  *     END      JSON {bytes}                            the backup's source ended (id: the backup's CALL)
  *   server -> client
  *     WELCOME  JSON {protocol, version, namespace, permissions, chunking, identity?}
@@ -46,6 +47,12 @@ export const T = {
 
 /** Segments a backup client describes ahead of the server's answers (hides round trips). */
 export const WINDOW = 4;
+
+/** CHUNKS payload codings: disk images compress ~3:1, and the wire is the slow part. */
+export const CODING_RAW = 0;
+export const CODING_ZSTD = 1;
+/** zstd level of CHUNKS payloads: the fastest (the server compresses again for storage). */
+export const WIRE_ZSTD_LEVEL = 1;
 
 /** Largest READ: the server decodes at most this much for one request. */
 export const MAX_READ = 4 << 20;

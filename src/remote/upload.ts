@@ -16,7 +16,30 @@ import type { ChunkingParams } from '../format/config.js';
 import type { ChunkedSegment, ChunkedSource, NeedFn, OfferedChunk, RemoteChunk } from '../backup/chunked-source.js';
 import { GenvaultError } from '../util/errors.js';
 import { ProtocolError, type Frame } from './frames.js';
-import { T, decodeSegment, type Described } from './protocol.js';
+import { zstd } from '../work/zstd.js';
+import { CODING_RAW, CODING_ZSTD, T, decodeSegment, type Described } from './protocol.js';
+
+let dctx: InstanceType<typeof zstd.DCtx> | null = null;
+
+/**
+ * A CHUNKS payload's bytes: exactly `expected` of them (what NEED asked for). A zstd frame
+ * is decoded into a buffer of that size and must fill it exactly: a bomb cannot grow past it.
+ */
+function decodeChunks(p: Buffer, expected: number): Buffer {
+  if (p.length < 1) throw new ProtocolError('backup: empty CHUNKS');
+  if (p[0] === CODING_RAW) return p.subarray(1);
+  if (p[0] !== CODING_ZSTD) throw new ProtocolError(`backup: CHUNKS coding ${p[0]}`);
+  const out = Buffer.allocUnsafe(expected + 1);
+  dctx ??= new zstd.DCtx();
+  let n: number;
+  try {
+    n = dctx.decompress(out, p.subarray(1));
+  } catch (e) {
+    throw new ProtocolError(`backup: CHUNKS do not decode: ${(e as Error).message}`);
+  }
+  if (n !== expected) throw new ProtocolError(`backup: CHUNKS decode to ${n} bytes, ${expected} asked for`);
+  return out.subarray(0, n);
+}
 
 /**
  * What the session hands over: the next SEGMENT frame of this backup (null once END came),
@@ -113,13 +136,16 @@ export class UploadSource implements ChunkedSource {
   private async receive(desc: Described[], flags: Buffer): Promise<Array<Buffer | null>> {
     const f = await this.frame(T.CHUNKS);
     if (!f) throw new ProtocolError('backup: the source ended while chunks were asked for');
+    let expected = 0;
+    for (let i = 0; i < desc.length; i++) if (flags[i]) expected += desc[i]!.length;
+    const payload = decodeChunks(f.payload, expected);
     const out: Array<Buffer | null> = new Array(desc.length).fill(null);
     let at = 0;
     for (let i = 0; i < desc.length; i++) {
       if (!flags[i]) continue;
       const c = desc[i]!;
-      if (at + c.length > f.payload.length) throw new ProtocolError('backup: CHUNKS shorter than asked');
-      const bytes = f.payload.subarray(at, at + c.length);
+      if (at + c.length > payload.length) throw new ProtocolError('backup: CHUNKS shorter than asked');
+      const bytes = payload.subarray(at, at + c.length);
       at += c.length;
       if (!chunkIdentity(this.keys, bytes).equals(c.digest!)) {
         throw new GenvaultError(`backup: a chunk the client sent (offset ${this.offset}) does not match its identity`, 'PROTOCOL');
@@ -127,9 +153,9 @@ export class UploadSource implements ChunkedSource {
       this.remember(c.digest!);
       out[i] = bytes;
     }
-    if (at !== f.payload.length) throw new ProtocolError('backup: CHUNKS longer than asked');
+    if (at !== payload.length) throw new ProtocolError('backup: CHUNKS longer than asked');
     this.transferred.wire += f.payload.length;
-    this.transferred.raw += f.payload.length;
+    this.transferred.raw += payload.length;
     return out;
   }
 
