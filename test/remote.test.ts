@@ -98,6 +98,16 @@ describe('remote repository over ssh', () => {
     expect(await sha256File(out)).toBe(await sha256File(img));
   }, 120_000);
 
+  it('pulls an ssh:// source into an ssh:// repository', async () => {
+    const img = await image('p.img', 11, 10);
+    const r = await rgv(keys.kvm1!, ['backup', sshd.url(img), '-i', sshd.userKey, '--known-hosts', sshd.knownHosts, '--name', 'pulled']);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    const out = s.path('p.out');
+    await gvOk(repo, ['restore', 'kvm1:pulled', out]);
+    expect(await sha256File(out)).toBe(await sha256File(img));
+  }, 120_000);
+
   it('keeps namespaces apart and enforces permissions', async () => {
     const img = await image('c.img', 3, 6);
     expect((await rgv(keys.kvm2!, ['backup', img, '--name', 'only2'])).code).toBe(0);
