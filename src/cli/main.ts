@@ -59,6 +59,7 @@ const commands: Record<string, () => Promise<Registrar>> = {
   diff: () => import('./diff.js'),
   notify: () => import('./notify.js'),
   nbd: () => import('./nbd.js'),
+  sync: () => import('./sync.js'),
 };
 // Commands and aliases registered by another command's module.
 for (const [name, home] of [['ls', 'list'], ['cat', 'restore'], ['umount', 'mount'], ['unmount', 'mount'], ['unprotect', 'protect']] as const)

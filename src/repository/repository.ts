@@ -43,9 +43,10 @@ export class Repository {
 
   /**
    * Make a repository; with `encrypt`, an encrypted one (format 6) whose master key is
-   * wrapped in a first key slot under that secret.
+   * wrapped in a first key slot under that secret. `master`: that master key instead of a
+   * new one (`init --like` an encrypted repository: overrides then carry its id too).
    */
-  static async init(dir: string, overrides: Partial<RepoConfig> = {}, encrypt: Secret | null = null): Promise<RepoConfig> {
+  static async init(dir: string, overrides: Partial<RepoConfig> = {}, encrypt: Secret | null = null, master: Buffer | null = null): Promise<RepoConfig> {
     const abs = path.resolve(dir);
     // A repository is a local directory: init makes it, and locks/, tmp/ and index/ beside
     // the store's own packs/, with node:fs (only config.json and packs are store objects).
@@ -59,7 +60,8 @@ export class Repository {
     }
     const config = { ...defaultConfig(), ...overrides };
     if (config.group === undefined) delete config.group;
-    const master = encrypt ? randomBytes(MASTER_KEY_BYTES) : null;
+    if (master && !encrypt) throw new Error('a master key needs a secret for its slot');
+    master = encrypt ? (master ?? randomBytes(MASTER_KEY_BYTES)) : null;
     if (master) {
       config.version = ENCRYPTED_FORMAT_VERSION;
       config.encryption = { cipher: 'aes-256-gcm', identity: 'hmac-sha256', keyCheck: keyCheck(master) };
