@@ -75,7 +75,9 @@ export function register(program: Command): void {
         const started = Date.now();
         const src = await LocalSource.open(srcDir);
         try {
-          const dst = await LocalDestination.open(dstDir, { wait: o.wait });
+          // GENVAULT_SYNC_FLUSH_ENTRIES: a test hook (many small flushes, for the kill tests).
+          const flushEntries = Number(process.env.GENVAULT_SYNC_FLUSH_ENTRIES) || undefined;
+          const dst = await LocalDestination.open(dstDir, { wait: o.wait, flushEntries });
           const progress = new Progress('sync');
           // A signal ends the sync at once; what it committed stays, the rest is trimmed by the next writer.
           onInterrupt(() => `sync to ${dstDir} interrupted; generations already committed there stay, a rerun copies the rest`);

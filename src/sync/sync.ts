@@ -17,7 +17,8 @@
  * `flushed-N` (the Nth flush of chunk entries is committed), `commit` (a generation's map
  * and record are durable, its batch is next) and `committed-N` (the Nth generation is
  * visible); GENVAULT_SYNC_PAUSE_FILE waits at the point named by GENVAULT_SYNC_PAUSE_AT:
- * `flushed-N`, `before-commit` (the default) or `committed-N`.
+ * `flushed-N`, `before-commit` (the default) or `committed-N`. GENVAULT_SYNC_FLUSH_ENTRIES=N
+ * flushes every N chunk entries instead of 65536 (cli/sync.ts), for kills between flushes.
  */
 import { GenvaultError } from '../util/errors.js';
 import { testPause, testTrace } from '../util/testhooks.js';
@@ -125,6 +126,8 @@ async function plan(src: SyncSource, dst: SyncDestination, opts: SyncOptions, no
   const have = new Map(dstGens.map((g) => [g.id, g]));
   let candidates = srcGens.filter((g) => !have.has(g.id));
   let notKept = 0;
+  /** Destination generations the rules would remove (what a dry run reports as pruned). */
+  let prunable: Generation[] = [];
   if (opts.rules) {
     const minAgeMs = opts.minAgeMs ?? configMinAge(dst.config).ms;
     const keep = new Set(
@@ -135,9 +138,10 @@ async function plan(src: SyncSource, dst: SyncDestination, opts: SyncOptions, no
     const before = candidates.length;
     candidates = candidates.filter((g) => keep.has(g.id));
     notKept = before - candidates.length;
+    prunable = dstGens.filter((g) => !keep.has(g.id));
   }
   const existing = srcGens.filter((g) => have.has(g.id)).map((g) => ({ src: g, dst: have.get(g.id)! }));
-  return { images, candidates, existing, notKept };
+  return { images, candidates, existing, notKept, prunable };
 }
 
 function stateDiffers(a: Generation, b: Generation): boolean {
@@ -166,7 +170,7 @@ export async function sync(src: SyncSource, dst: SyncDestination, opts: SyncOpti
   if (opts.dryRun) {
     res.copied = p.candidates.map(brief);
     res.updated = changed.length;
-    if (opts.rules) res.pruned = (await dst.prune(p.images, opts.rules, { minAgeMs: opts.minAgeMs, dryRun: true })).map(brief);
+    res.pruned = p.prunable.map(brief);
     return res;
   }
   const c: Counters = { chunks: 0, chunkBytes: 0, leaves: 0, done: 0, total: p.candidates.reduce((a, g) => a + g.size, 0) };
@@ -206,7 +210,11 @@ export async function sync(src: SyncSource, dst: SyncDestination, opts: SyncOpti
   res.chunkBytes = c.chunkBytes;
   res.leaves = c.leaves;
   res.storedAdded = dst.storedBytes;
-  if (opts.rules) res.pruned = (await dst.prune(p.images, opts.rules, { minAgeMs: opts.minAgeMs })).map(brief);
+  if (opts.rules) {
+    // Only images the destination has (prune refuses a name it does not know).
+    const present = [...new Set((await dst.generations(p.images)).map((g) => g.name))];
+    res.pruned = (await dst.prune(present, opts.rules, { minAgeMs: opts.minAgeMs })).map(brief);
+  }
   return res;
 }
 
