@@ -199,3 +199,185 @@ describe('sync local to local', () => {
     expect(await fs.readdir(path.join(E, 'packs'))).toEqual([]);
   });
 });
+
+describe('encrypted repositories', () => {
+  it('init --like keeps id and master key; sync copies sealed records; the copy restores with its own key', async () => {
+    const pw = s.path('pw');
+    const key2 = s.path('key2');
+    await fs.writeFile(pw, 'correct horse battery staple\n', { mode: 0o600 });
+    await fs.writeFile(key2, prng(42, 64).toString('hex'), { mode: 0o600 });
+    const E1 = s.path('E1');
+    const E2 = s.path('E2');
+    const withPw = { GENVAULT_PASSWORD_FILE: pw };
+    expect((await gv(E1, ['init', '--encryption', 'aes-256-gcm'], { env: withPw })).code).toBe(0);
+    const e1 = image(3, 8);
+    const sum1 = await writeImage(s.path('e1.img'), [e1]);
+    const sum2 = await writeImage(s.path('e2.img'), [changed(e1, 11, MiB, MiB)]);
+    for (const f of ['e1.img', 'e2.img']) expect((await gv(E1, ['backup', s.path(f), '--name', 'sec', '--tag', 'enc'], { env: withPw })).code).toBe(0);
+    const made = await gv(E2, ['init', '--like', E1, '--encryption', 'aes-256-gcm', '--new-key-file', key2], { env: withPw });
+    expect(made.code, made.stderr).toBe(0);
+    const c1 = JSON.parse(await fs.readFile(path.join(E1, 'config.json'), 'utf8'));
+    const c2 = JSON.parse(await fs.readFile(path.join(E2, 'config.json'), 'utf8'));
+    expect(c2.id).toBe(c1.id);
+    expect(c2.encryption).toEqual(c1.encryption);
+    expect(c2.version).toBe(6);
+    // The passphrase of E1 does not open E2's slot (it has key2's): the sync needs only
+    // the destination's key, and reads the source without one.
+    const noPw = await gv(E2, ['list'], { env: withPw });
+    expect(noPw.code).toBe(1);
+    const r = await gv(null, ['--key-file', key2, 'sync', E1, E2, '--json'], { env: { GENVAULT_PASSWORD_FILE: '' } });
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout).copied).toHaveLength(2);
+    const k2 = { GENVAULT_PASSWORD_FILE: key2 };
+    await restoresAs(E2, 'sec@1', sum1, k2);
+    await restoresAs(E2, 'sec@0', sum2, k2);
+    await verifiesClean(E2, k2);
+    expect((await listed(E2, k2)).map((g) => g.tags)).toEqual([['enc'], ['enc']]);
+  });
+
+  it('other keys, or encrypted against unencrypted, are refused in one line', async () => {
+    const pw = s.path('pw');
+    const E3 = s.path('E3');
+    expect((await gv(E3, ['init', '--encryption', 'aes-256-gcm'], { env: { GENVAULT_PASSWORD_FILE: pw } })).code).toBe(0);
+    const r = await gv(null, ['sync', s.path('E1'), E3], { env: { GENVAULT_PASSWORD_FILE: pw } });
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(/other keys than .*init --like/);
+    expect(await fs.readdir(path.join(E3, 'packs'))).toEqual([]);
+    const plain = await gv(null, ['sync', s.path('E1'), s.path('A')], { env: { GENVAULT_PASSWORD_FILE: pw } });
+    expect(plain.code).toBe(1);
+    expect(oneLine(plain.stderr)).toMatch(/is encrypted and .* is not.*init --like/);
+    const wrong = await gv(s.path('E4'), ['init', '--like', s.path('E1'), '--encryption', 'none'], { env: { GENVAULT_PASSWORD_FILE: pw } });
+    expect(wrong.code).toBe(2);
+    expect(oneLine(wrong.stderr)).toMatch(/is encrypted/);
+  });
+});
+
+describe('killed and run again', () => {
+  let R: string;
+  const sums: string[] = [];
+
+  beforeAll(async () => {
+    R = s.path('R');
+    await gvOk(R, ['init']);
+    let img = image(5, 10);
+    for (let i = 0; i < 3; i++) {
+      if (i) img = changed(img, 50 + i, (2 + 3 * i) * MiB, 2 * MiB);
+      sums.push(await writeImage(s.path(`r${i}.img`), [img]));
+      await gvOk(R, ['backup', s.path(`r${i}.img`), '--name', 'r']);
+    }
+  });
+
+  for (const [point, visible] of [['flushed-2', 0], ['before-commit', 0], ['committed-2', 2]] as const) {
+    it(`SIGKILL at ${point}: nothing half-visible, a rerun completes, verify and gc clean`, async () => {
+      const T = s.path(`T-${point}`);
+      await gvOk(T, ['init', '--like', R]);
+      const pause = s.path(`pause-${point}`);
+      await fs.writeFile(pause, '');
+      const p = new CliProcess(['sync', R, T], { GENVAULT_SYNC_PAUSE_FILE: pause, GENVAULT_SYNC_PAUSE_AT: point, GENVAULT_SYNC_FLUSH_ENTRIES: '8' });
+      try {
+        await p.waitFor(/sync: paused at/, 60_000);
+        p.kill('SIGKILL');
+        await p.exited;
+        await waitGone([p.pid]);
+      } finally {
+        p.kill('SIGKILL');
+        await fs.rm(pause, { force: true });
+      }
+      // Exactly the generations committed before the kill are there, each whole.
+      const seen = await listed(T);
+      expect(seen).toHaveLength(visible);
+      await verifiesClean(T);
+      const r = await gv(null, ['sync', R, T, '--json']);
+      expect(r.code, r.stderr).toBe(0);
+      // Killed before its commit, the generation's own pack (synced, never committed) is removed.
+      if (point === 'before-commit') expect(r.stderr).toMatch(/cleaned up after sync .*1 uncommitted pack\(s\) removed/);
+      expect((await fs.readdir(path.join(T, 'locks'))).filter((f) => f.startsWith('writer-'))).toEqual([]);
+      expect(JSON.parse(r.stdout).copied).toHaveLength(3 - visible);
+      expect((await listed(T)).map((g) => g.id)).toEqual((await listed(R)).map((g) => g.id));
+      await verifiesClean(T);
+      const gc = await gv(T, ['gc', '--json']);
+      expect(gc.code, gc.stderr).toBe(0);
+      await verifiesClean(T);
+      for (let i = 0; i < 3; i++) await restoresAs(T, `r@${2 - i}`, sums[i]!);
+    });
+  }
+});
+
+describe('a damaged source', () => {
+  it('a flipped byte in a chunk record: one line, exit 1, no generation at the destination', async () => {
+    const H = s.path('H');
+    const H2 = s.path('H2');
+    await gvOk(H, ['init']);
+    const base = image(8, 6);
+    await writeImage(s.path('h0.img'), [base]);
+    await gvOk(H, ['backup', s.path('h0.img'), '--name', 'ok']);
+    await writeImage(s.path('h1.img'), [image(9, 6)]);
+    const before = new Set(await dataPackFiles(H));
+    await gvOk(H, ['backup', s.path('h1.img'), '--name', 'bad']);
+    const [pack] = (await dataPackFiles(H)).filter((f) => !before.has(f));
+    // A byte in the middle of the first chunk record's payload.
+    const fh = await fs.open(pack!, 'r');
+    const head = Buffer.alloc(52);
+    await fh.read(head, 0, 52, 24);
+    await fh.close();
+    await flipByte(pack!, 24 + 52 + Math.floor(head.readUInt32LE(12) / 2));
+    await gvOk(H2, ['init', '--like', H]);
+    const r = await gv(null, ['sync', H, H2]);
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(/source damaged: the record of chunk [0-9a-f]{64} in pack [0-9a-f]{32} at \d+: /);
+    // The image before it in order ('bad' < 'ok') was not reached, the damaged one never committed.
+    expect(await listed(H2)).toEqual([]);
+    const ok = await syncJson([H, H2, 'ok']);
+    expect(ok.copied).toHaveLength(1);
+    expect((await listed(H2)).map((g) => g.name)).toEqual(['ok']);
+    expect((await gv(H2, ['gc'])).code).toBe(0);
+    await verifiesClean(H2);
+  });
+});
+
+describe('a gc at the destination during a sync', () => {
+  it('the gc waits for the sync, and both leave whole generations', async () => {
+    const G = s.path('G');
+    const G2 = s.path('G2');
+    await gvOk(G, ['init']);
+    const g0 = image(12, 8);
+    const sum0 = await writeImage(s.path('g0.img'), [g0]);
+    const sum1 = await writeImage(s.path('g1.img'), [changed(g0, 13, 2 * MiB, 3 * MiB)]);
+    await gvOk(G, ['backup', s.path('g0.img'), '--name', 'g']);
+    await gvOk(G, ['backup', s.path('g1.img'), '--name', 'g']);
+    // The destination has garbage for the gc: a generation forgotten there.
+    await gvOk(G2, ['init', '--like', G]);
+    await writeImage(s.path('junk.img'), [image(14, 4)]);
+    await gvOk(G2, ['backup', s.path('junk.img'), '--name', 'junk']);
+    await gvOk(G2, ['forget', 'junk@0', '--force-young']);
+    const pause = s.path('pause-gc');
+    await fs.writeFile(pause, '');
+    const p = new CliProcess(['sync', G, G2, '--json'], { GENVAULT_SYNC_PAUSE_FILE: pause, GENVAULT_SYNC_PAUSE_AT: 'before-commit' });
+    let gc: CliProcess | null = null;
+    try {
+      await p.waitFor(/sync: paused at before-commit/, 60_000);
+      // The gc condemns the garbage (and the sync's chunks, committed but not yet referenced), then waits for the sync.
+      gc = new CliProcess(['-r', G2, 'gc', '--json'], { GENVAULT_GC_TRACE: '1' });
+      await gc.waitFor(/gc-trace: wait/, 60_000);
+      expect(gc.running).toBe(true);
+      await fs.rm(pause);
+      expect((await p.waitExit(120_000)).code).toBe(0);
+      expect((await gc.waitExit(120_000)).code).toBe(0);
+    } finally {
+      p.kill('SIGKILL');
+      gc?.kill('SIGKILL');
+      await fs.rm(pause, { force: true });
+    }
+    // Its output mixes trace lines (stderr) with the JSON (stdout): the figures by name.
+    const figure = (name: string) => Number(new RegExp(`"${name}": (\\d+)`).exec(gc!.out)?.[1]);
+    expect(figure('chunksRemoved')).toBeGreaterThan(0);
+    expect(figure('waitedFor')).toBeGreaterThanOrEqual(1);
+    await verifiesClean(G2);
+    await restoresAs(G2, 'g@1', sum0);
+    await restoresAs(G2, 'g@0', sum1);
+    // A second gc finds nothing of the sync's to remove.
+    await gvOk(G2, ['gc']);
+    await verifiesClean(G2);
+    await restoresAs(G2, 'g@0', sum1);
+  });
+});
