@@ -381,3 +381,43 @@ describe('a gc at the destination during a sync', () => {
     await restoresAs(G2, 'g@0', sum1);
   });
 });
+
+describe('a sync job in the job file', () => {
+  it('runs as a job, is recorded, and status shows it; a bad sync: is one file:line line', async () => {
+    const J = s.path('J');
+    const J2 = s.path('J2');
+    await gvOk(J, ['init']);
+    const sum = await writeImage(s.path('j.img'), [image(21, 4)]);
+    await gvOk(J, ['backup', s.path('j.img'), '--name', 'web']);
+    await gvOk(J, ['backup', s.path('j.img'), '--name', 'web']);
+    await gvOk(J2, ['init', '--like', J]);
+    const file = s.path('jobs.yaml');
+    await fs.writeFile(
+      file,
+      `repository: ${J}\ntimezone: UTC\njobs:\n  offsite:\n    sync: { to: ${J2}, images: [web], keep: { keep-last: 1, min-age: 0 } }\n    schedule: "0 4 * * *"\n`,
+      { mode: 0o600 },
+    );
+    const r = await gv(null, ['run', '--config', file, '--now', 'offsite']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/^offsite: ok: synced 1 generation\(s\) to .*J2 \(0 already there\), \d+ chunks .* sent, .* stored, /m);
+    expect((await listed(J2)).map((g) => g.id)).toEqual([(await listed(J)).at(-1)!.id]);
+    await restoresAs(J2, 'web@0', sum);
+    const st = await gv(null, ['status', '--config', file, '--json']);
+    const row = (JSON.parse(st.stdout) as { jobs: Array<{ job: string; state: string; lastSuccess: string | null }> }).jobs.find((j) => j.job === 'offsite')!;
+    expect(row.state).toBe('OK');
+    expect(row.lastSuccess).not.toBeNull();
+    // A failing sync (the destination gone) is a failed run, recorded and shown.
+    await fs.rename(J2, s.path('J2-away'));
+    const bad = await gv(null, ['run', '--config', file, '--now', 'offsite']);
+    expect(bad.code).toBe(1);
+    expect(bad.stderr).toMatch(/offsite: FAILED \(sync\): sync to .*J2: .*not a genvault repository/);
+    const st2 = JSON.parse((await gv(null, ['status', '--config', file, '--json'])).stdout) as { jobs: Array<{ job: string; state: string }> };
+    expect(st2.jobs.find((j) => j.job === 'offsite')!.state).toBe('CRIT');
+    const wrong = s.path('wrong.yaml');
+    await fs.writeFile(wrong, `repository: ${J}\njobs:\n  offsite:\n    source: /x\n    sync: { images: [web] }\n`, { mode: 0o600 });
+    const c = await gv(null, ['run', '--check', '--config', wrong]);
+    expect(c.code).toBe(1);
+    expect(c.stderr + c.stdout).toMatch(/wrong\.yaml:4: jobs\.offsite\.source: not with sync/);
+    expect(c.stderr + c.stdout).toMatch(/wrong\.yaml:5: jobs\.offsite\.sync\.to: missing/);
+  });
+});

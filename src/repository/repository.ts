@@ -116,14 +116,15 @@ export class Repository {
    * Open a repository. Sets the process umask for its files (perms.ts: whoever opens the
    * index may create LevelDB files and its socket). With `write` (backup, gc, prune,
    * forget, protect, jobs), its directories are also brought to the repository's modes.
+   * `secret`: what opens an encrypted repository's key, instead of this process's.
    */
-  static async open(dir: string, opts: { write?: boolean; withoutKey?: boolean } = {}): Promise<Repository> {
+  static async open(dir: string, opts: { write?: boolean; withoutKey?: boolean; secret?: Secret } = {}): Promise<Repository> {
     const abs = path.resolve(dir);
     const config = await Repository.readConfig(abs);
     // The key first: a wrong one ends the command before anything is written. `withoutKey`:
     // a reader of the index alone (status: job history, generation records), which the
     // key does not protect (FORMAT.md, "What stays plaintext"); it gets no worker pool.
-    const unlocked = config.encryption && !opts.withoutKey ? await unlock(abs, config) : null;
+    const unlocked = config.encryption && !opts.withoutKey ? await unlock(abs, config, opts.secret) : null;
     const indexDir = path.join(abs, 'index');
     applyUmask(config);
     let db: Db;

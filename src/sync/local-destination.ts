@@ -21,6 +21,7 @@ import type { Generation } from '../format/generation.js';
 import { PackWriter } from '../store/pack-writer.js';
 import { ImageLock, WriterRegistration, cleanupDeadWriters, gcRunning, trimPacks } from '../repository/locks.js';
 import { Repository } from '../repository/repository.js';
+import type { Secret } from '../repository/keys.js';
 import { prune, setGenerationState } from '../lifecycle/prune.js';
 import type { RetentionRules } from '../lifecycle/retention.js';
 import { testPause, testTrace } from '../util/testhooks.js';
@@ -52,8 +53,9 @@ export class LocalDestination implements SyncDestination {
     private readonly opts: { wait?: boolean; flushEntries?: number },
   ) {}
 
-  static async open(dir: string, opts: { wait?: boolean; flushEntries?: number } = {}): Promise<LocalDestination> {
-    const repo = await Repository.open(dir, { write: true });
+  /** `secret`: what opens an encrypted destination's key (default: this process's, keys.ts). */
+  static async open(dir: string, opts: { wait?: boolean; flushEntries?: number; secret?: Secret } = {}): Promise<LocalDestination> {
+    const repo = await Repository.open(dir, { write: true, secret: opts.secret });
     return new LocalDestination(repo, opts);
   }
 

@@ -17,10 +17,19 @@ import { Repository } from '../repository/repository.js';
 import type { PinnedGeneration, SyncSource } from './endpoint.js';
 
 export class LocalSource implements SyncSource {
-  private constructor(private readonly repo: Repository) {}
+  private constructor(
+    private readonly repo: Repository,
+    /** Opened here (closed by close()), or the caller's (a job's repository, left open). */
+    private readonly owned: boolean,
+  ) {}
 
   static async open(dir: string): Promise<LocalSource> {
-    return new LocalSource(await Repository.open(dir, { withoutKey: true }));
+    return new LocalSource(await Repository.open(dir, { withoutKey: true }), true);
+  }
+
+  /** A repository the caller has open (a sync job's); close() leaves it open. */
+  static of(repo: Repository): LocalSource {
+    return new LocalSource(repo, false);
   }
 
   get description(): string {
@@ -107,6 +116,6 @@ export class LocalSource implements SyncSource {
   }
 
   async close(): Promise<void> {
-    await this.repo.close();
+    if (this.owned) await this.repo.close();
   }
 }
