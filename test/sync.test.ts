@@ -197,6 +197,9 @@ describe('sync local to local', () => {
     expect(oneLine(r.stderr)).toMatch(/chunks differently.*init --like/);
     expect(await listed(E)).toHaveLength(0);
     expect(await fs.readdir(path.join(E, 'packs'))).toEqual([]);
+    const same = await gv(null, ['sync', A, `${A}/`]);
+    expect(same.code).toBe(2);
+    expect(oneLine(same.stderr)).toMatch(/are the same repository/);
   });
 });
 
@@ -419,5 +422,45 @@ describe('a sync job in the job file', () => {
     expect(c.code).toBe(1);
     expect(c.stderr + c.stdout).toMatch(/wrong\.yaml:4: jobs\.offsite\.source: not with sync/);
     expect(c.stderr + c.stdout).toMatch(/wrong\.yaml:5: jobs\.offsite\.sync\.to: missing/);
+  });
+});
+
+describe('the source changes during a sync', () => {
+  it('a generation being copied, forgotten and gc-ed at the source meanwhile, still copies whole (pinned)', async () => {
+    const P = s.path('P');
+    const P2 = s.path('P2');
+    await gvOk(P, ['init']);
+    const p0 = image(31, 8);
+    const sum0 = await writeImage(s.path('p0.img'), [p0]);
+    await writeImage(s.path('p1.img'), [changed(p0, 32, 0, 3 * MiB)]);
+    await gvOk(P, ['backup', s.path('p0.img'), '--name', 'p']);
+    await gvOk(P, ['backup', s.path('p1.img'), '--name', 'p']);
+    await gvOk(P2, ['init', '--like', P]);
+    const pause = s.path('pause-pin');
+    await fs.writeFile(pause, '');
+    const p = new CliProcess(['sync', P, P2, '--json'], { GENVAULT_SYNC_PAUSE_FILE: pause, GENVAULT_SYNC_PAUSE_AT: 'flushed-1', GENVAULT_SYNC_FLUSH_ENTRIES: '8' });
+    try {
+      await p.waitFor(/sync: paused at flushed-1/, 60_000);
+      // Both generations forgotten and their space reclaimed at the source, while the first is being copied.
+      await gvOk(P, ['forget', 'p@1', '--force-young']);
+      await gvOk(P, ['forget', 'p@0', '--force-young']);
+      const gc = JSON.parse(await gvOk(P, ['gc', '--json'])) as { chunksRemoved: number };
+      await fs.rm(pause);
+      const done = await p.waitExit(120_000);
+      expect(done.code, p.out).toBe(0);
+      // The pinned one kept its data; the other was gone when its turn came.
+      expect(gc.chunksRemoved).toBeGreaterThan(0);
+      const r = JSON.parse(p.out.slice(p.out.indexOf('{'))) as { copied: Array<{ id: string }>; vanished: number };
+      expect(r.copied).toHaveLength(1);
+      expect(r.vanished).toBe(1);
+    } finally {
+      p.kill('SIGKILL');
+      await fs.rm(pause, { force: true });
+    }
+    await verifiesClean(P2);
+    await restoresAs(P2, 'p@0', sum0);
+    // Released: the next gc at the source reclaims the rest.
+    await gvOk(P, ['gc']);
+    expect(await listed(P)).toEqual([]);
   });
 });

@@ -1,4 +1,6 @@
 import { Command } from 'commander';
+import fs from 'node:fs/promises';
+import path from 'node:path';
 import { sync, type SyncResult } from '../sync/sync.js';
 import { LocalSource } from '../sync/local-source.js';
 import { LocalDestination } from '../sync/local-destination.js';
@@ -7,12 +9,18 @@ import { parseDuration } from '../util/duration.js';
 import { checkImageName } from '../format/config.js';
 import { bytes, duration } from '../util/format.js';
 import { Progress } from '../util/progress.js';
+import { UsageError } from '../util/errors.js';
 import { action, onInterrupt, printJson, wantsJson } from './common.js';
 import { keepOptions, keepRules, type KeepFlags } from './prune.js';
 
 interface SyncFlags extends KeepFlags {
   dryRun?: boolean;
   wait?: boolean;
+}
+
+/** A directory's real path (as given when it does not exist: opening it then says so). */
+async function realpath(dir: string): Promise<string> {
+  return fs.realpath(dir).catch(() => path.resolve(dir));
 }
 
 /** The rules given, or null when no --keep-* option is. */
@@ -73,11 +81,12 @@ export function register(program: Command): void {
         const rules = rulesOf(o);
         const minAgeMs = o.minAge === undefined ? undefined : parseDuration(o.minAge, '--min-age');
         const started = Date.now();
+        if ((await realpath(srcDir)) === (await realpath(dstDir))) throw new UsageError(`${srcDir} and ${dstDir} are the same repository`);
         const src = await LocalSource.open(srcDir);
         try {
           // GENVAULT_SYNC_FLUSH_ENTRIES: a test hook (many small flushes, for the kill tests).
           const flushEntries = Number(process.env.GENVAULT_SYNC_FLUSH_ENTRIES) || undefined;
-          const dst = await LocalDestination.open(dstDir, { wait: o.wait, flushEntries });
+          const dst = await LocalDestination.open(dstDir, { wait: o.wait, flushEntries, dryRun: o.dryRun });
           const progress = new Progress('sync');
           // A signal ends the sync at once; what it committed stays, the rest is trimmed by the next writer.
           onInterrupt(() => `sync to ${dstDir} interrupted; generations already committed there stay, a rerun copies the rest`);

@@ -54,8 +54,8 @@ export class LocalDestination implements SyncDestination {
   ) {}
 
   /** `secret`: what opens an encrypted destination's key (default: this process's, keys.ts). */
-  static async open(dir: string, opts: { wait?: boolean; flushEntries?: number; secret?: Secret } = {}): Promise<LocalDestination> {
-    const repo = await Repository.open(dir, { write: true, secret: opts.secret });
+  static async open(dir: string, opts: { wait?: boolean; flushEntries?: number; secret?: Secret; dryRun?: boolean } = {}): Promise<LocalDestination> {
+    const repo = await Repository.open(dir, { write: !opts.dryRun, secret: opts.secret });
     return new LocalDestination(repo, opts);
   }
 
@@ -193,9 +193,8 @@ export class LocalDestination implements SyncDestination {
     const { repo } = this;
     const gkey = Repository.generationKey(gen);
     if (await getOrNull(repo.db, gkey)) return false;
-    await this.pack?.close();
-    this.pack = null;
-    // The map and record in a pack of their own (FORMAT.md, "Version 5"), synced before the batch.
+    // The map and record in a pack of their own (FORMAT.md, "Version 5"), synced before the
+    // batch. The data pack stays open for the next generation's records (flushed: committed).
     const p = await this.openPack();
     const json = Buffer.from(JSON.stringify(gen));
     const recs = Buffer.concat([
