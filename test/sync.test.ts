@@ -7,10 +7,11 @@
  * flipped byte refused without a generation at the destination; a gc at the destination
  * during a sync.
  */
+import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CliProcess, Scratch, dataPackFiles, flipByte, gv, gvOk, oneLine, prng, sha256File, text, waitGone, writeImage } from './helpers.js';
+import { CliProcess, ROOT, Scratch, dataPackFiles, flipByte, format3Images, gv, gvOk, oneLine, prng, sh, sha256File, text, waitGone, writeImage } from './helpers.js';
 
 const MiB = 1 << 20;
 let s: Scratch;
@@ -462,5 +463,30 @@ describe('the source changes during a sync', () => {
     // Released: the next gc at the source reclaims the rest.
     await gvOk(P, ['gc']);
     expect(await listed(P)).toEqual([]);
+  });
+});
+
+describe('an older source format', () => {
+  it('a format 3 repository (group records, no metadata in its packs) syncs into a new one made like it', async () => {
+    const F = s.path('F3');
+    const F5 = s.path('F5');
+    await fs.cp(path.join(ROOT, 'test', 'fixtures', 'format3-repo'), F, { recursive: true });
+    for (const d of ['locks', 'tmp']) await fs.mkdir(path.join(F, d), { recursive: true });
+    await sh('chmod', ['-R', 'go-rwx', F]);
+    await gvOk(F5, ['init', '--like', F]);
+    expect(JSON.parse(await fs.readFile(path.join(F5, 'config.json'), 'utf8')).version).toBe(5);
+    const r = await syncJson([F, F5]);
+    expect(r.copied).toHaveLength(3);
+    const want = format3Images();
+    const list = await listed(F5);
+    for (let i = 0; i < want.length; i++) {
+      const [name, data] = want[i]!;
+      await restoresAs(F5, `${name}@${list[i]!.id}`, createHash('sha256').update(data).digest('hex'));
+    }
+    await verifiesClean(F5);
+    // Into the format 3 repository: refused (it keeps no metadata in its packs).
+    const back = await gv(null, ['sync', F5, F]);
+    expect(back.code).toBe(1);
+    expect(oneLine(back.stderr)).toMatch(/format 3, which keeps no metadata in its packs: run 'genvault upgrade'/);
   });
 });
