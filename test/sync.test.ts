@@ -46,7 +46,7 @@ interface ListedGen {
   id: string;
   tags: string[];
   protected?: boolean;
-  stats: { newStored: number };
+  stats: { newStored: number; newChunks: number };
 }
 
 async function listed(repo: string, env?: NodeJS.ProcessEnv): Promise<ListedGen[]> {
@@ -239,6 +239,32 @@ describe('encrypted repositories', () => {
     expect((await listed(E2, k2)).map((g) => g.tags)).toEqual([['enc'], ['enc']]);
   });
 
+  it('a flipped byte in a sealed source record: it does not authenticate, one line, no generation that needs it', async () => {
+    const pw = s.path('pw');
+    const E1 = s.path('E1');
+    const E5 = s.path('E5');
+    const withPw = { GENVAULT_PASSWORD_FILE: pw };
+    expect((await gv(E5, ['init', '--like', E1, '--encryption', 'aes-256-gcm'], { env: withPw })).code).toBe(0);
+    // A copy of E1 with one byte of its first chunk record's sealed payload flipped.
+    const E6 = s.path('E6');
+    await fs.cp(E1, E6, { recursive: true });
+    const [pack] = await dataPackFiles(E6);
+    const fh = await fs.open(pack!, 'r');
+    const head = Buffer.alloc(52);
+    await fh.read(head, 0, 52, 24);
+    await fh.close();
+    await flipByte(pack!, 24 + 52 + head.readUInt32LE(12) - 20);
+    const r = await gv(null, ['sync', E6, E5], { env: withPw });
+    expect(r.code).toBe(1);
+    expect(oneLine(r.stderr)).toMatch(/source damaged: .*does not authenticate/);
+    // The generation that needs the record is not there; one copied before it (the older,
+    // when the damage is in the newer one's pack) is whole.
+    const got = await listed(E5, withPw);
+    expect(got.length).toBeLessThan(2);
+    await verifiesClean(E5, withPw);
+    if (got.length) await restoresAs(E5, 'sec@0', await sha256File(s.path('e1.img')), withPw);
+  });
+
   it('other keys, or encrypted against unencrypted, are refused in one line', async () => {
     const pw = s.path('pw');
     const E3 = s.path('E3');
@@ -247,7 +273,8 @@ describe('encrypted repositories', () => {
     expect(r.code).toBe(1);
     expect(oneLine(r.stderr)).toMatch(/other keys than .*init --like/);
     expect(await fs.readdir(path.join(E3, 'packs'))).toEqual([]);
-    const plain = await gv(null, ['sync', s.path('E1'), s.path('A')], { env: { GENVAULT_PASSWORD_FILE: pw } });
+    await gvOk(s.path('plain'), ['init']);
+    const plain = await gv(null, ['sync', s.path('E1'), s.path('plain')], { env: { GENVAULT_PASSWORD_FILE: pw } });
     expect(plain.code).toBe(1);
     expect(oneLine(plain.stderr)).toMatch(/is encrypted and .* is not.*init --like/);
     const wrong = await gv(s.path('E4'), ['init', '--like', s.path('E1'), '--encryption', 'none'], { env: { GENVAULT_PASSWORD_FILE: pw } });
@@ -383,6 +410,38 @@ describe('a gc at the destination during a sync', () => {
     await gvOk(G2, ['gc']);
     await verifiesClean(G2);
     await restoresAs(G2, 'g@0', sum1);
+  });
+});
+
+describe('a sync that starts while a gc runs at the destination', () => {
+  it('does not reuse the chunks the gc condemned: it stores fresh copies, and the generation stays whole', async () => {
+    const Q = s.path('Q');
+    const Q2 = s.path('Q2');
+    await gvOk(Q, ['init']);
+    const sum = await writeImage(s.path('q.img'), [image(41, 6)]);
+    await gvOk(Q, ['backup', s.path('q.img'), '--name', 'q']);
+    // The destination holds the very same chunks, unreferenced: garbage the gc condemns.
+    await gvOk(Q2, ['init', '--like', Q]);
+    await gvOk(Q2, ['backup', s.path('q.img'), '--name', 'q']);
+    await gvOk(Q2, ['forget', 'q@0', '--force-young']);
+    const pause = s.path('pause-gc2');
+    await fs.writeFile(pause, '');
+    const gc = new CliProcess(['-r', Q2, 'gc'], { GENVAULT_GC_PAUSE_FILE: pause });
+    try {
+      await gc.waitFor(/gc: paused at before-sweep/, 60_000);
+      const r = await syncJson([Q, Q2]);
+      expect(r.copied).toHaveLength(1);
+      // Every chunk sent again: none of the condemned copies was taken.
+      expect(r.chunks).toBeGreaterThan(0);
+      expect(r.chunks).toBe((await listed(Q))[0]!.stats.newChunks);
+      await fs.rm(pause);
+      expect((await gc.waitExit(120_000)).code, gc.out).toBe(0);
+    } finally {
+      gc.kill('SIGKILL');
+      await fs.rm(pause, { force: true });
+    }
+    await verifiesClean(Q2);
+    await restoresAs(Q2, 'q@0', sum);
   });
 });
 
