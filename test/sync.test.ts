@@ -77,7 +77,7 @@ async function verifiesClean(repo: string, env?: NodeJS.ProcessEnv): Promise<voi
   expect(r.stdout).toMatch(/no damage found/);
 }
 
-async function syncJson(args: string[], env?: NodeJS.ProcessEnv): Promise<Record<string, unknown> & { copied: Array<{ id: string }>; skipped: number; updated: number; storedAdded: number; chunks: number; pruned: unknown[]; notKept: number }> {
+async function syncJson(args: string[], env?: NodeJS.ProcessEnv): Promise<Record<string, unknown> & { copied: Array<{ id: string }>; skipped: number; updated: number; storedAdded: number; bytesSent: number; chunks: number; pruned: unknown[]; notKept: number }> {
   const r = await gv(null, ['sync', ...args, '--json'], { env });
   expect(r.code, r.stderr).toBe(0);
   return JSON.parse(r.stdout);
@@ -125,6 +125,8 @@ describe('sync local to local', () => {
     expect(again.copied).toHaveLength(0);
     expect(again.skipped).toBe(3);
     expect(again.chunks).toBe(0);
+    expect(again.bytesSent).toBe(0);
+    expect(again.storedAdded).toBe(0);
   });
 
   it('a next-day backup: only its new records are sent; tags and protection updated', async () => {

@@ -42,7 +42,7 @@ function summary(r: SyncResult, ms: number): string {
   if (r.updated) parts.push(`${r.updated} with tags or protection ${r.dryRun ? 'to update' : 'updated'}`);
   if (r.notKept) parts.push(`${r.notKept} not copied (the --keep rules would remove them)`);
   if (r.vanished) parts.push(`${r.vanished} forgotten at the source meanwhile`);
-  if (!r.dryRun) parts.push(`${plural(r.chunks, 'chunk')} (${bytes(r.chunkBytes)}) and ${plural(r.leaves, 'map leaf', 'map leaves')} sent, ${bytes(r.storedAdded)} stored, in ${duration(ms)}`);
+  if (!r.dryRun) parts.push(`${plural(r.chunks, 'chunk')} and ${plural(r.leaves, 'map leaf', 'map leaves')} sent (${bytes(r.bytesSent)}), ${bytes(r.storedAdded)} stored, in ${duration(ms)}`);
   if (r.pruned.length) parts.push(`${r.dryRun ? 'would prune' : 'pruned'} ${r.pruned.length} at the destination`);
   return `${parts.join(', ')}${r.dryRun ? ' (dry run: nothing changed)' : ''}\n`;
 }

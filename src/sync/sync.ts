@@ -67,6 +67,8 @@ export interface SyncResult {
   chunkBytes: number;
   /** Map leaves copied. */
   leaves: number;
+  /** Bytes read from the source and handed to the destination: chunk records and map leaves. */
+  bytesSent: number;
   /** Bytes appended to the destination's packs (records, metadata, tables of contents). */
   storedAdded: number;
   /** Generations the retention rules removed at the destination (dry run: would). */
@@ -114,6 +116,7 @@ interface Counters {
   chunks: number;
   chunkBytes: number;
   leaves: number;
+  leafBytes: number;
   done: number;
   total: number;
 }
@@ -163,6 +166,7 @@ export async function sync(src: SyncSource, dst: SyncDestination, opts: SyncOpti
     chunks: 0,
     chunkBytes: 0,
     leaves: 0,
+    bytesSent: 0,
     storedAdded: 0,
     pruned: [],
   };
@@ -173,7 +177,7 @@ export async function sync(src: SyncSource, dst: SyncDestination, opts: SyncOpti
     res.pruned = p.prunable.map(brief);
     return res;
   }
-  const c: Counters = { chunks: 0, chunkBytes: 0, leaves: 0, done: 0, total: p.candidates.reduce((a, g) => a + g.size, 0) };
+  const c: Counters = { chunks: 0, chunkBytes: 0, leaves: 0, leafBytes: 0, done: 0, total: p.candidates.reduce((a, g) => a + g.size, 0) };
   await dst.begin();
   try {
     let committed = 0;
@@ -209,6 +213,7 @@ export async function sync(src: SyncSource, dst: SyncDestination, opts: SyncOpti
   res.chunks = c.chunks;
   res.chunkBytes = c.chunkBytes;
   res.leaves = c.leaves;
+  res.bytesSent = c.chunkBytes + c.leafBytes;
   res.storedAdded = dst.storedBytes;
   if (opts.rules) {
     // Only images the destination has (prune refuses a name it does not know).
@@ -251,6 +256,7 @@ async function copyGeneration(src: SyncSource, dst: SyncDestination, p: PinnedGe
       const put = refs.map((r, k) => ({ digest: r.digest, bytes: bytes[k]! })).filter((_, k) => lacking[k]);
       await dst.putLeaves(put);
       c.leaves += put.length;
+      c.leafBytes += put.reduce((a, l) => a + l.bytes.length, 0);
     }
     c.done += covered;
     opts.onProgress?.(c.done, c.total);
