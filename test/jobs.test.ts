@@ -458,7 +458,8 @@ describe('daemon', () => {
 describe('shipped examples', () => {
   it('scripts/jobs.example.yaml is a valid job file', async () => {
     const f = parseJobsText(await fs.readFile(new URL('../scripts/jobs.example.yaml', import.meta.url), 'utf8'), 'jobs.example.yaml');
-    expect(f.jobs.map((j) => j.name)).toEqual(['web1', 'db-data', 'router', 'app1']);
+    expect(f.jobs.map((j) => j.name)).toEqual(['web1', 'db-data', 'router', 'app1', 'offsite']);
+    expect(f.jobs[4]!.sync).toMatchObject({ to: '/mnt/offsite/genvault', images: ['web1', 'db-data'], rules: { keepDaily: 30, keepMonthly: 12 } });
     expect(f.jobs[0]!.hooks.pre).toHaveLength(3);
     expect(f.jobs[1]!.hooks.pre[0]!.on).toBe('local');
     expect(f.jobs[3]!.bitmap).toBe('backup-vda');

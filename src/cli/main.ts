@@ -65,6 +65,7 @@ const commands: Record<string, () => Promise<Registrar>> = {
   notify: () => import('./notify.js'),
   nbd: () => import('./nbd.js'),
   serve: () => import('./serve.js'),
+  sync: () => import('./sync.js'),
 };
 // Commands and aliases registered by another command's module.
 for (const [name, home] of [['ls', 'list'], ['cat', 'restore'], ['umount', 'mount'], ['unmount', 'mount'], ['unprotect', 'protect']] as const)

@@ -6,7 +6,7 @@ import { UsageError } from '../util/errors.js';
 import { table } from '../util/format.js';
 import { action, collect, printJson, wantsJson, withWritableRepo } from './common.js';
 
-interface PruneFlags {
+export interface KeepFlags {
   keepLast?: string;
   keepHourly?: string;
   keepDaily?: string;
@@ -15,8 +15,37 @@ interface PruneFlags {
   keepYearly?: string;
   keepTag?: string[];
   minAge?: string;
+}
+
+interface PruneFlags extends KeepFlags {
   dryRun?: boolean;
   allowEmpty?: boolean;
+}
+
+/** The --keep-* options (prune, sync). */
+export function keepOptions(c: Command): Command {
+  return c
+    .option('--keep-last <n>', 'keep the n newest generations')
+    .option('--keep-hourly <n>', 'keep the newest generation of each of the n most recent hours (UTC) that have one')
+    .option('--keep-daily <n>', 'keep the newest generation of each of the n most recent days (UTC) that have one')
+    .option('--keep-weekly <n>', 'keep the newest generation of each of the n most recent ISO weeks that have one')
+    .option('--keep-monthly <n>', 'keep the newest generation of each of the n most recent months that have one')
+    .option('--keep-yearly <n>', 'keep the newest generation of each of the n most recent years that have one')
+    .option('--keep-tag <tag>', 'keep every generation with this tag (repeatable)', collect)
+    .option('--min-age <duration>', "keep generations younger than this (e.g. 0, 90m, 36h, 7d; default: the repository's guards.minAge, 1d)");
+}
+
+/** The rules the --keep-* options give (usage errors thrown). */
+export function keepRules(o: KeepFlags): RetentionRules {
+  return {
+    keepLast: count(o.keepLast, '--keep-last'),
+    keepHourly: count(o.keepHourly, '--keep-hourly'),
+    keepDaily: count(o.keepDaily, '--keep-daily'),
+    keepWeekly: count(o.keepWeekly, '--keep-weekly'),
+    keepMonthly: count(o.keepMonthly, '--keep-monthly'),
+    keepYearly: count(o.keepYearly, '--keep-yearly'),
+    keepTags: o.keepTag ?? [],
+  };
 }
 
 function count(v: string | undefined, flag: string): number | undefined {
@@ -26,18 +55,12 @@ function count(v: string | undefined, flag: string): number | undefined {
 }
 
 export function register(program: Command): void {
-  program
-    .command('prune')
-    .description('remove the generations a retention policy does not keep (per image; space is reclaimed by `genvault gc`)')
-    .argument('[names...]', 'images to prune (default: all)')
-    .option('--keep-last <n>', 'keep the n newest generations')
-    .option('--keep-hourly <n>', 'keep the newest generation of each of the n most recent hours (UTC) that have one')
-    .option('--keep-daily <n>', 'keep the newest generation of each of the n most recent days (UTC) that have one')
-    .option('--keep-weekly <n>', 'keep the newest generation of each of the n most recent ISO weeks that have one')
-    .option('--keep-monthly <n>', 'keep the newest generation of each of the n most recent months that have one')
-    .option('--keep-yearly <n>', 'keep the newest generation of each of the n most recent years that have one')
-    .option('--keep-tag <tag>', 'keep every generation with this tag (repeatable)', collect)
-    .option('--min-age <duration>', "keep generations younger than this (e.g. 0, 90m, 36h, 7d; default: the repository's guards.minAge, 1d)")
+  keepOptions(
+    program
+      .command('prune')
+      .description('remove the generations a retention policy does not keep (per image; space is reclaimed by `genvault gc`)')
+      .argument('[names...]', 'images to prune (default: all)'),
+  )
     .option('-n, --dry-run', 'only show what would be kept and removed, and why')
     .option('--allow-empty', 'allow removing every generation of an image')
     .option('--json', 'print the decisions as JSON')
@@ -53,15 +76,7 @@ export function register(program: Command): void {
     )
     .action(
       action(async (names: string[], o: PruneFlags, cmd: Command) => {
-        const rules: RetentionRules = {
-          keepLast: count(o.keepLast, '--keep-last'),
-          keepHourly: count(o.keepHourly, '--keep-hourly'),
-          keepDaily: count(o.keepDaily, '--keep-daily'),
-          keepWeekly: count(o.keepWeekly, '--keep-weekly'),
-          keepMonthly: count(o.keepMonthly, '--keep-monthly'),
-          keepYearly: count(o.keepYearly, '--keep-yearly'),
-          keepTags: o.keepTag ?? [],
-        };
+        const rules = keepRules(o);
         const minAgeMs = o.minAge === undefined ? undefined : parseDuration(o.minAge, '--min-age');
         await withWritableRepo(cmd, async (repo) => {
           const res = await prune(repo, { names, rules, minAgeMs, dryRun: o.dryRun, allowEmpty: o.allowEmpty });

@@ -14,6 +14,9 @@
  *       hooks:
  *         pre:  ["lvcreate -s -L 2G -n vm1-snap vg0/vm1"]
  *         post: ["lvremove -f vg0/vm1-snap"]
+ *     offsite:                         # instead of source: copy generations (genvault sync)
+ *       sync: { to: /mnt/offsite/gv, images: [vm1], keep: { keep-daily: 14 } }
+ *       schedule: "0 4 * * *"
  */
 import path from 'node:path';
 import YAML, { isCollection, isMap, isScalar, isSeq, LineCounter, Node as YamlNode, Pair, YAMLMap } from 'yaml';
@@ -68,6 +71,19 @@ export interface NotifySpec {
 export const DEFAULT_SENDMAIL = '/usr/sbin/sendmail';
 export const DEFAULT_NOTIFY_TIMEOUT_MS = 60_000;
 
+/** A sync job's `sync:` (genvault sync from the job file's repository to `to`). */
+export interface SyncJobSpec {
+  /** The destination repository (made with `genvault -r TO init --like REPOSITORY`). */
+  to: string;
+  /** Images to copy (empty: all). */
+  images: string[];
+  /** Retention applied at the destination after the copy; null: none. */
+  rules: RetentionRules | null;
+  minAgeMs?: number;
+  /** The destination's key or passphrase file (0600), when it is not the job file's key-file. */
+  keyFile?: string;
+}
+
 export interface JobConfig {
   name: string;
   /** Image name in the repository (default: the job name). */
@@ -86,6 +102,8 @@ export interface JobConfig {
   bitmap?: string;
   /** Null: no notification. */
   notify: NotifySpec | null;
+  /** A sync job (no source: it copies generations to another repository). */
+  sync?: SyncJobSpec;
   /** Line of the job's name in the file. */
   line: number;
 }
@@ -123,7 +141,8 @@ export function formatProblem(file: string, p: ConfigProblem): string {
 }
 
 const TOP_KEYS = ['repository', 'key-file', 'timezone', 'defaults', 'jobs'];
-const JOB_KEYS = ['source', 'image', 'schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace', 'notify', 'bitmap'];
+const JOB_KEYS = ['source', 'image', 'schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace', 'notify', 'bitmap', 'sync'];
+const SYNC_KEYS = ['to', 'images', 'keep', 'key-file'];
 const DEFAULT_KEYS = ['schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace', 'notify'];
 const NOTIFY_KEYS = ['on', 'command', 'email', 'webhook', 'sendmail', 'timeout'];
 const RETENTION_KEYS: Record<string, keyof RetentionRules | 'min-age'> = {
@@ -487,6 +506,34 @@ function parseJobSource(c: Checker, p: PartialJob & { rest: Map<string, unknown>
   return source;
 }
 
+/** A job's `sync:` (paths relative to the job file's directory). */
+function parseSyncSpec(c: Checker, node: unknown, field: string, base: string): SyncJobSpec | null {
+  let to: string | null = null;
+  const spec: Omit<SyncJobSpec, 'to'> = { images: [], rules: null };
+  for (const { key, value } of c.pairs(node, field, SYNC_KEYS)) {
+    const f = `${field}.${key}`;
+    if (key === 'to') {
+      const v = c.string(value, f);
+      if (v !== null) to = path.resolve(base, v);
+    } else if (key === 'images') {
+      spec.images = c.stringList(value, f);
+      for (const n of spec.images) if (!IMAGE_NAME_RE.test(n) || n === 'latest') c.add(value, f, `invalid image name ${JSON.stringify(n)}`);
+    } else if (key === 'keep') {
+      const r = parseRetention(c, value, f);
+      spec.rules = r?.rules ?? null;
+      if (r?.minAgeMs !== undefined) spec.minAgeMs = r.minAgeMs;
+    } else if (key === 'key-file') {
+      const v = c.string(value, f);
+      if (v !== null) spec.keyFile = path.resolve(base, v);
+    }
+  }
+  if (to === null) {
+    if (isMap(node)) c.add(node, `${field}.to`, 'missing: the destination repository (a directory)');
+    return null;
+  }
+  return { to, ...spec };
+}
+
 /** What one entry of `jobs:` is parsed with: the checker, the file-wide settings, and the images taken so far. */
 interface JobsContext {
   c: Checker;
@@ -506,6 +553,7 @@ function parseJob(x: JobsContext, name: string, value: unknown, keyNode: unknown
     return null;
   }
   const p = parsePartial(c, value, f, JOB_KEYS, x.timezone, x.base);
+  if (p.rest.has('sync')) return parseSyncJob(x, name, p, keyNode);
   const source = parseJobSource(c, p, value, keyNode, f);
   let image = name;
   if (p.rest.has('image')) {
@@ -544,6 +592,40 @@ function parseJob(x: JobsContext, name: string, value: unknown, keyNode: unknown
     ssh,
     notify: p.notify !== undefined ? p.notify : (defaults.notify ?? null),
     ...(bitmap !== undefined ? { bitmap } : {}),
+    line: c.line(keyNode),
+  };
+}
+
+/**
+ * A sync job: `sync:` instead of `source:` (and no image, bitmap or retention of its own:
+ * its `keep:` applies at the destination). Its lock and history go by the job's name;
+ * hooks run on this host.
+ */
+function parseSyncJob(x: JobsContext, name: string, p: PartialJob & { rest: Map<string, unknown> }, keyNode: unknown): JobConfig | null {
+  const { c, defaults } = x;
+  const f = `jobs.${name}`;
+  for (const k of ['source', 'image', 'bitmap']) if (p.rest.has(k)) c.add(p.rest.get(k), `${f}.${k}`, 'not with sync: a sync job copies generations of the repository');
+  if (p.retention !== undefined) c.add(keyNode, `${f}.retention`, 'not with sync: give the destination\'s rules as sync.keep');
+  const spec = parseSyncSpec(c, p.rest.get('sync'), `${f}.sync`, x.base);
+  const other = x.images.get(name);
+  if (other) c.add(keyNode, f, `image ${name} is backed up by job ${other}: a sync job takes its name for its lock and history; rename it`);
+  x.images.set(name, name);
+  const h0 = p.hooks ?? defaults.hooks ?? { pre: [], post: [] };
+  const local = (h: HookSpec) => ({ ...h, on: 'local' as const });
+  if (!spec) return null;
+  const schedule = p.schedule ?? defaults.schedule;
+  return {
+    name,
+    image: name,
+    source: `sync to ${spec.to}`,
+    schedule: schedule?.value ?? null,
+    tags: [],
+    retention: null,
+    graceMs: p.graceMs ?? defaults.graceMs ?? DEFAULT_GRACE_MS,
+    hooks: { pre: h0.pre.map(local), post: h0.post.map(local) },
+    ssh: { mode: 'auto' },
+    notify: p.notify !== undefined ? p.notify : (defaults.notify ?? null),
+    sync: spec,
     line: c.line(keyNode),
   };
 }
@@ -606,6 +688,7 @@ export async function checkJobFiles(f: JobsFile): Promise<string[]> {
   // The repository's key file: refused when group or others may read it, as when it is used.
   if (f.keyFile) await checkTrustedFile(f.keyFile, { secret: true }).catch((e: Error) => out.push(`key-file: ${e.message}`));
   for (const j of f.jobs) {
+    if (j.sync?.keyFile) await checkTrustedFile(j.sync.keyFile, { secret: true }).catch((e: Error) => out.push(`jobs.${j.name}.sync.key-file: ${e.message}`));
     for (const [file, secret] of [[j.ssh.identity, true], [j.ssh.knownHosts, false]] as const) {
       if (!file || seen.has(file)) continue;
       seen.add(file);

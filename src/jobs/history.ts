@@ -33,8 +33,10 @@ export interface RunRecord {
   /** One line: why the run failed. */
   error?: string;
   /** What failed: a pre-hook, the backup, a post-hook, the retention. */
-  stage?: 'connect' | 'pre-hook' | 'backup' | 'post-hook' | 'retention';
+  stage?: 'connect' | 'pre-hook' | 'backup' | 'sync' | 'post-hook' | 'retention';
   generation?: { id: string; size: number; bytesRead: number; newBytes: number; newStored: number };
+  /** A sync job's copy: where to, generations copied and already there, what it sent and stored, what the destination's rules pruned. */
+  sync?: { to: string; copied: number; skipped: number; updated: number; chunks: number; chunkBytes: number; storedAdded: number; pruned: number };
   pruned?: string[];
   hooks: HookRecord[];
   /** Who ran it: "run", "daemon". */

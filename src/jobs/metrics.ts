@@ -51,7 +51,7 @@ export async function metricsText(repo: Repository, file: JobsFile): Promise<str
       m.add('genvault_job_last_success_duration_seconds', 'How long the last successful run took.', labels, (ok.finished - ok.started) / 1000);
       m.add('genvault_job_last_success_bytes_read', 'Bytes of the source read by the last successful run.', labels, g?.bytesRead ?? 0);
       m.add('genvault_job_last_success_bytes_new', 'Bytes the last successful run found new (not yet in the repository).', labels, g?.newBytes ?? 0);
-      m.add('genvault_job_last_success_bytes_stored', 'Bytes the last successful run added to the repository (compressed).', labels, g?.newStored ?? 0);
+      m.add('genvault_job_last_success_bytes_stored', 'Bytes the last successful run added to the repository (compressed; a sync job: to its destination).', labels, g?.newStored ?? ok.sync?.storedAdded ?? 0);
     }
     m.add('genvault_job_failed_runs', 'Failed runs among the last 200 recorded.', labels, runs.filter((r) => r.status === 'failed').length);
   }

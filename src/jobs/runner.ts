@@ -1,7 +1,9 @@
 /**
  * Running a job: take the image's backup lock, connect (ssh:// sources), run the
  * pre-hooks in order, read the source into a new generation, run every post-hook, apply
- * the retention, and record the run in the repository's history.
+ * the retention, and record the run in the repository's history. A sync job does the
+ * same with `genvault sync` to its destination in place of the read (under a lock of its
+ * own name; the destination's retention is the sync's).
  *
  * Rules an admin relies on:
  * - a failing pre-hook skips the read (no half-frozen or missing snapshot is backed up);
@@ -31,6 +33,10 @@ import type { JobConfig } from './config.js';
 import { HookRecord, RunRecord, recentRuns, recordRun } from './history.js';
 import { runHook } from './hooks.js';
 import { notifyRun } from './notify.js';
+import { sync } from '../sync/sync.js';
+import { LocalSource } from '../sync/local-source.js';
+import { LocalDestination } from '../sync/local-destination.js';
+import { readSecretFile } from '../repository/keys.js';
 
 export interface RunJobOptions {
   /** Who runs it, recorded with the run: "run" or "daemon". */
@@ -153,8 +159,30 @@ async function runPreHooks(run: Run): Promise<void> {
   }
 }
 
-/** Reads the source into a new generation; true if that succeeded. */
+/** A sync job's copy to its destination (genvault sync); true if it succeeded. */
+async function syncToDestination(run: Run): Promise<boolean> {
+  const spec = run.job.sync!;
+  try {
+    // The destination's key: sync.key-file, else this process's (--key-file, the job file's key-file).
+    const secret = spec.keyFile ? await readSecretFile(spec.keyFile, 'key-file') : undefined;
+    const dst = await LocalDestination.open(spec.to, { secret });
+    try {
+      const r = await sync(LocalSource.of(run.repo), dst, { names: spec.images, rules: spec.rules, minAgeMs: spec.minAgeMs, onProgress: run.opts.onProgress });
+      run.rec.sync = { to: spec.to, copied: r.copied.length, skipped: r.skipped, updated: r.updated, chunks: r.chunks, chunkBytes: r.chunkBytes, storedAdded: r.storedAdded, pruned: r.pruned.length };
+      run.env.GENVAULT_SYNC_COPIED = String(r.copied.length);
+      return true;
+    } finally {
+      await dst.close().catch(() => undefined);
+    }
+  } catch (e) {
+    run.fail('sync', `sync to ${spec.to}: ${(e as Error).message}`);
+    return false;
+  }
+}
+
+/** Reads the source into a new generation (a sync job: copies to its destination); true if that succeeded. */
 async function readSource(run: Run): Promise<boolean> {
+  if (run.job.sync) return syncToDestination(run);
   const { repo, job, opts, lock, rec } = run;
   let source: Source | null = null;
   try {
@@ -244,6 +272,11 @@ export function describeRun(o: JobOutcome): string {
   if (o.skipped) return `${o.job}: skipped: ${o.reason}`;
   const r = o.record;
   const took = duration(r.finished - r.started);
+  const y = r.sync;
+  if (y && r.status === 'ok') {
+    const pruned = y.pruned ? `, pruned ${y.pruned} there` : '';
+    return `${r.job}: ok: synced ${y.copied} generation(s) to ${y.to} (${y.skipped} already there), ${y.chunks} chunks (${bytes(y.chunkBytes)}) sent, ${bytes(y.storedAdded)} stored${pruned}, ${took}`;
+  }
   const g = r.generation;
   const gen = g ? `generation ${g.id.slice(0, 8)}, ${bytes(g.bytesRead)} read, ${bytes(g.newBytes)} new (${bytes(g.newStored)} stored)` : '';
   const pruned = r.pruned?.length ? `, pruned ${r.pruned.length}` : '';

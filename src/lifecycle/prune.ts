@@ -111,6 +111,31 @@ export async function setProtected(repo: Repository, spec: string, on: boolean):
   });
 }
 
+/**
+ * Set a generation's tags and protection to `state` (sync carries them from its source):
+ * one change record with the next `rev` (format 4), and the record rewritten under the
+ * same key, under the retention lock. False when they are already so, or it is gone.
+ */
+export async function setGenerationState(repo: Repository, g: Generation, state: { tags: string[]; protected: boolean }): Promise<boolean> {
+  return withRetentionLock(repo, async () => {
+    const cur = await reread(repo, g);
+    if (!cur || cur.removed) return false;
+    const sameTags = cur.tags.length === state.tags.length && cur.tags.every((t, i) => t === state.tags[i]);
+    if (sameTags && Boolean(cur.protected) === state.protected) return false;
+    const next: Generation = { ...cur, tags: [...state.tags] };
+    if (state.protected) next.protected = true;
+    else delete next.protected;
+    await writeChanges(repo, 'sync', (meta) => {
+      if (meta) next.rev = (cur.rev ?? 0) + 1;
+      return {
+        changes: meta ? [changeOf(next, next.rev!, { tags: next.tags, protected: state.protected })] : [],
+        ops: [{ type: 'put', key: Repository.generationKey(next), value: Buffer.from(JSON.stringify(next)) }],
+      };
+    });
+    return true;
+  });
+}
+
 export interface ForgetOptions {
   /** Remove it even if it is younger than the minimum age. */
   forceYoung?: boolean;

@@ -179,11 +179,12 @@ export interface Unlocked {
 const unlockedByDir = new Map<string, Unlocked>();
 
 /**
- * Open an encrypted repository's master key with this process's secret (once per
- * repository per process: the daemon reopens repositories). Throws one line when no slot
+ * Open an encrypted repository's master key with this process's secret, or `given` (a
+ * sync job's destination key file); once per repository per process: the daemon reopens
+ * repositories. Throws one line when no slot
  * opens: nothing has been written by then.
  */
-export async function unlock(dir: string, config: RepoConfig): Promise<Unlocked> {
+export async function unlock(dir: string, config: RepoConfig, given?: Secret): Promise<Unlocked> {
   const known = unlockedByDir.get(dir);
   if (known) return known;
   const { slots, damaged } = await readSlots(dir);
@@ -191,7 +192,7 @@ export async function unlock(dir: string, config: RepoConfig): Promise<Unlocked>
   if (!slots.length) {
     throw new GenvaultError(`${dir}: encrypted, but no usable key slot in ${KEYS_DIR}/ ('genvault key import' makes one from a key backup)`, 'NO_KEY');
   }
-  const secret = await currentSecret(dir);
+  const secret = given ?? (await currentSecret(dir));
   for (const slot of slots) {
     const master = await unwrapMaster(slot, secret.bytes, config.id);
     if (!master) continue;

@@ -43,9 +43,10 @@ export class Repository {
 
   /**
    * Make a repository; with `encrypt`, an encrypted one (format 6) whose master key is
-   * wrapped in a first key slot under that secret.
+   * wrapped in a first key slot under that secret. `master`: that master key instead of a
+   * new one (`init --like` an encrypted repository: overrides then carry its id too).
    */
-  static async init(dir: string, overrides: Partial<RepoConfig> = {}, encrypt: Secret | null = null): Promise<RepoConfig> {
+  static async init(dir: string, overrides: Partial<RepoConfig> = {}, encrypt: Secret | null = null, master: Buffer | null = null): Promise<RepoConfig> {
     const abs = path.resolve(dir);
     // A repository is a local directory: init makes it, and locks/, tmp/ and index/ beside
     // the store's own packs/, with node:fs (only config.json and packs are store objects).
@@ -59,7 +60,8 @@ export class Repository {
     }
     const config = { ...defaultConfig(), ...overrides };
     if (config.group === undefined) delete config.group;
-    const master = encrypt ? randomBytes(MASTER_KEY_BYTES) : null;
+    if (master && !encrypt) throw new Error('a master key needs a secret for its slot');
+    master = encrypt ? (master ?? randomBytes(MASTER_KEY_BYTES)) : null;
     if (master) {
       config.version = ENCRYPTED_FORMAT_VERSION;
       config.encryption = { cipher: 'aes-256-gcm', identity: 'hmac-sha256', keyCheck: keyCheck(master) };
@@ -114,14 +116,15 @@ export class Repository {
    * Open a repository. Sets the process umask for its files (perms.ts: whoever opens the
    * index may create LevelDB files and its socket). With `write` (backup, gc, prune,
    * forget, protect, jobs), its directories are also brought to the repository's modes.
+   * `secret`: what opens an encrypted repository's key, instead of this process's.
    */
-  static async open(dir: string, opts: { write?: boolean; withoutKey?: boolean } = {}): Promise<Repository> {
+  static async open(dir: string, opts: { write?: boolean; withoutKey?: boolean; secret?: Secret } = {}): Promise<Repository> {
     const abs = path.resolve(dir);
     const config = await Repository.readConfig(abs);
     // The key first: a wrong one ends the command before anything is written. `withoutKey`:
     // a reader of the index alone (status: job history, generation records), which the
     // key does not protect (FORMAT.md, "What stays plaintext"); it gets no worker pool.
-    const unlocked = config.encryption && !opts.withoutKey ? await unlock(abs, config) : null;
+    const unlocked = config.encryption && !opts.withoutKey ? await unlock(abs, config, opts.secret) : null;
     const indexDir = path.join(abs, 'index');
     applyUmask(config);
     let db: Db;

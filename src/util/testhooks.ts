@@ -2,7 +2,7 @@
  * Test hooks for the crash and race tests (test/gc.test.ts, test/crashloop.test.ts): they
  * let a test see which phase a process is in, or hold it at a named point, and then kill
  * it there. Inert unless their environment variables are set; nothing in normal use sets
- * them. TOOL is GC, PRUNE or BACKUP:
+ * them. TOOL is GC, PRUNE, BACKUP or SYNC:
  *
  *   GENVAULT_<TOOL>_TRACE=1        print "<tool>-trace: PHASE" on stderr as each phase starts
  *   GENVAULT_<TOOL>_PAUSE_FILE=F   at the point named by GENVAULT_<TOOL>_PAUSE_AT (each tool
@@ -10,11 +10,11 @@
  *                                  exists" on stderr and wait while F exists
  *
  * The points each tool offers are listed where it calls these (src/lifecycle/gc.ts, prune.ts,
- * backup.ts).
+ * backup.ts, src/sync/sync.ts).
  */
 import fs from 'node:fs/promises';
 
-export type HookTool = 'gc' | 'prune' | 'backup';
+export type HookTool = 'gc' | 'prune' | 'backup' | 'sync';
 
 const envName = (tool: HookTool, what: string) => `GENVAULT_${tool.toUpperCase()}_${what}`;
 

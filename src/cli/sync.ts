@@ -1,0 +1,107 @@
+import { Command } from 'commander';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { sync, type SyncResult } from '../sync/sync.js';
+import { LocalSource } from '../sync/local-source.js';
+import { LocalDestination } from '../sync/local-destination.js';
+import type { RetentionRules } from '../lifecycle/retention.js';
+import { parseDuration } from '../util/duration.js';
+import { checkImageName } from '../format/config.js';
+import { bytes, duration } from '../util/format.js';
+import { Progress } from '../util/progress.js';
+import { UsageError } from '../util/errors.js';
+import { action, onInterrupt, printJson, wantsJson } from './common.js';
+import { keepOptions, keepRules, type KeepFlags } from './prune.js';
+
+interface SyncFlags extends KeepFlags {
+  dryRun?: boolean;
+  wait?: boolean;
+}
+
+/** A directory's real path (as given when it does not exist: opening it then says so). */
+async function realpath(dir: string): Promise<string> {
+  return fs.realpath(dir).catch(() => path.resolve(dir));
+}
+
+/** The rules given, or null when no --keep-* option is. */
+function rulesOf(o: SyncFlags): RetentionRules | null {
+  const r = keepRules(o);
+  const any = Object.entries(r).some(([k, v]) => (k === 'keepTags' ? (v as string[]).length > 0 : v !== undefined));
+  return any ? r : null;
+}
+
+function plural(n: number, one: string, many = `${one}s`): string {
+  return `${n} ${n === 1 ? one : many}`;
+}
+
+function summary(r: SyncResult, ms: number): string {
+  const parts = [
+    `${r.dryRun ? 'would copy' : 'copied'} ${plural(r.copied.length, 'generation')}`,
+    `${r.skipped} already there`,
+  ];
+  if (r.updated) parts.push(`${r.updated} with tags or protection ${r.dryRun ? 'to update' : 'updated'}`);
+  if (r.notKept) parts.push(`${r.notKept} not copied (the --keep rules would remove them)`);
+  if (r.vanished) parts.push(`${r.vanished} forgotten at the source meanwhile`);
+  if (!r.dryRun) parts.push(`${plural(r.chunks, 'chunk')} and ${plural(r.leaves, 'map leaf', 'map leaves')} sent (${bytes(r.bytesSent)}), ${bytes(r.storedAdded)} stored, in ${duration(ms)}`);
+  if (r.pruned.length) parts.push(`${r.dryRun ? 'would prune' : 'pruned'} ${r.pruned.length} at the destination`);
+  return `${parts.join(', ')}${r.dryRun ? ' (dry run: nothing changed)' : ''}\n`;
+}
+
+export function register(program: Command): void {
+  keepOptions(
+    program
+      .command('sync')
+      .description('copy generations (all images, or the named ones) from repository SRC to repository DST, sending only what DST lacks')
+      .argument('<src>', 'the repository to copy from (a local directory; read only)')
+      .argument('<dst>', 'the repository to copy to (a local directory, made with `genvault -r DST init --like SRC`)')
+      .argument('[names...]', 'images to copy (default: all)'),
+  )
+    .option('-n, --dry-run', 'only say which generations would be copied, updated and pruned')
+    .option('--wait', 'wait for a running backup or sync of an image at DST instead of failing')
+    .option('--json', 'print a summary as JSON')
+    .addHelpText(
+      'after',
+      '\nStored records are copied as they are (not decompressed, re-chunked or re-sealed), each\n' +
+        'checked first; a generation appears at DST only once everything it references is\n' +
+        'durable there. Killed at any moment, run it again: it copies what is missing.\n' +
+        'Generations DST has already (same id) are skipped; their tags and protection are\n' +
+        'brought up to SRC\'s. With --keep-* rules, generations they would remove at once are\n' +
+        'not copied, and DST is pruned afterwards as by `genvault prune` (space: `genvault gc`).\n' +
+        'SRC and DST must chunk alike and, encrypted, share their keys: make DST with\n' +
+        '`genvault -r DST init --like SRC`. DST\'s key: --key-file, $GENVAULT_PASSWORD_FILE or a\n' +
+        'prompt; SRC is read without its key.\n\n' +
+        'Examples:\n' +
+        '  genvault -r /mnt/offsite/gv init --like /srv/genvault\n' +
+        '  genvault sync /srv/genvault /mnt/offsite/gv\n' +
+        '  genvault sync /srv/genvault /mnt/offsite/gv vm1 --keep-daily 14 --keep-monthly 6',
+    )
+    .action(
+      action(async (srcDir: string, dstDir: string, names: string[], o: SyncFlags, cmd: Command) => {
+        for (const n of names) checkImageName(n);
+        const rules = rulesOf(o);
+        const minAgeMs = o.minAge === undefined ? undefined : parseDuration(o.minAge, '--min-age');
+        const started = Date.now();
+        if ((await realpath(srcDir)) === (await realpath(dstDir))) throw new UsageError(`${srcDir} and ${dstDir} are the same repository`);
+        const src = await LocalSource.open(srcDir);
+        try {
+          // GENVAULT_SYNC_FLUSH_ENTRIES: a test hook (many small flushes, for the kill tests).
+          const flushEntries = Number(process.env.GENVAULT_SYNC_FLUSH_ENTRIES) || undefined;
+          const dst = await LocalDestination.open(dstDir, { wait: o.wait, flushEntries, dryRun: o.dryRun });
+          const progress = new Progress('sync');
+          // A signal ends the sync at once; what it committed stays, the rest is trimmed by the next writer.
+          onInterrupt(() => `sync to ${dstDir} interrupted; generations already committed there stay, a rerun copies the rest`);
+          try {
+            const r = await sync(src, dst, { names, rules, minAgeMs, dryRun: o.dryRun, onProgress: (d, t) => progress.update(d, t) });
+            progress.done();
+            if (wantsJson(cmd)) printJson({ source: src.description, destination: dst.description, ...r, durationMs: Date.now() - started });
+            else process.stdout.write(summary(r, Date.now() - started));
+          } finally {
+            progress.done();
+            await dst.close().catch(() => undefined);
+          }
+        } finally {
+          await src.close().catch(() => undefined);
+        }
+      }),
+    );
+}
