@@ -202,6 +202,77 @@ describe('remote repository over ssh', () => {
   }, 120_000);
 });
 
+describe('sync through a served repository', () => {
+  it('local -> ssh -> local: every generation restores byte-identical; next day sends only the new records; kills are resumed', async () => {
+    const src = s.path('sync-src');
+    const mid = s.path('sync-mid');
+    const far = s.path('sync-far');
+    await gvOk(src, ['init']);
+    const a = await image('s1.img', 21, 16);
+    await gvOk(src, ['backup', a, '--name', 'web', '--tag', 'daily']);
+    const b = await image('s2.img', 22, 8);
+    await gvOk(src, ['backup', b, '--name', 'db']);
+    await gvOk(src, ['protect', 'db']);
+    await gvOk(mid, ['init', '--like', src]);
+    await gvOk(far, ['init', '--like', src]);
+    const k = s.path('key-sync');
+    await keygen(k);
+    await sshd.authorize(`${k}.pub`, `command="${process.execPath} ${CLI} serve --repo ${mid} --permissions full",restrict`);
+    const ssh = ['--repo-identity', k, '--repo-known-hosts', sshd.knownHosts];
+    const url = sshd.url(mid);
+    const up = await gv(null, [...ssh, 'sync', src, url, '--json']);
+    expect(up.stderr).toBe('');
+    const r1 = JSON.parse(up.stdout);
+    expect(r1.copied).toHaveLength(2);
+    const down = await gv(null, [...ssh, 'sync', url, far, '--json']);
+    expect(down.stderr).toBe('');
+    expect(JSON.parse(down.stdout).copied).toHaveLength(2);
+    for (const [name, img] of [['web', a], ['db', b]] as const) {
+      const out = s.path(`far-${name}`);
+      await gvOk(far, ['restore', `${name}@latest`, out]);
+      expect(await sha256File(out)).toBe(await sha256File(img));
+    }
+    const farList = JSON.parse(await gvOk(far, ['list', '--json'])) as Array<{ name: string; tags: string[]; protected: boolean }>;
+    expect(farList.find((g) => g.name === 'db')!.protected).toBe(true);
+    expect(farList.find((g) => g.name === 'web')!.tags).toEqual(['daily']);
+    // Next day: a 1 MiB change; the second sync stores no more than 110% of what the backup stored.
+    const fh = await fs.open(a, 'r+');
+    await fh.write(prng(23, 1 << 20), 0, 1 << 20, 5 << 20);
+    await fh.close();
+    const next = JSON.parse(await gvOk(src, ['backup', a, '--name', 'web', '--json']));
+    const up2 = JSON.parse((await gv(null, [...ssh, 'sync', src, url, '--json'])).stdout);
+    expect(up2.copied).toHaveLength(1);
+    expect(up2.storedAdded).toBeLessThanOrEqual(1.1 * next.stats.newStored + 64 * 1024);
+    // Killed at a few moments, then run again: the same end result at the far side.
+    await gvOk(src, ['backup', await image('s3.img', 24, 24), '--name', 'big']);
+    for (const ms of [300, 900, 1500]) {
+      const p = new CliProcess([...ssh, 'sync', src, url]);
+      await new Promise((r) => setTimeout(r, ms));
+      p.kill('SIGKILL');
+      await p.exited;
+    }
+    const fin = await gv(null, [...ssh, 'sync', src, url, '--json']);
+    expect(fin.stderr).toBe('');
+    expect((await gv(mid, ['verify'])).code).toBe(0);
+    await gvOk(mid, ['gc']);
+    expect((await gv(mid, ['verify', '--full'])).code).toBe(0);
+    const ids = (r: string) => gvOk(r, ['list', '--json']).then((t) => (JSON.parse(t) as Array<{ id: string }>).map((g) => g.id).sort());
+    expect(await ids(mid)).toEqual(await ids(src));
+    const out = s.path('mid-big');
+    await gvOk(mid, ['restore', 'big', out]);
+    expect(await sha256File(out)).toBe(await sha256File(s.path('s3.img')));
+  }, 300_000);
+
+  it('a namespaced or append key cannot sync', async () => {
+    const src = s.path('sync-src');
+    for (const key of [keys.kvm1!, keys.kvm2!]) {
+      const r = await gv(null, ['--repo-identity', key, '--repo-known-hosts', sshd.knownHosts, 'sync', src, sshd.url('/x')]);
+      expect(r.code).toBe(1);
+      expect(oneLine(r.stderr)).toMatch(/permission denied: sync copies whole repositories/);
+    }
+  }, 60_000);
+});
+
 /** genvault serve run directly (no ssh) with the given bytes on stdin. */
 function serveRaw(input: Buffer, args: string[] = []): Promise<{ code: number | null; stdout: Buffer; stderr: string }> {
   return new Promise((resolve) => {

@@ -12,10 +12,30 @@ import { Progress } from '../util/progress.js';
 import { UsageError } from '../util/errors.js';
 import { action, onInterrupt, printJson, wantsJson } from './common.js';
 import { keepOptions, keepRules, type KeepFlags } from './prune.js';
+import { remoteOptions } from './remote.js';
+import { isRemoteRepo } from '../remote/client.js';
+import { RemoteDestination, RemoteSource } from '../remote/sync-client.js';
+import { parseSize } from '../util/format.js';
+import type { SyncDestination, SyncSource } from '../sync/endpoint.js';
 
 interface SyncFlags extends KeepFlags {
   dryRun?: boolean;
   wait?: boolean;
+  limitRate?: string;
+}
+
+/** SRC: a local directory, or ssh:// (a `genvault serve` with --permissions full and no namespace). */
+function openSource(dir: string, cmd: Command): Promise<SyncSource> {
+  return isRemoteRepo(dir) ? RemoteSource.open(dir, remoteOptions(cmd)) : LocalSource.open(dir);
+}
+
+function openDestination(dir: string, o: SyncFlags, cmd: Command): Promise<SyncDestination> {
+  const limitRate = o.limitRate === undefined ? undefined : parseSize(o.limitRate, '--limit-rate');
+  if (isRemoteRepo(dir)) return RemoteDestination.open(dir, { ...remoteOptions(cmd, { limitRate }), wait: o.wait });
+  if (limitRate !== undefined) throw new UsageError('--limit-rate applies to an ssh:// destination');
+  // GENVAULT_SYNC_FLUSH_ENTRIES: a test hook (many small flushes, for the kill tests).
+  const flushEntries = Number(process.env.GENVAULT_SYNC_FLUSH_ENTRIES) || undefined;
+  return LocalDestination.open(dir, { wait: o.wait, flushEntries, dryRun: o.dryRun });
 }
 
 /** A directory's real path (as given when it does not exist: opening it then says so). */
@@ -52,12 +72,13 @@ export function register(program: Command): void {
     program
       .command('sync')
       .description('copy generations (all images, or the named ones) from repository SRC to repository DST, sending only what DST lacks')
-      .argument('<src>', 'the repository to copy from (a local directory; read only)')
-      .argument('<dst>', 'the repository to copy to (a local directory, made with `genvault -r DST init --like SRC`)')
+      .argument('<src>', 'the repository to copy from (a directory, or ssh://user@host/path; read only)')
+      .argument('<dst>', 'the repository to copy to (a directory or ssh://user@host/path, made with `genvault -r DST init --like SRC`)')
       .argument('[names...]', 'images to copy (default: all)'),
   )
     .option('-n, --dry-run', 'only say which generations would be copied, updated and pruned')
     .option('--wait', 'wait for a running backup or sync of an image at DST instead of failing')
+    .option('--limit-rate <rate>', 'an ssh:// DST: send at most RATE bytes per second (e.g. 20M)')
     .option('--json', 'print a summary as JSON')
     .addHelpText(
       'after',
@@ -69,11 +90,15 @@ export function register(program: Command): void {
         'not copied, and DST is pruned afterwards as by `genvault prune` (space: `genvault gc`).\n' +
         'SRC and DST must chunk alike and, encrypted, share their keys: make DST with\n' +
         '`genvault -r DST init --like SRC`. DST\'s key: --key-file, $GENVAULT_PASSWORD_FILE or a\n' +
-        'prompt; SRC is read without its key.\n\n' +
+        'prompt; SRC is read without its key. An ssh:// end is a `genvault serve` with\n' +
+        '--permissions full and no namespace (the repository admin\'s key): it checks every record\n' +
+        'with its own key; the global --repo-identity, --repo-known-hosts, --repo-ssh-command and\n' +
+        '--remote-command options apply to it.\n\n' +
         'Examples:\n' +
         '  genvault -r /mnt/offsite/gv init --like /srv/genvault\n' +
         '  genvault sync /srv/genvault /mnt/offsite/gv\n' +
-        '  genvault sync /srv/genvault /mnt/offsite/gv vm1 --keep-daily 14 --keep-monthly 6',
+        '  genvault sync /srv/genvault /mnt/offsite/gv vm1 --keep-daily 14 --keep-monthly 6\n' +
+        '  genvault sync /srv/genvault ssh://backup@offsite/srv/gv --limit-rate 20M',
     )
     .action(
       action(async (srcDir: string, dstDir: string, names: string[], o: SyncFlags, cmd: Command) => {
@@ -81,12 +106,10 @@ export function register(program: Command): void {
         const rules = rulesOf(o);
         const minAgeMs = o.minAge === undefined ? undefined : parseDuration(o.minAge, '--min-age');
         const started = Date.now();
-        if ((await realpath(srcDir)) === (await realpath(dstDir))) throw new UsageError(`${srcDir} and ${dstDir} are the same repository`);
-        const src = await LocalSource.open(srcDir);
+        if (!isRemoteRepo(srcDir) && !isRemoteRepo(dstDir) && (await realpath(srcDir)) === (await realpath(dstDir))) throw new UsageError(`${srcDir} and ${dstDir} are the same repository`);
+        const src = await openSource(srcDir, cmd);
         try {
-          // GENVAULT_SYNC_FLUSH_ENTRIES: a test hook (many small flushes, for the kill tests).
-          const flushEntries = Number(process.env.GENVAULT_SYNC_FLUSH_ENTRIES) || undefined;
-          const dst = await LocalDestination.open(dstDir, { wait: o.wait, flushEntries, dryRun: o.dryRun });
+          const dst = await openDestination(dstDir, o, cmd);
           const progress = new Progress('sync');
           // A signal ends the sync at once; what it committed stays, the rest is trimmed by the next writer.
           onInterrupt(() => `sync to ${dstDir} interrupted; generations already committed there stay, a rerun copies the rest`);

@@ -184,6 +184,14 @@ export class RemoteRepository {
     await this.call('close', { id });
   }
 
+  /** A request frame of another type (sync's RECORD, RECREAD); its answer (RESULT or DATA). */
+  async request(type: number, payload: Buffer): Promise<Frame> {
+    const id = this.nextId++;
+    const p = this.expect(id);
+    await this.send(type, id, payload);
+    return this.answer(await p);
+  }
+
   /** Bytes [offset, offset + length) of an open generation (length at most MAX_READ); null: all zeros. */
   async read(id: string, offset: number, length: number): Promise<Buffer | null> {
     if (length > MAX_READ) throw new RangeError('read too large');

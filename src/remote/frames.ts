@@ -12,8 +12,8 @@
  */
 import type { Readable } from 'node:stream';
 
-/** Largest frame: a segment's chunk data (8 MiB by default) plus headers, with room. */
-export const MAX_FRAME = 17 << 20;
+/** Largest frame: a stored record sync copies (a 16 MiB group, sealed, in a 32 MiB bound) plus headers. */
+export const MAX_FRAME = 33 << 20;
 export const FRAME_HEADER = 9;
 
 export class ProtocolError extends Error {

@@ -13,6 +13,8 @@
  *     CHUNKS   coding u8 (0 raw, 1 zstd) | the bytes of the chunks NEED asked for, in order,
  *              as they are or as one zstd frame (id: the segment's number)
  *     END      JSON {bytes}                            the backup's source ended (id: the backup's CALL)
+ *     RECORD   u32 n | JSON {location, digest} (n bytes) | a stored record   sync: append it (RESULT)
+ *     RECREAD  a location (base64 of its index encoding)  sync: a stored record (DATA)
  *   server -> client
  *     WELCOME  JSON {protocol, version, namespace, permissions, chunking, identity?}
  *     RESULT   JSON                                    the answer to a CALL
@@ -25,6 +27,9 @@
  * (n = 0, 1, ...), the server answers NEED n, the client sends CHUNKS n, and so on with up
  * to WINDOW segments described ahead of the answers; END closes the source, and the CALL's
  * RESULT (the generation) or ERROR comes once the server committed or gave up.
+ *
+ * `genvault sync` to or from a served repository uses CALLs named sync-* (sync-server.ts)
+ * and the RECORD and RECREAD frames: stored records cross as they are.
  */
 import { ProtocolError } from './frames.js';
 
@@ -43,6 +48,8 @@ export const T = {
   CHUNKS: 10,
   END: 11,
   FATAL: 12,
+  RECORD: 13,
+  RECREAD: 14,
 } as const;
 
 /** Segments a backup client describes ahead of the server's answers (hides round trips). */

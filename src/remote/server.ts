@@ -23,6 +23,7 @@ import { Access } from './access.js';
 import { FrameReader, ProtocolError, encodeFrame, frameHeader, type Frame } from './frames.js';
 import { PROTOCOL_VERSION, T, decodeRead, json, num, parseJson, str, strList, type Permission } from './protocol.js';
 import { UploadSource } from './upload.js';
+import { SyncServer } from './sync-server.js';
 
 export interface ServeOptions {
   /** The repository (a forced command pins it); null: the path the client asks for. */
@@ -135,6 +136,10 @@ export class ServeSession {
         return this.spawn(f.id, () => this.call(f));
       case T.READ:
         return this.spawn(f.id, () => this.read(f));
+      case T.RECORD:
+        return this.spawn(f.id, async () => this.send(T.RESULT, f.id, json(await this.syncer.record(f.payload))));
+      case T.RECREAD:
+        return this.spawn(f.id, async () => this.send(T.DATA, f.id, Buffer.concat([Buffer.of(0), await this.syncer.readRecord(f.payload)])));
       case T.SEGMENT:
       case T.CHUNKS:
       case T.END:
@@ -228,9 +233,19 @@ export class ServeSession {
       case 'backup':
         a.require('append', 'backup');
         return this.backup(c, id);
-      default:
-        throw new GenvaultError(`unknown operation ${JSON.stringify(op).slice(0, 100)}`, 'PROTOCOL');
+      default: {
+        const r = await this.syncer.op(op, c);
+        if (r === undefined) throw new GenvaultError(`unknown operation ${JSON.stringify(op).slice(0, 100)}`, 'PROTOCOL');
+        return r;
+      }
     }
+  }
+
+  private syncServer: SyncServer | null = null;
+
+  private get syncer(): SyncServer {
+    this.syncServer ??= new SyncServer(this.r, this.access);
+    return this.syncServer;
   }
 
   /** NAME@REV of the client, as the repository names it (checked: no other namespace). */
@@ -409,6 +424,7 @@ export class ServeSession {
   }
 
   private async close(): Promise<void> {
+    await this.syncServer?.close();
     for (const id of [...this.opened.keys()]) await this.closeGen(id).catch(() => undefined);
     await this.repo?.close().catch(() => undefined);
   }

@@ -80,6 +80,12 @@ export interface SyncDestination {
    * pointing into it; made durable and committed by the next flush.
    */
   putRecord(record: Buffer, members: RecordMember[]): Promise<void>;
+  /**
+   * A destination that checks records itself (a served repository, which holds the key):
+   * the copy loop hands it each record as read, with the location and the chunk it was
+   * read for, instead of checking it and calling putRecord; returns the chunks it put.
+   */
+  copyRecord?(record: Buffer, loc: ChunkLocation, digest: Buffer): Promise<number>;
   /** Map leaves: a leaf record each, and their `l` entries, committed by the next flush. */
   putLeaves(leaves: Array<{ digest: Buffer; bytes: Buffer }>): Promise<void>;
   /** Make everything put so far durable, then commit its index entries in one batch. */

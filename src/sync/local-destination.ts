@@ -51,7 +51,14 @@ export class LocalDestination implements SyncDestination {
   private constructor(
     private readonly repo: Repository,
     private readonly opts: { wait?: boolean; flushEntries?: number },
+    /** Opened here (closed by close()), or the caller's (a serve session's, left open). */
+    private readonly owned = true,
   ) {}
+
+  /** A repository the caller has open (a serve session's, src/remote); close() leaves it open. */
+  static of(repo: Repository, opts: { wait?: boolean; flushEntries?: number } = {}): LocalDestination {
+    return new LocalDestination(repo, opts, false);
+  }
 
   /** `secret`: what opens an encrypted destination's key (default: this process's, keys.ts). */
   static async open(dir: string, opts: { wait?: boolean; flushEntries?: number; secret?: Secret; dryRun?: boolean } = {}): Promise<LocalDestination> {
@@ -258,6 +265,6 @@ export class LocalDestination implements SyncDestination {
   }
 
   async close(): Promise<void> {
-    await this.repo.close();
+    if (this.owned) await this.repo.close();
   }
 }

@@ -287,6 +287,14 @@ async function copyChunks(src: SyncSource, dst: SyncDestination, digests: Buffer
     } catch (e) {
       throw new GenvaultError(`source damaged: cannot read pack ${loc.packId} for ${label}: ${(e as Error).message}`, 'DAMAGED');
     }
+    if (dst.copyRecord) {
+      const n = await dst.copyRecord(rec, loc, digest);
+      if (n) {
+        c.chunks += n;
+        c.chunkBytes += rec.length;
+      }
+      continue;
+    }
     const members = checkSourceRecord(rec, loc, digest, dst.keys);
     // Entries for every chunk of the record the destination lacks (a group's other members too).
     const want = members.length > 1 ? await dst.lackingChunks(members.map((m) => m.digest)) : [true];
