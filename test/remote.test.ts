@@ -263,6 +263,32 @@ describe('sync through a served repository', () => {
     expect(await sha256File(out)).toBe(await sha256File(s.path('s3.img')));
   }, 300_000);
 
+  it('a sync: job copies to an ssh:// destination and status shows it', async () => {
+    const src = s.path('job-src');
+    const dst = s.path('job-dst');
+    await gvOk(src, ['init']);
+    const img = await image('j.img', 31, 6);
+    await gvOk(src, ['backup', img, '--name', 'web']);
+    await gvOk(dst, ['init', '--like', src]);
+    const k = s.path('key-job');
+    await keygen(k);
+    await sshd.authorize(`${k}.pub`, `command="${process.execPath} ${CLI} serve --repo ${dst} --permissions full",restrict`);
+    const file = s.path('jobs.yaml');
+    await fs.writeFile(
+      file,
+      `repository: ${src}\ntimezone: UTC\njobs:\n  offsite:\n    sync: { to: "${sshd.url(dst)}" }\n    ssh: { identity: ${k}, known-hosts: ${sshd.knownHosts} }\n    schedule: "0 4 * * *"\n`,
+      { mode: 0o600 },
+    );
+    const r = await gv(null, ['run', '--config', file, '--now', 'offsite']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/^offsite: ok: synced 1 generation\(s\) to ssh:\/\//m);
+    const out = s.path('j.out');
+    await gvOk(dst, ['restore', 'web', out]);
+    expect(await sha256File(out)).toBe(await sha256File(img));
+    const st = JSON.parse((await gv(null, ['status', '--config', file, '--json'])).stdout) as { jobs: Array<{ job: string; state: string }> };
+    expect(st.jobs.find((j) => j.job === 'offsite')!.state).toBe('OK');
+  }, 120_000);
+
   it('a namespaced or append key cannot sync', async () => {
     const src = s.path('sync-src');
     for (const key of [keys.kvm1!, keys.kvm2!]) {

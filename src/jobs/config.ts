@@ -16,6 +16,7 @@
  *         post: ["lvremove -f vg0/vm1-snap"]
  *     offsite:                         # instead of source: copy generations (genvault sync)
  *       sync: { to: /mnt/offsite/gv, images: [vm1], keep: { keep-daily: 14 } }
+ *       (to: ssh://backup@offsite/srv/gv for a served repository; the job's ssh: applies)
  *       schedule: "0 4 * * *"
  */
 import path from 'node:path';
@@ -514,7 +515,8 @@ function parseSyncSpec(c: Checker, node: unknown, field: string, base: string): 
     const f = `${field}.${key}`;
     if (key === 'to') {
       const v = c.string(value, f);
-      if (v !== null) to = path.resolve(base, v);
+      // A directory (relative to the job file), or a served repository: ssh://user@host/path.
+      if (v !== null) to = v.startsWith('ssh://') ? v : path.resolve(base, v);
     } else if (key === 'images') {
       spec.images = c.stringList(value, f);
       for (const n of spec.images) if (!IMAGE_NAME_RE.test(n) || n === 'latest') c.add(value, f, `invalid image name ${JSON.stringify(n)}`);
@@ -528,7 +530,7 @@ function parseSyncSpec(c: Checker, node: unknown, field: string, base: string): 
     }
   }
   if (to === null) {
-    if (isMap(node)) c.add(node, `${field}.to`, 'missing: the destination repository (a directory)');
+    if (isMap(node)) c.add(node, `${field}.to`, 'missing: the destination repository (a directory, or ssh://user@host/path)');
     return null;
   }
   return { to, ...spec };
@@ -623,7 +625,8 @@ function parseSyncJob(x: JobsContext, name: string, p: PartialJob & { rest: Map<
     retention: null,
     graceMs: p.graceMs ?? defaults.graceMs ?? DEFAULT_GRACE_MS,
     hooks: { pre: h0.pre.map(local), post: h0.post.map(local) },
-    ssh: { mode: 'auto' },
+    // identity, known-hosts, config and command reach an ssh:// destination.
+    ssh: { mode: 'auto', ...defaults.ssh, ...p.ssh },
     notify: p.notify !== undefined ? p.notify : (defaults.notify ?? null),
     sync: spec,
     line: c.line(keyNode),

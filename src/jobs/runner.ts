@@ -36,6 +36,9 @@ import { notifyRun } from './notify.js';
 import { sync } from '../sync/sync.js';
 import { LocalSource } from '../sync/local-source.js';
 import { LocalDestination } from '../sync/local-destination.js';
+import type { SyncDestination } from '../sync/endpoint.js';
+import { isRemoteRepo } from '../remote/client.js';
+import { RemoteDestination } from '../remote/sync-client.js';
 import { readSecretFile } from '../repository/keys.js';
 
 export interface RunJobOptions {
@@ -165,7 +168,10 @@ async function syncToDestination(run: Run): Promise<boolean> {
   try {
     // The destination's key: sync.key-file, else this process's (--key-file, the job file's key-file).
     const secret = spec.keyFile ? await readSecretFile(spec.keyFile, 'key-file') : undefined;
-    const dst = await LocalDestination.open(spec.to, { secret });
+    const { ssh } = run.job;
+    const dst: SyncDestination = isRemoteRepo(spec.to)
+      ? await RemoteDestination.open(spec.to, { identity: ssh.identity, knownHosts: ssh.knownHosts, acceptNewHostKey: ssh.acceptNewHostKey, config: ssh.config, command: ssh.command })
+      : await LocalDestination.open(spec.to, { secret });
     try {
       const r = await sync(LocalSource.of(run.repo), dst, { names: spec.images, rules: spec.rules, minAgeMs: spec.minAgeMs, onProgress: run.opts.onProgress });
       run.rec.sync = { to: spec.to, copied: r.copied.length, skipped: r.skipped, updated: r.updated, chunks: r.chunks, chunkBytes: r.chunkBytes, storedAdded: r.storedAdded, pruned: r.pruned.length };
