@@ -98,6 +98,41 @@ describe('remote repository over ssh', () => {
     expect(await sha256File(out)).toBe(await sha256File(img));
   }, 120_000);
 
+  it('--limit-rate bounds what a backup sends', async () => {
+    const img = await image('l.img', 12, 8); // 4 MiB of random data, 4 MiB zeros, a tail
+    const t0 = Date.now();
+    const r = await rgv(keys.kvm1!, ['backup', img, '--name', 'limited', '--limit-rate', '1M', '--json']);
+    const secs = (Date.now() - t0) / 1000;
+    expect(r.code, r.stderr).toBe(0);
+    const sent = JSON.parse(r.stdout).remote.sentBytes;
+    expect(sent).toBeGreaterThan(4 << 20);
+    // At 1 MiB/s (a quarter second's burst allowed) the sends alone take this long.
+    expect(secs).toBeGreaterThanOrEqual(sent / (1 << 20) - 0.5);
+    expect((await rgv(keys.kvm1!, ['backup', img, '--name', 'limited', '--limit-rate', 'fast'])).stderr).toMatch(/--limit-rate/);
+  }, 120_000);
+
+  it('an encrypted repository: the server holds the key, the client needs none', async () => {
+    const er = s.path('repo-enc');
+    const pw = s.path('enc.pw');
+    await fs.writeFile(pw, 'correct horse battery staple\n', { mode: 0o600 });
+    await gvOk(er, ['--key-file', pw, 'init', '--encryption', 'aes-256-gcm']);
+    const k = s.path('key-enc');
+    await keygen(k);
+    await sshd.authorize(`${k}.pub`, `command="${process.execPath} ${CLI} --key-file ${pw} serve --repo ${er} --namespace kvm1 --permissions append",restrict`);
+    const img = await image('enc.img', 41, 8);
+    const args = ['--repo-identity', k, '--repo-known-hosts', sshd.knownHosts];
+    const b = await gv(sshd.url('/x'), [...args, 'backup', img, '--name', 'sec', '--json'], { env: { GENVAULT_PASSWORD_FILE: '' } });
+    expect(b.stderr).toBe('');
+    const out = s.path('enc.out');
+    const r = await gv(sshd.url('/x'), [...args, 'restore', 'sec', out], { env: { GENVAULT_PASSWORD_FILE: '' } });
+    expect(r.stderr).toBe('');
+    expect(await sha256File(out)).toBe(await sha256File(img));
+    // A next-day backup with the keyed chunker and identities still sends next to nothing.
+    const again = JSON.parse((await gv(sshd.url('/x'), [...args, 'backup', img, '--name', 'sec', '--json'])).stdout);
+    expect(again.remote.sentChunkBytes).toBeLessThan(64 * 1024);
+    expect((await gv(er, ['--key-file', pw, 'verify', '--full'])).code).toBe(0);
+  }, 120_000);
+
   it('pulls an ssh:// source into an ssh:// repository', async () => {
     const img = await image('p.img', 11, 10);
     const r = await rgv(keys.kvm1!, ['backup', sshd.url(img), '-i', sshd.userKey, '--known-hosts', sshd.knownHosts, '--name', 'pulled']);
