@@ -1,0 +1,251 @@
+/**
+ * The mount of an ssh:// repository (`genvault -r ssh://... mount MNT`): the FUSE tree of
+ * src/fuse/mount.ts over a RemoteRepository. The server decodes and checks the chunks; this
+ * side keeps what arrived in a cache of BLOCK-aligned blocks (bounded by --cache-size,
+ * least recently used first out, a block of zeros kept as a marker of no size) and reads
+ * ahead of a sequential reader with several READs outstanding on the one connection, so
+ * `dd` streams at the connection's speed instead of paying a round trip per kernel
+ * request. Generations are opened (pinned) on the server while files of them are open.
+ *
+ * A lost connection is not re-established: the mount logs it once, the tree stays as it
+ * was, reads of blocks in the cache still succeed and every other read (and open) fails
+ * with EIO until the mount is unmounted and mounted again. See native-notes/remote.md.
+ */
+import type { Generation } from '../format/generation.js';
+import type { MountBackend, MountImage } from '../fuse/mount.js';
+import { Lru } from '../util/lru.js';
+import type { RemoteRepository } from './client.js';
+import { MAX_READ } from './protocol.js';
+
+/** Bytes per READ and per cached block: a random 4 KiB read costs one block's transfer. */
+export const BLOCK = 1 << 20;
+
+/** A block of zeros in the cache: nothing stored, the reader fills. */
+const ZERO = Buffer.alloc(0);
+
+/** Bytes a zero marker is charged in the cache (its key and entry). */
+const MARKER_BYTES = 64;
+
+/** A reader this close (bytes) to where it stopped still counts as sequential. */
+const SEQUENTIAL_SLACK = 4 << 20;
+
+export interface RemoteMountOptions {
+  /** Bytes of blocks kept in memory across all open files. */
+  cacheBytes?: number;
+  /** How far ahead of a sequential reader blocks are requested (bytes); at most half the cache. */
+  readahead?: number;
+  log?: (line: string) => void;
+}
+
+/** One open generation's reads: the shared block cache, and read-ahead for a sequential reader. */
+class RemoteImage implements MountImage {
+  private inflight = new Map<number, Promise<Buffer>>();
+  private lastEnd = -1;
+  /** Blocks below this were requested by read-ahead already (while the reader moves on). */
+  private aheadTo = 0;
+  private readonly blocks: number;
+
+  constructor(
+    private readonly be: RemoteBackend,
+    readonly gen: Generation,
+  ) {
+    this.blocks = Math.ceil(gen.size / BLOCK);
+  }
+
+  private key(i: number): string {
+    return `${this.gen.id}/${i}`;
+  }
+
+  tryRead(out: Buffer, offset: number, length: number): number | null {
+    const size = this.gen.size;
+    if (offset >= size || length <= 0) return 0;
+    const end = Math.min(size, offset + length);
+    const first = Math.floor(offset / BLOCK);
+    const last = Math.floor((end - 1) / BLOCK);
+    const cache = this.be.cache;
+    if (first === last) {
+      const b = cache.get(this.key(first));
+      if (!b) return null;
+      copyOut(b, out, 0, offset - first * BLOCK, end - offset);
+    } else {
+      const parts: Buffer[] = [];
+      for (let i = first; i <= last; i++) {
+        const b = cache.get(this.key(i));
+        if (!b) return null;
+        parts.push(b);
+      }
+      this.copyParts(parts, first, out, offset, end);
+    }
+    this.noteRead(offset, end);
+    return end - offset;
+  }
+
+  async read(out: Buffer, offset: number, length: number): Promise<number> {
+    const size = this.gen.size;
+    if (offset >= size || length <= 0) return 0;
+    const end = Math.min(size, offset + length);
+    const first = Math.floor(offset / BLOCK);
+    const last = Math.floor((end - 1) / BLOCK);
+    const waits: Array<Buffer | Promise<Buffer>> = [];
+    for (let i = first; i <= last; i++) waits.push(this.be.cache.get(this.key(i)) ?? this.fetch(i));
+    // Read-ahead starts before this read waits: the blocks after it are on their way too.
+    this.noteRead(offset, end);
+    this.copyParts(await Promise.all(waits), first, out, offset, end);
+    return end - offset;
+  }
+
+  private copyParts(parts: Buffer[], first: number, out: Buffer, offset: number, end: number): void {
+    let pos = offset;
+    for (let k = 0; k < parts.length; k++) {
+      const bStart = (first + k) * BLOCK;
+      const n = Math.min(bStart + BLOCK, end) - pos;
+      copyOut(parts[k]!, out, pos - offset, pos - bStart, n);
+      pos += n;
+    }
+  }
+
+  /** Block i, from the server (one READ however many readers want it). */
+  private fetch(i: number): Promise<Buffer> {
+    const pending = this.inflight.get(i);
+    if (pending) return pending;
+    const start = i * BLOCK;
+    const length = Math.min(BLOCK, this.gen.size - start);
+    const p = this.be.remote.read(this.gen.id, start, length).then(
+      (b) => {
+        this.inflight.delete(i);
+        const v = b ?? ZERO;
+        this.be.cache.set(this.key(i), v);
+        return v;
+      },
+      (e: unknown) => {
+        this.inflight.delete(i);
+        throw this.be.failed(e);
+      },
+    );
+    this.inflight.set(i, p);
+    return p;
+  }
+
+  private noteRead(offset: number, end: number): void {
+    // Read ahead only for (nearly) sequential access; random reads would waste the link.
+    // The kernel's own read-ahead can deliver requests slightly out of order.
+    if (offset === 0 || Math.abs(offset - this.lastEnd) <= SEQUENTIAL_SLACK) this.ahead(end);
+    this.lastEnd = end;
+  }
+
+  /** Requests the blocks from the one holding `end` to `end + window` not cached or on their way. */
+  private ahead(end: number): void {
+    if (this.be.remote.lost) return;
+    const from = Math.floor(end / BLOCK);
+    const until = Math.min(this.blocks, Math.ceil((end + this.be.window) / BLOCK));
+    // Blocks requested by the previous call need no second look (unless the reader jumped).
+    let i = this.aheadTo >= from && this.aheadTo <= until ? this.aheadTo : from;
+    for (; i < until; i++) {
+      if (this.inflight.has(i) || this.be.cache.get(this.key(i))) continue;
+      this.fetch(i).catch(() => undefined); // a read that needs it reports the failure
+    }
+    this.aheadTo = until;
+  }
+}
+
+function copyOut(b: Buffer, out: Buffer, dst: number, from: number, n: number): void {
+  if (b === ZERO) out.fill(0, dst, dst + n);
+  else b.copy(out, dst, from, from + n);
+}
+
+class RemoteBackend implements MountBackend {
+  readonly cache: Lru<string, Buffer>;
+  /** Read-ahead in bytes. */
+  readonly window: number;
+  readonly source: string;
+  private images = new Map<string, { count: number; image: Promise<RemoteImage> }>();
+  private last: Generation[] = [];
+  private listing: Promise<Generation[]> | null = null;
+  private lostLogged = false;
+  private readonly log: (line: string) => void;
+
+  constructor(
+    readonly remote: RemoteRepository,
+    opts: RemoteMountOptions,
+  ) {
+    const cacheBytes = Math.max(opts.cacheBytes ?? 128 << 20, 4 * BLOCK);
+    this.cache = new Lru<string, Buffer>(cacheBytes, (b) => (b === ZERO ? MARKER_BYTES : b.length));
+    // 32 MiB: 32 READs outstanding, the server decoding up to 16 of them at once.
+    this.window = Math.max(2 * BLOCK, Math.min(opts.readahead ?? 32 << 20, Math.floor(cacheBytes / 2)));
+    this.source = remote.dir;
+    this.log = opts.log ?? ((l: string) => process.stderr.write(l + '\n'));
+    if (MAX_READ < BLOCK) throw new RangeError('BLOCK exceeds MAX_READ');
+  }
+
+  /** The error of a failed request; the first sign of a lost connection is logged, once. */
+  failed(e: unknown): Error {
+    const lost = this.remote.lost;
+    if (lost && !this.lostLogged) {
+      this.lostLogged = true;
+      this.log(
+        `genvault mount: lost the connection to ${this.remote.dir} (${lost.message}); reads of anything not in the mount's cache now fail with EIO: unmount (genvault umount) and mount again`,
+      );
+    }
+    return e instanceof Error ? e : new Error(String(e));
+  }
+
+  logsReadError(): boolean {
+    return !this.remote.lost;
+  }
+
+  async generations(): Promise<Generation[]> {
+    if (this.remote.lost) {
+      this.failed(this.remote.lost);
+      return this.last;
+    }
+    // One list request at a time, however slow the server is to answer.
+    this.listing ??= this.remote.generations().finally(() => (this.listing = null));
+    try {
+      this.last = await this.listing;
+    } catch (e) {
+      if (!this.remote.lost) throw e;
+      this.failed(e);
+    }
+    return this.last;
+  }
+
+  open(gen: Generation): Promise<MountImage> {
+    let e = this.images.get(gen.id);
+    if (!e) {
+      const entry = {
+        count: 0,
+        image: this.remote.openGeneration(gen.id).then(() => new RemoteImage(this, gen)),
+      };
+      this.images.set(gen.id, entry);
+      entry.image.catch(() => {
+        if (this.images.get(gen.id) === entry) this.images.delete(gen.id);
+      });
+      e = entry;
+    }
+    e.count++;
+    const held = e;
+    return held.image.catch((err: unknown) => {
+      held.count--;
+      throw this.failed(err);
+    });
+  }
+
+  release(gen: Generation): void {
+    const e = this.images.get(gen.id);
+    if (!e || --e.count > 0) return;
+    this.images.delete(gen.id);
+    // Its blocks stay in the cache: a generation's bytes never change.
+    if (!this.remote.lost) this.remote.closeGeneration(gen.id).catch((err: unknown) => void this.failed(err));
+  }
+
+  /** The connection closes; the server releases whatever it still pins for it. */
+  async stop(): Promise<void> {
+    this.images.clear();
+    this.remote.close();
+  }
+}
+
+/** The mount's backend for an ssh:// repository; it owns the connection from here on (stop() closes it). */
+export function remoteMountBackend(remote: RemoteRepository, opts: RemoteMountOptions = {}): MountBackend {
+  return new RemoteBackend(remote, opts);
+}
