@@ -13,15 +13,26 @@
  */
 import type { Generation } from '../format/generation.js';
 import type { MountBackend, MountImage } from '../fuse/mount.js';
+import { isZero } from '../format/chunker.js';
 import { Lru } from '../util/lru.js';
 import type { RemoteRepository } from './client.js';
 import { MAX_READ } from './protocol.js';
 
-/** Bytes per READ and per cached block: a random 4 KiB read costs one block's transfer. */
+/**
+ * Bytes per cached block, and per READ of a reader that jumps around: a random 4 KiB read
+ * costs one block's transfer.
+ */
 export const BLOCK = 1 << 20;
 
+/**
+ * Blocks per READ of the read-ahead (4 MiB, MAX_READ): a `dd` through the mount ran at
+ * 90-125 MB/s with one READ per 1 MiB block and at 180-240 MB/s with 4 MiB READs
+ * (192 MiB image, localhost sshd, a busy 2-core machine).
+ */
+const RUN = MAX_READ / BLOCK;
+
 /** A block of zeros in the cache: nothing stored, the reader fills. */
-const ZERO = Buffer.alloc(0);
+const ZERO: Buffer = Buffer.alloc(0);
 
 /** Bytes a zero marker is charged in the cache (its key and entry). */
 const MARKER_BYTES = 64;
@@ -108,22 +119,39 @@ class RemoteImage implements MountImage {
   private fetch(i: number): Promise<Buffer> {
     const pending = this.inflight.get(i);
     if (pending) return pending;
+    this.fetchRun(i, 1);
+    return this.inflight.get(i)!;
+  }
+
+  /**
+   * Blocks i to i + n - 1 in one READ, each on its way (inflight) until it lands in the
+   * cache. A block of zeros in a READ that also holds data is cached as a marker too.
+   */
+  private fetchRun(i: number, n: number): void {
     const start = i * BLOCK;
-    const length = Math.min(BLOCK, this.gen.size - start);
-    const p = this.be.remote.read(this.gen.id, start, length).then(
-      (b) => {
-        this.inflight.delete(i);
-        const v = b ?? ZERO;
-        this.be.cache.set(this.key(i), v);
-        return v;
-      },
-      (e: unknown) => {
-        this.inflight.delete(i);
-        throw this.be.failed(e);
-      },
-    );
-    this.inflight.set(i, p);
-    return p;
+    const length = Math.min(n * BLOCK, this.gen.size - start);
+    const whole = this.be.remote.read(this.gen.id, start, length);
+    for (let k = 0; k < n; k++) {
+      const p = whole.then(
+        (b) => {
+          this.inflight.delete(i + k);
+          let v: Buffer = ZERO;
+          if (b) {
+            const from = k * BLOCK;
+            const to = Math.min(from + BLOCK, b.length);
+            if (n === 1 || !isZero(b, from, to - from)) v = n === 1 ? b : b.subarray(from, to);
+          }
+          this.be.cache.set(this.key(i + k), v);
+          return v;
+        },
+        (e: unknown) => {
+          this.inflight.delete(i + k);
+          throw this.be.failed(e);
+        },
+      );
+      p.catch(() => undefined); // read-ahead: a read that waits for it sees the failure
+      this.inflight.set(i + k, p);
+    }
   }
 
   private noteRead(offset: number, end: number): void {
@@ -133,16 +161,25 @@ class RemoteImage implements MountImage {
     this.lastEnd = end;
   }
 
-  /** Requests the blocks from the one holding `end` to `end + window` not cached or on their way. */
+  /**
+   * Requests the blocks from the one holding `end` to `end + window` that are neither
+   * cached nor on their way, consecutive ones RUN to a READ.
+   */
   private ahead(end: number): void {
     if (this.be.remote.lost) return;
     const from = Math.floor(end / BLOCK);
     const until = Math.min(this.blocks, Math.ceil((end + this.be.window) / BLOCK));
     // Blocks requested by the previous call need no second look (unless the reader jumped).
     let i = this.aheadTo >= from && this.aheadTo <= until ? this.aheadTo : from;
-    for (; i < until; i++) {
-      if (this.inflight.has(i) || this.be.cache.get(this.key(i))) continue;
-      this.fetch(i).catch(() => undefined); // a read that needs it reports the failure
+    while (i < until) {
+      if (this.inflight.has(i) || this.be.cache.get(this.key(i))) {
+        i++;
+        continue;
+      }
+      let n = 1;
+      while (n < RUN && i + n < until && !this.inflight.has(i + n) && !this.be.cache.get(this.key(i + n))) n++;
+      this.fetchRun(i, n);
+      i += n;
     }
     this.aheadTo = until;
   }
@@ -170,11 +207,10 @@ class RemoteBackend implements MountBackend {
   ) {
     const cacheBytes = Math.max(opts.cacheBytes ?? 128 << 20, 4 * BLOCK);
     this.cache = new Lru<string, Buffer>(cacheBytes, (b) => (b === ZERO ? MARKER_BYTES : b.length));
-    // 32 MiB: 32 READs outstanding, the server decoding up to 16 of them at once.
+    // 32 MiB: 8 READs of 4 MiB outstanding, the server decoding them at once.
     this.window = Math.max(2 * BLOCK, Math.min(opts.readahead ?? 32 << 20, Math.floor(cacheBytes / 2)));
     this.source = remote.dir;
     this.log = opts.log ?? ((l: string) => process.stderr.write(l + '\n'));
-    if (MAX_READ < BLOCK) throw new RangeError('BLOCK exceeds MAX_READ');
   }
 
   /** The error of a failed request; the first sign of a lost connection is logged, once. */
