@@ -10,7 +10,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, Scratch, gv, gvOk, isMounted, makeDisk, must, prng, sh, sha256File, waitGone, writeFiles, writeImage } from './helpers.js';
+import { CLI, CliProcess, Scratch, gv, gvOk, isMounted, makeDisk, must, prng, sh, sha256File, waitGone, writeFiles, writeImage } from './helpers.js';
 import { Sshd, keygen, startSshd } from './sshd.js';
 
 const exec = promisify(execFile);
@@ -161,6 +161,39 @@ describe('mount of an ssh:// repository', () => {
       if (mounted) await sh('umount', [fsdir]);
       await sh('losetup', ['-d', dev]);
     }
+  }, 60_000);
+
+  it('serves in the foreground until SIGTERM, and shows a new generation within 3 seconds', async () => {
+    const fmnt = s.path('mnt-fg');
+    await fs.mkdir(fmnt);
+    s.onCleanup(() => unmountQuietly(fmnt));
+    const url = sshd.url('/srv/ignored');
+    const p = new CliProcess(['-r', url, '--repo-identity', keys.reader!, '--repo-known-hosts', sshd.knownHosts, 'mount', '--foreground', fmnt]);
+    s.onCleanup(async () => {
+      p.kill('SIGKILL');
+      await p.exited;
+    });
+    for (let i = 0; i < 200 && !(await isMounted(fmnt)); i++) {
+      if (!p.running) throw new Error(`the mount exited: ${p.out}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    expect(await isMounted(fmnt)).toBe(true);
+    expect((await fs.readdir(fmnt)).sort()).toEqual(['raw', 'vm1']);
+    // Another generation of raw with the same bytes: what the other tests read stays the same.
+    const before = await fs.readlink(path.join(fmnt, 'raw', 'latest'));
+    const gen = JSON.parse(await rgvOk(keys.kvm1!, ['backup', images.raw!, '--name', 'raw', '--json'])) as { id: string };
+    const t0 = Date.now();
+    let now = before;
+    while (Date.now() - t0 < 3000 && now === before) {
+      await new Promise((r) => setTimeout(r, 100));
+      now = await fs.readlink(path.join(fmnt, 'raw', 'latest'));
+    }
+    expect(now).not.toBe(before);
+    expect(now).toContain(gen.id.slice(0, 8));
+    expect(await sha256File(path.join(fmnt, 'raw', now))).toBe(await sha256File(images.raw!));
+    p.kill('SIGTERM');
+    expect((await p.waitExit(15_000)).code, p.out).toBe(0);
+    expect(await isMounted(fmnt)).toBe(false);
   }, 60_000);
 
   it('a killed connection makes reads fail with EIO, logged once, and umount still works', async () => {
