@@ -131,6 +131,46 @@ describe('mount of an ssh:// repository', () => {
     }
   });
 
+  it('with a cache far smaller than the images, concurrent sequential and random readers get the right bytes', async () => {
+    // 6 MiB of cache: read-ahead of 3 MiB, runs of 3 blocks evicted while other readers
+    // still come back to them.
+    const small = s.path('mnt-small');
+    await fs.mkdir(small);
+    s.onCleanup(() => unmountQuietly(small));
+    const r = await rgv(keys.reader!, ['mount', small, '--cache-size', '6M']);
+    expect(r.code, r.stderr).toBe(0);
+    try {
+      const src = await fs.readFile(images.raw!);
+      const randomReads = (async () => {
+        const fh = await fs.open(path.join(small, 'raw', 'latest'), 'r');
+        try {
+          let seed = 4242;
+          for (let i = 0; i < 150; i++) {
+            seed = (seed * 1103515245 + 12345) >>> 0;
+            const off = seed % (src.length - 300_000);
+            const len = 1 + (seed % 300_000);
+            const b = Buffer.alloc(len);
+            const { bytesRead } = await fh.read(b, 0, len, off);
+            if (bytesRead !== len || !b.equals(src.subarray(off, off + len))) return `wrong bytes at ${off}+${len}`;
+          }
+          return 'ok';
+        } finally {
+          await fh.close();
+        }
+      })();
+      const sums = await Promise.all([
+        sha256File(path.join(small, 'raw', 'latest')),
+        sha256File(path.join(small, 'vm1', 'latest')),
+        sha256File(path.join(small, 'raw', 'latest')),
+      ]);
+      expect(await randomReads).toBe('ok');
+      const [raw, disk] = [await sha256File(images.raw!), await sha256File(images.disk!)];
+      expect(sums).toEqual([raw, disk, raw]);
+    } finally {
+      await unmountQuietly(small);
+    }
+  }, 90_000);
+
   it('restores a single file through a read-only loop device and ext4 mount of a mounted generation', async () => {
     const dev = (await must('losetup', ['-r', '-P', '--show', '-f', path.join(mnt, 'vm1', 'latest')])).trim();
     const fsdir = s.path('restore-fs');

@@ -48,8 +48,23 @@ export interface RemoteMountOptions {
   log?: (line: string) => void;
 }
 
-/** One open generation's reads: the shared block cache, and read-ahead for a sequential reader. */
+/**
+ * What one READ brought: its blocks (ZERO for a block of zeros), cached as one entry, so
+ * that the memory the cache counts is the memory it holds (blocks cut from one answer
+ * share its buffer, and a block kept alone would hold its neighbours' bytes too).
+ */
+interface Run {
+  readonly image: RemoteImage;
+  readonly key: string;
+  readonly first: number;
+  readonly blocks: Buffer[];
+  readonly bytes: number;
+}
+
+/** A generation's reads: its blocks in the shared cache, and read-ahead for a sequential reader. */
 class RemoteImage implements MountImage {
+  /** The cached run holding each block. */
+  private runs = new Map<number, Run>();
   private inflight = new Map<number, Promise<Buffer>>();
   private lastEnd = -1;
   /** Blocks below this were requested by read-ahead already (while the reader moves on). */
@@ -63,8 +78,17 @@ class RemoteImage implements MountImage {
     this.blocks = Math.ceil(gen.size / BLOCK);
   }
 
-  private key(i: number): string {
-    return `${this.gen.id}/${i}`;
+  /** Block i if it is cached (it becomes the most recently used). */
+  private cached(i: number): Buffer | undefined {
+    const run = this.runs.get(i);
+    if (!run) return undefined;
+    this.be.cache.get(run.key);
+    return run.blocks[i - run.first];
+  }
+
+  /** The cache let a run go: its blocks are no longer here. */
+  evicted(run: Run): void {
+    for (let k = 0; k < run.blocks.length; k++) if (this.runs.get(run.first + k) === run) this.runs.delete(run.first + k);
   }
 
   tryRead(out: Buffer, offset: number, length: number): number | null {
@@ -73,15 +97,14 @@ class RemoteImage implements MountImage {
     const end = Math.min(size, offset + length);
     const first = Math.floor(offset / BLOCK);
     const last = Math.floor((end - 1) / BLOCK);
-    const cache = this.be.cache;
     if (first === last) {
-      const b = cache.get(this.key(first));
+      const b = this.cached(first);
       if (!b) return null;
       copyOut(b, out, 0, offset - first * BLOCK, end - offset);
     } else {
       const parts: Buffer[] = [];
       for (let i = first; i <= last; i++) {
-        const b = cache.get(this.key(i));
+        const b = this.cached(i);
         if (!b) return null;
         parts.push(b);
       }
@@ -98,7 +121,7 @@ class RemoteImage implements MountImage {
     const first = Math.floor(offset / BLOCK);
     const last = Math.floor((end - 1) / BLOCK);
     const waits: Array<Buffer | Promise<Buffer>> = [];
-    for (let i = first; i <= last; i++) waits.push(this.be.cache.get(this.key(i)) ?? this.fetch(i));
+    for (let i = first; i <= last; i++) waits.push(this.cached(i) ?? this.fetch(i));
     // Read-ahead starts before this read waits: the blocks after it are on their way too.
     this.noteRead(offset, end);
     this.copyParts(await Promise.all(waits), first, out, offset, end);
@@ -124,31 +147,33 @@ class RemoteImage implements MountImage {
   }
 
   /**
-   * Blocks i to i + n - 1 in one READ, each on its way (inflight) until it lands in the
-   * cache. A block of zeros in a READ that also holds data is cached as a marker too.
+   * Blocks i to i + n - 1 in one READ, each on its way (inflight) until the run lands in
+   * the cache. A block of zeros in a READ that also holds data is a marker too.
    */
   private fetchRun(i: number, n: number): void {
     const start = i * BLOCK;
     const length = Math.min(n * BLOCK, this.gen.size - start);
-    const whole = this.be.remote.read(this.gen.id, start, length);
+    const whole = this.be.remote.read(this.gen.id, start, length).then(
+      (b) => {
+        const blocks: Buffer[] = [];
+        for (let k = 0; k < n; k++) {
+          this.inflight.delete(i + k);
+          const from = k * BLOCK;
+          const to = Math.min(from + BLOCK, length);
+          blocks.push(!b || (n > 1 && isZero(b, from, to - from)) ? ZERO : n === 1 ? b : b.subarray(from, to));
+        }
+        const run: Run = { image: this, key: `${this.gen.id}/${i}`, first: i, blocks, bytes: b ? b.length : MARKER_BYTES };
+        for (let k = 0; k < n; k++) this.runs.set(i + k, run);
+        this.be.cache.set(run.key, run);
+        return blocks;
+      },
+      (e: unknown) => {
+        for (let k = 0; k < n; k++) this.inflight.delete(i + k);
+        throw this.be.failed(e);
+      },
+    );
     for (let k = 0; k < n; k++) {
-      const p = whole.then(
-        (b) => {
-          this.inflight.delete(i + k);
-          let v: Buffer = ZERO;
-          if (b) {
-            const from = k * BLOCK;
-            const to = Math.min(from + BLOCK, b.length);
-            if (n === 1 || !isZero(b, from, to - from)) v = n === 1 ? b : b.subarray(from, to);
-          }
-          this.be.cache.set(this.key(i + k), v);
-          return v;
-        },
-        (e: unknown) => {
-          this.inflight.delete(i + k);
-          throw this.be.failed(e);
-        },
-      );
+      const p = whole.then((blocks) => blocks[k]!);
       p.catch(() => undefined); // read-ahead: a read that waits for it sees the failure
       this.inflight.set(i + k, p);
     }
@@ -161,9 +186,14 @@ class RemoteImage implements MountImage {
     this.lastEnd = end;
   }
 
+  /** Neither cached nor on its way. */
+  private missing(i: number): boolean {
+    return !this.inflight.has(i) && !this.runs.has(i);
+  }
+
   /**
-   * Requests the blocks from the one holding `end` to `end + window` that are neither
-   * cached nor on their way, consecutive ones RUN to a READ.
+   * Requests the blocks from the one holding `end` to `end + window` that are missing,
+   * consecutive ones RUN to a READ.
    */
   private ahead(end: number): void {
     if (this.be.remote.lost) return;
@@ -172,12 +202,12 @@ class RemoteImage implements MountImage {
     // Blocks requested by the previous call need no second look (unless the reader jumped).
     let i = this.aheadTo >= from && this.aheadTo <= until ? this.aheadTo : from;
     while (i < until) {
-      if (this.inflight.has(i) || this.be.cache.get(this.key(i))) {
+      if (!this.missing(i)) {
         i++;
         continue;
       }
       let n = 1;
-      while (n < RUN && i + n < until && !this.inflight.has(i + n) && !this.be.cache.get(this.key(i + n))) n++;
+      while (n < RUN && i + n < until && this.missing(i + n)) n++;
       this.fetchRun(i, n);
       i += n;
     }
@@ -191,11 +221,14 @@ function copyOut(b: Buffer, out: Buffer, dst: number, from: number, n: number): 
 }
 
 class RemoteBackend implements MountBackend {
-  readonly cache: Lru<string, Buffer>;
+  readonly cache: Lru<string, Run>;
   /** Read-ahead in bytes. */
   readonly window: number;
   readonly source: string;
-  private images = new Map<string, { count: number; image: Promise<RemoteImage> }>();
+  /** Generations opened on the server, with the number of open files of each. */
+  private opens = new Map<string, { count: number; image: Promise<RemoteImage> }>();
+  /** Each generation's reader, kept after its files close: its blocks stay in the cache. */
+  private images = new Map<string, RemoteImage>();
   private last: Generation[] = [];
   private listing: Promise<Generation[]> | null = null;
   private lostLogged = false;
@@ -206,7 +239,8 @@ class RemoteBackend implements MountBackend {
     opts: RemoteMountOptions,
   ) {
     const cacheBytes = Math.max(opts.cacheBytes ?? 128 << 20, 4 * BLOCK);
-    this.cache = new Lru<string, Buffer>(cacheBytes, (b) => (b === ZERO ? MARKER_BYTES : b.length));
+    this.cache = new Lru<string, Run>(cacheBytes, (r) => r.bytes);
+    this.cache.onEvict = (r) => r.image.evicted(r);
     // 32 MiB: 8 READs of 4 MiB outstanding, the server decoding them at once.
     this.window = Math.max(2 * BLOCK, Math.min(opts.readahead ?? 32 << 20, Math.floor(cacheBytes / 2)));
     this.source = remote.dir;
@@ -245,16 +279,22 @@ class RemoteBackend implements MountBackend {
     return this.last;
   }
 
+  private imageOf(gen: Generation): RemoteImage {
+    let img = this.images.get(gen.id);
+    if (!img) {
+      img = new RemoteImage(this, gen);
+      this.images.set(gen.id, img);
+    }
+    return img;
+  }
+
   open(gen: Generation): Promise<MountImage> {
-    let e = this.images.get(gen.id);
+    let e = this.opens.get(gen.id);
     if (!e) {
-      const entry = {
-        count: 0,
-        image: this.remote.openGeneration(gen.id).then(() => new RemoteImage(this, gen)),
-      };
-      this.images.set(gen.id, entry);
+      const entry = { count: 0, image: this.remote.openGeneration(gen.id).then(() => this.imageOf(gen)) };
+      this.opens.set(gen.id, entry);
       entry.image.catch(() => {
-        if (this.images.get(gen.id) === entry) this.images.delete(gen.id);
+        if (this.opens.get(gen.id) === entry) this.opens.delete(gen.id);
       });
       e = entry;
     }
@@ -267,16 +307,16 @@ class RemoteBackend implements MountBackend {
   }
 
   release(gen: Generation): void {
-    const e = this.images.get(gen.id);
+    const e = this.opens.get(gen.id);
     if (!e || --e.count > 0) return;
-    this.images.delete(gen.id);
+    this.opens.delete(gen.id);
     // Its blocks stay in the cache: a generation's bytes never change.
     if (!this.remote.lost) this.remote.closeGeneration(gen.id).catch((err: unknown) => void this.failed(err));
   }
 
   /** The connection closes; the server releases whatever it still pins for it. */
   async stop(): Promise<void> {
-    this.images.clear();
+    this.opens.clear();
     this.remote.close();
   }
 }
