@@ -10,7 +10,9 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, CliProcess, Scratch, gv, gvOk, isMounted, makeDisk, must, prng, sh, sha256File, waitGone, writeFiles, writeImage } from './helpers.js';
+import { RECORD_HEADER_SIZE } from '../src/format/pack.js';
+import { Repository } from '../src/repository/repository.js';
+import { CLI, CliProcess, Scratch, dataPackFiles, flipByte, gv, gvOk, isMounted, makeDisk, must, prng, sh, sha256File, waitGone, writeFiles, writeImage } from './helpers.js';
 import { Sshd, keygen, startSshd } from './sshd.js';
 
 const exec = promisify(execFile);
@@ -23,10 +25,10 @@ const images: Record<string, string> = {};
 let secret: Buffer;
 
 /** A client key whose forced command is `genvault serve` with these options. */
-async function clientKey(name: string, serveArgs: string): Promise<string> {
+async function clientKey(name: string, serveArgs: string, repoDir = repo): Promise<string> {
   const k = s.path(`key-${name}`);
   await keygen(k);
-  await sshd.authorize(`${k}.pub`, `command="${process.execPath} ${CLI} serve --repo ${repo} ${serveArgs}",restrict`);
+  await sshd.authorize(`${k}.pub`, `command="${process.execPath} ${CLI} serve --repo ${repoDir} ${serveArgs}",restrict`);
   return k;
 }
 
@@ -50,6 +52,31 @@ async function unmountQuietly(dir: string) {
 async function servePids(): Promise<number[]> {
   const r = await sh('pgrep', ['-f', `serve --repo ${repo} `]);
   return r.stdout.split('\n').filter(Boolean).map(Number);
+}
+
+/**
+ * Image extents [start, end) of the chunks of `name`'s newest generation whose record in
+ * pack `packId` holds byte `at` of the pack file (as in test/mount.test.ts).
+ */
+async function chunkExtentsAt(repoDir: string, name: string, packId: string, at: number): Promise<Array<[number, number]>> {
+  const r = await Repository.open(repoDir);
+  try {
+    const map = await r.chunkMap((await r.generations(name)).at(-1)!);
+    const out: Array<[number, number]> = [];
+    let pos = 0;
+    for (let i = 0; i < map.refs.length; i++) {
+      const leaf = await map.leaf(i);
+      for (let j = 0; j < leaf.lengths.length; j++) {
+        const len = leaf.lengths[j]!;
+        const loc = leaf.zero[j] ? null : await r.location(leaf.digests.subarray(j * 32, j * 32 + 32));
+        if (loc && loc.packId === packId && loc.offset <= at && at < loc.offset + RECORD_HEADER_SIZE + loc.storedLength) out.push([pos, pos + len]);
+        pos += len;
+      }
+    }
+    return out;
+  } finally {
+    await r.close();
+  }
 }
 
 beforeAll(async () => {
@@ -234,6 +261,53 @@ describe('mount of an ssh:// repository', () => {
     p.kill('SIGTERM');
     expect((await p.waitExit(15_000)).code, p.out).toBe(0);
     expect(await isMounted(fmnt)).toBe(false);
+  }, 60_000);
+
+  it('a damaged chunk on the server: EIO for exactly the reads that touch it, right bytes elsewhere, logged', async () => {
+    const drepo = s.path('drepo');
+    await gvOk(drepo, ['init']);
+    const img = s.path('d.img');
+    const data = Buffer.concat([prng(21, 4 << 20), prng(22, 4 << 20)]);
+    await fs.writeFile(img, data);
+    await gvOk(drepo, ['backup', img, '--name', 'd']);
+    const pack = (await dataPackFiles(drepo))[0]!;
+    const flipAt = 200_000;
+    const damaged = await chunkExtentsAt(drepo, 'd', path.basename(pack, '.pack'), flipAt);
+    expect(damaged).toHaveLength(1);
+    const [start, end] = damaged[0]!;
+    expect(start % 4096).toBe(0);
+    await flipByte(pack, flipAt);
+    const dkey = await clientKey('damaged', '--permissions read', drepo);
+    const dmnt = s.path('mnt-damaged');
+    await fs.mkdir(dmnt);
+    s.onCleanup(() => unmountQuietly(dmnt));
+    const log = s.path('damaged.log');
+    const r = await rgv(dkey, ['mount', dmnt, '--log', log]);
+    expect(r.code, r.stderr).toBe(0);
+    const f = await fs.open(path.join(dmnt, 'd', 'latest'), 'r');
+    const wrong: string[] = [];
+    let eio = 0;
+    try {
+      const b = Buffer.alloc(4096);
+      for (let off = 0; off < data.length; off += 4096) {
+        const inDamage = off < end && off + 4096 > start;
+        try {
+          const { bytesRead } = await f.read(b, 0, 4096, off);
+          if (inDamage) wrong.push(`${off}: read ${bytesRead} bytes inside the damaged chunk ${start}-${end}`);
+          else if (bytesRead !== 4096 || !b.equals(data.subarray(off, off + 4096))) wrong.push(`${off}: wrong bytes`);
+        } catch (e) {
+          const code = (e as NodeJS.ErrnoException).code;
+          if (!inDamage || code !== 'EIO') wrong.push(`${off}: ${code} ${inDamage ? 'inside' : 'outside'} the damaged chunk ${start}-${end}`);
+          else eio++;
+        }
+      }
+    } finally {
+      await f.close();
+    }
+    expect(wrong.slice(0, 20), `${wrong.length} wrong block(s)`).toEqual([]);
+    expect(eio).toBe((end - start) / 4096);
+    expect(await fs.readFile(log, 'utf8')).toMatch(/EIO reading d@[0-9a-f]+ at offset \d+: .*damaged/);
+    await unmountQuietly(dmnt);
   }, 60_000);
 
   it('a killed connection makes reads fail with EIO, logged once, and umount still works', async () => {

@@ -66,6 +66,8 @@ class RemoteImage implements MountImage {
   /** The cached run holding each block. */
   private runs = new Map<number, Run>();
   private inflight = new Map<number, Promise<Buffer>>();
+  /** Blocks whose READ failed while connected: read request by request (readExactly). */
+  private bad = new Set<number>();
   private lastEnd = -1;
   /** Blocks below this were requested by read-ahead already (while the reader moves on). */
   private aheadTo = 0;
@@ -121,10 +123,33 @@ class RemoteImage implements MountImage {
     const first = Math.floor(offset / BLOCK);
     const last = Math.floor((end - 1) / BLOCK);
     const waits: Array<Buffer | Promise<Buffer>> = [];
-    for (let i = first; i <= last; i++) waits.push(this.cached(i) ?? this.fetch(i));
+    let bad = false;
+    for (let i = first; i <= last; i++) {
+      if (this.bad.has(i)) bad = true;
+      else waits.push(this.cached(i) ?? this.fetch(i));
+    }
     // Read-ahead starts before this read waits: the blocks after it are on their way too.
     this.noteRead(offset, end);
-    this.copyParts(await Promise.all(waits), first, out, offset, end);
+    if (!bad) {
+      try {
+        this.copyParts(await Promise.all(waits), first, out, offset, end);
+        return end - offset;
+      } catch (e) {
+        if (this.be.remote.lost || end - offset > MAX_READ) throw e;
+      }
+    }
+    return this.readExactly(out, offset, end);
+  }
+
+  /**
+   * A block the server could not read (a damaged chunk there, most likely) is read no more
+   * as a whole: each request in it asks for just its own bytes, uncached, so only the
+   * requests that touch the damage fail (as on a local mount).
+   */
+  private async readExactly(out: Buffer, offset: number, end: number): Promise<number> {
+    const b = await this.be.remote.read(this.gen.id, offset, end - offset);
+    if (b) b.copy(out, 0);
+    else out.fill(0, 0, end - offset);
     return end - offset;
   }
 
@@ -169,11 +194,19 @@ class RemoteImage implements MountImage {
       },
       (e: unknown) => {
         for (let k = 0; k < n; k++) this.inflight.delete(i + k);
+        if (n === 1 && !this.be.remote.lost) this.bad.add(i);
         throw this.be.failed(e);
       },
     );
     for (let k = 0; k < n; k++) {
-      const p = whole.then((blocks) => blocks[k]!);
+      // A failed READ of several blocks (damage in one of them): each is asked for alone.
+      const p = whole.then(
+        (blocks) => blocks[k]!,
+        (e: unknown) => {
+          if (n === 1 || this.be.remote.lost) throw e;
+          return this.fetch(i + k);
+        },
+      );
       p.catch(() => undefined); // read-ahead: a read that waits for it sees the failure
       this.inflight.set(i + k, p);
     }
