@@ -310,6 +310,18 @@ describe('mount of an ssh:// repository', () => {
     await unmountQuietly(dmnt);
   }, 60_000);
 
+  it('a key the server refuses: one error line, nothing mounted, no process left', async () => {
+    const bmnt = s.path('mnt-refused');
+    await fs.mkdir(bmnt);
+    s.onCleanup(() => unmountQuietly(bmnt));
+    const r = await rgv(sshd.otherKey, ['mount', bmnt]);
+    expect(r.code).toBe(1);
+    expect(r.stderr.trim().split('\n'), r.stderr).toHaveLength(1);
+    expect(r.stderr).toMatch(/^genvault: cannot mount .*mnt-refused: /);
+    expect(await isMounted(bmnt)).toBe(false);
+    expect((await sh('pgrep', ['-f', `mount ${bmnt}`])).stdout.trim()).toBe('');
+  }, 60_000);
+
   it('a killed connection makes reads fail with EIO, logged once, and umount still works', async () => {
     const kmnt = s.path('mnt-killed');
     await fs.mkdir(kmnt);

@@ -219,9 +219,9 @@ class RemoteImage implements MountImage {
     this.lastEnd = end;
   }
 
-  /** Neither cached nor on its way. */
+  /** Neither cached nor on its way (nor known to fail as a whole). */
   private missing(i: number): boolean {
-    return !this.inflight.has(i) && !this.runs.has(i);
+    return !this.inflight.has(i) && !this.runs.has(i) && !this.bad.has(i);
   }
 
   /**
