@@ -7,9 +7,12 @@ import { GenvaultError, UsageError } from '../util/errors.js';
 import { Repository } from '../repository/repository.js';
 import { unlock, useSecret, type Secret } from '../repository/keys.js';
 import { startIndexHolder } from '../index/index-holder.js';
-import { fusermountUnmount, isMounted, isStaleMount, mountRepository, mountpointProblem } from '../fuse/mount.js';
+import { fusermountUnmount, isMounted, isStaleMount, mountBackend, mountRepository, mountpointProblem, type MountHandle } from '../fuse/mount.js';
+import { RemoteRepository, type RemoteOptions } from '../remote/client.js';
+import { remoteMountBackend } from '../remote/mount-backend.js';
 import { ensureRunDir, openLogFile, readRunFile, writeRunFile } from '../util/rundir.js';
 import { action, repoPath } from './common.js';
+import { remoteOptions, remoteRepo } from './remote.js';
 import { parseSize } from '../util/format.js';
 
 /** Name of the mount server's pid file in the run directory (src/util/rundir.ts). */
@@ -24,6 +27,42 @@ interface MountCliOpts {
   allowOther?: boolean;
   cacheSize: string;
   log?: string;
+}
+
+/** Mount an ssh:// repository: one connection for the life of the mount (src/remote/mount-backend.ts). */
+async function mountRemote(url: string, ssh: RemoteOptions, mnt: string, opts: MountCliOpts): Promise<MountHandle> {
+  const remote = await RemoteRepository.open(url, ssh);
+  const cacheBytes = parseSize(opts.cacheSize);
+  try {
+    return await mountBackend(remoteMountBackend(remote, { cacheBytes }), mnt, { allowOther: opts.allowOther, cacheBytes });
+  } catch (e) {
+    remote.close();
+    throw e;
+  }
+}
+
+async function serveRemote(url: string, ssh: RemoteOptions, mnt: string, opts: MountCliOpts, notify: (msg: object) => void): Promise<void> {
+  const runDir = await ensureRunDir();
+  const handle = await mountRemote(url, ssh, mnt, opts);
+  const pidFile = await writeRunFile(runDir, pidFileName(mnt), `${process.pid}\n`);
+  notify({ ready: true, pid: process.pid });
+  await untilUnmounted(handle);
+  await fs.rm(pidFile, { force: true });
+  process.exit(0);
+}
+
+/** Serve until unmounted from outside or signalled (then unmount). */
+async function untilUnmounted(handle: MountHandle): Promise<void> {
+  let stopping = false;
+  const stop = async () => {
+    if (stopping) return;
+    stopping = true;
+    await handle.unmount().catch(() => undefined);
+  };
+  process.on('SIGINT', () => void stop());
+  process.on('SIGTERM', () => void stop());
+  process.on('SIGHUP', () => void stop());
+  await handle.closed;
 }
 
 async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (msg: object) => void): Promise<void> {
@@ -46,20 +85,21 @@ async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (
   });
   const pidFile = await writeRunFile(runDir, pidFileName(mnt), `${process.pid}\n`);
   notify({ ready: true, pid: process.pid });
-  let stopping = false;
-  const stop = async () => {
-    if (stopping) return;
-    stopping = true;
-    await handle.unmount().catch(() => undefined);
-  };
-  process.on('SIGINT', () => void stop());
-  process.on('SIGTERM', () => void stop());
-  process.on('SIGHUP', () => void stop());
-  await handle.closed;
+  await untilUnmounted(handle);
   await fs.rm(pidFile, { force: true });
   await repo.close().catch(() => undefined);
   await indexHolder?.stop().catch(() => undefined);
   process.exit(0);
+}
+
+/** The global ssh options again, for the background server (files made absolute). */
+function sshArgs(o: RemoteOptions): string[] {
+  const args: string[] = [];
+  if (o.identity) args.push('--repo-identity', path.resolve(o.identity));
+  if (o.knownHosts) args.push('--repo-known-hosts', path.resolve(o.knownHosts));
+  if (o.command) args.push('--repo-ssh-command', o.command);
+  if (o.remoteCommand) args.push('--remote-command', o.remoteCommand);
+  return args;
 }
 
 /** The secret the foreground process sent (null: none needed). */
@@ -85,7 +125,7 @@ function registerMount(program: Command): void {
     .argument('<mountpoint>', 'empty directory to mount on')
     .option('--foreground', 'stay attached and serve until unmounted or signalled (for systemd)')
     .option('--allow-other', 'let users other than the one mounting read the files (needs user_allow_other in /etc/fuse.conf for non-root)')
-    .option('--cache-size <size>', 'memory for decoded chunks shared by all open files (the server needs ~250 MiB more; see native-notes/fuse.md)', '128M')
+    .option('--cache-size <size>', 'memory for decoded chunks shared by all open files (the server needs ~250 MiB more; see native-notes/fuse.md); of an ssh:// repository, for the blocks received', '128M')
     .option('--log <file>', 'where the background server logs read errors (default: mount.log in /run/genvault, or the user\'s run directory)')
     .addHelpText(
       'after',
@@ -94,11 +134,14 @@ function registerMount(program: Command): void {
         '  a file:      losetup -r -P -f --show MNT/vm1/latest   # -> /dev/loopN\n' +
         '               mount -o ro /dev/loopNp1 /mnt/restore; cp /mnt/restore/etc/fstab /tmp/\n' +
         '               umount /mnt/restore; losetup -d /dev/loopN\n' +
+        'An ssh:// repository (-r ssh://user@host/path) is read over one connection kept open while\n' +
+        'mounted (see native-notes/remote.md); a lost connection makes reads fail with EIO.\n' +
         'Unmount with: genvault umount MNT',
     )
     .action(
       action(async (mountpoint: string, opts: MountCliOpts, cmd: Command) => {
-        const repoDir = path.resolve(repoPath(cmd));
+        const url = remoteRepo(cmd);
+        const repoDir = url ?? path.resolve(repoPath(cmd));
         const mnt = path.resolve(mountpoint);
         parseSize(opts.cacheSize);
         if (await isStaleMount(mnt)) {
@@ -109,16 +152,18 @@ function registerMount(program: Command): void {
         }
         const problem = await mountpointProblem(mnt);
         if (problem) throw new GenvaultError(`cannot mount: ${problem}`, 'MOUNT');
-        const config = await Repository.readConfig(repoDir); // fail here, in the foreground, on a bad repository
+        // An ssh:// repository is checked by its server, which holds its key too.
+        const config = url ? null : await Repository.readConfig(repoDir); // fail here, in the foreground, on a bad repository
         // An encrypted repository's key is asked for (or read) here, in the foreground, and
         // handed to the background server over its IPC channel, never in a file or argv.
-        const unlocked = config.encryption && !process.env.GENVAULT_MOUNT_CHILD ? await unlock(repoDir, config) : null;
-        if (process.env.GENVAULT_MOUNT_CHILD && process.send) useSecret(await secretFromParent());
+        const unlocked = config?.encryption && !process.env.GENVAULT_MOUNT_CHILD ? await unlock(repoDir, config) : null;
+        if (!url && process.env.GENVAULT_MOUNT_CHILD && process.send) useSecret(await secretFromParent());
 
         if (opts.foreground || process.env.GENVAULT_MOUNT_CHILD) {
           const notify = (m: object) => process.send?.(m);
           try {
-            await serve(repoDir, mnt, opts, notify);
+            if (url) await serveRemote(url, remoteOptions(cmd), mnt, opts, notify);
+            else await serve(repoDir, mnt, opts, notify);
           } catch (e) {
             if (process.send) {
               notify({ error: (e as Error).message });
@@ -134,7 +179,7 @@ function registerMount(program: Command): void {
         const runDir = await ensureRunDir();
         const logFile = opts.log ? path.resolve(opts.log) : path.join(runDir, 'mount.log');
         const log = await openLogFile(logFile);
-        const args = [...process.execArgv, process.argv[1]!, '-r', repoDir, 'mount', mnt, '--cache-size', opts.cacheSize];
+        const args = [...process.execArgv, process.argv[1]!, '-r', repoDir, ...(url ? sshArgs(remoteOptions(cmd)) : []), 'mount', mnt, '--cache-size', opts.cacheSize];
         if (opts.allowOther) args.push('--allow-other');
         const child = spawn(process.execPath, args, {
           detached: true,

@@ -47,6 +47,45 @@ export interface MountHandle {
   readonly closed: Promise<void>;
 }
 
+/**
+ * A generation opened for reading through the mount: the local repository's ImageReader,
+ * or a remote repository's reader (src/remote/mount-backend.ts).
+ */
+export interface MountImage {
+  /**
+   * The fast path: the byte count if the bytes are in memory right now (copied
+   * synchronously), else null and the caller uses read().
+   */
+  tryRead(out: Buffer, offset: number, length: number): number | null;
+  /** Up to `length` bytes at `offset` into `out`; short only at the end of the image. */
+  read(out: Buffer, offset: number, length: number): Promise<number>;
+}
+
+/**
+ * Where a mount's generations come from: the local repository (localBackend below) or a
+ * repository served over SSH (src/remote/mount-backend.ts, a layer above).
+ */
+export interface MountBackend {
+  /** What /proc/mounts shows as the source (`genvault:` + this). */
+  readonly source: string;
+  /** The generation list, re-read every refreshMs. */
+  generations(): Promise<Generation[]>;
+  /**
+   * Open a generation for one more file handle: it stays readable (pinned) until
+   * release() is called once for this open. A rejected open holds nothing.
+   */
+  open(gen: Generation): Promise<MountImage>;
+  release(gen: Generation): void;
+  /** Called after each refresh of the generation list (the local backend checks for writers). */
+  refreshed?(): Promise<void>;
+  /** Background work while mounted (started once the tree is read). */
+  start?(): void;
+  /** Unmounted: stop background work, release every pin. */
+  stop(): Promise<void>;
+  /** Whether the mount logs this failed read (false: the backend already said why). */
+  logsReadError?(e: Error): boolean;
+}
+
 /** Is the path a FUSE mount left behind by a dead process (ENOTCONN)? */
 export async function isStaleMount(mnt: string): Promise<boolean> {
   try {
@@ -113,39 +152,47 @@ const S_IFLNK = 0o120000;
 /** An open file: its generation, its image reader, and the reader once it has opened. */
 interface OpenFile {
   gen: Generation;
-  reader: Promise<ImageReader>;
-  ready?: ImageReader;
+  reader: Promise<MountImage>;
+  ready?: MountImage;
 }
 
 /** One mount's state, shared by its FUSE operations and its background timers. */
 interface MountState {
-  readonly repo: Repository;
+  readonly backend: MountBackend;
   readonly opts: MountOptions;
   readonly log: (line: string) => void;
-  readonly loader: ChunkLoader;
   tree: Tree;
-  readonly readers: Map<string, Promise<ImageReader>>;
   readonly handles: Map<number, OpenFile>;
-  // One pin per generation with open files: forget/prune/gc keep its data until closed.
-  readonly pins: Map<string, { count: number; pin: Promise<Pin | null> }>;
   nextFd: number;
-  yielding: boolean;
 }
 
-/** The timers and the lock directory watch running while the mount is up. */
+/** The timers running while the mount is up. */
 interface MountBackground {
   timer: NodeJS.Timeout;
   gcTimer: NodeJS.Timeout;
+}
+
+// -- the local repository ---------------------------------------------------------------
+
+/** The local repository's state behind a mount. */
+interface LocalState {
+  readonly repo: Repository;
+  readonly opts: MountOptions;
+  readonly loader: ChunkLoader;
+  readonly readers: Map<string, Promise<ImageReader>>;
+  // One pin per generation with open files: forget/prune/gc keep its data until closed.
+  readonly pins: Map<string, { count: number; pin: Promise<Pin | null> }>;
+  yielding: boolean;
   lockWatch: FSWatcher | null;
 }
 
-function pinOpen(s: MountState, id: string): void {
+function pinOpen(s: LocalState, id: string): void {
   const p = s.pins.get(id);
   if (p) p.count++;
   else s.pins.set(id, { count: 1, pin: Pin.take(s.repo.dir, id).catch(() => null) });
 }
 
-function pinClose(s: MountState, id: string): void {
+function pinClose(s: LocalState, id: string): void {
   const p = s.pins.get(id);
   if (!p || --p.count > 0) return;
   s.pins.delete(id);
@@ -154,36 +201,76 @@ function pinClose(s: MountState, id: string): void {
 
 // While backups or gc run, serve reads at the lowest CPU priority: they keep working,
 // but a backup keeps most of its speed (issue: mounted repositories must not slow them).
-async function checkWriters(s: MountState): Promise<void> {
+async function checkWriters(s: LocalState): Promise<void> {
   if (s.opts.yieldToWriters === false) return;
   const busy = (await liveWriters(s.repo.dir).catch(() => [])).length > 0;
   if (busy !== s.yielding && (await setProcessNice(busy ? YIELD_NICE : 0))) s.yielding = busy;
 }
 
+/** A generation's file opened: a shared reader per generation, and a pin. */
+function openLocal(s: LocalState, gen: Generation): Promise<ImageReader> {
+  let reader = s.readers.get(gen.id);
+  if (!reader) {
+    reader = ImageReader.open(s.repo, gen, s.loader, s.opts.readahead ?? 32 << 20);
+    s.readers.set(gen.id, reader);
+    reader.catch(() => s.readers.delete(gen.id));
+  }
+  pinOpen(s, gen.id);
+  // Each open gets its own reader state for read-ahead; the decoded-chunk cache is shared.
+  return reader.catch((e: unknown) => {
+    pinClose(s, gen.id);
+    throw e;
+  });
+}
+
+/** The mount's backend for a repository on this machine. */
+export function localBackend(repo: Repository, opts: MountOptions = {}): MountBackend {
+  const loader = new ChunkLoader(repo, opts.cacheBytes ?? 256 << 20, true);
+  loader.damageBy = 'mount';
+  const s: LocalState = { repo, opts, loader, readers: new Map(), pins: new Map(), yielding: false, lockWatch: null };
+  return {
+    source: repo.dir,
+    generations: () => repo.generations(),
+    open: (gen) => openLocal(s, gen),
+    release: (gen) => pinClose(s, gen.id),
+    refreshed: () => checkWriters(s),
+    start() {
+      // A backup registers in locks/: react at once rather than at the next refresh.
+      try {
+        const w = fsWatch(path.join(repo.dir, 'locks'), { persistent: false }, (_ev, f) => {
+          if (f && String(f).startsWith('writer-')) void checkWriters(s);
+        });
+        w.on('error', () => w.close());
+        s.lockWatch = w;
+      } catch {
+        /* no inotify: the refresh timer notices writers within a second */
+      }
+    },
+    async stop() {
+      s.lockWatch?.close();
+      for (const p of s.pins.values()) await p.pin.then((x) => x?.release());
+      s.pins.clear();
+    },
+  };
+}
+
+// -- the mount, over any backend --------------------------------------------------------
+
 async function refresh(s: MountState): Promise<void> {
   try {
-    s.tree = new Tree(await s.repo.generations());
+    s.tree = new Tree(await s.backend.generations());
   } catch (e) {
     s.log(`genvault mount: refreshing the generation list failed: ${(e as Error).message}`);
   }
-  await checkWriters(s);
+  await s.backend.refreshed?.();
 }
 
-/** Start the generation refresh, the writer watch and the buffer memory collection. */
+/** Start the generation refresh, the backend's own background work and the buffer memory collection. */
 function startBackground(s: MountState): MountBackground {
   const { opts } = s;
   const timer = setInterval(() => void refresh(s), opts.refreshMs ?? 1000);
   timer.unref();
-  // A backup registers in locks/: react at once rather than at the next refresh.
-  let lockWatch: FSWatcher | null = null;
-  try {
-    lockWatch = fsWatch(path.join(s.repo.dir, 'locks'), { persistent: false }, (_ev, f) => {
-      if (f && String(f).startsWith('writer-')) void checkWriters(s);
-    });
-    lockWatch.on('error', () => lockWatch?.close());
-  } catch {
-    /* no inotify: the refresh timer notices writers within a second */
-  }
+  s.backend.start?.();
 
   // Decoded chunks arrive as buffers from the workers; V8 frees the dropped ones only when
   // it collects, and with a tiny JS heap it rarely does. Collect when buffer memory runs
@@ -194,30 +281,22 @@ function startBackground(s: MountState): MountBackground {
     if (collect && process.memoryUsage().arrayBuffers > budget) collect();
   }, 250);
   gcTimer.unref();
-  return { timer, gcTimer, lockWatch };
+  return { timer, gcTimer };
 }
 
-/** The FUSE `open` of a generation's image file: a shared reader per generation, a pin, a new fd. */
+/** The FUSE `open` of a generation's image file: the backend opens (and pins) it, a new fd. */
 function openFile(s: MountState, gen: Generation, cb: (err: number, fd?: number) => void): void {
-  const { repo, loader, opts, readers, handles, log } = s;
-  let reader = readers.get(gen.id);
-  if (!reader) {
-    reader = ImageReader.open(repo, gen, loader, opts.readahead ?? 32 << 20);
-    readers.set(gen.id, reader);
-    reader.catch(() => readers.delete(gen.id));
-  }
+  const { handles, log } = s;
+  const reader = s.backend.open(gen);
   const fd = s.nextFd++;
   const h: OpenFile = { gen, reader };
   handles.set(fd, h);
-  pinOpen(s, gen.id);
   reader.then((r) => (h.ready = r), () => undefined);
-  // Each open gets its own reader state for read-ahead; the decoded-chunk cache is shared.
   reader.then(
     () => cb(0, fd),
     (e: Error) => {
       handles.delete(fd);
-      pinClose(s, gen.id);
-      log(`genvault mount: cannot open ${gen.name}@${gen.id}: ${e.message}`);
+      if (s.backend.logsReadError?.(e) !== false) log(`genvault mount: cannot open ${gen.name}@${gen.id}: ${e.message}`);
       cb(Fuse.EIO);
     },
   );
@@ -271,7 +350,7 @@ function buildOps(s: MountState) {
     release(_p: string, fd: number, cb: (err: number) => void) {
       const h = handles.get(fd);
       handles.delete(fd);
-      if (h) pinClose(s, h.gen.id);
+      if (h) s.backend.release(h.gen);
       cb(0);
     },
     read(_p: string, fd: number, buf: Buffer, len: number, pos: number, cb: (n: number) => void) {
@@ -286,7 +365,7 @@ function buildOps(s: MountState) {
         .then(
           (n) => cb(n),
           (e: Error) => {
-            log(`genvault mount: EIO reading ${h.gen.name}@${h.gen.id} at offset ${pos}: ${e.message}`);
+            if (s.backend.logsReadError?.(e) !== false) log(`genvault mount: EIO reading ${h.gen.name}@${h.gen.id} at offset ${pos}: ${e.message}`);
             cb(Fuse.EIO);
           },
         );
@@ -299,7 +378,7 @@ function buildOps(s: MountState) {
 
 /** The handle of a mounted filesystem: unmount, and notice an unmount done from outside. */
 function mountHandle(s: MountState, fuse: Fuse, mountpoint: string, bg: MountBackground): MountHandle {
-  const { timer, gcTimer, lockWatch } = bg;
+  const { timer, gcTimer } = bg;
   let closedResolve!: () => void;
   const closed = new Promise<void>((r) => (closedResolve = r));
   let unmounting = false;
@@ -310,7 +389,8 @@ function mountHandle(s: MountState, fuse: Fuse, mountpoint: string, bg: MountBac
         if (!m && !unmounting) {
           clearInterval(watch);
           clearInterval(timer);
-          closedResolve();
+          clearInterval(gcTimer);
+          void s.backend.stop().catch(() => undefined).then(closedResolve);
         }
       },
       () => undefined,
@@ -323,33 +403,31 @@ function mountHandle(s: MountState, fuse: Fuse, mountpoint: string, bg: MountBac
     closed,
     async unmount() {
       unmounting = true;
-      lockWatch?.close();
       clearInterval(timer);
       clearInterval(gcTimer);
       clearInterval(watch);
       await new Promise<void>((resolve) => fuse.unmount(() => resolve()));
-      for (const p of s.pins.values()) await p.pin.then((x) => x?.release());
-      s.pins.clear();
+      await s.backend.stop();
       closedResolve();
     },
   };
 }
 
-export async function mountRepository(repo: Repository, mountpoint: string, opts: MountOptions = {}): Promise<MountHandle> {
+/** Mount a repository on this machine (see mountBackend). */
+export function mountRepository(repo: Repository, mountpoint: string, opts: MountOptions = {}): Promise<MountHandle> {
+  return mountBackend(localBackend(repo, opts), mountpoint, opts);
+}
+
+/** Serve a backend's generations on `mountpoint`, until unmounted (by us or from outside). */
+export async function mountBackend(backend: MountBackend, mountpoint: string, opts: MountOptions = {}): Promise<MountHandle> {
   const log = opts.log ?? ((l: string) => process.stderr.write(l + '\n'));
-  const loader = new ChunkLoader(repo, opts.cacheBytes ?? 256 << 20, true);
-  loader.damageBy = 'mount';
   const s: MountState = {
-    repo,
+    backend,
     opts,
     log,
-    loader,
-    tree: new Tree(await repo.generations()),
-    readers: new Map(),
+    tree: new Tree(await backend.generations()),
     handles: new Map(),
-    pins: new Map(),
     nextFd: 10,
-    yielding: false,
   };
   const bg = startBackground(s);
 
@@ -360,7 +438,7 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
     kernelCache: true, // generations are immutable: let the page cache keep what was read
     allowOther: opts.allowOther === true,
     defaultPermissions: true,
-    fsname: `genvault:${repo.dir}`,
+    fsname: `genvault:${backend.source}`,
     subtype: 'genvault',
     attrTimeout: 1,
     entryTimeout: 1,
@@ -370,7 +448,7 @@ export async function mountRepository(repo: Repository, mountpoint: string, opts
   } catch (e) {
     clearInterval(bg.timer);
     clearInterval(bg.gcTimer);
-    bg.lockWatch?.close();
+    await backend.stop();
     // libfuse's own reason went to stderr; name what we can check, else say where to look.
     const why = (await mountpointProblem(mountpoint)) ?? `FUSE refused (${(e as Error).message}; libfuse's reason is on stderr or in the mount log)`;
     throw new GenvaultError(`cannot mount ${mountpoint}: ${why}`, 'MOUNT');

@@ -135,9 +135,14 @@ export class RemoteRepository {
     }
   }
 
+  /**
+   * The answer to request `id`. Marked handled: a request whose send fails (the connection
+   * is lost) never awaits it, and an unhandled rejection would end the process (a mount).
+   */
   private expect(id: number, map = this.waiters): Promise<Frame> {
-    if (this.failure) return Promise.reject(this.failure);
-    return new Promise<Frame>((resolve, reject) => map.set(id, { resolve, reject }));
+    const p = this.failure ? Promise.reject(this.failure) : new Promise<Frame>((resolve, reject) => map.set(id, { resolve, reject }));
+    p.catch(() => undefined);
+    return p;
   }
 
   /** Writes a frame; resolves when the channel takes more (flow control), after the rate limit. */
