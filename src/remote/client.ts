@@ -52,6 +52,7 @@ export class RemoteRepository {
   private limiter: RateLimiter | null;
   /** Resolves when the session failed: writers waiting for 'drain' stop waiting. */
   private readonly failed: Promise<void>;
+  private drained: Promise<void> | null = null;
   private onFail!: () => void;
 
   private constructor(
@@ -150,8 +151,22 @@ export class RemoteRepository {
     if (this.failure) throw this.failure;
     this.traffic.sent += payload.length + 9;
     if (this.limiter) await this.limiter.take(payload.length + 9);
-    const ok = payload.length > 1 << 16 ? this.ch.write(frameHeader(type, id, payload.length)) && this.ch.write(payload) : this.ch.write(encodeFrame(type, id, payload));
-    if (!ok) await Promise.race([new Promise<void>((r) => this.ch.once('drain', r)), this.failed]);
+    // Large payloads follow their header without a copy; both are written whatever the first write says.
+    let ok: boolean;
+    if (payload.length > 1 << 16) {
+      this.ch.write(frameHeader(type, id, payload.length));
+      ok = this.ch.write(payload);
+    } else ok = this.ch.write(encodeFrame(type, id, payload));
+    if (!ok) {
+      // One 'drain' listener, however many senders wait (requests stream concurrently).
+      this.drained ??= new Promise<void>((r) =>
+        this.ch.once('drain', () => {
+          this.drained = null;
+          r();
+        }),
+      );
+      await Promise.race([this.drained, this.failed]);
+    }
     if (this.failure) throw this.failure;
   }
 

@@ -69,6 +69,7 @@ export class ServeSession {
   private upload: Upload | null = null;
   private inflight = new Set<Promise<void>>();
   private writeChain: Promise<void> = Promise.resolve();
+  private recordChain: Promise<void> = Promise.resolve();
   private closed = false;
   /** A protocol error met inside a request: the session ends with it. */
   private fatal: Error | null = null;
@@ -137,7 +138,12 @@ export class ServeSession {
       case T.READ:
         return this.spawn(f.id, () => this.read(f));
       case T.RECORD:
-        return this.spawn(f.id, async () => this.send(T.RESULT, f.id, json(await this.syncer.record(f.payload))));
+        // Records are appended in the order they came (a client streams them).
+        return this.spawn(f.id, () => {
+          const p = this.recordChain.then(async () => this.send(T.RESULT, f.id, json(await this.syncer.record(f.payload))));
+          this.recordChain = p.catch(() => undefined);
+          return p;
+        });
       case T.RECREAD:
         return this.spawn(f.id, async () => this.send(T.DATA, f.id, Buffer.concat([Buffer.of(0), await this.syncer.readRecord(f.payload)])));
       case T.SEGMENT:
@@ -172,7 +178,12 @@ export class ServeSession {
       () =>
         new Promise<void>((resolve, reject) => {
           if (out.destroyed) return reject(new GenvaultError('client went away', 'DISCONNECTED'));
-          const ok = payload.length > 1 << 16 ? out.write(frameHeader(type, id, payload.length)) && out.write(payload) : out.write(encodeFrame(type, id, payload));
+          // Large payloads follow their header without a copy; both are written whatever the first write says.
+          let ok: boolean;
+          if (payload.length > 1 << 16) {
+            out.write(frameHeader(type, id, payload.length));
+            ok = out.write(payload);
+          } else ok = out.write(encodeFrame(type, id, payload));
           if (ok) resolve();
           else out.once('drain', resolve);
         }),
@@ -373,6 +384,7 @@ export class ServeSession {
         this.r.config.chunking,
         this.r.keys,
         next as never,
+        () => up.segments.length > 0,
         (seq, flags) => this.send(T.NEED, seq, flags),
         // Past its limit the set no longer answers: every chunk is then asked for (safe, slower).
         known ? (d) => known.whole && known.has(d) : null,

@@ -48,10 +48,29 @@ function decodeChunks(p: Buffer, expected: number): Buffer {
  */
 export type NextFrame = (type: typeof T.SEGMENT | typeof T.CHUNKS) => Promise<Frame | null>;
 
+/** Segments answered (NEED sent) ahead of the one the pipeline takes: the client streams without a pause per segment. */
+const AHEAD = 3;
+
+/** A segment described by the client and answered: its chunks, what the pipeline wants, what was asked for. */
+interface Answered {
+  seq: number;
+  desc: Described[];
+  /** Per data chunk, in order: the pipeline wants its bytes. */
+  wanted: boolean[];
+  /** Per chunk: its bytes were asked for. */
+  flags: Buffer;
+}
+
 export class UploadSource implements ChunkedSource {
   private offset = 0;
+  /** Offset of the next segment to be answered (ahead of `offset`). */
+  private answeredTo = 0;
   private seq = 0;
+  private nextSeq = 0;
   private ended = false;
+  private answered: Answered[] = [];
+  /** Chunks asked for in this session, not yet received: asked once, checked when they come. */
+  private asked = new Set<string>();
   readonly transferred = { raw: 0, wire: 0 };
 
   constructor(
@@ -60,27 +79,34 @@ export class UploadSource implements ChunkedSource {
     readonly chunking: ChunkingParams,
     private readonly keys: RepoKeys | null,
     private readonly next: NextFrame,
+    /** Whether a SEGMENT frame is queued now (answering ahead never waits for the client). */
+    private readonly segmentQueued: () => boolean,
     private readonly sendNeed: (seq: number, flags: Buffer) => Promise<void>,
     /** Chunks the client's namespace holds (null: no namespace, the pipeline's answer is enough). */
     private readonly known: ((digest: Buffer) => boolean) | null,
     private readonly remember: (digest: Buffer) => void,
   ) {}
 
-  private async frame(type: typeof T.SEGMENT | typeof T.CHUNKS): Promise<Frame | null> {
+  private async frame(type: typeof T.SEGMENT | typeof T.CHUNKS, seq: number): Promise<Frame | null> {
     const f = await this.next(type);
     if (f === null) return null;
-    if (f.id !== this.seq) {
-      throw new ProtocolError(`backup: expected ${type === T.SEGMENT ? 'SEGMENT' : 'CHUNKS'} ${this.seq}, got ${f.id}`);
-    }
+    if (f.id !== seq) throw new ProtocolError(`backup: expected ${type === T.SEGMENT ? 'SEGMENT' : 'CHUNKS'} ${seq}, got ${f.id}`);
     return f;
   }
 
-  async readSegment(need: NeedFn): Promise<ChunkedSegment | null> {
-    if (this.ended) return null;
-    const f = await this.frame(T.SEGMENT);
+  /**
+   * The next described segment answered: the pipeline's need() for it (in image order,
+   * one at a time, possibly before the bytes of earlier segments arrived: its answers
+   * depend only on the index, the parent and what it asked for before) and NEED sent.
+   * False at the end of the source.
+   */
+  private async answerNext(need: NeedFn): Promise<boolean> {
+    if (this.ended) return false;
+    const seq = this.nextSeq;
+    const f = await this.frame(T.SEGMENT, seq);
     if (!f) {
       this.ended = true;
-      return null;
+      return false;
     }
     const desc = decodeSegment(f.payload, this.chunking);
     const offered: OfferedChunk[] = [];
@@ -93,21 +119,36 @@ export class UploadSource implements ChunkedSource {
       }
       at += c.length;
     });
-    if (this.size !== null && this.offset + at > this.size) throw new ProtocolError(`backup: more than the announced ${this.size} bytes`);
-    const wanted = dataIdx.length ? await need(this.offset, offered) : [];
+    if (this.size !== null && this.answeredTo + at > this.size) throw new ProtocolError(`backup: more than the announced ${this.size} bytes`);
+    const wanted = dataIdx.length ? await need(this.answeredTo, offered) : [];
     const flags = Buffer.alloc(desc.length);
-    // Within one segment a repeated chunk is sent once (the first time it is asked for).
-    const asked = new Set<string>();
+    const here = new Set<string>();
     dataIdx.forEach((i, k) => {
       const d = desc[i]!.digest!;
       const s = d.toString('binary');
-      if ((wanted[k] || (this.known !== null && !this.known(d))) && !asked.has(s)) {
+      if (here.has(s)) return;
+      // What the pipeline wants is always asked for; a namespaced client also proves, once
+      // per session, each chunk its namespace lacks.
+      const proof = this.known !== null && !this.known(d) && !this.asked.has(s);
+      if (wanted[k] || proof) {
         flags[i] = 1;
-        asked.add(s);
+        here.add(s);
+        this.asked.add(s);
       }
     });
-    await this.sendNeed(this.seq, flags);
-    const data = await this.receive(desc, flags);
+    await this.sendNeed(seq, flags);
+    this.answered.push({ seq, desc, wanted, flags });
+    this.answeredTo += at;
+    this.nextSeq++;
+    return true;
+  }
+
+  async readSegment(need: NeedFn): Promise<ChunkedSegment | null> {
+    if (!this.answered.length && !(await this.answerNext(need))) return null;
+    while (this.answered.length < AHEAD && !this.ended && this.segmentQueued()) await this.answerNext(need);
+    const cur = this.answered.shift()!;
+    const { desc, wanted } = cur;
+    const data = await this.receive(cur);
     const chunks: RemoteChunk[] = [];
     let start = 0;
     const byDigest = new Map<string, Buffer>();
@@ -115,17 +156,19 @@ export class UploadSource implements ChunkedSource {
       if (data[i]) byDigest.set(c.digest!.toString('binary'), data[i]!);
     });
     let k = 0;
-    desc.forEach((c) => {
+    for (const c of desc) {
       let bytes: Buffer | null = null;
       if (!c.zero) {
         // The pipeline gets bytes only for what it asked for (a namespace's proof is dropped).
-        if (wanted[k]) bytes = byDigest.get(c.digest!.toString('binary')) ?? null;
-        if (wanted[k] && !bytes) throw new ProtocolError('backup: the client did not send a chunk the repository needs');
+        if (wanted[k]) {
+          bytes = byDigest.get(c.digest!.toString('binary')) ?? null;
+          if (!bytes) throw new ProtocolError('backup: the client did not send a chunk the repository needs');
+        }
         k++;
       }
       chunks.push({ start, length: c.length, zero: c.zero, digest: c.digest, data: bytes });
       start += c.length;
-    });
+    }
     const seg: ChunkedSegment = { offset: this.offset, length: start, chunks };
     this.offset += start;
     this.seq++;
@@ -133,8 +176,9 @@ export class UploadSource implements ChunkedSource {
   }
 
   /** The CHUNKS frame answering NEED: each flagged chunk's bytes, checked against its identity. */
-  private async receive(desc: Described[], flags: Buffer): Promise<Array<Buffer | null>> {
-    const f = await this.frame(T.CHUNKS);
+  private async receive(a: Answered): Promise<Array<Buffer | null>> {
+    const { desc, flags } = a;
+    const f = await this.frame(T.CHUNKS, a.seq);
     if (!f) throw new ProtocolError('backup: the source ended while chunks were asked for');
     let expected = 0;
     for (let i = 0; i < desc.length; i++) if (flags[i]) expected += desc[i]!.length;
@@ -151,6 +195,7 @@ export class UploadSource implements ChunkedSource {
         throw new GenvaultError(`backup: a chunk the client sent (offset ${this.offset}) does not match its identity`, 'PROTOCOL');
       }
       this.remember(c.digest!);
+      this.asked.delete(c.digest!.toString('binary'));
       out[i] = bytes;
     }
     if (at !== payload.length) throw new ProtocolError('backup: CHUNKS longer than asked');

@@ -77,6 +77,9 @@ export interface SyncResult {
 
 /** Chunk lookups and record copies are done this many map leaves at a time (bounded memory). */
 const LEAVES_PER_BATCH = 32;
+/** Record bytes sent to a served destination before waiting for its answers. */
+const INFLIGHT_BYTES = 32 << 20;
+
 /** Largest record a source may hand over (a group's 16 MiB and its member table, sealed, with room). */
 const MAX_RECORD = 32 << 20;
 
@@ -277,6 +280,8 @@ async function copyChunks(src: SyncSource, dst: SyncDestination, digests: Buffer
     const key = `${loc.packId}:${loc.offset}`;
     if (!records.has(key)) records.set(key, { loc, digest: d });
   });
+  const inflight: Promise<void>[] = [];
+  let inflightBytes = 0;
   // In pack order: reads go forward through each source pack.
   const order = [...records.values()].sort((a, b) => (a.loc.packId < b.loc.packId ? -1 : a.loc.packId > b.loc.packId ? 1 : a.loc.offset - b.loc.offset));
   for (const { loc, digest } of order) {
@@ -288,10 +293,18 @@ async function copyChunks(src: SyncSource, dst: SyncDestination, digests: Buffer
       throw new GenvaultError(`source damaged: cannot read pack ${loc.packId} for ${label}: ${(e as Error).message}`, 'DAMAGED');
     }
     if (dst.copyRecord) {
-      const n = await dst.copyRecord(rec, loc, digest);
-      if (n) {
+      // A served destination: records stream, several in flight (it takes them in order).
+      const sent = dst.copyRecord(rec, loc, digest).then((n) => {
+        if (!n) return;
         c.chunks += n;
         c.chunkBytes += rec.length;
+      });
+      sent.catch(() => undefined); // its failure is thrown by the Promise.all that waits for it
+      inflight.push(sent);
+      inflightBytes += rec.length;
+      if (inflightBytes > INFLIGHT_BYTES) {
+        await Promise.all(inflight.splice(0));
+        inflightBytes = 0;
       }
       continue;
     }
@@ -304,5 +317,6 @@ async function copyChunks(src: SyncSource, dst: SyncDestination, digests: Buffer
     c.chunks += put.length;
     c.chunkBytes += rec.length;
   }
+  await Promise.all(inflight);
 }
 
