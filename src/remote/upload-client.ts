@@ -78,6 +78,7 @@ export async function backupToRemote(remote: RemoteRepository, source: Source, o
   let seq = 0;
   let ended = false;
   const free: Buffer[] = [];
+  let sending: Promise<void> = Promise.resolve();
   const pending: Pending[] = [];
   // The server may refuse the backup at any moment (its answer then comes early).
   let early: Error | null = null;
@@ -120,9 +121,14 @@ export async function backupToRemote(remote: RemoteRepository, source: Source, o
       });
       const data = encodeChunks(parts, opts.wireCompression !== false);
       sentChunkBytes += data.length - 1;
-      await remote.sendFrame(T.CHUNKS, p.seq, data);
+      // One CHUNKS frame on its way while the next segments are read and chunked: waiting
+      // for each to drain before that work left the connection idle half the time.
+      await sending;
+      sending = remote.sendFrame(T.CHUNKS, p.seq, data);
+      sending.catch(() => undefined);
       free.push(p.buf);
     }
+    await sending;
     if (source.size !== null && bytes !== source.size) throw new GenvaultError(`source ended after ${bytes} of ${source.size} bytes`, 'SHORT_READ');
     await remote.sendFrame(T.END, call.id, json({ bytes }));
     const res = await call.result;
