@@ -171,6 +171,8 @@ describe('remote repository over ssh', () => {
       const r = await rgv(keys.kvm2!, ['backup', img, '--name', n]);
       expect(r.code).not.toBe(0);
     }
+    // Tags and the source description reach the admin's terminal: no control characters.
+    expect(oneLine((await rgv(keys.kvm2!, ['backup', img, '--name', 'tagged', '--tag', 'red\u001b[31m'])).stderr)).toMatch(/invalid tags/);
     // full, in its own namespace: protect, unprotect, forget.
     expect((await rgv(keys.kvm2!, ['protect', 'only2'])).code).toBe(0);
     expect((await rgv(keys.kvm2!, ['forget', 'only2', '--force-young'])).stderr).toMatch(/protected/);

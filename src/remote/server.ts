@@ -36,6 +36,8 @@ export interface ServeOptions {
   log?: (line: string) => void;
 }
 
+const TAG_RE = /^[\x21-\x7e]{1,128}$/;
+
 /** Chunk ids of a namespace held in memory during its backup (~40 bytes each). */
 const NAMESPACE_SET_LIMIT = 4 << 20;
 
@@ -356,8 +358,10 @@ export class ServeSession {
     if (this.upload) throw new GenvaultError('a backup is already running in this session', 'PROTOCOL');
     const name = this.access.inner(str(c, 'name', 'backup')!);
     const size = c.size === null ? null : num(c, 'size', 'backup')!;
-    const description = (str(c, 'source', 'backup') ?? '').slice(0, 1024);
+    // What the client says lands in records the admin's terminal shows: no control characters.
+    const description = (str(c, 'source', 'backup') ?? '').slice(0, 512).replace(/[\p{Cc}\p{Cf}]/gu, '?');
     const tags = strList(c, 'tags', 'backup');
+    if (tags.length > 32 || tags.some((t) => !TAG_RE.test(t))) throw new GenvaultError('invalid tags: at most 32, each 1-128 printable characters without spaces', 'USAGE');
     const up: Upload = { callId, segments: [], chunks: [], ended: false, aborted: false, wake: null };
     this.upload = up;
     try {
