@@ -423,3 +423,32 @@ export function format3Images(): Array<[string, Buffer]> {
     ['odd', odd],
   ];
 }
+
+/**
+ * Read `file` 4 KiB at a time against `data`: each block overlapping the damaged range
+ * [start, end) must fail with EIO, every other must hold data's bytes. Returns what was
+ * wrong (empty when all was as it should be) and how many blocks gave EIO.
+ */
+export async function readAroundDamage(file: string, data: Buffer, start: number, end: number): Promise<{ wrong: string[]; eio: number }> {
+  const f = await fs.open(file, 'r');
+  const wrong: string[] = [];
+  let eio = 0;
+  try {
+    const b = Buffer.alloc(4096);
+    for (let off = 0; off < data.length; off += 4096) {
+      const inDamage = off < end && off + 4096 > start;
+      try {
+        const { bytesRead } = await f.read(b, 0, 4096, off);
+        if (inDamage) wrong.push(`${off}: read ${bytesRead} bytes inside the damaged chunk ${start}-${end}`);
+        else if (bytesRead !== 4096 || !b.equals(data.subarray(off, off + 4096))) wrong.push(`${off}: wrong bytes`);
+      } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code;
+        if (!inDamage || code !== 'EIO') wrong.push(`${off}: ${code} ${inDamage ? 'inside' : 'outside'} the damaged chunk ${start}-${end}`);
+        else eio++;
+      }
+    }
+  } finally {
+    await f.close();
+  }
+  return { wrong, eio };
+}

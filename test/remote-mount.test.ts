@@ -12,7 +12,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RECORD_HEADER_SIZE } from '../src/format/pack.js';
 import { Repository } from '../src/repository/repository.js';
-import { CLI, CliProcess, Scratch, dataPackFiles, flipByte, gv, gvOk, isMounted, makeDisk, must, prng, sh, sha256File, waitGone, writeFiles, writeImage } from './helpers.js';
+import { CLI, CliProcess, Scratch, dataPackFiles, flipByte, gv, gvOk, isMounted, makeDisk, must, prng, sh, sha256File, waitGone, writeFiles, writeImage, readAroundDamage } from './helpers.js';
 import { Sshd, keygen, startSshd } from './sshd.js';
 
 const exec = promisify(execFile);
@@ -284,26 +284,7 @@ describe('mount of an ssh:// repository', () => {
     const log = s.path('damaged.log');
     const r = await rgv(dkey, ['mount', dmnt, '--log', log]);
     expect(r.code, r.stderr).toBe(0);
-    const f = await fs.open(path.join(dmnt, 'd', 'latest'), 'r');
-    const wrong: string[] = [];
-    let eio = 0;
-    try {
-      const b = Buffer.alloc(4096);
-      for (let off = 0; off < data.length; off += 4096) {
-        const inDamage = off < end && off + 4096 > start;
-        try {
-          const { bytesRead } = await f.read(b, 0, 4096, off);
-          if (inDamage) wrong.push(`${off}: read ${bytesRead} bytes inside the damaged chunk ${start}-${end}`);
-          else if (bytesRead !== 4096 || !b.equals(data.subarray(off, off + 4096))) wrong.push(`${off}: wrong bytes`);
-        } catch (e) {
-          const code = (e as NodeJS.ErrnoException).code;
-          if (!inDamage || code !== 'EIO') wrong.push(`${off}: ${code} ${inDamage ? 'inside' : 'outside'} the damaged chunk ${start}-${end}`);
-          else eio++;
-        }
-      }
-    } finally {
-      await f.close();
-    }
+    const { wrong, eio } = await readAroundDamage(path.join(dmnt, 'd', 'latest'), data, start, end);
     expect(wrong.slice(0, 20), `${wrong.length} wrong block(s)`).toEqual([]);
     expect(eio).toBe((end - start) / 4096);
     expect(await fs.readFile(log, 'utf8')).toMatch(/EIO reading d@[0-9a-f]+ at offset \d+: .*damaged/);

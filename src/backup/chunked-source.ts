@@ -57,6 +57,24 @@ export interface ChunkedSource extends Source {
   readonly transferred: { raw: number; wire: number };
 }
 
+/**
+ * A described segment's data chunks as a NeedFn is offered them: their offsets inside the
+ * segment, and which entry of `chunks` each one is. `length` is the segment's.
+ */
+export function offeredChunks(chunks: Array<{ length: number; zero: boolean; digest: Buffer | null }>): { offered: OfferedChunk[]; dataIdx: number[]; length: number } {
+  const offered: OfferedChunk[] = [];
+  const dataIdx: number[] = [];
+  let at = 0;
+  chunks.forEach((c, i) => {
+    if (!c.zero) {
+      dataIdx.push(i);
+      offered.push({ start: at, length: c.length, digest: c.digest! });
+    }
+    at += c.length;
+  });
+  return { offered, dataIdx, length: at };
+}
+
 export function isChunkedSource(s: Source): s is ChunkedSource {
   return typeof (s as Partial<ChunkedSource>).readSegment === 'function';
 }

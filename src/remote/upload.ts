@@ -13,7 +13,7 @@
  */
 import { chunkIdentity, type RepoKeys } from '../format/crypto.js';
 import type { ChunkingParams } from '../format/config.js';
-import type { ChunkedSegment, ChunkedSource, NeedFn, OfferedChunk, RemoteChunk } from '../backup/chunked-source.js';
+import { offeredChunks, type ChunkedSegment, type ChunkedSource, type NeedFn, type RemoteChunk } from '../backup/chunked-source.js';
 import { GenvaultError } from '../util/errors.js';
 import { ProtocolError, type Frame } from './frames.js';
 import { zstd } from '../work/zstd.js';
@@ -109,16 +109,7 @@ export class UploadSource implements ChunkedSource {
       return false;
     }
     const desc = decodeSegment(f.payload, this.chunking);
-    const offered: OfferedChunk[] = [];
-    const dataIdx: number[] = [];
-    let at = 0;
-    desc.forEach((c, i) => {
-      if (!c.zero) {
-        dataIdx.push(i);
-        offered.push({ start: at, length: c.length, digest: c.digest! });
-      }
-      at += c.length;
-    });
+    const { offered, dataIdx, length: at } = offeredChunks(desc);
     if (this.size !== null && this.answeredTo + at > this.size) throw new ProtocolError(`backup: more than the announced ${this.size} bytes`);
     const wanted = dataIdx.length ? await need(this.answeredTo, offered) : [];
     const flags = Buffer.alloc(desc.length);

@@ -23,7 +23,7 @@ import {
 } from './ssh.js';
 import { openSshConnection } from './ssh-command.js';
 import type { Source } from '../backup/source.js';
-import type { ChunkedSegment, ChunkedSource, NeedFn, OfferedChunk, RemoteChunk } from '../backup/chunked-source.js';
+import { offeredChunks, type ChunkedSegment, type ChunkedSource, type NeedFn, type RemoteChunk } from '../backup/chunked-source.js';
 
 /** The remote agent. Python 3.5+, standard library only. Keep the chunker in step with chunker.ts. */
 export const AGENT_PY = String.raw`
@@ -310,16 +310,7 @@ class AgentSource implements ChunkedSource {
       return null;
     }
     const desc = this.described.shift()!;
-    const dataIdx: number[] = [];
-    const offered: OfferedChunk[] = [];
-    let at = 0;
-    desc.forEach((c, i) => {
-      if (!c.zero) {
-        dataIdx.push(i);
-        offered.push({ start: at, length: c.length, digest: c.digest! });
-      }
-      at += c.length;
-    });
+    const { offered, dataIdx } = offeredChunks(desc);
     const answers = dataIdx.length ? await need(this.offset, offered) : [];
     const flags = Buffer.alloc(desc.length);
     dataIdx.forEach((i, k) => (flags[i] = answers[k] ? 1 : 0));
