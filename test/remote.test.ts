@@ -360,6 +360,16 @@ function frame(type: number, id: number, payload: Buffer): Buffer {
 
 const hello = frame(1, 0, Buffer.from(JSON.stringify({ protocol: 1, path: '/nonexistent' })));
 
+describe('commands that need a local repository', () => {
+  it('refuse an ssh:// one in one line, saying what works over SSH', async () => {
+    for (const args of [['gc'], ['prune', '--keep-last', '1'], ['stats'], ['repair'], ['key', 'list'], ['upgrade'], ['diff', 'a@0', 'a@1']]) {
+      const r = await gv('ssh://backup@127.0.0.1:1/srv/gv', args);
+      expect(r.code, args.join(' ')).toBe(2);
+      expect(oneLine(r.stderr)).toMatch(new RegExp(`${args[0]} needs a local repository; over ssh:// list, info, backup`));
+    }
+  });
+});
+
 describe('protocol abuse', () => {
   it('oversized, truncated, unknown and out-of-place frames end the session with one line', async () => {
     const oversized = Buffer.alloc(9);

@@ -17,13 +17,34 @@ export function repoPath(cmd: Command): string {
   return dir;
 }
 
+/** "key list" for the list subcommand of key: the words after `genvault`. */
+function commandPath(cmd: Command): string {
+  const words: string[] = [];
+  for (let c: Command | null = cmd; c?.parent; c = c.parent) words.unshift(c.name());
+  return words.join(' ');
+}
+
+/**
+ * The repository of a command that works on a local one only: an ssh:// repository is
+ * refused in one line that says what does work over SSH.
+ */
+export function localRepoPath(cmd: Command): string {
+  const p = repoPath(cmd);
+  if (p.startsWith('ssh://')) {
+    throw new UsageError(
+      `${commandPath(cmd)} needs a local repository; over ssh:// list, info, backup, restore, cat, mount, verify, forget, protect and sync work, the rest is for the server's admin`,
+    );
+  }
+  return p;
+}
+
 export function wantsJson(cmd: Command): boolean {
   return (cmd.optsWithGlobals() as GlobalOpts).json === true;
 }
 
 /** Open the repository for a command; `write` for commands that change it (see Repository.open). */
 export async function withRepo<T>(cmd: Command, fn: (repo: Repository) => Promise<T>, opts: { write?: boolean } = {}): Promise<T> {
-  const repo = await Repository.open(repoPath(cmd), opts);
+  const repo = await Repository.open(localRepoPath(cmd), opts);
   try {
     return await fn(repo);
   } finally {
@@ -167,6 +188,7 @@ export function jobsRepoPath(cmd: Command, fromFile: string | null, keyFile: str
   if (keyFile && o.keyFile === undefined) useKeyFile(keyFile);
   const dir = o.repo ?? fromFile ?? process.env.GENVAULT_REPO;
   if (!dir) throw new UsageError('no repository given: set "repository:" in the job file, use -r/--repo DIR, or set GENVAULT_REPO');
+  if (dir.startsWith('ssh://')) throw new UsageError('jobs run against a local repository; to copy to one on another host, use a sync: job with to: ssh://...');
   return dir;
 }
 

@@ -3,7 +3,7 @@ import { Repository } from '../repository/repository.js';
 import { GROUP_NAME_RE, PLAIN_FORMAT_VERSION, type RepoConfig } from '../format/config.js';
 import { UsageError } from '../util/errors.js';
 import { currentSecret, readSecretFile, unlock, type Secret } from '../repository/keys.js';
-import { action, printJson, repoPath, wantsJson } from './common.js';
+import { action, printJson, localRepoPath, wantsJson } from './common.js';
 
 interface InitFlags {
   group?: string;
@@ -57,7 +57,7 @@ export function register(program: Command): void {
     .option('--json', 'print the new repository config as JSON')
     .action(
       action(async (opts: InitFlags, cmd: Command) => {
-        const dir = repoPath(cmd);
+        const dir = localRepoPath(cmd);
         if (opts.group !== undefined && !GROUP_NAME_RE.test(opts.group)) throw new UsageError(`--group: invalid group name ${JSON.stringify(opts.group)}`);
         if (opts.encryption !== undefined && opts.encryption !== 'none' && opts.encryption !== 'aes-256-gcm') throw new UsageError(`--encryption must be aes-256-gcm or none, not "${opts.encryption}"`);
         // --like takes the encryption of the repository it names; an --encryption given as well must agree.

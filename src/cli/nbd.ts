@@ -6,7 +6,7 @@ import { ensureRunDir } from '../util/rundir.js';
 import { parseSize } from '../util/format.js';
 import { UsageError } from '../util/errors.js';
 import { checkSocketPath, parseListen, serveGenerations, type Listen } from '../nbd/serve.js';
-import { action, repoPath, wantsJson } from './common.js';
+import { action, localRepoPath, wantsJson } from './common.js';
 
 interface NbdCliOpts {
   socket?: string;
@@ -51,7 +51,7 @@ async function listenOn(opts: NbdCliOpts, name: string, id: string): Promise<Lis
 }
 
 async function nbdAction(targets: string[], opts: NbdCliOpts, cmd: Command): Promise<void> {
-  const repoDir = path.resolve(repoPath(cmd));
+  const repoDir = path.resolve(localRepoPath(cmd));
   const cacheBytes = parseSize(opts.cacheSize, '--cache-size');
   if (opts.overlay && !opts.writable) throw new UsageError('--overlay needs --writable');
   await Repository.readConfig(repoDir);

@@ -7,7 +7,7 @@ import { Repository } from '../repository/repository.js';
 import { roughAge } from '../util/duration.js';
 import { bytes, table } from '../util/format.js';
 import { UsageError } from '../util/errors.js';
-import { errorLine, failUsage, jobsRepoPath, printJson, repoPath, wantsJson } from './common.js';
+import { errorLine, failUsage, jobsRepoPath, printJson, localRepoPath, wantsJson } from './common.js';
 
 interface StatusFlags {
   config?: string;
@@ -96,7 +96,7 @@ async function readJobFile(o: StatusFlags, cmd: Command, json: boolean): Promise
       (e: NodeJS.ErrnoException) => e.code !== 'ENOENT' && e.code !== 'ENOTDIR',
     );
     if (o.config !== undefined || exists) file = await loadJobsFile(cfgPath);
-    dir = file ? jobsRepoPath(cmd, file.repository, file.keyFile) : repoPath(cmd);
+    dir = file ? jobsRepoPath(cmd, file.repository, file.keyFile) : localRepoPath(cmd);
   } catch (e) {
     if (e instanceof UsageError) failUsage(e.message);
     crit(errorLine(e), json);
