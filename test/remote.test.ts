@@ -365,7 +365,7 @@ describe('commands that need a local repository', () => {
     for (const args of [['gc'], ['prune', '--keep-last', '1'], ['stats'], ['repair'], ['key', 'list'], ['upgrade'], ['diff', 'a@0', 'a@1']]) {
       const r = await gv('ssh://backup@127.0.0.1:1/srv/gv', args);
       expect(r.code, args.join(' ')).toBe(2);
-      expect(oneLine(r.stderr)).toMatch(new RegExp(`${args[0]} needs a local repository; over ssh:// list, info, backup`));
+      expect(oneLine(r.stderr)).toMatch(new RegExp(`^genvault: ${args[0] === 'key' ? 'key list' : args[0]} needs a local repository; over ssh:// list, info, backup`));
     }
   });
 });
