@@ -388,6 +388,7 @@ describe('protocol abuse', () => {
       expect(r.code, what).toBe(1);
       expect(r.stderr.trim().split('\n'), what).toHaveLength(1);
       expect(r.stderr, what).toMatch(re);
+      expect(r.stderr, what).toMatch(/^genvault: protocol error: /);
     }
   }, 60_000);
 
@@ -418,7 +419,7 @@ describe('protocol abuse', () => {
     const n = new z.CCtx().compress(packed, big, 1);
     const r = await serveRaw(Buffer.concat([hello, call, frame(8, 0, seg), frame(10, 0, Buffer.concat([Buffer.of(1), packed.subarray(0, n)])), frame(11, 1, Buffer.from('{"bytes":65536}'))]));
     // The backup fails (its ERROR names why); the session itself may go on.
-    expect(r.stdout.toString('latin1')).toMatch(/backup of bomb failed: backup: CHUNKS do not decode/);
+    expect(r.stdout.toString('latin1')).toMatch(/backup of bomb failed: protocol error: backup: CHUNKS do not decode/);
     expect(JSON.parse(await gvOk(repo, ['list', '--json'])).map((g: { name: string }) => g.name)).not.toContain('bomb');
   }, 60_000);
 

@@ -11,13 +11,17 @@
  * stream, and SSH's flow control stops the sender: memory stays bounded whatever it sends.
  */
 import type { Readable } from 'node:stream';
+import { GenvaultError } from '../util/errors.js';
 
 /** Largest frame: a stored record sync copies (a 16 MiB group, sealed, in a 32 MiB bound) plus headers. */
 export const MAX_FRAME = 33 << 20;
 export const FRAME_HEADER = 9;
 
-export class ProtocolError extends Error {
-  readonly code = 'PROTOCOL';
+/** The peer broke the protocol: the session ends with this one line. */
+export class ProtocolError extends GenvaultError {
+  constructor(message: string) {
+    super(`protocol error: ${message}`, 'PROTOCOL');
+  }
 }
 
 export interface Frame {

@@ -96,7 +96,7 @@ export class ServeSession {
       await Promise.allSettled([...this.inflight]);
       if (this.fatal) throw this.fatal;
     } catch (e) {
-      if (e instanceof ProtocolError) await this.send(T.FATAL, 0, Buffer.from(`protocol error: ${e.message}`)).catch(() => undefined);
+      if (e instanceof ProtocolError) await this.send(T.FATAL, 0, Buffer.from(e.message)).catch(() => undefined);
       else if (!this.repo) await this.send(T.FATAL, 0, Buffer.from(messageOf(e))).catch(() => undefined);
       throw e;
     } finally {
