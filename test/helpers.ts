@@ -4,6 +4,8 @@
  * test fails.
  */
 import { scanPack } from '../src/format/scan.js';
+import { RECORD_HEADER_SIZE } from '../src/format/pack.js';
+import { Repository } from '../src/repository/repository.js';
 import { ChildProcess, execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
@@ -451,4 +453,29 @@ export async function readAroundDamage(file: string, data: Buffer, start: number
     await f.close();
   }
   return { wrong, eio };
+}
+
+/**
+ * Image extents [start, end) of the chunks of `name`'s newest generation whose record in
+ * pack `packId` holds byte `at` of the pack file, read from the map and the index (the mount tests' damaged range).
+ */
+export async function chunkExtentsAt(repoDir: string, name: string, packId: string, at: number): Promise<Array<[number, number]>> {
+  const r = await Repository.open(repoDir);
+  try {
+    const map = await r.chunkMap((await r.generations(name)).at(-1)!);
+    const out: Array<[number, number]> = [];
+    let pos = 0;
+    for (let i = 0; i < map.refs.length; i++) {
+      const leaf = await map.leaf(i);
+      for (let j = 0; j < leaf.lengths.length; j++) {
+        const len = leaf.lengths[j]!;
+        const loc = leaf.zero[j] ? null : await r.location(leaf.digests.subarray(j * 32, j * 32 + 32));
+        if (loc && loc.packId === packId && loc.offset <= at && at < loc.offset + RECORD_HEADER_SIZE + loc.storedLength) out.push([pos, pos + len]);
+        pos += len;
+      }
+    }
+    return out;
+  } finally {
+    await r.close();
+  }
 }

@@ -8,9 +8,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RECORD_HEADER_SIZE } from '../src/format/pack.js';
-import { Repository } from '../src/repository/repository.js';
-import { dataPackFiles, flipByte, gv, gvOk, isMounted, makeDisk, must, prng, sh, sha256File, waitGone, withMountedDisk, writeFiles, Scratch, readAroundDamage } from './helpers.js';
+import { dataPackFiles, flipByte, gv, gvOk, isMounted, makeDisk, must, prng, sh, sha256File, waitGone, withMountedDisk, writeFiles, Scratch, readAroundDamage, chunkExtentsAt } from './helpers.js';
 
 const exec = promisify(execFile);
 let s: Scratch;
@@ -59,30 +57,6 @@ afterAll(async () => {
   await s?.cleanup();
 });
 
-/**
- * Image extents [start, end) of the chunks of `name`'s newest generation whose record in
- * pack `packId` holds byte `at` of the pack file, read from the map and the index.
- */
-async function chunkExtentsAt(repoDir: string, name: string, packId: string, at: number): Promise<Array<[number, number]>> {
-  const r = await Repository.open(repoDir);
-  try {
-    const map = await r.chunkMap((await r.generations(name)).at(-1)!);
-    const out: Array<[number, number]> = [];
-    let pos = 0;
-    for (let i = 0; i < map.refs.length; i++) {
-      const leaf = await map.leaf(i);
-      for (let j = 0; j < leaf.lengths.length; j++) {
-        const len = leaf.lengths[j]!;
-        const loc = leaf.zero[j] ? null : await r.location(leaf.digests.subarray(j * 32, j * 32 + 32));
-        if (loc && loc.packId === packId && loc.offset <= at && at < loc.offset + RECORD_HEADER_SIZE + loc.storedLength) out.push([pos, pos + len]);
-        pos += len;
-      }
-    }
-    return out;
-  } finally {
-    await r.close();
-  }
-}
 
 async function genFiles(name: string): Promise<string[]> {
   return (await fs.readdir(path.join(mnt, name))).filter((f) => f.endsWith('.img')).sort();

@@ -10,9 +10,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RECORD_HEADER_SIZE } from '../src/format/pack.js';
-import { Repository } from '../src/repository/repository.js';
-import { CLI, CliProcess, Scratch, dataPackFiles, flipByte, gv, gvOk, isMounted, makeDisk, must, prng, sh, sha256File, waitGone, writeFiles, writeImage, readAroundDamage } from './helpers.js';
+import { CLI, CliProcess, Scratch, dataPackFiles, flipByte, gv, gvOk, isMounted, makeDisk, must, prng, sh, sha256File, waitGone, writeFiles, writeImage, readAroundDamage, chunkExtentsAt } from './helpers.js';
 import { Sshd, keygen, startSshd } from './sshd.js';
 
 const exec = promisify(execFile);
@@ -54,30 +52,6 @@ async function servePids(): Promise<number[]> {
   return r.stdout.split('\n').filter(Boolean).map(Number);
 }
 
-/**
- * Image extents [start, end) of the chunks of `name`'s newest generation whose record in
- * pack `packId` holds byte `at` of the pack file (as in test/mount.test.ts).
- */
-async function chunkExtentsAt(repoDir: string, name: string, packId: string, at: number): Promise<Array<[number, number]>> {
-  const r = await Repository.open(repoDir);
-  try {
-    const map = await r.chunkMap((await r.generations(name)).at(-1)!);
-    const out: Array<[number, number]> = [];
-    let pos = 0;
-    for (let i = 0; i < map.refs.length; i++) {
-      const leaf = await map.leaf(i);
-      for (let j = 0; j < leaf.lengths.length; j++) {
-        const len = leaf.lengths[j]!;
-        const loc = leaf.zero[j] ? null : await r.location(leaf.digests.subarray(j * 32, j * 32 + 32));
-        if (loc && loc.packId === packId && loc.offset <= at && at < loc.offset + RECORD_HEADER_SIZE + loc.storedLength) out.push([pos, pos + len]);
-        pos += len;
-      }
-    }
-    return out;
-  } finally {
-    await r.close();
-  }
-}
 
 beforeAll(async () => {
   s = await Scratch.create('genvault-rmount-');
