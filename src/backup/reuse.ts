@@ -87,8 +87,21 @@ export class ChunkReuse {
     private verify = 0,
   ) {}
 
+  /**
+   * The readSegment of every source built on ChunkReuse: the segment of an image of `size`
+   * bytes that starts at `at` (null past its end), the bytes it read counted in
+   * `transferred.raw`.
+   */
+  async segmentAt(at: number, size: number, need: NeedFn, transferred: { raw: number }): Promise<ChunkedSegment | null> {
+    const len = Math.min(this.chunking.segment, size - at);
+    if (len <= 0) return null;
+    const seg = await this.segment(at, len, need);
+    transferred.raw += seg.chunks.reduce((n, c) => n + (c.data?.length ?? 0), 0);
+    return seg;
+  }
+
   /** The segment [at, at + len) as chunks: reused, or read and hashed. */
-  async segment(at: number, len: number, need: NeedFn): Promise<ChunkedSegment> {
+  private async segment(at: number, len: number, need: NeedFn): Promise<ChunkedSegment> {
     const changed = await this.hooks.changed(at, len);
     const chunks: SegChunk[] = [];
     let region: [number, number] | null = null;

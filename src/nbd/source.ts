@@ -220,12 +220,8 @@ export class NbdDirtySource extends NbdSource implements ChunkedSource {
   }
 
   async readSegment(need: NeedFn): Promise<ChunkedSegment | null> {
-    const at = this.pos;
-    const len = Math.min(this.chunking.segment, this.size - at);
-    if (len <= 0) return null;
-    const seg = await this.reuse.segment(at, len, need);
-    this.pos += len;
-    this.transferred.raw += seg.chunks.reduce((n, c) => n + (c.data?.length ?? 0), 0);
+    const seg = await this.reuse.segmentAt(this.pos, this.size, need, this.transferred);
+    if (seg) this.pos += seg.length;
     return seg;
   }
 }
@@ -281,12 +277,8 @@ export class OverlaySource implements ChunkedSource {
   };
 
   async readSegment(need: NeedFn): Promise<ChunkedSegment | null> {
-    const at = this.pos;
-    const len = Math.min(this.chunking.segment, this.size - at);
-    if (len <= 0) return null;
-    const seg = await this.reuse.segment(at, len, need);
-    this.pos += len;
-    this.transferred.raw += seg.chunks.reduce((n, c) => n + (c.data?.length ?? 0), 0);
+    const seg = await this.reuse.segmentAt(this.pos, this.size, need, this.transferred);
+    if (seg) this.pos += seg.length;
     return seg;
   }
 
