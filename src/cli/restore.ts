@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { abandonRestores, restoreToPath, restoreToStream, showTarget } from '../read/restore.js';
+import { abandonRestores, rawSink, restoreToPath, restoreToPathWith, restoreToStream, showTarget, writerOf } from '../read/restore.js';
 import { UsageError } from '../util/errors.js';
 import { bytes, duration, rate } from '../util/format.js';
 import { Progress } from '../util/progress.js';
@@ -9,8 +9,6 @@ import { parseSshMode } from '../source/ssh-agent.js';
 import { action, onInterrupt, printJson, wantsJson, withRepo } from './common.js';
 import { remoteRepo, withRemote } from './remote.js';
 import { remoteFiller, streamRemote } from '../remote/read-client.js';
-import { restoreToPathWith, writerOf } from '../read/restore.js';
-import type { Command as Cmd } from 'commander';
 
 function refuseStdout(json: boolean): void {
   if (process.stdout.isTTY) throw new UsageError('refusing to write a disk image to a terminal; redirect stdout');
@@ -18,18 +16,14 @@ function refuseStdout(json: boolean): void {
 }
 
 /** restore and cat from an ssh:// repository: the server reads and checks, this side writes. */
-async function restoreRemote(cmd: Cmd, target: string, dest: string, opts: { force?: boolean; ignoreDamage?: boolean }): Promise<void> {
+async function restoreRemote(cmd: Command, target: string, dest: string, opts: { force?: boolean; ignoreDamage?: boolean }): Promise<void> {
   if (opts.ignoreDamage) throw new UsageError('--ignore-damage needs a local repository (run the restore on the repository\'s host)');
   if (isSshSpec(dest)) throw new UsageError('restoring from an ssh:// repository to an ssh:// target is not supported; restore on one of the two hosts');
   await withRemote(cmd, async (remote) => {
     const g = await remote.resolve(target);
     if (dest === '-') {
-      const write = writerOf(process.stdout);
-      const ZERO = Buffer.alloc(1 << 20);
-      await streamRemote(remote, g, async (_o, length, data) => {
-        if (data) return write(data);
-        for (let left = length; left > 0; left -= ZERO.length) await write(ZERO.subarray(0, Math.min(left, ZERO.length)));
-      });
+      const sink = rawSink(writerOf(process.stdout));
+      await streamRemote(remote, g, (offset, length, data) => sink.write(offset, length, data));
       return;
     }
     const progress = new Progress(`restore ${g.name}`);

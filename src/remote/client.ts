@@ -178,13 +178,15 @@ export class RemoteRepository {
     return f;
   }
 
+  /** The JSON of a CALL's RESULT (its ERROR thrown). */
+  private resultOf(f: Frame, op: string): Record<string, unknown> {
+    const a = this.answer(f);
+    if (a.type !== T.RESULT) throw new GenvaultError(`${this.dir}: unexpected answer to ${op}`, 'PROTOCOL');
+    return parseJson(a.payload, op);
+  }
+
   async call<R = Record<string, unknown>>(op: string, args: Record<string, unknown> = {}): Promise<R> {
-    const id = this.nextId++;
-    const p = this.expect(id);
-    await this.send(T.CALL, id, json({ ...args, op }));
-    const f = this.answer(await p);
-    if (f.type !== T.RESULT) throw new GenvaultError(`${this.dir}: unexpected answer to ${op}`, 'PROTOCOL');
-    return parseJson(f.payload, op) as R;
+    return this.resultOf(await this.request(T.CALL, json({ ...args, op })), op) as R;
   }
 
   async generations(name?: string): Promise<Generation[]> {
@@ -204,7 +206,7 @@ export class RemoteRepository {
     await this.call('close', { id });
   }
 
-  /** A request frame of another type (sync's RECORD, RECREAD); its answer (RESULT or DATA). */
+  /** A request and its answer (RESULT or DATA; an ERROR is thrown). */
   async request(type: number, payload: Buffer): Promise<Frame> {
     const id = this.nextId++;
     const p = this.expect(id);
@@ -215,10 +217,7 @@ export class RemoteRepository {
   /** Bytes [offset, offset + length) of an open generation (length at most MAX_READ); null: all zeros. */
   async read(id: string, offset: number, length: number): Promise<Buffer | null> {
     if (length > MAX_READ) throw new RangeError('read too large');
-    const rid = this.nextId++;
-    const p = this.expect(rid);
-    await this.send(T.READ, rid, encodeRead(id, offset, length));
-    const f = this.answer(await p);
+    const f = await this.request(T.READ, encodeRead(id, offset, length));
     if (f.type !== T.DATA || f.payload.length < 1) throw new GenvaultError(`${this.dir}: unexpected answer to a read`, 'PROTOCOL');
     if (f.payload[0] === 1) {
       if (f.payload.length !== 5 || f.payload.readUInt32BE(1) !== length) throw new GenvaultError(`${this.dir}: malformed zero answer`, 'PROTOCOL');
@@ -254,7 +253,7 @@ export class RemoteRepository {
     const id = this.nextId++;
     const p = this.expect(id);
     await this.send(T.CALL, id, json({ ...args, op }));
-    const result = p.then((f) => parseJson(this.answer(f).payload, op));
+    const result = p.then((f) => this.resultOf(f, op));
     result.catch(() => undefined);
     return { id, result };
   }

@@ -72,7 +72,6 @@ export class ServeSession {
   private inflight = new Set<Promise<void>>();
   private writeChain: Promise<void> = Promise.resolve();
   private recordChain: Promise<void> = Promise.resolve();
-  private closed = false;
   /** A protocol error met inside a request: the session ends with it. */
   private fatal: Error | null = null;
 
@@ -100,7 +99,6 @@ export class ServeSession {
       else if (!this.repo) await this.send(T.FATAL, 0, Buffer.from(messageOf(e))).catch(() => undefined);
       throw e;
     } finally {
-      this.closed = true;
       this.endUpload();
       await Promise.allSettled([...this.inflight]);
       await this.close();
