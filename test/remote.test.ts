@@ -360,6 +360,41 @@ function frame(type: number, id: number, payload: Buffer): Buffer {
 
 const hello = frame(1, 0, Buffer.from(JSON.stringify({ protocol: 1, path: '/nonexistent' })));
 
+describe('a hostile server', () => {
+  it('a WELCOME with impossible chunking or a bad identity key ends the command in one line, before any read', async () => {
+    const fake = s.path('fake-serve.mjs');
+    // Answers HELLO with the WELCOME given in its argument (base64 JSON), then waits.
+    await fs.writeFile(
+      fake,
+      `const w = Buffer.from(process.argv[2], 'base64');
+process.stdin.once('data', () => {
+  const h = Buffer.alloc(9); h.writeUInt32BE(w.length + 5, 0); h[4] = 2; h.writeUInt32BE(0, 5);
+  process.stdout.write(Buffer.concat([h, w]));
+});
+process.stdin.on('end', () => process.exit(0));
+`,
+    );
+    const good = { algorithm: 'block-cdc', block: 4096, min: 16384, maskBits: 5, max: 524288, segment: 8388608 };
+    const cases: Array<[string, object]> = [
+      ['huge segments', { chunking: { ...good, segment: 2 ** 40 } }],
+      ['not a multiple', { chunking: { ...good, min: 1000 } }],
+      ['no chunking', { chunking: null }],
+      ['identity key', { encrypted: true, identity: { key: 'zz', seed: [1, 2] } }],
+      ['chunker seed', { encrypted: true, identity: { key: 'ab'.repeat(32), seed: ['x', 2] } }],
+    ];
+    const img = await image('h.img', 51, 5);
+    for (const [what, w] of cases) {
+      const welcome = Buffer.from(JSON.stringify({ protocol: 1, namespace: null, permissions: 'full', format: 5, chunking: good, encrypted: false, identity: null, ...w })).toString('base64');
+      const k = s.path(`key-hostile-${cases.findIndex((c) => c[0] === what)}`);
+      await keygen(k);
+      await sshd.authorize(`${k}.pub`, `command="${process.execPath} ${fake} ${welcome}",restrict`);
+      const r = await gv(sshd.url('/x'), ['--repo-identity', k, '--repo-known-hosts', sshd.knownHosts, 'backup', img, '--name', 'h']);
+      expect(r.code, what).toBe(1);
+      expect(oneLine(r.stderr), what).toMatch(/the server's description of its repository is malformed/);
+    }
+  }, 120_000);
+});
+
 describe('commands that need a local repository', () => {
   it('refuse an ssh:// one in one line, saying what works over SSH', async () => {
     for (const args of [['gc'], ['prune', '--keep-last', '1'], ['stats'], ['repair'], ['key', 'list'], ['upgrade'], ['diff', 'a@0', 'a@1']]) {

@@ -124,14 +124,7 @@ export function checkConfig(raw: unknown, file: string): RepoConfig {
   if (c.version < 1) throw bad(`unknown format version ${c.version}`);
   if (typeof c.id !== 'string' || !/^[0-9a-f]{32}$/.test(c.id)) throw bad('"id" missing or malformed');
   if (c.digest !== 'sha256') throw bad(`unsupported digest ${JSON.stringify(c.digest)}`);
-  const ch = c.chunking;
-  if (!ch || ch.algorithm !== 'block-cdc') throw bad('"chunking.algorithm" must be "block-cdc"');
-  for (const k of ['block', 'min', 'maskBits', 'max', 'segment'] as const) {
-    if (typeof ch[k] !== 'number' || !Number.isInteger(ch[k]) || ch[k] <= 0) throw bad(`"chunking.${k}" invalid`);
-  }
-  if (ch.min % ch.block || ch.max % ch.block || ch.segment % ch.max || ch.min > ch.max) {
-    throw bad('chunk sizes must be multiples of the block size, segment a multiple of max');
-  }
+  checkChunking(c.chunking, bad);
   if (!c.compression || c.compression.algorithm !== 'zstd') throw bad('"compression.algorithm" must be "zstd"');
   if (typeof c.compression.level !== 'number') throw bad('"compression.level" invalid');
   const g = c.compression.group;
@@ -159,6 +152,17 @@ export function checkConfig(raw: unknown, file: string): RepoConfig {
   // Version 6 is exactly "encrypted": an old genvault must never take an encrypted repository for one it knows.
   if ((e !== undefined) !== (c.version >= ENCRYPTED_FORMAT_VERSION)) throw bad(`format version ${c.version} ${e ? 'cannot be' : 'must be'} encrypted`);
   return c as RepoConfig;
+}
+
+/** The chunking parameters' own rules (a config file's, or a remote server's). */
+export function checkChunking(ch: (ChunkingParams & { algorithm?: string }) | undefined, bad: (why: string) => Error): void {
+  if (!ch || ch.algorithm !== 'block-cdc') throw bad('"chunking.algorithm" must be "block-cdc"');
+  for (const k of ['block', 'min', 'maskBits', 'max', 'segment'] as const) {
+    if (typeof ch[k] !== 'number' || !Number.isInteger(ch[k]) || ch[k] <= 0) throw bad(`"chunking.${k}" invalid`);
+  }
+  if (ch.min % ch.block || ch.max % ch.block || ch.segment % ch.max || ch.min > ch.max) {
+    throw bad('chunk sizes must be multiples of the block size, segment a multiple of max');
+  }
 }
 
 /**

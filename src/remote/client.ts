@@ -7,11 +7,11 @@
  */
 import { createHash, createHmac } from 'node:crypto';
 import { GenvaultError } from '../util/errors.js';
-import type { ChunkingParams } from '../format/config.js';
+import { checkChunking, type ChunkingParams } from '../format/config.js';
 import type { Generation } from '../format/generation.js';
 import { openSshConnection } from '../source/ssh-command.js';
 import { describeSpec, parseSshSpec, shq, type RemoteChannel, type SshConnection, type SshOptions } from '../source/ssh.js';
-import { FrameReader, ProtocolError, encodeFrame, frameHeader, type Frame } from './frames.js';
+import { FrameReader, MAX_FRAME, ProtocolError, encodeFrame, frameHeader, type Frame } from './frames.js';
 import { MAX_READ, PROTOCOL_VERSION, T, encodeRead, json, parseJson, type Permission } from './protocol.js';
 
 export function isRemoteRepo(spec: string): boolean {
@@ -99,7 +99,24 @@ export class RemoteRepository {
     this.send(T.HELLO, 0, json({ protocol: PROTOCOL_VERSION, path }));
     const w = parseJson((await welcome).payload, 'WELCOME') as unknown as Welcome;
     if (w.protocol !== PROTOCOL_VERSION) throw new GenvaultError(`${this.dir}: the server speaks protocol ${String(w.protocol)}, this client ${PROTOCOL_VERSION}`, 'PROTOCOL');
-    this.welcome = w;
+    this.welcome = this.checkedWelcome(w);
+  }
+
+  /**
+   * What the server says of its repository drives this side's chunking and buffers: the
+   * chunking must be valid and its segments fit a frame, an identity key 32 bytes.
+   */
+  private checkedWelcome(w: Welcome): Welcome {
+    const bad = (why: string) => new GenvaultError(`${this.dir}: the server's description of its repository is malformed: ${why}`, 'PROTOCOL');
+    checkChunking(w.chunking as ChunkingParams & { algorithm?: string }, bad);
+    if (w.chunking.segment > MAX_FRAME / 2) throw bad(`segments of ${w.chunking.segment} bytes`);
+    if (w.chunking.block % 4) throw bad('"chunking.block" not a multiple of 4');
+    const id = w.identity;
+    if (id !== null && id !== undefined) {
+      if (typeof id.key !== 'string' || !/^[0-9a-f]{64}$/.test(id.key)) throw bad('identity key');
+      if (!Array.isArray(id.seed) || id.seed.length !== 2 || !id.seed.every((n) => Number.isInteger(n) && n >= -(2 ** 31) && n < 2 ** 31)) throw bad('chunker seed');
+    }
+    return { ...w, encrypted: w.encrypted === true, identity: id ?? null };
   }
 
   /** Frames from the server to whoever waits for them, until the stream ends. */
