@@ -440,6 +440,32 @@ describe('protocol abuse', () => {
     expect(JSON.parse(await gvOk(repo, ['list', '--json'])).map((g: { name: string }) => g.name)).not.toContain('liar');
   }, 60_000);
 
+  it('records whose bytes are not the chunk they name are refused and commit nothing; a client without records still commits', async () => {
+    const { createHash } = await import('node:crypto');
+    const { encodeRecordHeader, RECORD_HEADER_SIZE } = await import('../src/format/pack.js');
+    const data = prng(11, 65536);
+    const seg = Buffer.alloc(41);
+    seg.writeUInt32BE(1, 0);
+    seg.writeUInt32BE(65536, 4);
+    createHash('sha256').update(data).digest().copy(seg, 9);
+    // A raw record naming the chunk asked for (right digest, right length), other bytes.
+    const rec = Buffer.alloc(RECORD_HEADER_SIZE + 65536);
+    prng(12, 65536).copy(rec, RECORD_HEADER_SIZE);
+    encodeRecordHeader(rec, 0, 0, 65536, 65536, seg.subarray(9));
+    const call = frame(3, 1, Buffer.from(JSON.stringify({ op: 'backup', name: 'forger', size: 65536, source: 'x', tags: [] })));
+    const r = await serveRaw(Buffer.concat([hello, call, frame(8, 0, seg), frame(10, 0, Buffer.concat([Buffer.of(2), rec])), frame(11, 1, Buffer.from('{"bytes":65536}'))]));
+    expect(r.stdout.toString('latin1')).toMatch(/backup of forger failed: .*does not match its identity/);
+    // The same chunk as plain bytes (coding 0, what a client before records sends) commits.
+    const honest = frame(3, 1, Buffer.from(JSON.stringify({ op: 'backup', name: 'honest', size: 65536, source: 'x', tags: [] })));
+    await serveRaw(Buffer.concat([hello, honest, frame(8, 0, seg), frame(10, 0, Buffer.concat([Buffer.of(0), data])), frame(11, 1, Buffer.from('{"bytes":65536}'))]));
+    const names = JSON.parse(await gvOk(repo, ['list', '--json'])).map((g: { name: string }) => g.name);
+    expect(names).not.toContain('forger');
+    expect(names).toContain('honest');
+    const out = s.path('honest.img');
+    await gvOk(repo, ['restore', 'honest', out]);
+    expect((await fs.readFile(out)).equals(data)).toBe(true);
+  }, 60_000);
+
   it('a zstd bomb in CHUNKS decodes no further than what was asked for', async () => {
     const { createRequire } = await import('node:module');
     const z = createRequire(import.meta.url)('zstd-napi/binding.js') as { CCtx: new () => { compress(d: Uint8Array, s: Uint8Array, l: number): number }; compressBound(n: number): number };

@@ -115,7 +115,8 @@ async function backupSegments(run: BackupRun, reader: SegmentReader, dedup: Dedu
     if (run.fastDetect) stats.unchangedBytes = (stats.unchangedBytes ?? 0) + (chunks.unchanged ?? 0);
     const { entryDigest, newIdx } = await dedup.lookup(seg, chunks, segOffset);
     map.addSegment(chunks.table, entryDigest, chunks.fast);
-    await sink.store(seg, chunks.table, entryDigest, newIdx);
+    if (chunks.records) sink.storeRecords(seg, entryDigest, newIdx, chunks.records);
+    else await sink.store(seg, chunks.table, entryDigest, newIdx);
     segOffset += seg.len;
   }
 }

@@ -1,4 +1,6 @@
 /** The backup's bounded memory: segment and output buffers, reused for the whole run. */
+import type { ChunkingParams } from '../format/config.js';
+import { RECORD_HEADER_SIZE } from '../format/pack.js';
 
 /**
  * Segments in flight: bounds memory (DEPTH segment buffers, and as many output buffers)
@@ -6,6 +8,15 @@
  * why the code is as it is".
  */
 export const DEPTH = 4;
+
+/**
+ * Room for the records of one segment's new chunks, however they compress: the chunks,
+ * a record header and a group member's entry per chunk, zstd's worst case.
+ */
+export function recordsRoom(chunking: ChunkingParams): number {
+  const seg = chunking.segment;
+  return seg + (seg >>> 6) + (seg / chunking.min) * (RECORD_HEADER_SIZE + 64) + (1 << 16);
+}
 
 /**
  * A fixed set of shared buffers; acquire() waits while all are in use. Strictly first

@@ -6,6 +6,7 @@
  */
 import type { ChunkingParams } from '../format/config.js';
 import type { Source } from './source.js';
+import type { CompressAnswer } from '../work/protocol.js';
 
 /** A data chunk offered by the far end, before its bytes are asked for. */
 export interface OfferedChunk {
@@ -31,6 +32,20 @@ export interface RemoteChunk {
    * only when every data chunk of the segment has one.
    */
   fast?: Buffer | null;
+  /** Its bytes came compressed, in the segment's `records` (data stays null). */
+  inRecords?: boolean;
+}
+
+/**
+ * New chunks that came as pack records (a remote writer's, src/remote/upload.ts), checked
+ * and sealed: ready for a pack as they are, no compression needed.
+ */
+export interface AdoptedRecords extends CompressAnswer {
+  /** Per table row: the chunk's digest (binary string) and raw length. */
+  names: string[];
+  rawLengths: number[];
+  /** Gives the buffer under `out` back, once the records are written. */
+  release(): void;
 }
 
 export interface ChunkedSegment {
@@ -38,6 +53,8 @@ export interface ChunkedSegment {
   offset: number;
   length: number;
   chunks: RemoteChunk[];
+  /** The records of the chunks marked `inRecords` (one table row per digest). */
+  records?: Promise<AdoptedRecords>;
 }
 
 /**

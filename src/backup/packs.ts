@@ -13,7 +13,9 @@ import { COMP_GROUP, ChunkLocation, RECORD_HEADER_SIZE, encodeLocation } from '.
 import { REC_LEAF, encodeMetaRecord } from '../format/meta.js';
 import { PackWriter } from '../store/pack-writer.js';
 import type { CompressAnswer } from '../work/protocol.js';
-import { BufferPool, DEPTH } from './buffer-pool.js';
+import type { AdoptedRecords } from './chunked-source.js';
+import { GenvaultError } from '../util/errors.js';
+import { BufferPool, DEPTH, recordsRoom } from './buffer-pool.js';
 import type { LeafEntry, MapBuilder } from './map-builder.js';
 import type { Segment } from './reader.js';
 import { hook, type BackupRun } from './run.js';
@@ -48,10 +50,7 @@ export class PackSink {
     /** The reader's segment buffers: a segment's is freed here, once its new chunks are compressed. */
     private readonly segBufs: BufferPool,
   ) {
-    const { chunking } = run.cfg;
-    const segSize = chunking.segment;
-    const outSize = segSize + (segSize >>> 6) + (segSize / chunking.min) * (RECORD_HEADER_SIZE + 64) + (1 << 16);
-    this.outBufs = new BufferPool(DEPTH, outSize);
+    this.outBufs = new BufferPool(DEPTH, recordsRoom(run.cfg.chunking));
   }
 
   /** Written by this run: appended, being compressed, or being committed right now. */
@@ -90,7 +89,7 @@ export class PackSink {
           .run({ op: 'compress', seg: buf, spans, digests: ds, level: cfg.compression.level, group, out })
           .then((res) => {
             this.segBufs.release(buf);
-            this.append(res, names, rawLengths, out);
+            this.append(res, names, rawLengths, () => this.outBufs.release(out));
           })
           .catch((e) => {
             this.segBufs.release(buf);
@@ -104,14 +103,34 @@ export class PackSink {
     if (this.compressTasks.length > 256) await Promise.all(this.compressTasks.splice(0, 128));
   }
 
+  /**
+   * A segment whose new chunks came as records, checked and sealed (a remote writer's):
+   * they go to the pack as they are. The records hold exactly the digests of `newIdx`.
+   */
+  storeRecords(seg: Segment, entryDigest: Array<Buffer | null>, newIdx: number[], records: AdoptedRecords): void {
+    const { stats } = this.run;
+    this.segBufs.release(seg.buf);
+    const want = new Set(newIdx.map((i) => entryDigest[i]!.toString('binary')));
+    if (want.size !== records.names.length || !records.names.every((d) => want.has(d))) {
+      records.release();
+      throw new GenvaultError(`a segment's records hold ${records.names.length} chunks, not the ${want.size} it stores`, 'INTERNAL');
+    }
+    records.names.forEach((d, i) => {
+      this.inflight.add(d);
+      stats.newChunks++;
+      stats.newBytes += records.rawLengths[i]!;
+    });
+    this.append(records, records.names, records.rawLengths, () => records.release());
+  }
+
   /** Waits for every compression and append (their failure is in run.failure). */
   async drain(): Promise<void> {
     await Promise.all(this.compressTasks);
     await this.appendChain;
   }
 
-  /** Queues a segment's compressed records for the pack; frees `out` once they are written. */
-  private append(res: CompressAnswer, digests: string[], rawLengths: number[], out: SharedArrayBuffer): void {
+  /** Queues a segment's compressed records for the pack; `release` once they are written. */
+  private append(res: CompressAnswer, digests: string[], rawLengths: number[], release: () => void): void {
     this.appendChain = this.appendChain.then(async () => {
       if (this.run.failure) return;
       if (!this.pack || this.pack.size > this.run.cfg.packTargetSize) await this.nextPack();
@@ -123,7 +142,7 @@ export class PackSink {
       if (this.uncommitted.size >= (this.run.opts.flushEntries ?? FLUSH_ENTRIES)) await this.flush();
     }).catch((e) => {
       this.run.failure ??= e;
-    }).finally(() => this.outBufs.release(out));
+    }).finally(release);
   }
 
   /** The first pack, or the next once the current one is full (which is flushed and closed). */
@@ -159,8 +178,8 @@ export class PackSink {
       }
       this.uncommitted.set(digests[i]!, loc);
       this.inflight.delete(digests[i]!);
-      // A group record counts once, with its first member.
-      if (compression !== COMP_GROUP || loc.inner === 0) stats.newStored += stored + RECORD_HEADER_SIZE;
+      // A group record counts once, with the first of its members here (its rows are adjacent).
+      if (compression !== COMP_GROUP || i === 0 || t[(i - 1) * 5] !== t[i * 5]) stats.newStored += stored + RECORD_HEADER_SIZE;
     }
   }
 

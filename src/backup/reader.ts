@@ -10,9 +10,9 @@
 import { GenvaultError, describeFsError } from '../util/errors.js';
 import type { ChunkingParams } from '../format/config.js';
 import { zeroSegment } from '../format/chunker.js';
-import type { OfferedChunk } from './chunked-source.js';
-import type { ParentWindow, SegmentReadFailure } from '../work/protocol.js';
-import type { DirectRead } from './source.js';
+import type { AdoptedRecords, OfferedChunk } from './chunked-source.js';
+import type { ChunkAnswer, ChunkTable, ParentWindow, SegmentReadFailure } from '../work/protocol.js';
+import type { DirectRead, Source } from './source.js';
 import { BufferPool, DEPTH } from './buffer-pool.js';
 import { ParentCursor } from './parent-cursor.js';
 import type { BackupRun } from './run.js';
@@ -25,6 +25,8 @@ export interface ChunkResult {
   fast?: Uint8Array | null;
   /** Bytes whose SHA-256 was taken from the parent after a BLAKE3 match. */
   unchanged?: number;
+  /** A chunked source's new chunks as records ready for a pack (a remote writer's). */
+  records?: AdoptedRecords;
 }
 
 /**
@@ -38,8 +40,18 @@ export interface Segment {
   sent?: Uint8Array;
 }
 
+/** A chunk op's answer, or the one-line error of a worker's failed read. */
+export function chunksRead(r: ChunkAnswer, source: Source, read: DirectRead | undefined): ChunkTable {
+  if ('readError' in r) {
+    const e = Object.assign(new Error(r.readError.message), { code: r.readError.code });
+    throw describeFsError(e, `reading ${read?.what ?? source.description} at offset ${r.readError.offset}`);
+  }
+  if ('short' in r) throw new GenvaultError(`source ended after ${r.short} of ${source.size} bytes`, 'SHORT_READ');
+  return r;
+}
+
 /** The chunk table of a segment known to be all zeros (what a worker returns for one). */
-function zeroChunks(len: number, params: ChunkingParams): ChunkResult {
+export function zeroChunks(len: number, params: ChunkingParams): ChunkResult {
   const spans = zeroSegment(len, params);
   const table = new Int32Array(spans.length * 3);
   spans.forEach((s, i) => {
@@ -196,14 +208,7 @@ export class SegmentReader {
         op: 'chunk', seg: buf, len, params: cfg.chunking, fast: fastDetect, parent: parentWin,
         read: read && { fd: read.fd, position: at, extents: read.extents },
       })
-      .then((r) => {
-        if ('readError' in r) {
-          const e = Object.assign(new Error(r.readError.message), { code: r.readError.code });
-          throw describeFsError(e, `reading ${read!.what} at offset ${r.readError.offset}`);
-        }
-        if ('short' in r) throw new GenvaultError(`source ended after ${r.short} of ${source.size} bytes`, 'SHORT_READ');
-        return r;
-      });
+      .then((r) => chunksRead(r, source, read));
     res.catch(() => undefined); // awaited in order by the main loop
     return { buf, len, res };
   }
@@ -235,10 +240,15 @@ export class SegmentReader {
       if (c.data) {
         c.data.copy(view, c.start);
         sent[i] = 1;
+      } else if (c.inRecords) {
+        sent[i] = 1;
       }
     });
     this.run.read(seg.length);
-    return { buf, len: seg.length, res: Promise.resolve({ table, digests, fast }), sent };
+    // Records are checked on a worker meanwhile; the main loop takes them with the table.
+    const res = seg.records ? seg.records.then((records) => ({ table, digests, fast, records })) : Promise.resolve({ table, digests, fast });
+    res.catch(() => undefined); // awaited in order by the main loop
+    return { buf, len: seg.length, res, sent };
   }
 
   /**

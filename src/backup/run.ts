@@ -9,7 +9,7 @@ import { GenvaultError } from '../util/errors.js';
 import { damagedSet } from '../index/db.js';
 import { chunkKey, condemnedKey } from '../format/keys.js';
 import type { ChunkMap } from '../format/chunkmap.js';
-import type { RepoConfig } from '../format/config.js';
+import { groupSize, type RepoConfig } from '../format/config.js';
 import type { Generation, GenerationStats } from '../format/generation.js';
 import { workerCores, type WorkerPool } from '../work/pool.js';
 import { WriterRegistration, cleanupDeadWriters, gcRunning, type ImageLock } from '../repository/locks.js';
@@ -93,7 +93,7 @@ export class BackupRun {
     this.cfg = repo.config;
     this.chunked = isChunkedSource(source) ? source : null;
     this.fastDetect = this.cfg.version >= 2 && !this.chunked;
-    this.group = this.cfg.version >= 3 ? (this.cfg.compression.group ?? 0) : 0;
+    this.group = groupSize(this.cfg);
   }
 
   /** The checks, the writer registration and the parent: everything before the first read. */

@@ -182,3 +182,8 @@ export function checkImageName(name: string): string {
   }
   return name;
 }
+
+/** The largest group record new chunks are compressed into (0: none; groups came with format 3). */
+export function groupSize(cfg: RepoConfig): number {
+  return cfg.version >= 3 ? (cfg.compression.group ?? 0) : 0;
+}

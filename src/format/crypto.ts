@@ -35,6 +35,9 @@ export interface RepoKeys {
   toc: Uint8Array;
 }
 
+/** What a remote writer's client holds of an encrypted repository's keys (genvault serve's WELCOME). */
+export type IdentityKeys = Pick<RepoKeys, 'identity' | 'chunkSeed'>;
+
 function sub(master: Uint8Array, label: string): Buffer {
   return createHmac('sha256', master).update(label).digest();
 }

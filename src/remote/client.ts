@@ -5,7 +5,7 @@
  * reads ranges of generations, and for a backup chunks and identifies the source here so
  * that only chunks the server asks for cross the network.
  */
-import { createHash, createHmac } from 'node:crypto';
+import type { IdentityKeys } from '../format/crypto.js';
 import { GenvaultError } from '../util/errors.js';
 import { checkChunking, type ChunkingParams } from '../format/config.js';
 import type { Generation } from '../format/generation.js';
@@ -33,6 +33,8 @@ export interface Welcome {
   chunking: ChunkingParams;
   encrypted: boolean;
   identity: { key: string; seed: [number, number] } | null;
+  /** The repository's compression, when the server takes new chunks as records (CHUNKS coding 2). */
+  records: { level: number; group: number } | null;
 }
 
 interface Waiter {
@@ -116,7 +118,12 @@ export class RemoteRepository {
       if (typeof id.key !== 'string' || !/^[0-9a-f]{64}$/.test(id.key)) throw bad('identity key');
       if (!Array.isArray(id.seed) || id.seed.length !== 2 || !id.seed.every((n) => Number.isInteger(n) && n >= -(2 ** 31) && n < 2 ** 31)) throw bad('chunker seed');
     }
-    return { ...w, encrypted: w.encrypted === true, identity: id ?? null };
+    const r = w.records;
+    if (r !== null && r !== undefined) {
+      if (!Number.isInteger(r.level) || r.level < -131072 || r.level > 22) throw bad('compression level');
+      if (!Number.isInteger(r.group) || r.group < 0 || r.group > 16 << 20) throw bad('group size');
+    }
+    return { ...w, encrypted: w.encrypted === true, identity: id ?? null, records: r ?? null };
   }
 
   /** Frames from the server to whoever waits for them, until the stream ends. */
@@ -245,19 +252,35 @@ export class RemoteRepository {
   }
 
   /** The identity of a chunk as the repository computes it (keyed when encrypted). */
-  identify(): (data: Uint8Array) => Buffer {
+  /**
+   * What a writer chunks and identifies with: the identity key and chunker seed the server
+   * gave (encrypted), or nothing (SHA-256, unseeded).
+   */
+  writerKeys(): IdentityKeys | null {
     const id = this.welcome.identity;
-    if (this.welcome.encrypted) {
-      if (!id) throw new GenvaultError(`${this.dir}: the server did not give the chunk identity key (read-only access?)`, 'EPERM');
-      const key = Buffer.from(id.key, 'hex');
-      return (d) => createHmac('sha256', key).update(d).digest();
-    }
-    return (d) => createHash('sha256').update(d).digest();
+    if (!this.welcome.encrypted) return null;
+    if (!id) throw new GenvaultError(`${this.dir}: the server did not give the chunk identity key (read-only access?)`, 'EPERM');
+    return { identity: Buffer.from(id.key, 'hex'), chunkSeed: id.seed };
   }
 
   /** A backup's frames (see upload-client.ts). */
   async sendFrame(type: number, id: number, payload: Buffer): Promise<void> {
     await this.send(type, id, payload);
+  }
+
+  /**
+   * A frame whose payload is `head` then `body`, `body` written without a copy; resolves
+   * once the connection has taken it, after which the caller may reuse `body`'s memory.
+   */
+  async sendBorrowed(type: number, id: number, head: Buffer, body: Buffer): Promise<void> {
+    if (this.failure) throw this.failure;
+    const len = head.length + body.length;
+    this.traffic.sent += len + 9;
+    if (this.limiter) await this.limiter.take(len + 9);
+    this.ch.write(Buffer.concat([frameHeader(type, id, len), head]));
+    const taken = new Promise<void>((resolve, reject) => this.ch.write(body, (e?: Error | null) => (e ? reject(e) : resolve())));
+    await Promise.race([taken, this.failed]);
+    if (this.failure) throw this.failure;
   }
 
   /** The NEED frame answering segment `seq` of the backup under way. */

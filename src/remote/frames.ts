@@ -69,7 +69,16 @@ export class FrameReader {
   /** Bytes received in frames so far (for transfer counts). */
   received = 0;
 
-  constructor(private readonly src: ByteSource | Readable, private readonly maxFrame = MAX_FRAME) {
+  /**
+   * @param alloc where a frame of this type and total length (header included) that spans
+   *   several reads is assembled (null: a fresh buffer). The server assembles a backup's
+   *   CHUNKS in shared memory its workers read (upload.ts), saving a copy and the garbage.
+   */
+  constructor(
+    private readonly src: ByteSource | Readable,
+    private readonly maxFrame = MAX_FRAME,
+    private readonly alloc: ((type: number, length: number) => Buffer | null) | null = null,
+  ) {
     src.on('data', (d: Buffer) => {
       this.chunks.push(d);
       this.buffered += d.length;
@@ -96,7 +105,7 @@ export class FrameReader {
     w?.();
   }
 
-  private take(n: number): Buffer {
+  private take(n: number, into: Buffer | null): Buffer {
     if (this.chunks[0]!.length >= n) {
       const first = this.chunks[0]!;
       const out = first.subarray(0, n);
@@ -105,7 +114,7 @@ export class FrameReader {
       this.buffered -= n;
       return out;
     }
-    const out = Buffer.allocUnsafe(n);
+    const out = into ? into.subarray(0, n) : Buffer.allocUnsafe(n);
     let at = 0;
     while (at < n) {
       const c = this.chunks[0]!;
@@ -119,11 +128,10 @@ export class FrameReader {
     return out;
   }
 
-  private peekLength(): number {
+  /** The first `n` bytes buffered (at least `n` are). */
+  private peek(n: number): Buffer {
     const first = this.chunks[0]!;
-    if (first.length >= 4) return first.readUInt32BE(0);
-    const b = Buffer.concat(this.chunks, Math.min(this.buffered, 4));
-    return b.readUInt32BE(0);
+    return first.length >= n ? first : Buffer.concat(this.chunks, n);
   }
 
   /** The next frame, or null when the stream ended cleanly between frames. */
@@ -131,11 +139,12 @@ export class FrameReader {
     for (;;) {
       if (this.failure) throw this.failure;
       if (this.buffered >= 4) {
-        const len = this.peekLength();
+        const len = this.peek(4).readUInt32BE(0);
         if (len < 5) throw new ProtocolError(`malformed frame (length ${len})`);
         if (len > this.maxFrame) throw new ProtocolError(`oversized frame (${len} bytes, at most ${this.maxFrame})`);
         if (this.buffered >= len + 4) {
-          const f = this.take(len + 4);
+          const into = this.alloc && this.chunks[0]!.length < len + 4 ? this.alloc(this.peek(5)[4]!, len + 4) : null;
+          const f = this.take(len + 4, into && into.length >= len + 4 ? into : null);
           this.received += f.length;
           if (this.buffered <= this.maxFrame) this.src.resume();
           return { type: f[4]!, id: f.readUInt32BE(5), payload: f.subarray(FRAME_HEADER) };

@@ -10,13 +10,16 @@
  *     READ     gen id (8) | offset u64 | length u32    answered by DATA or ERROR, same id
  *     SEGMENT  count u32 | count x (length u32 | zero u8 | digest(32) if data)
  *                                                      a backup's next segment (id: its number)
- *     CHUNKS   coding u8 (0 raw, 1 zstd) | the bytes of the chunks NEED asked for, in order,
- *              as they are or as one zstd frame (id: the segment's number)
+ *     CHUNKS   coding u8 (0 raw, 1 zstd, 2 records) | the chunks NEED asked for, in order:
+ *              their bytes as they are, as one zstd frame, or (2, when WELCOME offers
+ *              `records`) as unsealed pack records, compressed as the repository would
+ *              (FORMAT.md; the server checks each and seals it) (id: the segment's number)
  *     END      JSON {bytes}                            the backup's source ended (id: the backup's CALL)
  *     RECORD   u32 n | JSON {location, digest} (n bytes) | a stored record   sync: append it (RESULT)
  *     RECREAD  a location (base64 of its index encoding)  sync: a stored record (DATA)
  *   server -> client
- *     WELCOME  JSON {protocol, version, namespace, permissions, chunking, identity?}
+ *     WELCOME  JSON {protocol, version, namespace, permissions, chunking, identity?, records?}
+ *              records: {level, group}: the repository's compression, for coding 2
  *     RESULT   JSON                                    the answer to a CALL
  *     ERROR    JSON {message, code}                    a request failed (the session goes on)
  *     DATA     zero u8 | bytes                         zero = 1: `length` zeros, no bytes follow
@@ -60,6 +63,11 @@ export const CODING_RAW = 0;
 export const CODING_ZSTD = 1;
 /** zstd level of CHUNKS payloads: the fastest (the server compresses again for storage). */
 export const WIRE_ZSTD_LEVEL = 1;
+/**
+ * Pack records built by the client: the chunks cross compressed as they will be stored,
+ * so that neither side compresses twice (a server that offers `records` in WELCOME).
+ */
+export const CODING_RECORDS = 2;
 
 /** Largest READ: the server decodes at most this much for one request. */
 export const MAX_READ = 4 << 20;

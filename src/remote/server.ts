@@ -20,9 +20,10 @@ import { backup } from '../backup/backup.js';
 import { forgetGeneration, setProtected } from '../lifecycle/prune.js';
 import { DigestSet } from '../util/digest-set.js';
 import { Access } from './access.js';
-import { FrameReader, ProtocolError, encodeFrame, frameHeader, type Frame } from './frames.js';
+import { FrameReader, MAX_FRAME, ProtocolError, encodeFrame, frameHeader, type Frame } from './frames.js';
 import { PROTOCOL_VERSION, T, decodeRead, json, num, parseJson, str, strList, type Permission } from './protocol.js';
-import { UploadSource } from './upload.js';
+import { groupSize } from '../format/config.js';
+import { UploadSource, chunksFrameBuffer } from './upload.js';
 import { SyncServer } from './sync-server.js';
 
 export interface ServeOptions {
@@ -81,7 +82,7 @@ export class ServeSession {
 
   /** Serve until the client closes the stream (resolves) or abuses the protocol (rejects). */
   async run(): Promise<void> {
-    const frames = new FrameReader(this.opts.input);
+    const frames = new FrameReader(this.opts.input, MAX_FRAME, chunksFrameBuffer);
     this.opts.output.on('error', () => frames.fail(new GenvaultError('client went away', 'DISCONNECTED')));
     try {
       await this.hello(frames);
@@ -128,6 +129,9 @@ export class ServeSession {
       identity: keys && this.access.permission !== 'read'
         ? { key: Buffer.from(keys.identity).toString('hex'), seed: keys.chunkSeed }
         : null,
+      // A writer may send its new chunks as records compressed as this repository would
+      // (CHUNKS coding 2): the server then checks and seals them instead of compressing.
+      records: this.access.permission !== 'read' ? { level: cfg.compression.level, group: groupSize(cfg) } : null,
     }));
   }
 
@@ -391,6 +395,7 @@ export class ServeSession {
         // Past its limit the set no longer answers: every chunk is then asked for (safe, slower).
         known ? (d) => known.whole && known.has(d) : null,
         (d) => known?.add(d),
+        { group: groupSize(this.r.config), adopt: (req) => this.r.pool.run(req) },
       );
       const gen = await backup(this.r, source, { name, tags, wait: c.wait === true });
       return { generation: this.access.view(gen) };

@@ -11,15 +11,48 @@
  * and then dropped, the repository's copy is used. Such a client pays the transfer, never
  * the storage.
  */
-import { chunkIdentity, type RepoKeys } from '../format/crypto.js';
+import { SEAL_OVERHEAD, chunkIdentity, type RepoKeys } from '../format/crypto.js';
 import type { ChunkingParams } from '../format/config.js';
-import { offeredChunks, type ChunkedSegment, type ChunkedSource, type NeedFn, type RemoteChunk } from '../backup/chunked-source.js';
+import { offeredChunks, type AdoptedRecords, type ChunkedSegment, type ChunkedSource, type NeedFn, type RemoteChunk } from '../backup/chunked-source.js';
 import { GenvaultError } from '../util/errors.js';
 import { ProtocolError, type Frame } from './frames.js';
 import { zstd } from '../work/zstd.js';
-import { CODING_RAW, CODING_ZSTD, T, decodeSegment, type Described } from './protocol.js';
+import { CODING_RAW, CODING_RECORDS, CODING_ZSTD, T, decodeSegment, type Described } from './protocol.js';
+import { GROUP_MEMBER_SIZE, RECORD_HEADER_SIZE } from '../format/pack.js';
+import type { AdoptAnswer, AdoptRequest } from '../work/protocol.js';
 
 let dctx: InstanceType<typeof zstd.DCtx> | null = null;
+
+/** Runs the `adopt` op on the repository's workers (they hold the sealing key). */
+export type AdoptFn = (req: AdoptRequest) => Promise<AdoptAnswer>;
+
+/**
+ * Shared buffers for records on their way through a worker, reused: a backup moves a
+ * segment's worth at a time, and fresh pages are expensive here (native-notes/
+ * performance.md, worker threads, "Chunk tables"). At most a few are in use at once (the
+ * pipeline's depth), and a few are kept.
+ */
+const slabs: SharedArrayBuffer[] = [];
+/** Slabs handed out and not given back (a CHUNKS frame assembled in one is used in place). */
+const lent = new WeakSet<SharedArrayBuffer>();
+function takeSlab(size: number): SharedArrayBuffer {
+  const i = slabs.findIndex((b) => b.byteLength >= size);
+  const b = i >= 0 ? slabs.splice(i, 1)[0]! : new SharedArrayBuffer(Math.max(size, 9 << 20));
+  lent.add(b);
+  return b;
+}
+function giveSlab(b: SharedArrayBuffer): void {
+  lent.delete(b);
+  if (slabs.length < 8) slabs.push(b);
+}
+
+/**
+ * Where the server's FrameReader assembles a large CHUNKS frame: a slab, so that records
+ * go to a worker without another copy (a frame of another coding leaves it to the GC).
+ */
+export function chunksFrameBuffer(type: number, length: number): Buffer | null {
+  return type === T.CHUNKS && length > 1 << 20 ? Buffer.from(takeSlab(length)) : null;
+}
 
 /**
  * A CHUNKS payload's bytes: exactly `expected` of them (what NEED asked for). A zstd frame
@@ -85,6 +118,8 @@ export class UploadSource implements ChunkedSource {
     /** Chunks the client's namespace holds (null: no namespace, the pipeline's answer is enough). */
     private readonly known: ((digest: Buffer) => boolean) | null,
     private readonly remember: (digest: Buffer) => void,
+    /** Records offered in WELCOME: the repository's group size, and the worker op that checks and seals them. */
+    private readonly records: { group: number; adopt: AdoptFn } | null = null,
   ) {}
 
   private async frame(type: typeof T.SEGMENT | typeof T.CHUNKS, seq: number): Promise<Frame | null> {
@@ -139,7 +174,7 @@ export class UploadSource implements ChunkedSource {
     while (this.answered.length < AHEAD && !this.ended && this.segmentQueued()) await this.answerNext(need);
     const cur = this.answered.shift()!;
     const { desc, wanted } = cur;
-    const data = await this.receive(cur);
+    const { data, records } = await this.receive(cur);
     const chunks: RemoteChunk[] = [];
     let start = 0;
     const byDigest = new Map<string, Buffer>();
@@ -151,26 +186,35 @@ export class UploadSource implements ChunkedSource {
       let bytes: Buffer | null = null;
       if (!c.zero) {
         // The pipeline gets bytes only for what it asked for (a namespace's proof is dropped).
-        if (wanted[k]) {
+        if (wanted[k] && !records) {
           bytes = byDigest.get(c.digest!.toString('binary')) ?? null;
           if (!bytes) throw new ProtocolError('backup: the client did not send a chunk the repository needs');
         }
         k++;
       }
-      chunks.push({ start, length: c.length, zero: c.zero, digest: c.digest, data: bytes });
+      chunks.push({ start, length: c.length, zero: c.zero, digest: c.digest, data: bytes, inRecords: !c.zero && !!records && wanted[k - 1] });
       start += c.length;
     }
-    const seg: ChunkedSegment = { offset: this.offset, length: start, chunks };
+    const seg: ChunkedSegment = { offset: this.offset, length: start, chunks, records };
     this.offset += start;
     this.seq++;
     return seg;
   }
 
-  /** The CHUNKS frame answering NEED: each flagged chunk's bytes, checked against its identity. */
-  private async receive(a: Answered): Promise<Array<Buffer | null>> {
-    const { desc, flags } = a;
+  /**
+   * The CHUNKS frame answering NEED: each flagged chunk's bytes, checked against its
+   * identity, or (coding 2) the records that hold them, checked and sealed on a worker.
+   */
+  private async receive(a: Answered): Promise<{ data: Array<Buffer | null>; records?: Promise<AdoptedRecords> }> {
     const f = await this.frame(T.CHUNKS, a.seq);
     if (!f) throw new ProtocolError('backup: the source ended while chunks were asked for');
+    if (f.payload[0] === CODING_RECORDS) return { data: [], records: this.adopted(a, f.payload) };
+    return { data: this.checked(a, f) };
+  }
+
+  /** Raw or zstd CHUNKS: the flagged chunks' bytes, each checked against its identity here. */
+  private checked(a: Answered, f: Frame): Array<Buffer | null> {
+    const { desc, flags } = a;
     let expected = 0;
     for (let i = 0; i < desc.length; i++) if (flags[i]) expected += desc[i]!.length;
     const payload = decodeChunks(f.payload, expected);
@@ -193,6 +237,71 @@ export class UploadSource implements ChunkedSource {
     this.transferred.wire += f.payload.length;
     this.transferred.raw += payload.length;
     return out;
+  }
+
+  /**
+   * CHUNKS as records (coding 2): handed to a worker that decodes every record, checks
+   * each chunk's identity against the chunk asked for at its place, and seals the records
+   * of the chunks the repository stores (op-adopt.ts). The records may hold no more than
+   * the chunks' bytes plus their headers and group tables: the client cannot make the
+   * server buffer more.
+   */
+  private adopted(a: Answered, payload: Buffer): Promise<AdoptedRecords> {
+    if (!this.records) throw new ProtocolError('backup: records were sent, but not offered');
+    const { adopt, group } = this.records;
+    const { desc, flags, wanted } = a;
+    const asked: number[] = [];
+    const wantedHere = new Set<string>();
+    let k = 0;
+    desc.forEach((c, i) => {
+      if (c.zero) return;
+      if (flags[i]) asked.push(i);
+      if (wanted[k++]) wantedHere.add(c.digest!.toString('binary'));
+    });
+    const n = asked.length;
+    const digests = new Uint8Array(n * 32);
+    const lengths = new Int32Array(n);
+    const keep = new Uint8Array(n);
+    let raw = 0;
+    asked.forEach((i, j) => {
+      const c = desc[i]!;
+      digests.set(c.digest!, j * 32);
+      lengths[j] = c.length;
+      // A chunk the repository stores may be wanted at a later place than where it was asked for.
+      keep[j] = wantedHere.has(c.digest!.toString('binary')) ? 1 : 0;
+      raw += c.length;
+    });
+    const len = payload.length - 1;
+    if (len > raw + n * (RECORD_HEADER_SIZE + 4 + GROUP_MEMBER_SIZE)) throw new ProtocolError('backup: records larger than the chunks they hold');
+    // The frame's own slab when it was assembled in one, else a copy in one.
+    const inPlace = payload.buffer instanceof SharedArrayBuffer && lent.has(payload.buffer);
+    const recs = inPlace ? (payload.buffer as SharedArrayBuffer) : takeSlab(len);
+    const at = inPlace ? payload.byteOffset + 1 : 0;
+    if (!inPlace) Buffer.from(recs).set(payload.subarray(1));
+    const out = takeSlab(len + n * SEAL_OVERHEAD);
+    this.transferred.wire += payload.length;
+    this.transferred.raw += raw;
+    return adopt({ op: 'adopt', recs, at, len, digests, lengths, keep, group, out }).then(
+      (res) => {
+        giveSlab(recs);
+        const names: string[] = [];
+        const rawLengths: number[] = [];
+        asked.forEach((i, j) => {
+          const d = desc[i]!.digest!;
+          this.remember(d);
+          this.asked.delete(d.toString('binary'));
+          if (!keep[j]) return;
+          names.push(d.toString('binary'));
+          rawLengths.push(lengths[j]!);
+        });
+        return { ...res, names, rawLengths, release: () => giveSlab(out) };
+      },
+      (e: Error & { code?: string }) => {
+        giveSlab(recs);
+        giveSlab(out);
+        throw e.code === 'PROTOCOL' ? new GenvaultError(`backup: ${e.message}`, 'PROTOCOL') : e;
+      },
+    );
   }
 
   /** Plain-Source view: not used by the pipeline for a ChunkedSource. */

@@ -116,8 +116,8 @@ class ProcessChannel extends EventEmitter implements RemoteChannel {
     p.on('exit', (code, signal) => this.emit('exit', code, signal ?? undefined));
     p.on('close', () => this.emit('close'));
   }
-  write(b: Buffer | string): boolean {
-    return this.p.stdin!.write(b);
+  write(b: Buffer | string, cb?: (e?: Error | null) => void): boolean {
+    return this.p.stdin!.write(b, cb);
   }
   end(b?: Buffer | string): void {
     if (b !== undefined) this.p.stdin!.end(b);

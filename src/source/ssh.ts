@@ -290,7 +290,8 @@ export interface RemoteChannel {
   on(event: 'close', fn: () => void): unknown;
   once(event: 'drain', fn: () => void): unknown;
   readonly stderr: { on(event: 'data', fn: (d: Buffer) => void): unknown };
-  write(b: Buffer | string): boolean;
+  /** `cb` once the channel has taken `b` (its memory may then be reused). */
+  write(b: Buffer | string, cb?: (e?: Error | null) => void): boolean;
   end(b?: Buffer | string): unknown;
   pause(): unknown;
   resume(): unknown;

@@ -11,7 +11,7 @@ import {
 } from '../format/pack.js';
 import type { CompressAnswer, CompressRequest, Reply } from './protocol.js';
 import { zstd } from './zstd.js';
-import { keys } from './keys.js';
+import { keys as poolKeys } from './keys.js';
 import { SEAL_OVERHEAD, recordAd, sealInto } from '../format/crypto.js';
 
 const cctx = new zstd.CCtx();
@@ -19,6 +19,7 @@ const cctx = new zstd.CCtx();
 let groupBuf = Buffer.allocUnsafe(0);
 
 export function handleCompress(req: CompressRequest): Reply<CompressAnswer> {
+  const keys = req.seal === false ? null : poolKeys;
   const seg = Buffer.from(req.seg);
   const n = req.spans.length / 2;
   const group = req.group ?? 0;

@@ -2,7 +2,7 @@
 import { Worker } from 'node:worker_threads';
 import os from 'node:os';
 import type { StoreSpec } from '../store/store.js';
-import type { RepoKeys } from '../format/crypto.js';
+import type { IdentityKeys, RepoKeys } from '../format/crypto.js';
 import type { AnswerMessage, AnswerOf, Op, RequestOf, WorkerRequest } from './protocol.js';
 
 interface Task {
@@ -44,14 +44,15 @@ export class WorkerPool {
    * @param store the store whose packs the load and restore ops read (their items name
    *   packs by object name in it); a pool without one only chunks and compresses.
    * @param keys an encrypted repository's derived keys (format 6): the workers seal, open
-   *   and hash with them. They reach the threads only through workerData.
+   *   and hash with them. They reach the threads only through workerData. A remote
+   *   writer's client passes only the identity key and chunker seed it was given.
    */
   constructor(
     size?: number,
     nice = 5,
     private depth = 1,
     store?: StoreSpec,
-    keys: RepoKeys | null = null,
+    keys: RepoKeys | IdentityKeys | null = null,
   ) {
     size = Number(process.env.GENVAULT_WORKERS) || size || workerCores() + 1;
     // One lock word shared by the workers: restore writes to one file take turns on it.

@@ -106,6 +106,11 @@ export interface CompressRequest {
   group?: number;
   /** Where to write the records, when big enough (else the answer brings its own buffer). */
   out?: SharedArrayBuffer;
+  /**
+   * false: records left unsealed whatever keys the pool has (a remote writer's client has
+   * no sealing key: the server seals, op-adopt.ts).
+   */
+  seal?: boolean;
 }
 
 export interface CompressAnswer {
@@ -114,6 +119,27 @@ export interface CompressAnswer {
   /** Per chunk: record offset in out, stored length, compression, offset in the group, group raw length. */
   table: Int32Array;
 }
+
+/** Records a remote writer built (unsealed compress output), to check and seal: op-adopt.ts. */
+export interface AdoptRequest {
+  op: 'adopt';
+  /** The records: `len` bytes from `at`. */
+  recs: SharedArrayBuffer;
+  at: number;
+  len: number;
+  /** The chunks asked for, in order: identity (32 bytes each) and length. */
+  digests: Uint8Array;
+  lengths: Int32Array;
+  /** Per chunk asked for: 1 to store it, 0 to check and drop it (a namespace's proof). */
+  keep: Uint8Array;
+  /** The repository's largest group (0: it makes none). */
+  group: number;
+  /** Room for the records, sealed: at least len + one seal's overhead per chunk. */
+  out: SharedArrayBuffer;
+}
+
+/** As CompressAnswer, with a table row per kept chunk, in order. */
+export type AdoptAnswer = CompressAnswer;
 
 export type LoadRequest = { op: 'load'; direct?: boolean } & LoadItem;
 
@@ -151,6 +177,7 @@ export interface RestoreManyAnswer {
 export interface Protocol {
   chunk: { req: ChunkRequest; answer: ChunkAnswer };
   compress: { req: CompressRequest; answer: CompressAnswer };
+  adopt: { req: AdoptRequest; answer: AdoptAnswer };
   load: { req: LoadRequest; answer: LoadAnswer };
   loadMany: { req: LoadManyRequest; answer: LoadManyAnswer };
   restoreMany: { req: RestoreManyRequest; answer: RestoreManyAnswer };

@@ -14,6 +14,7 @@ import { parentPort } from 'node:worker_threads';
 import type { AnswerOf, Op, Reply, RequestMessage, RequestOf, WorkerAnswer, WorkerRequest } from './protocol.js';
 import { handleChunk } from './op-chunk.js';
 import { handleCompress } from './op-compress.js';
+import { handleAdopt } from './op-adopt.js';
 import { handleLoad, handleLoadMany } from './op-load.js';
 import { handleRestoreMany } from './op-restore.js';
 
@@ -21,6 +22,7 @@ import { handleRestoreMany } from './op-restore.js';
 const handlers: { [K in Op]: (req: RequestOf<K>) => Reply<AnswerOf<K>> } = {
   chunk: handleChunk,
   compress: handleCompress,
+  adopt: handleAdopt,
   load: handleLoad,
   loadMany: handleLoadMany,
   restoreMany: handleRestoreMany,
