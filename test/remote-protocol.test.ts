@@ -7,6 +7,7 @@ import { EventEmitter } from 'node:events';
 import { FrameReader, MAX_FRAME, encodeFrame } from '../src/remote/frames.js';
 import { decodeRead, decodeSegment, encodeRead, encodeSegment, MAX_READ } from '../src/remote/protocol.js';
 import { Access } from '../src/remote/access.js';
+import { decodeWindow, encodeWindow } from '../src/remote/parent-windows.js';
 
 /** A byte source fed by hand. */
 class Feed extends EventEmitter {
@@ -109,5 +110,32 @@ describe('Access', () => {
     expect(() => new Access(null, 'read').require('append', 'backup')).toThrow(/backup needs append access; this key has read/);
     expect(() => new Access('n', 'append').require('full', 'forget')).toThrow(/forget needs full access; this key has append \(namespace n\)/);
     expect(() => new Access(null, 'full').require('append', 'backup')).not.toThrow();
+  });
+});
+
+describe('parent windows from a server', () => {
+  const chunking = { block: 4096, min: 16384, maskBits: 5, max: 524288, segment: 8 << 20 };
+  const w = { starts: Int32Array.of(0, 65536), lengths: Int32Array.of(65536, 4096), fast: new Uint8Array(64).fill(1), sha: new Uint8Array(64).fill(2) };
+
+  it('come back as they were sent', () => {
+    const back = decodeWindow(JSON.parse(JSON.stringify(encodeWindow(w))), chunking)!;
+    expect([...back.starts]).toEqual([0, 65536]);
+    expect([...back.lengths]).toEqual([65536, 4096]);
+    expect(Buffer.from(back.fast).equals(Buffer.from(w.fast))).toBe(true);
+    expect(decodeWindow(null, chunking)).toBeUndefined();
+  });
+
+  it('are refused when inconsistent, overlapping or outside the segment', () => {
+    const enc = encodeWindow(w);
+    const bad = [
+      { ...enc, lengths: encodeWindow({ ...w, lengths: Int32Array.of(65536) }).lengths },
+      { ...enc, starts: encodeWindow({ ...w, starts: Int32Array.of(0, 100) }).starts },
+      { ...enc, starts: encodeWindow({ ...w, starts: Int32Array.of(0, (8 << 20) - 100) }).starts },
+      { ...enc, lengths: encodeWindow({ ...w, lengths: Int32Array.of(65536, 0) }).lengths },
+      { ...enc, fast: 'AAAA' },
+      { ...enc, sha: 7 },
+      'nope',
+    ];
+    for (const b of bad) expect(() => decodeWindow(b, chunking), JSON.stringify(b).slice(0, 80)).toThrow(/malformed window/);
   });
 });

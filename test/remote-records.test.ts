@@ -11,6 +11,7 @@ import { handleCompress } from '../src/work/op-compress.js';
 import { handleAdopt } from '../src/work/op-adopt.js';
 import { COMP_GROUP, COMP_RAW, RECORD_HEADER_SIZE, decodeRecordHeader, encodeRecordHeader } from '../src/format/pack.js';
 import { zstd } from '../src/work/zstd.js';
+import { blake3 } from '@napi-rs/blake-hash';
 import { prng } from './helpers.js';
 
 /** Groups of two text chunks, the random ones alone (raw), the last text one alone (zstd). */
@@ -47,7 +48,7 @@ function adopt(s: ReturnType<typeof segment>, recs: Buffer, keep?: number[], opt
   const out = new SharedArrayBuffer(recs.length + n * 28);
   const k = new Uint8Array(n).fill(1);
   if (keep) k.fill(0).forEach((_, i) => (k[i] = keep.includes(i) ? 1 : 0));
-  return handleAdopt({ op: 'adopt', recs: sab, at: 0, len: recs.length, digests: opts.digests ?? s.digests, lengths: opts.lengths ?? s.lengths, keep: k, group: opts.group ?? GROUP, out }).result;
+  return handleAdopt({ op: 'adopt', recs: sab, at: 0, len: recs.length, digests: opts.digests ?? s.digests, lengths: opts.lengths ?? s.lengths, keep: k, group: opts.group ?? GROUP, fast: true, out }).result;
 }
 
 /** Each record of a buffer: [offset, header]. */
@@ -72,6 +73,8 @@ describe('records from a remote writer', () => {
     // Without keys nothing is sealed: the records come out byte for byte.
     expect(Buffer.from(res.out).equals(recs)).toBe(true);
     expect(res.table.length).toBe(s.lengths.length * 5);
+    // Each chunk's BLAKE3 (for the map's change detection), hashed from the decoded bytes.
+    s.parts.forEach((p, i) => expect(Buffer.from(res.fast!.subarray(i * 32, i * 32 + 32)).equals(blake3(p))).toBe(true));
   });
 
   it('drop records of chunks only proved, and keep a group whole for one stored member', () => {

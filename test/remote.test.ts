@@ -88,11 +88,17 @@ describe('remote repository over ssh', () => {
     const second = JSON.parse((await rgv(keys.kvm1!, ['backup', img, '--name', 'vm2', '--json'])).stdout);
     expect(second.remote.sentChunkBytes).toBeLessThanOrEqual(1.1 * second.stats.newBytes + (1 << 20));
     expect(second.remote.sentChunkBytes).toBeLessThan(3 << 20);
+    // Unchanged chunks were recognised by BLAKE3 against the parent (whose digests the
+    // server hashed from the records of the first backup), not identified again.
+    expect(first.remote.unchangedBytes).toBe(0);
+    expect(second.remote.unchangedBytes).toBeGreaterThan(first.stats.bytesRead - first.stats.zeroBytes - (3 << 20));
     // kvm2 holds none of these chunks: it is asked for every one (no probing of kvm1's data),
     // though the repository stores nothing new for them.
     const other = JSON.parse((await rgv(keys.kvm2!, ['backup', img, '--name', 'vm2', '--json'])).stdout);
     expect(other.stats.newBytes).toBe(0);
     expect(other.remote.sentChunkBytes).toBeGreaterThan(8 << 20);
+    // Nor does it get kvm1's parent to compare with.
+    expect(other.remote.unchangedBytes).toBe(0);
     const out = s.path('b.kvm2');
     expect((await rgv(keys.kvm2!, ['restore', 'vm2', out])).code).toBe(0);
     expect(await sha256File(out)).toBe(await sha256File(img));
@@ -130,6 +136,9 @@ describe('remote repository over ssh', () => {
     // A next-day backup with the keyed chunker and identities still sends next to nothing.
     const again = JSON.parse((await gv(sshd.url('/x'), [...args, 'backup', img, '--name', 'sec', '--json'])).stdout);
     expect(again.remote.sentChunkBytes).toBeLessThan(64 * 1024);
+    // ... and recognises the unchanged chunks by keyed BLAKE3, as a local backup would.
+    expect(again.remote.unchangedBytes).toBeGreaterThan(0);
+    expect(again.remote.unchangedBytes).toBe(again.stats.bytesRead - again.stats.zeroBytes);
     expect((await gv(er, ['--key-file', pw, 'verify', '--full'])).code).toBe(0);
   }, 120_000);
 

@@ -114,7 +114,7 @@ async function backupSegments(run: BackupRun, reader: SegmentReader, dedup: Dedu
     const chunks = await seg.res;
     if (run.fastDetect) stats.unchangedBytes = (stats.unchangedBytes ?? 0) + (chunks.unchanged ?? 0);
     const { entryDigest, newIdx } = await dedup.lookup(seg, chunks, segOffset);
-    map.addSegment(chunks.table, entryDigest, chunks.fast);
+    map.addSegment(chunks.table, entryDigest, chunks.fast, chunks.hasFast);
     if (chunks.records) sink.storeRecords(seg, entryDigest, newIdx, chunks.records);
     else await sink.store(seg, chunks.table, entryDigest, newIdx);
     segOffset += seg.len;

@@ -41,6 +41,9 @@ export interface RemoteChunk {
  * and sealed: ready for a pack as they are, no compression needed.
  */
 export interface AdoptedRecords extends CompressAnswer {
+  /** BLAKE3 per chunk of the segment (32 bytes each), valid where hasFast is 1: those whose bytes came. */
+  fast: Uint8Array | null;
+  hasFast: Uint8Array | null;
   /** Per table row: the chunk's digest (binary string) and raw length. */
   names: string[];
   rawLengths: number[];

@@ -21,13 +21,14 @@ export class MapBuilder {
 
   /**
    * A segment's chunks: `table` as the worker returned it (start, length, zero per chunk),
-   * each chunk's digest (null for a zero chunk) and BLAKE3 (when the worker computed them).
+   * each chunk's digest (null for a zero chunk) and BLAKE3 (when known: all chunks, or
+   * those `hasFast` marks).
    */
-  addSegment(table: Int32Array, entryDigest: Array<Buffer | null>, fast: Uint8Array | null | undefined): void {
+  addSegment(table: Int32Array, entryDigest: Array<Buffer | null>, fast: Uint8Array | null | undefined, hasFast?: Uint8Array): void {
     const n = table.length / 3;
     for (let i = 0; i < n; i++) {
       const length = table[i * 3 + 1]!;
-      const f = fast && entryDigest[i] ? Buffer.from(fast.buffer, fast.byteOffset + i * 32, 32) : null;
+      const f = fast && entryDigest[i] && (!hasFast || hasFast[i]) ? Buffer.from(fast.buffer, fast.byteOffset + i * 32, 32) : null;
       const done = this.leaves.add({ length, zero: entryDigest[i] === null, digest: entryDigest[i] ?? null, fast: f });
       if (done) {
         this.refs.push(done.ref);

@@ -10,7 +10,7 @@
 import { GenvaultError, describeFsError } from '../util/errors.js';
 import type { ChunkingParams } from '../format/config.js';
 import { zeroSegment } from '../format/chunker.js';
-import type { AdoptedRecords, OfferedChunk } from './chunked-source.js';
+import type { AdoptedRecords, ChunkedSegment, OfferedChunk } from './chunked-source.js';
 import type { ChunkAnswer, ChunkTable, ParentWindow, SegmentReadFailure } from '../work/protocol.js';
 import type { DirectRead, Source } from './source.js';
 import { BufferPool, DEPTH } from './buffer-pool.js';
@@ -27,6 +27,8 @@ export interface ChunkResult {
   unchanged?: number;
   /** A chunked source's new chunks as records ready for a pack (a remote writer's). */
   records?: AdoptedRecords;
+  /** Per chunk, 1 where `fast` holds its BLAKE3 (absent: wherever `fast` is given). */
+  hasFast?: Uint8Array;
 }
 
 /**
@@ -229,10 +231,7 @@ export class SegmentReader {
     const table = new Int32Array(n * 3);
     const digests = new Uint8Array(n * 32);
     const sent = new Uint8Array(n);
-    // BLAKE3 for the map only when the repository keeps it and the source gave it for every data chunk.
-    const fast = this.run.cfg.version >= 2 && seg.chunks.every((c) => c.zero || c.fast?.length === 32) ? new Uint8Array(n * 32) : null;
     seg.chunks.forEach((c, i) => {
-      if (fast && c.fast) fast.set(c.fast, i * 32);
       table[i * 3] = c.start;
       table[i * 3 + 1] = c.length;
       table[i * 3 + 2] = c.zero ? 1 : 0;
@@ -244,11 +243,46 @@ export class SegmentReader {
         sent[i] = 1;
       }
     });
+    const at = this.run.stats.bytesRead;
     this.run.read(seg.length);
+    // The parent's BLAKE3 for the chunks it has at the same place (in image order: this
+    // read runs after the one before).
+    const win = this.run.cfg.version >= 2 ? await this.windowParent.window(at, at + seg.length) : undefined;
     // Records are checked on a worker meanwhile; the main loop takes them with the table.
-    const res = seg.records ? seg.records.then((records) => ({ table, digests, fast, records })) : Promise.resolve({ table, digests, fast });
+    const res = (seg.records ?? Promise.resolve(undefined)).then((records) => ({ table, digests, ...this.chunkedFasts(seg, digests, win, records), records }));
     res.catch(() => undefined); // awaited in order by the main loop
     return { buf, len: seg.length, res, sent };
+  }
+
+  /**
+   * A chunked segment's BLAKE3 digests for the map (format 2 on), each chunk's from
+   * wherever it is known: the far end computed it (the SSH agent), the server hashed the
+   * bytes that came (records), or the parent has the same chunk at the same place.
+   * A chunk with none is kept without (the next backup identifies it by its bytes).
+   */
+  private chunkedFasts(seg: ChunkedSegment, digests: Uint8Array, win: ParentWindow | undefined, records: AdoptedRecords | undefined): { fast: Uint8Array | null; hasFast?: Uint8Array } {
+    if (this.run.cfg.version < 2) return { fast: null };
+    const n = seg.chunks.length;
+    const fast = new Uint8Array(n * 32);
+    const hasFast = new Uint8Array(n);
+    let wi = 0;
+    seg.chunks.forEach((c, i) => {
+      if (c.zero) return;
+      let f: Uint8Array | undefined;
+      if (c.fast?.length === 32) f = c.fast;
+      else if (records?.hasFast?.[i]) f = records.fast!.subarray(i * 32, i * 32 + 32);
+      else if (win) {
+        while (wi < win.starts.length && win.starts[wi]! < c.start) wi++;
+        const d = digests.subarray(i * 32, i * 32 + 32);
+        if (win.starts[wi] === c.start && win.lengths[wi] === c.length && Buffer.from(win.sha.buffer, win.sha.byteOffset + wi * 32, 32).equals(d)) {
+          f = win.fast.subarray(wi * 32, wi * 32 + 32);
+        }
+      }
+      if (!f) return;
+      fast.set(f, i * 32);
+      hasFast[i] = 1;
+    });
+    return { fast, hasFast };
   }
 
   /**

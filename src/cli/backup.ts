@@ -229,12 +229,14 @@ async function backupRemote(src: string, opts: BackupCliOptions, maxSize: number
         const res = await backupToRemote(remote, source, { name: opts.name, tags: opts.tag, wait: opts.wait, onProgress: (d, t) => progress.update(d, t) });
         progress.done();
         const gen = res.generation;
-        if (wantsJson(cmd)) printJson({ ...gen, remote: { repository: remote.dir, sentChunkBytes: res.sentChunkBytes, sentBytes: res.sentBytes } });
+        if (wantsJson(cmd)) printJson({ ...gen, remote: { repository: remote.dir, sentChunkBytes: res.sentChunkBytes, sentBytes: res.sentBytes, unchangedBytes: res.unchangedBytes } });
         else {
           const s = gen.stats;
           process.stdout.write(
             `${gen.name}@${gen.id}: ${bytes(gen.size)} read in ${duration(s.durationMs)} (${rate(s.bytesRead, s.durationMs)}), ` +
-              `${bytes(s.newBytes)} new (${bytes(s.newStored)} stored), ${bytes(s.zeroBytes)} zero, ${bytes(res.sentBytes)} sent to ${remote.dir}\n`,
+              `${bytes(s.newBytes)} new (${bytes(s.newStored)} stored), ${bytes(s.zeroBytes)} zero` +
+              (res.unchangedBytes ? `, ${bytes(res.unchangedBytes)} unchanged` : '') +
+              `, ${bytes(res.sentBytes)} sent to ${remote.dir}\n`,
           );
         }
       } finally {

@@ -36,7 +36,7 @@ export interface RepoKeys {
 }
 
 /** What a remote writer's client holds of an encrypted repository's keys (genvault serve's WELCOME). */
-export type IdentityKeys = Pick<RepoKeys, 'identity' | 'chunkSeed'>;
+export type IdentityKeys = Pick<RepoKeys, 'identity' | 'chunkSeed'> & { fast?: Uint8Array };
 
 function sub(master: Uint8Array, label: string): Buffer {
   return createHmac('sha256', master).update(label).digest();

@@ -32,7 +32,8 @@ export interface Welcome {
   format: number;
   chunking: ChunkingParams;
   encrypted: boolean;
-  identity: { key: string; seed: [number, number] } | null;
+  /** fast: the keyed BLAKE3 key of change detection (absent from servers before it). */
+  identity: { key: string; seed: [number, number]; fast?: string } | null;
   /** The repository's compression, when the server takes new chunks as records (CHUNKS coding 2). */
   records: { level: number; group: number } | null;
 }
@@ -117,6 +118,7 @@ export class RemoteRepository {
     if (id !== null && id !== undefined) {
       if (typeof id.key !== 'string' || !/^[0-9a-f]{64}$/.test(id.key)) throw bad('identity key');
       if (!Array.isArray(id.seed) || id.seed.length !== 2 || !id.seed.every((n) => Number.isInteger(n) && n >= -(2 ** 31) && n < 2 ** 31)) throw bad('chunker seed');
+      if (id.fast !== undefined && (typeof id.fast !== 'string' || !/^[0-9a-f]{64}$/.test(id.fast))) throw bad('change detection key');
     }
     const r = w.records;
     if (r !== null && r !== undefined) {
@@ -260,7 +262,15 @@ export class RemoteRepository {
     const id = this.welcome.identity;
     if (!this.welcome.encrypted) return null;
     if (!id) throw new GenvaultError(`${this.dir}: the server did not give the chunk identity key (read-only access?)`, 'EPERM');
-    return { identity: Buffer.from(id.key, 'hex'), chunkSeed: id.seed };
+    return { identity: Buffer.from(id.key, 'hex'), chunkSeed: id.seed, fast: id.fast === undefined ? undefined : Buffer.from(id.fast, 'hex') };
+  }
+
+  /**
+   * Whether this side can detect unchanged chunks by BLAKE3 (parent-windows.ts): always
+   * unencrypted, encrypted only when the server gave the keyed BLAKE3 key.
+   */
+  get canDetectChanges(): boolean {
+    return !this.welcome.encrypted || this.welcome.identity?.fast !== undefined;
   }
 
   /** A backup's frames (see upload-client.ts). */

@@ -25,6 +25,7 @@ import { PROTOCOL_VERSION, T, decodeRead, json, num, parseJson, str, strList, ty
 import { groupSize } from '../format/config.js';
 import { UploadSource, chunksFrameBuffer } from './upload.js';
 import { SyncServer } from './sync-server.js';
+import { ParentWindows } from './parent-windows.js';
 
 export interface ServeOptions {
   /** The repository (a forced command pins it); null: the path the client asks for. */
@@ -127,7 +128,7 @@ export class ServeSession {
       // A writer chunks and identifies as the repository does. The identity key lets a
       // client compute chunk ids of data it has; it reads nothing (see the threat model).
       identity: keys && this.access.permission !== 'read'
-        ? { key: Buffer.from(keys.identity).toString('hex'), seed: keys.chunkSeed }
+        ? { key: Buffer.from(keys.identity).toString('hex'), seed: keys.chunkSeed, fast: Buffer.from(keys.fast).toString('hex') }
         : null,
       // A writer may send its new chunks as records compressed as this repository would
       // (CHUNKS coding 2): the server then checks and seals them instead of compressing.
@@ -248,12 +249,27 @@ export class ServeSession {
       case 'backup':
         a.require('append', 'backup');
         return this.backup(c, id);
+      case 'parent-windows':
+        a.require('append', op);
+        return this.parents.windows(a.inner(str(c, 'name', op)!), num(c, 'from', op)!, num(c, 'count', op)!);
       default: {
         const r = await this.syncer.op(op, c);
         if (r === undefined) throw new GenvaultError(`unknown operation ${JSON.stringify(op).slice(0, 100)}`, 'PROTOCOL');
         return r;
       }
     }
+  }
+
+  private parentWindows: ParentWindows | null = null;
+
+  /** A writer's change detection (parent-windows.ts): the latest generation of an image, with BLAKE3 digests. */
+  private get parents(): ParentWindows {
+    this.parentWindows ??= new ParentWindows(this.r.config.chunking.segment, async (name) => {
+      if (this.r.config.version < 2) return null;
+      const gen = (await this.r.generations(name)).at(-1);
+      return gen ? { gen, map: await this.r.chunkMap(gen) } : null;
+    });
+    return this.parentWindows;
   }
 
   private syncServer: SyncServer | null = null;
@@ -395,7 +411,7 @@ export class ServeSession {
         // Past its limit the set no longer answers: every chunk is then asked for (safe, slower).
         known ? (d) => known.whole && known.has(d) : null,
         (d) => known?.add(d),
-        { group: groupSize(this.r.config), adopt: (req) => this.r.pool.run(req) },
+        { group: groupSize(this.r.config), fast: this.r.config.version >= 2, adopt: (req) => this.r.pool.run(req) },
       );
       const gen = await backup(this.r, source, { name, tags, wait: c.wait === true });
       return { generation: this.access.view(gen) };

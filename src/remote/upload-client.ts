@@ -19,7 +19,8 @@ import { BufferPool, recordsRoom } from '../backup/buffer-pool.js';
 import { chunksRead, zeroChunks } from '../backup/reader.js';
 import { GenvaultError } from '../util/errors.js';
 import { WorkerPool } from '../work/pool.js';
-import type { ChunkTable } from '../work/protocol.js';
+import type { ChunkTable, ParentWindow } from '../work/protocol.js';
+import { WINDOW_BATCH, decodeWindow } from './parent-windows.js';
 import { zstd } from '../work/zstd.js';
 import { CODING_RAW, CODING_RECORDS, CODING_ZSTD, T, WINDOW, WIRE_ZSTD_LEVEL, encodeSegment, json, type Described } from './protocol.js';
 import type { RemoteRepository } from './client.js';
@@ -39,11 +40,13 @@ export interface RemoteBackupResult {
   /** Chunk bytes sent, and all bytes sent over the connection. */
   sentChunkBytes: number;
   sentBytes: number;
+  /** Bytes whose identity was taken from the parent after a BLAKE3 match (parent-windows.ts). */
+  unchangedBytes: number;
 }
 
 type Chunks = Array<Described & { start: number }>;
 /** A segment's chunk table as a worker (or a hole) gives it. */
-type SegmentChunks = Pick<ChunkTable, 'table' | 'digests'>;
+type SegmentChunks = Pick<ChunkTable, 'table' | 'digests'> & { unchanged?: number };
 
 /** A CHUNKS payload: `head`, then `body` (records in `out`, a pooled buffer) when there is one. */
 interface Payload {
@@ -130,6 +133,7 @@ class Upload {
    */
   private readonly outs: BufferPool;
   private sentChunkBytes = 0;
+  private unchangedBytes = 0;
   private bytes = 0;
   /** The first failure of any chain, or the server's answer when it ends the backup early. */
   private failure: Error | null = null;
@@ -159,8 +163,36 @@ class Upload {
     this.onFailure(this.failure);
   }
 
+  /** Parent windows by batch (parent-windows.ts); null: no change detection. */
+  private windows: Map<number, Promise<Array<ParentWindow | undefined> | null>> | null = null;
+
+  /**
+   * The parent's window of segment `seq`, fetched WINDOW_BATCH segments at a time and one
+   * batch ahead. Any failure (an older server, a parent pruned meanwhile) turns change
+   * detection off: every chunk is then identified by its bytes, as without it.
+   */
+  private async parentWindow(seq: number): Promise<ParentWindow | undefined> {
+    if (!this.windows) return undefined;
+    const batch = Math.floor(seq / WINDOW_BATCH);
+    for (const b of [batch, batch + 1]) {
+      if (this.windows.has(b)) continue;
+      const p = this.remote
+        .call<{ windows: unknown[] | null }>('parent-windows', { name: this.opts.name, from: b * WINDOW_BATCH, count: WINDOW_BATCH })
+        .then((r) => r.windows?.map((w) => decodeWindow(w, this.chunking)) ?? null);
+      this.windows.set(b, p.catch(() => null));
+    }
+    this.windows.delete(batch - 1);
+    const ws = await this.windows.get(batch)!;
+    if (!ws) {
+      this.windows = null;
+      return undefined;
+    }
+    return ws[seq % WINDOW_BATCH];
+  }
+
   async run(): Promise<RemoteBackupResult> {
     const { remote, source, opts } = this;
+    if (remote.canDetectChanges && remote.welcome.format >= 2) this.windows = new Map();
     const sentBefore = remote.traffic.sent;
     const call = await remote.startCall('backup', { name: opts.name, size: source.size, source: source.description, tags: opts.tags ?? [], wait: opts.wait === true });
     call.result.then(() => this.fail(new GenvaultError(`${remote.dir}: the server ended the backup early`, 'PROTOCOL')), (e: Error) => this.fail(e));
@@ -170,7 +202,7 @@ class Upload {
       if (source.size !== null && this.bytes !== source.size) throw new GenvaultError(`source ended after ${this.bytes} of ${source.size} bytes`, 'SHORT_READ');
       await remote.sendFrame(T.END, call.id, json({ bytes: this.bytes }));
       const res = await call.result;
-      return { generation: res.generation as Generation, sentChunkBytes: this.sentChunkBytes, sentBytes: remote.traffic.sent - sentBefore };
+      return { generation: res.generation as Generation, sentChunkBytes: this.sentChunkBytes, sentBytes: remote.traffic.sent - sentBefore, unchangedBytes: this.unchangedBytes };
     } catch (e) {
       // The server's own reason, when it gave one, is the better line (it may be a moment behind).
       await Promise.race([call.result.catch(() => undefined), new Promise((r) => setTimeout(r, 200))]);
@@ -183,7 +215,7 @@ class Upload {
   private async next(seq: number): Promise<boolean> {
     const { remote, records, outs } = this;
     const buf = await Promise.race([this.bufs.acquire(), this.failed]);
-    const { len, table } = await this.readSegment(buf, this.bytes);
+    const { len, table } = await this.readSegment(buf, this.bytes, await this.parentWindow(seq));
     if (len === 0) {
       this.bufs.release(buf);
       return false;
@@ -191,7 +223,10 @@ class Upload {
     this.bytes += len;
     this.opts.onProgress?.(this.bytes, this.source.size);
     const need = remote.need(seq);
-    const chunks = table.then(described);
+    const chunks = table.then((t) => {
+      this.unchangedBytes += t.unchanged ?? 0;
+      return described(t);
+    });
     this.segments = Promise.all([chunks, this.segments]).then(([c]) => remote.sendFrame(T.SEGMENT, seq, encodeSegment(c)));
     // Output buffers are taken in segment order (sends are in that order: a later segment
     // holding one while an earlier waits for it would never end).
@@ -210,19 +245,20 @@ class Upload {
    * The segment at `at`, chunked on a worker: a file or block device is read by that
    * worker itself (holes not at all), a stream here first.
    */
-  private async readSegment(buf: SharedArrayBuffer, at: number): Promise<{ len: number; table: Promise<SegmentChunks> }> {
+  private async readSegment(buf: SharedArrayBuffer, at: number, parent: ParentWindow | undefined): Promise<{ len: number; table: Promise<SegmentChunks> }> {
     const { source, chunking, pool } = this;
+    const fast = parent !== undefined;
     if (source.directRead && source.size !== null) {
       const len = Math.min(chunking.segment, source.size - at);
       if (len <= 0) return { len: 0, table: Promise.resolve(zeroChunks(0, chunking)) };
       const read = await source.directRead(at, len);
       if (read.length < len) throw new GenvaultError(`source ended after ${at + read.length} of ${source.size} bytes`, 'SHORT_READ');
       if (read.extents?.length === 0) return { len, table: Promise.resolve(zeroChunks(len, chunking)) };
-      const r = pool.run({ op: 'chunk', seg: buf, len, params: chunking, read: { fd: read.fd, position: at, extents: read.extents } });
+      const r = pool.run({ op: 'chunk', seg: buf, len, params: chunking, fast, parent, read: { fd: read.fd, position: at, extents: read.extents } });
       return { len, table: r.then((a) => chunksRead(a, source, read)) };
     }
     const len = await fill(source, Buffer.from(buf));
-    return { len, table: pool.run({ op: 'chunk', seg: buf, len, params: chunking }).then((a) => chunksRead(a, source, undefined)) };
+    return { len, table: pool.run({ op: 'chunk', seg: buf, len, params: chunking, fast, parent }).then((a) => chunksRead(a, source, undefined)) };
   }
 
   /**

@@ -75,6 +75,24 @@ function decodeChunks(p: Buffer, expected: number): Buffer {
 }
 
 /**
+ * The BLAKE3 of the chunks asked for (`fast`, in `asked` order) as the segment's: each
+ * chunk that has the digest of one of them.
+ */
+function segmentFasts(desc: Described[], asked: number[], fast: Uint8Array): { fast: Uint8Array; hasFast: Uint8Array } {
+  const byDigest = new Map<string, number>();
+  asked.forEach((i, j) => byDigest.set(desc[i]!.digest!.toString('binary'), j));
+  const out = new Uint8Array(desc.length * 32);
+  const has = new Uint8Array(desc.length);
+  desc.forEach((c, i) => {
+    const j = c.zero ? undefined : byDigest.get(c.digest!.toString('binary'));
+    if (j === undefined) return;
+    out.set(fast.subarray(j * 32, j * 32 + 32), i * 32);
+    has[i] = 1;
+  });
+  return { fast: out, hasFast: has };
+}
+
+/**
  * What the session hands over: the next SEGMENT frame of this backup (null once END came),
  * or the next CHUNKS frame. The two are queued apart: a client describes segments ahead of
  * the chunks it sends.
@@ -119,7 +137,7 @@ export class UploadSource implements ChunkedSource {
     private readonly known: ((digest: Buffer) => boolean) | null,
     private readonly remember: (digest: Buffer) => void,
     /** Records offered in WELCOME: the repository's group size, and the worker op that checks and seals them. */
-    private readonly records: { group: number; adopt: AdoptFn } | null = null,
+    private readonly records: { group: number; fast: boolean; adopt: AdoptFn } | null = null,
   ) {}
 
   private async frame(type: typeof T.SEGMENT | typeof T.CHUNKS, seq: number): Promise<Frame | null> {
@@ -248,7 +266,7 @@ export class UploadSource implements ChunkedSource {
    */
   private adopted(a: Answered, payload: Buffer): Promise<AdoptedRecords> {
     if (!this.records) throw new ProtocolError('backup: records were sent, but not offered');
-    const { adopt, group } = this.records;
+    const { adopt, group, fast } = this.records;
     const { desc, flags, wanted } = a;
     const asked: number[] = [];
     const wantedHere = new Set<string>();
@@ -281,9 +299,10 @@ export class UploadSource implements ChunkedSource {
     const out = takeSlab(len + n * SEAL_OVERHEAD);
     this.transferred.wire += payload.length;
     this.transferred.raw += raw;
-    return adopt({ op: 'adopt', recs, at, len, digests, lengths, keep, group, out }).then(
+    return adopt({ op: 'adopt', recs, at, len, digests, lengths, keep, group, fast, out }).then(
       (res) => {
         giveSlab(recs);
+        const fasts = res.fast ? segmentFasts(desc, asked, res.fast) : null;
         const names: string[] = [];
         const rawLengths: number[] = [];
         asked.forEach((i, j) => {
@@ -294,7 +313,7 @@ export class UploadSource implements ChunkedSource {
           names.push(d.toString('binary'));
           rawLengths.push(lengths[j]!);
         });
-        return { ...res, names, rawLengths, release: () => giveSlab(out) };
+        return { out: res.out, table: res.table, fast: fasts?.fast ?? null, hasFast: fasts?.hasFast ?? null, names, rawLengths, release: () => giveSlab(out) };
       },
       (e: Error & { code?: string }) => {
         giveSlab(recs);

@@ -28,7 +28,10 @@ export function identityOf(data: Uint8Array): Buffer {
   return identityKey ? createHmac('sha256', identityKey).update(data).digest() : createHash('sha256').update(data).digest();
 }
 
+/** The keyed BLAKE3's key: the repository's, or the one a remote writer was given. */
+const fastKey: Buffer | null = given?.fast ? Buffer.from(given.fast) : null;
+
 /** A chunk's BLAKE3 for map entries of kind 2: keyed with the fast key, or plain. */
 export function fastOf(data: Uint8Array): Buffer {
-  return keys ? Blake3Hasher.newKeyed(keys.fast as Buffer).update(data as Buffer).digestBuffer() : blake3(data);
+  return fastKey ? Blake3Hasher.newKeyed(fastKey).update(data as Buffer).digestBuffer() : blake3(data);
 }

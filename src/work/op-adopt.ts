@@ -25,7 +25,7 @@ import {
 } from '../format/pack.js';
 import { recordAd, sealInto } from '../format/crypto.js';
 import type { AdoptAnswer, AdoptRequest, Reply } from './protocol.js';
-import { keys, identityOf } from './keys.js';
+import { keys, fastOf, identityOf } from './keys.js';
 import { zstd } from './zstd.js';
 
 const dctx = new zstd.DCtx();
@@ -56,6 +56,8 @@ export function handleAdopt(req: AdoptRequest): Reply<AdoptAnswer> {
   // Per kept chunk: record offset in out, stored length, compression, offset in the group, group raw length.
   const table = new Int32Array(n * 5);
   let rows = 0;
+  // BLAKE3 of every chunk checked, while its bytes are still in the cache.
+  const fast = req.fast ? new Uint8Array(n * 32) : null;
   let k = 0; // the next chunk asked for
   let o = 0; // where the next record goes in out
   for (let at = 0; at < recs.length; ) {
@@ -71,6 +73,7 @@ export function handleAdopt(req: AdoptRequest): Reply<AdoptAnswer> {
       if (h.compression === COMP_RAW && h.storedLength !== h.rawLength) bad(`raw chunk ${k} has a stored length of ${h.storedLength}`);
       const raw = h.compression === COMP_ZSTD ? decoded(payload, h.rawLength) : payload;
       if (!identityOf(raw).equals(h.digest)) bad(`chunk ${k} does not match its identity`);
+      fast?.set(fastOf(raw), k * 32);
       if (req.keep[k]) {
         const stored = keys ? sealInto(keys, payload, recordAd(keys, 0, h.compression, h.rawLength, h.digest), out, o + RECORD_HEADER_SIZE) : payload.copy(out, o + RECORD_HEADER_SIZE);
         encodeRecordHeader(out, o, h.compression, h.rawLength, stored, h.digest);
@@ -101,7 +104,9 @@ export function handleAdopt(req: AdoptRequest): Reply<AdoptAnswer> {
     let keptHere = false;
     for (let m = 0, inner = 0; m < members; m++) {
       const len = req.lengths[k + m]!;
-      if (!identityOf(raw.subarray(inner, inner + len)).equals(digestOf(k + m))) bad(`chunk ${k + m} does not match its identity`);
+      const member = raw.subarray(inner, inner + len);
+      if (!identityOf(member).equals(digestOf(k + m))) bad(`chunk ${k + m} does not match its identity`);
+      fast?.set(fastOf(member), (k + m) * 32);
       inner += len;
       keptHere ||= req.keep[k + m] === 1;
     }
@@ -122,5 +127,7 @@ export function handleAdopt(req: AdoptRequest): Reply<AdoptAnswer> {
   }
   if (k !== n) bad(`${n - k} of the chunks asked for are missing`);
   const cut = table.slice(0, rows * 5);
-  return { result: { out: new Uint8Array(req.out, 0, o), table: cut }, transfer: [cut.buffer as ArrayBuffer] };
+  const transfer = [cut.buffer as ArrayBuffer];
+  if (fast) transfer.push(fast.buffer as ArrayBuffer);
+  return { result: { out: new Uint8Array(req.out, 0, o), table: cut, fast }, transfer };
 }

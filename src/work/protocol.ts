@@ -134,12 +134,16 @@ export interface AdoptRequest {
   keep: Uint8Array;
   /** The repository's largest group (0: it makes none). */
   group: number;
+  /** Also each chunk's BLAKE3 (the map keeps them from format 2 on: change detection). */
+  fast: boolean;
   /** Room for the records, sealed: at least len + one seal's overhead per chunk. */
   out: SharedArrayBuffer;
 }
 
-/** As CompressAnswer, with a table row per kept chunk, in order. */
-export type AdoptAnswer = CompressAnswer;
+/** As CompressAnswer, with a table row per kept chunk, in order; BLAKE3 per chunk asked for when asked. */
+export interface AdoptAnswer extends CompressAnswer {
+  fast: Uint8Array | null;
+}
 
 export type LoadRequest = { op: 'load'; direct?: boolean } & LoadItem;
 
