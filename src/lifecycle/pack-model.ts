@@ -7,10 +7,11 @@
  *
  * Memory stays bounded by the number of generations and packs, not of chunks or leaves:
  * chunk locations, leaves and maps go straight into the model's database in batches, and
- * only generation records and changes (a few hundred bytes each) are held, besides a
- * fixed-size filter of the chunks seen. A chunk's first copy (lowest pack id, then
- * offset: the scan's order) becomes its `c` entry as it is met; the filter says whether
- * the chunk may have been met before, and only then is the model looked up. Further
+ * only generation records and changes (a few hundred bytes each) are held, besides an
+ * exact set of the chunks seen (up to EXACT_CHUNKS), then a fixed-size filter of them. A
+ * chunk's first copy (lowest pack id, then offset: the scan's order) becomes its `c` entry
+ * as it is met; past the exact set, the filter says whether the chunk may have been met
+ * before, and only then is the model looked up. Further
  * copies (gc and heals leave some; normally none) go to a second database (`C` digest
  * pack offset inner), so that verify can accept an index entry pointing at any whole
  * copy; it is removed whole afterwards.
@@ -204,7 +205,8 @@ export class PackModel {
   readonly damaged: DamagedRecord[] = [];
   readonly counts: ModelCounts = { packs: 0, bytes: 0, chunkRecords: 0, chunks: 0, viaToc: 0, leafRecords: 0, generationsFound: 0 };
   private gens = new Map<string, GenState>();
-  private seen: DigestFilter;
+  /** Every chunk met, once the exact set is left behind (null until then). */
+  private seen: DigestFilter | null = null;
   /** Every chunk met, exactly, while there are at most EXACT_CHUNKS (then null): no lookups at all. */
   private exact: DigestSet | null = new DigestSet(EXACT_CHUNKS);
   private out: Batcher;
@@ -216,11 +218,10 @@ export class PackModel {
     /** Every copy of a chunk but the first (K_COPY keys). */
     readonly copies: Db,
     /** The packs' bytes, which bound how many chunks they can hold. */
-    packBytes: number,
+    private packBytes: number,
   ) {
     this.out = new Batcher(db);
     this.cp = new Batcher(copies);
-    this.seen = new DigestFilter(filterBits(packBytes));
   }
 
   /** Read every pack of the store into the model (both databases empty). */
@@ -320,21 +321,29 @@ export class PackModel {
   private metExactly(digest: Buffer): boolean | null {
     if (this.exact) {
       const fresh = this.exact.add(digest);
-      if (this.exact.whole) {
-        if (fresh) this.seen.add(digest);
-        return !fresh;
-      }
-      this.exact = null; // too many to hold: the filter (which has them all) and lookups from here on
+      if (this.exact.whole) return !fresh;
+      this.seen = this.filterOf(this.exact);
+      this.exact = null; // too many to hold: the filter and lookups from here on
     }
-    if (this.seen.maybeHas(digest)) return null;
-    this.seen.add(digest);
+    if (this.seen!.maybeHas(digest)) return null;
+    this.seen!.add(digest);
     return false;
+  }
+
+  /**
+   * The filter, made only when the exact set overflows, from the digests it holds: a
+   * repository of fewer chunks never pays for filling it (or for its memory).
+   */
+  private filterOf(exact: DigestSet): DigestFilter {
+    const f = new DigestFilter(filterBits(this.packBytes));
+    exact.forEach((d) => f.add(d));
+    return f;
   }
 
   /** metExactly's null answered: the filter says "maybe", the batch or the model says for sure. */
   private async metLookedUp(digest: Buffer, k: Buffer): Promise<boolean> {
     if (this.out.pending(k) || (await getOrNull(this.db, k))) return true;
-    this.seen.add(digest);
+    this.seen!.add(digest);
     return false;
   }
 

@@ -38,7 +38,8 @@ export class DigestSet {
       this.data.copy(bigger);
       this.data = bigger;
     }
-    this.data.set(d.subarray(0, 32), (this.n - 1) * 32);
+    const o = (this.n - 1) * 32;
+    for (let i = 0; i < 32; i++) this.data[o + i] = d[i]!;
     this.slots[at] = this.n;
     if (this.n * 2 > this.slots.length) this.grow();
     return true;
@@ -51,9 +52,25 @@ export class DigestSet {
     for (;;) {
       const v = this.slots[s]!;
       if (v === 0) return s;
-      if (this.data.compare(d, 0, 32, (v - 1) * 32, v * 32) === 0) return -(s + 1);
+      if (this.equalAt(d, (v - 1) * 32)) return -(s + 1);
       s = (s + 1) & mask;
     }
+  }
+
+  /**
+   * Whether `d` is the digest at `o`. Byte by byte in JavaScript: Buffer.compare is a call
+   * into C++ per probe, and was most of the set's time in a rebuild (performance.md).
+   */
+  private equalAt(d: Uint8Array, o: number): boolean {
+    const data = this.data;
+    for (let i = 0; i < 32; i++) if (data[o + i] !== d[i]) return false;
+    return true;
+  }
+
+  /** Every digest held, in the order added (views into the set's memory: copy what is kept). */
+  forEach(fn: (d: Buffer) => void): void {
+    const held = Math.min(this.n, this.limit);
+    for (let i = 0; i < held; i++) fn(this.data.subarray(i * 32, i * 32 + 32));
   }
 
   private grow(): void {
