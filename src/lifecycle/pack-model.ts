@@ -16,7 +16,7 @@
  * pack offset inner), so that verify can accept an index entry pointing at any whole
  * copy; it is removed whole afterwards.
  */
-import { decodeLeaf, decodeTop } from '../format/chunkmap.js';
+import { decodeTop, walkLeaf } from '../format/chunkmap.js';
 import { K_GENMAP, chunkKey, key, leafKey, packKey, packSizeValue, prefixEnd } from '../format/keys.js';
 import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF, type GenerationChange } from '../format/meta.js';
 import { COMP_GROUP, encodeLocation, type ChunkLocation } from '../format/pack.js';
@@ -426,7 +426,8 @@ export class PackModel {
       const fresh = [...new Map(refs.map((r) => [r.digest.toString('hex'), r])).entries()].filter(([hex]) => !leaves.has(hex));
       for (let i = 0; i < fresh.length; i += LEAF_LOOKUPS) {
         const part = fresh.slice(i, i + LEAF_LOOKUPS);
-        const found = await Promise.all(part.map(([, r]) => this.leafMissing(r)));
+        const raws = await this.db.getMany(part.map(([, r]) => leafKey(r.digest)));
+        const found = await Promise.all(part.map(([, r], k) => this.leafMissing(r, raws[k] ?? null)));
         part.forEach(([hex], k) => leaves.set(hex, found[k]!));
       }
       const miss = { leaves: 0, chunks: 0, bytes: 0 };
@@ -444,28 +445,24 @@ export class PackModel {
     return out;
   }
 
-  /** What of one leaf is in no pack: the whole leaf, or some of its chunks. */
-  private async leafMissing(ref: { digest: Buffer; bytes: number; chunks: number }): Promise<{ leaves: number; chunks: number; bytes: number }> {
-    const raw = await getOrNull(this.db, leafKey(ref.digest));
+  /** What of one leaf (`raw`, null: not in the model) is in no pack: the whole leaf, or some of its chunks. */
+  private async leafMissing(ref: { digest: Buffer; bytes: number; chunks: number }, raw: Buffer | null): Promise<{ leaves: number; chunks: number; bytes: number }> {
     if (!raw) return { leaves: 1, chunks: ref.chunks, bytes: ref.bytes };
-    const leaf = decodeLeaf(raw);
     const keys: Buffer[] = [];
     const lengths: number[] = [];
     let chunks = 0;
     let bytes = 0;
-    for (let i = 0; i < leaf.lengths.length; i++) {
-      if (leaf.zero[i]) continue;
-      const d = leaf.digests.subarray(i * 32, i * 32 + 32);
-      if (this.exact) {
-        if (!this.exact.has(d)) {
-          chunks++;
-          bytes += leaf.lengths[i]!;
-        }
-        continue;
+    const exact = this.exact;
+    walkLeaf(raw, (_i, length, kind, at) => {
+      if (kind === 0) return;
+      if (!exact) {
+        keys.push(chunkKey(raw.subarray(at, at + 32)));
+        lengths.push(length);
+      } else if (!exact.has(raw, at)) {
+        chunks++;
+        bytes += length;
       }
-      keys.push(chunkKey(d));
-      lengths.push(leaf.lengths[i]!);
-    }
+    });
     if (!keys.length) return { leaves: 0, chunks, bytes };
     const found = await this.db.getMany(keys);
     found.forEach((v, i) => {
