@@ -187,8 +187,9 @@ async function recordAlone(read: PackRead, w: Window, offset: number, length: nu
     if (r === 0) break;
     got += r;
   }
-  // A window over the bytes read, not one reading them again into 64 KiB of its own: one
-  // such per metadata record was a visible share of a rebuild's allocations.
+  // A window over the bytes read, not one reading them again into a buffer of its own
+  // (WINDOW bytes): one such per metadata record was a visible share of a rebuild's
+  // allocations (performance.md, "Rebuilding the index").
   return recordAt(Window.over(buf.subarray(0, got), offset, w.size, w.keys), offset);
 }
 

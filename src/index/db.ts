@@ -143,8 +143,9 @@ export async function openDb(dir: string, opts: { create?: boolean } = {}): Prom
     copy = await privateCopy(dir);
     at = copy;
   }
-  // Imported here, not above: rave-level and its streams are about 40 ms of a cold start,
-  // which commands that open no shared index (repair building its own) need not pay.
+  // Imported here, not above: rave-level and its streams are a visible part of a cold
+  // start (performance.md, "Rebuilding the index"), which commands that open no shared
+  // index (repair building its own) need not pay.
   const { RaveLevel } = await import('rave-level');
   const db = new RaveLevel<Buffer, Buffer>(at, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
   // rave-level reports a leader it cannot open or replace (a damaged index, a read-only or

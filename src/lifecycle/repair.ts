@@ -32,7 +32,7 @@ export async function repair(dir: string, opts: RepairOptions = {}): Promise<Rep
     );
   }
   // The key first: a wrong one ends repair before anything is written. scrypt derives it
-  // on libuv's thread pool (about 0.1 s by design) while the main thread has nothing to
+  // on libuv's thread pool (slow by design) while the main thread has nothing to
   // do: it loads what rebuilds the index (LevelDB, the scan, rebuild.ts) meanwhile, which
   // is why that is imported here and not above (performance.md, "Rebuilding the index").
   const [unlocked, { rebuild }] = await Promise.all([config.encryption ? unlock(abs, config) : null, import('./rebuild.js')]);
