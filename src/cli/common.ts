@@ -1,7 +1,7 @@
 /** What every command shares: finding the repository, JSON output, error exit. */
 import { Option, type Command } from 'commander';
 import { GenvaultError, REPAIR_HINT, UsageError, describeFsError, errnoOf, innermostMessage } from '../util/errors.js';
-import { Repository } from '../repository/repository.js';
+import type { Repository } from '../repository/repository.js';
 import { useKeyFile } from '../repository/keys.js';
 import { logFormat } from '../util/log.js';
 
@@ -44,6 +44,10 @@ export function wantsJson(cmd: Command): boolean {
 
 /** Open the repository for a command; `write` for commands that change it (see Repository.open). */
 export async function withRepo<T>(cmd: Command, fn: (repo: Repository) => Promise<T>, opts: { write?: boolean } = {}): Promise<T> {
+  // Imported here: every command loads this module, and repository.ts brings LevelDB and
+  // the worker pool with it, which repair loads only once it has started deriving the key
+  // (lifecycle/repair.ts).
+  const { Repository } = await import('../repository/repository.js');
   const repo = await Repository.open(localRepoPath(cmd), opts);
   try {
     return await fn(repo);

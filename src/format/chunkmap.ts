@@ -116,49 +116,77 @@ export interface Leaf {
   bytes: number;
 }
 
+/**
+ * 32 bytes from `src` at `from` to `dst` at `to`, in JavaScript: Buffer.copy is a call into
+ * C++ per digest, most of decodeLeaf's time when repair decodes every leaf (performance.md).
+ */
+function copy32(src: Buffer, from: number, dst: Buffer, to: number): void {
+  for (let i = 0; i < 32; i++) dst[to + i] = src[from + i]!;
+}
+
 /** Most chunks a leaf may hold: far above what LeafBuilder writes (config `leaf.maxChunks`). */
 const MAX_LEAF_CHUNKS = 1 << 20;
 
-/**
- * Decode a leaf, checking its structure: magic, a plausible count, every entry whole and
- * of a known kind, every chunk non-empty, and nothing after the last entry. A leaf that
- * fails any of these is damaged (thrown as an Error naming what is wrong).
- */
-export function decodeLeaf(buf: Buffer): Leaf {
+/** A leaf's chunk count, after checking its magic and that the count is plausible. */
+function leafCount(buf: Buffer): number {
   if (buf.length < 8 || buf.readUInt32LE(0) !== LEAF_MAGIC) throw new Error('map leaf is corrupt (bad magic)');
   const n = buf.readUInt32LE(4);
   if (n === 0 || n > MAX_LEAF_CHUNKS || 8 + 5 * n > buf.length) throw new Error(`map leaf is corrupt (count ${n})`);
+  return n;
+}
+
+/**
+ * Walk an encoded leaf, checking its structure: magic, a plausible count, every entry
+ * whole and of a known kind, every chunk non-empty, and nothing after the last entry. A
+ * leaf that fails any of these is damaged (thrown as an Error naming what is wrong). `fn`
+ * gets each entry: its index, length, kind (0 zero, 1 digest, 2 digest and BLAKE3) and
+ * where its digest starts in `buf`. Returns the chunk count. Passes over every leaf that
+ * only check it or look its digests up (repair) walk it instead of decoding it: the arrays
+ * decodeLeaf fills were most of their time (performance.md, "Rebuilding the index").
+ */
+export function walkLeaf(buf: Buffer, fn?: (i: number, length: number, kind: number, at: number) => void): number {
+  const n = leafCount(buf);
+  let at = 8;
+  for (let i = 0; i < n; i++) {
+    if (at + 5 > buf.length) throw new Error('map leaf is corrupt (truncated)');
+    const len = buf.readUInt32LE(at);
+    const kind = buf[at + 4]!;
+    if (len === 0) throw new Error('map leaf is corrupt (empty chunk)');
+    if (kind > 2) throw new Error(`map leaf is corrupt (chunk kind ${kind})`);
+    at += 5;
+    if (at + 32 * kind > buf.length) throw new Error('map leaf is corrupt (truncated)');
+    fn?.(i, len, kind, at);
+    at += 32 * kind;
+  }
+  if (at !== buf.length) throw new Error(`map leaf is corrupt (${buf.length - at} bytes after its last entry)`);
+  return n;
+}
+
+/** Decode a leaf, checking its structure (walkLeaf). */
+export function decodeLeaf(buf: Buffer): Leaf {
+  const n = leafCount(buf);
   const starts = new Float64Array(n);
   const lengths = new Uint32Array(n);
   const zero = new Uint8Array(n);
   const digests = Buffer.alloc(n * 32);
   const hasFast = new Uint8Array(n);
   let fast: Buffer | null = null;
-  let at = 8;
   let off = 0;
-  for (let i = 0; i < n; i++) {
-    if (at + 5 > buf.length) throw new Error('map leaf is corrupt (truncated)');
-    const len = buf.readUInt32LE(at);
-    const kind = buf[at + 4];
-    if (len === 0) throw new Error('map leaf is corrupt (empty chunk)');
-    at += 5;
+  walkLeaf(buf, (i, len, kind, at) => {
     starts[i] = off;
     lengths[i] = len;
     off += len;
-    if (kind === 0) zero[i] = 1;
-    else if (kind === 1 || kind === 2) {
-      if (at + 32 * kind > buf.length) throw new Error('map leaf is corrupt (truncated)');
-      buf.copy(digests, i * 32, at, at + 32);
-      at += 32;
-      if (kind === 2) {
-        fast ??= Buffer.alloc(n * 32);
-        buf.copy(fast, i * 32, at, at + 32);
-        hasFast[i] = 1;
-        at += 32;
-      }
-    } else throw new Error(`map leaf is corrupt (chunk kind ${kind})`);
-  }
-  if (at !== buf.length) throw new Error(`map leaf is corrupt (${buf.length - at} bytes after its last entry)`);
+    if (kind === 0) {
+      zero[i] = 1;
+      return;
+    }
+    copy32(buf, at, digests, i * 32);
+    if (kind === 2) {
+      fast ??= Buffer.alloc(n * 32);
+      copy32(buf, at + 32, fast, i * 32);
+      hasFast[i] = 1;
+    }
+  });
   return { starts, lengths, digests, zero, fast: fast ?? Buffer.alloc(0), hasFast, bytes: off };
 }
 

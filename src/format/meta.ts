@@ -19,7 +19,7 @@
  */
 import { createHash } from 'node:crypto';
 import { COMP_RAW, RECORD_HEADER_SIZE, encodeRecordHeader } from './pack.js';
-import { decodeLeaf, decodeTop } from './chunkmap.js';
+import { decodeTop, walkLeaf } from './chunkmap.js';
 import { generationKey, parseGenerationRecord, type Generation } from './generation.js';
 import { checkImageName } from './config.js';
 import { REC_TOC, checkTocPayload } from './toc.js';
@@ -102,7 +102,7 @@ function idBytes(id: string): Buffer {
 export function decodeMetaPayload(type: number, payload: Buffer): MetaRecord {
   switch (type) {
     case REC_LEAF:
-      decodeLeaf(payload); // structure only: its digest is the record's
+      walkLeaf(payload); // structure only: its digest is the record's
       return { type, leaf: payload };
     case REC_GENMAP: {
       expectMagic(payload, MAGIC_GENMAP, 'generation map');

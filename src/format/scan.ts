@@ -73,12 +73,15 @@ export interface ScanOptions {
 }
 
 const WINDOW = 64 << 10;
+const EMPTY = Buffer.alloc(0);
 const MAGIC_BYTES = Buffer.alloc(4);
 MAGIC_BYTES.writeUInt32LE(RECORD_MAGIC);
 
 /** A read-through window over the pack, so that small reads of nearby headers cost one pread. */
 class Window {
-  private buf = Buffer.allocUnsafe(WINDOW);
+  private buf: Buffer = EMPTY;
+  /** `buf` is not the window's own (over()): never read into. */
+  private shared = false;
   private start = 0;
   private len = 0;
 
@@ -89,12 +92,28 @@ class Window {
     readonly keys: RepoKeys | null = null,
   ) {}
 
+  /**
+   * A window over `bytes`, read from pack offset `start`: what they hold is served from
+   * them, anything else as far as they reach (fewer bytes, as at a pack's end).
+   */
+  static over(bytes: Buffer, start: number, size: number, keys: RepoKeys | null): Window {
+    const w = new Window(async (b, o, l, pos) => bytes.copy(b, o, pos - start, Math.min(pos - start + l, bytes.length)), size, keys);
+    w.buf = bytes;
+    w.shared = true;
+    w.start = start;
+    w.len = bytes.length;
+    return w;
+  }
+
   /** Bytes [pos, pos + n) of the pack, or fewer at its end. */
   async at(pos: number, n: number): Promise<Buffer> {
     if (pos >= this.size) return this.buf.subarray(0, 0);
     if (pos >= this.start && pos + n <= this.start + this.len) return this.buf.subarray(pos - this.start, pos - this.start + n);
     const want = Math.min(Math.max(n, WINDOW), this.size - pos);
-    if (this.buf.length < want) this.buf = Buffer.allocUnsafe(want);
+    if (this.shared || this.buf.length < want) {
+      this.buf = Buffer.allocUnsafe(want);
+      this.shared = false;
+    }
     let got = 0;
     while (got < want) {
       const r = await this.read(this.buf, got, want - got, pos + got);
@@ -168,8 +187,10 @@ async function recordAlone(read: PackRead, w: Window, offset: number, length: nu
     if (r === 0) break;
     got += r;
   }
-  const own = new Window(async (b, o, l, pos) => buf.copy(b, o, pos - offset, Math.min(pos - offset + l, got)), w.size, w.keys);
-  return recordAt(own, offset);
+  // A window over the bytes read, not one reading them again into a buffer of its own
+  // (WINDOW bytes): one such per metadata record was a visible share of a rebuild's
+  // allocations (performance.md, "Rebuilding the index").
+  return recordAt(Window.over(buf.subarray(0, got), offset, w.size, w.keys), offset);
 }
 
 /** A TOC record (at..end) and the bytes it lists (start..at). */

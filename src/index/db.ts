@@ -14,7 +14,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { ClassicLevel } from 'classic-level';
-import { RaveLevel } from 'rave-level';
+import type { RaveLevel } from 'rave-level';
 import { K_DAMAGED, damagedKey } from '../format/keys.js';
 import { describeFsError, errnoOf, innermostMessage, noteIndexFailure } from '../util/errors.js';
 
@@ -30,7 +30,9 @@ export type Db = RaveLevel<Buffer, Buffer>;
  * that moves their chunks, so losing that batch would leave the index pointing into
  * deleted packs. Our writes are few (per pack, per generation, per gc step), so syncing
  * all of them costs nothing measurable. Patched on the prototype because rave-level
- * creates the leader's ClassicLevel itself.
+ * creates the leader's ClassicLevel itself. Chained batches (`db.batch()`) are not
+ * patched: their one user, repair's model (pack-model.ts), writes a private database and
+ * passes `sync` itself.
  */
 {
   type Method = (this: unknown, ...args: unknown[]) => unknown;
@@ -141,6 +143,10 @@ export async function openDb(dir: string, opts: { create?: boolean } = {}): Prom
     copy = await privateCopy(dir);
     at = copy;
   }
+  // Imported here, not above: rave-level and its streams are a visible part of a cold
+  // start (performance.md, "Rebuilding the index"), which commands that open no shared
+  // index (repair building its own) need not pay.
+  const { RaveLevel } = await import('rave-level');
   const db = new RaveLevel<Buffer, Buffer>(at, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
   // rave-level reports a leader it cannot open or replace (a damaged index, a read-only or
   // full file system) as an 'error' event; without a listener that would crash the process

@@ -7,15 +7,16 @@
  *
  * Memory stays bounded by the number of generations and packs, not of chunks or leaves:
  * chunk locations, leaves and maps go straight into the model's database in batches, and
- * only generation records and changes (a few hundred bytes each) are held, besides a
- * fixed-size filter of the chunks seen. A chunk's first copy (lowest pack id, then
- * offset: the scan's order) becomes its `c` entry as it is met; the filter says whether
- * the chunk may have been met before, and only then is the model looked up. Further
+ * only generation records and changes (a few hundred bytes each) are held, besides an
+ * exact set of the chunks seen (up to EXACT_CHUNKS), then a fixed-size filter of them. A
+ * chunk's first copy (lowest pack id, then offset: the scan's order) becomes its `c` entry
+ * as it is met; past the exact set, the filter says whether the chunk may have been met
+ * before, and only then is the model looked up. Further
  * copies (gc and heals leave some; normally none) go to a second database (`C` digest
  * pack offset inner), so that verify can accept an index entry pointing at any whole
  * copy; it is removed whole afterwards.
  */
-import { decodeLeaf, decodeTop } from '../format/chunkmap.js';
+import { decodeTop, walkLeaf } from '../format/chunkmap.js';
 import { K_GENMAP, chunkKey, key, leafKey, packKey, packSizeValue, prefixEnd } from '../format/keys.js';
 import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF, type GenerationChange } from '../format/meta.js';
 import { COMP_GROUP, encodeLocation, type ChunkLocation } from '../format/pack.js';
@@ -103,30 +104,43 @@ export interface ModelCounts {
   generationsFound: number;
 }
 
-type Op = { type: 'put' | 'del'; key: Buffer; value?: Buffer };
+type Batch = ReturnType<Db['batch']>;
+/** A promise when the caller must wait for it before the next item; undefined when done. */
+type Wait = Promise<unknown> | undefined;
 
 /**
  * Batched writes to the model's database. A full batch is written while the scan goes on
- * (the next one waits for it), so that LevelDB's work overlaps the reading.
+ * (the next one waits for it), so that LevelDB's work overlaps the reading. Chained
+ * batches: an array batch costs classic-level five property lookups per operation on the
+ * main thread, the largest single item of a rebuild's profile (performance.md, "Rebuilding
+ * the index"). db.ts syncs array batches whatever their options; a chained batch is not
+ * patched there, so `sync` is given here: a rebuilt index is swapped in only once every
+ * batch is on disk.
  */
 class Batcher {
-  private ops: Op[] = [];
-  /** The batch being written. */
-  private writingOps: Op[] = [];
-  /** Keys of `knownOps` (the batch being filled, its first `knownCount`) and of the batch written before it. */
+  private batch: Batch;
+  private count = 0;
+  /** Keys put into `batch`, and into the batch being written: what `pending` answers from. */
+  private keys: Buffer[] = [];
+  private writingKeys: Buffer[] = [];
+  /** A set of `keys` (their first `knownCount`) and `writingKeys`, made when first asked. */
   private known = new Set<string>();
-  private knownOps: Op[] | null = null;
+  private knownKeys: Buffer[] | null = null;
   private knownCount = 0;
   private writing: Promise<void> = Promise.resolve();
   private failed: unknown = null;
-  constructor(private db: Db) {}
-  async put(k: Buffer, v: Buffer): Promise<void> {
-    this.ops.push({ type: 'put', key: k, value: v });
-    if (this.ops.length >= BATCH) await this.spill();
+  constructor(private db: Db) {
+    this.batch = db.batch();
   }
-  async del(k: Buffer): Promise<void> {
-    this.ops.push({ type: 'del', key: k });
-    if (this.ops.length >= BATCH) await this.spill();
+  /** Add a put; true when the batch is full and `spill` is due. */
+  put(k: Buffer, v: Buffer): boolean {
+    this.batch.put(k, v);
+    this.keys.push(k);
+    return ++this.count >= BATCH;
+  }
+  del(k: Buffer): boolean {
+    this.batch.del(k);
+    return ++this.count >= BATCH;
   }
   /**
    * Whether `k` was put here and may not be in the database yet (a key already written
@@ -134,12 +148,12 @@ class Batcher {
    * gathered into a set only when asked.
    */
   pending(k: Buffer): boolean {
-    if (this.knownOps !== this.ops) {
-      this.known = new Set(this.writingOps.map((op) => op.key.toString('latin1')));
-      this.knownOps = this.ops;
+    if (this.knownKeys !== this.keys) {
+      this.known = new Set(this.writingKeys.map((key) => key.toString('latin1')));
+      this.knownKeys = this.keys;
       this.knownCount = 0;
     }
-    for (; this.knownCount < this.ops.length; this.knownCount++) this.known.add(this.ops[this.knownCount]!.key.toString('latin1'));
+    for (; this.knownCount < this.keys.length; this.knownCount++) this.known.add(this.keys[this.knownCount]!.toString('latin1'));
     return this.known.has(k.toString('latin1'));
   }
 
@@ -150,15 +164,17 @@ class Batcher {
     this.throwFailure();
   }
   /** Start writing the batch (after the previous one is written). */
-  private async spill(): Promise<void> {
+  async spill(): Promise<void> {
     await this.writing;
     this.throwFailure();
-    if (!this.ops.length) return;
-    const ops = this.ops;
-    this.ops = [];
-    this.writingOps = ops;
-    this.writing = this.db.batch(ops as never).then(
-      () => void (this.writingOps = []),
+    if (!this.count) return;
+    const batch = this.batch;
+    this.writingKeys = this.keys;
+    this.batch = this.db.batch();
+    this.keys = [];
+    this.count = 0;
+    this.writing = batch.write({ sync: true } as object).then(
+      () => void (this.writingKeys = []),
       (e: unknown) => void (this.failed = e),
     );
   }
@@ -189,7 +205,8 @@ export class PackModel {
   readonly damaged: DamagedRecord[] = [];
   readonly counts: ModelCounts = { packs: 0, bytes: 0, chunkRecords: 0, chunks: 0, viaToc: 0, leafRecords: 0, generationsFound: 0 };
   private gens = new Map<string, GenState>();
-  private seen: DigestFilter;
+  /** Every chunk met, once the exact set is left behind (null until then). */
+  private seen: DigestFilter | null = null;
   /** Every chunk met, exactly, while there are at most EXACT_CHUNKS (then null): no lookups at all. */
   private exact: DigestSet | null = new DigestSet(EXACT_CHUNKS);
   private out: Batcher;
@@ -201,11 +218,10 @@ export class PackModel {
     /** Every copy of a chunk but the first (K_COPY keys). */
     readonly copies: Db,
     /** The packs' bytes, which bound how many chunks they can hold. */
-    packBytes: number,
+    private packBytes: number,
   ) {
     this.out = new Batcher(db);
     this.cp = new Batcher(copies);
-    this.seen = new DigestFilter(filterBits(packBytes));
   }
 
   /** Read every pack of the store into the model (both databases empty). */
@@ -236,74 +252,111 @@ export class PackModel {
       if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
       throw e;
     }
-    for (; !r.done; r = await it.next()) await this.take(p.packId, r.value);
+    for (; !r.done; r = await it.next()) {
+      const wait = this.take(p.packId, r.value);
+      if (wait) await wait;
+    }
     const end: ScanEnd = r.value;
     this.packs.push({ pack: p.packId, size: p.size, end: end.end, tail: end.tail, ...(end.tailProblem ? { tailProblem: end.tailProblem } : {}) });
     this.counts.packs++;
     if (end.viaToc) this.counts.viaToc++;
     this.counts.bytes += p.size;
-    await this.out.put(packKey(p.packId), packSizeValue(end.end));
+    if (this.out.put(packKey(p.packId), packSizeValue(end.end))) await this.out.spill();
   }
 
-  private async take(pack: string, item: ScanItem): Promise<void> {
+  /*
+   * From here to takeMeta, the work for one item of the scan (tens of thousands per pack)
+   * is synchronous and returns a promise only when something must be waited for (a full
+   * batch, a lookup past the exact set): an await per call and item was a visible share
+   * of a rebuild's time (performance.md).
+   */
+
+  private take(pack: string, item: ScanItem): Wait {
     switch (item.kind) {
       case 'damaged':
         this.damaged.push({ pack, offset: item.offset, length: item.length, problem: item.problem });
         return;
       case 'chunk': {
         const h = item.header;
-        await this.takeCopy(h.digest, { packId: pack, offset: item.offset, storedLength: h.storedLength, rawLength: h.rawLength, compression: h.compression });
-        return;
+        return this.takeCopy(h.digest, { packId: pack, offset: item.offset, storedLength: h.storedLength, rawLength: h.rawLength, compression: h.compression });
       }
-      case 'group': {
-        const h = item.header;
-        for (const mem of item.members) {
-          await this.takeCopy(mem.digest, { packId: pack, offset: item.offset, storedLength: h.storedLength, rawLength: mem.rawLength, compression: COMP_GROUP, inner: mem.inner, groupRaw: h.rawLength });
-        }
-        return;
-      }
+      case 'group':
+        return this.takeMembers(pack, item, 0);
       case 'meta':
         return this.takeMeta(item);
     }
   }
 
-  /** A copy of a chunk: its `c` entry if it is the first met, else one for the copies database. */
-  private async takeCopy(digest: Buffer, loc: ChunkLocation): Promise<void> {
-    this.counts.chunkRecords++;
-    const v = encodeLocation(loc);
-    const k = chunkKey(digest);
-    if (await this.metBefore(digest, k)) {
-      await this.cp.put(copyKey(digest, loc.packId, loc.offset, loc.inner ?? 0), v);
-      return;
+  /** A group's members from the `from`th on, one after the other. */
+  private takeMembers(pack: string, item: Extract<ScanItem, { kind: 'group' }>, from: number): Wait {
+    const h = item.header;
+    for (let i = from; i < item.members.length; i++) {
+      const mem = item.members[i]!;
+      const wait = this.takeCopy(mem.digest, { packId: pack, offset: item.offset, storedLength: h.storedLength, rawLength: mem.rawLength, compression: COMP_GROUP, inner: mem.inner, groupRaw: h.rawLength });
+      if (wait) return wait.then(() => this.takeMembers(pack, item, i + 1));
     }
-    await this.out.put(k, v);
-    this.counts.chunks++;
+    return undefined;
   }
 
-  /** Whether a copy of this chunk was met before (and remember it as met). */
-  private async metBefore(digest: Buffer, k: Buffer): Promise<boolean> {
+  /** A copy of a chunk: its `c` entry if it is the first met, else one for the copies database. */
+  private takeCopy(digest: Buffer, loc: ChunkLocation): Wait {
+    this.counts.chunkRecords++;
+    const k = chunkKey(digest);
+    const met = this.metExactly(digest);
+    if (met === null) return this.metLookedUp(digest, k).then((m) => this.place(m, digest, k, loc));
+    return this.place(met, digest, k, loc);
+  }
+
+  private place(metBefore: boolean, digest: Buffer, k: Buffer, loc: ChunkLocation): Wait {
+    const v = encodeLocation(loc);
+    if (metBefore) return this.cp.put(copyKey(digest, loc.packId, loc.offset, loc.inner ?? 0), v) ? this.cp.spill() : undefined;
+    this.counts.chunks++;
+    return this.out.put(k, v) ? this.out.spill() : undefined;
+  }
+
+  /**
+   * Whether a copy of this chunk was met before (and remember it as met), when the exact
+   * set or the filter can say so without LevelDB; null when only a lookup can.
+   */
+  private metExactly(digest: Buffer): boolean | null {
     if (this.exact) {
       const fresh = this.exact.add(digest);
-      if (this.exact.whole) {
-        if (fresh) this.seen.add(digest);
-        return !fresh;
-      }
-      this.exact = null; // too many to hold: the filter (which has them all) and lookups from here on
+      if (this.exact.whole) return !fresh;
+      this.seen = this.filterOf(this.exact);
+      this.exact = null; // too many to hold: the filter and lookups from here on
     }
-    if (this.seen.maybeHas(digest) && (this.out.pending(k) || (await getOrNull(this.db, k)))) return true;
-    this.seen.add(digest);
+    if (this.seen!.maybeHas(digest)) return null;
+    this.seen!.add(digest);
     return false;
   }
 
-  private async takeMeta(item: Extract<ScanItem, { kind: 'meta' }>): Promise<void> {
+  /**
+   * The filter, made only when the exact set overflows, from the digests it holds: a
+   * repository of fewer chunks never pays for filling it (or for its memory).
+   */
+  private filterOf(exact: DigestSet): DigestFilter {
+    const f = new DigestFilter(filterBits(this.packBytes));
+    exact.forEach((d) => f.add(d));
+    return f;
+  }
+
+  /** metExactly's null answered: the filter says "maybe", the batch or the model says for sure. */
+  private async metLookedUp(digest: Buffer, k: Buffer): Promise<boolean> {
+    if (this.out.pending(k) || (await getOrNull(this.db, k))) return true;
+    this.seen!.add(digest);
+    return false;
+  }
+
+  private takeMeta(item: Extract<ScanItem, { kind: 'meta' }>): Wait {
     const rec = item.record;
+    let full = false;
     if (rec.type === REC_LEAF) {
       // Same digest, same bytes: a second copy overwrites the first with itself.
-      await this.out.put(leafKey(item.plainDigest), rec.leaf);
+      full = this.out.put(leafKey(item.plainDigest), rec.leaf);
       this.counts.leafRecords++;
     } else if (rec.type === REC_GENMAP) {
       this.gen(rec.id).hasMap = true;
-      await this.out.put(key(K_GENMAP, Buffer.from(rec.id, 'hex')), rec.top);
+      full = this.out.put(key(K_GENMAP, Buffer.from(rec.id, 'hex')), rec.top);
     } else if (rec.type === REC_GENERATION) {
       const g = this.gen(rec.generation.id, rec.generation);
       if (!g.record || (rec.generation.rev ?? 0) > (g.record.rev ?? 0)) {
@@ -316,6 +369,7 @@ export class PackModel {
       if (c.forgotten) g.forgotten = true;
       else if (!g.change || c.rev > g.change.rev) g.change = c;
     }
+    return full ? this.out.spill() : undefined;
   }
 
   private gen(id: string, named?: { name: string; created: string }): GenState {
@@ -340,10 +394,10 @@ export class PackModel {
       const rec = restorable(g);
       if (rec) {
         const same = rec === g.record && g.json;
-        await this.out.put(generationKey(rec), same ? g.json! : Buffer.from(JSON.stringify(rec)));
+        if (this.out.put(generationKey(rec), same ? g.json! : Buffer.from(JSON.stringify(rec)))) await this.out.spill();
         restored.push(rec);
       } else if (g.hasMap) {
-        await this.out.del(key(K_GENMAP, Buffer.from(g.id, 'hex')));
+        if (this.out.del(key(K_GENMAP, Buffer.from(g.id, 'hex')))) await this.out.spill();
       }
     }
     await this.out.flush();
@@ -372,7 +426,8 @@ export class PackModel {
       const fresh = [...new Map(refs.map((r) => [r.digest.toString('hex'), r])).entries()].filter(([hex]) => !leaves.has(hex));
       for (let i = 0; i < fresh.length; i += LEAF_LOOKUPS) {
         const part = fresh.slice(i, i + LEAF_LOOKUPS);
-        const found = await Promise.all(part.map(([, r]) => this.leafMissing(r)));
+        const raws = await this.db.getMany(part.map(([, r]) => leafKey(r.digest)));
+        const found = await Promise.all(part.map(([, r], k) => this.leafMissing(r, raws[k] ?? null)));
         part.forEach(([hex], k) => leaves.set(hex, found[k]!));
       }
       const miss = { leaves: 0, chunks: 0, bytes: 0 };
@@ -390,28 +445,24 @@ export class PackModel {
     return out;
   }
 
-  /** What of one leaf is in no pack: the whole leaf, or some of its chunks. */
-  private async leafMissing(ref: { digest: Buffer; bytes: number; chunks: number }): Promise<{ leaves: number; chunks: number; bytes: number }> {
-    const raw = await getOrNull(this.db, leafKey(ref.digest));
+  /** What of one leaf (`raw`, null: not in the model) is in no pack: the whole leaf, or some of its chunks. */
+  private async leafMissing(ref: { digest: Buffer; bytes: number; chunks: number }, raw: Buffer | null): Promise<{ leaves: number; chunks: number; bytes: number }> {
     if (!raw) return { leaves: 1, chunks: ref.chunks, bytes: ref.bytes };
-    const leaf = decodeLeaf(raw);
     const keys: Buffer[] = [];
     const lengths: number[] = [];
     let chunks = 0;
     let bytes = 0;
-    for (let i = 0; i < leaf.lengths.length; i++) {
-      if (leaf.zero[i]) continue;
-      const d = leaf.digests.subarray(i * 32, i * 32 + 32);
-      if (this.exact) {
-        if (!this.exact.has(d)) {
-          chunks++;
-          bytes += leaf.lengths[i]!;
-        }
-        continue;
+    const exact = this.exact;
+    walkLeaf(raw, (_i, length, kind, at) => {
+      if (kind === 0) return;
+      if (!exact) {
+        keys.push(chunkKey(raw.subarray(at, at + 32)));
+        lengths.push(length);
+      } else if (!exact.has(raw, at)) {
+        chunks++;
+        bytes += length;
       }
-      keys.push(chunkKey(d));
-      lengths.push(leaf.lengths[i]!);
-    }
+    });
     if (!keys.length) return { leaves: 0, chunks, bytes };
     const found = await this.db.getMany(keys);
     found.forEach((v, i) => {

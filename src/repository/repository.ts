@@ -6,7 +6,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { GenvaultError, REPAIR_HINT, describeFsError } from '../util/errors.js';
 import { Lru } from '../util/lru.js';
-import { ENCRYPTED_FORMAT_VERSION, RepoConfig, checkConfig, defaultConfig } from '../format/config.js';
+import { ENCRYPTED_FORMAT_VERSION, RepoConfig, defaultConfig } from '../format/config.js';
 import { MASTER_KEY_BYTES, keyCheck, type RepoKeys } from '../format/crypto.js';
 import { randomBytes } from 'node:crypto';
 import { addSlot, unlock, type Secret, type Unlocked } from './keys.js';
@@ -19,8 +19,9 @@ import { WorkerPool } from '../work/pool.js';
 import { LocalStore } from '../store/local.js';
 import type { Store } from '../store/store.js';
 import { applyUmask, repoModes, resolveGroup, setDirMode, tightenRepo } from './perms.js';
+import { CONFIG_FILE, readConfig } from './config-file.js';
 
-export const CONFIG_FILE = 'config.json';
+export { CONFIG_FILE };
 
 export class Repository {
   private poolInstance: WorkerPool | null = null;
@@ -90,26 +91,7 @@ export class Repository {
   }
 
   static async readConfig(dir: string): Promise<RepoConfig> {
-    const abs = path.resolve(dir);
-    const store = new LocalStore(abs);
-    const file = store.describe(CONFIG_FILE);
-    let text: string;
-    try {
-      text = (await store.get(CONFIG_FILE)).toString('utf8');
-    } catch (e) {
-      const code = (e as NodeJS.ErrnoException).code;
-      if (code === 'ENOENT' || code === 'ENOTDIR') {
-        throw new GenvaultError(`${abs}: not a genvault repository (no ${CONFIG_FILE}; create one with 'genvault init')`, 'NO_REPO');
-      }
-      throw describeFsError(e, file);
-    }
-    let raw: unknown;
-    try {
-      raw = JSON.parse(text);
-    } catch {
-      throw new GenvaultError(`${file}: corrupt repository config: not valid JSON`, 'BAD_CONFIG');
-    }
-    return checkConfig(raw, file);
+    return readConfig(dir);
   }
 
   /**

@@ -24,8 +24,9 @@ export class DigestSet {
     return this.n <= this.limit;
   }
 
-  has(d: Uint8Array): boolean {
-    return this.find(d) < 0;
+  /** Whether the digest at `at` in `d` is held. */
+  has(d: Uint8Array, at = 0): boolean {
+    return this.find(d, at) < 0;
   }
 
   /** Add `d`; false when it was there already. Past the limit it only counts. */
@@ -38,22 +39,40 @@ export class DigestSet {
       this.data.copy(bigger);
       this.data = bigger;
     }
-    this.data.set(d.subarray(0, 32), (this.n - 1) * 32);
+    const o = (this.n - 1) * 32;
+    for (let i = 0; i < 32; i++) this.data[o + i] = d[i]!;
     this.slots[at] = this.n;
     if (this.n * 2 > this.slots.length) this.grow();
     return true;
   }
 
-  /** The slot holding `d` as -(slot + 1), or the empty slot where it would go. */
-  private find(d: Uint8Array): number {
+  /** The slot holding the digest at `at` in `d` as -(slot + 1), or the empty slot where it would go. */
+  private find(d: Uint8Array, at = 0): number {
     const mask = this.slots.length - 1;
-    let s = (d[0]! | (d[1]! << 8) | (d[2]! << 16) | (d[3]! << 24)) & mask;
+    let s = (d[at]! | (d[at + 1]! << 8) | (d[at + 2]! << 16) | (d[at + 3]! << 24)) & mask;
     for (;;) {
       const v = this.slots[s]!;
       if (v === 0) return s;
-      if (this.data.compare(d, 0, 32, (v - 1) * 32, v * 32) === 0) return -(s + 1);
+      if (this.equalAt(d, at, (v - 1) * 32)) return -(s + 1);
       s = (s + 1) & mask;
     }
+  }
+
+  /**
+   * Whether the digest at `at` in `d` is the one at `o` here. Byte by byte in JavaScript:
+   * Buffer.compare is a call into C++ per probe, and was most of the set's time in a
+   * rebuild (performance.md).
+   */
+  private equalAt(d: Uint8Array, at: number, o: number): boolean {
+    const data = this.data;
+    for (let i = 0; i < 32; i++) if (data[o + i] !== d[at + i]) return false;
+    return true;
+  }
+
+  /** Every digest held, in the order added (views into the set's memory: copy what is kept). */
+  forEach(fn: (d: Buffer) => void): void {
+    const held = Math.min(this.n, this.limit);
+    for (let i = 0; i < held; i++) fn(this.data.subarray(i * 32, i * 32 + 32));
   }
 
   private grow(): void {
