@@ -55,8 +55,12 @@ export const T = {
   RECREAD: 14,
 } as const;
 
-/** Segments a backup client describes ahead of the server's answers (hides round trips). */
-export const WINDOW = 4;
+/**
+ * Segments a backup client describes ahead of the server's answers: a next-day backup needs
+ * almost nothing sent, and its pace is then set by round trips (8 were faster than 4, 16
+ * no faster than 8: native-notes/performance.md, "Remote repositories").
+ */
+export const WINDOW = 8;
 
 /** CHUNKS payload codings: disk images compress ~3:1, and the wire is the slow part. */
 export const CODING_RAW = 0;

@@ -43,6 +43,10 @@ const TAG_RE = /^[\x21-\x7e]{1,128}$/;
 /** Chunk ids of a namespace held in memory during its backup (~40 bytes each). */
 const NAMESPACE_SET_LIMIT = 4 << 20;
 
+/** A backup's frames queued before the server stops reading (SEGMENTs are small; CHUNKS up to a segment of records). */
+const QUEUED_SEGMENTS = 16;
+const QUEUED_CHUNKS = 4;
+
 /** Requests (CALL, READ) answered at once; the next frame waits beyond this. */
 const CONCURRENCY = 16;
 
@@ -442,8 +446,10 @@ export class ServeSession {
     const w = up.wake;
     up.wake = null;
     w?.();
-    // Backpressure: stop reading the client while the pipeline is behind.
-    while (this.upload === up && up.segments.length + up.chunks.length > 8) {
+    // Backpressure: stop reading the client while the pipeline is behind. Never while it
+    // waits for a CHUNKS frame: only SEGMENT frames can come before it, and a client
+    // describes at most WINDOW + 1 segments ahead of the CHUNKS it sends.
+    while (this.upload === up && (up.segments.length > QUEUED_SEGMENTS || up.chunks.length > QUEUED_CHUNKS)) {
       await new Promise<void>((r) => (up.wake = r));
     }
   }

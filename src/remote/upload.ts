@@ -100,7 +100,7 @@ function segmentFasts(desc: Described[], asked: number[], fast: Uint8Array): { f
 export type NextFrame = (type: typeof T.SEGMENT | typeof T.CHUNKS) => Promise<Frame | null>;
 
 /** Segments answered (NEED sent) ahead of the one the pipeline takes: the client streams without a pause per segment. */
-const AHEAD = 3;
+const AHEAD = 8;
 
 /** A segment described by the client and answered: its chunks, what the pipeline wants, what was asked for. */
 interface Answered {
