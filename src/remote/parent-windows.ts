@@ -71,6 +71,8 @@ export function decodeWindow(v: unknown, chunking: ChunkingParams): ParentWindow
 /** The server's side: one cursor over the parent of the image last asked about. */
 export class ParentWindows {
   private cur: { name: string; next: number; cursor: ParentCursor } | null = null;
+  /** Calls run one after the other, in the order they came (a client asks one batch ahead). */
+  private chain: Promise<unknown> = Promise.resolve();
 
   constructor(
     private readonly segment: number,
@@ -78,8 +80,15 @@ export class ParentWindows {
     private readonly parentOf: (name: string) => Promise<{ gen: Generation; map: ChunkMap } | null>,
   ) {}
 
-  async windows(name: string, from: number, count: number): Promise<{ windows: Array<EncodedWindow | null> | null }> {
+  windows(name: string, from: number, count: number): Promise<{ windows: Array<EncodedWindow | null> | null }> {
     if (count > WINDOW_BATCH * 4) throw new ProtocolError(`parent-windows: ${count} segments at once`);
+    const p = this.chain.then(() => this.walk(name, from, count));
+    this.chain = p.catch(() => undefined);
+    return p;
+  }
+
+  /** The cursor only moves forward: a call for earlier segments, or another image, starts a new one. */
+  private async walk(name: string, from: number, count: number): Promise<{ windows: Array<EncodedWindow | null> | null }> {
     if (!this.cur || this.cur.name !== name || from < this.cur.next) {
       const p = await this.parentOf(name);
       if (!p) return { windows: null };
