@@ -100,13 +100,17 @@ export class ChunkReuse {
     return seg;
   }
 
-  /** The segment [at, at + len) as chunks: reused, or read and hashed. */
+  /**
+   * The segment [at, at + len) as chunks: reused, or read and hashed. The regions that
+   * changes touch are read all at once (each read is a round trip to the source), then cut
+   * into chunks in order.
+   */
   private async segment(at: number, len: number, need: NeedFn): Promise<ChunkedSegment> {
     const changed = await this.hooks.changed(at, len);
-    const chunks: SegChunk[] = [];
+    const parts: Array<SegChunk | Promise<SegChunk[]>> = [];
     let region: [number, number] | null = null;
-    const flush = async () => {
-      if (region) chunks.push(...(await this.chunkRegion(region[0], region[1], at, changed)));
+    const flush = () => {
+      if (region) parts.push(this.chunkRegion(region[0], region[1], at, changed));
       region = null;
     };
     // The previous generation's chunks tile the segment when it was cut the same way; if
@@ -119,11 +123,12 @@ export class ChunkReuse {
         region = region ? [region[0], to] : [from, to];
         continue;
       }
-      await flush();
-      chunks.push(c);
+      flush();
+      parts.push(c);
       this.stats.parentBytes += c.length;
     }
-    await flush();
+    flush();
+    const chunks = (await Promise.all(parts)).flat();
     await this.deliver(at, chunks, need);
     return { offset: at, length: len, chunks: chunks.map(({ start, length, zero, digest, data, fast }) => ({ start, length, zero, digest, data, fast })) };
   }

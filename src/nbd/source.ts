@@ -14,7 +14,7 @@ import type { RepoKeys } from '../format/crypto.js';
 import { GenvaultError } from '../util/errors.js';
 import type { ChunkingParams } from '../format/config.js';
 import type { ChunkedSegment, ChunkedSource, NeedFn } from '../backup/chunked-source.js';
-import { ChunkReuse, sampleDiffers } from '../backup/reuse.js';
+import { ChunkReuse, sampleDiffers, type Run } from '../backup/reuse.js';
 import type { Generation } from '../format/generation.js';
 import type { Source } from '../backup/source.js';
 import { ChunkLoader, ImageReader } from '../read/reader.js';
@@ -45,7 +45,11 @@ export interface NbdReadStats {
   verifiedBytes: number;
 }
 
-type Piece = { from: number; to: number; kind: 'nbd' | 'zero' | 'parent' };
+/** How much of the dirty bitmap is asked for at once. */
+const PLAN_AHEAD = 64 << 20;
+
+/** nbd: read over NBD; around: clean bytes next to dirty ones, read over NBD too; zero; parent: from the previous generation. */
+type Piece = { from: number; to: number; kind: 'nbd' | 'around' | 'zero' | 'parent' };
 
 export class NbdSource implements Source {
   protected pos = 0;
@@ -138,7 +142,7 @@ export class NbdSource implements Source {
         this.stats.parentBytes += len;
         waits.push(this.fromParent(dst, p.from, len));
       } else {
-        if (this.dirtyContext) this.stats.dirtyBytes += len;
+        if (this.dirtyContext && p.kind === 'nbd') this.stats.dirtyBytes += len;
         for (let o = 0; o < len; o += READ_PIECE) waits.push(this.fromServer(dst.subarray(o), p.from + o, Math.min(READ_PIECE, len - o)));
       }
     }
@@ -201,22 +205,44 @@ export class NbdDirtySource extends NbdSource implements ChunkedSource {
   ) {
     super(description, client, parent, stats, bitmap, verify);
     this.reuse = new ChunkReuse(parent.map, chunking, version, keys, {
-      changed: async (at, len) => (await this.plan(at, len)).filter((p) => p.kind === 'nbd'),
+      changed: (at, len) => this.dirtyRuns(at, len),
+      // The clean bytes of a dirty chunk's neighbourhood are read over NBD as well: the
+      // previous generation's copies are mostly members of group records, and decoding a
+      // group for each cost far more than reading the bytes again (native-notes/
+      // performance.md, "NBD export and dirty-bitmap backups").
       readRegion: (dst, from, dirty) => {
         const pieces: Piece[] = [];
         let pos = from;
         for (const d of dirty) {
-          if (d.from > pos) pieces.push({ from: pos, to: d.from, kind: 'parent' });
+          if (d.from > pos) pieces.push({ from: pos, to: d.from, kind: 'around' });
           pieces.push({ from: d.from, to: d.to, kind: 'nbd' });
           pos = d.to;
         }
-        if (pos < from + dst.length) pieces.push({ from: pos, to: from + dst.length, kind: 'parent' });
+        if (pos < from + dst.length) pieces.push({ from: pos, to: from + dst.length, kind: 'around' });
         return this.fill(dst, from, pieces);
       },
       readUnchanged: (dst, offset) => this.fromServer(dst, offset, dst.length),
       stale: (where, how) => this.stale(where, how),
       readParent: (dst, offset) => parent.read(dst, offset, dst.length),
     }, stats, verify);
+  }
+
+  /** The last block status asked for, PLAN_AHEAD bytes from where it was asked. */
+  private planned: { from: number; to: number; pieces: Piece[] } | null = null;
+
+  /**
+   * The dirty runs of [at, at + len): the bitmap is asked PLAN_AHEAD bytes at a time, not
+   * once per segment (each ask is a round trip to the server).
+   */
+  private async dirtyRuns(at: number, len: number): Promise<Run[]> {
+    const end = at + len;
+    if (!this.planned || at < this.planned.from || end > this.planned.to) {
+      const to = Math.min(this.size, Math.max(end, at + PLAN_AHEAD));
+      this.planned = { from: at, to, pieces: await this.plan(at, to - at) };
+    }
+    return this.planned.pieces
+      .filter((p) => p.kind === 'nbd' && p.from < end && p.to > at)
+      .map((p) => ({ from: Math.max(p.from, at), to: Math.min(p.to, end) }));
   }
 
   async readSegment(need: NeedFn): Promise<ChunkedSegment | null> {
