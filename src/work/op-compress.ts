@@ -17,6 +17,15 @@ import { SEAL_OVERHEAD, recordAd, sealInto } from '../format/crypto.js';
 const cctx = new zstd.CCtx();
 /** A group's members gathered for compression. */
 let groupBuf = Buffer.allocUnsafe(0);
+/**
+ * Where a payload to be sealed is compressed: sealed from here straight into the output,
+ * a payload compressed into the output would have to be copied aside first (sealInto).
+ */
+let sealBuf = Buffer.allocUnsafe(0);
+function sealSource(bound: number): Buffer {
+  if (sealBuf.length < bound) sealBuf = Buffer.allocUnsafe(Math.max(bound, 1 << 20));
+  return sealBuf;
+}
 
 export function handleCompress(req: CompressRequest): Reply<CompressAnswer> {
   const keys = req.seal === false ? null : poolKeys;
@@ -56,13 +65,14 @@ export function handleCompress(req: CompressRequest): Reply<CompressAnswer> {
   const single = (i: number, tryZstd: boolean) => {
     const raw = rawOf(i);
     const payloadAt = at + RECORD_HEADER_SIZE;
-    const zlen = tryZstd ? cctx.compress(out.subarray(payloadAt), raw, req.level) : raw.length;
+    const zdst = keys ? sealSource(zstd.compressBound(raw.length)) : out.subarray(payloadAt);
+    const zlen = tryZstd ? cctx.compress(zdst, raw, req.level) : raw.length;
     const useZ = tryZstd && zlen < raw.length - (raw.length >>> 7);
-    if (!useZ) raw.copy(out, payloadAt);
     const comp = useZ ? COMP_ZSTD : COMP_RAW;
     let stored = useZ ? zlen : raw.length;
-    // Format 6: the payload sealed in place, bound to the header's compression, length and identity.
-    if (keys) stored = sealInto(keys, out.subarray(payloadAt, payloadAt + stored), recordAd(keys, 0, comp, raw.length, digestOf(i)), out, payloadAt);
+    // Format 6: the payload sealed into place, bound to the header's compression, length and identity.
+    if (keys) stored = sealInto(keys, useZ ? zdst.subarray(0, zlen) : raw, recordAd(keys, 0, comp, raw.length, digestOf(i)), out, payloadAt);
+    else if (!useZ) raw.copy(out, payloadAt);
     encodeRecordHeader(out, at, comp, raw.length, stored, digestOf(i));
     table.set([at, stored, comp, 0, 0], i * 5);
     at += RECORD_HEADER_SIZE + stored;
@@ -87,7 +97,8 @@ export function handleCompress(req: CompressRequest): Reply<CompressAnswer> {
       rawOf(k).copy(groupBuf, inner);
       inner += lenOf(k);
     }
-    const zlen = cctx.compress(out.subarray(payloadAt + tableLen), groupBuf.subarray(0, raw), req.level);
+    const zdst = keys ? sealSource(zstd.compressBound(raw)) : out.subarray(payloadAt + tableLen);
+    const zlen = cctx.compress(zdst, groupBuf.subarray(0, raw), req.level);
     if (zlen >= raw - (raw >>> 7)) {
       // The group does not compress: its members will not either; store them raw.
       for (let k = i; k < j; k++) single(k, false);
@@ -96,7 +107,7 @@ export function handleCompress(req: CompressRequest): Reply<CompressAnswer> {
     const tableDigest = createHash('sha256').update(out.subarray(payloadAt, payloadAt + tableLen)).digest();
     const frameAt = payloadAt + tableLen;
     // Format 6: the frame sealed, the member table (keyed identities, lengths) left plaintext.
-    const frameLen = keys ? sealInto(keys, out.subarray(frameAt, frameAt + zlen), recordAd(keys, 0, COMP_GROUP, raw, tableDigest), out, frameAt) : zlen;
+    const frameLen = keys ? sealInto(keys, zdst.subarray(0, zlen), recordAd(keys, 0, COMP_GROUP, raw, tableDigest), out, frameAt) : zlen;
     const stored = tableLen + frameLen;
     encodeRecordHeader(out, at, COMP_GROUP, raw, stored, tableDigest);
     inner = 0;
