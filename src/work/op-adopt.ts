@@ -13,20 +13,11 @@
  * unreferenced until gc repacks the pack.
  */
 import { createHash } from 'node:crypto';
-import {
-  COMP_GROUP,
-  COMP_RAW,
-  COMP_ZSTD,
-  GROUP_MAX_MEMBERS,
-  GROUP_MEMBER_SIZE,
-  RECORD_HEADER_SIZE,
-  decodeRecordHeader,
-  encodeRecordHeader,
-} from '../format/pack.js';
-import { recordAd, sealInto } from '../format/crypto.js';
+import { COMP_GROUP, COMP_RAW, COMP_ZSTD, GROUP_MAX_MEMBERS, GROUP_MEMBER_SIZE, RECORD_HEADER_SIZE, decodeRecordHeader } from '../format/pack.js';
 import type { AdoptAnswer, AdoptRequest, Reply } from './protocol.js';
 import { keys, fastOf, identityOf } from './keys.js';
 import { zstd } from './zstd.js';
+import { putRecord } from './record-out.js';
 
 const dctx = new zstd.DCtx();
 let scratch = Buffer.allocUnsafe(0);
@@ -75,8 +66,7 @@ export function handleAdopt(req: AdoptRequest): Reply<AdoptAnswer> {
       if (!identityOf(raw).equals(h.digest)) bad(`chunk ${k} does not match its identity`);
       fast?.set(fastOf(raw), k * 32);
       if (req.keep[k]) {
-        const stored = keys ? sealInto(keys, payload, recordAd(keys, 0, h.compression, h.rawLength, h.digest), out, o + RECORD_HEADER_SIZE) : payload.copy(out, o + RECORD_HEADER_SIZE);
-        encodeRecordHeader(out, o, h.compression, h.rawLength, stored, h.digest);
+        const stored = putRecord(out, o, h.compression, h.rawLength, h.digest, payload, keys);
         table.set([o, stored, h.compression, 0, 0], rows++ * 5);
         o += RECORD_HEADER_SIZE + stored;
       }
@@ -111,12 +101,7 @@ export function handleAdopt(req: AdoptRequest): Reply<AdoptAnswer> {
       keptHere ||= req.keep[k + m] === 1;
     }
     if (keptHere) {
-      const recAt = o + RECORD_HEADER_SIZE;
-      memberTable.copy(out, recAt);
-      const frame = payload.subarray(tableLen);
-      const frameLen = keys ? sealInto(keys, frame, recordAd(keys, 0, COMP_GROUP, h.rawLength, h.digest), out, recAt + tableLen) : frame.copy(out, recAt + tableLen);
-      const stored = tableLen + frameLen;
-      encodeRecordHeader(out, o, COMP_GROUP, h.rawLength, stored, h.digest);
+      const stored = putRecord(out, o, COMP_GROUP, h.rawLength, h.digest, payload.subarray(tableLen), keys, memberTable);
       for (let m = 0, inner = 0; m < members; m++) {
         if (req.keep[k + m]) table.set([o, stored, COMP_GROUP, inner, h.rawLength], rows++ * 5);
         inner += req.lengths[k + m]!;

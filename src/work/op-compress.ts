@@ -7,12 +7,12 @@ import {
   GROUP_MAX_MEMBERS,
   GROUP_MEMBER_SIZE,
   RECORD_HEADER_SIZE,
-  encodeRecordHeader,
 } from '../format/pack.js';
 import type { CompressAnswer, CompressRequest, Reply } from './protocol.js';
 import { zstd } from './zstd.js';
 import { keys as poolKeys } from './keys.js';
-import { SEAL_OVERHEAD, recordAd, sealInto } from '../format/crypto.js';
+import { SEAL_OVERHEAD } from '../format/crypto.js';
+import { putRecord } from './record-out.js';
 
 const cctx = new zstd.CCtx();
 /** A group's members gathered for compression. */
@@ -69,11 +69,7 @@ export function handleCompress(req: CompressRequest): Reply<CompressAnswer> {
     const zlen = tryZstd ? cctx.compress(zdst, raw, req.level) : raw.length;
     const useZ = tryZstd && zlen < raw.length - (raw.length >>> 7);
     const comp = useZ ? COMP_ZSTD : COMP_RAW;
-    let stored = useZ ? zlen : raw.length;
-    // Format 6: the payload sealed into place, bound to the header's compression, length and identity.
-    if (keys) stored = sealInto(keys, useZ ? zdst.subarray(0, zlen) : raw, recordAd(keys, 0, comp, raw.length, digestOf(i)), out, payloadAt);
-    else if (!useZ) raw.copy(out, payloadAt);
-    encodeRecordHeader(out, at, comp, raw.length, stored, digestOf(i));
+    const stored = putRecord(out, at, comp, raw.length, digestOf(i), useZ ? zdst.subarray(0, zlen) : raw, keys);
     table.set([at, stored, comp, 0, 0], i * 5);
     at += RECORD_HEADER_SIZE + stored;
   };
@@ -105,11 +101,8 @@ export function handleCompress(req: CompressRequest): Reply<CompressAnswer> {
       continue;
     }
     const tableDigest = createHash('sha256').update(out.subarray(payloadAt, payloadAt + tableLen)).digest();
-    const frameAt = payloadAt + tableLen;
     // Format 6: the frame sealed, the member table (keyed identities, lengths) left plaintext.
-    const frameLen = keys ? sealInto(keys, zdst.subarray(0, zlen), recordAd(keys, 0, COMP_GROUP, raw, tableDigest), out, frameAt) : zlen;
-    const stored = tableLen + frameLen;
-    encodeRecordHeader(out, at, COMP_GROUP, raw, stored, tableDigest);
+    const stored = putRecord(out, at, COMP_GROUP, raw, tableDigest, zdst.subarray(0, zlen), keys, out.subarray(payloadAt, payloadAt + tableLen));
     inner = 0;
     for (let k = i; k < j; k++) {
       table.set([at, stored, COMP_GROUP, inner, raw], k * 5);
