@@ -66,7 +66,7 @@ export class PackSink {
    */
   async store(seg: Segment, table: Int32Array, entryDigest: Array<Buffer | null>, newIdx: number[]): Promise<void> {
     const { run } = this;
-    const { stats, cfg, pool, group } = run;
+    const { cfg, pool, group } = run;
     if (newIdx.length) {
       const spans = new Int32Array(newIdx.length * 2);
       const ds = new Uint8Array(newIdx.length * 32);
@@ -77,9 +77,7 @@ export class PackSink {
         ds.set(entryDigest[i]!, k * 32);
         const s = entryDigest[i]!.toString('binary');
         names.push(s);
-        this.inflight.add(s);
-        stats.newChunks++;
-        stats.newBytes += table[i * 3 + 1]!;
+        this.taking(s, table[i * 3 + 1]!);
       });
       const buf = seg.buf;
       const rawLengths = newIdx.map((i) => table[i * 3 + 1]!);
@@ -108,19 +106,21 @@ export class PackSink {
    * they go to the pack as they are. The records hold exactly the digests of `newIdx`.
    */
   storeRecords(seg: Segment, entryDigest: Array<Buffer | null>, newIdx: number[], records: AdoptedRecords): void {
-    const { stats } = this.run;
     this.segBufs.release(seg.buf);
     const want = new Set(newIdx.map((i) => entryDigest[i]!.toString('binary')));
     if (want.size !== records.names.length || !records.names.every((d) => want.has(d))) {
       records.release();
       throw new GenvaultError(`a segment's records hold ${records.names.length} chunks, not the ${want.size} it stores`, 'INTERNAL');
     }
-    records.names.forEach((d, i) => {
-      this.inflight.add(d);
-      stats.newChunks++;
-      stats.newBytes += records.rawLengths[i]!;
-    });
+    records.names.forEach((d, i) => this.taking(d, records.rawLengths[i]!));
     this.append(records, records.names, records.rawLengths, () => records.release());
+  }
+
+  /** A new chunk on its way to a pack: counted, and known as this run's until its entry is committed. */
+  private taking(digest: string, rawLength: number): void {
+    this.inflight.add(digest);
+    this.run.stats.newChunks++;
+    this.run.stats.newBytes += rawLength;
   }
 
   /** Waits for every compression and append (their failure is in run.failure). */
