@@ -173,10 +173,15 @@ export class RemoteRepository {
   }
 
   /** Writes a frame; resolves when the channel takes more (flow control), after the rate limit. */
-  private async send(type: number, id: number, payload: Buffer): Promise<void> {
+  /** Before a frame of `len` payload bytes is written: a failed session refuses it, the rate limit waits. */
+  private async admit(len: number): Promise<void> {
     if (this.failure) throw this.failure;
-    this.traffic.sent += payload.length + 9;
-    if (this.limiter) await this.limiter.take(payload.length + 9);
+    this.traffic.sent += len + 9;
+    if (this.limiter) await this.limiter.take(len + 9);
+  }
+
+  private async send(type: number, id: number, payload: Buffer): Promise<void> {
+    await this.admit(payload.length);
     // Large payloads follow their header without a copy; both are written whatever the first write says.
     let ok: boolean;
     if (payload.length > 1 << 16) {
@@ -253,7 +258,6 @@ export class RemoteRepository {
     return f.payload.subarray(1);
   }
 
-  /** The identity of a chunk as the repository computes it (keyed when encrypted). */
   /**
    * What a writer chunks and identifies with: the identity key and chunker seed the server
    * gave (encrypted), or nothing (SHA-256, unseeded).
@@ -283,10 +287,8 @@ export class RemoteRepository {
    * once the connection has taken it, after which the caller may reuse `body`'s memory.
    */
   async sendBorrowed(type: number, id: number, head: Buffer, body: Buffer): Promise<void> {
-    if (this.failure) throw this.failure;
     const len = head.length + body.length;
-    this.traffic.sent += len + 9;
-    if (this.limiter) await this.limiter.take(len + 9);
+    await this.admit(len);
     this.ch.write(Buffer.concat([frameHeader(type, id, len), head]));
     const taken = new Promise<void>((resolve, reject) => this.ch.write(body, (e?: Error | null) => (e ? reject(e) : resolve())));
     await Promise.race([taken, this.failed]);
