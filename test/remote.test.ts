@@ -390,6 +390,9 @@ process.stdin.on('end', () => process.exit(0));
       ['no chunking', { chunking: null }],
       ['identity key', { encrypted: true, identity: { key: 'zz', seed: [1, 2] } }],
       ['chunker seed', { encrypted: true, identity: { key: 'ab'.repeat(32), seed: ['x', 2] } }],
+      ['change detection key', { encrypted: true, identity: { key: 'ab'.repeat(32), seed: [1, 2], fast: 'not hex' } }],
+      ['compression level', { records: { level: 99, group: 0 } }],
+      ['group size', { records: { level: 2, group: 2 ** 40 } }],
     ];
     const img = await image('h.img', 51, 5);
     for (const [what, w] of cases) {
@@ -434,6 +437,22 @@ describe('protocol abuse', () => {
       expect(r.stderr, what).toMatch(re);
       expect(r.stderr, what).toMatch(/^genvault: protocol error: /);
     }
+  }, 60_000);
+
+  it('parent-windows asked for too much, out of range or outside the namespace is refused in one line', async () => {
+    const call = (args: object) => frame(3, 1, Buffer.from(JSON.stringify({ op: 'parent-windows', ...args })));
+    const cases: Array<[string, object, RegExp]> = [
+      ['too many segments', { name: 'vm1', from: 0, count: 100000 }, /protocol error: parent-windows: 100000 segments at once/],
+      ['negative start', { name: 'vm1', from: -1, count: 1 }, /protocol error: parent-windows: "from" must be a non-negative integer/],
+      ['another namespace', { name: 'other:vm1', from: 0, count: 1 }, /invalid image name/],
+    ];
+    for (const [what, args, re] of cases) {
+      const r = await serveRaw(Buffer.concat([hello, call(args)]), ['--namespace', 'kvm1', '--permissions', 'append']);
+      expect(r.stdout.toString('latin1') + r.stderr, what).toMatch(re);
+    }
+    // A read key gets none at all.
+    const ro = await serveRaw(Buffer.concat([hello, call({ name: 'vm1', from: 0, count: 1 })]), ['--namespace', 'kvm1', '--permissions', 'read']);
+    expect(ro.stdout.toString('latin1')).toMatch(/parent-windows needs append access/);
   }, 60_000);
 
   it('a backup segment that lies about its chunks is refused and commits nothing', async () => {
