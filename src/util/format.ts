@@ -1,15 +1,11 @@
 /** Human-readable figures, and sizes as people write them. */
-import { UsageError } from './errors.js';
-
-/**
- * Bytes from a size as written on a command line: 4096, 512M, 10G, 1.5T, 256MiB (binary
- * units, K to T); a usage error (exit 2) otherwise, naming `what` when given.
- */
-export function parseSize(s: string, what?: string): number {
+/** Bytes from a size as written: 4096, 512M, 10G, 1.5T, 256MiB (binary units, K to T); null if it is not one. */
+export function tryParseSize(s: string): number | null {
   const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?$/i.exec(s.trim());
-  if (!m) throw new UsageError(`${what ? `${what}: ` : ''}invalid size ${JSON.stringify(s)} (e.g. 256M, 1G)`);
+  if (!m) return null;
   const mul = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
-  return Math.round(Number(m[1]) * mul);
+  const n = Math.round(Number(m[1]) * mul);
+  return Number.isSafeInteger(n) ? n : null;
 }
 
 /** A file mode's permission bits as `ls`-style octal with four digits: 0640, 2750. */
