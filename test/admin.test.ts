@@ -52,6 +52,42 @@ describe('rough edges', () => {
     expect(st.stderr).toBe('');
   });
 
+  it('option values are parsed by commander: a bad one is one line naming the option, the value and a good one, exit 2', async () => {
+    const bad = (opt: string, value: string, expected: string) =>
+      new RegExp(`^genvault: option '${opt}' argument '${value}' is invalid\\. ${expected}.* \\(see: genvault \\w+ --help\\)$`);
+    const cases: Array<[string[], RegExp]> = [
+      [['backup', img, '-n', 'x', '--max-size', '10Q'], bad('--max-size <size>', '10Q', 'Expected a size such as 4096, 512M')],
+      [['mount', s.path('m'), '--cache-size', 'lots'], bad('--cache-size <size>', 'lots', 'Expected a size such as')],
+      [['backup', img, '-n', 'x', '--limit-rate', 'fast'], bad('--limit-rate <rate>', 'fast', 'Expected bytes per second such as 512K or 20M')],
+      [['sync', repo, s.path('dst'), '--limit-rate', '-1'], bad('--limit-rate <rate>', '-1', 'Expected bytes per second')],
+      [['prune', '--keep-last', '1', '--min-age', '1y'], bad('--min-age <duration>', '1y', 'Expected a duration such as 0, 90m, 36h, 7d, 2w or 1d12h')],
+      [['verify', '--sample', '101'], bad('--sample <percent>', '101', 'Expected a percentage above 0 and at most 100')],
+      [['gc', '--repack-threshold', '5x'], bad('--repack-threshold <percent>', '5x', 'Expected a percentage from 0 to 100')],
+      [['prune', '--keep-daily', '7.5'], bad('--keep-daily <n>', '7\\.5', 'Expected a whole number >= 0, such as 7')],
+      [['backup', img, '-n', 'x', '--ssh-mode', 'fast'], bad('--ssh-mode <mode>', 'fast', 'Allowed choices are auto, agent, plain')],
+      [['init', '--encryption', 'rot13'], bad('--encryption <mode>', 'rot13', 'Allowed choices are aes-256-gcm, none')],
+      [['init', '--group', '-x'], bad('--group <group>', '-x', 'Expected a group name')],
+    ];
+    for (const [args, re] of cases) {
+      const r = await gv(repo, args);
+      expect(r.code, args.join(' ')).toBe(2);
+      expect(r.stdout, args.join(' ')).toBe('');
+      expect(r.stderr.trimEnd().split('\n'), args.join(' ')).toHaveLength(1);
+      expect(oneLine(r.stderr), args.join(' ')).toMatch(re);
+    }
+    // Refused before the action: nothing was backed up.
+    expect(JSON.parse((await gvOk(repo, ['list', '--json'])).toString()).some((g: { name: string }) => g.name === 'x')).toBe(false);
+    // Good values still parse: percent with %, a size with a binary suffix, a sum of durations.
+    const ok = await gv(repo, ['prune', 'vm1', '--keep-last', '1', '--min-age', '1d12h', '--dry-run', '--json']);
+    expect(ok.code, ok.stderr).toBe(0);
+    expect(JSON.parse(ok.stdout).minAge).toBe('1d12h');
+    // status: the same line as UNKNOWN on stdout, exit 3 (monitoring plugins).
+    const st = await gv(repo, ['status', '--now', 'tomorrow']);
+    expect(st.code).toBe(3);
+    expect(st.stdout).toMatch(/^UNKNOWN: option '--now <time>' argument 'tomorrow' is invalid\. Expected an ISO date or time such as 2026-05-01/);
+    expect(st.stderr).toBe('');
+  });
+
   it('genvault version, --version and version --json', async () => {
     const pkg = JSON.parse(await fs.readFile(new URL('../package.json', import.meta.url), 'utf8'));
     const v = await gv(null, ['version']);

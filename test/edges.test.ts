@@ -74,7 +74,8 @@ describe('exit codes', () => {
 
     const badNow = await gv(repo, ['status', '--now', 'soon']);
     expect(badNow.code).toBe(3);
-    expect(badNow.stdout.split('\n')[0]).toBe('UNKNOWN: --now: "soon" is not an ISO date or time');
+    expect(badNow.stdout.split('\n')[0]).toBe("UNKNOWN: option '--now <time>' argument 'soon' is invalid. Expected an ISO date or time such as 2026-05-01 or 2026-05-01T06:00:00Z.");
+    expect(badNow.stderr).toBe('');
     const badOpt = await gv(repo, ['status', '--bogus']);
     expect(badOpt.code).toBe(3);
     expect(badOpt.stdout.split('\n')[0]).toMatch(/^UNKNOWN: unknown option '--bogus'/);
@@ -135,7 +136,7 @@ describe('--max-size', () => {
     expect(oneLine(refused.stderr)).toBe('genvault: /dev/zero: a character device has no size; give --max-size');
     const bad = await gv(r, ['backup', '/dev/zero', '--name', 'z', '--max-size', 'lots']);
     expect(bad.code).toBe(2);
-    expect(oneLine(bad.stderr)).toMatch(/--max-size: invalid size "lots"/);
+    expect(oneLine(bad.stderr)).toMatch(/^genvault: option '--max-size <size>' argument 'lots' is invalid\. Expected a size such as .*512M/);
 
     const zero = await gv(r, ['backup', '/dev/zero', '--name', 'z', '--max-size', '8M']);
     expect(zero.code).toBe(1);

@@ -589,7 +589,7 @@ describe('gc', () => {
     const repo = await newRepo('repo-opts');
     let r = await gv(repo, ['gc', '--repack-threshold', '150']);
     expect(r.code).toBe(2);
-    expect(oneLine(r.stderr)).toMatch(/--repack-threshold: expected a percentage from 0 to 100/);
+    expect(oneLine(r.stderr)).toMatch(/option '--repack-threshold <percent>' argument '150' is invalid\. Expected a percentage from 0 to 100/);
     r = await gv(repo, ['gc', '--repack-threshold', 'lots']);
     expect(r.code).toBe(2);
     // A gc.json of a process that is gone does not block.

@@ -607,7 +607,7 @@ describe('command line', () => {
       [['nbd', 'vm1', '--socket', s.path('x'.repeat(120))], 2, /longer than 107 bytes/],
       [['backup', src.gen0, '-n', 'vm1', '--bitmap', 'b0'], 2, /--bitmap needs an nbd/],
       [['backup', 'nbd://127.0.0.1:1/', '-n', 'vm1', '--verify-hints', '5'], 2, /--verify-hints needs --bitmap/],
-      [['backup', 'nbd://127.0.0.1:1/', '-n', 'vm1', '--bitmap', 'b', '--verify-hints', '0'], 2, /expected a percentage/],
+      [['backup', 'nbd://127.0.0.1:1/', '-n', 'vm1', '--bitmap', 'b', '--verify-hints', '0'], 2, /'--verify-hints <percent>' argument '0' is invalid\. Expected a percentage/],
       [['backup', 'nbd+unix:///?socket=' + s.path('none.sock'), '-n', 'vm1'], 1, /cannot connect to nbd\+unix/],
       [['backup', src.gen0, '--from-nbd-overlay', '-n', 'vm1'], 1, /not a genvault NBD overlay/],
       [['nbd', 'vm1', '--socket', src.gen0], 1, /cannot listen on .*: a file that is not a socket is there/],

@@ -331,7 +331,7 @@ describe('protect, forget and prune', () => {
     expect(oneLine(usage.stderr)).toMatch(/no keep rule given/);
     const badAge = await gv(repo, ['prune', '--keep-last', '1', '--min-age', 'soon']);
     expect(badAge.code).toBe(2);
-    expect(oneLine(badAge.stderr)).toMatch(/--min-age: "soon" is not a duration/);
+    expect(oneLine(badAge.stderr)).toMatch(/option '--min-age <duration>' argument 'soon' is invalid\. Expected a duration such as 0, 90m/);
 
     const rules = ['--keep-last', '1', '--keep-tag', 'release', '--min-age', '0'];
     const dry = JSON.parse(await gvOk(repo, ['prune', ...rules, '--dry-run', '--json']));

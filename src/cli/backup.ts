@@ -1,8 +1,8 @@
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import * as backupModule from '../backup/backup.js';
 import { openLocalSource } from '../source/local.js';
 import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
-import { openRemoteSource, parseSshMode } from '../source/ssh-agent.js';
+import { SSH_MODES, openRemoteSource, type SshMode } from '../source/ssh-agent.js';
 import { isChunkedSource } from '../backup/chunked-source.js';
 import type { Source } from '../backup/source.js';
 import type { Repository } from '../repository/repository.js';
@@ -17,7 +17,8 @@ const { backup } = backupModule;
  * network); until it does, `--ssh-mode auto` streams with cat.
  */
 const chunkedBackup = (backupModule as Record<string, unknown>).SUPPORTS_CHUNKED_SOURCES === true;
-import { bytes, duration, parseSize, rate } from '../util/format.js';
+import { bytes, duration, rate } from '../util/format.js';
+import { percentArg, rateArg, sizeArg } from './options.js';
 import { Progress } from '../util/progress.js';
 import { action, collect, holdingSignals, onInterrupt, printJson, wantsJson, withWritableRepo } from './common.js';
 import { remoteRepo, withRemote } from './remote.js';
@@ -32,14 +33,14 @@ interface BackupCliOptions {
   sshConfig?: string;
   sshCommand?: string;
   acceptNewHostKey?: boolean;
-  sshMode: string;
-  maxSize?: string;
+  sshMode: SshMode;
+  maxSize?: number;
   bitmap?: string;
-  verifyHints?: string;
+  verifyHints?: number;
   fromNbdOverlay?: boolean;
   thinDelta?: string;
   thinMetadataSnap?: boolean;
-  limitRate?: string;
+  limitRate?: number;
 }
 
 /** The source named on the command line: NBD (with a dirty bitmap), an NBD overlay, SSH, or local. */
@@ -47,17 +48,17 @@ async function openSource(repo: Repository, src: string, opts: BackupCliOptions,
   if (opts.fromNbdOverlay) return OverlaySource.open(repo, src);
   if (opts.thinDelta !== undefined) {
     const spec = parseThinDelta(opts.thinDelta, opts.thinMetadataSnap === true);
-    const s = await ThinHintedSource.open(repo, src, spec, { name: opts.name, verifyPercent: parsePercent(opts.verifyHints) });
+    const s = await ThinHintedSource.open(repo, src, spec, { name: opts.name, verifyPercent: opts.verifyHints });
     if (s.stats.fullReason) process.stderr.write(`genvault backup: reading the whole disk: ${s.stats.fullReason}\n`);
     return s;
   }
   if (isNbdUri(src)) {
-    const s = await NbdSource.open(repo, src, { name: opts.name, bitmap: opts.bitmap, verifyPercent: parsePercent(opts.verifyHints) });
+    const s = await NbdSource.open(repo, src, { name: opts.name, bitmap: opts.bitmap, verifyPercent: opts.verifyHints });
     if (s.stats.fullReason) process.stderr.write(`genvault backup: reading the whole disk: ${s.stats.fullReason}\n`);
     return s;
   }
   if (isSshSpec(src)) {
-    const mode = parseSshMode(opts.sshMode);
+    const mode = opts.sshMode;
     return openRemoteSource(src, {
       identity: opts.identity,
       knownHosts: opts.knownHosts,
@@ -69,13 +70,6 @@ async function openSource(repo: Repository, src: string, opts: BackupCliOptions,
     });
   }
   return openLocalSource(src, { maxSize });
-}
-
-function parsePercent(v: string | undefined): number | undefined {
-  if (v === undefined) return undefined;
-  const n = Number(v.replace(/%$/, ''));
-  if (!(n > 0 && n <= 100)) throw new UsageError(`--verify-hints ${JSON.stringify(v)}: expected a percentage above 0, at most 100`);
-  return n;
 }
 
 /** The generation as --json prints it: with what an NBD, overlay or thin-hinted source read. */
@@ -116,18 +110,18 @@ export function register(program: Command): void {
     .option('--accept-new-host-key', 'ssh:// sources: trust and record the key of a host not yet known (never a changed key)')
     .option('--ssh-config <file>', 'ssh:// sources: OpenSSH config file read instead of ~/.ssh/config and /etc/ssh/ssh_config, or none (default: $GENVAULT_SSH_CONFIG)')
     .option('--ssh-command <cmd>', 'ssh:// sources: run this OpenSSH client (e.g. ssh, or "ssh -F FILE") instead of the built-in one')
-    .option(
-      '--ssh-mode <mode>',
-      'ssh:// sources: agent (chunk remotely with python3, send only missing chunks), plain (cat), or auto',
-      'auto',
+    .addOption(
+      new Option('--ssh-mode <mode>', 'ssh:// sources: agent (chunk remotely with python3, send only missing chunks), plain (cat), or auto')
+        .choices(SSH_MODES)
+        .default('auto'),
     )
-    .option('--max-size <size>', 'fail, committing nothing, if the source is or yields more than SIZE (e.g. 512M, 10G, 1T); needed for a character device')
+    .addOption(new Option('--max-size <size>', 'fail, committing nothing, if the source is or yields more than SIZE (e.g. 512M, 10G, 1T); needed for a character device').argParser(sizeArg))
     .option('--bitmap <name>', 'nbd:// sources: read only what the QEMU dirty bitmap NAME marks, the rest from the previous generation')
     .option('--thin-delta <metadata:from:to>', 'LVM thin: read only what thin_delta says differs between thin devices FROM and TO (the source is TO), the rest from the previous generation')
     .option('--thin-metadata-snap', 'with --thin-delta: read the pool\'s reserved metadata snapshot (thin_delta -m), as a live pool needs')
-    .option('--verify-hints <percent>', 'with --bitmap or --thin-delta: also read PERCENT of the unchanged blocks and fail if any differs from the previous generation')
+    .addOption(new Option('--verify-hints <percent>', 'with --bitmap or --thin-delta: also read PERCENT of the unchanged blocks and fail if any differs from the previous generation').argParser(percentArg()))
     .option('--from-nbd-overlay', 'the source is the overlay file of a `genvault nbd --writable` export: its generation with the writes')
-    .option('--limit-rate <rate>', 'ssh:// repositories: send at most RATE bytes per second (e.g. 20M)')
+    .addOption(new Option('--limit-rate <rate>', 'ssh:// repositories: send at most RATE bytes per second (e.g. 20M)').argParser(rateArg))
     .option('--json', 'print the new generation as JSON')
     .addHelpText(
       'after',
@@ -144,21 +138,19 @@ export function register(program: Command): void {
     .action(
       action(async (src: string, opts: BackupCliOptions, cmd: Command) => {
         const ssh = isSshSpec(src);
-        parseSshMode(opts.sshMode);
-        const maxSize = opts.maxSize === undefined ? undefined : parseSize(opts.maxSize, '--max-size');
+        const maxSize = opts.maxSize;
         if (opts.bitmap !== undefined && !isNbdUri(src)) throw new UsageError('--bitmap needs an nbd:// or nbd+unix:// source');
         if (opts.verifyHints !== undefined && opts.bitmap === undefined && opts.thinDelta === undefined) throw new UsageError('--verify-hints needs --bitmap or --thin-delta');
         if (opts.thinDelta !== undefined && (isNbdUri(src) || ssh || src === '-' || opts.fromNbdOverlay)) throw new UsageError('--thin-delta needs the newer thin snapshot (a block device or image file here) as the source');
         if (opts.thinDelta !== undefined) parseThinDelta(opts.thinDelta);
         if (opts.thinMetadataSnap && opts.thinDelta === undefined) throw new UsageError('--thin-metadata-snap needs --thin-delta');
-        parsePercent(opts.verifyHints);
         if (opts.fromNbdOverlay && (isNbdUri(src) || ssh || src === '-')) throw new UsageError('--from-nbd-overlay needs the overlay file as the source');
         if (ssh && !opts.sshCommand) warnIfNoNativeCrypto();
         if (remoteRepo(cmd)) return backupRemote(src, opts, maxSize, cmd);
         if (opts.limitRate !== undefined) throw new UsageError('--limit-rate applies to ssh:// repositories');
         await withWritableRepo(cmd, async (repo) => {
           // The remote agent hashes without the repository's key (FORMAT.md, version 6): plain for an encrypted one.
-          if (ssh && parseSshMode(opts.sshMode) === 'agent' && repo.keys) throw new UsageError('--ssh-mode agent: the remote agent cannot hash chunks for an encrypted repository; use plain or auto');
+          if (ssh && opts.sshMode === 'agent' && repo.keys) throw new UsageError('--ssh-mode agent: the remote agent cannot hash chunks for an encrypted repository; use plain or auto');
           const source = await openSource(repo, src, opts, maxSize);
           const progress = new Progress(`backup ${opts.name}`);
           // A signal ends the backup at once: what it wrote is trimmed by the next writer
@@ -213,7 +205,7 @@ async function backupRemote(src: string, opts: BackupCliOptions, maxSize: number
   if (opts.bitmap !== undefined || opts.thinDelta !== undefined || opts.fromNbdOverlay || isNbdUri(src)) {
     throw new UsageError('NBD, overlay and --thin-delta sources need a local repository (run the backup on the repository\'s host)');
   }
-  const limitRate = opts.limitRate === undefined ? undefined : parseSize(opts.limitRate, '--limit-rate');
+  const limitRate = opts.limitRate;
   await withRemote(
     cmd,
     async (remote) => {

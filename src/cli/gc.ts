@@ -1,15 +1,8 @@
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import { GcResult, gc } from '../lifecycle/gc.js';
-import { UsageError } from '../util/errors.js';
 import { bytes, duration } from '../util/format.js';
 import { action, printJson, wantsJson, withWritableRepo } from './common.js';
-
-function percent(v: string): number {
-  if (!/^\d+(\.\d+)?$/.test(v) || Number(v) > 100) {
-    throw new UsageError(`--repack-threshold: expected a percentage from 0 to 100, not ${JSON.stringify(v)}`);
-  }
-  return Number(v);
-}
+import { percentArg } from './options.js';
 
 /** One status line on stderr, on a terminal only, redrawn at most 5 times a second. */
 class StatusLine {
@@ -81,7 +74,11 @@ export function register(program: Command): void {
     .command('gc')
     .description('reclaim the space of chunks and map leaves no generation uses; rewrite packs that are mostly unused')
     .option('-n, --dry-run', 'only report what would be removed and how much space that frees')
-    .option('--repack-threshold <percent>', 'rewrite packs whose live data is under this percentage (0 never rewrites; 100 rewrites any pack with unused data)', '50')
+    .addOption(
+      new Option('--repack-threshold <percent>', 'rewrite packs whose live data is under this percentage (0 never rewrites; 100 rewrites any pack with unused data)')
+        .argParser(percentArg(true))
+        .default(50),
+    )
     .option('--json', 'print the result as JSON')
     .addHelpText(
       'after',
@@ -94,8 +91,8 @@ export function register(program: Command): void {
         '  genvault gc --repack-threshold 80 --json',
     )
     .action(
-      action(async (o: { dryRun?: boolean; repackThreshold: string }, cmd: Command) => {
-        const repackThreshold = percent(o.repackThreshold);
+      action(async (o: { dryRun?: boolean; repackThreshold: number }, cmd: Command) => {
+        const repackThreshold = o.repackThreshold;
         const status = new StatusLine();
         await withWritableRepo(cmd, async (repo) => {
           let r: GcResult;

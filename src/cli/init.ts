@@ -1,9 +1,10 @@
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import { Repository } from '../repository/repository.js';
-import { GROUP_NAME_RE, PLAIN_FORMAT_VERSION, type RepoConfig } from '../format/config.js';
+import { PLAIN_FORMAT_VERSION, type RepoConfig } from '../format/config.js';
 import { UsageError } from '../util/errors.js';
 import { currentSecret, readSecretFile, unlock, type Secret } from '../repository/keys.js';
 import { action, printJson, localRepoPath, wantsJson } from './common.js';
+import { groupArg } from './options.js';
 
 interface InitFlags {
   group?: string;
@@ -49,8 +50,12 @@ export function register(program: Command): void {
   program
     .command('init')
     .description('create a new, empty repository in the directory given by -r/GENVAULT_REPO')
-    .option('--group <group>', 'let this group read the repository (directories 2750, files 0640); default: owner only (0700, 0600)')
-    .option('--encryption <mode>', 'aes-256-gcm (the key from --key-file, $GENVAULT_PASSWORD_FILE or a prompt), or none', 'aes-256-gcm')
+    .addOption(new Option('--group <group>', 'let this group read the repository (directories 2750, files 0640); default: owner only (0700, 0600)').argParser(groupArg))
+    .addOption(
+      new Option('--encryption <mode>', 'aes-256-gcm (the key from --key-file, $GENVAULT_PASSWORD_FILE or a prompt), or none')
+        .choices(['aes-256-gcm', 'none'])
+        .default('aes-256-gcm'),
+    )
     .option('--like <repo>', 'made like REPO for `genvault sync`: its chunking, compression and format, and, encrypted, its id and master key (opened with --key-file, $GENVAULT_PASSWORD_FILE or a prompt)')
     .option('--new-password-file <file>', 'with --like an encrypted REPO: the new repository\'s key slot takes this passphrase (default: the secret that opened REPO)')
     .option('--new-key-file <file>', 'with --like an encrypted REPO: the new repository\'s key slot takes this key file')
@@ -58,8 +63,6 @@ export function register(program: Command): void {
     .action(
       action(async (opts: InitFlags, cmd: Command) => {
         const dir = localRepoPath(cmd);
-        if (opts.group !== undefined && !GROUP_NAME_RE.test(opts.group)) throw new UsageError(`--group: invalid group name ${JSON.stringify(opts.group)}`);
-        if (opts.encryption !== undefined && opts.encryption !== 'none' && opts.encryption !== 'aes-256-gcm') throw new UsageError(`--encryption must be aes-256-gcm or none, not "${opts.encryption}"`);
         // --like takes the encryption of the repository it names; an --encryption given as well must agree.
         const givenEncryption = cmd.getOptionValueSource('encryption') === 'cli' ? opts.encryption : undefined;
         if ((opts.newPasswordFile || opts.newKeyFile) && opts.like === undefined) throw new UsageError('--new-password-file and --new-key-file go with --like (for another repository\'s key slots: genvault key add)');

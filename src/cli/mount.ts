@@ -13,7 +13,7 @@ import { remoteMountBackend } from '../remote/mount-backend.js';
 import { ensureRunDir, openLogFile, readRunFile, writeRunFile } from '../util/rundir.js';
 import { action, repoPath } from './common.js';
 import { remoteOptions, remoteRepo } from './remote.js';
-import { parseSize } from '../util/format.js';
+import { sizeOption } from './options.js';
 
 /** Name of the mount server's pid file in the run directory (src/util/rundir.ts). */
 function pidFileName(mnt: string): string {
@@ -25,14 +25,15 @@ function pidFileName(mnt: string): string {
 interface MountCliOpts {
   foreground?: boolean;
   allowOther?: boolean;
-  cacheSize: string;
+  /** Bytes. */
+  cacheSize: number;
   log?: string;
 }
 
 /** Mount an ssh:// repository: one connection for the life of the mount (src/remote/mount-backend.ts). */
 async function mountRemote(url: string, ssh: RemoteOptions, mnt: string, opts: MountCliOpts): Promise<MountHandle> {
   const remote = await RemoteRepository.open(url, ssh);
-  const cacheBytes = parseSize(opts.cacheSize);
+  const cacheBytes = opts.cacheSize;
   try {
     return await mountBackend(remoteMountBackend(remote, { cacheBytes }), mnt, { allowOther: opts.allowOther, cacheBytes });
   } catch (e) {
@@ -81,7 +82,7 @@ async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (
   repo.workerDepth = 1;
   const handle = await mountRepository(repo, mnt, {
     allowOther: opts.allowOther,
-    cacheBytes: parseSize(opts.cacheSize),
+    cacheBytes: opts.cacheSize,
   });
   const pidFile = await writeRunFile(runDir, pidFileName(mnt), `${process.pid}\n`);
   notify({ ready: true, pid: process.pid });
@@ -125,7 +126,7 @@ function registerMount(program: Command): void {
     .argument('<mountpoint>', 'empty directory to mount on')
     .option('--foreground', 'stay attached and serve until unmounted or signalled (for systemd)')
     .option('--allow-other', 'let users other than the one mounting read the files (needs user_allow_other in /etc/fuse.conf for non-root)')
-    .option('--cache-size <size>', 'memory for decoded chunks shared by all open files (the server needs ~250 MiB more; see native-notes/fuse.md); of an ssh:// repository, for the blocks received', '128M')
+    .addOption(sizeOption('--cache-size <size>', 'memory for decoded chunks shared by all open files (the server needs ~250 MiB more; see native-notes/fuse.md); of an ssh:// repository, for the blocks received', '128M'))
     .option('--log <file>', 'where the background server logs read errors (default: mount.log in /run/genvault, or the user\'s run directory)')
     .addHelpText(
       'after',
@@ -143,7 +144,6 @@ function registerMount(program: Command): void {
         const url = remoteRepo(cmd);
         const repoDir = url ?? path.resolve(repoPath(cmd));
         const mnt = path.resolve(mountpoint);
-        parseSize(opts.cacheSize);
         if (await isStaleMount(mnt)) {
           process.stderr.write(`genvault: ${mnt} is a stale mount left by a dead process; clearing it\n`);
           await fusermountUnmount(mnt, true).catch(() => undefined);
@@ -179,7 +179,7 @@ function registerMount(program: Command): void {
         const runDir = await ensureRunDir();
         const logFile = opts.log ? path.resolve(opts.log) : path.join(runDir, 'mount.log');
         const log = await openLogFile(logFile);
-        const args = [...process.execArgv, process.argv[1]!, '-r', repoDir, ...(url ? sshArgs(remoteOptions(cmd)) : []), 'mount', mnt, '--cache-size', opts.cacheSize];
+        const args = [...process.execArgv, process.argv[1]!, '-r', repoDir, ...(url ? sshArgs(remoteOptions(cmd)) : []), 'mount', mnt, '--cache-size', String(opts.cacheSize)];
         if (opts.allowOther) args.push('--allow-other');
         const child = spawn(process.execPath, args, {
           detached: true,

@@ -3,17 +3,18 @@ import path from 'node:path';
 import { Repository } from '../repository/repository.js';
 import { startIndexHolder } from '../index/index-holder.js';
 import { ensureRunDir } from '../util/rundir.js';
-import { parseSize } from '../util/format.js';
 import { UsageError } from '../util/errors.js';
 import { checkSocketPath, parseListen, serveGenerations, type Listen } from '../nbd/serve.js';
 import { action, localRepoPath, wantsJson } from './common.js';
+import { sizeOption } from './options.js';
 
 interface NbdCliOpts {
   socket?: string;
   listen?: string;
   writable?: boolean;
   overlay?: string;
-  cacheSize: string;
+  /** Bytes. */
+  cacheSize: number;
   json?: boolean;
 }
 
@@ -26,7 +27,7 @@ export function register(program: Command): void {
     .option('--listen <host:port>', 'listen on TCP instead, e.g. 127.0.0.1:10809 (unauthenticated: anyone who reaches it reads the disk)')
     .option('--writable', 'accept writes into a copy-on-write overlay file; the generation never changes')
     .option('--overlay <file>', 'with --writable: the overlay file (reused if it exists; default: a new file in REPO/overlays/)')
-    .option('--cache-size <size>', 'memory for decoded chunks shared by all clients', '128M')
+    .addOption(sizeOption('--cache-size <size>', 'memory for decoded chunks shared by all clients', '128M'))
     .option('--json', 'print where it listens and what it exports as one JSON line when ready')
     .addHelpText(
       'after',
@@ -52,7 +53,7 @@ async function listenOn(opts: NbdCliOpts, name: string, id: string): Promise<Lis
 
 async function nbdAction(targets: string[], opts: NbdCliOpts, cmd: Command): Promise<void> {
   const repoDir = path.resolve(localRepoPath(cmd));
-  const cacheBytes = parseSize(opts.cacheSize, '--cache-size');
+  const cacheBytes = opts.cacheSize;
   if (opts.overlay && !opts.writable) throw new UsageError('--overlay needs --writable');
   await Repository.readConfig(repoDir);
   // As the mount: the index leader is a small process of its own, so backups keep their speed.

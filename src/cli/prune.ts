@@ -1,20 +1,21 @@
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import { prune } from '../lifecycle/prune.js';
 import type { RetentionRules } from '../lifecycle/retention.js';
-import { formatDuration, parseDuration } from '../util/duration.js';
-import { UsageError } from '../util/errors.js';
+import { formatDuration } from '../util/duration.js';
 import { table } from '../util/format.js';
 import { action, collect, printJson, wantsJson, withWritableRepo } from './common.js';
+import { countArg, durationArg } from './options.js';
 
 export interface KeepFlags {
-  keepLast?: string;
-  keepHourly?: string;
-  keepDaily?: string;
-  keepWeekly?: string;
-  keepMonthly?: string;
-  keepYearly?: string;
+  keepLast?: number;
+  keepHourly?: number;
+  keepDaily?: number;
+  keepWeekly?: number;
+  keepMonthly?: number;
+  keepYearly?: number;
   keepTag?: string[];
-  minAge?: string;
+  /** Milliseconds. */
+  minAge?: number;
 }
 
 interface PruneFlags extends KeepFlags {
@@ -24,34 +25,29 @@ interface PruneFlags extends KeepFlags {
 
 /** The --keep-* options (prune, sync). */
 export function keepOptions(c: Command): Command {
+  const count = (flags: string, description: string) => new Option(flags, description).argParser(countArg);
   return c
-    .option('--keep-last <n>', 'keep the n newest generations')
-    .option('--keep-hourly <n>', 'keep the newest generation of each of the n most recent hours (UTC) that have one')
-    .option('--keep-daily <n>', 'keep the newest generation of each of the n most recent days (UTC) that have one')
-    .option('--keep-weekly <n>', 'keep the newest generation of each of the n most recent ISO weeks that have one')
-    .option('--keep-monthly <n>', 'keep the newest generation of each of the n most recent months that have one')
-    .option('--keep-yearly <n>', 'keep the newest generation of each of the n most recent years that have one')
+    .addOption(count('--keep-last <n>', 'keep the n newest generations'))
+    .addOption(count('--keep-hourly <n>', 'keep the newest generation of each of the n most recent hours (UTC) that have one'))
+    .addOption(count('--keep-daily <n>', 'keep the newest generation of each of the n most recent days (UTC) that have one'))
+    .addOption(count('--keep-weekly <n>', 'keep the newest generation of each of the n most recent ISO weeks that have one'))
+    .addOption(count('--keep-monthly <n>', 'keep the newest generation of each of the n most recent months that have one'))
+    .addOption(count('--keep-yearly <n>', 'keep the newest generation of each of the n most recent years that have one'))
     .option('--keep-tag <tag>', 'keep every generation with this tag (repeatable)', collect)
-    .option('--min-age <duration>', "keep generations younger than this (e.g. 0, 90m, 36h, 7d; default: the repository's guards.minAge, 1d)");
+    .addOption(new Option('--min-age <duration>', "keep generations younger than this (e.g. 0, 90m, 36h, 7d; default: the repository's guards.minAge, 1d)").argParser(durationArg));
 }
 
-/** The rules the --keep-* options give (usage errors thrown). */
+/** The rules the --keep-* options give. */
 export function keepRules(o: KeepFlags): RetentionRules {
   return {
-    keepLast: count(o.keepLast, '--keep-last'),
-    keepHourly: count(o.keepHourly, '--keep-hourly'),
-    keepDaily: count(o.keepDaily, '--keep-daily'),
-    keepWeekly: count(o.keepWeekly, '--keep-weekly'),
-    keepMonthly: count(o.keepMonthly, '--keep-monthly'),
-    keepYearly: count(o.keepYearly, '--keep-yearly'),
+    keepLast: o.keepLast,
+    keepHourly: o.keepHourly,
+    keepDaily: o.keepDaily,
+    keepWeekly: o.keepWeekly,
+    keepMonthly: o.keepMonthly,
+    keepYearly: o.keepYearly,
     keepTags: o.keepTag ?? [],
   };
-}
-
-function count(v: string | undefined, flag: string): number | undefined {
-  if (v === undefined) return undefined;
-  if (!/^\d{1,9}$/.test(v)) throw new UsageError(`${flag}: expected a whole number >= 0, not ${JSON.stringify(v)}`);
-  return Number(v);
 }
 
 export function register(program: Command): void {
@@ -77,7 +73,7 @@ export function register(program: Command): void {
     .action(
       action(async (names: string[], o: PruneFlags, cmd: Command) => {
         const rules = keepRules(o);
-        const minAgeMs = o.minAge === undefined ? undefined : parseDuration(o.minAge, '--min-age');
+        const minAgeMs = o.minAge;
         await withWritableRepo(cmd, async (repo) => {
           const res = await prune(repo, { names, rules, minAgeMs, dryRun: o.dryRun, allowEmpty: o.allowEmpty });
           const images = new Set(res.decisions.map((d) => d.gen.name)).size;

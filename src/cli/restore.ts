@@ -1,11 +1,11 @@
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import { abandonRestores, rawSink, restoreToPath, restoreToPathWith, restoreToStream, showTarget, writerOf } from '../read/restore.js';
 import { UsageError } from '../util/errors.js';
 import { bytes, duration, rate } from '../util/format.js';
 import { Progress } from '../util/progress.js';
 import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
 import { restoreToSsh } from '../source/ssh-target.js';
-import { parseSshMode } from '../source/ssh-agent.js';
+import { SSH_MODES, type SshMode } from '../source/ssh-agent.js';
 import { action, onInterrupt, printJson, wantsJson, withRepo } from './common.js';
 import { remoteRepo, withRemote } from './remote.js';
 import { remoteFiller, streamRemote } from '../remote/read-client.js';
@@ -43,7 +43,7 @@ interface RestoreFlags {
   sshConfig?: string;
   sshCommand?: string;
   acceptNewHostKey?: boolean;
-  sshMode: string;
+  sshMode: SshMode;
 }
 
 function reportDamage(damaged: Array<{ offset: number; length: number }>): void {
@@ -65,7 +65,7 @@ export function register(program: Command): void {
     .option('--accept-new-host-key', 'ssh:// targets: trust and record the key of a host not yet known')
     .option('--ssh-config <file>', 'ssh:// targets: OpenSSH config file read instead of ~/.ssh/config and /etc/ssh/ssh_config, or none (default: $GENVAULT_SSH_CONFIG)')
     .option('--ssh-command <cmd>', 'ssh:// targets: run this OpenSSH client (e.g. ssh, or "ssh -F FILE") instead of the built-in one')
-    .option('--ssh-mode <mode>', 'ssh:// targets: agent (python3 writer, zero ranges not sent), plain (cat), or auto', 'auto')
+    .addOption(new Option('--ssh-mode <mode>', 'ssh:// targets: agent (python3 writer, zero ranges not sent), plain (cat), or auto').choices(SSH_MODES).default('auto'))
     .option('--json', 'print a JSON summary')
     .addHelpText(
       'after',
@@ -80,7 +80,7 @@ export function register(program: Command): void {
     )
     .action(
       action(async (target: string, dest: string, opts: RestoreFlags, cmd: Command) => {
-        const sshMode = parseSshMode(opts.sshMode);
+        const sshMode = opts.sshMode;
         const ssh = isSshSpec(dest);
         if (ssh && !opts.sshCommand) warnIfNoNativeCrypto();
         if (dest === '-') refuseStdout(wantsJson(cmd));

@@ -1,5 +1,5 @@
 import fs from 'node:fs/promises';
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import { DEFAULT_JOBS_FILE, JobsFile, loadJobsFile } from '../jobs/config.js';
 import { recentRuns } from '../jobs/history.js';
 import { ImageSummary, JobHealth, STATE_EXIT, State, judgeJob, perfData, summarizeImage, worst } from '../jobs/status.js';
@@ -8,10 +8,12 @@ import { roughAge } from '../util/duration.js';
 import { bytes, table } from '../util/format.js';
 import { UsageError } from '../util/errors.js';
 import { errorLine, failUsage, jobsRepoPath, printJson, localRepoPath, wantsJson } from './common.js';
+import { isoTimeArg } from './options.js';
 
 interface StatusFlags {
   config?: string;
-  now?: string;
+  /** Milliseconds since the epoch. */
+  now?: number;
 }
 
 interface JobRow extends JobHealth {
@@ -41,7 +43,7 @@ export function register(program: Command): void {
     .command('status')
     .description('health of every job and image, for people and monitoring: exit 0 OK, 1 WARN, 2 CRIT, 3 UNKNOWN')
     .option('-c, --config <file>', `job file (default ${DEFAULT_JOBS_FILE}; without one, only images are shown)`)
-    .option('--now <time>', 'judge as if it were this ISO time (to check a schedule ahead)')
+    .addOption(new Option('--now <time>', 'judge as if it were this ISO time (to check a schedule ahead)').argParser(isoTimeArg))
     .option('--json', 'print JSON')
     .addHelpText(
       'after',
@@ -57,7 +59,7 @@ export function register(program: Command): void {
     )
     .action(async (o: StatusFlags, cmd: Command) => {
       const json = wantsJson(cmd);
-      const now = parseNow(o);
+      const now = o.now ?? Date.now();
       const { file, dir } = await readJobFile(o, cmd, json);
       let repo: Repository;
       try {
@@ -71,16 +73,6 @@ export function register(program: Command): void {
       const state = printReport(json, now, file, jobs, images);
       process.exit(STATE_EXIT[state]);
     });
-}
-
-/** The time to judge at: now, or --now. */
-function parseNow(o: StatusFlags): number {
-  let now = Date.now();
-  if (o.now !== undefined) {
-    now = Date.parse(o.now);
-    if (Number.isNaN(now)) failUsage(`--now: ${JSON.stringify(o.now)} is not an ISO date or time`);
-  }
-  return now;
 }
 
 /** The job file (null without one) and the repository it names (or --repo). */

@@ -1,27 +1,26 @@
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { sync, type SyncResult } from '../sync/sync.js';
 import { LocalSource } from '../sync/local-source.js';
 import { LocalDestination } from '../sync/local-destination.js';
 import type { RetentionRules } from '../lifecycle/retention.js';
-import { parseDuration } from '../util/duration.js';
 import { checkImageName } from '../format/config.js';
 import { bytes, duration } from '../util/format.js';
 import { Progress } from '../util/progress.js';
 import { UsageError } from '../util/errors.js';
 import { action, onInterrupt, printJson, wantsJson } from './common.js';
 import { keepOptions, keepRules, type KeepFlags } from './prune.js';
+import { rateArg } from './options.js';
 import { remoteOptions } from './remote.js';
 import { isRemoteRepo } from '../remote/client.js';
 import { RemoteDestination, RemoteSource } from '../remote/sync-client.js';
-import { parseSize } from '../util/format.js';
 import type { SyncDestination, SyncSource } from '../sync/endpoint.js';
 
 interface SyncFlags extends KeepFlags {
   dryRun?: boolean;
   wait?: boolean;
-  limitRate?: string;
+  limitRate?: number;
 }
 
 /** SRC: a local directory, or ssh:// (a `genvault serve` with --permissions full and no namespace). */
@@ -30,7 +29,7 @@ function openSource(dir: string, cmd: Command): Promise<SyncSource> {
 }
 
 function openDestination(dir: string, o: SyncFlags, cmd: Command): Promise<SyncDestination> {
-  const limitRate = o.limitRate === undefined ? undefined : parseSize(o.limitRate, '--limit-rate');
+  const limitRate = o.limitRate;
   if (isRemoteRepo(dir)) return RemoteDestination.open(dir, { ...remoteOptions(cmd, { limitRate }), wait: o.wait });
   if (limitRate !== undefined) throw new UsageError('--limit-rate applies to an ssh:// destination');
   // GENVAULT_SYNC_FLUSH_ENTRIES: a test hook (many small flushes, for the kill tests).
@@ -78,7 +77,7 @@ export function register(program: Command): void {
   )
     .option('-n, --dry-run', 'only say which generations would be copied, updated and pruned')
     .option('--wait', 'wait for a running backup or sync of an image at DST instead of failing')
-    .option('--limit-rate <rate>', 'an ssh:// DST: send at most RATE bytes per second (e.g. 20M)')
+    .addOption(new Option('--limit-rate <rate>', 'an ssh:// DST: send at most RATE bytes per second (e.g. 20M)').argParser(rateArg))
     .option('--json', 'print a summary as JSON')
     .addHelpText(
       'after',
@@ -104,7 +103,7 @@ export function register(program: Command): void {
       action(async (srcDir: string, dstDir: string, names: string[], o: SyncFlags, cmd: Command) => {
         for (const n of names) checkImageName(n);
         const rules = rulesOf(o);
-        const minAgeMs = o.minAge === undefined ? undefined : parseDuration(o.minAge, '--min-age');
+        const minAgeMs = o.minAge;
         const started = Date.now();
         if (!isRemoteRepo(srcDir) && !isRemoteRepo(dstDir) && (await realpath(srcDir)) === (await realpath(dstDir))) throw new UsageError(`${srcDir} and ${dstDir} are the same repository`);
         const src = await openSource(srcDir, cmd);

@@ -1,11 +1,12 @@
 import { remoteRepo, withRemote } from './remote.js';
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import { Repository } from '../repository/repository.js';
 import { VerifyReport, verify } from '../lifecycle/verify.js';
 import { bytes, duration } from '../util/format.js';
 import { GenvaultError, REPAIR_HINT, UsageError } from '../util/errors.js';
 import { Progress } from '../util/progress.js';
 import { action, errorLine, printJson, repoPath, wantsJson } from './common.js';
+import { percentArg } from './options.js';
 
 /** verify's exit codes: 0 clean, 1 damage found, 2 could not run. */
 function couldNotRun(e: unknown): GenvaultError {
@@ -74,7 +75,7 @@ function summary(r: VerifyReport): string {
  * the session's generations (its namespace), as --full does for them; the repository-wide
  * checks (packs, index) stay with the server's admin.
  */
-async function verifyRemote(cmd: Command, o: { sample?: string; withoutKey?: boolean }): Promise<void> {
+async function verifyRemote(cmd: Command, o: { sample?: number; withoutKey?: boolean }): Promise<void> {
   if (o.sample !== undefined || o.withoutKey) throw new UsageError('--sample and --without-key need a local repository; on an ssh:// repository verify reads every chunk of your generations');
   type Report = { generations: Array<{ generation: { name: string; id: string; size: number }; damaged: Array<{ offset: number; length: number }> }> };
   let report: Report;
@@ -103,7 +104,7 @@ export function register(program: Command): void {
     .command('verify')
     .description('check the repository: generations, maps, chunk index and pack records; --full also re-hashes all chunk data')
     .option('--full', 'read, decompress and re-hash every chunk that any generation uses')
-    .option('--sample <percent>', 'read, decompress and re-hash a random PERCENT of the chunks (e.g. 5), checking the rest by their headers')
+    .addOption(new Option('--sample <percent>', 'read, decompress and re-hash a random PERCENT of the chunks (e.g. 5), checking the rest by their headers').argParser(percentArg()))
     .option('--without-key', 'an encrypted repository without its key: record headers, maps and the index only')
     .option('--json', 'print the report as JSON (for monitoring)')
     .addHelpText(
@@ -116,17 +117,11 @@ export function register(program: Command): void {
         'Examples:\n  genvault verify --sample 5      # daily: a different 5% of the data each run\n  genvault verify --full --json   # weekly, for monitoring',
     )
     .action(
-      action(async (o: { full?: boolean; sample?: string; withoutKey?: boolean }, cmd: Command) => {
+      action(async (o: { full?: boolean; sample?: number; withoutKey?: boolean }, cmd: Command) => {
         if (remoteRepo(cmd)) return verifyRemote(cmd, o);
         if (o.withoutKey && (o.full || o.sample !== undefined)) throw new UsageError('--without-key checks structure only: --full and --sample need the key');
-        let samplePercent: number | undefined;
-        if (o.sample !== undefined) {
-          samplePercent = Number(o.sample.replace(/%$/, ''));
-          if (!/^\d+(\.\d+)?%?$/.test(o.sample) || !(samplePercent > 0 && samplePercent <= 100)) {
-            throw new UsageError(`--sample: expected a percentage above 0 and at most 100, not ${JSON.stringify(o.sample)}`);
-          }
-          if (o.full) throw new UsageError('use either --full or --sample, not both');
-        }
+        const samplePercent = o.sample;
+        if (samplePercent !== undefined && o.full) throw new UsageError('use either --full or --sample, not both');
         let report: VerifyReport;
         let repo: Repository;
         try {

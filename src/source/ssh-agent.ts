@@ -17,7 +17,7 @@
 import { createHash } from 'node:crypto';
 import { inflateSync } from 'node:zlib';
 import type { ChunkingParams } from '../format/config.js';
-import { GenvaultError, UsageError } from '../util/errors.js';
+import { GenvaultError } from '../util/errors.js';
 import {
   ChannelReader, RemoteChannel, RemoteInfo, SshConnection, SshOptions, describeSpec, probeRemote, shq, startPlainSource,
 } from './ssh.js';
@@ -430,16 +430,11 @@ export async function openSshAgentSource(specText: string, chunking: ChunkingPar
   }
 }
 
-export type SshMode = 'auto' | 'agent' | 'plain';
+export const SSH_MODES = ['auto', 'agent', 'plain'] as const;
+export type SshMode = (typeof SSH_MODES)[number];
 
 export function isSshMode(v: unknown): v is SshMode {
-  return v === 'auto' || v === 'agent' || v === 'plain';
-}
-
-/** The --ssh-mode flag, checked (a usage error otherwise). */
-export function parseSshMode(v: string): SshMode {
-  if (!isSshMode(v)) throw new UsageError(`--ssh-mode must be auto, agent or plain, not "${v}"`);
-  return v;
+  return (SSH_MODES as readonly unknown[]).includes(v);
 }
 
 export interface RemoteSourceOptions extends AgentSourceOptions {

@@ -1,6 +1,12 @@
 /**
  * Durations as people write them on a command line or in config.json:
  * "0", "90s", "90m", "36h", "7d", "2w", and sums of those ("1d12h").
+ *
+ * Hand-written: one strict grammar for the command line (cli/options.ts), job files and
+ * config.json's guards.minAge, and formatDuration writes it back exactly (prune --json's
+ * minAge). The npm parsers read other grammars: ms takes a bare "7" as 7 milliseconds and
+ * refuses "1d12h"; parse-duration reads words and fractions ("1.5h", "90 minutes") that a
+ * job file refuses, so the two would disagree about the same value.
  */
 import { UsageError } from './errors.js';
 

@@ -1,15 +1,29 @@
-/** Human-readable figures, and sizes as people write them. */
-import { UsageError } from './errors.js';
-
 /**
- * Bytes from a size as written on a command line: 4096, 512M, 10G, 1.5T, 256MiB (binary
- * units, K to T); a usage error (exit 2) otherwise, naming `what` when given.
+ * Human-readable figures, and sizes as people write them.
+ *
+ * Hand-written, after weighing the npm packages for each (native-notes/performance.md,
+ * "CLI libraries", has the start-up figures):
+ * - bytes(): pretty-bytes prints the same binary units but drops trailing zeros ("1.5 MiB",
+ *   "4 MiB"), so figures in a column jitter in width; this keeps three digits ("1.50 MiB",
+ *   "4.00 MiB") in eight lines, and the tests and users' eyes know its output.
+ * - duration(): pretty-ms writes "1m 30s" (and its current major needs Node 22); the
+ *   compact "1m30s" here is the form durations are written in everywhere else in genvault.
+ * - table(): widths are counted in UTF-16 units, which is exact for what its callers put in
+ *   every column but the last: image and job names (ASCII by checkImageName and the job
+ *   file's rules), ids, UTC times, counts and bytes(). Text that may be anything (tags,
+ *   reasons, errors) goes in the last column, which is never padded. string-width would
+ *   count wide characters right, but loading it costs more than `genvault list` spends on
+ *   everything else it prints, every run; cli-table3 draws boxes and loads an older
+ *   string-width. A padded column that may hold other text needs a width function first.
  */
-export function parseSize(s: string, what?: string): number {
+
+/** Bytes from a size as written: 4096, 512M, 10G, 1.5T, 256MiB (binary units, K to T); null if it is not one. */
+export function tryParseSize(s: string): number | null {
   const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?$/i.exec(s.trim());
-  if (!m) throw new UsageError(`${what ? `${what}: ` : ''}invalid size ${JSON.stringify(s)} (e.g. 256M, 1G)`);
+  if (!m) return null;
   const mul = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
-  return Math.round(Number(m[1]) * mul);
+  const n = Math.round(Number(m[1]) * mul);
+  return Number.isSafeInteger(n) ? n : null;
 }
 
 /** A file mode's permission bits as `ls`-style octal with four digits: 0640, 2750. */
