@@ -9,10 +9,15 @@
 # a cold `list` (start-up) and a cold dd of gen1 through a mount. Medians are reported.
 # BENCH_NODE=0 skips it; BENCH_NODE_ROUNDS sets the rounds (default BENCH_BACKUP_REPS).
 
-node_cmd() { # LABEL -> the genvault command on that runtime, as the installed wrapper runs it
-	local node=$NODE_NEW
-	[[ $1 == old ]] && node=$NODE_OLD
-	printf '%s\n' "$node" --max-semi-space-size=4 "$NODE_MAIN"
+# LABEL -> the genvault command on that runtime, as an installed wrapper runs it: each with
+# the young-generation cap measured best for it (Node.js 20: 4 MiB, 24: 1 MiB; native-notes/
+# performance.md).
+node_cmd() {
+	if [[ $1 == old ]]; then
+		printf '%s\n' "$NODE_OLD" "--max-semi-space-size=${BENCH_NODE_OLD_SEMI:-4}" "$NODE_MAIN"
+	else
+		printf '%s\n' "$NODE_NEW" --max-semi-space-size=1 "$NODE_MAIN"
+	fi
 }
 
 node_round() { # LABEL
