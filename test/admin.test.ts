@@ -527,6 +527,8 @@ describe('install', () => {
     expect(out[0]).toBe('/usr/bin/genvault');
     const v = JSON.parse(out.slice(1, 7).join('\n'));
     expect(v).toMatchObject({ installedAt: '/usr/lib/genvault', format: FORMAT_VERSION });
+    // It runs on the runtime the lock file pins (copied with it), not on cron's PATH's node.
+    expect(Number(v.node.split('.')[0])).toBeGreaterThanOrEqual(24);
     // The holes addon came along: (most of) the hole was skipped, not read.
     expect(JSON.parse(await fs.readFile(path.join(ovl, 'backup.json'), 'utf8')).stats.holeBytes).toBeGreaterThan(32 << 20);
     expect(out[7]).toBe('NAME,SYNOPSIS,DESCRIPTION,COMMANDS,   genvault diff <a> <b>,   genvault notify,EXAMPLES,EXIT STATUS,ENVIRONMENT,FILES,SEE ALSO,');

@@ -1,10 +1,12 @@
-#!/usr/bin/env -S node --max-semi-space-size=4
+#!/usr/bin/env -S node --max-semi-space-size=1
 /** genvault command line: parses and prints; the work happens in the layers below (README: Architecture). */
-// The V8 flag on the line above caps each young-generation half at 4 MiB (V8 grows it to
-// 16 MiB under a restore's allocation rate, and fresh pages are expensive in a VM):
-// faster restores with less memory, measured in native-notes/performance.md ("V8's young
-// generation"). `env -S` splits the line (GNU coreutils 8.30+); `node dist/cli/main.js`
-// runs without the flag.
+// The V8 flag on the line above caps each young-generation half at 1 MiB. Left alone, V8
+// grows it under a restore's or a backup's allocation rate and commits far more than is
+// live, and fresh pages are expensive in a VM. On Node.js 24 the cap of 1 MiB costs no CPU
+// and saves tens of MiB in backups, restores and the mount's server (Node.js 20 did best
+// with 4): native-notes/performance.md, "V8's young generation" and "Node.js 24".
+// `env -S` splits the line (GNU coreutils 8.30+); `node dist/cli/main.js` runs without the
+// flag. scripts/install's wrapper passes the same flag.
 import { Command, CommanderError } from 'commander';
 import { createRequire } from 'node:module';
 import { allowedExitCodes, errorExitCode, exitOnSignals, fail, useMonitoringExitCodes } from './common.js';
