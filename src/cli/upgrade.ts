@@ -22,7 +22,8 @@ export function register(program: Command): void {
           const tty = process.stderr.isTTY;
           const r = await upgrade(repo, { progress: tty ? (l) => process.stderr.write(`${l}\n`) : undefined });
           if (wantsJson(cmd)) printJson(r);
-          else if (r.from === r.to && r.leaves + r.generations === 0) process.stdout.write(`${repo.dir} is already at format version ${r.to}\n`);
+          else if (r.from === r.to && r.leaves + r.generations + (r.sealed ?? 0) === 0) process.stdout.write(`${repo.dir} is already at format version ${r.to}\n`);
+          else if (r.sealed !== undefined) process.stdout.write(`${repo.dir}: format version ${r.from} -> ${r.to}: sealed ${r.sealed} generation records in the index\n`);
           else process.stdout.write(`${repo.dir}: format version ${r.from} -> ${r.to}: wrote ${r.leaves} map leaves and ${r.generations} generations into packs\n`);
         });
       }),

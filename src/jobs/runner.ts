@@ -263,7 +263,7 @@ export async function runJob(repo: Repository, job: JobConfig, opts: RunJobOptio
     await applyRetention(run, readOk);
     // Recorded while the lock is held: whoever takes it next sees this run.
     run.rec.finished = Date.now();
-    await recordRun(repo.db, run.rec);
+    await recordRun(repo, run.rec);
   } finally {
     run.conn?.close();
     await run.lock.release().catch(() => undefined);
@@ -292,7 +292,7 @@ export function describeRun(o: JobOutcome): string {
 
 /** When the job last started, from its history (null: never). */
 export async function lastStarted(repo: Repository, job: string): Promise<number | null> {
-  return (await recentRuns(repo.db, job, 1))[0]?.started ?? null;
+  return (await recentRuns(repo, job, 1))[0]?.started ?? null;
 }
 
 /**
