@@ -93,7 +93,7 @@ interface Run {
 async function lockForRun(repo: Repository, job: JobConfig, opts: RunJobOptions): Promise<ImageLock | JobOutcome> {
   let lock: ImageLock;
   try {
-    lock = await ImageLock.acquire(repo.dir, job.image, false);
+    lock = await ImageLock.acquire(repo.dir, job.image, false, repo.imageLockName(job.image));
   } catch (e) {
     // Not the backup command's advice (`run` has no --wait): the next scheduled run will come.
     if (e instanceof ImageLockedError) return { skipped: true, job: job.name, reason: `another backup of image ${e.image} is running (pid ${e.holderPid})` };

@@ -14,7 +14,7 @@ import { DAMAGE_FILE, Db, IndexError, getOrNull, indexDamage, openDb, readOnlyCo
 import { K_GEN, K_GENMAP, chunkKey, key, leafKey, prefixEnd } from '../format/keys.js';
 import { ChunkMap, Leaf, LeafDamage, checkedLeaf, checkedTop } from '../format/chunkmap.js';
 import { Generation, parseTarget, resolveRevision } from '../format/generation.js';
-import { NAMES_NEED_KEY, generationIndex, type GenerationIndex, type IndexKeys } from '../format/index-seal.js';
+import { NAMES_NEED_KEY, generationIndex, nameTag, type GenerationIndex, type IndexKeys } from '../format/index-seal.js';
 import { ChunkLocation, decodeLocation } from '../format/pack.js';
 import { WorkerPool } from '../work/pool.js';
 import { LocalStore } from '../store/local.js';
@@ -273,6 +273,15 @@ export class Repository {
     const gens = await this.generations(name);
     if (!gens.length) throw new GenvaultError(`no image named ${name} in ${this.dir}`, 'NOT_FOUND');
     return resolveRevision(gens, name, rev);
+  }
+
+  /**
+   * What names an image's backup lock file (locks/image-NAME.lock): its name, or in a
+   * sealed index (format 7) 't' and its name tag in hex, so that no file names it.
+   */
+  imageLockName(name: string): string {
+    const ik = this.unlocked?.index;
+    return this.gi.sealed && ik ? `t${nameTag(ik, K_GEN, name).toString('hex')}` : name;
   }
 
   /** The index key of a generation's record (this repository's format: see genIndex). */

@@ -105,7 +105,7 @@ export class LocalDestination implements SyncDestination {
 
   async lockImage(name: string): Promise<void> {
     await this.unlockImage();
-    this.imageLock = await ImageLock.acquire(this.repo.dir, name, this.opts.wait === true);
+    this.imageLock = await ImageLock.acquire(this.repo.dir, name, this.opts.wait === true, this.repo.imageLockName(name));
   }
 
   async unlockImage(): Promise<void> {
