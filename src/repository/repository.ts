@@ -34,7 +34,7 @@ export class Repository {
     readonly db: Db,
     /** Where config.json and the packs are (everything but index/ and locks/). */
     readonly store: Store,
-    /** An encrypted repository's opened key (format 6), or null. */
+    /** An encrypted repository's opened key (formats 6 and 7), or null. */
     readonly unlocked: Unlocked | null = null,
   ) {
     this.gi = generationIndex(config, unlocked?.index ?? null);
@@ -68,7 +68,7 @@ export class Repository {
   }
 
   /**
-   * Make a repository; with `encrypt`, an encrypted one (format 6) whose master key is
+   * Make a repository; with `encrypt`, an encrypted one (format 7) whose master key is
    * wrapped in a first key slot under that secret. `master`: that master key instead of a
    * new one (`init --like` an encrypted repository: overrides then carry its id too).
    */
