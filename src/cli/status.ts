@@ -168,7 +168,7 @@ async function sealedRows(repo: Repository, file: JobsFile | null, json: boolean
     crit(errorLine(e), json);
   }
   const images: ImageSummary[] = [];
-  for (const [name, i] of [...byImage].sort()) {
+  for (const [name, i] of [...byImage].sort((x, y) => (x[0] < y[0] ? -1 : x[0] > y[0] ? 1 : 0))) {
     const top = await getOrNull(repo.db, Repository.mapKey(i.id)).catch(() => null);
     let size = 0;
     try {
