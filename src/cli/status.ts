@@ -206,7 +206,8 @@ function printReport(json: boolean, now: number, file: JobsFile | null, jobs: Jo
   if (json) {
     printJson({ state, exit: STATE_EXIT[state], summary, now: new Date(now).toISOString(), jobs, images, ...(note ? { note } : {}) });
   } else {
-    const perf = perfData(jobs, images, now);
+    // Without the key (note) what images stored is unknown: their generations only.
+    const perf = note ? perfData([], [], now, images) : perfData(jobs, images, now);
     let out = `${summary}${perf ? ` | ${perf}` : ''}\n`;
     if (jobs.length) {
       const rows = [['JOB', 'STATE', 'SCHEDULE', 'LAST SUCCESS (UTC)', 'AGE', 'MISSED', 'GENS', 'STORED', 'LAST ERROR']];
@@ -226,8 +227,8 @@ function printReport(json: boolean, now: number, file: JobsFile | null, jobs: Jo
       out += '\n' + table(rows, [5, 6, 7]) + '\n';
     }
     if (images.length) {
-      const rows = [['IMAGE (no job)', 'GENS', 'STORED', 'NEWEST (UTC)', 'AGE']];
-      for (const i of images) rows.push([i.name, String(i.generations), bytes(i.storedBytes), short(i.newest), i.newest ? roughAge(now - Date.parse(i.newest)) : '-']);
+      const rows = [['IMAGE (no job)', 'GENS', note ? 'SIZE (NEWEST)' : 'STORED', 'NEWEST (UTC)', 'AGE']];
+      for (const i of images) rows.push([i.name, String(i.generations), bytes(note ? i.size : i.storedBytes), short(i.newest), i.newest ? roughAge(now - Date.parse(i.newest)) : '-']);
       out += '\n' + table(rows, [1, 2]) + '\n';
     }
     if (note) out += `\n(${note})\n`;
