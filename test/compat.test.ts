@@ -135,6 +135,19 @@ else for (const version of [3, 4, 6]) describe(`a format ${version} repository w
     }
   });
 
+  it.runIf(version === 6)('syncs into a format 7 repository made --like it (same key, index sealed)', async () => {
+    const dst = path.join(s.dir, 'like7');
+    await gvOk(dst, ['init', '--like', repo, '--encryption', 'aes-256-gcm']);
+    expect(JSON.parse(await fs.readFile(path.join(dst, 'config.json'), 'utf8')).version).toBe(7);
+    await gvOk(dst, ['sync', repo, dst]);
+    const strip = (j: string) => (JSON.parse(j) as Array<Record<string, unknown>>).map((g) => [g.name, g.id, g.created, g.size, g.protected === true]);
+    expect(strip(await gvOk(dst, ['list', '--json']))).toEqual(strip(await gvOk(repo, ['list', '--json'])));
+    expect((await indexDump(dst)).includes('disk.img')).toBe(false);
+    const out = path.join(s.dir, 'like7.img');
+    await gvOk(dst, ['restore', 'disk@latest', out]);
+    expect(await sha256File(out)).toBe(await sha256File(path.join(s.dir, 'next.img')));
+  });
+
   it.runIf(version === 6)('upgrades to format 7: names and job runs leave the index, everything else stays', async () => {
     const JOB = `compat-secret-job-${process.pid}`;
     const r6 = await Repository.open(repo);
