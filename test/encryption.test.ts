@@ -1,9 +1,12 @@
 /**
- * Encrypted repositories (format 6) end to end, with the built CLI as real processes:
+ * Encrypted repositories (format 7: sealed packs and a sealed index) end to end, with the
+ * built CLI as real processes:
  * every command round-trips byte-identical (backup, list, info, restore, cat, mount with
  * dd and a loop-mounted ext4, verify --full, forget, protect, prune, gc, repair, upgrade);
  * dedup still works; neither the packs nor the index hold the disk's text, its file names,
- * or the SHA-256 or BLAKE3 of any chunk; a flipped byte, payloads swapped between packs and
+ * the SHA-256 or BLAKE3 of any chunk, nor the image's name, source path, tags, job names or
+ * hook output; generation records swapped between their keys are damage; without the key
+ * status and verify show counts, sizes and times and say names need it; a flipped byte, payloads swapped between packs and
  * a record replayed from another repository with the same passphrase are damage, never
  * other bytes; a wrong passphrase is one line, exit 1, and writes nothing; key slots
  * (add, remove, passwd, export, import; a truncated slot); key files readable by group or
@@ -18,6 +21,7 @@ import { blake3 } from '@napi-rs/blake-hash';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { scanPack } from '../src/format/scan.js';
 import { RECORD_HEADER_SIZE } from '../src/format/pack.js';
+import { ClassicLevel } from 'classic-level';
 import { Repository } from '../src/repository/repository.js';
 import { startSshd } from './sshd.js';
 import { Scratch, dataPackFiles, flipByte, gv, isMounted, makeDisk, must, oneLine, packFiles, prng, sh, sha256File, withMountedDisk, writeFiles, type Run } from './helpers.js';
@@ -84,9 +88,9 @@ afterAll(async () => {
 });
 
 describe('an encrypted repository', () => {
-  it('is format 6 with a key slot, and a wrong passphrase is one line, exit 1, nothing written', async () => {
+  it('is format 7 with a key slot, and a wrong passphrase is one line, exit 1, nothing written', async () => {
     const cfg = JSON.parse(await fs.readFile(path.join(repo, 'config.json'), 'utf8'));
-    expect(cfg.version).toBe(6);
+    expect(cfg.version).toBe(7);
     expect(cfg.encryption).toMatchObject({ cipher: 'aes-256-gcm', identity: 'hmac-sha256' });
     const slots = await fs.readdir(path.join(repo, 'keys'));
     expect(slots).toHaveLength(1);
@@ -140,7 +144,29 @@ describe('an encrypted repository', () => {
     expect(cat.stdout.split(' ')[0]).toBe(await sha256File(disks.gen1));
   });
 
-  it('holds neither the text, the file names, nor any chunk\'s SHA-256 or BLAKE3, in packs or index', async () => {
+  it('holds neither the text, the file names, nor any chunk\'s SHA-256 or BLAKE3, nor image, source, tag, job names or hook output, in packs or index', async () => {
+    // A job backs up a source with a distinctive path under a distinctive image name and
+    // tag, and its run (with a hook's output) goes into the job history.
+    const secretDir = s.path(`confidential-dir-${process.pid}`);
+    await fs.mkdir(secretDir);
+    const secretSource = path.join(secretDir, `confidential-source-${process.pid}.img`);
+    await fs.writeFile(secretSource, prng(77, 1 << 20));
+    const names = {
+      image: `confidential-image-${process.pid}`,
+      tag: `confidential-tag-${process.pid}`,
+      job: `confidential-job-${process.pid}`,
+      hook: `confidential-hook-output-${process.pid}`,
+    };
+    const jobsFile = s.path('confidential-jobs.yaml');
+    await fs.writeFile(
+      jobsFile,
+      `repository: ${repo}\nkey-file: ${pw}\njobs:\n  ${names.job}:\n    source: ${secretSource}\n    image: ${names.image}\n    tags: [${names.tag}]\n    hooks:\n      pre: ["echo ${names.hook}"]\n`,
+      { mode: 0o600 },
+    );
+    const ran = await gv(null, ['run', '--config', jobsFile, '--all'], { env: { GENVAULT_PASSWORD_FILE: '' } });
+    expect(ran.code, ran.stderr).toBe(0);
+    const listed = JSON.parse(await egOk(repo, ['list', names.image, '--json']));
+    expect(listed).toMatchObject([{ name: names.image, tags: [names.tag], source: expect.stringContaining(secretSource) }]);
     process.env.GENVAULT_PASSWORD_FILE = pw;
     const digests: Buffer[] = [];
     const r = await Repository.open(repo);
@@ -166,9 +192,13 @@ describe('an encrypted repository', () => {
     const files = [...(await packFiles(repo))];
     for (const f of await fs.readdir(path.join(repo, 'index'))) files.push(path.join(repo, 'index', f));
     const blobs = [Buffer.concat(dump), ...(await Promise.all(files.map((f) => fs.readFile(f))))];
+    expect(Buffer.concat(dump).length).toBeGreaterThan(0);
     for (const b of blobs) {
       expect(b.includes(KNOWN_TEXT.slice(0, 40))).toBe(false);
       expect(b.includes(KNOWN_NAME)).toBe(false);
+      for (const [what, secret] of Object.entries({ ...names, source: secretSource, sourceFile: path.basename(secretSource), dir: path.basename(secretDir), disk: path.basename(disks.gen0!) })) {
+        expect(b.includes(secret), `${what} ${secret}`).toBe(false);
+      }
       for (const d of digests) {
         expect(b.includes(d)).toBe(false);
         expect(b.includes(d.toString('hex'))).toBe(false);
@@ -180,6 +210,14 @@ describe('an encrypted repository', () => {
     await gv(plain, ['backup', disks.gen0, '--name', 'vm']);
     const packs = Buffer.concat(await Promise.all((await packFiles(plain)).map((f) => fs.readFile(f))));
     expect(packs.includes(KNOWN_NAME)).toBe(true);
+    const p = await Repository.open(plain);
+    const plainDump: Buffer[] = [];
+    try {
+      for await (const [k, v] of p.db.iterator()) plainDump.push(Buffer.from(k), Buffer.from(v));
+    } finally {
+      await p.close();
+    }
+    expect(Buffer.concat(plainDump).includes(path.basename(disks.gen0!))).toBe(true);
   });
 
   it('mounts: dd of each generation is byte-identical, and a loop device mounts its ext4', async () => {
@@ -286,6 +324,8 @@ describe('tampering is damage, never other bytes', () => {
     const ok = await gv(a, ['verify', '--without-key'], { env: noKey });
     expect(ok.code, ok.stderr).toBe(0);
     expect(ok.stdout).toMatch(/verified without the key/);
+    expect(ok.stdout + ok.stderr).toMatch(/image names, sources and tags are sealed in this repository: they need its key/);
+    expect(ok.stdout + ok.stderr).toMatch(/checked 2 generation\(s\) of 2 image\(s\)/);
     expect((await gv(a, ['verify', '--without-key', '--full'], { env: noKey })).code).toBe(2);
     const [rec] = await chunkRecords(a);
     await flipByte(rec!.file, rec!.offset + 10, 0x01); // the stored length, under the header's CRC
@@ -296,6 +336,39 @@ describe('tampering is damage, never other bytes', () => {
     } finally {
       await flipByte(rec!.file, rec!.offset + 10, 0x01);
     }
+  });
+
+  it('generation records swapped between their keys are damage, never a wrong listing', async () => {
+    const swap = async () => {
+      const db = new ClassicLevel<Buffer, Buffer>(path.join(a, 'index'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+      try {
+        const gs: Array<[Buffer, Buffer]> = [];
+        for await (const [k, v] of db.iterator({ gte: Buffer.of(0x67), lt: Buffer.of(0x68) })) gs.push([k, v]);
+        expect(gs).toHaveLength(2);
+        await db.batch([
+          { type: 'put', key: gs[0]![0], value: gs[1]![1] },
+          { type: 'put', key: gs[1]![0], value: gs[0]![1] },
+        ]);
+      } finally {
+        await db.close();
+      }
+    };
+    await swap();
+    try {
+      const l = await eg(a, ['list', '--json']);
+      expect(JSON.parse(l.stdout)).toEqual([]);
+      expect(l.stderr).toMatch(/generation record of .* is corrupt \(sealed value does not authenticate/);
+      const r = await eg(a, ['restore', 'x@latest', s.path('swapped')]);
+      expect(r.code).toBe(1);
+      await expect(fs.stat(s.path('swapped'))).rejects.toThrow(/ENOENT/);
+      const v = await eg(a, ['verify']);
+      expect(v.code).toBe(1);
+      expect(v.stdout + v.stderr).toMatch(/does not authenticate/);
+    } finally {
+      await swap();
+    }
+    await restoresOk(a, 'x', small.x!);
+    await restoresOk(a, 'y', small.y!);
   });
 
   it('a flipped ciphertext byte', async () => {
@@ -533,6 +606,14 @@ describe('jobs on an encrypted repository', () => {
     expect(run.stdout).toMatch(/^j: ok: generation/);
     const st = await gv(null, ['status', '--config', f], { env: noEnv });
     expect(st.stdout, st.stderr).toMatch(/^OK/);
+    expect(st.stdout).toMatch(/^j +OK/m);
+    // Without the key: counts, sizes and times, and one line saying names need it.
+    const sealed = await gv(r, ['status'], { env: noEnv });
+    expect(sealed.code, sealed.stderr).toBe(0);
+    expect(sealed.stdout).toMatch(/^OK: 0 jobs ok, 1 image/);
+    expect(sealed.stdout).toMatch(/\[image [0-9a-f]{16}\] +1 +/);
+    expect(sealed.stdout).toMatch(/names, sources and tags are sealed in this repository: they need its key/);
+    expect(sealed.stdout).not.toMatch(/\bj\b/);
     await fs.writeFile(key, 'another passphrase\n');
     const wrong = await gv(null, ['run', '--config', f, '--all'], { env: noEnv });
     expect(wrong.code).toBe(1);

@@ -129,7 +129,7 @@ describe('a second run of a job', () => {
     expect(await generations('second')).toBe(1);
     const r = await Repository.open(repo);
     try {
-      expect((await recentRuns(r.db, 'second')).map((x) => x.status)).toEqual(['ok']);
+      expect((await recentRuns(r, 'second')).map((x) => x.status)).toEqual(['ok']);
     } finally {
       await r.close();
     }
@@ -305,7 +305,7 @@ describe('daemon', () => {
     expect(lines.at(-1)).toMatch(/ stopped$/);
     const r = await Repository.open(repo);
     try {
-      const runs = await recentRuns(r.db, 'stopjob');
+      const runs = await recentRuns(r, 'stopjob');
       expect(runs).toHaveLength(1);
       expect(runs[0]).toMatchObject({ status: 'ok', by: 'daemon', hooks: [{ phase: 'post', ok: true }] });
     } finally {
@@ -390,7 +390,7 @@ describe('one run per scheduled time', () => {
     expect(await generations('once')).toBe(2);
     const r = await Repository.open(repo);
     try {
-      const runs = await recentRuns(r.db, 'once');
+      const runs = await recentRuns(r, 'once');
       expect(runs.filter((x) => x.started >= T).map((x) => [x.status, x.by])).toEqual([['ok', holderProc ? 'run' : 'daemon']]);
       expect(runs).toHaveLength(2);
     } finally {
@@ -410,7 +410,7 @@ describe('one run per scheduled time', () => {
       expect(other.stdout).toMatch(/^recheck: ok: /);
       const o = await runJob(r, job, { by: 'run', ifDue: true });
       expect(o).toMatchObject({ skipped: true, job: 'recheck', reason: expect.stringMatching(/^already run since its scheduled time /) });
-      expect(await recentRuns(r.db, 'recheck')).toHaveLength(1);
+      expect(await recentRuns(r, 'recheck')).toHaveLength(1);
     } finally {
       await r.close();
     }

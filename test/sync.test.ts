@@ -226,7 +226,7 @@ describe('encrypted repositories', () => {
     const c2 = JSON.parse(await fs.readFile(path.join(E2, 'config.json'), 'utf8'));
     expect(c2.id).toBe(c1.id);
     expect(c2.encryption).toEqual(c1.encryption);
-    expect(c2.version).toBe(6);
+    expect(c2.version).toBe(7);
     // The passphrase of E1 does not open E2's slot (it has key2's): the sync needs only
     // the destination's key, and reads the source without one.
     const noPw = await gv(E2, ['list'], { env: withPw });

@@ -72,7 +72,7 @@ export async function backup(repo: Repository, source: Source, opts: BackupOptio
 
 async function backupImage(repo: Repository, source: Source, opts: BackupOptions, name: string): Promise<Generation> {
   const run = new BackupRun(repo, source, opts, name);
-  const lock = opts.lock ?? (await ImageLock.acquire(repo.dir, name, opts.wait ?? false));
+  const lock = opts.lock ?? (await ImageLock.acquire(repo.dir, name, opts.wait ?? false, repo.imageLockName(name)));
   try {
     await run.plan();
     const map = new MapBuilder(run.cfg);

@@ -112,7 +112,7 @@ export async function commitGeneration(run: BackupRun, c: Commit): Promise<void>
       ...run.healed.map((d) => ({ type: 'del' as const, key: damagedKey(Buffer.from(d, 'binary')) })),
       ...c.packOps,
       { type: 'put', key: Repository.mapKey(c.gen.id), value: c.top },
-      { type: 'put', key: Repository.generationKey(c.gen), value: c.json },
+      { type: 'put', key: repo.generationKey(c.gen), value: repo.genIndex.value(c.gen, c.json) },
     ], { sync: true } as object);
   testTrace('backup', 'commit');
   await (opts.commit ? opts.commit(commit) : commit());

@@ -4,6 +4,11 @@ import { DEFAULT_JOBS_FILE, JobsFile, loadJobsFile } from '../jobs/config.js';
 import { recentRuns } from '../jobs/history.js';
 import { ImageSummary, JobHealth, STATE_EXIT, State, judgeJob, perfData, summarizeImage, worst } from '../jobs/status.js';
 import { Repository } from '../repository/repository.js';
+import { secretWithoutPrompt } from '../repository/keys.js';
+import { NAMES_NEED_KEY, indexSealed } from '../format/index-seal.js';
+import { K_GEN, prefixEnd } from '../format/keys.js';
+import { decodeTop } from '../format/chunkmap.js';
+import { getOrNull } from '../index/db.js';
 import { roughAge } from '../util/duration.js';
 import { bytes, table } from '../util/format.js';
 import { UsageError } from '../util/errors.js';
@@ -63,14 +68,17 @@ export function register(program: Command): void {
       const { file, dir } = await readJobFile(o, cmd, json);
       let repo: Repository;
       try {
-        // The job history and generation records are all status reads: no key needed.
-        repo = await Repository.open(dir, { withoutKey: true });
+        // The job history and generation records are all status reads: no key needed, but
+        // a sealed index (format 7) shows names only with it: used when given in a file.
+        const withKey = indexSealed(await Repository.readConfig(dir)) && secretWithoutPrompt();
+        repo = await Repository.open(dir, { withoutKey: !withKey });
       } catch (e) {
         crit(errorLine(e), json);
       }
-      const { jobs, images } = await collectRows(repo, file, now, json);
+      const sealed = !repo.genIndex.readable;
+      const { jobs, images } = sealed ? await sealedRows(repo, file, json) : await collectRows(repo, file, now, json);
       await repo.close().catch(() => undefined);
-      const state = printReport(json, now, file, jobs, images);
+      const state = printReport(json, now, file, jobs, images, sealed ? `${NAMES_NEED_KEY} (give --key-file FILE or GENVAULT_PASSWORD_FILE); images are shown by tag` : null);
       process.exit(STATE_EXIT[state]);
     });
 }
@@ -105,7 +113,7 @@ async function collectRows(repo: Repository, file: JobsFile | null, now: number,
     const byImage = new Map<string, typeof gens>();
     for (const g of gens) byImage.set(g.name, [...(byImage.get(g.name) ?? []), g]);
     for (const job of file?.jobs ?? []) {
-      const runs = await recentRuns(repo.db, job.name, 200);
+      const runs = await recentRuns(repo, job.name, 200);
       const health = judgeJob(job, runs, now);
       const img = summarizeImage(job.image, byImage.get(job.image) ?? []);
       jobs.push({
@@ -130,8 +138,57 @@ async function collectRows(repo: Repository, file: JobsFile | null, now: number,
   return { jobs, images };
 }
 
+/**
+ * Without the key of a sealed index (format 7): per image (known by its tag) the count of
+ * generations, the newest one's time and size (from its map); jobs cannot be judged.
+ */
+async function sealedRows(repo: Repository, file: JobsFile | null, json: boolean): Promise<{ jobs: JobRow[]; images: ImageSummary[] }> {
+  const gi = repo.genIndex;
+  const byImage = new Map<string, { generations: number; newest: number; id: string }>();
+  try {
+    for await (const k of repo.db.keys({ gte: Buffer.of(K_GEN), lt: prefixEnd(Buffer.of(K_GEN)) })) {
+      const { name, id } = gi.describe(k);
+      const created = gi.createdOf(k);
+      if (created === null || !Number.isFinite(new Date(created).getTime())) continue;
+      const cur = byImage.get(name) ?? { generations: 0, newest: -1, id };
+      cur.generations++;
+      if (created > cur.newest) Object.assign(cur, { newest: created, id });
+      byImage.set(name, cur);
+    }
+  } catch (e) {
+    await repo.close().catch(() => undefined);
+    crit(errorLine(e), json);
+  }
+  const images: ImageSummary[] = [];
+  for (const [name, i] of [...byImage].sort((x, y) => (x[0] < y[0] ? -1 : x[0] > y[0] ? 1 : 0))) {
+    const top = await getOrNull(repo.db, Repository.mapKey(i.id)).catch(() => null);
+    let size = 0;
+    try {
+      size = top ? decodeTop(top).reduce((a, r) => a + r.bytes, 0) : 0;
+    } catch {
+      size = 0; // a damaged map: verify names it
+    }
+    images.push({ name, generations: i.generations, storedBytes: 0, size, newest: new Date(i.newest).toISOString() });
+  }
+  const jobs: JobRow[] = (file?.jobs ?? []).map((job) => ({
+    job: job.name,
+    image: job.image,
+    schedule: job.schedule?.expression ?? null,
+    state: 'WARN',
+    missed: 0,
+    reason: 'its run history is sealed: status needs the key',
+    lastRun: null,
+    lastSuccess: null,
+    lastError: null,
+    nextRun: null,
+    generations: 0,
+    storedBytes: 0,
+  }));
+  return { jobs, images };
+}
+
 /** Print the summary line and the report (tables, or JSON); returns the overall state. */
-function printReport(json: boolean, now: number, file: JobsFile | null, jobs: JobRow[], images: ImageSummary[]): State {
+function printReport(json: boolean, now: number, file: JobsFile | null, jobs: JobRow[], images: ImageSummary[], note: string | null = null): State {
   const state: State = worst(jobs.map((j) => j.state));
   const bad = jobs.filter((j) => j.state !== 'OK');
   // A '|' in an error would start the performance data early.
@@ -139,9 +196,10 @@ function printReport(json: boolean, now: number, file: JobsFile | null, jobs: Jo
     ? `${state}: ${bad.map((j) => `${j.job} ${j.reason.replace(/\|/g, '/')}`).join('; ')}`
     : `OK: ${jobs.length} job${jobs.length === 1 ? '' : 's'} ok, ${images.length + jobs.length} image${images.length + jobs.length === 1 ? '' : 's'}`;
   if (json) {
-    printJson({ state, exit: STATE_EXIT[state], summary, now: new Date(now).toISOString(), jobs, images });
+    printJson({ state, exit: STATE_EXIT[state], summary, now: new Date(now).toISOString(), jobs, images, ...(note ? { note } : {}) });
   } else {
-    const perf = perfData(jobs, images, now);
+    // Without the key (note) what images stored is unknown: their generations only.
+    const perf = note ? perfData([], [], now, images) : perfData(jobs, images, now);
     let out = `${summary}${perf ? ` | ${perf}` : ''}\n`;
     if (jobs.length) {
       const rows = [['JOB', 'STATE', 'SCHEDULE', 'LAST SUCCESS (UTC)', 'AGE', 'MISSED', 'GENS', 'STORED', 'LAST ERROR']];
@@ -161,10 +219,11 @@ function printReport(json: boolean, now: number, file: JobsFile | null, jobs: Jo
       out += '\n' + table(rows, [5, 6, 7]) + '\n';
     }
     if (images.length) {
-      const rows = [['IMAGE (no job)', 'GENS', 'STORED', 'NEWEST (UTC)', 'AGE']];
-      for (const i of images) rows.push([i.name, String(i.generations), bytes(i.storedBytes), short(i.newest), i.newest ? roughAge(now - Date.parse(i.newest)) : '-']);
+      const rows = [['IMAGE (no job)', 'GENS', note ? 'SIZE (NEWEST)' : 'STORED', 'NEWEST (UTC)', 'AGE']];
+      for (const i of images) rows.push([i.name, String(i.generations), bytes(note ? i.size : i.storedBytes), short(i.newest), i.newest ? roughAge(now - Date.parse(i.newest)) : '-']);
       out += '\n' + table(rows, [1, 2]) + '\n';
     }
+    if (note) out += `\n(${note})\n`;
     if (!file) out += `\n(no job file at ${DEFAULT_JOBS_FILE}: give --config FILE to judge jobs against their schedules)\n`;
     process.stdout.write(out);
   }

@@ -8,15 +8,17 @@ import { GenvaultError } from '../util/errors.js';
 import { tryParseDuration } from '../util/duration.js';
 
 export const FORMAT_NAME = 'genvault-repository';
-/** The highest version this genvault reads: 6, an encrypted repository (FORMAT.md). */
-export const FORMAT_VERSION = 6;
+/** The highest version this genvault reads: 7, an encrypted repository with a sealed index (FORMAT.md). */
+export const FORMAT_VERSION = 7;
 /**
  * What an unencrypted repository is made with and upgraded to: version 6 differs only in
  * encryption, so an unencrypted repository stays readable by genvaults that know 5.
  */
 export const PLAIN_FORMAT_VERSION = 5;
-/** The version of encrypted repositories. */
+/** The first version of encrypted repositories (6: sealed pack records, plaintext index). */
 export const ENCRYPTED_FORMAT_VERSION = 6;
+/** Encrypted repositories whose index is sealed too (names keyed, records sealed): what `init` makes. */
+export const INDEX_SEALED_VERSION = 7;
 
 export interface ChunkingParams {
   /** Boundaries are only ever placed at multiples of this (filesystem block size). */
@@ -149,7 +151,7 @@ export function checkConfig(raw: unknown, file: string): RepoConfig {
     if (typeof e !== 'object' || e === null || e.cipher !== 'aes-256-gcm' || e.identity !== 'hmac-sha256') throw bad('"encryption" invalid');
     if (typeof e.keyCheck !== 'string' || !/^[0-9a-f]{32}$/.test(e.keyCheck)) throw bad('"encryption.keyCheck" invalid');
   }
-  // Version 6 is exactly "encrypted": an old genvault must never take an encrypted repository for one it knows.
+  // Versions 6 and 7 are exactly "encrypted": an old genvault must never take an encrypted repository for one it knows.
   if ((e !== undefined) !== (c.version >= ENCRYPTED_FORMAT_VERSION)) throw bad(`format version ${c.version} ${e ? 'cannot be' : 'must be'} encrypted`);
   return c as RepoConfig;
 }

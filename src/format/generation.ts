@@ -57,13 +57,19 @@ export function generationKey(g: Pick<Generation, 'name' | 'created' | 'id'>): B
  * cannot pass for another generation). Throws an Error saying what is wrong.
  */
 export function parseGenerationRecord(k: Buffer, v: Buffer): Generation {
-  const g = JSON.parse(v.toString('utf8')) as Generation;
+  const g = checkGenerationShape(JSON.parse(v.toString('utf8')));
+  if (!generationKey(g).equals(k)) throw new Error('stored under another key');
+  return g;
+}
+
+/** A parsed generation record's shape, checked (not its key); throws an Error saying what is wrong. */
+export function checkGenerationShape(raw: unknown): Generation {
+  const g = raw as Generation;
   if (typeof g !== 'object' || g === null) throw new Error('not an object');
   if (typeof g.id !== 'string' || !/^[0-9a-f]{16}$/.test(g.id)) throw new Error('bad id');
   if (typeof g.name !== 'string' || typeof g.created !== 'string' || Number.isNaN(Date.parse(g.created))) throw new Error('bad name or created');
   if (!Number.isSafeInteger(g.size) || g.size < 0) throw new Error('bad size');
   if (!Number.isSafeInteger(g.leaves) || g.leaves < 0) throw new Error('bad leaf count');
-  if (!generationKey(g).equals(k)) throw new Error('stored under another key');
   return g;
 }
 

@@ -12,6 +12,8 @@
  *                                          reads these bytes stores a good copy and removes this
  *   'x' digest(32)                      -> condemned by a running gc (old location, 33 bytes)
  *   'y' digest(32)                      -> map leaf being removed by a running gc (the leaf's bytes)
+ *   'j' job 0x00 started(u64 BE ms)     -> job run (jobs/history.ts)
+ * Format 7 (index-seal.ts): 'g' and 'j' keys hold a name tag in place of the name, values sealed.
  */
 
 export const K_CHUNK = 0x63; // 'c'
@@ -22,6 +24,8 @@ export const K_PACK = 0x70; // 'p'
 export const K_CONDEMNED = 0x78; // 'x'
 export const K_DAMAGED = 0x64; // 'd'
 export const K_MOVED_LEAF = 0x79; // 'y'
+/** Job runs (src/jobs/history.ts): 'j' job 0x00 started, or (format 7) 'j' name tag started. */
+export const K_JOB_RUN = 0x6a; // 'j'
 
 export function key(prefix: number, ...parts: Array<Uint8Array | string>): Buffer {
   const bufs = parts.map((p) => (typeof p === 'string' ? Buffer.from(p, 'utf8') : p));

@@ -2,12 +2,16 @@
  * Job run history, kept in the repository's index so that `status` sees every run from
  * any host and process (cron, systemd timer, daemon, by hand):
  *   'j' job 0x00 started(u64 BE ms) -> run record (JSON)
+ * or, format 7 (FORMAT.md "Version 7: sealed index"):
+ *   'j' name tag(16) started(u64 BE ms) -> run record (JSON), sealed
  * The newest KEEP_RUNS records per job are kept.
  */
-import { Db } from '../index/db.js';
-import { key, prefixEnd } from '../format/keys.js';
+import { GenvaultError } from '../util/errors.js';
+import { K_JOB_RUN, key, prefixEnd } from '../format/keys.js';
+import { INDEX_SEAL_BROKEN, indexSealed, nameTag, openIndexValue, sealIndexValue } from '../format/index-seal.js';
+import type { Repository } from '../repository/repository.js';
 
-export const K_JOB_RUN = 0x6a; // 'j'
+export { K_JOB_RUN };
 const KEEP_RUNS = 200;
 
 export type RunStatus = 'ok' | 'failed';
@@ -43,32 +47,73 @@ export interface RunRecord {
   by: string;
 }
 
-function prefix(job: string): Buffer {
-  return key(K_JOB_RUN, job, Buffer.of(0));
+/**
+ * How one repository keys and stores its job runs: plain (formats 1-6), or (format 7) a
+ * name tag in place of the job's name and the record sealed, bound to its key.
+ */
+interface RunIndex {
+  prefix(job: string): Buffer;
+  encode(k: Buffer, r: RunRecord): Buffer;
+  /** The record under k; throws an Error saying what is wrong. */
+  decode(k: Buffer, v: Buffer): RunRecord;
 }
 
-function runKey(job: string, started: number): Buffer {
+function runIndex(repo: Repository): RunIndex {
+  const decodeJson = (b: Buffer) => {
+    const r = JSON.parse(b.toString('utf8')) as RunRecord;
+    if (typeof r !== 'object' || r === null || typeof r.job !== 'string' || !Number.isFinite(r.started)) throw new Error('not a run record');
+    return r;
+  };
+  if (!indexSealed(repo.config)) {
+    return { prefix: (job) => key(K_JOB_RUN, job, Buffer.of(0)), encode: (_k, r) => Buffer.from(JSON.stringify(r)), decode: (_k, v) => decodeJson(v) };
+  }
+  const ik = repo.unlocked?.index;
+  if (!ik) throw new GenvaultError(`${repo.dir}: job history is sealed in this repository: it needs its key`, 'NO_KEY');
+  return {
+    prefix: (job) => Buffer.concat([Buffer.of(K_JOB_RUN), nameTag(ik, K_JOB_RUN, job)]),
+    encode: (k, r) => sealIndexValue(ik, k, Buffer.from(JSON.stringify(r))),
+    decode(k, v) {
+      const plain = openIndexValue(ik, k, v);
+      if (!plain) throw new Error(INDEX_SEAL_BROKEN);
+      return decodeJson(plain);
+    },
+  };
+}
+
+function runKey(ri: RunIndex, job: string, started: number): Buffer {
   const t = Buffer.alloc(8);
   t.writeBigUInt64BE(BigInt(started));
-  return Buffer.concat([prefix(job), t]);
+  return Buffer.concat([ri.prefix(job), t]);
 }
 
-export async function recordRun(db: Db, r: RunRecord): Promise<void> {
-  await db.put(runKey(r.job, r.started), Buffer.from(JSON.stringify(r)), { sync: true } as object);
-  const p = prefix(r.job);
+export async function recordRun(repo: Repository, r: RunRecord): Promise<void> {
+  const ri = runIndex(repo);
+  const k = runKey(ri, r.job, r.started);
+  await repo.db.put(k, ri.encode(k, r), { sync: true } as object);
+  const p = ri.prefix(r.job);
   const old: Buffer[] = [];
   let n = 0;
-  for await (const k of db.keys({ gte: p, lt: prefixEnd(p), reverse: true })) {
+  for await (const k of repo.db.keys({ gte: p, lt: prefixEnd(p), reverse: true })) {
     if (++n > KEEP_RUNS) old.push(k);
   }
-  if (old.length) await db.batch(old.map((k) => ({ type: 'del' as const, key: k })));
+  if (old.length) await repo.db.batch(old.map((k) => ({ type: 'del' as const, key: k })));
 }
 
-/** The newest `limit` runs of a job, newest first. */
-export async function recentRuns(db: Db, job: string, limit = 20): Promise<RunRecord[]> {
-  const p = prefix(job);
+/**
+ * The newest `limit` runs of a job, newest first. A record that cannot be read (damaged,
+ * or a sealed one moved under another key) is left out and named once on stderr.
+ */
+export async function recentRuns(repo: Repository, job: string, limit = 20): Promise<RunRecord[]> {
+  const ri = runIndex(repo);
+  const p = ri.prefix(job);
   const out: RunRecord[] = [];
-  for await (const v of db.values({ gte: p, lt: prefixEnd(p), reverse: true, limit })) out.push(JSON.parse(v.toString()) as RunRecord);
+  for await (const [k, v] of repo.db.iterator({ gte: p, lt: prefixEnd(p), reverse: true, limit })) {
+    try {
+      out.push(ri.decode(k, v));
+    } catch (e) {
+      process.stderr.write(`genvault: warning: index damaged: a run record of job ${job} is corrupt (${(e as Error).message}); it is left out\n`);
+    }
+  }
   return out;
 }
 

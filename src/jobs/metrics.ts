@@ -36,7 +36,7 @@ class Metrics {
 export async function metricsText(repo: Repository, file: JobsFile): Promise<string> {
   const m = new Metrics();
   for (const job of file.jobs) {
-    const runs = await recentRuns(repo.db, job.name, 200);
+    const runs = await recentRuns(repo, job.name, 200);
     const labels = { job: job.name, image: job.image };
     const last = runs[0];
     const ok = runs.find((r) => r.status === 'ok');

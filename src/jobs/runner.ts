@@ -93,7 +93,7 @@ interface Run {
 async function lockForRun(repo: Repository, job: JobConfig, opts: RunJobOptions): Promise<ImageLock | JobOutcome> {
   let lock: ImageLock;
   try {
-    lock = await ImageLock.acquire(repo.dir, job.image, false);
+    lock = await ImageLock.acquire(repo.dir, job.image, false, repo.imageLockName(job.image));
   } catch (e) {
     // Not the backup command's advice (`run` has no --wait): the next scheduled run will come.
     if (e instanceof ImageLockedError) return { skipped: true, job: job.name, reason: `another backup of image ${e.image} is running (pid ${e.holderPid})` };
@@ -263,7 +263,7 @@ export async function runJob(repo: Repository, job: JobConfig, opts: RunJobOptio
     await applyRetention(run, readOk);
     // Recorded while the lock is held: whoever takes it next sees this run.
     run.rec.finished = Date.now();
-    await recordRun(repo.db, run.rec);
+    await recordRun(repo, run.rec);
   } finally {
     run.conn?.close();
     await run.lock.release().catch(() => undefined);
@@ -292,7 +292,7 @@ export function describeRun(o: JobOutcome): string {
 
 /** When the job last started, from its history (null: never). */
 export async function lastStarted(repo: Repository, job: string): Promise<number | null> {
-  return (await recentRuns(repo.db, job, 1))[0]?.started ?? null;
+  return (await recentRuns(repo, job, 1))[0]?.started ?? null;
 }
 
 /**

@@ -82,8 +82,11 @@ export function perfData(
   jobs: Array<{ job: string; missed: number; lastSuccess: string | null; storedBytes: number; generations: number }>,
   images: ImageSummary[],
   now: number,
+  /** Images whose generations alone are known (a sealed index without its key). */
+  countsOnly: ImageSummary[] = [],
 ): string {
   const out: string[] = [];
+  for (const i of countsOnly) out.push(perfItem(`${i.name}_generations`, i.generations, '', '', '', '0'));
   for (const j of jobs) {
     if (j.lastSuccess) out.push(perfItem(`${j.job}_age`, Math.max(0, Math.round((now - Date.parse(j.lastSuccess)) / 1000)), 's', '', '', '0'));
     out.push(perfItem(`${j.job}_missed`, j.missed, '', '1', '2', '0'));

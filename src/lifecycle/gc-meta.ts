@@ -19,7 +19,6 @@
 import { createHash } from 'node:crypto';
 import { K_GEN, K_LEAF } from '../format/keys.js';
 import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF, REC_TOC, type MetaRecord } from '../format/meta.js';
-import { generationKey } from '../format/generation.js';
 import { PACK_HEADER_SIZE, RECORD_HEADER_SIZE, decodeRecordHeader, isPackId, packObject } from '../format/pack.js';
 import { readRecordSpan, scanStoredPack } from '../store/pack-reader.js';
 import type { Repository } from '../repository/repository.js';
@@ -32,6 +31,8 @@ export interface MetaLiveness {
   generations: Map<string, number>;
   /** Generation ids (hex) under 'g'. */
   ids: Set<string>;
+  /** The 'g' key of a generation (the repository's format: see Repository.genIndex). */
+  keyOf: (g: { name: string; created: string; id: string }) => Buffer;
 }
 
 const prefixRange = (prefix: number) => ({ gte: Buffer.of(prefix), lt: Buffer.of(prefix + 1) });
@@ -41,13 +42,14 @@ const prefixRange = (prefix: number) => ({ gte: Buffer.of(prefix), lt: Buffer.of
  * (the dry run: the leaves the generations reference, which a real run would keep).
  */
 export async function readLiveness(repo: Repository, leaves?: Set<string>): Promise<MetaLiveness> {
-  const live: MetaLiveness = { leaves: leaves ?? new Set(), generations: new Map(), ids: new Set() };
+  const gi = repo.genIndex;
+  const live: MetaLiveness = { leaves: leaves ?? new Set(), generations: new Map(), ids: new Set(), keyOf: gi.key };
   if (!leaves) for await (const k of repo.db.keys(prefixRange(K_LEAF))) live.leaves.add(k.toString('latin1', 1));
   for await (const [k, v] of repo.db.iterator(prefixRange(K_GEN))) {
     if (k.length < 1 + 1 + 8 + 8) continue; // not a generation key: names no generation
     let rev = -1;
     try {
-      const r = (JSON.parse(v.toString('utf8')) as { rev?: unknown }).rev ?? 0;
+      const r = (JSON.parse(gi.json(k, v).toString('utf8')) as { rev?: unknown }).rev ?? 0;
       if (Number.isSafeInteger(r)) rev = r as number;
     } catch {
       /* unreadable: its changes are all kept (verify reports the record) */
@@ -65,10 +67,10 @@ export function isLive(rec: MetaRecord, digest: Buffer, live: MetaLiveness): boo
     case REC_GENMAP:
       return live.ids.has(rec.id);
     case REC_GENERATION:
-      return live.generations.has(generationKey(rec.generation).toString('latin1'));
+      return live.generations.has(live.keyOf(rec.generation).toString('latin1'));
     case REC_CHANGE: {
       if (rec.change.forgotten) return true;
-      const rev = live.generations.get(generationKey(rec.change).toString('latin1'));
+      const rev = live.generations.get(live.keyOf(rec.change).toString('latin1'));
       return rev !== undefined && (rev === -1 || rev === rec.change.rev);
     }
     case REC_TOC:

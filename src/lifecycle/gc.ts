@@ -154,7 +154,7 @@ async function mark(repo: Repository, report: (line: string) => void, label: str
     n++;
     const top = await getOrNull(repo.db, Repository.mapKey(g.id));
     if (!top) {
-      if (await getOrNull(repo.db, Repository.generationKey(g))) throw damaged(`the map of ${g.name}@${g.id} is missing`);
+      if (await getOrNull(repo.db, repo.generationKey(g))) throw damaged(`the map of ${g.name}@${g.id} is missing`);
       continue; // removed meanwhile by forget or prune
     }
     let refs;
@@ -371,7 +371,7 @@ async function dropUnpinnedRemoved(repo: Repository): Promise<void> {
   const dropOps: Op[] = [];
   for (const g of await repo.generations(undefined, true)) {
     if (!g.removed || pinned.has(g.id)) continue;
-    dropOps.push({ type: 'del', key: Repository.generationKey(g) }, { type: 'del', key: Repository.mapKey(g.id) });
+    dropOps.push({ type: 'del', key: repo.generationKey(g) }, { type: 'del', key: Repository.mapKey(g.id) });
   }
   if (dropOps.length) await repo.db.batch(dropOps, { sync: true } as object);
 }

@@ -14,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { K_CHUNK, K_GEN, K_GENMAP, K_LEAF, K_PACK, packKey, packSizeOf, prefixEnd } from '../format/keys.js';
 import { decodeLocation, isLocation } from '../format/pack.js';
-import { describeGenerationKey, generationKey } from '../format/generation.js';
+import { PLAIN_GENERATIONS, type GenerationIndex } from '../format/index-seal.js';
 import { getOrNull, openPrivateDb, type Db } from '../index/db.js';
 import type { Store } from '../store/store.js';
 import { K_COPY, PackModel } from './pack-model.js';
@@ -164,21 +164,33 @@ function where(v: Buffer): string {
 }
 
 /** Entries under one prefix, compared by key and value. */
-async function diffPlain(index: () => Promise<Db>, model: Db, prefix: number, name: (k: Buffer) => string): Promise<KeyDiff> {
+async function diffPlain(
+  index: () => Promise<Db>,
+  model: Db,
+  prefix: number,
+  name: (k: Buffer) => string,
+  same: (k: Buffer, a: Buffer, b: Buffer) => boolean = (_k, a, b) => a.equals(b),
+): Promise<KeyDiff> {
   const d = emptyDiff();
   await merge(new Cursor(side(index, prefix)), new Cursor(range(model, prefix)), (k, iv, mv) => {
     if (iv && mv) {
-      if (!iv.equals(mv)) note(d, 'different', `${name(k)}: the index and the packs differ`);
+      if (!same(k, iv, mv)) note(d, 'different', `${name(k)}: the index and the packs differ`);
     } else if (iv) note(d, 'extra', `${name(k)}: in the index, in no pack`);
     else note(d, 'missing', `${name(k)}: in the packs, not in the index`);
   });
   return d;
 }
 
-const genName = (k: Buffer) => {
-  const { name, id } = describeGenerationKey(k);
-  return `generation ${name}@${id}`;
-};
+/** Generation records, compared as JSON (sealed ones differ in their random nonces); one that does not open differs. */
+function sameGeneration(gi: GenerationIndex): (k: Buffer, a: Buffer, b: Buffer) => boolean {
+  return (k, a, b) => {
+    try {
+      return gi.json(k, a).equals(gi.json(k, b));
+    } catch {
+      return false;
+    }
+  };
+}
 
 /** An index's entries under a prefix: of an open index, or of one opened (and reopened) here. */
 function side(index: Db | (() => Promise<Db>), prefix: number): AsyncIterator<Entry> {
@@ -192,7 +204,10 @@ export async function diffIndex(index: () => Promise<Db>, model: PackModel): Pro
     chunks: await diffChunks(index, model),
     leaves: await diffPlain(index, db, K_LEAF, (k) => `map leaf ${k.toString('hex', 1)}`),
     maps: await diffPlain(index, db, K_GENMAP, (k) => `generation map ${k.toString('hex', 1)}`),
-    generations: await diffPlain(index, db, K_GEN, genName),
+    generations: await diffPlain(index, db, K_GEN, (k) => {
+      const { name, id } = model.genIndex.describe(k);
+      return `generation ${name}@${id}`;
+    }, sameGeneration(model.genIndex)),
     packs: await diffPlain(index, db, K_PACK, (k) => `pack ${k.toString('hex', 1)}`),
   };
 }
@@ -208,6 +223,7 @@ export async function packsAgree(
   index: Db,
   progress?: (done: number, total: number) => void,
   keys: RepoKeys | null = null,
+  genIndex: GenerationIndex = PLAIN_GENERATIONS,
 ): Promise<{ packs: number; problems: string[] }> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'genvault-verify-packs-'));
   let db: Db | null = null;
@@ -220,7 +236,7 @@ export async function packsAgree(
       return v ? packSizeOf(v) : null;
     };
     // verify reads every record header, also where tables of contents would do: checking is its purpose.
-    const model = await PackModel.build(store, db, copies, { progress, committed, readAll: true, keys });
+    const model = await PackModel.build(store, db, copies, { progress, committed, readAll: true, keys, genIndex });
     const restored = await model.finish();
     const chunks = await diffChunks(index, model);
     const problems: string[] = [];
@@ -231,7 +247,7 @@ export async function packsAgree(
     }
     for (const g of restored) {
       // Looked up after the scan: a backup that committed meanwhile is found.
-      if (!(await getOrNull(index, generationKey(g)))) problems.push(`index and packs disagree: generation ${g.name}@${g.id} (${g.created}) is in the packs but not in the index`);
+      if (!(await getOrNull(index, genIndex.key(g)))) problems.push(`index and packs disagree: generation ${g.name}@${g.id} (${g.created}) is in the packs but not in the index`);
     }
     return { packs: model.counts.packs, problems };
   } finally {

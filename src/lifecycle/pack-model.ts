@@ -20,7 +20,8 @@ import { decodeTop, walkLeaf } from '../format/chunkmap.js';
 import { K_GENMAP, chunkKey, key, leafKey, packKey, packSizeValue, prefixEnd } from '../format/keys.js';
 import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF, type GenerationChange } from '../format/meta.js';
 import { COMP_GROUP, encodeLocation, type ChunkLocation } from '../format/pack.js';
-import { generationKey, type Generation } from '../format/generation.js';
+import { type Generation } from '../format/generation.js';
+import { PLAIN_GENERATIONS, type GenerationIndex } from '../format/index-seal.js';
 import type { ScanEnd, ScanItem } from '../format/scan.js';
 import type { RepoKeys } from '../format/crypto.js';
 import { getOrNull, type Db } from '../index/db.js';
@@ -198,6 +199,8 @@ export interface ModelOptions {
   readAll?: boolean;
   /** An encrypted repository's keys (its metadata records are sealed). */
   keys?: RepoKeys | null;
+  /** How the index keys and stores generation records (format 7: sealed); default the plain layout. */
+  genIndex?: GenerationIndex;
 }
 
 export class PackModel {
@@ -219,6 +222,8 @@ export class PackModel {
     readonly copies: Db,
     /** The packs' bytes, which bound how many chunks they can hold. */
     private packBytes: number,
+    /** How generation records are keyed and stored in the index being built. */
+    readonly genIndex: GenerationIndex = PLAIN_GENERATIONS,
   ) {
     this.out = new Batcher(db);
     this.cp = new Batcher(copies);
@@ -228,7 +233,7 @@ export class PackModel {
   static async build(store: Store, db: Db, copies: Db, opts: ModelOptions = {}): Promise<PackModel> {
     const packs = await listPacks(store);
     const total = packs.reduce((a, p) => a + p.size, 0);
-    const m = new PackModel(db, copies, total);
+    const m = new PackModel(db, copies, total, opts.genIndex ?? PLAIN_GENERATIONS);
     let done = 0;
     for (const p of packs) {
       const limit = opts.committed ? await opts.committed(p.packId) : p.size;
@@ -394,7 +399,7 @@ export class PackModel {
       const rec = restorable(g);
       if (rec) {
         const same = rec === g.record && g.json;
-        if (this.out.put(generationKey(rec), same ? g.json! : Buffer.from(JSON.stringify(rec)))) await this.out.spill();
+        if (this.out.put(this.genIndex.key(rec), this.genIndex.value(rec, same ? g.json! : undefined))) await this.out.spill();
         restored.push(rec);
       } else if (g.hasMap) {
         if (this.out.del(key(K_GENMAP, Buffer.from(g.id, 'hex')))) await this.out.spill();

@@ -21,7 +21,7 @@ import { GenvaultError, REPAIR_HINT } from '../util/errors.js';
 import { roughAge } from '../util/duration.js';
 import { configMinAge } from '../format/config.js';
 import { getOrNull } from '../index/db.js';
-import { Generation, parseGenerationRecord } from '../format/generation.js';
+import { Generation } from '../format/generation.js';
 import { ImageLock, RETENTION_LOCK } from '../repository/locks.js';
 import { Repository } from '../repository/repository.js';
 import { MetaPack, withMetaPack } from '../repository/meta-pack.js';
@@ -44,11 +44,11 @@ async function withRetentionLock<T>(repo: Repository, fn: () => Promise<T>): Pro
 
 /** The stored record of a generation, read again under the lock (null if it is gone). */
 async function reread(repo: Repository, g: Generation): Promise<Generation | null> {
-  const k = Repository.generationKey(g);
+  const k = repo.generationKey(g);
   const v = await getOrNull(repo.db, k);
   if (!v) return null;
   try {
-    return parseGenerationRecord(k, v);
+    return repo.genIndex.parse(k, v);
   } catch (e) {
     throw new GenvaultError(`index damaged: the generation record of ${label(g)} is corrupt (${(e as Error).message}); run 'genvault verify' (${REPAIR_HINT})`, 'DAMAGED');
   }
@@ -104,7 +104,7 @@ export async function setProtected(repo: Repository, spec: string, on: boolean):
       if (meta) next.rev = (cur.rev ?? 0) + 1;
       return {
         changes: meta ? [changeOf(next, next.rev!, { tags: next.tags, protected: on })] : [],
-        ops: [{ type: 'put', key: Repository.generationKey(next), value: Buffer.from(JSON.stringify(next)) }],
+        ops: [{ type: 'put', key: repo.generationKey(next), value: repo.genIndex.value(next) }],
       };
     });
     return { gen: next, changed: true };
@@ -129,7 +129,7 @@ export async function setGenerationState(repo: Repository, g: Generation, state:
       if (meta) next.rev = (cur.rev ?? 0) + 1;
       return {
         changes: meta ? [changeOf(next, next.rev!, { tags: next.tags, protected: state.protected })] : [],
-        ops: [{ type: 'put', key: Repository.generationKey(next), value: Buffer.from(JSON.stringify(next)) }],
+        ops: [{ type: 'put', key: repo.generationKey(next), value: repo.genIndex.value(next) }],
       };
     });
     return true;
@@ -177,9 +177,9 @@ async function removeGenerations(repo: Repository, gens: Generation[], what: str
       changes: meta ? gens.map((g) => changeOf(g, (g.rev ?? 0) + 1, { forgotten: true })) : [],
       ops: gens.flatMap((g): Op[] =>
         pinned.has(g.id)
-          ? [{ type: 'put', key: Repository.generationKey(g), value: Buffer.from(JSON.stringify(hidden(g, meta))) }]
+          ? [{ type: 'put', key: repo.generationKey(g), value: repo.genIndex.value(hidden(g, meta)) }]
           : [
-              { type: 'del', key: Repository.generationKey(g) },
+              { type: 'del', key: repo.generationKey(g) },
               { type: 'del', key: Repository.mapKey(g.id) },
             ],
       ),

@@ -14,6 +14,7 @@ import { gcRunning, liveWriters, parseOwner } from '../repository/locks.js';
 import { applyUmask, tightenRepo } from '../repository/perms.js';
 import type { RepoConfig } from '../format/config.js';
 import type { RepoKeys } from '../format/crypto.js';
+import { PLAIN_GENERATIONS, type GenerationIndex } from '../format/index-seal.js';
 import { LocalStore } from '../store/local.js';
 import { PackModel, type DamagedRecord, type IncompleteGeneration } from './pack-model.js';
 import { diffAgrees, diffIndex, type IndexDiff } from './index-diff.js';
@@ -54,7 +55,7 @@ const OWNER_FILE = 'genvault-repair.json';
 const BUILD_PREFIX = 'index.repair-';
 
 /** repair() after the config is checked and the key (null: not encrypted) opened. */
-export async function rebuild(abs: string, config: RepoConfig, keys: RepoKeys | null, opts: RepairOptions, started: number): Promise<RepairReport> {
+export async function rebuild(abs: string, config: RepoConfig, keys: RepoKeys | null, opts: RepairOptions, started: number, genIndex: GenerationIndex = PLAIN_GENERATIONS): Promise<RepairReport> {
   applyUmask(config);
   const indexDir = path.join(abs, 'index');
   if (opts.write) {
@@ -72,7 +73,7 @@ export async function rebuild(abs: string, config: RepoConfig, keys: RepoKeys | 
     db = await openPrivateDb(path.join(build, 'index'));
     copies = await openPrivateDb(path.join(build, 'copies'));
     const store = new LocalStore(abs);
-    const model = await PackModel.build(store, db, copies, { progress: opts.progress, readAll: opts.readAll === true, keys });
+    const model = await PackModel.build(store, db, copies, { progress: opts.progress, readAll: opts.readAll === true, keys, genIndex });
     await store.close();
     const report = await describe(model, indexDir, opts.write === true);
     await copies.close();

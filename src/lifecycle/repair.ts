@@ -17,6 +17,7 @@ import path from 'node:path';
 import { GenvaultError } from '../util/errors.js';
 import { readConfig } from '../repository/config-file.js';
 import { unlock } from '../repository/keys.js';
+import { generationIndex } from '../format/index-seal.js';
 import type { RepairOptions, RepairReport } from './rebuild.js';
 
 export type { RepairOptions, RepairReport } from './rebuild.js';
@@ -36,5 +37,5 @@ export async function repair(dir: string, opts: RepairOptions = {}): Promise<Rep
   // do: it loads what rebuilds the index (LevelDB, the scan, rebuild.ts) meanwhile, which
   // is why that is imported here and not above (performance.md, "Rebuilding the index").
   const [unlocked, { rebuild }] = await Promise.all([config.encryption ? unlock(abs, config) : null, import('./rebuild.js')]);
-  return rebuild(abs, config, unlocked?.keys ?? null, opts, started);
+  return rebuild(abs, config, unlocked?.keys ?? null, opts, started, generationIndex(config, unlocked?.index ?? null));
 }

@@ -22,12 +22,21 @@
  * Killed before step 3, the repository is still a working version-3 one (packs of step 2
  * are committed or cleaned up as any writer's) and upgrade starts again; killed after, it
  * is version 4 and `upgrade` only does step 4.
+ *
+ * An encrypted repository of format 6 becomes format 7 (FORMAT.md "Version 7: sealed
+ * index"): nothing is written into packs (their records are sealed already); with no
+ * other writer running, every `g` and `j` entry of the index is rewritten under its keyed
+ * name with its value sealed (one batch), then config.json says 7; then, once writers
+ * that opened the repository as version 6 are gone, entries they wrote the old way are
+ * converted too. Entries already converted are recognised (they open), so a run killed
+ * at any point is finished by running upgrade again.
  */
 import { GenvaultError } from '../util/errors.js';
-import { K_GEN, K_LEAF, packKey, packSizeOf, prefixEnd } from '../format/keys.js';
-import { PLAIN_FORMAT_VERSION as FORMAT_VERSION } from '../format/config.js';
+import { K_GEN, K_JOB_RUN, K_LEAF, packKey, packSizeOf, prefixEnd } from '../format/keys.js';
+import { INDEX_SEALED_VERSION, PLAIN_FORMAT_VERSION as FORMAT_VERSION } from '../format/config.js';
+import { PLAIN_GENERATIONS, nameTag, openIndexValue, sealIndexValue, sealedGenerations, type IndexKeys } from '../format/index-seal.js';
 import { REC_CHANGE, REC_GENERATION, REC_GENMAP, REC_LEAF } from '../format/meta.js';
-import { parseGenerationRecord, type Generation } from '../format/generation.js';
+import { type Generation } from '../format/generation.js';
 import { getOrNull } from '../index/db.js';
 import { ImageLock, RETENTION_LOCK, gcRunning, liveWriters } from '../repository/locks.js';
 import { MetaPack, withMetaPack } from '../repository/meta-pack.js';
@@ -43,6 +52,8 @@ export interface UpgradeResult {
   generations: number;
   /** Writers that were still writing as version 3 when the config changed, waited for. */
   waitedFor: number;
+  /** Format 6 -> 7: generation records rewritten in the index under keyed names, sealed. */
+  sealed?: number;
 }
 
 export interface UpgradeOptions {
@@ -61,6 +72,7 @@ interface Written {
 export async function upgrade(repo: Repository, opts: UpgradeOptions = {}): Promise<UpgradeResult> {
   repo.requireWritable('upgrade');
   const from = repo.config.version;
+  if (repo.config.encryption) return sealIndex(repo, opts);
   const res: UpgradeResult = { from, to: Math.max(from, FORMAT_VERSION), leaves: 0, generations: 0, waitedFor: 0 };
   const lock = await ImageLock.acquire(repo.dir, RETENTION_LOCK, true);
   try {
@@ -123,16 +135,17 @@ async function writePass(repo: Repository, mp: MetaPack, written: Written, res: 
 /** Every generation record, also those hidden while pinned (they become forgotten changes). */
 async function generationRecords(repo: Repository): Promise<Array<Generation & { json: Buffer }>> {
   const out: Array<Generation & { json: Buffer }> = [];
+  const gi = repo.genIndex;
   for await (const [k, v] of repo.db.iterator({ gte: Buffer.of(K_GEN), lt: prefixEnd(Buffer.of(K_GEN)) })) {
     let g: Generation;
     try {
-      g = parseGenerationRecord(k, v);
+      g = gi.parse(k, v);
     } catch (e) {
       // Damaged: nothing trustworthy to write. verify reports it; repair cannot bring it back.
       process.stderr.write(`genvault: warning: upgrade: a generation record is damaged (${(e as Error).message}); it is not written into packs\n`);
       continue;
     }
-    out.push({ ...g, json: Buffer.from(v) });
+    out.push({ ...g, json: Buffer.from(gi.json(k, v)) });
   }
   return out;
 }
@@ -175,8 +188,8 @@ async function metaInPacks(repo: Repository): Promise<Written> {
   return w;
 }
 
-async function writeConfig(repo: Repository): Promise<void> {
-  const next = { ...repo.config, version: FORMAT_VERSION };
+async function writeConfig(repo: Repository, version = FORMAT_VERSION): Promise<void> {
+  const next = { ...repo.config, version };
   await repo.store.put(CONFIG_FILE, JSON.stringify(next, null, 2) + '\n', { mode: repoModes(next).file });
 }
 
@@ -191,5 +204,80 @@ async function waitForOlderWriters(repo: Repository, mp: MetaPack, opts: Upgrade
       seen.add(w.id);
     }
     await new Promise((r) => setTimeout(r, opts.pollMs ?? 500));
+  }
+}
+
+/** An encrypted repository: format 6 -> 7 (the index sealed); on 7, converts what writers of 6 left. */
+async function sealIndex(repo: Repository, opts: UpgradeOptions): Promise<UpgradeResult> {
+  const from = repo.config.version;
+  const res: UpgradeResult = { from, to: INDEX_SEALED_VERSION, leaves: 0, generations: 0, waitedFor: 0, sealed: 0 };
+  const ik = repo.unlocked?.index;
+  if (!ik) throw new GenvaultError(`${repo.dir}: upgrading an encrypted repository needs its key`, 'NO_KEY');
+  const lock = await ImageLock.acquire(repo.dir, RETENTION_LOCK, true);
+  try {
+    await withMetaPack(repo, 'upgrade', async (mp) => {
+      if (from < INDEX_SEALED_VERSION) {
+        await refuseOtherWriters(repo, mp);
+        opts.progress?.(`sealing the index of ${repo.dir}`);
+        res.sealed! += await convertIndex(repo, ik);
+        await writeConfig(repo, INDEX_SEALED_VERSION);
+        opts.progress?.(`format version ${from} -> ${INDEX_SEALED_VERSION}`);
+      }
+      res.waitedFor = await waitForOlderWriters(repo, mp, opts);
+      res.sealed! += await convertIndex(repo, ik);
+    });
+  } finally {
+    await lock.release().catch(() => undefined);
+  }
+  return res;
+}
+
+/**
+ * Rewrite every plain `g` and `j` entry as format 7 has it, in one batch; entries that
+ * already open as format 7 ones are left. A plain entry that does not parse is damage:
+ * named on stderr and left (verify reports it). Returns the generation records converted.
+ */
+async function convertIndex(repo: Repository, ik: IndexKeys): Promise<number> {
+  const sealed = sealedGenerations(ik);
+  const ops: Array<{ type: 'put'; key: Buffer; value: Buffer } | { type: 'del'; key: Buffer }> = [];
+  let generations = 0;
+  for await (const [k, v] of repo.db.iterator({ gte: Buffer.of(K_GEN), lt: prefixEnd(Buffer.of(K_GEN)) })) {
+    if (opensSealed(() => sealed.json(k, v))) continue;
+    let g: Generation;
+    try {
+      g = PLAIN_GENERATIONS.parse(k, v);
+    } catch (e) {
+      process.stderr.write(`genvault: warning: upgrade: a generation record is damaged (${(e as Error).message}); it is left as it is\n`);
+      continue;
+    }
+    ops.push({ type: 'put', key: sealed.key(g), value: sealed.value(g, v) }, { type: 'del', key: k });
+    generations++;
+  }
+  for await (const [k, v] of repo.db.iterator({ gte: Buffer.of(K_JOB_RUN), lt: prefixEnd(Buffer.of(K_JOB_RUN)) })) {
+    if (opensSealed(() => openIndexValue(ik, k, v))) continue;
+    const sep = k.length - 9;
+    let job: string | null = null;
+    try {
+      job = sep > 1 && k[sep] === 0 ? (JSON.parse(v.toString('utf8')) as { job?: unknown }).job as string : null;
+    } catch {
+      job = null;
+    }
+    if (typeof job !== 'string' || k.toString('utf8', 1, sep) !== job) {
+      process.stderr.write(`genvault: warning: upgrade: a job run record is damaged; it is dropped\n`);
+      ops.push({ type: 'del', key: k });
+      continue;
+    }
+    const nk = Buffer.concat([Buffer.of(K_JOB_RUN), nameTag(ik, K_JOB_RUN, job), k.subarray(sep + 1)]);
+    ops.push({ type: 'put', key: nk, value: sealIndexValue(ik, nk, v) }, { type: 'del', key: k });
+  }
+  if (ops.length) await repo.db.batch(ops, { sync: true } as object);
+  return generations;
+}
+
+function opensSealed(open: () => Buffer | null): boolean {
+  try {
+    return open() !== null;
+  } catch {
+    return false;
   }
 }

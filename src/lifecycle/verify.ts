@@ -23,10 +23,11 @@
  * generation uses any more (its generation was removed meanwhile) is not reported.
  */
 import { GenvaultError } from '../util/errors.js';
-import { checkedLeaf, checkedTop, Leaf, LeafRef } from '../format/chunkmap.js';
+import { checkedLeaf, checkedTop, decodeTop, Leaf, LeafRef } from '../format/chunkmap.js';
 import { getOrNull, markDamaged } from '../index/db.js';
 import { K_GEN, chunkKey, leafKey, packKey, packSizeOf, prefixEnd } from '../format/keys.js';
-import { Generation, describeGenerationKey, parseGenerationRecord } from '../format/generation.js';
+import { Generation } from '../format/generation.js';
+import { NAMES_NEED_KEY } from '../format/index-seal.js';
 import {
   COMP_GROUP,
   GROUP_TABLE_MAX,
@@ -152,6 +153,7 @@ interface VerifyRun {
   readsData: boolean;
   genProblems: Map<string, AffectedGeneration>; // key: hex of the g key
   gens: Generation[];
+  genKeyHex: Map<string, string>; // generation id -> hex of its g key
   leafInfo: Map<string, { bytes: number; chunks: number }>; // leaf digest (binary) -> what maps say
   fastOf: Map<string, string>; // chunk digest -> BLAKE3 from the map entries (binary strings)
   fastConflicts: Set<string>; // chunks whose map entries give different BLAKE3s
@@ -182,8 +184,9 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
   // records cannot be read: the structure is checked, the packs are not compared.
   const sealedShut = repo.config.encryption !== undefined && !repo.keys;
   if (sealedShut) warnings.push('verified without the key: record headers, maps and the index only; the packs\' sealed records were not opened or compared with the index');
+  if (!repo.genIndex.readable) warnings.push(`${NAMES_NEED_KEY}: generations are shown by id, time and size`);
   if (repo.config.version >= 4 && !sealedShut) {
-    const agree = await packsAgree(repo.store, repo.db, (d, t) => opts.onProgress?.('packs', d, t), repo.keys);
+    const agree = await packsAgree(repo.store, repo.db, (d, t) => opts.onProgress?.('packs', d, t), repo.keys, repo.genIndex);
     indexProblems.push(...agree.problems);
   }
   await readLeaves(run);
@@ -209,6 +212,7 @@ function newRun(repo: Repository, opts: VerifyOptions): VerifyRun {
     readsData: !!opts.full || !!opts.samplePercent,
     genProblems: new Map(),
     gens: [],
+    genKeyHex: new Map(),
     leafInfo: new Map(),
     fastOf: new Map(),
     fastConflicts: new Set(),
@@ -250,18 +254,20 @@ function noteGen(run: VerifyRun, key: string, base: GenBase, problem: string, wh
 /** Step 1: generation records and their top-level maps; collects the leaves the maps name. */
 async function readGenerations(run: VerifyRun): Promise<void> {
   const { repo, leafInfo } = run;
+  const gi = repo.genIndex;
   const genPrefix = Buffer.of(K_GEN);
   for await (const [k, v] of repo.db.iterator({ gte: genPrefix, lt: prefixEnd(genPrefix) })) {
     const keyHex = k.toString('hex');
-    const fromKey = { ...describeGenerationKey(k), created: null };
+    const fromKey = { ...gi.describe(k), created: null };
     let g: Generation;
     try {
-      g = parseGenerationRecord(k, v);
+      g = gi.readable ? gi.parse(k, v) : await lockedGeneration(run, k);
     } catch (e) {
       noteGen(run, keyHex, fromKey, `generation record is corrupt (${(e as Error).message})`, true);
       continue;
     }
     run.gens.push(g);
+    run.genKeyHex.set(g.id, keyHex);
     const base = { name: g.name, id: g.id, created: g.created };
     const top = await getOrNull(repo.db, Repository.mapKey(g.id));
     if (!top) {
@@ -280,6 +286,33 @@ async function readGenerations(run: VerifyRun): Promise<void> {
       if (!leafInfo.has(d)) leafInfo.set(d, { bytes: r.bytes, chunks: r.chunks });
     }
   }
+}
+
+/**
+ * What the key of a sealed generation record (format 7, opened without the key) and its
+ * map say: id, time, size and leaves; its name is the key's tag (names need the key).
+ */
+async function lockedGeneration(run: VerifyRun, k: Buffer): Promise<Generation> {
+  const gi = run.repo.genIndex;
+  const { name, id } = gi.describe(k);
+  const created = gi.createdOf(k);
+  if (created === null || !Number.isFinite(new Date(created).getTime())) throw new Error('not a generation key of this format');
+  const top = await getOrNull(run.repo.db, Repository.mapKey(id));
+  const refs = top ? decodeTop(top) : [];
+  const size = refs.reduce((a, r) => a + r.bytes, 0);
+  const g: Generation = {
+    id,
+    name,
+    created: new Date(created).toISOString(),
+    size,
+    chunking: { ...run.repo.config.chunking },
+    leaves: refs.length,
+    tags: [],
+    source: '',
+    parent: null,
+    stats: { bytesRead: 0, zeroBytes: 0, chunks: 0, newChunks: 0, newBytes: 0, newStored: 0, durationMs: 0 },
+  };
+  return g;
 }
 
 /** Damage to the index as a whole: what LevelDB dropped on recovery, maps without a record. */
@@ -691,7 +724,7 @@ interface GenScan {
 
 /** Walk generation g's map, naming the image ranges its damaged leaves and chunks cover. */
 async function nameInGeneration(run: VerifyRun, g: Generation, damagedChunks: Map<string, DamagedChunk>, referencedLeaves: Set<string>): Promise<void> {
-  const keyHex = Repository.generationKey(g).toString('hex');
+  const keyHex = run.genKeyHex.get(g.id) ?? run.repo.generationKey(g).toString('hex');
   if (run.genProblems.get(keyHex)?.whole) return;
   const top = await getOrNull(run.repo.db, Repository.mapKey(g.id));
   if (!top) return;

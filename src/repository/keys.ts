@@ -23,6 +23,7 @@ import {
   type RepoKeys,
   type SlotKind,
 } from '../format/crypto.js';
+import { deriveIndexKeys, type IndexKeys } from '../format/index-seal.js';
 import { repoModes } from './perms.js';
 
 export const KEYS_DIR = 'keys';
@@ -172,6 +173,8 @@ export async function removeSlot(dir: string, id: string): Promise<void> {
 export interface Unlocked {
   master: Buffer;
   keys: RepoKeys;
+  /** The keys of a sealed index (format 7; derived for every encrypted repository, used from 7 on). */
+  index: IndexKeys;
   slotId: string;
   secret: Secret;
 }
@@ -199,7 +202,7 @@ export async function unlock(dir: string, config: RepoConfig, given?: Secret): P
     if (!keyMatches(master, config.encryption!.keyCheck)) {
       throw new GenvaultError(`${dir}: key slot ${slot.id} holds a key of another repository`, 'BAD_KEY');
     }
-    const u = { master, keys: deriveKeys(master, config.id), slotId: slot.id, secret };
+    const u = { master, keys: deriveKeys(master, config.id), index: deriveIndexKeys(master, config.id), slotId: slot.id, secret };
     unlockedByDir.set(dir, u);
     return u;
   }

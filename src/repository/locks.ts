@@ -354,11 +354,12 @@ export class ImageLock {
   /**
    * Take the per-image backup lock; with `wait`, poll until the holder finishes. The lock
    * is linked into place from a complete temporary file, so it is never seen half-written
-   * and a malformed one is stale.
+   * and a malformed one is stale. `fileName`: what names the lock file instead of the
+   * image's name (a sealed index's tag, Repository.imageLockName).
    */
-  static async acquire(repoDir: string, name: string, wait: boolean): Promise<ImageLock> {
-    if (!isLockName(name)) throw new GenvaultError(`invalid image name ${JSON.stringify(name)}`, 'USAGE', 2);
-    const file = path.join(repoDir, 'locks', `image-${name}.lock`);
+  static async acquire(repoDir: string, name: string, wait: boolean, fileName = name): Promise<ImageLock> {
+    if (!isLockName(name) || !isLockName(fileName)) throw new GenvaultError(`invalid image name ${JSON.stringify(name)}`, 'USAGE', 2);
+    const file = path.join(repoDir, 'locks', `image-${fileName}.lock`);
     const me = await currentOwner();
     // Unique per call (a process may take several locks at once); cleanupDeadWriters
     // removes it by the pid at its end if we die.

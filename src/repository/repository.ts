@@ -6,14 +6,15 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { GenvaultError, REPAIR_HINT, describeFsError } from '../util/errors.js';
 import { Lru } from '../util/lru.js';
-import { ENCRYPTED_FORMAT_VERSION, RepoConfig, defaultConfig } from '../format/config.js';
+import { INDEX_SEALED_VERSION, RepoConfig, defaultConfig } from '../format/config.js';
 import { MASTER_KEY_BYTES, keyCheck, type RepoKeys } from '../format/crypto.js';
 import { randomBytes } from 'node:crypto';
 import { addSlot, unlock, type Secret, type Unlocked } from './keys.js';
 import { DAMAGE_FILE, Db, IndexError, getOrNull, indexDamage, openDb, readOnlyCopy } from '../index/db.js';
 import { K_GEN, K_GENMAP, chunkKey, key, leafKey, prefixEnd } from '../format/keys.js';
 import { ChunkMap, Leaf, LeafDamage, checkedLeaf, checkedTop } from '../format/chunkmap.js';
-import { Generation, describeGenerationKey, generationKey, parseGenerationRecord, parseTarget, resolveRevision } from '../format/generation.js';
+import { Generation, parseTarget, resolveRevision } from '../format/generation.js';
+import { NAMES_NEED_KEY, generationIndex, nameTag, type GenerationIndex, type IndexKeys } from '../format/index-seal.js';
 import { ChunkLocation, decodeLocation } from '../format/pack.js';
 import { WorkerPool } from '../work/pool.js';
 import { LocalStore } from '../store/local.js';
@@ -33,9 +34,33 @@ export class Repository {
     readonly db: Db,
     /** Where config.json and the packs are (everything but index/ and locks/). */
     readonly store: Store,
-    /** An encrypted repository's opened key (format 6), or null. */
+    /** An encrypted repository's opened key (formats 6 and 7), or null. */
     readonly unlocked: Unlocked | null = null,
-  ) {}
+  ) {
+    this.gi = generationIndex(config, unlocked?.index ?? null);
+  }
+
+  private gi: GenerationIndex;
+
+  /** How this repository's generation records are keyed and stored (format 7: name tags, sealed values). */
+  get genIndex(): GenerationIndex {
+    return this.gi;
+  }
+
+  /**
+   * Read a sealed index (format 7) opened without the key with these index keys: those of
+   * a repository with the same id and key check (sync's destination, checked by the
+   * caller), so that a sync source needs no key of its own.
+   */
+  adoptIndexKeys(keys: IndexKeys): void {
+    if (!this.gi.readable) this.gi = generationIndex(this.config, keys);
+  }
+
+  /** A sealed index opened without the key: open the key now (this process's secret) to read it. */
+  async unlockIndex(): Promise<void> {
+    if (this.gi.readable) return;
+    this.adoptIndexKeys((await unlock(this.dir, this.config)).index);
+  }
 
   /** The derived keys records are sealed and chunks identified with, or null (unencrypted). */
   get keys(): RepoKeys | null {
@@ -43,7 +68,7 @@ export class Repository {
   }
 
   /**
-   * Make a repository; with `encrypt`, an encrypted one (format 6) whose master key is
+   * Make a repository; with `encrypt`, an encrypted one (format 7) whose master key is
    * wrapped in a first key slot under that secret. `master`: that master key instead of a
    * new one (`init --like` an encrypted repository: overrides then carry its id too).
    */
@@ -64,7 +89,7 @@ export class Repository {
     if (master && !encrypt) throw new Error('a master key needs a secret for its slot');
     master = encrypt ? (master ?? randomBytes(MASTER_KEY_BYTES)) : null;
     if (master) {
-      config.version = ENCRYPTED_FORMAT_VERSION;
+      config.version = INDEX_SEALED_VERSION;
       config.encryption = { cipher: 'aes-256-gcm', identity: 'hmac-sha256', keyCheck: keyCheck(master) };
     }
     const modes = repoModes(config);
@@ -176,18 +201,22 @@ export class Repository {
    * removed while pinned by a reader are left out unless `includeRemoved` (gc needs them).
    */
   async generations(name?: string, includeRemoved = false): Promise<Generation[]> {
-    const prefix = name === undefined ? Buffer.of(K_GEN) : key(K_GEN, name, Buffer.of(0));
+    const gi = this.genIndex;
+    if (!gi.readable) throw new GenvaultError(`${this.dir}: ${NAMES_NEED_KEY}`, 'NO_KEY');
+    const prefix = gi.prefix(name);
     const out: Generation[] = [];
     for await (const [k, v] of this.db.iterator({ gte: prefix, lt: prefixEnd(prefix) })) {
       let g: Generation;
       try {
-        g = parseGenerationRecord(k, v);
+        g = gi.parse(k, v);
       } catch (e) {
         this.reportDamagedRecord(k, (e as Error).message);
         continue;
       }
       if (!g.removed || includeRemoved) out.push(g);
     }
+    // Sealed keys order images by their tags: put them in name order, as plain keys do.
+    if (gi.sealed) out.sort((a, b) => (a.name === b.name ? Date.parse(a.created) - Date.parse(b.created) : a.name < b.name ? -1 : 1));
     return out;
   }
 
@@ -207,7 +236,7 @@ export class Repository {
     const hexKey = k.toString('hex');
     if (this.reported.has(hexKey)) return;
     this.reported.add(hexKey);
-    const { name, id } = describeGenerationKey(k);
+    const { name, id } = this.genIndex.describe(k);
     process.stderr.write(`genvault: warning: index damaged: the generation record of ${name}@${id} is corrupt (${problem}); it is left out (run 'genvault verify'; ${REPAIR_HINT})\n`);
   }
 
@@ -246,8 +275,18 @@ export class Repository {
     return resolveRevision(gens, name, rev);
   }
 
-  static generationKey(g: Pick<Generation, 'name' | 'created' | 'id'>): Buffer {
-    return generationKey(g);
+  /**
+   * What names an image's backup lock file (locks/image-NAME.lock): its name, or in a
+   * sealed index (format 7) 't' and its name tag in hex, so that no file names it.
+   */
+  imageLockName(name: string): string {
+    const ik = this.unlocked?.index;
+    return this.gi.sealed && ik ? `t${nameTag(ik, K_GEN, name).toString('hex')}` : name;
+  }
+
+  /** The index key of a generation's record (this repository's format: see genIndex). */
+  generationKey(g: Pick<Generation, 'name' | 'created' | 'id'>): Buffer {
+    return this.genIndex.key(g);
   }
 
   static mapKey(id: string): Buffer {

@@ -11,6 +11,7 @@
  * (format 6) are copied as they are, which is why both repositories must share their
  * repository id and keys (`genvault init --like`).
  */
+import type { IndexKeys } from '../format/index-seal.js';
 import type { RepoConfig } from '../format/config.js';
 import type { ChunkLocation } from '../format/pack.js';
 import type { Generation } from '../format/generation.js';
@@ -34,6 +35,8 @@ export interface SyncSource {
   readonly config: RepoConfig;
   /** Generations, oldest first per image (all images, or these). */
   generations(names?: string[]): Promise<Generation[]>;
+  /** Read a sealed index with these keys (of a destination with the same id and key check). */
+  adoptIndexKeys?(keys: IndexKeys): void;
   /**
    * Pin a generation against a concurrent forget + gc at the source and read its map;
    * null when it is gone (forgotten meanwhile).
@@ -64,6 +67,8 @@ export interface SyncDestination {
   readonly config: RepoConfig;
   /** The keys the destination seals its metadata records with (format 6), else null. */
   readonly keys: RepoKeys | null;
+  /** The keys of the destination's sealed index (format 7; same as the source's), when it holds them. */
+  readonly indexKeys?: IndexKeys | null;
   /** Generations (all images, or these), oldest first per image. */
   generations(names?: string[]): Promise<Generation[]>;
   /** Register as a writer: everything below happens between begin() and end()/abort(). */

@@ -78,6 +78,10 @@ export class LocalDestination implements SyncDestination {
     return this.repo.keys;
   }
 
+  get indexKeys() {
+    return this.repo.unlocked?.index ?? null;
+  }
+
   get storedBytes(): number {
     return this.appended;
   }
@@ -101,7 +105,7 @@ export class LocalDestination implements SyncDestination {
 
   async lockImage(name: string): Promise<void> {
     await this.unlockImage();
-    this.imageLock = await ImageLock.acquire(this.repo.dir, name, this.opts.wait === true);
+    this.imageLock = await ImageLock.acquire(this.repo.dir, name, this.opts.wait === true, this.repo.imageLockName(name));
   }
 
   async unlockImage(): Promise<void> {
@@ -198,7 +202,7 @@ export class LocalDestination implements SyncDestination {
   async commitGeneration(gen: Generation, top: Buffer): Promise<boolean> {
     await this.flush();
     const { repo } = this;
-    const gkey = Repository.generationKey(gen);
+    const gkey = repo.generationKey(gen);
     if (await getOrNull(repo.db, gkey)) return false;
     // The map and record in a pack of their own (FORMAT.md, "Version 5"), synced before the
     // batch. The data pack stays open for the next generation's records (flushed: committed).
@@ -222,7 +226,7 @@ export class LocalDestination implements SyncDestination {
         ...this.healed.map((d) => ({ type: 'del' as const, key: damagedKey(Buffer.from(d, 'binary')) })),
         p.commitOp(),
         { type: 'put', key: Repository.mapKey(gen.id), value: top },
-        { type: 'put', key: gkey, value: json },
+        { type: 'put', key: gkey, value: repo.genIndex.value(gen, json) },
       ],
       { sync: true } as object,
     );

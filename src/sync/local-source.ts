@@ -5,12 +5,13 @@
  * the files it has open), so a forget or prune at the source meanwhile only hides them
  * and a gc keeps their data until the copy is done.
  */
+import type { IndexKeys } from '../format/index-seal.js';
 import { GenvaultError, REPAIR_HINT } from '../util/errors.js';
 import { getOrNull } from '../index/db.js';
 import { chunkKey, leafKey } from '../format/keys.js';
 import { checkedLeaf, checkedTop } from '../format/chunkmap.js';
 import { RECORD_HEADER_SIZE, decodeLocation, isLocation, type ChunkLocation } from '../format/pack.js';
-import { parseGenerationRecord, type Generation } from '../format/generation.js';
+import { type Generation } from '../format/generation.js';
 import { readRecordSpan } from '../store/pack-reader.js';
 import { Pin } from '../repository/locks.js';
 import { Repository } from '../repository/repository.js';
@@ -40,7 +41,13 @@ export class LocalSource implements SyncSource {
     return this.repo.config;
   }
 
+  adoptIndexKeys(keys: IndexKeys): void {
+    this.repo.adoptIndexKeys(keys);
+  }
+
   async generations(names?: string[]): Promise<Generation[]> {
+    // A sealed index (format 7) needs the key: the destination's (adopted), else our own.
+    await this.repo.unlockIndex();
     if (!names?.length) return this.repo.generations();
     const out: Generation[] = [];
     for (const n of [...new Set(names)]) {
@@ -59,12 +66,12 @@ export class LocalSource implements SyncSource {
     };
     try {
       // Read again once pinned: forgotten before the pin, it is gone (or hidden) now.
-      const k = Repository.generationKey(g);
+      const k = this.repo.generationKey(g);
       const v = await getOrNull(this.repo.db, k);
       if (!v) return (await release(), null);
       let gen: Generation;
       try {
-        gen = parseGenerationRecord(k, v);
+        gen = this.repo.genIndex.parse(k, v);
       } catch (e) {
         throw new GenvaultError(`source index damaged: the generation record of ${g.name}@${g.id} is corrupt (${(e as Error).message}; ${REPAIR_HINT})`, 'DAMAGED');
       }

@@ -156,6 +156,8 @@ function stateDiffers(a: Generation, b: Generation): boolean {
 
 export async function sync(src: SyncSource, dst: SyncDestination, opts: SyncOptions = {}): Promise<SyncResult> {
   checkCompatible(src, dst);
+  // Same id and key check (checked above): the destination's index keys read the source's index.
+  if (dst.indexKeys) src.adoptIndexKeys?.(dst.indexKeys);
   if (opts.rules) checkRules(opts.rules);
   const now = opts.now ?? Date.now();
   const p = await plan(src, dst, opts, now);
