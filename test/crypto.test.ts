@@ -5,7 +5,8 @@
  * failing to open; the paper key backup; the keyed chunker; sealed metadata records read
  * back through the pack scanner.
  */
-import { createHash } from 'node:crypto';
+import { createCipheriv, createHash } from 'node:crypto';
+import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import {
   SEAL_OVERHEAD,
@@ -33,7 +34,8 @@ import { scanPack, type ScanEnd } from '../src/format/scan.js';
 import { encodeTocRecord, tocEntriesOf } from '../src/format/toc.js';
 import { PACK_HEADER_SIZE, PACK_MAGIC } from '../src/format/pack.js';
 import { LeafBuilder } from '../src/format/chunkmap.js';
-import { prng } from './helpers.js';
+import { prng, sh } from './helpers.js';
+import { nativeGcm } from '../src/util/gcm.js';
 
 const MASTER = Buffer.from(Array.from({ length: 32 }, (_, i) => i));
 const REPO = '00112233445566778899aabbccddeeff';
@@ -111,6 +113,64 @@ describe('sealing in place, in pieces', () => {
       else sealed[0]! ^= 4;
       expect(openInto(k, sealed, ad, dst)).toBeNull();
     }
+  });
+});
+
+describe('AES-256-GCM through the addon (src/native/gcm.c)', () => {
+  const k = deriveKeys(MASTER, REPO);
+  it('is built, and writes what node:crypto writes, in place and shifted as sealInto uses it; refuses every change', () => {
+    const gcm = nativeGcm();
+    expect(gcm, 'scripts/setup builds src/native/build/Release/gcm.node').not.toBeNull();
+    for (const n of [0, 1, 15, 16, 17, 32769, 1 << 20, (3 << 20) + 7]) {
+      for (const adLen of [0, 61]) {
+        const plain = prng(n + 7, n);
+        const ad = prng(adLen + 3, adLen);
+        const nonce = prng(n + 11, 12);
+        const c = createCipheriv('aes-256-gcm', k.seal, nonce);
+        c.setAAD(ad);
+        const ref = Buffer.concat([c.update(plain), c.final()]);
+        const refTag = c.getAuthTag();
+        const dst = Buffer.alloc(n);
+        const tag = Buffer.alloc(16);
+        expect(gcm!(true, k.seal, nonce, ad, plain, dst, tag)).toBe(true);
+        expect(dst.equals(ref) && tag.equals(refTag)).toBe(true);
+        const buf = Buffer.alloc(n + 12);
+        plain.copy(buf);
+        gcm!(true, k.seal, nonce, ad, buf.subarray(0, n), buf.subarray(12), tag);
+        expect(buf.subarray(12).equals(ref)).toBe(true);
+        const back = Buffer.alloc(n);
+        expect(gcm!(false, k.seal, nonce, ad, ref, back, refTag)).toBe(true);
+        expect(back.equals(plain)).toBe(true);
+        const badTag = Buffer.from(refTag);
+        badTag[15]! ^= 1;
+        expect(gcm!(false, k.seal, nonce, ad, ref, back, badTag)).toBe(false);
+        if (n) {
+          const bad = Buffer.from(ref);
+          bad[n - 1]! ^= 0x80;
+          expect(gcm!(false, k.seal, nonce, ad, bad, back, refTag)).toBe(false);
+        }
+        if (adLen) expect(gcm!(false, k.seal, nonce, Buffer.alloc(adLen), ref, back, refTag)).toBe(false);
+      }
+    }
+    expect(() => gcm!(true, k.seal.subarray(1), Buffer.alloc(12), Buffer.alloc(0), Buffer.alloc(1), Buffer.alloc(1), Buffer.alloc(16))).toThrow(/expected/);
+    expect(() => gcm!(true, k.seal, Buffer.alloc(12), Buffer.alloc(0), Buffer.alloc(2), Buffer.alloc(1), Buffer.alloc(16))).toThrow(/expected/);
+  });
+  it('records sealed with node:crypto (GENVAULT_NATIVE_GCM=0) open through the addon, and the other way round', async () => {
+    const plain = prng(5, 300_000);
+    const ad = metaAd(k, 1);
+    const mine = seal(k, plain, ad);
+    const code = `
+      const { deriveKeys, seal, open, metaAd } = await import(${JSON.stringify(path.resolve('dist/format/crypto.js'))});
+      const k = deriveKeys(Buffer.from(process.argv[1], 'hex'), process.argv[2]);
+      const chunks = [];
+      for await (const c of process.stdin) chunks.push(c);
+      const theirs = open(k, Buffer.concat(chunks), metaAd(k, 1));
+      process.stdout.write(JSON.stringify({ opened: theirs && theirs.toString('base64'), sealed: seal(k, theirs, metaAd(k, 1)).toString('base64') }));`;
+    const r = await sh(process.execPath, ['--input-type=module', '-e', code, MASTER.toString('hex'), REPO], { input: mine, env: { GENVAULT_NATIVE_GCM: '0' } });
+    expect(r.code, r.stderr).toBe(0);
+    const out = JSON.parse(r.stdout) as { opened: string; sealed: string };
+    expect(Buffer.from(out.opened, 'base64').equals(plain)).toBe(true);
+    expect(open(k, Buffer.from(out.sealed, 'base64'), ad)?.equals(plain)).toBe(true);
   });
 });
 

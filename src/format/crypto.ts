@@ -6,6 +6,7 @@
  * file through scrypt). Pure: no files; the slots' files are repository/keys.ts's.
  */
 import { createCipheriv, createDecipheriv, createHash, createHmac, randomBytes, scrypt, timingSafeEqual } from 'node:crypto';
+import { nativeGcm } from '../util/gcm.js';
 
 export const MASTER_KEY_BYTES = 32;
 export const NONCE_BYTES = 12;
@@ -106,6 +107,14 @@ let sealScratch = Buffer.allocUnsafe(0);
  */
 export function sealInto(keys: RepoKeys, plain: Uint8Array, ad: Uint8Array, out: Uint8Array, at: number): number {
   const nonce = randomBytes(NONCE_BYTES);
+  const n = plain.length;
+  const native = nativeGcm();
+  if (native) {
+    // Ciphered where it belongs (over the plaintext, when it lies there); the nonce last.
+    native(true, keys.seal, nonce, ad, plain, out.subarray(at + NONCE_BYTES, at + NONCE_BYTES + n), out.subarray(at + NONCE_BYTES + n, at + SEAL_OVERHEAD + n));
+    out.set(nonce, at);
+    return n + SEAL_OVERHEAD;
+  }
   const c = createCipheriv('aes-256-gcm', keys.seal, nonce);
   c.setAAD(ad);
   // The ciphertext lands 12 bytes past where the plaintext may lie (in `out` at `at`):
@@ -116,7 +125,7 @@ export function sealInto(keys: RepoKeys, plain: Uint8Array, ad: Uint8Array, out:
     sealScratch.set(plain);
     src = sealScratch.subarray(0, plain.length);
   }
-  const n = cryptPieces(c, src, out, at + NONCE_BYTES);
+  cryptPieces(c, src, out, at + NONCE_BYTES);
   c.final();
   out.set(nonce, at);
   out.set(c.getAuthTag(), at + NONCE_BYTES + n);
@@ -148,10 +157,15 @@ function cryptPieces(c: { update(d: Uint8Array): Buffer }, src: Uint8Array, out:
 export function openInto(keys: RepoKeys, sealed: Uint8Array, ad: Uint8Array, out: Uint8Array): number | null {
   if (sealed.length < SEAL_OVERHEAD) return null;
   const s = Buffer.from(sealed.buffer, sealed.byteOffset, sealed.byteLength);
-  const d = createDecipheriv('aes-256-gcm', keys.seal, s.subarray(0, NONCE_BYTES));
+  const nonce = s.subarray(0, NONCE_BYTES);
+  const body = s.subarray(NONCE_BYTES, s.length - TAG_BYTES);
+  const tag = s.subarray(s.length - TAG_BYTES);
+  const native = nativeGcm();
+  if (native) return native(false, keys.seal, nonce, ad, body, out.subarray(0, body.length), tag) ? body.length : null;
+  const d = createDecipheriv('aes-256-gcm', keys.seal, nonce);
   d.setAAD(ad);
-  d.setAuthTag(s.subarray(s.length - TAG_BYTES));
-  const n = cryptPieces(d, s.subarray(NONCE_BYTES, s.length - TAG_BYTES), out, 0);
+  d.setAuthTag(tag);
+  const n = cryptPieces(d, body, out, 0);
   try {
     d.final();
   } catch {
@@ -169,17 +183,8 @@ export function seal(keys: RepoKeys, plain: Uint8Array, ad: Uint8Array): Buffer 
 /** The plaintext of a sealed payload, or null when it does not authenticate (damage). */
 export function open(keys: RepoKeys, sealed: Uint8Array, ad: Uint8Array): Buffer | null {
   if (sealed.length < SEAL_OVERHEAD) return null;
-  const s = Buffer.from(sealed.buffer, sealed.byteOffset, sealed.byteLength);
-  const d = createDecipheriv('aes-256-gcm', keys.seal, s.subarray(0, NONCE_BYTES));
-  d.setAAD(ad);
-  d.setAuthTag(s.subarray(s.length - TAG_BYTES));
-  const plain = d.update(s.subarray(NONCE_BYTES, s.length - TAG_BYTES));
-  try {
-    d.final();
-  } catch {
-    return null;
-  }
-  return plain;
+  const out = Buffer.allocUnsafe(sealed.length - SEAL_OVERHEAD);
+  return openInto(keys, sealed, ad, out) === null ? null : out;
 }
 
 /** What a record that fails to open is reported as. */

@@ -4,6 +4,11 @@
       "target_name": "holes",
       "sources": ["holes.c"],
       "cflags": ["-O2", "-Wall"]
+    },
+    {
+      "target_name": "gcm",
+      "sources": ["gcm.c"],
+      "cflags": ["-O2", "-Wall"]
     }
   ]
 }
