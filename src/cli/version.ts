@@ -4,6 +4,8 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { FORMAT_VERSION } from '../format/config.js';
 import { printJson, wantsJson } from './common.js';
+import { nativeGcm } from '../util/gcm.js';
+import { holeSeeker } from '../util/holes.js';
 
 const pkg = createRequire(import.meta.url)('../../package.json') as { version: string };
 
@@ -19,8 +21,14 @@ export function register(program: Command): void {
         format: FORMAT_VERSION,
         // Where this genvault runs from: an installed copy or a checkout.
         installedAt: path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..'),
+        // The optional addons (src/native): without them genvault is correct, only slower.
+        addons: { holes: holeSeeker() !== null, gcm: nativeGcm() !== null },
       };
       if (wantsJson(cmd)) printJson(v);
-      else process.stdout.write(`genvault ${v.version} (Node.js ${v.node}, repository format ${v.format}, ${v.installedAt})\n`);
+      else {
+        const missing = Object.entries(v.addons).filter(([, ok]) => !ok).map(([name]) => name);
+        const note = missing.length ? `; addons not built: ${missing.join(', ')} (scripts/setup builds them)` : '';
+        process.stdout.write(`genvault ${v.version} (Node.js ${v.node}, repository format ${v.format}, ${v.installedAt}${note})\n`);
+      }
     });
 }
