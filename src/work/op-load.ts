@@ -30,8 +30,20 @@ const prefixDctx = new zstd.DCtx();
  * member is hashed when it is taken.
  */
 const GROUP_CACHE = 4;
-/** `valid`: how many bytes from the group's start are decoded (see decodeGroupMember). */
-const decodedGroups: Array<{ file: string; offset: number; data: Uint8Array; valid: number }> = [];
+/**
+ * `valid`: how many bytes from the group's start are decoded (see decodeGroupMember).
+ * `frame` (`frameLength` bytes, 0: none): a sealed group's opened zstd frame, kept while only
+ * a part of it is decoded, so that the members past that part do not open it again.
+ */
+interface GroupSlot {
+  file: string;
+  offset: number;
+  data: Uint8Array;
+  valid: number;
+  frame: Uint8Array;
+  frameLength: number;
+}
+const decodedGroups: GroupSlot[] = [];
 /**
  * The packs, read synchronously (this thread never serves the mount) through the store the
  * pool was made for, its descriptors cached.
@@ -273,7 +285,7 @@ function decodeGroupMember(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadR
     // again into this group's slot when it holds only a part before this member.
     const again = hit >= 0;
     if (!again) {
-      const slot = decodedGroups.length < GROUP_CACHE ? { file: '', offset: -1, data: new Uint8Array(0), valid: 0 } : decodedGroups.pop()!;
+      const slot = decodedGroups.length < GROUP_CACHE ? { file: '', offset: -1, data: new Uint8Array(0), valid: 0, frame: new Uint8Array(0), frameLength: 0 } : decodedGroups.pop()!;
       if (slot.data.length < groupRaw) slot.data = new Uint8Array(Math.max(groupRaw, 1 << 20));
       decodedGroups.push(slot);
       hit = decodedGroups.length - 1;
@@ -281,7 +293,8 @@ function decodeGroupMember(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadR
     const slot = decodedGroups[hit]!;
     slot.offset = -1;
     slot.valid = 0;
-    const frame = openFrame(payload.subarray(member.frameAt), member.header);
+    const frame = again && slot.frameLength ? slot.frame.subarray(0, slot.frameLength) : openFrame(payload.subarray(member.frameAt), member.header);
+    slot.frameLength = 0;
     if (!frame) return { damaged: SEAL_BROKEN };
     // A member in the first three quarters of a group is decoded only up to its end: a
     // random read through the mount costs about half a group's decoding instead of all of
@@ -294,6 +307,7 @@ function decodeGroupMember(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadR
       return { damaged: `zstd: ${(e as Error).message}` };
     }
     if (partial ? n < need : n !== groupRaw) return { damaged: `decoded ${n} bytes, expected ${partial ? `at least ${need}` : groupRaw}` };
+    if (partial && keys) keepFrame(slot, frame);
     slot.file = req.file;
     slot.offset = req.offset;
     slot.valid = n;
@@ -304,6 +318,16 @@ function decodeGroupMember(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadR
   const raw = into ? into.subarray(0, req.rawLength) : new Uint8Array(req.rawLength);
   raw.set(part);
   return checkContent(req, raw);
+}
+
+/**
+ * Keep a sealed group's opened frame with its slot: opening it authenticates (and costs a
+ * pass over) the whole record, which the members past the decoded part would pay again.
+ */
+function keepFrame(slot: GroupSlot, frame: Uint8Array): void {
+  if (slot.frame.length < frame.length) slot.frame = new Uint8Array(Math.max(frame.length, 1 << 20));
+  slot.frame.set(frame);
+  slot.frameLength = frame.length;
 }
 
 /** A group's zstd frame: opened (format 6; null when it does not authenticate), or as it is. */
