@@ -6,13 +6,8 @@ import { table } from '../util/format.js';
 import { action, collect, printJson, wantsJson, withWritableRepo } from './common.js';
 import { countArg, durationArg } from './options.js';
 
-export interface KeepFlags {
-  keepLast?: number;
-  keepHourly?: number;
-  keepDaily?: number;
-  keepWeekly?: number;
-  keepMonthly?: number;
-  keepYearly?: number;
+/** The --keep-* options as commander gives them: the rules, with --keep-tag repeated. */
+export interface KeepFlags extends Omit<RetentionRules, 'keepTags'> {
   keepTag?: string[];
   /** Milliseconds. */
   minAge?: number;
