@@ -156,9 +156,8 @@ export class PackSink {
 
   private async openPack(): Promise<void> {
     const { run } = this;
-    this.pack = await PackWriter.create(run.repo.store, { toc: run.cfg.version >= TOC_FROM_VERSION, keys: run.repo.keys }).catch((e) => { throw describeFsError(e, `creating a pack file in ${run.repo.dir}`); });
+    this.pack = await PackWriter.create(run.repo.store, { toc: run.cfg.version >= TOC_FROM_VERSION, keys: run.repo.keys, register: (id) => run.writer!.addPack(id) }).catch((e) => { throw describeFsError(e, `creating a pack file in ${run.repo.dir}`); });
     run.packs.push(this.pack);
-    await run.writer!.addPack(this.pack.packId);
   }
 
   /**

@@ -740,10 +740,9 @@ async function rewritePack(repo: Repository, writer: WriterRegistration, out: { 
   }
   if (!out.w || out.w.size >= repo.config.packTargetSize) {
     if (out.w) await out.w.close();
-    out.w = await PackWriter.create(repo.store, { toc: repo.config.version >= TOC_FROM_VERSION, keys: repo.keys }).catch((e) => {
+    out.w = await PackWriter.create(repo.store, { toc: repo.config.version >= TOC_FROM_VERSION, keys: repo.keys, register: (id) => writer.addPack(id) }).catch((e) => {
       throw describeFsError(e, `creating a pack file in ${repo.dir}`);
     });
-    await writer.addPack(out.w.packId);
     res.packsWritten++;
     res.bytesFreed -= PACK_HEADER_SIZE;
   }

@@ -53,9 +53,8 @@ export class MetaPack {
   async add(rec: WrittenMetaRecord): Promise<void> {
     if (this.writer && this.writer.size >= META_PACK_BYTES) this.sealed.push(await this.sealWriter());
     if (!this.writer) {
-      const w = await PackWriter.create(this.repo.store, { toc: this.repo.config.version >= TOC_FROM_VERSION, keys: this.repo.keys });
+      const w = await PackWriter.create(this.repo.store, { toc: this.repo.config.version >= TOC_FROM_VERSION, keys: this.repo.keys, register: (id) => this.reg.addPack(id) });
       this.writer = w;
-      await this.reg.addPack(w.packId);
     }
     await this.writer.append(encodeMetaRecord(rec, this.repo.keys));
   }

@@ -37,8 +37,14 @@ export class PackWriter {
    * A new pack; `toc`: append tables of contents (repositories of format 5 and later);
    * `keys`: an encrypted repository's, which authenticate its TOCs (format 6).
    */
-  static async create(store: Store, opts: { toc: boolean; keys?: RepoKeys | null }): Promise<PackWriter> {
+  /**
+   * `register` names the new pack id in the writer's registration before the file exists:
+   * registered after, a kill in between left a file no registration names, which no
+   * cleanup of dead writers removes (and whose header may be cut off).
+   */
+  static async create(store: Store, opts: { toc: boolean; keys?: RepoKeys | null; register: (packId: string) => Promise<void> }): Promise<PackWriter> {
     const packId = newPackId();
+    await opts.register(packId);
     const out = await store.create(packObject(packId));
     const header = Buffer.alloc(PACK_HEADER_SIZE);
     PACK_MAGIC.copy(header, 0);

@@ -133,11 +133,10 @@ export class LocalDestination implements SyncDestination {
 
   private async openPack(): Promise<PackWriter> {
     const { repo } = this;
-    const p = await PackWriter.create(repo.store, { toc: repo.config.version >= TOC_FROM_VERSION, keys: repo.keys }).catch((e) => {
+    const p = await PackWriter.create(repo.store, { toc: repo.config.version >= TOC_FROM_VERSION, keys: repo.keys, register: (id) => this.writer!.addPack(id) }).catch((e) => {
       throw describeFsError(e, `creating a pack file in ${repo.dir}`);
     });
     this.packs.push(p);
-    await this.writer!.addPack(p.packId);
     this.appended += p.size;
     return p;
   }
