@@ -38,6 +38,10 @@ static int get_bytes(napi_env env, napi_value v, uint8_t **data, size_t *len) {
 static int gcm(int enc, const uint8_t *key, const uint8_t *nonce, const uint8_t *ad, size_t ad_len, uint8_t *src,
                size_t len, uint8_t *dst, uint8_t *tag) {
   int ok = 0, n = 0;
+  /* The tag through a copy: read before and written after anything touches dst, so that
+   * it may lie next to (or inside) the bytes being ciphered. */
+  uint8_t t[TAG_BYTES];
+  if (!enc) memcpy(t, tag, TAG_BYTES);
   int overlap = dst != src && dst < src + len && src < dst + len;
   uint8_t *out = overlap ? src : dst;
   EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
@@ -52,10 +56,11 @@ static int gcm(int enc, const uint8_t *key, const uint8_t *nonce, const uint8_t 
     if (EVP_CipherUpdate(c, out + o, &n, src + o, step) != 1 || n != step) goto done;
     o += (size_t)step;
   }
-  if (!enc && EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, TAG_BYTES, tag) != 1) goto done;
+  if (!enc && EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, TAG_BYTES, t) != 1) goto done;
   if (EVP_CipherFinal_ex(c, out + len, &n) != 1) goto done; /* open: tag mismatch */
-  if (enc && EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, TAG_BYTES, tag) != 1) goto done;
+  if (enc && EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, TAG_BYTES, t) != 1) goto done;
   if (overlap) memmove(dst, src, len);
+  if (enc) memcpy(tag, t, TAG_BYTES);
   ok = 1;
 done:
   EVP_CIPHER_CTX_free(c);
