@@ -98,6 +98,9 @@ export function metaAd(keys: RepoKeys, type: number): Buffer {
   return recordAd(keys, type, 0, 0, ZERO_DIGEST);
 }
 
+/** What sealing needs of a set of keys: record keys (RepoKeys) or the index's (index-seal.ts). */
+export type SealKey = Pick<RepoKeys, 'seal'>;
+
 let sealScratch = Buffer.allocUnsafe(0);
 
 /**
@@ -105,7 +108,7 @@ let sealScratch = Buffer.allocUnsafe(0);
  * `plain` may lie in `out` at `at` (it is read before anything is written over it).
  * Returns the sealed length.
  */
-export function sealInto(keys: RepoKeys, plain: Uint8Array, ad: Uint8Array, out: Uint8Array, at: number): number {
+export function sealInto(keys: SealKey, plain: Uint8Array, ad: Uint8Array, out: Uint8Array, at: number): number {
   const nonce = randomBytes(NONCE_BYTES);
   const n = plain.length;
   const native = nativeGcm();
@@ -154,7 +157,7 @@ function cryptPieces(c: { update(d: Uint8Array): Buffer }, src: Uint8Array, out:
  * bytes). Returns the plaintext's length, or null when it does not authenticate: then out
  * holds unauthenticated bytes, which the caller must not use.
  */
-export function openInto(keys: RepoKeys, sealed: Uint8Array, ad: Uint8Array, out: Uint8Array): number | null {
+export function openInto(keys: SealKey, sealed: Uint8Array, ad: Uint8Array, out: Uint8Array): number | null {
   if (sealed.length < SEAL_OVERHEAD) return null;
   const s = Buffer.from(sealed.buffer, sealed.byteOffset, sealed.byteLength);
   const nonce = s.subarray(0, NONCE_BYTES);
@@ -174,14 +177,14 @@ export function openInto(keys: RepoKeys, sealed: Uint8Array, ad: Uint8Array, out
   return n;
 }
 
-export function seal(keys: RepoKeys, plain: Uint8Array, ad: Uint8Array): Buffer {
+export function seal(keys: SealKey, plain: Uint8Array, ad: Uint8Array): Buffer {
   const out = Buffer.allocUnsafe(plain.length + SEAL_OVERHEAD);
   sealInto(keys, plain, ad, out, 0);
   return out;
 }
 
 /** The plaintext of a sealed payload, or null when it does not authenticate (damage). */
-export function open(keys: RepoKeys, sealed: Uint8Array, ad: Uint8Array): Buffer | null {
+export function open(keys: SealKey, sealed: Uint8Array, ad: Uint8Array): Buffer | null {
   if (sealed.length < SEAL_OVERHEAD) return null;
   const out = Buffer.allocUnsafe(sealed.length - SEAL_OVERHEAD);
   return openInto(keys, sealed, ad, out) === null ? null : out;

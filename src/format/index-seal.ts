@@ -13,9 +13,9 @@
  * Pure: no index access. GenerationIndex is how every reader and writer of `g` entries
  * makes and reads them, in every format (formats 1-6: the plain layout of generation.ts).
  */
-import { createCipheriv, createDecipheriv, createHmac, randomBytes } from 'node:crypto';
+import { createHmac } from 'node:crypto';
 import { GenvaultError } from '../util/errors.js';
-import { MASTER_KEY_BYTES, NONCE_BYTES, SEAL_OVERHEAD, TAG_BYTES } from './crypto.js';
+import { MASTER_KEY_BYTES, open, seal } from './crypto.js';
 import { INDEX_SEALED_VERSION, type RepoConfig } from './config.js';
 import { K_GEN, key } from './keys.js';
 import { checkGenerationShape, describeGenerationKey, generationKey, type Generation } from './generation.js';
@@ -49,28 +49,14 @@ export function indexAd(k: IndexKeys, indexKey: Uint8Array): Buffer {
   return Buffer.concat([AD_MAGIC, k.repoId, indexKey]);
 }
 
-/** nonce (12) | ciphertext | tag (16), bound to `indexKey`. */
+/** nonce (12) | ciphertext | tag (16), bound to `indexKey`: sealed as pack records are (crypto.ts). */
 export function sealIndexValue(k: IndexKeys, indexKey: Uint8Array, plain: Uint8Array): Buffer {
-  const nonce = randomBytes(NONCE_BYTES);
-  const c = createCipheriv('aes-256-gcm', k.seal, nonce);
-  c.setAAD(indexAd(k, indexKey));
-  return Buffer.concat([nonce, c.update(plain), c.final(), c.getAuthTag()]);
+  return seal(k, plain, indexAd(k, indexKey));
 }
 
 /** The plaintext of a sealed index value, or null when it does not authenticate under `indexKey`. */
 export function openIndexValue(k: IndexKeys, indexKey: Uint8Array, sealed: Uint8Array): Buffer | null {
-  if (sealed.length < SEAL_OVERHEAD) return null;
-  const s = Buffer.from(sealed.buffer, sealed.byteOffset, sealed.byteLength);
-  const d = createDecipheriv('aes-256-gcm', k.seal, s.subarray(0, NONCE_BYTES));
-  d.setAAD(indexAd(k, indexKey));
-  d.setAuthTag(s.subarray(s.length - TAG_BYTES));
-  const plain = d.update(s.subarray(NONCE_BYTES, s.length - TAG_BYTES));
-  try {
-    d.final();
-  } catch {
-    return null;
-  }
-  return plain;
+  return open(k, sealed, indexAd(k, indexKey));
 }
 
 /** What a sealed index value that does not open is reported as. */
