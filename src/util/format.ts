@@ -6,8 +6,8 @@
  * - bytes(): pretty-bytes prints the same binary units but drops trailing zeros ("1.5 MiB",
  *   "4 MiB"), so figures in a column jitter in width; this keeps three digits ("1.50 MiB",
  *   "4.00 MiB") in eight lines, and the tests and users' eyes know its output.
- * - duration(): pretty-ms writes "1m 30s"; the
- *   compact "1m30s" here is the form durations are written in everywhere else in genvault.
+ * - duration(): pretty-ms writes "1m 30s"; the compact "1m30s" here is the form
+ *   durations are written in everywhere else in genvault.
  * - table(): widths are counted in UTF-16 units, which is exact for what its callers put in
  *   every column but the last: image and job names (ASCII by checkImageName and the job
  *   file's rules), ids, UTC times, counts and bytes(). Text that may be anything (tags,
