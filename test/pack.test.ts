@@ -3,6 +3,7 @@ import fs from 'node:fs/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { PACK_HEADER_SIZE } from '../src/format/pack.js';
 import { PackWriter } from '../src/store/pack-writer.js';
+import { REC_LEAF, encodeMetaRecord } from '../src/format/meta.js';
 import { LocalStore } from '../src/store/local.js';
 import { Scratch, prng } from './helpers.js';
 
@@ -65,5 +66,52 @@ describe('PackWriter', () => {
     await add(1234);
     await w.close();
     await expectFile();
+  });
+});
+
+describe('PackWriter on a store that seals objects on sync (an object store)', () => {
+  /** A local store that behaves as store.ts says a sealing store does. */
+  class SealingStore extends LocalStore {
+    override readonly sealsOnSync = true;
+    override async create(name: string) {
+      const a = await super.create(name);
+      let sealed = false;
+      const refuse = () => Promise.reject(Object.assign(new Error(`${name} is sealed`), { code: 'ESEALED' }));
+      return {
+        get name() { return a.name; },
+        get size() { return a.size; },
+        append: (d: Buffer) => (sealed ? refuse() : a.append(d)),
+        truncate: (n: number) => (sealed ? refuse() : a.truncate(n)),
+        sync: async () => {
+          if (!sealed) await a.sync();
+          sealed = true;
+        },
+        close: () => a.close(),
+      };
+    }
+  }
+
+  it('is sealed by its first sync (with its table of contents), a second sync adds nothing, an append is refused', async () => {
+    const store = new SealingStore(s.path('sealing'));
+    const w = await PackWriter.create(store, { toc: true, register: async () => undefined });
+    const leaf = () => encodeMetaRecord({ type: REC_LEAF, leaf: prng(7, 1000) }, null);
+    await w.append(leaf());
+    expect(w.sealed).toBe(false);
+    await w.sync();
+    expect(w.sealed).toBe(true);
+    const size = w.size;
+    await w.sync();
+    expect(w.size).toBe(size);
+    await expect(w.append(leaf())).rejects.toMatchObject({ code: 'ESEALED' });
+    await w.close();
+    expect((await fs.stat(store.path(w.name))).size).toBe(size);
+  });
+
+  it('stays open after a sync on the local store', async () => {
+    const w = await PackWriter.create(new LocalStore(s.path('plain')), { toc: false, register: async () => undefined });
+    await w.sync();
+    expect(w.sealed).toBe(false);
+    await w.append(prng(9, 10));
+    await w.close();
   });
 });

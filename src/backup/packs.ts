@@ -133,7 +133,7 @@ export class PackSink {
   private append(res: CompressAnswer, digests: string[], rawLengths: number[], release: () => void): void {
     this.appendChain = this.appendChain.then(async () => {
       if (this.run.failure) return;
-      if (!this.pack || this.pack.size > this.run.cfg.packTargetSize) await this.nextPack();
+      await this.writablePack();
       const p = this.pack!;
       const base = await p.append(Buffer.from(res.out.buffer, res.out.byteOffset, res.out.byteLength)).catch((e) => {
         throw describeFsError(e, `writing ${this.run.repo.store.describe(p.name)}`);
@@ -143,6 +143,18 @@ export class PackSink {
     }).catch((e) => {
       this.run.failure ??= e;
     }).finally(release);
+  }
+
+  /**
+   * A pack to append to: the first, the next once the current one is full (flushed and
+   * closed), or a new one after a sync sealed the current one (its store writes objects
+   * whole: everything in it is committed already).
+   */
+  private async writablePack(): Promise<void> {
+    if (this.pack?.sealed) {
+      await this.pack.close();
+      await this.openPack();
+    } else if (!this.pack || this.pack.size > this.run.cfg.packTargetSize) await this.nextPack();
   }
 
   /** The first pack, or the next once the current one is full (which is flushed and closed). */
@@ -244,7 +256,9 @@ export class PackSink {
 
   /** Metadata records appended to the run's pack (a new one if it has none); not synced. */
   async appendRecords(records: Buffer): Promise<void> {
+    // Not rolled over when full: this runs inside flush(), before its sync.
     if (!this.pack) await this.nextPack();
+    else if (this.pack.sealed) await this.writablePack();
     const p = this.pack!;
     await p.append(records).catch((e) => {
       throw describeFsError(e, `writing ${this.run.repo.store.describe(p.name)}`);

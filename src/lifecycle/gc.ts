@@ -738,7 +738,7 @@ async function rewritePack(repo: Repository, writer: WriterRegistration, out: { 
     res.warnings.push(`pack ${id} is missing (run 'genvault verify'); left alone`);
     return;
   }
-  if (!out.w || out.w.size >= repo.config.packTargetSize) {
+  if (!out.w || out.w.sealed || out.w.size >= repo.config.packTargetSize) {
     if (out.w) await out.w.close();
     out.w = await PackWriter.create(repo.store, { toc: repo.config.version >= TOC_FROM_VERSION, keys: repo.keys, register: (id) => writer.addPack(id) }).catch((e) => {
       throw describeFsError(e, `creating a pack file in ${repo.dir}`);

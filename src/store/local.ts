@@ -31,6 +31,7 @@ function closeWhenIdle(e: CachedFd): void {
 
 export class LocalStore implements Store {
   readonly spec: StoreSpec;
+  readonly sealsOnSync: boolean = false;
   private fds = new Map<string, CachedFd>();
 
   constructor(readonly dir: string) {

@@ -23,12 +23,15 @@ export class PackWriter {
   /** Offset of the last TOC record (0: none yet), and where it ends. */
   private lastToc = 0;
   private lastTocEnd = 0;
+  /** Synced on a store that seals objects on sync: nothing more can be appended. */
+  private isSealed = false;
 
   private constructor(
     readonly packId: string,
     readonly out: Appender,
     toc: boolean,
     private readonly keys: RepoKeys | null = null,
+    private readonly sealsOnSync = false,
   ) {
     this.toc = toc ? [] : null;
   }
@@ -49,7 +52,7 @@ export class PackWriter {
     const header = Buffer.alloc(PACK_HEADER_SIZE);
     PACK_MAGIC.copy(header, 0);
     header.write(packId, 8, 16, 'hex');
-    const w = new PackWriter(packId, out, opts.toc, opts.keys ?? null);
+    const w = new PackWriter(packId, out, opts.toc, opts.keys ?? null, store.sealsOnSync);
     await w.out.append(header);
     return w;
   }
@@ -61,6 +64,14 @@ export class PackWriter {
 
   get size(): number {
     return this.out.size;
+  }
+
+  /**
+   * Written out whole by its last sync (a store with sealsOnSync): the writer's user closes
+   * it and starts a new pack for what follows; its `p` size was committed after that sync.
+   */
+  get sealed(): boolean {
+    return this.isSealed;
   }
 
   /** The index entry that commits the pack up to what was appended (call after sync()). */
@@ -78,6 +89,7 @@ export class PackWriter {
 
   /** Make everything appended durable, after a TOC of what is new since the last one. */
   async sync(): Promise<void> {
+    if (this.isSealed) return;
     if (this.toc?.length) {
       const at = this.out.size;
       await this.out.append(encodeTocRecord(this.lastToc, this.toc.map((e) => e.bytes), this.keys));
@@ -86,6 +98,7 @@ export class PackWriter {
       this.toc = [];
     }
     await this.out.sync();
+    this.isSealed = this.sealsOnSync;
   }
 
   /**

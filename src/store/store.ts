@@ -31,6 +31,12 @@
  * synced, possibly more, possibly a block padded with zeros past the appended end
  * (pack readers check records against the index and never read past a committed size).
  *
+ * sealsOnSync: a store that cannot append to an object it has made durable (an object
+ * store: an object is written whole, once) says true. Its Appender's first sync() writes
+ * the object out whole and seals it: a later append() or truncate() fails with code
+ * 'ESEALED', a later sync() with nothing appended does nothing, and writers start a new
+ * object for what follows (PackWriter.sealed). Until that sync nothing of it is visible.
+ *
  * read(name, buf, ...): a byte range into buf; short only at the end of the object. A
  * read of 0 bytes still fails as a read of the object would (missing: 'ENOENT'), so a
  * reader can find out once that an object cannot be read.
@@ -82,6 +88,8 @@ export interface Appender {
 
 export interface Store {
   readonly spec: StoreSpec;
+  /** Objects are written whole: an Appender is sealed by its first sync() (see the contract). */
+  readonly sealsOnSync: boolean;
   /** Where an object is, for messages (local: its absolute path). */
   describe(name: string): string;
   get(name: string): Promise<Buffer>;

@@ -142,7 +142,7 @@ export class LocalDestination implements SyncDestination {
   }
 
   private async append(records: Buffer): Promise<{ pack: PackWriter; at: number }> {
-    if (this.pack && this.pack.size > this.repo.config.packTargetSize) {
+    if (this.pack && (this.pack.sealed || this.pack.size > this.repo.config.packTargetSize)) {
       await this.flush();
       await this.pack.close();
       this.pack = null;
