@@ -31,6 +31,7 @@ function closeWhenIdle(e: CachedFd): void {
 
 export class LocalStore implements Store {
   readonly spec: StoreSpec;
+  readonly sealsOnSync = false;
   private fds = new Map<string, CachedFd>();
 
   constructor(readonly dir: string) {
@@ -363,7 +364,7 @@ export class LocalSyncReader implements SyncReader {
   private directBuf = Buffer.alloc(0);
   private directSkip = 0;
 
-  constructor(spec: StoreSpec) {
+  constructor(spec: StoreSpec & { kind: 'local' }) {
     this.dir = path.resolve(spec.dir);
   }
 
