@@ -5,7 +5,9 @@
  */
 import fs from 'node:fs/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { openStore, openSyncReader } from '../src/store/open.js';
 import { parseIni, parseS3Url, resolveS3Spec } from '../src/store/s3-location.js';
+import { S3Store } from '../src/store/s3.js';
 import { encodePath, sha256Hex, signV4 } from '../src/store/s3-sign.js';
 import { parseXml, requireSize } from '../src/store/s3-xml.js';
 import { Scratch } from './helpers.js';
@@ -99,6 +101,28 @@ describe('s3:// locations', () => {
     for (const bad of ['http://b/x', 's3://', 's3://ab', 's3://Upper', 's3://a_b', 's3://-ab', 's3://ab-', 's3://a..b', 's3://a.-b', 's3://192.168.1.1', 's3://xn--ab', 's3://ab-s3alias', 's3://' + 'a'.repeat(64), 's3://bkt/a/../b', 's3://bkt/a//b', 's3://bkt/./a', 's3://bkt/..', 's3://bkt/a\\b', 's3://bkt//a']) {
       expect(() => parseS3Url(bad), bad).toThrow(expect.objectContaining({ code: 'EINVAL' }));
     }
+  });
+});
+
+describe('S3Store without a server', () => {
+  const spec = { kind: 's3' as const, endpoint: 'http://127.0.0.1:1', region: 'us-east-1', bucket: 'bkt', prefix: 'a/b', accessKeyId: 'K', secretAccessKey: 'S', spoolDir: '/tmp/x' };
+  it('opens from its spec, has no sync reader, refuses parts under 5 MiB and bad prefixes', async () => {
+    const st = openStore(spec);
+    expect(st).toBeInstanceOf(S3Store);
+    expect(st.sealsOnSync).toBe(true);
+    expect(st.describe('packs/x')).toBe('s3://bkt/a/b/packs/x');
+    expect(openSyncReader(spec)).toBeNull();
+    expect(() => new S3Store({ ...spec, partSize: 1 << 20 })).toThrow(expect.objectContaining({ code: 'EINVAL' }));
+    expect(() => new S3Store({ ...spec, prefix: 'a/../b' })).toThrow(expect.objectContaining({ code: 'EINVAL' }));
+    await st.close();
+  });
+
+  it('a connection refused every time: one line after the attempts', async () => {
+    const st = new S3Store({ ...spec, maxAttempts: 2, retryBaseMs: 1 });
+    const e = (await st.get('x').catch((x: Error) => x)) as NodeJS.ErrnoException;
+    expect(e.code).toBe('ECONNREFUSED');
+    expect(e.message).toMatch(/^s3:\/\/bkt\/a\/b\/x: GET to 127\.0\.0\.1:1 failed: .* \(gave up after 2 attempts\)$/);
+    await st.close();
   });
 });
 

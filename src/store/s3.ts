@@ -39,6 +39,8 @@ export class S3Store implements Store {
     });
     // Parts of at least 8 MiB by default: fewer requests, and far from S3's 10000-part limit.
     const partSize = spec.partSize ?? 8 * MIB;
+    // S3 (and radosgw: EntityTooSmall at Complete) refuses parts under 5 MiB but for the last.
+    if (!Number.isSafeInteger(partSize) || partSize < 5 * MIB) throw Object.assign(new Error(`S3 part size ${partSize}: at least 5 MiB`), { code: 'EINVAL' });
     this.tuning = { multipartThreshold: spec.multipartThreshold ?? 16 * MIB, partSize };
     this.pageSize = spec.listPageSize ?? 1000;
   }
