@@ -6,6 +6,7 @@ import { LocalAppender, LocalStore, LocalSyncReader } from '../src/store/local.j
 import { openStore, openSyncReader } from '../src/store/open.js';
 import { checkName } from '../src/store/store.js';
 import { Scratch, prng } from './helpers.js';
+import { storeContract } from './store-contract.js';
 
 let s: Scratch;
 let store: LocalStore;
@@ -19,6 +20,8 @@ afterAll(async () => {
 });
 
 const code = async (p: Promise<unknown>) => p.then(() => 'resolved', (e: NodeJS.ErrnoException) => e.code);
+
+describe('contract (shared with the S3 store)', () => storeContract(() => store, 'contract'));
 
 describe('names', () => {
   it('accepts relative names and refuses the rest, with EINVAL, before touching anything', async () => {

@@ -364,7 +364,7 @@ export class LocalSyncReader implements SyncReader {
   private directBuf = Buffer.alloc(0);
   private directSkip = 0;
 
-  constructor(spec: StoreSpec) {
+  constructor(spec: StoreSpec & { kind: 'local' }) {
     this.dir = path.resolve(spec.dir);
   }
 

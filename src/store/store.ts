@@ -3,7 +3,8 @@
  * nor its locks (locks/) is an object of a Store: config.json and the pack files. Backup,
  * restore, the mount, gc and verify reach those objects only through this interface, so
  * another kind of store (an object store, a remote repository) is a new implementation
- * here and a new `StoreSpec` kind, not a change to them. local.ts is the only one today.
+ * here and a new `StoreSpec` kind, not a change to them: local.ts (a directory) and s3.ts
+ * (a bucket of an S3 object store, radosgw among them).
  *
  * Contract, for every implementation:
  *
@@ -31,11 +32,14 @@
  * synced, possibly more, possibly a block padded with zeros past the appended end
  * (pack readers check records against the index and never read past a committed size).
  *
- * sealsOnSync: a store that cannot append to an object it has made durable (an object
- * store: an object is written whole, once) says true. Its Appender's first sync() writes
- * the object out whole and seals it: a later append() or truncate() fails with code
- * 'ESEALED', a later sync() with nothing appended does nothing, and writers start a new
- * object for what follows (PackWriter.sealed). Until that sync nothing of it is visible.
+ * sealsOnSync: a store that cannot append to an object once it is durable (an object
+ * store: an object is written whole, by one PUT or one multipart upload) says true. Its
+ * sync() writes the object as it stands and seals the appender: append() and truncate()
+ * after it fail with code 'ESEALED', and a writer that has more to write starts a new
+ * object (PackWriter.sealed; it never syncs a sealed appender again). Before sync()
+ * nothing of the object need be visible to readers, and close()
+ * without sync() may leave no object at all. The local store says false: its appenders
+ * go on after a sync, and close() leaves the file with everything appended.
  *
  * read(name, buf, ...): a byte range into buf; short only at the end of the object. A
  * read of 0 bytes still fails as a read of the object would (missing: 'ENOENT'), so a
@@ -61,7 +65,37 @@
  */
 
 /** How to open a store again (in a worker thread): structured-cloneable. */
-export type StoreSpec = { kind: 'local'; dir: string };
+export type StoreSpec = { kind: 'local'; dir: string } | S3Spec;
+
+/** A bucket (and a prefix in it) of an S3 store: see s3.ts, and s3-location.ts, which makes one. */
+export interface S3Spec {
+  kind: 's3';
+  /** http(s)://host[:port][/path] */
+  endpoint: string;
+  region: string;
+  bucket: string;
+  /** Keys are `PREFIX/NAME`; '' for names at the bucket's root. */
+  prefix: string;
+  accessKeyId: string;
+  secretAccessKey: string;
+  sessionToken?: string;
+  /** bucket.host addressing instead of host/bucket (path style, which radosgw needs). */
+  virtualHost?: boolean;
+  /** A local directory where appended bytes wait for sync() (the repository cache's tmp/). */
+  spoolDir: string;
+  /** Bytes per second, uploads and downloads of this store together. */
+  limitRate?: number;
+  /** Tuning, for tests mostly: objects above this many bytes go up in a multipart upload. */
+  multipartThreshold?: number;
+  /** Bytes per part of a multipart upload (S3 wants at least 5 MiB but for the last). */
+  partSize?: number;
+  /** Keys asked for per page of a listing. */
+  listPageSize?: number;
+  /** Attempts per request, the first backoff, the idle socket timeout (s3-client.ts). */
+  maxAttempts?: number;
+  retryBaseMs?: number;
+  timeoutMs?: number;
+}
 
 export interface ObjectInfo {
   name: string;

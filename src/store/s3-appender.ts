@@ -1,0 +1,125 @@
+/**
+ * An object of an S3 store being appended to (contract in store.ts, sealsOnSync). An object
+ * store writes objects whole, so appended bytes wait in a spool file on local disk (packs
+ * can be hundreds of MB: not in memory) until sync() uploads the object as it stands, by
+ * one PUT up to the multipart threshold, else by a multipart upload completed only at the
+ * end of sync(), so the object appears whole or not at all. Then the appender is sealed.
+ */
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { abortMultipart, completeMultipart, createMultipart, headObject, putObject, uploadPart } from './s3-api.js';
+import type { S3Client, S3Error } from './s3-client.js';
+import type { Appender } from './store.js';
+
+export interface UploadTuning {
+  multipartThreshold: number;
+  partSize: number;
+}
+
+/** Read [pos, pos + n) of a spool file (always there: the spool is ours). */
+async function readSpool(fh: fs.FileHandle, pos: number, n: number): Promise<Buffer> {
+  const buf = Buffer.allocUnsafe(n);
+  let got = 0;
+  while (got < n) {
+    const { bytesRead } = await fh.read(buf, got, n - got, pos + got);
+    if (bytesRead === 0) throw Object.assign(new Error(`spool file short at ${pos + got}`), { code: 'EIO' });
+    got += bytesRead;
+  }
+  return buf;
+}
+
+/** A multipart upload of the spool; aborted when it fails, so it leaves no parts behind. */
+async function uploadMultipart(c: S3Client, key: string, fh: fs.FileHandle, size: number, partSize: number): Promise<void> {
+  const uploadId = await createMultipart(c, key);
+  try {
+    const etags: string[] = [];
+    for (let pos = 0; pos < size; pos += partSize) {
+      etags.push(await uploadPart(c, key, uploadId, etags.length + 1, await readSpool(fh, pos, Math.min(partSize, size - pos))));
+    }
+    try {
+      await completeMultipart(c, key, uploadId, etags);
+    } catch (e) {
+      // A Complete that went through but whose answer was lost: its retry finds no upload.
+      const err = e as S3Error;
+      if (!(err.retried && err.s3Code === 'NoSuchUpload' && (await headObject(c, key))?.size === size)) throw e;
+    }
+  } catch (e) {
+    await abortMultipart(c, key, uploadId).catch(() => undefined); // abortStaleUploads gets it otherwise
+    throw e;
+  }
+}
+
+/** Upload the first `size` bytes of a spool file as the object `key`. */
+export async function uploadSpool(c: S3Client, key: string, fh: fs.FileHandle, size: number, t: UploadTuning): Promise<void> {
+  if (size <= t.multipartThreshold) await putObject(c, key, size ? await readSpool(fh, 0, size) : Buffer.alloc(0));
+  else await uploadMultipart(c, key, fh, size, t.partSize);
+}
+
+export class S3Appender implements Appender {
+  size = 0;
+  private sealed = false;
+
+  private constructor(
+    readonly name: string,
+    private readonly key: string,
+    private readonly client: S3Client,
+    private readonly tuning: UploadTuning,
+    private readonly spool: string,
+    private fh: fs.FileHandle | null,
+  ) {}
+
+  static async open(client: S3Client, name: string, key: string, spoolDir: string, tuning: UploadTuning): Promise<S3Appender> {
+    await fs.mkdir(spoolDir, { recursive: true, mode: 0o700 });
+    const spool = path.join(spoolDir, `s3-spool-${randomBytes(8).toString('hex')}`);
+    const fh = await fs.open(spool, 'wx+', 0o600);
+    return new S3Appender(name, key, client, tuning, spool, fh);
+  }
+
+  private writable(what: string): fs.FileHandle {
+    if (this.sealed) {
+      throw Object.assign(new Error(`${this.client.describe(this.key)}: cannot ${what}: the object was uploaded by sync() and is sealed`), { code: 'ESEALED' });
+    }
+    if (!this.fh) throw Object.assign(new Error(`${this.client.describe(this.key)}: cannot ${what}: closed`), { code: 'EBADF' });
+    return this.fh;
+  }
+
+  async append(data: Buffer): Promise<void> {
+    const fh = this.writable('append');
+    let done = 0;
+    while (done < data.length) done += (await fh.write(data, done, data.length - done, this.size + done)).bytesWritten;
+    this.size += data.length;
+  }
+
+  async truncate(size: number): Promise<void> {
+    const fh = this.writable('truncate');
+    if (!Number.isSafeInteger(size) || size < 0 || size > this.size) throw Object.assign(new Error(`${this.client.describe(this.key)}: cannot truncate to ${size}`), { code: 'EINVAL' });
+    await fh.truncate(size);
+    this.size = size;
+  }
+
+  /** Upload the object as it stands and seal; a sealed appender's sync() has nothing to do. */
+  async sync(): Promise<void> {
+    if (this.sealed) return;
+    const fh = this.writable('sync');
+    await uploadSpool(this.client, this.key, fh, this.size, this.tuning);
+    this.sealed = true;
+    await this.dropSpool();
+  }
+
+  /** Without sync(), nothing is uploaded: the spool goes. */
+  async close(): Promise<void> {
+    await this.dropSpool();
+  }
+
+  private async dropSpool(): Promise<void> {
+    const fh = this.fh;
+    this.fh = null;
+    if (!fh) return;
+    try {
+      await fh.close();
+    } finally {
+      await fs.rm(this.spool, { force: true });
+    }
+  }
+}
