@@ -1,7 +1,7 @@
 import { Command, Option } from 'commander';
 import { GcResult, gc } from '../lifecycle/gc.js';
 import { bytes, duration } from '../util/format.js';
-import { action, printJson, wantsJson, withWritableRepo } from './common.js';
+import { action, printJson, wantsJson, withRepo } from './common.js';
 import { percentArg } from './options.js';
 
 /** One status line on stderr, on a terminal only, redrawn at most 5 times a second. */
@@ -94,7 +94,7 @@ export function register(program: Command): void {
       action(async (o: { dryRun?: boolean; repackThreshold: number }, cmd: Command) => {
         const repackThreshold = o.repackThreshold;
         const status = new StatusLine();
-        await withWritableRepo(cmd, async (repo) => {
+        await withRepo(cmd, async (repo) => {
           let r: GcResult;
           try {
             r = await gc(repo, { dryRun: o.dryRun === true, repackThreshold, onProgress: (l) => status.show(l) });
@@ -103,7 +103,7 @@ export function register(program: Command): void {
           }
           if (wantsJson(cmd)) printJson(r);
           else process.stdout.write(human(r));
-        });
+        }, { write: true, exclusive: true }); // an object store: no other command may run (store-locks.ts)
       }),
     );
 }

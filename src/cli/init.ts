@@ -3,7 +3,7 @@ import { Repository } from '../repository/repository.js';
 import { PLAIN_FORMAT_VERSION, type RepoConfig } from '../format/config.js';
 import { UsageError } from '../util/errors.js';
 import { currentSecret, readSecretFile, unlock, type Secret } from '../repository/keys.js';
-import { action, printJson, localRepoPath, wantsJson } from './common.js';
+import { action, printJson, localRepoDir, localRepoPath, wantsJson } from './common.js';
 import { groupArg } from './options.js';
 
 interface InitFlags {
@@ -62,7 +62,8 @@ export function register(program: Command): void {
     .option('--json', 'print the new repository config as JSON')
     .action(
       action(async (opts: InitFlags, cmd: Command) => {
-        const dir = localRepoPath(cmd);
+        const given = localRepoPath(cmd);
+        const dir = await localRepoDir(cmd);
         // --like takes the encryption of the repository it names; an --encryption given as well must agree.
         const givenEncryption = cmd.getOptionValueSource('encryption') === 'cli' ? opts.encryption : undefined;
         if ((opts.newPasswordFile || opts.newKeyFile) && opts.like === undefined) throw new UsageError('--new-password-file and --new-key-file go with --like (for another repository\'s key slots: genvault key add)');
@@ -81,7 +82,8 @@ export function register(program: Command): void {
         if (wantsJson(cmd)) printJson({ repository: dir, ...cfg });
         else {
           const like = opts.like !== undefined ? ` like ${opts.like}${cfg.encryption ? ' (same id and master key)' : ''}` : '';
-          process.stdout.write(`created genvault repository ${cfg.id} at ${dir}${like}${secret ? ` (encrypted; key slot from ${secret.from})` : ''}\n`);
+          const where = dir === given ? dir : `${given} (index cache in ${dir})`;
+          process.stdout.write(`created genvault repository ${cfg.id} at ${where}${like}${secret ? ` (encrypted; key slot from ${secret.from})` : ''}\n`);
         }
       }),
     );

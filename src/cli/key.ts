@@ -7,7 +7,7 @@ import { addSlot, promptSecret, readSecretFile, readSlots, removeSlot, unlock, t
 import { exportText, keyMatches, parseExport } from '../format/crypto.js';
 import type { RepoConfig } from '../format/config.js';
 import { GenvaultError, UsageError, describeFsError } from '../util/errors.js';
-import { action, printJson, localRepoPath, wantsJson } from './common.js';
+import { action, printJson, localRepoDir, wantsJson } from './common.js';
 
 interface NewSecretOpts {
   newPasswordFile?: string;
@@ -15,7 +15,7 @@ interface NewSecretOpts {
 }
 
 async function encrypted(cmd: Command): Promise<{ dir: string; config: RepoConfig }> {
-  const dir = path.resolve(localRepoPath(cmd));
+  const dir = path.resolve(await localRepoDir(cmd));
   const config = await Repository.readConfig(dir);
   if (!config.encryption) throw new GenvaultError(`${dir}: not encrypted (made with --encryption none): it has no keys`, 'NOT_ENCRYPTED');
   return { dir, config };

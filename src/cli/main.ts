@@ -8,6 +8,7 @@
 // `env -S` splits the line (GNU coreutils 8.30+); `node dist/cli/main.js` runs without the
 // flag. scripts/install's wrapper passes the same flag.
 import { Command, CommanderError } from 'commander';
+import { setCommandName } from '../util/proc.js';
 import { createRequire } from 'node:module';
 import { allowedExitCodes, errorExitCode, exitOnSignals, fail, useMonitoringExitCodes } from './common.js';
 import { useKeyFile } from '../repository/keys.js';
@@ -19,7 +20,10 @@ program
   .name('genvault')
   .description('Deduplicated backups of disk images; every generation mountable as a read-only file.')
   .version(pkg.version, '-V, --version', 'print the version (`genvault version --json` for more)')
-  .option('-r, --repo <dir>', 'repository directory (default: $GENVAULT_REPO)')
+  .option('-r, --repo <dir>', 'repository: a directory, ssh://[USER@]HOST[:PORT]/PATH or s3://BUCKET/PREFIX (default: $GENVAULT_REPO)')
+  .option('--s3-endpoint <url>', 's3:// repositories: the S3 endpoint, e.g. http://rgw.example:7480 (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, the profile\'s endpoint_url, else AWS)')
+  .option('--s3-region <region>', 's3:// repositories: the region to sign for (default: $AWS_REGION, the profile\'s, else us-east-1)')
+  .option('--cache-dir <dir>', 's3:// repositories: where the local index cache and locks live (default: $GENVAULT_CACHE_DIR, else /var/cache/genvault as root)')
   .option('--key-file <file>', 'an encrypted repository\'s key file (else $GENVAULT_PASSWORD_FILE, else a prompt)')
   .option('--repo-identity <file>', 'ssh:// repositories: private key file (default: ssh-agent, then ~/.ssh/id_*)')
   .option('--repo-known-hosts <file>', 'ssh:// repositories: known hosts file (default ~/.ssh/known_hosts)')
@@ -35,7 +39,12 @@ program
   // An argument too many is an error, not silently ignored (`restore a b c`).
   .allowExcessArguments(false)
   .exitOverride()
-  .hook('preAction', (_root, action) => useKeyFile((action.optsWithGlobals() as { keyFile?: string }).keyFile));
+  .hook('preAction', (_root, action) => {
+    useKeyFile((action.optsWithGlobals() as { keyFile?: string }).keyFile);
+    const words: string[] = [];
+    for (let c: Command | null = action; c?.parent; c = c.parent) words.unshift(c.name());
+    setCommandName(['genvault', ...words].join(' '));
+  });
 
 // Each command's module is imported only when that command runs: ssh2, fuse-native, yaml
 // and cron-parser are a visible part of start-up, paid by every cron-run `backup`

@@ -11,7 +11,7 @@ import { fusermountUnmount, isMounted, isStaleMount, mountBackend, mountReposito
 import { RemoteRepository, type RemoteOptions } from '../remote/client.js';
 import { remoteMountBackend } from '../remote/mount-backend.js';
 import { ensureRunDir, openLogFile, readRunFile, writeRunFile } from '../util/rundir.js';
-import { action, repoPath } from './common.js';
+import { action, localRepoDir, openRepository } from './common.js';
 import { remoteOptions, remoteRepo } from './remote.js';
 import { sizeOption } from './options.js';
 
@@ -74,7 +74,7 @@ async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (
     process.stderr.write(`genvault mount: index holder not started (${e.message}); this process may lead the index\n`);
     return null;
   });
-  const repo = await Repository.open(repoDir);
+  const repo = await openRepository(repoDir);
   // Reading a mount must not starve backups of the same repository: its decode workers
   // run at a lower priority than a backup's (the FUSE thread itself stays at normal).
   repo.workerNice = 10;
@@ -142,7 +142,7 @@ function registerMount(program: Command): void {
     .action(
       action(async (mountpoint: string, opts: MountCliOpts, cmd: Command) => {
         const url = remoteRepo(cmd);
-        const repoDir = url ?? path.resolve(repoPath(cmd));
+        const repoDir = url ?? path.resolve(await localRepoDir(cmd));
         const mnt = path.resolve(mountpoint);
         if (await isStaleMount(mnt)) {
           process.stderr.write(`genvault: ${mnt} is a stale mount left by a dead process; clearing it\n`);

@@ -5,7 +5,7 @@ import { startIndexHolder } from '../index/index-holder.js';
 import { ensureRunDir } from '../util/rundir.js';
 import { UsageError } from '../util/errors.js';
 import { checkSocketPath, parseListen, serveGenerations, type Listen } from '../nbd/serve.js';
-import { action, localRepoPath, wantsJson } from './common.js';
+import { action, localRepoDir, openRepository, wantsJson } from './common.js';
 import { sizeOption } from './options.js';
 
 interface NbdCliOpts {
@@ -52,13 +52,13 @@ async function listenOn(opts: NbdCliOpts, name: string, id: string): Promise<Lis
 }
 
 async function nbdAction(targets: string[], opts: NbdCliOpts, cmd: Command): Promise<void> {
-  const repoDir = path.resolve(localRepoPath(cmd));
+  const repoDir = path.resolve(await localRepoDir(cmd));
   const cacheBytes = opts.cacheSize;
   if (opts.overlay && !opts.writable) throw new UsageError('--overlay needs --writable');
   await Repository.readConfig(repoDir);
   // As the mount: the index leader is a small process of its own, so backups keep their speed.
   const holder = await startIndexHolder(repoDir).catch(() => null);
-  const repo = await Repository.open(repoDir);
+  const repo = await openRepository(repoDir);
   repo.workerNice = 10;
   repo.workerDepth = 1;
   try {

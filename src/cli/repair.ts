@@ -3,7 +3,7 @@ import { repair, type RepairReport } from '../lifecycle/repair.js';
 import type { IndexDiff } from '../lifecycle/index-diff.js';
 import { bytes, duration } from '../util/format.js';
 import { Progress } from '../util/progress.js';
-import { action, printJson, localRepoPath, wantsJson } from './common.js';
+import { action, printJson, localRepoDir, wantsJson } from './common.js';
 
 const HUMAN_LIMIT = 20;
 
@@ -80,7 +80,7 @@ export function register(program: Command): void {
         const progress = new Progress(o.write ? 'repair' : 'repair (dry run)');
         let report: RepairReport;
         try {
-          report = await repair(localRepoPath(cmd), { write: o.write === true, readAll: o.readAllPacks === true, progress: (d, t) => progress.update(d, t) });
+          report = await repair(await localRepoDir(cmd), { write: o.write === true, readAll: o.readAllPacks === true, progress: (d, t) => progress.update(d, t) });
         } finally {
           progress.done();
         }

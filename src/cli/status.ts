@@ -12,7 +12,7 @@ import { getOrNull } from '../index/db.js';
 import { roughAge } from '../util/duration.js';
 import { bytes, table } from '../util/format.js';
 import { UsageError } from '../util/errors.js';
-import { errorLine, failUsage, jobsRepoPath, printJson, localRepoPath, wantsJson } from './common.js';
+import { errorLine, failUsage, jobsRepoPath, localRepoDir, openRepository, printJson, wantsJson } from './common.js';
 import { isoTimeArg } from './options.js';
 
 interface StatusFlags {
@@ -71,7 +71,7 @@ export function register(program: Command): void {
         // The job history and generation records are all status reads: no key needed, but
         // a sealed index (format 7) shows names only with it: used when given in a file.
         const withKey = indexSealed(await Repository.readConfig(dir)) && secretWithoutPrompt();
-        repo = await Repository.open(dir, { withoutKey: !withKey });
+        repo = await openRepository(dir, { withoutKey: !withKey });
       } catch (e) {
         crit(errorLine(e), json);
       }
@@ -96,7 +96,7 @@ async function readJobFile(o: StatusFlags, cmd: Command, json: boolean): Promise
       (e: NodeJS.ErrnoException) => e.code !== 'ENOENT' && e.code !== 'ENOTDIR',
     );
     if (o.config !== undefined || exists) file = await loadJobsFile(cfgPath);
-    dir = file ? jobsRepoPath(cmd, file.repository, file.keyFile) : localRepoPath(cmd);
+    dir = file ? jobsRepoPath(cmd, file.repository, file.keyFile) : await localRepoDir(cmd);
   } catch (e) {
     if (e instanceof UsageError) failUsage(e.message);
     crit(errorLine(e), json);

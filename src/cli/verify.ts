@@ -5,7 +5,7 @@ import { VerifyReport, verify } from '../lifecycle/verify.js';
 import { bytes, duration } from '../util/format.js';
 import { GenvaultError, REPAIR_HINT, UsageError } from '../util/errors.js';
 import { Progress } from '../util/progress.js';
-import { action, errorLine, printJson, repoPath, wantsJson } from './common.js';
+import { action, errorLine, localRepoDir, openRepository, printJson, wantsJson } from './common.js';
 import { percentArg } from './options.js';
 
 /** verify's exit codes: 0 clean, 1 damage found, 2 could not run. */
@@ -125,7 +125,7 @@ export function register(program: Command): void {
         let report: VerifyReport;
         let repo: Repository;
         try {
-          repo = await Repository.open(repoPath(cmd), { withoutKey: o.withoutKey === true });
+          repo = await openRepository(await localRepoDir(cmd), { withoutKey: o.withoutKey === true });
         } catch (e) {
           throw couldNotRun(e);
         }

@@ -7,7 +7,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { GenvaultError } from '../util/errors.js';
-import { currentOwner, ownerAlive, processStart, type Owner } from '../util/proc.js';
+import { commandName, currentOwner, ownerAlive, processStart, type Owner } from '../util/proc.js';
 import { K_LEAF, prefixEnd } from '../format/keys.js';
 import { IndexError, OPEN_FILES_FOR_PASSES, limitIndexOpenFiles, openDb, openPrivateDb, type Db } from '../index/db.js';
 import { gcRunning, liveWriters, parseOwner } from '../repository/locks.js';
@@ -15,7 +15,8 @@ import { applyUmask, tightenRepo } from '../repository/perms.js';
 import type { RepoConfig } from '../format/config.js';
 import type { RepoKeys } from '../format/crypto.js';
 import { PLAIN_GENERATIONS, type GenerationIndex } from '../format/index-seal.js';
-import { LocalStore } from '../store/local.js';
+import { storeOf } from '../repository/location.js';
+import { StoreLock } from '../repository/store-locks.js';
 import { PackModel, type DamagedRecord, type IncompleteGeneration } from './pack-model.js';
 import { diffAgrees, diffIndex, type IndexDiff } from './index-diff.js';
 
@@ -72,9 +73,7 @@ export async function rebuild(abs: string, config: RepoConfig, keys: RepoKeys | 
   try {
     db = await openPrivateDb(path.join(build, 'index'));
     copies = await openPrivateDb(path.join(build, 'copies'));
-    const store = new LocalStore(abs);
-    const model = await PackModel.build(store, db, copies, { progress: opts.progress, readAll: opts.readAll === true, keys, genIndex });
-    await store.close();
+    const model = await scanPacks(abs, db, copies, { progress: opts.progress, readAll: opts.readAll === true, keys, genIndex });
     const report = await describe(model, indexDir, opts.write === true);
     await copies.close();
     copies = null;
@@ -246,4 +245,23 @@ async function exists(p: string): Promise<boolean> {
     () => true,
     () => false,
   );
+}
+
+/**
+ * The model of the packs. An object store's are read under a shared lock in the store
+ * (store-locks.ts), so that no gc elsewhere removes packs while they are read.
+ */
+async function scanPacks(abs: string, db: Db, copies: Db, opts: Parameters<typeof PackModel.build>[3]): Promise<PackModel> {
+  const store = await storeOf(abs);
+  try {
+    if (store.spec.kind === 'local') return await PackModel.build(store, db, copies, opts);
+    const lock = await StoreLock.acquire(store, { exclusive: false, what: commandName() });
+    try {
+      return await PackModel.build(store, db, copies, opts);
+    } finally {
+      await lock.release().catch(() => undefined);
+    }
+  } finally {
+    await store.close();
+  }
 }

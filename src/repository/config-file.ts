@@ -6,13 +6,13 @@
 import path from 'node:path';
 import { GenvaultError, describeFsError } from '../util/errors.js';
 import { checkConfig, type RepoConfig } from '../format/config.js';
-import { LocalStore } from '../store/local.js';
+import { describeLocation, storeOf } from './location.js';
 
 export const CONFIG_FILE = 'config.json';
 
 export async function readConfig(dir: string): Promise<RepoConfig> {
   const abs = path.resolve(dir);
-  const store = new LocalStore(abs);
+  const store = await storeOf(abs);
   const file = store.describe(CONFIG_FILE);
   let text: string;
   try {
@@ -20,9 +20,11 @@ export async function readConfig(dir: string): Promise<RepoConfig> {
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
     if (code === 'ENOENT' || code === 'ENOTDIR') {
-      throw new GenvaultError(`${abs}: not a genvault repository (no ${CONFIG_FILE}; create one with 'genvault init')`, 'NO_REPO');
+      throw new GenvaultError(`${await describeLocation(abs)}: not a genvault repository (no ${CONFIG_FILE}; create one with 'genvault init')`, 'NO_REPO');
     }
     throw describeFsError(e, file);
+  } finally {
+    await store.close();
   }
   let raw: unknown;
   try {

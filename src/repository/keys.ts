@@ -5,10 +5,6 @@
  * readable by group or others. Opening happens before anything in the repository is
  * written: a wrong secret is one line, and the repository is left as it was.
  */
-import { constants as C } from 'node:fs';
-import fs from 'node:fs/promises';
-import path from 'node:path';
-import { randomBytes } from 'node:crypto';
 import { GenvaultError, describeFsError } from '../util/errors.js';
 import { readTrustedFile } from '../util/trust.js';
 import type { RepoConfig } from '../format/config.js';
@@ -25,6 +21,7 @@ import {
 } from '../format/crypto.js';
 import { deriveIndexKeys, type IndexKeys } from '../format/index-seal.js';
 import { repoModes } from './perms.js';
+import { storeOf } from './location.js';
 
 export const KEYS_DIR = 'keys';
 
@@ -115,58 +112,60 @@ function readHidden(question: string): Promise<Buffer> {
   });
 }
 
-/** The slots in keys/, and the files there that are not well-formed slots (reported, skipped). */
+/**
+ * The slots in keys/, and the objects there that are not well-formed slots (reported,
+ * skipped). Slots are objects of the repository's store (a local directory's keys/, or the
+ * bucket of an object-store repository, whose cache directory must not be the only place
+ * a key lives).
+ */
 export async function readSlots(dir: string): Promise<{ slots: KeySlot[]; damaged: string[] }> {
-  const kd = path.join(dir, KEYS_DIR);
-  let names: string[];
+  const store = await storeOf(dir);
   try {
-    names = (await fs.readdir(kd)).sort();
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return { slots: [], damaged: [] };
-    throw describeFsError(e, kd);
-  }
-  const slots: KeySlot[] = [];
-  const damaged: string[] = [];
-  for (const n of names) {
-    const m = /^([0-9a-f]{16})\.json$/.exec(n);
-    if (!m) continue; // temporary files of a slot being written
-    const file = path.join(kd, n);
-    try {
-      slots.push(checkSlot(JSON.parse(await fs.readFile(file, 'utf8')), m[1]!));
-    } catch (e) {
-      damaged.push(`${file}: ${e instanceof SyntaxError ? 'not valid JSON (damaged key slot)' : (e as Error).message}`);
+    const names: string[] = [];
+    for await (const o of store.list(KEYS_DIR)) names.push(o.name);
+    const slots: KeySlot[] = [];
+    const damaged: string[] = [];
+    for (const n of names.sort()) {
+      const m = /^keys\/([0-9a-f]{16})\.json$/.exec(n);
+      if (!m) continue;
+      try {
+        slots.push(checkSlot(JSON.parse((await store.get(n)).toString('utf8')), m[1]!));
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue; // removed meanwhile
+        damaged.push(`${store.describe(n)}: ${e instanceof SyntaxError ? 'not valid JSON (damaged key slot)' : (e as Error).message}`);
+      }
     }
+    return { slots, damaged };
+  } catch (e) {
+    throw describeFsError(e, store.describe(KEYS_DIR));
+  } finally {
+    await store.close();
   }
-  return { slots, damaged };
 }
 
-/** Write a new slot, complete or not at all (temporary file, then link). */
+/** Write a new slot, complete or not at all (the store's exclusive put). */
 export async function writeSlot(dir: string, config: Pick<RepoConfig, 'group'>, slot: KeySlot): Promise<void> {
-  const kd = path.join(dir, KEYS_DIR);
-  const modes = repoModes(config);
-  await fs.mkdir(kd, { mode: modes.dir & 0o777 }).catch((e: NodeJS.ErrnoException) => {
-    if (e.code !== 'EEXIST') throw describeFsError(e, kd);
-  });
-  const tmp = path.join(kd, `.${slot.id}.${randomBytes(4).toString('hex')}.tmp`);
-  const fh = await fs.open(tmp, C.O_WRONLY | C.O_CREAT | C.O_EXCL, modes.file);
+  const store = await storeOf(dir);
+  const name = `${KEYS_DIR}/${slot.id}.json`;
   try {
-    await fh.writeFile(JSON.stringify(slot, null, 2) + '\n');
-    await fh.sync();
+    await store.put(name, JSON.stringify(slot, null, 2) + '\n', { exclusive: true, mode: repoModes(config).file });
+  } catch (e) {
+    throw describeFsError(e, store.describe(name));
   } finally {
-    await fh.close();
+    await store.close();
   }
-  try {
-    await fs.link(tmp, path.join(kd, `${slot.id}.json`));
-  } finally {
-    await fs.rm(tmp, { force: true });
-  }
-  const dh = await fs.open(kd, C.O_RDONLY);
-  await dh.sync().finally(() => dh.close());
 }
 
 export async function removeSlot(dir: string, id: string): Promise<void> {
   if (!SLOT_ID_RE.test(id)) throw new GenvaultError(`invalid key slot id ${JSON.stringify(id)}`, 'USAGE', 2);
-  await fs.rm(path.join(dir, KEYS_DIR, `${id}.json`));
+  const store = await storeOf(dir);
+  try {
+    const name = `${KEYS_DIR}/${id}.json`;
+    if (!(await store.stat(name))) throw Object.assign(new Error(`${store.describe(name)}: no such key slot`), { code: 'ENOENT' });
+    await store.delete(name);
+  } finally {
+    await store.close();
+  }
 }
 
 /** An opened encrypted repository's keys, and the slot that opened it. */

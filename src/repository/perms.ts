@@ -136,6 +136,8 @@ export async function tightenRepo(
       if (/^[0-9a-f]{2}$/.test(d)) await setDirMode(path.join(dir, 'packs', d), modes.dir, gid);
     }
     if (opts.configFile === null) return;
+    // An object store's cache directory: config.json is in the bucket (location.ts).
+    if (opts.configFile === undefined && (await fs.stat(path.join(dir, 'store.json')).catch(() => null))) return;
     const cfg = await fs.open(opts.configFile ?? path.join(dir, 'config.json'), fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
     try {
       if (gid !== null) await cfg.chown(-1, gid);

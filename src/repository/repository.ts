@@ -4,7 +4,7 @@
  */
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { GenvaultError, REPAIR_HINT, describeFsError } from '../util/errors.js';
+import { GenvaultError, REPAIR_HINT, UsageError, describeFsError } from '../util/errors.js';
 import { Lru } from '../util/lru.js';
 import { INDEX_SEALED_VERSION, RepoConfig, defaultConfig } from '../format/config.js';
 import { MASTER_KEY_BYTES, keyCheck, type RepoKeys } from '../format/crypto.js';
@@ -18,6 +18,10 @@ import { NAMES_NEED_KEY, generationIndex, nameTag, type GenerationIndex, type In
 import { ChunkLocation, decodeLocation } from '../format/pack.js';
 import { WorkerPool } from '../work/pool.js';
 import { LocalStore } from '../store/local.js';
+import { STORE_FILE, describeLocation, readStoreFile, storeOf } from './location.js';
+import { StoreLock } from './store-locks.js';
+import { commandName } from '../util/proc.js';
+import { cacheBehind, cacheState } from './cache.js';
 import type { Store } from '../store/store.js';
 import { applyUmask, repoModes, resolveGroup, setDirMode, tightenRepo } from './perms.js';
 import { CONFIG_FILE, readConfig } from './config-file.js';
@@ -41,6 +45,8 @@ export class Repository {
   }
 
   private gi: GenerationIndex;
+  /** An object-store repository's lock in its store (store-locks.ts), held while open. */
+  private storeLock: StoreLock | null = null;
 
   /** How this repository's generation records are keyed and stored (format 7: name tags, sealed values). */
   get genIndex(): GenerationIndex {
@@ -74,33 +80,30 @@ export class Repository {
    */
   static async init(dir: string, overrides: Partial<RepoConfig> = {}, encrypt: Secret | null = null, master: Buffer | null = null): Promise<RepoConfig> {
     const abs = path.resolve(dir);
-    // A repository is a local directory: init makes it, and locks/, tmp/ and index/ beside
-    // the store's own packs/, with node:fs (only config.json and packs are store objects).
-    try {
-      const entries = await fs.readdir(abs);
-      if (entries.includes(CONFIG_FILE)) throw new GenvaultError(`${abs}: a repository already exists here`, 'EXISTS');
-      if (entries.length) throw new GenvaultError(`${abs}: directory is not empty`, 'EXISTS');
-    } catch (e) {
-      if (e instanceof GenvaultError) throw e;
-      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw describeFsError(e, abs);
-    }
+    // An object store's cache directory holds its store.json (location.ts) and nothing else yet.
+    const objectStore = (await readStoreFile(abs)) !== null;
+    if (objectStore) await refuseExistingObject(abs);
+    await refuseExisting(abs, objectStore);
     const config = { ...defaultConfig(), ...overrides };
     if (config.group === undefined) delete config.group;
     if (master && !encrypt) throw new Error('a master key needs a secret for its slot');
     master = encrypt ? (master ?? randomBytes(MASTER_KEY_BYTES)) : null;
     if (master) {
+      if (objectStore) throw new UsageError('encrypted repositories in an object store are not supported yet: init it without --encryption');
       config.version = INDEX_SEALED_VERSION;
       config.encryption = { cipher: 'aes-256-gcm', identity: 'hmac-sha256', keyCheck: keyCheck(master) };
     }
     const modes = repoModes(config);
     const gid = config.group ? await resolveGroup(config.group) : null;
+    let store: Store | null = null;
     try {
       // The umask makes what LevelDB and later writers create 0600/0700 (0640/2750 with a group).
       applyUmask(config);
       await fs.mkdir(abs, { recursive: true, mode: 0o700 });
       // An existing (empty) directory keeps no mode of its own, nor another user's ownership.
       await setDirMode(abs, modes.dir, gid, process.getuid?.() === 0 ? 0 : -1);
-      const store = await LocalStore.init(abs, modes.dir);
+      store = objectStore ? await storeOf(abs) : await LocalStore.init(abs, modes.dir);
+      // locks/, tmp/ and index/ are local (beside the packs, or in the cache directory).
       for (const d of ['locks', 'tmp']) await fs.mkdir(path.join(abs, d), { mode: modes.dir & 0o777 });
       const db = await openDb(path.join(abs, 'index'), { create: true });
       await db.close();
@@ -110,7 +113,9 @@ export class Repository {
       // takes the group of the repository directory (set-group-ID, tightened above).
       await store.put(CONFIG_FILE, JSON.stringify(config, null, 2) + '\n', { exclusive: true, mode: modes.file });
     } catch (e) {
-      throw describeFsError(e, abs);
+      throw e instanceof GenvaultError ? e : describeFsError(e, abs);
+    } finally {
+      await store?.close();
     }
     return config;
   }
@@ -124,10 +129,32 @@ export class Repository {
    * index may create LevelDB files and its socket). With `write` (backup, gc, prune,
    * forget, protect, jobs), its directories are also brought to the repository's modes.
    * `secret`: what opens an encrypted repository's key, instead of this process's.
+   *
+   * An object-store repository (location.ts) is locked in its store for as long as it is
+   * open (shared; `exclusive` for gc), and its index cache must be current: missing or
+   * behind the bucket (cache.ts), open fails with code 'CACHE_BEHIND' and the caller
+   * rebuilds it (repair) and opens again.
    */
-  static async open(dir: string, opts: { write?: boolean; withoutKey?: boolean; secret?: Secret } = {}): Promise<Repository> {
+  static async open(dir: string, opts: { write?: boolean; withoutKey?: boolean; secret?: Secret; exclusive?: boolean } = {}): Promise<Repository> {
     const abs = path.resolve(dir);
     const config = await Repository.readConfig(abs);
+    const store = await storeOf(abs);
+    const lock = store.spec.kind === 'local' ? null : await lockStore(store, opts.exclusive === true).catch(async (e) => {
+      await store.close();
+      throw e;
+    });
+    try {
+      const repo = await Repository.openIndex(abs, config, store, opts);
+      repo.storeLock = lock;
+      return repo;
+    } catch (e) {
+      await lock?.release().catch(() => undefined);
+      await store.close();
+      throw e;
+    }
+  }
+
+  private static async openIndex(abs: string, config: RepoConfig, store: Store, opts: { write?: boolean; withoutKey?: boolean; secret?: Secret }): Promise<Repository> {
     // The key first: a wrong one ends the command before anything is written. `withoutKey`:
     // a reader of the index alone (status: job history, generation records), which the
     // key does not protect (FORMAT.md, "What stays plaintext"); it gets no worker pool.
@@ -136,15 +163,27 @@ export class Repository {
     applyUmask(config);
     let db: Db;
     try {
+      if (store.spec.kind !== 'local' && !(await exists(indexDir))) throw cacheError(abs, 'missing');
       db = await openDb(indexDir);
     } catch (e) {
+      if (e instanceof GenvaultError) throw e;
       if (e instanceof IndexError) {
         const hint = config.version >= 4 ? REPAIR_HINT : `'genvault repair' cannot rebuild a format ${config.version} index: put back a copy of index/`;
         throw new GenvaultError(`${abs}: index damaged: ${e.message}; ${hint}`, 'INDEX');
       }
       throw describeFsError(e, indexDir);
     }
-    const repo = new Repository(abs, config, db, new LocalStore(abs), unlocked);
+    if (store.spec.kind !== 'local') {
+      const state = await cacheState(abs, store, db).catch(async (e) => {
+        await db.close();
+        throw e;
+      });
+      if (cacheBehind(state)) {
+        await db.close();
+        throw cacheError(abs, `behind the bucket (${state.gone.length} packs gone, ${state.unknown.length} new)`);
+      }
+    }
+    const repo = new Repository(abs, config, db, store, unlocked);
     repo.readOnly = readOnlyCopy(db) !== null;
     if (opts.write && !repo.readOnly) await tightenRepo(abs, config);
     repo.indexDamage = await indexDamage(readOnlyCopy(db) ?? indexDir);
@@ -171,7 +210,7 @@ export class Repository {
   get pool(): WorkerPool {
     // Without its key an encrypted repository's records can only fail their checks.
     if (this.config.encryption && !this.unlocked) throw new GenvaultError(`${this.dir}: encrypted, and opened without its key`, 'NO_KEY');
-    if (!this.poolInstance) this.poolInstance = new WorkerPool(this.workerCount, this.workerNice, this.workerDepth, this.store.spec, this.keys);
+    if (!this.poolInstance) this.poolInstance = new WorkerPool(this.workerCount, this.workerNice, this.workerDepth, this.store.spec, this.keys, this.store.spec.kind === 'local' ? null : this.store);
     return this.poolInstance;
   }
 
@@ -194,6 +233,8 @@ export class Repository {
     this.poolInstance = null;
     await this.store.close();
     await this.db.close();
+    await this.storeLock?.release();
+    this.storeLock = null;
   }
 
   /**
@@ -331,4 +372,49 @@ export class Repository {
     const v = await getOrNull(this.db, chunkKey(digest));
     return v ? decodeLocation(v) : null;
   }
+}
+
+/** init's refusal of a directory that is a repository or holds anything (a cache directory: but its store.json). */
+async function refuseExisting(abs: string, objectStore: boolean): Promise<void> {
+  let entries: string[];
+  try {
+    entries = await fs.readdir(abs);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw describeFsError(e, abs);
+  }
+  if (entries.includes(CONFIG_FILE)) throw new GenvaultError(`${abs}: a repository already exists here`, 'EXISTS');
+  const others = entries.filter((f) => !(objectStore && f === STORE_FILE));
+  if (objectStore && others.length) throw new GenvaultError(`${abs}: the cache directory of ${await describeLocation(abs)} is not empty (a repository was there: remove the directory, or open the repository instead of init)`, 'EXISTS');
+  if (others.length) throw new GenvaultError(`${abs}: directory is not empty`, 'EXISTS');
+}
+
+/** init's refusal of a bucket prefix that holds a repository already (made, for a bucket that is missing). */
+async function refuseExistingObject(abs: string): Promise<void> {
+  const store = (await storeOf(abs)) as Store & { ensureBucket?: () => Promise<void> };
+  try {
+    await store.ensureBucket?.();
+    if ((await store.stat(CONFIG_FILE)) !== null) throw new GenvaultError(`${await describeLocation(abs)}: a repository already exists there`, 'EXISTS');
+  } catch (e) {
+    throw e instanceof GenvaultError ? e : describeFsError(e, await describeLocation(abs));
+  } finally {
+    await store.close();
+  }
+}
+
+/** The lock every command holds in an object store while it runs (store-locks.ts). */
+function lockStore(store: Store, exclusive: boolean): Promise<StoreLock> {
+  return StoreLock.acquire(store, { exclusive, what: commandName() });
+}
+
+/** An object store's index cache that must be rebuilt from the bucket before use (cache.ts). */
+function cacheError(abs: string, state: string): GenvaultError {
+  return new GenvaultError(`${abs}: the index cache is ${state}; 'genvault repair --write' rebuilds it from the bucket`, 'CACHE_BEHIND');
+}
+
+async function exists(p: string): Promise<boolean> {
+  return fs.stat(p).then(
+    () => true,
+    () => false,
+  );
 }

@@ -31,3 +31,14 @@ export async function ownerAlive(o: Owner): Promise<boolean> {
   if (start === null) return false;
   return o.start === '' || start === o.start;
 }
+
+let command = '';
+
+/** What this process runs, for locks other hosts see ("genvault backup"): set once by the CLI. */
+export function setCommandName(name: string): void {
+  command = name;
+}
+
+export function commandName(): string {
+  return command || 'genvault';
+}

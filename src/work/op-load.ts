@@ -18,6 +18,7 @@ import type { LoadAnswer, LoadItem, LoadManyAnswer, LoadManyRequest, LoadRequest
 import { zstd } from './zstd.js';
 import { fastOf, identityOf, keys } from './keys.js';
 import { SEAL_BROKEN, SEAL_OVERHEAD, openInto, recordAd } from '../format/crypto.js';
+import { SpanReader, type PackSpan } from './spans.js';
 
 const dctx = new zstd.DCtx();
 /** For decoding a group frame only as far as one member (it keeps a frame's state between calls). */
@@ -60,9 +61,23 @@ const packs: SyncReader | null = (() => {
   return spec ? openSyncReader(spec) : null;
 })();
 
+/** The spans the current request carries (a store without synchronous reads: spans.ts). */
+let provided: SpanReader | null = null;
+
+/** Run a request's handler reading from the spans it carries, if any. */
+export function withSpans<T>(spans: PackSpan[] | undefined, fn: () => T): T {
+  provided = spans ? new SpanReader(spans) : null;
+  try {
+    return fn();
+  } finally {
+    provided = null;
+  }
+}
+
 function packReader(): SyncReader {
-  // A store whose reads are not local system calls has no sync reader (store.ts); reading
-  // its packs here would need the spans handed over by the main thread.
+  if (provided) return provided;
+  // A store whose reads are not local system calls has no sync reader (store.ts): its
+  // requests carry the spans the main thread read (spans.ts).
   if (!packs) throw new Error('this worker pool cannot read packs (no store, or a store without synchronous reads)');
   return packs;
 }

@@ -1,9 +1,10 @@
 /** A small pool of worker threads (one per core) running src/work/worker.ts. */
 import { Worker } from 'node:worker_threads';
 import os from 'node:os';
-import type { StoreSpec } from '../store/store.js';
+import type { Store, StoreSpec } from '../store/store.js';
+import { fetchSpans, spanTransfer } from './spans.js';
 import type { IdentityKeys, RepoKeys } from '../format/crypto.js';
-import type { AnswerMessage, AnswerOf, Op, RequestOf, WorkerRequest } from './protocol.js';
+import type { AnswerMessage, AnswerOf, LoadItem, Op, RequestOf, WorkerRequest } from './protocol.js';
 
 interface Task {
   req: WorkerRequest;
@@ -16,6 +17,9 @@ interface Task {
 export function workerCores(): number {
   return Math.min(os.availableParallelism(), 8);
 }
+
+/** Ops that read packs: their requests carry spans for a store without synchronous reads. */
+const READS_PACKS = new Set<string>(['load', 'loadMany', 'restoreMany']);
 
 export class WorkerPool {
   private workers: Worker[] = [];
@@ -43,6 +47,9 @@ export class WorkerPool {
    *   read the kernel waits for never queues inside a busy worker behind read-ahead.
    * @param store the store whose packs the load and restore ops read (their items name
    *   packs by object name in it); a pool without one only chunks and compresses.
+   * @param spanStore that store, when its reads are not local system calls (an object
+   *   store): load and restore requests then carry the spans of their records, read here
+   *   first (spans.ts).
    * @param keys an encrypted repository's derived keys (format 6): the workers seal, open
    *   and hash with them. They reach the threads only through workerData. A remote
    *   writer's client passes only the identity key and chunker seed it was given.
@@ -53,6 +60,7 @@ export class WorkerPool {
     private depth = 1,
     store?: StoreSpec,
     keys: RepoKeys | IdentityKeys | null = null,
+    private readonly spanStore: Store | null = null,
   ) {
     size = Number(process.env.GENVAULT_WORKERS) || size || workerCores() + 1;
     // One lock word shared by the workers: restore writes to one file take turns on it.
@@ -86,10 +94,17 @@ export class WorkerPool {
   /** Run one request on a worker; the answer is typed by the request's op (protocol.ts). */
   run<K extends Op>(req: RequestOf<K>, transfer: ArrayBuffer[] = []): Promise<AnswerOf<K>> {
     if (this.closed) return Promise.reject(new Error('worker pool closed'));
+    if (this.spanStore && READS_PACKS.has(req.op) && !(req as { spans?: unknown }).spans) return this.runWithSpans(req, transfer);
     return new Promise<AnswerOf<K>>((resolve, reject) => {
       this.queue.push({ req, transfer, resolve, reject });
       this.dispatch();
     });
+  }
+
+  private async runWithSpans<K extends Op>(req: RequestOf<K>, transfer: ArrayBuffer[]): Promise<AnswerOf<K>> {
+    const r = req as unknown as { op: string; items?: LoadItem[] } & LoadItem;
+    const spans = await fetchSpans(this.spanStore!, r.items ?? [r]);
+    return this.run({ ...req, spans } as RequestOf<K>, [...transfer, ...spanTransfer(spans)]);
   }
 
   private dispatch(): void {

@@ -14,6 +14,7 @@
  * `pool.run(req)` is typed by `req.op`: it resolves to `AnswerOf<typeof req.op>`. Each
  * worker handler is checked against the same map (src/work/worker.ts).
  */
+import type { PackSpan } from './spans.js';
 import type { ChunkingParams } from '../format/config.js';
 
 /**
@@ -145,7 +146,8 @@ export interface AdoptAnswer extends CompressAnswer {
   fast: Uint8Array | null;
 }
 
-export type LoadRequest = { op: 'load'; direct?: boolean } & LoadItem;
+/** `spans`: the pack bytes, read by the main thread, for a store without synchronous reads (spans.ts). */
+export type LoadRequest = { op: 'load'; direct?: boolean; spans?: PackSpan[] } & LoadItem;
 
 export type LoadAnswer = LoadResult;
 
@@ -156,6 +158,7 @@ export interface LoadManyRequest {
   into?: SharedArrayBuffer;
   intoAt?: number;
   direct?: boolean;
+  spans?: PackSpan[];
 }
 
 export interface LoadManyAnswer {
@@ -170,6 +173,7 @@ export interface RestoreManyRequest {
   fd: number;
   items: RestoreItem[];
   direct?: boolean;
+  spans?: PackSpan[];
 }
 
 export interface RestoreManyAnswer {

@@ -15,8 +15,9 @@ import type { AnswerOf, Op, Reply, RequestMessage, RequestOf, WorkerAnswer, Work
 import { handleChunk } from './op-chunk.js';
 import { handleCompress } from './op-compress.js';
 import { handleAdopt } from './op-adopt.js';
-import { handleLoad, handleLoadMany } from './op-load.js';
+import { handleLoad, handleLoadMany, withSpans } from './op-load.js';
 import { handleRestoreMany } from './op-restore.js';
+import type { PackSpan } from './spans.js';
 
 /** Each op's handler, checked against its request and answer in protocol.ts. */
 const handlers: { [K in Op]: (req: RequestOf<K>) => Reply<AnswerOf<K>> } = {
@@ -32,7 +33,7 @@ function handle(req: WorkerRequest): Reply<WorkerAnswer> {
   // The map pairs each op with its handler; TypeScript cannot follow that pairing through
   // `req.op`, hence the one widening here.
   const handler = handlers[req.op] as (req: WorkerRequest) => Reply<WorkerAnswer>;
-  return handler(req);
+  return withSpans((req as { spans?: PackSpan[] }).spans, () => handler(req));
 }
 
 parentPort!.on('message', (msg: RequestMessage) => {
