@@ -117,9 +117,9 @@ export class S3Client {
         if (ok) return x;
         err = this.answerError(r, x);
       } catch (e) {
-        err = e as S3Error;
-        if (!RETRY_NET.has(err.code)) throw err;
-        err = Object.assign(new Error(`${this.describe(r.key)}: ${r.method} to ${this.endpoint.host} failed: ${clean(err.message)}`), { code: err.code });
+        // No answer (or one cut off, or too large): the connection's error, with where it was going.
+        const cause = e as S3Error;
+        err = Object.assign(new Error(`${this.describe(r.key)}: ${r.method} to ${this.endpoint.host} failed: ${clean(cause.message)}`), { code: cause.code ?? 'EIO' });
       }
       err.retried = attempt > 1;
       const transient = RETRY_NET.has(err.code) || RETRY_STATUS.has(err.status ?? 0) || RETRY_S3.has(err.s3Code ?? '');
