@@ -41,7 +41,9 @@ export class S3Store implements Store {
     const partSize = spec.partSize ?? 8 * MIB;
     // S3 (and radosgw: EntityTooSmall at Complete) refuses parts under 5 MiB but for the last.
     if (!Number.isSafeInteger(partSize) || partSize < 5 * MIB) throw Object.assign(new Error(`S3 part size ${partSize}: at least 5 MiB`), { code: 'EINVAL' });
-    this.tuning = { multipartThreshold: spec.multipartThreshold ?? 16 * MIB, partSize };
+    const concurrency = spec.uploadConcurrency ?? 4;
+    if (!Number.isSafeInteger(concurrency) || concurrency < 1) throw Object.assign(new Error(`S3 upload concurrency ${concurrency}: at least 1`), { code: 'EINVAL' });
+    this.tuning = { multipartThreshold: spec.multipartThreshold ?? 16 * MIB, partSize, concurrency };
     this.pageSize = spec.listPageSize ?? 1000;
   }
 

@@ -89,6 +89,8 @@ export interface S3Spec {
   multipartThreshold?: number;
   /** Bytes per part of a multipart upload (S3 wants at least 5 MiB but for the last). */
   partSize?: number;
+  /** Parts of one multipart upload sent at once (default 4). */
+  uploadConcurrency?: number;
   /** Keys asked for per page of a listing. */
   listPageSize?: number;
   /** Attempts per request, the first backoff, the idle socket timeout (s3-client.ts). */
