@@ -114,6 +114,7 @@ describe('S3Store without a server', () => {
     expect(openSyncReader(spec)).toBeNull();
     expect(() => new S3Store({ ...spec, partSize: 1 << 20 })).toThrow(expect.objectContaining({ code: 'EINVAL' }));
     expect(() => new S3Store({ ...spec, prefix: 'a/../b' })).toThrow(expect.objectContaining({ code: 'EINVAL' }));
+    expect(() => new S3Store({ ...spec, bucket: '..' })).toThrow(expect.objectContaining({ code: 'EINVAL' }));
     await st.close();
   });
 

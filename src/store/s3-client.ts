@@ -99,7 +99,8 @@ export class S3Client {
     const url = new URL(this.endpoint.href);
     if (this.opts.virtualHost) url.hostname = `${this.opts.bucket}.${url.hostname}`;
     const q = canonicalQuery(query);
-    // Assigned raw: URL would re-encode, and the signature covers the exact bytes sent.
+    // Encoded here, as signed: the URL keeps %-escapes as they are and has nothing else to
+    // encode (checked names and buckets have no '.' or '..' segment for it to resolve).
     url.pathname = path;
     url.search = q ? '?' + q : '';
     return { url, path };

@@ -12,6 +12,7 @@
 import { MAX_GET_BYTES, abortMultipart, createBucket, deleteObject, getObject, getRange, headBucket, headObject, listObjects, listUploads, putObject } from './s3-api.js';
 import { S3Appender, UploadTuning } from './s3-appender.js';
 import { S3Client, S3Error } from './s3-client.js';
+import { checkBucket } from './s3-location.js';
 import { Appender, ObjectInfo, PutOptions, S3Spec, Store, checkName } from './store.js';
 
 const MIB = 1 << 20;
@@ -25,6 +26,7 @@ export class S3Store implements Store {
   private readonly pageSize: number;
 
   constructor(readonly spec: S3Spec) {
+    checkBucket(spec.bucket);
     if (spec.prefix !== '') checkName(spec.prefix);
     this.client = new S3Client({
       endpoint: spec.endpoint,
