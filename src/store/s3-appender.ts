@@ -19,6 +19,8 @@ export interface UploadTuning {
   concurrency: number;
 }
 
+const MAX_PARTS = 10_000;
+
 /** Read [pos, pos + n) of a spool file (always there: the spool is ours). */
 async function readSpool(fh: fs.FileHandle, pos: number, n: number): Promise<Buffer> {
   const buf = Buffer.allocUnsafe(n);
@@ -37,16 +39,18 @@ async function readSpool(fh: fs.FileHandle, pos: number, n: number): Promise<Buf
  * and the ones in flight are waited for, so that an abort after it finds them done.
  */
 async function uploadParts(c: S3Client, key: string, uploadId: string, fh: fs.FileHandle, size: number, t: UploadTuning): Promise<string[]> {
-  const count = Math.ceil(size / t.partSize);
+  // S3 takes at most MAX_PARTS parts: a larger object gets larger parts.
+  const partSize = Math.max(t.partSize, Math.ceil(size / MAX_PARTS));
+  const count = Math.ceil(size / partSize);
   const etags: string[] = new Array<string>(count);
   let next = 0;
   let failed = false;
   const worker = async () => {
     while (next < count && !failed) {
       const i = next++;
-      const pos = i * t.partSize;
+      const pos = i * partSize;
       try {
-        etags[i] = await uploadPart(c, key, uploadId, i + 1, await readSpool(fh, pos, Math.min(t.partSize, size - pos)));
+        etags[i] = await uploadPart(c, key, uploadId, i + 1, await readSpool(fh, pos, Math.min(partSize, size - pos)));
       } catch (e) {
         failed = true;
         throw e;

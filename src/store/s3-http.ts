@@ -85,7 +85,7 @@ export function exchange(o: ExchangeOptions): Promise<Exchange> {
     const mod = o.url.protocol === 'https:' ? https : http;
     const headers: Record<string, string> = { ...o.headers, 'content-length': String(o.body?.length ?? 0) };
     const req = mod.request(o.url, { method: o.method, headers, agent: o.agent });
-    req.setTimeout(o.timeoutMs, () => req.destroy(netError(`${o.url.host}: no answer within ${o.timeoutMs} ms`, 'ETIMEDOUT')));
+    req.setTimeout(o.timeoutMs, () => req.destroy(netError(`${o.url.host}: the connection was idle for ${o.timeoutMs} ms`, 'ETIMEDOUT')));
     req.on('error', reject);
     req.on('response', (res) => {
       res.on('error', reject);
