@@ -92,7 +92,7 @@ export class S3Client {
   }
 
   /** The URL of a request (path style: /bucket/key; virtual host: bucket.host/key). */
-  private url(key: string | undefined, query: Record<string, string>): { url: URL; path: string } {
+  url(key: string | undefined, query: Record<string, string>): { url: URL; path: string } {
     const base = this.endpoint.pathname.replace(/\/+$/, '');
     const keyPath = key === undefined ? '/' : '/' + encodePath(key);
     const path = this.opts.virtualHost ? base + keyPath : `${base}/${encodePath(this.opts.bucket)}${key === undefined ? '' : keyPath}`;
