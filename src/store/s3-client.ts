@@ -7,7 +7,8 @@
  *
  * Retries: every request this store sends is idempotent (a whole-object PUT, an
  * UploadPart, a DELETE; a CompleteMultipartUpload repeated after it went through is
- * sorted out by the caller), so each is retried on what S3 documents as transient (500,
+ * sorted out by the caller; a CreateMultipartUpload repeated leaves at worst an unused
+ * upload, which abortStaleUploads removes), so each is retried on what S3 documents as transient (500,
  * 502, 503, 504, SlowDown, RequestTimeout) and on connection failures, with exponential
  * backoff and full jitter, a bounded number of attempts in all.
  */
