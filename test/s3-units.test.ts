@@ -114,7 +114,17 @@ describe('S3Store without a server', () => {
     expect(openSyncReader(spec)).toBeNull();
     expect(() => new S3Store({ ...spec, partSize: 1 << 20 })).toThrow(expect.objectContaining({ code: 'EINVAL' }));
     expect(() => new S3Store({ ...spec, prefix: 'a/../b' })).toThrow(expect.objectContaining({ code: 'EINVAL' }));
+    expect(() => new S3Store({ ...spec, bucket: '..' })).toThrow(expect.objectContaining({ code: 'EINVAL' }));
     await st.close();
+  });
+
+  it('addresses requests path style by default, virtual-host style by option', () => {
+    const path = new S3Store({ ...spec, endpoint: 'https://rgw.example:8443/base/' }).client;
+    expect(path.url('a/b c', { uploads: '', prefix: 'x/' }).url.href).toBe('https://rgw.example:8443/base/bkt/a/b%20c?prefix=x%2F&uploads=');
+    expect(path.url(undefined, {}).url.href).toBe('https://rgw.example:8443/base/bkt');
+    const vhost = new S3Store({ ...spec, endpoint: 'https://s3.eu-west-3.amazonaws.com', virtualHost: true }).client;
+    expect(vhost.url('a/%', {}).url.href).toBe('https://bkt.s3.eu-west-3.amazonaws.com/a/%25');
+    expect(vhost.url(undefined, { 'list-type': '2' }).url.href).toBe('https://bkt.s3.eu-west-3.amazonaws.com/?list-type=2');
   });
 
   it('a connection refused every time: one line after the attempts', async () => {

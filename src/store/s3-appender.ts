@@ -15,7 +15,11 @@ import type { Appender } from './store.js';
 export interface UploadTuning {
   multipartThreshold: number;
   partSize: number;
+  /** Parts uploaded at once. */
+  concurrency: number;
 }
+
+const MAX_PARTS = 10_000;
 
 /** Read [pos, pos + n) of a spool file (always there: the spool is ours). */
 async function readSpool(fh: fs.FileHandle, pos: number, n: number): Promise<Buffer> {
@@ -29,14 +33,41 @@ async function readSpool(fh: fs.FileHandle, pos: number, n: number): Promise<Buf
   return buf;
 }
 
+/**
+ * Upload the parts, `concurrency` at a time (one part's latency would otherwise bound the
+ * throughput; each in flight holds one part in memory). On a failure no new part starts,
+ * and the ones in flight are waited for, so that an abort after it finds them done.
+ */
+async function uploadParts(c: S3Client, key: string, uploadId: string, fh: fs.FileHandle, size: number, t: UploadTuning): Promise<string[]> {
+  // S3 takes at most MAX_PARTS parts: a larger object gets larger parts.
+  const partSize = Math.max(t.partSize, Math.ceil(size / MAX_PARTS));
+  const count = Math.ceil(size / partSize);
+  const etags: string[] = new Array<string>(count);
+  let next = 0;
+  let failed = false;
+  const worker = async () => {
+    while (next < count && !failed) {
+      const i = next++;
+      const pos = i * partSize;
+      try {
+        etags[i] = await uploadPart(c, key, uploadId, i + 1, await readSpool(fh, pos, Math.min(partSize, size - pos)));
+      } catch (e) {
+        failed = true;
+        throw e;
+      }
+    }
+  };
+  const done = await Promise.allSettled(Array.from({ length: Math.min(t.concurrency, count) }, worker));
+  const bad = done.find((d) => d.status === 'rejected');
+  if (bad) throw (bad as PromiseRejectedResult).reason;
+  return etags;
+}
+
 /** A multipart upload of the spool; aborted when it fails, so it leaves no parts behind. */
-async function uploadMultipart(c: S3Client, key: string, fh: fs.FileHandle, size: number, partSize: number): Promise<void> {
+async function uploadMultipart(c: S3Client, key: string, fh: fs.FileHandle, size: number, t: UploadTuning): Promise<void> {
   const uploadId = await createMultipart(c, key);
   try {
-    const etags: string[] = [];
-    for (let pos = 0; pos < size; pos += partSize) {
-      etags.push(await uploadPart(c, key, uploadId, etags.length + 1, await readSpool(fh, pos, Math.min(partSize, size - pos))));
-    }
+    const etags = await uploadParts(c, key, uploadId, fh, size, t);
     try {
       await completeMultipart(c, key, uploadId, etags);
     } catch (e) {
@@ -53,7 +84,7 @@ async function uploadMultipart(c: S3Client, key: string, fh: fs.FileHandle, size
 /** Upload the first `size` bytes of a spool file as the object `key`. */
 export async function uploadSpool(c: S3Client, key: string, fh: fs.FileHandle, size: number, t: UploadTuning): Promise<void> {
   if (size <= t.multipartThreshold) await putObject(c, key, size ? await readSpool(fh, 0, size) : Buffer.alloc(0));
-  else await uploadMultipart(c, key, fh, size, t.partSize);
+  else await uploadMultipart(c, key, fh, size, t);
 }
 
 export class S3Appender implements Appender {

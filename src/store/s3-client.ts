@@ -7,7 +7,8 @@
  *
  * Retries: every request this store sends is idempotent (a whole-object PUT, an
  * UploadPart, a DELETE; a CompleteMultipartUpload repeated after it went through is
- * sorted out by the caller), so each is retried on what S3 documents as transient (500,
+ * sorted out by the caller; a CreateMultipartUpload repeated leaves at worst an unused
+ * upload, which abortStaleUploads removes), so each is retried on what S3 documents as transient (500,
  * 502, 503, 504, SlowDown, RequestTimeout) and on connection failures, with exponential
  * backoff and full jitter, a bounded number of attempts in all.
  */
@@ -92,14 +93,15 @@ export class S3Client {
   }
 
   /** The URL of a request (path style: /bucket/key; virtual host: bucket.host/key). */
-  private url(key: string | undefined, query: Record<string, string>): { url: URL; path: string } {
+  url(key: string | undefined, query: Record<string, string>): { url: URL; path: string } {
     const base = this.endpoint.pathname.replace(/\/+$/, '');
     const keyPath = key === undefined ? '/' : '/' + encodePath(key);
     const path = this.opts.virtualHost ? base + keyPath : `${base}/${encodePath(this.opts.bucket)}${key === undefined ? '' : keyPath}`;
     const url = new URL(this.endpoint.href);
     if (this.opts.virtualHost) url.hostname = `${this.opts.bucket}.${url.hostname}`;
     const q = canonicalQuery(query);
-    // Assigned raw: URL would re-encode, and the signature covers the exact bytes sent.
+    // Encoded here, as signed: the URL keeps %-escapes as they are and has nothing else to
+    // encode (checked names and buckets have no '.' or '..' segment for it to resolve).
     url.pathname = path;
     url.search = q ? '?' + q : '';
     return { url, path };
@@ -117,9 +119,9 @@ export class S3Client {
         if (ok) return x;
         err = this.answerError(r, x);
       } catch (e) {
-        err = e as S3Error;
-        if (!RETRY_NET.has(err.code)) throw err;
-        err = Object.assign(new Error(`${this.describe(r.key)}: ${r.method} to ${this.endpoint.host} failed: ${clean(err.message)}`), { code: err.code });
+        // No answer (or one cut off, or too large): the connection's error, with where it was going.
+        const cause = e as S3Error;
+        err = Object.assign(new Error(`${this.describe(r.key)}: ${r.method} to ${this.endpoint.host} failed: ${clean(cause.message)}`), { code: cause.code ?? 'EIO' });
       }
       err.retried = attempt > 1;
       const transient = RETRY_NET.has(err.code) || RETRY_STATUS.has(err.status ?? 0) || RETRY_S3.has(err.s3Code ?? '');

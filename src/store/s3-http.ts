@@ -63,8 +63,9 @@ async function writeBody(req: http.ClientRequest, body: Buffer | undefined, limi
 async function readBody(res: http.IncomingMessage, o: ExchangeOptions): Promise<Buffer> {
   const parts: Buffer[] = [];
   let got = 0;
-  // An error answer (an XML <Error>) may be longer than the range a GET asked for.
-  const max = (res.statusCode ?? 0) >= 300 ? Math.max(o.maxBody, ERROR_BODY) : o.maxBody;
+  // An error answer (an XML <Error>) has its own bound: longer than a short range, far
+  // shorter than a whole object.
+  const max = (res.statusCode ?? 0) >= 300 ? ERROR_BODY : o.maxBody;
   for await (const chunk of res as AsyncIterable<Buffer>) {
     got += chunk.length;
     if (got > max) {
@@ -84,7 +85,7 @@ export function exchange(o: ExchangeOptions): Promise<Exchange> {
     const mod = o.url.protocol === 'https:' ? https : http;
     const headers: Record<string, string> = { ...o.headers, 'content-length': String(o.body?.length ?? 0) };
     const req = mod.request(o.url, { method: o.method, headers, agent: o.agent });
-    req.setTimeout(o.timeoutMs, () => req.destroy(netError(`${o.url.host}: no answer within ${o.timeoutMs} ms`, 'ETIMEDOUT')));
+    req.setTimeout(o.timeoutMs, () => req.destroy(netError(`${o.url.host}: the connection was idle for ${o.timeoutMs} ms`, 'ETIMEDOUT')));
     req.on('error', reject);
     req.on('response', (res) => {
       res.on('error', reject);

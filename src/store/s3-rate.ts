@@ -12,7 +12,9 @@ export class RateLimiter {
   private readonly burst: number;
 
   constructor(readonly bytesPerSecond: number) {
-    if (!(bytesPerSecond > 0) || !Number.isFinite(bytesPerSecond)) throw new Error(`limitRate must be a positive number of bytes per second, not ${bytesPerSecond}`);
+    if (!(bytesPerSecond > 0) || !Number.isFinite(bytesPerSecond)) {
+      throw Object.assign(new Error(`limitRate must be a positive number of bytes per second, not ${bytesPerSecond}`), { code: 'EINVAL' });
+    }
     this.burst = Math.max(16 << 10, bytesPerSecond / 10);
     this.tokens = this.burst;
   }

@@ -12,6 +12,7 @@
 import { MAX_GET_BYTES, abortMultipart, createBucket, deleteObject, getObject, getRange, headBucket, headObject, listObjects, listUploads, putObject } from './s3-api.js';
 import { S3Appender, UploadTuning } from './s3-appender.js';
 import { S3Client, S3Error } from './s3-client.js';
+import { checkBucket } from './s3-location.js';
 import { Appender, ObjectInfo, PutOptions, S3Spec, Store, checkName } from './store.js';
 
 const MIB = 1 << 20;
@@ -25,6 +26,7 @@ export class S3Store implements Store {
   private readonly pageSize: number;
 
   constructor(readonly spec: S3Spec) {
+    checkBucket(spec.bucket);
     if (spec.prefix !== '') checkName(spec.prefix);
     this.client = new S3Client({
       endpoint: spec.endpoint,
@@ -41,7 +43,9 @@ export class S3Store implements Store {
     const partSize = spec.partSize ?? 8 * MIB;
     // S3 (and radosgw: EntityTooSmall at Complete) refuses parts under 5 MiB but for the last.
     if (!Number.isSafeInteger(partSize) || partSize < 5 * MIB) throw Object.assign(new Error(`S3 part size ${partSize}: at least 5 MiB`), { code: 'EINVAL' });
-    this.tuning = { multipartThreshold: spec.multipartThreshold ?? 16 * MIB, partSize };
+    const concurrency = spec.uploadConcurrency ?? 4;
+    if (!Number.isSafeInteger(concurrency) || concurrency < 1) throw Object.assign(new Error(`S3 upload concurrency ${concurrency}: at least 1`), { code: 'EINVAL' });
+    this.tuning = { multipartThreshold: spec.multipartThreshold ?? 16 * MIB, partSize, concurrency };
     this.pageSize = spec.listPageSize ?? 1000;
   }
 

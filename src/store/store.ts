@@ -16,8 +16,9 @@
  *
  * Errors. A missing object is an Error whose `code` is 'ENOENT' (get, read, truncate,
  * create's parent aside); stat() says null and delete() succeeds instead. Other failures
- * keep the implementation's code (local: the errno name, 'EACCES', 'EIO', ...), which
- * callers print as they are.
+ * keep the implementation's code (local: the errno name, 'EACCES', 'EIO', ...; S3:
+ * 'EACCES' for refused credentials, 'EIO' for what the server refused, 'EPROTO' for an
+ * answer that makes no sense, the network's own codes), which callers print as they are.
  *
  * put(name, data): the whole object, atomically: a reader sees the old object or the new
  * one, never a part, and it is durable when put() returns. With `exclusive`, put fails
@@ -89,6 +90,8 @@ export interface S3Spec {
   multipartThreshold?: number;
   /** Bytes per part of a multipart upload (S3 wants at least 5 MiB but for the last). */
   partSize?: number;
+  /** Parts of one multipart upload sent at once (default 4). */
+  uploadConcurrency?: number;
   /** Keys asked for per page of a listing. */
   listPageSize?: number;
   /** Attempts per request, the first backoff, the idle socket timeout (s3-client.ts). */
