@@ -45,6 +45,7 @@ function human(r: GcResult): string {
     );
   }
   if (r.waitedFor) out.push(`waited for ${plural(r.waitedFor, 'running backup')}`);
+  if (r.uploadsAborted || r.spoolsRemoved) out.push(`cleaned up after killed writers: ${plural(r.uploadsAborted, 'unfinished upload')} aborted, ${plural(r.spoolsRemoved, 'spool file')} removed`);
   out.push(
     `${r.dryRun ? 'would remove' : 'removed'} ${plural(r.chunksRemoved, 'unreferenced chunk')} (${bytes(r.chunkBytesRemoved)} stored) ` +
       `and ${plural(r.leavesRemoved, 'map leaf', 'map leaves')}`,

@@ -84,6 +84,9 @@ export interface GcResult {
   bytesFreed: number;
   /** Running backups gc waited for before sweeping. */
   waitedFor: number;
+  /** An object store: unfinished multipart uploads aborted and spool files removed (writers killed mid-upload). */
+  uploadsAborted: number;
+  spoolsRemoved: number;
   /** Leftovers of an earlier gc that died: 'c' entries and leaves put back. */
   recovered: { chunks: number; leaves: number; condemned: number };
   warnings: string[];
@@ -122,6 +125,8 @@ function emptyResult(dryRun: boolean): GcResult {
     metadataDropped: 0,
     bytesFreed: 0,
     waitedFor: 0,
+    uploadsAborted: 0,
+    spoolsRemoved: 0,
     recovered: { chunks: 0, leaves: 0, condemned: 0 },
     warnings: [],
     durationMs: 0,
@@ -317,6 +322,7 @@ async function run(repo: Repository, threshold: number, report: (line: string) =
   try {
     trace('locked');
     await cleanupDeadWriters(repo.dir, db, repo.store);
+    await objectStoreLeftovers(repo, res);
     writer = await WriterRegistration.register(repo.dir, 'gc');
     const self = writer.record.id;
 
@@ -886,4 +892,21 @@ async function dryRun(repo: Repository, threshold: number, report: (line: string
   if (leftovers) res.warnings.push('an interrupted gc left condemned-chunk keys; the next gc resolves them first');
   res.durationMs = Date.now() - started;
   return res;
+}
+
+/**
+ * What writers killed mid-upload left of an object store: unfinished multipart uploads in
+ * the bucket, spool files in the cache's tmp/. gc holds the store's exclusive lock
+ * (store-locks.ts): no command runs on the repository anywhere, so none of them is in use.
+ */
+async function objectStoreLeftovers(repo: Repository, res: GcResult): Promise<void> {
+  const store = repo.store as typeof repo.store & { abortStaleUploads?: (olderThanMs: number) => Promise<number> };
+  if (!store.abortStaleUploads) return;
+  res.uploadsAborted = await store.abortStaleUploads(0);
+  const tmp = path.join(repo.dir, 'tmp');
+  for (const f of await fs.readdir(tmp).catch(() => [] as string[])) {
+    if (!/^s3-spool-[0-9a-f]{16}$/.test(f)) continue;
+    await fs.rm(path.join(tmp, f), { force: true });
+    res.spoolsRemoved++;
+  }
 }

@@ -89,7 +89,6 @@ export class Repository {
     if (master && !encrypt) throw new Error('a master key needs a secret for its slot');
     master = encrypt ? (master ?? randomBytes(MASTER_KEY_BYTES)) : null;
     if (master) {
-      if (objectStore) throw new UsageError('encrypted repositories in an object store are not supported yet: init it without --encryption');
       config.version = INDEX_SEALED_VERSION;
       config.encryption = { cipher: 'aes-256-gcm', identity: 'hmac-sha256', keyCheck: keyCheck(master) };
     }
