@@ -200,4 +200,34 @@ describe.skipIf(why !== null)('s3:// repositories on radosgw', () => {
     const wrong = await gv(repo, ['list'], { env: { ...hostEnv('e'), GENVAULT_PASSWORD_FILE: s.path('one.img') } });
     expect(wrong.code).not.toBe(0);
   });
+
+  it('sync copies local -> s3:// -> local, byte-identical, and a job runs against an s3:// repository', async () => {
+    const local = s.path('sync-local');
+    const back = s.path('sync-back');
+    const bucket = 's3://gv-sync/copy';
+    await ok('a', local, ['init']);
+    const img = await image('sync.img', 8, 24);
+    await ok('a', local, ['backup', img, '-n', 'vm8']);
+    await ok('a', bucket, ['init', '--like', local]);
+    const first = JSON.parse(await ok('a', local, ['sync', local, bucket, '--json'])) as { copied: unknown[] };
+    expect(first.copied).toHaveLength(1);
+    await ok('a', back, ['init', '--like', local]);
+    await ok('b', back, ['sync', bucket, back]);
+    expect(await restoredHash('a', back, 'vm8')).toBe(await sha256File(img));
+    // A second sync after a next-day backup sends about what the backup stored.
+    const b = await fs.readFile(img);
+    prng(123, 1 << 20).copy(b, 5 << 20);
+    await fs.writeFile(img, b);
+    const day2 = JSON.parse(await ok('a', local, ['backup', img, '-n', 'vm8', '--json'])) as { stats: { newStored: number } };
+    const second = JSON.parse(await ok('a', local, ['sync', local, bucket, '--json'])) as { storedAdded: number };
+    expect(second.storedAdded).toBeLessThanOrEqual(day2.stats.newStored * 1.1 + 65536);
+    expect(await restoredHash('b', bucket, 'vm8')).toBe(await sha256File(img));
+    // A job file naming the bucket as its repository, with a sync to a second bucket.
+    await ok('a', 's3://gv-sync/job-copy', ['init', '--like', local]);
+    const jobs = s.path('jobs.yaml');
+    await fs.writeFile(jobs, `repository: ${bucket}\njobs:\n  vm8:\n    source: ${img}\n  offsite:\n    sync: { to: s3://gv-sync/job-copy }\n`);
+    const run = await gv(null, ['run', '--config', jobs, '--all', '--json'], { env: hostEnv('a') });
+    expect(run.code, run.stderr).toBe(0);
+    expect(await restoredHash('c', 's3://gv-sync/job-copy', 'vm8')).toBe(await sha256File(img));
+  });
 });

@@ -20,7 +20,7 @@ const chunkedBackup = (backupModule as Record<string, unknown>).SUPPORTS_CHUNKED
 import { bytes, duration, rate } from '../util/format.js';
 import { percentArg, rateArg, sizeArg } from './options.js';
 import { Progress } from '../util/progress.js';
-import { action, collect, holdingSignals, onInterrupt, printJson, wantsJson, withWritableRepo } from './common.js';
+import { action, collect, holdingSignals, onInterrupt, printJson, repoPath, wantsJson, withRepo } from './common.js';
 import { remoteRepo, withRemote } from './remote.js';
 import { backupToRemote } from '../remote/upload-client.js';
 
@@ -121,7 +121,7 @@ export function register(program: Command): void {
     .option('--thin-metadata-snap', 'with --thin-delta: read the pool\'s reserved metadata snapshot (thin_delta -m), as a live pool needs')
     .addOption(new Option('--verify-hints <percent>', 'with --bitmap or --thin-delta: also read PERCENT of the unchanged blocks and fail if any differs from the previous generation').argParser(percentArg()))
     .option('--from-nbd-overlay', 'the source is the overlay file of a `genvault nbd --writable` export: its generation with the writes')
-    .addOption(new Option('--limit-rate <rate>', 'ssh:// repositories: send at most RATE bytes per second (e.g. 20M)').argParser(rateArg))
+    .addOption(new Option('--limit-rate <rate>', 'ssh:// and s3:// repositories: send at most RATE bytes per second (e.g. 20M)').argParser(rateArg))
     .option('--json', 'print the new generation as JSON')
     .addHelpText(
       'after',
@@ -147,8 +147,8 @@ export function register(program: Command): void {
         if (opts.fromNbdOverlay && (isNbdUri(src) || ssh || src === '-')) throw new UsageError('--from-nbd-overlay needs the overlay file as the source');
         if (ssh && !opts.sshCommand) warnIfNoNativeCrypto();
         if (remoteRepo(cmd)) return backupRemote(src, opts, maxSize, cmd);
-        if (opts.limitRate !== undefined) throw new UsageError('--limit-rate applies to ssh:// repositories');
-        await withWritableRepo(cmd, async (repo) => {
+        if (opts.limitRate !== undefined && !repoPath(cmd).startsWith('s3://')) throw new UsageError('--limit-rate applies to ssh:// and s3:// repositories');
+        await withRepo(cmd, async (repo) => {
           // The remote agent hashes without the repository's key (FORMAT.md, version 6): plain for an encrypted one.
           if (ssh && opts.sshMode === 'agent' && repo.keys) throw new UsageError('--ssh-mode agent: the remote agent cannot hash chunks for an encrypted repository; use plain or auto');
           const source = await openSource(repo, src, opts, maxSize);
@@ -191,7 +191,7 @@ export function register(program: Command): void {
             progress.done();
             await source.close().catch(() => undefined);
           }
-        });
+        }, { write: true, limitRate: opts.limitRate });
       }),
     );
 }

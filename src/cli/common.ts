@@ -46,7 +46,11 @@ export function localRepoPath(cmd: Command): string {
  * directory (made, with its store.json, when missing; repository/location.ts).
  */
 export async function localRepoDir(cmd: Command): Promise<string> {
-  const p = localRepoPath(cmd);
+  return repoDirOf(localRepoPath(cmd), cmd);
+}
+
+/** The directory of a repository named on the command line (sync's SRC and DST too). */
+export async function repoDirOf(p: string, cmd: Command): Promise<string> {
   if (!p.startsWith('s3://')) return p;
   const o = cmd.optsWithGlobals() as GlobalOpts;
   const { objectStoreDir } = await import('../repository/location.js');
@@ -55,29 +59,10 @@ export async function localRepoDir(cmd: Command): Promise<string> {
 
 type OpenOptions = Parameters<typeof Repository.open>[1];
 
-/**
- * Repository.open; an object store's index cache that is missing or behind its bucket
- * (another host wrote or collected garbage) is rebuilt from the bucket first, and opened
- * again (a few times: another host may change the bucket in between).
- */
+/** Repository.open, an object store's index cache rebuilt first when missing or behind (lifecycle/open-current.ts). */
 export async function openRepository(dir: string, opts: OpenOptions = {}): Promise<Repository> {
-  const { Repository } = await import('../repository/repository.js');
-  for (let attempt = 1; ; attempt++) {
-    try {
-      return await Repository.open(dir, opts);
-    } catch (e) {
-      if (!(e instanceof GenvaultError) || e.code !== 'CACHE_BEHIND' || attempt >= 3) throw e;
-      await rebuildCache(dir, e.message);
-    }
-  }
-}
-
-async function rebuildCache(dir: string, why: string): Promise<void> {
-  const { repair } = await import('../lifecycle/repair.js');
-  // Said on a terminal only: a cron job's mail is for failures.
-  if (process.stderr.isTTY) process.stderr.write(`genvault: ${why.replace(/; 'genvault repair.*$/, '')}: rebuilding it from the bucket\n`);
-  const r = await repair(dir, { write: true });
-  for (const g of r.incomplete) process.stderr.write(`genvault: warning: ${g.name} ${g.id}: cannot be restored whole from the bucket (${g.problem})\n`);
+  const { openCurrent } = await import('../lifecycle/open-current.js');
+  return openCurrent(dir, opts);
 }
 
 export function wantsJson(cmd: Command): boolean {
@@ -85,7 +70,7 @@ export function wantsJson(cmd: Command): boolean {
 }
 
 /** Open the repository for a command; `write` for commands that change it (see Repository.open). */
-export async function withRepo<T>(cmd: Command, fn: (repo: Repository) => Promise<T>, opts: { write?: boolean; exclusive?: boolean } = {}): Promise<T> {
+export async function withRepo<T>(cmd: Command, fn: (repo: Repository) => Promise<T>, opts: OpenOptions = {}): Promise<T> {
   // Imported here: every command loads this module, and repository.ts brings LevelDB and
   // the worker pool with it, which repair loads only once it has started deriving the key
   // (lifecycle/repair.ts).

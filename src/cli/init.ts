@@ -3,7 +3,7 @@ import { Repository } from '../repository/repository.js';
 import { PLAIN_FORMAT_VERSION, type RepoConfig } from '../format/config.js';
 import { UsageError } from '../util/errors.js';
 import { currentSecret, readSecretFile, unlock, type Secret } from '../repository/keys.js';
-import { action, printJson, localRepoDir, localRepoPath, wantsJson } from './common.js';
+import { action, printJson, localRepoDir, localRepoPath, repoDirOf, wantsJson } from './common.js';
 import { groupArg } from './options.js';
 
 interface InitFlags {
@@ -22,7 +22,8 @@ interface InitFlags {
  * newer destination reads everything an older source holds). An unencrypted copy gets an
  * id of its own: nothing but the records' associated data (format 6) needs them equal.
  */
-async function likeSettings(like: string, o: InitFlags, givenEncryption: string | undefined): Promise<{ overrides: Partial<RepoConfig>; secret: Secret | null; master: Buffer | null }> {
+async function likeSettings(likeArg: string, o: InitFlags, givenEncryption: string | undefined, cmd: Command): Promise<{ overrides: Partial<RepoConfig>; secret: Secret | null; master: Buffer | null }> {
+  const like = await repoDirOf(likeArg, cmd);
   const cfg = await Repository.readConfig(like);
   if (givenEncryption !== undefined && (givenEncryption === 'none') === !!cfg.encryption) {
     throw new UsageError(`--encryption ${givenEncryption}: ${like} is ${cfg.encryption ? 'encrypted' : 'not encrypted'}, and --like makes the new repository the same`);
@@ -71,7 +72,7 @@ export function register(program: Command): void {
         let cfg: RepoConfig;
         let secret: Secret | null;
         if (opts.like !== undefined) {
-          const l = await likeSettings(opts.like, opts, givenEncryption);
+          const l = await likeSettings(opts.like, opts, givenEncryption, cmd);
           secret = l.secret;
           cfg = await Repository.init(dir, l.overrides, secret, l.master);
         } else {

@@ -2,14 +2,14 @@ import { Command } from 'commander';
 import { DEFAULT_JOBS_FILE, ConfigError, JobConfig, JobsFile, checkJobFiles, formatProblem, loadJobsFile, selectJobs } from '../jobs/config.js';
 import { JobOutcome, describeRun, isDue, lastStarted, runJob } from '../jobs/runner.js';
 import { runRecordJson } from '../jobs/history.js';
-import { Repository } from '../repository/repository.js';
+import type { Repository } from '../repository/repository.js';
 import { isSshSpec, warnIfNoNativeCrypto } from '../source/ssh.js';
 import { UsageError } from '../util/errors.js';
 import { Progress } from '../util/progress.js';
 import path from 'node:path';
 import { updateMetrics } from '../jobs/metrics.js';
 import { logLine, setLogFormat } from '../util/log.js';
-import { action, jobsRepoPath, logFormatOption, metricsFileOption, printJson, wantsJson } from './common.js';
+import { action, jobsRepoPath, logFormatOption, metricsFileOption, openRepository, printJson, repoDirOf, wantsJson } from './common.js';
 
 interface RunFlags {
   config: string;
@@ -75,7 +75,7 @@ export function register(program: Command): void {
         }
         const file = await loadJobsFile(o.config);
         const jobs = selectJobs(file, names);
-        const repo = await Repository.open(jobsRepoPath(cmd, file.repository, file.keyFile), { write: true });
+        const repo = await openRepository(await repoDirOf(jobsRepoPath(cmd, file.repository, file.keyFile), cmd), { write: true });
         let outcomes: JobOutcome[];
         try {
           outcomes = await runSelected(repo, file, jobs, o, wantsJson(cmd));

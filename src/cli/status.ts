@@ -12,7 +12,7 @@ import { getOrNull } from '../index/db.js';
 import { roughAge } from '../util/duration.js';
 import { bytes, table } from '../util/format.js';
 import { UsageError } from '../util/errors.js';
-import { errorLine, failUsage, jobsRepoPath, localRepoDir, openRepository, printJson, wantsJson } from './common.js';
+import { errorLine, failUsage, jobsRepoPath, localRepoDir, openRepository, printJson, repoDirOf, wantsJson } from './common.js';
 import { isoTimeArg } from './options.js';
 
 interface StatusFlags {
@@ -96,7 +96,7 @@ async function readJobFile(o: StatusFlags, cmd: Command, json: boolean): Promise
       (e: NodeJS.ErrnoException) => e.code !== 'ENOENT' && e.code !== 'ENOTDIR',
     );
     if (o.config !== undefined || exists) file = await loadJobsFile(cfgPath);
-    dir = file ? jobsRepoPath(cmd, file.repository, file.keyFile) : await localRepoDir(cmd);
+    dir = file ? await repoDirOf(jobsRepoPath(cmd, file.repository, file.keyFile), cmd) : await localRepoDir(cmd);
   } catch (e) {
     if (e instanceof UsageError) failUsage(e.message);
     crit(errorLine(e), json);

@@ -9,7 +9,7 @@ import { checkImageName } from '../format/config.js';
 import { bytes, duration } from '../util/format.js';
 import { Progress } from '../util/progress.js';
 import { UsageError } from '../util/errors.js';
-import { action, onInterrupt, printJson, wantsJson } from './common.js';
+import { action, onInterrupt, printJson, repoDirOf, wantsJson } from './common.js';
 import { keepOptions, keepRules, type KeepFlags } from './prune.js';
 import { rateArg } from './options.js';
 import { remoteOptions } from './remote.js';
@@ -23,18 +23,18 @@ interface SyncFlags extends KeepFlags {
   limitRate?: number;
 }
 
-/** SRC: a local directory, or ssh:// (a `genvault serve` with --permissions full and no namespace). */
-function openSource(dir: string, cmd: Command): Promise<SyncSource> {
-  return isRemoteRepo(dir) ? RemoteSource.open(dir, remoteOptions(cmd)) : LocalSource.open(dir);
+/** SRC: a local directory, s3://, or ssh:// (a `genvault serve` with --permissions full and no namespace). */
+async function openSource(dir: string, cmd: Command): Promise<SyncSource> {
+  return isRemoteRepo(dir) ? RemoteSource.open(dir, remoteOptions(cmd)) : LocalSource.open(await repoDirOf(dir, cmd));
 }
 
-function openDestination(dir: string, o: SyncFlags, cmd: Command): Promise<SyncDestination> {
+async function openDestination(dir: string, o: SyncFlags, cmd: Command): Promise<SyncDestination> {
   const limitRate = o.limitRate;
   if (isRemoteRepo(dir)) return RemoteDestination.open(dir, { ...remoteOptions(cmd, { limitRate }), wait: o.wait });
-  if (limitRate !== undefined) throw new UsageError('--limit-rate applies to an ssh:// destination');
+  if (limitRate !== undefined && !dir.startsWith('s3://')) throw new UsageError('--limit-rate applies to an ssh:// or s3:// destination');
   // GENVAULT_SYNC_FLUSH_ENTRIES: a test hook (many small flushes, for the kill tests).
   const flushEntries = Number(process.env.GENVAULT_SYNC_FLUSH_ENTRIES) || undefined;
-  return LocalDestination.open(dir, { wait: o.wait, flushEntries, dryRun: o.dryRun });
+  return LocalDestination.open(await repoDirOf(dir, cmd), { wait: o.wait, flushEntries, dryRun: o.dryRun, limitRate });
 }
 
 /** A directory's real path (as given when it does not exist: opening it then says so). */
@@ -71,13 +71,13 @@ export function register(program: Command): void {
     program
       .command('sync')
       .description('copy generations (all images, or the named ones) from repository SRC to repository DST, sending only what DST lacks')
-      .argument('<src>', 'the repository to copy from (a directory, or ssh://user@host/path; read only)')
-      .argument('<dst>', 'the repository to copy to (a directory or ssh://user@host/path, made with `genvault -r DST init --like SRC`)')
+      .argument('<src>', 'the repository to copy from (a directory, s3://BUCKET/PREFIX or ssh://user@host/path; read only)')
+      .argument('<dst>', 'the repository to copy to (a directory, s3://BUCKET/PREFIX or ssh://user@host/path, made with `genvault -r DST init --like SRC`)')
       .argument('[names...]', 'images to copy (default: all)'),
   )
     .option('-n, --dry-run', 'only say which generations would be copied, updated and pruned')
     .option('--wait', 'wait for a running backup or sync of an image at DST instead of failing')
-    .addOption(new Option('--limit-rate <rate>', 'an ssh:// DST: send at most RATE bytes per second (e.g. 20M)').argParser(rateArg))
+    .addOption(new Option('--limit-rate <rate>', 'an ssh:// or s3:// DST: send at most RATE bytes per second (e.g. 20M)').argParser(rateArg))
     .option('--json', 'print a summary as JSON')
     .addHelpText(
       'after',
@@ -105,7 +105,9 @@ export function register(program: Command): void {
         const rules = rulesOf(o);
         const minAgeMs = o.minAge;
         const started = Date.now();
-        if (!isRemoteRepo(srcDir) && !isRemoteRepo(dstDir) && (await realpath(srcDir)) === (await realpath(dstDir))) throw new UsageError(`${srcDir} and ${dstDir} are the same repository`);
+        if (!isRemoteRepo(srcDir) && !isRemoteRepo(dstDir) && (await realpath(await repoDirOf(srcDir, cmd))) === (await realpath(await repoDirOf(dstDir, cmd)))) {
+          throw new UsageError(`${srcDir} and ${dstDir} are the same repository`);
+        }
         const src = await openSource(srcDir, cmd);
         try {
           const dst = await openDestination(dstDir, o, cmd);

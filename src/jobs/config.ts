@@ -515,8 +515,8 @@ function parseSyncSpec(c: Checker, node: unknown, field: string, base: string): 
     const f = `${field}.${key}`;
     if (key === 'to') {
       const v = c.string(value, f);
-      // A directory (relative to the job file), or a served repository: ssh://user@host/path.
-      if (v !== null) to = v.startsWith('ssh://') ? v : path.resolve(base, v);
+      // A directory (relative to the job file), a served repository (ssh://user@host/path) or a bucket (s3://).
+      if (v !== null) to = v.startsWith('ssh://') || v.startsWith('s3://') ? v : path.resolve(base, v);
     } else if (key === 'images') {
       spec.images = c.stringList(value, f);
       for (const n of spec.images) if (!IMAGE_NAME_RE.test(n) || n === 'latest') c.add(value, f, `invalid image name ${JSON.stringify(n)}`);
@@ -530,7 +530,7 @@ function parseSyncSpec(c: Checker, node: unknown, field: string, base: string): 
     }
   }
   if (to === null) {
-    if (isMap(node)) c.add(node, `${field}.to`, 'missing: the destination repository (a directory, or ssh://user@host/path)');
+    if (isMap(node)) c.add(node, `${field}.to`, 'missing: the destination repository (a directory, ssh://user@host/path or s3://BUCKET/PREFIX)');
     return null;
   }
   return { to, ...spec };
@@ -641,7 +641,7 @@ export function parseJobsText(text: string, file: string): JobsFile {
   let repository: string | null = null;
   if (top.has('repository')) {
     const v = c.string(top.get('repository')!.value, 'repository');
-    if (v !== null) repository = path.resolve(base, v);
+    if (v !== null) repository = v.startsWith('s3://') ? v : path.resolve(base, v);
   }
   let keyFile: string | null = null;
   if (top.has('key-file')) {

@@ -8,7 +8,9 @@
  * ends after it (its post-hooks must run: they thaw file systems and remove snapshots).
  * Reload re-reads the job file; a file with errors is reported and the old one kept.
  */
-import { Repository } from '../repository/repository.js';
+import type { Repository } from '../repository/repository.js';
+import { objectStoreDirOr } from '../repository/location.js';
+import { openCurrent } from '../lifecycle/open-current.js';
 import { JobsFile, loadJobsFile } from './config.js';
 import { JobOutcome, describeRun, isDue, lastStarted, runJob } from './runner.js';
 import { updateMetrics } from './metrics.js';
@@ -81,7 +83,7 @@ export class Daemon {
     const file = this.file!;
     let repo: Repository | null = null;
     try {
-      repo = await Repository.open(this.opts.repoFor(file), { write: true });
+      repo = await openCurrent(await objectStoreDirOr(this.opts.repoFor(file)), { write: true });
       for (const job of file.jobs) {
         if (this.stopping) break;
         if (!isDue(job, await lastStarted(repo, job.name), Date.now())) continue;
@@ -114,7 +116,7 @@ export class Daemon {
     if (!this.opts.metricsFile) return;
     let repo: Repository | null = null;
     try {
-      repo = await Repository.open(this.opts.repoFor(this.file!));
+      repo = await openCurrent(await objectStoreDirOr(this.opts.repoFor(this.file!)));
       const m = await updateMetrics(repo, this.file!, this.opts.metricsFile);
       if (m) this.opts.log(m, 'err');
     } catch (e) {

@@ -40,6 +40,7 @@ import type { SyncDestination } from '../sync/endpoint.js';
 import { isRemoteRepo } from '../remote/client.js';
 import { RemoteDestination } from '../remote/sync-client.js';
 import { readSecretFile } from '../repository/keys.js';
+import { objectStoreDirOr } from '../repository/location.js';
 
 export interface RunJobOptions {
   /** Who runs it, recorded with the run: "run" or "daemon". */
@@ -171,7 +172,7 @@ async function syncToDestination(run: Run): Promise<boolean> {
     const { ssh } = run.job;
     const dst: SyncDestination = isRemoteRepo(spec.to)
       ? await RemoteDestination.open(spec.to, { identity: ssh.identity, knownHosts: ssh.knownHosts, acceptNewHostKey: ssh.acceptNewHostKey, config: ssh.config, command: ssh.command })
-      : await LocalDestination.open(spec.to, { secret });
+      : await LocalDestination.open(await objectStoreDirOr(spec.to), { secret });
     try {
       const r = await sync(LocalSource.of(run.repo), dst, { names: spec.images, rules: spec.rules, minAgeMs: spec.minAgeMs, onProgress: run.opts.onProgress });
       run.rec.sync = { to: spec.to, copied: r.copied.length, skipped: r.skipped, updated: r.updated, chunks: r.chunks, chunkBytes: r.chunkBytes, storedAdded: r.storedAdded, pruned: r.pruned.length };

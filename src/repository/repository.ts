@@ -132,12 +132,13 @@ export class Repository {
    * An object-store repository (location.ts) is locked in its store for as long as it is
    * open (shared; `exclusive` for gc), and its index cache must be current: missing or
    * behind the bucket (cache.ts), open fails with code 'CACHE_BEHIND' and the caller
-   * rebuilds it (repair) and opens again.
+   * rebuilds it (repair) and opens again. `limitRate`: bytes per second to and from it.
    */
-  static async open(dir: string, opts: { write?: boolean; withoutKey?: boolean; secret?: Secret; exclusive?: boolean } = {}): Promise<Repository> {
+  static async open(dir: string, opts: { write?: boolean; withoutKey?: boolean; secret?: Secret; exclusive?: boolean; limitRate?: number } = {}): Promise<Repository> {
     const abs = path.resolve(dir);
     const config = await Repository.readConfig(abs);
-    const store = await storeOf(abs);
+    // limitRate: an object store's transfers, both ways (--limit-rate).
+    const store = await storeOf(abs, { limitRate: opts.limitRate });
     const lock = store.spec.kind === 'local' ? null : await lockStore(store, opts.exclusive === true).catch(async (e) => {
       await store.close();
       throw e;

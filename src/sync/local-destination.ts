@@ -21,6 +21,7 @@ import type { Generation } from '../format/generation.js';
 import { PackWriter } from '../store/pack-writer.js';
 import { ImageLock, WriterRegistration, cleanupDeadWriters, gcRunning, trimPacks } from '../repository/locks.js';
 import { Repository } from '../repository/repository.js';
+import { openCurrent } from '../lifecycle/open-current.js';
 import type { Secret } from '../repository/keys.js';
 import { prune, setGenerationState } from '../lifecycle/prune.js';
 import type { RetentionRules } from '../lifecycle/retention.js';
@@ -61,8 +62,8 @@ export class LocalDestination implements SyncDestination {
   }
 
   /** `secret`: what opens an encrypted destination's key (default: this process's, keys.ts). */
-  static async open(dir: string, opts: { wait?: boolean; flushEntries?: number; secret?: Secret; dryRun?: boolean } = {}): Promise<LocalDestination> {
-    const repo = await Repository.open(dir, { write: !opts.dryRun, secret: opts.secret });
+  static async open(dir: string, opts: { wait?: boolean; flushEntries?: number; secret?: Secret; dryRun?: boolean; limitRate?: number } = {}): Promise<LocalDestination> {
+    const repo = await openCurrent(dir, { write: !opts.dryRun, secret: opts.secret, limitRate: opts.limitRate });
     return new LocalDestination(repo, opts);
   }
 

@@ -15,6 +15,7 @@ import { type Generation } from '../format/generation.js';
 import { readRecordSpan } from '../store/pack-reader.js';
 import { Pin } from '../repository/locks.js';
 import { Repository } from '../repository/repository.js';
+import { openCurrent } from '../lifecycle/open-current.js';
 import type { PinnedGeneration, SyncSource } from './endpoint.js';
 
 export class LocalSource implements SyncSource {
@@ -25,7 +26,7 @@ export class LocalSource implements SyncSource {
   ) {}
 
   static async open(dir: string): Promise<LocalSource> {
-    return new LocalSource(await Repository.open(dir, { withoutKey: true }), true);
+    return new LocalSource(await openCurrent(dir, { withoutKey: true }), true);
   }
 
   /** A repository the caller has open (a sync job's); close() leaves it open. */
