@@ -1,18 +1,15 @@
 /**
- * A real single-node Ceph cluster for tests, from Debian's packages: one monitor, one
- * manager, one OSD on memstore (objects in the OSD's memory, so nothing is written to the
- * disk and teardown is a kill), and optionally radosgw with the beast frontend, all on
- * 127.0.0.1 ports picked free, in a scratch directory, with cephx. Pools have size 1.
+ * A real single-node Ceph cluster for tests, from Debian's packages, made by
+ * scripts/ceph-cluster (which the bench uses too): one monitor, one manager, one OSD on
+ * memstore, and optionally radosgw, on 127.0.0.1 ports picked free, in a scratch directory.
  * Startup takes about 15 s on this machine; one cluster per test file.
  *
  * Stopped by the scratch's cleanup (and by stop(), which tests call in their own
  * `finally`): every daemon is signalled by the pid it wrote, waited for, killed if it
  * lingers. native-notes/ceph.md has the why of each setting.
  */
-import { randomBytes } from 'node:crypto';
-import fs from 'node:fs/promises';
 import path from 'node:path';
-import { Scratch, must, sh, waitGone } from './helpers.js';
+import { ROOT, Scratch, must, sh } from './helpers.js';
 import { freePort } from './sshd.js';
 
 export interface Ceph {
@@ -48,64 +45,7 @@ export async function cephUnavailable(): Promise<string | null> {
   return why;
 }
 
-function config(dir: string, fsid: string, monPort: number, memBytes: number): string {
-  return `[global]
-fsid = ${fsid}
-mon host = v1:127.0.0.1:${monPort}
-public addr = 127.0.0.1
-ms bind ipv6 = false
-ms bind msgr2 = false
-auth cluster required = cephx
-auth service required = cephx
-auth client required = cephx
-keyring = ${dir}/$name.keyring
-run dir = ${dir}/run
-admin socket = ${dir}/run/$name.asok
-log file = ${dir}/log/$name.log
-pid file = ${dir}/run/$name.pid
-osd pool default size = 1
-osd pool default min size = 1
-osd pool default pg num = 8
-osd pool default pgp num = 8
-mon allow pool size one = true
-mon allow pool delete = true
-mon warn on pool no redundancy = false
-mon data avail warn = 1
-mon data avail crit = 0
-osd crush chooseleaf type = 0
-rgw dns name = 127.0.0.1
-[mon]
-mon data = ${dir}/mon
-[mgr]
-mgr data = ${dir}/mgr
-[osd]
-osd data = ${dir}/osd
-osd objectstore = memstore
-memstore device bytes = ${memBytes}
-osd max object name len = 460
-osd max object namespace len = 64
-`;
-}
-
-async function pidsOf(dir: string): Promise<number[]> {
-  const run = path.join(dir, 'run');
-  const pids: number[] = [];
-  for (const f of await fs.readdir(run).catch(() => [] as string[])) {
-    if (!f.endsWith('.pid')) continue;
-    const n = Number((await fs.readFile(path.join(run, f), 'utf8').catch(() => '')).trim());
-    if (Number.isInteger(n) && n > 0) pids.push(n);
-  }
-  return pids;
-}
-
-async function until(what: string, ms: number, probe: () => Promise<boolean>, log: () => Promise<string>): Promise<void> {
-  const end = Date.now() + ms;
-  while (Date.now() < end) {
-    if (await probe()) return;
-    await new Promise((r) => setTimeout(r, 250));
-  }
-  throw new Error(`ceph test cluster: ${what} within ${ms / 1000} s; ${await log()}`);
-}
+const SCRIPT = path.join(ROOT, 'scripts', 'ceph-cluster');
 
 export interface CephOptions {
   /** Start radosgw and make an S3 user (default true). */
@@ -114,93 +54,34 @@ export interface CephOptions {
   memBytes?: number;
 }
 
-/** A cluster in `s.path(sub)`, stopped by the scratch's cleanup. */
+/** A cluster in `s.path(sub)` (scripts/ceph-cluster), stopped by the scratch's cleanup. */
 export async function startCeph(s: Scratch, sub = 'ceph', opts: CephOptions = {}): Promise<Ceph> {
   const dir = s.path(sub);
-  for (const d of ['mon', 'mgr', 'osd', 'run', 'log', 'rgw']) await fs.mkdir(path.join(dir, d), { recursive: true });
   const conf = path.join(dir, 'ceph.conf');
   const C = ['-c', conf];
   let stopped = false;
   const stop = async () => {
     if (stopped) return;
     stopped = true;
-    const pids = await pidsOf(dir);
-    for (const p of pids) {
-      try {
-        process.kill(p, 'SIGTERM');
-      } catch {
-        /* gone */
-      }
-    }
-    await waitGone(pids, 15_000).catch(async () => {
-      for (const p of pids) {
-        try {
-          process.kill(p, 'SIGKILL');
-        } catch {
-          /* gone */
-        }
-      }
-      await waitGone(pids, 10_000);
-    });
+    await must(SCRIPT, ['stop', dir]);
   };
   s.onCleanup(stop);
-  const logs = async () => {
-    const out: string[] = [];
-    for (const f of await fs.readdir(path.join(dir, 'log')).catch(() => [] as string[])) {
-      const t = await fs.readFile(path.join(dir, 'log', f), 'utf8').catch(() => '');
-      out.push(`${f}: ${t.split('\n').slice(-8).join(' | ')}`);
-    }
-    return out.join('\n');
-  };
   const run = async (cmd: string, args: string[]) => {
     const r = await sh(cmd, args);
     if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')} failed (${r.code}): ${r.stderr.trim() || r.stdout.trim()}`);
     return r.stdout;
   };
-
-  const fsid = (await fs.readFile('/proc/sys/kernel/random/uuid', 'utf8')).trim();
-  const monPort = await freePort();
-  await fs.writeFile(conf, config(dir, fsid, monPort, opts.memBytes ?? 6 * 1024 ** 3));
-  const monKeyring = path.join(dir, 'mon.a.keyring');
-  const adminKeyring = path.join(dir, 'client.admin.keyring');
-  await must('ceph-authtool', ['--create-keyring', monKeyring, '--gen-key', '-n', 'mon.', '--cap', 'mon', 'allow *']);
-  await must('ceph-authtool', ['--create-keyring', adminKeyring, '--gen-key', '-n', 'client.admin', '--cap', 'mon', 'allow *', '--cap', 'osd', 'allow *', '--cap', 'mgr', 'allow *']);
-  await must('ceph-authtool', [monKeyring, '--import-keyring', adminKeyring]);
-  const monmap = path.join(dir, 'monmap');
-  await must('monmaptool', ['--create', '--addv', 'a', `[v1:127.0.0.1:${monPort}]`, '--fsid', fsid, monmap]);
-  await run('ceph-mon', [...C, '--mkfs', '-i', 'a', '--monmap', monmap, '--keyring', monKeyring]);
-  await run('ceph-mon', [...C, '-i', 'a']); // daemonizes once it listens
-  const ceph = (args: string[]) => run('ceph', [...C, '--connect-timeout', '30', ...args]);
-  await ceph(['mon', 'stat']);
-
-  const osdUuid = (await fs.readFile('/proc/sys/kernel/random/uuid', 'utf8')).trim();
-  const osdId = (await ceph(['osd', 'new', osdUuid])).trim();
-  await ceph(['auth', 'get-or-create', `osd.${osdId}`, 'mon', 'allow profile osd', 'osd', 'allow *', 'mgr', 'allow profile osd', '-o', path.join(dir, `osd.${osdId}.keyring`)]);
-  await run('ceph-osd', [...C, '-i', osdId, '--mkfs', '--osd-uuid', osdUuid]);
-  await run('ceph-osd', [...C, '-i', osdId]);
-  await ceph(['auth', 'get-or-create', 'mgr.x', 'mon', 'allow profile mgr', 'osd', 'allow *', '-o', path.join(dir, 'mgr.x.keyring')]);
-  await run('ceph-mgr', [...C, '-i', 'x']);
-  await until('the OSD was not up', 60_000, async () => /1 up/.test(await ceph(['osd', 'stat']).catch(() => '')), logs);
-
-  let s3: Ceph['s3'] = null;
-  if (opts.rgw !== false) {
-    const port = await freePort();
-    await ceph(['auth', 'get-or-create', 'client.rgw.x', 'mon', 'allow rw', 'osd', 'allow rwx', 'mgr', 'allow rw', '-o', path.join(dir, 'client.rgw.x.keyring')]);
-    await run('radosgw', [...C, '-n', 'client.rgw.x', '--rgw-frontends', `beast endpoint=127.0.0.1:${port}`, '--rgw-data', path.join(dir, 'rgw')]);
-    const endpoint = `http://127.0.0.1:${port}`;
-    await until('radosgw did not answer', 90_000, async () => (await sh('curl', ['-s', '-o', '/dev/null', '-w', '%{http_code}', endpoint])).stdout === '200', logs);
-    const accessKey = 'GV' + Math.random().toString(36).slice(2, 12).toUpperCase();
-    const secretKey = randomBytes(24).toString('base64url');
-    await run('radosgw-admin', [...C, 'user', 'create', '--uid=genvault', '--display-name=genvault tests', `--access-key=${accessKey}`, `--secret-key=${secretKey}`]);
-    s3 = { endpoint, port, accessKey, secretKey };
-  }
+  const extra = [...(opts.rgw === false ? ['--no-rgw'] : []), ...(opts.memBytes ? ['--mem', String(opts.memBytes)] : [])];
+  const out = await run(SCRIPT, ['start', dir, String(await freePort()), String(await freePort()), ...extra]);
+  const got = JSON.parse(out.trim().split('\n').at(-1)!) as { endpoint: string | null; accessKey: string | null; secretKey: string | null };
+  const s3 = got.endpoint ? { endpoint: got.endpoint, port: Number(new URL(got.endpoint).port), accessKey: got.accessKey!, secretKey: got.secretKey! } : null;
   return {
     dir,
     conf,
     confArgs: C,
     s3,
     rbd: (args) => run('rbd', [...C, ...args]),
-    ceph,
+    ceph: (args) => run('ceph', [...C, '--connect-timeout', '30', ...args]),
     stop,
   };
 }
