@@ -10,9 +10,13 @@ import { prng } from './helpers.js';
 
 export const code = async (p: Promise<unknown>) => p.then(() => 'resolved', (e: NodeJS.ErrnoException) => e.code);
 
+/** Names and sizes listed; each `modified` checked to be the storage's recent time (within a minute of ours). */
 async function listed(store: Store, prefix: string): Promise<Array<{ name: string; size: number }>> {
   const got: Array<{ name: string; size: number }> = [];
-  for await (const o of store.list(prefix)) got.push(o);
+  for await (const o of store.list(prefix)) {
+    expect(Math.abs(o.modified! - Date.now())).toBeLessThan(60_000);
+    got.push({ name: o.name, size: o.size });
+  }
   return got.sort((a, b) => (a.name < b.name ? -1 : 1));
 }
 

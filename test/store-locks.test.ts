@@ -33,12 +33,13 @@ describe('store locks', () => {
     expect(await readLocks(st)).toEqual([]);
   });
 
-  it('a lock not refreshed for the stale time, or of a dead process on this host, is ignored and removed by an exclusive taker', async () => {
+  it('a lock not rewritten for the stale time by the storage\'s clock, or of a dead process on this host, is ignored and removed by an exclusive taker', async () => {
     const st = fresh();
-    let clock = Date.now();
-    const old = await StoreLock.acquire(st, { exclusive: false, what: 'backup vm1', now: () => clock, refreshMs: 1e9 });
-    clock += STALE_MS + 1000;
-    const g = await StoreLock.acquire(st, { exclusive: true, what: 'gc', now: () => clock });
+    const old = await StoreLock.acquire(st, { exclusive: false, what: 'backup vm1', refreshMs: 1e9 });
+    // The storage's clock says it was last written 31 minutes ago.
+    const past = new Date(Date.now() - STALE_MS - 60_000);
+    await fs.utimes(st.path(old.name), past, past);
+    const g = await StoreLock.acquire(st, { exclusive: true, what: 'gc' });
     expect((await readLocks(st)).map((l) => l.name)).toEqual([g.name]);
     await g.release();
     await old.release().catch(() => undefined);
@@ -47,6 +48,16 @@ describe('store locks', () => {
     await st.put('locks/aaaaaaaaaaaaaaaa.json', JSON.stringify(dead));
     const b = await StoreLock.acquire(st, { exclusive: false, what: 'backup vm1' });
     await b.release();
+  });
+
+  it('judges ages by the storage\'s clock, not by the clocks of the hosts that wrote the locks', async () => {
+    const st = fresh();
+    // A holder whose clock is two hours behind wrote this lock a moment ago: it is fresh.
+    const skewed = { id: 'cccccccccccccccc', exclusive: false, owner: { pid: 1, start: '', host: 'other-host' }, what: 'genvault backup', time: Date.now() - 2 * 3600_000 };
+    await st.put('locks/cccccccccccccccc.json', JSON.stringify(skewed));
+    await expect(StoreLock.acquire(st, { exclusive: true, what: 'gc' })).rejects.toThrow(/repository in use: genvault backup \(pid 1 on other-host\)/);
+    // And a taker whose own clock runs two hours ahead sees it fresh too.
+    await expect(StoreLock.acquire(st, { exclusive: true, what: 'gc', now: () => Date.now() + 2 * 3600_000 })).rejects.toThrow(/repository in use/);
   });
 
   it('refreshes while held', async () => {

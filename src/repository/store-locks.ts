@@ -4,18 +4,20 @@
  * on one machine (O_EXCL, link, process liveness) and each host has its own cache
  * directory, so they cannot see each other there.
  *
- * Every command on an object-store repository holds a shared lock while it runs; gc and
- * repair --write hold an exclusive one. A holder rewrites its lock every REFRESH_MS; a lock
- * not rewritten for STALE_MS is stale and ignored (and removed by the next exclusive
- * taker), as is one of a dead process on this host. Taking a lock: put ours, then list
- * every lock; a conflicting fresh one makes us delete ours and fail (both sides of a race
- * may back off; neither proceeds on a conflict). Freshness is judged by this host's
- * clock against the time in the lock: clocks more than STALE_MS - REFRESH_MS apart can
- * make a live holder look stale (native-notes/ceph.md, "Clocks").
+ * Every command on an object-store repository holds a shared lock while it runs; gc holds
+ * an exclusive one. A holder rewrites its lock every REFRESH_MS; a lock not rewritten for
+ * STALE_MS is stale and ignored (and removed by the next exclusive taker), as is one of a
+ * dead process on this host. Taking a lock: put ours, then list every lock; a conflicting
+ * fresh one makes us delete ours and fail (both sides of a race may back off; neither
+ * proceeds on a conflict).
+ *
+ * Ages are the storage's: the listing gives each lock object's last write by the storage's
+ * clock (ObjectInfo.modified: S3's LastModified), and ours, just written, is its "now". So
+ * the hosts' clocks do not enter (native-notes/ceph.md, "Clocks"). A storage that keeps no
+ * such time falls back to this host's clock against the time written in the lock.
  *
  * Lock objects are hostile like any object: one that does not parse or holds anything
- * malformed is reported and counts as fresh (it blocks an exclusive taker until it goes
- * stale by its object-less age: STALE_MS after we first saw it in this process).
+ * malformed is reported and counts as held until it is STALE_MS old (by the same ages).
  */
 import { randomBytes } from 'node:crypto';
 import { GenvaultError } from '../util/errors.js';
@@ -67,8 +69,10 @@ function parseLock(text: string, id: string): StoreLockRecord | string {
   return { id, exclusive: r.exclusive, what: r.what, time: r.time, owner: { pid: o.pid!, start: o.start, host: o.host } };
 }
 
-/** First sight of a malformed lock, per process: it goes stale STALE_MS after that. */
+/** First sight of a lock, per process: its age where the storage keeps no times. */
 const firstSeen = new Map<string, number>();
+
+type ListedLock = { name: string; lock: StoreLockRecord | string; modified?: number };
 
 export class StoreLock {
   private timer: NodeJS.Timeout | null = null;
@@ -117,24 +121,33 @@ export class StoreLock {
 
   /** The first fresh lock that conflicts with ours, as an error; stale ones an exclusive taker removes. */
   private async conflicting(staleMs: number): Promise<GenvaultError | null> {
-    for (const other of await readLocks(this.store)) {
-      if (other.name === this.name) continue;
+    const locks = await readLocks(this.store);
+    const ours = locks.find((l) => l.name === this.name);
+    for (const other of locks) {
+      if (other === ours) continue;
+      const age = this.ageOf(other, ours);
       if (typeof other.lock === 'string') {
-        const seen = firstSeen.get(other.name) ?? this.now();
-        firstSeen.set(other.name, seen);
-        reportLockFile(this.store.describe(other.name), `${other.lock}; counted as held until ${Math.round(staleMs / 60_000)} minutes after first seen`);
-        if (this.now() - seen < staleMs && this.record.exclusive) return inUse(this.store, other.name, 'an unreadable lock', null);
+        reportLockFile(this.store.describe(other.name), `${other.lock}; counted as held until it is ${Math.round(staleMs / 60_000)} minutes old`);
+        if (age <= staleMs && this.record.exclusive) return inUse(this.store, other.name, 'an unreadable lock', age);
         continue;
       }
       const l = other.lock;
-      const stale = this.now() - l.time > staleMs || !(await ownerAlive(l.owner));
-      if (stale) {
+      if (age > staleMs || !(await ownerAlive(l.owner))) {
         if (this.record.exclusive) await this.store.delete(other.name).catch(() => undefined);
         continue;
       }
-      if (this.record.exclusive || l.exclusive) return inUse(this.store, other.name, `${l.what} (pid ${l.owner.pid} on ${l.owner.host})`, this.now() - l.time);
+      if (this.record.exclusive || l.exclusive) return inUse(this.store, other.name, `${l.what} (pid ${l.owner.pid} on ${l.owner.host})`, age);
     }
     return null;
+  }
+
+  /** How long ago a lock was last written: by the storage's clock where it keeps one (see the top). */
+  private ageOf(other: ListedLock, ours: ListedLock | undefined): number {
+    if (other.modified !== undefined && ours?.modified !== undefined) return ours.modified - other.modified;
+    if (typeof other.lock !== 'string') return this.now() - other.lock.time;
+    const seen = firstSeen.get(other.name) ?? this.now();
+    firstSeen.set(other.name, seen);
+    return this.now() - seen;
   }
 
   async release(): Promise<void> {
@@ -154,13 +167,13 @@ function inUse(store: Store, name: string, holder: string, ageMs: number | null)
 }
 
 /** Every lock object: parsed, or why it is not a lock (names that are not ours are skipped). */
-export async function readLocks(store: Store): Promise<Array<{ name: string; lock: StoreLockRecord | string }>> {
-  const out: Array<{ name: string; lock: StoreLockRecord | string }> = [];
+export async function readLocks(store: Store): Promise<ListedLock[]> {
+  const out: ListedLock[] = [];
   for await (const o of store.list(LOCKS_PREFIX)) {
     const base = o.name.slice(LOCKS_PREFIX.length + 1);
     if (!LOCK_NAME_RE.test(base)) continue;
     if (o.size > MAX_LOCK_BYTES) {
-      out.push({ name: o.name, lock: 'too large' });
+      out.push({ name: o.name, lock: 'too large', modified: o.modified });
       continue;
     }
     const text = await store.get(o.name).then(
@@ -168,7 +181,7 @@ export async function readLocks(store: Store): Promise<Array<{ name: string; loc
       (e: NodeJS.ErrnoException) => (e.code === 'ENOENT' ? null : Promise.reject(e)),
     );
     if (text === null) continue; // released meanwhile
-    out.push({ name: o.name, lock: parseLock(text, base.slice(0, 16)) });
+    out.push({ name: o.name, lock: parseLock(text, base.slice(0, 16)), modified: o.modified });
   }
   return out;
 }

@@ -171,8 +171,8 @@ export class LocalStore implements Store {
       }
       if (d.isDirectory()) yield* this.walk(name);
       else if (d.isFile() && !d.name.endsWith('.tmp')) {
-        const st = await this.stat(name);
-        if (st) yield { name, size: st.size };
+        const st = await fs.stat(this.path(name)).catch((e: NodeJS.ErrnoException) => (e.code === 'ENOENT' ? null : Promise.reject(e)));
+        if (st?.isFile()) yield { name, size: st.size, modified: st.mtimeMs };
       }
     }
   }

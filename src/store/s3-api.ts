@@ -7,7 +7,7 @@ import { S3Client, S3Error, clean } from './s3-client.js';
 import { XmlElement, XmlError, children, childText, escapeXml, flag, parseXml, requireSize, requireText } from './s3-xml.js';
 
 export interface ListPage {
-  items: Array<{ key: string; size: number }>;
+  items: Array<{ key: string; size: number; modified?: number }>;
   next: string | null;
 }
 
@@ -99,7 +99,7 @@ export async function listObjects(c: S3Client, prefix: string, token: string | n
   const query: Record<string, string> = { 'list-type': '2', prefix, 'max-keys': String(maxKeys) };
   if (token !== null) query['continuation-token'] = token;
   const doc = xmlOf(c, (await c.send({ method: 'GET', query })).body, 'ListBucketResult');
-  const items = children(doc, 'Contents').map((el) => ({ key: requireText(el, 'Key'), size: requireSize(el, 'Size') }));
+  const items = children(doc, 'Contents').map((el) => ({ key: requireText(el, 'Key'), size: requireSize(el, 'Size'), modified: timeOf(childText(el, 'LastModified')) }));
   for (const it of items) if (!it.key.startsWith(prefix)) throw protoError(c, `listing ${prefix} gave a key outside it`);
   const truncated = flag(doc, 'IsTruncated');
   const next = truncated ? requireText(doc, 'NextContinuationToken') : null;
@@ -150,4 +150,11 @@ export async function* listUploads(c: S3Client, prefix: string): AsyncIterable<U
     if (!next.key || (marker && next.key === marker.key && next.id === marker.id)) throw protoError(c, `listing uploads under ${prefix} does not go on`);
     marker = next;
   }
+}
+
+/** An ISO 8601 time of an answer (LastModified), in ms; undefined when absent or not a time. */
+function timeOf(v: string | undefined): number | undefined {
+  if (v === undefined || !/^\d{4}-\d{2}-\d{2}T[\d:.]+Z$/.test(v)) return undefined;
+  const t = Date.parse(v);
+  return Number.isFinite(t) ? t : undefined;
 }

@@ -128,7 +128,7 @@ export class S3Store implements Store {
         } catch {
           continue;
         }
-        yield { name, size: it.size };
+        yield it.modified === undefined ? { name, size: it.size } : { name, size: it.size, modified: it.modified };
       }
       token = page.next;
     } while (token !== null);

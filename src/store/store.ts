@@ -47,7 +47,11 @@
  * reader can find out once that an object cannot be read.
  * stat(name): its size, or null when missing. list(prefix): the objects whose names start
  * with `prefix/` (a folder), in no particular order; objects being put (temporaries) and
- * anything that is not a plain object are left out. delete(name): gone when it returns
+ * anything that is not a plain object are left out; each with its size and, where the
+ * storage keeps one, `modified`: when it was last written, in milliseconds since the epoch
+ * by the storage's own clock (local: the file's mtime; S3: LastModified, set by the server),
+ * so that ages of objects written by different hosts compare without their clocks (the
+ * locks between hosts, repository/store-locks.ts). delete(name): gone when it returns
  * (absent is not an error). truncate(name, size): cut a closed object back to size
  * (trimming a dead writer's pack to what the index committed).
  *
@@ -103,6 +107,8 @@ export interface S3Spec {
 export interface ObjectInfo {
   name: string;
   size: number;
+  /** Last written, ms since the epoch by the storage's clock (see the contract); absent when unknown. */
+  modified?: number;
 }
 
 export interface PutOptions {
