@@ -157,13 +157,21 @@ export async function rbdInfo(cluster: CephCluster, spec: RbdSpec): Promise<RbdI
   return { id: j.id, size: j.size as number, stripeCount: sc as number };
 }
 
-/** The image's snapshots, name → id (ids are never reused: a snapshot made again under an old name has a new one). */
-export async function rbdSnapshots(cluster: CephCluster, spec: RbdSpec): Promise<Map<string, number>> {
+/** A snapshot: its id (never reused: a snapshot made again under an old name has a new one) and the image's size in it. */
+export interface RbdSnapshot {
+  id: number;
+  size: number;
+}
+
+/** The image's snapshots by name. */
+export async function rbdSnapshots(cluster: CephCluster, spec: RbdSpec): Promise<Map<string, RbdSnapshot>> {
   const j = await rbdJson(cluster, ['snap', 'ls', imagePath(spec)]);
   if (!Array.isArray(j)) throw new GenvaultError(`rbd snap ls ${imagePath(spec)}: unexpected answer`, 'RBD');
-  const out = new Map<string, number>();
+  const out = new Map<string, RbdSnapshot>();
   for (const s of j as Array<Record<string, unknown>>) {
-    if (typeof s?.name === 'string' && Number.isSafeInteger(s.id)) out.set(s.name, s.id as number);
+    if (typeof s?.name === 'string' && Number.isSafeInteger(s.id) && Number.isSafeInteger(s.size) && (s.size as number) >= 0) {
+      out.set(s.name, { id: s.id as number, size: s.size as number });
+    }
   }
   return out;
 }

@@ -24,7 +24,7 @@ import type { ChunkingParams } from '../format/config.js';
 import { ChunkLoader, ImageReader } from '../read/reader.js';
 import type { Repository } from '../repository/repository.js';
 import { ByteReader, DiffReader, DiffStreamError } from './rbd-diff.js';
-import { imagePath, rbdInfo, rbdSnapshots, snapPath, spawnRbd, type CephCluster, type RbdImageInfo, type RbdProcess, type RbdSpec } from './rbd-cli.js';
+import { imagePath, rbdInfo, rbdSnapshots, snapPath, spawnRbd, type CephCluster, type RbdImageInfo, type RbdProcess, type RbdSnapshot, type RbdSpec } from './rbd-cli.js';
 
 export interface RbdReadStats {
   /** 'export-diff': only what changed since `fromSnap`; 'full': every allocated extent of the snapshot. */
@@ -62,7 +62,7 @@ export function parseRbdDescription(source: string): { path: string; snap: strin
 
 /** The base a changed-extents read may start from, or why there is none. */
 async function chooseBase(
-  repo: Repository, spec: RbdSpec, info: RbdImageInfo, snaps: Map<string, number>, opts: RbdOpenOptions,
+  repo: Repository, spec: RbdSpec, info: RbdImageInfo, snaps: Map<string, RbdSnapshot>, opts: RbdOpenOptions,
 ): Promise<{ prev: Generation; fromSnap: string } | { why: string }> {
   const prev: Generation | null = (await repo.generations(opts.name)).at(-1) ?? null;
   if (!prev) return { why: `${opts.name} has no generation yet` };
@@ -71,7 +71,7 @@ async function chooseBase(
   const d = parseRbdDescription(prev.source);
   if (!d || d.path !== imagePath(spec)) return { why: `${g} was not read from a snapshot of rbd:${imagePath(spec)}` };
   if (d.imageId !== info.id) return { why: `${g} was read from another image of that name (id ${d.imageId}, now ${info.id})` };
-  if (snaps.get(d.snap) !== d.snapId) return { why: `the snapshot ${d.snap} ${g} was read from no longer exists (snap id ${d.snapId})` };
+  if (snaps.get(d.snap)?.id !== d.snapId) return { why: `the snapshot ${d.snap} ${g} was read from no longer exists (snap id ${d.snapId})` };
   if (prev.size !== info.size) return { why: `the image is ${info.size} bytes, ${g} was ${prev.size}` };
   return { prev, fromSnap: d.snap };
 }
@@ -106,11 +106,13 @@ export class RbdSource implements Source {
       throw new UsageError(`rbd:${imagePath(spec)} names no snapshot, and a running image cannot be read consistently: make one with \`rbd snap create ${imagePath(spec)}@NAME\` and back up rbd:${imagePath(spec)}@NAME (or pass --rbd-live)`);
     }
     if (spec.snap !== null && opts.live) throw new UsageError('--rbd-live reads the image itself: name no @SNAP with it');
+    // Snapshots first: their listing fails with rbd's own line for a missing pool or image.
+    const snaps = await rbdSnapshots(opts.cluster, spec);
+    const snap = spec.snap !== null ? snaps.get(spec.snap) : undefined;
+    if (spec.snap !== null && snap === undefined) throw new GenvaultError(`rbd:${snapPath(spec)}: no such snapshot (rbd snap ls ${imagePath(spec)} lists the image's)`, 'NOT_FOUND');
     const info = await rbdInfo(opts.cluster, spec);
     if (info.stripeCount > 1) throw new GenvaultError(`rbd:${snapPath(spec)} uses fancy striping (stripe count ${info.stripeCount}), whose extents rbd export-diff does not give in image order: not supported`, 'USAGE', 2);
-    const snaps = await rbdSnapshots(opts.cluster, spec);
-    const snapId = spec.snap !== null ? snaps.get(spec.snap) : undefined;
-    if (spec.snap !== null && snapId === undefined) throw new GenvaultError(`rbd:${snapPath(spec)}: no such snapshot`, 'NOT_FOUND');
+    if (snap && snap.size !== info.size) throw new GenvaultError(`rbd:${snapPath(spec)}: rbd snap ls says ${snap.size} bytes, rbd info ${info.size}`, 'RBD');
     const base = opts.live ? { why: '--rbd-live' } : await chooseBase(repo, spec, info, snaps, opts);
     const fromSnap = 'fromSnap' in base ? base.fromSnap : null;
     const proc = spawnRbd(opts.cluster, ['export-diff', '--no-progress', ...(fromSnap ? ['--from-snap', fromSnap] : []), snapPath(spec), '-']);
@@ -127,7 +129,7 @@ export class RbdSource implements Source {
         mode: parent ? 'export-diff' : 'full', fullReason: 'why' in base ? base.why : null, parent: 'prev' in base ? base.prev.id : null, fromSnap,
         readBytes: 0, changedBytes: 0, zeroedBytes: 0, parentBytes: 0, verifiedBytes: 0,
       };
-      const desc = spec.snap !== null ? `rbd:${snapPath(spec)} (image ${info.id}, snap ${snapId})${fromSnap ? ` changes since @${fromSnap}` : ''}` : `rbd:${imagePath(spec)} (image ${info.id}, live)`;
+      const desc = spec.snap !== null ? `rbd:${snapPath(spec)} (image ${info.id}, snap ${snap!.id})${fromSnap ? ` changes since @${fromSnap}` : ''}` : `rbd:${imagePath(spec)} (image ${info.id}, live)`;
       if (parent) return new RbdDiffSource(desc, info.size, proc, diff, parent, stats, repo.config.chunking, repo.config.version, repo.keys);
       return new RbdSource(desc, info.size, proc, diff, null, stats);
     } catch (e) {
