@@ -1,20 +1,23 @@
 /**
- * Restoring a generation into an RBD image: `rbd import --image-format 2 - POOL/IMAGE` fed
- * the raw image on its stdin. rbd import leaves blocks of zeros unwritten (--sparse-size,
- * 4 KiB by default), so the new image is as sparse as the generation.
+ * Restoring a generation into an RBD image: the image is created (`rbd create`, format 2)
+ * and the generation streamed into `rbd import-diff -` as an "rbd diff v1" stream of its
+ * data chunks only. Zero chunks never cross the pipe nor reach the cluster, so the new image
+ * is as sparse as the generation and a mostly empty disk costs its data, not its size (fed
+ * the raw image, `rbd import -` would skip writing zero blocks too, but every zero byte
+ * would still go through its stdin).
  *
  * The image is written under a temporary name next to the target and renamed only once
- * rbd import has exited 0 and the image has the generation's size: an import cut short
- * (genvault killed, its stdin closed early) would otherwise look like a complete image,
- * since rbd cannot tell a short stream from a short image. An existing target is refused,
- * unless --force: then it is replaced (removed, and the restored image renamed to its name)
- * after the import completed, and only if it has no snapshots and no watchers (rbd
- * would refuse to remove it anyway; checking first spares a wasted import).
+ * rbd has exited 0 and the image has the generation's size; a stream cut short (genvault
+ * killed) lacks its end record, which rbd import-diff refuses, and is never renamed. An
+ * existing target is refused, unless --force: then it is replaced (removed, and the
+ * restored image renamed to its name) after the import completed, and only if it has no
+ * snapshots and no watchers (rbd would refuse to remove it anyway; checking first spares
+ * a wasted import).
  */
 import { randomBytes } from 'node:crypto';
 import type { Generation } from '../format/generation.js';
 import { GenvaultError, UsageError } from '../util/errors.js';
-import { rawSink, streamChunks, writerOf, type RestoreResult } from '../read/restore.js';
+import { streamChunks, writerOf, type RestoreResult, type Sink } from '../read/restore.js';
 import type { Repository } from '../repository/repository.js';
 import { imagePath, parseRbdSpec, rbdInfo, rbdJson, rbdSnapshots, runRbd, spawnRbd, type CephCluster, type RbdSpec } from './rbd-cli.js';
 
@@ -79,10 +82,53 @@ export async function restoreToRbd(repo: Repository, gen: Generation, dest: stri
   }
 }
 
-/** Streams the generation into `rbd import`; rbd is killed and waited for if anything fails. */
+/** Data records of the stream are cut at this size (rbd reads each one into memory whole). */
+const RECORD_MAX = 4 << 20;
+
+/**
+ * The generation as an "rbd diff v1" stream for `rbd import-diff` (rbd-diff.ts describes
+ * the format): the size, a 'w' record for each run of data chunks, 'e'. Zero chunks are
+ * not sent at all: the image was created empty.
+ */
+function diffSink(write: (b: Buffer) => Promise<void>): Sink & { start(size: number): Promise<void>; end(): Promise<void> } {
+  let run: { offset: number; parts: Buffer[]; length: number } | null = null;
+  const u64 = (n: number) => {
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64LE(BigInt(n));
+    return b;
+  };
+  const flush = async () => {
+    if (!run) return;
+    const r = run;
+    run = null;
+    await write(Buffer.concat([Buffer.from('w'), u64(r.offset), u64(r.length)]));
+    for (const p of r.parts) await write(p);
+  };
+  return {
+    start: (size) => write(Buffer.concat([Buffer.from('rbd diff v1\ns'), u64(size)])),
+    async write(offset, length, data) {
+      if (!data) return flush();
+      if (run && (run.offset + run.length !== offset || run.length + length > RECORD_MAX)) await flush();
+      run ??= { offset, parts: [], length: 0 };
+      run.parts.push(data);
+      run.length += length;
+    },
+    async end() {
+      await flush();
+      await write(Buffer.from('e'));
+    },
+  };
+}
+
+/**
+ * Creates the (temporary) image and streams the generation's data into `rbd import-diff`;
+ * rbd is stopped and waited for if anything fails.
+ */
 async function importInto(repo: Repository, gen: Generation, cluster: CephCluster, tmp: string, opts: RbdRestoreOptions): Promise<Array<{ offset: number; length: number }>> {
-  const proc = spawnRbd(cluster, ['import', '--no-progress', '--image-format', '2', '-', tmp], true);
-  // rbd gone early (bad pool, no rights): its line, not the EPIPE of the next write.
+  // 1 MiB to begin with: the stream's size record sets the size to the byte.
+  await runRbd(cluster, ['create', '--no-progress', '--image-format', '2', '--size', '1M', tmp]);
+  const proc = spawnRbd(cluster, ['import-diff', '--no-progress', '-', tmp], true);
+  // rbd gone early (no rights, a full cluster): its line, not the EPIPE of the next write.
   const early = proc.exited.then((why): Promise<never> => {
     if (why !== null) throw new GenvaultError(why, 'RBD');
     return new Promise<never>(() => undefined);
@@ -90,15 +136,20 @@ async function importInto(repo: Repository, gen: Generation, cluster: CephCluste
   early.catch(() => undefined);
   try {
     const stdin = proc.child.stdin!;
-    const write = writerOf(stdin);
-    const damaged = await Promise.race([streamChunks(repo, gen, rawSink(write), { ignoreDamage: opts.ignoreDamage, onProgress: opts.onProgress }), early]);
+    const sink = diffSink(writerOf(stdin));
+    const streamed = (async () => {
+      await sink.start(gen.size);
+      const damaged = await streamChunks(repo, gen, sink, { ignoreDamage: opts.ignoreDamage, onProgress: opts.onProgress });
+      await sink.end();
+      return damaged;
+    })();
+    const damaged = await Promise.race([streamed, early]);
     stdin.end();
     const why = await proc.exited;
     if (why !== null) throw new GenvaultError(why, 'RBD');
     return damaged;
   } catch (e) {
-    // End of input lets rbd finish a short image cleanly (then removed); a kill would
-    // leave its exclusive lock for the removal to wait out.
+    // A stream without its end record is refused by rbd import-diff (the image is removed after).
     proc.child.stdin?.end();
     let timer: NodeJS.Timeout | undefined;
     const why = await Promise.race([proc.exited, new Promise<undefined>((r) => (timer = setTimeout(() => r(undefined), 30_000)))]);
