@@ -19,6 +19,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Scratch, gv, makeDisk, oneLine, prng, writeFiles } from './helpers.js';
 import { cephUnavailable, rbdDiffStream, rbdPool, startCeph, type Ceph } from './ceph.js';
 import { holeSeeker } from '../src/util/holes.js';
+import { parseRbdSpec } from '../src/source/rbd-cli.js';
+import { ConfigError, parseJobsText } from '../src/jobs/config.js';
 
 const why = await cephUnavailable();
 if (why) console.warn(`skipping rbd tests: ${why}`);
@@ -59,6 +61,30 @@ async function contentDigest(file: string): Promise<string> {
     await fh.close();
   }
 }
+
+describe('rbd: specs and job files', () => {
+  it('parses rbd: specs, refusing names rbd could take for options', () => {
+    expect(parseRbdSpec('rbd:pool/img@s1')).toEqual({ pool: 'pool', namespace: null, image: 'img', snap: 's1' });
+    expect(parseRbdSpec('rbd:pool/ns/img')).toEqual({ pool: 'pool', namespace: 'ns', image: 'img', snap: null });
+    for (const bad of ['rbd:img', 'rbd:a/b/c/d', 'rbd:pool/-x@s', 'rbd:pool/img@-s', 'rbd:pool/im g', 'rbd:pool/img@']) expect(() => parseRbdSpec(bad), bad).toThrow(/expected rbd:POOL/);
+  });
+
+  it('checks a job\'s rbd: source and ceph:', () => {
+    const problems = (text: string) => {
+      try {
+        parseJobsText(text, '/etc/genvault/j.yaml');
+        return [];
+      } catch (e) {
+        return (e as ConfigError).problems.map((p) => `${p.line}: ${p.field}: ${p.message}`);
+      }
+    };
+    const job = parseJobsText('jobs:\n  a:\n    source: rbd:p/i@s\n    ceph: { conf: ceph.conf, id: backup }\n', '/etc/genvault/j.yaml').jobs[0]!;
+    expect(job.ceph).toEqual({ conf: '/etc/genvault/ceph.conf', id: 'backup' });
+    expect(problems('jobs:\n  a:\n    source: rbd:p/i\n')).toEqual([expect.stringMatching(/^3: jobs\.a\.source: an rbd: job source needs @SNAP/)]);
+    expect(problems('jobs:\n  a:\n    source: /x\n    ceph: { id: x }\n')).toEqual([expect.stringMatching(/^4: jobs\.a\.ceph: only for rbd: sources/)]);
+    expect(problems('jobs:\n  a:\n    source: rbd:p/i@s\n    ceph: { user: x }\n')[0]).toMatch(/^4: jobs\.a\.ceph/);
+  });
+});
 
 describe.skipIf(why !== null)('rbd: sources and targets', () => {
   let s: Scratch;
@@ -205,5 +231,39 @@ describe.skipIf(why !== null)('rbd: sources and targets', () => {
     const out = s.path('r3.img');
     expect((await gv(repo, ['restore', 'vm@latest', out])).code).toBe(0);
     expect(await contentDigest(out)).toBe(await contentDigest(disk));
+  });
+
+  it('a job backs up rbd: with hooks that make the next snapshot and rotate them, keeping the base', async () => {
+    // The recipe of README.md, "RBD sources": the job reads @genvault-next, made by the
+    // pre-hook; after a good backup the post-hook drops the old base and renames the new one
+    // to @genvault (genvault finds its base by snapshot id, so the rename is fine).
+    const img = 'rbd/vm';
+    const jobs = s.path('jobs.yaml');
+    await fs.writeFile(jobs, [
+      `repository: ${repo}`,
+      'jobs:',
+      '  vm:',
+      `    source: rbd:${img}@genvault-next`,
+      `    ceph: { conf: ${c.conf}, id: admin }`,
+      '    hooks:',
+      `      pre: ["rbd snap rm --no-progress ${img}@genvault-next 2>/dev/null; rbd snap create ${img}@genvault-next"]`,
+      `      post: ['[ "$GENVAULT_RESULT" = ok ] || exit 0; rbd snap rm --no-progress ${img}@genvault 2>/dev/null; rbd snap rename ${img}@genvault-next ${img}@genvault']`,
+      '',
+    ].join('\n'));
+    const env = { CEPH_CONF: c.conf }; // what the hooks' rbd reads
+    for (let i = 0; i < 2; i++) {
+      const r = await gv(null, ['run', '--all', '--config', jobs], { env });
+      expect(r.code, r.stderr + r.stdout).toBe(0);
+    }
+    const gens = JSON.parse((await gv(repo, ['list', 'vm', '--json'])).stdout) as Array<{ source: string }>;
+    // The first run's base was @s3 (the latest generation before), the second's the first run's snapshot.
+    expect(gens.at(-2)!.source).toMatch(/^rbd:rbd\/vm@genvault-next \(image \w+, snap \d+\) changes since @s3$/);
+    expect(gens.at(-1)!.source).toMatch(/^rbd:rbd\/vm@genvault-next \(image \w+, snap \d+\) changes since @genvault$/);
+    const snaps = (JSON.parse(await c.rbd(['snap', 'ls', '--format', 'json', img])) as Array<{ name: string }>).map((x) => x.name);
+    expect(snaps).toContain('genvault');
+    expect(snaps).not.toContain('genvault-next');
+    const out = s.path('r4.img');
+    expect((await gv(repo, ['restore', 'vm@latest', out])).code).toBe(0);
+    expect(await contentDigest(out)).toBe(await exportDigest(`${img}@genvault`));
   });
 });

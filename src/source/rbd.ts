@@ -5,9 +5,9 @@
  * backup of the same image reads only what changed since the snapshot the latest
  * generation was read from (export-diff --from-snap S1), and every other byte from that
  * generation, which the generation's own source description vouches for: it names the
- * image's id and the snapshot's id, and both must still be what they were (ids are never
- * reused, so a deleted and re-made snapshot of the same name does not pass). When the base
- * cannot be used the whole snapshot is read, with one line saying why.
+ * image's id and the snapshot's id, and both must still be there (ids are never reused, so
+ * a deleted and re-made snapshot of the same name does not pass, while a renamed one
+ * does). When the base cannot be used the whole snapshot is read, with one line saying why.
  *
  * Unlike thin_delta or a dirty bitmap, the changed extents come from Ceph itself, from the
  * two snapshots' objects: no hint kept by someone else. There is no --verify-hints: the
@@ -71,9 +71,12 @@ async function chooseBase(
   const d = parseRbdDescription(prev.source);
   if (!d || d.path !== imagePath(spec)) return { why: `${g} was not read from a snapshot of rbd:${imagePath(spec)}` };
   if (d.imageId !== info.id) return { why: `${g} was read from another image of that name (id ${d.imageId}, now ${info.id})` };
-  if (snaps.get(d.snap)?.id !== d.snapId) return { why: `the snapshot ${d.snap} ${g} was read from no longer exists (snap id ${d.snapId})` };
+  // By id: a snapshot keeps it when renamed (the job recipe renames its snapshots), and a
+  // new snapshot under the old name gets another one.
+  const from = [...snaps].find(([, x]) => x.id === d.snapId)?.[0];
+  if (from === undefined) return { why: `the snapshot ${d.snap} (snap id ${d.snapId}) ${g} was read from no longer exists` };
   if (prev.size !== info.size) return { why: `the image is ${info.size} bytes, ${g} was ${prev.size}` };
-  return { prev, fromSnap: d.snap };
+  return { prev, fromSnap: from };
 }
 
 /** An extent of the window the source is at: data from rbd, or zeros ('z'). */
