@@ -134,6 +134,7 @@ describe.skipIf(why !== null)('rbd: sources and targets', () => {
     expect(g.rbd.mode).toBe('full');
     expect(g.rbd.readBytes).toBeGreaterThan(0);
     expect(g.rbd.readBytes).toBeLessThan(g.size / 4); // sparse: never-written extents are not sent
+    console.log(`full read of ${g.size} bytes: ${g.rbd.readBytes} read from rbd in ${g.stats.durationMs} ms`);
     const out = s.path('r1.img');
     expect((await gv(repo, ['restore', 'vm@latest', out])).code).toBe(0);
     expect(await contentDigest(out)).toBe(await contentDigest(disk));
@@ -163,7 +164,7 @@ describe.skipIf(why !== null)('rbd: sources and targets', () => {
     expect(g.source).toMatch(/^rbd:rbd\/vm@s2 \(image [0-9a-f]+, snap \d+\) changes since @s1$/);
     expect(g.rbd.mode).toBe('export-diff');
     expect(g.rbd.fromSnap).toBe('s1');
-    console.log(`changed ${changed} bytes; read from rbd ${g.rbd.readBytes} (changed extents ${g.rbd.changedBytes}, of them zeroed ${g.rbd.zeroedBytes}); ${g.rbd.parentBytes} from the parent`);
+    console.log(`changed ${changed} bytes; read from rbd ${g.rbd.readBytes} (changed extents ${g.rbd.changedBytes}, of them zeroed ${g.rbd.zeroedBytes}); ${g.rbd.parentBytes} from the parent; ${g.stats.durationMs} ms`);
     expect(g.rbd.readBytes).toBeLessThanOrEqual(2 * changed); // the issue's bar
     const out = s.path('r2.img');
     expect((await gv(repo, ['restore', 'vm@latest', out])).code).toBe(0);
@@ -177,6 +178,7 @@ describe.skipIf(why !== null)('rbd: sources and targets', () => {
     const want = await contentDigest(disk);
     const r = await gv(repo, ['restore', 'vm@latest', 'rbd:rbd/back', ...C, '--json']);
     expect(r.code, r.stderr).toBe(0);
+    console.log(`restore into rbd: ${JSON.parse(r.stdout).durationMs} ms`);
     expect(JSON.parse(r.stdout).target).toBe('rbd:rbd/back');
     expect(await exportDigest('rbd/back')).toBe(want);
     const du = JSON.parse(await c.rbd(['du', '--format', 'json', 'rbd/back'])) as { images: Array<{ used_size: number }> };
