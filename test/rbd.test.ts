@@ -268,4 +268,16 @@ describe.skipIf(why !== null)('rbd: sources and targets', () => {
     expect((await gv(repo, ['restore', 'vm@latest', out])).code).toBe(0);
     expect(await contentDigest(out)).toBe(await exportDigest(`${img}@genvault`));
   });
+
+  it('--rbd-live reads the image itself, recorded as live', async () => {
+    const r = await gv(repo, ['backup', 'rbd:rbd/back', '--rbd-live', '--name', 'live', ...C, '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    const g = JSON.parse(r.stdout);
+    expect(g.source).toMatch(/^rbd:rbd\/back \(image \w+, live\)$/);
+    const out = s.path('r5.img');
+    expect((await gv(repo, ['restore', 'live@latest', out])).code).toBe(0);
+    expect(await contentDigest(out)).toBe(await exportDigest('rbd/back'));
+    const both = await gv(repo, ['backup', 'rbd:rbd/back@x', '--rbd-live', '--name', 'live', ...C]);
+    expect(oneLine(both.stderr)).toMatch(/--rbd-live reads the image itself: name no @SNAP/);
+  });
 });

@@ -128,6 +128,7 @@ async function importInto(repo: Repository, gen: Generation, cluster: CephCluste
   // 1 MiB to begin with: the stream's size record sets the size to the byte.
   await runRbd(cluster, ['create', '--no-progress', '--image-format', '2', '--size', '1M', tmp]);
   const proc = spawnRbd(cluster, ['import-diff', '--no-progress', '-', tmp], true);
+  proc.child.stdout!.resume(); // says nothing with --no-progress; never let it fill the pipe
   // rbd gone early (no rights, a full cluster): its line, not the EPIPE of the next write.
   const early = proc.exited.then((why): Promise<never> => {
     if (why !== null) throw new GenvaultError(why, 'RBD');

@@ -193,6 +193,11 @@ export class RbdSource implements Source {
     return out;
   }
 
+  /** At the image's end (an empty image has no window to end in): the stream's end is checked all the same. */
+  protected async atImageEnd(): Promise<void> {
+    if (!this.ended) await this.window(this.size, this.size);
+  }
+
   /** The whole image was read: the stream must have ended, and rbd exited 0. */
   private async finish(): Promise<void> {
     if (!this.ended && (await this.diff.next()) !== null) throw new DiffStreamError('malformed rbd diff stream: data records after the image\'s end');
@@ -232,7 +237,10 @@ export class RbdSource implements Source {
 
   async read(buf: Buffer, length: number): Promise<number> {
     const n = Math.max(0, Math.min(length, this.size - this.pos));
-    if (n === 0) return 0;
+    if (n === 0) {
+      await this.atImageEnd();
+      return 0;
+    }
     await this.window(this.pos, this.pos + n);
     await this.fill(buf.subarray(0, n), this.pos);
     this.pos += n;
@@ -284,6 +292,7 @@ export class RbdDiffSource extends RbdSource implements ChunkedSource {
   async readSegment(need: NeedFn): Promise<ChunkedSegment | null> {
     const seg = await this.reuse.segmentAt(this.pos, this.size, need, this.transferred);
     if (seg) this.pos += seg.length;
+    else await this.atImageEnd();
     return seg;
   }
 }
