@@ -16,7 +16,7 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Scratch, gv, makeDisk, oneLine, prng, writeFiles } from './helpers.js';
+import { Scratch, gv, makeDisk, oneLine, prng, sh, writeFiles } from './helpers.js';
 import { cephUnavailable, rbdDiffStream, rbdPool, startCeph, type Ceph } from './ceph.js';
 import { holeSeeker } from '../src/util/holes.js';
 import { parseRbdSpec } from '../src/source/rbd-cli.js';
@@ -220,6 +220,14 @@ describe.skipIf(why !== null)('rbd: sources and targets', () => {
     expect(oneLine(r.stderr)).toMatch(/malformed rbd diff stream .*beyond the image size \d+; nothing was committed/);
     const gens = JSON.parse((await gv(repo, ['list', 'vm', '--json'])).stdout) as unknown[];
     expect(gens).toHaveLength(2);
+    // An rbd that starts a bad stream and then hangs: stopped, waited for, one line.
+    await fs.writeFile(path.join(bin, 'rbd'), `#!/bin/sh\ncase " $* " in *" export-diff "*) printf 'rbd diff v9\\n'; exec sleep 987;; esac\nexec /usr/bin/rbd "$@"\n`, { mode: 0o755 });
+    const t0 = Date.now();
+    const hung = await gv(repo, ['backup', 'rbd:rbd/vm@s2', '--name', 'vm', ...C], { env: { PATH: `${bin}:${process.env.PATH}` } });
+    expect(hung.code).not.toBe(0);
+    expect(oneLine(hung.stderr)).toMatch(/malformed rbd diff stream at byte 12: banner "rbd diff v9\\n"/);
+    expect(Date.now() - t0).toBeLessThan(30_000);
+    expect((await sh('pgrep', ['-f', 'sleep 987'])).stdout.trim()).toBe('');
   });
 
   it('reads the whole snapshot when the base snapshot is gone, and says so', async () => {
@@ -279,5 +287,22 @@ describe.skipIf(why !== null)('rbd: sources and targets', () => {
     expect(await contentDigest(out)).toBe(await exportDigest('rbd/back'));
     const both = await gv(repo, ['backup', 'rbd:rbd/back@x', '--rbd-live', '--name', 'live', ...C]);
     expect(oneLine(both.stderr)).toMatch(/--rbd-live reads the image itself: name no @SNAP/);
+  });
+
+  it('reads the whole snapshot for a resized image, another image\'s generation, and --full', async () => {
+    const full = async (args: string[], line: RegExp | null) => {
+      const r = await gv(repo, ['backup', ...args, ...C, '--json']);
+      expect(r.code, r.stderr).toBe(0);
+      if (line) expect(oneLine(r.stderr)).toMatch(line);
+      else expect(r.stderr).toBe('');
+      expect(JSON.parse(r.stdout).rbd.mode).toBe('full');
+    };
+    await c.rbd(['snap', 'create', 'rbd/back@a']);
+    await full(['rbd:rbd/back@a', '--name', 'sized'], /reading the whole snapshot: sized has no generation yet/);
+    await c.rbd(['resize', '--no-progress', '--size', `${DISK_MIB + 4}M`, 'rbd/back']);
+    await c.rbd(['snap', 'create', 'rbd/back@b']);
+    await full(['rbd:rbd/back@b', '--name', 'sized'], /reading the whole snapshot: the image is \d+ bytes, sized@\w+ was \d+/);
+    await full(['rbd:rbd/back@b', '--name', 'sized', '--full'], null);
+    await full(['rbd:rbd/back@b', '--name', 'vm'], /reading the whole snapshot: vm@\w+ was not read from a snapshot of rbd:rbd\/back/);
   });
 });
