@@ -191,6 +191,16 @@ describe.skipIf(why !== null)('rbd: sources and targets', () => {
     expect(forced.code, forced.stderr).toBe(0);
     expect(await exportDigest('rbd/back')).toBe(await exportDigest('rbd/vm@s1'));
     expect(await c.rbd(['ls', 'rbd'])).not.toMatch(/genvault-restore/); // no temporary image left
+    const n = async (dest: string, re: RegExp, extra: string[] = [], env?: NodeJS.ProcessEnv) => {
+      const x = await gv(repo, ['restore', 'vm@latest', dest, ...C, ...extra], { env });
+      expect(x.code).not.toBe(0);
+      expect(oneLine(x.stderr)).toMatch(re);
+    };
+    await n('rbd:rbd/vm', /rbd:rbd\/vm has 2 snapshot\(s\); genvault does not remove snapshots/, ['--force']);
+    await n('rbd:nopool/x', /error opening pool 'nopool'/);
+    await n('rbd:rbd/x@s', /a restore writes an image, not a snapshot/);
+    await n('rbd:rbd/x', /rbd not found/, [], { PATH: '/nonexistent' });
+    expect(await c.rbd(['ls', 'rbd'])).not.toMatch(/genvault-restore/);
   });
 
   it('refuses a source without a snapshot, a missing snapshot, a bad pool, no rbd, and --verify-hints, each in one line', async () => {
