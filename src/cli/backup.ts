@@ -10,6 +10,9 @@ import { isNbdUri } from '../nbd/client.js';
 import { NbdSource, OverlaySource } from '../nbd/source.js';
 import { ThinHintedSource, parseThinDelta } from '../source/thin.js';
 import { UsageError } from '../util/errors.js';
+import { RbdSource } from '../source/rbd.js';
+import { isRbdSpec, parseRbdSpec } from '../source/rbd-cli.js';
+import { addCephOptions, cephCluster, hasCephFlags, type CephFlags } from './ceph.js';
 
 const { backup } = backupModule;
 /**
@@ -24,8 +27,10 @@ import { action, collect, holdingSignals, onInterrupt, printJson, repoPath, want
 import { remoteRepo, withRemote } from './remote.js';
 import { backupToRemote } from '../remote/upload-client.js';
 
-interface BackupCliOptions {
+interface BackupCliOptions extends CephFlags {
   name: string;
+  rbdLive?: boolean;
+  full?: boolean;
   tag: string[];
   wait?: boolean;
   identity?: string;
@@ -46,6 +51,12 @@ interface BackupCliOptions {
 /** The source named on the command line: NBD (with a dirty bitmap), an NBD overlay, SSH, or local. */
 async function openSource(repo: Repository, src: string, opts: BackupCliOptions, maxSize: number | undefined): Promise<Source> {
   if (opts.fromNbdOverlay) return OverlaySource.open(repo, src);
+  if (isRbdSpec(src)) {
+    const s = await RbdSource.open(repo, parseRbdSpec(src), { name: opts.name, cluster: cephCluster(opts), live: opts.rbdLive, full: opts.full });
+    const why = s.stats.fullReason;
+    if (why && why !== '--full' && why !== '--rbd-live') process.stderr.write(`genvault backup: reading the whole snapshot: ${why}\n`);
+    return s;
+  }
   if (opts.thinDelta !== undefined) {
     const spec = parseThinDelta(opts.thinDelta, opts.thinMetadataSnap === true);
     const s = await ThinHintedSource.open(repo, src, spec, { name: opts.name, verifyPercent: opts.verifyHints });
@@ -77,6 +88,7 @@ function withSourceStats(gen: object, source: Source): object {
   if (source instanceof NbdSource) return { ...gen, nbd: source.stats };
   if (source instanceof OverlaySource) return { ...gen, overlay: { file: source.overlay.file, base: source.base.id, reusedBytes: source.stats.parentBytes } };
   if (source instanceof ThinHintedSource) return { ...gen, thin: source.stats };
+  if (source instanceof RbdSource) return { ...gen, rbd: source.stats };
   return gen;
 }
 
@@ -88,6 +100,11 @@ function nbdSummary(source: Source): string {
     if (t.mode === 'full') return '';
     return `, ${bytes(t.changedBytes)} changed read (thin_delta), ${bytes(t.parentBytes)} unchanged taken from @${t.parent}${t.verifiedBytes ? ` (${bytes(t.verifiedBytes)} of them checked)` : ''}`;
   }
+  if (source instanceof RbdSource) {
+    const r = source.stats;
+    if (r.mode === 'full') return `, ${bytes(r.readBytes)} of allocated extents read from rbd`;
+    return `, ${bytes(r.readBytes)} changed since @${r.fromSnap} read from rbd, ${bytes(r.parentBytes)} unchanged taken from @${r.parent}`;
+  }
   if (!(source instanceof NbdSource)) return '';
   const s = source.stats;
   if (s.mode === 'dirty-bitmap') {
@@ -97,11 +114,24 @@ function nbdSummary(source: Source): string {
   return `, ${bytes(s.nbdBytes)} read over NBD${s.zeroBytes ? ` (${bytes(s.zeroBytes)} zero not read)` : ''}`;
 }
 
+const BACKUP_HELP =
+  '\nOnly chunks the repository lacks are stored; zero regions store nothing.\n' +
+    'The generation becomes visible only after all its data is on disk.\n' +
+    'A file or block device is read up to its size; stdin and pipes to their end, or\n' +
+    'to --max-size; a character device (/dev/zero) only with --max-size.\n\n' +
+    'Examples:\n  genvault -r /srv/backup backup /dev/vg0/vm1 --name vm1\n  genvault -r /srv/backup backup ssh://root@host/dev/vg/vm2 --name vm2\n' +
+      '  ssh host cat /dev/vg/vm2 | genvault backup - --name vm2\n' +
+      "  genvault backup 'nbd+unix:///vda?socket=/run/vm1-backup.sock' --bitmap backup-vda --name vm1\n" +
+      '  genvault backup rbd:rbd/vm3@backup-2026-12-06 --name vm3 --ceph-id backup\n' +
+      '  genvault backup /srv/backup/overlays/vm1-....overlay --from-nbd-overlay --name vm1\n' +
+      'NBD sources and dirty bitmaps: native-notes/nbd.md; rbd: sources (only what changed since the\n' +
+      'snapshot the latest generation was read from is read): native-notes/ceph.md';
+
 export function register(program: Command): void {
-  program
+  const cmd = program
     .command('backup')
     .description('back up an image file, a block device, or stdin (-) as a new generation of NAME')
-    .argument('<source>', 'image file, block device, - for standard input, ssh://[user@]host[:port]/path, nbd://host[:port]/export or nbd+unix:///export?socket=PATH')
+    .argument('<source>', 'image file, block device, - for standard input, ssh://[user@]host[:port]/path, nbd://host[:port]/export, nbd+unix:///export?socket=PATH or rbd:POOL/[NAMESPACE/]IMAGE@SNAP')
     .requiredOption('-n, --name <name>', 'image name (letters, digits, . _ -)')
     .option('-t, --tag <tag>', 'tag the generation (repeatable)', collect, [])
     .option('--wait', 'wait for a running backup of the same image instead of failing')
@@ -120,25 +150,18 @@ export function register(program: Command): void {
     .option('--thin-delta <metadata:from:to>', 'LVM thin: read only what thin_delta says differs between thin devices FROM and TO (the source is TO), the rest from the previous generation')
     .option('--thin-metadata-snap', 'with --thin-delta: read the pool\'s reserved metadata snapshot (thin_delta -m), as a live pool needs')
     .addOption(new Option('--verify-hints <percent>', 'with --bitmap or --thin-delta: also read PERCENT of the unchanged blocks and fail if any differs from the previous generation').argParser(percentArg()))
+    .option('--rbd-live', 'rbd: sources: read the image itself, no snapshot (NOT consistent while anything writes to it)')
+    .option('--full', 'rbd: sources: read the whole snapshot, even when the latest generation was read from an older snapshot of the image')
     .option('--from-nbd-overlay', 'the source is the overlay file of a `genvault nbd --writable` export: its generation with the writes')
     .addOption(new Option('--limit-rate <rate>', 'ssh:// and s3:// repositories: send at most RATE bytes per second (e.g. 20M)').argParser(rateArg))
-    .option('--json', 'print the new generation as JSON')
-    .addHelpText(
-      'after',
-      '\nOnly chunks the repository lacks are stored; zero regions store nothing.\n' +
-        'The generation becomes visible only after all its data is on disk.\n' +
-        'A file or block device is read up to its size; stdin and pipes to their end, or\n' +
-        'to --max-size; a character device (/dev/zero) only with --max-size.\n\n' +
-        'Examples:\n  genvault -r /srv/backup backup /dev/vg0/vm1 --name vm1\n  genvault -r /srv/backup backup ssh://root@host/dev/vg/vm2 --name vm2\n' +
-          '  ssh host cat /dev/vg/vm2 | genvault backup - --name vm2\n' +
-          "  genvault backup 'nbd+unix:///vda?socket=/run/vm1-backup.sock' --bitmap backup-vda --name vm1\n" +
-          '  genvault backup /srv/backup/overlays/vm1-....overlay --from-nbd-overlay --name vm1\n' +
-          'NBD sources and dirty bitmaps: native-notes/nbd.md',
-    )
+    .option('--json', 'print the new generation as JSON');
+  addCephOptions(cmd)
+    .addHelpText('after', BACKUP_HELP)
     .action(
       action(async (src: string, opts: BackupCliOptions, cmd: Command) => {
         const ssh = isSshSpec(src);
         const maxSize = opts.maxSize;
+        checkRbdFlags(src, opts);
         if (opts.bitmap !== undefined && !isNbdUri(src)) throw new UsageError('--bitmap needs an nbd:// or nbd+unix:// source');
         if (opts.verifyHints !== undefined && opts.bitmap === undefined && opts.thinDelta === undefined) throw new UsageError('--verify-hints needs --bitmap or --thin-delta');
         if (opts.thinDelta !== undefined && (isNbdUri(src) || ssh || src === '-' || opts.fromNbdOverlay)) throw new UsageError('--thin-delta needs the newer thin snapshot (a block device or image file here) as the source');
@@ -182,7 +205,7 @@ export function register(program: Command): void {
                 `${gen.name}@${gen.id}: ${bytes(gen.size)} read in ${duration(s.durationMs)} (${rate(s.bytesRead, s.durationMs)}), ` +
                   `${bytes(s.newBytes)} new (${bytes(s.newStored)} stored), ${bytes(s.zeroBytes)} zero` +
                   (s.unchangedBytes ? `, ${bytes(s.unchangedBytes)} unchanged` : '') +
-                  (isChunkedSource(source) && !(source instanceof NbdSource || source instanceof OverlaySource || source instanceof ThinHintedSource) ? `, ${bytes(source.transferred.wire)} of chunk data over SSH` : '') +
+                  (isChunkedSource(source) && !(source instanceof NbdSource || source instanceof OverlaySource || source instanceof ThinHintedSource || source instanceof RbdSource) ? `, ${bytes(source.transferred.wire)} of chunk data over SSH` : '') +
                   nbdSummary(source) +
                   '\n',
               );
@@ -196,14 +219,27 @@ export function register(program: Command): void {
     );
 }
 
+/** The rbd: source's flags, and no rbd flag without one. */
+function checkRbdFlags(src: string, opts: BackupCliOptions): void {
+  if (!isRbdSpec(src)) {
+    if (hasCephFlags(opts) || opts.rbdLive || opts.full) throw new UsageError('--ceph-conf, --ceph-id, --ceph-keyring, --rbd-live and --full need an rbd: source');
+    return;
+  }
+  parseRbdSpec(src);
+  if (opts.verifyHints !== undefined) {
+    throw new UsageError('--verify-hints is not offered for rbd: sources: rbd cannot read a range of a snapshot, so checking unchanged blocks means reading all of it; --full reads all of it (and stores it)');
+  }
+  if (opts.bitmap !== undefined || opts.thinDelta !== undefined || opts.fromNbdOverlay) throw new UsageError('--bitmap, --thin-delta and --from-nbd-overlay do not apply to rbd: sources');
+}
+
 /**
  * A backup into an ssh:// repository: the source is read and chunked here, the server
  * stores what it lacks (src/remote/upload-client.ts). NBD, overlay and thin-delta sources
  * need the repository's previous generation at hand and are local-repository only.
  */
 async function backupRemote(src: string, opts: BackupCliOptions, maxSize: number | undefined, cmd: Command): Promise<void> {
-  if (opts.bitmap !== undefined || opts.thinDelta !== undefined || opts.fromNbdOverlay || isNbdUri(src)) {
-    throw new UsageError('NBD, overlay and --thin-delta sources need a local repository (run the backup on the repository\'s host)');
+  if (opts.bitmap !== undefined || opts.thinDelta !== undefined || opts.fromNbdOverlay || isNbdUri(src) || isRbdSpec(src)) {
+    throw new UsageError('NBD, overlay, --thin-delta and rbd: sources need a local repository (run the backup on the repository\'s host)');
   }
   const limitRate = opts.limitRate;
   await withRemote(

@@ -28,6 +28,7 @@ import { IMAGE_NAME_RE } from '../format/config.js';
 import type { RetentionRules } from '../lifecycle/retention.js';
 import { isSshSpec, parseSshSpec } from '../source/ssh.js';
 import { isNbdUri, parseNbdUri } from '../nbd/client.js';
+import { isRbdSpec, parseRbdSpec, type CephCluster } from '../source/rbd-cli.js';
 import { isSshMode, type SshMode } from '../source/ssh-agent.js';
 import { Schedule } from './schedule.js';
 
@@ -101,6 +102,8 @@ export interface JobConfig {
   ssh: JobSsh;
   /** nbd:// sources: the QEMU dirty bitmap whose dirty extents alone are read (native-notes/nbd.md). */
   bitmap?: string;
+  /** rbd: sources: the cluster and client (rbd's -c, --id, --keyring); unset fields are rbd's defaults. */
+  ceph?: CephCluster;
   /** Null: no notification. */
   notify: NotifySpec | null;
   /** A sync job (no source: it copies generations to another repository). */
@@ -142,7 +145,8 @@ export function formatProblem(file: string, p: ConfigProblem): string {
 }
 
 const TOP_KEYS = ['repository', 'key-file', 'timezone', 'defaults', 'jobs'];
-const JOB_KEYS = ['source', 'image', 'schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace', 'notify', 'bitmap', 'sync'];
+const JOB_KEYS = ['source', 'image', 'schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace', 'notify', 'bitmap', 'sync', 'ceph'];
+const CEPH_KEYS = ['conf', 'id', 'keyring'];
 const SYNC_KEYS = ['to', 'images', 'keep', 'key-file'];
 const DEFAULT_KEYS = ['schedule', 'tags', 'retention', 'hooks', 'ssh', 'grace', 'notify'];
 const NOTIFY_KEYS = ['on', 'command', 'email', 'webhook', 'sendmail', 'timeout'];
@@ -497,10 +501,16 @@ function parseJobSource(c: Checker, p: PartialJob & { rest: Map<string, unknown>
         } catch (e) {
           c.add(srcNode, `${f}.source`, (e as Error).message);
         }
+      } else if (isRbdSpec(source)) {
+        try {
+          if (parseRbdSpec(source).snap === null) c.add(srcNode, `${f}.source`, 'an rbd: job source needs @SNAP (a pre-hook makes it; see "RBD sources" in README.md)');
+        } catch (e) {
+          c.add(srcNode, `${f}.source`, (e as Error).message);
+        }
       } else if (source === '-') {
         c.add(srcNode, `${f}.source`, 'standard input cannot be a job source');
       } else if (!path.isAbsolute(source)) {
-        c.add(srcNode, `${f}.source`, 'expected an absolute path, an ssh:// URL or an nbd:// URI');
+        c.add(srcNode, `${f}.source`, 'expected an absolute path, an ssh:// URL, an nbd:// URI or rbd:POOL/IMAGE@SNAP');
       }
     }
   }
@@ -546,6 +556,21 @@ interface JobsContext {
   images: Map<string, string>;
 }
 
+/** A job's `ceph:` (conf and keyring relative to the job file's directory), only for rbd: sources. */
+function parseCeph(c: Checker, node: unknown, field: string, source: string | null, base: string): CephCluster | undefined {
+  if (node === undefined) return undefined;
+  if (source !== null && !isRbdSpec(source)) c.add(node, field, 'only for rbd: sources');
+  const out: CephCluster = {};
+  for (const { key, value } of c.pairs(node, field, CEPH_KEYS)) {
+    const v = c.string(value, `${field}.${key}`);
+    if (v === null) continue;
+    if (key === 'id') out.id = v;
+    else if (key === 'conf') out.conf = path.resolve(base, v);
+    else out.keyring = path.resolve(base, v);
+  }
+  return out;
+}
+
 /** One entry of `jobs:`, merged with the defaults; null if it has no valid source (problems reported). */
 function parseJob(x: JobsContext, name: string, value: unknown, keyNode: unknown): JobConfig | null {
   const { c, defaults, images } = x;
@@ -578,6 +603,7 @@ function parseJob(x: JobsContext, name: string, value: unknown, keyNode: unknown
     bitmap = c.string(p.rest.get('bitmap'), `${f}.bitmap`) ?? undefined;
     if (bitmap !== undefined && source !== null && !isNbdUri(source)) c.add(p.rest.get('bitmap'), `${f}.bitmap`, 'only for nbd:// and nbd+unix:// sources');
   }
+  const ceph = parseCeph(c, p.rest.get('ceph'), `${f}.ceph`, source, x.base);
   const schedule = p.schedule ?? defaults.schedule;
   const retention = p.retention !== undefined ? p.retention : defaults.retention;
   if (source === null) return null;
@@ -594,6 +620,7 @@ function parseJob(x: JobsContext, name: string, value: unknown, keyNode: unknown
     ssh,
     notify: p.notify !== undefined ? p.notify : (defaults.notify ?? null),
     ...(bitmap !== undefined ? { bitmap } : {}),
+    ...(ceph ? { ceph } : {}),
     line: c.line(keyNode),
   };
 }

@@ -23,6 +23,8 @@ import type { Repository } from '../repository/repository.js';
 import { openLocalSource } from '../source/local.js';
 import { isNbdUri } from '../nbd/client.js';
 import { NbdSource } from '../nbd/source.js';
+import { RbdSource } from '../source/rbd.js';
+import { isRbdSpec, parseRbdSpec } from '../source/rbd-cli.js';
 import { isSshSpec, parseSshSpec, type SshConnection } from '../source/ssh.js';
 import { openSshConnection } from '../source/ssh-command.js';
 import { startRemoteSource } from '../source/ssh-agent.js';
@@ -63,6 +65,7 @@ function borrowed(conn: SshConnection): SshConnection {
 
 async function openSource(job: JobConfig, repo: Repository, conn: SshConnection | null): Promise<Source> {
   if (isNbdUri(job.source)) return NbdSource.open(repo, job.source, { name: job.image, bitmap: job.bitmap });
+  if (isRbdSpec(job.source)) return RbdSource.open(repo, parseRbdSpec(job.source), { name: job.image, cluster: job.ceph ?? {} });
   if (!conn) return openLocalSource(job.source);
   // The remote agent hashes without the repository's key (FORMAT.md, version 6): an encrypted repository reads with cat.
   if (repo.keys && job.ssh.mode === 'agent') throw new GenvaultError('ssh mode agent: the remote agent cannot hash chunks for an encrypted repository; use plain or auto', 'USAGE');
