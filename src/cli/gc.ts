@@ -1,8 +1,8 @@
 import { Command, Option } from 'commander';
-import { GcResult, gc } from '../lifecycle/gc.js';
+import { GcResult, OBJECT_STORE_GRACE_MS, gc } from '../lifecycle/gc.js';
 import { bytes, duration } from '../util/format.js';
 import { action, printJson, wantsJson, withRepo } from './common.js';
-import { percentArg } from './options.js';
+import { durationArg, percentArg } from './options.js';
 
 /** One status line on stderr, on a terminal only, redrawn at most 5 times a second. */
 class StatusLine {
@@ -45,6 +45,7 @@ function human(r: GcResult): string {
     );
   }
   if (r.waitedFor) out.push(`waited for ${plural(r.waitedFor, 'running backup')}`);
+  if (r.packsTooYoung) out.push(`kept ${plural(r.packsTooYoung, 'pack')} written within the grace period whole`);
   if (r.uploadsAborted || r.spoolsRemoved) out.push(`cleaned up after killed writers: ${plural(r.uploadsAborted, 'unfinished upload')} aborted, ${plural(r.spoolsRemoved, 'spool file')} removed`);
   out.push(
     `${r.dryRun ? 'would remove' : 'removed'} ${plural(r.chunksRemoved, 'unreferenced chunk')} (${bytes(r.chunkBytesRemoved)} stored) ` +
@@ -80,25 +81,28 @@ export function register(program: Command): void {
         .argParser(percentArg(true))
         .default(50),
     )
+    .addOption(new Option('--grace <duration>', 's3:// repositories: keep packs written less than this long ago whole (by the object store\'s clock)').argParser(durationArg).default(OBJECT_STORE_GRACE_MS, '1h'))
     .option('--json', 'print the result as JSON')
     .addHelpText(
       'after',
       '\nRuns while backups and mounts run: chunks gc is about to remove are not reused by\n' +
         'backups that start meanwhile (they store fresh copies), and gc waits for backups\n' +
-        'that were already running before it removes anything. One gc at a time.\n\n' +
+        'that were already running before it removes anything. One gc at a time.\n' +
+        'On an s3:// repository gc runs only while no other command holds it (on any host),\n' +
+        'aborts the uploads of killed backups, and keeps packs younger than --grace whole.\n\n' +
         'Examples:\n' +
         '  genvault prune --keep-daily 7 && genvault gc\n' +
         '  genvault gc --dry-run\n' +
         '  genvault gc --repack-threshold 80 --json',
     )
     .action(
-      action(async (o: { dryRun?: boolean; repackThreshold: number }, cmd: Command) => {
+      action(async (o: { dryRun?: boolean; repackThreshold: number; grace: number }, cmd: Command) => {
         const repackThreshold = o.repackThreshold;
         const status = new StatusLine();
         await withRepo(cmd, async (repo) => {
           let r: GcResult;
           try {
-            r = await gc(repo, { dryRun: o.dryRun === true, repackThreshold, onProgress: (l) => status.show(l) });
+            r = await gc(repo, { dryRun: o.dryRun === true, repackThreshold, graceMs: o.grace, onProgress: (l) => status.show(l) });
           } finally {
             status.done();
           }

@@ -51,7 +51,16 @@ export interface GcOptions {
   onProgress?: (line: string) => void;
   /** Poll interval while waiting for running backups (ms). */
   pollMs?: number;
+  /**
+   * An object store: packs written less than this long ago (by the store's clock) are
+   * neither deleted nor rewritten (default 1 hour). A writer whose lock went stale (a host
+   * paused past the lock's 30 minutes) may still commit a generation into them.
+   */
+  graceMs?: number;
 }
+
+/** See GcOptions.graceMs. */
+export const OBJECT_STORE_GRACE_MS = 3600_000;
 
 export interface GcResult {
   dryRun: boolean;
@@ -86,6 +95,8 @@ export interface GcResult {
   waitedFor: number;
   /** An object store: unfinished multipart uploads aborted and spool files removed (writers killed mid-upload). */
   uploadsAborted: number;
+  /** An object store: packs kept whole because they are younger than the grace period. */
+  packsTooYoung: number;
   spoolsRemoved: number;
   /** Leftovers of an earlier gc that died: 'c' entries and leaves put back. */
   recovered: { chunks: number; leaves: number; condemned: number };
@@ -127,6 +138,7 @@ function emptyResult(dryRun: boolean): GcResult {
     waitedFor: 0,
     uploadsAborted: 0,
     spoolsRemoved: 0,
+    packsTooYoung: 0,
     recovered: { chunks: 0, leaves: 0, condemned: 0 },
     warnings: [],
     durationMs: 0,
@@ -296,7 +308,10 @@ export async function gc(repo: Repository, opts: GcOptions = {}): Promise<GcResu
   const report = opts.onProgress ?? (() => undefined);
   if (!opts.dryRun) repo.requireWritable('gc');
   await refuseOnIndexDamage(repo);
-  return opts.dryRun ? dryRun(repo, threshold, report) : run(repo, threshold, report, opts.pollMs ?? 500);
+  const young = await youngPacks(repo, opts.graceMs ?? OBJECT_STORE_GRACE_MS);
+  const r = await (opts.dryRun ? dryRun(repo, threshold, report, young) : run(repo, threshold, report, opts.pollMs ?? 500, young));
+  r.packsTooYoung = young.size;
+  return r;
 }
 
 /**
@@ -312,7 +327,7 @@ async function refuseOnIndexDamage(repo: Repository): Promise<void> {
   if (repo.damagedRecords) throw damaged(`${repo.damagedRecords} generation record(s) are corrupt`);
 }
 
-async function run(repo: Repository, threshold: number, report: (line: string) => void, pollMs: number): Promise<GcResult> {
+async function run(repo: Repository, threshold: number, report: (line: string) => void, pollMs: number, young: Set<string>): Promise<GcResult> {
   const started = Date.now();
   const res = emptyResult(false);
   const db = repo.db;
@@ -347,7 +362,7 @@ async function run(repo: Repository, threshold: number, report: (line: string) =
 
     trace('repack');
     await cleanupDeadWriters(repo.dir, db, repo.store);
-    await repack(repo, writer, threshold, res, report);
+    await repack(repo, writer, threshold, res, report, young);
 
     trace('finish');
     await finishSwept(repo, swept);
@@ -616,9 +631,10 @@ function worthRewriting(live: number, size: number, threshold: number): boolean 
  * appends to them or commits entries into them any more, so their live set can only shrink.
  * With `referenced` (dry run), entries not in it count as already removed.
  */
-async function planPacks(repo: Repository, self: string | null, threshold: number, referenced?: Set<string>): Promise<PackPlan & { deadBytes: number; deadChunks: number }> {
+async function planPacks(repo: Repository, self: string | null, threshold: number, young: Set<string>, referenced?: Set<string>): Promise<PackPlan & { deadBytes: number; deadChunks: number }> {
   const sizes = await packSizes(repo);
   for (const w of await liveWriters(repo.dir, self)) for (const p of w.packs) sizes.delete(p);
+  for (const p of young) sizes.delete(p);
   const live = new Map<string, number>();
   let deadBytes = 0;
   let deadChunks = 0;
@@ -676,8 +692,8 @@ interface LiveRecord {
   length: number; // header + stored
 }
 
-async function repack(repo: Repository, writer: WriterRegistration, threshold: number, res: GcResult, report: (line: string) => void): Promise<void> {
-  const plan = await planPacks(repo, writer.record.id, threshold);
+async function repack(repo: Repository, writer: WriterRegistration, threshold: number, res: GcResult, report: (line: string) => void, young: Set<string>): Promise<void> {
+  const plan = await planPacks(repo, writer.record.id, threshold, young);
   // After planning: a writer not among those the plan left out has committed everything it
   // will commit into the planned packs, and its generations are under 'g' by now.
   const meta = repo.config.version >= 4 ? await readLiveness(repo) : null;
@@ -849,7 +865,7 @@ async function copyRecords(repo: Repository, id: string, recs: LiveRecord[], w: 
 }
 
 /** What gc would do, changing nothing (no lock, no registration, no cleanup of dead writers). */
-async function dryRun(repo: Repository, threshold: number, report: (line: string) => void): Promise<GcResult> {
+async function dryRun(repo: Repository, threshold: number, report: (line: string) => void, young: Set<string>): Promise<GcResult> {
   const started = Date.now();
   const res = emptyResult(true);
   const m = await mark(repo, report, 'marking');
@@ -857,7 +873,7 @@ async function dryRun(repo: Repository, threshold: number, report: (line: string
   res.referencedChunks = m.chunks.size;
   res.referencedLeaves = m.leaves.size;
   report('gc: counting unreferenced chunks and pack space');
-  const plan = await planPacks(repo, null, threshold, m.chunks);
+  const plan = await planPacks(repo, null, threshold, young, m.chunks);
   res.chunksRemoved = plan.deadChunks;
   res.chunkBytesRemoved = plan.deadBytes;
   for await (const k of repo.db.keys(prefixRange(K_LEAF))) if (!m.leaves.has(bin(k.subarray(1)))) res.leavesRemoved++;
@@ -909,4 +925,21 @@ async function objectStoreLeftovers(repo: Repository, res: GcResult): Promise<vo
     await fs.rm(path.join(tmp, f), { force: true });
     res.spoolsRemoved++;
   }
+}
+
+/**
+ * An object store's packs younger than the grace period, by the store's clock (its listing's
+ * last-write times against the present it gives gc's own lock); a pack whose time the store
+ * does not give counts as young. Local repositories have none: their writers are processes
+ * of this host, whose liveness gc knows.
+ */
+async function youngPacks(repo: Repository, graceMs: number): Promise<Set<string>> {
+  const young = new Set<string>();
+  if (repo.store.spec.kind === 'local' || graceMs <= 0) return young;
+  const now = await repo.storeTime();
+  for await (const o of repo.store.list('packs')) {
+    const m = /^packs\/[0-9a-f]{2}\/([0-9a-f]{32})\.pack$/.exec(o.name);
+    if (m && (o.modified === undefined || now - o.modified < graceMs)) young.add(m[1]!);
+  }
+  return young;
 }

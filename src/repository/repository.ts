@@ -228,6 +228,11 @@ export class Repository {
   /** Tasks each worker is handed at once (see WorkerPool; set before first use of pool). */
   workerDepth = 2;
 
+  /** The present by the store's clock (an object store's lock, rewritten now), else this host's. */
+  async storeTime(): Promise<number> {
+    return (await this.storeLock?.storageNow()) ?? Date.now();
+  }
+
   async close(): Promise<void> {
     await this.poolInstance?.close();
     this.poolInstance = null;

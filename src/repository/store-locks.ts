@@ -150,6 +150,12 @@ export class StoreLock {
     return this.now() - seen;
   }
 
+  /** The store's present: this lock rewritten now, as the listing then dates it (undefined: the store keeps no times). */
+  async storageNow(): Promise<number | undefined> {
+    await this.write();
+    return (await readLocks(this.store)).find((l) => l.name === this.name)?.modified;
+  }
+
   async release(): Promise<void> {
     if (this.released) return;
     this.released = true;
