@@ -113,6 +113,33 @@ function onRadosgw(): void {
     expect(await fs.readdir(s.path('spool'))).toEqual([]);
   });
 
+  it('sends parts while the object is appended to; a truncate behind them starts over; close without sync aborts', async () => {
+    const st = open({ multipartThreshold: 5 * MIB, partSize: 5 * MIB });
+    const uploads = async () => {
+      const out: string[] = [];
+      for await (const u of listUploads(st.client, 'repo/')) out.push(u.key);
+      return out;
+    };
+    const data = prng(6, 14 * MIB);
+    const a = await st.create('packs/ea/eager.pack');
+    for (let off = 0; off < 11 * MIB; off += MIB) await a.append(data.subarray(off, off + MIB));
+    expect(await uploads()).toEqual(['repo/one/packs/ea/eager.pack']); // under way before any sync
+    expect(await st.stat('packs/ea/eager.pack')).toBeNull();
+    await a.truncate(3 * MIB); // behind the parts sent: that upload is given up
+    expect(await uploads()).toEqual([]);
+    for (let off = 3 * MIB; off < data.length; off += MIB) await a.append(data.subarray(off, off + MIB));
+    await a.sync();
+    expect((await st.get('packs/ea/eager.pack')).equals(data)).toBe(true);
+    await a.close();
+    const b = await st.create('packs/ea/dropped.pack');
+    await b.append(data);
+    expect(await uploads()).toEqual(['repo/one/packs/ea/dropped.pack']);
+    await b.close();
+    expect(await uploads()).toEqual([]);
+    expect(await st.stat('packs/ea/dropped.pack')).toBeNull();
+    expect(await fs.readdir(s.path('spool'))).toEqual([]);
+  });
+
   it('close without sync uploads nothing and removes the spool', async () => {
     const a = await store.create('packs/cc/unsynced.pack');
     await a.append(prng(9, 1000));

@@ -4,6 +4,12 @@
  * can be hundreds of MB: not in memory) until sync() uploads the object as it stands, by
  * one PUT up to the multipart threshold, else by a multipart upload completed only at the
  * end of sync(), so the object appears whole or not at all. Then the appender is sealed.
+ *
+ * Once an object grows past the threshold its multipart upload starts at once, and each
+ * part goes up as soon as the spool holds it (EagerUpload), while the writer goes on
+ * appending: sync() then sends only the last part and completes. Without that, a backup
+ * stopped at every pack's sync for the whole upload (native-notes/ceph.md, "Appenders").
+ * Nothing is visible before the completion either way.
  */
 import fs from 'node:fs/promises';
 import path from 'node:path';
@@ -87,9 +93,87 @@ export async function uploadSpool(c: S3Client, key: string, fh: fs.FileHandle, s
   else await uploadMultipart(c, key, fh, size, t);
 }
 
+/**
+ * A multipart upload started while its object is still appended to: parts of exactly
+ * `partSize` bytes, uploaded from the spool as soon as it holds them, `concurrency` at a
+ * time (an append waits when that many are in flight). A failed part fails the next append
+ * or the sync. finish() sends the rest and completes; abort() gives it up.
+ */
+class EagerUpload {
+  private etags: string[] = [];
+  /** Bytes of the object handed to parts so far (a multiple of partSize). */
+  queued = 0;
+  private inFlight = new Set<Promise<void>>();
+  private failure: unknown = null;
+
+  private constructor(
+    private readonly c: S3Client,
+    private readonly key: string,
+    private readonly uploadId: string,
+    private readonly fh: fs.FileHandle,
+    private readonly t: UploadTuning,
+  ) {}
+
+  static async start(c: S3Client, key: string, fh: fs.FileHandle, t: UploadTuning): Promise<EagerUpload> {
+    return new EagerUpload(c, key, await createMultipart(c, key), fh, t);
+  }
+
+  /** Queue every whole part the spool holds up to `size`; waits while `concurrency` are in flight. */
+  async feed(size: number): Promise<void> {
+    this.check();
+    while (size - this.queued >= this.t.partSize) {
+      while (this.inFlight.size >= this.t.concurrency) await Promise.race(this.inFlight);
+      this.check();
+      this.send(this.queued, this.t.partSize);
+      this.queued += this.t.partSize;
+    }
+  }
+
+  private send(pos: number, n: number): void {
+    const i = pos / this.t.partSize;
+    const p: Promise<void> = readSpool(this.fh, pos, n)
+      .then((buf) => uploadPart(this.c, this.key, this.uploadId, i + 1, buf))
+      .then(
+        (etag) => {
+          this.etags[i] = etag;
+        },
+        (e: unknown) => {
+          this.failure ??= e;
+        },
+      )
+      .finally(() => this.inFlight.delete(p));
+    this.inFlight.add(p);
+  }
+
+  private check(): void {
+    if (this.failure) throw this.failure;
+  }
+
+  /** The last part (whatever is left, possibly nothing), then the completion. */
+  async finish(size: number): Promise<void> {
+    await this.feed(size);
+    if (size > this.queued) this.send(this.queued, size - this.queued);
+    await Promise.all(this.inFlight);
+    this.check();
+    try {
+      await completeMultipart(this.c, this.key, this.uploadId, this.etags);
+    } catch (e) {
+      const err = e as S3Error;
+      if (!(err.retried && err.s3Code === 'NoSuchUpload' && (await headObject(this.c, this.key))?.size === size)) throw e;
+    }
+  }
+
+  /** Give the upload up (its parts are dropped by the store); the parts in flight are waited for first. */
+  async abort(): Promise<void> {
+    await Promise.all(this.inFlight);
+    await abortMultipart(this.c, this.key, this.uploadId).catch(() => undefined); // abortStaleUploads gets it otherwise
+  }
+}
+
 export class S3Appender implements Appender {
   size = 0;
   private sealed = false;
+  private eager: EagerUpload | null = null;
 
   private constructor(
     readonly name: string,
@@ -120,11 +204,15 @@ export class S3Appender implements Appender {
     let done = 0;
     while (done < data.length) done += (await fh.write(data, done, data.length - done, this.size + done)).bytesWritten;
     this.size += data.length;
+    if (!this.eager && this.size > this.tuning.multipartThreshold) this.eager = await EagerUpload.start(this.client, this.key, fh, this.tuning);
+    await this.eager?.feed(this.size);
   }
 
   async truncate(size: number): Promise<void> {
     const fh = this.writable('truncate');
     if (!Number.isSafeInteger(size) || size < 0 || size > this.size) throw Object.assign(new Error(`${this.client.describe(this.key)}: cannot truncate to ${size}`), { code: 'EINVAL' });
+    // Parts already sent past the new end: that upload is given up; sync() starts afresh.
+    if (this.eager && size < this.eager.queued) await this.dropEager();
     await fh.truncate(size);
     this.size = size;
   }
@@ -133,14 +221,32 @@ export class S3Appender implements Appender {
   async sync(): Promise<void> {
     if (this.sealed) return;
     const fh = this.writable('sync');
-    await uploadSpool(this.client, this.key, fh, this.size, this.tuning);
+    if (this.eager && this.size > this.tuning.multipartThreshold) {
+      try {
+        await this.eager.finish(this.size);
+      } catch (e) {
+        await this.dropEager();
+        throw e;
+      }
+      this.eager = null;
+    } else {
+      await this.dropEager();
+      await uploadSpool(this.client, this.key, fh, this.size, this.tuning);
+    }
     this.sealed = true;
     await this.dropSpool();
   }
 
-  /** Without sync(), nothing is uploaded: the spool goes. */
+  /** Without sync(), nothing is uploaded: a started upload is aborted, the spool goes. */
   async close(): Promise<void> {
+    await this.dropEager();
     await this.dropSpool();
+  }
+
+  private async dropEager(): Promise<void> {
+    const e = this.eager;
+    this.eager = null;
+    await e?.abort();
   }
 
   private async dropSpool(): Promise<void> {
