@@ -2,7 +2,7 @@
 import { Worker } from 'node:worker_threads';
 import os from 'node:os';
 import type { Store, StoreSpec } from '../store/store.js';
-import { fetchSpans, spanTransfer } from './spans.js';
+import { SpanFetcher, spanTransfer } from './spans.js';
 import type { IdentityKeys, RepoKeys } from '../format/crypto.js';
 import type { AnswerMessage, AnswerOf, LoadItem, Op, RequestOf, WorkerRequest } from './protocol.js';
 
@@ -30,6 +30,7 @@ export class WorkerPool {
   private taskOf = new Map<number, Worker>();
   private nextId = 1;
   private closed = false;
+  private readonly spans: SpanFetcher | null;
 
   // One more thread than cores: reads of cold pack data block a worker in the kernel,
   // and the spare thread keeps the cores busy meanwhile. Two spares were worse on 2 cores,
@@ -60,8 +61,9 @@ export class WorkerPool {
     private depth = 1,
     store?: StoreSpec,
     keys: RepoKeys | IdentityKeys | null = null,
-    private readonly spanStore: Store | null = null,
+    spanStore: Store | null = null,
   ) {
+    this.spans = spanStore ? new SpanFetcher(spanStore) : null;
     size = Number(process.env.GENVAULT_WORKERS) || size || workerCores() + 1;
     // One lock word shared by the workers: restore writes to one file take turns on it.
     const writeLock = new SharedArrayBuffer(4);
@@ -94,7 +96,7 @@ export class WorkerPool {
   /** Run one request on a worker; the answer is typed by the request's op (protocol.ts). */
   run<K extends Op>(req: RequestOf<K>, transfer: ArrayBuffer[] = []): Promise<AnswerOf<K>> {
     if (this.closed) return Promise.reject(new Error('worker pool closed'));
-    if (this.spanStore && READS_PACKS.has(req.op) && !(req as { spans?: unknown }).spans) return this.runWithSpans(req, transfer);
+    if (this.spans && READS_PACKS.has(req.op) && !(req as { spans?: unknown }).spans) return this.runWithSpans(req, transfer);
     return new Promise<AnswerOf<K>>((resolve, reject) => {
       this.queue.push({ req, transfer, resolve, reject });
       this.dispatch();
@@ -103,7 +105,7 @@ export class WorkerPool {
 
   private async runWithSpans<K extends Op>(req: RequestOf<K>, transfer: ArrayBuffer[]): Promise<AnswerOf<K>> {
     const r = req as unknown as { op: string; items?: LoadItem[] } & LoadItem;
-    const spans = await fetchSpans(this.spanStore!, r.items ?? [r]);
+    const spans = await this.spans!.fetch(r.items ?? [r]);
     return this.run({ ...req, spans } as RequestOf<K>, [...transfer, ...spanTransfer(spans)]);
   }
 

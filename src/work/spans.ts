@@ -1,8 +1,8 @@
 /**
  * Pack bytes handed to a worker with its request, for stores whose reads are not local
  * system calls (an object store: store.ts, openSyncReader is null). The main thread reads
- * the spans the request's records lie in (ranged GETs, several at once) before the request
- * goes to a worker, and the worker reads from them as it would from the pack (SpanReader);
+ * the spans the request's records lie in (aligned blocks by ranged GETs, cached: SpanFetcher)
+ * before the request goes to a worker, and the worker reads from them as it would from the pack (SpanReader);
  * the checks, decoding and hashing there are the same. A span the store could not read
  * carries the error instead, and the records in it come back damaged with that reason,
  * as a pack the local store cannot read does.
@@ -21,11 +21,78 @@ export interface PackSpan {
 /** Records closer than this are read in one span (as loadRun reads neighbours). */
 const SPAN_GAP = 64 << 10;
 const SPAN_MAX = 8 << 20;
-/** Ranged reads in flight at once for one request. */
-const PARALLEL = 8;
+/** Packs are fetched in aligned blocks of this size, each once while it is cached. */
+const BLOCK = 4 << 20;
+/** Blocks kept: requests of a sequential read share blocks (a group record read for two batches, a record across a block edge). */
+const CACHE_BYTES = 64 << 20;
 
-/** The spans holding every record of `items` (pack object name, offset, stored length), read from `store`. */
-export async function fetchSpans(store: Store, items: Array<{ file: string; offset: number; storedLength: number }>): Promise<PackSpan[]> {
+/**
+ * Pack bytes for worker requests, fetched from the store in aligned blocks and kept in a
+ * small LRU: neighbouring requests (read-ahead batches, a chunk the mount asks for while its
+ * batch is on the way) ask for the same records, and each block goes over the network once.
+ * A block being fetched is shared by every request that needs it.
+ */
+export class SpanFetcher {
+  private blocks = new Map<string, Promise<Uint8Array>>();
+  private cached = 0;
+
+  constructor(private readonly store: Store) {}
+
+  /** The spans holding every record of `items` (pack object name, offset, stored length). */
+  async fetch(items: Array<{ file: string; offset: number; storedLength: number }>): Promise<PackSpan[]> {
+    return Promise.all(spansOf(items).map((w) => this.span(w.file, w.start, w.end)));
+  }
+
+  private async span(file: string, start: number, end: number): Promise<PackSpan> {
+    try {
+      const first = Math.floor(start / BLOCK);
+      const last = Math.floor((end - 1) / BLOCK);
+      const parts = await Promise.all(Array.from({ length: last - first + 1 }, (_, i) => this.block(file, first + i)));
+      // Its own ArrayBuffer, to be transferred (the blocks stay cached here).
+      const data = new Uint8Array(end - start);
+      let got = 0;
+      for (let i = 0; i < parts.length; i++) {
+        const from = i === 0 ? start - first * BLOCK : 0;
+        const piece = parts[i]!.subarray(from, Math.min(parts[i]!.length, from + (end - start - got)));
+        data.set(piece, got);
+        got += piece.length;
+        if (parts[i]!.length < BLOCK) break; // the end of the object
+      }
+      return { file, start, data: data.subarray(0, got) };
+    } catch (e) {
+      return { file, start, error: (e as Error).message };
+    }
+  }
+
+  private block(file: string, n: number): Promise<Uint8Array> {
+    const key = `${file}\0${n}`;
+    const hit = this.blocks.get(key);
+    if (hit) {
+      this.blocks.delete(key); // most recent last
+      this.blocks.set(key, hit);
+      return hit;
+    }
+    const buf = new Uint8Array(BLOCK);
+    const p = this.store.read(file, buf, 0, BLOCK, n * BLOCK).then((got) => buf.subarray(0, got));
+    this.blocks.set(key, p);
+    this.cached += BLOCK;
+    p.catch(() => {
+      if (this.blocks.get(key) === p) {
+        this.blocks.delete(key);
+        this.cached -= BLOCK;
+      }
+    });
+    while (this.cached > CACHE_BYTES) {
+      const oldest = this.blocks.keys().next().value as string;
+      this.blocks.delete(oldest);
+      this.cached -= BLOCK;
+    }
+    return p;
+  }
+}
+
+/** Records' byte ranges merged per pack: neighbours within SPAN_GAP, at most SPAN_MAX a span. */
+function spansOf(items: Array<{ file: string; offset: number; storedLength: number }>): Array<{ file: string; start: number; end: number }> {
   const byFile = new Map<string, Array<[number, number]>>();
   for (const it of items) {
     const l = byFile.get(it.file) ?? [];
@@ -41,22 +108,7 @@ export async function fetchSpans(store: Store, items: Array<{ file: string; offs
       else wanted.push((cur = { file, start: s, end: e }));
     }
   }
-  const out: PackSpan[] = new Array(wanted.length);
-  let next = 0;
-  const worker = async () => {
-    while (next < wanted.length) {
-      const i = next++;
-      const w = wanted[i]!;
-      // Its own ArrayBuffer, to be transferred (Buffer's shared pool cannot be).
-      const buf = new Uint8Array(w.end - w.start);
-      out[i] = await store.read(w.file, buf, 0, buf.length, w.start).then(
-        (got) => ({ file: w.file, start: w.start, data: buf.subarray(0, got) }),
-        (e: Error) => ({ file: w.file, start: w.start, error: e.message }),
-      );
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(PARALLEL, wanted.length) }, worker));
-  return out;
+  return wanted;
 }
 
 /** The buffers to transfer with a request carrying these spans (not copied between threads). */
