@@ -8,9 +8,10 @@
 #     throughput ratio = local time / s3 time;
 #   - dd of gen0 through a mount of the s3:// repository against a mount of the local one,
 #     cold (caches dropped; a fresh mount each time): 3 alternating pairs, median MB/s;
-#   - RBD: gen0 imported as an image, snapshot, full backup; then 3% of its size written at
-#     random 64 KiB places (`rbd bench`), a second snapshot, and the next-day backup through
-#     `rbd export-diff`: the bytes it read from rbd against the bytes written, and its time.
+#   - RBD: gen0 imported as an image, snapshot, full backup; then the next day's changes
+#     (the 64 KiB blocks in which gen1 differs from gen0, written with `rbd import-diff`,
+#     which also makes the second snapshot), and the next-day backup through `rbd
+#     export-diff`: the bytes it read from rbd against the bytes changed, and its time.
 
 ceph_bench_up() {
 	CEPH_DIR=$WORK/ceph
@@ -91,18 +92,40 @@ ceph_mounts() {
 	rm -rf -- "$lrepo"
 }
 
+# An `rbd diff v1` stream to snapshot $3 of the 64 KiB blocks in which $2 differs from $1;
+# prints the bytes it changes.
+rbd_day_diff() {
+	python3 - "$1" "$2" "$3" "$4" <<-'PY'
+		import struct, sys
+		a, b, snap, out = sys.argv[1:5]
+		B = 65536
+		size = __import__("os").path.getsize(b)
+		changed = 0
+		with open(a, "rb") as fa, open(b, "rb") as fb, open(out, "wb") as o:
+		    o.write(b"rbd diff v1\n" + b"t" + struct.pack("<I", len(snap)) + snap.encode() + b"s" + struct.pack("<Q", size))
+		    off = 0
+		    while off < size:
+		        x, y = fa.read(B), fb.read(B)
+		        if x != y:
+		            o.write(b"w" + struct.pack("<QQ", off, len(y)) + y)
+		            changed += len(y)
+		        off += len(y)
+		    o.write(b"e")
+		print(changed)
+	PY
+}
+
 ceph_rbd() {
-	local C=(-c "$CEPH_CONF") repo=$WORK/rbd-repo size total json
-	size=$(stat -c %s "$GEN0")
-	total=$((size * 3 / 100 / 65536 * 65536))
+	local C=(-c "$CEPH_CONF") repo=$WORK/rbd-repo total json
 	ceph "${C[@]}" osd pool create rbd 8 >>"$LOGDIR/ceph.log" 2>&1 && rbd "${C[@]}" pool init rbd &&
 		rbd "${C[@]}" import --no-progress "$GEN0" rbd/vm >>"$LOGDIR/ceph.log" 2>&1 &&
 		rbd "${C[@]}" snap create rbd/vm@s1 >>"$LOGDIR/ceph.log" 2>&1 || return 1
 	rm -rf -- "$repo"
 	init_repo genvault "$repo" || return 1
 	timed genvault-ceph rbd_full --out "$WORK/rbd-full.json" -- "${GV[@]}" -r "$repo" backup rbd:rbd/vm@s1 --name vm --ceph-conf "$CEPH_CONF" --json || return 1
-	rbd "${C[@]}" bench --io-type write --io-size 64K --io-pattern rand --io-total "$total" rbd/vm >>"$LOGDIR/ceph.log" 2>&1 &&
-		rbd "${C[@]}" snap create rbd/vm@s2 >>"$LOGDIR/ceph.log" 2>&1 || return 1
+	total=$(rbd_day_diff "$GEN0" "$GEN1" s2 "$WORK/day.rbddiff") &&
+		rbd "${C[@]}" import-diff --no-progress "$WORK/day.rbddiff" rbd/vm >>"$LOGDIR/ceph.log" 2>&1 || return 1
+	rm -f -- "$WORK/day.rbddiff"
 	timed genvault-ceph rbd_next --out "$WORK/rbd-next.json" -- "${GV[@]}" -r "$repo" backup rbd:rbd/vm@s2 --name vm --ceph-conf "$CEPH_CONF" --json || return 1
 	json=$(cat "$WORK/rbd-next.json")
 	put genvault-ceph rbd_written "$total"
