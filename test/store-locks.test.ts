@@ -7,7 +7,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { LocalStore } from '../src/store/local.js';
-import { STALE_MS, StoreLock, readLocks } from '../src/repository/store-locks.js';
+import { REFRESH_MS, STALE_MS, StoreLock, readLocks } from '../src/repository/store-locks.js';
 import { Scratch } from './helpers.js';
 
 let s: Scratch;
@@ -58,6 +58,17 @@ describe('store locks', () => {
     await expect(StoreLock.acquire(st, { exclusive: true, what: 'gc' })).rejects.toThrow(/repository in use: genvault backup \(pid 1 on other-host\)/);
     // And a taker whose own clock runs two hours ahead sees it fresh too.
     await expect(StoreLock.acquire(st, { exclusive: true, what: 'gc', now: () => Date.now() + 2 * 3600_000 })).rejects.toThrow(/repository in use/);
+  });
+
+  it('a holder whose lock went unrefreshed for longer than others may wait is told before it commits', async () => {
+    const st = fresh();
+    const l = await StoreLock.acquire(st, { exclusive: false, what: 'backup vm1', refreshMs: 1e9 });
+    let t = performance.now();
+    l.monotonic = () => t;
+    expect(() => l.assertHeld('backup of vm1')).not.toThrow();
+    t += STALE_MS - REFRESH_MS + 1000; // no refresh got through meanwhile (a pause, a partition)
+    expect(() => l.assertHeld('backup of vm1')).toThrow(/backup of vm1: the lock .* was last refreshed \d+ s ago, .*nothing was committed/);
+    await l.release();
   });
 
   it('refreshes while held', async () => {

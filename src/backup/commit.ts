@@ -62,6 +62,7 @@ const LEAVES_PER_APPEND = 256;
  * `allLeaves`, first a leaf record for every leaf of the map: see catchUpAfterUpgrade.
  */
 export async function writeGenerationRecords(run: BackupRun, sink: PackSink, c: Commit, allLeaves = false): Promise<void> {
+  run.repo.assertStoreLock(`backup of ${c.gen.name}`); // before the generation's pack reaches the store
   await sink.generationPack();
   if (allLeaves) await writeAllLeaves(run, sink, c.refs);
   const recs = Buffer.concat([
@@ -115,6 +116,7 @@ export async function commitGeneration(run: BackupRun, c: Commit): Promise<void>
       { type: 'put', key: repo.generationKey(c.gen), value: repo.genIndex.value(c.gen, c.json) },
     ], { sync: true } as object);
   testTrace('backup', 'commit');
+  repo.assertStoreLock(`backup of ${c.gen.name}`);
   await (opts.commit ? opts.commit(commit) : commit());
   await hook('committed');
   await closePacks(run);

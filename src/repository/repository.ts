@@ -228,6 +228,11 @@ export class Repository {
   /** Tasks each worker is handed at once (see WorkerPool; set before first use of pool). */
   workerDepth = 2;
 
+  /** An object store: fail unless this process's lock in it is still good (StoreLock.assertHeld). */
+  assertStoreLock(what: string): void {
+    this.storeLock?.assertHeld(what);
+  }
+
   /** The present by the store's clock (an object store's lock, rewritten now), else this host's. */
   async storeTime(): Promise<number> {
     return (await this.storeLock?.storageNow()) ?? Date.now();

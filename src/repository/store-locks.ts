@@ -77,6 +77,8 @@ type ListedLock = { name: string; lock: StoreLockRecord | string; modified?: num
 export class StoreLock {
   private timer: NodeJS.Timeout | null = null;
   private released = false;
+  /** This host's monotonic clock (ms) when the lock was last written successfully. */
+  private writtenAt = performance.now();
 
   private constructor(
     private readonly store: Store,
@@ -104,12 +106,36 @@ export class StoreLock {
     }
     lock.timer = setInterval(() => void lock.refresh(), opts.refreshMs ?? REFRESH_MS);
     lock.timer.unref();
+    lock.staleMs = staleMs;
     return lock;
+  }
+
+  private staleMs = STALE_MS;
+  /** For tests: this host's monotonic clock. */
+  monotonic: () => number = () => performance.now();
+
+  /**
+   * Fail unless the lock was written recently enough that no other host can have taken it
+   * for stale: a writer calls this before it makes a generation durable. A process paused
+   * (or cut off from the store) past that may find packs it deduplicated against removed
+   * by a gc that ran meanwhile; its generation must not be committed then.
+   */
+  assertHeld(what: string): void {
+    const since = this.monotonic() - this.writtenAt;
+    // A refresh interval's margin: the commit itself takes time too.
+    if (since > this.staleMs - REFRESH_MS) {
+      throw new GenvaultError(
+        `${what}: the lock ${this.store.describe(this.name)} was last refreshed ${Math.round(since / 1000)} s ago, long enough for other hosts to take it for stale (a gc may have run meanwhile); nothing was committed: run it again`,
+        'LOCK_LOST',
+      );
+    }
   }
 
   private async write(): Promise<void> {
     this.record.time = this.now();
+    const at = this.monotonic();
     await this.store.put(this.name, JSON.stringify(this.record) + '\n');
+    this.writtenAt = at;
   }
 
   private async refresh(): Promise<void> {

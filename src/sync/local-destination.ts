@@ -204,6 +204,7 @@ export class LocalDestination implements SyncDestination {
     const { repo } = this;
     const gkey = repo.generationKey(gen);
     if (await getOrNull(repo.db, gkey)) return false;
+    repo.assertStoreLock(`sync of ${gen.name}`); // an object store: before the record reaches it
     // The map and record in a pack of their own (FORMAT.md, "Version 5"), synced before the
     // batch. The data pack stays open for the next generation's records (flushed: committed).
     const p = await this.openPack();
