@@ -27,9 +27,17 @@ export interface UploadTuning {
 
 const MAX_PARTS = 10_000;
 
-/** Read [pos, pos + n) of a spool file (always there: the spool is ours). */
-async function readSpool(fh: fs.FileHandle, pos: number, n: number): Promise<Buffer> {
-  const buf = Buffer.allocUnsafe(n);
+/**
+ * Part buffers of finished uploads, reused: a backup sends a part every few milliseconds,
+ * and an 8 MiB buffer each time kept the garbage collector busy (native-notes/performance.md,
+ * Ceph). A part's buffer is free again once its request has answered (retries included).
+ */
+const PART_BUFFERS: Buffer[] = [];
+const PART_BUFFERS_KEPT = 8;
+
+/** Read [pos, pos + n) of a spool file (always there: the spool is ours), into `into` when given. */
+async function readSpool(fh: fs.FileHandle, pos: number, n: number, into?: Buffer): Promise<Buffer> {
+  const buf = into ? into.subarray(0, n) : Buffer.allocUnsafe(n);
   let got = 0;
   while (got < n) {
     const { bytesRead } = await fh.read(buf, got, n - got, pos + got);
@@ -131,7 +139,8 @@ class EagerUpload {
 
   private send(pos: number, n: number): void {
     const i = pos / this.t.partSize;
-    const p: Promise<void> = readSpool(this.fh, pos, n)
+    const part = PART_BUFFERS.pop() ?? Buffer.allocUnsafe(this.t.partSize);
+    const p: Promise<void> = readSpool(this.fh, pos, n, part.length >= n ? part : undefined)
       .then((buf) => uploadPart(this.c, this.key, this.uploadId, i + 1, buf))
       .then(
         (etag) => {
@@ -141,7 +150,10 @@ class EagerUpload {
           this.failure ??= e;
         },
       )
-      .finally(() => this.inFlight.delete(p));
+      .finally(() => {
+        this.inFlight.delete(p);
+        if (part.length === this.t.partSize && PART_BUFFERS.length < PART_BUFFERS_KEPT) PART_BUFFERS.push(part);
+      });
     this.inFlight.add(p);
   }
 
