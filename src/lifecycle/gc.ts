@@ -36,7 +36,7 @@ import { K_CHUNK, K_CONDEMNED, K_GEN, K_GENMAP, K_LEAF, K_MOVED_LEAF, K_PACK, ch
 import { GcLock, WriterRegistration, cleanupDeadWriters, liveWriters, pinnedGenerations, trimPacks } from '../repository/locks.js';
 import { COMP_GROUP, PACK_HEADER_SIZE, RECORD_HEADER_SIZE, checkRecord, decodeLocation, encodeLocation, isLocation, packObject, PACK_ID_BYTES, recordShare } from '../format/pack.js';
 import { PackWriter } from '../store/pack-writer.js';
-import { readRecordSpan } from '../store/pack-reader.js';
+import { listPacks, readRecordSpan } from '../store/pack-reader.js';
 import { Repository } from '../repository/repository.js';
 import { type MetaLiveness, type MetaScan, readLiveMeta, readLiveness, scanMeta } from './gc-meta.js';
 
@@ -937,9 +937,6 @@ async function youngPacks(repo: Repository, graceMs: number): Promise<Set<string
   const young = new Set<string>();
   if (repo.store.spec.kind === 'local' || graceMs <= 0) return young;
   const now = await repo.storeTime();
-  for await (const o of repo.store.list('packs')) {
-    const m = /^packs\/[0-9a-f]{2}\/([0-9a-f]{32})\.pack$/.exec(o.name);
-    if (m && (o.modified === undefined || now - o.modified < graceMs)) young.add(m[1]!);
-  }
+  for (const p of await listPacks(repo.store)) if (p.modified === undefined || now - p.modified < graceMs) young.add(p.packId);
   return young;
 }

@@ -15,8 +15,8 @@
  * and opens again. Comparing costs one listing of packs/ (one request per 1000 packs).
  */
 import { K_PACK, prefixEnd } from '../format/keys.js';
-import { isPackId } from '../format/pack.js';
 import type { Db } from '../index/db.js';
+import { listPacks } from '../store/pack-reader.js';
 import type { Store } from '../store/store.js';
 import { liveWriters } from './locks.js';
 
@@ -27,18 +27,12 @@ export interface CacheState {
   unknown: string[];
 }
 
-const PACK_NAME_RE = /^packs\/([0-9a-f]{2})\/([0-9a-f]{32})\.pack$/;
-
 /** The cache's packs compared with the store's. */
 export async function cacheState(repoDir: string, store: Store, db: Db): Promise<CacheState> {
   const indexed = new Set<string>();
   const start = Buffer.of(K_PACK);
   for await (const k of db.keys({ gte: start, lt: prefixEnd(start) })) indexed.add(k.subarray(1).toString('hex'));
-  const stored = new Set<string>();
-  for await (const o of store.list('packs')) {
-    const m = PACK_NAME_RE.exec(o.name);
-    if (m && m[2]!.startsWith(m[1]!) && isPackId(m[2])) stored.add(m[2]!);
-  }
+  const stored = new Set((await listPacks(store)).map((p) => p.packId));
   const writing = new Set<string>();
   for (const w of await liveWriters(repoDir)) for (const p of w.packs) writing.add(p);
   return {

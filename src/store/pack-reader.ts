@@ -47,11 +47,12 @@ export async function readRecordSpan(store: Store, packId: string, offset: numbe
   return store.read(packObject(packId), buf, 0, length, offset);
 }
 
-/** A pack object found in the store: its id, object name and size. */
+/** A pack object found in the store: its id, object name, size and, where the store keeps it, its last write (ObjectInfo.modified). */
 export interface StoredPack {
   packId: string;
   name: string;
   size: number;
+  modified?: number;
 }
 
 /**
@@ -63,7 +64,7 @@ export async function listPacks(store: Store): Promise<StoredPack[]> {
   const out: StoredPack[] = [];
   for await (const o of store.list('packs')) {
     const m = /^packs\/([0-9a-f]{2})\/([0-9a-f]{32})\.pack$/.exec(o.name);
-    if (m && isPackId(m[2]) && m[2]!.startsWith(m[1]!)) out.push({ packId: m[2]!, name: o.name, size: o.size });
+    if (m && isPackId(m[2]) && m[2]!.startsWith(m[1]!)) out.push({ packId: m[2]!, name: o.name, size: o.size, modified: o.modified });
   }
   return out.sort((a, b) => (a.packId < b.packId ? -1 : a.packId > b.packId ? 1 : 0));
 }
