@@ -19,6 +19,7 @@ import { storeOf } from '../repository/location.js';
 import { StoreLock } from '../repository/store-locks.js';
 import { PackModel, type DamagedRecord, type IncompleteGeneration } from './pack-model.js';
 import { diffAgrees, diffIndex, type IndexDiff } from './index-diff.js';
+import { pathExists } from '../util/paths.js';
 
 export interface RepairOptions {
   /** Swap the rebuilt index in (default: report only). */
@@ -121,7 +122,7 @@ async function describe(model: PackModel, indexDir: string, write: boolean): Pro
 }
 
 async function compareWithIndex(indexDir: string, model: PackModel): Promise<RepairReport['index']> {
-  if (!(await exists(indexDir))) return { state: 'missing' };
+  if (!(await pathExists(indexDir))) return { state: 'missing' };
   limitIndexOpenFiles(OPEN_FILES_FOR_PASSES); // one pass over all of it (db.ts)
   try {
     await (await openDb(indexDir)).close();
@@ -155,7 +156,7 @@ async function refuseSharing(abs: string, indexDir: string): Promise<void> {
 /** Who holds the index open: a rave-level leader answering on its socket, or LevelDB's LOCK held (null: nobody). */
 async function indexHolder(indexDir: string): Promise<string | null> {
   const sock = path.join(indexDir, 'rave-level.sock');
-  if (await exists(sock)) {
+  if (await pathExists(sock)) {
     const answers = await new Promise<boolean>((resolve) => {
       const c = net.connect(sock);
       const done = (v: boolean) => {
@@ -220,10 +221,10 @@ async function newBuildDir(abs: string): Promise<string> {
 async function swapIn(abs: string, indexDir: string, built: string): Promise<string | null> {
   await syncDir(built);
   let old: string | null = null;
-  if (await exists(indexDir)) {
+  if (await pathExists(indexDir)) {
     const stamp = new Date().toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
     old = path.join(abs, `index.broken-${stamp}`);
-    for (let n = 1; await exists(old); n++) old = path.join(abs, `index.broken-${stamp}-${n}`);
+    for (let n = 1; await pathExists(old); n++) old = path.join(abs, `index.broken-${stamp}-${n}`);
     await fs.rename(indexDir, old);
   }
   await fs.rename(built, indexDir);
@@ -240,12 +241,6 @@ async function syncDir(dir: string): Promise<void> {
   }
 }
 
-async function exists(p: string): Promise<boolean> {
-  return fs.access(p).then(
-    () => true,
-    () => false,
-  );
-}
 
 /**
  * The model of the packs. An object store's are read under a shared lock in the store

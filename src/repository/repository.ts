@@ -25,6 +25,7 @@ import { cacheBehind, cacheState } from './cache.js';
 import type { Store } from '../store/store.js';
 import { applyUmask, repoModes, resolveGroup, setDirMode, tightenRepo } from './perms.js';
 import { CONFIG_FILE, readConfig } from './config-file.js';
+import { pathExists } from '../util/paths.js';
 
 export { CONFIG_FILE };
 
@@ -163,7 +164,7 @@ export class Repository {
     applyUmask(config);
     let db: Db;
     try {
-      if (store.spec.kind !== 'local' && !(await exists(indexDir))) throw cacheError(abs, 'missing');
+      if (store.spec.kind !== 'local' && !(await pathExists(indexDir))) throw cacheError(abs, 'missing');
       db = await openDb(indexDir);
     } catch (e) {
       if (e instanceof GenvaultError) throw e;
@@ -420,11 +421,4 @@ function lockStore(store: Store, exclusive: boolean): Promise<StoreLock> {
 /** An object store's index cache that must be rebuilt from the bucket before use (cache.ts). */
 function cacheError(abs: string, state: string): GenvaultError {
   return new GenvaultError(`${abs}: the index cache is ${state}; 'genvault repair --write' rebuilds it from the bucket`, 'CACHE_BEHIND');
-}
-
-async function exists(p: string): Promise<boolean> {
-  return fs.stat(p).then(
-    () => true,
-    () => false,
-  );
 }

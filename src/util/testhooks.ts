@@ -12,20 +12,11 @@
  * The points each tool offers are listed where it calls these (src/lifecycle/gc.ts, prune.ts,
  * backup.ts, src/sync/sync.ts).
  */
-import fs from 'node:fs/promises';
+import { pathExists } from './paths.js';
 
 export type HookTool = 'gc' | 'prune' | 'backup' | 'sync';
 
 const envName = (tool: HookTool, what: string) => `GENVAULT_${tool.toUpperCase()}_${what}`;
-
-async function exists(file: string): Promise<boolean> {
-  try {
-    await fs.stat(file);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** With GENVAULT_<TOOL>_TRACE set: one line on stderr naming the phase starting now. */
 export function testTrace(tool: HookTool, phase: string): void {
@@ -38,7 +29,7 @@ export function testTrace(tool: HookTool, phase: string): void {
  */
 export async function testPause(tool: HookTool, point: string, defaultPoint: string): Promise<void> {
   const f = process.env[envName(tool, 'PAUSE_FILE')];
-  if (!f || (process.env[envName(tool, 'PAUSE_AT')] ?? defaultPoint) !== point || !(await exists(f))) return;
+  if (!f || (process.env[envName(tool, 'PAUSE_AT')] ?? defaultPoint) !== point || !(await pathExists(f))) return;
   process.stderr.write(`${tool}: paused at ${point} while ${f} exists\n`);
-  while (await exists(f)) await new Promise((r) => setTimeout(r, 50));
+  while (await pathExists(f)) await new Promise((r) => setTimeout(r, 50));
 }
