@@ -6,6 +6,7 @@
 import path from 'node:path';
 import { GenvaultError, describeFsError } from '../util/errors.js';
 import { checkConfig, type RepoConfig } from '../format/config.js';
+import type { Store } from '../store/store.js';
 import { describeLocation, storeOf } from './location.js';
 
 export const CONFIG_FILE = 'config.json';
@@ -13,6 +14,15 @@ export const CONFIG_FILE = 'config.json';
 export async function readConfig(dir: string): Promise<RepoConfig> {
   const abs = path.resolve(dir);
   const store = await storeOf(abs);
+  try {
+    return await readConfigFrom(store, abs);
+  } finally {
+    await store.close();
+  }
+}
+
+/** The config.json of the repository at `abs` whose store is already open (Repository.open). */
+export async function readConfigFrom(store: Store, abs: string): Promise<RepoConfig> {
   const file = store.describe(CONFIG_FILE);
   let text: string;
   try {
@@ -23,8 +33,6 @@ export async function readConfig(dir: string): Promise<RepoConfig> {
       throw new GenvaultError(`${await describeLocation(abs)}: not a genvault repository (no ${CONFIG_FILE}; create one with 'genvault init')`, 'NO_REPO');
     }
     throw describeFsError(e, file);
-  } finally {
-    await store.close();
   }
   let raw: unknown;
   try {

@@ -24,7 +24,7 @@ import { commandName } from '../util/proc.js';
 import { cacheBehind, cacheState } from './cache.js';
 import type { Store } from '../store/store.js';
 import { applyUmask, repoModes, resolveGroup, setDirMode, tightenRepo } from './perms.js';
-import { CONFIG_FILE, readConfig } from './config-file.js';
+import { CONFIG_FILE, readConfig, readConfigFrom } from './config-file.js';
 import { pathExists } from '../util/paths.js';
 
 export { CONFIG_FILE };
@@ -137,14 +137,12 @@ export class Repository {
    */
   static async open(dir: string, opts: { write?: boolean; withoutKey?: boolean; secret?: Secret; exclusive?: boolean; limitRate?: number } = {}): Promise<Repository> {
     const abs = path.resolve(dir);
-    const config = await Repository.readConfig(abs);
     // limitRate: an object store's transfers, both ways (--limit-rate).
     const store = await storeOf(abs, { limitRate: opts.limitRate });
-    const lock = store.spec.kind === 'local' ? null : await lockStore(store, opts.exclusive === true).catch(async (e) => {
-      await store.close();
-      throw e;
-    });
+    let lock: StoreLock | null = null;
     try {
+      const config = await readConfigFrom(store, abs);
+      lock = store.spec.kind === 'local' ? null : await lockStore(store, opts.exclusive === true);
       const repo = await Repository.openIndex(abs, config, store, opts);
       repo.storeLock = lock;
       return repo;
