@@ -51,10 +51,9 @@ export async function localRepoDir(cmd: Command): Promise<string> {
 
 /** The directory of a repository named on the command line (sync's SRC and DST too). */
 export async function repoDirOf(p: string, cmd: Command): Promise<string> {
-  if (!p.startsWith('s3://')) return p;
   const o = cmd.optsWithGlobals() as GlobalOpts;
-  const { objectStoreDir } = await import('../repository/location.js');
-  return objectStoreDir(p, { endpoint: o.s3Endpoint, region: o.s3Region, cacheDir: o.cacheDir });
+  const { objectStoreDirOr } = await import('../repository/location.js');
+  return objectStoreDirOr(p, { endpoint: o.s3Endpoint, region: o.s3Region, cacheDir: o.cacheDir });
 }
 
 type OpenOptions = Parameters<typeof Repository.open>[1];

@@ -95,9 +95,9 @@ export interface GcResult {
   waitedFor: number;
   /** An object store: unfinished multipart uploads aborted and spool files removed (writers killed mid-upload). */
   uploadsAborted: number;
+  spoolsRemoved: number;
   /** An object store: packs kept whole because they are younger than the grace period. */
   packsTooYoung: number;
-  spoolsRemoved: number;
   /** Leftovers of an earlier gc that died: 'c' entries and leaves put back. */
   recovered: { chunks: number; leaves: number; condemned: number };
   warnings: string[];

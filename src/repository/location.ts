@@ -84,9 +84,9 @@ export async function objectStoreDir(url: string, opts: ObjectStoreOptions): Pro
   return dir;
 }
 
-/** A repository path as given, or an s3:// repository's cache directory (endpoint and region from the environment and AWS files). */
-export async function objectStoreDirOr(p: string): Promise<string> {
-  return isObjectStoreUrl(p) ? objectStoreDir(p, {}) : p;
+/** A repository path as given, or an s3:// repository's cache directory (endpoint and region from `opts`, else the environment and AWS files). */
+export async function objectStoreDirOr(p: string, opts: ObjectStoreOptions = {}): Promise<string> {
+  return isObjectStoreUrl(p) ? objectStoreDir(p, opts) : p;
 }
 
 /** A cache directory's store.json, checked; null when the directory has none (a local repository). */
