@@ -23,18 +23,26 @@ interface SyncFlags extends KeepFlags {
   limitRate?: number;
 }
 
-/** SRC: a local directory, s3://, or ssh:// (a `genvault serve` with --permissions full and no namespace). */
-async function openSource(dir: string, cmd: Command): Promise<SyncSource> {
-  return isRemoteRepo(dir) ? RemoteSource.open(dir, remoteOptions(cmd)) : LocalSource.open(await repoDirOf(dir, cmd));
+/**
+ * Where an end is: ssh:// as given, a local directory, or an s3:// repository's cache
+ * directory (resolved once: the same-repository check and the opening use it).
+ */
+async function endOf(arg: string, cmd: Command): Promise<{ arg: string; at: string }> {
+  return { arg, at: isRemoteRepo(arg) ? arg : await repoDirOf(arg, cmd) };
 }
 
-async function openDestination(dir: string, o: SyncFlags, cmd: Command): Promise<SyncDestination> {
+/** SRC: a local directory, s3://, or ssh:// (a `genvault serve` with --permissions full and no namespace). */
+function openSource(src: { at: string }, cmd: Command): Promise<SyncSource> {
+  return isRemoteRepo(src.at) ? RemoteSource.open(src.at, remoteOptions(cmd)) : LocalSource.open(src.at);
+}
+
+function openDestination(dst: { arg: string; at: string }, o: SyncFlags, cmd: Command): Promise<SyncDestination> {
   const limitRate = o.limitRate;
-  if (isRemoteRepo(dir)) return RemoteDestination.open(dir, { ...remoteOptions(cmd, { limitRate }), wait: o.wait });
-  if (limitRate !== undefined && !dir.startsWith('s3://')) throw new UsageError('--limit-rate applies to an ssh:// or s3:// destination');
+  if (isRemoteRepo(dst.at)) return RemoteDestination.open(dst.at, { ...remoteOptions(cmd, { limitRate }), wait: o.wait });
+  if (limitRate !== undefined && !dst.arg.startsWith('s3://')) throw new UsageError('--limit-rate applies to an ssh:// or s3:// destination');
   // GENVAULT_SYNC_FLUSH_ENTRIES: a test hook (many small flushes, for the kill tests).
   const flushEntries = Number(process.env.GENVAULT_SYNC_FLUSH_ENTRIES) || undefined;
-  return LocalDestination.open(await repoDirOf(dir, cmd), { wait: o.wait, flushEntries, dryRun: o.dryRun, limitRate });
+  return LocalDestination.open(dst.at, { wait: o.wait, flushEntries, dryRun: o.dryRun, limitRate });
 }
 
 /** A directory's real path (as given when it does not exist: opening it then says so). */
@@ -105,12 +113,14 @@ export function register(program: Command): void {
         const rules = rulesOf(o);
         const minAgeMs = o.minAge;
         const started = Date.now();
-        if (!isRemoteRepo(srcDir) && !isRemoteRepo(dstDir) && (await realpath(await repoDirOf(srcDir, cmd))) === (await realpath(await repoDirOf(dstDir, cmd)))) {
+        const srcEnd = await endOf(srcDir, cmd);
+        const dstEnd = await endOf(dstDir, cmd);
+        if (!isRemoteRepo(srcDir) && !isRemoteRepo(dstDir) && (await realpath(srcEnd.at)) === (await realpath(dstEnd.at))) {
           throw new UsageError(`${srcDir} and ${dstDir} are the same repository`);
         }
-        const src = await openSource(srcDir, cmd);
+        const src = await openSource(srcEnd, cmd);
         try {
-          const dst = await openDestination(dstDir, o, cmd);
+          const dst = await openDestination(dstEnd, o, cmd);
           const progress = new Progress('sync');
           // A signal ends the sync at once; what it committed stays, the rest is trimmed by the next writer.
           onInterrupt(() => `sync to ${dstDir} interrupted; generations already committed there stay, a rerun copies the rest`);
