@@ -208,6 +208,23 @@ export class ChunkLoader {
     });
   }
 
+  /**
+   * Whether chunk `ci` of a warmed leaf, or one of the two after it, is a member of the
+   * group record `last` belongs to: a read-ahead step that ended there takes them along, so
+   * that no group is split between two batches (two workers would each decode it whole).
+   * Up to two others may sit between, as the next day's chunks do among the first day's.
+   */
+  groupGoesOn(leaf: Leaf, ci: number, last: Buffer): boolean {
+    const g = this.locations.get(last.toString('binary'));
+    if (!g || g.compression !== COMP_GROUP) return false;
+    for (let c = ci; c < Math.min(ci + 3, leaf.lengths.length); c++) {
+      if (leaf.zero[c]) continue;
+      const l = this.locations.get(leaf.digests.subarray(c * 32, c * 32 + 32).toString('binary'));
+      if (l && l.compression === COMP_GROUP && l.packId === g.packId && l.offset === g.offset) return true;
+    }
+    return false;
+  }
+
   /** Where a chunk is (after warm(), without a round trip); null if the index lacks it. */
   async locationOf(digest: Buffer): Promise<ChunkLocation | null> {
     return this.locations.get(digest.toString('binary')) ?? (await this.repo.location(digest));
@@ -298,23 +315,39 @@ export class ChunkLoader {
         },
       );
     };
+    // The members of one group record go out in one batch, wherever they lie among the
+    // digests: a group split between two batches is decoded by two workers. (A next-day
+    // image reads the previous day's groups with its own new chunks between their members.)
+    const units = new Map<string, Array<{ digest: Buffer; loc: ChunkLocation; key: string }>>();
+    const seen = new Set<string>();
     for (const digest of digests) {
       const key = digest.toString('binary');
-      if (this.inflight.has(key) || this.cache.get(key)) continue;
+      if (seen.has(key) || this.inflight.has(key) || this.cache.get(key)) continue;
+      seen.add(key);
       const loc = this.locations.get(key);
       if (!loc) continue; // not warmed: load() will fetch it on demand
-      // A full batch goes out before the next chunk, unless that is another member of the
-      // same group record (a group split between two workers is decoded by both).
-      const last = batch[batch.length - 1]?.loc;
-      if (bytes >= batchBytes && !(last && last.compression === COMP_GROUP && loc.compression === COMP_GROUP && last.packId === loc.packId && last.offset === loc.offset)) {
-        flushBatch();
+      const unit = loc.compression === COMP_GROUP ? `${loc.offset} ${loc.packId}` : key;
+      const it = { digest: Buffer.from(digest), loc, key };
+      const members = units.get(unit);
+      if (members) members.push(it);
+      else units.set(unit, [it]);
+    }
+    for (const members of units.values()) {
+      const unitBytes = members.reduce((a, it) => a + it.loc.rawLength, 0);
+      if (bytes > 0 && bytes + unitBytes > batchBytes) flushBatch();
+      for (const it of members) {
+        batch.push(it);
+        bytes += it.loc.rawLength;
       }
-      batch.push({ digest: Buffer.from(digest), loc, key });
-      bytes += loc.rawLength;
     }
     flushBatch();
   }
 }
+
+/** Reads this close to where the last one ended count as going on from it. */
+const SEQUENTIAL_SLACK = 1 << 20;
+/** The first read-ahead window of a reader going on (see ImageReader.noteRead). */
+const READAHEAD_START = 1 << 20;
 
 /** Random access to one generation's bytes. */
 export class ImageReader {
@@ -324,6 +357,8 @@ export class ImageReader {
   private target = 0;
   private pumping = false;
   private lastEnd = -1;
+  /** The read-ahead window now (see noteRead). */
+  private window = 0;
 
   private constructor(
     readonly gen: Generation,
@@ -391,11 +426,19 @@ export class ImageReader {
     return end - offset;
   }
 
+  /**
+   * Read ahead only for sequential access, and as far as the reader has shown it reads on:
+   * the window starts at READAHEAD_START and doubles with each read that continues the
+   * last one, up to `readahead`; a jump closes it. (A fixed 32 MiB from every read within
+   * 4 MiB of the last made a loop-mounted file system, whose reads hop between nearby
+   * files, decode twelve times the bytes it read.) The kernel's own read-ahead can deliver
+   * requests slightly out of order, hence the slack.
+   */
   private noteRead(offset: number, end: number): void {
-    // Read ahead only for (nearly) sequential access; random 4 KiB reads would waste it.
-    // The kernel's own read-ahead can deliver requests slightly out of order.
-    if (offset === 0 || Math.abs(offset - this.lastEnd) <= 4 << 20) this.prefetch(end);
+    const onward = offset === 0 || (this.lastEnd >= 0 && Math.abs(offset - this.lastEnd) <= SEQUENTIAL_SLACK);
+    this.window = onward ? Math.min(this.readahead, Math.max(READAHEAD_START, this.window * 2)) : 0;
     this.lastEnd = end;
+    if (this.window > 0) this.prefetch(end);
   }
 
   /**
@@ -483,13 +526,17 @@ export class ImageReader {
    */
   private prefetch(from: number): void {
     if (this.readahead <= 0) return;
-    const until = Math.min(this.map.size, from + this.readahead);
+    const until = Math.min(this.map.size, from + this.window);
     if (from > this.prefetchedTo || from + 2 * this.readahead < this.prefetchedTo) {
       // the reader jumped: start over from here
       this.prefetchedTo = from;
       this.target = until;
     } else if (until > this.target) this.target = until;
     if (this.pumping) return;
+    // Hand out read-ahead in steps of a quarter of it, not a FUSE read (128 KiB) at a time:
+    // small steps made batches of one or two chunks and split group records between
+    // workers, each decoding the whole group for its part (2.5x the bytes decoded).
+    if (this.prefetchedTo > from && this.target - this.prefetchedTo < this.window / 4) return;
     this.pumping = true;
     void (async () => {
       try {
@@ -501,7 +548,13 @@ export class ImageReader {
           const base = this.map.leafStarts[li]!;
           const want: Buffer[] = [];
           let end = pos;
-          for (let ci = chunkIndexAt(leaf, pos - base); ci < leaf.lengths.length && end < this.target; ci++) {
+          let ci = chunkIndexAt(leaf, pos - base);
+          for (; ci < leaf.lengths.length && end < this.target; ci++) {
+            if (!leaf.zero[ci]) want.push(leaf.digests.subarray(ci * 32, ci * 32 + 32));
+            end = base + leaf.starts[ci]! + leaf.lengths[ci]!;
+          }
+          // Past the target, the rest of a group record the step ends in (see groupGoesOn).
+          for (; ci < leaf.lengths.length && want.length && this.loader.groupGoesOn(leaf, ci, want[want.length - 1]!); ci++) {
             if (!leaf.zero[ci]) want.push(leaf.digests.subarray(ci * 32, ci * 32 + 32));
             end = base + leaf.starts[ci]! + leaf.lengths[ci]!;
           }

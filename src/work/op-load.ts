@@ -119,6 +119,7 @@ let spanBuf = Buffer.allocUnsafe(1 << 20);
 
 export function loadRun(items: LoadItem[], dest?: (i: number) => Uint8Array, direct = false): LoadResult[] {
   const results: LoadResult[] = new Array(items.length);
+  groupNeeds = items.length > 1 ? needsOf(items) : null;
   let i = 0;
   while (i < items.length) {
     let j = i + 1;
@@ -169,6 +170,28 @@ export function loadRun(items: LoadItem[], dest?: (i: number) => Uint8Array, dir
     i = j;
   }
   return results;
+}
+
+/**
+ * How far into each group record the request's members reach (by pack and offset): a
+ * group several members of one request come from is decoded once, as far as the last of
+ * them, instead of only as far as the first and then again whole.
+ */
+let groupNeeds: Map<string, number> | null = null;
+
+function needsOf(items: LoadItem[]): Map<string, number> | null {
+  let needs: Map<string, number> | null = null;
+  for (const it of items) {
+    if (it.compression !== COMP_GROUP) continue;
+    needs ??= new Map();
+    const k = groupKey(it.file, it.offset);
+    needs.set(k, Math.max(needs.get(k) ?? 0, (it.inner ?? 0) + it.rawLength));
+  }
+  return needs;
+}
+
+function groupKey(file: string, offset: number): string {
+  return `${offset} ${file}`;
 }
 
 function loadChunk(req: LoadItem, into?: Uint8Array): LoadResult {
@@ -294,6 +317,8 @@ function decodeGroupMember(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadR
   const { payload } = member;
   const groupRaw = member.header.rawLength;
   const need = inner + req.rawLength;
+  // The request's furthest member of this group (at least this one's end).
+  const reach = Math.max(need, groupNeeds?.get(groupKey(req.file, req.offset)) ?? 0);
   let hit = decodedGroups.findIndex((g) => g.offset === req.offset && g.file === req.file);
   if (hit < 0 || decodedGroups[hit]!.valid < need) {
     // Decode into the least recently used slot (a new one until there are GROUP_CACHE), or
@@ -314,14 +339,14 @@ function decodeGroupMember(req: LoadItem, buf: Buffer, into?: Uint8Array): LoadR
     // A member in the first three quarters of a group is decoded only up to its end: a
     // random read through the mount costs about half a group's decoding instead of all of
     // it. A second member past that part (reads going forward) decodes the whole group.
-    const partial = !again && need <= groupRaw - (groupRaw >>> 2);
+    const partial = !again && reach <= groupRaw - (groupRaw >>> 2);
     let n: number;
     try {
-      n = partial ? decodePrefix(slot.data.subarray(0, groupRaw), frame, need) : dctx.decompress(slot.data.subarray(0, groupRaw), frame);
+      n = partial ? decodePrefix(slot.data.subarray(0, groupRaw), frame, reach) : dctx.decompress(slot.data.subarray(0, groupRaw), frame);
     } catch (e) {
       return { damaged: `zstd: ${(e as Error).message}` };
     }
-    if (partial ? n < need : n !== groupRaw) return { damaged: `decoded ${n} bytes, expected ${partial ? `at least ${need}` : groupRaw}` };
+    if (partial ? n < reach : n !== groupRaw) return { damaged: `decoded ${n} bytes, expected ${partial ? `at least ${reach}` : groupRaw}` };
     if (partial && keys) keepFrame(slot, frame);
     slot.file = req.file;
     slot.offset = req.offset;
