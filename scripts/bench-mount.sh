@@ -16,12 +16,16 @@
 #
 # Queue depth 16: 16 fio threads each doing blocking pread() (--ioengine=psync --numjobs=16
 # --thread --group_reporting). These are buffered reads (O_DIRECT is not possible on these
-# mounts); fio's default fadvise(POSIX_FADV_RANDOM) turns readahead off, so every missed
-# 4 KiB page is one synchronous FUSE read request, and 16 blocked threads are 16 requests
-# in flight (as many as the server accepts at once). Not io_uring: a buffered read of an
-# uncached FUSE page cannot complete without blocking, so io_uring hands it to its io-wq
-# worker threads, whose number for bounded work is capped at 4 per CPU (8 on this 2-CPU
-# machine), fewer than 16.
+# mounts). fio's fadvise(POSIX_FADV_RANDOM) turns readahead off, but a missed page is still
+# read through the FUSE readahead path as an asynchronous ("background") request of one
+# page; the kernel hands the server at most max_background of those at once (12, the kernel
+# default, for all three servers here, read from fusectl) and parks the rest in
+# fuse_get_req. Checked on a genvault mount (small scale): with 16 psync threads the
+# connection's "waiting" count was mostly 14-16 (at most 12 at the server, the rest queued
+# in the kernel; the threads asleep in folio_wait_bit_common or fuse_get_req); with
+# io_uring --iodepth=16 it swung between 1 and 13, and no io-wq worker threads appeared
+# (buffered io_uring reads wait for the page asynchronously, not in a worker). So 16
+# threads is what keeps 16 reads outstanding; the server sees min(16, max_background).
 
 MOUNT_ROUNDS=${BENCH_MOUNT_ROUNDS:-3}
 if [[ $SCALE == small ]]; then MOUNT_FIO_SECS=${BENCH_MOUNT_FIO_SECS:-5}; else MOUNT_FIO_SECS=${BENCH_MOUNT_FIO_SECS:-15}; fi
