@@ -14,6 +14,7 @@ import { ensureRunDir, openLogFile, readRunFile, writeRunFile } from '../util/ru
 import { action, localRepoDir, openRepository } from './common.js';
 import { remoteOptions, remoteRepo } from './remote.js';
 import { sizeOption } from './options.js';
+import { workerCores } from '../work/pool.js';
 
 /** Name of the mount server's pid file in the run directory (src/util/rundir.ts). */
 function pidFileName(mnt: string): string {
@@ -80,6 +81,10 @@ async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (
   repo.workerNice = 10;
   // A read the kernel waits for must not queue inside a worker behind read-ahead.
   repo.workerDepth = 1;
+  // One decode worker per core, not one more as for backups: the kernel's copies into FUSE
+  // and this thread need the cores too (a cold dd read alike or faster with 2 than with 3
+  // on 2 cores), and each worker holds ~40 MiB (native-notes/performance.md).
+  repo.workerCount = workerCores();
   const handle = await mountRepository(repo, mnt, {
     allowOther: opts.allowOther,
     cacheBytes: opts.cacheSize,
@@ -126,7 +131,7 @@ function registerMount(program: Command): void {
     .argument('<mountpoint>', 'empty directory to mount on')
     .option('--foreground', 'stay attached and serve until unmounted or signalled (for systemd)')
     .option('--allow-other', 'let users other than the one mounting read the files (needs user_allow_other in /etc/fuse.conf for non-root)')
-    .addOption(sizeOption('--cache-size <size>', 'memory for decoded chunks shared by all open files (the server needs ~250 MiB more; see native-notes/fuse.md); of an ssh:// repository, for the blocks received', '128M'))
+    .addOption(sizeOption('--cache-size <size>', 'memory for decoded chunks shared by all open files (the server needs ~150-200 MiB more; see native-notes/fuse.md); of an ssh:// repository, for the blocks received', '64M'))
     .option('--log <file>', 'where the background server logs read errors (default: mount.log in /run/genvault, or the user\'s run directory)')
     .addHelpText(
       'after',

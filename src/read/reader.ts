@@ -344,8 +344,12 @@ export class ChunkLoader {
   }
 }
 
-/** Reads this close to where the last one ended count as going on from it. */
-const SEQUENTIAL_SLACK = 1 << 20;
+/**
+ * Reads this far behind or ahead of the furthest read so far count as going on from it:
+ * the kernel's read-ahead keeps up to 12 requests of 128 KiB in flight, answered in any order.
+ */
+const SLACK_BEHIND = 4 << 20;
+const SLACK_AHEAD = 1 << 20;
 /** The first read-ahead window of a reader going on (see ImageReader.noteRead). */
 const READAHEAD_START = 1 << 20;
 
@@ -357,8 +361,9 @@ export class ImageReader {
   private target = 0;
   private pumping = false;
   private lastEnd = -1;
-  /** The read-ahead window now (see noteRead). */
+  /** The read-ahead window now, and the bytes read in order since the last jump (see noteRead). */
   private window = 0;
+  private streak = 0;
 
   private constructor(
     readonly gen: Generation,
@@ -427,17 +432,19 @@ export class ImageReader {
   }
 
   /**
-   * Read ahead only for sequential access, and as far as the reader has shown it reads on:
-   * the window starts at READAHEAD_START and doubles with each read that continues the
-   * last one, up to `readahead`; a jump closes it. (A fixed 32 MiB from every read within
-   * 4 MiB of the last made a loop-mounted file system, whose reads hop between nearby
-   * files, decode twelve times the bytes it read.) The kernel's own read-ahead can deliver
-   * requests slightly out of order, hence the slack.
+   * Read ahead only for sequential access, and only as far as the reader has shown it reads
+   * on: twice the bytes read in order since the last jump (at least READAHEAD_START, at most
+   * `readahead`); a jump closes it. (A fixed 32 MiB from every read within 4 MiB of the last
+   * made a loop-mounted file system, whose reads hop between nearby small files, decode
+   * twelve times the bytes it read; a window doubling with every such read still decoded
+   * four to twenty times as much, the more the smaller the cache.) The kernel's own
+   * read-ahead can deliver requests out of order, hence the slack.
    */
   private noteRead(offset: number, end: number): void {
-    const onward = offset === 0 || (this.lastEnd >= 0 && Math.abs(offset - this.lastEnd) <= SEQUENTIAL_SLACK);
-    this.window = onward ? Math.min(this.readahead, Math.max(READAHEAD_START, this.window * 2)) : 0;
-    this.lastEnd = end;
+    const onward = offset === 0 || (this.lastEnd >= 0 && offset >= this.lastEnd - SLACK_BEHIND && offset <= this.lastEnd + SLACK_AHEAD);
+    this.streak = onward ? this.streak + (end - offset) : 0;
+    this.window = onward ? Math.min(this.readahead, Math.max(READAHEAD_START, 2 * this.streak)) : 0;
+    this.lastEnd = onward ? Math.max(this.lastEnd, end) : end;
     if (this.window > 0) this.prefetch(end);
   }
 
