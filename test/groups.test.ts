@@ -340,7 +340,7 @@ describe('read-ahead and group records (the mount)', () => {
     return batches;
   }
 
-  it('a sequential read of a next-day generation hands each group record to one batch, and random reads start no read-ahead', async () => {
+  it('a sequential read of a next-day generation hands each group record to one batch, and random reads start no read-ahead (a miss near the last read loads its group record whole)', async () => {
     // The next day's chunks sit between the members of the first day's groups. Read-ahead
     // handed out a FUSE read (128 KiB) at a time split those groups between batches, and
     // each worker decoded the whole group for its part: a cold `dd` decoded 2.5 times the
@@ -387,6 +387,8 @@ describe('read-ahead and group records (the mount)', () => {
         if (!out.equals(day1.subarray(at, at + 4096))) throw new Error(`wrong bytes at ${at}`);
       }
     });
-    expect(random).toEqual([]);
+    // No read-ahead: a miss near the last read loads only its own group record's members.
+    expect(random.length).toBeLessThanOrEqual(50);
+    for (const items of random) expect(new Set(items.map((it) => `${it.file}:${it.offset}`)).size).toBe(1);
   });
 });

@@ -225,6 +225,29 @@ export class ChunkLoader {
     return false;
   }
 
+  /** Whether a chunk is neither decoded in the cache nor on its way there. */
+  missing(digest: Buffer): boolean {
+    const k = digest.toString('binary');
+    return !this.inflight.has(k) && !this.cache.get(k);
+  }
+
+  /**
+   * The chunks of a warmed leaf within `reach` of chunk `ci` that are members of the same
+   * group record as it, in order (only `ci` itself when it is not a group member).
+   */
+  groupAround(leaf: Leaf, ci: number, reach = 64): Buffer[] {
+    const at = (c: number) => leaf.digests.subarray(c * 32, c * 32 + 32);
+    const g = this.locations.get(at(ci).toString('binary'));
+    if (!g || g.compression !== COMP_GROUP) return [at(ci)];
+    const out: Buffer[] = [];
+    for (let c = Math.max(0, ci - reach); c < Math.min(leaf.lengths.length, ci + reach + 1); c++) {
+      if (leaf.zero[c]) continue;
+      const l = this.locations.get(at(c).toString('binary'));
+      if (l && l.compression === COMP_GROUP && l.packId === g.packId && l.offset === g.offset) out.push(at(c));
+    }
+    return out;
+  }
+
   /** Where a chunk is (after warm(), without a round trip); null if the index lacks it. */
   async locationOf(digest: Buffer): Promise<ChunkLocation | null> {
     return this.locations.get(digest.toString('binary')) ?? (await this.repo.location(digest));
@@ -350,6 +373,8 @@ export class ChunkLoader {
  */
 const SLACK_BEHIND = 4 << 20;
 const SLACK_AHEAD = 1 << 20;
+/** A read this close to the last one is near it (see ImageReader.read). */
+const NEAR_READS = 16 << 20;
 /** The first read-ahead window of a reader going on (see ImageReader.noteRead). */
 const READAHEAD_START = 1 << 20;
 
@@ -458,6 +483,10 @@ export class ImageReader {
     const end = Math.min(size, offset + length);
     let pos = offset;
     const waits: Array<Promise<void>> = [];
+    // A miss near the last read (a file system hopping between nearby files) loads the
+    // members of its group record around it too: one decode of the group serves the reads
+    // that follow. A random read far away decodes only as far as its own chunk.
+    const near = this.lastEnd >= 0 && Math.abs(offset - this.lastEnd) <= NEAR_READS;
     while (pos < end) {
       const li = this.map.leafIndexAt(pos);
       const leaf = await this.leafAt(li);
@@ -473,6 +502,7 @@ export class ImageReader {
           out.fill(0, dst, dst + n);
         } else {
           const digest = leaf.digests.subarray(ci * 32, ci * 32 + 32);
+          if (near && this.loader.missing(digest)) this.loader.prefetch(this.loader.groupAround(leaf, ci));
           waits.push(
             this.loader.load(digest).then(
               (data) => {
