@@ -82,8 +82,8 @@ async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (
   // A read the kernel waits for must not queue inside a worker behind read-ahead.
   repo.workerDepth = 1;
   // One decode worker per core, not one more as for backups: the kernel's copies into FUSE
-  // and this thread need the cores too (a cold dd read alike or faster with 2 than with 3
-  // on 2 cores), and each worker holds ~40 MiB (native-notes/performance.md).
+  // and this thread need the cores too, and each worker holds its own buffers and heap
+  // (native-notes/performance.md, "Figures behind code comments").
   repo.workerCount = workerCores();
   const handle = await mountRepository(repo, mnt, {
     allowOther: opts.allowOther,

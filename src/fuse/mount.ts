@@ -212,7 +212,7 @@ function openLocal(s: LocalState, gen: Generation): Promise<ImageReader> {
   let reader = s.readers.get(gen.id);
   if (!reader) {
     // Read-ahead lands in the cache: more of it than half the cache evicts what was read
-    // ahead before the reader gets there (a 16 MiB cache read 128 MB/s with 32 MiB of it).
+    // ahead before the reader gets there (native-notes/fuse.md, memory).
     const readahead = Math.min(s.opts.readahead ?? 32 << 20, Math.floor(s.loader.cache.maxBytes / 2));
     reader = ImageReader.open(s.repo, gen, s.loader, readahead);
     s.readers.set(gen.id, reader);

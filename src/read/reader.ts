@@ -459,11 +459,11 @@ export class ImageReader {
   /**
    * Read ahead only for sequential access, and only as far as the reader has shown it reads
    * on: twice the bytes read in order since the last jump (at least READAHEAD_START, at most
-   * `readahead`); a jump closes it. (A fixed 32 MiB from every read within 4 MiB of the last
-   * made a loop-mounted file system, whose reads hop between nearby small files, decode
-   * twelve times the bytes it read; a window doubling with every such read still decoded
-   * four to twenty times as much, the more the smaller the cache.) The kernel's own
-   * read-ahead can deliver requests out of order, hence the slack.
+   * `readahead`); a jump closes it. A loop-mounted file system hops between nearby small
+   * files: a fixed window from every read near the last, or one doubling with each such
+   * read, decoded many times what it read (native-notes/fuse.md, "Read-ahead, group
+   * records and the file-level restore"). The kernel's own read-ahead can deliver
+   * requests out of order, hence the slack.
    */
   private noteRead(offset: number, end: number): void {
     const onward = offset === 0 || (this.lastEnd >= 0 && offset >= this.lastEnd - SLACK_BEHIND && offset <= this.lastEnd + SLACK_AHEAD);
@@ -570,9 +570,9 @@ export class ImageReader {
       this.target = until;
     } else if (until > this.target) this.target = until;
     if (this.pumping) return;
-    // Hand out read-ahead in steps of a quarter of it, not a FUSE read (128 KiB) at a time:
-    // small steps made batches of one or two chunks and split group records between
-    // workers, each decoding the whole group for its part (2.5x the bytes decoded).
+    // Hand out read-ahead in steps of a quarter of it, not a FUSE read at a time: small
+    // steps made batches of one or two chunks and split group records between workers,
+    // each decoding the whole group for its part (native-notes/fuse.md, read-ahead).
     if (this.prefetchedTo > from && this.target - this.prefetchedTo < this.window / 4) return;
     this.pumping = true;
     void (async () => {
