@@ -46,7 +46,7 @@ const KILLS_EACH = 10; // per command: backup, prune, gc
 // Per round, until one kill lands inside the work. A gc traced for a phase its run does
 // not reach (nothing to repack, no leaves to move) finishes before the kill: a failing run
 // lost 10 of its 19 gc attempts that way, and at that rate six misses in a row somewhere in
-// ten gc rounds come about once in five runs; twelve make it about once in 400.
+// ten gc rounds come about once in five runs; twelve make it about once in 200.
 const ATTEMPTS = 12;
 const WAIT_MS = 30_000; // bound on waiting for any event
 const MiB = 1 << 20;
