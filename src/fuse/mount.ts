@@ -96,9 +96,14 @@ export async function isStaleMount(mnt: string): Promise<boolean> {
   }
 }
 
-export async function isMounted(mnt: string): Promise<boolean> {
+/** The fields of /proc/self/mountinfo's line for the mount at `mnt` (undefined: not mounted). */
+async function mountInfo(mnt: string): Promise<string[] | undefined> {
   const info = await fs.readFile('/proc/self/mountinfo', 'utf8');
-  return info.split('\n').some((l) => l.split(' ')[4] === mnt);
+  return info.split('\n').map((l) => l.split(' ')).find((f) => f[4] === mnt);
+}
+
+export async function isMounted(mnt: string): Promise<boolean> {
+  return (await mountInfo(mnt)) !== undefined;
 }
 
 /** How far the kernel reads ahead in a mounted image file (its default for FUSE: 128 KiB). */
@@ -111,16 +116,10 @@ const KERNEL_READAHEAD_KB = 4096;
  * page cache; random reads are not read ahead either way (native-notes/fuse.md). Only
  * root may write there: for anyone else the default stays, which works, slower.
  */
-async function raiseKernelReadahead(mnt: string): Promise<boolean> {
-  try {
-    const info = await fs.readFile('/proc/self/mountinfo', 'utf8');
-    const dev = info.split('\n').map((l) => l.split(' ')).find((f) => f[4] === mnt)?.[2];
-    if (!dev || !/^\d+:\d+$/.test(dev)) return false;
-    await fs.writeFile(`/sys/class/bdi/${dev}/read_ahead_kb`, `${KERNEL_READAHEAD_KB}\n`);
-    return true;
-  } catch {
-    return false;
-  }
+async function raiseKernelReadahead(mnt: string): Promise<void> {
+  const dev = (await mountInfo(mnt).catch(() => undefined))?.[2];
+  if (!dev || !/^\d+:\d+$/.test(dev)) return;
+  await fs.writeFile(`/sys/class/bdi/${dev}/read_ahead_kb`, `${KERNEL_READAHEAD_KB}\n`).catch(() => undefined);
 }
 
 /**
@@ -233,10 +232,7 @@ async function checkWriters(s: LocalState): Promise<void> {
 function openLocal(s: LocalState, gen: Generation): Promise<ImageReader> {
   let reader = s.readers.get(gen.id);
   if (!reader) {
-    // Read-ahead lands in the cache: more of it than half the cache evicts what was read
-    // ahead before the reader gets there (native-notes/fuse.md, memory).
-    const readahead = Math.min(s.opts.readahead ?? 32 << 20, Math.floor(s.loader.cache.maxBytes / 2));
-    reader = ImageReader.open(s.repo, gen, s.loader, readahead);
+    reader = ImageReader.open(s.repo, gen, s.loader, s.opts.readahead ?? 32 << 20);
     s.readers.set(gen.id, reader);
     reader.catch(() => s.readers.delete(gen.id));
   }

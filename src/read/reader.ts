@@ -218,11 +218,15 @@ export class ChunkLoader {
     const g = this.locations.get(last.toString('binary'));
     if (!g || g.compression !== COMP_GROUP) return false;
     for (let c = ci; c < Math.min(ci + 3, leaf.lengths.length); c++) {
-      if (leaf.zero[c]) continue;
-      const l = this.locations.get(leaf.digests.subarray(c * 32, c * 32 + 32).toString('binary'));
-      if (l && l.compression === COMP_GROUP && l.packId === g.packId && l.offset === g.offset) return true;
+      if (!leaf.zero[c] && this.inGroup(leaf, c, g)) return true;
     }
     return false;
+  }
+
+  /** Whether chunk `c` of a warmed leaf is a member of the group record at `g`. */
+  private inGroup(leaf: Leaf, c: number, g: ChunkLocation): boolean {
+    const l = this.locations.get(leaf.digests.subarray(c * 32, c * 32 + 32).toString('binary'));
+    return !!l && l.compression === COMP_GROUP && l.packId === g.packId && l.offset === g.offset;
   }
 
   /** Whether a chunk is neither decoded in the cache nor on its way there. */
@@ -241,9 +245,7 @@ export class ChunkLoader {
     if (!g || g.compression !== COMP_GROUP) return [at(ci)];
     const out: Buffer[] = [];
     for (let c = Math.max(0, ci - reach); c < Math.min(leaf.lengths.length, ci + reach + 1); c++) {
-      if (leaf.zero[c]) continue;
-      const l = this.locations.get(at(c).toString('binary'));
-      if (l && l.compression === COMP_GROUP && l.packId === g.packId && l.offset === g.offset) out.push(at(c));
+      if (!leaf.zero[c] && this.inGroup(leaf, c, g)) out.push(at(c));
     }
     return out;
   }
@@ -385,9 +387,9 @@ export class ImageReader {
   private prefetchedTo = 0;
   private target = 0;
   private pumping = false;
+  /** Where the furthest read of the current in-order run ended (-1: no read yet). */
   private lastEnd = -1;
-  /** The read-ahead window now, and the bytes read in order since the last jump (see noteRead). */
-  private window = 0;
+  /** Bytes read in order since the last jump (see noteRead). */
   private streak = 0;
 
   private constructor(
@@ -398,7 +400,9 @@ export class ImageReader {
   ) {}
 
   static async open(repo: Repository, gen: Generation, loader: ChunkLoader, readahead = 16 << 20): Promise<ImageReader> {
-    return new ImageReader(gen, await repo.chunkMap(gen), loader, readahead);
+    // Read-ahead lands in the cache: more of it than half the cache evicts what was read
+    // ahead before the reader gets there (native-notes/fuse.md, memory).
+    return new ImageReader(gen, await repo.chunkMap(gen), loader, Math.min(readahead, Math.floor(loader.cache.maxBytes / 2)));
   }
 
   get size(): number {
@@ -468,9 +472,8 @@ export class ImageReader {
   private noteRead(offset: number, end: number): void {
     const onward = offset === 0 || (this.lastEnd >= 0 && offset >= this.lastEnd - SLACK_BEHIND && offset <= this.lastEnd + SLACK_AHEAD);
     this.streak = onward ? this.streak + (end - offset) : 0;
-    this.window = onward ? Math.min(this.readahead, Math.max(READAHEAD_START, 2 * this.streak)) : 0;
     this.lastEnd = onward ? Math.max(this.lastEnd, end) : end;
-    if (this.window > 0) this.prefetch(end);
+    if (onward) this.prefetch(end, Math.min(this.readahead, Math.max(READAHEAD_START, 2 * this.streak)));
   }
 
   /**
@@ -561,9 +564,9 @@ export class ImageReader {
    * `from + readahead`, handing chunks to the workers in batches. A single cursor leaves
    * no gaps, so a sequential reader finds every chunk decoded or on its way.
    */
-  private prefetch(from: number): void {
-    if (this.readahead <= 0) return;
-    const until = Math.min(this.map.size, from + this.window);
+  private prefetch(from: number, window: number): void {
+    if (window <= 0) return;
+    const until = Math.min(this.map.size, from + window);
     if (from > this.prefetchedTo || from + 2 * this.readahead < this.prefetchedTo) {
       // the reader jumped: start over from here
       this.prefetchedTo = from;
@@ -573,7 +576,7 @@ export class ImageReader {
     // Hand out read-ahead in steps of a quarter of it, not a FUSE read at a time: small
     // steps made batches of one or two chunks and split group records between workers,
     // each decoding the whole group for its part (native-notes/fuse.md, read-ahead).
-    if (this.prefetchedTo > from && this.target - this.prefetchedTo < this.window / 4) return;
+    if (this.prefetchedTo > from && this.target - this.prefetchedTo < window / 4) return;
     this.pumping = true;
     void (async () => {
       try {
@@ -585,13 +588,9 @@ export class ImageReader {
           const base = this.map.leafStarts[li]!;
           const want: Buffer[] = [];
           let end = pos;
-          let ci = chunkIndexAt(leaf, pos - base);
-          for (; ci < leaf.lengths.length && end < this.target; ci++) {
-            if (!leaf.zero[ci]) want.push(leaf.digests.subarray(ci * 32, ci * 32 + 32));
-            end = base + leaf.starts[ci]! + leaf.lengths[ci]!;
-          }
-          // Past the target, the rest of a group record the step ends in (see groupGoesOn).
-          for (; ci < leaf.lengths.length && want.length && this.loader.groupGoesOn(leaf, ci, want[want.length - 1]!); ci++) {
+          // Up to the target, and past it the rest of a group record the step ends in (see groupGoesOn).
+          const goesOn = (ci: number) => end < this.target || (want.length > 0 && this.loader.groupGoesOn(leaf, ci, want[want.length - 1]!));
+          for (let ci = chunkIndexAt(leaf, pos - base); ci < leaf.lengths.length && goesOn(ci); ci++) {
             if (!leaf.zero[ci]) want.push(leaf.digests.subarray(ci * 32, ci * 32 + 32));
             end = base + leaf.starts[ci]! + leaf.lengths[ci]!;
           }
