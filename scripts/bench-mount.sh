@@ -166,7 +166,7 @@ ms_server_end() {
 }
 
 ms_dd() { # TOOL
-	local tool=$1 out bytes secs
+	local tool=$1 out
 	drop_caches
 	ms_server_begin
 	if ! out=$(timeout "$TIMEOUT" dd if="$MS_FILE" of=/dev/null bs=4M 2>&1); then
@@ -175,14 +175,11 @@ ms_dd() { # TOOL
 	fi
 	MS_LAST_CPU="n/a"
 	ms_server_end "$tool" m_dd
-	out=$(tail -n 1 <<<"$out")
-	bytes=${out%% *}
-	secs=$(sed -E 's/.* copied, ([0-9.e+-]+) s,.*/\1/' <<<"$out")
-	if [[ $bytes != "$GEN1_SIZE" ]]; then
-		MS_ERR="dd: short read: $bytes of $GEN1_SIZE bytes"
+	if ! dd_mbps "$out"; then
+		MS_ERR="dd: $DD_ERR"
 		return 1
 	fi
-	LAST_SECS=$(python3 -c "print(round($bytes / 1e6 / max($secs, 1e-9), 1))")
+	LAST_SECS=$DD_MBPS
 	sample "$tool" m_dd_mbps
 	log "  $tool dd via fresh mount: $LAST_SECS MB/s, server CPU $MS_LAST_CPU s"
 }
