@@ -14,6 +14,13 @@
 # process, all its threads, from /proc/PID/stat before and after) and its peak RSS
 # (VmHWM) after it. Medians are recorded as m_* keys, all samples as m_*_runs.
 #
+# Two floors are measured in the same rounds, so that a bar can be set against what this
+# machine can do at all (recorded under the pseudo-tools "fuse-ref" and "raw"):
+#   - dd through the zero-cost fuse-native file of scripts/fuse-ref (a 4 GiB file served
+#     from one buffer in memory: FUSE alone, no repository): MB/s;
+#   - the file-level restore from the gen1 image itself, copied to tmpfs and put on the
+#     loop device (no FUSE, no repository, no decode; ext4 and the loop device only): s.
+#
 # Queue depth 16: 16 fio threads each doing blocking pread() (--ioengine=psync --numjobs=16
 # --thread --group_reporting). These are buffered reads (O_DIRECT is not possible on these
 # mounts). fio's fadvise(POSIX_FADV_RANDOM) turns readahead off, but a missed page is still
@@ -35,6 +42,7 @@ MS_LOOP=""                                # loop device of the mounted image fil
 MS_PART_DEV=""                            # a partition node we made with mknod
 MS_TREES=()                               # the directory trees tarred
 MS_PARTNO=1                               # the corpus partition of gen1
+MS_RAW=""                                 # the gen1 image copied to tmpfs (the restore's floor)
 
 # For scripts/bench's cleanup trap: unmount the loop-mounted partition and detach every
 # loop device backed by a file under WORK (the FUSE mounts themselves are WORK/mnt-*,
@@ -46,7 +54,7 @@ mount_step_cleanup() {
 	fi
 	[[ -z $MS_LOOP ]] || losetup -d "$MS_LOOP" 2>/dev/null || true
 	while read -r dev back; do
-		[[ $back == "$WORK"/* ]] && { losetup -d "$dev" 2>/dev/null || log "warning: could not detach $dev ($back)"; }
+		[[ $back == "$WORK"/* || $back == "$SHM"/* ]] && { losetup -d "$dev" 2>/dev/null || log "warning: could not detach $dev ($back)"; }
 	done < <(losetup -n -l -O NAME,BACK-FILE 2>/dev/null)
 	[[ -z $MS_PART_DEV ]] || rm -f -- "$MS_PART_DEV"
 	MS_LOOP="" MS_PART_DEV=""
@@ -276,6 +284,35 @@ ms_fio() { # TOOL qd1|qd16
 	log "  $tool fio random 4 KiB $qd: $LAST_SECS IOPS, server CPU $MS_LAST_CPU s"
 }
 
+# The floors (see the top): the zero-cost FUSE file's dd, and the restore from the raw
+# image in tmpfs on the loop device.
+ms_floor() { # dd|tar
+	local lg=$LOGDIR/fuse-ref-rounds.log out
+	MS_MNT="" MS_PID="" MS_ERR=""
+	case $1 in
+	dd)
+		drop_caches
+		if out=$(timeout "$TIMEOUT" node "$(dirname "$0")/fuse-ref" 2>>"$lg") && LAST_SECS=$(grep -oE '[0-9]+(\.[0-9]+)?' <<<"$out" | tail -n 1) && [[ -n $LAST_SECS ]]; then
+			sample fuse-ref m_dd_mbps
+			log "  zero-cost FUSE file dd: $LAST_SECS MB/s"
+		else
+			log "  zero-cost FUSE file dd failed (log $lg)"
+			put fuse-ref fail_m_dd "scripts/fuse-ref failed"
+		fi
+		;;
+	tar)
+		[[ -n $MS_RAW ]] || return 0
+		MS_FILE=$MS_RAW
+		ms_tar raw || {
+			log "  raw image file-level restore: FAILED: $MS_ERR"
+			put raw fail_m_tar "$MS_ERR"
+			mount_step_cleanup
+		}
+		;;
+	esac
+	return 0
+}
+
 # The trees for the file-level restore: the full-scale corpus's two many-small-file trees
 # where they exist; otherwise (small scale) the directory under usr/lib, 1 or 2 levels
 # down, holding the most files. Chosen from the corpus, not through a mount.
@@ -307,6 +344,8 @@ run_mount_rounds() {
 		for tool in $TOOLS; do put "$tool" fail_m_fio "fio not installed"; done
 	fi
 	ms_pick_trees
+	MS_RAW=$SHM/gen1-raw.img
+	cp --sparse=always -- "$GEN1" "$MS_RAW" || { log "  no tmpfs copy of gen1: no restore floor"; rm -f -- "$MS_RAW"; MS_RAW=""; }
 	log "== mount workloads, $MOUNT_ROUNDS rounds (trees ${MS_TREES[*]}, partition $MS_PARTNO, fio ${MOUNT_FIO_SECS} s)"
 	for ((r = 1; r <= MOUNT_ROUNDS; r++)); do
 		log "== mount round $r of $MOUNT_ROUNDS"
@@ -333,7 +372,10 @@ run_mount_rounds() {
 				}
 				ms_umount "$tool"
 			done
+			case $w in dd | tar) ms_floor "$w" ;; esac
 		done
 	done
+	[[ -z $MS_RAW ]] || rm -f -- "$MS_RAW"
+	MS_RAW=""
 	return 0
 }
