@@ -10,6 +10,7 @@ import { chunkKey } from '../format/keys.js';
 import { Generation } from '../format/generation.js';
 import { COMP_GROUP, ChunkLocation, decodeLocation, packObject } from '../format/pack.js';
 import { Lru } from '../util/lru.js';
+import { ReadStreak } from './streak.js';
 import { Repository } from '../repository/repository.js';
 import type { LoadResult } from '../work/protocol.js';
 
@@ -369,12 +370,6 @@ export class ChunkLoader {
   }
 }
 
-/**
- * Reads this far behind or ahead of the furthest read so far count as going on from it:
- * the kernel's read-ahead keeps up to 12 requests of 128 KiB in flight, answered in any order.
- */
-const SLACK_BEHIND = 4 << 20;
-const SLACK_AHEAD = 1 << 20;
 /** A read this close to the last one is near it (see ImageReader.read). */
 const NEAR_READS = 16 << 20;
 /** The first read-ahead window of a reader going on (see ImageReader.noteRead). */
@@ -387,10 +382,8 @@ export class ImageReader {
   private prefetchedTo = 0;
   private target = 0;
   private pumping = false;
-  /** Where the furthest read of the current in-order run ended (-1: no read yet). */
-  private lastEnd = -1;
-  /** Bytes read in order since the last jump (see noteRead). */
-  private streak = 0;
+  /** Where the reader goes on, for read-ahead (see noteRead). */
+  private streak = new ReadStreak();
 
   private constructor(
     readonly gen: Generation,
@@ -462,18 +455,11 @@ export class ImageReader {
 
   /**
    * Read ahead only for sequential access, and only as far as the reader has shown it reads
-   * on: twice the bytes read in order since the last jump (at least READAHEAD_START, at most
-   * `readahead`); a jump closes it. A loop-mounted file system hops between nearby small
-   * files: a fixed window from every read near the last, or one doubling with each such
-   * read, decoded many times what it read (native-notes/fuse.md, "Read-ahead, group
-   * records and the file-level restore"). The kernel's own read-ahead can deliver
-   * requests out of order, hence the slack.
+   * on (ReadStreak: from READAHEAD_START up to `readahead`).
    */
   private noteRead(offset: number, end: number): void {
-    const onward = offset === 0 || (this.lastEnd >= 0 && offset >= this.lastEnd - SLACK_BEHIND && offset <= this.lastEnd + SLACK_AHEAD);
-    this.streak = onward ? this.streak + (end - offset) : 0;
-    this.lastEnd = onward ? Math.max(this.lastEnd, end) : end;
-    if (onward) this.prefetch(end, Math.min(this.readahead, Math.max(READAHEAD_START, 2 * this.streak)));
+    const window = this.streak.note(offset, end, READAHEAD_START, this.readahead);
+    if (window) this.prefetch(end, window);
   }
 
   /**
@@ -489,7 +475,7 @@ export class ImageReader {
     // A miss near the last read (a file system hopping between nearby files) loads the
     // members of its group record around it too: one decode of the group serves the reads
     // that follow. A random read far away decodes only as far as its own chunk.
-    const near = this.lastEnd >= 0 && Math.abs(offset - this.lastEnd) <= NEAR_READS;
+    const near = this.streak.lastEnd >= 0 && Math.abs(offset - this.streak.lastEnd) <= NEAR_READS;
     while (pos < end) {
       const li = this.map.leafIndexAt(pos);
       const leaf = await this.leafAt(li);

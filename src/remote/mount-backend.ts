@@ -15,6 +15,7 @@ import type { Generation } from '../format/generation.js';
 import type { MountBackend, MountImage } from '../fuse/mount.js';
 import { isZero } from '../format/chunker.js';
 import { Lru } from '../util/lru.js';
+import { ReadStreak } from '../read/streak.js';
 import type { RemoteRepository } from './client.js';
 import { MAX_READ } from './protocol.js';
 
@@ -36,9 +37,6 @@ const ZERO: Buffer = Buffer.alloc(0);
 
 /** Bytes a zero marker is charged in the cache (its key and entry). */
 const MARKER_BYTES = 64;
-
-/** A reader this close (bytes) to where it stopped still counts as sequential. */
-const SEQUENTIAL_SLACK = 4 << 20;
 
 export interface RemoteMountOptions {
   /** Bytes of blocks kept in memory across all open files. */
@@ -68,7 +66,8 @@ class RemoteImage implements MountImage {
   private inflight = new Map<number, Promise<Buffer>>();
   /** Blocks whose READ failed while connected: read request by request (readExactly). */
   private bad = new Set<number>();
-  private lastEnd = -1;
+  /** Where the reader goes on, for read-ahead (see noteRead). */
+  private streak = new ReadStreak();
   /** Blocks below this were requested by read-ahead already (while the reader moves on). */
   private aheadTo = 0;
   private readonly blocks: number;
@@ -213,10 +212,11 @@ class RemoteImage implements MountImage {
   }
 
   private noteRead(offset: number, end: number): void {
-    // Read ahead only for (nearly) sequential access; random reads would waste the link.
-    // The kernel's own read-ahead can deliver requests slightly out of order.
-    if (offset === 0 || Math.abs(offset - this.lastEnd) <= SEQUENTIAL_SLACK) this.ahead(end);
-    this.lastEnd = end;
+    // Read ahead only as far as the reader has shown it reads on (src/read/streak.ts): a
+    // file system hopping between nearby small files must not pull whole windows over the
+    // link for each hop, and random reads get none.
+    const window = this.streak.note(offset, end, 2 * BLOCK, this.be.window);
+    if (window) this.ahead(end, window);
   }
 
   /** Neither cached nor on its way (nor known to fail as a whole). */
@@ -228,10 +228,10 @@ class RemoteImage implements MountImage {
    * Requests the blocks from the one holding `end` to `end + window` that are missing,
    * consecutive ones RUN to a READ.
    */
-  private ahead(end: number): void {
+  private ahead(end: number, window: number): void {
     if (this.be.remote.lost) return;
     const from = Math.floor(end / BLOCK);
-    const until = Math.min(this.blocks, Math.ceil((end + this.be.window) / BLOCK));
+    const until = Math.min(this.blocks, Math.ceil((end + window) / BLOCK));
     // Blocks requested by the previous call need no second look (unless the reader jumped).
     let i = this.aheadTo >= from && this.aheadTo <= until ? this.aheadTo : from;
     while (i < until) {
