@@ -9,6 +9,7 @@ import {
   ByteQueue, CMD, IHAVEOPT, NBDMAGIC, NBD_ERR, NbdProtocolError, OPT, REP, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
   decodeBlockStatus, decodeInfoRequest, decodeMetaContextRequest, decodeOptionHeader, decodeRequest, encodeInfoRequest,
   encodeMetaContextRequest, encodeOption, encodeRequest, blockStatusChunk, decodeReplyHeader, structuredError, simpleReply,
+  REPLY, REPLY_FLAG_DONE, encodeOptionReply, infoExport, serverGreeting, structuredHeader,
 } from '../src/nbd/protocol.js';
 import { NbdServer } from '../src/nbd/server.js';
 import { NbdClient, parseNbdUri } from '../src/nbd/client.js';
@@ -279,5 +280,88 @@ describe('raw frames', () => {
       names.push(data.toString('utf8', 4, 4 + data.readUInt32BE(0)));
     }
     expect(names.sort()).toEqual(['', 'rw']);
+  });
+});
+
+/**
+ * A scripted NBD server for the client: the handshake, then each READ answered by `answer`
+ * with raw structured reply chunks (a server that splits, leaves gaps, or writes outside).
+ */
+async function scriptedServer(path: string, size: number, answer: (handle: Buffer, offset: number, length: number) => Buffer[]): Promise<net.Server> {
+  const srv = net.createServer((sk) => {
+    const q = new ByteQueue();
+    let stage: 'flags' | 'options' | 'requests' = 'flags';
+    sk.write(serverGreeting());
+    sk.on('error', () => undefined);
+    sk.on('data', (d: Buffer) => {
+      q.push(d);
+      for (;;) {
+        if (stage === 'flags') {
+          if (q.length < 4) return;
+          q.take(4);
+          stage = 'options';
+        } else if (stage === 'options') {
+          if (q.length < 16) return;
+          const h = decodeOptionHeader(q.peek(16));
+          if (q.length < 16 + h.length) return;
+          q.take(16 + h.length);
+          if (h.option === OPT.GO) {
+            sk.write(encodeOptionReply(OPT.GO, REP.INFO, infoExport(size, 0)));
+            sk.write(encodeOptionReply(OPT.GO, REP.ACK));
+            stage = 'requests';
+          } else sk.write(encodeOptionReply(h.option, h.option === OPT.STRUCTURED_REPLY ? REP.ACK : REP.ERR_UNSUP));
+        } else {
+          if (q.length < 28) return;
+          const r = decodeRequest(q.take(28));
+          if (r.type === CMD.READ) for (const b of answer(r.handle, r.offset, r.length)) sk.write(b);
+        }
+      }
+    });
+  });
+  await new Promise<void>((res) => srv.listen(path, res));
+  return srv;
+}
+
+const dataChunk = (h: Buffer, done: boolean, offset: number, data: Buffer) =>
+  Buffer.concat([structuredHeader(h, done ? REPLY_FLAG_DONE : 0, REPLY.OFFSET_DATA, 8 + data.length), u64be(offset), data]);
+const holeChunk = (h: Buffer, done: boolean, offset: number, n: number) =>
+  Buffer.concat([structuredHeader(h, done ? REPLY_FLAG_DONE : 0, REPLY.OFFSET_HOLE, 12), u64be(offset), u32be(n)]);
+function u64be(n: number): Buffer {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64BE(BigInt(n));
+  return b;
+}
+function u32be(n: number): Buffer {
+  const b = Buffer.alloc(4);
+  b.writeUInt32BE(n);
+  return b;
+}
+
+describe('the client against a server that answers READs its own way', () => {
+  const disk = prng(9, 1 << 20);
+  it('data and holes in several chunks land in the caller\'s buffer; a READ left short or written outside fails in one line', async () => {
+    const path = s.path('scripted.sock');
+    const srv = await scriptedServer(path, disk.length, (h, off, len) => {
+      if (off === 0) {
+        // 1000 bytes of data, 4000 of hole, the rest of data; the last chunk first.
+        return [dataChunk(h, false, off + 5000, disk.subarray(off + 5000, off + len)), holeChunk(h, false, off + 1000, 4000), dataChunk(h, true, off, disk.subarray(off, off + 1000))];
+      }
+      if (off === 65536) return [dataChunk(h, true, off, disk.subarray(off, off + len / 2))]; // half of it, then DONE
+      return [dataChunk(h, true, off + len - 10, disk.subarray(0, 20))]; // runs past the request
+    });
+    try {
+      const c = await NbdClient.connect({ socket: path, export: '' }, 'scripted');
+      const into = Buffer.alloc(8192, 0xee);
+      expect(await c.read(0, 8192, into)).toBe(into);
+      expect(into.equals(Buffer.concat([disk.subarray(0, 1000), Buffer.alloc(4000), disk.subarray(5000, 8192)]))).toBe(true);
+      expect((await c.read(0, 8192)).equals(into)).toBe(true); // without a buffer of the caller's
+      await expect(c.read(65536, 8192, Buffer.alloc(8192))).rejects.toThrow(/^scripted: NBD protocol error: a READ of 8192 bytes answered with 4096$/);
+      await c.close();
+      const c2 = await NbdClient.connect({ socket: path, export: '' }, 'scripted');
+      await expect(c2.read(131072, 8192)).rejects.toThrow(/^scripted: NBD protocol error: data outside the request$/);
+      await c2.close();
+    } finally {
+      await new Promise<void>((r) => srv.close(() => r()));
+    }
   });
 });

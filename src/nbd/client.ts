@@ -55,6 +55,8 @@ interface Pending {
   offset: number;
   length: number;
   buf: Buffer | null;
+  /** READ: bytes of buf the reply chunks have written (data and holes); must reach length. */
+  covered: number;
   status: Map<number, Array<{ length: number; flags: number }>>;
   error: { code: number; message: string } | null;
   resolve: () => void;
@@ -63,7 +65,8 @@ interface Pending {
 
 export class NbdClient {
   private q = new ByteQueue();
-  private waiter: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
+  /** What the reply loop waits for: n bytes, handed over as a Buffer or copied into `into`. */
+  private waiter: { n: number; into: Buffer | null; resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
   private failure: Error | null = null;
   private pending = new Map<bigint, Pending>();
   private nextHandle = 1n;
@@ -121,16 +124,19 @@ export class NbdClient {
     const w = this.waiter;
     if (w && this.q.length >= w.n) {
       this.waiter = null;
-      w.resolve(this.q.take(w.n));
+      if (w.into) {
+        this.q.takeInto(w.into);
+        w.resolve(w.into);
+      } else w.resolve(this.q.take(w.n));
     }
   }
 
-  /** The next n bytes from the server. */
-  private bytes(n: number): Promise<Buffer> {
+  /** The next n bytes from the server; with `into` (n bytes long), copied straight into it. */
+  private bytes(n: number, into: Buffer | null = null): Promise<Buffer> {
     if (this.failure) return Promise.reject(this.failure);
-    if (n === 0) return Promise.resolve(Buffer.alloc(0));
+    if (n === 0) return Promise.resolve(into ?? Buffer.alloc(0));
     return new Promise((resolve, reject) => {
-      this.waiter = { n, resolve, reject };
+      this.waiter = { n, into, resolve, reject };
       this.wake();
     });
   }
@@ -192,6 +198,8 @@ export class NbdClient {
         if (!h.structured) await this.simple(p, h.error);
         else await this.chunk(p, h.type, h.length);
         if (h.flags & REPLY_FLAG_DONE) {
+          // Still pending here, so that the failure of the connection reaches its caller.
+          if (!p.error && p.type === CMD.READ && p.covered !== p.length) throw new NbdProtocolError(`a READ of ${p.length} bytes answered with ${p.covered}`);
           this.pending.delete(h.handle.readBigUInt64BE(0));
           if (p.error) p.reject(new GenvaultError(`${this.what}: NBD error ${p.error.code}${p.error.message ? ` (${p.error.message})` : ''} at offset ${p.offset}`, 'NBD'));
           else p.resolve();
@@ -204,27 +212,36 @@ export class NbdClient {
 
   private async simple(p: Pending, error: number): Promise<void> {
     if (error) p.error = { code: error, message: '' };
-    else if (p.type === CMD.READ) (await this.bytes(p.length)).copy(p.buf!);
+    else if (p.type === CMD.READ) {
+      await this.bytes(p.length, p.buf!);
+      p.covered = p.length;
+    }
   }
 
   private async chunk(p: Pending, type: number, length: number): Promise<void> {
     if (length > MAX_PAYLOAD + 8 + 4096) throw new NbdProtocolError(`reply chunk of ${length} bytes`);
+    if (type === REPLY.OFFSET_DATA && p.type === CMD.READ && length >= 8) {
+      // Data goes straight from the socket's buffers into the request's: no copy between.
+      const off = new Cursor(await this.bytes(8)).u64() - p.offset;
+      const n = length - 8;
+      if (off < 0 || off + n > p.length) throw new NbdProtocolError('data outside the request');
+      await this.bytes(n, p.buf!.subarray(off, off + n));
+      p.covered += n;
+      return;
+    }
     const body = await this.bytes(length);
     const c = new Cursor(body);
     switch (type) {
       case REPLY.NONE:
         return;
-      case REPLY.OFFSET_DATA: {
-        const off = c.u64() - p.offset;
-        if (p.type !== CMD.READ || off < 0 || off + body.length - 8 > p.length) throw new NbdProtocolError('data outside the request');
-        body.copy(p.buf!, off, 8);
-        return;
-      }
+      case REPLY.OFFSET_DATA: // a READ's data went above; here it is short of its offset, or answers no READ
+        throw new NbdProtocolError(p.type === CMD.READ ? 'a data chunk without its offset' : 'data outside the request');
       case REPLY.OFFSET_HOLE: {
         const off = c.u64() - p.offset;
         const n = c.u32();
         if (p.type !== CMD.READ || off < 0 || off + n > p.length) throw new NbdProtocolError('hole outside the request');
         p.buf!.fill(0, off, off + n);
+        p.covered += n;
         return;
       }
       case REPLY.BLOCK_STATUS: {
@@ -243,14 +260,14 @@ export class NbdClient {
     }
   }
 
-  private request(type: number, offset: number, length: number, flags = 0): Promise<Pending> {
+  private request(type: number, offset: number, length: number, flags = 0, into: Buffer | null = null): Promise<Pending> {
     if (this.failure) return Promise.reject(this.failure);
     const handle = this.nextHandle++;
     const hb = Buffer.alloc(8);
     hb.writeBigUInt64BE(handle);
     return new Promise((resolve, reject) => {
       const p: Pending = {
-        type, offset, length, buf: type === CMD.READ ? Buffer.alloc(length) : null, status: new Map(), error: null,
+        type, offset, length, buf: type === CMD.READ ? (into ?? Buffer.allocUnsafe(length)) : null, covered: 0, status: new Map(), error: null,
         resolve: () => resolve(p), reject,
       };
       this.pending.set(handle, p);
@@ -258,9 +275,13 @@ export class NbdClient {
     });
   }
 
-  /** `length` bytes at `offset` (at most MAX_PAYLOAD). */
-  async read(offset: number, length: number): Promise<Buffer> {
-    return (await this.request(CMD.READ, offset, length)).buf!;
+  /**
+   * `length` bytes at `offset` (at most MAX_PAYLOAD), into `into` when given (which must
+   * be `length` bytes long, and is written whole or the read fails).
+   */
+  async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
+    if (into && into.length !== length) throw new RangeError(`NBD read of ${length} bytes into a buffer of ${into.length}`);
+    return (await this.request(CMD.READ, offset, length, 0, into ?? null)).buf!;
   }
 
   /**

@@ -338,17 +338,24 @@ export class ByteQueue {
       return out;
     }
     const out = Buffer.allocUnsafe(n);
+    this.takeInto(out);
+    return out;
+  }
+
+  /** The first dst.length bytes copied into dst and removed from the queue (dst.length <= length). */
+  takeInto(dst: Buffer): void {
+    const n = dst.length;
+    if (n > this.length) throw new RangeError('ByteQueue.takeInto past its end');
     let got = 0;
     while (got < n) {
       const p = this.parts[0]!;
       const k = Math.min(p.length, n - got);
-      p.copy(out, got, 0, k);
+      p.copy(dst, got, 0, k);
       got += k;
       if (k === p.length) this.parts.shift();
       else this.parts[0] = p.subarray(k);
     }
     this.length -= n;
-    return out;
   }
 
   /** The first n bytes without removing them. */

@@ -150,7 +150,7 @@ export class NbdSource implements Source {
   }
 
   protected async fromServer(dst: Buffer, offset: number, length: number): Promise<void> {
-    (await this.client.read(offset, length)).copy(dst);
+    await this.client.read(offset, length, dst.subarray(0, length));
     this.stats.nbdBytes += length;
   }
 
