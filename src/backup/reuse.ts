@@ -95,17 +95,33 @@ export class ChunkReuse {
   async segmentAt(at: number, size: number, need: NeedFn, transferred: { raw: number }): Promise<ChunkedSegment | null> {
     const len = Math.min(this.chunking.segment, size - at);
     if (len <= 0) return null;
-    const seg = await this.segment(at, len, need);
+    const ahead = this.ahead;
+    this.ahead = null;
+    const chunks = await (ahead?.at === at ? ahead.chunks : this.chunksOf(at, len));
+    // The next segment's reads and hashing go on while the pipeline decides about this
+    // one (the source's round trips and this thread's hashing overlap instead of taking
+    // turns); one segment ahead at most.
+    const next = at + len;
+    if (next < size) {
+      const p = this.chunksOf(next, Math.min(this.chunking.segment, size - next));
+      p.catch(() => undefined); // a backup that stops before asking for it
+      this.ahead = { at: next, chunks: p };
+    }
+    await this.deliver(at, chunks, need);
+    const seg = { offset: at, length: len, chunks: chunks.map(({ start, length, zero, digest, data, fast }) => ({ start, length, zero, digest, data, fast })) };
     transferred.raw += seg.chunks.reduce((n, c) => n + (c.data?.length ?? 0), 0);
     return seg;
   }
+
+  /** The next segment's chunks, on their way (see segmentAt). */
+  private ahead: { at: number; chunks: Promise<SegChunk[]> } | null = null;
 
   /**
    * The segment [at, at + len) as chunks: reused, or read and hashed. The regions that
    * changes touch are read all at once (each read is a round trip to the source), then cut
    * into chunks in order.
    */
-  private async segment(at: number, len: number, need: NeedFn): Promise<ChunkedSegment> {
+  private async chunksOf(at: number, len: number): Promise<SegChunk[]> {
     const changed = await this.hooks.changed(at, len);
     const parts: Array<SegChunk | Promise<SegChunk[]>> = [];
     let region: [number, number] | null = null;
@@ -128,9 +144,7 @@ export class ChunkReuse {
       this.stats.parentBytes += c.length;
     }
     flush();
-    const chunks = (await Promise.all(parts)).flat();
-    await this.deliver(at, chunks, need);
-    return { offset: at, length: len, chunks: chunks.map(({ start, length, zero, digest, data, fast }) => ({ start, length, zero, digest, data, fast })) };
+    return (await Promise.all(parts)).flat();
   }
 
   /** Ask which data chunks the repository lacks and give those their bytes; check a sample of the reused ones. */
