@@ -547,11 +547,10 @@ export class ImageReader {
 
   /**
    * Sequential read-ahead: one pump per reader walks the map from where it stopped to
-   * `from + readahead`, handing chunks to the workers in batches. A single cursor leaves
+   * `from + window` (window > 0, from noteRead), handing chunks to the workers in batches. A single cursor leaves
    * no gaps, so a sequential reader finds every chunk decoded or on its way.
    */
   private prefetch(from: number, window: number): void {
-    if (window <= 0) return;
     const until = Math.min(this.map.size, from + window);
     if (from > this.prefetchedTo || from + 2 * this.readahead < this.prefetchedTo) {
       // the reader jumped: start over from here
