@@ -1,10 +1,10 @@
 # shellcheck shell=bash
 # The mount workloads of scripts/bench (sourced by it; uses its GV, REPODIR, GEN1, GEN1_SIZE,
-# CORPUS, WORK, LOGDIR, TIMEOUT, TOOLS, SCALE, MAIN_OK, RESTIC_SNAP, BG_PID, put, sample,
-# log, drop_caches, wait_for_file and LAST_SECS). For genvault, restic and borg alike, in
-# BENCH_MOUNT_ROUNDS rounds; in each round every workload visits the tools in turn
-# (genvault, restic, borg), each on a FRESH mount (the FUSE server's own caches empty) with
-# the kernel cache dropped right before the measured read:
+# CORPUS, WORK, SHM, LOGDIR, TIMEOUT, TOOLS, SCALE, MAIN_OK, RESTIC_SNAP, BG_PID, put, sample,
+# log, drop_caches, wait_for_file, dd_mbps, fuse_ref_mbps and LAST_SECS). For genvault,
+# restic and borg alike, in BENCH_MOUNT_ROUNDS rounds; in each round every workload visits
+# the tools in turn (genvault, restic, borg), each on a FRESH mount (the FUSE server's own
+# caches empty) with the kernel cache dropped right before the measured read:
 #   - dd bs=4M of the gen1 image through the mount: MB/s;
 #   - file-level restore: the mounted image file on a read-only loop device (partitions
 #     scanned), the corpus partition mounted ro,noload, `tar cf - TREES | cat >/dev/null`
@@ -287,12 +287,11 @@ ms_fio() { # TOOL qd1|qd16
 # The floors (see the top): the zero-cost FUSE file's dd, and the restore from the raw
 # image in tmpfs on the loop device.
 ms_floor() { # dd|tar
-	local lg=$LOGDIR/fuse-ref-rounds.log out
+	local lg=$LOGDIR/fuse-ref-rounds.log
 	MS_MNT="" MS_PID="" MS_ERR=""
 	case $1 in
 	dd)
-		drop_caches
-		if out=$(timeout "$TIMEOUT" node "$(dirname "$0")/fuse-ref" 2>>"$lg") && LAST_SECS=$(grep -oE '[0-9]+(\.[0-9]+)?' <<<"$out" | tail -n 1) && [[ -n $LAST_SECS ]]; then
+		if LAST_SECS=$(fuse_ref_mbps "node $(printf '%q' "$(dirname "$0")/fuse-ref")" "$lg"); then
 			sample fuse-ref m_dd_mbps
 			log "  zero-cost FUSE file dd: $LAST_SECS MB/s"
 		else
