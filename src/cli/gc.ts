@@ -1,5 +1,6 @@
 import { Command, Option } from 'commander';
 import { GcResult, OBJECT_STORE_GRACE_MS, gc } from '../lifecycle/gc.js';
+import { OPEN_FILES_FOR_PASSES, limitIndexOpenFiles } from '../index/db.js';
 import { bytes, duration } from '../util/format.js';
 import { action, printJson, wantsJson, withRepo } from './common.js';
 import { durationArg, percentArg } from './options.js';
@@ -99,6 +100,9 @@ export function register(program: Command): void {
       action(async (o: { dryRun?: boolean; repackThreshold: number; grace: number }, cmd: Command) => {
         const repackThreshold = o.repackThreshold;
         const status = new StatusLine();
+        // gc passes over the whole index several times: every table it touches would stay
+        // memory-mapped, and in its RSS, for as long as LevelDB's table cache keeps it.
+        limitIndexOpenFiles(OPEN_FILES_FOR_PASSES);
         await withRepo(cmd, async (repo) => {
           let r: GcResult;
           try {

@@ -38,6 +38,7 @@ import { COMP_GROUP, PACK_HEADER_SIZE, RECORD_HEADER_SIZE, checkRecord, decodeLo
 import { PackWriter } from '../store/pack-writer.js';
 import { listPacks, readRecordSpan } from '../store/pack-reader.js';
 import { Repository } from '../repository/repository.js';
+import { MarkSet, placeKey } from '../util/mark-set.js';
 import { type MetaLiveness, type MetaScan, readLiveMeta, readLiveness, scanMeta } from './gc-meta.js';
 
 export interface GcOptions {
@@ -106,7 +107,10 @@ export interface GcResult {
 
 const BATCH = 2048;
 const LEAF_BATCH = 256;
+/** Live chunk records of packs being rewritten gathered at once (PACKED bytes each), and one pass over the chunk entries per slice. */
+const REPACK_ENTRIES = 1 << 20;
 const SYNC = { sync: true } as object;
+const SYNC_POINT_KEY = Buffer.from('\x00gc-sync-point', 'latin1');
 const WINDOW = 8 << 20;
 const MAX_GAP = 256 << 10;
 
@@ -114,6 +118,12 @@ type Op = { type: 'put'; key: Buffer; value: Buffer } | { type: 'del'; key: Buff
 
 const bin = (b: Uint8Array): string => Buffer.from(b.buffer, b.byteOffset, b.byteLength).toString('latin1');
 const prefixRange = (prefix: number) => ({ gte: Buffer.of(prefix), lt: Buffer.of(prefix + 1) });
+/**
+ * A pass over every key with a prefix: entries fetched from LevelDB 1 MiB at a time (not
+ * classic-level's 16 KiB), and the blocks read not kept in its cache, which a pass would
+ * only flush. Options a process that is not the index's leader cannot pass are ignored.
+ */
+const pass = (prefix: number) => ({ ...prefixRange(prefix), highWaterMarkBytes: 1 << 20, fillCache: false });
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 function emptyResult(dryRun: boolean): GcResult {
@@ -155,14 +165,16 @@ function damaged(what: string): GenvaultError {
 }
 
 interface Marks {
-  chunks: Set<string>;
+  /** Referenced data chunks (errs only towards "referenced": util/mark-set.ts). */
+  chunks: MarkSet;
   leaves: Set<string>;
   generations: number;
 }
 
-/** Every data chunk and map leaf referenced by the generations that exist now. */
-async function mark(repo: Repository, report: (line: string) => void, label: string): Promise<Marks> {
-  const chunks = new Set<string>();
+/** Every data chunk and map leaf referenced by the generations that exist now (chunks into `reuse`, emptied first, when given). */
+async function mark(repo: Repository, report: (line: string) => void, label: string, reuse?: MarkSet): Promise<Marks> {
+  reuse?.clear();
+  const chunks = reuse ?? new MarkSet();
   const leaves = new Set<string>();
   const gens = await repo.generations(undefined, true); // pinned removed ones too
   if (repo.damagedRecords) throw damaged(`${repo.damagedRecords} generation record(s) are corrupt`);
@@ -204,7 +216,7 @@ async function mark(repo: Repository, report: (line: string) => void, label: str
           throw damaged(`map leaf ${d.toString('hex')} of ${g.name}@${g.id} is corrupt: ${(e as Error).message}`);
         }
         for (let c = 0; c < leaf.lengths.length; c++) {
-          if (!leaf.zero[c]) chunks.add(leaf.digests.toString('latin1', c * 32, c * 32 + 32));
+          if (!leaf.zero[c]) chunks.add(leaf.digests, c * 32);
         }
       });
     }
@@ -345,17 +357,13 @@ async function run(repo: Repository, threshold: number, report: (line: string) =
     await recoverLeftovers(repo, res);
     await dropUnpinnedRemoved(repo);
 
-    // Mark, then condemn every unreferenced chunk entry (the first marking goes with it:
-    // the second marking replaces it).
     trace('mark');
-    const condemned = await condemnUnreferenced(repo, await mark(repo, report, 'marking'), report);
-    await waitForWriters(repo, self, res, report, pollMs);
-    await spareRemarked(repo, condemned, res, report);
+    const condemned = await condemnAndSpare(repo, self, res, report, pollMs);
 
     await testPause('before-sweep');
 
     trace('sweep');
-    const swept = await sweepChunks(repo, condemned, res, report);
+    await sweepChunks(repo, condemned, res, report);
 
     trace('leaves');
     await sweepLeaves(repo, self, res, report);
@@ -365,7 +373,7 @@ async function run(repo: Repository, threshold: number, report: (line: string) =
     await repack(repo, writer, threshold, res, report, young);
 
     trace('finish');
-    await finishSwept(repo, swept);
+    await finishSwept(repo);
     ok = true;
     trace('done');
   } catch (e) {
@@ -384,6 +392,21 @@ async function run(repo: Repository, threshold: number, report: (line: string) =
 }
 
 /**
+ * Mark, condemn every unreferenced chunk entry, wait for the writers that may have reused
+ * one, mark again and spare what generations committed meanwhile use. Returns how many
+ * chunks stay condemned. A function of its own so that the marks (up to 512 MiB) are
+ * garbage once it returns, not held through the sweep and the repack.
+ */
+async function condemnAndSpare(repo: Repository, self: string, res: GcResult, report: (line: string) => void, pollMs: number): Promise<number> {
+  const first = await mark(repo, report, 'marking');
+  const condemned = await condemnUnreferenced(repo, first, report);
+  await waitForWriters(repo, self, res, report, pollMs);
+  // The second marking reuses the first one's memory.
+  await spareRemarked(repo, first.chunks, res, report);
+  return condemned - res.chunksSpared;
+}
+
+/**
  * Generations hidden by forget/prune while a reader had them open: drop those whose
  * readers are gone; the pinned ones stay marked.
  */
@@ -397,27 +420,48 @@ async function dropUnpinnedRemoved(repo: Repository): Promise<void> {
   if (dropOps.length) await repo.db.batch(dropOps, { sync: true } as object);
 }
 
-/** Condemn every chunk entry the marking did not reach: an 'x' key for each. */
-async function condemnUnreferenced(repo: Repository, first: Marks, report: (line: string) => void): Promise<Map<string, Buffer>> {
+/**
+ * Condemn every chunk entry the marking did not reach: an 'x' key for each, holding the
+ * location it had. The 'x' keys are the condemned set from here on (recoverLeftovers left
+ * none of an earlier gc, and only gc writes them), read back in batches: at tens of
+ * millions of chunks no list of them fits in memory. Returns how many.
+ */
+async function condemnUnreferenced(repo: Repository, first: Marks, report: (line: string) => void): Promise<number> {
   const db = repo.db;
   trace('condemn');
-  const condemned = new Map<string, Buffer>();
+  let n = 0;
   let ops: Op[] = [];
-  for await (const [k, v] of db.iterator(prefixRange(K_CHUNK))) {
-    const d = k.subarray(1);
-    const s = bin(d);
-    if (first.chunks.has(s)) continue;
-    const loc = Buffer.from(v);
-    condemned.set(s, loc);
-    ops.push({ type: 'put', key: condemnedKey(d), value: loc });
+  for await (const [k, v] of db.iterator(pass(K_CHUNK))) {
+    if (first.chunks.has(k, 1)) continue;
+    ops.push({ type: 'put', key: condemnedKey(k.subarray(1)), value: Buffer.from(v) });
+    n++;
     if (ops.length >= BATCH) {
-      await db.batch(ops, SYNC);
+      await db.batch(ops);
       ops = [];
-      report(`gc: condemning unreferenced chunks: ${condemned.size}`);
+      report(`gc: condemning unreferenced chunks: ${n}`);
     }
   }
-  if (ops.length) await db.batch(ops, SYNC);
-  return condemned;
+  if (ops.length) await db.batch(ops);
+  await syncPoint(repo);
+  return n;
+}
+
+/**
+ * The condemned chunks ('x' keys: digest, location when condemned), BATCH at a time in
+ * key order. Each batch is read by an iterator of its own that starts past the last key
+ * of the one before, so a long sweep pins no old LevelDB snapshot and sees what the
+ * batches before it deleted.
+ */
+async function* condemnedBatches(repo: Repository): AsyncGenerator<Array<{ d: Buffer; loc: Buffer }>> {
+  let after: Buffer | null = null;
+  for (;;) {
+    const range = after ? { gt: condemnedKey(after), lt: Buffer.of(K_CONDEMNED + 1), limit: BATCH } : { ...prefixRange(K_CONDEMNED), limit: BATCH };
+    const part: Array<{ d: Buffer; loc: Buffer }> = [];
+    for await (const [k, v] of repo.db.iterator(range)) part.push({ d: Buffer.from(k.subarray(1)), loc: Buffer.from(v) });
+    if (!part.length) return;
+    after = part[part.length - 1]!.d;
+    yield part;
+  }
 }
 
 /**
@@ -444,39 +488,44 @@ async function waitForWriters(repo: Repository, self: string, res: GcResult, rep
 /**
  * Re-mark: generations committed meanwhile may use condemned chunks (forget and prune
  * may also have removed some generations: that only makes more garbage, left for later).
- * Those chunks are spared: out of `condemned`, their 'x' keys deleted.
+ * Those chunks are spared: their 'x' keys deleted.
  */
-async function spareRemarked(repo: Repository, condemned: Map<string, Buffer>, res: GcResult, report: (line: string) => void): Promise<void> {
-  const db = repo.db;
+async function spareRemarked(repo: Repository, marks: MarkSet, res: GcResult, report: (line: string) => void): Promise<void> {
   trace('remark');
-  const second = await mark(repo, report, 'marking again');
+  const second = await mark(repo, report, 'marking again', marks);
   res.generations = second.generations;
   res.referencedChunks = second.chunks.size;
   res.referencedLeaves = second.leaves.size;
-  let ops: Op[] = [];
-  for (const s of condemned.keys()) {
-    if (!second.chunks.has(s)) continue;
-    condemned.delete(s);
-    ops.push({ type: 'del', key: condemnedKey(Buffer.from(s, 'latin1')) });
-    res.chunksSpared++;
-    if (ops.length >= BATCH) {
-      await db.batch(ops, SYNC);
-      ops = [];
-    }
+  for await (const part of condemnedBatches(repo)) {
+    const spare = part.filter((p) => second.chunks.has(p.d));
+    if (spare.length) await repo.db.batch(spare.map((p) => ({ type: 'del' as const, key: condemnedKey(p.d) })), SYNC);
+    res.chunksSpared += spare.length;
   }
-  if (ops.length) await db.batch(ops, SYNC);
 }
 
 /**
  * The 'x' keys of swept chunks last until here, so that a backup which found a 'c'
  * entry just before the sweep deleted it still finds the 'x' key when it looks next.
- * Damage marks of swept chunks go too: nothing uses them any more.
+ * Damage marks of swept chunks go too: nothing uses them any more. Every 'x' key left is
+ * a swept chunk's: the sweep deleted those of the chunks it kept, the re-mark those it spared.
  */
-async function finishSwept(repo: Repository, swept: Buffer[]): Promise<void> {
-  for (let at = 0; at < swept.length; at += BATCH) {
-    const part = swept.slice(at, at + BATCH);
-    await repo.db.batch(part.flatMap((d) => [{ type: 'del' as const, key: condemnedKey(d) }, { type: 'del' as const, key: damagedKey(d) }]), SYNC);
+async function finishSwept(repo: Repository): Promise<void> {
+  for await (const part of condemnedBatches(repo)) {
+    await repo.db.batch(part.flatMap((p) => [{ type: 'del' as const, key: condemnedKey(p.d) }, { type: 'del' as const, key: damagedKey(p.d) }]));
   }
+  await syncPoint(repo);
+}
+
+/**
+ * Make every write before it durable: LevelDB's log is written in order, so one synced
+ * write syncs all earlier ones. Phases that write many batches (condemning, finishing)
+ * write them unsynced and end with this: a sync per batch was most of gc's time on large
+ * repositories (native-notes/performance.md, "gc at scale"). A crash in
+ * between loses a suffix of the batches, which recoverLeftovers sorts out as it sorts out
+ * any interrupted gc. The key deleted is one nothing writes (prefix 0 is unused).
+ */
+async function syncPoint(repo: Repository): Promise<void> {
+  await repo.db.batch([{ type: 'del', key: SYNC_POINT_KEY }], SYNC);
 }
 
 /**
@@ -499,14 +548,13 @@ async function testPause(point: string): Promise<void> {
  * read and our delete. So each batch reads all 'p' entries before and after; if any
  * changed, the batch's entries are put back as they were (their records are still in
  * place: packs are touched only later) and left for the next gc. The 'x' keys of the
- * deleted entries are returned: they stay until the end of the run.
+ * deleted entries stay until the end of the run (finishSwept).
  */
-async function sweepChunks(repo: Repository, condemned: Map<string, Buffer>, res: GcResult, report: (line: string) => void): Promise<Buffer[]> {
+async function sweepChunks(repo: Repository, total: number, res: GcResult, report: (line: string) => void): Promise<void> {
   const db = repo.db;
-  const all = [...condemned.entries()];
-  const swept: Buffer[] = [];
-  for (let at = 0; at < all.length; at += BATCH) {
-    const part = all.slice(at, at + BATCH).map(([s, loc]) => ({ d: Buffer.from(s, 'latin1'), loc }));
+  let done = 0;
+  // The batches are read as the sweep goes: each starts past the 'x' keys it has left (swept ones stay until finishSwept).
+  for await (const part of condemnedBatches(repo)) {
     const before = await packFingerprint(repo);
     const cur = await db.getMany(part.map((p) => chunkKey(p.d)));
     await testPause('sweep-read');
@@ -521,7 +569,6 @@ async function sweepChunks(repo: Repository, condemned: Map<string, Buffer>, res
       res.chunksDeferred += gone.length;
     } else {
       for (const p of gone) {
-        swept.push(p.d);
         res.chunksRemoved++;
         res.chunkBytesRemoved += recordShare(p.loc);
       }
@@ -529,9 +576,9 @@ async function sweepChunks(repo: Repository, condemned: Map<string, Buffer>, res
     // A different entry (a fresh copy some backup stored) or none: the chunk is not ours to remove.
     for (const p of moved) undo.push({ type: 'del', key: condemnedKey(p.d) });
     if (undo.length) await db.batch(undo, SYNC);
-    report(`gc: removing unreferenced chunks: ${Math.min(at + BATCH, all.length)}/${all.length}`);
+    done += part.length;
+    report(`gc: removing unreferenced chunks: ${Math.min(done, total)}/${total}`);
   }
-  return swept;
 }
 
 /**
@@ -606,7 +653,10 @@ async function sweepLeaves(repo: Repository, self: string, res: GcResult, report
 
 interface PackPlan {
   sizes: Map<string, number>;
+  /** Live bytes of chunk records per pack (a group sharing a place with another may go uncounted: see planPacks). */
   live: Map<string, number>;
+  /** Live chunk entries per pack, exact: a pack with any is never deleted. */
+  liveEntries: Map<string, number>;
   remove: string[];
   rewrite: string[];
 }
@@ -631,28 +681,33 @@ function worthRewriting(live: number, size: number, threshold: number): boolean 
  * appends to them or commits entries into them any more, so their live set can only shrink.
  * With `referenced` (dry run), entries not in it count as already removed.
  */
-async function planPacks(repo: Repository, self: string | null, threshold: number, young: Set<string>, referenced?: Set<string>): Promise<PackPlan & { deadBytes: number; deadChunks: number }> {
+async function planPacks(repo: Repository, self: string | null, threshold: number, young: Set<string>, referenced?: MarkSet): Promise<PackPlan & { deadBytes: number; deadChunks: number }> {
   const sizes = await packSizes(repo);
   for (const w of await liveWriters(repo.dir, self)) for (const p of w.packs) sizes.delete(p);
   for (const p of young) sizes.delete(p);
   const live = new Map<string, number>();
+  const liveEntries = new Map<string, number>();
   let deadBytes = 0;
   let deadChunks = 0;
-  // A group record stays whole while any member lives: it counts once, in full.
-  const liveGroups = new Set<string>();
-  for await (const [k, v] of repo.db.iterator(prefixRange(K_CHUNK))) {
+  // A group record stays whole while any member lives: it counts once, in full. Groups
+  // seen are kept as 8-byte keys of their place, in bounded memory; two places sharing a
+  // key (1 in 2^64) leave one group's bytes uncounted, which can only make a pack look
+  // emptier than it is, so deleting is decided by liveEntries, which is exact.
+  const liveGroups = new MarkSet();
+  const place = Buffer.alloc(8);
+  for await (const [k, v] of repo.db.iterator(pass(K_CHUNK))) {
     if (!isLocation(v)) continue;
-    if (referenced && !referenced.has(bin(k.subarray(1)))) {
+    if (referenced && !referenced.has(k, 1)) {
       deadBytes += recordShare(v);
       deadChunks++;
       continue;
     }
     const id = v.toString('hex', 0, 16);
     if (!sizes.has(id)) continue;
+    liveEntries.set(id, (liveEntries.get(id) ?? 0) + 1);
     if (v[32] === COMP_GROUP) {
-      const g = v.toString('latin1', 0, 24); // pack id and offset
-      if (liveGroups.has(g)) continue;
-      liveGroups.add(g);
+      if (liveGroups.has(placeKey(v, place))) continue;
+      liveGroups.add(place);
     }
     live.set(id, (live.get(id) ?? 0) + RECORD_HEADER_SIZE + v.readUInt32LE(24));
   }
@@ -660,10 +715,10 @@ async function planPacks(repo: Repository, self: string | null, threshold: numbe
   const rewrite: string[] = [];
   for (const [id, size] of [...sizes].sort((a, b) => (a[0] < b[0] ? -1 : 1))) {
     const l = live.get(id) ?? 0;
-    if (l === 0) remove.push(id);
+    if (!liveEntries.get(id)) remove.push(id);
     else if (worthRewriting(l, size, threshold)) rewrite.push(id);
   }
-  return { sizes, live, remove, rewrite, deadBytes, deadChunks };
+  return { sizes, live, liveEntries, remove, rewrite, deadBytes, deadChunks };
 }
 
 type Triage = { action: 'delete' | 'rewrite' | 'keep'; scan: MetaScan | null } | { action: 'damaged'; problem: string };
@@ -681,7 +736,7 @@ async function triage(repo: Repository, plan: PackPlan, id: string, threshold: n
   // where the index says a dead chunk was): the pack stays for verify and repair.
   if (scan?.problem) return { action: 'damaged', problem: scan.problem };
   const live = chunkLive + (scan?.liveBytes ?? 0);
-  if (live === 0) return { action: 'delete', scan };
+  if (!plan.liveEntries.get(id) && !scan?.live.length && live === 0) return { action: 'delete', scan };
   return { action: worthRewriting(live, size - (scan?.tocBytes ?? 0), threshold) ? 'rewrite' : 'keep', scan };
 }
 
@@ -711,30 +766,86 @@ async function repack(repo: Repository, writer: WriterRegistration, threshold: n
   }
   if (!rewrite.length) return;
 
-  // Live records of the packs to rewrite (a second pass: memory only for those packs).
-  const wanted = new Set(rewrite.map((r) => r.id));
-  const records = new Map<string, LiveRecord[]>();
-  for await (const [k, v] of repo.db.iterator(prefixRange(K_CHUNK))) {
-    if (!isLocation(v)) continue;
-    const id = v.toString('hex', 0, 16);
-    if (!wanted.has(id)) continue;
-    const loc = Buffer.from(v);
-    let list = records.get(id);
-    if (!list) records.set(id, (list = []));
-    list.push({ d: Buffer.from(k.subarray(1)), loc, offset: Number(loc.readBigUInt64LE(16)), length: RECORD_HEADER_SIZE + loc.readUInt32LE(24) });
-  }
-
   const out: { w: PackWriter | null } = { w: null };
   let n = 0;
   try {
-    for (const { id, scan } of rewrite) {
-      n++;
-      await rewritePack(repo, writer, out, id, (records.get(id) ?? []).sort((a, b) => a.offset - b.offset), scan, res);
-      report(`gc: rewriting packs: ${n}/${rewrite.length}, ${bytes(res.bytesCopied)} of live data copied`);
+    for (const slice of slices(rewrite, (r) => plan.liveEntries.get(r.id) ?? 0, REPACK_ENTRIES)) {
+      const records = await liveRecords(repo, new Set(slice.map((r) => r.id)));
+      for (const { id, scan } of slice) {
+        n++;
+        await rewritePack(repo, writer, out, id, unpack(records.get(id)), scan, res);
+        records.delete(id);
+        report(`gc: rewriting packs: ${n}/${rewrite.length}, ${bytes(res.bytesCopied)} of live data copied`);
+      }
     }
   } finally {
     await out.w?.close().catch(() => undefined);
   }
+}
+
+/**
+ * `items` in consecutive slices of at most `max` by `weight` (an item heavier than that
+ * alone): the packs to rewrite, so that the live records held at once stay bounded.
+ */
+function slices<T>(items: T[], weight: (t: T) => number, max: number): T[][] {
+  const out: T[][] = [];
+  let cur: T[] = [];
+  let w = 0;
+  for (const it of items) {
+    if (cur.length && w + weight(it) > max) {
+      out.push(cur);
+      cur = [];
+      w = 0;
+    }
+    cur.push(it);
+    w += weight(it);
+  }
+  if (cur.length) out.push(cur);
+  return out;
+}
+
+/** Bytes a live record takes while gathered: digest (32), location length (1), location (up to 41). */
+const PACKED = 74;
+
+/**
+ * The live chunk records of the packs `wanted`, by pack, packed into slabs of PACKED bytes
+ * each: one pass over the chunk entries. Records as objects (two Buffers and an object
+ * each) took ~280 bytes apiece; a slice of a million held ~250 MiB.
+ */
+async function liveRecords(repo: Repository, wanted: Set<string>): Promise<Map<string, Buffer[]>> {
+  const packed = new Map<string, Buffer[]>();
+  const fill = new Map<string, number>();
+  for await (const [k, v] of repo.db.iterator(pass(K_CHUNK))) {
+    if (!isLocation(v)) continue;
+    const id = v.toString('hex', 0, 16);
+    if (!wanted.has(id)) continue;
+    let slabs = packed.get(id);
+    if (!slabs) packed.set(id, (slabs = []));
+    let at = fill.get(id) ?? 0;
+    if (!slabs.length || at + PACKED > slabs[slabs.length - 1]!.length) {
+      slabs.push(Buffer.allocUnsafe(PACKED * 4096));
+      at = 0;
+    }
+    const slab = slabs[slabs.length - 1]!;
+    slab.set(k.subarray(1, 33), at);
+    slab[at + 32] = v.length;
+    slab.set(v, at + 33);
+    fill.set(id, at + PACKED);
+  }
+  for (const [id, slabs] of packed) slabs[slabs.length - 1] = slabs[slabs.length - 1]!.subarray(0, fill.get(id));
+  return packed;
+}
+
+/** One pack's gathered records as LiveRecords, in pack order (held only while that pack is rewritten). */
+function unpack(slabs: Buffer[] | undefined): LiveRecord[] {
+  const out: LiveRecord[] = [];
+  for (const slab of slabs ?? []) {
+    for (let at = 0; at < slab.length; at += PACKED) {
+      const loc = Buffer.from(slab.subarray(at + 33, at + 33 + slab[at + 32]!));
+      out.push({ d: Buffer.from(slab.subarray(at, at + 32)), loc, offset: Number(loc.readBigUInt64LE(16)), length: RECORD_HEADER_SIZE + loc.readUInt32LE(24) });
+    }
+  }
+  return out.sort((a, b) => a.offset - b.offset);
 }
 
 /** Give a pack up: listed in gc's registration first (if we die after deleting its 'p' entry, cleanupDeadWriters removes the file). */
