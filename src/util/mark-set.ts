@@ -126,28 +126,29 @@ export class MarkSet {
     this.tables = null;
   }
 
-  /** Bit i of k: (h1 + i*h2) mod bits, h1 and h2 the salted prefix words (double hashing). */
-  private bloomSet(lo: number, hi: number): void {
+  /**
+   * The filter's bits for a prefix: bit i of HASHES is (h1 + i*h2) mod bits, h1 and h2 the
+   * salted prefix words (double hashing). Sets them, or tells whether all are set.
+   */
+  private bloomProbe(lo: number, hi: number, set: boolean): boolean {
     const f = this.bloom!;
     const mask = f.length * 32 - 1;
     const h1 = mix(lo ^ this.salt[0]!);
     const h2 = mix(hi ^ this.salt[1]!) | 1;
     for (let i = 0; i < HASHES; i++) {
       const b = ((h1 + Math.imul(i, h2)) >>> 0) & mask;
-      f[b >>> 5] = f[b >>> 5]! | (1 << (b & 31));
+      if (set) f[b >>> 5] = f[b >>> 5]! | (1 << (b & 31));
+      else if ((f[b >>> 5]! & (1 << (b & 31))) === 0) return false;
     }
+    return true;
+  }
+
+  private bloomSet(lo: number, hi: number): void {
+    this.bloomProbe(lo, hi, true);
   }
 
   private bloomHas(lo: number, hi: number): boolean {
-    const f = this.bloom!;
-    const mask = f.length * 32 - 1;
-    const h1 = mix(lo ^ this.salt[0]!);
-    const h2 = mix(hi ^ this.salt[1]!) | 1;
-    for (let i = 0; i < HASHES; i++) {
-      const b = ((h1 + Math.imul(i, h2)) >>> 0) & mask;
-      if ((f[b >>> 5]! & (1 << (b & 31))) === 0) return false;
-    }
-    return true;
+    return this.bloomProbe(lo, hi, false);
   }
 }
 
