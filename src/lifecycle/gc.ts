@@ -813,27 +813,25 @@ const PACKED = 74;
  * each) took ~280 bytes apiece; a slice of a million held ~250 MiB.
  */
 async function liveRecords(repo: Repository, wanted: Set<string>): Promise<Map<string, Buffer[]>> {
-  const packed = new Map<string, Buffer[]>();
-  const fill = new Map<string, number>();
+  // Per pack: its full slabs, and the one being filled with how far.
+  const packs = new Map<string, { slabs: Buffer[]; cur: Buffer; at: number }>();
   for await (const [k, v] of repo.db.iterator(pass(K_CHUNK))) {
     if (!isLocation(v)) continue;
     const id = v.toString('hex', 0, 16);
     if (!wanted.has(id)) continue;
-    let slabs = packed.get(id);
-    if (!slabs) packed.set(id, (slabs = []));
-    let at = fill.get(id) ?? 0;
-    if (!slabs.length || at + PACKED > slabs[slabs.length - 1]!.length) {
-      slabs.push(Buffer.allocUnsafe(PACKED * 4096));
-      at = 0;
+    let p = packs.get(id);
+    if (!p) packs.set(id, (p = { slabs: [], cur: Buffer.allocUnsafe(PACKED * 4096), at: 0 }));
+    if (p.at + PACKED > p.cur.length) {
+      p.slabs.push(p.cur);
+      p.cur = Buffer.allocUnsafe(PACKED * 4096);
+      p.at = 0;
     }
-    const slab = slabs[slabs.length - 1]!;
-    slab.set(k.subarray(1, 33), at);
-    slab[at + 32] = v.length;
-    slab.set(v, at + 33);
-    fill.set(id, at + PACKED);
+    p.cur.set(k.subarray(1, 33), p.at);
+    p.cur[p.at + 32] = v.length;
+    p.cur.set(v, p.at + 33);
+    p.at += PACKED;
   }
-  for (const [id, slabs] of packed) slabs[slabs.length - 1] = slabs[slabs.length - 1]!.subarray(0, fill.get(id));
-  return packed;
+  return new Map([...packs].map(([id, p]) => [id, [...p.slabs, p.cur.subarray(0, p.at)]]));
 }
 
 /** One pack's gathered records as LiveRecords, in pack order (held only while that pack is rewritten). */

@@ -95,13 +95,8 @@ export class MarkSet {
     if (this.bloom) return this.bloomHas(lo, hi);
     if (lo === 0 && hi === 0) return this.zero;
     const tab = this.tables![lo & 0xff]!;
-    const slots = tab.length / 2;
-    for (let s = slotOf(lo, hi, slots); ; s = s + 1 === slots ? 0 : s + 1) {
-      const a = tab[s * 2]!;
-      const b = tab[s * 2 + 1]!;
-      if (a === 0 && b === 0) return false;
-      if (a === lo && b === hi) return true;
-    }
+    const s = probe(tab, lo, hi);
+    return tab[s * 2] !== 0 || tab[s * 2 + 1] !== 0;
   }
 
   private grow(t: number): void {
@@ -165,19 +160,23 @@ function slotOf(lo: number, hi: number, slots: number): number {
   return Math.floor((((lo >>> 8) ^ (hi << 24)) >>> 0) * (slots / 4294967296));
 }
 
-/** Put a prefix in a table with room; false when it was there. */
-function insert(tab: Uint32Array, lo: number, hi: number): boolean {
+/** The slot holding a (non-zero) prefix, or the empty slot where it would go (linear probing). */
+function probe(tab: Uint32Array, lo: number, hi: number): number {
   const slots = tab.length / 2;
   for (let s = slotOf(lo, hi, slots); ; s = s + 1 === slots ? 0 : s + 1) {
     const a = tab[s * 2]!;
     const b = tab[s * 2 + 1]!;
-    if (a === 0 && b === 0) {
-      tab[s * 2] = lo;
-      tab[s * 2 + 1] = hi;
-      return true;
-    }
-    if (a === lo && b === hi) return false;
+    if ((a === 0 && b === 0) || (a === lo && b === hi)) return s;
   }
+}
+
+/** Put a prefix in a table with room; false when it was there. */
+function insert(tab: Uint32Array, lo: number, hi: number): boolean {
+  const s = probe(tab, lo, hi);
+  if (tab[s * 2] !== 0 || tab[s * 2 + 1] !== 0) return false;
+  tab[s * 2] = lo;
+  tab[s * 2 + 1] = hi;
+  return true;
 }
 
 /** murmur3's 32-bit finaliser: spreads salted words over all bits. */
@@ -194,13 +193,17 @@ function mix(h: number): number {
  * pack id's first 8 bytes mixed with the offset, so that places spread over the tables.
  */
 export function placeKey(loc: Uint8Array, into: Uint8Array): Uint8Array {
-  const dv = new DataView(loc.buffer, loc.byteOffset, loc.byteLength);
-  const offLo = dv.getUint32(16, true);
-  const offHi = dv.getUint32(20, true);
-  const a = mix((word(loc, 0) ^ offLo) >>> 0);
-  const b = mix((word(loc, 4) ^ Math.imul(offHi ^ offLo, 0x9e3779b1)) >>> 0);
-  const o = new DataView(into.buffer, into.byteOffset, 8);
-  o.setUint32(0, a, true);
-  o.setUint32(4, b, true);
+  const offLo = word(loc, 16);
+  const offHi = word(loc, 20);
+  putWord(into, 0, mix((word(loc, 0) ^ offLo) >>> 0));
+  putWord(into, 4, mix((word(loc, 4) ^ Math.imul(offHi ^ offLo, 0x9e3779b1)) >>> 0));
   return into;
+}
+
+/** `word`'s inverse: `v` as 4 little-endian bytes at `at`. */
+function putWord(d: Uint8Array, at: number, v: number): void {
+  d[at] = v & 0xff;
+  d[at + 1] = (v >>> 8) & 0xff;
+  d[at + 2] = (v >>> 16) & 0xff;
+  d[at + 3] = v >>> 24;
 }
