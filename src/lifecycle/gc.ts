@@ -110,7 +110,6 @@ const LEAF_BATCH = 256;
 /** Live chunk records of packs being rewritten gathered at once (PACKED bytes each), and one pass over the chunk entries per slice. */
 const REPACK_ENTRIES = 1 << 20;
 const SYNC = { sync: true } as object;
-const SYNC_POINT_KEY = Buffer.from('\x00gc-sync-point', 'latin1');
 const WINDOW = 8 << 20;
 const MAX_GAP = 256 << 10;
 
@@ -436,13 +435,12 @@ async function condemnUnreferenced(repo: Repository, first: Marks, report: (line
     ops.push({ type: 'put', key: condemnedKey(k.subarray(1)), value: Buffer.from(v) });
     n++;
     if (ops.length >= BATCH) {
-      await db.batch(ops);
+      await db.batch(ops, SYNC);
       ops = [];
       report(`gc: condemning unreferenced chunks: ${n}`);
     }
   }
-  if (ops.length) await db.batch(ops);
-  await syncPoint(repo);
+  if (ops.length) await db.batch(ops, SYNC);
   return n;
 }
 
@@ -511,21 +509,8 @@ async function spareRemarked(repo: Repository, marks: MarkSet, res: GcResult, re
  */
 async function finishSwept(repo: Repository): Promise<void> {
   for await (const part of condemnedBatches(repo)) {
-    await repo.db.batch(part.flatMap((p) => [{ type: 'del' as const, key: condemnedKey(p.d) }, { type: 'del' as const, key: damagedKey(p.d) }]));
+    await repo.db.batch(part.flatMap((p) => [{ type: 'del' as const, key: condemnedKey(p.d) }, { type: 'del' as const, key: damagedKey(p.d) }]), SYNC);
   }
-  await syncPoint(repo);
-}
-
-/**
- * Make every write before it durable: LevelDB's log is written in order, so one synced
- * write syncs all earlier ones. Phases that write many batches (condemning, finishing)
- * write them unsynced and end with this: a sync per batch was most of gc's time on large
- * repositories (native-notes/performance.md, "gc at scale"). A crash in
- * between loses a suffix of the batches, which recoverLeftovers sorts out as it sorts out
- * any interrupted gc. The key deleted is one nothing writes (prefix 0 is unused).
- */
-async function syncPoint(repo: Repository): Promise<void> {
-  await repo.db.batch([{ type: 'del', key: SYNC_POINT_KEY }], SYNC);
 }
 
 /**
