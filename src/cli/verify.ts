@@ -5,6 +5,7 @@ import { VerifyReport, verify } from '../lifecycle/verify.js';
 import { bytes, duration } from '../util/format.js';
 import { GenvaultError, REPAIR_HINT, UsageError } from '../util/errors.js';
 import { Progress } from '../util/progress.js';
+import { verifyBucketChunks } from '../util/testhooks.js';
 import { action, errorLine, localRepoDir, openRepository, printJson, wantsJson } from './common.js';
 import { percentArg } from './options.js';
 
@@ -129,17 +130,18 @@ export function register(program: Command): void {
         } catch (e) {
           throw couldNotRun(e);
         }
-        // One bar per phase (record headers, then chunk data), on a terminal only.
+        // One bar per phase (packs, map leaves, chunks), on a terminal only.
         let progress: Progress | null = null;
         let phase = '';
         try {
           report = await verify(repo, {
             full: o.full,
             samplePercent,
+            bucketChunks: verifyBucketChunks(),
             onProgress: (p, d, t) => {
               if (p !== phase) {
                 progress?.done();
-                progress = new Progress(p === 'packs' ? 'verify packs' : p === 'headers' ? 'verify headers' : 'verify data');
+                progress = new Progress(`verify ${p}`);
                 phase = p;
               }
               progress!.update(d, t);

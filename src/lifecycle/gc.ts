@@ -39,6 +39,7 @@ import { PackWriter } from '../store/pack-writer.js';
 import { listPacks, readRecordSpan } from '../store/pack-reader.js';
 import { Repository } from '../repository/repository.js';
 import { MarkSet, placeKey } from '../util/mark-set.js';
+import { Spill } from '../util/spill.js';
 import { type MetaLiveness, type MetaScan, readLiveMeta, readLiveness, scanMeta } from './gc-meta.js';
 
 export interface GcOptions {
@@ -107,8 +108,6 @@ export interface GcResult {
 
 const BATCH = 2048;
 const LEAF_BATCH = 256;
-/** Live chunk records of packs being rewritten gathered at once (PACKED bytes each), and one pass over the chunk entries per slice. */
-const REPACK_ENTRIES = 1 << 20;
 const SYNC = { sync: true } as object;
 const WINDOW = 8 << 20;
 const MAX_GAP = 256 << 10;
@@ -752,81 +751,58 @@ async function repack(repo: Repository, writer: WriterRegistration, threshold: n
   if (!rewrite.length) return;
 
   const out: { w: PackWriter | null } = { w: null };
-  let n = 0;
+  const records = await liveRecords(repo, rewrite.map((r) => r.id));
   try {
-    for (const slice of slices(rewrite, (r) => plan.liveEntries.get(r.id) ?? 0, REPACK_ENTRIES)) {
-      const records = await liveRecords(repo, new Set(slice.map((r) => r.id)));
-      for (const { id, scan } of slice) {
-        n++;
-        await rewritePack(repo, writer, out, id, unpack(records.get(id)), scan, res);
-        records.delete(id);
-        report(`gc: rewriting packs: ${n}/${rewrite.length}, ${bytes(res.bytesCopied)} of live data copied`);
-      }
+    for (let n = 0; n < rewrite.length; n++) {
+      const { id, scan } = rewrite[n]!;
+      await rewritePack(repo, writer, out, id, unpack(await records.read(n)), scan, res);
+      report(`gc: rewriting packs: ${n + 1}/${rewrite.length}, ${bytes(res.bytesCopied)} of live data copied`);
     }
   } finally {
     await out.w?.close().catch(() => undefined);
+    await records.close();
   }
-}
-
-/**
- * `items` in consecutive slices of at most `max` by `weight` (an item heavier than that
- * alone): the packs to rewrite, so that the live records held at once stay bounded.
- */
-function slices<T>(items: T[], weight: (t: T) => number, max: number): T[][] {
-  const out: T[][] = [];
-  let cur: T[] = [];
-  let w = 0;
-  for (const it of items) {
-    if (cur.length && w + weight(it) > max) {
-      out.push(cur);
-      cur = [];
-      w = 0;
-    }
-    cur.push(it);
-    w += weight(it);
-  }
-  if (cur.length) out.push(cur);
-  return out;
 }
 
 /** Bytes a live record takes while gathered: digest (32), location length (1), location (up to 41). */
 const PACKED = 74;
 
 /**
- * The live chunk records of the packs `wanted`, by pack, packed into slabs of PACKED bytes
- * each: one pass over the chunk entries. Records as objects (two Buffers and an object
- * each) took ~280 bytes apiece; a slice of a million held ~250 MiB.
+ * The live chunk records of the packs `ids`, in one pass over the chunk entries, spilled to
+ * disk in one bucket per pack (bucket n: ids[n]) of PACKED bytes each. At tens of millions
+ * of chunks neither the records nor a pass per few packs can be afforded: records as
+ * objects took ~280 bytes apiece, and gathering a million at a time (bounded memory) made
+ * one more pass over every chunk entry per million, which grew faster than the index.
  */
-async function liveRecords(repo: Repository, wanted: Set<string>): Promise<Map<string, Buffer[]>> {
-  // Per pack: its full slabs, and the one being filled with how far.
-  const packs = new Map<string, { slabs: Buffer[]; cur: Buffer; at: number }>();
-  for await (const [k, v] of repo.db.iterator(pass(K_CHUNK))) {
-    if (!isLocation(v)) continue;
-    const id = v.toString('hex', 0, 16);
-    if (!wanted.has(id)) continue;
-    let p = packs.get(id);
-    if (!p) packs.set(id, (p = { slabs: [], cur: Buffer.allocUnsafe(PACKED * 4096), at: 0 }));
-    if (p.at + PACKED > p.cur.length) {
-      p.slabs.push(p.cur);
-      p.cur = Buffer.allocUnsafe(PACKED * 4096);
-      p.at = 0;
+async function liveRecords(repo: Repository, ids: string[]): Promise<Spill> {
+  const bucketOf = new Map(ids.map((id, n) => [id, n]));
+  const spill = await Spill.create('genvault-gc-repack', ids.length, PACKED);
+  try {
+    const rec = Buffer.alloc(PACKED);
+    for await (const [k, v] of repo.db.iterator(pass(K_CHUNK))) {
+      if (!isLocation(v)) continue;
+      const b = bucketOf.get(v.toString('hex', 0, 16));
+      if (b === undefined) continue;
+      k.copy(rec, 0, 1, 33);
+      rec[32] = v.length;
+      rec.set(v, 33);
+      spill.append(b, rec);
+      if (spill.pendingBytes >= 16 << 20) await spill.drain();
     }
-    p.cur.set(k.subarray(1, 33), p.at);
-    p.cur[p.at + 32] = v.length;
-    p.cur.set(v, p.at + 33);
-    p.at += PACKED;
+    await spill.finish();
+    return spill;
+  } catch (e) {
+    await spill.close();
+    throw e;
   }
-  return new Map([...packs].map(([id, p]) => [id, [...p.slabs, p.cur.subarray(0, p.at)]]));
 }
 
 /** One pack's gathered records as LiveRecords, in pack order (held only while that pack is rewritten). */
-function unpack(slabs: Buffer[] | undefined): LiveRecord[] {
+function unpack(slab: Buffer): LiveRecord[] {
   const out: LiveRecord[] = [];
-  for (const slab of slabs ?? []) {
-    for (let at = 0; at < slab.length; at += PACKED) {
-      const loc = Buffer.from(slab.subarray(at + 33, at + 33 + slab[at + 32]!));
-      out.push({ d: Buffer.from(slab.subarray(at, at + 32)), loc, offset: Number(loc.readBigUInt64LE(16)), length: RECORD_HEADER_SIZE + loc.readUInt32LE(24) });
-    }
+  for (let at = 0; at < slab.length; at += PACKED) {
+    const loc = Buffer.from(slab.subarray(at + 33, at + 33 + slab[at + 32]!));
+    out.push({ d: Buffer.from(slab.subarray(at, at + 32)), loc, offset: Number(loc.readBigUInt64LE(16)), length: RECORD_HEADER_SIZE + loc.readUInt32LE(24) });
   }
   return out.sort((a, b) => a.offset - b.offset);
 }

@@ -15,6 +15,10 @@
  *   BLAKE3 (format 2) are checked against it as well as against their SHA-256, and every
  *   map entry naming a chunk must give the same BLAKE3: restore and the mount rely on it.
  *
+ * Memory stays bounded however many chunks there are: references and chunks go through
+ * spill files in buckets (util/spill.ts), and one bucket is checked at a time; what is
+ * held whole is per generation, leaf, pack or damaged chunk, not per chunk.
+ *
  * Only when damage is found is every map walked a second time, to turn damaged chunks and
  * leaves into (generation, image byte range) pairs.
  *
@@ -34,9 +38,7 @@ import {
   PACK_HEADER_SIZE,
   RECORD_HEADER_BAD,
   RECORD_HEADER_SIZE,
-  ChunkLocation,
   checkRecord,
-  decodeLocation,
   isLocation,
   packObject,
 } from '../format/pack.js';
@@ -44,6 +46,7 @@ import { looseModes } from '../repository/perms.js';
 import { packsAgree } from './index-diff.js';
 import { Repository } from '../repository/repository.js';
 import { PackReader, readPackHeader } from '../store/pack-reader.js';
+import { Spill } from '../util/spill.js';
 import type { LoadItem } from '../work/protocol.js';
 
 export interface VerifyOptions {
@@ -51,10 +54,15 @@ export interface VerifyOptions {
   full?: boolean;
   /** Read, decompress and re-hash this percentage (0 < p <= 100) of the chunks, chosen at random. */
   samplePercent?: number;
-  /** Progress in bytes: stored bytes whose headers were checked, then raw bytes re-hashed. */
-  onProgress?: (phase: 'packs' | 'headers' | 'data', done: number, total: number) => void;
+  /**
+   * Progress: packs compared with the index (bytes), map leaves read, then chunks checked
+   * (stored bytes of the record headers checked plus raw bytes of the records re-hashed).
+   */
+  onProgress?: (phase: 'packs' | 'maps' | 'chunks', done: number, total: number) => void;
   /** Random source for sampling (tests). */
   random?: () => number;
+  /** Chunks a spill bucket aims at (tests: small buckets cross bucket edges). */
+  bucketChunks?: number;
 }
 
 export interface Range {
@@ -122,27 +130,63 @@ export interface VerifyReport {
 }
 
 /** Per (damaged chunk, generation): ranges listed before the rest are only counted. */
+/** Per (damaged chunk, generation): ranges listed before the rest are only counted. */
 const MAX_RANGES_PER_CHUNK = 64;
 const LEAF_BATCH = 256;
 const INDEX_BATCH = 4096;
 const HEADER_READS = 16;
+/** Chunks a bucket aims at: one bucket's table is what verify holds per chunk at once (~30 MB). */
+const BUCKET_CHUNKS = 1 << 18;
+/** At most 2^13 buckets (chosen by the first 13 bits of a digest); past ~2 billion references buckets grow. */
+const MAX_BUCKET_BITS = 13;
+/** A reference: digest, whether a BLAKE3 follows, the BLAKE3 (when reads check it; else the digest alone). */
+const REF_FAST = 65;
+/** A located chunk: digest, location length, location (up to 41), whether a BLAKE3 follows, the BLAKE3. */
+const PLACED = 107;
 
 const hex = (bin: string) => Buffer.from(bin, 'binary').toString('hex');
 
-/** The distinct data chunks the maps reference, column by column, and the packs they lie in. */
+/** The packs chunks lie in, numbered as found. Memory per pack, not per chunk. */
+interface Packs {
+  ids: string[];
+  idx: Map<string, number>;
+  /** File size (-1: missing or unreadable) and committed size (-1: unknown), from checkPacks. */
+  size: number[];
+  committed: number[];
+  /** Referenced chunks whose index entry points into the pack. */
+  refs: number[];
+}
+
+/** Chunks of one bucket (or the ones gc moved), column by column. */
 interface ChunkTable {
-  chunkIdx: Map<string, number>; // chunk digest (binary) -> index into the arrays below
-  digests: string[];
-  packOf: number[]; // index into packIds, -1 when not in the index
-  offsets: number[];
-  storedLen: number[];
-  rawLen: number[];
-  comps: number[];
+  digests: string[]; // binary strings
+  packOf: Int32Array;
+  offsets: Float64Array;
+  storedLen: Uint32Array;
+  rawLen: Uint32Array;
+  comps: Uint8Array;
   /** Group members (format 3): offset in the group's decoded bytes and the group's length; -1 otherwise. */
-  inners: number[];
-  groupRaws: number[];
-  packIds: string[];
-  packIdx: Map<string, number>;
+  inners: Int32Array;
+  groupRaws: Uint32Array;
+  /** The BLAKE3 the map entries give (binary), when reads check it. */
+  fasts: Array<string | null>;
+  /** Chunk number -> problem, while the table is worked on. */
+  damaged: Map<number, string>;
+}
+
+/** A damaged chunk: its problem and where its index entry pointed (pack -1: nowhere). */
+interface Damage {
+  problem: string;
+  pack: number;
+  offset: number;
+  fast: string | null;
+}
+
+/** Selection sampling (Knuth's algorithm S): exactly `want` of the next `left` chunks, each equally likely. */
+interface Selection {
+  want: number;
+  left: number;
+  random: () => number;
 }
 
 /** What the steps of one verify run share. */
@@ -151,20 +195,28 @@ interface VerifyRun {
   opts: VerifyOptions;
   /** Full or sampled reads: map entries' BLAKE3s are collected for them. */
   readsData: boolean;
+  bucketChunks: number;
   genProblems: Map<string, AffectedGeneration>; // key: hex of the g key
   gens: Generation[];
   genKeyHex: Map<string, string>; // generation id -> hex of its g key
   leafInfo: Map<string, { bytes: number; chunks: number }>; // leaf digest (binary) -> what maps say
-  fastOf: Map<string, string>; // chunk digest -> BLAKE3 from the map entries (binary strings)
-  fastConflicts: Set<string>; // chunks whose map entries give different BLAKE3s
   damagedLeaves: Map<string, string>; // leaf digest (binary) -> problem
-  chunks: ChunkTable;
-  damaged: Map<number, string>; // chunk index -> problem
+  packs: Packs;
+  /** Distinct data chunks referenced, and those of them with a chunk index entry. */
+  nChunks: number;
+  nLocated: number;
+  /** Of the located chunks: record headers and payloads (stored), and raw bytes. */
+  storedTotal: number;
+  rawTotal: number;
+  damaged: Map<string, Damage>; // chunk digest (binary) -> damage
+  /** Chunks whose map entries give different BLAKE3s, and where they lie once looked up. */
+  conflicts: Map<string, { pack: number; offset: number } | null>;
   damagedPacks: DamagedPack[];
+  selection: Selection;
+  progress: { done: number; total: number };
   headersChecked: number;
   chunksRead: number;
   dataDone: number;
-  dataTotal: number;
 }
 
 type GenBase = Omit<AffectedGeneration, 'problems' | 'ranges' | 'whole'>;
@@ -177,7 +229,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
   const warnings = await looseModes(repo.dir, repo.config);
   const run = newRun(repo, opts);
 
-  // Plan: generation records and maps, index-wide damage, leaves and the chunks they name.
+  // Plan: generation records and maps, index-wide damage.
   await readGenerations(run);
   const indexProblems = await readIndexProblems(repo);
   // Without the key (`verify --without-key`) an encrypted repository's sealed metadata
@@ -189,20 +241,22 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
     const agree = await packsAgree(repo.store, repo.db, (d, t) => opts.onProgress?.('packs', d, t), repo.keys, repo.genIndex);
     indexProblems.push(...agree.problems);
   }
-  await readLeaves(run);
-  const nChunks = run.chunks.digests.length;
-  const nPacks = run.chunks.packIds.length;
 
-  // Execute: packs, record headers, full reads, chunks gc moved meanwhile.
-  await checkPacks(run);
-  const fullSet = chooseFullSet(nChunks, sample, opts.random);
-  await checkHeaders(run, fullSet);
-  await readData(run, fullSet);
+  // Execute: the chunks the leaves name, one bucket at a time (pack by pack within each),
+  // then chunks gc moved meanwhile.
+  const placed = await indexChunks(run);
+  try {
+    await checkPacks(run);
+    startChecks(run, sample);
+    for (let b = 0; b < placed.buckets; b++) await checkBucket(run, await placed.read(b));
+  } finally {
+    await placed.close();
+  }
   if (run.damaged.size) await recheckMoved(run);
   markFastConflicts(run);
 
   const damagedChunks = await nameAffected(run);
-  return buildReport(run, { started, mode, sample, nChunks, nPacks, damagedChunks, indexProblems, warnings });
+  return buildReport(run, { started, mode, sample, damagedChunks, indexProblems, warnings });
 }
 
 function newRun(repo: Repository, opts: VerifyOptions): VerifyRun {
@@ -210,32 +264,25 @@ function newRun(repo: Repository, opts: VerifyOptions): VerifyRun {
     repo,
     opts,
     readsData: !!opts.full || !!opts.samplePercent,
+    bucketChunks: opts.bucketChunks ?? BUCKET_CHUNKS,
     genProblems: new Map(),
     gens: [],
     genKeyHex: new Map(),
     leafInfo: new Map(),
-    fastOf: new Map(),
-    fastConflicts: new Set(),
     damagedLeaves: new Map(),
-    chunks: {
-      chunkIdx: new Map(),
-      digests: [],
-      packOf: [],
-      offsets: [],
-      storedLen: [],
-      rawLen: [],
-      comps: [],
-      inners: [],
-      groupRaws: [],
-      packIds: [],
-      packIdx: new Map(),
-    },
+    packs: { ids: [], idx: new Map(), size: [], committed: [], refs: [] },
+    nChunks: 0,
+    nLocated: 0,
+    storedTotal: 0,
+    rawTotal: 0,
     damaged: new Map(),
+    conflicts: new Map(),
     damagedPacks: [],
+    selection: { want: 0, left: 0, random: opts.random ?? Math.random },
+    progress: { done: 0, total: 0 },
     headersChecked: 0,
     chunksRead: 0,
     dataDone: 0,
-    dataTotal: 0,
   };
 }
 
@@ -323,13 +370,40 @@ async function readIndexProblems(repo: Repository): Promise<string[]> {
   }
   return indexProblems;
 }
+/**
+ * Steps 2 and 3: the data chunks every leaf names, looked up in the chunk index. At tens
+ * of millions of chunks neither the references nor the chunks fit in memory as objects
+ * (~300 bytes each), so both go through spill files: references into buckets by their
+ * digest's first bits (all references to a chunk meet in one bucket, where they are
+ * deduplicated and looked up in digest order), located chunks into buckets by pack.
+ * Returns the latter, for the checks.
+ */
+async function indexChunks(run: VerifyRun): Promise<Spill> {
+  let upper = 0; // references, at most: zero chunks are counted too
+  for (const l of run.leafInfo.values()) upper += l.chunks;
+  const bits = Math.min(MAX_BUCKET_BITS, Math.max(0, Math.ceil(Math.log2(upper / run.bucketChunks))));
+  const refs = await Spill.create('genvault-verify-refs', 1 << bits, run.readsData ? REF_FAST : 32);
+  let placed: Spill | null = null;
+  try {
+    await readLeaves(run, refs, bits);
+    await refs.finish();
+    placed = await Spill.create('genvault-verify-chunks', 1 << bits, PLACED);
+    for (let b = 0; b < refs.buckets; b++) await resolveBucket(run, await refs.read(b), refs.recordSize, placed);
+    await placed.finish();
+    return placed;
+  } catch (e) {
+    await placed?.close();
+    throw e;
+  } finally {
+    await refs.close();
+  }
+}
 
-/** Step 2: the leaves, and the data chunks they reference with their index entries. */
-async function readLeaves(run: VerifyRun): Promise<void> {
+/** Step 2: the leaves, checked; their data chunk references (and BLAKE3s) into `refs`. */
+async function readLeaves(run: VerifyRun, refs: Spill, bits: number): Promise<void> {
   const { repo, leafInfo, damagedLeaves } = run;
-  let pending: string[] = [];
-  const queued = new Set<string>();
   const leafList = [...leafInfo.keys()];
+  const rec = Buffer.alloc(refs.recordSize);
   for (let at = 0; at < leafList.length; at += LEAF_BATCH) {
     const batch = leafList.slice(at, at + LEAF_BATCH);
     const vals = await repo.db.getMany(batch.map((d) => leafKey(Buffer.from(d, 'binary'))));
@@ -340,107 +414,146 @@ async function readLeaves(run: VerifyRun): Promise<void> {
         damagedLeaves.set(d, 'map leaf is missing');
         continue;
       }
-      let leaf;
+      let leaf: Leaf;
       try {
         leaf = checkedLeaf(raw, Buffer.from(d, 'binary'), leafInfo.get(d)!);
       } catch (e) {
         damagedLeaves.set(d, (e as Error).message);
         continue;
       }
-      queueLeafChunks(run, leaf, queued, pending);
+      for (let ci = 0; ci < leaf.lengths.length; ci++) {
+        if (leaf.zero[ci]) continue;
+        leaf.digests.copy(rec, 0, ci * 32, ci * 32 + 32);
+        if (refs.recordSize === REF_FAST) {
+          rec[32] = leaf.hasFast[ci] ? 1 : 0;
+          if (leaf.hasFast[ci]) leaf.fast.copy(rec, 33, ci * 32, ci * 32 + 32);
+        }
+        refs.append(bits ? ((rec[0]! << 8) | rec[1]!) >>> (16 - bits) : 0, rec);
+      }
     }
-    if (pending.length >= INDEX_BATCH) {
-      await resolveChunks(run, pending);
-      pending = [];
-      queued.clear();
-    }
-  }
-  await resolveChunks(run, pending);
-  queued.clear();
-}
-
-/** Queue a leaf's data chunks not seen yet, and collect the BLAKE3s its entries give. */
-function queueLeafChunks(run: VerifyRun, leaf: Leaf, queued: Set<string>, pending: string[]): void {
-  const { fastOf, fastConflicts } = run;
-  for (let ci = 0; ci < leaf.lengths.length; ci++) {
-    if (leaf.zero[ci]) continue;
-    const cd = leaf.digests.toString('binary', ci * 32, ci * 32 + 32);
-    if (run.readsData && leaf.hasFast[ci]) {
-      // Reads check a chunk against the BLAKE3 in its map entry: every entry naming the
-      // chunk must give the same one, and full reads check it against the data.
-      const f = leaf.fast.toString('binary', ci * 32, ci * 32 + 32);
-      const seen = fastOf.get(cd);
-      if (seen === undefined) fastOf.set(cd, f);
-      else if (seen !== f) fastConflicts.add(cd);
-    }
-    if (run.chunks.chunkIdx.has(cd) || queued.has(cd)) continue;
-    queued.add(cd);
-    pending.push(cd);
+    await refs.drain();
+    run.opts.onProgress?.('maps', Math.min(at + LEAF_BATCH, leafList.length), leafList.length);
   }
 }
 
-/** Look up the index entries of these chunks (one getMany) and add them to the table. */
-async function resolveChunks(run: VerifyRun, list: string[]): Promise<void> {
-  if (!list.length) return;
-  const t = run.chunks;
-  const vals = await run.repo.db.getMany(list.map((d) => chunkKey(Buffer.from(d, 'binary'))));
-  list.forEach((d, j) => {
-    const i = t.digests.length;
-    t.chunkIdx.set(d, i);
-    t.digests.push(d);
-    const v = vals[j];
-    if (!isLocation(v)) {
-      setLocation(t, i, null);
-      run.damaged.set(i, v ? 'its chunk index entry is corrupt' : 'missing from the chunk index');
-      return;
-    }
-    setLocation(t, i, decodeLocation(v));
-  });
-}
-
-/** Set chunk i's place (null: not in the index), numbering its pack if new. */
-function setLocation(t: ChunkTable, i: number, loc: ChunkLocation | null): void {
-  let p = -1;
-  if (loc) {
-    const known = t.packIdx.get(loc.packId);
-    if (known !== undefined) p = known;
-    else {
-      p = t.packIds.length;
-      t.packIds.push(loc.packId);
-      t.packIdx.set(loc.packId, p);
-    }
+/**
+ * Step 3, one bucket of references: the distinct chunks, each looked up in the chunk index
+ * (a missing or corrupt entry is damage), the located ones into `placed` by pack. Every
+ * map entry naming a chunk must give the same BLAKE3 (restore and the mount rely on it):
+ * full reads check the data against it.
+ */
+async function resolveBucket(run: VerifyRun, refs: Buffer, size: number, placed: Spill): Promise<void> {
+  const fastOf = new Map<string, string>(); // chunk -> BLAKE3 ('' while no entry gave one)
+  for (let at = 0; at < refs.length; at += size) {
+    const d = refs.toString('binary', at, at + 32);
+    const f = size === REF_FAST && refs[at + 32] ? refs.toString('binary', at + 33, at + 65) : '';
+    const seen = fastOf.get(d);
+    if (seen === undefined || (seen === '' && f)) fastOf.set(d, f);
+    else if (f && seen !== f) run.conflicts.set(d, null);
   }
-  t.packOf[i] = p;
-  t.offsets[i] = loc ? loc.offset : 0;
-  t.storedLen[i] = loc ? loc.storedLength : 0;
-  t.rawLen[i] = loc ? loc.rawLength : 0;
-  t.comps[i] = loc ? loc.compression : 0;
-  t.inners[i] = loc?.inner ?? -1;
-  t.groupRaws[i] = loc?.groupRaw ?? 0;
+  const list = [...fastOf.keys()].sort(); // key order: the lookups walk the index forwards
+  const rec = Buffer.alloc(PLACED);
+  for (let at = 0; at < list.length; at += INDEX_BATCH) {
+    const part = list.slice(at, at + INDEX_BATCH);
+    const vals = await run.repo.db.getMany(part.map((d) => chunkKey(Buffer.from(d, 'binary'))));
+    part.forEach((d, j) => {
+      run.nChunks++;
+      const fast = fastOf.get(d) || null;
+      const v = vals[j];
+      if (!isLocation(v)) {
+        run.damaged.set(d, { problem: v ? 'its chunk index entry is corrupt' : 'missing from the chunk index', pack: -1, offset: 0, fast });
+        return;
+      }
+      const loc = Buffer.from(v.buffer, v.byteOffset, v.byteLength);
+      const p = packNumber(run.packs, loc);
+      run.packs.refs[p]!++;
+      run.nLocated++;
+      run.storedTotal += RECORD_HEADER_SIZE + loc.readUInt32LE(24);
+      run.rawTotal += loc.readUInt32LE(28);
+      if (run.conflicts.has(d)) run.conflicts.set(d, { pack: p, offset: offsetOf(loc) });
+      rec.write(d, 0, 32, 'binary');
+      rec[32] = loc.length;
+      loc.copy(rec, 33);
+      rec[74] = fast === null ? 0 : 1;
+      if (fast !== null) rec.write(fast, 75, 32, 'binary');
+      placed.append(p % placed.buckets, rec);
+    });
+    await placed.drain();
+  }
 }
 
-/** Step 3: packs present, committed size recorded, long enough for every record. */
+/** The number of the pack a location names, numbering it if new. */
+function packNumber(packs: Packs, loc: Buffer): number {
+  const id = loc.toString('hex', 0, 16);
+  let p = packs.idx.get(id);
+  if (p === undefined) {
+    p = packs.ids.length;
+    packs.ids.push(id);
+    packs.idx.set(id, p);
+    packs.size.push(-1);
+    packs.committed.push(-1);
+    packs.refs.push(0);
+  }
+  return p;
+}
+
+/** A location's record offset (a u64 as two u32 halves: no BigInt per chunk). */
+function offsetOf(loc: Buffer): number {
+  return loc.readUInt32LE(16) + loc.readUInt32LE(20) * 0x1_0000_0000;
+}
+
+/** A table of n chunks. */
+function newTable(n: number): ChunkTable {
+  return {
+    digests: new Array<string>(n),
+    packOf: new Int32Array(n),
+    offsets: new Float64Array(n),
+    storedLen: new Uint32Array(n),
+    rawLen: new Uint32Array(n),
+    comps: new Uint8Array(n),
+    inners: new Int32Array(n),
+    groupRaws: new Uint32Array(n),
+    fasts: new Array<string | null>(n).fill(null),
+    damaged: new Map(),
+  };
+}
+
+/** Chunk i of t: digest d, index entry `loc`. */
+function setChunk(run: VerifyRun, t: ChunkTable, i: number, d: string, loc: Buffer, fast: string | null): void {
+  const group = loc.length >= 41;
+  t.digests[i] = d;
+  t.packOf[i] = packNumber(run.packs, loc);
+  t.offsets[i] = offsetOf(loc);
+  t.storedLen[i] = loc.readUInt32LE(24);
+  t.rawLen[i] = loc.readUInt32LE(28);
+  t.comps[i] = loc[32]!;
+  t.inners[i] = group ? loc.readUInt32LE(33) : -1;
+  t.groupRaws[i] = group ? loc.readUInt32LE(37) : 0;
+  t.fasts[i] = fast;
+}
+
+/** A bucket of located chunks (PLACED records) as a table. */
+function tableOf(run: VerifyRun, slab: Buffer): ChunkTable {
+  const n = slab.length / PLACED;
+  const t = newTable(n);
+  for (let i = 0, at = 0; i < n; i++, at += PLACED) {
+    const loc = slab.subarray(at + 33, at + 33 + slab[at + 32]!);
+    const fast = slab[at + 74] ? slab.toString('binary', at + 75, at + 107) : null;
+    setChunk(run, t, i, slab.toString('binary', at, at + 32), loc, fast);
+  }
+  return t;
+}
+
+/** Step 4: every pack a chunk lies in: present, committed size recorded, header sound. */
 async function checkPacks(run: VerifyRun): Promise<void> {
-  const t = run.chunks;
-  const packSize: number[] = new Array(t.packIds.length).fill(-1); // -1: unreadable
-  const packCommitted: number[] = new Array(t.packIds.length).fill(-1); // -1: unknown
-  for (let p = 0; p < t.packIds.length; p++) {
-    const id = t.packIds[p]!;
-    packSize[p] = await checkPackFile(run, id);
-    const committed = await readCommitted(run, id);
-    packCommitted[p] = committed;
-    if (packSize[p]! >= 0 && committed > packSize[p]!) {
-      run.damagedPacks.push({ pack: id, problem: `pack file has ${packSize[p]} bytes, less than its committed size ${committed}` });
+  const { packs } = run;
+  for (let p = 0; p < packs.ids.length; p++) {
+    const id = packs.ids[p]!;
+    packs.size[p] = await checkPackFile(run, id);
+    packs.committed[p] = await readCommitted(run, id);
+    if (packs.size[p]! >= 0 && packs.committed[p]! > packs.size[p]!) {
+      run.damagedPacks.push({ pack: id, problem: `pack file has ${packs.size[p]} bytes, less than its committed size ${packs.committed[p]}` });
     }
-  }
-  for (let i = 0; i < t.digests.length; i++) {
-    if (run.damaged.has(i)) continue;
-    const p = t.packOf[i]!;
-    const end = t.offsets[i]! + RECORD_HEADER_SIZE + t.storedLen[i]!;
-    if (packSize[p] === -1) run.damaged.set(i, `pack ${t.packIds[p]} is missing or unreadable`);
-    else if (t.offsets[i]! < PACK_HEADER_SIZE) run.damaged.set(i, `chunk index entry points into the pack header`);
-    else if (end > packSize[p]!) run.damaged.set(i, `pack file too short (record ends at ${end}, the file has ${packSize[p]} bytes)`);
-    else if (packCommitted[p]! >= 0 && end > packCommitted[p]!) run.damaged.set(i, `record lies past the pack's committed size ${packCommitted[p]}`);
   }
 }
 
@@ -480,51 +593,73 @@ async function readCommitted(run: VerifyRun, id: string): Promise<number> {
   return committed;
 }
 
-/** Which chunks get the full read: all, a random sample, or none. */
-function chooseFullSet(nChunks: number, sample: number, random: (() => number) | undefined): Uint8Array {
-  const fullSet = new Uint8Array(nChunks);
-  if (sample >= 100) fullSet.fill(1);
-  else if (sample > 0 && nChunks) {
-    const want = Math.min(nChunks, Math.ceil((nChunks * sample) / 100));
-    const order = Array.from({ length: nChunks }, (_, i) => i);
-    const rnd = random ?? Math.random;
-    for (let k = 0; k < want; k++) {
-      const j = k + Math.floor(rnd() * (nChunks - k));
-      [order[k], order[j]] = [order[j]!, order[k]!];
-      fullSet[order[k]!] = 1;
-    }
-  }
-  return fullSet;
+/** Sampling and progress, once the chunks are counted: full reads of all, none, or a share. */
+function startChecks(run: VerifyRun, sample: number): void {
+  const s = run.selection;
+  s.left = run.nLocated;
+  s.want = sample >= 100 ? run.nLocated : Math.min(run.nLocated, Math.ceil((run.nChunks * sample) / 100));
+  // Progress counts stored bytes for a header check and raw bytes for a full read.
+  const share = run.nLocated ? s.want / run.nLocated : 0;
+  run.progress.total = Math.round(run.rawTotal * share + run.storedTotal * (1 - share));
+}
+
+/** Whether the next chunk gets the full read (algorithm S: exactly `want` of `left`, at random). */
+function chooseFull(s: Selection): boolean {
+  const pick = s.want > 0 && (s.want >= s.left || s.random() * s.left < s.want);
+  s.left--;
+  if (pick) s.want--;
+  return pick;
 }
 
 const byPackOffset = (t: ChunkTable) => (a: number, b: number) =>
   t.packOf[a]! - t.packOf[b]! || t.offsets[a]! - t.offsets[b]! || t.inners[a]! - t.inners[b]!;
 
-/** Step 4: record headers of the chunks that do not get the full read, pack by pack. */
-async function checkHeaders(run: VerifyRun, fullSet: Uint8Array): Promise<void> {
-  const t = run.chunks;
+/**
+ * Step 5, one bucket: in pack and offset order, each chunk's place is checked against its
+ * pack, then its record header is read, or its whole record is read, decompressed and
+ * re-hashed in the worker pool. Damage found is kept by digest.
+ */
+async function checkBucket(run: VerifyRun, slab: Buffer): Promise<void> {
+  const t = tableOf(run, slab);
+  const order = Array.from({ length: t.digests.length }, (_, i) => i).sort(byPackOffset(t));
   const headerList: number[] = [];
-  for (let i = 0; i < t.digests.length; i++) if (!fullSet[i] && !run.damaged.has(i)) headerList.push(i);
-  headerList.sort(byPackOffset(t));
-  const progress = { done: 0, total: headerList.reduce((a, i) => a + RECORD_HEADER_SIZE + t.storedLen[i]!, 0) };
+  const fullList: number[] = [];
+  for (const i of order) {
+    const full = chooseFull(run.selection);
+    const problem = placeProblem(run.packs, t, i);
+    if (problem) t.damaged.set(i, problem);
+    else (full ? fullList : headerList).push(i);
+  }
   for (let s = 0; s < headerList.length; ) {
     const p = t.packOf[headerList[s]!]!;
     let e = s;
     while (e < headerList.length && t.packOf[headerList[e]!] === p) e++;
-    const group = headerList.slice(s, e);
+    await checkPackHeaders(run, t, p, headerList.slice(s, e));
     s = e;
-    await checkPackHeaders(run, p, group, progress);
   }
+  await readChunks(run, t, fullList, true);
+  for (const [i, problem] of t.damaged) run.damaged.set(t.digests[i]!, { problem, pack: t.packOf[i]!, offset: t.offsets[i]!, fast: t.fasts[i]! });
+}
+
+/** What is wrong with where chunk i's index entry points (pack present, long enough, committed), or null. */
+function placeProblem(packs: Packs, t: ChunkTable, i: number): string | null {
+  const p = t.packOf[i]!;
+  const end = t.offsets[i]! + RECORD_HEADER_SIZE + t.storedLen[i]!;
+  if (packs.size[p] === -1) return `pack ${packs.ids[p]} is missing or unreadable`;
+  if (t.offsets[i]! < PACK_HEADER_SIZE) return `chunk index entry points into the pack header`;
+  if (end > packs.size[p]!) return `pack file too short (record ends at ${end}, the file has ${packs.size[p]} bytes)`;
+  if (packs.committed[p]! >= 0 && end > packs.committed[p]!) return `record lies past the pack's committed size ${packs.committed[p]}`;
+  return null;
 }
 
 /** Check the record headers of these chunks of pack p, HEADER_READS reads at a time. */
-async function checkPackHeaders(run: VerifyRun, p: number, group: number[], progress: { done: number; total: number }): Promise<void> {
-  const t = run.chunks;
+async function checkPackHeaders(run: VerifyRun, t: ChunkTable, p: number, group: number[]): Promise<void> {
+  const id = run.packs.ids[p]!;
   let pack: PackReader;
   try {
-    pack = await PackReader.open(run.repo.store, t.packIds[p]!);
+    pack = await PackReader.open(run.repo.store, id);
   } catch (err) {
-    for (const i of group) run.damaged.set(i, `cannot open pack ${t.packIds[p]}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    for (const i of group) t.damaged.set(i, `cannot open pack ${id}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
     return;
   }
   let next = 0;
@@ -533,10 +668,10 @@ async function checkPackHeaders(run: VerifyRun, p: number, group: number[], prog
     while (next < group.length) {
       const i = group[next++]!;
       const problem = await headerProblem(t, i, pack, buf);
-      if (problem !== null) run.damaged.set(i, problem);
+      if (problem !== null) t.damaged.set(i, problem);
       run.headersChecked++;
-      progress.done += RECORD_HEADER_SIZE + t.storedLen[i]!;
-      run.opts.onProgress?.('headers', progress.done, progress.total);
+      run.progress.done += RECORD_HEADER_SIZE + t.storedLen[i]!;
+      run.opts.onProgress?.('chunks', run.progress.done, run.progress.total);
     }
   };
   await Promise.all(Array.from({ length: HEADER_READS }, workerFn));
@@ -560,26 +695,16 @@ async function headerProblem(t: ChunkTable, i: number, pack: PackReader, buf: Bu
   return 'problem' in c ? c.problem : null;
 }
 
-/** Step 5: full reads of the chosen chunks, decompressed and re-hashed in the worker pool. */
-async function readData(run: VerifyRun, fullSet: Uint8Array): Promise<void> {
-  const t = run.chunks;
-  const fullList: number[] = [];
-  for (let i = 0; i < t.digests.length; i++) if (fullSet[i] && !run.damaged.has(i)) fullList.push(i);
-  run.dataTotal = fullList.reduce((a, i) => a + t.rawLen[i]!, 0);
-  await readChunks(run, fullList, true);
-}
-
 /** Pool messages under way, and the first that failed. */
 interface InFlight {
   running: Set<Promise<void>>;
   failure: unknown;
 }
 
-/** Read, decompress and re-hash these chunks, ~1 MiB per message; sets or clears their entry in `damaged`. */
-async function readChunks(run: VerifyRun, list: number[], progress: boolean): Promise<void> {
+/** Read, decompress and re-hash these chunks of t, ~1 MiB per message; sets or clears their entry in t.damaged. */
+async function readChunks(run: VerifyRun, t: ChunkTable, list: number[], progress: boolean): Promise<void> {
   // Without the key nothing can be opened: chunks keep what their headers said.
   if (!list.length || (run.repo.config.encryption && !run.repo.keys)) return;
-  const t = run.chunks;
   list.sort(byPackOffset(t));
   const pool = run.repo.pool;
   const flight: InFlight = { running: new Set(), failure: null };
@@ -591,7 +716,7 @@ async function readChunks(run: VerifyRun, list: number[], progress: boolean): Pr
     const last = batch[batch.length - 1];
     const sameGroup = last !== undefined && t.comps[i] === COMP_GROUP && t.comps[last] === COMP_GROUP && t.packOf[i] === t.packOf[last] && t.offsets[i] === t.offsets[last];
     if (bytes >= 1 << 20 && !sameGroup) {
-      sendBatch(run, batch, progress, flight);
+      sendBatch(run, t, batch, progress, flight);
       batch = [];
       bytes = 0;
       while (flight.running.size >= pool.size * 2) await Promise.race(flight.running);
@@ -600,25 +725,24 @@ async function readChunks(run: VerifyRun, list: number[], progress: boolean): Pr
     batch.push(i);
     bytes += t.rawLen[i]!;
   }
-  if (batch.length && !flight.failure) sendBatch(run, batch, progress, flight);
+  if (batch.length && !flight.failure) sendBatch(run, t, batch, progress, flight);
   await Promise.all(flight.running);
   if (flight.failure) throw new GenvaultError(`verify could not read chunks: ${(flight.failure as Error).message}`, 'VERIFY', 2);
 }
 
 /** Send one batch to the worker pool (one pass: O_DIRECT) and record its results. */
-function sendBatch(run: VerifyRun, batch: number[], progress: boolean, flight: InFlight): void {
-  const t = run.chunks;
+function sendBatch(run: VerifyRun, t: ChunkTable, batch: number[], progress: boolean, flight: InFlight): void {
   const items: LoadItem[] = batch.map((i) => {
-    const fast = run.fastOf.get(t.digests[i]!);
+    const fast = t.fasts[i];
     return {
-      file: packObject(t.packIds[t.packOf[i]!]!),
+      file: packObject(run.packs.ids[t.packOf[i]!]!),
       offset: t.offsets[i]!,
       storedLength: t.storedLen[i]!,
       rawLength: t.rawLen[i]!,
       compression: t.comps[i]!,
       ...(t.comps[i] === COMP_GROUP ? { inner: t.inners[i]!, groupRaw: t.groupRaws[i]! } : {}),
       digest: Uint8Array.from(Buffer.from(t.digests[i]!, 'binary')),
-      fast: fast === undefined ? null : Uint8Array.from(Buffer.from(fast, 'binary')),
+      fast: fast == null ? null : Uint8Array.from(Buffer.from(fast, 'binary')),
       alsoSha: true,
     };
   });
@@ -627,13 +751,15 @@ function sendBatch(run: VerifyRun, batch: number[], progress: boolean, flight: I
     .then(
       ({ results }) => {
         results.forEach((r, k) => {
-          if (r.damaged) run.damaged.set(batch[k]!, r.damaged);
-          else run.damaged.delete(batch[k]!);
+          if (r.damaged) t.damaged.set(batch[k]!, r.damaged);
+          else t.damaged.delete(batch[k]!);
         });
         if (!progress) return;
+        const raw = batch.reduce((a, i) => a + t.rawLen[i]!, 0);
         run.chunksRead += batch.length;
-        run.dataDone += batch.reduce((a, i) => a + t.rawLen[i]!, 0);
-        run.opts.onProgress?.('data', run.dataDone, run.dataTotal);
+        run.dataDone += raw;
+        run.progress.done += raw;
+        run.opts.onProgress?.('chunks', run.progress.done, run.progress.total);
       },
       (e) => {
         flight.failure ??= e;
@@ -650,27 +776,34 @@ function sendBatch(run: VerifyRun, batch: number[], progress: boolean, flight: I
  * entry points at bad data is damage.
  */
 async function recheckMoved(run: VerifyRun): Promise<void> {
-  const t = run.chunks;
-  const suspects = [...run.damaged.keys()].filter((i) => t.packOf[i]! >= 0);
-  const moved: number[] = [];
+  const { packs } = run;
+  const suspects = [...run.damaged].filter(([, x]) => x.pack >= 0);
+  const moved: Array<{ d: string; loc: Buffer; was: Damage }> = [];
   for (let at = 0; at < suspects.length; at += INDEX_BATCH) {
     const part = suspects.slice(at, at + INDEX_BATCH);
-    const vals = await run.repo.db.getMany(part.map((i) => chunkKey(Buffer.from(t.digests[i]!, 'binary'))));
-    part.forEach((i, k) => {
+    const vals = await run.repo.db.getMany(part.map(([d]) => chunkKey(Buffer.from(d, 'binary'))));
+    part.forEach(([d, was], k) => {
       const v = vals[k];
       if (!isLocation(v)) return;
-      const loc = decodeLocation(v);
-      if (loc.packId === t.packIds[t.packOf[i]!] && loc.offset === t.offsets[i]) return;
-      setLocation(t, i, loc);
-      moved.push(i);
+      const loc = Buffer.from(v.buffer, v.byteOffset, v.byteLength);
+      if (loc.toString('hex', 0, 16) === packs.ids[was.pack] && offsetOf(loc) === was.offset) return;
+      moved.push({ d, loc, was });
     });
   }
-  await readChunks(run, moved, false);
+  const t = newTable(moved.length);
+  moved.forEach((m, i) => {
+    setChunk(run, t, i, m.d, m.loc, m.was.fast);
+    packs.refs[m.was.pack]!--;
+    packs.refs[t.packOf[i]!]!++;
+  });
+  await readChunks(run, t, moved.map((_, i) => i), false);
+  moved.forEach((m, i) => {
+    const problem = t.damaged.get(i);
+    if (problem === undefined) run.damaged.delete(m.d);
+    else run.damaged.set(m.d, { problem, pack: t.packOf[i]!, offset: t.offsets[i]!, fast: m.was.fast });
+  });
   // Pack problems of packs nothing points into any more (gc emptied and removed them).
-  const used = new Set(t.packOf);
-  for (let k = run.damagedPacks.length - 1; k >= 0; k--) {
-    if (!used.has(t.packIdx.get(run.damagedPacks[k]!.pack)!)) run.damagedPacks.splice(k, 1);
-  }
+  run.damagedPacks = run.damagedPacks.filter((dp) => packs.refs[packs.idx.get(dp.pack)!]! > 0);
 }
 
 /**
@@ -678,26 +811,24 @@ async function recheckMoved(run: VerifyRun): Promise<void> {
  * on one of them whatever the data holds.
  */
 function markFastConflicts(run: VerifyRun): void {
-  for (const cd of run.fastConflicts) {
-    const i = run.chunks.chunkIdx.get(cd);
-    if (i !== undefined && !run.damaged.has(i)) run.damaged.set(i, 'its map entries disagree on its BLAKE3');
+  for (const [d, place] of run.conflicts) {
+    if (place && !run.damaged.has(d)) run.damaged.set(d, { problem: 'its map entries disagree on its BLAKE3', ...place, fast: null });
   }
 }
+
 
 /**
  * Step 6: name the generations and image ranges the damage affects (a second walk of every
  * map, only when there is damage); drop damage no generation uses, and remember the rest.
  */
 async function nameAffected(run: VerifyRun): Promise<Map<string, DamagedChunk>> {
-  const t = run.chunks;
   const damagedChunks = new Map<string, DamagedChunk>();
-  for (const [i, problem] of run.damaged) {
-    const p = t.packOf[i]!;
-    damagedChunks.set(t.digests[i]!, {
-      digest: hex(t.digests[i]!),
-      problem,
-      pack: p >= 0 ? t.packIds[p]! : null,
-      packOffset: p >= 0 ? t.offsets[i]! : null,
+  for (const [d, x] of run.damaged) {
+    damagedChunks.set(d, {
+      digest: hex(d),
+      problem: x.problem,
+      pack: x.pack >= 0 ? run.packs.ids[x.pack]! : null,
+      packOffset: x.pack >= 0 ? x.offset : null,
       affects: [],
     });
   }
@@ -781,8 +912,6 @@ function buildReport(
     started: number;
     mode: VerifyReport['mode'];
     sample: number;
-    nChunks: number;
-    nPacks: number;
     damagedChunks: Map<string, DamagedChunk>;
     indexProblems: string[];
     warnings: string[];
@@ -799,8 +928,8 @@ function buildReport(
     images: new Set(run.gens.map((g) => g.name)).size,
     generations: run.gens.length + [...genProblems.values()].filter((a) => a.created === null).length,
     leaves: run.leafInfo.size,
-    chunks: r.nChunks,
-    packs: r.nPacks,
+    chunks: run.nChunks,
+    packs: run.packs.ids.length,
     headersChecked: run.headersChecked,
     chunksRead: run.chunksRead,
     bytesRead: run.dataDone,

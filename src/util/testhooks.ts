@@ -10,7 +10,10 @@
  *                                  exists" on stderr and wait while F exists
  *
  * The points each tool offers are listed where it calls these (src/lifecycle/gc.ts, prune.ts,
- * backup.ts, src/sync/sync.ts).
+ * backup.ts, src/sync/sync.ts). And:
+ *
+ *   GENVAULT_VERIFY_BUCKET_CHUNKS=N  verify's spill buckets aim at N chunks (small ones make
+ *                                    a small repository cross many bucket edges)
  */
 import { pathExists } from './paths.js';
 
@@ -32,4 +35,10 @@ export async function testPause(tool: HookTool, point: string, defaultPoint: str
   if (!f || (process.env[envName(tool, 'PAUSE_AT')] ?? defaultPoint) !== point || !(await pathExists(f))) return;
   process.stderr.write(`${tool}: paused at ${point} while ${f} exists\n`);
   while (await pathExists(f)) await new Promise((r) => setTimeout(r, 50));
+}
+
+/** GENVAULT_VERIFY_BUCKET_CHUNKS as a positive integer, or undefined. */
+export function verifyBucketChunks(): number | undefined {
+  const n = Number(process.env.GENVAULT_VERIFY_BUCKET_CHUNKS);
+  return Number.isSafeInteger(n) && n > 0 ? n : undefined;
 }
