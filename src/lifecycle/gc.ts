@@ -31,7 +31,7 @@ import { bytes } from '../util/format.js';
 import { testPause as hookPause, testTrace } from '../util/testhooks.js';
 import { ownerAlive } from '../util/proc.js';
 import { LeafRef, checkedLeaf, checkedTop, decodeTop } from '../format/chunkmap.js';
-import { getOrNull } from '../index/db.js';
+import { damagedSet, getOrNull } from '../index/db.js';
 import { K_CHUNK, K_CONDEMNED, K_GEN, K_GENMAP, K_LEAF, K_MOVED_LEAF, K_PACK, chunkKey, condemnedKey, damagedKey, key, leafKey, movedLeafKey, packKey, packSizeOf } from '../format/keys.js';
 import { GcLock, WriterRegistration, cleanupDeadWriters, liveWriters, pinnedGenerations, trimPacks } from '../repository/locks.js';
 import { COMP_GROUP, PACK_HEADER_SIZE, RECORD_HEADER_SIZE, checkRecord, decodeLocation, encodeLocation, isLocation, packObject, PACK_ID_BYTES, recordShare } from '../format/pack.js';
@@ -505,10 +505,19 @@ async function spareRemarked(repo: Repository, marks: MarkSet, res: GcResult, re
  * entry just before the sweep deleted it still finds the 'x' key when it looks next.
  * Damage marks of swept chunks go too: nothing uses them any more. Every 'x' key left is
  * a swept chunk's: the sweep deleted those of the chunks it kept, the re-mark those it spared.
+ * Only marks that exist are deleted (normally none): a delete per swept chunk wrote as many
+ * tombstones as there are swept chunks, for LevelDB to carry down its levels. A mark made
+ * after the marks were read stays, harmless: it names a chunk the index no longer has.
  */
 async function finishSwept(repo: Repository): Promise<void> {
+  const marked = await damagedSet(repo.db);
   for await (const part of condemnedBatches(repo)) {
-    await repo.db.batch(part.flatMap((p) => [{ type: 'del' as const, key: condemnedKey(p.d) }, { type: 'del' as const, key: damagedKey(p.d) }]), SYNC);
+    const ops: Op[] = [];
+    for (const p of part) {
+      ops.push({ type: 'del', key: condemnedKey(p.d) });
+      if (marked.has(bin(p.d))) ops.push({ type: 'del', key: damagedKey(p.d) });
+    }
+    await repo.db.batch(ops, SYNC);
   }
 }
 
