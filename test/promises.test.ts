@@ -310,6 +310,19 @@ describe('damage found by restore or by the mount is remembered and healed by th
     await healsByBackup(d.repo, 'dr', d.img, d.length);
   });
 
+  it('gc: the damage mark of a chunk it removes goes with it; marks of chunks still used stay', async () => {
+    const d = await damagedRepo('dg', 73);
+    const keep = await damagedRepo('dk', 74);
+    // Both repositories' damage marked by verify; in one the generation is then forgotten.
+    for (const repo of [d.repo, keep.repo]) expect((await gv(repo, ['verify', '--full'])).code).toBe(1);
+    expect((await readIndex(d.repo)).damaged).toEqual([{ digest: d.digest, found: expect.any(String), by: 'verify' }]);
+    await gvOk(d.repo, ['forget', `dg@${d.gen.id}`, '--force-young']);
+    for (const repo of [d.repo, keep.repo]) await gvOk(repo, ['gc']);
+    expect((await readIndex(d.repo)).damaged).toEqual([]);
+    expect((await readIndex(d.repo)).chunks.size).toBe(0);
+    expect((await readIndex(keep.repo)).damaged).toEqual([{ digest: keep.digest, found: expect.any(String), by: 'verify' }]);
+  });
+
   it('mount: a read of the damaged range is EIO and logged, marks the chunk, a backup heals it', async () => {
     const d = await damagedRepo('dm', 72);
     const mnt = s.path('dm-mnt');
