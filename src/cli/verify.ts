@@ -6,6 +6,7 @@ import { bytes, duration } from '../util/format.js';
 import { GenvaultError, REPAIR_HINT, UsageError } from '../util/errors.js';
 import { Progress } from '../util/progress.js';
 import { verifyBucketChunks } from '../util/testhooks.js';
+import { OPEN_FILES_FOR_PASSES, limitIndexOpenFiles } from '../index/db.js';
 import { action, errorLine, localRepoDir, openRepository, printJson, wantsJson } from './common.js';
 import { percentArg } from './options.js';
 
@@ -125,6 +126,9 @@ export function register(program: Command): void {
         if (samplePercent !== undefined && o.full) throw new UsageError('use either --full or --sample, not both');
         let report: VerifyReport;
         let repo: Repository;
+        // verify looks up every referenced chunk: every index table it touches would stay
+        // memory-mapped, and in its RSS, for as long as LevelDB's table cache keeps it.
+        limitIndexOpenFiles(OPEN_FILES_FOR_PASSES);
         try {
           repo = await openRepository(await localRepoDir(cmd), { withoutKey: o.withoutKey === true });
         } catch (e) {

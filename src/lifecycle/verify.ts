@@ -143,6 +143,8 @@ const MAX_BUCKET_BITS = 13;
 const REF_FAST = 65;
 /** A located chunk: digest, location length, location (up to 41), whether a BLAKE3 follows, the BLAKE3. */
 const PLACED = 107;
+/** Packs go to the buckets in regions of this many bytes (placeBucket). */
+const REGION = 4 << 20;
 
 const hex = (bin: string) => Buffer.from(bin, 'binary').toString('hex');
 
@@ -476,10 +478,20 @@ async function resolveBucket(run: VerifyRun, refs: Buffer, size: number, placed:
       loc.copy(rec, 33);
       rec[74] = fast === null ? 0 : 1;
       if (fast !== null) rec.write(fast, 75, 32, 'binary');
-      placed.append(p % placed.buckets, rec);
+      placed.append(placeBucket(p, offsetOf(loc), placed.buckets), rec);
     });
     await placed.drain();
   }
+}
+
+/**
+ * The spill bucket of a chunk at `offset` in pack number p: each 4 MiB region of a pack goes
+ * to a bucket of its own (the next region to the next bucket), so that a bucket holds no
+ * more of a pack than a region's chunks, however many a pack holds. A group record's
+ * members share their offset: they meet in one bucket, and are read as one.
+ */
+function placeBucket(p: number, offset: number, buckets: number): number {
+  return ((Math.imul(p, 0x9e3779b1) >>> 0) + Math.floor(offset / REGION)) % buckets;
 }
 
 /** The number of the pack a location names, numbering it if new. */
