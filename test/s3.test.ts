@@ -2,13 +2,14 @@
  * s3:// repositories against a real radosgw (test/ceph.ts): every command on a bucket,
  * byte-identical restores, the mount, the index cache lost and rebuilt, two hosts (two
  * cache directories) writing into one bucket and a third collecting garbage, the locks
- * between them, and a backup killed mid-upload.
+ * between them, and a backup killed mid-upload. Last, the test cluster itself: it serves
+ * RBD beside radosgw, runs its four daemons, and its stop leaves none running.
  */
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CliProcess, Scratch, gv, isMounted, oneLine, prng, sh, sha256File, writeImage } from './helpers.js';
-import { cephUnavailable, startCeph, type Ceph } from './ceph.js';
+import { cephUnavailable, rbdPool, startCeph, type Ceph } from './ceph.js';
 
 const why = await cephUnavailable();
 if (why) console.warn(`skipping s3:// tests: ${why}`);
@@ -234,5 +235,17 @@ describe.skipIf(why !== null)('s3:// repositories on radosgw', () => {
     const run = await gv(null, ['run', '--config', jobs, '--all', '--json'], { env: hostEnv('a') });
     expect(run.code, run.stderr).toBe(0);
     expect(await restoredHash('c', 's3://gv-sync/job-copy', 'vm8')).toBe(await sha256File(img));
+  });
+
+  // Last: it stops the cluster the tests above share.
+  it('the test cluster (ceph.ts) serves rbd beside radosgw, runs four daemons, and its stop leaves none', async () => {
+    await rbdPool(ceph);
+    await ceph.rbd(['create', '--size', '16M', 'rbd/x']);
+    expect(await ceph.rbd(['ls', 'rbd'])).toContain('x');
+    expect((await fetch(ceph.s3!.endpoint)).status).toBe(200);
+    const pidFiles = (await fs.readdir(path.join(ceph.dir, 'run'))).filter((f) => f.endsWith('.pid'));
+    expect(pidFiles.length).toBe(4); // mon, mgr, osd, radosgw
+    await ceph.stop();
+    expect((await sh('pgrep', ['-f', ceph.conf])).stdout.trim()).toBe('');
   });
 });
