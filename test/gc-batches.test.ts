@@ -11,6 +11,7 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { PACK_HEADER_SIZE, RECORD_HEADER_SIZE } from '../src/format/pack.js';
 import { ROOT, Scratch, flipByte, gv, gvOk, packFiles, sh } from './helpers.js';
 
 let s: Scratch;
@@ -73,16 +74,14 @@ async function packStarting(repo: string, first: number): Promise<string> {
   for (const f of await packFiles(repo)) {
     const fh = await fs.open(f, 'r');
     const b = Buffer.alloc(4);
-    await fh.read(b, 0, 4, PACK_HEADER + RECORD_HEADER);
+    await fh.read(b, 0, 4, PACK_HEADER_SIZE + RECORD_HEADER_SIZE);
     await fh.close();
     if (b.readUInt32LE(0) === first) return f;
   }
   throw new Error(`no pack starts with chunk ${first}`);
 }
 
-const PACK_HEADER = 24;
-const RECORD_HEADER = 52;
-const RECORD = RECORD_HEADER + 16;
+const RECORD = RECORD_HEADER_SIZE + 16; // gc-synth's records: 16-byte raw chunks
 
 describe('verify in spill buckets', () => {
   it('finds the same chunks and the same damage with one bucket and with dozens', async () => {
@@ -110,7 +109,7 @@ describe('verify in spill buckets', () => {
     // Rot in the payloads of pack 1's first ten records (one of them, chunk 4099, is
     // garbage), and pack 3 gone.
     const pack1 = await packStarting(repo, PER_PACK);
-    for (let j = 0; j < 10; j++) await flipByte(pack1, PACK_HEADER + j * RECORD + RECORD_HEADER + 12);
+    for (let j = 0; j < 10; j++) await flipByte(pack1, PACK_HEADER_SIZE + j * RECORD + RECORD_HEADER_SIZE + 12);
     await fs.rm(await packStarting(repo, 3 * PER_PACK));
     const lost = PER_PACK - garbageCount(3 * PER_PACK, 4 * PER_PACK);
 

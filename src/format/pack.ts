@@ -142,11 +142,18 @@ export function isLocation(b: Uint8Array | null | undefined): b is Uint8Array {
   return b.length === 41 ? b[32] === COMP_GROUP : b.length === 33 && b[32] !== COMP_GROUP;
 }
 
+/** A location's record offset, without decoding the rest (passes over millions of entries). */
+export function locationOffset(b: Uint8Array): number {
+  const buf = Buffer.from(b.buffer, b.byteOffset, b.byteLength);
+  // The u64 as two u32 halves, as encodeLocation writes it: no BigInt per location.
+  return buf.readUInt32LE(16) + buf.readUInt32LE(20) * 0x1_0000_0000;
+}
+
 export function decodeLocation(b: Uint8Array): ChunkLocation {
   const buf = Buffer.from(b.buffer, b.byteOffset, b.byteLength);
   const l: ChunkLocation = {
     packId: buf.toString('hex', 0, 16),
-    offset: Number(buf.readBigUInt64LE(16)),
+    offset: locationOffset(buf),
     storedLength: buf.readUInt32LE(24),
     rawLength: buf.readUInt32LE(28),
     compression: buf[32]!,

@@ -34,7 +34,7 @@ import { LeafRef, checkedLeaf, checkedTop, decodeTop } from '../format/chunkmap.
 import { damagedSet, getOrNull } from '../index/db.js';
 import { K_CHUNK, K_CONDEMNED, K_GEN, K_GENMAP, K_LEAF, K_MOVED_LEAF, K_PACK, chunkKey, condemnedKey, damagedKey, key, leafKey, movedLeafKey, packKey, packSizeOf } from '../format/keys.js';
 import { GcLock, WriterRegistration, cleanupDeadWriters, liveWriters, pinnedGenerations, trimPacks } from '../repository/locks.js';
-import { COMP_GROUP, PACK_HEADER_SIZE, RECORD_HEADER_SIZE, checkRecord, decodeLocation, encodeLocation, isLocation, packObject, PACK_ID_BYTES, recordShare } from '../format/pack.js';
+import { COMP_GROUP, PACK_HEADER_SIZE, RECORD_HEADER_SIZE, checkRecord, decodeLocation, encodeLocation, isLocation, locationOffset, packObject, PACK_ID_BYTES, recordShare } from '../format/pack.js';
 import { PackWriter } from '../store/pack-writer.js';
 import { listPacks, readRecordSpan } from '../store/pack-reader.js';
 import { Repository } from '../repository/repository.js';
@@ -811,7 +811,7 @@ function unpack(slab: Buffer): LiveRecord[] {
   const out: LiveRecord[] = [];
   for (let at = 0; at < slab.length; at += PACKED) {
     const loc = Buffer.from(slab.subarray(at + 33, at + 33 + slab[at + 32]!));
-    out.push({ d: Buffer.from(slab.subarray(at, at + 32)), loc, offset: Number(loc.readBigUInt64LE(16)), length: RECORD_HEADER_SIZE + loc.readUInt32LE(24) });
+    out.push({ d: Buffer.from(slab.subarray(at, at + 32)), loc, offset: locationOffset(loc), length: RECORD_HEADER_SIZE + loc.readUInt32LE(24) });
   }
   return out.sort((a, b) => a.offset - b.offset);
 }

@@ -40,6 +40,7 @@ import {
   RECORD_HEADER_SIZE,
   checkRecord,
   isLocation,
+  locationOffset,
   packObject,
 } from '../format/pack.js';
 import { looseModes } from '../repository/perms.js';
@@ -472,13 +473,13 @@ async function resolveBucket(run: VerifyRun, refs: Buffer, size: number, placed:
       run.nLocated++;
       run.storedTotal += RECORD_HEADER_SIZE + loc.readUInt32LE(24);
       run.rawTotal += loc.readUInt32LE(28);
-      if (run.conflicts.has(d)) run.conflicts.set(d, { pack: p, offset: offsetOf(loc) });
+      if (run.conflicts.has(d)) run.conflicts.set(d, { pack: p, offset: locationOffset(loc) });
       rec.write(d, 0, 32, 'binary');
       rec[32] = loc.length;
       loc.copy(rec, 33);
       rec[74] = fast === null ? 0 : 1;
       if (fast !== null) rec.write(fast, 75, 32, 'binary');
-      placed.append(placeBucket(p, offsetOf(loc), placed.buckets), rec);
+      placed.append(placeBucket(p, locationOffset(loc), placed.buckets), rec);
     });
     await placed.drain();
   }
@@ -509,11 +510,6 @@ function packNumber(packs: Packs, loc: Buffer): number {
   return p;
 }
 
-/** A location's record offset (a u64 as two u32 halves: no BigInt per chunk). */
-function offsetOf(loc: Buffer): number {
-  return loc.readUInt32LE(16) + loc.readUInt32LE(20) * 0x1_0000_0000;
-}
-
 /** A table of n chunks. */
 function newTable(n: number): ChunkTable {
   return {
@@ -535,7 +531,7 @@ function setChunk(run: VerifyRun, t: ChunkTable, i: number, d: string, loc: Buff
   const group = loc.length >= 41;
   t.digests[i] = d;
   t.packOf[i] = packNumber(run.packs, loc);
-  t.offsets[i] = offsetOf(loc);
+  t.offsets[i] = locationOffset(loc);
   t.storedLen[i] = loc.readUInt32LE(24);
   t.rawLen[i] = loc.readUInt32LE(28);
   t.comps[i] = loc[32]!;
@@ -798,7 +794,7 @@ async function recheckMoved(run: VerifyRun): Promise<void> {
       const v = vals[k];
       if (!isLocation(v)) return;
       const loc = Buffer.from(v.buffer, v.byteOffset, v.byteLength);
-      if (loc.toString('hex', 0, 16) === packs.ids[was.pack] && offsetOf(loc) === was.offset) return;
+      if (loc.toString('hex', 0, 16) === packs.ids[was.pack] && locationOffset(loc) === was.offset) return;
       moved.push({ d, loc, was });
     });
   }
