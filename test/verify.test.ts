@@ -234,6 +234,13 @@ describe('verify', () => {
     r = await gv(repo, ['verify', '--sample', '5', '--full']);
     expect(r.code).toBe(2);
     expect(oneLine(r.stderr)).toMatch(/either --full or --sample/);
+    // Scratch space it cannot use (its spill files and pack model go under $TMPDIR): one
+    // line naming the place, which it does not create.
+    const scratch = s.path('no-scratch');
+    r = await gv(repo, ['verify', '--full'], { env: { ...process.env, TMPDIR: scratch } });
+    expect(r.code).toBe(2);
+    expect(oneLine(r.stderr)).toMatch(new RegExp(`^genvault: verify could not run: ${scratch}/genvault-verify-\\S+: no such file or directory$`));
+    await expect(fs.stat(scratch)).rejects.toThrow(/ENOENT/);
     const help = await gv(repo, ['verify', '--help']);
     expect(help.code).toBe(0);
     expect(help.stdout).toMatch(/Exit codes: 0 no damage, 1 damage found, 2 verify could not run/);
