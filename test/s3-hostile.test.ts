@@ -20,7 +20,7 @@ beforeAll(async () => {
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   const { port } = server.address() as net.AddressInfo;
-  store = new S3Store({ kind: 's3', endpoint: `http://127.0.0.1:${port}`, region: 'us-east-1', bucket: 'bkt', prefix: 'p', accessKeyId: 'K', secretAccessKey: 'S', spoolDir: '/tmp/unused', maxAttempts: 2, retryBaseMs: 1, listPageSize: 2 });
+  store = new S3Store({ kind: 's3', endpoint: `http://127.0.0.1:${port}`, region: 'us-east-1', bucket: 'bkt', prefix: 'p', accessKeyId: 'K', secretAccessKey: 'S', maxAttempts: 2, retryBaseMs: 1, listPageSize: 2 });
 });
 afterAll(async () => {
   await store.close();

@@ -3,7 +3,6 @@
  * uploads, sealed appenders, paging, refused credentials, a missing bucket, the rate limit,
  * and retries through a fault-injecting proxy (test/s3-proxy.ts).
  */
-import fs from 'node:fs/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { listUploads, putObject } from '../src/store/s3-api.js';
 import { S3Store } from '../src/store/s3.js';
@@ -31,7 +30,6 @@ function spec(over: Partial<S3Spec> = {}): S3Spec {
     prefix: 'repo/one',
     accessKeyId: c.s3!.accessKey,
     secretAccessKey: c.s3!.secretKey,
-    spoolDir: s.path('spool'),
     retryBaseMs: 10,
     ...over,
   };
@@ -91,7 +89,7 @@ function onRadosgw(): void {
     expect((await store.get('inm')).toString()).toBe('one');
   });
 
-  it('uploads an object above the threshold in parts, whole on sync, and leaves no spool', async () => {
+  it('uploads an object above the threshold in parts, whole on sync', async () => {
     const st = open({ multipartThreshold: 5 * MIB, partSize: 5 * MIB });
     const data = prng(5, 12 * MIB + 123);
     const a = await st.create('packs/mp/big.pack');
@@ -110,10 +108,9 @@ function onRadosgw(): void {
     const uploads: unknown[] = [];
     for await (const u of listUploads(st.client, 'repo/')) uploads.push(u);
     expect(uploads).toEqual([]);
-    expect(await fs.readdir(s.path('spool'))).toEqual([]);
   });
 
-  it('sends parts while the object is appended to; a truncate behind them starts over; close without sync aborts', async () => {
+  it('sends parts while the object is appended to; truncate within what is held, not behind the parts sent; close without sync aborts', async () => {
     const st = open({ multipartThreshold: 5 * MIB, partSize: 5 * MIB });
     const uploads = async () => {
       const out: string[] = [];
@@ -125,27 +122,45 @@ function onRadosgw(): void {
     for (let off = 0; off < 11 * MIB; off += MIB) await a.append(data.subarray(off, off + MIB));
     expect(await uploads()).toEqual(['repo/one/packs/ea/eager.pack']); // under way before any sync
     expect(await st.stat('packs/ea/eager.pack')).toBeNull();
-    await a.truncate(3 * MIB); // behind the parts sent: that upload is given up
-    expect(await uploads()).toEqual([]);
-    for (let off = 3 * MIB; off < data.length; off += MIB) await a.append(data.subarray(off, off + MIB));
+    // Two parts (10 MiB) went up: the bytes after them can be cut, not those in them.
+    expect(await code(a.truncate(3 * MIB))).toBe('ESENT');
+    expect(a.size).toBe(11 * MIB);
+    await a.truncate(10 * MIB + 7);
+    await a.truncate(10 * MIB);
+    for (let off = 10 * MIB; off < data.length; off += MIB) await a.append(data.subarray(off, off + MIB));
     await a.sync();
     expect((await st.get('packs/ea/eager.pack')).equals(data)).toBe(true);
+    expect(await uploads()).toEqual([]);
     await a.close();
     const b = await st.create('packs/ea/dropped.pack');
     await b.append(data);
     expect(await uploads()).toEqual(['repo/one/packs/ea/dropped.pack']);
+    expect(await code(b.truncate(0))).toBe('ESENT');
     await b.close();
     expect(await uploads()).toEqual([]);
     expect(await st.stat('packs/ea/dropped.pack')).toBeNull();
-    expect(await fs.readdir(s.path('spool'))).toEqual([]);
+    expect(await code(b.append(Buffer.from('x')))).toBe('EBADF');
   });
 
-  it('close without sync uploads nothing and removes the spool', async () => {
+  it('an object under the threshold is held until sync; truncate of held bytes is exact', async () => {
+    const st = open({ multipartThreshold: 12 * MIB, partSize: 5 * MIB });
+    const data = prng(7, 11 * MIB + 5);
+    const a = await st.create('packs/ho/held.pack');
+    await a.append(data);
+    await a.truncate(5 * MIB); // exactly one full buffer
+    await a.append(data.subarray(5 * MIB, 6 * MIB + 1));
+    await a.truncate(2 * MIB + 3); // inside the first buffer
+    await a.append(data.subarray(2 * MIB + 3));
+    await a.sync();
+    expect((await st.get('packs/ho/held.pack')).equals(data)).toBe(true);
+    await a.close();
+  });
+
+  it('close without sync uploads nothing', async () => {
     const a = await store.create('packs/cc/unsynced.pack');
     await a.append(prng(9, 1000));
     await a.close();
     expect(await store.stat('packs/cc/unsynced.pack')).toBeNull();
-    expect(await fs.readdir(s.path('spool'))).toEqual([]);
   });
 
   it('lists page by page', async () => {

@@ -105,7 +105,7 @@ describe('s3:// locations', () => {
 });
 
 describe('S3Store without a server', () => {
-  const spec = { kind: 's3' as const, endpoint: 'http://127.0.0.1:1', region: 'us-east-1', bucket: 'bkt', prefix: 'a/b', accessKeyId: 'K', secretAccessKey: 'S', spoolDir: '/tmp/x' };
+  const spec = { kind: 's3' as const, endpoint: 'http://127.0.0.1:1', region: 'us-east-1', bucket: 'bkt', prefix: 'a/b', accessKeyId: 'K', secretAccessKey: 'S' };
   it('opens from its spec, has no sync reader, refuses parts under 5 MiB and bad prefixes', async () => {
     const st = openStore(spec);
     expect(st).toBeInstanceOf(S3Store);
@@ -146,11 +146,11 @@ describe('credentials and endpoints', () => {
   });
   afterAll(() => s.cleanup());
   const at = (env: Record<string, string> = {}) => ({ env, home: s.dir });
-  const base = { spoolDir: '/tmp/spool' };
+  const base = {};
 
   it('explicit options win, and the shared files are not read', async () => {
     const spec = await resolveS3Spec('s3://bkt/p', { ...base, endpoint: 'http://127.0.0.1:9000', region: 'r1', accessKeyId: 'K', secretAccessKey: 'S' }, { env: { AWS_ACCESS_KEY_ID: 'E' }, home: '/nonexistent' });
-    expect(spec).toEqual({ kind: 's3', endpoint: 'http://127.0.0.1:9000', region: 'r1', bucket: 'bkt', prefix: 'p', accessKeyId: 'K', secretAccessKey: 'S', spoolDir: '/tmp/spool' });
+    expect(spec).toEqual({ kind: 's3', endpoint: 'http://127.0.0.1:9000', region: 'r1', bucket: 'bkt', prefix: 'p', accessKeyId: 'K', secretAccessKey: 'S' });
     expect(structuredClone(spec)).toEqual(spec);
   });
 

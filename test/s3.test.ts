@@ -57,7 +57,7 @@ async function uploadsIn(bucket: string): Promise<string[]> {
   const { resolveS3Spec } = await import('../src/store/s3-location.js');
   const { S3Store } = await import('../src/store/s3.js');
   const { listUploads } = await import('../src/store/s3-api.js');
-  const st = new S3Store(await resolveS3Spec(`s3://${bucket}`, { spoolDir: s.path('spool-probe') }, { env: hostEnv('probe'), home: '/nonexistent' }));
+  const st = new S3Store(await resolveS3Spec(`s3://${bucket}`, {}, { env: hostEnv('probe'), home: '/nonexistent' }));
   const out: string[] = [];
   for await (const u of listUploads(st.client, '')) out.push(u.key);
   await st.close();
@@ -109,6 +109,47 @@ describe.skipIf(why !== null)('s3:// repositories on radosgw', () => {
     expect(gc.bytesFreed).toBeGreaterThan(0);
     expect(await restoredHash('a', repo, 'vm1')).toBe(await sha256File(img2));
     expect((await on('a', repo, ['verify', '--full'])).code).toBe(0);
+  });
+
+  it('gc that finds a damaged record while copying a pack gives the new object up whole: no upload or object left', async () => {
+    const repo = 's3://gv-damage/repo';
+    await ok('a', repo, ['init', '--encryption', 'none']);
+    // One pack: 8 MiB that only the first image has, then 64 MiB (~40 MiB stored) that both have.
+    const shared = await image('dmg-shared.img', 7, 64);
+    const first = s.path('dmg-first.img');
+    await fs.writeFile(first, Buffer.concat([prng(71, 8 << 20), await fs.readFile(shared)]));
+    await ok('a', repo, ['backup', first, '-n', 'vm1']);
+    await ok('a', repo, ['backup', shared, '-n', 'vm2']);
+    await ok('a', repo, ['forget', 'vm1', '--force-young']);
+    const { resolveS3Spec } = await import('../src/store/s3-location.js');
+    const { S3Store } = await import('../src/store/s3.js');
+    const st = new S3Store(await resolveS3Spec(repo, {}, { env: hostEnv('probe'), home: '/nonexistent' }));
+    try {
+      const packs = async () => {
+        const out: Array<{ name: string; size: number }> = [];
+        for await (const o of st.list('packs')) out.push(o);
+        return out.sort((x, y) => y.size - x.size);
+      };
+      const before = await packs();
+      // 512 KiB zeroed far into the biggest pack (record headers among them): more than the
+      // 16 MiB after which an upload goes up part by part has been copied when gc gets there.
+      const big = before[0]!;
+      expect(big.size).toBeGreaterThan(40 << 20);
+      const body = await st.get(big.name);
+      body.fill(0, Math.floor(big.size * 0.8), Math.floor(big.size * 0.8) + (512 << 10));
+      await st.put(big.name, body);
+      const gc = JSON.parse(await ok('a', repo, ['gc', '--grace', '0', '--repack-threshold', '100', '--json'])) as { warnings: string[]; packsWritten: number };
+      expect(gc.warnings.join('\n')).toMatch(/is damaged; pack left in place/);
+      expect(gc.packsWritten).toBe(0);
+      expect(await uploadsIn('gv-damage')).toEqual([]);
+      // No new object; the damaged pack stays (gc may drop others that only vm1 needed).
+      const after = (await packs()).map((p) => p.name);
+      expect(after).toContain(big.name);
+      expect(after.filter((n) => !before.some((p) => p.name === n))).toEqual([]);
+      expect((await on('a', repo, ['verify', '--full'])).code).not.toBe(0);
+    } finally {
+      await st.close();
+    }
   });
 
   it('a lost index cache is rebuilt from the bucket; a wrong key or bucket is one line', async () => {

@@ -858,7 +858,15 @@ async function rewritePack(repo: Repository, writer: WriterRegistration, out: { 
     else await w.append(metaBytes);
   }
   if (problem) {
-    await w.rewind(startSize);
+    if (repo.store.sealsOnSync) {
+      // An object store's appender may have sent parts of the copy already and cannot go
+      // back behind them (store/s3-appender.ts): the new object is given up whole. It held
+      // only this copy: every earlier copy ended in a sync that sealed its object.
+      await w.close();
+      out.w = null;
+      res.packsWritten--;
+      res.bytesFreed += PACK_HEADER_SIZE;
+    } else await w.rewind(startSize);
     res.warnings.push(`pack ${id}: ${problem}; pack left in place (run 'genvault verify')`);
     return;
   }
@@ -991,7 +999,8 @@ async function dryRun(repo: Repository, threshold: number, report: (line: string
 
 /**
  * What writers killed mid-upload left of an object store: unfinished multipart uploads in
- * the bucket, spool files in the cache's tmp/. gc holds the store's exclusive lock
+ * the bucket, and spool files in the cache's tmp/ (left by earlier builds, which spooled
+ * appended bytes there). gc holds the store's exclusive lock
  * (store-locks.ts): no command runs on the repository anywhere, so none of them is in use.
  */
 async function objectStoreLeftovers(repo: Repository, res: GcResult): Promise<void> {

@@ -61,7 +61,7 @@ export function cacheBase(explicit?: string): string {
 export async function objectStoreDir(url: string, opts: ObjectStoreOptions): Promise<string> {
   const { resolveS3Spec } = await import('../store/s3-location.js');
   // Resolved here for the endpoint, region and addressing; credentials again at every open.
-  const spec = await resolveS3Spec(url, { endpoint: opts.endpoint, region: opts.region, spoolDir: '' }).catch((e: Error) => {
+  const spec = await resolveS3Spec(url, { endpoint: opts.endpoint, region: opts.region }).catch((e: Error) => {
     throw new GenvaultError(`${url}: ${e.message}`, 'USAGE', 2);
   });
   const file: ObjectStoreFile = { version: 1, kind: 's3', url: url.replace(/\/+$/, ''), endpoint: spec.endpoint, region: spec.region, bucket: spec.bucket, prefix: spec.prefix, virtualHost: spec.virtualHost === true };
@@ -120,8 +120,8 @@ function checkStoreFile(text: string, file: string): ObjectStoreFile {
 }
 
 /**
- * The store of a repository directory: its bucket when it holds a store.json (tmp/ spools
- * packs being written), else the directory itself.
+ * The store of a repository directory: its bucket when it holds a store.json, else the
+ * directory itself.
  */
 export async function storeOf(dir: string, opts: { limitRate?: number } = {}): Promise<Store> {
   const abs = path.resolve(dir);
@@ -129,7 +129,7 @@ export async function storeOf(dir: string, opts: { limitRate?: number } = {}): P
   if (!file) return new LocalStore(abs);
   const { resolveS3Spec } = await import('../store/s3-location.js');
   const { openStore } = await import('../store/open.js');
-  const spec = await resolveS3Spec(file.url, { endpoint: file.endpoint, region: file.region, virtualHost: file.virtualHost, spoolDir: path.join(abs, 'tmp'), limitRate: opts.limitRate }).catch((e: Error) => {
+  const spec = await resolveS3Spec(file.url, { endpoint: file.endpoint, region: file.region, virtualHost: file.virtualHost, limitRate: opts.limitRate }).catch((e: Error) => {
     throw new GenvaultError(`${file.url}: ${e.message}`, 'USAGE', 2);
   });
   return openStore(spec);

@@ -1,19 +1,23 @@
 /**
  * An object of an S3 store being appended to (contract in store.ts, sealsOnSync). An object
- * store writes objects whole, so appended bytes wait in a spool file on local disk (packs
- * can be hundreds of MB: not in memory) until sync() uploads the object as it stands, by
- * one PUT up to the multipart threshold, else by a multipart upload completed only at the
- * end of sync(), so the object appears whole or not at all. Then the appender is sealed.
+ * store writes objects whole, so the object is uploaded when sync() is called: by one PUT
+ * up to the multipart threshold, else by a multipart upload completed only at the end of
+ * sync(), so the object appears whole or not at all. Then the appender is sealed.
  *
- * Once an object grows past the threshold its multipart upload starts at once, and each
- * part goes up as soon as the spool holds it (EagerUpload), while the writer goes on
- * appending: sync() then sends only the last part and completes. Without that, a backup
- * stopped at every pack's sync for the whole upload (native-notes/ceph.md, "Appenders").
- * Nothing is visible before the completion either way.
+ * Appended bytes are copied into part buffers in memory, never to local disk: an object
+ * under the threshold is held until sync(); once it grows past the threshold its multipart
+ * upload starts at once, and each part goes up as soon as it is full, `concurrency` at a
+ * time, while the writer goes on appending (an append waits while that many are in
+ * flight). So memory is bounded by the threshold plus the parts in flight, whatever the
+ * object's size, and sync() sends only the last part and completes. A spool file on disk,
+ * as earlier versions kept, cost a write and a read back of every byte on the cores the
+ * backup needs (native-notes/performance.md, Ceph).
+ *
+ * The price: bytes that went up in a part are no longer here, so truncate() cannot go back
+ * behind them (code 'ESENT'); a writer that must (gc giving up a copy) closes the appender
+ * instead, which aborts the upload, and starts a new object. Nothing is visible before
+ * the completion either way.
  */
-import fs from 'node:fs/promises';
-import path from 'node:path';
-import { randomBytes } from 'node:crypto';
 import { abortMultipart, completeMultipart, createMultipart, headObject, putObject, uploadPart } from './s3-api.js';
 import type { S3Client, S3Error } from './s3-client.js';
 import type { Appender } from './store.js';
@@ -25,8 +29,6 @@ export interface UploadTuning {
   concurrency: number;
 }
 
-const MAX_PARTS = 10_000;
-
 /**
  * Part buffers of finished uploads, reused: a backup sends a part every few milliseconds,
  * and an 8 MiB buffer each time kept the garbage collector busy (native-notes/performance.md,
@@ -35,82 +37,23 @@ const MAX_PARTS = 10_000;
 const PART_BUFFERS: Buffer[] = [];
 const PART_BUFFERS_KEPT = 8;
 
-/** Read [pos, pos + n) of a spool file (always there: the spool is ours), into `into` when given. */
-async function readSpool(fh: fs.FileHandle, pos: number, n: number, into?: Buffer): Promise<Buffer> {
-  const buf = into ? into.subarray(0, n) : Buffer.allocUnsafe(n);
-  let got = 0;
-  while (got < n) {
-    const { bytesRead } = await fh.read(buf, got, n - got, pos + got);
-    if (bytesRead === 0) throw Object.assign(new Error(`spool file short at ${pos + got}`), { code: 'EIO' });
-    got += bytesRead;
-  }
-  return buf;
+function takeBuffer(size: number): Buffer {
+  const i = PART_BUFFERS.findIndex((b) => b.length === size);
+  return i < 0 ? Buffer.allocUnsafe(size) : PART_BUFFERS.splice(i, 1)[0]!;
+}
+
+function giveBuffer(b: Buffer): void {
+  if (PART_BUFFERS.length < PART_BUFFERS_KEPT) PART_BUFFERS.push(b);
 }
 
 /**
- * Upload the parts, `concurrency` at a time (one part's latency would otherwise bound the
- * throughput; each in flight holds one part in memory). On a failure no new part starts,
- * and the ones in flight are waited for, so that an abort after it finds them done.
- */
-async function uploadParts(c: S3Client, key: string, uploadId: string, fh: fs.FileHandle, size: number, t: UploadTuning): Promise<string[]> {
-  // S3 takes at most MAX_PARTS parts: a larger object gets larger parts.
-  const partSize = Math.max(t.partSize, Math.ceil(size / MAX_PARTS));
-  const count = Math.ceil(size / partSize);
-  const etags: string[] = new Array<string>(count);
-  let next = 0;
-  let failed = false;
-  const worker = async () => {
-    while (next < count && !failed) {
-      const i = next++;
-      const pos = i * partSize;
-      try {
-        etags[i] = await uploadPart(c, key, uploadId, i + 1, await readSpool(fh, pos, Math.min(partSize, size - pos)));
-      } catch (e) {
-        failed = true;
-        throw e;
-      }
-    }
-  };
-  const done = await Promise.allSettled(Array.from({ length: Math.min(t.concurrency, count) }, worker));
-  const bad = done.find((d) => d.status === 'rejected');
-  if (bad) throw (bad as PromiseRejectedResult).reason;
-  return etags;
-}
-
-/** A multipart upload of the spool; aborted when it fails, so it leaves no parts behind. */
-async function uploadMultipart(c: S3Client, key: string, fh: fs.FileHandle, size: number, t: UploadTuning): Promise<void> {
-  const uploadId = await createMultipart(c, key);
-  try {
-    const etags = await uploadParts(c, key, uploadId, fh, size, t);
-    try {
-      await completeMultipart(c, key, uploadId, etags);
-    } catch (e) {
-      // A Complete that went through but whose answer was lost: its retry finds no upload.
-      const err = e as S3Error;
-      if (!(err.retried && err.s3Code === 'NoSuchUpload' && (await headObject(c, key))?.size === size)) throw e;
-    }
-  } catch (e) {
-    await abortMultipart(c, key, uploadId).catch(() => undefined); // abortStaleUploads gets it otherwise
-    throw e;
-  }
-}
-
-/** Upload the first `size` bytes of a spool file as the object `key`. */
-export async function uploadSpool(c: S3Client, key: string, fh: fs.FileHandle, size: number, t: UploadTuning): Promise<void> {
-  if (size <= t.multipartThreshold) await putObject(c, key, size ? await readSpool(fh, 0, size) : Buffer.alloc(0));
-  else await uploadMultipart(c, key, fh, size, t);
-}
-
-/**
- * A multipart upload started while its object is still appended to: parts of exactly
- * `partSize` bytes, uploaded from the spool as soon as it holds them, `concurrency` at a
- * time (an append waits when that many are in flight). A failed part fails the next append
- * or the sync. finish() sends the rest and completes; abort() gives it up.
+ * A multipart upload started while its object is still appended to: parts numbered from 1,
+ * each of exactly `partSize` bytes but the last, `concurrency` in flight. A failed part
+ * fails the next send or the finish. finish() completes; abort() gives it up.
  */
 class EagerUpload {
   private etags: string[] = [];
-  /** Bytes of the object handed to parts so far (a multiple of partSize). */
-  queued = 0;
+  private parts = 0;
   private inFlight = new Set<Promise<void>>();
   private failure: unknown = null;
 
@@ -118,30 +61,19 @@ class EagerUpload {
     private readonly c: S3Client,
     private readonly key: string,
     private readonly uploadId: string,
-    private readonly fh: fs.FileHandle,
     private readonly t: UploadTuning,
   ) {}
 
-  static async start(c: S3Client, key: string, fh: fs.FileHandle, t: UploadTuning): Promise<EagerUpload> {
-    return new EagerUpload(c, key, await createMultipart(c, key), fh, t);
+  static async start(c: S3Client, key: string, t: UploadTuning): Promise<EagerUpload> {
+    return new EagerUpload(c, key, await createMultipart(c, key), t);
   }
 
-  /** Queue every whole part the spool holds up to `size`; waits while `concurrency` are in flight. */
-  async feed(size: number): Promise<void> {
+  /** Send the next part: `buf`'s first `n` bytes; `buf` goes back to the pool when answered. Waits while `concurrency` are in flight. */
+  async send(buf: Buffer, n: number): Promise<void> {
+    while (this.inFlight.size >= this.t.concurrency) await Promise.race(this.inFlight);
     this.check();
-    while (size - this.queued >= this.t.partSize) {
-      while (this.inFlight.size >= this.t.concurrency) await Promise.race(this.inFlight);
-      this.check();
-      this.send(this.queued, this.t.partSize);
-      this.queued += this.t.partSize;
-    }
-  }
-
-  private send(pos: number, n: number): void {
-    const i = pos / this.t.partSize;
-    const part = PART_BUFFERS.pop() ?? Buffer.allocUnsafe(this.t.partSize);
-    const p: Promise<void> = readSpool(this.fh, pos, n, part.length >= n ? part : undefined)
-      .then((buf) => uploadPart(this.c, this.key, this.uploadId, i + 1, buf))
+    const i = this.parts++;
+    const p: Promise<void> = uploadPart(this.c, this.key, this.uploadId, i + 1, buf.subarray(0, n))
       .then(
         (etag) => {
           this.etags[i] = etag;
@@ -152,24 +84,23 @@ class EagerUpload {
       )
       .finally(() => {
         this.inFlight.delete(p);
-        if (part.length === this.t.partSize && PART_BUFFERS.length < PART_BUFFERS_KEPT) PART_BUFFERS.push(part);
+        giveBuffer(buf);
       });
     this.inFlight.add(p);
   }
 
-  private check(): void {
+  check(): void {
     if (this.failure) throw this.failure;
   }
 
-  /** The last part (whatever is left, possibly nothing), then the completion. */
+  /** Wait for the parts in flight, then complete the upload as an object of `size` bytes. */
   async finish(size: number): Promise<void> {
-    await this.feed(size);
-    if (size > this.queued) this.send(this.queued, size - this.queued);
     await Promise.all(this.inFlight);
     this.check();
     try {
       await completeMultipart(this.c, this.key, this.uploadId, this.etags);
     } catch (e) {
+      // A Complete that went through but whose answer was lost: its retry finds no upload.
       const err = e as S3Error;
       if (!(err.retried && err.s3Code === 'NoSuchUpload' && (await headObject(this.c, this.key))?.size === size)) throw e;
     }
@@ -185,90 +116,107 @@ class EagerUpload {
 export class S3Appender implements Appender {
   size = 0;
   private sealed = false;
+  private closed = false;
   private eager: EagerUpload | null = null;
+  /** Bytes handed to parts so far: the object's first `sent` bytes are no longer here. */
+  private sent = 0;
+  /** The bytes [sent, size): full part buffers, then `fill` bytes of the last one. */
+  private held: Buffer[] = [];
+  private fill = 0;
 
-  private constructor(
+  constructor(
     readonly name: string,
     private readonly key: string,
     private readonly client: S3Client,
     private readonly tuning: UploadTuning,
-    private readonly spool: string,
-    private fh: fs.FileHandle | null,
   ) {}
 
-  static async open(client: S3Client, name: string, key: string, spoolDir: string, tuning: UploadTuning): Promise<S3Appender> {
-    await fs.mkdir(spoolDir, { recursive: true, mode: 0o700 });
-    const spool = path.join(spoolDir, `s3-spool-${randomBytes(8).toString('hex')}`);
-    const fh = await fs.open(spool, 'wx+', 0o600);
-    return new S3Appender(name, key, client, tuning, spool, fh);
+  private fail(what: string, why: string, code: string): never {
+    throw Object.assign(new Error(`${this.client.describe(this.key)}: cannot ${what}: ${why}`), { code });
   }
 
-  private writable(what: string): fs.FileHandle {
-    if (this.sealed) {
-      throw Object.assign(new Error(`${this.client.describe(this.key)}: cannot ${what}: the object was uploaded by sync() and is sealed`), { code: 'ESEALED' });
-    }
-    if (!this.fh) throw Object.assign(new Error(`${this.client.describe(this.key)}: cannot ${what}: closed`), { code: 'EBADF' });
-    return this.fh;
+  private writable(what: string): void {
+    if (this.sealed) this.fail(what, 'the object was uploaded by sync() and is sealed', 'ESEALED');
+    if (this.closed) this.fail(what, 'closed', 'EBADF');
   }
 
   async append(data: Buffer): Promise<void> {
-    const fh = this.writable('append');
-    let done = 0;
-    while (done < data.length) done += (await fh.write(data, done, data.length - done, this.size + done)).bytesWritten;
-    this.size += data.length;
-    if (!this.eager && this.size > this.tuning.multipartThreshold) this.eager = await EagerUpload.start(this.client, this.key, fh, this.tuning);
-    await this.eager?.feed(this.size);
+    this.writable('append');
+    this.eager?.check();
+    const part = this.tuning.partSize;
+    for (let done = 0; done < data.length; ) {
+      if (!this.held.length || this.fill === part) {
+        this.held.push(takeBuffer(part));
+        this.fill = 0;
+      }
+      const n = data.copy(this.held[this.held.length - 1]!, this.fill, done);
+      this.fill += n;
+      done += n;
+      this.size += n;
+      if (!this.eager && this.size > this.tuning.multipartThreshold) this.eager = await EagerUpload.start(this.client, this.key, this.tuning);
+      if (this.eager) await this.sendFull();
+    }
+  }
+
+  /** Hand every full part held to the upload (all but a partly filled last buffer). */
+  private async sendFull(): Promise<void> {
+    const part = this.tuning.partSize;
+    while (this.held.length > 1 || (this.held.length === 1 && this.fill === part)) {
+      const buf = this.held.shift()!;
+      if (!this.held.length) this.fill = 0;
+      this.sent += part;
+      await this.eager!.send(buf, part);
+    }
   }
 
   async truncate(size: number): Promise<void> {
-    const fh = this.writable('truncate');
-    if (!Number.isSafeInteger(size) || size < 0 || size > this.size) throw Object.assign(new Error(`${this.client.describe(this.key)}: cannot truncate to ${size}`), { code: 'EINVAL' });
-    // Parts already sent past the new end: that upload is given up; sync() starts afresh.
-    if (this.eager && size < this.eager.queued) await this.dropEager();
-    await fh.truncate(size);
+    this.writable('truncate');
+    if (!Number.isSafeInteger(size) || size < 0 || size > this.size) this.fail(`truncate to ${size}`, `${this.size} bytes appended`, 'EINVAL');
+    if (size < this.sent) this.fail(`truncate to ${size}`, `the first ${this.sent} bytes went up already (close and start a new object)`, 'ESENT');
+    const part = this.tuning.partSize;
+    const keep = size - this.sent;
+    const buffers = Math.ceil(keep / part);
+    for (const b of this.held.splice(buffers)) giveBuffer(b);
+    this.fill = keep - (buffers - 1) * part;
+    if (!buffers) this.fill = 0;
     this.size = size;
   }
 
   /** Upload the object as it stands and seal; a sealed appender's sync() has nothing to do. */
   async sync(): Promise<void> {
     if (this.sealed) return;
-    const fh = this.writable('sync');
-    if (this.eager && this.size > this.tuning.multipartThreshold) {
-      try {
+    this.writable('sync');
+    try {
+      if (this.eager) {
+        await this.sendFull();
+        if (this.held.length) await this.eager.send(this.held.pop()!, this.fill);
         await this.eager.finish(this.size);
-      } catch (e) {
-        await this.dropEager();
-        throw e;
+        this.eager = null;
+      } else {
+        const body = Buffer.concat(this.held.map((b, i) => (i === this.held.length - 1 ? b.subarray(0, this.fill) : b)), this.size);
+        await putObject(this.client, this.key, body);
       }
-      this.eager = null;
-    } else {
-      await this.dropEager();
-      await uploadSpool(this.client, this.key, fh, this.size, this.tuning);
+    } catch (e) {
+      await this.release();
+      throw e;
     }
+    this.sent = this.size;
     this.sealed = true;
-    await this.dropSpool();
+    await this.release();
   }
 
-  /** Without sync(), nothing is uploaded: a started upload is aborted, the spool goes. */
+  /** Without sync(), nothing is uploaded: a started upload is aborted. */
   async close(): Promise<void> {
-    await this.dropEager();
-    await this.dropSpool();
+    this.closed = true;
+    await this.release();
   }
 
-  private async dropEager(): Promise<void> {
+  /** Drop what is held and give up an upload under way. */
+  private async release(): Promise<void> {
+    for (const b of this.held.splice(0)) giveBuffer(b);
+    this.fill = 0;
     const e = this.eager;
     this.eager = null;
     await e?.abort();
-  }
-
-  private async dropSpool(): Promise<void> {
-    const fh = this.fh;
-    this.fh = null;
-    if (!fh) return;
-    try {
-      await fh.close();
-    } finally {
-      await fs.rm(this.spool, { force: true });
-    }
   }
 }

@@ -29,8 +29,6 @@ export interface S3Options {
   profile?: string;
   virtualHost?: boolean;
   limitRate?: number;
-  /** Where appended bytes wait for sync() (the repository cache's tmp/). */
-  spoolDir: string;
 }
 
 /** What the resolution reads besides the options (tests give their own). */
@@ -200,7 +198,7 @@ export async function resolveS3Spec(url: string, o: S3Options, e: S3Environment 
     const fromProfile = c.get('s3.endpoint_url') || c.get('endpoint_url');
     endpoint = fromProfile ? checkEndpoint(fromProfile, `profile ${profile}`) : `https://s3.${region}.amazonaws.com`;
   }
-  const spec: S3Spec = { kind: 's3', endpoint, region, bucket, prefix, ...cred, spoolDir: o.spoolDir };
+  const spec: S3Spec = { kind: 's3', endpoint, region, bucket, prefix, ...cred };
   // A profile's addressing style goes with the profile's endpoint, not with one given here.
   const virtual = o.virtualHost ?? (o.endpoint || envEndpoint ? undefined : (await files()).config.get('s3.addressing_style') === 'virtual');
   if (virtual) spec.virtualHost = true;

@@ -2,7 +2,8 @@
  * The S3 store: objects are the keys `PREFIX/NAME` of one bucket (contract in store.ts).
  * Reads are ranged GETs, stat a HEAD, list a ListObjectsV2 under `PREFIX/folder/`, put
  * a whole-object PUT (atomic in S3: a reader sees the old object or the new one). Appenders
- * spool to local disk and upload on sync(), then are sealed (sealsOnSync, s3-appender.ts).
+ * upload on sync() (parts of a large object while it is appended to), then are sealed
+ * (sealsOnSync, s3-appender.ts).
  *
  * The bucket and the network are hostile: names are checked before they become keys and
  * again when a listing hands keys back (a key that is no valid name is left out), sizes and
@@ -16,7 +17,7 @@ import { checkBucket } from './s3-location.js';
 import { Appender, ObjectInfo, PutOptions, S3Spec, Store, checkName } from './store.js';
 
 const MIB = 1 << 20;
-/** Pieces truncate() copies an object through its spool in. */
+/** Pieces truncate() copies an object in. */
 const COPY_PIECE = 8 * MIB;
 
 export class S3Store implements Store {
@@ -92,11 +93,11 @@ export class S3Store implements Store {
     return Object.assign(new Error(`${this.client.describe(key)}: exists`), { code: 'EEXIST' });
   }
 
-  /** A new object, spooled until sync(); fails with EEXIST when the object is there already. */
+  /** A new object, uploaded by sync(); fails with EEXIST when the object is there already. */
   async create(name: string): Promise<Appender> {
     const key = this.key(name);
     if (await headObject(this.client, key)) throw this.exists(key);
-    return S3Appender.open(this.client, name, key, this.spec.spoolDir, this.tuning);
+    return new S3Appender(name, key, this.client, this.tuning);
   }
 
   async read(name: string, buf: Uint8Array, bufOffset: number, length: number, position: number): Promise<number> {
@@ -140,7 +141,7 @@ export class S3Store implements Store {
 
   /**
    * Cut a closed object back to `size`. S3 cannot shorten an object: its first `size` bytes
-   * are copied through a spool into a new upload that replaces it whole (a crash on the way
+   * are copied into a new upload that replaces it whole (a crash on the way
    * leaves the old object). Rare: only a dead writer's pack is trimmed.
    */
   async truncate(name: string, size: number): Promise<void> {
@@ -149,7 +150,7 @@ export class S3Store implements Store {
     if (!st) throw Object.assign(new Error(`${this.client.describe(key)}: no such object`), { code: 'ENOENT' });
     if (!Number.isSafeInteger(size) || size < 0 || size > st.size) throw Object.assign(new Error(`${this.client.describe(key)}: cannot truncate ${st.size} bytes to ${size}`), { code: 'EINVAL' });
     if (size === st.size) return;
-    const a = await S3Appender.open(this.client, name, key, this.spec.spoolDir, this.tuning);
+    const a = new S3Appender(name, key, this.client, this.tuning);
     try {
       for (let pos = 0; pos < size; pos += COPY_PIECE) {
         const piece = await getRange(this.client, key, pos, Math.min(COPY_PIECE, size - pos));

@@ -37,7 +37,10 @@
  * store: an object is written whole, by one PUT or one multipart upload) says true. Its
  * sync() writes the object as it stands and seals the appender: append() and truncate()
  * after it fail with code 'ESEALED', and a writer that has more to write starts a new
- * object (PackWriter.sealed; it never syncs a sealed appender again). Before sync()
+ * object (PackWriter.sealed; it never syncs a sealed appender again). Such an appender
+ * may also send a large object's bytes before sync() (unseen until it completes): a
+ * truncate behind what went up fails with code 'ESENT', and a writer that must go back
+ * that far closes the appender (nothing appears) and starts a new object. Before sync()
  * nothing of the object need be visible to readers, and close()
  * without sync() may leave no object at all. The local store says false: its appenders
  * go on after a sync, and close() leaves the file with everything appended.
@@ -86,8 +89,6 @@ export interface S3Spec {
   sessionToken?: string;
   /** bucket.host addressing instead of host/bucket (path style, which radosgw needs). */
   virtualHost?: boolean;
-  /** A local directory where appended bytes wait for sync() (the repository cache's tmp/). */
-  spoolDir: string;
   /** Bytes per second, uploads and downloads of this store together. */
   limitRate?: number;
   /** Tuning, for tests mostly: objects above this many bytes go up in a multipart upload. */
