@@ -42,6 +42,19 @@ async function list(prefix: string): Promise<string[]> {
 }
 
 describe('S3 store against a lying server', () => {
+  it('an appender whose upload failed refuses to go on: what it held is gone', async () => {
+    handler = (req, res) => {
+      if (req.method === 'HEAD') res.writeHead(404).end();
+      else xml(res, '<Error><Code>AccessDenied</Code><Message>no</Message></Error>', 403);
+    };
+    const a = await store.create('packs/aa/x.pack');
+    await a.append(Buffer.alloc(1000, 1));
+    expect(await fail(a.sync())).toMatchObject({ code: 'EACCES' });
+    expect(await fail(a.append(Buffer.alloc(10)))).toMatchObject({ code: 'EIO', message: expect.stringContaining('its upload failed') });
+    expect(await fail(a.sync())).toMatchObject({ code: 'EIO' });
+    await a.close();
+  });
+
   it('range answers that are not the range asked for', async () => {
     const buf = Buffer.alloc(100);
     handler = (_req, res) => {

@@ -117,6 +117,8 @@ export class S3Appender implements Appender {
   size = 0;
   private sealed = false;
   private closed = false;
+  /** A sync() failed: what was held is gone with it (nothing was uploaded). */
+  private failed = false;
   private eager: EagerUpload | null = null;
   /** Bytes handed to parts so far: the object's first `sent` bytes are no longer here. */
   private sent = 0;
@@ -138,6 +140,7 @@ export class S3Appender implements Appender {
   private writable(what: string): void {
     if (this.sealed) this.fail(what, 'the object was uploaded by sync() and is sealed', 'ESEALED');
     if (this.closed) this.fail(what, 'closed', 'EBADF');
+    if (this.failed) this.fail(what, 'its upload failed (nothing of it was stored; start a new object)', 'EIO');
   }
 
   async append(data: Buffer): Promise<void> {
@@ -197,6 +200,7 @@ export class S3Appender implements Appender {
         await putObject(this.client, this.key, body);
       }
     } catch (e) {
+      this.failed = true;
       await this.release();
       throw e;
     }
