@@ -4,7 +4,8 @@
 # and BREPS). A single-node cluster (scripts/ceph-cluster: memstore OSD, radosgw) runs on
 # this machine for them. They carry the bars of the Ceph issue:
 #   - first backup of gen0 into an s3:// repository on radosgw against the same into a
-#     local repository: BREPS alternating pairs, each into a fresh repository; medians;
+#     local repository: BREPS alternating pairs, each into a fresh repository, each round
+#     on a fresh cluster (ceph_round_cluster says why); medians;
 #     throughput ratio = local time / s3 time;
 #   - dd of gen0 through a mount of the s3:// repository against a mount of the local one,
 #     cold (caches dropped; a fresh mount each time): 3 alternating pairs, median MB/s;
@@ -36,15 +37,24 @@ ceph_bench_down() {
 	unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_ENDPOINT_URL GENVAULT_CACHE_DIR
 }
 
-# Empties a bucket (its objects live in the OSD's memory).
-s3_drop_bucket() {
-	radosgw-admin -c "$CEPH_CONF" bucket rm --bucket="$1" --purge-objects >>"$LOGDIR/ceph.log" 2>&1 || true
-	rm -rf -- "$GENVAULT_CACHE_DIR"
+# A fresh cluster for a round of the backup pairs, warmed by one small multipart backup:
+# a cluster's first CreateMultipartUpload creates radosgw's pool for multipart metadata
+# (1.3-1.7 s, once in a cluster's life). A fresh one per round because the memstore OSD
+# keeps removed buckets' multipart data in its memory until radosgw's garbage collection
+# (2 hours later): later rounds ran 1-3 s slower on a fuller OSD, and forcing that
+# collection broke memstore's accounting (native-notes/performance.md, Ceph, 2026-12-07).
+ceph_round_cluster() {
+	ceph_bench_down
+	ceph_bench_up || return 1
+	head -c $((20 << 20)) /dev/urandom >"$WORK/ceph-warm.img"
+	{ "${GV[@]}" -r s3://warm/gv init --encryption none && "${GV[@]}" -r s3://warm/gv backup "$WORK/ceph-warm.img" --name warm; } >>"$LOGDIR/ceph.log" 2>&1
+	rm -f -- "$WORK/ceph-warm.img"
 }
 
 ceph_backups() {
 	local r lrepo=$WORK/s3-local-repo s3repo
 	for ((r = 1; r <= BREPS; r++)); do
+		((r == 1)) || ceph_round_cluster || return 1
 		rm -rf -- "$lrepo"
 		if init_repo genvault "$lrepo"; then
 			warm_input "$GEN0"
@@ -60,7 +70,6 @@ ceph_backups() {
 		else
 			log "  s3 init failed: $(tail -n 1 "$LOGDIR/genvault-init.log")"
 		fi
-		((r == BREPS)) || s3_drop_bucket "bench-$r"
 	done
 	CEPH_S3_REPO=s3://bench-$BREPS/gv
 }
@@ -141,7 +150,7 @@ run_ceph() {
 		return 0
 	fi
 	log "== genvault on Ceph (radosgw, RBD)"
-	if ! ceph_bench_up; then
+	if ! ceph_round_cluster; then
 		log "  the ceph cluster did not start: $(tail -n 2 "$LOGDIR/ceph.log" | tr '\n' ' ')"
 		put genvault-ceph fail "cluster did not start"
 		return 0
