@@ -180,8 +180,7 @@ export class S3Appender implements Appender {
     const keep = size - this.sent;
     const buffers = Math.ceil(keep / part);
     for (const b of this.held.splice(buffers)) giveBuffer(b);
-    this.fill = keep - (buffers - 1) * part;
-    if (!buffers) this.fill = 0;
+    this.fill = buffers ? keep - (buffers - 1) * part : 0;
     this.size = size;
   }
 
