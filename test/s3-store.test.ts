@@ -254,6 +254,26 @@ function faults(): void {
     expect(cuts).toBeGreaterThanOrEqual(2);
   });
 
+  it('parts grow as the object does (doubling every partsPerSize parts); the object is whole', async () => {
+    const sizes: number[] = [];
+    const data = prng(23, 37 * MIB + 5);
+    await withProxy(
+      (req) => {
+        if (req.method === 'PUT' && /partNumber=/.test(req.url ?? '')) sizes.push(Number(req.headers['content-length']) / MIB);
+        return 'pass';
+      },
+      async (st) => {
+        const a = await st.create('faults/grow.pack');
+        for (let off = 0; off < data.length; off += 3 * MIB) await a.append(data.subarray(off, off + 3 * MIB));
+        await a.sync();
+        await a.close();
+        expect((await st.get('faults/grow.pack')).equals(data)).toBe(true);
+      },
+      { multipartThreshold: 5 * MIB, partSize: 5 * MIB, partsPerSize: 2 },
+    );
+    expect(sizes.map((x) => Math.round(x * 100) / 100)).toEqual([5, 5, 10, 10, 7]);
+  });
+
   it('with retries exhausted, fails with one clear line', async () => {
     await withProxy(
       () => 'slowdown',

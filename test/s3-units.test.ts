@@ -7,6 +7,8 @@ import fs from 'node:fs/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openStore, openSyncReader } from '../src/store/open.js';
 import { parseIni, parseS3Url, resolveS3Spec } from '../src/store/s3-location.js';
+import { MAX_PARTS, S3Appender, partBytes } from '../src/store/s3-appender.js';
+import type { S3Client } from '../src/store/s3-client.js';
 import { S3Store } from '../src/store/s3.js';
 import { encodePath, sha256Hex, signV4 } from '../src/store/s3-sign.js';
 import { parseXml, requireSize } from '../src/store/s3-xml.js';
@@ -116,6 +118,33 @@ describe('S3Store without a server', () => {
     expect(() => new S3Store({ ...spec, prefix: 'a/../b' })).toThrow(expect.objectContaining({ code: 'EINVAL' }));
     expect(() => new S3Store({ ...spec, bucket: '..' })).toThrow(expect.objectContaining({ code: 'EINVAL' }));
     await st.close();
+  });
+
+  it('parts grow so that an upload of 10,000 parts reaches S3\'s 5 TiB object limit; an appender past its last part fails with EFBIG, one line', async () => {
+    const MIB = 1 << 20;
+    const t = { multipartThreshold: 16 * MIB, partSize: 8 * MIB, partsPerSize: 1000, maxParts: MAX_PARTS, concurrency: 4 };
+    expect(partBytes(t, 0)).toBe(8 * MIB);
+    expect(partBytes(t, 999)).toBe(8 * MIB);
+    expect(partBytes(t, 1000)).toBe(16 * MIB);
+    expect(partBytes(t, 9999)).toBe(4096 * MIB);
+    expect(partBytes({ ...t, partSize: 4096 * MIB }, 1000)).toBe(5 * 1024 * MIB); // S3's largest part
+    let total = 0;
+    for (let i = 0; i < MAX_PARTS; i++) total += partBytes(t, i);
+    expect(total).toBeGreaterThan(5 * 2 ** 40);
+    expect(() => new S3Store({ ...spec, partsPerSize: 0 })).toThrow(expect.objectContaining({ code: 'EINVAL' }));
+    expect(() => new S3Store({ ...spec, partSize: 6 * 1024 * MIB })).toThrow(expect.objectContaining({ code: 'EINVAL' }));
+    // Under the threshold nothing is sent, so no server is needed: parts of 5, 10 and 20 MiB.
+    const client = { describe: (k: string) => `s3://bkt/${k}` } as unknown as S3Client;
+    const a = new S3Appender('p', 'a/b/p', client, { ...t, multipartThreshold: Number.MAX_SAFE_INTEGER, partSize: 5 * MIB, partsPerSize: 1, maxParts: 3 });
+    await a.append(Buffer.alloc(35 * MIB, 1));
+    const e = (await a.append(Buffer.alloc(MIB, 2)).catch((x: Error) => x)) as NodeJS.ErrnoException;
+    expect(e.code).toBe('EFBIG');
+    expect(e.message).toBe("s3://bkt/a/b/p: cannot append past 36700160 bytes: an S3 object has at most 3 parts (lower packTargetSize in the repository's config.json)");
+    expect(a.size).toBe(35 * MIB);
+    await a.truncate(12 * MIB + 1); // the third part's buffer keeps 2 MiB + 1 byte
+    await a.append(Buffer.alloc(3 * MIB, 3));
+    expect(a.size).toBe(15 * MIB + 1);
+    await a.close();
   });
 
   it('addresses requests path style by default, virtual-host style by option', () => {

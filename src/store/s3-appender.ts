@@ -24,9 +24,27 @@ import type { Appender } from './store.js';
 
 export interface UploadTuning {
   multipartThreshold: number;
+  /** Bytes of the first parts; the size doubles after every `partsPerSize` parts (partBytes). */
   partSize: number;
+  partsPerSize: number;
+  /** Parts an upload may have: S3's MAX_PARTS (lower in tests). */
+  maxParts: number;
   /** Parts uploaded at once. */
   concurrency: number;
+}
+
+/** S3's limits: parts per upload, bytes per part (radosgw keeps the same). */
+export const MAX_PARTS = 10_000;
+export const MAX_PART_BYTES = 5 * 1024 ** 3;
+
+/**
+ * The size of part `i` (from 0). Parts need not be equal, only at least 5 MiB but for the
+ * last, so the size doubles every `partsPerSize` parts (capped at S3's 5 GiB): 10,000 parts
+ * of 8 MiB would end objects at 78 GiB, doubling every 1,000 reaches S3's 5 TiB object
+ * limit first, while objects of the usual pack sizes never leave the first size.
+ */
+export function partBytes(t: UploadTuning, i: number): number {
+  return Math.min(MAX_PART_BYTES, t.partSize * 2 ** Math.floor(i / t.partsPerSize));
 }
 
 /**
@@ -122,6 +140,7 @@ export class S3Appender implements Appender {
   private eager: EagerUpload | null = null;
   /** Bytes handed to parts so far: the object's first `sent` bytes are no longer here. */
   private sent = 0;
+  private partsSent = 0;
   /** The bytes [sent, size): full part buffers, then `fill` bytes of the last one. */
   private held: Buffer[] = [];
   private fill = 0;
@@ -146,10 +165,12 @@ export class S3Appender implements Appender {
   async append(data: Buffer): Promise<void> {
     this.writable('append');
     this.eager?.check();
-    const part = this.tuning.partSize;
     for (let done = 0; done < data.length; ) {
-      if (!this.held.length || this.fill === part) {
-        this.held.push(takeBuffer(part));
+      if (!this.held.length || this.fill === this.held[this.held.length - 1]!.length) {
+        // Every buffer taken becomes the next part: those sent and those held come before it.
+        const i = this.partsSent + this.held.length;
+        if (i >= this.tuning.maxParts) this.fail(`append past ${this.size} bytes`, `an S3 object has at most ${this.tuning.maxParts} parts (lower packTargetSize in the repository's config.json)`, 'EFBIG');
+        this.held.push(takeBuffer(partBytes(this.tuning, i)));
         this.fill = 0;
       }
       const n = data.copy(this.held[this.held.length - 1]!, this.fill, done);
@@ -163,12 +184,12 @@ export class S3Appender implements Appender {
 
   /** Hand every full part held to the upload (all but a partly filled last buffer). */
   private async sendFull(): Promise<void> {
-    const part = this.tuning.partSize;
-    while (this.held.length > 1 || (this.held.length === 1 && this.fill === part)) {
+    while (this.held.length > 1 || (this.held.length === 1 && this.fill === this.held[0]!.length)) {
       const buf = this.held.shift()!;
       if (!this.held.length) this.fill = 0;
-      this.sent += part;
-      await this.eager!.send(buf, part);
+      this.sent += buf.length;
+      this.partsSent++;
+      await this.eager!.send(buf, buf.length);
     }
   }
 
@@ -176,11 +197,13 @@ export class S3Appender implements Appender {
     this.writable('truncate');
     if (!Number.isSafeInteger(size) || size < 0 || size > this.size) this.fail(`truncate to ${size}`, `${this.size} bytes appended`, 'EINVAL');
     if (size < this.sent) this.fail(`truncate to ${size}`, `the first ${this.sent} bytes went up already (close and start a new object)`, 'ESENT');
-    const part = this.tuning.partSize;
-    const keep = size - this.sent;
-    const buffers = Math.ceil(keep / part);
+    // The held buffers the first `keep` bytes after those sent take, and the last one's fill.
+    let keep = size - this.sent;
+    let buffers = 0;
+    while (buffers < this.held.length && keep > this.held[buffers]!.length) keep -= this.held[buffers++]!.length;
+    if (keep > 0) buffers++;
     for (const b of this.held.splice(buffers)) giveBuffer(b);
-    this.fill = buffers ? keep - (buffers - 1) * part : 0;
+    this.fill = keep;
     this.size = size;
   }
 

@@ -11,7 +11,7 @@
  * verified above the store as for the local store.
  */
 import { MAX_GET_BYTES, abortMultipart, createBucket, deleteObject, getObject, getRange, headBucket, headObject, listObjects, listUploads, putObject } from './s3-api.js';
-import { S3Appender, UploadTuning } from './s3-appender.js';
+import { MAX_PARTS, MAX_PART_BYTES, S3Appender, UploadTuning } from './s3-appender.js';
 import { S3Client, S3Error } from './s3-client.js';
 import { checkBucket } from './s3-location.js';
 import { Appender, ObjectInfo, PutOptions, S3Spec, Store, checkName } from './store.js';
@@ -40,13 +40,16 @@ export class S3Store implements Store {
       timeoutMs: spec.timeoutMs,
       limitRate: spec.limitRate,
     });
-    // Parts of at least 8 MiB by default: fewer requests, and far from S3's 10000-part limit.
+    // Parts of 8 MiB by default: fewer requests than S3's minimum, and a 256 MiB pack (the
+    // default packTargetSize) in 32 of them; larger objects get larger parts (partBytes).
     const partSize = spec.partSize ?? 8 * MIB;
     // S3 (and radosgw: EntityTooSmall at Complete) refuses parts under 5 MiB but for the last.
-    if (!Number.isSafeInteger(partSize) || partSize < 5 * MIB) throw Object.assign(new Error(`S3 part size ${partSize}: at least 5 MiB`), { code: 'EINVAL' });
+    if (!Number.isSafeInteger(partSize) || partSize < 5 * MIB || partSize > MAX_PART_BYTES) throw Object.assign(new Error(`S3 part size ${partSize}: from 5 MiB to 5 GiB`), { code: 'EINVAL' });
+    const partsPerSize = spec.partsPerSize ?? 1000;
+    if (!Number.isSafeInteger(partsPerSize) || partsPerSize < 1) throw Object.assign(new Error(`S3 parts per part size ${partsPerSize}: at least 1`), { code: 'EINVAL' });
     const concurrency = spec.uploadConcurrency ?? 4;
     if (!Number.isSafeInteger(concurrency) || concurrency < 1) throw Object.assign(new Error(`S3 upload concurrency ${concurrency}: at least 1`), { code: 'EINVAL' });
-    this.tuning = { multipartThreshold: spec.multipartThreshold ?? 16 * MIB, partSize, concurrency };
+    this.tuning = { multipartThreshold: spec.multipartThreshold ?? 16 * MIB, partSize, partsPerSize, maxParts: MAX_PARTS, concurrency };
     this.pageSize = spec.listPageSize ?? 1000;
   }
 

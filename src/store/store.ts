@@ -95,6 +95,8 @@ export interface S3Spec {
   multipartThreshold?: number;
   /** Bytes per part of a multipart upload (S3 wants at least 5 MiB but for the last). */
   partSize?: number;
+  /** Parts of one size before the part size doubles (default 1000; s3-appender.ts, partBytes). */
+  partsPerSize?: number;
   /** Parts of one multipart upload sent at once (default 4). */
   uploadConcurrency?: number;
   /** Keys asked for per page of a listing. */
