@@ -39,4 +39,23 @@ describe('Lru', () => {
     expect(gone).toEqual([b, big, a]);
     expect([l.get('a'), l.get('c')]).toEqual([a2, c]);
   });
+
+  it('evictOldest drops the least recently used entry, reports it and frees its size; false when empty', () => {
+    const l = new Lru<string, Buffer>(10, (b) => b.length);
+    const gone: Buffer[] = [];
+    l.onEvict = (v) => gone.push(v);
+    const a = Buffer.alloc(4, 1);
+    const b = Buffer.alloc(4, 2);
+    l.set('a', a);
+    l.set('b', b);
+    l.get('a');
+    expect(l.evictOldest()).toBe(true);
+    expect(gone).toEqual([b]);
+    l.set('c', Buffer.alloc(6, 3)); // 4 + 6 fits again: nothing else leaves
+    expect(gone).toEqual([b]);
+    expect(l.evictOldest()).toBe(true);
+    expect(l.evictOldest()).toBe(true);
+    expect(l.evictOldest()).toBe(false);
+    expect(gone.map((x) => x[0])).toEqual([2, 1, 3]);
+  });
 });

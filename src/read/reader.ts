@@ -31,16 +31,28 @@ export class ChunkCache extends Lru<string, Buffer> {
  * chunks copies it out in the same turn (ImageReader copies synchronously, or in the
  * promise callback that receives the chunk), so no reader can see a slab being refilled.
  * Loaders whose chunks are held across awaits (restore, cat) do not use slabs.
+ *
+ * The pool is the mount's memory for decoded chunks: it makes no more slabs than the cache
+ * holds bytes (plus SLAB_SPARE), and a batch that finds none free waits for one (see
+ * ChunkLoader.room) instead of decoding into fresh memory, which stayed in the process
+ * (native-notes/performance.md, "Where the mount server's memory goes").
  */
 class SlabPool {
   private free: SharedArrayBuffer[] = [];
   private made = 0;
   private lastTake = 0;
   private trim: NodeJS.Timeout | null = null;
+  /** Slabs given back and not yet free (until the next turn), and who waits for one. */
+  cooling = 0;
+  private waiters: Array<() => void> = [];
   constructor(
     readonly slabBytes: number,
     private maxSlabs: number,
   ) {}
+  /** Whether take() would return a slab now. */
+  get available(): boolean {
+    return this.free.length > 0 || this.made < this.maxSlabs;
+  }
   take(): SharedArrayBuffer | null {
     this.lastTake = Date.now();
     if (this.free.length) return this.free.pop()!;
@@ -48,8 +60,24 @@ class SlabPool {
     this.made++;
     return new SharedArrayBuffer(this.slabBytes);
   }
+  /** Resolves when a slab comes back or a batch has landed in the cache (see room). */
+  changed(): Promise<void> {
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
+  /** A batch's chunks are going into the cache (they do so in promise callbacks): wake room() after. */
+  landed(): void {
+    if (this.waiters.length) setImmediate(() => this.wake());
+  }
+  private wake(): void {
+    for (const w of this.waiters.splice(0)) w();
+  }
   give(slab: SharedArrayBuffer): void {
-    setImmediate(() => this.free.push(slab));
+    this.cooling++;
+    setImmediate(() => {
+      this.cooling--;
+      this.free.push(slab);
+      this.wake();
+    });
     // A mount stays up for days: let the garbage collector have idle slabs back.
     this.trim ??= setInterval(() => {
       if (Date.now() - this.lastTake < 10_000) return;
@@ -60,6 +88,9 @@ class SlabPool {
     }, 10_000).unref();
   }
 }
+
+/** Slabs beyond the cache's bytes: batches being decoded, and the unused tails of slabs. */
+const SLAB_SPARE = 2;
 
 /**
  * One slab being filled: batches take consecutive pieces of it, so a 2 MiB slab holds two
@@ -82,6 +113,8 @@ export class ChunkLoader {
   private slabOf = new WeakMap<Buffer, SlabUse>();
   /** The slab read-ahead batches are being given pieces of. */
   private filling: SlabUse | null = null;
+  /** Batches waiting for room in a slab, in order (see room). */
+  private queue: Promise<void> = Promise.resolve();
   /** Read-ahead batches decoded into slabs, and into fresh buffers (no slab to spare). */
   readonly batches = { slab: 0, fresh: 0 };
   private inflight = new Map<string, Promise<Buffer>>();
@@ -109,7 +142,7 @@ export class ChunkLoader {
     this.cache = new ChunkCache(cacheBytes);
     if (useSlabs && cacheBytes > 0) {
       const slabBytes = 2 << 20;
-      this.slabs = new SlabPool(slabBytes, Math.ceil(cacheBytes / slabBytes) + 16);
+      this.slabs = new SlabPool(slabBytes, Math.ceil(cacheBytes / slabBytes) + SLAB_SPARE);
       this.cache.onEvict = (v) => {
         const use = this.slabOf.get(v);
         if (use) this.unref(use);
@@ -122,10 +155,7 @@ export class ChunkLoader {
     if (!this.slabs || bytes > this.slabs.slabBytes) return null;
     let use = this.filling;
     if (!use || use.slab.byteLength - use.used < bytes) {
-      if (use) {
-        use.sealed = true;
-        if (use.refs === 0) this.slabs.give(use.slab);
-      }
+      this.sealFilling();
       const slab = this.slabs.take();
       this.filling = use = slab ? { slab, used: 0, refs: 0, sealed: false } : null;
       if (!use) return null;
@@ -134,6 +164,35 @@ export class ChunkLoader {
     use.used += bytes;
     use.refs++; // the batch itself, until its chunks are in the cache
     return { use, at };
+  }
+
+  /** No more batches go into the slab being filled; it returns to the pool once unused. */
+  private sealFilling(): void {
+    const use = this.filling;
+    this.filling = null;
+    if (!use) return;
+    use.sealed = true;
+    if (use.refs === 0) this.slabs!.give(use.slab);
+  }
+
+  /**
+   * Wait until a batch of `bytes` can have a piece of a slab. While none is free, the least
+   * recently used chunks leave the cache (what the batch's chunks would push out anyway)
+   * until a slab is given back. With the cache empty, every slab is held by a batch being
+   * decoded: wait until one lands, and look again (its chunks are then in the cache and can
+   * leave it; waiting for a slab alone would wait for ever). So the slabs bound the memory
+   * for decoded chunks, and the cache may hold less than its bytes when chunks it keeps pin
+   * slabs.
+   */
+  private async room(bytes: number): Promise<void> {
+    const pool = this.slabs!;
+    for (;;) {
+      const f = this.filling;
+      if ((f && f.slab.byteLength - f.used >= bytes) || pool.available) return;
+      this.sealFilling();
+      while (!pool.available && pool.cooling === 0 && this.cache.evictOldest());
+      if (!pool.available) await pool.changed();
+    }
   }
 
   private unref(use: SlabUse): void {
@@ -289,7 +348,7 @@ export class ChunkLoader {
    * Start loading many chunks, a batch of them per worker message (a message costs tens of
    * microseconds each way, a chunk about a hundred). Results land in the cache.
    */
-  prefetch(digests: Buffer[], batchBytes = 1 << 20): void {
+  prefetch(digests: Buffer[], batchBytes = 1 << 20): Promise<void> {
     let batch: Array<{ digest: Buffer; loc: ChunkLocation; key: string }> = [];
     let bytes = 0;
     const flushBatch = () => {
@@ -315,31 +374,9 @@ export class ChunkLoader {
         this.inflight.set(it.key, tracked);
       }
       const rawBytes = b.reduce((a, it) => a + it.loc.rawLength, 0);
-      const piece = this.slabPiece(rawBytes);
-      if (this.slabs) this.batches[piece ? 'slab' : 'fresh']++;
-      const items = b.map((it) => this.item(it.loc, it.digest));
-      const into = piece ? { into: piece.use.slab, intoAt: piece.at } : {};
-      this.repo.pool.run({ op: 'loadMany', items, ...into, direct: this.direct }).then(
-        ({ all, results }) => {
-          const whole = piece ? Buffer.from(piece.use.slab, piece.at, rawBytes) : Buffer.from(all!.buffer, all!.byteOffset, all!.byteLength);
-          results.forEach((r, i) => {
-            if (r.damaged) settle[i]!.reject(new DamageError(`chunk ${b[i]!.digest.toString('hex')} is damaged: ${r.damaged}`, b[i]!.digest.toString('hex')));
-            else {
-              const v = whole.subarray(r.offset!, r.offset! + r.length!);
-              if (piece) {
-                piece.use.refs++;
-                this.slabOf.set(v, piece.use);
-              }
-              settle[i]!.resolve(v);
-            }
-          });
-          if (piece) this.unref(piece.use);
-        },
-        (e) => {
-          if (piece) this.unref(piece.use);
-          settle.forEach((x) => x.reject(e));
-        },
-      );
+      if (!this.slabs || rawBytes > this.slabs.slabBytes) return this.runBatch(b, settle, rawBytes);
+      // In order, each once a slab has room for it.
+      this.queue = this.queue.then(() => this.room(rawBytes)).then(() => this.runBatch(b, settle, rawBytes));
     };
     // The members of one group record go out in one batch, wherever they lie among the
     // digests: a group split between two batches is decoded by two workers. (A next-day
@@ -367,6 +404,40 @@ export class ChunkLoader {
       }
     }
     flushBatch();
+    return this.queue;
+  }
+
+  /** Decode a batch (into a piece of a slab if there is one) and settle its chunks' promises. */
+  private runBatch(b: Array<{ digest: Buffer; loc: ChunkLocation; key: string }>, settle: Array<{ resolve: (v: Buffer) => void; reject: (e: unknown) => void }>, rawBytes: number): void {
+    const piece = this.slabPiece(rawBytes);
+    if (this.slabs) this.batches[piece ? 'slab' : 'fresh']++;
+    const into = piece ? { into: piece.use.slab, intoAt: piece.at } : {};
+    // A location that cannot become a request (a damaged index) fails this batch's chunks, not
+    // the batches queued behind it (an exception here would stop the queue for good).
+    const run = Promise.resolve().then(() => this.repo.pool.run({ op: 'loadMany', items: b.map((it) => this.item(it.loc, it.digest)), ...into, direct: this.direct }));
+    run.then(
+      ({ all, results }) => {
+        const whole = piece ? Buffer.from(piece.use.slab, piece.at, rawBytes) : Buffer.from(all!.buffer, all!.byteOffset, all!.byteLength);
+        results.forEach((r, i) => {
+          if (r.damaged) settle[i]!.reject(new DamageError(`chunk ${b[i]!.digest.toString('hex')} is damaged: ${r.damaged}`, b[i]!.digest.toString('hex')));
+          else {
+            const v = whole.subarray(r.offset!, r.offset! + r.length!);
+            if (piece) {
+              piece.use.refs++;
+              this.slabOf.set(v, piece.use);
+            }
+            settle[i]!.resolve(v);
+          }
+        });
+        if (piece) this.unref(piece.use);
+        this.slabs?.landed();
+      },
+      (e) => {
+        if (piece) this.unref(piece.use);
+        settle.forEach((x) => x.reject(e));
+        this.slabs?.landed();
+      },
+    );
   }
 }
 
@@ -491,7 +562,7 @@ export class ImageReader {
           out.fill(0, dst, dst + n);
         } else {
           const digest = leaf.digests.subarray(ci * 32, ci * 32 + 32);
-          if (near && this.loader.missing(digest)) this.loader.prefetch(this.loader.groupAround(leaf, ci));
+          if (near && this.loader.missing(digest)) void this.loader.prefetch(this.loader.groupAround(leaf, ci));
           waits.push(
             this.loader.load(digest).then(
               (data) => {
@@ -579,7 +650,7 @@ export class ImageReader {
             if (!leaf.zero[ci]) want.push(leaf.digests.subarray(ci * 32, ci * 32 + 32));
             end = base + leaf.starts[ci]! + leaf.lengths[ci]!;
           }
-          this.loader.prefetch(want);
+          void this.loader.prefetch(want);
           this.prefetchedTo = Math.max(end, this.prefetchedTo);
         }
       } catch {

@@ -29,6 +29,17 @@ export class Lru<K, V> {
     return v;
   }
 
+  /** Drop the least recently used entry (onEvict is called); false when empty. */
+  evictOldest(): boolean {
+    const first = this.m.entries().next();
+    if (first.done) return false;
+    const [k, v] = first.value;
+    this.m.delete(k);
+    this.total -= this.sizeOf ? this.sizeOf(v) : 1;
+    this.onEvict?.(v);
+    return true;
+  }
+
   set(k: K, v: V): void {
     const n = this.sizeOf ? this.sizeOf(v) : 1;
     if (n > this.max) {
@@ -43,11 +54,6 @@ export class Lru<K, V> {
     }
     this.m.set(k, v);
     this.total += n;
-    while (this.total > this.max) {
-      const [ok, ov] = this.m.entries().next().value as [K, V];
-      this.m.delete(ok);
-      this.total -= this.sizeOf ? this.sizeOf(ov) : 1;
-      this.onEvict?.(ov);
-    }
+    while (this.total > this.max) this.evictOldest();
   }
 }
