@@ -3,7 +3,6 @@ import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import v8 from 'node:v8';
 import { GenvaultError, UsageError } from '../util/errors.js';
 import { Repository } from '../repository/repository.js';
 import { unlock, useSecret, type Secret } from '../repository/keys.js';
@@ -69,11 +68,6 @@ async function untilUnmounted(handle: MountHandle): Promise<void> {
 }
 
 async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (msg: object) => void): Promise<void> {
-  // V8 then collects its heaps sooner instead of growing them under the read's garbage:
-  // the server's peak RSS during a cold `dd` fell by ~20 MiB at no cost in speed or CPU
-  // (native-notes/performance.md, "The mount server's memory bounded"). Set before the
-  // decode workers start, so their isolates run with it too.
-  v8.setFlagsFromString('--optimize-for-size');
   const runDir = await ensureRunDir(); // before mounting: a refused run directory leaves nothing behind
   // The index leader (if none leads yet) is a small process of its own, not this one:
   // backups keep their speed while the mount is read (src/index/index-holder.ts).
@@ -137,7 +131,7 @@ function registerMount(program: Command): void {
     .argument('<mountpoint>', 'empty directory to mount on')
     .option('--foreground', 'stay attached and serve until unmounted or signalled (for systemd)')
     .option('--allow-other', 'let users other than the one mounting read the files (needs user_allow_other in /etc/fuse.conf for non-root)')
-    .addOption(sizeOption('--cache-size <size>', 'memory for decoded chunks shared by all open files (the server needs ~150-170 MiB more; see native-notes/fuse.md); of an ssh:// repository, for the blocks received', '32M'))
+    .addOption(sizeOption('--cache-size <size>', 'memory for decoded chunks shared by all open files (the server needs ~170-190 MiB more; see native-notes/fuse.md); of an ssh:// repository, for the blocks received', '32M'))
     .option('--log <file>', 'where the background server logs read errors (default: mount.log in /run/genvault, or the user\'s run directory)')
     .addHelpText(
       'after',

@@ -287,6 +287,9 @@ async function refresh(s: MountState): Promise<void> {
 }
 
 /** Start the generation refresh, the backend's own background work and the buffer memory collection. */
+/** The JS heap a mount may use before it collects on its own account (see startBackground). */
+const HEAP_SLACK = 24 << 20;
+
 function startBackground(s: MountState): MountBackground {
   const { opts } = s;
   const timer = setInterval(() => void refresh(s), opts.refreshMs ?? 1000);
@@ -295,11 +298,19 @@ function startBackground(s: MountState): MountBackground {
 
   // Decoded chunks arrive as buffers from the workers; V8 frees the dropped ones only when
   // it collects, and with a tiny JS heap it rarely does. Collect when buffer memory runs
-  // past the cache budget: the heap is small, so a collection takes milliseconds.
+  // past the cache budget: the heap is small, so a collection takes milliseconds. Likewise
+  // when the JS heap has grown by a fifth since the last collection (and past HEAP_SLACK):
+  // V8 let a long read's garbage grow the heap to twice what was live (native-notes/
+  // performance.md, "The mount server's memory bounded").
   const collect = exposeGc();
   const budget = (opts.cacheBytes ?? 256 << 20) + (64 << 20);
+  let heapAfter = 0;
   const gcTimer = setInterval(() => {
-    if (collect && process.memoryUsage().arrayBuffers > budget) collect();
+    if (!collect) return;
+    const m = process.memoryUsage();
+    if (m.arrayBuffers <= budget && m.heapUsed <= Math.max(HEAP_SLACK, heapAfter * 1.2)) return;
+    collect();
+    heapAfter = process.memoryUsage().heapUsed;
   }, 250);
   gcTimer.unref();
   return { timer, gcTimer };
