@@ -73,7 +73,7 @@ describe('read-ahead slabs', () => {
     // loop-mounted image hung that way).
     const { loader, slabs } = fakeLoader(8 * MiB, 5);
     const ds = chunks(loader, 60, Math.floor(0.35 * MiB));
-    void loader.prefetch(ds);
+    loader.prefetch(ds);
     const got = await Promise.race([
       // Copied in the turn they are handed over, as the mount's reads do (see SlabPool).
       Promise.all(ds.map((d) => loader.load(d).then((b) => Buffer.from(b)))),
@@ -95,7 +95,7 @@ describe('read-ahead slabs', () => {
     const ds = chunks(loader, 200, Math.floor(0.3 * MiB));
     for (let from = 0; from < ds.length; from += 10) {
       const part = ds.slice(from, from + 10);
-      void loader.prefetch(part);
+      loader.prefetch(part);
       await Promise.all(part.map((d) => loader.load(d)));
       // Every chunk the cache still holds has the bytes it was decoded with.
       for (let i = 0; i <= from + 9; i++) {
@@ -111,7 +111,7 @@ describe('read-ahead slabs', () => {
     const ds = chunks(loader, 40, Math.floor(0.35 * MiB));
     const locations = (loader as unknown as { locations: { get(k: string): ChunkLocation } }).locations;
     locations.get(ds[4]!.toString('binary')).packId = 'not a pack id';
-    void loader.prefetch(ds);
+    loader.prefetch(ds);
     const got = await Promise.all(ds.map((d) => loader.load(d).then((b) => b[0], (e: Error) => e.message)));
     expect(got[4]).toMatch(/invalid pack id/);
     expect(got[5]).toMatch(/invalid pack id/); // the same batch

@@ -286,10 +286,10 @@ async function refresh(s: MountState): Promise<void> {
   await s.backend.refreshed?.();
 }
 
-/** Start the generation refresh, the backend's own background work and the buffer memory collection. */
 /** The JS heap a mount may use before it collects on its own account (see startBackground). */
 const HEAP_SLACK = 24 << 20;
 
+/** Start the generation refresh, the backend's own background work and the buffer memory collection. */
 function startBackground(s: MountState): MountBackground {
   const { opts } = s;
   const timer = setInterval(() => void refresh(s), opts.refreshMs ?? 1000);

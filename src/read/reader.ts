@@ -153,17 +153,23 @@ export class ChunkLoader {
   /** A piece of shared memory for a batch of `bytes`, or null (no slabs, or all in use). */
   private slabPiece(bytes: number): { use: SlabUse; at: number } | null {
     if (!this.slabs || bytes > this.slabs.slabBytes) return null;
-    let use = this.filling;
-    if (!use || use.slab.byteLength - use.used < bytes) {
+    if (!this.fits(bytes)) {
       this.sealFilling();
       const slab = this.slabs.take();
-      this.filling = use = slab ? { slab, used: 0, refs: 0, sealed: false } : null;
-      if (!use) return null;
+      if (!slab) return null;
+      this.filling = { slab, used: 0, refs: 0, sealed: false };
     }
+    const use = this.filling!; // it fits, or was just taken
     const at = use.used;
     use.used += bytes;
     use.refs++; // the batch itself, until its chunks are in the cache
     return { use, at };
+  }
+
+  /** Whether the slab being filled has room for a batch of `bytes`. */
+  private fits(bytes: number): boolean {
+    const f = this.filling;
+    return !!f && f.slab.byteLength - f.used >= bytes;
   }
 
   /** No more batches go into the slab being filled; it returns to the pool once unused. */
@@ -187,8 +193,7 @@ export class ChunkLoader {
   private async room(bytes: number): Promise<void> {
     const pool = this.slabs!;
     for (;;) {
-      const f = this.filling;
-      if ((f && f.slab.byteLength - f.used >= bytes) || pool.available) return;
+      if (this.fits(bytes) || pool.available) return;
       this.sealFilling();
       while (!pool.available && pool.cooling === 0 && this.cache.evictOldest());
       if (!pool.available) await pool.changed();
@@ -348,7 +353,7 @@ export class ChunkLoader {
    * Start loading many chunks, a batch of them per worker message (a message costs tens of
    * microseconds each way, a chunk about a hundred). Results land in the cache.
    */
-  prefetch(digests: Buffer[], batchBytes = 1 << 20): Promise<void> {
+  prefetch(digests: Buffer[], batchBytes = 1 << 20): void {
     let batch: Array<{ digest: Buffer; loc: ChunkLocation; key: string }> = [];
     let bytes = 0;
     const flushBatch = () => {
@@ -404,7 +409,6 @@ export class ChunkLoader {
       }
     }
     flushBatch();
-    return this.queue;
   }
 
   /** Decode a batch (into a piece of a slab if there is one) and settle its chunks' promises. */
@@ -562,7 +566,7 @@ export class ImageReader {
           out.fill(0, dst, dst + n);
         } else {
           const digest = leaf.digests.subarray(ci * 32, ci * 32 + 32);
-          if (near && this.loader.missing(digest)) void this.loader.prefetch(this.loader.groupAround(leaf, ci));
+          if (near && this.loader.missing(digest)) this.loader.prefetch(this.loader.groupAround(leaf, ci));
           waits.push(
             this.loader.load(digest).then(
               (data) => {
@@ -650,7 +654,7 @@ export class ImageReader {
             if (!leaf.zero[ci]) want.push(leaf.digests.subarray(ci * 32, ci * 32 + 32));
             end = base + leaf.starts[ci]! + leaf.lengths[ci]!;
           }
-          void this.loader.prefetch(want);
+          this.loader.prefetch(want);
           this.prefetchedTo = Math.max(end, this.prefetchedTo);
         }
       } catch {

@@ -96,7 +96,7 @@ export async function streamChunks(
   let pending: Array<{ offset: number; length: number; zero: boolean; digest: Buffer }> = [];
   let pendingBytes = 0;
   const submit = async () => {
-    void loader.prefetch(pending.filter((c) => !c.zero).map((c) => c.digest));
+    loader.prefetch(pending.filter((c) => !c.zero).map((c) => c.digest));
     for (const c of pending) {
       const data = c.zero ? Promise.resolve(null) : loader.load(c.digest);
       data.catch(() => undefined); // handled when drained

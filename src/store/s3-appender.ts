@@ -65,13 +65,14 @@ function giveBuffer(b: Buffer): void {
 }
 
 /**
- * A multipart upload started while its object is still appended to: parts numbered from 1,
- * each of exactly `partSize` bytes but the last, `concurrency` in flight. A failed part
- * fails the next send or the finish. finish() completes; abort() gives it up.
+ * A multipart upload started while its object is still appended to: parts numbered from 1
+ * in the order sent (sized by the appender, see partBytes), `concurrency` in flight. A
+ * failed part fails the next send or the finish. finish() completes; abort() gives it up.
  */
 class EagerUpload {
   private etags: string[] = [];
-  private parts = 0;
+  /** Parts sent so far (answered or in flight). */
+  parts = 0;
   private inFlight = new Set<Promise<void>>();
   private failure: unknown = null;
 
@@ -140,7 +141,6 @@ export class S3Appender implements Appender {
   private eager: EagerUpload | null = null;
   /** Bytes handed to parts so far: the object's first `sent` bytes are no longer here. */
   private sent = 0;
-  private partsSent = 0;
   /** The bytes [sent, size): full part buffers, then `fill` bytes of the last one. */
   private held: Buffer[] = [];
   private fill = 0;
@@ -168,7 +168,7 @@ export class S3Appender implements Appender {
     for (let done = 0; done < data.length; ) {
       if (!this.held.length || this.fill === this.held[this.held.length - 1]!.length) {
         // Every buffer taken becomes the next part: those sent and those held come before it.
-        const i = this.partsSent + this.held.length;
+        const i = (this.eager?.parts ?? 0) + this.held.length;
         if (i >= this.tuning.maxParts) this.fail(`append past ${this.size} bytes`, `an S3 object has at most ${this.tuning.maxParts} parts (lower packTargetSize in the repository's config.json)`, 'EFBIG');
         this.held.push(takeBuffer(partBytes(this.tuning, i)));
         this.fill = 0;
@@ -188,7 +188,6 @@ export class S3Appender implements Appender {
       const buf = this.held.shift()!;
       if (!this.held.length) this.fill = 0;
       this.sent += buf.length;
-      this.partsSent++;
       await this.eager!.send(buf, buf.length);
     }
   }
