@@ -251,6 +251,24 @@ export async function damagedSet(db: Db): Promise<Set<string>> {
   return out;
 }
 
+/**
+ * The entries of a range, up to `size` at a time. A pass over every chunk entry with
+ * `for await` takes one promise turn per entry, which at tens of millions of entries was
+ * about a sixth of gc's time (a profile at 25 million); one turn per slice is not.
+ */
+export async function* slices(db: Db, range: object, size = 1024): AsyncGenerator<Array<[Buffer, Buffer]>> {
+  const it = db.iterator(range);
+  try {
+    for (;;) {
+      const part = await it.nextv(size);
+      if (!part.length) return;
+      yield part;
+    }
+  } finally {
+    await it.close();
+  }
+}
+
 /** Convert abstract-level's "not found" to null across versions. */
 export async function getOrNull(db: Db, k: Buffer): Promise<Buffer | null> {
   try {

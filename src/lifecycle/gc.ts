@@ -31,7 +31,7 @@ import { bytes } from '../util/format.js';
 import { testPause as hookPause, testTrace } from '../util/testhooks.js';
 import { ownerAlive } from '../util/proc.js';
 import { LeafRef, checkedLeaf, checkedTop, decodeTop } from '../format/chunkmap.js';
-import { damagedSet, getOrNull } from '../index/db.js';
+import { damagedSet, getOrNull, slices } from '../index/db.js';
 import { K_CHUNK, K_CONDEMNED, K_GEN, K_GENMAP, K_LEAF, K_MOVED_LEAF, K_PACK, chunkKey, condemnedKey, damagedKey, key, leafKey, movedLeafKey, packKey, packSizeOf } from '../format/keys.js';
 import { GcLock, WriterRegistration, cleanupDeadWriters, liveWriters, pinnedGenerations, trimPacks } from '../repository/locks.js';
 import { COMP_GROUP, PACK_HEADER_SIZE, RECORD_HEADER_SIZE, checkRecord, decodeLocation, encodeLocation, isLocation, locationOffset, packObject, PACK_ID_BYTES, recordShare } from '../format/pack.js';
@@ -107,6 +107,12 @@ export interface GcResult {
 }
 
 const BATCH = 2048;
+/**
+ * Writes that no reader waits for between batches (condemning, finishing) go in larger
+ * batches: each is one LevelDB write and one sync, and a request to the leader when
+ * another process leads the index.
+ */
+const WRITE_BATCH = 16384;
 const LEAF_BATCH = 256;
 const SYNC = { sync: true } as object;
 const WINDOW = 8 << 20;
@@ -429,11 +435,13 @@ async function condemnUnreferenced(repo: Repository, first: Marks, report: (line
   trace('condemn');
   let n = 0;
   let ops: Op[] = [];
-  for await (const [k, v] of db.iterator(pass(K_CHUNK))) {
-    if (first.chunks.has(k, 1)) continue;
-    ops.push({ type: 'put', key: condemnedKey(k.subarray(1)), value: Buffer.from(v) });
-    n++;
-    if (ops.length >= BATCH) {
+  for await (const part of slices(db, pass(K_CHUNK))) {
+    for (const [k, v] of part) {
+      if (first.chunks.has(k, 1)) continue;
+      ops.push({ type: 'put', key: condemnedKey(k.subarray(1)), value: v });
+      n++;
+    }
+    if (ops.length >= WRITE_BATCH) {
       await db.batch(ops, SYNC);
       ops = [];
       report(`gc: condemning unreferenced chunks: ${n}`);
@@ -453,9 +461,13 @@ async function* condemnedBatches(repo: Repository): AsyncGenerator<Array<{ d: Bu
   let after: Buffer | null = null;
   for (;;) {
     const range = after ? { gt: condemnedKey(after), lt: Buffer.of(K_CONDEMNED + 1), limit: BATCH } : { ...prefixRange(K_CONDEMNED), limit: BATCH };
-    const part: Array<{ d: Buffer; loc: Buffer }> = [];
-    for await (const [k, v] of repo.db.iterator(range)) part.push({ d: Buffer.from(k.subarray(1)), loc: Buffer.from(v) });
-    if (!part.length) return;
+    let entries: Array<[Buffer, Buffer]> = [];
+    for await (const first of slices(repo.db, range, BATCH)) {
+      entries = first;
+      break;
+    }
+    if (!entries.length) return;
+    const part = entries.map(([k, v]) => ({ d: k.subarray(1), loc: v }));
     after = part[part.length - 1]!.d;
     yield part;
   }
@@ -511,14 +523,18 @@ async function spareRemarked(repo: Repository, marks: MarkSet, res: GcResult, re
  */
 async function finishSwept(repo: Repository): Promise<void> {
   const marked = await damagedSet(repo.db);
+  let ops: Op[] = [];
   for await (const part of condemnedBatches(repo)) {
-    const ops: Op[] = [];
     for (const p of part) {
       ops.push({ type: 'del', key: condemnedKey(p.d) });
       if (marked.has(bin(p.d))) ops.push({ type: 'del', key: damagedKey(p.d) });
     }
-    await repo.db.batch(ops, SYNC);
+    if (ops.length >= WRITE_BATCH) {
+      await repo.db.batch(ops, SYNC);
+      ops = [];
+    }
   }
+  if (ops.length) await repo.db.batch(ops, SYNC);
 }
 
 /**
@@ -688,21 +704,23 @@ async function planPacks(repo: Repository, self: string | null, threshold: numbe
   // emptier than it is, so deleting is decided by liveEntries, which is exact.
   const liveGroups = new MarkSet();
   const place = Buffer.alloc(8);
-  for await (const [k, v] of repo.db.iterator(pass(K_CHUNK))) {
-    if (!isLocation(v)) continue;
-    if (referenced && !referenced.has(k, 1)) {
-      deadBytes += recordShare(v);
-      deadChunks++;
-      continue;
+  for await (const part of slices(repo.db, pass(K_CHUNK))) {
+    for (const [k, v] of part) {
+      if (!isLocation(v)) continue;
+      if (referenced && !referenced.has(k, 1)) {
+        deadBytes += recordShare(v);
+        deadChunks++;
+        continue;
+      }
+      const id = v.toString('hex', 0, 16);
+      if (!sizes.has(id)) continue;
+      liveEntries.set(id, (liveEntries.get(id) ?? 0) + 1);
+      if (v[32] === COMP_GROUP) {
+        if (liveGroups.has(placeKey(v, place))) continue;
+        liveGroups.add(place);
+      }
+      live.set(id, (live.get(id) ?? 0) + RECORD_HEADER_SIZE + v.readUInt32LE(24));
     }
-    const id = v.toString('hex', 0, 16);
-    if (!sizes.has(id)) continue;
-    liveEntries.set(id, (liveEntries.get(id) ?? 0) + 1);
-    if (v[32] === COMP_GROUP) {
-      if (liveGroups.has(placeKey(v, place))) continue;
-      liveGroups.add(place);
-    }
-    live.set(id, (live.get(id) ?? 0) + RECORD_HEADER_SIZE + v.readUInt32LE(24));
   }
   const remove: string[] = [];
   const rewrite: string[] = [];
@@ -788,14 +806,16 @@ async function liveRecords(repo: Repository, ids: string[]): Promise<Spill> {
   const spill = await Spill.create('genvault-gc-repack', ids.length, PACKED);
   try {
     const rec = Buffer.alloc(PACKED);
-    for await (const [k, v] of repo.db.iterator(pass(K_CHUNK))) {
-      if (!isLocation(v)) continue;
-      const b = bucketOf.get(v.toString('hex', 0, 16));
-      if (b === undefined) continue;
-      k.copy(rec, 0, 1, 33);
-      rec[32] = v.length;
-      rec.set(v, 33);
-      spill.append(b, rec);
+    for await (const part of slices(repo.db, pass(K_CHUNK))) {
+      for (const [k, v] of part) {
+        if (!isLocation(v)) continue;
+        const b = bucketOf.get(v.toString('hex', 0, 16));
+        if (b === undefined) continue;
+        k.copy(rec, 0, 1, 33);
+        rec[32] = v.length;
+        rec.set(v, 33);
+        spill.append(b, rec);
+      }
       if (spill.pendingBytes >= 16 << 20) await spill.drain();
     }
     await spill.finish();
