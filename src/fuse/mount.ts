@@ -12,8 +12,7 @@ import { promisify } from 'node:util';
 import fs from 'node:fs/promises';
 import { watch as fsWatch, type FSWatcher } from 'node:fs';
 import path from 'node:path';
-import v8 from 'node:v8';
-import { runInNewContext } from 'node:vm';
+import { exposeGc } from '../util/heap.js';
 import { Generation } from '../format/generation.js';
 import { ChunkLoader, ImageReader } from '../read/reader.js';
 import { liveWriters, Pin } from '../repository/locks.js';
@@ -154,16 +153,6 @@ export async function mountpointProblem(mnt: string, device = '/dev/fuse'): Prom
 
 export async function fusermountUnmount(mnt: string, lazy: boolean): Promise<void> {
   await run('fusermount', [lazy ? '-uz' : '-u', mnt]);
-}
-
-/** The V8 garbage collector as a function, without --expose-gc on the command line. */
-function exposeGc(): (() => void) | null {
-  try {
-    v8.setFlagsFromString('--expose-gc');
-    return runInNewContext('gc') as () => void;
-  } catch {
-    return null;
-  }
 }
 
 const S_IFDIR = 0o040000;

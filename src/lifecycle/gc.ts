@@ -40,6 +40,7 @@ import { listPacks, readRecordSpan } from '../store/pack-reader.js';
 import { Repository } from '../repository/repository.js';
 import { MarkSet, placeKey } from '../util/mark-set.js';
 import { Spill } from '../util/spill.js';
+import { exposeGc } from '../util/heap.js';
 import { type MetaLiveness, type MetaScan, readLiveMeta, readLiveness, scanMeta } from './gc-meta.js';
 
 export interface GcOptions {
@@ -779,9 +780,13 @@ async function repack(repo: Repository, writer: WriterRegistration, threshold: n
 
   const out: { w: PackWriter | null } = { w: null };
   const records = await liveRecords(repo, rewrite.map((r) => r.id));
+  // A pack's rewrite leaves its records, moves and lookups behind as garbage, and V8 let
+  // that pile up over several packs before collecting (native-notes/performance.md).
+  const collect = exposeGc();
   try {
     for (let n = 0; n < rewrite.length; n++) {
       const { id, scan } = rewrite[n]!;
+      if (n) collect?.();
       await rewritePack(repo, writer, out, id, unpack(await records.read(n)), scan, res);
       report(`gc: rewriting packs: ${n + 1}/${rewrite.length}, ${bytes(res.bytesCopied)} of live data copied`);
     }
