@@ -124,9 +124,9 @@ if (process.env.GC_SYNTH_SETTLE === '1') await settle(path.join(dir, 'index'));
 
 /**
  * Writing as fast as LevelDB takes it leaves compaction behind (levels over their targets,
- * L0 files queued): the first process to open the index would pay for it, 19 s at 25
- * million chunks and 45 s at 50 million when measured. A repository filled by backups over
- * months does not carry that debt, so the bench lets LevelDB finish (its LOG quiet for 15 s).
+ * L0 files queued): the first process to open the index would pay for it (measured in
+ * native-notes/performance.md). A repository filled by backups over months does not carry
+ * that debt, so the bench lets LevelDB finish (its LOG quiet for 15 s).
  */
 async function settle(index) {
   const { ClassicLevel } = await import('classic-level');

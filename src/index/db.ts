@@ -253,8 +253,8 @@ export async function damagedSet(db: Db): Promise<Set<string>> {
 
 /**
  * The entries of a range, up to `size` at a time. A pass over every chunk entry with
- * `for await` takes one promise turn per entry, which at tens of millions of entries was
- * about a sixth of gc's time (a profile at 25 million); one turn per slice is not.
+ * `for await` takes one promise turn per entry, a large share of gc's time at tens of
+ * millions of entries (native-notes/performance.md); one turn per slice is not.
  */
 export async function* slices(db: Db, range: object, size = 1024): AsyncGenerator<Array<[Buffer, Buffer]>> {
   const it = db.iterator(range);
