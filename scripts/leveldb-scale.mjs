@@ -8,7 +8,8 @@
 // Opened as gc opens it (a table cache of OPEN_FILES_FOR_PASSES), no genvault code on the
 // path, one JSON line on stdout with microseconds per key for:
 //   pass     every chunk entry ('c'), nextv 1,024 at a time (condemning, planning, gathering)
-//   get      1 in 50 of them, shuffled, getMany 2,048 at a time (the sweep, the repack's moves)
+//   get      1 in 50 of them, shuffled, getMany 2,048 at a time (the repack's moves)
+//   sortedget the same keys sorted, getMany 2,048 at a time (the sweep)
 //   put      1 in 10 as many new keys, in key order, batches of 16,384, synced (condemning)
 //   scandel  those keys read back a slice at a time and deleted, batches of 16,384, synced
 //            (finishing)
@@ -66,6 +67,11 @@ await timed('get', () => sample.length, async () => {
     const got = await db.getMany(sample.slice(at, at + 2048));
     if (got.some((v) => v === undefined)) throw new Error('leveldb-scale: a sampled key is gone: is something else writing this index?');
   }
+});
+// The same keys again, sorted first: consecutive gets fall in the same tables.
+const sorted = [...sample].sort(Buffer.compare);
+await timed('sortedget', () => sorted.length, async () => {
+  for (let at = 0; at < sorted.length; at += 2048) await db.getMany(sorted.slice(at, at + 2048));
 });
 
 const W = Math.ceil(n / 10);

@@ -12,7 +12,7 @@
  * (add, remove, passwd, export, import; a truncated slot); key files readable by group or
  * others are refused.
  */
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
@@ -626,12 +626,26 @@ describe('jobs on an encrypted repository', () => {
 
 describe('the passphrase prompt', () => {
   /** genvault under a pseudo-terminal (util-linux script), typing `lines` one after the other, without a password file. */
+  /**
+   * Run genvault on a terminal (script(1) makes the pty) and type `lines`, each once the
+   * next prompt ("...: ") has shown; the terminal stays open until the command has ended.
+   */
   async function onTerminal(args: string, lines: string[]): Promise<{ code: number; out: string }> {
     const cmd = `env -u GENVAULT_PASSWORD_FILE ${process.execPath} ${path.resolve('dist/cli/main.js')} ${args}; echo "rc=$?"`;
-    const typed = lines.map((l, i) => `sleep ${i ? 0.5 : 1}; printf '%s\\r' '${l}'`).join('; ');
-    const r = await sh('sh', ['-c', `(${typed}; sleep 3) | script -qec '${cmd}' /dev/null`]);
-    const m = /rc=(\d+)/.exec(r.stdout);
-    return { code: m ? Number(m[1]) : -1, out: r.stdout };
+    const child = spawn('script', ['-qec', cmd, '/dev/null'], { stdio: ['pipe', 'pipe', 'inherit'] });
+    let out = '';
+    let typed = 0;
+    child.stdout!.on('data', (d: Buffer) => {
+      out += d.toString();
+      const prompts = out.match(/(?:passphrase for [^\n]*|again): /g)?.length ?? 0;
+      while (typed < Math.min(prompts, lines.length)) child.stdin!.write(`${lines[typed++]}\r`);
+      if (/rc=\d+/.test(out)) child.stdin!.end();
+    });
+    const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
+    await new Promise((resolve) => child.on('close', resolve));
+    clearTimeout(timer);
+    const m = /rc=(\d+)/.exec(out);
+    return { code: m ? Number(m[1]) : -1, out };
   }
 
   it('asks twice at init, without echo; a wrong or mismatched passphrase makes or opens nothing', async () => {

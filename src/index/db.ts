@@ -257,7 +257,9 @@ export async function damagedSet(db: Db): Promise<Set<string>> {
  * millions of entries (native-notes/performance.md); one turn per slice is not.
  */
 export async function* slices(db: Db, range: object, size = 1024): AsyncGenerator<Array<[Buffer, Buffer]>> {
-  const it = db.iterator(range);
+  // classic-level ends a slice at 16 KiB of keys and values unless told otherwise: ~220
+  // chunk entries. Room for `size` entries of up to 128 bytes (chunk entries take 74).
+  const it = db.iterator({ ...range, highWaterMarkBytes: size * 128 } as object);
   try {
     for (;;) {
       const part = await it.nextv(size);
@@ -267,6 +269,21 @@ export async function* slices(db: Db, range: object, size = 1024): AsyncGenerato
   } finally {
     await it.close();
   }
+}
+
+/**
+ * getMany with the keys looked up in key order, the values given back in the order of
+ * `keys`. LevelDB finds each key level by level in its table files; in key order the next
+ * key is mostly in a table just read, while in random order nearly every lookup opens
+ * tables anew once the index has far more tables than its cache holds (gc and verify keep
+ * OPEN_FILES_FOR_PASSES; native-notes/performance.md has what it costs).
+ */
+export async function getManyInKeyOrder(db: Db, keys: Buffer[]): Promise<Array<Buffer | undefined>> {
+  const order = keys.map((_, i) => i).sort((a, b) => Buffer.compare(keys[a]!, keys[b]!));
+  const got = await db.getMany(order.map((i) => keys[i]!));
+  const out = new Array<Buffer | undefined>(keys.length);
+  order.forEach((i, j) => (out[i] = got[j] ?? undefined));
+  return out;
 }
 
 /** Convert abstract-level's "not found" to null across versions. */

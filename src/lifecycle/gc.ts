@@ -31,7 +31,7 @@ import { bytes } from '../util/format.js';
 import { testPause as hookPause, testTrace } from '../util/testhooks.js';
 import { ownerAlive } from '../util/proc.js';
 import { LeafRef, checkedLeaf, checkedTop, decodeTop } from '../format/chunkmap.js';
-import { damagedSet, getOrNull, slices } from '../index/db.js';
+import { damagedSet, getManyInKeyOrder, getOrNull, slices } from '../index/db.js';
 import { K_CHUNK, K_CONDEMNED, K_GEN, K_GENMAP, K_LEAF, K_MOVED_LEAF, K_PACK, chunkKey, condemnedKey, damagedKey, key, leafKey, movedLeafKey, packKey, packSizeOf } from '../format/keys.js';
 import { GcLock, WriterRegistration, cleanupDeadWriters, liveWriters, pinnedGenerations, trimPacks } from '../repository/locks.js';
 import { COMP_GROUP, PACK_HEADER_SIZE, RECORD_HEADER_SIZE, checkRecord, decodeLocation, encodeLocation, isLocation, locationOffset, packObject, PACK_ID_BYTES, recordShare } from '../format/pack.js';
@@ -898,7 +898,8 @@ async function rewritePack(repo: Repository, writer: WriterRegistration, out: { 
   const copied = w.size - startSize;
   await w.sync(); // appends the new pack's table of contents (format 5) first
   await testPause('repack-commit');
-  const cur = await db.getMany(moves.map((m) => m.key));
+  // The moves are in pack order, their keys in random order: looked up in key order.
+  const cur = await getManyInKeyOrder(db, moves.map((m) => m.key));
   // Listed first: once the batch below has deleted its 'p' entry, cleanupDeadWriters
   // removes the file if we die (listed with its 'p' entry, it is left as it is).
   await writer.addPack(id);

@@ -87,8 +87,9 @@ export async function promptSecret(question: string, confirm = false): Promise<S
 
 function readHidden(question: string): Promise<Buffer> {
   const input = process.stdin;
-  process.stderr.write(question);
+  // Echo off before the question shows: whatever is typed once it is there stays unseen.
   input.setRawMode(true);
+  process.stderr.write(question);
   input.resume();
   const got: number[] = [];
   return new Promise((resolve, reject) => {
