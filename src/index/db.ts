@@ -257,9 +257,10 @@ export async function damagedSet(db: Db): Promise<Set<string>> {
  * millions of entries (native-notes/performance.md); one turn per slice is not.
  */
 export async function* slices(db: Db, range: object, size = 1024): AsyncGenerator<Array<[Buffer, Buffer]>> {
-  // classic-level ends a slice at 16 KiB of keys and values unless told otherwise: ~220
-  // chunk entries. Room for `size` entries of up to 128 bytes (chunk entries take 74).
-  const it = db.iterator({ ...range, highWaterMarkBytes: size * 128 } as object);
+  // classic-level ends a slice at 16 KiB of keys and values unless told otherwise (~220
+  // chunk entries): room for `size` entries of up to 128 bytes (chunk entries take 74),
+  // unless the range asks for more.
+  const it = db.iterator({ highWaterMarkBytes: size * 128, ...range } as object);
   try {
     for (;;) {
       const part = await it.nextv(size);
