@@ -29,6 +29,9 @@ const common = {
 export default defineConfig({
   test: {
     reporters: ['default'],
+    // The pool is shared: two workers in all (vitest's default is one less than the cores).
+    maxWorkers: 2,
+    minWorkers: 1,
     projects: [
       { test: { ...common, name: 'local', include: ['test/**/*.test.ts'], exclude: SSH, fileParallelism: true, maxWorkers: 2, minWorkers: 1, sequence: { groupOrder: 0 } } },
       { test: { ...common, name: 'ssh', include: SSH, fileParallelism: false, maxWorkers: 1, minWorkers: 1, sequence: { groupOrder: 1 } } },
