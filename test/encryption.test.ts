@@ -625,10 +625,10 @@ describe('jobs on an encrypted repository', () => {
 });
 
 describe('the passphrase prompt', () => {
-  /** genvault under a pseudo-terminal (util-linux script), typing `lines` one after the other, without a password file. */
   /**
-   * Run genvault on a terminal (script(1) makes the pty) and type `lines`, each once the
-   * next prompt ("...: ") has shown; the terminal stays open until the command has ended.
+   * Run genvault without a password file on a terminal (util-linux script(1) makes the pty)
+   * and type `lines`, each once the next prompt ("...: ") has shown; the terminal stays open
+   * until the command has ended.
    */
   async function onTerminal(args: string, lines: string[]): Promise<{ code: number; out: string }> {
     const cmd = `env -u GENVAULT_PASSWORD_FILE ${process.execPath} ${path.resolve('dist/cli/main.js')} ${args}; echo "rc=$?"`;
