@@ -216,7 +216,40 @@ describe('ssh:// sources', () => {
     const ok = await gv(repo, ['backup', src(disk), '--name', 'killed', ...sshArgs()], { env: noAgent });
     expect(ok.code, ok.stderr).toBe(0);
   });
+
+  it('a remote reader killed by a signal fails the backup naming the signal', async () => {
+    // The connection stays up: sshd reports the signal (exit-signal), and the line says which.
+    const fifo = s.path('term.fifo');
+    await must('mkfifo', [fifo]);
+    const r = gv(repo, ['backup', src(fifo), '--name', 'termed', ...sshArgs()], { env: noAgent });
+    const w = await fs.open(fifo, 'w'); // returns once the remote cat opened it
+    await w.write(prng(8, 4 << 20));
+    const readers = await openersOf(fifo);
+    expect(readers.length).toBeGreaterThan(0);
+    for (const pid of readers) process.kill(pid, 'SIGTERM');
+    const res = await r;
+    await w.close().catch(() => undefined);
+    expectOneLine(res, /^genvault: reading ssh:\/\/root@127\.0\.0\.1:\d+\/.*term\.fifo: remote command killed by SIGTERM$/);
+    const list = JSON.parse(await gvOk(repo, ['list', '--json']));
+    expect(list.filter((g: { name: string }) => g.name === 'termed')).toHaveLength(0);
+  });
 });
+
+/** Processes other than this one with `file` open, from /proc. */
+async function openersOf(file: string): Promise<number[]> {
+  const out: number[] = [];
+  for (const d of await fs.readdir('/proc')) {
+    if (!/^\d+$/.test(d) || Number(d) === process.pid) continue;
+    const fds = await fs.readdir(`/proc/${d}/fd`).catch(() => [] as string[]);
+    for (const fd of fds) {
+      if ((await fs.readlink(`/proc/${d}/fd/${fd}`).catch(() => '')) === file) {
+        out.push(Number(d));
+        break;
+      }
+    }
+  }
+  return out;
+}
 
 describe('remote agent (incremental mode)', () => {
   const params = defaultConfig().chunking;

@@ -7,6 +7,7 @@
 import { spawn } from 'node:child_process';
 import { startUmask } from '../repository/perms.js';
 import { octalMode } from '../util/format.js';
+import { exitText } from '../util/proc.js';
 import type { SshConnection } from '../source/ssh.js';
 import { shq } from '../source/ssh.js';
 import type { HookSpec } from './config.js';
@@ -25,8 +26,7 @@ export function lastLine(s: string): string {
 
 function describeExit(code: number | null, signal: string | null, timedOut: boolean, timeoutMs: number): string {
   if (timedOut) return `timed out after ${Math.round(timeoutMs / 1000)} s and was killed`;
-  if (signal) return `killed by ${signal.startsWith('SIG') ? signal : `SIG${signal}`}`;
-  return `exited with status ${code}`;
+  return exitText(code, signal);
 }
 
 async function runLocal(hook: HookSpec, env: Record<string, string>): Promise<{ code: number | null; signal: string | null; output: string; timedOut: boolean; spawnError?: string }> {

@@ -16,6 +16,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { GenvaultError, UsageError } from '../util/errors.js';
+import { exitText } from '../util/proc.js';
 import { connectSsh, parseSshUrl, type RemoteChannel, type SshConnection, type SshOptions, type SshSpec, type SshUrl } from './ssh.js';
 
 /** Connects with the built-in client, or through the system ssh when `opts.command` is set. */
@@ -68,6 +69,7 @@ function sshArgs(words: string[], url: SshUrl, opts: SshOptions): string[] {
 
 interface Done {
   code: number | null;
+  signal: string | null;
   stdout: string;
   stderr: string;
 }
@@ -79,22 +81,22 @@ function runToEnd(cmd: string, args: string[]): Promise<Done> {
     let stderr = '';
     p.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
     p.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    p.on('error', (e) => resolve({ code: 255, stdout, stderr: `${cmd}: ${e.message}` }));
-    p.on('close', (code) => resolve({ code, stdout, stderr }));
+    p.on('error', (e) => resolve({ code: 255, signal: null, stdout, stderr: `${cmd}: ${e.message}` }));
+    p.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
   });
 }
 
 /** ssh's reason for a failure: its last line that is not a warning about an added host key. */
-function sshReason(stderr: string, code: number | null): string {
+function sshReason(stderr: string, code: number | null, signal: string | null = null): string {
   // ssh's summary of a bad config ("terminating, 1 bad configuration options") follows the line that says what is wrong.
   const lines = stderr.split('\n').map((l) => l.trim()).filter((l) => l && !/^Warning: Permanently added|terminating, \d+ bad configuration option/.test(l));
-  return lines.at(-1) ?? `exited with ${code ?? 'a signal'}`;
+  return lines.at(-1) ?? exitText(code, signal);
 }
 
 /** What the config makes of the URL (`ssh -G`): user, host and port, for messages; a bad config fails here, with ssh's words. */
 async function resolvedSpec(bin: string, args: string[], url: SshUrl): Promise<SshSpec> {
   const r = await runToEnd(bin, [...args, '-G', '--', url.host]);
-  if (r.code !== 0) throw new GenvaultError(`${bin} cannot use ssh://${url.host}: ${sshReason(r.stderr, r.code)}`, 'SSH_CONFIG');
+  if (r.code !== 0) throw new GenvaultError(`${bin} cannot use ssh://${url.host}: ${sshReason(r.stderr, r.code, r.signal)}`, 'SSH_CONFIG');
   const get = (k: string) => new RegExp(`^${k} (.*)$`, 'm').exec(r.stdout)?.[1];
   const host = get('hostname') ?? url.host;
   const port = Number(get('port') ?? 22);
@@ -143,11 +145,11 @@ class ProcessChannel extends EventEmitter implements RemoteChannel {
 
 /** Waits for the master's control socket (it appears once ssh has logged in), or for the master to fail. */
 async function masterReady(master: ChildProcess, ctl: string, stderr: () => string, bin: string, where: string, timeoutMs: number): Promise<void> {
-  let exited: number | null | undefined;
-  master.once('exit', (code) => (exited = code));
+  let exited = undefined as { code: number | null; signal: string | null } | undefined;
+  master.once('exit', (code, signal) => (exited = { code, signal }));
   const deadline = Date.now() + timeoutMs + 5_000;
   while (Date.now() < deadline) {
-    if (exited !== undefined) throw new GenvaultError(`cannot connect to ${where} with ${bin}: ${sshReason(stderr(), exited)}`, 'SSH_CONNECT');
+    if (exited !== undefined) throw new GenvaultError(`cannot connect to ${where} with ${bin}: ${sshReason(stderr(), exited.code, exited.signal)}`, 'SSH_CONNECT');
     if (await fs.stat(ctl).then(() => true, () => false)) return;
     await new Promise((r) => setTimeout(r, 20));
   }
@@ -217,10 +219,14 @@ function systemConnection(
         const out: Buffer[] = [];
         let err = '';
         let code: number | null = null;
+        let signal: string | null = null;
         ch.on('data', (d) => out.push(d));
         ch.stderr.on('data', (d) => (err += d.toString()));
-        ch.on('exit', (c) => (code = c));
-        ch.on('close', () => (lost ? reject(lost) : resolve({ stdout: Buffer.concat(out), stderr: err, code })));
+        ch.on('exit', (c, sig) => {
+          code = c;
+          signal = sig ?? null;
+        });
+        ch.on('close', () => (lost ? reject(lost) : resolve({ stdout: Buffer.concat(out), stderr: err, code, signal })));
         ch.end(input);
       });
     },

@@ -24,6 +24,7 @@ import { GenvaultError, UsageError } from '../util/errors.js';
 import {
   expandPath, lookupHostConfig, parseJumpHop, parsePort, parseStrict, parseYesNo, sshConfigFiles, type SshConfigFiles, type StrictMode,
 } from './ssh-config.js';
+import { exitText } from '../util/proc.js';
 import { readTrustedFile } from '../util/trust.js';
 import type { Source } from '../backup/source.js';
 
@@ -300,14 +301,21 @@ export interface RemoteChannel {
   signal(name: string): unknown;
 }
 
+export interface RunResult {
+  stdout: Buffer;
+  stderr: string;
+  code: number | null;
+  signal: string | null;
+}
+
 export interface SshConnection {
   spec: SshSpec;
   /** The ssh2 client (the built-in transport only: jump hosts forward through it). */
   client?: SshClient;
   /** Run a command; resolves with the channel once it is open. */
   exec(cmd: string): Promise<RemoteChannel>;
-  /** Run a command to completion: stdout, stderr, exit code (null when killed). */
-  run(cmd: string, input?: Buffer | string): Promise<{ stdout: Buffer; stderr: string; code: number | null }>;
+  /** Run a command to completion: stdout, stderr, exit code, or the signal that killed it (both null: the channel closed without saying). */
+  run(cmd: string, input?: Buffer | string): Promise<RunResult>;
   /** Set once the connection is gone (error or close), with a one-line reason. */
   readonly lost: GenvaultError | null;
   onLost(fn: (e: GenvaultError) => void): void;
@@ -636,12 +644,16 @@ function wrapConnection(st: ConnState): SshConnection {
         const out: Buffer[] = [];
         const err: Buffer[] = [];
         let code: number | null = null;
+        let signal: string | null = null;
         ch.on('data', (d: Buffer) => out.push(d));
         ch.stderr.on('data', (d: Buffer) => err.push(d));
-        ch.on('exit', (c: number | null) => (code = c));
+        ch.on('exit', (c: number | null, sig?: string) => {
+          code = c;
+          signal = sig ?? null;
+        });
         ch.on('close', () => {
           if (st.lost) reject(st.lost);
-          else resolve({ stdout: Buffer.concat(out), stderr: Buffer.concat(err).toString(), code });
+          else resolve({ stdout: Buffer.concat(out), stderr: Buffer.concat(err).toString(), code, signal });
         });
         ch.end(input);
       });
@@ -801,7 +813,7 @@ export async function probeRemote(conn: SshConnection): Promise<RemoteInfo> {
   const lines = r.stdout.toString().split('\n').map((l) => l.trim());
   if (r.code !== 0 || lines.length < 4) {
     const last = r.stderr.trim().split('\n').filter(Boolean).at(-1);
-    throw new GenvaultError(`cannot inspect ${where}: ${last || `remote shell exited with ${r.code ?? 'a signal'}`}`, 'SSH_REMOTE');
+    throw new GenvaultError(`cannot inspect ${where}: ${last || `remote shell ${exitText(r.code, r.signal)}`}`, 'SSH_REMOTE');
   }
   const [kind, size, readable, py] = lines;
   if (kind === 'missing') {
@@ -821,7 +833,7 @@ export function remoteError(where: string, stderr: string, code: number | null):
   if (/permission denied/i.test(line)) return new GenvaultError(`cannot read source ${where}: permission denied`, 'EACCES');
   if (/no such file/i.test(line)) return new GenvaultError(`cannot read source ${where}: no such file or directory`, 'ENOENT');
   if (/input\/output error/i.test(line)) return new GenvaultError(`reading ${where}: input/output error`, 'EIO');
-  return new GenvaultError(`reading ${where} failed: ${line || `remote command exited with ${code ?? 'a signal'}`}`, 'SSH_REMOTE');
+  return new GenvaultError(`reading ${where} failed: ${line || `remote command ${exitText(code)}`}`, 'SSH_REMOTE');
 }
 
 // ---------------------------------------------------------------------------------
@@ -910,7 +922,7 @@ export class ChannelReader {
   endError(): GenvaultError {
     if (this.error) return this.error;
     if (this.exitCode !== null && this.exitCode !== 0) return remoteError(this.where, this.stderr, this.exitCode);
-    if (this.exitSignal) return new GenvaultError(`reading ${this.where}: remote command killed by SIG${this.exitSignal}`, 'SSH_REMOTE');
+    if (this.exitSignal) return new GenvaultError(`reading ${this.where}: remote command ${exitText(null, this.exitSignal)}`, 'SSH_REMOTE');
     if (this.exitCode === null) return new GenvaultError(`connection lost while reading ${this.where}`, 'SSH_DISCONNECTED');
     return new GenvaultError(`reading ${this.where}: stream ended early`, 'SSH_REMOTE');
   }

@@ -42,3 +42,15 @@ export function setCommandName(name: string): void {
 export function commandName(): string {
   return command || 'genvault';
 }
+
+/**
+ * How a child process or remote command ended, for error lines: "exited with status 2",
+ * "killed by SIGTERM", or, when neither came (an SSH channel closed with no exit-status or
+ * exit-signal), "ended without an exit status". Signal names come with and without "SIG"
+ * (Node and ssh2 add it, the SSH wire format does not).
+ */
+export function exitText(code: number | null, signal?: string | null): string {
+  if (code !== null) return `exited with status ${code}`;
+  if (signal) return `killed by ${signal.startsWith('SIG') ? signal : `SIG${signal}`}`;
+  return 'ended without an exit status';
+}
