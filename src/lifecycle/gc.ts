@@ -40,7 +40,7 @@ import { listPacks, readRecordSpan } from '../store/pack-reader.js';
 import { Repository } from '../repository/repository.js';
 import { MarkSet, placeKey } from '../util/mark-set.js';
 import { Spill } from '../util/spill.js';
-import { exposeGc } from '../util/heap.js';
+import { exposeGc, heapGuard } from '../util/heap.js';
 import { type MetaLiveness, type MetaScan, readLiveMeta, readLiveness, scanMeta } from './gc-meta.js';
 
 export interface GcOptions {
@@ -123,6 +123,10 @@ type Op = { type: 'put'; key: Buffer; value: Buffer } | { type: 'del'; key: Buff
 
 const bin = (b: Uint8Array): string => Buffer.from(b.buffer, b.byteOffset, b.byteLength).toString('latin1');
 const prefixRange = (prefix: number) => ({ gte: Buffer.of(prefix), lt: Buffer.of(prefix + 1) });
+
+let guard: (() => void) | null = null;
+/** Called once per batch of every pass: collects the heap past 64 MiB of growth (util/heap.ts). */
+const keepHeapSmall = (): void => (guard ??= heapGuard())();
 /**
  * A pass over every key with a prefix: entries fetched from LevelDB 1 MiB at a time (not
  * classic-level's 16 KiB), and the blocks read not kept in its cache, which a pass would
@@ -208,6 +212,7 @@ async function mark(repo: Repository, report: (line: string) => void, label: str
       todo.push(r);
     }
     for (let at = 0; at < todo.length; at += 256) {
+      keepHeapSmall();
       const part = todo.slice(at, at + 256);
       const vals = await repo.db.getMany(part.map((r) => leafKey(r.digest)));
       part.forEach((r, k) => {
@@ -437,6 +442,7 @@ async function condemnUnreferenced(repo: Repository, first: Marks, report: (line
   let n = 0;
   let ops: Op[] = [];
   for await (const part of slices(db, pass(K_CHUNK))) {
+    keepHeapSmall();
     for (const [k, v] of part) {
       if (first.chunks.has(k, 1)) continue;
       ops.push({ type: 'put', key: condemnedKey(k.subarray(1)), value: v });
@@ -470,6 +476,7 @@ async function* condemnedBatches(repo: Repository): AsyncGenerator<Array<{ d: Bu
     if (!entries.length) return;
     const part = entries.map(([k, v]) => ({ d: k.subarray(1), loc: v }));
     after = part[part.length - 1]!.d;
+    keepHeapSmall();
     yield part;
   }
 }
@@ -706,6 +713,7 @@ async function planPacks(repo: Repository, self: string | null, threshold: numbe
   const liveGroups = new MarkSet();
   const place = Buffer.alloc(8);
   for await (const part of slices(repo.db, pass(K_CHUNK))) {
+    keepHeapSmall();
     for (const [k, v] of part) {
       if (!isLocation(v)) continue;
       if (referenced && !referenced.has(k, 1)) {
@@ -812,6 +820,7 @@ async function liveRecords(repo: Repository, ids: string[]): Promise<Spill> {
   try {
     const rec = Buffer.alloc(PACKED);
     for await (const part of slices(repo.db, pass(K_CHUNK))) {
+      keepHeapSmall();
       for (const [k, v] of part) {
         if (!isLocation(v)) continue;
         const b = bucketOf.get(v.toString('hex', 0, 16));
