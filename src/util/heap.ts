@@ -21,9 +21,9 @@ export function exposeGc(): (() => void) | null {
  * has grown by `slack` bytes since the last collection. A pass over millions of index
  * entries allocates a few hundred bytes per entry, and under the installed command's
  * 1 MiB young generation whatever a pending batch holds is promoted before it dies: V8
- * then let gc's old generation fill with that garbage to over 600 MiB before it marked,
- * and kept the freed pages pooled, in a heap whose live part was ~12 MiB
- * (native-notes/performance.md). With little live, a collection takes milliseconds.
+ * then let gc's old generation fill with that garbage to many times its live size before
+ * it marked, and kept the freed pages pooled (native-notes/performance.md, "gc's heap").
+ * With little live, a collection takes milliseconds.
  */
 export function heapGuard(slack = 64 << 20): () => void {
   const collect = exposeGc();
