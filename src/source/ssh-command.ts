@@ -17,7 +17,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { GenvaultError, UsageError } from '../util/errors.js';
 import { exitText } from '../util/proc.js';
-import { connectSsh, parseSshUrl, type RemoteChannel, type SshConnection, type SshOptions, type SshSpec, type SshUrl } from './ssh.js';
+import { connectSsh, parseSshUrl, runToClose, type RemoteChannel, type SshConnection, type SshOptions, type SshSpec, type SshUrl } from './ssh.js';
 
 /** Connects with the built-in client, or through the system ssh when `opts.command` is set. */
 export function openSshConnection(target: string, opts: SshOptions = {}): Promise<SshConnection> {
@@ -87,7 +87,7 @@ function runToEnd(cmd: string, args: string[]): Promise<Done> {
 }
 
 /** ssh's reason for a failure: its last line that is not a warning about an added host key. */
-function sshReason(stderr: string, code: number | null, signal: string | null = null): string {
+function sshReason(stderr: string, code: number | null, signal: string | null): string {
   // ssh's summary of a bad config ("terminating, 1 bad configuration options") follows the line that says what is wrong.
   const lines = stderr.split('\n').map((l) => l.trim()).filter((l) => l && !/^Warning: Permanently added|terminating, \d+ bad configuration option/.test(l));
   return lines.at(-1) ?? exitText(code, signal);
@@ -214,21 +214,7 @@ function systemConnection(
       handlers.push(fn);
     },
     async run(cmd, input) {
-      const ch = await exec(cmd);
-      return new Promise((resolve, reject) => {
-        const out: Buffer[] = [];
-        let err = '';
-        let code: number | null = null;
-        let signal: string | null = null;
-        ch.on('data', (d) => out.push(d));
-        ch.stderr.on('data', (d) => (err += d.toString()));
-        ch.on('exit', (c, sig) => {
-          code = c;
-          signal = sig ?? null;
-        });
-        ch.on('close', () => (lost ? reject(lost) : resolve({ stdout: Buffer.concat(out), stderr: err, code, signal })));
-        ch.end(input);
-      });
+      return runToClose(await exec(cmd), input, () => lost);
     },
     close() {
       closing = true;

@@ -639,24 +639,7 @@ function wrapConnection(st: ConnState): SshConnection {
       st.lostHandlers.push(fn);
     },
     async run(cmd, input) {
-      const ch = await exec(cmd);
-      return new Promise((resolve, reject) => {
-        const out: Buffer[] = [];
-        const err: Buffer[] = [];
-        let code: number | null = null;
-        let signal: string | null = null;
-        ch.on('data', (d: Buffer) => out.push(d));
-        ch.stderr.on('data', (d: Buffer) => err.push(d));
-        ch.on('exit', (c: number | null, sig?: string) => {
-          code = c;
-          signal = sig ?? null;
-        });
-        ch.on('close', () => {
-          if (st.lost) reject(st.lost);
-          else resolve({ stdout: Buffer.concat(out), stderr: Buffer.concat(err).toString(), code, signal });
-        });
-        ch.end(input);
-      });
+      return runToClose(await exec(cmd), input, () => st.lost);
     },
     close() {
       st.closing = true;
@@ -664,6 +647,28 @@ function wrapConnection(st: ConnState): SshConnection {
     },
   };
   return conn;
+}
+
+/** A command's channel run to its close: its output and how it ended, or `lost()` if the connection went meanwhile. */
+export function runToClose(ch: RemoteChannel, input: Buffer | string | undefined, lost: () => GenvaultError | null): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    let code: number | null = null;
+    let signal: string | null = null;
+    ch.on('data', (d: Buffer) => out.push(d));
+    ch.stderr.on('data', (d: Buffer) => err.push(d));
+    ch.on('exit', (c: number | null, sig?: string) => {
+      code = c;
+      signal = sig ?? null;
+    });
+    ch.on('close', () => {
+      const gone = lost();
+      if (gone) reject(gone);
+      else resolve({ stdout: Buffer.concat(out), stderr: Buffer.concat(err).toString(), code, signal });
+    });
+    ch.end(input);
+  });
 }
 
 /** One TCP-level hop: the jump connections made so far and the channel to the next host through the last one. */
