@@ -5,6 +5,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { exitText } from '../src/util/proc.js';
 import { dataPackFiles, flipByte, gv, gvOk, must, oneLine, prng, sh, sha256File, Scratch } from './helpers.js';
 
 let s: Scratch;
@@ -176,5 +177,16 @@ describe('describeFsError', () => {
     expect(inner.message).toBe('reading /srv/vm1.img at offset 4096: input/output error');
     // An outer caller that only knows the source's description must not replace it.
     expect(describeFsError(inner, 'reading file:/srv/vm1.img at offset 0')).toBe(inner);
+  });
+});
+
+describe('exitText', () => {
+  it('names the status or the signal, and puts no peer-chosen text into the line', () => {
+    expect(exitText(3)).toBe('exited with status 3');
+    expect(exitText(null, 'SIGTERM')).toBe('killed by SIGTERM');
+    expect(exitText(null, 'KILL')).toBe('killed by SIGKILL');
+    expect(exitText(null, null)).toBe('ended without an exit status');
+    expect(exitText(null, 'TERM\n\u001b[2Jroot password: ')).toBe('killed by a signal');
+    expect(exitText(null, 'X'.repeat(200))).toBe('killed by a signal');
   });
 });

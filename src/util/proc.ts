@@ -51,6 +51,8 @@ export function commandName(): string {
  */
 export function exitText(code: number | null, signal?: string | null): string {
   if (code !== null) return `exited with status ${code}`;
-  if (signal) return `killed by ${signal.startsWith('SIG') ? signal : `SIG${signal}`}`;
+  // Over SSH the name comes from the server: only a plain signal name goes into the line.
+  if (signal && /^(SIG)?[A-Z0-9+-]{1,16}$/.test(signal)) return `killed by ${signal.startsWith('SIG') ? signal : `SIG${signal}`}`;
+  if (signal) return 'killed by a signal';
   return 'ended without an exit status';
 }
