@@ -51,7 +51,11 @@ beforeAll(async () => {
   await gvOk(repo, ['backup', disks.other, '--name', 'vm2']);
   const r = await gv(repo, ['mount', mnt]);
   expect(r.code, r.stderr).toBe(0);
+  mountOutput = r.stdout + r.stderr;
 });
+
+/** What `genvault mount` printed for the shared mount (it names the server's pid). */
+let mountOutput = '';
 
 afterAll(async () => {
   await s?.cleanup();
@@ -74,6 +78,13 @@ describe('mounted repository', () => {
     expect(st.mtime.toISOString()).toBe(list[0].created);
     expect(st.mode & 0o222).toBe(0);
     await expect(fs.open(path.join(mnt, 'vm1', files[0]!), 'r+')).rejects.toThrow(/EROFS|EACCES|EPERM/);
+  });
+
+  it('a mount without --cache-size serves a local repository with the 24 MiB default', async () => {
+    const pid = /\(pid (\d+)\)/.exec(mountOutput)?.[1];
+    expect(pid, mountOutput).toBeTruthy();
+    const argv = (await fs.readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0');
+    expect(argv[argv.indexOf('--cache-size') + 1]).toBe(String(24 << 20));
   });
 
   it('dd of each generation is byte-identical to its source', async () => {

@@ -1,4 +1,4 @@
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
@@ -13,7 +13,7 @@ import { remoteMountBackend } from '../remote/mount-backend.js';
 import { ensureRunDir, openLogFile, readRunFile, writeRunFile } from '../util/rundir.js';
 import { action, localRepoDir, openRepository } from './common.js';
 import { remoteOptions, remoteRepo } from './remote.js';
-import { sizeOption } from './options.js';
+import { sizeArg } from './options.js';
 import { workerCores } from '../work/pool.js';
 
 /** Name of the mount server's pid file in the run directory (src/util/rundir.ts). */
@@ -26,17 +26,17 @@ function pidFileName(mnt: string): string {
 interface MountCliOpts {
   foreground?: boolean;
   allowOther?: boolean;
-  /** Bytes. */
-  cacheSize: number;
+  /** Bytes; absent: DEFAULT_CACHE for the repository's kind. */
+  cacheSize?: number;
   log?: string;
 }
 
 /** Mount an ssh:// repository: one connection for the life of the mount (src/remote/mount-backend.ts). */
 async function mountRemote(url: string, ssh: RemoteOptions, mnt: string, opts: MountCliOpts): Promise<MountHandle> {
   const remote = await RemoteRepository.open(url, ssh);
-  const cacheBytes = opts.cacheSize;
+  const bytes = cacheBytes(opts, true);
   try {
-    return await mountBackend(remoteMountBackend(remote, { cacheBytes }), mnt, { allowOther: opts.allowOther, cacheBytes });
+    return await mountBackend(remoteMountBackend(remote, { cacheBytes: bytes }), mnt, { allowOther: opts.allowOther, cacheBytes: bytes });
   } catch (e) {
     remote.close();
     throw e;
@@ -87,7 +87,7 @@ async function serve(repoDir: string, mnt: string, opts: MountCliOpts, notify: (
   repo.workerCount = workerCores();
   const handle = await mountRepository(repo, mnt, {
     allowOther: opts.allowOther,
-    cacheBytes: opts.cacheSize,
+    cacheBytes: cacheBytes(opts, false),
   });
   const pidFile = await writeRunFile(runDir, pidFileName(mnt), `${process.pid}\n`);
   notify({ ready: true, pid: process.pid });
@@ -124,6 +124,17 @@ export function register(program: Command): void {
   registerUmount(program);
 }
 
+/**
+ * The cache when --cache-size is not given. Local: the server's peak memory follows the
+ * cache, and 24M read as fast as 32M (native-notes/fuse.md, "Memory of the mount server").
+ * ssh://: half the cache is the read-ahead window over the connection, so it keeps 32M.
+ */
+const DEFAULT_CACHE = { local: '24M', remote: '32M' } as const;
+
+function cacheBytes(opts: MountCliOpts, remote: boolean): number {
+  return opts.cacheSize ?? sizeArg(remote ? DEFAULT_CACHE.remote : DEFAULT_CACHE.local);
+}
+
 function registerMount(program: Command): void {
   program
     .command('mount')
@@ -131,7 +142,12 @@ function registerMount(program: Command): void {
     .argument('<mountpoint>', 'empty directory to mount on')
     .option('--foreground', 'stay attached and serve until unmounted or signalled (for systemd)')
     .option('--allow-other', 'let users other than the one mounting read the files (needs user_allow_other in /etc/fuse.conf for non-root)')
-    .addOption(sizeOption('--cache-size <size>', 'memory for decoded chunks shared by all open files (the server needs ~170-190 MiB more; see native-notes/fuse.md); of an ssh:// repository, for the blocks received', '32M'))
+    .addOption(
+      new Option(
+        '--cache-size <size>',
+        `memory for decoded chunks shared by all open files (default ${DEFAULT_CACHE.local}; the server needs ~170 MiB more, see native-notes/fuse.md); of an ssh:// repository, for the blocks received (default ${DEFAULT_CACHE.remote})`,
+      ).argParser(sizeArg),
+    )
     .option('--log <file>', 'where the background server logs read errors (default: mount.log in /run/genvault, or the user\'s run directory)')
     .addHelpText(
       'after',
@@ -184,7 +200,7 @@ function registerMount(program: Command): void {
         const runDir = await ensureRunDir();
         const logFile = opts.log ? path.resolve(opts.log) : path.join(runDir, 'mount.log');
         const log = await openLogFile(logFile);
-        const args = [...process.execArgv, process.argv[1]!, '-r', repoDir, ...(url ? sshArgs(remoteOptions(cmd)) : []), 'mount', mnt, '--cache-size', String(opts.cacheSize)];
+        const args = [...process.execArgv, process.argv[1]!, '-r', repoDir, ...(url ? sshArgs(remoteOptions(cmd)) : []), 'mount', mnt, '--cache-size', String(cacheBytes(opts, !!url))];
         if (opts.allowOther) args.push('--allow-other');
         const child = spawn(process.execPath, args, {
           detached: true,
