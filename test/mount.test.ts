@@ -100,7 +100,7 @@ describe('mounted repository', () => {
   it('restores a single file through a read-only loop device and ext4 mount', async () => {
     // The server (root here) raised the kernel's read-ahead for its files from 128 KiB.
     const dev = (await sh('mountpoint', ['-d', mnt])).stdout.trim();
-    expect(await fs.readFile(`/sys/class/bdi/${dev}/read_ahead_kb`, 'utf8')).toBe('4096\n');
+    expect(await fs.readFile(`/sys/class/bdi/${dev}/read_ahead_kb`, 'utf8')).toBe('1024\n');
     const files = await genFiles('vm1');
     const loop = await s.loopAttach(path.join(mnt, 'vm1', files[0]!), true);
     const part = await s.partition(loop);

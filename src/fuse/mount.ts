@@ -105,8 +105,15 @@ export async function isMounted(mnt: string): Promise<boolean> {
   return (await mountInfo(mnt)) !== undefined;
 }
 
-/** How far the kernel reads ahead in a mounted image file (its default for FUSE: 128 KiB). */
-const KERNEL_READAHEAD_KB = 4096;
+/**
+ * How far the kernel reads ahead in a mounted image file (its default for FUSE: 128 KiB).
+ * No more than the kernel's FUSE queue takes at once: a window is sent as 128 KiB requests,
+ * and once 9 are queued (FUSE's congestion threshold, 12 in flight at most) the kernel drops
+ * the rest of an asynchronous window, whose page-cache pages it had already allocated. A
+ * 4 MiB window so allocated and freed twice the image again in pages during a `dd`
+ * (native-notes/fuse.md, "Kernel read-ahead").
+ */
+const KERNEL_READAHEAD_KB = 1024;
 
 /**
  * Let the kernel read further ahead in the mount's files than its 128 KiB default (the
