@@ -111,6 +111,27 @@ describe('mounted repository', () => {
     await must('losetup', ['-d', loop]);
   });
 
+  it('keeps the raised kernel read-ahead when libfuse sends its INIT reply late', async () => {
+    // The kernel lowers the read-ahead to the INIT reply's 128 KiB when that reply arrives;
+    // the server must raise it after, not merely after fuse-native reports the mount.
+    const late = s.path('mnt-late-init');
+    const pause = s.path('init.pause');
+    await fs.mkdir(late);
+    await fs.writeFile(pause, '');
+    s.onCleanup(() => unmountQuietly(late));
+    const held = setTimeout(() => void fs.rm(pause, { force: true }), 1500);
+    try {
+      const r = await gv(repo, ['mount', late], { env: { GENVAULT_MOUNT_PAUSE_FILE: pause } });
+      expect(r.code, r.stderr).toBe(0);
+      const dev = (await sh('mountpoint', ['-d', late])).stdout.trim();
+      expect(await fs.readFile(`/sys/class/bdi/${dev}/read_ahead_kb`, 'utf8')).toBe('1024\n');
+      expect(await fs.readdir(late)).toEqual(['vm1', 'vm2']);
+    } finally {
+      clearTimeout(held);
+      await unmountQuietly(late);
+    }
+  });
+
   it('cmp of two generations shows exactly the changed bytes', async () => {
     const files = await genFiles('vm1');
     const count = async (a: string, b: string) => {

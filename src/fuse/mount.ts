@@ -18,6 +18,7 @@ import { ChunkLoader, ImageReader } from '../read/reader.js';
 import { liveWriters, Pin } from '../repository/locks.js';
 import { Repository } from '../repository/repository.js';
 import { Tree } from './tree.js';
+import { testPause } from '../util/testhooks.js';
 import { GenvaultError } from '../util/errors.js';
 import { setProcessNice } from '../util/sched.js';
 
@@ -123,6 +124,11 @@ const KERNEL_READAHEAD_KB = 1024;
  * root may write there: for anyone else the default stays, which works, slower.
  */
 async function raiseKernelReadahead(mnt: string): Promise<void> {
+  // The kernel lowers the read-ahead to what the INIT reply allows (128 KiB) when that reply
+  // arrives, and fuse-native calls back on INIT before libfuse has sent it: a write made
+  // first was undone. A request to the mount waits for INIT, so one stat orders the two.
+  // (Async: this process serves the stat.)
+  await fs.stat(mnt).catch(() => undefined);
   const dev = (await mountInfo(mnt).catch(() => undefined))?.[2];
   if (!dev || !/^\d+:\d+$/.test(dev)) return;
   await fs.writeFile(`/sys/class/bdi/${dev}/read_ahead_kb`, `${KERNEL_READAHEAD_KB}\n`).catch(() => undefined);
@@ -340,6 +346,10 @@ function buildOps(s: MountState) {
   });
 
   return {
+    // Only a test hook: hold libfuse's INIT reply (test/mount.test.ts, kernel read-ahead).
+    init(cb: (err: number) => void) {
+      testPause('mount', 'init', 'init').then(() => cb(0), () => cb(0));
+    },
     readdir(p: string, cb: (err: number, names?: string[]) => void) {
       const n = s.tree.lookup(p);
       if (!n) return cb(Fuse.ENOENT);

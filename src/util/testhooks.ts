@@ -2,7 +2,7 @@
  * Test hooks for the crash and race tests (test/gc.test.ts, test/crashloop.test.ts): they
  * let a test see which phase a process is in, or hold it at a named point, and then kill
  * it there. Inert unless their environment variables are set; nothing in normal use sets
- * them. TOOL is GC, PRUNE, BACKUP or SYNC:
+ * them. TOOL is GC, PRUNE, BACKUP, SYNC or MOUNT:
  *
  *   GENVAULT_<TOOL>_TRACE=1        print "<tool>-trace: PHASE" on stderr as each phase starts
  *   GENVAULT_<TOOL>_PAUSE_FILE=F   at the point named by GENVAULT_<TOOL>_PAUSE_AT (each tool
@@ -10,14 +10,14 @@
  *                                  exists" on stderr and wait while F exists
  *
  * The points each tool offers are listed where it calls these (src/lifecycle/gc.ts, prune.ts,
- * backup.ts, src/sync/sync.ts). And:
+ * backup.ts, src/sync/sync.ts, and src/fuse/mount.ts's `init`). And:
  *
  *   GENVAULT_VERIFY_BUCKET_CHUNKS=N  verify's spill buckets aim at N chunks (small ones make
  *                                    a small repository cross many bucket edges)
  */
 import { pathExists } from './paths.js';
 
-export type HookTool = 'gc' | 'prune' | 'backup' | 'sync';
+export type HookTool = 'gc' | 'prune' | 'backup' | 'sync' | 'mount';
 
 const envName = (tool: HookTool, what: string) => `GENVAULT_${tool.toUpperCase()}_${what}`;
 
