@@ -173,6 +173,12 @@ ms_server_end() {
 	fi
 }
 
+# The kernel's read-ahead for the current mount's files (KiB), as its server left it.
+ms_readahead_kb() {
+	local dev
+	dev=$(mountpoint -d "$MS_MNT" 2>/dev/null) && cat "/sys/class/bdi/$dev/read_ahead_kb" 2>/dev/null || echo "?"
+}
+
 ms_dd() { # TOOL
 	local tool=$1 out
 	drop_caches
@@ -189,7 +195,7 @@ ms_dd() { # TOOL
 	fi
 	LAST_SECS=$DD_MBPS
 	sample "$tool" m_dd_mbps
-	log "  $tool dd via fresh mount: $LAST_SECS MB/s, server CPU $MS_LAST_CPU s"
+	log "  $tool dd via fresh mount: $LAST_SECS MB/s, server CPU $MS_LAST_CPU s, kernel read-ahead $(ms_readahead_kb) KiB"
 }
 
 # The partition node of loop device $1, partition MS_PARTNO (partx -a if the kernel's
