@@ -111,7 +111,7 @@ export async function isMounted(mnt: string): Promise<boolean> {
  * No more than the kernel's FUSE queue takes at once: a window is sent as 128 KiB requests,
  * and once 9 are queued (FUSE's congestion threshold, 12 in flight at most) the kernel drops
  * the rest of an asynchronous window, whose page-cache pages it had already allocated. A
- * 4 MiB window so allocated and freed twice the image again in pages during a `dd`
+ * 4 MiB window so allocated and freed more pages than the image holds during a `dd`
  * (native-notes/fuse.md, "Kernel read-ahead").
  */
 const KERNEL_READAHEAD_KB = 1024;
