@@ -1,4 +1,4 @@
-import { Command, Option } from 'commander';
+import { Command } from 'commander';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
@@ -13,7 +13,7 @@ import { remoteMountBackend } from '../remote/mount-backend.js';
 import { ensureRunDir, openLogFile, readRunFile, writeRunFile } from '../util/rundir.js';
 import { action, localRepoDir, openRepository } from './common.js';
 import { remoteOptions, remoteRepo } from './remote.js';
-import { sizeArg } from './options.js';
+import { sizeArg, sizeOption } from './options.js';
 import { workerCores } from '../work/pool.js';
 
 /** Name of the mount server's pid file in the run directory (src/util/rundir.ts). */
@@ -143,10 +143,10 @@ function registerMount(program: Command): void {
     .option('--foreground', 'stay attached and serve until unmounted or signalled (for systemd)')
     .option('--allow-other', 'let users other than the one mounting read the files (needs user_allow_other in /etc/fuse.conf for non-root)')
     .addOption(
-      new Option(
+      sizeOption(
         '--cache-size <size>',
         `memory for decoded chunks shared by all open files (default ${DEFAULT_CACHE.local}; the server needs ~170 MiB more, see native-notes/fuse.md); of an ssh:// repository, for the blocks received (default ${DEFAULT_CACHE.remote})`,
-      ).argParser(sizeArg),
+      ),
     )
     .option('--log <file>', 'where the background server logs read errors (default: mount.log in /run/genvault, or the user\'s run directory)')
     .addHelpText(

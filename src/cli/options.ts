@@ -69,9 +69,11 @@ export function groupArg(v: string): string {
 }
 
 /**
- * A size option with a default: commander does not parse a default, so the default is
- * given parsed, and shown in --help as written.
+ * A size option, with a default or without (the caller then picks one, e.g. by what it
+ * opens): commander does not parse a default, so the default is given parsed, and shown
+ * in --help as written.
  */
-export function sizeOption(flags: string, description: string, byDefault: string): Option {
-  return new Option(flags, description).argParser(sizeArg).default(sizeArg(byDefault), byDefault);
+export function sizeOption(flags: string, description: string, byDefault?: string): Option {
+  const o = new Option(flags, description).argParser(sizeArg);
+  return byDefault === undefined ? o : o.default(sizeArg(byDefault), byDefault);
 }
