@@ -121,9 +121,10 @@ const KERNEL_READAHEAD_KB = 1024;
  * backing device of a FUSE mount is named by the mount's device number in /sys/class/bdi).
  * A loop-mounted file system hopping between nearby files then finds more of them in the
  * page cache; random reads are not read ahead either way (native-notes/fuse.md). Only
- * root may write there: for anyone else the default stays, which works, slower.
+ * root may write there: for anyone else the default stays, which works, slower. (Also
+ * scripts/fuse-ref's, so that its zero-cost file reads as the mount does.)
  */
-async function raiseKernelReadahead(mnt: string): Promise<void> {
+export async function raiseKernelReadahead(mnt: string, kb = KERNEL_READAHEAD_KB): Promise<void> {
   // The kernel lowers the read-ahead to what the INIT reply allows (128 KiB) when that reply
   // arrives, and fuse-native calls back on INIT before libfuse has sent it: a write made
   // first was undone. A request to the mount waits for INIT, so one stat orders the two.
@@ -131,7 +132,7 @@ async function raiseKernelReadahead(mnt: string): Promise<void> {
   await fs.stat(mnt).catch(() => undefined);
   const dev = (await mountInfo(mnt).catch(() => undefined))?.[2];
   if (!dev || !/^\d+:\d+$/.test(dev)) return;
-  await fs.writeFile(`/sys/class/bdi/${dev}/read_ahead_kb`, `${KERNEL_READAHEAD_KB}\n`).catch(() => undefined);
+  await fs.writeFile(`/sys/class/bdi/${dev}/read_ahead_kb`, `${kb}\n`).catch(() => undefined);
 }
 
 /**
