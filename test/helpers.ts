@@ -479,3 +479,19 @@ export async function chunkExtentsAt(repoDir: string, name: string, packId: stri
     await r.close();
   }
 }
+
+/** Processes other than this one with `file` open, from /proc. */
+export async function openersOf(file: string): Promise<number[]> {
+  const out: number[] = [];
+  for (const d of await fs.readdir('/proc')) {
+    if (!/^\d+$/.test(d) || Number(d) === process.pid) continue;
+    const fds = await fs.readdir(`/proc/${d}/fd`).catch(() => [] as string[]);
+    for (const fd of fds) {
+      if ((await fs.readlink(`/proc/${d}/fd/${fd}`).catch(() => '')) === file) {
+        out.push(Number(d));
+        break;
+      }
+    }
+  }
+  return out;
+}

@@ -16,7 +16,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunRecord } from '../src/jobs/history.js';
-import { CLI, Scratch, gv, gvOk, must, prng, sh, sha256File, text } from './helpers.js';
+import { CLI, Scratch, gv, gvOk, must, openersOf, prng, sh, sha256File, text } from './helpers.js';
 import { Sshd, fingerprint, keygen, startSshAgent, startSshd } from './sshd.js';
 
 let s: Scratch;
@@ -325,17 +325,7 @@ describe('jobs', () => {
       // Returns once the remote reader took (nearly) all of it: the read is under way.
       await w.write(prng(2103, 6 << 20));
       // Who reads the FIFO on the "remote" side, and the sshd serving that connection.
-      const readers: number[] = [];
-      for (const pid of (await fs.readdir('/proc')).filter((p) => /^\d+$/.test(p)).map(Number)) {
-        if (pid === process.pid) continue;
-        const fds = await fs.readdir(`/proc/${pid}/fd`).catch(() => [] as string[]);
-        for (const fd of fds) {
-          if ((await fs.readlink(`/proc/${pid}/fd/${fd}`).catch(() => '')) === fifo) {
-            readers.push(pid);
-            break;
-          }
-        }
-      }
+      const readers = await openersOf(fifo);
       expect(readers.length, 'a process reading the FIFO').toBeGreaterThan(0);
       const session = [...new Set((await Promise.all(readers.map((p) => sshd.sessionOf(p)))).flat())];
       expect(session.length, 'the sshd serving the reader').toBeGreaterThan(0);

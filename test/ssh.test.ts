@@ -15,7 +15,7 @@ import { chunkSegment } from '../src/format/chunker.js';
 import { defaultConfig } from '../src/format/config.js';
 import { AGENT_PY, openSshAgentSource } from '../src/source/ssh-agent.js';
 import { checkHostKey, hostFieldMatches, parseKnownHosts, parseSshSpec } from '../src/source/ssh.js';
-import { Scratch, gv, gvOk, makeDisk, must, prng, sh, sha256File, text, writeFiles } from './helpers.js';
+import { Scratch, gv, gvOk, makeDisk, must, openersOf, prng, sh, sha256File, text, writeFiles } from './helpers.js';
 import { Sshd, freePort, startSshd } from './sshd.js';
 
 let s: Scratch;
@@ -234,22 +234,6 @@ describe('ssh:// sources', () => {
     expect(list.filter((g: { name: string }) => g.name === 'termed')).toHaveLength(0);
   });
 });
-
-/** Processes other than this one with `file` open, from /proc. */
-async function openersOf(file: string): Promise<number[]> {
-  const out: number[] = [];
-  for (const d of await fs.readdir('/proc')) {
-    if (!/^\d+$/.test(d) || Number(d) === process.pid) continue;
-    const fds = await fs.readdir(`/proc/${d}/fd`).catch(() => [] as string[]);
-    for (const fd of fds) {
-      if ((await fs.readlink(`/proc/${d}/fd/${fd}`).catch(() => '')) === file) {
-        out.push(Number(d));
-        break;
-      }
-    }
-  }
-  return out;
-}
 
 describe('remote agent (incremental mode)', () => {
   const params = defaultConfig().chunking;
